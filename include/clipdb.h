@@ -1,0 +1,173 @@
+/*
+** clipdb.h: the one public header of clipdb.
+**
+** If it is not in this file it is not a published API. The CLI and the
+** server use nothing else.
+**
+** Conventions (see STYLE.md):
+**  - every function returns an int status (CLIPDB_OK == 0, else a CLIPDB_E*
+**    code) and hands results back through out-parameters;
+**  - the message of the last error is kept on the handle the call was made
+**    on (clipdb_model_errmsg, clipdb_ctx_errmsg, ...); library code never
+**    prints and never exits;
+**  - constructors follow sqlite: clipdb_x_open(&out, ...) sets *out to a
+**    handle even when it fails (unless memory is exhausted, then NULL), so
+**    the caller can read the message, then must call the matching close,
+**    which accepts NULL;
+**  - memory handed out is freed with clipdb_free unless a comment says
+**    otherwise.
+*/
+#ifndef CLIPDB_H
+#define CLIPDB_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define CLIPDB_VERSION        "0.1.0"
+#define CLIPDB_VERSION_NUMBER 1000 /* major*1000000 + minor*1000 + patch */
+
+#if defined(__GNUC__)
+#define CLIPDB_API __attribute__((visibility("default")))
+#else
+#define CLIPDB_API
+#endif
+
+/* ---- status codes ------------------------------------------------------ */
+#define CLIPDB_OK        0
+#define CLIPDB_ERROR     1  /* generic failure */
+#define CLIPDB_ENOMEM    2  /* out of memory */
+#define CLIPDB_EIO       3  /* a file could not be read or written */
+#define CLIPDB_EFORMAT   4  /* malformed or corrupt input (file, JSON, ...) */
+#define CLIPDB_EINVAL    5  /* bad argument from the caller */
+#define CLIPDB_ENOTFOUND 6  /* a file, tensor or item does not exist */
+#define CLIPDB_ELIMIT    7  /* input exceeds a safety limit (size, pixels) */
+#define CLIPDB_EMISMATCH 8  /* e.g. vectors from another model */
+#define CLIPDB_ENET      9  /* network failure (model fetch) */
+
+/* A short constant name for a status code ("CLIPDB_EFORMAT"). */
+CLIPDB_API const char *clipdb_status_name(int rc);
+
+/* Frees memory handed out by clipdb (strings, arrays). Accepts NULL. */
+CLIPDB_API void clipdb_free(void *p);
+
+/* ---- limits against hostile input --------------------------------------- */
+#define CLIPDB_MAX_IMAGE_SIDE   32768       /* pixels, width or height */
+#define CLIPDB_MAX_IMAGE_PIXELS 178956970u  /* w*h, as PIL's default */
+#define CLIPDB_MAX_TEXT_BYTES   (1u << 20)  /* one text, before truncation */
+
+/* ---- the model ----------------------------------------------------------- */
+
+/* A loaded CLIP model: weights (memory-mapped where possible) and tokenizer.
+** Immutable once open: any number of threads may encode with it at once,
+** each through its own clipdb_ctx. */
+typedef struct clipdb_model clipdb_model;
+
+/* Shape of a loaded model, inferred from the tensor shapes. */
+typedef struct clipdb_model_info {
+    int embed_dim;        /* size of the joint embedding (512 for ViT-B/32) */
+    int image_size;       /* input side in pixels (224) */
+    int patch_size;       /* 32 for ViT-B/32 */
+    int vision_width;     /* 768 */
+    int vision_layers;    /* 12 */
+    int vision_heads;     /* width / 64 */
+    int text_width;       /* 512 */
+    int text_layers;      /* 12 */
+    int text_heads;       /* width / 64 */
+    int context_length;   /* 77 */
+    int vocab_size;       /* 49408 */
+    const char *key_style;     /* "openai" or "hf" */
+    const char *weights_dtype; /* "F32", "F16", "BF16" or "mixed" */
+    uint64_t weights_bytes;    /* size of model.safetensors */
+} clipdb_model_info;
+
+/* Opens the model in directory `dir`: model.safetensors (or
+** open_clip_model.safetensors) and a tokenizer (bpe_simple_vocab_16e6.txt.gz,
+** or vocab.json + merges.txt). On failure *out still holds a handle with the
+** message (see the conventions above). Close with clipdb_model_close. */
+CLIPDB_API int clipdb_model_open(clipdb_model **out, const char *dir);
+/* Opens only the tokenizer of the model in `dir` (for `clipdb tokenize`):
+** encoding calls on such a handle fail with CLIPDB_EINVAL. */
+CLIPDB_API int clipdb_model_open_tokenizer(clipdb_model **out, const char *dir);
+CLIPDB_API void clipdb_model_close(clipdb_model *m);
+CLIPDB_API const char *clipdb_model_errmsg(const clipdb_model *m);
+CLIPDB_API int clipdb_model_get_info(const clipdb_model *m, clipdb_model_info *out);
+
+/* A stable identity for the model: "clip-<arch>-<hex digest of the weights
+** file>" e.g. "clip-vit-b32-1a2b...". The string belongs to the model. */
+CLIPDB_API const char *clipdb_model_identity(const clipdb_model *m);
+
+/* ---- per-thread encoding context ----------------------------------------- */
+
+/* Scratch (activation buffers, tokenizer cache) for one thread at a time.
+** Buffers are allocated on first use and reused; a context never shares
+** writable state with another. */
+typedef struct clipdb_ctx clipdb_ctx;
+
+CLIPDB_API int clipdb_ctx_new(clipdb_ctx **out, clipdb_model *m);
+CLIPDB_API void clipdb_ctx_free(clipdb_ctx *c);
+CLIPDB_API const char *clipdb_ctx_errmsg(const clipdb_ctx *c);
+
+/* Tokenizes `text` (UTF-8) as CLIP does. Writes at most `cap` ids (cap must
+** be >= 2) into `ids` and their count into *n_ids; the result starts with
+** 49406 and ends with 49407 (truncated to `cap`, keeping the end token). */
+CLIPDB_API int clipdb_tokenize(clipdb_ctx *c, const char *text,
+                               int32_t *ids, int cap, int *n_ids);
+
+/* Number of floats of one preprocessed image: 3 * image_size * image_size. */
+CLIPDB_API size_t clipdb_image_floats(const clipdb_model *m);
+
+/* Decodes an image file (JPEG, PNG, WebP, BMP, GIF first frame; EXIF
+** orientation applied) and preprocesses it as CLIP does into `pixels`
+** (3 x S x S floats, channel-major, normalised). */
+CLIPDB_API int clipdb_image_load(clipdb_ctx *c, const char *path, float *pixels);
+/* The same from bytes in memory (e.g. an HTTP upload). */
+CLIPDB_API int clipdb_image_load_memory(clipdb_ctx *c, const void *data,
+                                        size_t len, float *pixels);
+
+/* Encodes n texts. out: n x embed_dim floats, the projected vectors as
+** CLIP's encode_text returns them (not normalised). */
+CLIPDB_API int clipdb_encode_texts(clipdb_ctx *c, const char *const *texts,
+                                   int n, float *out);
+
+/* Encodes n preprocessed images. pixels: n x 3 x S x S floats.
+** out: n x embed_dim floats, as CLIP's encode_image (not normalised). */
+CLIPDB_API int clipdb_encode_images(clipdb_ctx *c, const float *pixels, int n,
+                                    float *out);
+
+/* ---- fetching published models -------------------------------------------- */
+
+typedef struct clipdb_fetch_options {
+    const char *base_url;  /* default "https://huggingface.co" */
+    int progress;          /* 1: draw a progress bar on stderr */
+    /* Called with bytes done and total (-1 if unknown) of the current file;
+    ** may be NULL. */
+    void (*on_progress)(void *arg, const char *file, int64_t done, int64_t total);
+    void *progress_arg;
+} clipdb_fetch_options;
+
+CLIPDB_API void clipdb_fetch_options_init(clipdb_fetch_options *opt);
+
+/* Downloads the published model `name` (e.g. "openai/clip-vit-base-patch32")
+** into `dir` (created if missing), resuming partial files and checking sizes.
+** On failure a message is written to *errmsg (caller frees with clipdb_free). */
+CLIPDB_API int clipdb_model_fetch(const char *name, const char *dir,
+                                  const clipdb_fetch_options *opt, char **errmsg);
+
+/* ---- vectors: distance kernels, exact and IVF search (src/index) ---------- */
+
+/* (section owned by the index module) */
+
+
+/* ---- the database: storage, ingest, search (src/store) -------------------- */
+
+/* (section owned by the store module) */
+
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* CLIPDB_H */

@@ -1,0 +1,72 @@
+/*
+** main.c: the clipdb command line. One table registers every subcommand and
+** its help; each subcommand lives in src/cli/cmd_NAME.c.
+*/
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cli/cli.h"
+
+static int cmd_version(int argc, char **argv)
+{
+    (void)argc;
+    (void)argv;
+    printf("clipdb %s\n", CLIPDB_VERSION);
+    return CLI_OK;
+}
+
+const cli_cmd cli_commands[] = {
+    {"version", "print the version",
+     "usage: clipdb version\n\nPrints the version of clipdb.\n",
+     cmd_version},
+};
+const int cli_n_commands = (int)(sizeof cli_commands / sizeof cli_commands[0]);
+
+static void print_main_help(FILE *f)
+{
+    int i;
+    fprintf(f,
+            "clipdb %s: a multimodal similarity-search database (CLIP ViT-B/32)\n"
+            "\n"
+            "usage: clipdb COMMAND [ARGS...]\n"
+            "       clipdb COMMAND --help   (details and examples for one command)\n"
+            "\n"
+            "commands:\n",
+            CLIPDB_VERSION);
+    for (i = 0; i < cli_n_commands; i++)
+        fprintf(f, "  %-10s %s\n", cli_commands[i].name, cli_commands[i].summary);
+    fprintf(f, "\nExit status: 0 success, 1 failure (message on stderr), 2 bad usage.\n");
+}
+
+int main(int argc, char **argv)
+{
+    int i;
+    if (argc < 2 || !strcmp(argv[1], "-h") || !strcmp(argv[1], "--help") ||
+        !strcmp(argv[1], "help")) {
+        if (argc >= 3 && !strcmp(argv[1], "help")) {
+            for (i = 0; i < cli_n_commands; i++)
+                if (!strcmp(argv[2], cli_commands[i].name)) {
+                    fputs(cli_commands[i].help, stdout);
+                    return CLI_OK;
+                }
+        }
+        print_main_help(argc < 2 ? stderr : stdout);
+        return argc < 2 ? CLI_USAGE : CLI_OK;
+    }
+    if (!strcmp(argv[1], "--version") || !strcmp(argv[1], "version")) {
+        printf("clipdb %s\n", CLIPDB_VERSION);
+        return CLI_OK;
+    }
+    for (i = 0; i < cli_n_commands; i++) {
+        if (strcmp(argv[1], cli_commands[i].name)) continue;
+        if (cli_wants_help(argc - 1, argv + 1)) {
+            fputs(cli_commands[i].help, stdout);
+            return CLI_OK;
+        }
+        return cli_commands[i].run(argc - 1, argv + 1);
+    }
+    fprintf(stderr, "clipdb: unknown command '%s'; try 'clipdb --help'\n", argv[1]);
+    return CLI_USAGE;
+}

@@ -1,0 +1,226 @@
+/*
+** core.c: error slots, checked allocation, file reading and mapping.
+*/
+#include "core/core.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+const char *clipdb_status_name(int rc)
+{
+    switch (rc) {
+    case CLIPDB_OK: return "CLIPDB_OK";
+    case CLIPDB_ERROR: return "CLIPDB_ERROR";
+    case CLIPDB_ENOMEM: return "CLIPDB_ENOMEM";
+    case CLIPDB_EIO: return "CLIPDB_EIO";
+    case CLIPDB_EFORMAT: return "CLIPDB_EFORMAT";
+    case CLIPDB_EINVAL: return "CLIPDB_EINVAL";
+    case CLIPDB_ENOTFOUND: return "CLIPDB_ENOTFOUND";
+    case CLIPDB_ELIMIT: return "CLIPDB_ELIMIT";
+    case CLIPDB_EMISMATCH: return "CLIPDB_EMISMATCH";
+    case CLIPDB_ENET: return "CLIPDB_ENET";
+    default: return "CLIPDB_UNKNOWN";
+    }
+}
+
+void clipdb_free(void *p)
+{
+    free(p);
+}
+
+int cdb_err_set(cdb_err *e, int code, const char *fmt, ...)
+{
+    if (e) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(e->msg, sizeof e->msg, fmt, ap);
+        va_end(ap);
+        e->code = code;
+    }
+    return code;
+}
+
+void cdb_err_clear(cdb_err *e)
+{
+    if (e) {
+        e->code = CLIPDB_OK;
+        e->msg[0] = '\0';
+    }
+}
+
+void cdb_err_prefix(cdb_err *e, const char *fmt, ...)
+{
+    char buf[2 * CDB_ERRMSG_MAX + 4];
+    size_t n;
+    va_list ap;
+    if (!e) return;
+    va_start(ap, fmt);
+    vsnprintf(buf, CDB_ERRMSG_MAX, fmt, ap);
+    va_end(ap);
+    n = strlen(buf);
+    memcpy(buf + n, ": ", 2);
+    memcpy(buf + n + 2, e->msg, strnlen(e->msg, CDB_ERRMSG_MAX - 1) + 1);
+    buf[n + 2 + strnlen(e->msg, CDB_ERRMSG_MAX - 1)] = '\0';
+    memcpy(e->msg, buf, CDB_ERRMSG_MAX - 1);
+    e->msg[CDB_ERRMSG_MAX - 1] = '\0';
+}
+
+void *cdb_malloc_array(size_t n, size_t size)
+{
+    size_t total;
+    if (!cdb_mul_ok(n, size, &total)) return NULL;
+    return malloc(total ? total : 1);
+}
+
+void *cdb_calloc_array(size_t n, size_t size)
+{
+    size_t total;
+    if (!cdb_mul_ok(n, size, &total)) return NULL;
+    return calloc(n ? n : 1, size ? size : 1);
+}
+
+char *cdb_strdup(const char *s)
+{
+    size_t n;
+    char *p;
+    if (!s) return NULL;
+    n = strlen(s) + 1;
+    p = malloc(n);
+    if (p) memcpy(p, s, n);
+    return p;
+}
+
+char *cdb_sprintf(const char *fmt, ...)
+{
+    va_list ap;
+    int n;
+    char *p;
+    va_start(ap, fmt);
+    n = vsnprintf(NULL, 0, fmt, ap);
+    va_end(ap);
+    if (n < 0) return NULL;
+    p = malloc((size_t)n + 1);
+    if (!p) return NULL;
+    va_start(ap, fmt);
+    vsnprintf(p, (size_t)n + 1, fmt, ap);
+    va_end(ap);
+    return p;
+}
+
+int cdb_read_file(const char *path, size_t max_bytes, char **out, size_t *len,
+                  cdb_err *e)
+{
+    int rc = CLIPDB_OK;
+    FILE *f = NULL;
+    char *buf = NULL;
+    struct stat st;
+    size_t size, got;
+
+    *out = NULL;
+    *len = 0;
+    f = fopen(path, "rb");
+    if (!f) {
+        rc = cdb_err_set(e, errno == ENOENT ? CLIPDB_ENOTFOUND : CLIPDB_EIO,
+                         "%s: %s", path, strerror(errno));
+        goto cleanup;
+    }
+    if (fstat(fileno(f), &st) != 0 || !S_ISREG(st.st_mode)) {
+        rc = cdb_err_set(e, CLIPDB_EIO, "%s: not a regular file", path);
+        goto cleanup;
+    }
+    if ((uint64_t)st.st_size > max_bytes) {
+        rc = cdb_err_set(e, CLIPDB_ELIMIT, "%s: file of %lld bytes exceeds the limit of %zu",
+                         path, (long long)st.st_size, max_bytes);
+        goto cleanup;
+    }
+    size = (size_t)st.st_size;
+    buf = malloc(size + 1);
+    if (!buf) {
+        rc = cdb_err_set(e, CLIPDB_ENOMEM, "%s: out of memory", path);
+        goto cleanup;
+    }
+    got = fread(buf, 1, size, f);
+    if (got != size || ferror(f)) {
+        rc = cdb_err_set(e, CLIPDB_EIO, "%s: short read", path);
+        goto cleanup;
+    }
+    buf[size] = '\0';
+    *out = buf;
+    *len = size;
+    buf = NULL;
+cleanup:
+    free(buf);
+    if (f) fclose(f);
+    return rc;
+}
+
+int cdb_map_file(const char *path, cdb_map *m, cdb_err *e)
+{
+    int rc = CLIPDB_OK;
+    int fd = -1;
+    struct stat st;
+    void *p;
+
+    m->data = NULL;
+    m->size = 0;
+    fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) {
+        rc = cdb_err_set(e, errno == ENOENT ? CLIPDB_ENOTFOUND : CLIPDB_EIO,
+                         "%s: %s", path, strerror(errno));
+        goto cleanup;
+    }
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        rc = cdb_err_set(e, CLIPDB_EIO, "%s: not a regular file", path);
+        goto cleanup;
+    }
+    if (st.st_size == 0) {
+        rc = cdb_err_set(e, CLIPDB_EFORMAT, "%s: empty file", path);
+        goto cleanup;
+    }
+    p = mmap(NULL, (size_t)st.st_size, PROT_READ, MAP_PRIVATE, fd, 0);
+    if (p == MAP_FAILED) {
+        rc = cdb_err_set(e, CLIPDB_EIO, "%s: mmap: %s", path, strerror(errno));
+        goto cleanup;
+    }
+    m->data = p;
+    m->size = (size_t)st.st_size;
+cleanup:
+    if (fd >= 0) close(fd);
+    return rc;
+}
+
+void cdb_unmap(cdb_map *m)
+{
+    if (m && m->data) munmap((void *)m->data, m->size);
+    if (m) {
+        m->data = NULL;
+        m->size = 0;
+    }
+}
+
+double cdb_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+char *cdb_path_join(const char *dir, const char *name)
+{
+    size_t n = strlen(dir);
+    if (n > 0 && dir[n - 1] == '/') return cdb_sprintf("%s%s", dir, name);
+    return cdb_sprintf("%s/%s", dir, name);
+}
+
+int cdb_file_exists(const char *path)
+{
+    struct stat st;
+    return stat(path, &st) == 0 && S_ISREG(st.st_mode);
+}

@@ -1,0 +1,69 @@
+/*
+** core.h: errors, checked sizes, files: small utilities shared by every
+** module. Internal; not part of the public API.
+*/
+#ifndef CDB_CORE_H
+#define CDB_CORE_H
+
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "clipdb.h"
+
+#define CDB_ERRMSG_MAX 512
+
+/* An error slot, embedded in every handle. code is a CLIPDB_* status. */
+typedef struct cdb_err {
+    int code;
+    char msg[CDB_ERRMSG_MAX];
+} cdb_err;
+
+/* Records (code, printf-style message) in e and returns code, so that
+** error paths read: rc = cdb_err_set(e, CLIPDB_EFORMAT, "...", ...); goto cleanup;
+** e may be NULL. */
+int cdb_err_set(cdb_err *e, int code, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+void cdb_err_clear(cdb_err *e);
+/* Prefixes the message already in e with "prefix: ". */
+void cdb_err_prefix(cdb_err *e, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+
+/* Checked size arithmetic: return 1 and write the result if it fits, else 0. */
+static inline int cdb_mul_ok(size_t a, size_t b, size_t *out)
+{
+    return !__builtin_mul_overflow(a, b, out);
+}
+static inline int cdb_add_ok(size_t a, size_t b, size_t *out)
+{
+    return !__builtin_add_overflow(a, b, out);
+}
+/* malloc(n * size) with the product checked; NULL on overflow or OOM. */
+void *cdb_malloc_array(size_t n, size_t size);
+void *cdb_calloc_array(size_t n, size_t size);
+/* strdup that returns NULL on OOM; accepts NULL. */
+char *cdb_strdup(const char *s);
+/* asprintf-like; caller frees. NULL on OOM. */
+char *cdb_sprintf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/* Reads a whole file of at most max_bytes. *out (caller frees with free) gets
+** a NUL after the last byte, not counted in *len. */
+int cdb_read_file(const char *path, size_t max_bytes, char **out, size_t *len,
+                  cdb_err *e);
+
+/* A read-only memory map of a whole file. */
+typedef struct cdb_map {
+    const uint8_t *data;
+    size_t size;
+} cdb_map;
+int cdb_map_file(const char *path, cdb_map *m, cdb_err *e);
+void cdb_unmap(cdb_map *m);
+
+/* Monotonic clock, seconds. */
+double cdb_now(void);
+
+/* Joins dir and name with '/'. Caller frees. NULL on OOM. */
+char *cdb_path_join(const char *dir, const char *name);
+int cdb_file_exists(const char *path);
+
+#endif /* CDB_CORE_H */

@@ -1,0 +1,104 @@
+/*
+** model.h: the internal shape of a loaded CLIP model, shared by the weight
+** loader (weights.c), the transformer (transformer.c), the tokenizer and the
+** image preprocessing. Internal; the public view is clipdb_model_info.
+**
+** Every weight is an fp32 array: memory-mapped from the safetensors file when
+** it is stored as little-endian F32, else converted once at load time into
+** memory owned by the model. Linear weights are (out, in), row-major, as
+** torch.nn.Linear stores them, so y = x @ W^T + b.
+*/
+#ifndef CDB_MODEL_H
+#define CDB_MODEL_H
+
+#include "core/core.h"
+#include "model/safetensors.h"
+#include "model/tokenizer.h"
+
+/* One residual attention block:
+**   x = x + out_proj(attn(ln_1(x)));  x = x + c_proj(quick_gelu(c_fc(ln_2(x))))
+** d = width, f = MLP width (4d). */
+typedef struct cdb_block {
+    const float *ln1_w, *ln1_b;        /* (d) */
+    const float *wq, *wk, *wv;         /* (d, d) each: rows of in_proj_weight or q/k/v_proj */
+    const float *bq, *bk, *bv;         /* (d) each */
+    const float *wo, *bo;              /* (d, d), (d) */
+    const float *ln2_w, *ln2_b;        /* (d) */
+    const float *fc1_w, *fc1_b;        /* (f, d), (f) */
+    const float *fc2_w, *fc2_b;        /* (d, f), (d) */
+} cdb_block;
+
+typedef struct cdb_tower {
+    int width;      /* d */
+    int layers;
+    int heads;      /* d / 64 */
+    int mlp;        /* f = 4d */
+    cdb_block *blocks;                 /* [layers], owned */
+    const float *ln_post_w, *ln_post_b; /* ln_post (vision) / ln_final (text), (d) */
+    /* Projection to the joint space, (d, e) row-major so that y = x @ proj,
+    ** or (e, d) when proj_transposed (HF stores visual_projection.weight as
+    ** (e, d)): then y = x @ proj^T. */
+    const float *proj;
+    int proj_transposed;
+} cdb_tower;
+
+typedef struct cdb_vision {
+    cdb_tower t;
+    int image_size;                    /* S */
+    int patch;                         /* P */
+    int grid;                          /* S / P */
+    int n_pos;                         /* grid*grid + 1 */
+    const float *patch_w;              /* conv1 (d, 3, P, P), no bias */
+    const float *class_emb;            /* (d) */
+    const float *pos_emb;              /* (n_pos, d) */
+    const float *ln_pre_w, *ln_pre_b;  /* (d) */
+} cdb_vision;
+
+typedef struct cdb_text {
+    cdb_tower t;
+    int context;                       /* 77 */
+    int vocab;                         /* 49408 */
+    const float *tok_emb;              /* (vocab, d) */
+    const float *pos_emb;              /* (context, d) */
+} cdb_text;
+
+struct clipdb_model {
+    cdb_err err;
+    char *dir;
+    int embed_dim;
+    cdb_vision vision;
+    cdb_text text;
+    float logit_scale;                 /* as stored (a log) */
+    cdb_safetensors *st;               /* the mapped file */
+    void **owned;                      /* converted (non-F32) tensors, freed at close */
+    size_t n_owned, cap_owned;
+    const char *key_style;             /* "openai" or "hf" */
+    const char *dtype;                 /* "F32", "F16", "BF16", "mixed" */
+    cdb_tokenizer *tok;
+    char identity[96];                 /* filled lazily, guarded by identity_once */
+    int identity_ready;
+    void *identity_lock;               /* pthread_mutex_t*, owned */
+};
+
+/* Maps tensors of m->st into m->vision / m->text, inferring the architecture
+** from the shapes and converting non-F32 tensors. Names the first missing or
+** mis-shaped tensor in m->err. Implemented in weights.c. */
+int cdb_weights_bind(clipdb_model *m);
+void cdb_weights_release(clipdb_model *m);
+
+
+
+/* Per-thread scratch. Each part is owned and freed by its module:
+** run (transformer.c), tok_cache (tokenizer.c), img (image.c). */
+struct cdb_run;
+struct cdb_img_scratch;
+struct clipdb_ctx {
+    cdb_err err;
+    clipdb_model *m;
+    struct cdb_run *run;
+    cdb_tok_cache *tok_cache;
+    struct cdb_img_scratch *img;
+};
+void cdb_run_free(struct cdb_run *r);            /* transformer.c */
+void cdb_img_scratch_free(struct cdb_img_scratch *s); /* image.c */
+#endif /* CDB_MODEL_H */

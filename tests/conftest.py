@@ -1,0 +1,43 @@
+"""Shared fixtures for the black-box (tests/cli) and reference (tests/ref) tests.
+
+The binary under test is $CLIPDB_BIN (the Makefile sets it); the shared data
+is ../shared from the repository root, or $CLIPDB_SHARED. Tests that need the
+shared data skip with a clear message when it is absent.
+"""
+import os
+import pathlib
+import subprocess
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+BIN = os.environ.get("CLIPDB_BIN", str(ROOT / "build" / "clipdb"))
+SHARED = pathlib.Path(os.environ.get("CLIPDB_SHARED", str(ROOT.parent / "shared")))
+ASAN = bool(os.environ.get("CLIPDB_ASAN"))
+
+
+def run(*args, check=False, input=None, timeout=600, env=None):
+    """Runs the clipdb binary; returns CompletedProcess with text output."""
+    e = dict(os.environ)
+    if env:
+        e.update(env)
+    p = subprocess.run([BIN, *map(str, args)], capture_output=True, text=True,
+                       input=input, timeout=timeout, env=e)
+    if check and p.returncode != 0:
+        raise AssertionError(f"clipdb {' '.join(map(str, args))} failed ({p.returncode}):\n{p.stderr}")
+    return p
+
+
+@pytest.fixture(scope="session")
+def shared():
+    if not (SHARED / "data").is_dir():
+        pytest.skip(f"shared data not found at {SHARED} (set CLIPDB_SHARED); skipping")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def bpe_vocab(shared):
+    p = shared / "models" / "clip-vit-b-32" / "bpe_simple_vocab_16e6.txt.gz"
+    if not p.is_file():
+        pytest.skip(f"{p} not found; skipping")
+    return p

@@ -6,14 +6,14 @@ CC      ?= cc
 CXX     ?= c++
 BUILD   ?= build
 PY      ?= /usr/bin/python3
-OPT     ?= -O2 -march=x86-64-v2 -mtune=generic
+OPT     ?= -O2 -march=native
 SAN     ?=
 WARN     = -Wall -Wextra -Wshadow -Werror
 CPPFLAGS = -Iinclude -Isrc -D_GNU_SOURCE -I/usr/include/stb
 CFLAGS  += -std=c11 $(WARN) $(OPT) -g -pthread -fvisibility=hidden $(SAN)
 CXXFLAGS += -std=c++17 $(WARN) $(OPT) -g -pthread -fvisibility=hidden $(SAN)
 LDLIBS   = -lopenblas -lsqlite3 -ljpeg -lpng -lwebp -lwebpdemux -lgif -lz -lutf8proc \
-           -lcjson -lmicrohttpd -lcurl -lfaiss -llapack -lgomp -lstdc++ -lm -lpthread
+           -lcjson -lmicrohttpd -lcurl -lcrypto -lfaiss -llapack -lgomp -lstdc++ -lm -lpthread
 LDFLAGS += $(SAN)
 
 LIB_C   := $(wildcard src/core/*.c src/model/*.c src/index/*.c src/store/*.c)

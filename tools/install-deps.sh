@@ -9,8 +9,9 @@ pkgs=(
   libjpeg62-turbo-dev libpng-dev libwebp-dev libgif-dev libstb-dev zlib1g-dev
   libutf8proc-dev libcjson-dev               # tokenizer, JSON
   libmicrohttpd-dev libcurl4-openssl-dev     # server, model fetch
-  libfaiss-dev                               # optional Faiss backend + benchmark baseline
-  python3 python3-torch python3-numpy python3-pil python3-regex python3-pytest
+  libfaiss-dev python3-faiss                 # optional Faiss backend + benchmark baseline
+  libssl-dev                                 # SHA-256 (model identity, content hashes)
+  python3 python3-torch python3-torchvision python3-numpy python3-pil python3-regex python3-pytest
 )
 missing=()
 for p in "${pkgs[@]}"; do

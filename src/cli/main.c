@@ -21,6 +21,7 @@ const cli_cmd cli_commands[] = {
     {"version", "print the version",
      "usage: clipdb version\n\nPrints the version of clipdb.\n",
      cmd_version},
+    {"embed", "print CLIP embeddings of texts and images", cli_embed_help, cli_cmd_embed},
 };
 const int cli_n_commands = (int)(sizeof cli_commands / sizeof cli_commands[0]);
 

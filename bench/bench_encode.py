@@ -1,0 +1,175 @@
+#!/usr/bin/python3
+"""bench_encode.py: encoder throughput of `clipdb embed` on full-size ViT-B/32
+weights vs batched PyTorch (2 threads), with correctness checked in the same run.
+
+    CLIPDB_BIN=build/clipdb /usr/bin/python3 bench/bench_encode.py [--images N] [--texts N]
+
+Measures, in one run (seeded weights from tools/gen_model.py --size b32):
+  (a) the machine's OpenBLAS SGEMM rate (2 threads) on the model's GEMM shapes
+      and the images/s limit it implies (bench/sgemm_rate.c);
+  (b) images/s of `clipdb embed --images-from` on real photos (Flickr8k and
+      COCO, decode + preprocess + encode; model load excluded, from --stats),
+      vs PyTorch 2 threads: PIL decode + CLIP transforms + tools/ref_clip.py,
+      batches of 16;
+  (c) texts/s on real captions vs PyTorch batched (64 at a time, CLIP's 77
+      tokens; token ids prepared beforehand, so tokenizing is not timed for
+      torch but is for clipdb);
+  (d) peak RSS of `clipdb embed` (b32 loaded) vs the weights file size.
+Medians over repeats; warm-up runs are not timed.
+"""
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+SHARED = pathlib.Path(os.environ.get("CLIPDB_SHARED", str(ROOT.parent / "shared")))
+BIN = os.environ.get("CLIPDB_BIN", str(ROOT / "build" / "clipdb"))
+sys.path.insert(0, str(ROOT / "tools"))
+
+
+def sh(cmd, **kw):
+    return subprocess.run(cmd, check=True, capture_output=True, text=True, **kw)
+
+
+def cos_rows(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def clipdb_embed(model, flag, listfile, env):
+    """Runs clipdb embed; returns (vectors, rate from --stats, wall s, peak RSS KiB)."""
+    with tempfile.NamedTemporaryFile("r") as tf:
+        t0 = time.perf_counter()
+        p = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", tf.name, BIN, "embed", "--model",
+                            str(model), flag, str(listfile), "--json", "--stats"],
+                           capture_output=True, text=True, env=env)
+        wall = time.perf_counter() - t0
+        if p.returncode != 0:
+            raise SystemExit(f"clipdb embed failed: {p.stderr}")
+        rss = int(tf.read().strip().splitlines()[-1])
+    vec = np.array([json.loads(l)["embedding"] for l in p.stdout.splitlines()], np.float32)
+    line = [l for l in p.stderr.splitlines() if l.startswith(("images:", "texts:"))][-1]
+    rate = float(line.split("(")[1].split("/s")[0])
+    return vec, rate, wall, rss
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--images", type=int, default=128, help="photos (half Flickr8k, half COCO)")
+    ap.add_argument("--texts", type=int, default=1000, help="captions for clipdb")
+    ap.add_argument("--torch-texts", type=int, default=128, help="captions for PyTorch (77 tokens each)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--workdir", default=str(ROOT / "build" / "bench"))
+    a = ap.parse_args()
+    if not (SHARED / "data").is_dir():
+        print(f"bench_encode: shared data not found at {SHARED}; skipping")
+        return
+    work = pathlib.Path(a.workdir)
+    work.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="2")
+    load = os.getloadavg()[0]
+
+    # (a) SGEMM rate
+    sh(["cc", "-O2", "-o", str(work / "sgemm_rate"), str(ROOT / "bench" / "sgemm_rate.c"),
+        "-lopenblas"])
+    rate_line = sh([str(work / "sgemm_rate"), "3"], env=env).stdout.split()
+    gflops, limit = float(rate_line[1]), float(rate_line[5])
+
+    # model
+    model = work / "b32-openai-f32"
+    if not (model / "model.safetensors").exists():
+        sh(["/usr/bin/python3", str(ROOT / "tools" / "gen_model.py"), str(model), "--size", "b32",
+            "--keys", "openai", "--dtype", "F32", "--seed", "1"])
+    wbytes = (model / "model.safetensors").stat().st_size
+
+    # inputs
+    half = a.images // 2
+    imgs = sorted((SHARED / "data" / "flickr8k" / "images").glob("*.jpg"))[:a.images - half]
+    imgs += sorted((SHARED / "data" / "coco-subset" / "images").glob("*.jpg"))[:half]
+    imgs = [str(p) for p in imgs]
+    (work / "images.txt").write_text("\n".join(imgs) + "\n")
+    caps = []
+    for name in ("flickr8k", "coco-subset"):
+        with open(SHARED / "data" / name / "captions.jsonl") as f:
+            for line in f:
+                caps += [c.replace("\n", " ").strip() for c in json.loads(line)["captions"]]
+    caps = [c for c in caps if c][:a.texts]
+    (work / "texts.txt").write_text("\n".join(caps) + "\n")
+
+    import torch
+    import ref_clip
+    torch.set_num_threads(2)
+    ref = ref_clip.load_model(model)
+
+    rows = []
+    # (b) images
+    clipdb_embed(model, "--images-from", work / "images.txt", env)  # warm-up (page cache)
+    runs = [clipdb_embed(model, "--images-from", work / "images.txt", env) for _ in range(a.repeats)]
+    c_img = runs[0][0]
+    ours_img = statistics.median(r[1] for r in runs)
+    peak_rss = max(r[3] for r in runs)
+    ref_clip.encode_images(ref, imgs[:2])  # warm-up
+    t_runs = []
+    for _ in range(max(1, a.repeats - 1)):
+        t0 = time.perf_counter()
+        r_img = ref_clip.encode_images(ref, imgs, batch=16)
+        t_runs.append(len(imgs) / (time.perf_counter() - t0))
+    torch_img = statistics.median(t_runs)
+    img_cos = cos_rows(c_img, r_img).min()
+    rows.append(("images/s (decode+preprocess+encode)", ours_img, torch_img))
+
+    # (c) texts
+    txt_note = ""
+    tok_ok = ref_clip.token_source() == "tools/ref_tokenizer.py" or \
+        subprocess.run([BIN, "tokenize", "--help"], capture_output=True).returncode == 0
+    txt_cos = None
+    if tok_ok:
+        clipdb_embed(model, "--texts-from", work / "texts.txt", env)
+        runs = [clipdb_embed(model, "--texts-from", work / "texts.txt", env) for _ in range(a.repeats)]
+        ours_txt = statistics.median(r[1] for r in runs)
+        peak_rss = max([peak_rss] + [r[3] for r in runs])
+        ids = ref_clip.tokenize(caps[:a.torch_texts], model)
+        ref_clip.encode_ids(ref, ids[:2])
+        t_runs = []
+        for _ in range(max(1, a.repeats - 1)):
+            t0 = time.perf_counter()
+            r_txt = ref_clip.encode_ids(ref, ids, batch=64)
+            t_runs.append(len(ids) / (time.perf_counter() - t0))
+        torch_txt = statistics.median(t_runs)
+        txt_cos = cos_rows(runs[0][0][:len(ids)], r_txt).min()
+        rows.append(("texts/s (tokenize+encode)", ours_txt, torch_txt))
+    else:
+        txt_note = "texts: skipped (no tokenizer merged yet)"
+
+    # report
+    print(f"\nclipdb encoder benchmark: ViT-B/32 shapes, seeded weights, OpenBLAS 2 threads, "
+          f"load average at start {load:.2f}")
+    print(f"SGEMM rate (model GEMM shapes, 2 threads): {gflops:.1f} GFLOP/s -> "
+          f"limit {limit:.2f} images/s at {float(rate_line[3]) / 1e9:.2f} GFLOP/image")
+    print(f"{'measure':40s} {'clipdb':>10s} {'pytorch':>10s} {'ratio':>7s}")
+    for name, ours, base in rows:
+        print(f"{name:40s} {ours:10.2f} {base:10.2f} {ours / base:7.2f}x")
+    print(f"{'images/s as % of the SGEMM limit':40s} {100 * ours_img / limit:9.1f}%")
+    print(f"{'peak RSS of clipdb embed (MiB)':40s} {peak_rss / 1024:10.1f}   weights file "
+          f"{wbytes / 2**20:.1f} MiB (ratio {peak_rss * 1024 / wbytes:.2f})")
+    print(f"correctness: min cosine vs torch: images {img_cos:.6f} over {len(imgs)}"
+          + (f", texts {txt_cos:.6f} over {len(r_txt)}" if txt_cos is not None else ""))
+    if txt_note:
+        print(txt_note)
+    print(f"inputs: {len(imgs)} photos (Flickr8k + COCO); {len(caps)} captions for clipdb, "
+          f"{a.torch_texts} for torch; median of {a.repeats} (torch {max(1, a.repeats - 1)})")
+    ok = img_cos >= 0.999 and (txt_cos is None or txt_cos >= 0.9999)
+    if not ok:
+        raise SystemExit("bench_encode: correctness check FAILED")
+
+
+if __name__ == "__main__":
+    main()

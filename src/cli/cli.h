@@ -41,5 +41,7 @@ extern const cli_cmd cli_commands[];
 extern const int cli_n_commands;
 
 /* Subcommands, one file each (src/cli/cmd_NAME.c). */
+extern const char cli_help_tokenize[];
+int cmd_tokenize(int argc, char **argv);
 
 #endif

@@ -122,6 +122,15 @@ CLIPDB_API const char *clipdb_ctx_errmsg(const clipdb_ctx *c);
 ** 49406 and ends with 49407 (truncated to `cap`, keeping the end token). */
 CLIPDB_API int clipdb_tokenize(clipdb_ctx *c, const char *text,
                                int32_t *ids, int cap, int *n_ids);
+/* Tokenizer policy, as OpenAI's clip.tokenize: text is cleaned (HTML
+** entities, whitespace, lower case; ftfy is not applied) and must be valid
+** UTF-8 of at most CLIPDB_MAX_TEXT_BYTES; a text with no tokens fails with
+** CLIPDB_EINVAL "empty text"; a text of more than `cap` tokens (the context:
+** CLIPDB_TEXT_CONTEXT for CLIP) fails with CLIPDB_ELIMIT unless truncation
+** is on (off by default), then it is cut keeping the end token last. The
+** setting holds for clipdb_tokenize and clipdb_encode_texts on this ctx. */
+#define CLIPDB_TEXT_CONTEXT 77
+CLIPDB_API int clipdb_ctx_set_truncate(clipdb_ctx *c, int on);
 
 /* Number of floats of one preprocessed image: 3 * image_size * image_size. */
 CLIPDB_API size_t clipdb_image_floats(const clipdb_model *m);
@@ -143,17 +152,6 @@ CLIPDB_API int clipdb_encode_texts(clipdb_ctx *c, const char *const *texts,
 ** out: n x embed_dim floats, as CLIP's encode_image (not normalised). */
 CLIPDB_API int clipdb_encode_images(clipdb_ctx *c, const float *pixels, int n,
                                     float *out);
-
-/* Flags of clipdb_encode_texts_ex. */
-#define CLIPDB_ENCODE_TRUNCATE 1 /* cut texts longer than the context (77 tokens)
-                                 ** as CLIP's truncate=True does, instead of failing */
-
-/* clipdb_encode_texts with flags. Without CLIPDB_ENCODE_TRUNCATE a text of
-** more than 77 tokens fails with CLIPDB_ELIMIT; an empty text (no tokens)
-** fails with CLIPDB_EINVAL. When n > 1 the message starts "text I: " with
-** the failing text's 0-based index. */
-CLIPDB_API int clipdb_encode_texts_ex(clipdb_ctx *c, const char *const *texts, int n,
-                                      int flags, float *out);
 
 /* ---- fetching published models -------------------------------------------- */
 

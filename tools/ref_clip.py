@@ -235,13 +235,21 @@ def token_source():
     return "clipdb tokenize"
 
 
-def tokenize(texts, model_dir):
+def bpe_file(model_dir):
+    p = pathlib.Path(model_dir) / "bpe_simple_vocab_16e6.txt.gz"
+    if p.exists():
+        return p
+    shared = pathlib.Path(os.environ.get("CLIPDB_SHARED", str(ROOT.parent / "shared")))
+    return shared / "models" / "clip-vit-b-32" / "bpe_simple_vocab_16e6.txt.gz"
+
+
+def tokenize(texts, model_dir, truncate=False):
     """Lists of token ids (start and end included), from token_source()."""
     if token_source() == "tools/ref_tokenizer.py":
         sys.path.insert(0, str(ROOT / "tools"))
-        import ref_tokenizer  # noqa: E402  (the tokenizer branch's reference)
-        tok = ref_tokenizer.load(model_dir) if hasattr(ref_tokenizer, "load") else None
-        return [list(ref_tokenizer.encode(t) if tok is None else tok.encode(t)) for t in texts]
+        import ref_tokenizer  # noqa: E402  (the tokenizer module's Python reference)
+        tok = ref_tokenizer.Tokenizer(str(bpe_file(model_dir)))
+        return [tok.tokenize(t, CONTEXT, truncate) for t in texts]
     binary = os.environ.get("CLIPDB_BIN", str(ROOT / "build" / "clipdb"))
     ids = []
     for t in texts:

@@ -43,5 +43,7 @@ extern const int cli_n_commands;
 /* Subcommands, one file each (src/cli/cmd_NAME.c). */
 extern const char cli_embed_help[]; /* cmd_embed.c */
 int cli_cmd_embed(int argc, char **argv);
+extern const char cli_help_tokenize[];
+int cmd_tokenize(int argc, char **argv);
 
 #endif

@@ -1,6 +1,6 @@
 /*
 ** cmd_embed.c: `clipdb embed`: prints the CLIP embeddings of texts and
-** images. Parsing and printing only; the work is clipdb_encode_texts_ex,
+** images. Parsing and printing only; the work is clipdb_encode_texts,
 ** clipdb_image_load and clipdb_encode_images.
 */
 #include <math.h>
@@ -83,13 +83,13 @@ static void excerpt(const char *s, char *buf, size_t cap)
 }
 
 /* Encodes all texts in one call; on failure, finds the text to name. */
-static int encode_texts(const char *cmd, clipdb_ctx *c, const char **texts, int n, int flags,
-                        float *out, int dim)
+static int encode_texts(const char *cmd, clipdb_ctx *c, const char **texts, int n, float *out,
+                        int dim)
 {
     int i;
-    if (n == 0 || clipdb_encode_texts_ex(c, texts, n, flags, out) == CLIPDB_OK) return CLI_OK;
+    if (n == 0 || clipdb_encode_texts(c, texts, n, out) == CLIPDB_OK) return CLI_OK;
     for (i = 0; i < n; i++) {
-        if (clipdb_encode_texts_ex(c, texts + i, 1, flags, out + (size_t)i * dim) != CLIPDB_OK) {
+        if (clipdb_encode_texts(c, texts + i, 1, out + (size_t)i * dim) != CLIPDB_OK) {
             char ex[64];
             excerpt(texts[i], ex, sizeof ex);
             fprintf(stderr, "clipdb %s: text ", cmd);
@@ -116,7 +116,7 @@ static void print_readable(const input *in, const float *v, int dim)
 int cli_cmd_embed(int argc, char **argv)
 {
     const char *cmd = "embed", *model_dir = NULL;
-    int json = 0, stats = 0, flags = 0, i, rc = CLI_OK, dim, n_text = 0, n_img = 0, k;
+    int json = 0, stats = 0, truncate = 0, i, rc = CLI_OK, dim, n_text = 0, n_img = 0, k;
     inputs in = {0};
     clipdb_model *m = NULL;
     clipdb_ctx *c = NULL;
@@ -131,7 +131,7 @@ int cli_cmd_embed(int argc, char **argv)
         const char *a = argv[i];
         int has_val = i + 1 < argc;
         if (!strcmp(a, "--json")) json = 1;
-        else if (!strcmp(a, "--truncate")) flags |= CLIPDB_ENCODE_TRUNCATE;
+        else if (!strcmp(a, "--truncate")) truncate = 1;
         else if (!strcmp(a, "--stats")) stats = 1;
         else if (!strcmp(a, "--model") && has_val) model_dir = argv[++i];
         else if ((!strcmp(a, "--text") || !strcmp(a, "--image")) && has_val) {
@@ -165,6 +165,7 @@ int cli_cmd_embed(int argc, char **argv)
         rc = cli_fail(cmd, "%s", clipdb_ctx_errmsg(c));
         goto cleanup;
     }
+    clipdb_ctx_set_truncate(c, truncate);
     clipdb_model_get_info(m, &info);
     dim = info.embed_dim;
     px = clipdb_image_floats(m);
@@ -194,7 +195,7 @@ int cli_cmd_embed(int argc, char **argv)
             rc = cli_fail(cmd, "out of memory");
             goto cleanup;
         }
-        rc = encode_texts(cmd, c, texts, n_text, flags, tout, dim);
+        rc = encode_texts(cmd, c, texts, n_text, tout, dim);
         for (k = 0; rc == CLI_OK && k < n_text; k++)
             memcpy(emb + (size_t)text_slot[k] * dim, tout + (size_t)k * dim, (size_t)dim * sizeof *tout);
         free(tout);

@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "model/tokenizer.h"
 #include "model/transformer.h"
 
 /* ---- per-context scratch -------------------------------------------------- */
@@ -582,8 +583,7 @@ int clipdb_encode_images(clipdb_ctx *c, const float *pixels, int n, float *out)
     return cdb_vision_forward(c->run, &c->m->vision, c->m->embed_dim, pixels, n, out, &c->err);
 }
 
-int clipdb_encode_texts_ex(clipdb_ctx *c, const char *const *texts, int n, int flags,
-                           float *out)
+int clipdb_encode_texts(clipdb_ctx *c, const char *const *texts, int n, float *out)
 {
     int rc = CLIPDB_OK, i, C;
     int32_t *buf = NULL;
@@ -596,8 +596,7 @@ int clipdb_encode_texts_ex(clipdb_ctx *c, const char *const *texts, int n, int f
         return cdb_err_set(&c->err, CLIPDB_EINVAL, "encode_texts: bad arguments");
     if (n == 0) return CLIPDB_OK;
     C = c->m->text.context;
-    /* one more slot than the context tells a text that does not fit */
-    buf = cdb_malloc_array((size_t)n * (size_t)(C + 1), sizeof *buf);
+    buf = cdb_malloc_array((size_t)n * (size_t)C, sizeof *buf);
     ids = cdb_malloc_array((size_t)n, sizeof *ids);
     lens = cdb_malloc_array((size_t)n, sizeof *lens);
     if (!buf || !ids || !lens) {
@@ -605,31 +604,10 @@ int clipdb_encode_texts_ex(clipdb_ctx *c, const char *const *texts, int n, int f
         goto cleanup;
     }
     for (i = 0; i < n; i++) {
-        int32_t *t = buf + (size_t)i * (C + 1);
-        const char *s = texts[i];
-        size_t len = s ? strnlen(s, (size_t)CLIPDB_MAX_TEXT_BYTES + 1) : 0;
-        ids[i] = t;
-        if (!s || len == 0) {
-            rc = cdb_err_set(&c->err, CLIPDB_EINVAL, "text is empty");
-        } else if (len > CLIPDB_MAX_TEXT_BYTES) {
-            rc = cdb_err_set(&c->err, CLIPDB_ELIMIT, "text is longer than %u bytes",
-                             CLIPDB_MAX_TEXT_BYTES);
-        } else {
-            rc = cdb_tok_encode(c->m->tok, c->tok_cache, s, len, t, C + 1, &lens[i], &c->err);
-            if (rc == CLIPDB_OK && lens[i] <= 2)
-                rc = cdb_err_set(&c->err, CLIPDB_EINVAL, "text is empty (no tokens)");
-            if (rc == CLIPDB_OK && lens[i] > C) {
-                if (flags & CLIPDB_ENCODE_TRUNCATE) {
-                    /* CLIP's truncate=True: first C tokens, the last replaced by the end token */
-                    lens[i] = C;
-                    t[C - 1] = CDB_TOK_EOT;
-                } else {
-                    rc = cdb_err_set(&c->err, CLIPDB_ELIMIT,
-                                     "text is too long for the context of %d tokens "
-                                     "(truncate it, e.g. --truncate)", C);
-                }
-            }
-        }
+        ids[i] = buf + (size_t)i * C;
+        /* CLIP's policy (tokenizer.c): empty text, non-UTF-8 and more than C
+        ** tokens (unless clipdb_ctx_set_truncate) are errors */
+        rc = cdb_tokenize_ctx(c, texts[i], buf + (size_t)i * C, C, &lens[i]);
         if (rc != CLIPDB_OK) {
             if (n > 1) cdb_err_prefix(&c->err, "text %d", i);
             goto cleanup;
@@ -641,9 +619,4 @@ cleanup:
     free(ids);
     free(lens);
     return rc;
-}
-
-int clipdb_encode_texts(clipdb_ctx *c, const char *const *texts, int n, float *out)
-{
-    return clipdb_encode_texts_ex(c, texts, n, 0, out);
 }

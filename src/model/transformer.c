@@ -5,7 +5,7 @@
 ** One residual block function (cdb_block_forward) serves both towers. Matrix
 ** products go through OpenBLAS with the whole batch stacked into one GEMM
 ** (rows = sequences * tokens); the elementwise parts (layernorm, softmax,
-** QuickGELU) are 8-lane vector loops written with GCC/clang vector
+** QuickGELU) are 4- or 8-lane vector loops written with GCC/clang vector
 ** extensions so that they stay a small fraction of the time.
 **
 ** Shapes: d = width, f = MLP width, T = tokens per sequence, nseq = sequences
@@ -88,63 +88,72 @@ static int reserve_block(struct cdb_run *r, size_t rows, size_t d, size_t f, siz
 
 /* ---- elementwise kernels -------------------------------------------------- */
 
-/* 8 floats / 8 int32 lanes; loads and stores go through memcpy (unaligned). */
-typedef float v8f __attribute__((vector_size(32)));
-typedef int32_t v8i __attribute__((vector_size(32)));
+/* VL floats / VL int32 lanes: 8 (one AVX register) when the compiler may
+** use AVX, else 4 (SSE/NEON), so the vector type never crosses an ABI it
+** lacks. Loads and stores go through memcpy (unaligned). */
+#if defined(__AVX__)
+#define VL 8
+#else
+#define VL 4
+#endif
+typedef float vecf __attribute__((vector_size(VL * 4)));
+typedef int32_t veci __attribute__((vector_size(VL * 4)));
 
-static inline v8f v8_load(const float *p)
+static inline vecf vec_load(const float *p)
 {
-    v8f v;
+    vecf v;
     memcpy(&v, p, sizeof v);
     return v;
 }
-static inline void v8_store(float *p, v8f v) { memcpy(p, &v, sizeof v); }
-static inline v8f v8_set1(float a) { return (v8f){a, a, a, a, a, a, a, a}; }
-static inline float v8_hsum(v8f v)
+static inline void vec_store(float *p, vecf v) { memcpy(p, &v, sizeof v); }
+static inline vecf vec_set1(float a) { return (vecf){0} + a; }
+static inline float vec_hsum(vecf v)
 {
-    return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+    float s = 0.0f;
+    for (int k = 0; k < VL; k++) s += v[k];
+    return s;
 }
-static inline v8f v8_max(v8f a, v8f b)
+static inline vecf vec_max(vecf a, vecf b)
 {
-    v8i m = a > b; /* -1 where a > b */
-    return (v8f)((m & (v8i)a) | (~m & (v8i)b));
+    veci m = a > b; /* -1 where a > b */
+    return (vecf)((m & (veci)a) | (~m & (veci)b));
 }
 
 /* exp(x) lane-wise: Cephes expf (range reduction by ln 2, degree-5
 ** polynomial; relative error about 2e-7 over [-87, 88]). Inputs are clamped
 ** to that range, so the result is finite, and 0 below -87.3. */
-static inline v8f v8_exp(v8f x)
+static inline vecf vec_exp(vecf x)
 {
-    const v8f hi = v8_set1(88.3762626647949f), lo = v8_set1(-88.3762626647949f);
-    v8i m;
-    v8f fx, t, z, y;
-    v8i n;
+    const vecf hi = vec_set1(88.3762626647949f), lo = vec_set1(-88.3762626647949f);
+    veci m;
+    vecf fx, t, z, y;
+    veci n;
     m = x > hi;
-    x = (v8f)((m & (v8i)hi) | (~m & (v8i)x));
+    x = (vecf)((m & (veci)hi) | (~m & (veci)x));
     m = x < lo;
-    x = (v8f)((m & (v8i)lo) | (~m & (v8i)x));
+    x = (vecf)((m & (veci)lo) | (~m & (veci)x));
     /* n = floor(x / ln 2 + 0.5) */
     fx = x * 1.44269504088896341f + 0.5f;
-    t = __builtin_convertvector(__builtin_convertvector(fx, v8i), v8f); /* trunc */
+    t = __builtin_convertvector(__builtin_convertvector(fx, veci), vecf); /* trunc */
     m = t > fx;
-    fx = t - (v8f)(m & (v8i)v8_set1(1.0f));
+    fx = t - (vecf)(m & (veci)vec_set1(1.0f));
     x = x - fx * 0.693359375f - fx * -2.12194440e-4f;
     z = x * x;
-    y = v8_set1(1.9875691500e-4f);
+    y = vec_set1(1.9875691500e-4f);
     y = y * x + 1.3981999507e-3f;
     y = y * x + 8.3334519073e-3f;
     y = y * x + 4.1665795894e-2f;
     y = y * x + 1.6666665459e-1f;
     y = y * x + 5.0000001201e-1f;
     y = y * z + x + 1.0f;
-    n = __builtin_convertvector(fx, v8i);
+    n = __builtin_convertvector(fx, veci);
     n = (n + 127) << 23; /* 2^n as float bits; n >= -127 here (0 -> 0.0f) */
-    return y * (v8f)n;
+    return y * (vecf)n;
 }
 
-static inline v8f v8_quick_gelu(v8f x)
+static inline vecf vec_quick_gelu(vecf x)
 {
-    return x / (1.0f + v8_exp(x * -1.702f));
+    return x / (1.0f + vec_exp(x * -1.702f));
 }
 
 void cdb_add_bias(float *x, const float *bias, size_t rows, size_t n)
@@ -152,7 +161,7 @@ void cdb_add_bias(float *x, const float *bias, size_t rows, size_t n)
     size_t i, j;
     for (i = 0; i < rows; i++) {
         float *xr = x + i * n; /* (n) */
-        for (j = 0; j + 8 <= n; j += 8) v8_store(xr + j, v8_load(xr + j) + v8_load(bias + j));
+        for (j = 0; j + VL <= n; j += VL) vec_store(xr + j, vec_load(xr + j) + vec_load(bias + j));
         for (; j < n; j++) xr[j] += bias[j];
     }
 }
@@ -163,7 +172,7 @@ static void add_bias_strided(float *x, size_t ld, const float *bias, size_t rows
     size_t i, j;
     for (i = 0; i < rows; i++) {
         float *xr = x + i * ld;
-        for (j = 0; j + 8 <= n; j += 8) v8_store(xr + j, v8_load(xr + j) + v8_load(bias + j));
+        for (j = 0; j + VL <= n; j += VL) vec_store(xr + j, vec_load(xr + j) + vec_load(bias + j));
         for (; j < n; j++) xr[j] += bias[j];
     }
 }
@@ -173,16 +182,16 @@ void cdb_quick_gelu(float *x, const float *bias, size_t rows, size_t n)
     size_t i, j;
     for (i = 0; i < rows; i++) {
         float *xr = x + i * n; /* (n) */
-        for (j = 0; j + 8 <= n; j += 8) {
-            v8f v = v8_load(xr + j);
-            if (bias) v += v8_load(bias + j);
-            v8_store(xr + j, v8_quick_gelu(v));
+        for (j = 0; j + VL <= n; j += VL) {
+            vecf v = vec_load(xr + j);
+            if (bias) v += vec_load(bias + j);
+            vec_store(xr + j, vec_quick_gelu(v));
         }
         if (j < n) { /* tail through the same vector code, zero-padded */
-            float tmp[8] = {0};
+            float tmp[VL] = {0};
             size_t k, rest = n - j;
             for (k = 0; k < rest; k++) tmp[k] = xr[j + k] + (bias ? bias[j + k] : 0.0f);
-            v8_store(tmp, v8_quick_gelu(v8_load(tmp)));
+            vec_store(tmp, vec_quick_gelu(vec_load(tmp)));
             memcpy(xr + j, tmp, rest * sizeof(float));
         }
     }
@@ -192,32 +201,32 @@ void cdb_softmax(float *v, size_t n, float scale)
 {
     size_t j;
     float mx = v[0], sum;
-    v8f vmax, vsum = v8_set1(0.0f), sc = v8_set1(scale), inv;
+    vecf vmax, vsum = vec_set1(0.0f), sc = vec_set1(scale), inv;
     if (n == 0) return;
-    vmax = v8_set1(v[0]);
-    for (j = 0; j + 8 <= n; j += 8) vmax = v8_max(vmax, v8_load(v + j));
-    for (int k = 0; k < 8; k++) mx = vmax[k] > mx ? vmax[k] : mx;
+    vmax = vec_set1(v[0]);
+    for (j = 0; j + VL <= n; j += VL) vmax = vec_max(vmax, vec_load(v + j));
+    for (int k = 0; k < VL; k++) mx = vmax[k] > mx ? vmax[k] : mx;
     for (; j < n; j++) mx = v[j] > mx ? v[j] : mx;
     /* scale > 0, so max(scale * v) = scale * max(v) */
-    vmax = v8_set1(mx * scale);
-    for (j = 0; j + 8 <= n; j += 8) {
-        v8f t = v8_exp(v8_load(v + j) * sc - vmax);
+    vmax = vec_set1(mx * scale);
+    for (j = 0; j + VL <= n; j += VL) {
+        vecf t = vec_exp(vec_load(v + j) * sc - vmax);
         vsum += t;
-        v8_store(v + j, t);
+        vec_store(v + j, t);
     }
-    sum = v8_hsum(vsum);
+    sum = vec_hsum(vsum);
     if (j < n) {
-        float tmp[8];
+        float tmp[VL];
         size_t k, rest = n - j;
-        for (k = 0; k < 8; k++) tmp[k] = k < rest ? v[j + k] * scale - mx * scale : -1e30f;
-        v8_store(tmp, v8_exp(v8_load(tmp)));
+        for (k = 0; k < VL; k++) tmp[k] = k < rest ? v[j + k] * scale - mx * scale : -1e30f;
+        vec_store(tmp, vec_exp(vec_load(tmp)));
         for (k = 0; k < rest; k++) {
             v[j + k] = tmp[k];
             sum += tmp[k];
         }
     }
-    inv = v8_set1(1.0f / sum);
-    for (j = 0; j + 8 <= n; j += 8) v8_store(v + j, v8_load(v + j) * inv);
+    inv = vec_set1(1.0f / sum);
+    for (j = 0; j + VL <= n; j += VL) vec_store(v + j, vec_load(v + j) * inv);
     for (; j < n; j++) v[j] *= inv[0];
 }
 
@@ -227,25 +236,25 @@ void cdb_layernorm(float *x, const float *bias, const float *w, const float *b,
     size_t i, j;
     for (i = 0; i < rows; i++) {
         float *xr = x + i * n, *yr = y + i * n; /* (n) each */
-        v8f acc = v8_set1(0.0f), m8, r8;
+        vecf acc = vec_set1(0.0f), m8, r8;
         float mean, var, rstd, tail = 0.0f;
         if (bias) cdb_add_bias(xr, bias, 1, n);
-        for (j = 0; j + 8 <= n; j += 8) acc += v8_load(xr + j);
+        for (j = 0; j + VL <= n; j += VL) acc += vec_load(xr + j);
         for (; j < n; j++) tail += xr[j];
-        mean = (v8_hsum(acc) + tail) / (float)n;
-        m8 = v8_set1(mean);
-        acc = v8_set1(0.0f);
+        mean = (vec_hsum(acc) + tail) / (float)n;
+        m8 = vec_set1(mean);
+        acc = vec_set1(0.0f);
         tail = 0.0f;
-        for (j = 0; j + 8 <= n; j += 8) {
-            v8f dlt = v8_load(xr + j) - m8;
+        for (j = 0; j + VL <= n; j += VL) {
+            vecf dlt = vec_load(xr + j) - m8;
             acc += dlt * dlt;
         }
         for (; j < n; j++) tail += (xr[j] - mean) * (xr[j] - mean);
-        var = (v8_hsum(acc) + tail) / (float)n;
+        var = (vec_hsum(acc) + tail) / (float)n;
         rstd = 1.0f / sqrtf(var + CDB_LN_EPS);
-        r8 = v8_set1(rstd);
-        for (j = 0; j + 8 <= n; j += 8)
-            v8_store(yr + j, (v8_load(xr + j) - m8) * r8 * v8_load(w + j) + v8_load(b + j));
+        r8 = vec_set1(rstd);
+        for (j = 0; j + VL <= n; j += VL)
+            vec_store(yr + j, (vec_load(xr + j) - m8) * r8 * vec_load(w + j) + vec_load(b + j));
         for (; j < n; j++) yr[j] = (xr[j] - mean) * rstd * w[j] + b[j];
     }
 }

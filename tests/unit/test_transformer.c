@@ -135,7 +135,7 @@ static void ref_block(const cdb_block *b, int d, int f, int T, int causal, doubl
 
 /* ---- kernels --------------------------------------------------------------- */
 
-static const size_t kernel_sizes[] = {1, 2, 7, 8, 9, 15, 16, 17, 50, 64, 77, 512, 768};
+static const size_t kernel_sizes[] = {1, 2, 3, 4, 5, 7, 8, 9, 15, 16, 17, 50, 64, 77, 512, 768};
 
 TEST(transformer_layernorm_matches_scalar)
 {

@@ -61,11 +61,21 @@ def clipdb_embed(model, flag, listfile, env):
     return vec, rate, wall, rss
 
 
+def torch_rate(fn, n, repeats):
+    """Median items/s of fn() (which encodes n items) over repeats; returns (rate, last output)."""
+    rates, out = [], None
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        out = fn()
+        rates.append(n / (time.perf_counter() - t0))
+    return statistics.median(rates), out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=128, help="photos (half Flickr8k, half COCO)")
     ap.add_argument("--texts", type=int, default=1000, help="captions for clipdb")
-    ap.add_argument("--torch-texts", type=int, default=128, help="captions for PyTorch (77 tokens each)")
+    ap.add_argument("--torch-texts", type=int, default=64, help="captions for PyTorch (77 tokens each)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--workdir", default=str(ROOT / "build" / "bench"))
     a = ap.parse_args()
@@ -103,6 +113,10 @@ def main():
                 caps += [c.replace("\n", " ").strip() for c in json.loads(line)["captions"]]
     caps = [c for c in caps if c][:a.texts]
     (work / "texts.txt").write_text("\n".join(caps) + "\n")
+    (work / "warm.txt").write_text("\n".join(imgs[:4]) + "\n")
+    # both towers touched: the peak RSS with the whole model paged in
+    (work / "mixed.txt").write_text("\n".join(imgs[:16]) + "\n")
+    (work / "mixed-texts.txt").write_text("\n".join(caps[:64]) + "\n")
 
     import torch
     import ref_clip
@@ -111,18 +125,14 @@ def main():
 
     rows = []
     # (b) images
-    clipdb_embed(model, "--images-from", work / "images.txt", env)  # warm-up (page cache)
+    clipdb_embed(model, "--images-from", work / "warm.txt", env)  # warm-up (page cache)
     runs = [clipdb_embed(model, "--images-from", work / "images.txt", env) for _ in range(a.repeats)]
     c_img = runs[0][0]
     ours_img = statistics.median(r[1] for r in runs)
     peak_rss = max(r[3] for r in runs)
     ref_clip.encode_images(ref, imgs[:2])  # warm-up
-    t_runs = []
-    for _ in range(max(1, a.repeats - 1)):
-        t0 = time.perf_counter()
-        r_img = ref_clip.encode_images(ref, imgs, batch=16)
-        t_runs.append(len(imgs) / (time.perf_counter() - t0))
-    torch_img = statistics.median(t_runs)
+    torch_img, r_img = torch_rate(lambda: ref_clip.encode_images(ref, imgs, batch=16), len(imgs),
+                                  a.repeats - 1)
     img_cos = cos_rows(c_img, r_img).min()
     rows.append(("images/s (decode+preprocess+encode)", ours_img, torch_img))
 
@@ -132,22 +142,27 @@ def main():
         subprocess.run([BIN, "tokenize", "--help"], capture_output=True).returncode == 0
     txt_cos = None
     if tok_ok:
-        clipdb_embed(model, "--texts-from", work / "texts.txt", env)
+        clipdb_embed(model, "--texts-from", work / "mixed-texts.txt", env)  # warm-up
         runs = [clipdb_embed(model, "--texts-from", work / "texts.txt", env) for _ in range(a.repeats)]
         ours_txt = statistics.median(r[1] for r in runs)
         peak_rss = max([peak_rss] + [r[3] for r in runs])
         ids = ref_clip.tokenize(caps[:a.torch_texts], model)
         ref_clip.encode_ids(ref, ids[:2])
-        t_runs = []
-        for _ in range(max(1, a.repeats - 1)):
-            t0 = time.perf_counter()
-            r_txt = ref_clip.encode_ids(ref, ids, batch=64)
-            t_runs.append(len(ids) / (time.perf_counter() - t0))
-        torch_txt = statistics.median(t_runs)
+        torch_txt, r_txt = torch_rate(lambda: ref_clip.encode_ids(ref, ids, batch=64), len(ids),
+                                      a.repeats - 1)
         txt_cos = cos_rows(runs[0][0][:len(ids)], r_txt).min()
         rows.append(("texts/s (tokenize+encode)", ours_txt, torch_txt))
     else:
         txt_note = "texts: skipped (no tokenizer merged yet)"
+
+    # (d) peak RSS with both towers used in one process
+    with tempfile.NamedTemporaryFile("r") as tf:
+        args = ["/usr/bin/time", "-f", "%M", "-o", tf.name, BIN, "embed", "--model", str(model),
+                "--images-from", str(work / "mixed.txt")]
+        if tok_ok:
+            args += ["--texts-from", str(work / "mixed-texts.txt")]
+        subprocess.run(args, check=True, capture_output=True, env=env)
+        peak_rss = max(peak_rss, int(tf.read().strip().splitlines()[-1]))
 
     # report
     print(f"\nclipdb encoder benchmark: ViT-B/32 shapes, seeded weights, OpenBLAS 2 threads, "

@@ -42,4 +42,8 @@ extern const int cli_n_commands;
 
 /* Subcommands, one file each (src/cli/cmd_NAME.c). */
 
+/* cmd_model.c: `clipdb model info|fetch` */
+extern const char cli_model_help[];
+int cli_cmd_model(int argc, char **argv);
+
 #endif

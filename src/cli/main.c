@@ -21,6 +21,8 @@ const cli_cmd cli_commands[] = {
     {"version", "print the version",
      "usage: clipdb version\n\nPrints the version of clipdb.\n",
      cmd_version},
+    {"model", "show a model's shape and identity, or download one (info, fetch)",
+     cli_model_help, cli_cmd_model},
 };
 const int cli_n_commands = (int)(sizeof cli_commands / sizeof cli_commands[0]);
 

@@ -21,6 +21,8 @@ port it listens on (first line of stdout), then serves until killed.
         ignore_range=1  answer Range requests with 200 and the whole file
         lie_size=D      announce size+D (X-Linked-Size and HEAD Content-Length);
                         GET bodies stay true
+        lie_linked=D    announce size+D in X-Linked-Size only (the CDN's HEAD
+                        Content-Length stays true)
         no_length=1     GET bodies without Content-Length (closed to end them)
         corrupt=1       flip one byte of every body (announced SHA-256 stays)
         no_linked=1     leave out X-Linked-Size and X-Linked-Etag
@@ -70,6 +72,8 @@ class Hub(BaseHTTPRequestHandler):
         pass
 
     def record(self, status):
+        if self.path.startswith(("/_control", "/_log")):
+            return
         with LOCK:
             LOG.append({"method": self.command, "path": self.path,
                         "range": self.headers.get("Range"), "status": status,
@@ -136,7 +140,7 @@ class Hub(BaseHTTPRequestHandler):
             return self.plain(404, b"Entry not found\n", [("X-Error-Code", "EntryNotFound")])
         if not fname.endswith(".safetensors"):
             return self.serve(org, name, fname, cdn=False)
-        size = os.path.getsize(path) + f.get("lie_size", 0)
+        size = os.path.getsize(path) + f.get("lie_size", 0) + f.get("lie_linked", 0)
         sha = sha256_of(path)
         headers = [("Location", f"/cdn/{org}/{name}/{fname}"), ("ETag", f'"{sha}"')]
         if not f.get("no_linked"):

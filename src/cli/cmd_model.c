@@ -106,9 +106,14 @@ static void draw(progress *p, int64_t done, int64_t total, int final)
     }
     if (p->tty) {
         /* One line redrawn in place; \033[K clears what a longer line left. */
-        if (pct >= 0)
-            fprintf(stderr, "\r%-28s %3d%% %10s / %-10s %10s/s  %s\033[K", p->file, pct, d, t,
-                    r, eta);
+        if (pct >= 0) {
+            char bar[24];
+            int i, fill = pct * 20 / 100;
+            for (i = 0; i < 20; i++) bar[i] = i < fill ? '#' : '.';
+            bar[20] = '\0';
+            fprintf(stderr, "\r%-24s [%s] %3d%% %10s / %-10s %10s/s  %s\033[K", p->file, bar,
+                    pct, d, t, r, eta);
+        }
         else
             fprintf(stderr, "\r%-28s %10s %10s/s  %s\033[K", p->file, d, r, eta);
         p->open_line = !final;

@@ -5,12 +5,13 @@
 ** checked with libcrypto when the hub gives it.
 **
 ** Per file:
-**   1. HEAD <base>/<name>/resolve/main/<file> (redirects followed). Hugging
-**      Face answers LFS files with a redirect to its CDN carrying
-**      X-Linked-Size (the size) and X-Linked-Etag (the SHA-256); the final
-**      response carries Content-Length. Both must agree when both are given.
+**   1. HEAD <base>/<name>/resolve/main/<file>. Hugging Face answers LFS
+**      files with a redirect to its CDN carrying X-Linked-Size (the size) and
+**      X-Linked-Etag (the SHA-256): that answer is enough. Other files are
+**      answered directly (redirects are followed) with Content-Length.
 **   2. DIR/<file> already of that size: skipped.
-**   3. DIR/<file>.part of N bytes: GET with "Range: bytes=N-". A 206 answer
+**   3. DIR/<file>.part of N bytes: GET with "Range: bytes=N-" (redirects
+**      followed), whose Content-Length must match the size. A 206 answer
 **      must start at N and give the same total; a 200 answer (Range
 **      ignored) restarts the file from byte 0 in the same transfer. A body
 **      longer than announced is cut off with an error; a short one is an
@@ -262,74 +263,100 @@ static int transfer_error(CURL *c, CURLcode cc, const char *errbuf, const char *
                        errbuf[0] ? errbuf : curl_easy_strerror(cc));
 }
 
-/* HEAD url: the announced size and SHA-256. *status gets the final HTTP
-** status (404 included, with CLIPDB_ENET returned). */
+/* Reads X-Linked-Size / X-Linked-Etag of the last response into ri.
+** Returns 1 if it carried X-Linked-Size. */
+static int linked_headers(CURL *c, const char *url, remote_info *ri, int *rc, cdb_err *e)
+{
+    const char *s = header_value(c, "X-Linked-Size", -1);
+    const char *tag = header_value(c, "X-Linked-Etag", -1);
+    int64_t v;
+    if (tag) {
+        /* "\"<64 hex>\"", possibly with a W/ prefix; anything else (a git
+        ** blob id) is not a SHA-256 and is ignored. */
+        const char *p = tag;
+        size_t n, i;
+        if (!strncmp(p, "W/", 2)) p += 2;
+        if (*p == '"') p++;
+        n = strspn(p, "0123456789abcdefABCDEF");
+        if (n == 64 && (p[64] == '"' || p[64] == '\0')) {
+            for (i = 0; i < 64; i++) ri->sha256[i] = (char)tolower((unsigned char)p[i]);
+            ri->sha256[64] = '\0';
+        }
+    }
+    if (!s) return 0;
+    if (!parse_size(s, strlen(s), &v)) {
+        *rc = cdb_err_set(e, CLIPDB_ELIMIT,
+                          "HEAD %s: X-Linked-Size '%.40s' is not a size up to %" PRId64 " bytes",
+                          url, s, MAX_FILE_BYTES);
+        return 0;
+    }
+    ri->size = v;
+    return 1;
+}
+
+/* HEAD url: the announced size and SHA-256, as huggingface_hub finds them:
+** redirects are followed one by one and the walk stops at the first answer
+** with X-Linked-Size (the hub's redirect of an LFS file to its CDN, whose
+** signed URLs need not answer HEAD); else the final 2xx gives Content-Length.
+** *status gets the last HTTP status (404 included, with CLIPDB_ENET). */
 static int head_file(const char *url, const clipdb_fetch_options *opt, remote_info *ri,
                      long *status, cdb_err *e)
 {
-    int rc = CLIPDB_OK;
+    int rc = CLIPDB_OK, hops;
     char errbuf[CURL_ERROR_SIZE] = "";
     CURL *c = new_handle(opt, errbuf);
     CURLcode cc;
     curl_off_t clen = -1;
-    long redirects = 0, r;
-    int64_t linked = -1, v;
+    char *cur = cdb_strdup(url), *next;
 
     ri->size = -1;
     ri->sha256[0] = '\0';
     *status = 0;
-    if (!c) return cdb_err_set(e, CLIPDB_ENOMEM, "curl: out of memory");
-    curl_easy_setopt(c, CURLOPT_URL, url);
-    curl_easy_setopt(c, CURLOPT_NOBODY, 1L);
-    cc = curl_easy_perform(c);
-    curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, status);
-    if (cc != CURLE_OK) {
-        rc = transfer_error(c, cc, errbuf, "HEAD", url, e);
+    if (!c || !cur) {
+        rc = cdb_err_set(e, CLIPDB_ENOMEM, "curl: out of memory");
         goto cleanup;
     }
-    /* X-Linked-* come on the hub's redirect, not on the CDN's answer. */
-    curl_easy_getinfo(c, CURLINFO_REDIRECT_COUNT, &redirects);
-    for (r = 0; r <= redirects; r++) {
-        const char *s = header_value(c, "X-Linked-Size", (int)r);
-        const char *tag = header_value(c, "X-Linked-Etag", (int)r);
-        if (s) {
-            if (!parse_size(s, strlen(s), &v)) {
-                rc = cdb_err_set(e, CLIPDB_ELIMIT,
-                                 "HEAD %s: X-Linked-Size '%.40s' is not a size up to %" PRId64,
-                                 url, s, MAX_FILE_BYTES);
-                goto cleanup;
-            }
-            linked = v;
+    curl_easy_setopt(c, CURLOPT_NOBODY, 1L);
+    curl_easy_setopt(c, CURLOPT_FOLLOWLOCATION, 0L);
+    for (hops = 0;; hops++) {
+        errbuf[0] = '\0';
+        curl_easy_setopt(c, CURLOPT_URL, cur);
+        cc = curl_easy_perform(c);
+        curl_easy_getinfo(c, CURLINFO_RESPONSE_CODE, status);
+        if (cc != CURLE_OK) {
+            rc = transfer_error(c, cc, errbuf, "HEAD", cur, e);
+            goto cleanup;
         }
-        if (tag) {
-            /* "\"<64 hex>\"", possibly with a W/ prefix. */
-            const char *p = tag;
-            size_t n, i;
-            if (!strncmp(p, "W/", 2)) p += 2;
-            if (*p == '"') p++;
-            n = strspn(p, "0123456789abcdefABCDEF");
-            if (n == 64 && (p[64] == '"' || p[64] == '\0')) {
-                for (i = 0; i < 64; i++) ri->sha256[i] = (char)tolower((unsigned char)p[i]);
-                ri->sha256[64] = '\0';
-            }
+        if (linked_headers(c, cur, ri, &rc, e) || rc != CLIPDB_OK) goto cleanup;
+        if (*status < 300 || *status >= 400) break;
+        next = NULL;
+        curl_easy_getinfo(c, CURLINFO_REDIRECT_URL, &next);
+        if (!next) {
+            rc = cdb_err_set(e, CLIPDB_ENET, "HEAD %s: HTTP %ld without a Location", cur,
+                             *status);
+            goto cleanup;
+        }
+        if (hops >= 10) {
+            rc = cdb_err_set(e, CLIPDB_ENET, "HEAD %s: more than 10 redirects", url);
+            goto cleanup;
+        }
+        free(cur);
+        cur = cdb_strdup(next);
+        if (!cur) {
+            rc = cdb_err_set(e, CLIPDB_ENOMEM, "out of memory");
+            goto cleanup;
         }
     }
     curl_easy_getinfo(c, CURLINFO_CONTENT_LENGTH_DOWNLOAD_T, &clen);
     if (clen > MAX_FILE_BYTES) {
         rc = cdb_err_set(e, CLIPDB_ELIMIT, "HEAD %s: Content-Length %" PRId64
                          " exceeds the limit of %" PRId64 " bytes",
-                         url, (int64_t)clen, MAX_FILE_BYTES);
+                         cur, (int64_t)clen, MAX_FILE_BYTES);
         goto cleanup;
     }
-    if (linked >= 0 && clen >= 0 && linked != (int64_t)clen) {
-        rc = cdb_err_set(e, CLIPDB_ENET,
-                         "HEAD %s: the hub announces %" PRId64 " bytes (X-Linked-Size) but the "
-                         "download server %" PRId64 " (Content-Length)",
-                         url, linked, (int64_t)clen);
-        goto cleanup;
-    }
-    ri->size = linked >= 0 ? linked : (int64_t)clen;
+    ri->size = clen;
 cleanup:
+    free(cur);
     curl_easy_cleanup(c);
     return rc;
 }

@@ -124,6 +124,10 @@ def test_full_fetch_then_skip(hubf, tmp_path):
     assert all(r["user_agent"] == "clipdb/0.1.0" for r in log)
     # The weights went through the hub's redirect to the CDN, like HF's LFS files.
     assert [r["status"] for r in gets(log, "model.safetensors")] == [302, 200]
+    # HEAD stops at the hub's answer with X-Linked-Size (CDN URLs are signed
+    # for GET); files the hub serves itself are answered directly.
+    heads = [(r["path"].rsplit("/", 1)[1], r["status"]) for r in log if r["method"] == "HEAD"]
+    assert heads == [("model.safetensors", 302), ("vocab.json", 200), ("merges.txt", 200)], heads
     # Again: everything is complete, so only HEAD requests are made.
     hubf.faults()
     p = fetch(hubf, dest)
@@ -201,26 +205,29 @@ def test_corrupt_body(hubf, tmp_path):
     assert not (tmp_path / "model.safetensors").exists()
 
 
+@pytest.mark.parametrize("fname", ["model.safetensors", "vocab.json"])
 @pytest.mark.parametrize("delta", [1000, -1000])
-def test_size_lie(hubf, tmp_path, delta):
-    # HEAD announces a size the body does not have.
-    hubf.faults(lie_size=delta, fault_file="model.safetensors")
+def test_size_lie(hubf, tmp_path, delta, fname):
+    # HEAD announces a size the body does not have (X-Linked-Size on the
+    # hub's redirect for the LFS file, Content-Length for the plain one).
+    hubf.faults(lie_size=delta, fault_file=fname)
     p = fetch(hubf, tmp_path)
     assert p.returncode == 1
-    real = (hubf.src / "model.safetensors").stat().st_size
+    real = (hubf.src / fname).stat().st_size
     assert f"announced {real + delta} bytes but sends {real}" in p.stderr, p.stderr
-    assert not (tmp_path / "model.safetensors").exists()
+    assert not (tmp_path / fname).exists()
 
 
-def test_size_lie_linked_vs_cdn(hubf, tmp_path):
-    # Only the hub's X-Linked-Size lies: HEAD already sees the disagreement.
+def test_size_lie_linked_only(hubf, tmp_path):
+    # Only the hub's X-Linked-Size lies: HEAD stops at the hub's redirect (as
+    # huggingface_hub does), and the CDN's Content-Length on the GET disagrees.
     real = (hubf.src / "model.safetensors").stat().st_size
     hubf.faults(lie_linked=7, fault_file="model.safetensors")
     p = fetch(hubf, tmp_path)
     assert p.returncode == 1
-    assert f"{real + 7} bytes (X-Linked-Size)" in p.stderr and f"{real} (Content-Length)" \
-        in p.stderr, p.stderr
-    assert not [r for r in hubf.log() if r["method"] == "GET"]
+    assert f"announced {real + 7} bytes but sends {real}" in p.stderr, p.stderr
+    heads = [r for r in hubf.log() if r["method"] == "HEAD"]
+    assert [r["status"] for r in heads] == [302], heads
 
 
 def test_long_body_is_cut(hubf, tmp_path):

@@ -20,11 +20,13 @@
 */
 #include <ctype.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <inttypes.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
 #include <unistd.h>
@@ -213,6 +215,7 @@ typedef struct xfer {
     int started;       /* the response status was checked */
     int restarted;     /* the server ignored Range: the file began again */
     int cb_rc;         /* CLIPDB_* status set by a callback that stopped the transfer */
+    int discard;       /* the .part is not a prefix of the file: remove it */
     cdb_err *e;
     const clipdb_fetch_options *opt;
     const char *file;
@@ -459,8 +462,10 @@ static size_t write_cb(char *data, size_t size, size_t nmemb, void *arg)
     if (!x->started && start_body(x)) return 0;
     if (x->total >= 0 && (int64_t)n > x->total - x->offset - x->written) {
         x->cb_rc = cdb_err_set(x->e, CLIPDB_ENET,
-                               "the server sent more than the %" PRId64 " bytes it announced",
+                               "the server sent more than the %" PRId64 " bytes it announced "
+                               "(download removed)",
                                x->total);
+        x->discard = 1;
         return 0;
     }
     if (fwrite(data, 1, n, x->f) != n) {
@@ -481,6 +486,7 @@ static int get_file(const char *url, const char *part, const char *file,
     char range[48];
     CURLcode cc;
     int64_t have = file_size(part);
+    int fd = -1;
     xfer x;
 
     memset(&x, 0, sizeof x);
@@ -491,11 +497,24 @@ static int get_file(const char *url, const char *part, const char *file,
     x.file = file;
     if (have > 0 && *total >= 0 && have > *total) have = 0; /* longer than the file: stale */
     x.offset = have > 0 ? have : 0;
-    x.f = fopen(part, x.offset > 0 ? "r+b" : "wb");
-    if (!x.f || (x.offset > 0 && fseeko(x.f, 0, SEEK_END) != 0)) {
+    /* Opened without truncation, locked, then truncated or appended to: two
+    ** fetches into one directory never write the same .part at once. */
+    fd = open(part, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    if (fd < 0) {
         rc = cdb_err_set(e, CLIPDB_EIO, "%s: %s", part, strerror(errno));
         goto cleanup;
     }
+    if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
+        rc = cdb_err_set(e, CLIPDB_EIO, "%s: %s", part,
+                         errno == EWOULDBLOCK ? "another fetch is writing it" : strerror(errno));
+        goto cleanup;
+    }
+    if ((x.offset == 0 && ftruncate(fd, 0) != 0) || lseek(fd, 0, SEEK_END) < 0 ||
+        !(x.f = fdopen(fd, "r+b"))) {
+        rc = cdb_err_set(e, CLIPDB_EIO, "%s: %s", part, strerror(errno));
+        goto cleanup;
+    }
+    fd = -1; /* owned by x.f */
     x.curl = new_handle(opt, errbuf);
     if (!x.curl) {
         rc = cdb_err_set(e, CLIPDB_ENOMEM, "curl: out of memory");
@@ -543,7 +562,12 @@ static int get_file(const char *url, const char *part, const char *file,
 cleanup:
     if (x.f && fclose(x.f) != 0 && rc == CLIPDB_OK)
         rc = cdb_err_set(e, CLIPDB_EIO, "%s: %s", part, strerror(errno));
-    if (rc == CLIPDB_ENET && x.offset + x.written > 0 && !strstr(e->msg, "resume")) {
+    if (fd >= 0) close(fd);
+    /* A body longer than announced: what is kept is not known to be a
+    ** prefix of the file. An empty .part is of no use either. */
+    if (rc != CLIPDB_OK && x.f && (x.discard || x.offset + x.written == 0)) unlink(part);
+    if (rc == CLIPDB_ENET && x.offset + x.written > 0 && !x.discard &&
+        !strstr(e->msg, "resume")) {
         size_t l = strnlen(e->msg, sizeof e->msg);
         snprintf(e->msg + l, sizeof e->msg - l, "; %s kept: run again to resume", part);
     }

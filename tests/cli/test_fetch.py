@@ -216,6 +216,7 @@ def test_size_lie(hubf, tmp_path, delta, fname):
     real = (hubf.src / fname).stat().st_size
     assert f"announced {real + delta} bytes but sends {real}" in p.stderr, p.stderr
     assert not (tmp_path / fname).exists()
+    assert not (tmp_path / (fname + ".part")).exists()  # nothing written: no .part left
 
 
 def test_size_lie_linked_only(hubf, tmp_path):
@@ -236,8 +237,9 @@ def test_long_body_is_cut(hubf, tmp_path):
     hubf.faults(lie_size=-1000, no_length=1, fault_file="model.safetensors")
     p = fetch(hubf, tmp_path)
     assert p.returncode == 1
-    assert "more than the" in p.stderr, p.stderr
+    assert "more than the" in p.stderr and "removed" in p.stderr, p.stderr
     assert not (tmp_path / "model.safetensors").exists()
+    assert not (tmp_path / "model.safetensors.part").exists()
 
 
 def test_no_linked_headers(hubf, tmp_path):
@@ -303,6 +305,27 @@ def test_bad_names(tmp_path, name):
 def test_bad_base_url(tmp_path):
     p = run("model", "fetch", NAME, tmp_path, "--base-url", "file:///etc", timeout=T)
     assert p.returncode == 1 and "http" in p.stderr
+
+
+def test_concurrent_fetch_is_refused(hubf, tmp_path):
+    # A second fetch into the same directory while the first holds the .part
+    # (stalled by the hub) fails at once instead of writing the same file.
+    hubf.faults(stall_after=200_000, fault_file="model.safetensors")
+    first = subprocess.Popen([os.environ.get("CLIPDB_BIN", str(ROOT / "build" / "clipdb")),
+                              "model", "fetch", NAME, str(tmp_path), "--base-url", hubf.url,
+                              "--timeout", "3", "--no-progress"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        part = tmp_path / "model.safetensors.part"
+        for _ in range(100):
+            if part.exists() and part.stat().st_size > 0:
+                break
+            time.sleep(0.05)
+        p = fetch(hubf, tmp_path)
+        assert p.returncode == 1 and "another fetch is writing it" in p.stderr, p.stderr
+    finally:
+        first.wait(30)
+    assert first.returncode == 1
 
 
 def test_dir_is_a_file(hubf, tmp_path):

@@ -446,3 +446,20 @@ TEST(weights_identity_digest_and_disk_cache)
         CHECK(clipdb_model_identity(&z) == NULL);
     }
 }
+
+TEST(weights_minimal_fuzz_seed_binds)
+{
+    /* the fuzz seed that reaches the binder must itself bind (no python needed) */
+    clipdb_model m;
+    memset(&m, 0, sizeof m);
+    REQUIRE(cdb_st_open("tests/fuzz/seeds/safetensors/mini_clip_openai_bf16.safetensors", &m.st,
+                        &m.err) == CLIPDB_OK);
+    CHECK(cdb_weights_bind(&m) == CLIPDB_OK);
+    CHECK(m.dtype && !strcmp(m.dtype, "BF16") && !strcmp(m.key_style, "openai"));
+    CHECK(m.vision.t.width == 64 && m.vision.t.layers == 1 && m.vision.t.mlp == 1);
+    CHECK(m.vision.patch == 1 && m.vision.grid == 1 && m.vision.image_size == 1);
+    CHECK(m.text.vocab == 1 && m.text.context == 1 && m.embed_dim == 1);
+    CHECK(m.n_owned > 0);
+    cdb_weights_release(&m);
+    cdb_st_close(m.st);
+}

@@ -16,7 +16,8 @@
 **      ignored) restarts the file from byte 0 in the same transfer. A body
 **      longer than announced is cut off with an error; a short one is an
 **      error that keeps the .part file for the next run.
-**   4. Complete: SHA-256 checked (when known), fsync, rename to DIR/<file>.
+**   4. Complete: SHA-256 checked (when known), the weights file parsed
+**      (header and offsets, cdb_st_open), rename to DIR/<file>.
 */
 #include <ctype.h>
 #include <errno.h>
@@ -35,6 +36,7 @@
 #include <openssl/evp.h>
 
 #include "core/core.h"
+#include "model/safetensors.h"
 
 #define DEFAULT_BASE_URL "https://huggingface.co"
 #define BASE_URL_ENV "CLIPDB_HF_BASE_URL"
@@ -49,7 +51,7 @@
 typedef struct fetch_file {
     const char *name;
     int optional;   /* a 404 skips it (open_clip repositories may lack a tokenizer) */
-    int weights;    /* the weights file (to be parsed before the rename: see fetch_one) */
+    int weights;    /* parsed as safetensors before it is renamed */
 } fetch_file;
 
 static const fetch_file hf_layout[] = {
@@ -651,12 +653,19 @@ static int fetch_one(const char *base, const char *name, const char *dir, const 
             goto cleanup;
         }
     }
-    /* NOTE: the weights file is to be parsed here (cdb_st_open on the .part,
-    ** removed if it fails) once the safetensors reader lands on main; until
-    ** then calling it would leave libclipdb users that link fetch.o (the CLI,
-    ** test_unit) with an undefined symbol. The SHA-256 above already ties
-    ** the file to what the hub published. */
-    (void)ff->weights;
+    if (ff->weights) {
+        /* The header and every tensor's offsets, checked against the file
+        ** (the tensors themselves are bound when the model is opened). */
+        cdb_safetensors *st = NULL;
+        rc = cdb_st_open(part, &st, e);
+        cdb_st_close(st);
+        if (rc != CLIPDB_OK) {
+            unlink(part);
+            cdb_err_prefix(e, "%s: downloaded, but not a valid safetensors file (removed)",
+                           ff->name);
+            goto cleanup;
+        }
+    }
     if (rename(part, final) != 0) {
         rc = cdb_err_set(e, CLIPDB_EIO, "rename %s: %s", part, strerror(errno));
         goto cleanup;

@@ -260,8 +260,10 @@ static int model_info(int argc, char **argv)
         printf("directory       %s\n", dir);
         printf("identity        %s\n", id);
         printf("embedding       %d\n", mi.embed_dim);
-        printf("image           %d x %d pixels, %d x %d patches\n", mi.image_size, mi.image_size,
-               mi.patch_size, mi.patch_size);
+        printf("image           %d x %d pixels in patches of %d x %d (a %d x %d grid)\n",
+               mi.image_size, mi.image_size, mi.patch_size, mi.patch_size,
+               mi.patch_size ? mi.image_size / mi.patch_size : 0,
+               mi.patch_size ? mi.image_size / mi.patch_size : 0);
         printf("vision tower    width %d, %d layers, %d heads\n", mi.vision_width,
                mi.vision_layers, mi.vision_heads);
         printf("text tower      width %d, %d layers, %d heads, context %d, vocabulary %d\n",

@@ -215,7 +215,6 @@ typedef struct xfer {
     int64_t written;   /* body bytes written by this transfer */
     int64_t total;     /* expected final size, -1 if unknown */
     int started;       /* the response status was checked */
-    int restarted;     /* the server ignored Range: the file began again */
     int cb_rc;         /* CLIPDB_* status set by a callback that stopped the transfer */
     int discard;       /* the .part is not a prefix of the file: remove it */
     cdb_err *e;
@@ -437,7 +436,6 @@ plain:
             return 1;
         }
         x->offset = 0;
-        x->restarted = 1;
     }
     total = clen;
     if (total > MAX_FILE_BYTES) {

@@ -119,6 +119,8 @@ def converted(shared, tmp, n=6):
             "lossy.webp": (im, {"quality": 80}),
             "lossless.webp": (im, {"lossless": True}),
             "rgba.webp": (rgba, {"lossless": True}),
+            "anim.webp": (im, {"save_all": True, "duration": 100, "quality": 80,
+                               "append_images": [im.transpose(Image.Transpose.ROTATE_180)]}),
             "rgb.bmp": (im, {}),
             "p.bmp": (im.convert("P", palette=Image.ADAPTIVE, colors=256), {}),
             "l.bmp": (im.convert("L"), {}),

@@ -115,20 +115,11 @@ def test_long_random_words_match_reference(bpe_vocab, ref):
     assert clipdb_lines(model_dir(bpe_vocab), texts) == ref_lines(ref, texts)
 
 
-def write_hf_files(bpe_vocab, d):
-    """vocab.json + merges.txt as Hugging Face lays them out for CLIP."""
-    import gzip
-    merges = gzip.open(bpe_vocab).read().decode("utf-8").split("\n")[1:49152 - 256 - 2 + 1]
-    byte_syms = list(ref_tokenizer.bytes_to_unicode().values())
-    vocab = byte_syms + [v + "</w>" for v in byte_syms]
-    vocab += ["".join(m.split()) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
-    (d / "vocab.json").write_text(json.dumps(dict(zip(vocab, range(len(vocab)))), ensure_ascii=False),
-                                  encoding="utf-8")
-    (d / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
-
-
 def test_hf_files_give_the_same_ids(bpe_vocab, shared, tmp_path):
-    write_hf_files(bpe_vocab, tmp_path)
+    # vocab.json + merges.txt laid out as Hugging Face ships them for CLIP
+    import gen_model
+    gen_model.write_tokenizer(tmp_path, "hf")
+    assert not (tmp_path / "bpe_simple_vocab_16e6.txt.gz").exists()
     texts = TRICKY + all_captions(shared)[:3000]
     assert clipdb_lines(tmp_path, texts) == clipdb_lines(model_dir(bpe_vocab), texts)
 

@@ -83,6 +83,11 @@ fuzz:
 	        $$( [ -d $$seeds ] && echo $$seeds ) 2>&1 | tail -n 12; \
 	done
 
+# Search benchmark of the index module (bench/README.md).
+$(BUILD)/bench/bench_search: bench/bench_search.c $(BUILD)/libclipdb.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CPPFLAGS) $(CFLAGS) -o $@ $< $(BUILD)/libclipdb.a $(LDLIBS)
+
 bench: $(BUILD)/clipdb
 	CLIPDB_BIN=$(abspath $(BUILD)/clipdb) PY=$(PY) bash bench/run.sh
 

@@ -86,6 +86,10 @@ typedef struct cdb_kparams {
     size_t q_block;     /* queries per GEMM (1024) */
     size_t b_block;     /* base rows per GEMM (8192) */
     size_t gemv_max_m;  /* at most this many queries: one sgemv each (1) */
+    size_t small_max;   /* a single-query block of at most this many floats
+                        ** (rows * d) uses the inline dot kernel, not sgemv,
+                        ** whose thread start-up costs more than the work
+                        ** below ~1 MB (1 << 18) */
     int threads;        /* threads for the top-k pass (0: OpenBLAS's count) */
     size_t thread_min;  /* fewest scores of a block worth threading (1 << 18) */
 } cdb_kparams;

@@ -238,8 +238,8 @@ CLIPDB_API int clipdb_flat_search(const clipdb_vecs *base, const float *queries,
 ** centroids come from spherical k-means on normalised vectors (unit
 ** centroids) and assignment is by inner product, as Faiss does for
 ** METRIC_INNER_PRODUCT. Lists keep copies of the vectors contiguously, with
-** their ids and norms. Not thread-safe for writers; concurrent searches on a
-** handle nobody modifies are safe. */
+** their ids and norms. One thread at a time per handle (searches write the
+** error message on it); clipdb_flat_search is stateless and reentrant. */
 typedef struct clipdb_ivf clipdb_ivf;
 
 /* Options of clipdb_ivf_train. Fill with clipdb_ivf_train_options_init. */

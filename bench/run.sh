@@ -7,5 +7,11 @@ cd "$(dirname "$0")/.."
 PY=${PY:-/usr/bin/python3}
 export CLIPDB_BIN=${CLIPDB_BIN:-$PWD/build/clipdb}
 
+# ---- index: exact and IVF search vs Faiss (bench/bench_search.c, ~4 min) ----
+echo "== index: exact + IVF search vs Faiss (build/bench/bench_search) =="
+make -s -j2 build/bench/bench_search
+build/bench/bench_search 100000 1000
+
+# ---- encoder: clipdb embed vs PyTorch (bench/bench_encode.py, ~5 min) ----
 echo "== encoder: clipdb embed vs PyTorch (bench/bench_encode.py) =="
 "$PY" bench/bench_encode.py

@@ -41,9 +41,16 @@ extern const cli_cmd cli_commands[];
 extern const int cli_n_commands;
 
 /* Subcommands, one file each (src/cli/cmd_NAME.c). */
-extern const char cli_embed_help[]; /* cmd_embed.c */
+/* cmd_embed.c: `clipdb embed` */
+extern const char cli_embed_help[];
 int cli_cmd_embed(int argc, char **argv);
-extern const char cli_help_tokenize[];
-int cmd_tokenize(int argc, char **argv);
+
+/* cmd_model.c: `clipdb model info|fetch` */
+extern const char cli_model_help[];
+int cli_cmd_model(int argc, char **argv);
+
+/* cmd_tokenize.c: `clipdb tokenize` */
+extern const char cli_tokenize_help[];
+int cli_cmd_tokenize(int argc, char **argv);
 
 #endif

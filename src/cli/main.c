@@ -22,7 +22,9 @@ const cli_cmd cli_commands[] = {
      "usage: clipdb version\n\nPrints the version of clipdb.\n",
      cmd_version},
     {"embed", "print CLIP embeddings of texts and images", cli_embed_help, cli_cmd_embed},
-    {"tokenize", "print the CLIP token ids of texts", cli_help_tokenize, cmd_tokenize},
+    {"model", "show a model's shape and identity, or download one (info, fetch)",
+     cli_model_help, cli_cmd_model},
+    {"tokenize", "print the CLIP token ids of texts", cli_tokenize_help, cli_cmd_tokenize},
 };
 const int cli_n_commands = (int)(sizeof cli_commands / sizeof cli_commands[0]);
 

@@ -96,8 +96,10 @@ static int rgb_alloc(cdb_rgb *out, int w, int h, cdb_err *e)
     if (rc != CLIPDB_OK) return rc;
     if (grow((void **)&out->px, &out->cap, n) != CLIPDB_OK)
         return cdb_err_set(e, CLIPDB_ENOMEM, "out of memory for a %dx%d image", w, h);
-    out->w = w;
-    out->h = h;
+    out->w = out->full_w = w;
+    out->h = out->full_h = h;
+    out->dct_num = 8;
+    out->partial_left = out->partial_top = 0;
     return CLIPDB_OK;
 }
 
@@ -181,6 +183,15 @@ static int apply_orientation(cdb_rgb *img, int o, cdb_err *e)
     img->cap = (size_t)w * (size_t)h * 3;
     img->w = (int)ow;
     img->h = (int)oh;
+    if (o >= 5) {
+        int t = img->full_w;
+        img->full_w = img->full_h;
+        img->full_h = t;
+    }
+    /* the source's partial last column/row now lies first along an output
+    ** axis that walks the source backwards */
+    img->partial_left = sx < 0;
+    img->partial_top = sy < 0;
     return CLIPDB_OK;
 }
 
@@ -295,6 +306,9 @@ static int jpeg_run(struct jpeg_job *j, const uint8_t *data, size_t len, int tar
     jpeg_start_decompress(&j->ci);
     rc = rgb_alloc(out, (int)j->ci.output_width, (int)j->ci.output_height, e);
     if (rc != CLIPDB_OK) return rc;
+    out->full_w = (int)j->ci.image_width;
+    out->full_h = (int)j->ci.image_height;
+    out->dct_num = (int)j->ci.scale_num;
     if (cmyk) {
         j->row = malloc((size_t)out->w * 4);
         if (!j->row) return cdb_err_set(e, CLIPDB_ENOMEM, "out of memory");
@@ -709,10 +723,13 @@ void cdb_img_scratch_free(struct cdb_img_scratch *s)
 }
 
 /* Pillow's precompute_coeffs + normalize_coeffs_8bpc, for the window of
-** outputs [first, first + n). */
-static int axis_build(rs_axis *a, int in_size, int out_size, int first, int n)
+** outputs [first, first + n) of a resize of the source span [0, extent) to
+** out_size; source pixels past in_size are not read. extent is in_size
+** except for a DCT-scaled JPEG (see cdb_rgb), like Pillow's `box`. */
+static int axis_build(rs_axis *a, int in_size, double origin, double extent, int out_size,
+                      int first, int n)
 {
-    double scale = (double)in_size / out_size;
+    double scale = extent / out_size;
     double fscale = scale < 1.0 ? 1.0 : scale;
     double support = 2.0 * fscale;  /* bicubic support 2, widened when shrinking */
     double ss = 1.0 / fscale;
@@ -727,7 +744,7 @@ static int axis_build(rs_axis *a, int in_size, int out_size, int first, int n)
     a->n = n;
     a->ksize = ksize;
     for (i = 0; i < n; i++) {
-        double center = (first + i + 0.5) * scale, sum = 0.0;
+        double center = origin + (first + i + 0.5) * scale, sum = 0.0;
         int lo = (int)(center - support + 0.5), hi = (int)(center + support + 0.5);
         int32_t *k = a->k + (size_t)i * ksize;
         if (lo < 0) lo = 0;
@@ -754,12 +771,34 @@ static inline uint8_t clip8(int32_t v)
     return (uint8_t)(v < 0 ? 0 : v > 255 ? 255 : v);
 }
 
+/* The full-size geometry of img: size (fw, fh), covering the decoded
+** pixels [ox, ox + ew) x [oy, oy + eh) (Pillow's resize box). */
+typedef struct rs_geom {
+    int fw, fh;
+    double ox, oy, ew, eh;
+} rs_geom;
+
+static rs_geom geometry(const cdb_rgb *img)
+{
+    rs_geom g = {img->w, img->h, 0.0, 0.0, img->w, img->h};
+    if (img->full_w > 0 && img->full_h > 0 && img->dct_num > 0 && img->dct_num < 8) {
+        g.fw = img->full_w;
+        g.fh = img->full_h;
+        g.ew = (double)img->full_w * img->dct_num / 8.0;
+        g.eh = (double)img->full_h * img->dct_num / 8.0;
+        g.ox = img->partial_left ? img->w - g.ew : 0.0;
+        g.oy = img->partial_top ? img->h - g.eh : 0.0;
+    }
+    return g;
+}
+
 /* Resizes img to (rw, rh) as Pillow does and writes the window
 ** (x0, y0, cw, ch) of the result to out (ch, cw, 3). */
 static int resample(struct cdb_img_scratch *s, const cdb_rgb *img, int rw, int rh, int x0,
                     int y0, int cw, int ch, uint8_t *out)
 {
-    const int need_h = rw != img->w, need_v = rh != img->h;
+    const rs_geom g = geometry(img);
+    const int need_h = rw != img->w || g.ew != img->w, need_v = rh != img->h || g.eh != img->h;
     const size_t in_stride = (size_t)img->w * 3, row = (size_t)cw * 3;
     const uint8_t *src;   /* rows the vertical pass reads, from row `base` */
     size_t src_stride;
@@ -767,7 +806,7 @@ static int resample(struct cdb_img_scratch *s, const cdb_rgb *img, int rw, int r
     size_t x;
 
     if (need_v) {
-        if (axis_build(&s->ay, img->h, rh, y0, ch)) return CLIPDB_ENOMEM;
+        if (axis_build(&s->ay, img->h, g.oy, g.eh, rh, y0, ch)) return CLIPDB_ENOMEM;
         base = s->ay.lo[0];
         rows = s->ay.lo[ch - 1] + s->ay.cnt[ch - 1] - base;
     } else {
@@ -777,7 +816,7 @@ static int resample(struct cdb_img_scratch *s, const cdb_rgb *img, int rw, int r
     if (need_h) {
         /* horizontal pass: img rows [base, base+rows) (w) -> tmp (rows, cw) */
         size_t nt;
-        if (axis_build(&s->ax, img->w, rw, x0, cw)) return CLIPDB_ENOMEM;
+        if (axis_build(&s->ax, img->w, g.ox, g.ew, rw, x0, cw)) return CLIPDB_ENOMEM;
         if (!cdb_mul_ok((size_t)rows, row, &nt) || grow((void **)&s->tmp, &s->cap_tmp, nt))
             return CLIPDB_ENOMEM;
         for (j = 0; j < rows; j++) {
@@ -870,6 +909,7 @@ int cdb_image_preprocess_with(struct cdb_img_scratch **scratch, const cdb_rgb *i
     struct cdb_img_scratch *s;
     float lut[3][256];
     int rw, rh, c, v, rc;
+    rs_geom g;
     size_t i, plane;
     if (!img || !img->px || img->w < 1 || img->h < 1 || size < 1 ||
         size > CLIPDB_MAX_IMAGE_SIDE)
@@ -877,7 +917,8 @@ int cdb_image_preprocess_with(struct cdb_img_scratch **scratch, const cdb_rgb *i
     rc = scratch_get(scratch);
     if (rc != CLIPDB_OK) return rc;
     s = *scratch;
-    cdb_image_resized_size(img->w, img->h, size, &rw, &rh);
+    g = geometry(img);
+    cdb_image_resized_size(g.fw, g.fh, size, &rw, &rh);
     plane = (size_t)size * (size_t)size;
     if (grow((void **)&s->crop, &s->cap_crop, plane * 3)) return CLIPDB_ENOMEM;
     rc = resample(s, img, rw, rh, half_round_even(rw - size), half_round_even(rh - size), size,

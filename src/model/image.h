@@ -23,7 +23,9 @@
 ** stays at least CDB_IMAGE_DCT_MARGIN times the target side; see
 ** choose_dct_scale in image.c and tests/ref/test_image_pil.py for the parity
 ** this keeps. */
+#ifndef CDB_IMAGE_DCT_MARGIN
 #define CDB_IMAGE_DCT_MARGIN 3
+#endif
 
 /* An 8-bit RGB image, rows top to bottom, 3 bytes per pixel, no padding.
 ** px (cap bytes) is owned by the struct: free with cdb_rgb_free. A decoder
@@ -33,6 +35,14 @@ typedef struct cdb_rgb {
     int w, h;
     uint8_t *px;  /* (h, w, 3) */
     size_t cap;   /* bytes allocated at px */
+    /* Set by a JPEG decoded at a reduced DCT scale: the full-size image is
+    ** full_w x full_h and was decoded at dct_num/8 of it, so the decoded
+    ** pixels cover full_w * dct_num / 8 columns (the last one partly). The
+    ** preprocessing keeps the full-size geometry. 0 (or dct_num 8): w, h.
+    ** The partial column/row is the last one unless an EXIF transpose moved
+    ** it to the first (partial_left, partial_top). */
+    int full_w, full_h, dct_num;
+    int partial_left, partial_top;
 } cdb_rgb;
 
 void cdb_rgb_free(cdb_rgb *img);

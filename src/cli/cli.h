@@ -42,4 +42,11 @@ extern const int cli_n_commands;
 
 /* Subcommands, one file each (src/cli/cmd_NAME.c). */
 
+/* the database (store module): init, add, rm, search, index, stats */
+int cmd_init(int argc, char **argv);
+int cmd_add(int argc, char **argv);
+int cmd_rm(int argc, char **argv);
+int cmd_stats(int argc, char **argv);
+extern const char cmd_init_help[], cmd_add_help[], cmd_rm_help[], cmd_stats_help[];
+
 #endif

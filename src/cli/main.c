@@ -21,6 +21,11 @@ const cli_cmd cli_commands[] = {
     {"version", "print the version",
      "usage: clipdb version\n\nPrints the version of clipdb.\n",
      cmd_version},
+    /* the database (store module) */
+    {"init", "create a database bound to a model", cmd_init_help, cmd_init},
+    {"add", "add images (with captions) or texts to a database", cmd_add_help, cmd_add},
+    {"rm", "delete items from a database", cmd_rm_help, cmd_rm},
+    {"stats", "what a database holds", cmd_stats_help, cmd_stats},
 };
 const int cli_n_commands = (int)(sizeof cli_commands / sizeof cli_commands[0]);
 

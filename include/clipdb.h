@@ -96,8 +96,14 @@ CLIPDB_API void clipdb_model_close(clipdb_model *m);
 CLIPDB_API const char *clipdb_model_errmsg(const clipdb_model *m);
 CLIPDB_API int clipdb_model_get_info(const clipdb_model *m, clipdb_model_info *out);
 
-/* A stable identity for the model: "clip-<arch>-<hex digest of the weights
-** file>" e.g. "clip-vit-b32-1a2b...". The string belongs to the model. */
+/* A stable identity for the model: "clip-<arch>-<first 16 hex digits of the
+** SHA-256 of the weights file>", e.g. "clip-vit-b32-1a2b3c4d5e6f7a8b"; arch is
+** vit-b32, vit-b16, vit-l14, vit-l14-336 or "w<width>-p<patch>". The digest
+** is computed on the first call (about 0.4 s for 600 MB) and cached in
+** memory and, when the directory is writable, in "<weights file>.sha256"
+** ("<size> <mtime_ns> <hex>", trusted only while size and mtime match).
+** Thread-safe. The string belongs to the model. NULL when the model has no
+** weights (clipdb_model_open_tokenizer) or hashing fails. */
 CLIPDB_API const char *clipdb_model_identity(const clipdb_model *m);
 
 /* ---- per-thread encoding context ----------------------------------------- */

@@ -73,9 +73,11 @@ int clipdb_model_open(clipdb_model **out, const char *dir)
     }
     rc = cdb_st_open(path, &m->st, &m->err);
     if (rc != CLIPDB_OK) goto cleanup;
+    m->weights_path = path; /* owned by m from here */
+    path = NULL;
     rc = cdb_weights_bind(m);
     if (rc != CLIPDB_OK) {
-        cdb_err_prefix(&m->err, "%s", path);
+        cdb_err_prefix(&m->err, "%s", m->weights_path);
         goto cleanup;
     }
     rc = open_tokenizer(m);
@@ -92,6 +94,7 @@ void clipdb_model_close(clipdb_model *m)
     cdb_tok_free(m->tok);
     pthread_mutex_destroy((pthread_mutex_t *)m->identity_lock);
     free(m->identity_lock);
+    free(m->weights_path);
     free(m->dir);
     free(m);
 }

@@ -78,11 +78,18 @@ struct clipdb_model {
     char identity[96];                 /* filled lazily, guarded by identity_once */
     int identity_ready;
     void *identity_lock;               /* pthread_mutex_t*, owned */
+    char *weights_path;                /* the mapped file, owned */
+    uint64_t weights_size;             /* its size and mtime when bound (identity cache key) */
+    int64_t weights_mtime_ns;
 };
 
 /* Maps tensors of m->st into m->vision / m->text, inferring the architecture
-** from the shapes and converting non-F32 tensors. Names the first missing or
-** mis-shaped tensor in m->err. Implemented in weights.c. */
+** from the shapes and converting non-F32 tensors (into m->owned). Names the
+** first missing or mis-shaped tensor in m->err; on failure everything it
+** bound is released again. Sets key_style, dtype, embed_dim, logit_scale, and
+** (when m->weights_path is set) weights_size / weights_mtime_ns.
+** cdb_weights_release frees what bind allocated (m->st stays open); it is
+** idempotent. Implemented in weights.c, with clipdb_model_identity. */
 int cdb_weights_bind(clipdb_model *m);
 void cdb_weights_release(clipdb_model *m);
 

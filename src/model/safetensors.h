@@ -26,14 +26,19 @@ typedef struct cdb_tensor {
 
 typedef struct cdb_safetensors {
     cdb_map map;                     /* zero when parsed from a caller's buffer */
+    const uint8_t *buf;              /* the whole file: the mapping or the caller's buffer */
+    size_t len;
     cdb_tensor *tensors;
     size_t n;
 } cdb_safetensors;
 
-/* Maps and parses a file. Caller closes with cdb_st_close. */
+/* Maps and parses a file. *out (NULL on failure) is owned by the caller,
+** who closes it with cdb_st_close. Errors name the file and the tensor. */
 int cdb_st_open(const char *path, cdb_safetensors **out, cdb_err *e);
-/* Parses a buffer the caller keeps alive (used by the fuzzer). */
+/* Parses a buffer the caller keeps alive while *out lives (the fuzz entry
+** point). *out is owned by the caller (cdb_st_close); tensors point into buf. */
 int cdb_st_parse(const uint8_t *buf, size_t len, cdb_safetensors **out, cdb_err *e);
+/* The tensor named `name`, or NULL (binary search; names are unique). */
 const cdb_tensor *cdb_st_find(const cdb_safetensors *st, const char *name);
 void cdb_st_close(cdb_safetensors *st);
 

@@ -1,0 +1,465 @@
+/*
+** Unit tests of src/model/weights.c: binding tiny generated models
+** (tools/gen_model.py) in both key conventions and all three dtypes, the
+** error messages, the exact F16/BF16 conversions, and the model identity.
+*/
+#include <fcntl.h>
+#include <pthread.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "model/model.h"
+#include "test.h"
+
+float cdb_f16_to_f32(uint16_t h);
+float cdb_bf16_to_f32(uint16_t h);
+
+/* Generates (once per run) a tiny model in test_tmpdir()/name; NULL if python is absent. */
+static const char *gen(const char *name, const char *args)
+{
+    static char dir[512];
+    char cmd[1024], marker[600];
+    snprintf(dir, sizeof dir, "%s/%s", test_tmpdir(), name);
+    snprintf(marker, sizeof marker, "%s/model.safetensors", dir);
+    if (access(marker, R_OK) == 0) return dir;
+    if (access("/usr/bin/python3", X_OK) != 0) return NULL;
+    snprintf(cmd, sizeof cmd,
+             "/usr/bin/python3 tools/gen_model.py '%s' --size tiny --tokenizer none %s", dir,
+             args);
+    if (system(cmd) != 0) {
+        test_fail_at(__FILE__, __LINE__, cmd);
+        return NULL;
+    }
+    return dir;
+}
+
+/* Maps and binds dir/model.safetensors into a fresh model the way clipdb_model_open does. */
+static int load(const char *dir, clipdb_model **out)
+{
+    clipdb_model *m = calloc(1, sizeof *m);
+    int rc;
+    if (!m) abort();
+    m->identity_lock = malloc(sizeof(pthread_mutex_t));
+    pthread_mutex_init((pthread_mutex_t *)m->identity_lock, NULL);
+    m->dir = cdb_strdup(dir);
+    m->weights_path = cdb_path_join(dir, "model.safetensors");
+    *out = m;
+    rc = cdb_st_open(m->weights_path, &m->st, &m->err);
+    if (rc == CLIPDB_OK) rc = cdb_weights_bind(m);
+    return rc;
+}
+
+static void unload(clipdb_model *m)
+{
+    if (!m) return;
+    cdb_weights_release(m);
+    cdb_st_close(m->st);
+    pthread_mutex_destroy((pthread_mutex_t *)m->identity_lock);
+    free(m->identity_lock);
+    free(m->weights_path);
+    free(m->dir);
+    free(m);
+}
+
+#define GEN_OR_SKIP(var, name, args)                                  \
+    const char *var = gen(name, args);                                \
+    if (!var) SKIP("/usr/bin/python3 with numpy needed to generate models")
+
+TEST(weights_tiny_openai_f32_binds_in_place)
+{
+    clipdb_model *m = NULL;
+    GEN_OR_SKIP(dir, "o32", "--keys openai --dtype F32 --seed 7");
+    REQUIRE(load(dir, &m) == CLIPDB_OK);
+    CHECK(!strcmp(m->key_style, "openai"));
+    CHECK(!strcmp(m->dtype, "F32"));
+    CHECK(m->embed_dim == 32);
+    CHECK(m->vision.t.width == 64 && m->vision.t.layers == 2 && m->vision.t.heads == 1);
+    CHECK(m->vision.t.mlp == 256);
+    CHECK(m->vision.patch == 32 && m->vision.image_size == 224 && m->vision.grid == 7);
+    CHECK(m->vision.n_pos == 50);
+    CHECK(m->text.t.width == 64 && m->text.t.layers == 2 && m->text.t.heads == 1);
+    CHECK(m->text.t.mlp == 256);
+    CHECK(m->text.context == 77 && m->text.vocab == 49408);
+    CHECK(!m->vision.t.proj_transposed && !m->text.t.proj_transposed);
+    CHECK_NEAR(m->logit_scale, log(100.0), 1e-6);
+    /* aligned F32: every view points into the mapping, nothing copied */
+    CHECK(m->n_owned == 0);
+    CHECK((const uint8_t *)m->text.tok_emb > m->st->map.data &&
+          (const uint8_t *)m->text.tok_emb < m->st->map.data + m->st->map.size);
+    /* q, k, v are consecutive row blocks of in_proj_weight (3d, d) */
+    CHECK(m->vision.t.blocks[1].wk == m->vision.t.blocks[1].wq + 64 * 64);
+    CHECK(m->vision.t.blocks[1].bv == m->vision.t.blocks[1].bq + 128);
+    CHECK(m->vision.t.blocks[0].ln1_w[0] > 0.5f && m->vision.t.blocks[0].ln1_w[0] < 1.5f);
+    cdb_weights_release(m);
+    cdb_weights_release(m); /* idempotent */
+    CHECK(m->vision.t.blocks == NULL);
+    unload(m);
+}
+
+/* Every fp32 view of a equals b's, element by element; projections may be transposed. */
+static void check_tower_equal(const cdb_tower *a, const cdb_tower *b, int e, double tol)
+{
+    int d = a->width, f = a->mlp, i;
+    size_t j, r, c;
+    REQUIRE(a->width == b->width && a->layers == b->layers && a->mlp == b->mlp);
+#define SAME(x, y, n)                                                       \
+    do {                                                                    \
+        for (j = 0; j < (size_t)(n); j++)                                   \
+            if (!(fabs((double)(x)[j] - (double)(y)[j]) <= tol)) {          \
+                CHECK_NEAR((x)[j], (y)[j], tol);                            \
+                break;                                                      \
+            }                                                               \
+    } while (0)
+    for (i = 0; i < a->layers; i++) {
+        const cdb_block *p = &a->blocks[i], *q = &b->blocks[i];
+        SAME(p->ln1_w, q->ln1_w, d);
+        SAME(p->ln1_b, q->ln1_b, d);
+        SAME(p->wq, q->wq, d * d);
+        SAME(p->wk, q->wk, d * d);
+        SAME(p->wv, q->wv, d * d);
+        SAME(p->bq, q->bq, d);
+        SAME(p->bk, q->bk, d);
+        SAME(p->bv, q->bv, d);
+        SAME(p->wo, q->wo, d * d);
+        SAME(p->bo, q->bo, d);
+        SAME(p->ln2_w, q->ln2_w, d);
+        SAME(p->ln2_b, q->ln2_b, d);
+        SAME(p->fc1_w, q->fc1_w, f * d);
+        SAME(p->fc1_b, q->fc1_b, f);
+        SAME(p->fc2_w, q->fc2_w, d * f);
+        SAME(p->fc2_b, q->fc2_b, d);
+    }
+    SAME(a->ln_post_w, b->ln_post_w, d);
+    SAME(a->ln_post_b, b->ln_post_b, d);
+    /* proj as (d, e): element (r, c) */
+    for (r = 0; r < (size_t)d; r++)
+        for (c = 0; c < (size_t)e; c++) {
+            float x = a->proj_transposed ? a->proj[c * d + r] : a->proj[r * e + c];
+            float y = b->proj_transposed ? b->proj[c * d + r] : b->proj[r * e + c];
+            if (!(fabs((double)x - (double)y) <= tol)) {
+                CHECK_NEAR(x, y, tol);
+                return;
+            }
+        }
+}
+
+static void check_models_equal(const clipdb_model *a, const clipdb_model *b, double tol)
+{
+    const cdb_vision *va = &a->vision, *vb = &b->vision;
+    const cdb_text *ta = &a->text, *tb = &b->text;
+    size_t j;
+    int d = va->t.width, P = va->patch;
+    REQUIRE(a->embed_dim == b->embed_dim && va->patch == vb->patch && va->n_pos == vb->n_pos);
+    REQUIRE(ta->vocab == tb->vocab && ta->context == tb->context);
+    SAME(va->patch_w, vb->patch_w, d * 3 * P * P);
+    SAME(va->class_emb, vb->class_emb, d);
+    SAME(va->pos_emb, vb->pos_emb, va->n_pos * d);
+    SAME(va->ln_pre_w, vb->ln_pre_w, d);
+    SAME(va->ln_pre_b, vb->ln_pre_b, d);
+    SAME(ta->tok_emb, tb->tok_emb, (size_t)ta->vocab * (size_t)ta->t.width);
+    SAME(ta->pos_emb, tb->pos_emb, ta->context * ta->t.width);
+    CHECK_NEAR(a->logit_scale, b->logit_scale, tol);
+    check_tower_equal(&va->t, &vb->t, a->embed_dim, tol);
+    check_tower_equal(&ta->t, &tb->t, a->embed_dim, tol);
+}
+
+TEST(weights_openai_and_hf_same_seed_bind_identically)
+{
+    static const char *const dts[] = {"F32", "F16", "BF16"};
+    int i;
+    for (i = 0; i < 3; i++) {
+        char on[16], hn[16], oa[128], ha[128];
+        clipdb_model *o = NULL, *h = NULL;
+        const char *od, *hd;
+        snprintf(on, sizeof on, "o%s", dts[i]);
+        snprintf(hn, sizeof hn, "h%s", dts[i]);
+        snprintf(oa, sizeof oa, "--keys openai --dtype %s --seed 7", dts[i]);
+        snprintf(ha, sizeof ha, "--keys hf --dtype %s --seed 7", dts[i]);
+        GEN_OR_SKIP(odir, on, oa);
+        od = cdb_strdup(odir);
+        GEN_OR_SKIP(hdir, hn, ha);
+        hd = hdir;
+        CHECK(load(od, &o) == CLIPDB_OK);
+        CHECK(load(hd, &h) == CLIPDB_OK);
+        if (o->st && h->st && o->dtype && h->dtype) {
+            CHECK(!strcmp(h->key_style, "hf"));
+            CHECK(h->vision.t.proj_transposed && h->text.t.proj_transposed);
+            CHECK(!strcmp(o->dtype, dts[i]) && !strcmp(h->dtype, dts[i]));
+            CHECK(i == 0 ? h->n_owned == 0 : h->n_owned > 0);
+            check_models_equal(o, h, 0.0);
+        } else {
+            fprintf(stderr, "    %s / %s\n", o->err.msg, h->err.msg);
+        }
+        unload(o);
+        unload(h);
+        free((void *)od);
+    }
+}
+
+TEST(weights_f16_bf16_are_the_f32_model_rounded)
+{
+    clipdb_model *a = NULL, *h = NULL, *bf = NULL;
+    GEN_OR_SKIP(d32, "o32", "--keys openai --dtype F32 --seed 7");
+    REQUIRE(load(d32, &a) == CLIPDB_OK);
+    {
+        GEN_OR_SKIP(d16, "oF16", "--keys openai --dtype F16 --seed 7");
+        CHECK(load(d16, &h) == CLIPDB_OK);
+    }
+    {
+        GEN_OR_SKIP(db16, "oBF16", "--keys openai --dtype BF16 --seed 7");
+        CHECK(load(db16, &bf) == CLIPDB_OK);
+    }
+    /* weights are below ~4 in magnitude: F16 keeps 11 bits, BF16 8 */
+    if (h->dtype) check_models_equal(a, h, 4.0 / 2048);
+    if (bf->dtype) check_models_equal(a, bf, 4.0 / 256);
+    /* and not bit-identical, or the conversion was not exercised */
+    if (h->dtype) CHECK(memcmp(a->vision.t.blocks[0].wq, h->vision.t.blocks[0].wq, 64 * 4) != 0);
+    unload(a);
+    unload(h);
+    unload(bf);
+}
+
+/* Independent definition of binary16: (-1)^s * 2^(e-15) * (1 + m/1024), subnormals 2^-14 * m/1024. */
+TEST(weights_f16_conversion_exact_for_all_65536)
+{
+    unsigned h;
+    int bad = 0;
+    for (h = 0; h < 65536; h++) {
+        unsigned s = h >> 15, e = (h >> 10) & 31, mant = h & 1023;
+        float got = cdb_f16_to_f32((uint16_t)h);
+        double want;
+        if (e == 31) {
+            if (mant == 0) {
+                if (!(isinf(got) && (signbit(got) != 0) == (s != 0))) bad++;
+            } else if (!isnan(got)) {
+                bad++;
+            }
+            continue;
+        }
+        want = e == 0 ? ldexp((double)mant, -24) : ldexp(1.0 + mant / 1024.0, (int)e - 15);
+        if (s) want = -want;
+        if ((double)got != want || (signbit(got) != 0) != (s != 0)) bad++;
+    }
+    CHECK(bad == 0);
+}
+
+TEST(weights_bf16_conversion)
+{
+    CHECK(cdb_bf16_to_f32(0x3f80) == 1.0f);
+    CHECK(cdb_bf16_to_f32(0xc000) == -2.0f);
+    CHECK(cdb_bf16_to_f32(0x0000) == 0.0f && !signbit(cdb_bf16_to_f32(0x0000)));
+    CHECK(signbit(cdb_bf16_to_f32(0x8000)));
+    CHECK(isinf(cdb_bf16_to_f32(0x7f80)) && cdb_bf16_to_f32(0x7f80) > 0);
+    CHECK(isnan(cdb_bf16_to_f32(0x7fc0)));
+    CHECK(cdb_bf16_to_f32(0x0001) == ldexpf(1.0f, -133)); /* smallest subnormal */
+    CHECK(cdb_bf16_to_f32(0x3fc0) == 1.5f);
+}
+
+/* Loading must fail with a message containing want. */
+static void check_fails(const char *dir, const char *want)
+{
+    clipdb_model *m = NULL;
+    CHECK(load(dir, &m) == CLIPDB_EFORMAT);
+    if (!strstr(m->err.msg, want)) {
+        fprintf(stderr, "    message was: %s\n    wanted: %s\n", m->err.msg, want);
+        test_fail_at(__FILE__, __LINE__, "error message");
+    }
+    CHECK(m->vision.t.blocks == NULL && m->n_owned == 0); /* released on failure */
+    unload(m);
+}
+
+TEST(weights_missing_tensor_is_named)
+{
+    {
+        GEN_OR_SKIP(d, "drop_o", "--keys openai --seed 1 --drop transformer.resblocks.1.mlp.c_fc.bias");
+        check_fails(d, "missing tensor 'transformer.resblocks.1.mlp.c_fc.bias'");
+    }
+    {
+        GEN_OR_SKIP(d, "drop_h", "--keys hf --dtype F16 --seed 1 "
+                                 "--drop vision_model.encoder.layers.0.self_attn.k_proj.weight");
+        check_fails(d, "missing tensor 'vision_model.encoder.layers.0.self_attn.k_proj.weight'");
+    }
+    {
+        GEN_OR_SKIP(d, "drop_ls", "--keys openai --seed 1 --drop logit_scale");
+        check_fails(d, "missing tensor 'logit_scale'");
+    }
+    {
+        GEN_OR_SKIP(d, "drop_pre", "--keys hf --seed 1 --drop vision_model.pre_layrnorm.bias");
+        check_fails(d, "missing tensor 'vision_model.pre_layrnorm.bias'");
+    }
+}
+
+TEST(weights_misshaped_tensor_is_named)
+{
+    {
+        GEN_OR_SKIP(d, "bad_tp", "--keys openai --seed 1 --bad-shape text_projection");
+        check_fails(d, "tensor 'text_projection' has shape [64, 31], expected [64, 32]");
+    }
+    {
+        GEN_OR_SKIP(d, "bad_inproj",
+                    "--keys openai --seed 1 --bad-shape transformer.resblocks.1.attn.in_proj_weight");
+        check_fails(d, "tensor 'transformer.resblocks.1.attn.in_proj_weight' has shape [192, 63], "
+                       "expected [192, 64]");
+    }
+    {
+        GEN_OR_SKIP(d, "bad_hfproj", "--keys hf --seed 1 --bad-shape text_projection.weight");
+        check_fails(d, "tensor 'text_projection.weight' has shape [32, 63], expected [32, 64]");
+    }
+    {
+        GEN_OR_SKIP(d, "bad_lnpost", "--keys openai --seed 1 --bad-shape visual.ln_post.weight");
+        check_fails(d, "tensor 'visual.ln_post.weight' has shape [63], expected [64]");
+    }
+}
+
+/* Rewrites `from` to `to` (same length) inside dir/model.safetensors. */
+static int patch_file(const char *dir, const char *from, const char *to)
+{
+    char path[600];
+    char *buf = NULL;
+    size_t len, n = strlen(from);
+    cdb_err e;
+    FILE *f;
+    char *at;
+    int ok = 0;
+    snprintf(path, sizeof path, "%s/model.safetensors", dir);
+    if (cdb_read_file(path, (size_t)1 << 26, &buf, &len, &e) != CLIPDB_OK) return 0;
+    at = memmem(buf, len, from, n);
+    if (at && strlen(to) == n && (f = fopen(path, "wb"))) {
+        memcpy(at, to, n);
+        ok = fwrite(buf, 1, len, f) == len;
+        ok = (fclose(f) == 0) && ok;
+    }
+    free(buf);
+    return ok;
+}
+
+TEST(weights_wrong_dtype_for_needed_tensor)
+{
+    GEN_OR_SKIP(d, "dt_i32", "--keys openai --seed 2");
+    /* I32 has the same item size, so the file stays consistent */
+    REQUIRE(patch_file(d, "\"logit_scale\":{\"dtype\":\"F32\"", "\"logit_scale\":{\"dtype\":\"I32\""));
+    check_fails(d, "tensor 'logit_scale' has dtype I32; weights must be F32, F16 or BF16");
+}
+
+TEST(weights_width_must_be_multiple_of_64)
+{
+    GEN_OR_SKIP(d, "w63", "--keys openai --seed 2");
+    /* conv1 (64,3,32,32) -> (63,3,32,32) leaves its byte count wrong: the reader catches it */
+    REQUIRE(patch_file(d, "\"shape\":[64,3,32,32]", "\"shape\":[32,6,32,32]"));
+    check_fails(d, "vision width 32 is not a multiple of 64");
+}
+
+TEST(weights_not_clip_or_mixed_names)
+{
+    static const char *const hdrs[] = {
+        "{\"foo.weight\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}}",
+        "{\"visual.conv1.weight\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]},"
+        "\"text_model.x\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[4,8]}}",
+        "{\"visual.conv1.weight\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}}",
+    };
+    static const char *const want[] = {"not a CLIP checkpoint", "mixes OpenAI",
+                                       "missing tensor 'visual.proj'"};
+    int i;
+    for (i = 0; i < 3; i++) {
+        size_t hl = strlen(hdrs[i]), len = 8 + hl + 8, k;
+        uint8_t *b = calloc(1, len);
+        clipdb_model m;
+        REQUIRE(b);
+        for (k = 0; k < 8; k++) b[k] = (uint8_t)((uint64_t)hl >> (8 * k));
+        memcpy(b + 8, hdrs[i], hl);
+        memset(&m, 0, sizeof m);
+        if (cdb_st_parse(b, len, &m.st, &m.err) == CLIPDB_OK) {
+            CHECK(cdb_weights_bind(&m) == CLIPDB_EFORMAT);
+            if (!strstr(m.err.msg, want[i])) {
+                fprintf(stderr, "    message was: %s\n", m.err.msg);
+                test_fail_at(__FILE__, __LINE__, want[i]);
+            }
+        } else {
+            test_fail_at(__FILE__, __LINE__, m.err.msg);
+        }
+        cdb_weights_release(&m);
+        cdb_st_close(m.st);
+        free(b);
+    }
+}
+
+TEST(weights_identity_digest_and_disk_cache)
+{
+    clipdb_model *m = NULL;
+    char cmd[700], line[256], want[17], cache[600];
+    const char *id;
+    FILE *p;
+    GEN_OR_SKIP(d, "ident", "--keys hf --seed 3");
+    snprintf(cmd, sizeof cmd, "sha256sum '%s/model.safetensors'", d);
+    p = popen(cmd, "r");
+    REQUIRE(p);
+    REQUIRE(fgets(line, sizeof line, p) != NULL);
+    pclose(p);
+    memcpy(want, line, 16);
+    want[16] = '\0';
+    snprintf(cache, sizeof cache, "%s/model.safetensors.sha256", d);
+    unlink(cache);
+
+    REQUIRE(load(d, &m) == CLIPDB_OK);
+    id = clipdb_model_identity(m);
+    REQUIRE(id);
+    snprintf(line, sizeof line, "clip-w64-p32-%s", want);
+    CHECK(!strcmp(id, line));
+    CHECK(clipdb_model_identity(m) == id); /* cached in memory */
+    unload(m);
+    CHECK(access(cache, R_OK) == 0);
+
+    /* a cache with matching size and mtime is trusted (so a planted digest shows) */
+    {
+        char *text = NULL;
+        size_t len;
+        cdb_err e;
+        unsigned long long size, mt;
+        FILE *f;
+        REQUIRE(cdb_read_file(cache, 256, &text, &len, &e) == CLIPDB_OK);
+        REQUIRE(sscanf(text, "%llu %llu", &size, &mt) == 2);
+        free(text);
+        f = fopen(cache, "w");
+        REQUIRE(f);
+        fprintf(f, "%llu %llu %064d\n", size, mt, 0);
+        fclose(f);
+    }
+    REQUIRE(load(d, &m) == CLIPDB_OK);
+    CHECK(!strcmp(clipdb_model_identity(m), "clip-w64-p32-0000000000000000"));
+    unload(m);
+
+    /* once the file's mtime changes, the cache is stale and the digest is computed again */
+    {
+        char path[600];
+        struct timespec ts[2] = {{1000000, 5}, {1000000, 5}};
+        snprintf(path, sizeof path, "%s/model.safetensors", d);
+        REQUIRE(utimensat(AT_FDCWD, path, ts, 0) == 0);
+    }
+    REQUIRE(load(d, &m) == CLIPDB_OK);
+    CHECK(!strcmp(clipdb_model_identity(m), line));
+    unload(m);
+
+    /* a model with no weights has no identity */
+    {
+        clipdb_model z;
+        memset(&z, 0, sizeof z);
+        CHECK(clipdb_model_identity(&z) == NULL);
+    }
+}
+
+TEST(weights_minimal_fuzz_seed_binds)
+{
+    /* the fuzz seed that reaches the binder must itself bind (no python needed) */
+    clipdb_model m;
+    memset(&m, 0, sizeof m);
+    REQUIRE(cdb_st_open("tests/fuzz/seeds/safetensors/mini_clip_openai_bf16.safetensors", &m.st,
+                        &m.err) == CLIPDB_OK);
+    CHECK(cdb_weights_bind(&m) == CLIPDB_OK);
+    CHECK(m.dtype && !strcmp(m.dtype, "BF16") && !strcmp(m.key_style, "openai"));
+    CHECK(m.vision.t.width == 64 && m.vision.t.layers == 1 && m.vision.t.mlp == 1);
+    CHECK(m.vision.patch == 1 && m.vision.grid == 1 && m.vision.image_size == 1);
+    CHECK(m.text.vocab == 1 && m.text.context == 1 && m.embed_dim == 1);
+    CHECK(m.n_owned > 0);
+    cdb_weights_release(&m);
+    cdb_st_close(m.st);
+}

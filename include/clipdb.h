@@ -122,6 +122,15 @@ CLIPDB_API const char *clipdb_ctx_errmsg(const clipdb_ctx *c);
 ** 49406 and ends with 49407 (truncated to `cap`, keeping the end token). */
 CLIPDB_API int clipdb_tokenize(clipdb_ctx *c, const char *text,
                                int32_t *ids, int cap, int *n_ids);
+/* Tokenizer policy, as OpenAI's clip.tokenize: text is cleaned (HTML
+** entities, whitespace, lower case; ftfy is not applied) and must be valid
+** UTF-8 of at most CLIPDB_MAX_TEXT_BYTES; a text with no tokens fails with
+** CLIPDB_EINVAL "empty text"; a text of more than `cap` tokens (the context:
+** CLIPDB_TEXT_CONTEXT for CLIP) fails with CLIPDB_ELIMIT unless truncation
+** is on (off by default), then it is cut keeping the end token last. The
+** setting holds for clipdb_tokenize and clipdb_encode_texts on this ctx. */
+#define CLIPDB_TEXT_CONTEXT 77
+CLIPDB_API int clipdb_ctx_set_truncate(clipdb_ctx *c, int on);
 
 /* Number of floats of one preprocessed image: 3 * image_size * image_size. */
 CLIPDB_API size_t clipdb_image_floats(const clipdb_model *m);

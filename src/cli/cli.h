@@ -41,6 +41,8 @@ extern const cli_cmd cli_commands[];
 extern const int cli_n_commands;
 
 /* Subcommands, one file each (src/cli/cmd_NAME.c). */
+extern const char cli_help_tokenize[];
+int cmd_tokenize(int argc, char **argv);
 
 /* the database (store module): init, add, rm, search, index, stats */
 int cmd_init(int argc, char **argv);

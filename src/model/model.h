@@ -105,6 +105,7 @@ struct clipdb_ctx {
     struct cdb_run *run;
     cdb_tok_cache *tok_cache;
     struct cdb_img_scratch *img;
+    int truncate;                      /* clipdb_ctx_set_truncate (tokenizer.c) */
 };
 void cdb_run_free(struct cdb_run *r);            /* transformer.c */
 void cdb_img_scratch_free(struct cdb_img_scratch *s); /* image.c */

@@ -14,17 +14,46 @@
 typedef struct cdb_tokenizer cdb_tokenizer;
 typedef struct cdb_tok_cache cdb_tok_cache;
 
-/* Loads bpe_simple_vocab_16e6.txt.gz, or vocab.json + merges.txt, from dir. */
+/* Loads bpe_simple_vocab_16e6.txt.gz, or vocab.json + merges.txt, from dir.
+** *out (free with cdb_tok_free) is NULL on failure; the message, naming the
+** file (and line), is in e. */
 int cdb_tok_load_dir(const char *dir, cdb_tokenizer **out, cdb_err *e);
+/* The same from one OpenAI merges file (gzip) / from the two HF files. */
+int cdb_tok_load_file(const char *gz_path, cdb_tokenizer **out, cdb_err *e);
+int cdb_tok_load_hf(const char *vocab_json, const char *merges_txt, cdb_tokenizer **out,
+                    cdb_err *e);
 void cdb_tok_free(cdb_tokenizer *t);
 
+/* Ids of <|startoftext|> / <|endoftext|> (49406 / 49407 for CLIP's files)
+** and the vocabulary size (49408). */
+int32_t cdb_tok_sot(const cdb_tokenizer *t);
+int32_t cdb_tok_eot(const cdb_tokenizer *t);
+int32_t cdb_tok_vocab_size(const cdb_tokenizer *t);
+
+/* A per-thread cache (word -> ids, bounded: cleared when full) and scratch
+** buffers. Caller frees with cdb_tok_cache_free. NULL on OOM. */
 cdb_tok_cache *cdb_tok_cache_new(void);
 void cdb_tok_cache_free(cdb_tok_cache *c);
 
 /* Tokenizes len bytes of UTF-8 text into at most cap ids (cap >= 2), start
-** and end tokens included, truncating and keeping the end token. cache may
-** be NULL. */
+** and end tokens included, truncating and keeping the end token last (as
+** clip.tokenize(truncate=True)). cache may be NULL (slower). Errors: text
+** not valid UTF-8 or over CLIPDB_MAX_TEXT_BYTES. An empty text gives the two
+** special tokens. */
 int cdb_tok_encode(const cdb_tokenizer *t, cdb_tok_cache *cache, const char *text,
                    size_t len, int32_t *ids, int cap, int *n_ids, cdb_err *e);
+/* The same, also giving the untruncated count (special tokens included) in
+** *n_total when n_total is not NULL. */
+int cdb_tok_encode_count(const cdb_tokenizer *t, cdb_tok_cache *cache, const char *text,
+                         size_t len, int32_t *ids, int cap, int *n_ids, size_t *n_total,
+                         cdb_err *e);
+
+/* The public policy on a context (clipdb_tokenize; clipdb_encode_texts calls
+** it too): tokenizes NUL-terminated text with c->m->tok and c->tok_cache into
+** at most cap ids; "empty text" (no token between start and end) is
+** CLIPDB_EINVAL; more than cap tokens is CLIPDB_ELIMIT unless c->truncate
+** (clipdb_ctx_set_truncate), then truncated keeping the end token. Errors
+** go to c->err; *n_ids is 0 on failure. */
+int cdb_tokenize_ctx(clipdb_ctx *c, const char *text, int32_t *ids, int cap, int *n_ids);
 
 #endif

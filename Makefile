@@ -12,7 +12,7 @@ WARN     = -Wall -Wextra -Wshadow -Werror
 CPPFLAGS = -Iinclude -Isrc -D_GNU_SOURCE -I/usr/include/stb
 CFLAGS  += -std=c11 $(WARN) $(OPT) -g -pthread -fvisibility=hidden $(SAN)
 CXXFLAGS += -std=c++17 $(WARN) $(OPT) -g -pthread -fvisibility=hidden $(SAN)
-LDLIBS   = -lopenblas -lsqlite3 -ljpeg -lpng -lwebp -lwebpdemux -lgif -lz -lutf8proc \
+LDLIBS   = -lopenblas -lsqlite3 -ljpeg -lpng -lwebp -lwebpdemux -lgif -lstb -lz -lutf8proc \
            -lcjson -lmicrohttpd -lcurl -lcrypto -lfaiss -llapack -lgomp -lstdc++ -lm -lpthread
 LDFLAGS += $(SAN)
 
@@ -83,6 +83,11 @@ fuzz:
 	        $$( [ -d $$seeds ] && echo $$seeds ) 2>&1 | tail -n 12; \
 	done
 
+# Test-time tools (tools/NAME.c -> $(BUILD)/tools/NAME), linked against the library.
+$(BUILD)/tools/preprocess_dump: $(BUILD)/tools/preprocess_dump.o $(BUILD)/libclipdb.a
+	$(CC) $(LDFLAGS) -pthread -o $@ $< $(BUILD)/libclipdb.a $(LDLIBS)
+cli-test: $(BUILD)/tools/preprocess_dump
+
 bench: $(BUILD)/clipdb
 	CLIPDB_BIN=$(abspath $(BUILD)/clipdb) PY=$(PY) bash bench/run.sh
 
@@ -93,4 +98,4 @@ demo: $(BUILD)/clipdb
 clean:
 	rm -rf build build-asan build-fuzz
 
--include $(LIB_O:.o=.d) $(CLI_O:.o=.d) $(TEST_O:.o=.d)
+-include $(LIB_O:.o=.d) $(CLI_O:.o=.d) $(TEST_O:.o=.d) $(BUILD)/tools/preprocess_dump.d

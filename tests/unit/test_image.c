@@ -1,0 +1,423 @@
+/* Unit tests of src/model/image.c: bad input gives clear errors; the resize
+** matches a plain scalar implementation of Pillow's formula at sizes on both
+** sides of every threshold; the public load path on a context. */
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <jpeglib.h>
+#include <png.h>
+#include <zlib.h>
+
+#include "model/image.h"
+#include "model/model.h"
+#include "test.h"
+
+/* ---- fixtures ---------------------------------------------------------- */
+
+static uint32_t lcg(uint32_t *s)
+{
+    *s = *s * 1664525u + 1013904223u;
+    return *s >> 24;
+}
+
+/* A w x h image of smooth gradients plus noise (edges and flat areas). */
+static void fill_image(cdb_rgb *img, int w, int h, uint32_t seed)
+{
+    size_t i, n = (size_t)w * (size_t)h;
+    img->px = malloc(n * 3);
+    img->cap = n * 3;
+    img->w = w;
+    img->h = h;
+    img->full_w = img->full_h = img->dct_num = 0;
+    img->partial_left = img->partial_top = 0;
+    for (i = 0; i < n; i++) {
+        int x = (int)(i % (size_t)w), y = (int)(i / (size_t)w);
+        img->px[3 * i + 0] = (uint8_t)((x * 7 + y * 3) & 255);
+        img->px[3 * i + 1] = (uint8_t)lcg(&seed);
+        img->px[3 * i + 2] = (uint8_t)(((x / 5 + y / 7) & 1) ? 250 : 5);
+    }
+}
+
+static void write_bytes(const char *path, const void *p, size_t n)
+{
+    FILE *f = fopen(path, "wb");
+    if (!f) return;
+    if (n) fwrite(p, 1, n, f);
+    fclose(f);
+}
+
+/* A small real JPEG made with libjpeg. Caller frees *out with free. */
+static void make_jpeg(int w, int h, unsigned char **out, unsigned long *len)
+{
+    struct jpeg_compress_struct ci;
+    struct jpeg_error_mgr err;
+    cdb_rgb img = {0};
+    JSAMPROW row;
+    fill_image(&img, w, h, 1);
+    *out = NULL;
+    *len = 0;
+    ci.err = jpeg_std_error(&err);
+    jpeg_create_compress(&ci);
+    jpeg_mem_dest(&ci, out, len);
+    ci.image_width = (JDIMENSION)w;
+    ci.image_height = (JDIMENSION)h;
+    ci.input_components = 3;
+    ci.in_color_space = JCS_RGB;
+    jpeg_set_defaults(&ci);
+    jpeg_set_quality(&ci, 90, TRUE);
+    jpeg_start_compress(&ci, TRUE);
+    while (ci.next_scanline < ci.image_height) {
+        row = img.px + (size_t)ci.next_scanline * (size_t)w * 3;
+        jpeg_write_scanlines(&ci, &row, 1);
+    }
+    jpeg_finish_compress(&ci);
+    jpeg_destroy_compress(&ci);
+    cdb_rgb_free(&img);
+}
+
+static void put32(uint8_t *p, uint32_t v)
+{
+    p[0] = (uint8_t)(v >> 24);
+    p[1] = (uint8_t)(v >> 16);
+    p[2] = (uint8_t)(v >> 8);
+    p[3] = (uint8_t)v;
+}
+
+/* Signature + IHDR (w x h, 8-bit RGB) with a valid CRC; 33 bytes. */
+static void png_header(uint8_t *b, uint32_t w, uint32_t h)
+{
+    memcpy(b, "\x89PNG\r\n\x1a\n", 8);
+    put32(b + 8, 13);
+    memcpy(b + 12, "IHDR", 4);
+    put32(b + 16, w);
+    put32(b + 20, h);
+    b[24] = 8; /* depth */
+    b[25] = 2; /* RGB */
+    b[26] = b[27] = b[28] = 0;
+    put32(b + 29, (uint32_t)crc32(0, b + 12, 17));
+}
+
+static int decode(const void *p, size_t n, cdb_rgb *img, cdb_err *e)
+{
+    cdb_err_clear(e);
+    return cdb_image_decode_memory(p, n, 0, img, e);
+}
+
+/* ---- bad input ----------------------------------------------------------- */
+
+TEST(image_missing_empty_and_text_files_fail_clearly)
+{
+    cdb_rgb img = {0};
+    cdb_err e;
+    char path[600];
+    cdb_err_clear(&e);
+    snprintf(path, sizeof path, "%s/nope.jpg", test_tmpdir());
+    CHECK(cdb_image_decode_file(path, 224, &img, &e) == CLIPDB_ENOTFOUND);
+    CHECK(strstr(e.msg, path) != NULL);
+
+    snprintf(path, sizeof path, "%s/empty.png", test_tmpdir());
+    write_bytes(path, "", 0);
+    cdb_err_clear(&e);
+    CHECK(cdb_image_decode_file(path, 224, &img, &e) == CLIPDB_EFORMAT);
+    CHECK(strstr(e.msg, path) != NULL && strstr(e.msg, "empty") != NULL);
+
+    snprintf(path, sizeof path, "%s/notes.jpg", test_tmpdir());
+    write_bytes(path, "hello, this is text\n", 20);
+    cdb_err_clear(&e);
+    CHECK(cdb_image_decode_file(path, 224, &img, &e) == CLIPDB_EFORMAT);
+    CHECK(strstr(e.msg, "not a recognised image (JPEG, PNG, WebP, BMP, GIF)") != NULL);
+    CHECK(strstr(e.msg, path) != NULL);
+    cdb_rgb_free(&img);
+}
+
+TEST(image_truncated_jpeg_is_an_error_not_grey_pixels)
+{
+    unsigned char *jpg = NULL;
+    unsigned long len = 0;
+    cdb_rgb img = {0};
+    cdb_err e;
+    make_jpeg(96, 64, &jpg, &len);
+    REQUIRE(jpg && len > 200);
+    REQUIRE(decode(jpg, len, &img, &e) == CLIPDB_OK);
+    CHECK(img.w == 96 && img.h == 64);
+    CHECK(decode(jpg, len / 2, &img, &e) == CLIPDB_EFORMAT);
+    CHECK(strstr(e.msg, "corrupt JPEG data") != NULL);
+    CHECK(decode(jpg, 40, &img, &e) == CLIPDB_EFORMAT);  /* inside the headers */
+    CHECK(strstr(e.msg, "corrupt JPEG data") != NULL);
+    CHECK(decode(jpg, 3, &img, &e) == CLIPDB_EFORMAT);
+    free(jpg);
+    cdb_rgb_free(&img);
+}
+
+TEST(image_truncated_png_fails)
+{
+    cdb_rgb src = {0}, img = {0};
+    png_image pi;
+    size_t len = 0;
+    void *buf;
+    cdb_err e;
+    fill_image(&src, 50, 40, 3);
+    memset(&pi, 0, sizeof pi);
+    pi.version = PNG_IMAGE_VERSION;
+    pi.width = 50;
+    pi.height = 40;
+    pi.format = PNG_FORMAT_RGB;
+    REQUIRE(png_image_write_to_memory(&pi, NULL, &len, 0, src.px, 0, NULL));
+    buf = malloc(len);
+    REQUIRE(buf);
+    REQUIRE(png_image_write_to_memory(&pi, buf, &len, 0, src.px, 0, NULL));
+    REQUIRE(decode(buf, len, &img, &e) == CLIPDB_OK);
+    CHECK(img.w == 50 && img.h == 40 && !memcmp(img.px, src.px, 50 * 40 * 3));
+    CHECK(decode(buf, len - 30, &img, &e) == CLIPDB_EFORMAT);
+    CHECK(strstr(e.msg, "corrupt PNG data") != NULL);
+    CHECK(decode(buf, 20, &img, &e) == CLIPDB_EFORMAT);
+    free(buf);
+    cdb_rgb_free(&src);
+    cdb_rgb_free(&img);
+}
+
+TEST(image_png_with_absurd_dimensions_fails_before_allocating)
+{
+    uint8_t b[33 + 12];
+    cdb_rgb img = {0};
+    cdb_err e;
+    png_header(b, 100000, 100000);
+    put32(b + 33, 0);
+    memcpy(b + 37, "IEND", 4);
+    put32(b + 41, (uint32_t)crc32(0, (const uint8_t *)"IEND", 4));
+    CHECK(decode(b, sizeof b, &img, &e) == CLIPDB_ELIMIT);
+    CHECK(strstr(e.msg, "image is 100000x100000; the limit is") != NULL);
+    CHECK(img.px == NULL);
+    /* within the side limit but over the pixel count */
+    png_header(b, 20000, 20000);
+    CHECK(decode(b, sizeof b, &img, &e) == CLIPDB_ELIMIT);
+    CHECK(strstr(e.msg, "image is 20000x20000") != NULL);
+    png_header(b, 0, 7);
+    CHECK(decode(b, sizeof b, &img, &e) == CLIPDB_EFORMAT);
+    cdb_rgb_free(&img);
+}
+
+TEST(image_gif_without_frames_or_with_garbage_fails)
+{
+    static const uint8_t no_frame[] = {'G', 'I', 'F', '8', '9', 'a', 1, 0, 1, 0, 0, 0, 0, 0x3B};
+    uint8_t garbage[64];
+    uint32_t s = 9;
+    size_t i;
+    cdb_rgb img = {0};
+    cdb_err e;
+    CHECK(decode(no_frame, sizeof no_frame, &img, &e) == CLIPDB_EFORMAT);
+    CHECK(strstr(e.msg, "GIF has no image frame") != NULL);
+    memcpy(garbage, "GIF89a", 6);
+    for (i = 6; i < sizeof garbage; i++) garbage[i] = (uint8_t)lcg(&s);
+    CHECK(decode(garbage, sizeof garbage, &img, &e) != CLIPDB_OK);
+    CHECK(strstr(e.msg, "GIF") != NULL);
+    CHECK(decode(garbage, 8, &img, &e) == CLIPDB_EFORMAT);  /* header cut short */
+    cdb_rgb_free(&img);
+}
+
+TEST(image_other_magic_with_garbage_fails)
+{
+    uint8_t b[80];
+    uint32_t s = 5;
+    size_t i;
+    cdb_rgb img = {0};
+    cdb_err e;
+    for (i = 0; i < sizeof b; i++) b[i] = (uint8_t)lcg(&s);
+    memcpy(b, "RIFF\x40\0\0\0WEBPVP8 ", 16);
+    CHECK(decode(b, sizeof b, &img, &e) == CLIPDB_EFORMAT);
+    CHECK(strstr(e.msg, "WebP") != NULL);
+    memcpy(b, "BM", 2);
+    CHECK(decode(b, sizeof b, &img, &e) == CLIPDB_EFORMAT);
+    CHECK(strstr(e.msg, "BMP") != NULL);
+    CHECK(decode(b, 0, &img, &e) == CLIPDB_EFORMAT);
+    cdb_rgb_free(&img);
+}
+
+/* ---- resize against a scalar reference --------------------------------- */
+
+/* Pillow's bicubic antialiased resample, written the plain way: for each
+** output pixel, weights in double, normalised, rounded to 22-bit fixed point
+** (half away from zero), 8-bit clamp after each pass. Computes the window
+** (x0, y0, cw, ch) of the (rw, rh) resize; horizontal pass over every row. */
+static double ref_cubic(double x)
+{
+    x = x < 0 ? -x : x;
+    if (x < 1) return 1.5 * x * x * x - 2.5 * x * x + 1;
+    if (x < 2) return -0.5 * x * x * x + 2.5 * x * x - 4 * x + 2;
+    return 0;
+}
+
+static int ref_taps(int in, int out, int i, int *lo, int32_t *k)
+{
+    double scale = (double)in / out, fs = scale < 1 ? 1 : scale, sup = 2 * fs;
+    double c = (i + 0.5) * scale, w[4096], sum = 0;
+    int a = (int)(c - sup + 0.5), b = (int)(c + sup + 0.5), j;
+    if (a < 0) a = 0;
+    if (b > in) b = in;
+    for (j = a; j < b; j++) sum += w[j - a] = ref_cubic((j - c + 0.5) / fs);
+    for (j = a; j < b; j++) {
+        double v = w[j - a] / sum * 4194304.0;
+        k[j - a] = (int32_t)(v < 0 ? v - 0.5 : v + 0.5);
+    }
+    *lo = a;
+    return b - a;
+}
+
+static uint8_t ref_clip(int64_t v)
+{
+    v >>= 22;
+    return (uint8_t)(v < 0 ? 0 : v > 255 ? 255 : v);
+}
+
+static void ref_resize(const cdb_rgb *img, int rw, int rh, int x0, int y0, int cw, int ch,
+                       uint8_t *out)
+{
+    uint8_t *mid = malloc((size_t)img->h * (size_t)cw * 3);
+    int32_t k[4096];
+    int x, y, c, t, lo, n;
+    for (y = 0; y < img->h; y++)
+        for (x = 0; x < cw; x++) {
+            n = rw == img->w ? 0 : ref_taps(img->w, rw, x0 + x, &lo, k);
+            for (c = 0; c < 3; c++) {
+                int64_t acc = 1 << 21;
+                if (!n) {
+                    mid[((size_t)y * cw + x) * 3 + c] =
+                        img->px[((size_t)y * img->w + x0 + x) * 3 + c];
+                    continue;
+                }
+                for (t = 0; t < n; t++)
+                    acc += (int64_t)img->px[((size_t)y * img->w + lo + t) * 3 + c] * k[t];
+                mid[((size_t)y * cw + x) * 3 + c] = ref_clip(acc);
+            }
+        }
+    for (y = 0; y < ch; y++) {
+        n = rh == img->h ? 0 : ref_taps(img->h, rh, y0 + y, &lo, k);
+        for (x = 0; x < cw; x++)
+            for (c = 0; c < 3; c++) {
+                int64_t acc = 1 << 21;
+                if (!n) {
+                    out[((size_t)y * cw + x) * 3 + c] = mid[((size_t)(y0 + y) * cw + x) * 3 + c];
+                    continue;
+                }
+                for (t = 0; t < n; t++) acc += (int64_t)mid[((size_t)(lo + t) * cw + x) * 3 + c] * k[t];
+                out[((size_t)y * cw + x) * 3 + c] = ref_clip(acc);
+            }
+    }
+    free(mid);
+}
+
+static const float mean_[3] = {0.48145466f, 0.4578275f, 0.40821073f};
+static const float std_[3] = {0.26862954f, 0.26130258f, 0.27577711f};
+
+/* Preprocess (crop window) and, when small enough, the full resize against
+** the reference. */
+static void check_size(int w, int h, int S)
+{
+    cdb_rgb img = {0};
+    int rw, rh, x0, y0, c;
+    size_t i, plane = (size_t)S * S, bad = 0;
+    uint8_t *want = malloc(plane * 3);
+    float *got = malloc(plane * 3 * sizeof *got);
+    char what[96];
+    fill_image(&img, w, h, (uint32_t)(w * 31 + h));
+    cdb_image_resized_size(w, h, S, &rw, &rh);
+    /* torchvision's center crop: int(round((rw - S) / 2.0)), half to even */
+    x0 = (int)nearbyint((rw - S) / 2.0);
+    y0 = (int)nearbyint((rh - S) / 2.0);
+    ref_resize(&img, rw, rh, x0, y0, S, S, want);
+    CHECK(cdb_image_preprocess(&img, S, got) == CLIPDB_OK);
+    for (i = 0; i < plane; i++)
+        for (c = 0; c < 3; c++) {
+            float v = ((float)want[3 * i + c] / 255.0f - mean_[c]) / std_[c];
+            bad += got[c * plane + i] != v;
+        }
+    snprintf(what, sizeof what, "%dx%d -> %d: %zu values differ", w, h, S, bad);
+    if (bad) test_fail_at(__FILE__, __LINE__, what);
+    if ((size_t)rw * (size_t)rh <= 2000000) {
+        uint8_t *full = malloc((size_t)rw * rh * 3), *mine = malloc((size_t)rw * rh * 3);
+        ref_resize(&img, rw, rh, 0, 0, rw, rh, full);
+        CHECK(cdb_image_resize_rgb(&img, rw, rh, mine) == CLIPDB_OK);
+        if (memcmp(full, mine, (size_t)rw * rh * 3)) {
+            snprintf(what, sizeof what, "%dx%d -> %dx%d full resize differs", w, h, rw, rh);
+            test_fail_at(__FILE__, __LINE__, what);
+        }
+        free(full);
+        free(mine);
+    }
+    free(want);
+    free(got);
+    cdb_rgb_free(&img);
+}
+
+TEST(image_resized_size_follows_torchvision)
+{
+    int w, h;
+    cdb_image_resized_size(640, 480, 224, &w, &h);
+    CHECK(w == 298 && h == 224);  /* int(224 * 640 / 480) = 298 */
+    cdb_image_resized_size(427, 640, 224, &w, &h);
+    CHECK(w == 224 && h == 335);
+    cdb_image_resized_size(10000, 3, 224, &w, &h);
+    CHECK(w == 746666 && h == 224);
+    cdb_image_resized_size(5, 5, 224, &w, &h);
+    CHECK(w == 224 && h == 224);
+}
+
+TEST(image_resize_matches_scalar_reference_across_thresholds)
+{
+    static const int sizes[][2] = {
+        {1, 1},     {2, 2},     {1, 7},     {7, 1},     {3, 3},     {223, 223},
+        {224, 224}, {225, 225}, {224, 300}, {300, 224}, {223, 224}, {225, 224},
+        {224, 225}, {226, 229}, {447, 449}, {448, 448}, {640, 480}, {427, 640},
+        {1000, 999}, {10000, 3}, {3, 2000},
+    };
+    size_t i;
+    for (i = 0; i < sizeof sizes / sizeof sizes[0]; i++) check_size(sizes[i][0], sizes[i][1], 224);
+    check_size(50, 37, 16);  /* another target side */
+    check_size(9, 9, 32);
+}
+
+TEST(image_preprocess_rejects_bad_arguments)
+{
+    cdb_rgb img = {0};
+    float out[3 * 4 * 4];
+    CHECK(cdb_image_preprocess(&img, 4, out) == CLIPDB_EINVAL);
+    fill_image(&img, 5, 5, 1);
+    CHECK(cdb_image_preprocess(&img, 0, out) == CLIPDB_EINVAL);
+    CHECK(cdb_image_preprocess(&img, 4, out) == CLIPDB_OK);
+    cdb_rgb_free(&img);
+}
+
+/* ---- the public entry points on a context ------------------------------- */
+
+TEST(image_load_on_context_reuses_scratch_and_names_path)
+{
+    clipdb_model m;
+    clipdb_ctx c;
+    unsigned char *jpg = NULL;
+    unsigned long len = 0;
+    float *a = malloc(3 * 224 * 224 * sizeof *a), *b = malloc(3 * 224 * 224 * sizeof *b);
+    char path[600];
+    memset(&m, 0, sizeof m);
+    memset(&c, 0, sizeof c);
+    m.vision.image_size = 224;
+    c.m = &m;
+    make_jpeg(300, 200, &jpg, &len);
+    REQUIRE(jpg && a && b);
+    snprintf(path, sizeof path, "%s/ctx.jpg", test_tmpdir());
+    write_bytes(path, jpg, len);
+    CHECK(clipdb_image_load(&c, path, a) == CLIPDB_OK);
+    CHECK(c.img != NULL);
+    CHECK(clipdb_image_load_memory(&c, jpg, len, b) == CLIPDB_OK);
+    CHECK(!memcmp(a, b, 3 * 224 * 224 * sizeof *a));
+    snprintf(path, sizeof path, "%s/absent.jpg", test_tmpdir());
+    CHECK(clipdb_image_load(&c, path, a) == CLIPDB_ENOTFOUND);
+    CHECK(strstr(c.err.msg, path) != NULL);
+    CHECK(clipdb_image_load_memory(&c, jpg, len / 3, a) == CLIPDB_EFORMAT);
+    CHECK(strstr(c.err.msg, "corrupt JPEG data") != NULL);
+    cdb_img_scratch_free(c.img);
+    free(jpg);
+    free(a);
+    free(b);
+}

@@ -153,6 +153,17 @@ CLIPDB_API int clipdb_encode_texts(clipdb_ctx *c, const char *const *texts,
 CLIPDB_API int clipdb_encode_images(clipdb_ctx *c, const float *pixels, int n,
                                     float *out);
 
+/* Flags of clipdb_encode_texts_ex. */
+#define CLIPDB_ENCODE_TRUNCATE 1 /* cut texts longer than the context (77 tokens)
+                                 ** as CLIP's truncate=True does, instead of failing */
+
+/* clipdb_encode_texts with flags. Without CLIPDB_ENCODE_TRUNCATE a text of
+** more than 77 tokens fails with CLIPDB_ELIMIT; an empty text (no tokens)
+** fails with CLIPDB_EINVAL. When n > 1 the message starts "text I: " with
+** the failing text's 0-based index. */
+CLIPDB_API int clipdb_encode_texts_ex(clipdb_ctx *c, const char *const *texts, int n,
+                                      int flags, float *out);
+
 /* ---- fetching published models -------------------------------------------- */
 
 typedef struct clipdb_fetch_options {

@@ -27,6 +27,7 @@ const cli_cmd cli_commands[] = {
     {"add", "add images (with captions) or texts to a database", cmd_add_help, cmd_add},
     {"rm", "delete items from a database", cmd_rm_help, cmd_rm},
     {"stats", "what a database holds", cmd_stats_help, cmd_stats},
+    {"embed", "print CLIP embeddings of texts and images", cli_embed_help, cli_cmd_embed},
 };
 const int cli_n_commands = (int)(sizeof cli_commands / sizeof cli_commands[0]);
 

@@ -1,0 +1,134 @@
+"""Black-box tests of `clipdb embed`: JSON format, order, and clean one-line
+failures (exit 1) on bad inputs. Runs again under ASan via `make asan`."""
+import json
+import subprocess
+
+import numpy as np
+import pytest
+
+from conftest import BIN, ROOT, run
+
+GEN = ROOT / "tools" / "gen_model.py"
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    d = tmp_path_factory.mktemp("m") / "tiny"
+    subprocess.run(["/usr/bin/python3", str(GEN), str(d), "--size", "tiny", "--keys", "openai",
+                    "--dtype", "F32", "--seed", "3"], check=True, capture_output=True)
+    return d
+
+
+@pytest.fixture(scope="module")
+def photos(shared):
+    coco = sorted((shared / "data" / "coco-subset" / "images").glob("*.jpg"))[:2]
+    flickr = sorted((shared / "data" / "flickr8k" / "images").glob("*.jpg"))[:2]
+    return [str(p) for p in coco + flickr]
+
+
+def has_tokenizer():
+    return run("tokenize", "--help").returncode == 0
+
+
+needs_tokenizer = pytest.mark.skipif(not has_tokenizer(),
+                                     reason="tokenizer not merged yet (`clipdb tokenize` missing)")
+
+
+def one_line_failure(p, *needles):
+    assert p.returncode == 1, (p.returncode, p.stderr)
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1, p.stderr
+    assert lines[0].startswith("clipdb embed: "), lines[0]
+    for n in needles:
+        assert n in lines[0], lines[0]
+    assert "AddressSanitizer" not in p.stderr and "runtime error" not in p.stderr
+
+
+def test_help_teaches():
+    p = run("embed", "--help")
+    assert p.returncode == 0
+    for opt in ("--model", "--text", "--image", "--texts-from", "--images-from", "--json",
+                "--truncate", "example"):
+        assert opt in p.stdout
+
+
+def test_usage_errors_exit_2(model):
+    assert run("embed", "--text", "x").returncode == 2           # no --model
+    assert run("embed", "--model", model).returncode == 2         # nothing to embed
+    assert run("embed", "--model", model, "--bogus").returncode == 2
+    assert run("embed", "--model", model, "--image").returncode == 2
+
+
+def test_json_images_in_order(model, photos, tmp_path):
+    lst = tmp_path / "list.txt"
+    lst.write_text(photos[2] + "\n\n" + photos[3] + "\r\n")
+    p = run("embed", "--model", model, "--json", "--image", photos[1], "--images-from", lst,
+            "--image", photos[0])
+    assert p.returncode == 0, p.stderr
+    rows = [json.loads(l) for l in p.stdout.splitlines()]
+    assert [r["input"] for r in rows] == [photos[1], photos[2], photos[3], photos[0]]
+    assert all(r["type"] == "image" and len(r["embedding"]) == 32 for r in rows)
+    v = np.array([r["embedding"] for r in rows])
+    assert np.all(np.isfinite(v)) and np.linalg.norm(v[0] - v[3]) > 1e-3
+    # the same image alone gives the same vector as inside a batch
+    q = run("embed", "--model", model, "--json", "--image", photos[0])
+    np.testing.assert_allclose(json.loads(q.stdout)["embedding"], v[3], rtol=0, atol=1e-5)
+    # readable form
+    r = run("embed", "--model", model, "--image", photos[0])
+    assert r.returncode == 0 and "norm" in r.stdout and photos[0] in r.stdout
+
+
+@needs_tokenizer
+def test_json_texts_and_images_interleaved(model, photos, tmp_path):
+    tf = tmp_path / "t.txt"
+    tf.write_text("a dog on a beach\nA man riding a bike.\n")
+    p = run("embed", "--model", model, "--json", "--text", "a photo of a cat", "--image", photos[0],
+            "--texts-from", tf, "--text", 'quote " and \\ back')
+    assert p.returncode == 0, p.stderr
+    rows = [json.loads(l) for l in p.stdout.splitlines()]
+    assert [(r["type"], r["input"]) for r in rows] == [
+        ("text", "a photo of a cat"), ("image", photos[0]), ("text", "a dog on a beach"),
+        ("text", "A man riding a bike."), ("text", 'quote " and \\ back')]
+
+
+def test_missing_and_bad_images(model, tmp_path):
+    one_line_failure(run("embed", "--model", model, "--image", tmp_path / "nope.jpg"), "nope.jpg")
+    empty = tmp_path / "empty.jpg"
+    empty.write_bytes(b"")
+    one_line_failure(run("embed", "--model", model, "--image", empty), "empty.jpg")
+    txt = tmp_path / "notes.jpg"
+    txt.write_text("this is a text file, not a JPEG\n" * 20)
+    one_line_failure(run("embed", "--model", model, "--image", txt), "notes.jpg")
+
+
+def test_empty_text_fails(model):
+    one_line_failure(run("embed", "--model", model, "--text", ""), "empty")
+
+
+@needs_tokenizer
+def test_non_utf8_text_fails(model):
+    p = subprocess.run([BIN, "embed", "--model", str(model), "--text", b"caf\xe9 \xff"],
+                       capture_output=True, text=True, errors="replace")
+    one_line_failure(p)
+
+
+@needs_tokenizer
+def test_long_text_needs_truncate(model):
+    long_text = "a" + " word" * 2000  # 10,001 characters, ~2000 tokens
+    one_line_failure(run("embed", "--model", model, "--text", "ok", "--text", long_text), "77")
+    p = run("embed", "--model", model, "--json", "--truncate", "--text", long_text)
+    assert p.returncode == 0, p.stderr
+    assert len(json.loads(p.stdout)["embedding"]) == 32
+
+
+def test_broken_model_dir(model, tmp_path, photos):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in model.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    st = bad / "model.safetensors"
+    st.write_bytes(st.read_bytes()[:1000])  # header promises more data than there is
+    one_line_failure(run("embed", "--model", bad, "--image", photos[0]))
+    st.write_bytes(b"\xff" * 64)
+    one_line_failure(run("embed", "--model", bad, "--image", photos[0]))
+    one_line_failure(run("embed", "--model", tmp_path / "no-such-dir", "--image", photos[0]))

@@ -185,7 +185,153 @@ CLIPDB_API int clipdb_model_fetch(const char *name, const char *dir,
 
 /* ---- vectors: distance kernels, exact and IVF search (src/index) ---------- */
 
-/* (section owned by the index module) */
+/* (section owned by the index module)
+**
+** The index module knows vectors only. Vectors are float32, row-major,
+** stored RAW (not normalised); their L2 norms are kept beside them. Every
+** score is "higher is better": cosine similarity, dot product, or for L2 the
+** negative Euclidean distance -||q - b||. Results come best first, ties
+** broken by the smaller id, so every search is deterministic. */
+
+typedef enum clipdb_metric {
+    CLIPDB_METRIC_COSINE = 0,
+    CLIPDB_METRIC_DOT = 1,
+    CLIPDB_METRIC_L2 = 2
+} clipdb_metric;
+
+/* "cosine", "dot" (also "ip"), "l2" -> *out; CLIPDB_EINVAL otherwise. */
+CLIPDB_API int clipdb_metric_parse(const char *name, clipdb_metric *out);
+/* "cosine", "dot", "l2"; "?" for a value outside the enum. Static string. */
+CLIPDB_API const char *clipdb_metric_name(clipdb_metric m);
+
+/* One search result. Unused result slots hold id -1 and score -INFINITY. */
+typedef struct clipdb_hit {
+    int64_t id;
+    float score;
+} clipdb_hit;
+
+/* Limits of the index module (k, d and the number of lists). */
+#define CLIPDB_MAX_DIM   65536
+#define CLIPDB_MAX_K     (1 << 24)
+#define CLIPDB_MAX_NLIST (1 << 20)
+
+/* A borrowed view of n vectors of dimension d. Nothing is copied or freed. */
+typedef struct clipdb_vecs {
+    const float *data;    /* n x d floats, row-major */
+    const int64_t *ids;   /* n ids, or NULL: the id of row i is i */
+    const float *norms;   /* n L2 norms of the rows, or NULL: computed when
+                          ** the metric needs them (cosine, l2) */
+    size_t n;
+    int d;
+} clipdb_vecs;
+
+/* Which keys a search may return. The key is the ROW index for
+** clipdb_flat_search and the ID for clipdb_ivf_search. A NULL filter allows
+** everything. If `bitmap` is set, key k is allowed when k < nbits and bit
+** (k % 64) of bitmap[k / 64] is set; otherwise `keys` (n_keys keys, sorted
+** ascending, duplicates allowed) lists the allowed keys. A filter that allows
+** nothing gives 0 results; filtered search still returns min(k, #allowed)
+** results (the filter is applied while scanning, never after). */
+typedef struct clipdb_filter {
+    const uint64_t *bitmap;
+    size_t nbits;
+    const int64_t *keys;
+    size_t n_keys;
+} clipdb_filter;
+
+/* Computes the L2 norms of n rows of dimension d: norms_out (n). */
+CLIPDB_API int clipdb_vec_norms(const float *x, size_t n, int d, float *norms_out);
+
+/* Exact k-nearest-neighbour search of nq queries (nq x base->d floats) in
+** `base`. Writes nq * k hits to `out` (query i's hits at out[i*k ..], best
+** first) and the number of valid hits per query, min(k, #allowed rows), to
+** *n_out (the same for every query; the remaining slots are id -1). One
+** query uses a matrix-vector product, many use blocked matrix products
+** (bounded scratch: 1024 queries x 8192 rows at a time); large searches use
+** the OpenBLAS threads. Returns CLIPDB_EINVAL for a bad k (< 1 or >
+** CLIPDB_MAX_K), d, metric or NULL pointer, CLIPDB_ENOMEM; on failure a
+** message is written to *errmsg if errmsg is not NULL (caller frees with
+** clipdb_free). */
+CLIPDB_API int clipdb_flat_search(const clipdb_vecs *base, const float *queries,
+                                  size_t nq, int k, clipdb_metric metric,
+                                  const clipdb_filter *filter, clipdb_hit *out,
+                                  int *n_out, char **errmsg);
+
+/* An inverted-file index with flat (uncompressed) lists, as Faiss's
+** IndexIVFFlat: nlist centroids from k-means; every vector lives in the list
+** of its nearest centroid; a search scans the nprobe lists nearest to the
+** query. Coarse assignment: by L2 for the l2 metric; for cosine and dot the
+** centroids come from spherical k-means on normalised vectors (unit
+** centroids) and assignment is by inner product, as Faiss does for
+** METRIC_INNER_PRODUCT. Lists keep copies of the vectors contiguously, with
+** their ids and norms. Not thread-safe for writers; concurrent searches on a
+** handle nobody modifies are safe. */
+typedef struct clipdb_ivf clipdb_ivf;
+
+/* Options of clipdb_ivf_train. Fill with clipdb_ivf_train_options_init. */
+typedef struct clipdb_ivf_train_options {
+    uint64_t seed;            /* RNG seed (default 1234) */
+    int max_iter;             /* Lloyd iterations at most (default 20) */
+    double tol;               /* stop when the objective improves by less than
+                              ** this fraction (default 1e-4) */
+    int max_points_per_list;  /* train on a sample of at most this many points
+                              ** per list, as Faiss (default 256; 0: all) */
+} clipdb_ivf_train_options;
+CLIPDB_API void clipdb_ivf_train_options_init(clipdb_ivf_train_options *opt);
+
+/* A new, untrained index. Sets *out even on failure (message on the handle)
+** unless memory is exhausted; free with clipdb_ivf_free. */
+CLIPDB_API int clipdb_ivf_new(clipdb_ivf **out, int d, int nlist, clipdb_metric metric);
+/* A trained, empty index from saved centroids (nlist x d floats, copied). */
+CLIPDB_API int clipdb_ivf_new_from_centroids(clipdb_ivf **out, int d, int nlist,
+                                             clipdb_metric metric,
+                                             const float *centroids);
+CLIPDB_API void clipdb_ivf_free(clipdb_ivf *ivf);
+CLIPDB_API const char *clipdb_ivf_errmsg(const clipdb_ivf *ivf);
+
+/* Trains the centroids by k-means (k-means++ seeding) on n vectors
+** (n >= nlist). opt may be NULL (defaults). Empties the lists. */
+CLIPDB_API int clipdb_ivf_train(clipdb_ivf *ivf, const float *x, size_t n,
+                                const clipdb_ivf_train_options *opt);
+
+/* Index shape: any out-pointer may be NULL. */
+CLIPDB_API void clipdb_ivf_info(const clipdb_ivf *ivf, int *d, int *nlist,
+                                clipdb_metric *metric, int *is_trained,
+                                size_t *ntotal);
+/* The centroids (nlist x d floats); they belong to the index and live until
+** it is retrained or freed. NULL when untrained. */
+CLIPDB_API const float *clipdb_ivf_centroids(const clipdb_ivf *ivf);
+
+/* The list each of n vectors would go to: lists_out (n). */
+CLIPDB_API int clipdb_ivf_assign(clipdb_ivf *ivf, const float *x, size_t n,
+                                 int32_t *lists_out);
+/* Adds n vectors with their ids to the lists given (0 <= lists[i] < nlist),
+** e.g. saved from clipdb_ivf_assign, without recomputing assignments. An id
+** already present is CLIPDB_EINVAL (nothing is added then). */
+CLIPDB_API int clipdb_ivf_add_assigned(clipdb_ivf *ivf, const int64_t *ids,
+                                       const float *x, const int32_t *lists,
+                                       size_t n);
+/* Assigns and adds n vectors. lists_out (n) may be NULL; else it receives the
+** list of each vector (for the caller to persist). */
+CLIPDB_API int clipdb_ivf_add(clipdb_ivf *ivf, const int64_t *ids, const float *x,
+                              size_t n, int32_t *lists_out);
+/* Removes the ids present (unknown ids are ignored); *n_removed (may be
+** NULL) gets how many were removed. */
+CLIPDB_API int clipdb_ivf_remove(clipdb_ivf *ivf, const int64_t *ids, size_t n,
+                                 size_t *n_removed);
+/* The list of `id`, or CLIPDB_ENOTFOUND. */
+CLIPDB_API int clipdb_ivf_list_of(const clipdb_ivf *ivf, int64_t id, int32_t *list);
+
+/* Approximate search of nq queries, scanning the nprobe nearest lists (1 <=
+** nprobe; clipped to nlist) with the exact kernels of clipdb_flat_search;
+** output as clipdb_flat_search (filter keys are IDS here). If the probed
+** lists hold fewer than min(k, #allowed) candidates (small lists, or a
+** selective filter), the query falls back to scanning every list, which is
+** exact search over the allowed vectors, so *n_out is always
+** min(k, #allowed). The metric is the index's. */
+CLIPDB_API int clipdb_ivf_search(clipdb_ivf *ivf, const float *queries, size_t nq,
+                                 int k, int nprobe, const clipdb_filter *filter,
+                                 clipdb_hit *out, int *n_out);
 
 
 /* ---- the database: storage, ingest, search (src/store) -------------------- */

@@ -49,7 +49,10 @@ int cmd_init(int argc, char **argv);
 int cmd_add(int argc, char **argv);
 int cmd_rm(int argc, char **argv);
 int cmd_stats(int argc, char **argv);
-extern const char cmd_init_help[], cmd_add_help[], cmd_rm_help[], cmd_stats_help[];
+int cmd_search(int argc, char **argv);
+int cmd_index(int argc, char **argv);
+extern const char cmd_init_help[], cmd_add_help[], cmd_rm_help[], cmd_stats_help[],
+    cmd_search_help[], cmd_index_help[];
 extern const char cli_embed_help[]; /* cmd_embed.c */
 int cli_cmd_embed(int argc, char **argv);
 

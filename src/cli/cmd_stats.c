@@ -61,10 +61,10 @@ int cmd_stats(int argc, char **argv)
         printf(", \"dim\": %d, \"format_version\": %d, \"indexes\": [", st.embed_dim,
                st.format_version);
         for (i = 0; i < st.n_indexes; i++)
-            printf("%s{\"kind\": \"%s\", \"target\": \"%s\", \"metric\": %d, \"nlist\": %d, "
+            printf("%s{\"kind\": \"%s\", \"target\": \"%s\", \"metric\": \"%s\", \"nlist\": %d, "
                    "\"vectors\": %lld}",
                    i ? ", " : "", st.indexes[i].kind, target_name(st.indexes[i].target),
-                   st.indexes[i].metric, st.indexes[i].nlist,
+                   clipdb_metric_name((clipdb_metric)st.indexes[i].metric), st.indexes[i].nlist,
                    (long long)st.indexes[i].n_vectors);
         printf("]}\n");
     } else {
@@ -75,8 +75,9 @@ int cmd_stats(int argc, char **argv)
         printf("texts      %lld (%lld captions)\n", (long long)st.texts, (long long)st.captions);
         printf("vectors    %lld\n", (long long)st.vectors);
         for (i = 0; i < st.n_indexes; i++)
-            printf("index      %s on %s vectors, metric %d, %d lists, %lld vectors\n",
-                   st.indexes[i].kind, target_name(st.indexes[i].target), st.indexes[i].metric,
+            printf("index      %s on %s vectors, metric %s, %d lists, %lld vectors\n",
+                   st.indexes[i].kind, target_name(st.indexes[i].target),
+                   clipdb_metric_name((clipdb_metric)st.indexes[i].metric),
                    st.indexes[i].nlist, (long long)st.indexes[i].n_vectors);
     }
     clipdb_db_close(db);

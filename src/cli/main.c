@@ -26,6 +26,8 @@ const cli_cmd cli_commands[] = {
     {"init", "create a database bound to a model", cmd_init_help, cmd_init},
     {"add", "add images (with captions) or texts to a database", cmd_add_help, cmd_add},
     {"rm", "delete items from a database", cmd_rm_help, cmd_rm},
+    {"search", "nearest images or texts to a text, image or item", cmd_search_help, cmd_search},
+    {"index", "build an IVF index in a database", cmd_index_help, cmd_index},
     {"stats", "what a database holds", cmd_stats_help, cmd_stats},
     {"embed", "print CLIP embeddings of texts and images", cli_embed_help, cli_cmd_embed},
 };

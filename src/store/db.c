@@ -347,6 +347,7 @@ void clipdb_db_close(clipdb_db *db)
 {
     int i;
     if (!db) return;
+    cdb_db_ivf_release(db);
     for (i = 0; i < 3; i++) {
         free(db->sets[i].ids);
         free(db->sets[i].vecs);
@@ -446,6 +447,7 @@ static int put_vector(clipdb_db *db, int type, int64_t id, const float *vec)
     sqlite3_bind_blob(st, 3, vec, (int)((size_t)db->embed_dim * sizeof(float)), SQLITE_STATIC);
     if (sqlite3_step(st) != SQLITE_DONE) rc = cdb_db_sqlerr(db, "writing a vector");
     sqlite3_finalize(st);
+    if (rc == CLIPDB_OK) rc = cdb_db_ivf_on_insert(db, type, id, vec);
     return rc;
 }
 

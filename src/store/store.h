@@ -49,8 +49,10 @@ struct clipdb_db {
     clipdb_ctx *ctx;       /* the handle's encoding context, owned */
     int64_t local_changes; /* bumped by every write through this handle */
     cdb_vecset sets[3];    /* indexed by CLIPDB_ITEM_IMAGE / _TEXT */
-    /* Loaded IVF indexes, [target][metric]; NULL when not loaded. */
+    /* Loaded IVF indexes, [target][metric]; NULL when not loaded: full ones
+    ** for search, and empty ones (centroids only) to assign new vectors. */
     struct clipdb_ivf *ivf[3][3];
+    struct clipdb_ivf *ivf_assigner[3][3];
     int64_t ivf_changes[3][3];
     int64_t ivf_version[3][3];
 };

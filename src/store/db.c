@@ -410,6 +410,9 @@ int clipdb_db_model(clipdb_db *db, clipdb_model **out)
             db->ctx = NULL;
             goto cleanup;
         }
+        /* Captions and queries longer than the context are cut as CLIP's
+        ** truncate=True does, rather than refused. */
+        clipdb_ctx_set_truncate(db->ctx, 1);
     }
     *out = db->model;
 cleanup:

@@ -118,7 +118,7 @@ static int finish(builder *b)
     cdb_captions *c = b->c;
     size_t i, j, w = 0;
     for (i = 0; i < c->n; i++) c->e[i].used = (int)i;
-    qsort(c->e, c->n, sizeof *c->e, cmp_entry);
+    if (c->n > 0) qsort(c->e, c->n, sizeof *c->e, cmp_entry);
     /* restore file order among equal names */
     for (i = 0; i < c->n;) {
         j = i + 1;

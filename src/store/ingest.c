@@ -167,7 +167,7 @@ static int load_known(clipdb_db *db, known **out, size_t *n_out)
         k[n].id = sqlite3_column_int64(st, 2);
         n++;
     }
-    qsort(k, n, sizeof *k, cmp_known);
+    if (n > 0) qsort(k, n, sizeof *k, cmp_known);
 cleanup:
     sqlite3_finalize(st);
     if (rc != CLIPDB_OK) {

@@ -168,7 +168,9 @@ static int sql_open(clipdb_db *db, int flags)
 ** killed process (not a power cut) and keeps commits cheap. */
 static int set_pragmas(clipdb_db *db)
 {
-    if (db->readonly) return cdb_db_exec(db, "PRAGMA foreign_keys=OFF");
+    /* reads through a memory map: no copy of every page into SQLite's cache */
+    int rc = cdb_db_exec(db, "PRAGMA mmap_size=17179869184");
+    if (rc != CLIPDB_OK || db->readonly) return rc;
     return cdb_db_exec(db, "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;");
 }
 
@@ -190,6 +192,9 @@ int cdb_db_create_raw(clipdb_db **out, const char *path, const char *identity,
                            path);
     rc = sql_open(db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE);
     if (rc != CLIPDB_OK) goto cleanup;
+    /* 32 KiB pages hold 15 vectors of 512 floats (4 KiB pages hold one, half
+    ** empty): the file is about half the size and loads faster. */
+    if ((rc = cdb_db_exec(db, "PRAGMA page_size=32768")) != CLIPDB_OK) goto cleanup;
     rc = set_pragmas(db);
     if (rc != CLIPDB_OK) goto cleanup;
     snprintf(buf, sizeof buf, "PRAGMA application_id=%d; PRAGMA user_version=%d;",

@@ -421,12 +421,36 @@ static int item_vector(clipdb_db *db, int64_t id, float *out)
     return rc;
 }
 
+/* Encodes n texts (texts != NULL) or n preprocessed images (pixels) and
+** writes vector j to row rows[j] of q (nq x d). */
+static int encode_chunk(clipdb_db *db, const char **texts, const float *pixels, size_t n,
+                        const size_t *rows, float *q)
+{
+    float *tmp = cdb_malloc_array(n, (size_t)db->embed_dim * sizeof(float));
+    size_t j;
+    int rc;
+    if (!tmp) return cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
+    // texts (n) -> text tower, or pixels (n, 3, S, S) -> vision tower -> tmp (n, d)
+    rc = texts ? clipdb_encode_texts(db->ctx, texts, (int)n, tmp)
+               : clipdb_encode_images(db->ctx, pixels, (int)n, tmp);
+    if (rc != CLIPDB_OK) {
+        rc = cdb_err_set(&db->err, CLIPDB_ERROR, "encoding the query %s: %s",
+                         texts ? "text" : "image", clipdb_ctx_errmsg(db->ctx));
+    } else {
+        for (j = 0; j < n; j++)
+            memcpy(q + rows[j] * (size_t)db->embed_dim, tmp + j * (size_t)db->embed_dim,
+                   (size_t)db->embed_dim * sizeof(float));
+    }
+    free(tmp);
+    return rc;
+}
+
 /* Encodes or fetches the nq query vectors into q (nq x d): texts in
 ** batches, images in batches, items from the database. */
 static int query_vectors(clipdb_db *db, const clipdb_query *queries, size_t nq, float *q)
 {
     const char **texts = NULL;
-    size_t *rows = NULL, n = 0, i, j;
+    size_t *rows = NULL, n = 0, i;
     float *pixels = NULL;
     clipdb_model *m = NULL;
     size_t img_floats = 0;
@@ -463,21 +487,7 @@ static int query_vectors(clipdb_db *db, const clipdb_query *queries, size_t nq, 
             texts[n++] = queries[i].text;
         }
         if (n == QUERY_CHUNK || (i == nq && n > 0)) {
-            float *tmp = cdb_malloc_array(n, (size_t)db->embed_dim * sizeof(float));
-            if (!tmp) {
-                rc = cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
-                goto cleanup;
-            }
-            if (clipdb_encode_texts(db->ctx, texts, (int)n, tmp) != CLIPDB_OK) {
-                rc = cdb_err_set(&db->err, CLIPDB_ERROR, "encoding the query: %s",
-                                 clipdb_ctx_errmsg(db->ctx));
-                free(tmp);
-                goto cleanup;
-            }
-            for (j = 0; j < n; j++)
-                memcpy(q + rows[j] * (size_t)db->embed_dim, tmp + j * (size_t)db->embed_dim,
-                       (size_t)db->embed_dim * sizeof(float));
-            free(tmp);
+            if ((rc = encode_chunk(db, texts, NULL, n, rows, q)) != CLIPDB_OK) goto cleanup;
             n = 0;
         }
     }
@@ -497,21 +507,7 @@ static int query_vectors(clipdb_db *db, const clipdb_query *queries, size_t nq, 
             rows[n++] = i;
         }
         if (n == QUERY_CHUNK || (i == nq && n > 0)) {
-            float *tmp = cdb_malloc_array(n, (size_t)db->embed_dim * sizeof(float));
-            if (!tmp) {
-                rc = cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
-                goto cleanup;
-            }
-            if (clipdb_encode_images(db->ctx, pixels, (int)n, tmp) != CLIPDB_OK) {
-                rc = cdb_err_set(&db->err, CLIPDB_ERROR, "encoding the query image: %s",
-                                 clipdb_ctx_errmsg(db->ctx));
-                free(tmp);
-                goto cleanup;
-            }
-            for (j = 0; j < n; j++)
-                memcpy(q + rows[j] * (size_t)db->embed_dim, tmp + j * (size_t)db->embed_dim,
-                       (size_t)db->embed_dim * sizeof(float));
-            free(tmp);
+            if ((rc = encode_chunk(db, NULL, pixels, n, rows, q)) != CLIPDB_OK) goto cleanup;
             n = 0;
         }
     }

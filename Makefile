@@ -88,6 +88,11 @@ $(BUILD)/tools/preprocess_dump: $(BUILD)/tools/preprocess_dump.o $(BUILD)/libcli
 	$(CC) $(LDFLAGS) -pthread -o $@ $< $(BUILD)/libclipdb.a $(LDLIBS)
 cli-test: $(BUILD)/tools/preprocess_dump
 
+# Search benchmark of the index module (bench/README.md).
+$(BUILD)/bench/bench_search: bench/bench_search.c $(BUILD)/libclipdb.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CPPFLAGS) $(CFLAGS) -o $@ $< $(BUILD)/libclipdb.a $(LDLIBS)
+
 bench: $(BUILD)/clipdb
 	CLIPDB_BIN=$(abspath $(BUILD)/clipdb) PY=$(PY) bash bench/run.sh
 

@@ -1,24 +1,33 @@
-#!/usr/bin/env bash
-# Benchmarks. Each module appends a self-contained block. Needs build/ (make).
+#!/bin/bash
+# bench/run.sh: the benchmarks (`make bench`). Each section prints its own
+# table; figures and commands are recorded in bench/README.md.
+# Env: CLIPDB_BIN (the binary), PY (Debian's python3 with torch/numpy/PIL).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-/usr/bin/python3}
-LIBS="-lopenblas -lsqlite3 -ljpeg -lpng -lwebp -lwebpdemux -lgif -lstb -lz -lutf8proc -lcjson \
--lmicrohttpd -lcurl -lcrypto -lfaiss -llapack -lgomp -lstdc++ -lm -lpthread"
+export CLIPDB_BIN=${CLIPDB_BIN:-$PWD/build/clipdb}
+
+# ---- index: exact and IVF search vs Faiss (bench/bench_search.c, ~4 min) ----
+echo "== index: exact + IVF search vs Faiss (build/bench/bench_search) =="
+make -s -j2 build/bench/bench_search
+build/bench/bench_search 100000 1000
 
 # ---- store: DB open + first query; ingest pipeline vs encoder alone ----------
+# (bench/bench_db.c; ~2 min: 100,000 x 512 database, then 256 flickr8k images
+# through full-size ViT-B/32; BENCH_INGEST_N=8091 for the whole set)
 (
   set -e
+  echo "== store: open + first query on 100,000 x 512; ingest vs encoder alone (build/bench_db) =="
   make -s -j2 build/libclipdb.a
   cc -Iinclude -Isrc -D_GNU_SOURCE -std=c11 -O2 -march=native -pthread -o build/bench_db \
-     bench/bench_db.c build/libclipdb.a $LIBS
+     bench/bench_db.c build/libclipdb.a -lopenblas -lsqlite3 -ljpeg -lpng -lwebp -lwebpdemux \
+     -lgif -lstb -lz -lutf8proc -lcjson -lmicrohttpd -lcurl -lcrypto -lfaiss -llapack -lgomp \
+     -lstdc++ -lm -lpthread
   tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
-  echo "## store: open a database of 100,000 x 512 vectors and answer the first query"
-  build/bench_db open "$tmp/b100k.db" 100000 512 | grep -v '^built'   # build (untimed)
+  build/bench_db open "$tmp/b100k.db" 100000 512 >/dev/null   # builds the file (untimed)
   build/bench_db open "$tmp/b100k.db" 100000 512
   data=../shared/data/flickr8k/images
   if [ -d "$data" ]; then
-    echo "## store: ingest, full-size ViT-B/32 (seeded random weights), ${BENCH_INGEST_N:-256} flickr8k images"
     "$PY" tools/gen_model.py "$tmp/b32" --size b32 --keys openai --dtype F32 --seed 1 >/dev/null
     build/bench_db ingest "$tmp/b32" "$data" "${BENCH_INGEST_N:-256}"
   else

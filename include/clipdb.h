@@ -166,20 +166,42 @@ CLIPDB_API int clipdb_encode_texts_ex(clipdb_ctx *c, const char *const *texts, i
 
 /* ---- fetching published models -------------------------------------------- */
 
+/* Where files come from: <base_url>/<name>/resolve/main/<file>, Hugging
+** Face's layout. Which files: model.safetensors, vocab.json and merges.txt for
+** Hugging Face transformers repositories (e.g. "openai/clip-vit-base-patch32");
+** open_clip_model.safetensors (+ vocab.json and merges.txt where the repository
+** has them) for open_clip ones ("timm/..." and the known laion names). */
 typedef struct clipdb_fetch_options {
-    const char *base_url;  /* default "https://huggingface.co" */
-    int progress;          /* 1: draw a progress bar on stderr */
-    /* Called with bytes done and total (-1 if unknown) of the current file;
-    ** may be NULL. */
+    /* NULL: $CLIPDB_HF_BASE_URL if set, else "https://huggingface.co". */
+    const char *base_url;
+    /* Called with the bytes done and the total (-1 if unknown) of the current
+    ** file, about ten times a second while it moves and once with
+    ** done == total when a file is complete (or found already complete).
+    ** May be NULL. The library itself never prints. */
     void (*on_progress)(void *arg, const char *file, int64_t done, int64_t total);
     void *progress_arg;
+    long connect_timeout_s; /* default 30 */
+    /* A transfer slower than 1 KiB/s for this long is abandoned (the .part
+    ** file is kept for a resume); no limit on the total time. Default 60. */
+    long stall_timeout_s;
 } clipdb_fetch_options;
 
+/* Fills the defaults documented above. */
 CLIPDB_API void clipdb_fetch_options_init(clipdb_fetch_options *opt);
 
 /* Downloads the published model `name` (e.g. "openai/clip-vit-base-patch32")
-** into `dir` (created if missing), resuming partial files and checking sizes.
-** On failure a message is written to *errmsg (caller frees with clipdb_free). */
+** into `dir` (created if missing, like mkdir -p). Each file goes to
+** dir/FILE.part, resumed with a Range request from its current size on the
+** next call after an interruption, and is renamed to dir/FILE only when its
+** size matches the one the server announced (and its SHA-256 matches, when
+** the server gives one); a file already complete is skipped. opt may be NULL
+** (defaults). Returns CLIPDB_OK, or CLIPDB_ENET (network, HTTP status, size
+** or transfer error; the .part file is kept), CLIPDB_EIO (local files),
+** CLIPDB_EMISMATCH (SHA-256 differs; the .part file is removed),
+** CLIPDB_EFORMAT (the weights do not parse), CLIPDB_EINVAL (bad name or URL),
+** CLIPDB_ELIMIT (announced size over the limit). On failure *errmsg (if
+** errmsg is not NULL) gets a one-line message that the caller frees with
+** clipdb_free; on success it is set to NULL. */
 CLIPDB_API int clipdb_model_fetch(const char *name, const char *dir,
                                   const clipdb_fetch_options *opt, char **errmsg);
 
@@ -264,8 +286,8 @@ CLIPDB_API int clipdb_flat_search(const clipdb_vecs *base, const float *queries,
 ** centroids come from spherical k-means on normalised vectors (unit
 ** centroids) and assignment is by inner product, as Faiss does for
 ** METRIC_INNER_PRODUCT. Lists keep copies of the vectors contiguously, with
-** their ids and norms. Not thread-safe for writers; concurrent searches on a
-** handle nobody modifies are safe. */
+** their ids and norms. One thread at a time per handle (searches write the
+** error message on it); clipdb_flat_search is stateless and reentrant. */
 typedef struct clipdb_ivf clipdb_ivf;
 
 /* Options of clipdb_ivf_train. Fill with clipdb_ivf_train_options_init. */

@@ -41,8 +41,13 @@ extern const cli_cmd cli_commands[];
 extern const int cli_n_commands;
 
 /* Subcommands, one file each (src/cli/cmd_NAME.c). */
-extern const char cli_help_tokenize[];
-int cmd_tokenize(int argc, char **argv);
+/* cmd_model.c: `clipdb model info|fetch` */
+extern const char cli_model_help[];
+int cli_cmd_model(int argc, char **argv);
+
+/* cmd_tokenize.c: `clipdb tokenize` */
+extern const char cli_tokenize_help[];
+int cli_cmd_tokenize(int argc, char **argv);
 
 /* the database (store module): init, add, rm, search, index, stats */
 int cmd_init(int argc, char **argv);

@@ -8,7 +8,7 @@
 
 #include "cli/cli.h"
 
-const char cli_help_tokenize[] =
+const char cli_tokenize_help[] =
     "usage: clipdb tokenize --model DIR [--truncate] TEXT...\n"
     "\n"
     "Prints the CLIP token ids of each TEXT as a JSON array, one line per text,\n"
@@ -72,7 +72,7 @@ static int tokenize_stdin(clipdb_ctx *ctx)
     return rc;
 }
 
-int cmd_tokenize(int argc, char **argv)
+int cli_cmd_tokenize(int argc, char **argv)
 {
     const char *dir = NULL;
     int truncate = 0, first_text, i, rc = CLI_OK, n_texts = 0;

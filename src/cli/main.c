@@ -21,7 +21,9 @@ const cli_cmd cli_commands[] = {
     {"version", "print the version",
      "usage: clipdb version\n\nPrints the version of clipdb.\n",
      cmd_version},
-    {"tokenize", "print the CLIP token ids of texts", cli_help_tokenize, cmd_tokenize},
+    {"model", "show a model's shape and identity, or download one (info, fetch)",
+     cli_model_help, cli_cmd_model},
+    {"tokenize", "print the CLIP token ids of texts", cli_tokenize_help, cli_cmd_tokenize},
     /* the database (store module) */
     {"init", "create a database bound to a model", cmd_init_help, cmd_init},
     {"add", "add images (with captions) or texts to a database", cmd_add_help, cmd_add},

@@ -86,15 +86,20 @@ typedef struct cdb_kparams {
     size_t q_block;     /* queries per GEMM (1024) */
     size_t b_block;     /* base rows per GEMM (8192) */
     size_t gemv_max_m;  /* at most this many queries: one sgemv each (1) */
+    size_t small_max;   /* a single-query block of at most this many floats
+                        ** (rows * d) uses the inline dot kernel, not sgemv,
+                        ** whose thread start-up costs more than the work
+                        ** below ~1 MB (1 << 18) */
     int threads;        /* threads for the top-k pass (0: OpenBLAS's count) */
     size_t thread_min;  /* fewest scores of a block worth threading (1 << 18) */
 } cdb_kparams;
 void cdb_kparams_default(cdb_kparams *p);
 
 /* Scores every query of qb against every row of rows under `metric` and
-** pushes the allowed ones into the heaps of t. scratch holds at least
-** p->b_block * min(qb->m, p->q_block)... precisely: qb->m <= p->q_block and
-** scratch has p->q_block * p->b_block floats. */
+** pushes the allowed ones into the heaps of t, p->b_block rows at a time:
+** one query -> inline dot kernel (block <= p->small_max floats) or sgemv;
+** more -> sgemm. Requires qb->m <= p->q_block and scratch of at least
+** qb->m * min(rows->n, p->b_block) floats. */
 void cdb_scan(const cdb_kparams *p, clipdb_metric metric, int d,
               const cdb_qblock *qb, const cdb_rows *rows,
               const clipdb_filter *filter, cdb_topk *t, float *scratch);

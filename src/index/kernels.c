@@ -237,6 +237,7 @@ void cdb_kparams_default(cdb_kparams *p)
     p->q_block = 1024;
     p->b_block = 8192;
     p->gemv_max_m = 1;
+    p->small_max = (size_t)1 << 18;
     p->threads = 0;
     p->thread_min = (size_t)1 << 18;
 }
@@ -274,6 +275,25 @@ static void push_block(const cdb_kparams *p, clipdb_metric metric, const float *
     for (i = started + 1; i < nt; i++) push_range(&jobs[i]); /* threads that failed to start */
 }
 
+/* out (nb) = B (nb, d) @ q (d), single-threaded, for blocks too small for
+** OpenBLAS's threaded sgemv to pay off (IVF lists at one query). Eight
+** independent partial sums per row let the compiler use one SIMD register
+** without reassociating a single sum. */
+static void dot_rows(const float *B, size_t nb, int d, const float *q, float *out)
+{
+    size_t i;
+    int j, t;
+    for (i = 0; i < nb; i++) {
+        const float *b = B + i * (size_t)d;
+        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0}, s;
+        for (j = 0; j + 8 <= d; j += 8)
+            for (t = 0; t < 8; t++) acc[t] += b[j + t] * q[j + t];
+        s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+        for (; j < d; j++) s += b[j] * q[j];
+        out[i] = s;
+    }
+}
+
 void cdb_scan(const cdb_kparams *p, clipdb_metric metric, int d, const cdb_qblock *qb,
               const cdb_rows *rows, const clipdb_filter *filter, cdb_topk *t, float *scratch)
 {
@@ -290,6 +310,11 @@ void cdb_scan(const cdb_kparams *p, clipdb_metric metric, int d, const cdb_qbloc
         sub.n = nb;
         if (qb->m <= p->gemv_max_m) {
             for (i = 0; i < qb->m; i++) {
+                if (nb * (size_t)d <= p->small_max) {
+                    // B (nb, d) @ q_i (d) -> S[i] (nb), inline kernel
+                    dot_rows(sub.x, nb, d, qb->q + i * (size_t)d, scratch + i * nb);
+                    continue;
+                }
                 // B (nb, d) @ q_i (d) -> S[i] (nb)
                 cblas_sgemv(CblasRowMajor, CblasNoTrans, (int)nb, d, 1.0f, sub.x, d,
                             qb->q + i * (size_t)d, 1, 0.0f, scratch + i * nb, 1);

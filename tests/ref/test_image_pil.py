@@ -55,9 +55,14 @@ def ours(tool, path, tmp, dct=False):
     return x, np.fromfile(rgb, np.uint8).reshape(h, w, 3)
 
 
+def summarise(diffs):
+    """(max, mean of per-image means) of absolute differences."""
+    return max(float(d.max()) for d in diffs), float(np.mean([d.mean() for d in diffs]))
+
+
 def compare(tool, paths, tmp, label):
     """Asserts decoder and tensor parity with PIL over paths; returns stats."""
-    maxes, means = [], []
+    diffs = []
     for p in paths:
         im = pil_rgb(p)
         ref = REF(im).numpy()
@@ -66,10 +71,8 @@ def compare(tool, paths, tmp, label):
         assert rgb.shape == want.shape, f"{p}: decoded {rgb.shape}, PIL {want.shape}"
         rgb_diff = int(np.abs(rgb.astype(int) - want.astype(int)).max())
         assert rgb_diff == 0, f"{p}: decoded RGB differs from PIL by {rgb_diff}"
-        d = np.abs(x - ref)
-        maxes.append(float(d.max()))
-        means.append(float(d.mean()))
-    mx, mn = max(maxes), float(np.mean(means))
+        diffs.append(np.abs(x - ref))
+    mx, mn = summarise(diffs)
     print(f"\n[{label}] {len(paths)} images: max abs diff {mx:.3g}, mean {mn:.3g} "
           f"(normalised tensor; one 8-bit level = {LEVEL:.4f})")
     # Same bytes as PIL before normalisation, same float32 arithmetic after:
@@ -119,6 +122,8 @@ def converted(shared, tmp, n=6):
             "lossy.webp": (im, {"quality": 80}),
             "lossless.webp": (im, {"lossless": True}),
             "rgba.webp": (rgba, {"lossless": True}),
+            "anim.webp": (im, {"save_all": True, "duration": 100, "quality": 80,
+                               "append_images": [im.transpose(Image.Transpose.ROTATE_180)]}),
             "rgb.bmp": (im, {}),
             "p.bmp": (im.convert("P", palette=Image.ADAPTIVE, colors=256), {}),
             "l.bmp": (im.convert("L"), {}),
@@ -218,7 +223,7 @@ def test_dct_scaled_decode_stays_close_to_full_decode(tool, shared, tmp_path):
     That is a different low-pass than Pillow's bicubic on full pixels, so the
     result is not bit-exact: differences are confined to sharp edges. Assert
     max <= 0.1 (about 6.7 8-bit levels) and mean <= 0.006 (0.4 level)."""
-    maxes, means = [], []
+    diffs = []
     for i, src in enumerate(coco(shared, 6)):
         im = Image.open(src).convert("RGB")
         s = 2000 / max(im.size)
@@ -238,10 +243,8 @@ def test_dct_scaled_decode_stays_close_to_full_decode(tool, shared, tmp_path):
         scaled, rgb = ours(tool, p, tmp_path, dct=True)
         assert min(rgb.shape[:2]) < min(big.size), "no DCT scaling happened"
         assert min(rgb.shape[:2]) >= 3 * S
-        d = np.abs(scaled - full)
-        maxes.append(float(d.max()))
-        means.append(float(d.mean()))
-    mx, mn = max(maxes), float(np.mean(means))
+        diffs.append(np.abs(scaled - full))
+    mx, mn = summarise(diffs)
     print(f"\n[dct-scaled vs full decode, 2000px JPEGs] max abs diff {mx:.4f} "
           f"({mx / LEVEL:.1f} levels), mean {mn:.5f} ({mn / LEVEL:.2f} levels)")
     assert mx <= 0.1

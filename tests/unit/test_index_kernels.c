@@ -135,12 +135,14 @@ TEST(index_kernels_all_dims_small_blocks)
     static const size_t nqs[] = {1, 2, 4, 5, 9};
     cdb_kparams p;
     size_t a, b, c;
-    int mi, fails = 0;
+    int mi, fails = 0, path;
+    for (path = 0; path < 2; path++) {
     cdb_kparams_default(&p);
     p.q_block = 4;
     p.b_block = 16;
     p.threads = 2;
     p.thread_min = 1;
+    p.small_max = path ? 0 : p.small_max; /* 0: one query always by sgemv */
     for (a = 0; a < sizeof dims / sizeof *dims; a++) {
         int d = dims[a];
         float *base = malloc(33 * (size_t)d * sizeof *base), *q = malloc(9 * (size_t)d * sizeof *q);
@@ -159,7 +161,32 @@ TEST(index_kernels_all_dims_small_blocks)
         free(base);
         free(q);
     }
+    }
     CHECK(fails == 0);
+}
+
+/* One query: the inline dot kernel up to small_max = 1 << 18 floats, sgemv
+** above: 511, 512, 513 rows of 512 around it, and 8192 x 33 (270,336). */
+TEST(index_kernels_gemv_dispatch_threshold)
+{
+    static const size_t ns[] = {511, 512, 513};
+    cdb_kparams p;
+    float *base = malloc(8192 * 33 * sizeof *base), *q = malloc(512 * sizeof *q);
+    size_t a;
+    int mi, fails = 0;
+    cdb_kparams_default(&p);
+    REQUIRE(p.small_max == 512 * 512);
+    fill_rand(base, 8192 * 33, 31, 0);
+    fill_rand(q, 512, 32, 0);
+    for (a = 0; a < 3; a++)
+        for (mi = 0; mi < 3; mi++) fails += check_flat(&p, base, NULL, NULL, ns[a], 512, q, 1, 10, metrics[mi], NULL);
+    for (mi = 0; mi < 3; mi++) {
+        fails += check_flat(&p, base, NULL, NULL, 7944, 33, q, 1, 10, metrics[mi], NULL);  /* 262,152 */
+        fails += check_flat(&p, base, NULL, NULL, 8192, 33, q, 1, 10, metrics[mi], NULL);
+    }
+    CHECK(fails == 0);
+    free(base);
+    free(q);
 }
 
 /* The default blocks: 8191/8192/8193 base rows around the 8192-row block;

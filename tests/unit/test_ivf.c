@@ -7,6 +7,15 @@
 #include "index/index.h"
 #include "test.h"
 
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/lsan_interface.h>
+#define LSAN_OFF() __lsan_disable()
+#define LSAN_ON() __lsan_enable()
+#else
+#define LSAN_OFF() ((void)0)
+#define LSAN_ON() ((void)0)
+#endif
+
 /* n points of dimension d around nc Gaussian centres (Box-Muller). */
 static float *clustered(size_t n, int d, int nc, double sigma, uint64_t seed)
 {
@@ -338,7 +347,11 @@ TEST(ivf_faiss_shim_agrees)
         for (i = 0; i < f.nq * k; i++) CHECK(fa[i].id == fb[i].id && fa[i].score == fb[i].score);
         /* a truncated blob and a metric mismatch fail cleanly */
         cdb_faiss_free(back);
+        /* Faiss 1.7.3's read_index leaks what it allocated before it throws on
+        ** a truncated blob (raw pointers, not ours): tell LeakSanitizer */
+        LSAN_OFF();
         CHECK(cdb_faiss_deserialize(&back, buf, len / 2, CLIPDB_METRIC_COSINE) == CLIPDB_ERROR);
+        LSAN_ON();
         CHECK(strlen(cdb_faiss_errmsg(back)) > 0);
         cdb_faiss_free(back);
         CHECK(cdb_faiss_deserialize(&back, buf, len, CLIPDB_METRIC_L2) == CLIPDB_ERROR);

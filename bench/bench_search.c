@@ -1,0 +1,214 @@
+/*
+** bench_search.c: exact and IVF search of clipdb against Faiss (through the
+** shim, the same vectors, the same threads), with correctness checked in the
+** same run. Fixed seeds; warm-up runs excluded; medians over repeats.
+**
+** usage: build/bench/bench_search [N [NQ]]   (default 100000 base, 1000 queries)
+** Prints one table; exits 1 if a correctness check fails.
+*/
+#include <cblas.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "core/core.h"
+#include "index/index.h"
+
+#define D 512
+#define K 10
+
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+static double median(double *v, int n)
+{
+    qsort(v, (size_t)n, sizeof *v, cmp_double);
+    return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+static double gauss(cdb_rng *r)
+{
+    double u1 = cdb_rng_unif(r) + 1e-12, u2 = cdb_rng_unif(r);
+    return sqrt(-2 * log(u1)) * cos(6.283185307179586 * u2);
+}
+
+/* n x D: nc == 0 -> i.i.d. Gaussian; else around nc Gaussian centres. */
+static float *make_data(size_t n, int nc, double sigma, uint64_t seed)
+{
+    cdb_rng r = {seed};
+    float *x = malloc(n * D * sizeof *x), *c = NULL;
+    size_t i, j;
+    if (nc) {
+        c = malloc((size_t)nc * D * sizeof *c);
+        for (i = 0; i < (size_t)nc * D; i++) c[i] = (float)gauss(&r);
+    }
+    for (i = 0; i < n; i++) {
+        const float *ci = nc ? c + (size_t)cdb_rng_below(&r, (uint64_t)nc) * D : NULL;
+        for (j = 0; j < D; j++) x[i * D + j] = (ci ? ci[j] : 0.0f) + (float)(sigma * gauss(&r));
+    }
+    free(c);
+    return x;
+}
+
+static double recall(const clipdb_hit *a, const clipdb_hit *ex, size_t nq)
+{
+    size_t i, hit = 0;
+    int p, q;
+    for (i = 0; i < nq; i++)
+        for (p = 0; p < K; p++)
+            for (q = 0; q < K; q++)
+                if (ex[i * K + p].id == a[i * K + q].id) {
+                    hit++;
+                    break;
+                }
+    return (double)hit / (double)(nq * K);
+}
+
+static void die(const char *what, const char *msg)
+{
+    fprintf(stderr, "bench_search: %s: %s\n", what, msg);
+    exit(1);
+}
+
+int main(int argc, char **argv)
+{
+    size_t n = argc > 1 ? (size_t)atol(argv[1]) : 100000, nq = argc > 2 ? (size_t)atol(argv[2]) : 1000;
+    const int n_single = 200, warm = 10, reps = 3, nlist = 100;
+    static const int probes[] = {1, 2, 5, 10, 25};
+    float *x, *q, *norms;
+    int64_t *ids;
+    clipdb_hit *ex, *ours, *theirs;
+    double t0, ts[256], tf[256], lat_ours, lat_faiss, bt_ours, bt_faiss, agree;
+    int n_out, i, r, fail = 0;
+    size_t j, same = 0;
+    char *msg = NULL;
+    cdb_faiss *fl = NULL, *fi = NULL;
+    clipdb_ivf *ivf = NULL;
+    clipdb_vecs bv;
+    clipdb_ivf_train_options to;
+
+    if (n < 1000 || nq < 1) die("usage", "bench_search [N >= 1000 [NQ]]");
+    ids = malloc(n * sizeof *ids);
+    norms = malloc(n * sizeof *norms);
+    ex = malloc(nq * K * sizeof *ex);
+    ours = malloc(nq * K * sizeof *ours);
+    theirs = malloc(nq * K * sizeof *theirs);
+    for (j = 0; j < n; j++) ids[j] = (int64_t)j;
+
+    printf("clipdb bench_search: d %d, k %d, base %zu, queries %zu, OpenBLAS threads %d\n\n", D, K, n, nq,
+           openblas_get_num_threads());
+    printf("%-44s %12s %12s %8s  %s\n", "case", "clipdb", "faiss", "ratio", "check");
+
+    /* ---- exact search, i.i.d. Gaussian vectors, cosine (Faiss: normalised + IndexFlatIP) ---- */
+    x = make_data(n, 0, 1.0, 1);
+    q = make_data(nq, 0, 1.0, 2);
+    clipdb_vec_norms(x, n, D, norms);
+    bv = (clipdb_vecs){x, ids, norms, n, D};
+    if (cdb_faiss_new(&fl, D, "Flat", CLIPDB_METRIC_COSINE) || cdb_faiss_add(fl, ids, x, n))
+        die("faiss Flat", cdb_faiss_errmsg(fl));
+    for (i = 0; i < warm + n_single; i++) {
+        const float *qi = q + (size_t)(i % (int)nq) * D;
+        t0 = cdb_now();
+        if (clipdb_flat_search(&bv, qi, 1, K, CLIPDB_METRIC_COSINE, NULL, ours, &n_out, &msg)) die("flat", msg);
+        if (i >= warm) ts[(i - warm) % 256] = cdb_now() - t0;
+        t0 = cdb_now();
+        if (cdb_faiss_search(fl, qi, 1, K, 0, theirs)) die("faiss search", cdb_faiss_errmsg(fl));
+        if (i >= warm) tf[(i - warm) % 256] = cdb_now() - t0;
+        for (r = 0; r < K; r++) same += ours[r].id == theirs[r].id;
+    }
+    lat_ours = median(ts, n_single < 256 ? n_single : 256) * 1e3;
+    lat_faiss = median(tf, n_single < 256 ? n_single : 256) * 1e3;
+    agree = (double)same / ((double)(warm + n_single) * K);
+    fail |= agree < 0.99;
+    printf("%-44s %9.3f ms %9.3f ms %8.2f  ids agree %.4f\n", "exact 1 query, median latency", lat_ours,
+           lat_faiss, lat_faiss / lat_ours, agree);
+
+    for (r = 0; r < reps + 1; r++) {
+        t0 = cdb_now();
+        if (clipdb_flat_search(&bv, q, nq, K, CLIPDB_METRIC_COSINE, NULL, ex, &n_out, &msg)) die("flat", msg);
+        if (r) ts[r - 1] = cdb_now() - t0;
+        t0 = cdb_now();
+        if (cdb_faiss_search(fl, q, nq, K, 0, theirs)) die("faiss search", cdb_faiss_errmsg(fl));
+        if (r) tf[r - 1] = cdb_now() - t0;
+    }
+    bt_ours = (double)nq / median(ts, reps);
+    bt_faiss = (double)nq / median(tf, reps);
+    agree = recall(theirs, ex, nq);
+    fail |= agree < 0.99;
+    {
+        char name[64];
+        snprintf(name, sizeof name, "exact %zu queries in one call, queries/s", nq);
+        printf("%-44s %12.0f %12.0f %8.2f  recall vs faiss %.4f\n", name, bt_ours, bt_faiss, bt_faiss > 0 ? bt_ours / bt_faiss : 0,
+               agree);
+    }
+    cdb_faiss_free(fl);
+    fl = NULL;
+    free(x);
+    free(q);
+
+    /* ---- IVF, clustered vectors (1000 Gaussian clusters), cosine, nlist 100 ---- */
+    x = make_data(n + nq, 1000, 1.5, 3);
+    q = x + n * D;
+    clipdb_vec_norms(x, n, D, norms);
+    bv = (clipdb_vecs){x, ids, norms, n, D};
+    if (clipdb_flat_search(&bv, q, nq, K, CLIPDB_METRIC_COSINE, NULL, ex, &n_out, &msg)) die("flat", msg);
+    clipdb_ivf_train_options_init(&to);
+    t0 = cdb_now();
+    if (clipdb_ivf_new(&ivf, D, nlist, CLIPDB_METRIC_COSINE) || clipdb_ivf_train(ivf, x, n, &to) ||
+        clipdb_ivf_add(ivf, ids, x, n, NULL))
+        die("ivf", clipdb_ivf_errmsg(ivf));
+    ts[0] = cdb_now() - t0;
+    t0 = cdb_now();
+    if (cdb_faiss_new(&fi, D, "IVF100,Flat", CLIPDB_METRIC_COSINE) || cdb_faiss_train(fi, x, n) ||
+        cdb_faiss_add(fi, ids, x, n))
+        die("faiss IVF", cdb_faiss_errmsg(fi));
+    tf[0] = cdb_now() - t0;
+    printf("%-44s %10.2f s %10.2f s %8.2f\n", "IVF100 train + add (seconds)", ts[0], tf[0], tf[0] / ts[0]);
+    for (i = 0; i < (int)(sizeof probes / sizeof *probes); i++) {
+        int np = probes[i];
+        double ro, rf;
+        char name[64];
+        for (r = 0; r < reps + 1; r++) {
+            t0 = cdb_now();
+            if (clipdb_ivf_search(ivf, q, nq, K, np, NULL, ours, &n_out)) die("ivf search", clipdb_ivf_errmsg(ivf));
+            if (r) ts[r - 1] = cdb_now() - t0;
+            t0 = cdb_now();
+            if (cdb_faiss_search(fi, q, nq, K, np, theirs)) die("faiss search", cdb_faiss_errmsg(fi));
+            if (r) tf[r - 1] = cdb_now() - t0;
+        }
+        ro = recall(ours, ex, nq);
+        rf = recall(theirs, ex, nq);
+        fail |= ro < rf - 0.02;
+        snprintf(name, sizeof name, "IVF100 nprobe %2d, batch queries/s", np);
+        printf("%-44s %12.0f %12.0f %8.2f  recall@10 %.4f vs %.4f\n", name, (double)nq / median(ts, reps),
+               (double)nq / median(tf, reps), median(tf, reps) / median(ts, reps), ro, rf);
+    }
+    /* one query at a time at nprobe 10 */
+    for (i = 0; i < warm + n_single; i++) {
+        const float *qi = q + (size_t)(i % (int)nq) * D;
+        t0 = cdb_now();
+        if (clipdb_ivf_search(ivf, qi, 1, K, 10, NULL, ours, &n_out)) die("ivf search", clipdb_ivf_errmsg(ivf));
+        if (i >= warm) ts[(i - warm) % 256] = cdb_now() - t0;
+        t0 = cdb_now();
+        if (cdb_faiss_search(fi, qi, 1, K, 10, theirs)) die("faiss search", cdb_faiss_errmsg(fi));
+        if (i >= warm) tf[(i - warm) % 256] = cdb_now() - t0;
+    }
+    lat_ours = median(ts, n_single < 256 ? n_single : 256) * 1e3;
+    lat_faiss = median(tf, n_single < 256 ? n_single : 256) * 1e3;
+    printf("%-44s %9.3f ms %9.3f ms %8.2f\n", "IVF100 nprobe 10, 1 query, median latency", lat_ours, lat_faiss,
+           lat_faiss / lat_ours);
+    printf("\nratio: > 1 means clipdb is faster. %s\n", fail ? "CORRECTNESS CHECK FAILED" : "all checks passed");
+    cdb_faiss_free(fi);
+    clipdb_ivf_free(ivf);
+    free(x);
+    free(ids);
+    free(norms);
+    free(ex);
+    free(ours);
+    free(theirs);
+    return fail;
+}

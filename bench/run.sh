@@ -15,3 +15,26 @@ build/bench/bench_search 100000 1000
 # ---- encoder: clipdb embed vs PyTorch (bench/bench_encode.py, ~5 min) ----
 echo "== encoder: clipdb embed vs PyTorch (bench/bench_encode.py) =="
 "$PY" bench/bench_encode.py
+
+# ---- store: DB open + first query; ingest pipeline vs encoder alone ----------
+# (bench/bench_db.c; ~2 min: 100,000 x 512 database, then 256 flickr8k images
+# through full-size ViT-B/32; BENCH_INGEST_N=8091 for the whole set)
+(
+  set -e
+  echo "== store: open + first query on 100,000 x 512; ingest vs encoder alone (build/bench_db) =="
+  make -s -j2 build/libclipdb.a
+  cc -Iinclude -Isrc -D_GNU_SOURCE -std=c11 -O2 -march=native -pthread -o build/bench_db \
+     bench/bench_db.c build/libclipdb.a -lopenblas -lsqlite3 -ljpeg -lpng -lwebp -lwebpdemux \
+     -lgif -lstb -lz -lutf8proc -lcjson -lmicrohttpd -lcurl -lcrypto -lfaiss -llapack -lgomp \
+     -lstdc++ -lm -lpthread
+  tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
+  build/bench_db open "$tmp/b100k.db" 100000 512 >/dev/null   # builds the file (untimed)
+  build/bench_db open "$tmp/b100k.db" 100000 512
+  data=../shared/data/flickr8k/images
+  if [ -d "$data" ]; then
+    "$PY" tools/gen_model.py "$tmp/b32" --size b32 --keys openai --dtype F32 --seed 1 >/dev/null
+    build/bench_db ingest "$tmp/b32" "$data" "${BENCH_INGEST_N:-256}"
+  else
+    echo "store: ../shared/data/flickr8k not found; skipping the ingest benchmark"
+  fi
+)

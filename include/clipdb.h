@@ -347,7 +347,203 @@ CLIPDB_API int clipdb_ivf_search(clipdb_ivf *ivf, const float *queries, size_t n
 
 /* ---- the database: storage, ingest, search (src/store) -------------------- */
 
-/* (section owned by the store module) */
+/* (section owned by the store module)
+**
+** A database is one SQLite file bound at creation to one model (its identity
+** and shape are recorded; vectors from another model are refused). Items are
+** images (path as given, absolute path, size, SHA-256 of the content) or
+** texts (standalone, or captions linked to their image). Each item has its
+** raw projected CLIP vector and its norm. Items may carry metadata fields
+** (e.g. split, image_id) that searches can filter on. A handle is used by one
+** thread at a time. */
+typedef struct clipdb_db clipdb_db;
+
+/* The on-disk format: SQLite PRAGMA application_id and user_version. */
+#define CLIPDB_DB_MAGIC   0x434C4442 /* "CLDB" */
+#define CLIPDB_DB_VERSION 1
+
+/* Item types. */
+#define CLIPDB_ITEM_IMAGE 1
+#define CLIPDB_ITEM_TEXT  2
+
+typedef struct clipdb_db_options {
+    int create;            /* 1: create a new database (the file must not
+                           ** exist) bound to the model in model_dir */
+    int readonly;          /* 1: open read-only (not with create) */
+    const char *model_dir; /* create: the model (required). Open: the model
+                           ** directory to use instead of the recorded one */
+} clipdb_db_options;
+/* Defaults: open an existing database read-write, recorded model. */
+CLIPDB_API void clipdb_db_options_init(clipdb_db_options *opt);
+
+/* Opens (or with opt->create, creates) the database at `path`. Refuses a
+** file that is not a clipdb database and a newer format version, with a
+** message naming the file. opt may be NULL (defaults). *out is set even on
+** failure (see the conventions); close with clipdb_db_close. */
+CLIPDB_API int clipdb_db_open(clipdb_db **out, const char *path,
+                              const clipdb_db_options *opt);
+CLIPDB_API void clipdb_db_close(clipdb_db *db);
+CLIPDB_API const char *clipdb_db_errmsg(const clipdb_db *db);
+
+/* The database's model, opened on first use (the directory given at open,
+** else the recorded one) and checked against the recorded identity
+** (CLIPDB_EMISMATCH if it differs). The model belongs to db. */
+CLIPDB_API int clipdb_db_model(clipdb_db *db, clipdb_model **out);
+
+/* ---- adding ---- */
+
+typedef struct clipdb_add_progress {
+    const char *phase;     /* "images" or "texts" */
+    int64_t done, total;   /* files (or texts) processed / to process */
+    int64_t added, skipped, failed;
+    double elapsed_s;
+} clipdb_add_progress;
+
+typedef struct clipdb_add_options {
+    const char *images_dir;    /* add every image under it (recursively) */
+    const char *captions_path; /* with images_dir: captions (JSON lines,
+                               ** COCO captions_*.json, or CSV image,caption) */
+    const char *texts_path;    /* standalone texts, one per line */
+    int batch_size;            /* images per encoder batch and transaction
+                               ** (default 32) */
+    int decode_threads;        /* image decoding threads (default 0: the
+                               ** number of CPUs, at most 8) */
+    /* Called about every progress_interval_s seconds and at the end. */
+    void (*on_progress)(void *arg, const clipdb_add_progress *p);
+    double progress_interval_s;/* default 0.25 */
+    /* Called for each input skipped as bad: "PATH: reason". */
+    void (*on_warning)(void *arg, const char *msg);
+    void *arg;
+} clipdb_add_options;
+CLIPDB_API void clipdb_add_options_init(clipdb_add_options *opt);
+
+typedef struct clipdb_add_result {
+    int64_t images_added;      /* new files */
+    int64_t images_updated;    /* known paths whose content changed */
+    int64_t images_unchanged;  /* skipped: same path and content hash */
+    int64_t images_failed;     /* unreadable or corrupt: reported, skipped */
+    int64_t captions_added;
+    int64_t captions_unmatched;/* caption entries naming no image in the folder */
+    int64_t texts_added;       /* standalone texts */
+    int64_t texts_unchanged;   /* standalone texts already present */
+} clipdb_add_result;
+
+/* Adds images (with captions) and/or texts. Incremental: unchanged files
+** are skipped. Commits every batch (an item, its vector and its captions in
+** one transaction), so a killed run leaves every committed batch and resumes
+** when run again. A malformed captions file fails before anything is added
+** ("FILE:LINE: reason"). */
+CLIPDB_API int clipdb_db_add(clipdb_db *db, const clipdb_add_options *opt,
+                             clipdb_add_result *res);
+
+/* Deletes items and their vectors; deleting an image deletes its captions
+** too. Unknown ids are CLIPDB_ENOTFOUND (nothing is deleted). Counts go to
+** *n_items (the ids given) and *n_captions (captions deleted with their
+** images); either may be NULL. */
+CLIPDB_API int clipdb_db_rm(clipdb_db *db, const int64_t *ids, int n,
+                            int64_t *n_items, int64_t *n_captions);
+
+/* ---- searching ---- */
+
+typedef enum clipdb_index_kind {
+    CLIPDB_INDEX_EXACT = 0,
+    CLIPDB_INDEX_IVF = 1,
+    CLIPDB_INDEX_FAISS = 2
+} clipdb_index_kind;
+
+/* What a query is. */
+typedef enum clipdb_query_kind {
+    CLIPDB_QUERY_TEXT = 1,   /* text: encoded with the text tower */
+    CLIPDB_QUERY_IMAGE = 2,  /* image file path: encoded with the vision tower */
+    CLIPDB_QUERY_ITEM = 3    /* a stored item's vector, by id */
+} clipdb_query_kind;
+
+typedef struct clipdb_query {
+    clipdb_query_kind kind;
+    const char *text;        /* QUERY_TEXT */
+    const char *path;        /* QUERY_IMAGE */
+    int64_t item;            /* QUERY_ITEM */
+} clipdb_query;
+
+typedef struct clipdb_search_options {
+    int target;              /* CLIPDB_ITEM_IMAGE (default) or _TEXT */
+    int k;                   /* default 10 */
+    int metric;              /* a clipdb_metric (default cosine) */
+    clipdb_index_kind index; /* default exact */
+    int nprobe;              /* IVF lists to scan (default 8) */
+    const char *faiss;       /* index_factory string for CLIPDB_INDEX_FAISS
+                             ** (default "IVF100,Flat") */
+    const char *const *where;/* n_where filters "FIELD=VALUE" on metadata
+                             ** (all must hold); FIELD may also be "type" */
+    int n_where;
+} clipdb_search_options;
+CLIPDB_API void clipdb_search_options_init(clipdb_search_options *opt);
+
+/* One result, with the item's fields. */
+typedef struct clipdb_result {
+    int64_t id;
+    int type;                /* CLIPDB_ITEM_IMAGE or _TEXT */
+    float score;             /* similarity, higher is better (L2: -distance) */
+    const char *path;        /* images: the path as given; else NULL */
+    const char *abspath;     /* images: absolute path; else NULL */
+    const char *text;        /* texts; else NULL */
+    int64_t image;           /* captions: the image's id; else -1 */
+    const char *meta_json;   /* metadata as a JSON object ("{}" if none) */
+} clipdb_result;
+
+/* Results of nq queries: query i's results are results[offsets[i] ..
+** offsets[i+1]). Free with clipdb_results_free (strings belong to it). */
+typedef struct clipdb_results {
+    size_t nq;
+    size_t *offsets;         /* nq + 1 */
+    clipdb_result *results;
+    double took_ms;          /* search time (encoding included) */
+} clipdb_results;
+CLIPDB_API void clipdb_results_free(clipdb_results *r);
+
+/* Answers nq queries (texts are encoded in one batch, images likewise, and
+** all queries are searched together: one matrix product for exact search).
+** *out (free with clipdb_results_free) is set on success. */
+CLIPDB_API int clipdb_db_search(clipdb_db *db, const clipdb_query *queries,
+                                size_t nq, const clipdb_search_options *opt,
+                                clipdb_results **out);
+
+/* ---- indexes and statistics ---- */
+
+typedef struct clipdb_index_options {
+    int target;              /* CLIPDB_ITEM_IMAGE (default) or _TEXT */
+    int metric;              /* a clipdb_metric it serves (default cosine) */
+    int nlist;               /* default 0: about sqrt(n), at least 1 */
+    uint64_t seed;           /* k-means seed (default 1234) */
+} clipdb_index_options;
+CLIPDB_API void clipdb_index_options_init(clipdb_index_options *opt);
+
+/* Trains an IVF index (k-means) on the stored vectors of opt->target and
+** stores its centroids and the list of every vector in the database,
+** replacing an earlier one for the same target and metric. Vectors added
+** later go to their nearest list; deleted ones leave it. */
+CLIPDB_API int clipdb_db_build_ivf(clipdb_db *db, const clipdb_index_options *opt);
+
+typedef struct clipdb_db_index_info {
+    const char *kind;        /* "ivf" */
+    int target;
+    int metric;              /* a clipdb_metric */
+    int nlist;
+    int64_t n_vectors;
+} clipdb_db_index_info;
+
+typedef struct clipdb_db_stats {
+    int64_t images, texts, captions, vectors;
+    int format_version;
+    int embed_dim;
+    const char *model;       /* identity */
+    const char *model_dir;   /* recorded model directory */
+    const char *path;        /* the database file */
+    int n_indexes;
+    clipdb_db_index_info indexes[8];
+} clipdb_db_stats;
+/* Fills *out; its strings belong to db and live until the next call on db. */
+CLIPDB_API int clipdb_db_get_stats(clipdb_db *db, clipdb_db_stats *out);
 
 
 #ifdef __cplusplus

@@ -41,10 +41,6 @@ extern const cli_cmd cli_commands[];
 extern const int cli_n_commands;
 
 /* Subcommands, one file each (src/cli/cmd_NAME.c). */
-/* cmd_embed.c: `clipdb embed` */
-extern const char cli_embed_help[];
-int cli_cmd_embed(int argc, char **argv);
-
 /* cmd_model.c: `clipdb model info|fetch` */
 extern const char cli_model_help[];
 int cli_cmd_model(int argc, char **argv);
@@ -52,5 +48,17 @@ int cli_cmd_model(int argc, char **argv);
 /* cmd_tokenize.c: `clipdb tokenize` */
 extern const char cli_tokenize_help[];
 int cli_cmd_tokenize(int argc, char **argv);
+
+/* the database (store module): init, add, rm, search, index, stats */
+int cli_cmd_init(int argc, char **argv);
+int cli_cmd_add(int argc, char **argv);
+int cli_cmd_rm(int argc, char **argv);
+int cli_cmd_stats(int argc, char **argv);
+int cli_cmd_search(int argc, char **argv);
+int cli_cmd_index(int argc, char **argv);
+extern const char cli_init_help[], cli_add_help[], cli_rm_help[], cli_stats_help[],
+    cli_search_help[], cli_index_help[];
+extern const char cli_embed_help[]; /* cmd_embed.c */
+int cli_cmd_embed(int argc, char **argv);
 
 #endif

@@ -18,13 +18,21 @@ static int cmd_version(int argc, char **argv)
 }
 
 const cli_cmd cli_commands[] = {
+    /* the database */
+    {"init", "create a database bound to a model", cli_init_help, cli_cmd_init},
+    {"add", "add images (with captions) or texts to a database", cli_add_help, cli_cmd_add},
+    {"search", "nearest images or texts to a text, image or item", cli_search_help, cli_cmd_search},
+    {"index", "build an IVF index in a database", cli_index_help, cli_cmd_index},
+    {"rm", "delete items from a database", cli_rm_help, cli_cmd_rm},
+    {"stats", "what a database holds", cli_stats_help, cli_cmd_stats},
+    /* the model */
+    {"embed", "print CLIP embeddings of texts and images", cli_embed_help, cli_cmd_embed},
+    {"tokenize", "print the CLIP token ids of texts", cli_tokenize_help, cli_cmd_tokenize},
+    {"model", "show a model's shape and identity, or download one (info, fetch)",
+     cli_model_help, cli_cmd_model},
     {"version", "print the version",
      "usage: clipdb version\n\nPrints the version of clipdb.\n",
      cmd_version},
-    {"embed", "print CLIP embeddings of texts and images", cli_embed_help, cli_cmd_embed},
-    {"model", "show a model's shape and identity, or download one (info, fetch)",
-     cli_model_help, cli_cmd_model},
-    {"tokenize", "print the CLIP token ids of texts", cli_tokenize_help, cli_cmd_tokenize},
 };
 const int cli_n_commands = (int)(sizeof cli_commands / sizeof cli_commands[0]);
 

@@ -1,0 +1,185 @@
+/*
+** bench_db.c: benchmarks of the database (src/store).
+**
+**   bench_db open DB N D      builds DB (if absent) with N random vectors of
+**                             dimension D (seeded), then times, in this
+**                             process, opening it and answering the first
+**                             query (loading the vectors + exact top-10), and
+**                             a second query; checks the top hit of a query
+**                             equal to a stored vector is that vector.
+**   bench_db ingest MODEL DIR N
+**                             encoder alone: decodes N images of DIR (not
+**                             timed), times clipdb_encode_images in batches
+**                             of 32 (after a warm-up batch); pipeline: times clipdb_db_add of the same
+**                             files (decode threads + encoder + SQLite) into a
+**                             fresh database. Prints images/s of both and
+**                             the ratio.
+*/
+#include <dirent.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "store/store.h"
+
+static uint64_t rng = 42;
+static float frand(void)
+{
+    rng = rng * 6364136223846793005ull + 1442695040888963407ull;
+    return (float)((rng >> 40) & 0xffffff) / 16777216.0f - 0.5f;
+}
+
+static int bench_open(const char *path, long n, int d)
+{
+    clipdb_db *db = NULL;
+    clipdb_results *res = NULL;
+    clipdb_query q;
+    clipdb_search_options opt;
+    struct stat sb;
+    double t0, t1, t2, t3;
+    int rc;
+
+    if (stat(path, &sb) != 0) {
+        float *v = malloc((size_t)d * sizeof *v);
+        int64_t id;
+        long i;
+        int j;
+        t0 = cdb_now();
+        if (cdb_db_create_raw(&db, path, "bench-random", d, NULL) != CLIPDB_OK) goto fail;
+        for (i = 0; i < n; i++) {
+            if (i % 5000 == 0 && cdb_db_begin(db) != CLIPDB_OK) goto fail;
+            for (j = 0; j < d; j++) v[j] = frand();
+            if (cdb_db_insert_image(db, "x.jpg", NULL, 1, "0", v, &id) != CLIPDB_OK) goto fail;
+            if ((i % 5000 == 4999 || i == n - 1) && cdb_db_commit(db) != CLIPDB_OK) goto fail;
+        }
+        clipdb_db_close(db);
+        db = NULL;
+        free(v);
+        stat(path, &sb);
+        printf("built %s: %ld vectors x %d in %.1f s, %.1f MB\n", path, n, d, cdb_now() - t0,
+               (double)sb.st_size / 1e6);
+    }
+    t0 = cdb_now();
+    if ((rc = clipdb_db_open(&db, path, NULL)) != CLIPDB_OK) goto fail;
+    t1 = cdb_now();
+    clipdb_search_options_init(&opt);
+    memset(&q, 0, sizeof q);
+    q.kind = CLIPDB_QUERY_ITEM;
+    q.item = n / 2;
+    if (clipdb_db_search(db, &q, 1, &opt, &res) != CLIPDB_OK) goto fail;
+    t2 = cdb_now();
+    if (res->offsets[1] < 1 || res->results[0].id != n / 2) {
+        fprintf(stderr, "bench_db: wrong answer (top hit %lld)\n", (long long)res->results[0].id);
+        return 1;
+    }
+    clipdb_results_free(res);
+    q.item = n / 3;
+    if (clipdb_db_search(db, &q, 1, &opt, &res) != CLIPDB_OK) goto fail;
+    t3 = cdb_now();
+    clipdb_results_free(res);
+    printf("| open | first query (load %ld x %d + exact top-10) | open + first query | second query |\n"
+           "| --- | --- | --- | --- |\n"
+           "| %.1f ms | %.1f ms | %.1f ms | %.1f ms |\n",
+           n, d, (t1 - t0) * 1e3, (t2 - t1) * 1e3, (t2 - t0) * 1e3, (t3 - t2) * 1e3);
+    clipdb_db_close(db);
+    return 0;
+fail:
+    fprintf(stderr, "bench_db: %s\n", clipdb_db_errmsg(db));
+    clipdb_db_close(db);
+    return 1;
+}
+
+static int bench_ingest(const char *model_dir, const char *dir, int n)
+{
+    clipdb_model *m = NULL;
+    clipdb_ctx *ctx = NULL;
+    clipdb_db *db = NULL;
+    clipdb_db_options dopt;
+    clipdb_add_options aopt;
+    clipdb_add_result r;
+    clipdb_model_info info;
+    struct dirent **names = NULL;
+    char sub[256], dbpath[1024], *path;
+    float *pix = NULL, *out = NULL;
+    size_t fl;
+    int k = 0, i, nn, b;
+    double t0, enc_s, pipe_s;
+
+    if (clipdb_model_open(&m, model_dir) != CLIPDB_OK) {
+        fprintf(stderr, "bench_db: %s\n", clipdb_model_errmsg(m));
+        return 1;
+    }
+    clipdb_model_get_info(m, &info);
+    clipdb_ctx_new(&ctx, m);
+    fl = clipdb_image_floats(m);
+    /* a folder of the first n images (symlinks) */
+    snprintf(sub, sizeof sub, "/tmp/bench_db_ingest_%d", (int)getpid());
+    mkdir(sub, 0755);
+    nn = scandir(dir, &names, NULL, alphasort);
+    pix = malloc((size_t)n * fl * sizeof(float));
+    out = malloc((size_t)n * (size_t)info.embed_dim * sizeof(float));
+    for (i = 0; i < nn && k < n; i++) {
+        char link[8192];
+        if (names[i]->d_name[0] == '.') continue;
+        path = cdb_path_join(dir, names[i]->d_name);
+        if (clipdb_image_load(ctx, path, pix + (size_t)k * fl) == CLIPDB_OK) {
+            char *abs = realpath(path, NULL);
+            snprintf(link, sizeof link, "%s/%s", sub, names[i]->d_name);
+            if (abs && symlink(abs, link) == 0) k++;
+            free(abs);
+        }
+        free(path);
+    }
+    for (i = 0; i < nn; i++) free(names[i]);
+    free(names);
+    /* encoder alone, after one untimed warm-up batch (weights paged in,
+    ** buffers allocated) */
+    clipdb_encode_images(ctx, pix, k < 32 ? k : 32, out);
+    t0 = cdb_now();
+    for (b = 0; b < k; b += 32) {
+        int c = k - b < 32 ? k - b : 32;
+        // pix (c, 3, S, S) -> vision tower -> out (c, e)
+        clipdb_encode_images(ctx, pix + (size_t)b * fl, c, out + (size_t)b * (size_t)info.embed_dim);
+    }
+    enc_s = cdb_now() - t0;
+    free(pix);
+    clipdb_ctx_free(ctx);
+    clipdb_model_close(m);
+    /* the whole pipeline */
+    snprintf(dbpath, sizeof dbpath, "%s.db", sub);
+    clipdb_db_options_init(&dopt);
+    dopt.create = 1;
+    dopt.model_dir = model_dir;
+    if (clipdb_db_open(&db, dbpath, &dopt) != CLIPDB_OK) {
+        fprintf(stderr, "bench_db: %s\n", clipdb_db_errmsg(db));
+        return 1;
+    }
+    clipdb_add_options_init(&aopt);
+    aopt.images_dir = sub;
+    t0 = cdb_now();
+    if (clipdb_db_add(db, &aopt, &r) != CLIPDB_OK) {
+        fprintf(stderr, "bench_db: %s\n", clipdb_db_errmsg(db));
+        return 1;
+    }
+    pipe_s = cdb_now() - t0;
+    printf("| images | encoder alone | whole pipeline (decode + encode + store) | ratio |\n"
+           "| --- | --- | --- | --- |\n"
+           "| %d (%lld added) | %.2f img/s | %.2f img/s | %.1f%% |\n",
+           k, (long long)r.images_added, k / enc_s, k / pipe_s, 100.0 * enc_s / pipe_s);
+    clipdb_db_close(db);
+    free(out);
+    remove(dbpath);
+    snprintf(dbpath, sizeof dbpath, "rm -rf %s %s.db-wal %s.db-shm", sub, sub, sub);
+    if (system(dbpath) != 0) return 1;
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    if (argc == 5 && !strcmp(argv[1], "open")) return bench_open(argv[2], atol(argv[3]), atoi(argv[4]));
+    if (argc == 5 && !strcmp(argv[1], "ingest")) return bench_ingest(argv[2], argv[3], atoi(argv[4]));
+    fprintf(stderr, "usage: bench_db open DB N D | bench_db ingest MODEL_DIR IMAGES_DIR N\n");
+    return 2;
+}

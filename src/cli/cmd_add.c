@@ -1,0 +1,166 @@
+/*
+** cli_cmd_add.c: clipdb add DB (--images DIR [--captions FILE] | --texts FILE)
+*/
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "cli/cli.h"
+
+const char cli_add_help[] =
+    "usage: clipdb add DB --images DIR [--captions FILE] [--texts FILE] [options]\n"
+    "\n"
+    "Adds every image under DIR (recursively; .jpg .jpeg .png .webp .bmp .gif,\n"
+    "any case) and, with --captions, their captions; or, with --texts, one\n"
+    "standalone text per line. Incremental: files already stored with the same\n"
+    "content (SHA-256) are skipped, changed files are re-encoded, and a run that\n"
+    "was killed resumes where it stopped. Unreadable or corrupt images are\n"
+    "reported (path and reason) and skipped; a malformed captions file stops\n"
+    "the run before anything is added (FILE:LINE: reason).\n"
+    "\n"
+    "Captions files (detected from the content; a .csv name means CSV):\n"
+    "  JSON lines  {\"image\": \"a.jpg\", \"captions\": [\"...\"], <other fields:\n"
+    "              metadata such as split, image_id>}  (image relative to DIR)\n"
+    "  COCO        captions_*.json: {\"images\": [{\"id\", \"file_name\"}],\n"
+    "              \"annotations\": [{\"image_id\", \"caption\"}]}\n"
+    "  CSV         header row with columns image,caption (RFC 4180 quoting);\n"
+    "              other columns become metadata\n"
+    "\n"
+    "options:\n"
+    "  --images DIR      folder of images\n"
+    "  --captions FILE   captions of those images\n"
+    "  --texts FILE      standalone texts, one per line\n"
+    "  --model DIR       model directory (default: the one recorded by init)\n"
+    "  --batch N         images per encoder batch and commit (default 32)\n"
+    "  --threads N       image decoding threads (default: number of CPUs)\n"
+    "  --json            print the summary as JSON\n"
+    "  -q, --quiet       no progress output\n"
+    "\n"
+    "examples:\n"
+    "  clipdb add photos.db --images coco/images --captions coco/captions.jsonl\n"
+    "  clipdb add photos.db --texts queries.txt\n";
+
+typedef struct progress_state {
+    int tty;
+    int quiet;
+    int drawn;
+} progress_state;
+
+static void on_progress(void *arg, const clipdb_add_progress *p)
+{
+    progress_state *ps = arg;
+    double rate = p->elapsed_s > 0 ? (double)p->done / p->elapsed_s : 0;
+    double eta = rate > 0 ? (double)(p->total - p->done) / rate : 0;
+    int width = 30, fill = p->total > 0 ? (int)(width * p->done / p->total) : 0, i;
+    if (ps->quiet) return;
+    if (ps->tty) {
+        fprintf(stderr, "\r%-6s [", p->phase);
+        for (i = 0; i < width; i++) fputc(i < fill ? '#' : '.', stderr);
+        fprintf(stderr, "] %lld/%lld  %.1f/s  ETA %d:%02d  (%lld skipped, %lld failed) ",
+                (long long)p->done, (long long)p->total, rate, (int)(eta / 60),
+                (int)eta % 60, (long long)p->skipped, (long long)p->failed);
+        ps->drawn = 1;
+        if (p->done == p->total) {
+            fputc('\n', stderr);
+            ps->drawn = 0;
+        }
+    } else {
+        fprintf(stderr, "%s: %lld/%lld, %.1f/s, ETA %ds, %lld skipped, %lld failed\n", p->phase,
+                (long long)p->done, (long long)p->total, rate, (int)eta, (long long)p->skipped,
+                (long long)p->failed);
+    }
+    fflush(stderr);
+}
+
+static void on_warning(void *arg, const char *msg)
+{
+    progress_state *ps = arg;
+    if (ps->drawn) {
+        fputc('\n', stderr);
+        ps->drawn = 0;
+    }
+    fprintf(stderr, "clipdb add: skipped %s\n", msg);
+}
+
+static int parse_int(const char *s, int lo, int hi, int *out)
+{
+    char *end;
+    long v;
+    errno = 0;
+    v = strtol(s, &end, 10);
+    if (errno || *end || end == s || v < lo || v > hi) return -1;
+    *out = (int)v;
+    return 0;
+}
+
+int cli_cmd_add(int argc, char **argv)
+{
+    const char *path = NULL, *model = NULL;
+    clipdb_add_options opt;
+    clipdb_add_result r;
+    clipdb_db_options dopt;
+    clipdb_db *db = NULL;
+    progress_state ps = {0};
+    int json = 0, i, rc, ret = CLI_OK;
+
+    clipdb_add_options_init(&opt);
+    for (i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        int has = i + 1 < argc;
+        if (!strcmp(a, "--images") && has) opt.images_dir = argv[++i];
+        else if (!strcmp(a, "--captions") && has) opt.captions_path = argv[++i];
+        else if (!strcmp(a, "--texts") && has) opt.texts_path = argv[++i];
+        else if (!strcmp(a, "--model") && has) model = argv[++i];
+        else if (!strcmp(a, "--batch") && has) {
+            if (parse_int(argv[++i], 1, 1024, &opt.batch_size))
+                return cli_usage("add", "--batch needs a number from 1 to 1024");
+        } else if (!strcmp(a, "--threads") && has) {
+            if (parse_int(argv[++i], 1, 64, &opt.decode_threads))
+                return cli_usage("add", "--threads needs a number from 1 to 64");
+        } else if (!strcmp(a, "--json")) json = 1;
+        else if (!strcmp(a, "-q") || !strcmp(a, "--quiet")) ps.quiet = 1;
+        else if (a[0] == '-' && a[1]) return cli_usage("add", "unknown option or missing value '%s'", a);
+        else if (!path) path = a;
+        else return cli_usage("add", "unexpected argument '%s'", a);
+    }
+    if (!path) return cli_usage("add", "no database file given");
+    if (!opt.images_dir && !opt.texts_path) return cli_usage("add", "give --images DIR or --texts FILE");
+    if (opt.captions_path && !opt.images_dir) return cli_usage("add", "--captions needs --images DIR");
+    ps.tty = isatty(2);
+    opt.on_progress = on_progress;
+    opt.on_warning = on_warning;
+    opt.progress_interval_s = ps.tty ? 0.2 : 5.0;
+    opt.arg = &ps;
+    clipdb_db_options_init(&dopt);
+    dopt.model_dir = model;
+    rc = clipdb_db_open(&db, path, &dopt);
+    if (rc == CLIPDB_OK) rc = clipdb_db_add(db, &opt, &r);
+    if (ps.drawn) fputc('\n', stderr);
+    if (rc != CLIPDB_OK) {
+        ret = cli_fail("add", "%s", clipdb_db_errmsg(db));
+    } else if (json) {
+        printf("{\"images_added\": %lld, \"images_updated\": %lld, \"images_unchanged\": %lld, "
+               "\"images_failed\": %lld, \"captions_added\": %lld, \"captions_unmatched\": %lld, "
+               "\"texts_added\": %lld, \"texts_unchanged\": %lld}\n",
+               (long long)r.images_added, (long long)r.images_updated,
+               (long long)r.images_unchanged, (long long)r.images_failed,
+               (long long)r.captions_added, (long long)r.captions_unmatched,
+               (long long)r.texts_added, (long long)r.texts_unchanged);
+    } else {
+        if (opt.images_dir)
+            printf("images: %lld added, %lld updated, %lld unchanged (skipped), %lld failed; "
+                   "captions: %lld added%s",
+                   (long long)r.images_added, (long long)r.images_updated,
+                   (long long)r.images_unchanged, (long long)r.images_failed,
+                   (long long)r.captions_added, r.captions_unmatched ? "" : "\n");
+        if (opt.images_dir && r.captions_unmatched)
+            printf(", %lld caption entries name no image in the folder\n",
+                   (long long)r.captions_unmatched);
+        if (opt.texts_path)
+            printf("texts: %lld added, %lld already present (skipped)\n", (long long)r.texts_added,
+                   (long long)r.texts_unchanged);
+    }
+    clipdb_db_close(db);
+    return ret;
+}

@@ -1,0 +1,61 @@
+/*
+** cli_cmd_rm.c: clipdb rm DB ID...
+*/
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cli/cli.h"
+
+const char cli_rm_help[] =
+    "usage: clipdb rm DB ID...\n"
+    "\n"
+    "Deletes items (images or texts) and their vectors, by id (as printed by\n"
+    "search). Deleting an image deletes its captions too (their count is\n"
+    "printed). If any id does not exist nothing is deleted.\n"
+    "\n"
+    "example:\n"
+    "  clipdb rm photos.db 12 40\n";
+
+int cli_cmd_rm(int argc, char **argv)
+{
+    const char *path = NULL;
+    int64_t *ids = NULL, n_items = 0, n_caps = 0;
+    int n = 0, i, rc, ret = CLI_OK;
+    clipdb_db *db = NULL;
+
+    ids = calloc((size_t)argc, sizeof *ids);
+    if (!ids) return cli_fail("rm", "out of memory");
+    for (i = 1; i < argc; i++) {
+        if (!path) {
+            path = argv[i];
+        } else {
+            char *end;
+            long long v;
+            errno = 0;
+            v = strtoll(argv[i], &end, 10);
+            if (errno || *end || end == argv[i] || v < 0) {
+                free(ids);
+                return cli_usage("rm", "bad item id '%s'", argv[i]);
+            }
+            ids[n++] = v;
+        }
+    }
+    if (!path || n == 0) {
+        free(ids);
+        return cli_usage("rm", "give a database and at least one item id");
+    }
+    rc = clipdb_db_open(&db, path, NULL);
+    if (rc == CLIPDB_OK) rc = clipdb_db_rm(db, ids, n, &n_items, &n_caps);
+    if (rc != CLIPDB_OK) {
+        ret = cli_fail("rm", "%s", clipdb_db_errmsg(db));
+    } else {
+        printf("deleted %lld item%s", (long long)n_items, n_items == 1 ? "" : "s");
+        if (n_caps) printf(" and %lld caption%s of deleted images", (long long)n_caps,
+                           n_caps == 1 ? "" : "s");
+        printf("\n");
+    }
+    clipdb_db_close(db);
+    free(ids);
+    return ret;
+}

@@ -1,0 +1,302 @@
+/*
+** cli_cmd_search.c: clipdb search DB (--text T | --image PATH | --item ID |
+** --batch FILE) [options]
+*/
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cli/cli.h"
+
+const char cli_search_help[] =
+    "usage: clipdb search DB (--text T | --image PATH | --item ID | --batch FILE)\n"
+    "                     [--target image|text] [-k K] [--metric cosine|dot|l2]\n"
+    "                     [--index exact|ivf|faiss] [--nprobe N] [--faiss SPEC]\n"
+    "                     [--where FIELD=VALUE]... [--json] [--model DIR]\n"
+    "\n"
+    "Finds the K stored items of the target type (images or texts) nearest to\n"
+    "the query: a text, an image file, or a stored item. Every direction\n"
+    "(text->image, image->text, image->image, text->text) takes the same path.\n"
+    "Scores are similarities, best first: cosine, dot product of the raw CLIP\n"
+    "vectors, or for l2 the negative Euclidean distance. A --item query finds\n"
+    "the item itself too.\n"
+    "\n"
+    "options:\n"
+    "  --text T          query with a text\n"
+    "  --image PATH      query with an image file\n"
+    "  --item ID         query with a stored item's vector\n"
+    "  --batch FILE      many queries, one per line (a text; or image:PATH, item:ID),\n"
+    "                    encoded and searched together (one matrix product)\n"
+    "  --target T        image (default) or text\n"
+    "  -k K              number of results (default 10)\n"
+    "  --metric M        cosine (default), dot or l2\n"
+    "  --index I         exact (default), ivf (needs 'clipdb index DB --ivf'), or\n"
+    "                    faiss (a Faiss index built for this search)\n"
+    "  --nprobe N        IVF lists to scan (default 8)\n"
+    "  --faiss SPEC      Faiss index_factory string (default \"IVF100,Flat\")\n"
+    "  --where F=V       only items whose metadata field F equals V (repeatable;\n"
+    "                    all must hold); still K results when K items match\n"
+    "  --json            {\"results\": [{\"id\", \"type\", \"path\" | \"text\", \"image\",\n"
+    "                    <metadata fields>, \"score\"}], \"took_ms\"}; with --batch\n"
+    "                    {\"queries\": [{\"query\", \"results\"}], \"took_ms\"}\n"
+    "  --model DIR       model directory (default: the recorded one)\n"
+    "\n"
+    "examples:\n"
+    "  clipdb search photos.db --text \"a dog on a beach\" -k 5\n"
+    "  clipdb search photos.db --image cat.jpg --target text --json\n"
+    "  clipdb search photos.db --text \"a red bus\" --index ivf --nprobe 4 --where split=val2017\n";
+
+static void print_result_json(const clipdb_result *r)
+{
+    const char *m = r->meta_json;
+    size_t n;
+    printf("{\"id\": %lld, \"type\": \"%s\"", (long long)r->id,
+           r->type == CLIPDB_ITEM_TEXT ? "text" : "image");
+    if (r->path) {
+        printf(", \"path\": ");
+        cli_print_json_string(stdout, r->path);
+    }
+    if (r->abspath) {
+        printf(", \"abspath\": ");
+        cli_print_json_string(stdout, r->abspath);
+    }
+    if (r->text) {
+        printf(", \"text\": ");
+        cli_print_json_string(stdout, r->text);
+    }
+    if (r->image >= 0) printf(", \"image\": %lld", (long long)r->image);
+    /* the metadata fields, spliced from the object {...} */
+    if (m && (n = strlen(m)) > 2) printf(", %.*s", (int)(n - 2), m + 1);
+    printf(", \"score\": %.9g}", (double)r->score);
+}
+
+static void print_query(const clipdb_query *q)
+{
+    if (q->kind == CLIPDB_QUERY_TEXT) cli_print_json_string(stdout, q->text);
+    else if (q->kind == CLIPDB_QUERY_IMAGE) {
+        printf("{\"image\": ");
+        cli_print_json_string(stdout, q->path);
+        printf("}");
+    } else printf("{\"item\": %lld}", (long long)q->item);
+}
+
+static int parse_i64(const char *s, long long lo, long long hi, long long *out)
+{
+    char *end;
+    long long v;
+    errno = 0;
+    v = strtoll(s, &end, 10);
+    if (errno || *end || end == s || v < lo || v > hi) return -1;
+    *out = v;
+    return 0;
+}
+
+/* Reads the batch file into queries (lines point into *buf). */
+static int read_batch(const char *path, char **buf, clipdb_query **qs, size_t *nq)
+{
+    FILE *f = fopen(path, "rb");
+    size_t cap = 0, len = 0, n = 0, i;
+    char *p, *line;
+    if (!f) return cli_fail("search", "%s: %s", path, strerror(errno));
+    *buf = NULL;
+    for (;;) {
+        if (len + 65536 + 1 > cap) {
+            char *b = realloc(*buf, cap = 2 * cap + 65536 + 1);
+            if (!b) {
+                fclose(f);
+                return cli_fail("search", "out of memory");
+            }
+            *buf = b;
+        }
+        i = fread(*buf + len, 1, cap - len - 1, f);
+        len += i;
+        if (i == 0) break;
+    }
+    fclose(f);
+    (*buf)[len] = '\0';
+    for (i = 0; i < len; i++) n += (*buf)[i] == '\n';
+    *qs = calloc(n + 1, sizeof **qs);
+    if (!*qs) return cli_fail("search", "out of memory");
+    n = 0;
+    for (line = *buf; line && *line;) {
+        long long id;
+        p = strchr(line, '\n');
+        if (p) *p = '\0';
+        if (p && p > line && p[-1] == '\r') p[-1] = '\0';
+        if (*line) {
+            clipdb_query *q = &(*qs)[n];
+            if (!strncmp(line, "image:", 6)) {
+                q->kind = CLIPDB_QUERY_IMAGE;
+                q->path = line + 6;
+            } else if (!strncmp(line, "item:", 5)) {
+                if (parse_i64(line + 5, 0, INT64_MAX, &id))
+                    return cli_usage("search", "%s: bad item id '%s'", path, line + 5);
+                q->kind = CLIPDB_QUERY_ITEM;
+                q->item = id;
+            } else {
+                q->kind = CLIPDB_QUERY_TEXT;
+                q->text = line;
+            }
+            n++;
+        }
+        line = p ? p + 1 : NULL;
+    }
+    *nq = n;
+    if (n == 0) return cli_fail("search", "%s: no queries", path);
+    return CLI_OK;
+}
+
+int cli_cmd_search(int argc, char **argv)
+{
+    const char *path = NULL, *model = NULL, *batch = NULL, **where = NULL;
+    clipdb_search_options opt;
+    clipdb_db_options dopt;
+    clipdb_query one, *qs = &one;
+    clipdb_results *res = NULL;
+    clipdb_db *db = NULL;
+    char *buf = NULL;
+    size_t nq = 1, i, j;
+    int json = 0, n_query = 0, rc, ret = CLI_OK, a;
+    long long v;
+
+    memset(&one, 0, sizeof one);
+    clipdb_search_options_init(&opt);
+    where = calloc((size_t)argc, sizeof *where);
+    if (!where) return cli_fail("search", "out of memory");
+    opt.where = where;
+    for (a = 1; a < argc; a++) {
+        const char *s = argv[a];
+        int has = a + 1 < argc;
+        if (!strcmp(s, "--text") && has) {
+            one.kind = CLIPDB_QUERY_TEXT;
+            one.text = argv[++a];
+            n_query++;
+        } else if (!strcmp(s, "--image") && has) {
+            one.kind = CLIPDB_QUERY_IMAGE;
+            one.path = argv[++a];
+            n_query++;
+        } else if (!strcmp(s, "--item") && has) {
+            if (parse_i64(argv[++a], 0, INT64_MAX, &v)) {
+                ret = cli_usage("search", "bad item id '%s'", argv[a]);
+                goto cleanup;
+            }
+            one.kind = CLIPDB_QUERY_ITEM;
+            one.item = v;
+            n_query++;
+        } else if (!strcmp(s, "--batch") && has) {
+            batch = argv[++a];
+            n_query++;
+        } else if (!strcmp(s, "--target") && has) {
+            a++;
+            if (!strcmp(argv[a], "image")) opt.target = CLIPDB_ITEM_IMAGE;
+            else if (!strcmp(argv[a], "text")) opt.target = CLIPDB_ITEM_TEXT;
+            else {
+                ret = cli_usage("search", "--target is image or text, not '%s'", argv[a]);
+                goto cleanup;
+            }
+        } else if ((!strcmp(s, "-k") || !strcmp(s, "--k")) && has) {
+            if (parse_i64(argv[++a], 1, 1000000, &v)) {
+                ret = cli_usage("search", "-k needs a number from 1 to 1000000");
+                goto cleanup;
+            }
+            opt.k = (int)v;
+        } else if (!strcmp(s, "--metric") && has) {
+            clipdb_metric m;
+            if (clipdb_metric_parse(argv[++a], &m) != CLIPDB_OK) {
+                ret = cli_usage("search", "--metric is cosine, dot or l2, not '%s'", argv[a]);
+                goto cleanup;
+            }
+            opt.metric = (int)m;
+        } else if (!strcmp(s, "--index") && has) {
+            a++;
+            if (!strcmp(argv[a], "exact")) opt.index = CLIPDB_INDEX_EXACT;
+            else if (!strcmp(argv[a], "ivf")) opt.index = CLIPDB_INDEX_IVF;
+            else if (!strcmp(argv[a], "faiss")) opt.index = CLIPDB_INDEX_FAISS;
+            else {
+                ret = cli_usage("search", "--index is exact, ivf or faiss, not '%s'", argv[a]);
+                goto cleanup;
+            }
+        } else if (!strcmp(s, "--nprobe") && has) {
+            if (parse_i64(argv[++a], 1, 1 << 20, &v)) {
+                ret = cli_usage("search", "--nprobe needs a positive number");
+                goto cleanup;
+            }
+            opt.nprobe = (int)v;
+        } else if (!strcmp(s, "--faiss") && has) {
+            opt.faiss = argv[++a];
+            opt.index = CLIPDB_INDEX_FAISS;
+        } else if (!strcmp(s, "--where") && has) {
+            if (!strchr(argv[a + 1], '=') || argv[a + 1][0] == '=') {
+                ret = cli_usage("search", "--where needs FIELD=VALUE, not '%s'", argv[a + 1]);
+                goto cleanup;
+            }
+            where[opt.n_where++] = argv[++a];
+        } else if (!strcmp(s, "--model") && has) {
+            model = argv[++a];
+        } else if (!strcmp(s, "--json")) {
+            json = 1;
+        } else if (s[0] == '-' && s[1]) {
+            ret = cli_usage("search", "unknown option or missing value '%s'", s);
+            goto cleanup;
+        } else if (!path) {
+            path = s;
+        } else {
+            ret = cli_usage("search", "unexpected argument '%s'", s);
+            goto cleanup;
+        }
+    }
+    if (!path) {
+        ret = cli_usage("search", "no database file given");
+        goto cleanup;
+    }
+    if (n_query != 1) {
+        ret = cli_usage("search", "give exactly one of --text, --image, --item, --batch");
+        goto cleanup;
+    }
+    if (batch && (ret = read_batch(batch, &buf, &qs, &nq)) != CLI_OK) goto cleanup;
+    clipdb_db_options_init(&dopt);
+    dopt.readonly = 1;
+    dopt.model_dir = model;
+    rc = clipdb_db_open(&db, path, &dopt);
+    if (rc == CLIPDB_OK) rc = clipdb_db_search(db, qs, nq, &opt, &res);
+    if (rc != CLIPDB_OK) {
+        ret = cli_fail("search", "%s", clipdb_db_errmsg(db));
+        goto cleanup;
+    }
+    if (json) {
+        printf(batch ? "{\"queries\": [" : "{\"results\": [");
+        for (i = 0; i < nq; i++) {
+            if (batch) {
+                printf("%s{\"query\": ", i ? ", " : "");
+                print_query(&qs[i]);
+                printf(", \"results\": [");
+            }
+            for (j = res->offsets[i]; j < res->offsets[i + 1]; j++) {
+                if (j > res->offsets[i]) printf(", ");
+                print_result_json(&res->results[j]);
+            }
+            if (batch) printf("]}");
+        }
+        printf("], \"took_ms\": %.3f}\n", res->took_ms);
+    } else {
+        for (i = 0; i < nq; i++) {
+            if (batch) {
+                printf("query %zu: ", i + 1);
+                print_query(&qs[i]);
+                printf("\n");
+            }
+            for (j = res->offsets[i]; j < res->offsets[i + 1]; j++) {
+                const clipdb_result *r = &res->results[j];
+                printf("%3zu. %9.6f  #%-6lld %s\n", j - res->offsets[i] + 1, (double)r->score,
+                       (long long)r->id, r->path ? r->path : r->text ? r->text : "");
+            }
+        }
+    }
+cleanup:
+    clipdb_results_free(res);
+    clipdb_db_close(db);
+    if (qs != &one) free(qs);
+    free(buf);
+    free(where);
+    return ret;
+}

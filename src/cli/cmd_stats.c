@@ -1,0 +1,85 @@
+/*
+** cli_cmd_stats.c: clipdb stats DB [--json]
+*/
+#include <string.h>
+
+#include "cli/cli.h"
+
+const char cli_stats_help[] =
+    "usage: clipdb stats DB [--json]\n"
+    "\n"
+    "Prints what the database holds: numbers of images, texts (captions\n"
+    "included) and vectors, the model identity and directory, the format\n"
+    "version and the IVF indexes.\n"
+    "\n"
+    "options:\n"
+    "  --json   one JSON object: {\"images\": N, \"texts\": M, \"captions\": C,\n"
+    "           \"vectors\": V, \"model\": ..., \"model_dir\": ..., \"dim\": D,\n"
+    "           \"format_version\": 1, \"indexes\": [{\"kind\": \"ivf\", \"target\": ...,\n"
+    "           \"metric\": ..., \"nlist\": ..., \"vectors\": ...}]}\n"
+    "\n"
+    "example:\n"
+    "  clipdb stats photos.db --json\n";
+
+static const char *target_name(int t)
+{
+    return t == CLIPDB_ITEM_TEXT ? "text" : "image";
+}
+
+int cli_cmd_stats(int argc, char **argv)
+{
+    const char *path = NULL;
+    int json = 0, i, rc;
+    clipdb_db_options opt;
+    clipdb_db *db = NULL;
+    clipdb_db_stats st;
+
+    for (i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--json")) json = 1;
+        else if (argv[i][0] == '-' && argv[i][1]) return cli_usage("stats", "unknown option '%s'", argv[i]);
+        else if (!path) path = argv[i];
+        else return cli_usage("stats", "unexpected argument '%s'", argv[i]);
+    }
+    if (!path) return cli_usage("stats", "no database file given");
+    clipdb_db_options_init(&opt);
+    opt.readonly = 1;
+    rc = clipdb_db_open(&db, path, &opt);
+    if (rc == CLIPDB_OK) rc = clipdb_db_get_stats(db, &st);
+    if (rc != CLIPDB_OK) {
+        cli_fail("stats", "%s", clipdb_db_errmsg(db));
+        clipdb_db_close(db);
+        return CLI_FAIL;
+    }
+    if (json) {
+        printf("{\"images\": %lld, \"texts\": %lld, \"captions\": %lld, \"vectors\": %lld, "
+               "\"model\": ",
+               (long long)st.images, (long long)st.texts, (long long)st.captions,
+               (long long)st.vectors);
+        cli_print_json_string(stdout, st.model);
+        printf(", \"model_dir\": ");
+        cli_print_json_string(stdout, st.model_dir);
+        printf(", \"dim\": %d, \"format_version\": %d, \"indexes\": [", st.embed_dim,
+               st.format_version);
+        for (i = 0; i < st.n_indexes; i++)
+            printf("%s{\"kind\": \"%s\", \"target\": \"%s\", \"metric\": \"%s\", \"nlist\": %d, "
+                   "\"vectors\": %lld}",
+                   i ? ", " : "", st.indexes[i].kind, target_name(st.indexes[i].target),
+                   clipdb_metric_name((clipdb_metric)st.indexes[i].metric), st.indexes[i].nlist,
+                   (long long)st.indexes[i].n_vectors);
+        printf("]}\n");
+    } else {
+        printf("database   %s (format version %d)\n", st.path, st.format_version);
+        printf("model      %s (%d dims)\n", st.model, st.embed_dim);
+        printf("model dir  %s\n", st.model_dir);
+        printf("images     %lld\n", (long long)st.images);
+        printf("texts      %lld (%lld captions)\n", (long long)st.texts, (long long)st.captions);
+        printf("vectors    %lld\n", (long long)st.vectors);
+        for (i = 0; i < st.n_indexes; i++)
+            printf("index      %s on %s vectors, metric %s, %d lists, %lld vectors\n",
+                   st.indexes[i].kind, target_name(st.indexes[i].target),
+                   clipdb_metric_name((clipdb_metric)st.indexes[i].metric),
+                   st.indexes[i].nlist, (long long)st.indexes[i].n_vectors);
+    }
+    clipdb_db_close(db);
+    return CLI_OK;
+}

@@ -1,0 +1,772 @@
+/*
+** ingest.c: clipdb_db_add, the ingest pipeline.
+**
+** Images: the folder is walked (recursively, sorted, by extension), then a
+** pool of decode threads reads each file, hashes it (SHA-256) and, unless
+** the same path with the same hash is already stored, decodes and
+** preprocesses it into a slot of a bounded ring. The calling thread takes
+** the slots in file order, gathers batches, encodes them (the vision tower,
+** then the captions with the text tower) while the pool decodes the next
+** files, and writes each batch in one transaction: an image, its vector,
+** its captions and their vectors commit together or not at all, so a killed
+** run resumes where it stopped.
+*/
+#include <dirent.h>
+#include <errno.h>
+#include <limits.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "store/captions.h"
+#include "store/store.h"
+
+#define MAX_IMAGE_FILE ((size_t)256 << 20) /* bytes of one image file */
+#define MAX_DEPTH 64                       /* folder nesting */
+#define TEXT_BATCH 64
+
+void clipdb_add_options_init(clipdb_add_options *opt)
+{
+    memset(opt, 0, sizeof *opt);
+    opt->batch_size = 32;
+    opt->progress_interval_s = 0.25;
+}
+
+/* ---- walking the folder --------------------------------------------------- */
+
+typedef struct file_list {
+    char **rel;   /* paths relative to the folder */
+    size_t n, cap;
+} file_list;
+
+static int is_image_name(const char *name)
+{
+    static const char *const ext[] = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"};
+    size_t n = strlen(name), i;
+    for (i = 0; i < sizeof ext / sizeof ext[0]; i++) {
+        size_t m = strlen(ext[i]);
+        if (n > m && !strcasecmp(name + n - m, ext[i])) return 1;
+    }
+    return 0;
+}
+
+static int list_push(file_list *l, char *s)
+{
+    if (l->n == l->cap) {
+        size_t nc = l->cap ? 2 * l->cap : 256;
+        char **p = realloc(l->rel, nc * sizeof *p);
+        if (!p) return -1;
+        l->rel = p;
+        l->cap = nc;
+    }
+    l->rel[l->n++] = s;
+    return 0;
+}
+
+static int walk(const char *root, const char *rel, int depth, file_list *l,
+                const clipdb_add_options *opt, cdb_err *e)
+{
+    struct dirent **names = NULL;
+    char *dir = NULL;
+    int n, i, rc = CLIPDB_OK;
+
+    if (depth > MAX_DEPTH)
+        return cdb_err_set(e, CLIPDB_ELIMIT, "%s/%s: folders nested deeper than %d", root, rel,
+                           MAX_DEPTH);
+    dir = *rel ? cdb_path_join(root, rel) : cdb_strdup(root);
+    if (!dir) return cdb_err_set(e, CLIPDB_ENOMEM, "out of memory");
+    n = scandir(dir, &names, NULL, alphasort);
+    if (n < 0) {
+        rc = cdb_err_set(e, errno == ENOENT ? CLIPDB_ENOTFOUND : CLIPDB_EIO, "%s: %s", dir,
+                         strerror(errno));
+        goto cleanup;
+    }
+    for (i = 0; i < n; i++) {
+        const char *nm = names[i]->d_name;
+        char *child = NULL, *full = NULL;
+        struct stat sb;
+        if (rc != CLIPDB_OK || nm[0] == '.') continue; /* ., .., hidden files */
+        child = *rel ? cdb_path_join(rel, nm) : cdb_strdup(nm);
+        full = child ? cdb_path_join(root, child) : NULL;
+        if (!full) {
+            free(child);
+            rc = cdb_err_set(e, CLIPDB_ENOMEM, "out of memory");
+            continue;
+        }
+        if (stat(full, &sb) != 0) {
+            if (opt->on_warning) {
+                char msg[CDB_ERRMSG_MAX];
+                snprintf(msg, sizeof msg, "%s: %s", full, strerror(errno));
+                opt->on_warning(opt->arg, msg);
+            }
+            free(child);
+        } else if (S_ISDIR(sb.st_mode)) {
+            rc = walk(root, child, depth + 1, l, opt, e);
+            free(child);
+        } else if (S_ISREG(sb.st_mode) && is_image_name(nm)) {
+            if (list_push(l, child)) {
+                free(child);
+                rc = cdb_err_set(e, CLIPDB_ENOMEM, "out of memory");
+            }
+        } else {
+            free(child);
+        }
+        free(full);
+    }
+cleanup:
+    for (i = 0; i < n; i++) free(names[i]);
+    free(names);
+    free(dir);
+    return rc;
+}
+
+/* ---- images already stored -------------------------------------------------- */
+
+typedef struct known {
+    char *abspath;
+    char sha[65];
+    int64_t id;
+} known;
+
+static int cmp_known(const void *a, const void *b)
+{
+    return strcmp(((const known *)a)->abspath, ((const known *)b)->abspath);
+}
+
+static int load_known(clipdb_db *db, known **out, size_t *n_out)
+{
+    sqlite3_stmt *st = NULL;
+    known *k = NULL;
+    size_t n = 0, cap = 0;
+    int rc = cdb_db_prepare(db, "SELECT abspath, sha256, id FROM items WHERE type = 1", &st);
+    if (rc != CLIPDB_OK) return rc;
+    while (sqlite3_step(st) == SQLITE_ROW) {
+        const char *a = (const char *)sqlite3_column_text(st, 0);
+        const char *h = (const char *)sqlite3_column_text(st, 1);
+        if (!a) continue;
+        if (n == cap) {
+            size_t nc = cap ? 2 * cap : 256;
+            known *p = realloc(k, nc * sizeof *p);
+            if (!p) {
+                rc = cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
+                goto cleanup;
+            }
+            k = p;
+            cap = nc;
+        }
+        k[n].abspath = cdb_strdup(a);
+        if (!k[n].abspath) {
+            rc = cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
+            goto cleanup;
+        }
+        snprintf(k[n].sha, sizeof k[n].sha, "%s", h ? h : "");
+        k[n].id = sqlite3_column_int64(st, 2);
+        n++;
+    }
+    if (n > 0) qsort(k, n, sizeof *k, cmp_known);
+cleanup:
+    sqlite3_finalize(st);
+    if (rc != CLIPDB_OK) {
+        while (n > 0) free(k[--n].abspath);
+        free(k);
+        k = NULL;
+    }
+    *out = k;
+    *n_out = n;
+    return rc;
+}
+
+/* ---- the decode pool ------------------------------------------------------ */
+
+enum { SLOT_EMPTY, SLOT_DECODED, SLOT_UNCHANGED, SLOT_FAILED };
+
+typedef struct slot {
+    int state;
+    int64_t size;
+    int64_t known_id;   /* stored item with this path, or -1 */
+    char sha[65];
+    float *pixels;      /* 3 x S x S */
+    char msg[2 * CDB_ERRMSG_MAX];
+} slot;
+
+typedef struct pool {
+    pthread_mutex_t mu;
+    pthread_cond_t ready, space;
+    const char *root;
+    file_list *files;
+    char **abspaths;    /* files->n */
+    const known *k;
+    size_t n_known;
+    slot *slots;
+    size_t window;      /* number of slots */
+    size_t next;        /* next file index to claim */
+    size_t consumed;    /* files released by the consumer */
+    int stop;
+    clipdb_model *model;
+} pool;
+
+static const known *find_known(const pool *p, const char *abspath)
+{
+    known key;
+    key.abspath = (char *)abspath;
+    return p->n_known ? bsearch(&key, p->k, p->n_known, sizeof *p->k, cmp_known) : NULL;
+}
+
+/* Reads, hashes and (unless unchanged) decodes file i into s. */
+static void decode_one(pool *p, clipdb_ctx *ctx, size_t i, slot *s)
+{
+    char *path = cdb_path_join(p->root, p->files->rel[i]);
+    char *data = NULL;
+    size_t len = 0;
+    cdb_err e;
+    const known *k;
+
+    cdb_err_clear(&e);
+    s->known_id = -1;
+    if (!path) {
+        s->state = SLOT_FAILED;
+        snprintf(s->msg, sizeof s->msg, "%s: out of memory", p->files->rel[i]);
+        return;
+    }
+    if (cdb_read_file(path, MAX_IMAGE_FILE, &data, &len, &e) != CLIPDB_OK) {
+        s->state = SLOT_FAILED;
+        snprintf(s->msg, sizeof s->msg, "%s", e.msg);
+        goto cleanup;
+    }
+    s->size = (int64_t)len;
+    if (cdb_sha256_hex(data, len, s->sha, &e) != CLIPDB_OK) {
+        s->state = SLOT_FAILED;
+        snprintf(s->msg, sizeof s->msg, "%s: %s", path, e.msg);
+        goto cleanup;
+    }
+    k = find_known(p, p->abspaths[i]);
+    if (k) {
+        s->known_id = k->id;
+        if (!strcmp(k->sha, s->sha)) {
+            s->state = SLOT_UNCHANGED;
+            goto cleanup;
+        }
+    }
+    if (clipdb_image_load_memory(ctx, data, len, s->pixels) != CLIPDB_OK) {
+        s->state = SLOT_FAILED;
+        snprintf(s->msg, sizeof s->msg, "%s: %s", path, clipdb_ctx_errmsg(ctx));
+        goto cleanup;
+    }
+    s->state = SLOT_DECODED;
+cleanup:
+    free(data);
+    free(path);
+}
+
+static void *decode_main(void *arg)
+{
+    pool *p = arg;
+    clipdb_ctx *ctx = NULL;
+    int ctx_rc = clipdb_ctx_new(&ctx, p->model);
+    for (;;) {
+        size_t i;
+        slot *s;
+        pthread_mutex_lock(&p->mu);
+        while (!p->stop && p->next < p->files->n && p->next >= p->consumed + p->window)
+            pthread_cond_wait(&p->space, &p->mu);
+        if (p->stop || p->next >= p->files->n) {
+            pthread_mutex_unlock(&p->mu);
+            break;
+        }
+        i = p->next++;
+        pthread_mutex_unlock(&p->mu);
+        s = &p->slots[i % p->window];
+        if (ctx_rc != CLIPDB_OK) {
+            s->state = SLOT_FAILED;
+            snprintf(s->msg, sizeof s->msg, "%s: %s", p->files->rel[i], clipdb_ctx_errmsg(ctx));
+        } else {
+            decode_one(p, ctx, i, s);
+        }
+        pthread_mutex_lock(&p->mu);
+        pthread_cond_broadcast(&p->ready);
+        pthread_mutex_unlock(&p->mu);
+    }
+    clipdb_ctx_free(ctx);
+    return NULL;
+}
+
+/* ---- batches ---------------------------------------------------------------- */
+
+/* One image of a batch (new, changed, or unchanged with new captions). */
+typedef struct batch_img {
+    size_t file;          /* index in the file list */
+    int64_t id;           /* stored id when known, else -1 */
+    int encode;           /* 1: pixels in the batch buffer, row `row` */
+    int update;           /* 1: a stored path whose content changed */
+    int row;
+    int64_t size;
+    char sha[65];
+    cdb_caption_entry *cap;
+    size_t cap_first, cap_count; /* its new captions in the batch text list */
+} batch_img;
+
+typedef struct ingest {
+    clipdb_db *db;
+    const clipdb_add_options *opt;
+    clipdb_add_result *res;
+    clipdb_model *model;
+    int d;
+    size_t img_floats;
+    int batch;
+    float *pixels;        /* batch x img_floats */
+    float *img_vecs;      /* batch x d */
+    batch_img *imgs;      /* batch */
+    int n_imgs, n_encode;
+    const char **texts;   /* new caption texts of the batch */
+    size_t n_texts, cap_texts;
+    float *text_vecs;     /* cap_texts x d */
+    file_list *files;
+    char **abspaths;
+    const char *root;
+    clipdb_add_progress prog;
+    double t0, last_report;
+} ingest;
+
+static void report(ingest *g, int force)
+{
+    double now = cdb_now();
+    if (!g->opt->on_progress) return;
+    if (!force && now - g->last_report < g->opt->progress_interval_s) return;
+    g->last_report = now;
+    g->prog.elapsed_s = now - g->t0;
+    g->opt->on_progress(g->opt->arg, &g->prog);
+}
+
+static void warn(ingest *g, const char *msg)
+{
+    if (g->opt->on_warning) g->opt->on_warning(g->opt->arg, msg);
+}
+
+/* Texts of the captions already stored for image id (sorted), to skip them. */
+static int caption_exists(clipdb_db *db, int64_t image, const char *text, int *exists)
+{
+    sqlite3_stmt *st = NULL;
+    int rc = cdb_db_prepare(db, "SELECT 1 FROM items WHERE text = ? AND image = ?", &st);
+    *exists = 0;
+    if (rc != CLIPDB_OK) return rc;
+    sqlite3_bind_text(st, 1, text, -1, SQLITE_STATIC);
+    sqlite3_bind_int64(st, 2, image);
+    *exists = sqlite3_step(st) == SQLITE_ROW;
+    sqlite3_finalize(st);
+    return CLIPDB_OK;
+}
+
+static int push_text(ingest *g, const char *t)
+{
+    if (g->n_texts == g->cap_texts) {
+        size_t nc = g->cap_texts ? 2 * g->cap_texts : 256;
+        const char **p = realloc(g->texts, nc * sizeof *p);
+        float *v = cdb_malloc_array(nc, (size_t)g->d * sizeof(float));
+        if (!p || !v) {
+            free(v);
+            if (p) g->texts = p;
+            return cdb_err_set(&g->db->err, CLIPDB_ENOMEM, "out of memory");
+        }
+        g->texts = p;
+        free(g->text_vecs);
+        g->text_vecs = v;
+        g->cap_texts = nc;
+    }
+    g->texts[g->n_texts++] = t;
+    return CLIPDB_OK;
+}
+
+/* Queues the captions of b->cap that are not stored yet for b->id. */
+static int queue_captions(ingest *g, batch_img *b)
+{
+    size_t i, j;
+    int rc = CLIPDB_OK, exists;
+    b->cap_first = g->n_texts;
+    b->cap_count = 0;
+    if (!b->cap) return CLIPDB_OK;
+    for (i = 0; i < b->cap->n_captions; i++) {
+        const char *t = b->cap->captions[i];
+        exists = 0;
+        for (j = 0; j < i && !exists; j++) exists = !strcmp(b->cap->captions[j], t);
+        if (!exists && b->id >= 0 && (rc = caption_exists(g->db, b->id, t, &exists)) != CLIPDB_OK)
+            return rc;
+        if (exists) continue;
+        if ((rc = push_text(g, t)) != CLIPDB_OK) return rc;
+        b->cap_count++;
+    }
+    return CLIPDB_OK;
+}
+
+static int encode_texts(ingest *g, const char *const *texts, size_t n, float *out)
+{
+    size_t i;
+    for (i = 0; i < n; i += TEXT_BATCH) {
+        int m = (int)(n - i < TEXT_BATCH ? n - i : TEXT_BATCH);
+        if (clipdb_encode_texts(g->db->ctx, texts + i, m, out + i * (size_t)g->d) != CLIPDB_OK)
+            return cdb_err_set(&g->db->err, CLIPDB_ERROR, "encoding texts: %s",
+                               clipdb_ctx_errmsg(g->db->ctx));
+    }
+    return CLIPDB_OK;
+}
+
+/* Encodes the batch and writes it in one transaction. */
+static int flush(ingest *g)
+{
+    int rc = CLIPDB_OK, i;
+    size_t j;
+    int in_tx = 0;
+
+    if (g->n_imgs == 0) return CLIPDB_OK;
+    for (i = 0; i < g->n_imgs; i++)
+        if ((rc = queue_captions(g, &g->imgs[i])) != CLIPDB_OK) goto cleanup;
+    // pixels (n_encode, 3, S, S) -> vision tower -> img_vecs (n_encode, d)
+    if (g->n_encode > 0 &&
+        clipdb_encode_images(g->db->ctx, g->pixels, g->n_encode, g->img_vecs) != CLIPDB_OK) {
+        rc = cdb_err_set(&g->db->err, CLIPDB_ERROR, "encoding images: %s",
+                         clipdb_ctx_errmsg(g->db->ctx));
+        goto cleanup;
+    }
+    // texts (n_texts) -> text tower -> text_vecs (n_texts, d)
+    if ((rc = encode_texts(g, g->texts, g->n_texts, g->text_vecs)) != CLIPDB_OK) goto cleanup;
+    if ((rc = cdb_db_begin(g->db)) != CLIPDB_OK) goto cleanup;
+    in_tx = 1;
+    for (i = 0; i < g->n_imgs; i++) {
+        batch_img *b = &g->imgs[i];
+        const float *v = g->img_vecs + (size_t)b->row * (size_t)g->d;
+        if (b->update) {
+            rc = cdb_db_update_image(g->db, b->id, b->size, b->sha, v);
+        } else if (b->encode) {
+            char *path = cdb_path_join(g->root, g->files->rel[b->file]);
+            if (!path) {
+                rc = cdb_err_set(&g->db->err, CLIPDB_ENOMEM, "out of memory");
+                goto cleanup;
+            }
+            rc = cdb_db_insert_image(g->db, path, g->abspaths[b->file], b->size, b->sha, v, &b->id);
+            free(path);
+        }
+        if (rc != CLIPDB_OK) goto cleanup;
+        if (b->encode && b->cap && b->cap->meta_json &&
+            (rc = cdb_db_set_meta_json(g->db, b->id, b->cap->meta_json)) != CLIPDB_OK)
+            goto cleanup;
+        for (j = 0; j < b->cap_count; j++) {
+            int64_t tid;
+            size_t t = b->cap_first + j;
+            rc = cdb_db_insert_text(g->db, g->texts[t], b->id, g->text_vecs + t * (size_t)g->d,
+                                    &tid);
+            if (rc == CLIPDB_OK && b->cap->meta_json)
+                rc = cdb_db_set_meta_json(g->db, tid, b->cap->meta_json);
+            if (rc != CLIPDB_OK) goto cleanup;
+        }
+    }
+    rc = cdb_db_commit(g->db);
+    in_tx = 0;
+    if (rc != CLIPDB_OK) goto cleanup;
+    for (i = 0; i < g->n_imgs; i++) {
+        batch_img *b = &g->imgs[i];
+        if (b->encode && b->update) g->res->images_updated++;
+        else if (b->encode) g->res->images_added++;
+        g->res->captions_added += (int64_t)b->cap_count;
+    }
+cleanup:
+    if (in_tx) cdb_db_rollback(g->db);
+    g->n_imgs = g->n_encode = 0;
+    g->n_texts = 0;
+    return rc;
+}
+
+static int add_images(ingest *g, cdb_captions *caps)
+{
+    clipdb_db *db = g->db;
+    file_list files = {0};
+    known *k = NULL;
+    size_t n_known = 0, i;
+    pool p;
+    pthread_t *threads = NULL;
+    int n_threads = 0, started = 0, rc, t, pool_init = 0;
+
+    memset(&p, 0, sizeof p);
+    g->files = &files;
+    g->root = g->opt->images_dir;
+    if ((rc = walk(g->root, "", 0, &files, g->opt, &db->err)) != CLIPDB_OK) goto cleanup;
+    g->abspaths = cdb_calloc_array(files.n, sizeof *g->abspaths);
+    if (!g->abspaths) {
+        rc = cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
+        goto cleanup;
+    }
+    for (i = 0; i < files.n; i++) {
+        char *path = cdb_path_join(g->root, files.rel[i]);
+        g->abspaths[i] = path ? realpath(path, NULL) : NULL;
+        if (!g->abspaths[i]) g->abspaths[i] = path ? cdb_strdup(path) : NULL;
+        free(path);
+        if (!g->abspaths[i]) {
+            rc = cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
+            goto cleanup;
+        }
+    }
+    if ((rc = load_known(db, &k, &n_known)) != CLIPDB_OK) goto cleanup;
+
+    n_threads = g->opt->decode_threads > 0 ? g->opt->decode_threads
+                                           : (int)sysconf(_SC_NPROCESSORS_ONLN);
+    if (n_threads < 1) n_threads = 1;
+    if (n_threads > 8) n_threads = 8;
+    p.root = g->root;
+    p.files = &files;
+    p.abspaths = g->abspaths;
+    p.k = k;
+    p.n_known = n_known;
+    p.model = g->model;
+    p.window = (size_t)(2 * g->batch > 4 * n_threads ? 2 * g->batch : 4 * n_threads);
+    p.slots = cdb_calloc_array(p.window, sizeof *p.slots);
+    threads = cdb_calloc_array((size_t)n_threads, sizeof *threads);
+    if (!p.slots || !threads) {
+        rc = cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
+        goto cleanup;
+    }
+    for (i = 0; i < p.window; i++) {
+        p.slots[i].pixels = cdb_malloc_array(g->img_floats, sizeof(float));
+        if (!p.slots[i].pixels) {
+            rc = cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
+            goto cleanup;
+        }
+    }
+    pthread_mutex_init(&p.mu, NULL);
+    pthread_cond_init(&p.ready, NULL);
+    pthread_cond_init(&p.space, NULL);
+    pool_init = 1;
+    for (t = 0; t < n_threads; t++) {
+        if (pthread_create(&threads[t], NULL, decode_main, &p) != 0) break;
+        started++;
+    }
+    if (started == 0) {
+        rc = cdb_err_set(&db->err, CLIPDB_ERROR, "cannot start decode threads");
+        goto cleanup;
+    }
+
+    g->prog.phase = "images";
+    g->prog.total = (int64_t)files.n;
+    for (i = 0; i < files.n; i++) {
+        slot *s = &p.slots[i % p.window];
+        cdb_caption_entry *ce = caps ? cdb_captions_find(caps, files.rel[i]) : NULL;
+        batch_img *b;
+        pthread_mutex_lock(&p.mu);
+        while (s->state == SLOT_EMPTY) pthread_cond_wait(&p.ready, &p.mu);
+        pthread_mutex_unlock(&p.mu);
+        if (ce) ce->used = 1;
+        if (s->state == SLOT_FAILED) {
+            warn(g, s->msg);
+            g->res->images_failed++;
+            g->prog.failed++;
+        } else if (s->state == SLOT_UNCHANGED && !ce) {
+            g->res->images_unchanged++;
+            g->prog.skipped++;
+        } else {
+            b = &g->imgs[g->n_imgs++];
+            memset(b, 0, sizeof *b);
+            b->file = i;
+            b->id = s->known_id;
+            b->cap = ce;
+            b->size = s->size;
+            memcpy(b->sha, s->sha, sizeof b->sha);
+            if (s->state == SLOT_DECODED) {
+                b->encode = 1;
+                b->update = s->known_id >= 0;
+                b->row = g->n_encode++;
+                memcpy(g->pixels + (size_t)b->row * g->img_floats, s->pixels,
+                       g->img_floats * sizeof(float));
+                g->prog.added++;
+            } else {
+                g->res->images_unchanged++; /* only its captions may be new */
+                g->prog.skipped++;
+            }
+        }
+        /* release the slot to the decoders */
+        pthread_mutex_lock(&p.mu);
+        s->state = SLOT_EMPTY;
+        p.consumed = i + 1;
+        pthread_cond_broadcast(&p.space);
+        pthread_mutex_unlock(&p.mu);
+        if (g->n_imgs == g->batch || i + 1 == files.n) {
+            if ((rc = flush(g)) != CLIPDB_OK) goto cleanup;
+        }
+        g->prog.done = (int64_t)i + 1;
+        report(g, 0);
+    }
+    if (caps)
+        for (i = 0; i < caps->n; i++)
+            if (!caps->e[i].used) g->res->captions_unmatched++;
+cleanup:
+    if (pool_init) {
+        pthread_mutex_lock(&p.mu);
+        p.stop = 1;
+        pthread_cond_broadcast(&p.space);
+        pthread_mutex_unlock(&p.mu);
+        for (t = 0; t < started; t++) pthread_join(threads[t], NULL);
+        pthread_mutex_destroy(&p.mu);
+        pthread_cond_destroy(&p.ready);
+        pthread_cond_destroy(&p.space);
+    }
+    for (i = 0; p.slots && i < p.window; i++) free(p.slots[i].pixels);
+    free(p.slots);
+    free(threads);
+    for (i = 0; i < n_known; i++) free(k[i].abspath);
+    free(k);
+    for (i = 0; i < files.n; i++) {
+        free(files.rel[i]);
+        if (g->abspaths) free(g->abspaths[i]);
+    }
+    free(files.rel);
+    free(g->abspaths);
+    g->abspaths = NULL;
+    g->files = NULL;
+    return rc;
+}
+
+/* Standalone texts: one per non-empty line; texts already stored as
+** standalone texts are skipped. */
+static int add_texts(ingest *g)
+{
+    clipdb_db *db = g->db;
+    char *data = NULL;
+    size_t len = 0, pos = 0, lineno = 0, n_lines = 0, i;
+    const char **batch = NULL;
+    float *vecs = NULL;   /* TEXT_BATCH x d */
+    sqlite3_stmt *exists = NULL;
+    int rc, in_tx = 0;
+
+    rc = cdb_read_file(g->opt->texts_path, (size_t)1 << 30, &data, &len, &db->err);
+    if (rc != CLIPDB_OK) return rc;
+    for (i = 0; i < len; i++) n_lines += data[i] == '\n';
+    g->prog.phase = "texts";
+    g->prog.total = (int64_t)n_lines + 1;
+    g->prog.done = g->prog.added = g->prog.skipped = g->prog.failed = 0;
+    batch = cdb_calloc_array(TEXT_BATCH, sizeof *batch);
+    vecs = cdb_malloc_array(TEXT_BATCH, (size_t)g->d * sizeof(float));
+    if (!batch || !vecs) {
+        rc = cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
+        goto cleanup;
+    }
+    rc = cdb_db_prepare(db, "SELECT 1 FROM items WHERE text = ? AND type = 2 AND image IS NULL",
+                        &exists);
+    if (rc != CLIPDB_OK) goto cleanup;
+    while (pos < len) {
+        int n = 0, j;
+        /* gather up to TEXT_BATCH new lines */
+        while (pos < len && n < TEXT_BATCH) {
+            char *line = data + pos, *nl = memchr(line, '\n', len - pos);
+            size_t m = nl ? (size_t)(nl - line) : len - pos;
+            int dup = 0;
+            pos += m + 1;
+            lineno++;
+            g->prog.done++;
+            if (m > 0 && line[m - 1] == '\r') m--;
+            line[m] = '\0';
+            if (m == 0) continue;
+            if (m > CLIPDB_MAX_TEXT_BYTES || strlen(line) != m) {
+                char msg[256];
+                snprintf(msg, sizeof msg, "%s:%zu: %s; skipped", g->opt->texts_path, lineno,
+                         m > CLIPDB_MAX_TEXT_BYTES ? "text too long" : "text holds a NUL byte");
+                warn(g, msg);
+                g->prog.failed++;
+                continue;
+            }
+            sqlite3_reset(exists);
+            sqlite3_bind_text(exists, 1, line, -1, SQLITE_STATIC);
+            dup = sqlite3_step(exists) == SQLITE_ROW;
+            for (j = 0; j < n && !dup; j++) dup = !strcmp(batch[j], line);
+            sqlite3_reset(exists);
+            if (dup) {
+                g->res->texts_unchanged++;
+                g->prog.skipped++;
+                continue;
+            }
+            batch[n++] = line;
+        }
+        if (n == 0) continue;
+        // batch (n texts) -> text tower -> text_vecs (n, d)
+        if ((rc = encode_texts(g, batch, (size_t)n, vecs)) != CLIPDB_OK) goto cleanup;
+        if ((rc = cdb_db_begin(db)) != CLIPDB_OK) goto cleanup;
+        in_tx = 1;
+        for (j = 0; j < n; j++) {
+            int64_t id;
+            rc = cdb_db_insert_text(db, batch[j], -1, vecs + (size_t)j * (size_t)g->d, &id);
+            if (rc != CLIPDB_OK) goto cleanup;
+        }
+        rc = cdb_db_commit(db);
+        in_tx = 0;
+        if (rc != CLIPDB_OK) goto cleanup;
+        g->res->texts_added += n;
+        g->prog.added += n;
+        report(g, 0);
+    }
+    g->prog.done = g->prog.total;
+cleanup:
+    if (in_tx) cdb_db_rollback(db);
+    sqlite3_finalize(exists);
+    free(batch);
+    free(vecs);
+    free(data);
+    return rc;
+}
+
+int clipdb_db_add(clipdb_db *db, const clipdb_add_options *opt, clipdb_add_result *res)
+{
+    clipdb_add_options def;
+    clipdb_add_result tmp;
+    cdb_captions *caps = NULL;
+    ingest g;
+    int rc;
+
+    memset(&g, 0, sizeof g);
+    if (!opt) {
+        clipdb_add_options_init(&def);
+        opt = &def;
+    }
+    if (!res) res = &tmp;
+    memset(res, 0, sizeof *res);
+    cdb_err_clear(&db->err);
+    if (db->readonly) return cdb_err_set(&db->err, CLIPDB_EINVAL, "%s: opened read-only", db->path);
+    if (!opt->images_dir && !opt->texts_path)
+        return cdb_err_set(&db->err, CLIPDB_EINVAL, "nothing to add: give images or texts");
+    if (opt->captions_path && !opt->images_dir)
+        return cdb_err_set(&db->err, CLIPDB_EINVAL, "captions need an images folder");
+    /* Parse captions first: a malformed file fails before anything is added. */
+    if (opt->captions_path &&
+        (rc = cdb_captions_load(opt->captions_path, &caps, &db->err)) != CLIPDB_OK)
+        goto cleanup;
+    if ((rc = clipdb_db_model(db, &g.model)) != CLIPDB_OK) goto cleanup;
+    g.db = db;
+    g.opt = opt;
+    g.res = res;
+    g.d = db->embed_dim;
+    g.img_floats = clipdb_image_floats(g.model);
+    g.batch = opt->batch_size > 0 ? opt->batch_size : 32;
+    if (g.batch > 1024) g.batch = 1024;
+    g.t0 = g.last_report = cdb_now();
+    if (opt->images_dir) {
+        g.pixels = cdb_malloc_array((size_t)g.batch, g.img_floats * sizeof(float));
+        g.img_vecs = cdb_malloc_array((size_t)g.batch, (size_t)g.d * sizeof(float));
+        g.imgs = cdb_calloc_array((size_t)g.batch, sizeof *g.imgs);
+        if (!g.pixels || !g.img_vecs || !g.imgs) {
+            rc = cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
+            goto cleanup;
+        }
+        if ((rc = add_images(&g, caps)) != CLIPDB_OK) goto cleanup;
+        report(&g, 1);
+    }
+    if (opt->texts_path) {
+        if ((rc = add_texts(&g)) != CLIPDB_OK) goto cleanup;
+        report(&g, 1);
+    }
+cleanup:
+    cdb_captions_free(caps);
+    free(g.pixels);
+    free(g.img_vecs);
+    free(g.imgs);
+    free(g.texts);
+    free(g.text_vecs);
+    return rc;
+}

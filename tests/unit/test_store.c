@@ -1,0 +1,327 @@
+/* Unit tests of src/store: the database file, items, deletion, captions
+** parsers, hashing. Model-free: databases are created with
+** cdb_db_create_raw and filled with synthetic vectors. */
+#include <sqlite3.h>
+#include <stdint.h>
+
+#include "store/captions.h"
+#include "store/store.h"
+#include "test.h"
+
+#define D 8
+
+static void db_path(char *buf, size_t n, const char *name)
+{
+    snprintf(buf, n, "%s/%s", test_tmpdir(), name);
+    remove(buf);
+}
+
+static void fill_vec(float *v, int seed)
+{
+    int i;
+    for (i = 0; i < D; i++) v[i] = (float)((seed * 7 + i * 3) % 11) - 5.0f + 0.25f * (float)i;
+}
+
+TEST(store_create_insert_reopen)
+{
+    char path[512];
+    clipdb_db *db = NULL;
+    clipdb_db_stats st;
+    const cdb_vecset *vs;
+    float v[D];
+    int64_t img = -1, cap = -1, txt = -1;
+    double n2 = 0;
+    int i;
+
+    db_path(path, sizeof path, "a.db");
+    REQUIRE(cdb_db_create_raw(&db, path, "clip-test-1", D, NULL) == CLIPDB_OK);
+    REQUIRE(cdb_db_begin(db) == CLIPDB_OK);
+    fill_vec(v, 1);
+    REQUIRE(cdb_db_insert_image(db, "x/a.jpg", "/abs/x/a.jpg", 123, "00ff", v, &img) == CLIPDB_OK);
+    REQUIRE(cdb_db_set_meta_json(db, img, "{\"split\":\"val\",\"image_id\":139}") == CLIPDB_OK);
+    fill_vec(v, 2);
+    REQUIRE(cdb_db_insert_text(db, "a cat", img, v, &cap) == CLIPDB_OK);
+    fill_vec(v, 3);
+    REQUIRE(cdb_db_insert_text(db, "a dog", -1, v, &txt) == CLIPDB_OK);
+    REQUIRE(cdb_db_commit(db) == CLIPDB_OK);
+    clipdb_db_close(db);
+
+    REQUIRE(clipdb_db_open(&db, path, NULL) == CLIPDB_OK);
+    REQUIRE(clipdb_db_get_stats(db, &st) == CLIPDB_OK);
+    CHECK(st.images == 1 && st.texts == 2 && st.captions == 1 && st.vectors == 3);
+    CHECK(!strcmp(st.model, "clip-test-1"));
+    CHECK(st.embed_dim == D);
+    REQUIRE(cdb_db_vectors(db, CLIPDB_ITEM_TEXT, &vs) == CLIPDB_OK);
+    REQUIRE(vs->n == 2);
+    CHECK(vs->ids[0] == cap && vs->ids[1] == txt);
+    fill_vec(v, 3);
+    for (i = 0; i < D; i++) {
+        CHECK(vs->vecs[D + i] == v[i]); /* stored raw, not normalised */
+        n2 += (double)v[i] * v[i];
+    }
+    CHECK_NEAR(vs->norms[1], sqrt(n2), 1e-5);
+    clipdb_db_close(db);
+}
+
+TEST(store_refuses_other_files_and_newer_versions)
+{
+    char path[512];
+    clipdb_db *db = NULL;
+    sqlite3 *s = NULL;
+    FILE *f;
+
+    /* missing */
+    db_path(path, sizeof path, "missing.db");
+    CHECK(clipdb_db_open(&db, path, NULL) == CLIPDB_ENOTFOUND);
+    CHECK(strstr(clipdb_db_errmsg(db), "no such database") != NULL);
+    clipdb_db_close(db);
+
+    /* not SQLite */
+    db_path(path, sizeof path, "garbage.db");
+    f = fopen(path, "wb");
+    REQUIRE(f);
+    for (int i = 0; i < 4096; i++) fputc('x', f);
+    fclose(f);
+    CHECK(clipdb_db_open(&db, path, NULL) == CLIPDB_EFORMAT);
+    CHECK(strstr(clipdb_db_errmsg(db), "not a clipdb database") != NULL);
+    clipdb_db_close(db);
+
+    /* SQLite, another application */
+    db_path(path, sizeof path, "other.db");
+    REQUIRE(sqlite3_open(path, &s) == SQLITE_OK);
+    REQUIRE(sqlite3_exec(s, "CREATE TABLE t(x); PRAGMA application_id=7;", 0, 0, 0) == SQLITE_OK);
+    sqlite3_close(s);
+    CHECK(clipdb_db_open(&db, path, NULL) == CLIPDB_EFORMAT);
+    CHECK(strstr(clipdb_db_errmsg(db), "not a clipdb database") != NULL);
+    clipdb_db_close(db);
+
+    /* newer format version */
+    db_path(path, sizeof path, "newer.db");
+    REQUIRE(cdb_db_create_raw(&db, path, "clip-test-1", D, NULL) == CLIPDB_OK);
+    clipdb_db_close(db);
+    REQUIRE(sqlite3_open(path, &s) == SQLITE_OK);
+    REQUIRE(sqlite3_exec(s, "PRAGMA user_version=2;", 0, 0, 0) == SQLITE_OK);
+    sqlite3_close(s);
+    CHECK(clipdb_db_open(&db, path, NULL) == CLIPDB_EFORMAT);
+    CHECK(strstr(clipdb_db_errmsg(db), "newer") != NULL);
+    clipdb_db_close(db);
+
+    /* create refuses to overwrite */
+    CHECK(cdb_db_create_raw(&db, path, "clip-test-1", D, NULL) == CLIPDB_EINVAL);
+    CHECK(strstr(clipdb_db_errmsg(db), "already exists") != NULL);
+    clipdb_db_close(db);
+}
+
+TEST(store_rm_deletes_captions_and_is_atomic)
+{
+    char path[512];
+    clipdb_db *db = NULL;
+    clipdb_db_stats st;
+    const cdb_vecset *vs;
+    float v[D];
+    int64_t img, c1, c2, txt, ids[2], n_items, n_caps;
+
+    db_path(path, sizeof path, "rm.db");
+    REQUIRE(cdb_db_create_raw(&db, path, "clip-test-1", D, NULL) == CLIPDB_OK);
+    REQUIRE(cdb_db_begin(db) == CLIPDB_OK);
+    fill_vec(v, 1);
+    REQUIRE(cdb_db_insert_image(db, "a.jpg", "/abs/a.jpg", 1, "aa", v, &img) == CLIPDB_OK);
+    REQUIRE(cdb_db_insert_text(db, "one", img, v, &c1) == CLIPDB_OK);
+    REQUIRE(cdb_db_insert_text(db, "two", img, v, &c2) == CLIPDB_OK);
+    REQUIRE(cdb_db_insert_text(db, "alone", -1, v, &txt) == CLIPDB_OK);
+    REQUIRE(cdb_db_commit(db) == CLIPDB_OK);
+    REQUIRE(cdb_db_vectors(db, CLIPDB_ITEM_TEXT, &vs) == CLIPDB_OK);
+    CHECK(vs->n == 3);
+
+    /* an unknown id: nothing deleted */
+    ids[0] = img;
+    ids[1] = 9999;
+    CHECK(clipdb_db_rm(db, ids, 2, &n_items, &n_caps) == CLIPDB_ENOTFOUND);
+    CHECK(strstr(clipdb_db_errmsg(db), "9999") != NULL);
+    REQUIRE(clipdb_db_get_stats(db, &st) == CLIPDB_OK);
+    CHECK(st.images == 1 && st.texts == 3);
+
+    REQUIRE(clipdb_db_rm(db, ids, 1, &n_items, &n_caps) == CLIPDB_OK);
+    CHECK(n_items == 1 && n_caps == 2);
+    REQUIRE(clipdb_db_get_stats(db, &st) == CLIPDB_OK);
+    CHECK(st.images == 0 && st.texts == 1 && st.vectors == 1);
+    /* the cached vectors are reloaded after the change */
+    REQUIRE(cdb_db_vectors(db, CLIPDB_ITEM_TEXT, &vs) == CLIPDB_OK);
+    CHECK(vs->n == 1 && vs->ids[0] == txt);
+    clipdb_db_close(db);
+}
+
+TEST(store_vectors_reload_after_another_writer)
+{
+    char path[512];
+    clipdb_db *a = NULL, *b = NULL;
+    const cdb_vecset *vs;
+    float v[D];
+    int64_t id;
+
+    db_path(path, sizeof path, "two.db");
+    REQUIRE(cdb_db_create_raw(&a, path, "clip-test-1", D, NULL) == CLIPDB_OK);
+    REQUIRE(clipdb_db_open(&b, path, NULL) == CLIPDB_OK);
+    REQUIRE(cdb_db_vectors(b, CLIPDB_ITEM_IMAGE, &vs) == CLIPDB_OK);
+    CHECK(vs->n == 0);
+    fill_vec(v, 4);
+    REQUIRE(cdb_db_begin(a) == CLIPDB_OK);
+    REQUIRE(cdb_db_insert_image(a, "b.png", "/abs/b.png", 1, "bb", v, &id) == CLIPDB_OK);
+    REQUIRE(cdb_db_commit(a) == CLIPDB_OK);
+    REQUIRE(cdb_db_vectors(b, CLIPDB_ITEM_IMAGE, &vs) == CLIPDB_OK);
+    CHECK(vs->n == 1);
+    clipdb_db_close(a);
+    clipdb_db_close(b);
+}
+
+TEST(store_rejects_bad_vectors_and_metadata)
+{
+    char path[512];
+    clipdb_db *db = NULL;
+    float v[D];
+    int64_t id;
+
+    db_path(path, sizeof path, "bad.db");
+    REQUIRE(cdb_db_create_raw(&db, path, "clip-test-1", D, NULL) == CLIPDB_OK);
+    REQUIRE(cdb_db_begin(db) == CLIPDB_OK);
+    fill_vec(v, 1);
+    v[3] = NAN;
+    CHECK(cdb_db_insert_text(db, "nan", -1, v, &id) == CLIPDB_EINVAL);
+    fill_vec(v, 1);
+    REQUIRE(cdb_db_insert_text(db, "ok", -1, v, &id) == CLIPDB_OK);
+    CHECK(cdb_db_set_meta_json(db, id, "[1,2]") == CLIPDB_EFORMAT);
+    CHECK(cdb_db_set_meta_json(db, id, "{\"a\":") == CLIPDB_EFORMAT);
+    cdb_db_rollback(db);
+    clipdb_db_close(db);
+}
+
+TEST(store_sha256_known_answer)
+{
+    char hex[65];
+    cdb_err e;
+    cdb_err_clear(&e);
+    REQUIRE(cdb_sha256_hex("abc", 3, hex, &e) == CLIPDB_OK);
+    CHECK(!strcmp(hex, "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"));
+}
+
+/* ---- captions ---- */
+
+static int parse(const char *text, const char *name, cdb_captions **c, cdb_err *e)
+{
+    cdb_err_clear(e);
+    return cdb_captions_parse(text, strlen(text), name, c, e);
+}
+
+TEST(store_captions_jsonl)
+{
+    cdb_captions *c = NULL;
+    cdb_caption_entry *x;
+    cdb_err e;
+    const char *t =
+        "{\"image\": \"b.jpg\", \"image_id\": 2, \"split\": \"val\", \"captions\": [\"b1\", \"b2\"]}\n"
+        "\n"
+        "{\"image\": \"a.jpg\", \"captions\": [\"a1\"]}\r\n"
+        "{\"image\": \"b.jpg\", \"captions\": [\"b3\"]}\n";
+    REQUIRE(parse(t, "c.jsonl", &c, &e) == CLIPDB_OK);
+    CHECK(!strcmp(c->format, "jsonl"));
+    CHECK(c->n == 2 && c->n_captions == 4);
+    x = cdb_captions_find(c, "b.jpg");
+    REQUIRE(x);
+    REQUIRE(x->n_captions == 3);
+    CHECK(!strcmp(x->captions[0], "b1") && !strcmp(x->captions[2], "b3"));
+    REQUIRE(x->meta_json);
+    CHECK(strstr(x->meta_json, "\"split\":\"val\"") && strstr(x->meta_json, "\"image_id\":2"));
+    CHECK(!strstr(x->meta_json, "captions"));
+    x = cdb_captions_find(c, "a.jpg");
+    REQUIRE(x);
+    CHECK(x->meta_json == NULL && x->n_captions == 1);
+    CHECK(cdb_captions_find(c, "z.jpg") == NULL);
+    cdb_captions_free(c);
+}
+
+TEST(store_captions_jsonl_errors_name_the_line)
+{
+    cdb_captions *c = NULL;
+    cdb_err e;
+    CHECK(parse("{\"image\":\"a\",\"captions\":[\"x\"]}\n{\"image\": \"b\", \"captions\": [\"y\"\n",
+                "c.jsonl", &c, &e) == CLIPDB_EFORMAT);
+    CHECK(strstr(e.msg, "c.jsonl:2:") != NULL);
+    CHECK(parse("{\"image\":\"a\",\"captions\":[\"x\"]}\n\n{\"captions\":[\"x\"]}\n", "c.jsonl", &c,
+                &e) == CLIPDB_EFORMAT);
+    CHECK(strstr(e.msg, "c.jsonl:3:") && strstr(e.msg, "image"));
+    CHECK(parse("{\"image\":\"a\",\"captions\":[1]}\n", "c.jsonl", &c, &e) == CLIPDB_EFORMAT);
+    CHECK(parse("{\"image\":\"a\",\"captions\":[\"x\"]} junk\n", "c.jsonl", &c, &e) ==
+          CLIPDB_EFORMAT);
+    CHECK(parse("{\"image\":\"\",\"captions\":[\"x\"]}\n", "c.jsonl", &c, &e) == CLIPDB_EFORMAT);
+    CHECK(c == NULL);
+}
+
+TEST(store_captions_coco)
+{
+    cdb_captions *c = NULL;
+    cdb_caption_entry *x;
+    cdb_err e;
+    const char *t = "{\"info\": {}, \"images\": [{\"id\": 139, \"file_name\": \"000139.jpg\"},"
+                    " {\"id\": 5, \"file_name\": \"05.jpg\"}],"
+                    " \"annotations\": [{\"image_id\": 139, \"id\": 1, \"caption\": \"p\"},"
+                    " {\"image_id\": 5, \"caption\": \"q\"}, {\"image_id\": 139, \"caption\": \"r\"}]}";
+    REQUIRE(parse(t, "captions_val2017.json", &c, &e) == CLIPDB_OK);
+    CHECK(!strcmp(c->format, "coco"));
+    CHECK(c->n == 2 && c->n_captions == 3);
+    x = cdb_captions_find(c, "000139.jpg");
+    REQUIRE(x && x->n_captions == 2);
+    CHECK(!strcmp(x->captions[0], "p") && !strcmp(x->captions[1], "r"));
+    CHECK(x->meta_json && !strcmp(x->meta_json, "{\"image_id\":139}"));
+    cdb_captions_free(c);
+    CHECK(parse("{\"images\": [{\"id\": 1, \"file_name\": \"a\"}], \"annotations\": "
+                "[{\"image_id\": 2, \"caption\": \"x\"}]}",
+                "c.json", &c, &e) == CLIPDB_EFORMAT);
+    CHECK(strstr(e.msg, "annotations[0]") != NULL);
+    CHECK(parse("{\"images\": 3, \"annotations\": []}", "c.json", &c, &e) == CLIPDB_EFORMAT);
+}
+
+TEST(store_captions_csv_rfc4180)
+{
+    cdb_captions *c = NULL;
+    cdb_caption_entry *x;
+    cdb_err e;
+    const char *t = "image,caption,split\r\n"
+                    "a.jpg,\"a dog, running\",train\r\n"
+                    "a.jpg,\"she said \"\"hi\"\"\nover two lines\",train\r\n"
+                    "b.jpg,plain,val\n";
+    REQUIRE(parse(t, "c.csv", &c, &e) == CLIPDB_OK);
+    CHECK(c->n == 2 && c->n_captions == 3);
+    x = cdb_captions_find(c, "a.jpg");
+    REQUIRE(x && x->n_captions == 2);
+    CHECK(!strcmp(x->captions[0], "a dog, running"));
+    CHECK(!strcmp(x->captions[1], "she said \"hi\"\nover two lines"));
+    CHECK(x->meta_json && !strcmp(x->meta_json, "{\"split\":\"train\"}"));
+    cdb_captions_free(c);
+    /* sniffed as CSV without the extension */
+    REQUIRE(parse("caption,image\nx,y.png\n", "caps.txt", &c, &e) == CLIPDB_OK);
+    CHECK(!strcmp(c->format, "csv") && c->n == 1 && !strcmp(c->e[0].image, "y.png"));
+    cdb_captions_free(c);
+    /* errors name the line */
+    CHECK(parse("image,caption\na.jpg,x\nb.jpg,y,z\n", "c.csv", &c, &e) == CLIPDB_EFORMAT);
+    CHECK(strstr(e.msg, "c.csv:3:") != NULL);
+    CHECK(parse("image,caption\na.jpg,\"open\n", "c.csv", &c, &e) == CLIPDB_EFORMAT);
+    CHECK(strstr(e.msg, "unterminated") != NULL);
+    CHECK(parse("image,caption\na.jpg,\"x\"y\n", "c.csv", &c, &e) == CLIPDB_EFORMAT);
+    CHECK(parse("file,text\na,b\n", "c.csv", &c, &e) == CLIPDB_EFORMAT);
+    CHECK(strstr(e.msg, "c.csv:1:") != NULL);
+}
+
+TEST(store_captions_shared_coco_subset)
+{
+    const char *sh = test_shared_dir();
+    char path[1024];
+    cdb_captions *c = NULL;
+    cdb_err e;
+    if (!sh) SKIP("shared data not found (../shared or $CLIPDB_SHARED)");
+    snprintf(path, sizeof path, "%s/data/coco-subset/captions.jsonl", sh);
+    cdb_err_clear(&e);
+    REQUIRE(cdb_captions_load(path, &c, &e) == CLIPDB_OK);
+    CHECK(c->n == 338);
+    CHECK(c->n_captions == 1690);
+    cdb_captions_free(c);
+}

@@ -1,5 +1,5 @@
 /*
-** cli_cmd_add.c: clipdb add DB (--images DIR [--captions FILE] | --texts FILE)
+** cmd_add.c: clipdb add DB (--images DIR [--captions FILE] | --texts FILE)
 */
 #include <errno.h>
 #include <stdlib.h>

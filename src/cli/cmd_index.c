@@ -1,5 +1,5 @@
 /*
-** cli_cmd_index.c: clipdb index DB --ivf [--nlist N] [--target image|text]
+** cmd_index.c: clipdb index DB --ivf [--nlist N] [--target image|text]
 */
 #include <errno.h>
 #include <stdlib.h>

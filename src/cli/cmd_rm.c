@@ -1,5 +1,5 @@
 /*
-** cli_cmd_rm.c: clipdb rm DB ID...
+** cmd_rm.c: clipdb rm DB ID...
 */
 #include <errno.h>
 #include <stdlib.h>

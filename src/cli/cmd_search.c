@@ -1,5 +1,5 @@
 /*
-** cli_cmd_search.c: clipdb search DB (--text T | --image PATH | --item ID |
+** cmd_search.c: clipdb search DB (--text T | --image PATH | --item ID |
 ** --batch FILE) [options]
 */
 #include <errno.h>

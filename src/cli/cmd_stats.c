@@ -1,5 +1,5 @@
 /*
-** cli_cmd_stats.c: clipdb stats DB [--json]
+** cmd_stats.c: clipdb stats DB [--json]
 */
 #include <string.h>
 

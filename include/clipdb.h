@@ -468,7 +468,7 @@ typedef struct clipdb_query {
 typedef struct clipdb_search_options {
     int target;              /* CLIPDB_ITEM_IMAGE (default) or _TEXT */
     int k;                   /* default 10 */
-    int metric;              /* a clipdb_metric (default cosine) */
+    clipdb_metric metric;    /* default cosine */
     clipdb_index_kind index; /* default exact */
     int nprobe;              /* IVF lists to scan (default 8) */
     const char *faiss;       /* index_factory string for CLIPDB_INDEX_FAISS
@@ -512,7 +512,7 @@ CLIPDB_API int clipdb_db_search(clipdb_db *db, const clipdb_query *queries,
 
 typedef struct clipdb_index_options {
     int target;              /* CLIPDB_ITEM_IMAGE (default) or _TEXT */
-    int metric;              /* a clipdb_metric it serves (default cosine) */
+    clipdb_metric metric;    /* the metric it serves (default cosine) */
     int nlist;               /* default 0: about sqrt(n), at least 1 */
     uint64_t seed;           /* k-means seed (default 1234) */
 } clipdb_index_options;
@@ -527,7 +527,7 @@ CLIPDB_API int clipdb_db_build_ivf(clipdb_db *db, const clipdb_index_options *op
 typedef struct clipdb_db_index_info {
     const char *kind;        /* "ivf" */
     int target;
-    int metric;              /* a clipdb_metric */
+    clipdb_metric metric;
     int nlist;
     int64_t n_vectors;
 } clipdb_db_index_info;

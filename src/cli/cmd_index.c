@@ -61,7 +61,7 @@ int cli_cmd_index(int argc, char **argv)
             clipdb_metric m;
             if (clipdb_metric_parse(argv[++i], &m) != CLIPDB_OK)
                 return cli_usage("index", "--metric is cosine, dot or l2, not '%s'", argv[i]);
-            opt.metric = (int)m;
+            opt.metric = m;
         } else if (s[0] == '-' && s[1]) return cli_usage("index", "unknown option or missing value '%s'", s);
         else if (!path) path = s;
         else return cli_usage("index", "unexpected argument '%s'", s);
@@ -77,7 +77,7 @@ int cli_cmd_index(int argc, char **argv)
     }
     printf("built an IVF index on %s vectors (metric %s)\n",
            opt.target == CLIPDB_ITEM_TEXT ? "text" : "image",
-           clipdb_metric_name((clipdb_metric)opt.metric));
+           clipdb_metric_name(opt.metric));
     clipdb_db_close(db);
     return CLI_OK;
 }

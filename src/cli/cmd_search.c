@@ -206,7 +206,7 @@ int cli_cmd_search(int argc, char **argv)
                 ret = cli_usage("search", "--metric is cosine, dot or l2, not '%s'", argv[a]);
                 goto cleanup;
             }
-            opt.metric = (int)m;
+            opt.metric = m;
         } else if (!strcmp(s, "--index") && has) {
             a++;
             if (!strcmp(argv[a], "exact")) opt.index = CLIPDB_INDEX_EXACT;

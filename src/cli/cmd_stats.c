@@ -64,7 +64,7 @@ int cli_cmd_stats(int argc, char **argv)
             printf("%s{\"kind\": \"%s\", \"target\": \"%s\", \"metric\": \"%s\", \"nlist\": %d, "
                    "\"vectors\": %lld}",
                    i ? ", " : "", st.indexes[i].kind, target_name(st.indexes[i].target),
-                   clipdb_metric_name((clipdb_metric)st.indexes[i].metric), st.indexes[i].nlist,
+                   clipdb_metric_name(st.indexes[i].metric), st.indexes[i].nlist,
                    (long long)st.indexes[i].n_vectors);
         printf("]}\n");
     } else {
@@ -77,7 +77,7 @@ int cli_cmd_stats(int argc, char **argv)
         for (i = 0; i < st.n_indexes; i++)
             printf("index      %s on %s vectors, metric %s, %d lists, %lld vectors\n",
                    st.indexes[i].kind, target_name(st.indexes[i].target),
-                   clipdb_metric_name((clipdb_metric)st.indexes[i].metric),
+                   clipdb_metric_name(st.indexes[i].metric),
                    st.indexes[i].nlist, (long long)st.indexes[i].n_vectors);
     }
     clipdb_db_close(db);

@@ -786,7 +786,7 @@ int clipdb_db_get_stats(clipdb_db *db, clipdb_db_stats *out)
         clipdb_db_index_info *x = &out->indexes[out->n_indexes++];
         x->kind = "ivf";
         x->target = sqlite3_column_int(st, 0);
-        x->metric = sqlite3_column_int(st, 1);
+        x->metric = (clipdb_metric)sqlite3_column_int(st, 1);
         x->nlist = sqlite3_column_int(st, 2);
         x->n_vectors = sqlite3_column_int64(st, 3);
     }

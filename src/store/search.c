@@ -59,7 +59,7 @@ void cdb_db_ivf_release(clipdb_db *db)
 
 /* An empty index holding the stored centroids of (target, metric), to
 ** assign new vectors; *out NULL when there is no such index. */
-static int load_centroids(clipdb_db *db, int target, int metric, clipdb_ivf **out)
+static int load_centroids(clipdb_db *db, int target, clipdb_metric metric, clipdb_ivf **out)
 {
     sqlite3_stmt *st = NULL;
     int rc, s;
@@ -77,8 +77,8 @@ static int load_centroids(clipdb_db *db, int target, int metric, clipdb_ivf **ou
         if (dim != db->embed_dim || nlist < 1 || nlist > CLIPDB_MAX_NLIST || !c ||
             (size_t)sqlite3_column_bytes(st, 2) != want) {
             rc = cdb_err_set(&db->err, CLIPDB_EFORMAT, "%s: corrupt IVF index (%s, %s)", db->path,
-                             type_name(target), clipdb_metric_name((clipdb_metric)metric));
-        } else if (clipdb_ivf_new_from_centroids(out, dim, nlist, (clipdb_metric)metric, c) !=
+                             type_name(target), clipdb_metric_name(metric));
+        } else if (clipdb_ivf_new_from_centroids(out, dim, nlist, metric, c) !=
                    CLIPDB_OK) {
             rc = cdb_err_set(&db->err, CLIPDB_ERROR, "IVF: %s", clipdb_ivf_errmsg(*out));
             clipdb_ivf_free(*out);
@@ -105,7 +105,7 @@ int cdb_db_ivf_on_insert(clipdb_db *db, int type, int64_t id, const float *vec)
         int32_t list;
         if (m < 0 || m > 2) continue;
         if (!db->ivf_assigner[type][m] &&
-            (rc = load_centroids(db, type, m, &db->ivf_assigner[type][m])) != CLIPDB_OK)
+            (rc = load_centroids(db, type, (clipdb_metric)m, &db->ivf_assigner[type][m])) != CLIPDB_OK)
             break;
         if (!db->ivf_assigner[type][m]) continue;
         // vec (1, d) -> nearest of the nlist centroids -> list
@@ -148,8 +148,8 @@ int clipdb_db_build_ivf(clipdb_db *db, const clipdb_index_options *opt)
     cdb_err_clear(&db->err);
     if (opt->target != CLIPDB_ITEM_IMAGE && opt->target != CLIPDB_ITEM_TEXT)
         return cdb_err_set(&db->err, CLIPDB_EINVAL, "index: bad target %d", opt->target);
-    if (!cdb_metric_ok((clipdb_metric)opt->metric))
-        return cdb_err_set(&db->err, CLIPDB_EINVAL, "index: bad metric %d", opt->metric);
+    if (!cdb_metric_ok(opt->metric))
+        return cdb_err_set(&db->err, CLIPDB_EINVAL, "index: bad metric %d", (int)opt->metric);
     if ((rc = cdb_db_vectors(db, opt->target, &vs)) != CLIPDB_OK) return rc;
     if (vs->n == 0)
         return cdb_err_set(&db->err, CLIPDB_EINVAL, "%s: no %s vectors to index", db->path,
@@ -164,7 +164,7 @@ int clipdb_db_build_ivf(clipdb_db *db, const clipdb_index_options *opt)
     topt.seed = opt->seed;
     lists = cdb_malloc_array(vs->n, sizeof *lists);
     if (!lists) return cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
-    if (clipdb_ivf_new(&ivf, db->embed_dim, nlist, (clipdb_metric)opt->metric) != CLIPDB_OK ||
+    if (clipdb_ivf_new(&ivf, db->embed_dim, nlist, opt->metric) != CLIPDB_OK ||
         clipdb_ivf_train(ivf, vs->vecs, vs->n, &topt) != CLIPDB_OK ||
         clipdb_ivf_assign(ivf, vs->vecs, vs->n, lists) != CLIPDB_OK) {
         rc = cdb_err_set(&db->err, CLIPDB_ERROR, "IVF: %s", clipdb_ivf_errmsg(ivf));
@@ -231,7 +231,7 @@ cleanup:
 
 /* The IVF index of (target, metric) with every stored vector in its list,
 ** loaded from the database (cached until the database changes). */
-static int ivf_for_search(clipdb_db *db, int target, int metric, const cdb_vecset *vs,
+static int ivf_for_search(clipdb_db *db, int target, clipdb_metric metric, const cdb_vecset *vs,
                           clipdb_ivf **out)
 {
     sqlite3_stmt *st = NULL;
@@ -253,8 +253,8 @@ static int ivf_for_search(clipdb_db *db, int target, int metric, const cdb_vecse
         return cdb_err_set(&db->err, CLIPDB_ENOTFOUND,
                            "%s: no IVF index for %s vectors and metric %s; build one with "
                            "'clipdb index %s --ivf --target %s --metric %s'",
-                           db->path, type_name(target), clipdb_metric_name((clipdb_metric)metric),
-                           db->path, type_name(target), clipdb_metric_name((clipdb_metric)metric));
+                           db->path, type_name(target), clipdb_metric_name(metric),
+                           db->path, type_name(target), clipdb_metric_name(metric));
     lists = cdb_malloc_array(vs->n, sizeof *lists);
     if (!lists) {
         rc = cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
@@ -593,7 +593,7 @@ static int faiss_search(clipdb_db *db, const clipdb_search_options *opt, const c
     cdb_faiss *f = NULL;
     int rc = CLIPDB_OK;
     if (cdb_faiss_new(&f, db->embed_dim, opt->faiss ? opt->faiss : "IVF100,Flat",
-                      (clipdb_metric)opt->metric) != CLIPDB_OK ||
+                      opt->metric) != CLIPDB_OK ||
         cdb_faiss_train(f, vs->vecs, vs->n) != CLIPDB_OK ||
         cdb_faiss_add(f, vs->ids, vs->vecs, vs->n) != CLIPDB_OK ||
         cdb_faiss_search(f, q, nq, k, opt->nprobe, hits) != CLIPDB_OK)
@@ -629,8 +629,8 @@ int clipdb_db_search(clipdb_db *db, const clipdb_query *queries, size_t nq,
     if (nq == 0 || !queries) return cdb_err_set(&db->err, CLIPDB_EINVAL, "search: no query");
     if (opt->target != CLIPDB_ITEM_IMAGE && opt->target != CLIPDB_ITEM_TEXT)
         return cdb_err_set(&db->err, CLIPDB_EINVAL, "search: bad target %d", opt->target);
-    if (!cdb_metric_ok((clipdb_metric)opt->metric))
-        return cdb_err_set(&db->err, CLIPDB_EINVAL, "search: bad metric %d", opt->metric);
+    if (!cdb_metric_ok(opt->metric))
+        return cdb_err_set(&db->err, CLIPDB_EINVAL, "search: bad metric %d", (int)opt->metric);
     if (opt->k < 1 || opt->k > CLIPDB_MAX_K)
         return cdb_err_set(&db->err, CLIPDB_EINVAL, "search: k must be 1 to %d", CLIPDB_MAX_K);
     if (opt->index == CLIPDB_INDEX_IVF && opt->nprobe < 1)
@@ -677,7 +677,7 @@ int clipdb_db_search(clipdb_db *db, const clipdb_query *queries, size_t nq,
             fp = &filter;
         }
         // queries (nq, d) . base (n, d)^T -> scores (nq, n) -> top k per query
-        if (clipdb_flat_search(&base, q, nq, k, (clipdb_metric)opt->metric, fp, hits, &n_out,
+        if (clipdb_flat_search(&base, q, nq, k, opt->metric, fp, hits, &n_out,
                                &errmsg) != CLIPDB_OK) {
             rc = cdb_err_set(&db->err, CLIPDB_ERROR, "search: %s", errmsg ? errmsg : "failed");
             goto cleanup;

@@ -409,3 +409,41 @@ def test_help_teaches():
     for cmd in ("init", "add", "rm", "search", "index", "stats"):
         r = run(cmd, "--help", check=True)
         assert r.stdout.startswith("usage: clipdb " + cmd) and "example" in r.stdout
+
+
+FIXTURE_V1 = ROOT / "tests" / "fixtures" / "v1-tiny-seed1.db"
+
+
+def test_v1_fixture_opens_and_searches(tmp_path, model):
+    """A format-1 database written by clipdb 0.1.0 (see tests/fixtures/README.md)
+    opens with today's binary: stats, and searches equal a brute-force answer."""
+    p = tmp_path / "v1.db"
+    shutil.copy(FIXTURE_V1, p)
+    info = json.loads(run("model", "info", model, "--json", check=True).stdout)
+    st = json.loads(run("stats", p, "--json", check=True).stdout)
+    if st["model"] != info["identity"]:
+        pytest.fail(f"tools/gen_model.py --size tiny --seed 1 now writes a model with identity "
+                    f"{info['identity']}, but the v1 fixture was made with {st['model']}: "
+                    f"gen_model's output changed, so the fixture's vectors cannot be checked "
+                    f"against today's encoder (regenerate the fixture as tests/fixtures/README.md "
+                    f"says, or restore gen_model)")
+    assert (st["images"], st["texts"], st["captions"], st["vectors"], st["dim"]) == (4, 20, 20, 24, 32)
+    assert st["format_version"] == 1
+    rows = items(p)
+    assert sorted(r[2] for r in rows if r[1] == 1) == [
+        "images/000000000139.jpg", "images/000000000790.jpg", "images/000000000802.jpg",
+        "images/000000005802.jpg"]
+    for target, table in (("image", "vectors_image"), ("text", "vectors_text")):
+        ids, vecs = stored(p, table)
+        q = embed(model, texts=["a white refrigerator in a kitchen"])[0]
+        want = ids[np.argsort(-scores(q, vecs, "cosine"), kind="stable")][:3]
+        got = search(p, "--text", "a white refrigerator in a kitchen", "--target", target,
+                     "-k", "3", "--model", model)["results"]
+        assert [r["id"] for r in got] == list(want)
+    # the stored caption vectors are what today's encoder makes of the captions
+    caps = [r for r in rows if r[1] == 2][:3]
+    ids, vecs = stored(p, "vectors_text")
+    np.testing.assert_allclose(vecs[[list(ids).index(r[0]) for r in caps]],
+                               embed(model, texts=[r[3] for r in caps]), rtol=1e-4, atol=1e-5)
+    res = search(p, "--item", caps[0][0], "--target", "text", "-k", "1", "--model", model)
+    assert res["results"][0]["id"] == caps[0][0] and res["results"][0]["split"] in ("val2017", "train2017")

@@ -360,7 +360,7 @@ typedef struct clipdb_db clipdb_db;
 
 /* The on-disk format: SQLite PRAGMA application_id and user_version. */
 #define CLIPDB_DB_MAGIC   0x434C4442 /* "CLDB" */
-#define CLIPDB_DB_VERSION 1
+#define CLIPDB_DB_VERSION 2 /* 2: stored Faiss indexes; 1 is still read */
 
 /* Item types. */
 #define CLIPDB_ITEM_IMAGE 1
@@ -471,8 +471,10 @@ typedef struct clipdb_search_options {
     clipdb_metric metric;    /* default cosine */
     clipdb_index_kind index; /* default exact */
     int nprobe;              /* IVF lists to scan (default 8) */
-    const char *faiss;       /* index_factory string for CLIPDB_INDEX_FAISS
-                             ** (default "IVF100,Flat") */
+    const char *faiss;       /* CLIPDB_INDEX_FAISS: NULL (default) uses the
+                             ** index stored by clipdb_db_build_faiss; an
+                             ** index_factory string ("IVF100,Flat") builds
+                             ** one in memory for this search instead */
     const char *const *where;/* n_where filters "FIELD=VALUE" on metadata
                              ** (all must hold); FIELD may also be "type" */
     int n_where;
@@ -498,6 +500,9 @@ typedef struct clipdb_results {
     size_t *offsets;         /* nq + 1 */
     clipdb_result *results;
     double took_ms;          /* search time (encoding included) */
+    const char *note;        /* a remark for the user, or NULL: e.g. that the
+                             ** stored Faiss index could not drop deleted
+                             ** items and was rebuilt in memory */
 } clipdb_results;
 CLIPDB_API void clipdb_results_free(clipdb_results *r);
 
@@ -524,12 +529,26 @@ CLIPDB_API void clipdb_index_options_init(clipdb_index_options *opt);
 ** later go to their nearest list; deleted ones leave it. */
 CLIPDB_API int clipdb_db_build_ivf(clipdb_db *db, const clipdb_index_options *opt);
 
+/* Builds a Faiss index (faiss::index_factory string `factory`, e.g.
+** "IVF100,Flat", trained and filled with the stored vectors of opt->target
+** for opt->metric; opt->nlist and opt->seed are not used) and stores it in
+** the database with the SHA-256 of its bytes and the ids it holds,
+** replacing an earlier one for the same target and metric. Searches with
+** CLIPDB_INDEX_FAISS load it (checking the SHA-256 first: a mismatch is
+** CLIPDB_EFORMAT and the bytes never reach Faiss's reader), add the items
+** added since and remove the deleted ones; an index type that cannot
+** remove is rebuilt in memory for the search (said in clipdb_results.note). */
+CLIPDB_API int clipdb_db_build_faiss(clipdb_db *db, const clipdb_index_options *opt,
+                                     const char *factory);
+
 typedef struct clipdb_db_index_info {
-    const char *kind;        /* "ivf" */
+    const char *kind;        /* "ivf" or "faiss" */
+    const char *factory;     /* faiss: the index_factory string; else NULL */
     int target;
     clipdb_metric metric;
-    int nlist;
-    int64_t n_vectors;
+    int nlist;               /* ivf; 0 for faiss */
+    int64_t n_vectors;       /* faiss: vectors in the stored index (items
+                             ** added later join it at search time) */
 } clipdb_db_index_info;
 
 typedef struct clipdb_db_stats {

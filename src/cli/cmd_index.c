@@ -1,5 +1,6 @@
 /*
-** cmd_index.c: clipdb index DB --ivf [--nlist N] [--target image|text]
+** cmd_index.c: clipdb index DB (--ivf [--nlist N] | --faiss SPEC)
+** [--target image|text] [--metric M]
 */
 #include <errno.h>
 #include <stdlib.h>
@@ -8,8 +9,8 @@
 #include "cli/cli.h"
 
 const char cli_index_help[] =
-    "usage: clipdb index DB --ivf [--nlist N] [--target image|text]\n"
-    "                    [--metric cosine|dot|l2] [--seed S]\n"
+    "usage: clipdb index DB (--ivf [--nlist N] [--seed S] | --faiss SPEC)\n"
+    "                    [--target image|text] [--metric cosine|dot|l2]\n"
     "\n"
     "Trains an IVF index (k-means, seeded) on the stored vectors of the target\n"
     "type and stores its centroids and the list of every vector in the\n"
@@ -17,19 +18,28 @@ const char cli_index_help[] =
     "'clipdb search DB --index ivf --nprobe N' uses it. Items added later go to\n"
     "their nearest list; deleted ones leave it. Retrain after large changes.\n"
     "\n"
+    "With --faiss SPEC it builds a Faiss index instead (any index_factory\n"
+    "string) and stores its bytes, with their SHA-256 (checked before every\n"
+    "load), and the ids it holds; 'clipdb search DB --index faiss' uses it.\n"
+    "Items added later join it at search time and deleted ones leave it; an\n"
+    "index type that cannot remove items (e.g. HNSW) is then rebuilt in\n"
+    "memory for the search, with a note: run this command again.\n"
+    "\n"
     "options:\n"
-    "  --ivf           build the IVF index (the only kind stored)\n"
+    "  --ivf           build clipdb's IVF-Flat index\n"
+    "  --faiss SPEC    build and store a Faiss index, e.g. \"IVF100,Flat\", \"Flat\"\n"
     "  --nlist N       number of lists (default: about sqrt(number of vectors))\n"
     "  --target T      image (default) or text\n"
     "  --metric M      the metric it serves: cosine (default), dot or l2\n"
     "  --seed S        k-means seed (default 1234)\n"
     "\n"
     "example:\n"
-    "  clipdb index photos.db --ivf --nlist 64\n";
+    "  clipdb index photos.db --ivf --nlist 64\n"
+    "  clipdb index photos.db --faiss \"IVF100,Flat\" --target text --metric dot\n";
 
 int cli_cmd_index(int argc, char **argv)
 {
-    const char *path = NULL;
+    const char *path = NULL, *faiss = NULL;
     clipdb_index_options opt;
     clipdb_db *db = NULL;
     int ivf = 0, i, rc;
@@ -41,6 +51,7 @@ int cli_cmd_index(int argc, char **argv)
         const char *s = argv[i];
         int has = i + 1 < argc;
         if (!strcmp(s, "--ivf")) ivf = 1;
+        else if (!strcmp(s, "--faiss") && has) faiss = argv[++i];
         else if (!strcmp(s, "--nlist") && has) {
             errno = 0;
             v = strtoll(argv[++i], &end, 10);
@@ -67,15 +78,16 @@ int cli_cmd_index(int argc, char **argv)
         else return cli_usage("index", "unexpected argument '%s'", s);
     }
     if (!path) return cli_usage("index", "no database file given");
-    if (!ivf) return cli_usage("index", "say which index to build (--ivf)");
+    if (ivf == !!faiss) return cli_usage("index", "say which index to build (--ivf or --faiss SPEC)");
     rc = clipdb_db_open(&db, path, NULL);
-    if (rc == CLIPDB_OK) rc = clipdb_db_build_ivf(db, &opt);
+    if (rc == CLIPDB_OK) rc = faiss ? clipdb_db_build_faiss(db, &opt, faiss) : clipdb_db_build_ivf(db, &opt);
     if (rc != CLIPDB_OK) {
         cli_fail("index", "%s", clipdb_db_errmsg(db));
         clipdb_db_close(db);
         return CLI_FAIL;
     }
-    printf("built an IVF index on %s vectors (metric %s)\n",
+    printf("built %s%s%s index on %s vectors (metric %s)\n", faiss ? "a Faiss \"" : "an IVF",
+           faiss ? faiss : "", faiss ? "\"" : "",
            opt.target == CLIPDB_ITEM_TEXT ? "text" : "image",
            clipdb_metric_name(opt.metric));
     clipdb_db_close(db);

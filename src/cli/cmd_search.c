@@ -31,9 +31,10 @@ const char cli_search_help[] =
     "  -k K              number of results (default 10)\n"
     "  --metric M        cosine (default), dot or l2\n"
     "  --index I         exact (default), ivf (needs 'clipdb index DB --ivf'), or\n"
-    "                    faiss (a Faiss index built for this search)\n"
+    "                    faiss (needs 'clipdb index DB --faiss SPEC', or --faiss)\n"
     "  --nprobe N        IVF lists to scan (default 8)\n"
-    "  --faiss SPEC      Faiss index_factory string (default \"IVF100,Flat\")\n"
+    "  --faiss SPEC      build a Faiss index_factory index (e.g. \"IVF100,Flat\") in\n"
+    "                    memory for this search instead of the stored one\n"
     "  --where F=V       only items whose metadata field F equals V (repeatable;\n"
     "                    all must hold); still K results when K items match\n"
     "  --json            {\"results\": [{\"id\", \"type\", \"path\" | \"text\", \"image\",\n"
@@ -263,6 +264,7 @@ int cli_cmd_search(int argc, char **argv)
         ret = cli_fail("search", "%s", clipdb_db_errmsg(db));
         goto cleanup;
     }
+    if (res->note) fprintf(stderr, "clipdb search: note: %s\n", res->note);
     if (json) {
         printf(batch ? "{\"queries\": [" : "{\"results\": [");
         for (i = 0; i < nq; i++) {

@@ -10,13 +10,14 @@ const char cli_stats_help[] =
     "\n"
     "Prints what the database holds: numbers of images, texts (captions\n"
     "included) and vectors, the model identity and directory, the format\n"
-    "version and the IVF indexes.\n"
+    "version and the stored indexes (IVF, Faiss).\n"
     "\n"
     "options:\n"
     "  --json   one JSON object: {\"images\": N, \"texts\": M, \"captions\": C,\n"
     "           \"vectors\": V, \"model\": ..., \"model_dir\": ..., \"dim\": D,\n"
     "           \"format_version\": 1, \"indexes\": [{\"kind\": \"ivf\", \"target\": ...,\n"
-    "           \"metric\": ..., \"nlist\": ..., \"vectors\": ...}]}\n"
+    "           \"metric\": ..., \"nlist\": ..., \"vectors\": ...}, {\"kind\": \"faiss\",\n"
+    "           \"factory\": ..., \"target\": ..., \"metric\": ..., \"vectors\": ...}]}\n"
     "\n"
     "example:\n"
     "  clipdb stats photos.db --json\n";
@@ -60,12 +61,19 @@ int cli_cmd_stats(int argc, char **argv)
         cli_print_json_string(stdout, st.model_dir);
         printf(", \"dim\": %d, \"format_version\": %d, \"indexes\": [", st.embed_dim,
                st.format_version);
-        for (i = 0; i < st.n_indexes; i++)
-            printf("%s{\"kind\": \"%s\", \"target\": \"%s\", \"metric\": \"%s\", \"nlist\": %d, "
-                   "\"vectors\": %lld}",
-                   i ? ", " : "", st.indexes[i].kind, target_name(st.indexes[i].target),
-                   clipdb_metric_name(st.indexes[i].metric), st.indexes[i].nlist,
-                   (long long)st.indexes[i].n_vectors);
+        for (i = 0; i < st.n_indexes; i++) {
+            const clipdb_db_index_info *x = &st.indexes[i];
+            printf("%s{\"kind\": \"%s\", ", i ? ", " : "", x->kind);
+            if (x->factory) {
+                printf("\"factory\": ");
+                cli_print_json_string(stdout, x->factory);
+                printf(", ");
+            } else {
+                printf("\"nlist\": %d, ", x->nlist);
+            }
+            printf("\"target\": \"%s\", \"metric\": \"%s\", \"vectors\": %lld}",
+                   target_name(x->target), clipdb_metric_name(x->metric), (long long)x->n_vectors);
+        }
         printf("]}\n");
     } else {
         printf("database   %s (format version %d)\n", st.path, st.format_version);
@@ -74,11 +82,17 @@ int cli_cmd_stats(int argc, char **argv)
         printf("images     %lld\n", (long long)st.images);
         printf("texts      %lld (%lld captions)\n", (long long)st.texts, (long long)st.captions);
         printf("vectors    %lld\n", (long long)st.vectors);
-        for (i = 0; i < st.n_indexes; i++)
-            printf("index      %s on %s vectors, metric %s, %d lists, %lld vectors\n",
-                   st.indexes[i].kind, target_name(st.indexes[i].target),
-                   clipdb_metric_name(st.indexes[i].metric),
-                   st.indexes[i].nlist, (long long)st.indexes[i].n_vectors);
+        for (i = 0; i < st.n_indexes; i++) {
+            const clipdb_db_index_info *x = &st.indexes[i];
+            if (x->factory)
+                printf("index      faiss \"%s\" on %s vectors, metric %s, %lld vectors\n",
+                       x->factory, target_name(x->target), clipdb_metric_name(x->metric),
+                       (long long)x->n_vectors);
+            else
+                printf("index      %s on %s vectors, metric %s, %d lists, %lld vectors\n",
+                       x->kind, target_name(x->target), clipdb_metric_name(x->metric), x->nlist,
+                       (long long)x->n_vectors);
+        }
     }
     clipdb_db_close(db);
     return CLI_OK;

@@ -181,6 +181,11 @@ size_t cdb_faiss_ntotal(const cdb_faiss *h)
     return h && h->index ? (size_t)h->index->ntotal : 0;
 }
 
+int cdb_faiss_dim(const cdb_faiss *h)
+{
+    return h && h->index ? (int)h->index->d : 0;
+}
+
 int cdb_faiss_serialize(cdb_faiss *h, uint8_t **buf, size_t *len)
 {
     if (!h || !h->index || !buf || !len) return h ? cdb_err_set(&h->err, CLIPDB_EINVAL, "faiss serialize: bad arguments") : CLIPDB_EINVAL;

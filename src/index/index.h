@@ -155,6 +155,8 @@ int cdb_faiss_remove(cdb_faiss *f, const int64_t *ids, size_t n, size_t *n_remov
 int cdb_faiss_search(cdb_faiss *f, const float *q, size_t nq, int k, int nprobe,
                      clipdb_hit *out);
 size_t cdb_faiss_ntotal(const cdb_faiss *f);
+/* The dimension of the vectors the index holds (0 without an index). */
+int cdb_faiss_dim(const cdb_faiss *f);
 /* Serialises with faiss::write_index. *buf (caller frees with free). */
 int cdb_faiss_serialize(cdb_faiss *f, uint8_t **buf, size_t *len);
 /* Reads an index written by cdb_faiss_serialize (trusted bytes only: Faiss's

@@ -9,6 +9,8 @@
 */
 #include <errno.h>
 #include <math.h>
+#include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -27,7 +29,7 @@ void clipdb_search_options_init(clipdb_search_options *opt)
     opt->metric = CLIPDB_METRIC_COSINE;
     opt->index = CLIPDB_INDEX_EXACT;
     opt->nprobe = 8;
-    opt->faiss = "IVF100,Flat";
+    opt->faiss = NULL;
 }
 
 void clipdb_index_options_init(clipdb_index_options *opt)
@@ -54,6 +56,10 @@ void cdb_db_ivf_release(clipdb_db *db)
             db->ivf[t][m] = NULL;
             clipdb_ivf_free(db->ivf_assigner[t][m]);
             db->ivf_assigner[t][m] = NULL;
+            cdb_faiss_free(db->faiss[t][m]);
+            db->faiss[t][m] = NULL;
+            free(db->faiss_note[t][m]);
+            db->faiss_note[t][m] = NULL;
         }
 }
 
@@ -533,6 +539,7 @@ void clipdb_results_free(clipdb_results *r)
         }
     free(r->results);
     free(r->offsets);
+    free((char *)r->note);
     free(r);
 }
 
@@ -587,19 +594,332 @@ static int fill_result(clipdb_db *db, sqlite3_stmt *item, sqlite3_stmt *meta, cl
 
 /* ---- the search --------------------------------------------------------------------- */
 
-static int faiss_search(clipdb_db *db, const clipdb_search_options *opt, const cdb_vecset *vs,
-                        const float *q, size_t nq, int k, clipdb_hit *hits)
+/* ---- Faiss indexes ------------------------------------------------------------------- */
+
+int cdb_db_faiss_mark_stale(clipdb_db *db, int64_t id)
+{
+    sqlite3_stmt *st = NULL;
+    int rc;
+    if (db->format_version < 2) return CLIPDB_OK;
+    rc = cdb_db_prepare(db, "UPDATE faiss_ids SET stale = 1 WHERE id = ?", &st);
+    if (rc != CLIPDB_OK) return rc;
+    sqlite3_bind_int64(st, 1, id);
+    if (sqlite3_step(st) != SQLITE_DONE) rc = cdb_db_sqlerr(db, "marking a Faiss entry stale");
+    sqlite3_finalize(st);
+    return rc;
+}
+
+/* A new Faiss index from `factory`, trained on and holding every vector of
+** vs. *out (free with cdb_faiss_free) only on success. */
+static int faiss_build(clipdb_db *db, const char *factory, clipdb_metric metric,
+                       const cdb_vecset *vs, cdb_faiss **out)
 {
     cdb_faiss *f = NULL;
     int rc = CLIPDB_OK;
-    if (cdb_faiss_new(&f, db->embed_dim, opt->faiss ? opt->faiss : "IVF100,Flat",
-                      opt->metric) != CLIPDB_OK ||
+    *out = NULL;
+    // vs (n, d) -> train (k-means for IVF) -> add with ids
+    if (cdb_faiss_new(&f, db->embed_dim, factory, metric) != CLIPDB_OK ||
         cdb_faiss_train(f, vs->vecs, vs->n) != CLIPDB_OK ||
-        cdb_faiss_add(f, vs->ids, vs->vecs, vs->n) != CLIPDB_OK ||
-        cdb_faiss_search(f, q, nq, k, opt->nprobe, hits) != CLIPDB_OK)
+        cdb_faiss_add(f, vs->ids, vs->vecs, vs->n) != CLIPDB_OK) {
         rc = cdb_err_set(&db->err, f ? CLIPDB_ERROR : CLIPDB_ENOMEM, "%s",
                          f ? cdb_faiss_errmsg(f) : "out of memory");
+        cdb_faiss_free(f);
+        return rc;
+    }
+    *out = f;
+    return CLIPDB_OK;
+}
+
+int clipdb_db_build_faiss(clipdb_db *db, const clipdb_index_options *opt, const char *factory)
+{
+    clipdb_index_options def;
+    const cdb_vecset *vs;
+    cdb_faiss *f = NULL;
+    sqlite3_stmt *st = NULL;
+    uint8_t *blob = NULL;
+    size_t len = 0, i;
+    char hex[65];
+    int rc, in_tx = 0;
+
+    if (!opt) {
+        clipdb_index_options_init(&def);
+        opt = &def;
+    }
+    cdb_err_clear(&db->err);
+    if (opt->target != CLIPDB_ITEM_IMAGE && opt->target != CLIPDB_ITEM_TEXT)
+        return cdb_err_set(&db->err, CLIPDB_EINVAL, "index: bad target %d", opt->target);
+    if (!cdb_metric_ok(opt->metric))
+        return cdb_err_set(&db->err, CLIPDB_EINVAL, "index: bad metric %d", (int)opt->metric);
+    if (!factory || !*factory)
+        return cdb_err_set(&db->err, CLIPDB_EINVAL, "index: no Faiss factory string");
+    if (db->readonly || db->format_version < 2)
+        return cdb_err_set(&db->err, CLIPDB_EINVAL, "%s: opened read-only; cannot store an index",
+                           db->path);
+    if ((rc = cdb_db_vectors(db, opt->target, &vs)) != CLIPDB_OK) return rc;
+    if (vs->n == 0)
+        return cdb_err_set(&db->err, CLIPDB_EINVAL, "%s: no %s vectors to index", db->path,
+                           type_name(opt->target));
+    if ((rc = faiss_build(db, factory, opt->metric, vs, &f)) != CLIPDB_OK) goto cleanup;
+    if (cdb_faiss_serialize(f, &blob, &len) != CLIPDB_OK) {
+        rc = cdb_err_set(&db->err, CLIPDB_ERROR, "%s", cdb_faiss_errmsg(f));
+        goto cleanup;
+    }
+    if (len > (size_t)INT32_MAX) {
+        rc = cdb_err_set(&db->err, CLIPDB_ELIMIT,
+                         "%s: the Faiss index is %zu bytes, more than a database value holds",
+                         db->path, len);
+        goto cleanup;
+    }
+    if ((rc = cdb_sha256_hex(blob, len, hex, &db->err)) != CLIPDB_OK) goto cleanup;
+    if ((rc = cdb_db_begin(db)) != CLIPDB_OK) goto cleanup;
+    in_tx = 1;
+    rc = cdb_db_prepare(db, "DELETE FROM faiss_ids WHERE target = ? AND metric = ?", &st);
+    if (rc != CLIPDB_OK) goto cleanup;
+    sqlite3_bind_int(st, 1, opt->target);
+    sqlite3_bind_int(st, 2, (int)opt->metric);
+    if (sqlite3_step(st) != SQLITE_DONE) {
+        rc = cdb_db_sqlerr(db, "replacing the Faiss index");
+        goto cleanup;
+    }
+    sqlite3_finalize(st);
+    rc = cdb_db_prepare(db,
+                        "INSERT OR REPLACE INTO faiss(target, metric, factory, dim, sha256, blob, "
+                        "built_at) VALUES(?, ?, ?, ?, ?, ?, strftime('%s','now'))",
+                        &st);
+    if (rc != CLIPDB_OK) goto cleanup;
+    sqlite3_bind_int(st, 1, opt->target);
+    sqlite3_bind_int(st, 2, (int)opt->metric);
+    sqlite3_bind_text(st, 3, factory, -1, SQLITE_STATIC);
+    sqlite3_bind_int(st, 4, db->embed_dim);
+    sqlite3_bind_text(st, 5, hex, -1, SQLITE_STATIC);
+    sqlite3_bind_blob(st, 6, blob, (int)len, SQLITE_STATIC);
+    if (sqlite3_step(st) != SQLITE_DONE) {
+        rc = cdb_db_sqlerr(db, "writing the Faiss index");
+        goto cleanup;
+    }
+    sqlite3_finalize(st);
+    rc = cdb_db_prepare(db, "INSERT INTO faiss_ids(target, metric, id) VALUES(?, ?, ?)", &st);
+    if (rc != CLIPDB_OK) goto cleanup;
+    for (i = 0; i < vs->n; i++) {
+        sqlite3_reset(st);
+        sqlite3_bind_int(st, 1, opt->target);
+        sqlite3_bind_int(st, 2, (int)opt->metric);
+        sqlite3_bind_int64(st, 3, vs->ids[i]);
+        if (sqlite3_step(st) != SQLITE_DONE) {
+            rc = cdb_db_sqlerr(db, "writing the Faiss index ids");
+            goto cleanup;
+        }
+    }
+    sqlite3_finalize(st);
+    st = NULL;
+    rc = cdb_db_commit(db);
+    in_tx = 0;
+    cdb_faiss_free(db->faiss[opt->target][opt->metric]);
+    db->faiss[opt->target][opt->metric] = NULL;
+cleanup:
+    sqlite3_finalize(st);
+    if (in_tx) cdb_db_rollback(db);
     cdb_faiss_free(f);
+    free(blob);
+    return rc;
+}
+
+/* Reads the stored Faiss index of (target, metric): checks the SHA-256 of
+** the bytes before Faiss sees them. *f NULL when there is none. *factory
+** (caller frees) gets its factory string. */
+static int faiss_read_stored(clipdb_db *db, int target, clipdb_metric metric, cdb_faiss **f,
+                             char **factory)
+{
+    sqlite3_stmt *st = NULL;
+    char hex[65];
+    int rc, s;
+
+    *f = NULL;
+    *factory = NULL;
+    if (db->format_version < 2) return CLIPDB_OK;
+    rc = cdb_db_prepare(db,
+                        "SELECT factory, dim, sha256, blob FROM faiss WHERE target = ? AND "
+                        "metric = ?",
+                        &st);
+    if (rc != CLIPDB_OK) return rc;
+    sqlite3_bind_int(st, 1, target);
+    sqlite3_bind_int(st, 2, (int)metric);
+    s = sqlite3_step(st);
+    if (s == SQLITE_ROW) {
+        const uint8_t *blob = sqlite3_column_blob(st, 3);
+        size_t len = (size_t)sqlite3_column_bytes(st, 3);
+        const char *want = (const char *)sqlite3_column_text(st, 2);
+        if (!(*factory = cdb_strdup((const char *)sqlite3_column_text(st, 0)))) {
+            rc = cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
+        } else if (sqlite3_column_int(st, 1) != db->embed_dim || !blob || len == 0 || !want) {
+            rc = cdb_err_set(&db->err, CLIPDB_EFORMAT, "%s: corrupt stored Faiss index (%s, %s)",
+                             db->path, type_name(target), clipdb_metric_name(metric));
+        } else if ((rc = cdb_sha256_hex(blob, len, hex, &db->err)) != CLIPDB_OK) {
+            /* message set */
+        } else if (strcmp(hex, want)) {
+            rc = cdb_err_set(&db->err, CLIPDB_EFORMAT,
+                             "%s: the stored Faiss index (%s, %s) is corrupt (SHA-256 of its "
+                             "bytes does not match); rebuild it with 'clipdb index %s --faiss "
+                             "\"%s\" --target %s --metric %s'",
+                             db->path, type_name(target), clipdb_metric_name(metric), db->path,
+                             *factory, type_name(target), clipdb_metric_name(metric));
+        } else if (cdb_faiss_deserialize(f, blob, len, metric) != CLIPDB_OK ||
+                   cdb_faiss_dim(*f) != db->embed_dim) {
+            rc = cdb_err_set(&db->err, CLIPDB_EFORMAT, "%s: stored Faiss index (%s, %s): %s",
+                             db->path, type_name(target), clipdb_metric_name(metric),
+                             *f && cdb_faiss_dim(*f) ? "wrong dimension" : cdb_faiss_errmsg(*f));
+        }
+    } else if (s != SQLITE_DONE) {
+        rc = cdb_db_sqlerr(db, "reading the Faiss index");
+    }
+    sqlite3_finalize(st);
+    if (rc != CLIPDB_OK) {
+        cdb_faiss_free(*f);
+        *f = NULL;
+        free(*factory);
+        *factory = NULL;
+    }
+    return rc;
+}
+
+/* Grows an id list by one. */
+static int push_id(clipdb_db *db, int64_t **v, size_t *n, size_t *cap, int64_t id)
+{
+    if (*n == *cap) {
+        size_t nc = *cap ? 2 * *cap : 64;
+        int64_t *p = realloc(*v, nc * sizeof *p);
+        if (!p) return cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
+        *v = p;
+        *cap = nc;
+    }
+    (*v)[(*n)++] = id;
+    return CLIPDB_OK;
+}
+
+/* The stored Faiss index of (target, metric) brought up to date with vs:
+** ids deleted or replaced since the build removed, new ones added (an
+** index that cannot remove is rebuilt from its factory string, with a
+** note). Cached on db until the database changes. */
+static int faiss_for_search(clipdb_db *db, int target, clipdb_metric metric, const cdb_vecset *vs,
+                            cdb_faiss **out, const char **note)
+{
+    sqlite3_stmt *st = NULL;
+    cdb_faiss *f = NULL, *g = NULL;
+    char *factory = NULL;
+    int64_t *rm = NULL, *add = NULL;
+    float *x = NULL;
+    size_t n_rm = 0, cap_rm = 0, n_add = 0, cap_add = 0, i, j;
+    int rc;
+
+    *out = NULL;
+    *note = NULL;
+    if (db->faiss[target][metric] && db->faiss_changes[target][metric] == vs->changes &&
+        db->faiss_version[target][metric] == vs->data_version) {
+        *out = db->faiss[target][metric];
+        *note = db->faiss_note[target][metric];
+        return CLIPDB_OK;
+    }
+    cdb_faiss_free(db->faiss[target][metric]);
+    db->faiss[target][metric] = NULL;
+    free(db->faiss_note[target][metric]);
+    db->faiss_note[target][metric] = NULL;
+    if ((rc = faiss_read_stored(db, target, metric, &f, &factory)) != CLIPDB_OK) return rc;
+    if (!f)
+        return cdb_err_set(&db->err, CLIPDB_ENOTFOUND,
+                           "%s: no stored Faiss index for %s vectors and metric %s; build one "
+                           "with 'clipdb index %s --faiss \"IVF100,Flat\" --target %s --metric "
+                           "%s' (or give --faiss SPEC to build one for this search)",
+                           db->path, type_name(target), clipdb_metric_name(metric), db->path,
+                           type_name(target), clipdb_metric_name(metric));
+    /* the ids it holds vs the stored vectors (both sorted): stale or gone
+    ** ones leave it, stored ones it lacks join it */
+    rc = cdb_db_prepare(db,
+                        "SELECT id, stale FROM faiss_ids WHERE target = ? AND metric = ? "
+                        "ORDER BY id",
+                        &st);
+    if (rc != CLIPDB_OK) goto cleanup;
+    sqlite3_bind_int(st, 1, target);
+    sqlite3_bind_int(st, 2, (int)metric);
+    i = 0;
+    while (sqlite3_step(st) == SQLITE_ROW) {
+        int64_t id = sqlite3_column_int64(st, 0);
+        int stale = sqlite3_column_int(st, 1);
+        for (; i < vs->n && vs->ids[i] < id; i++)
+            if ((rc = push_id(db, &add, &n_add, &cap_add, vs->ids[i])) != CLIPDB_OK) goto cleanup;
+        int present = i < vs->n && vs->ids[i] == id;
+        if ((stale || !present) && (rc = push_id(db, &rm, &n_rm, &cap_rm, id)) != CLIPDB_OK)
+            goto cleanup;
+        if (present) {
+            if (stale && (rc = push_id(db, &add, &n_add, &cap_add, id)) != CLIPDB_OK) goto cleanup;
+            i++;
+        }
+    }
+    for (; i < vs->n; i++)
+        if ((rc = push_id(db, &add, &n_add, &cap_add, vs->ids[i])) != CLIPDB_OK) goto cleanup;
+    if (n_rm > 0 && cdb_faiss_remove(f, rm, n_rm, NULL) != CLIPDB_OK) {
+        /* e.g. HNSW: no removal. Rebuild from the stored vectors. */
+        char buf[512];
+        snprintf(buf, sizeof buf,
+                 "the stored Faiss index \"%s\" cannot remove the %zu items deleted or changed "
+                 "since it was built (%s); rebuilt it in memory for this search; run 'clipdb "
+                 "index %s --faiss \"%s\"' to store an up-to-date one",
+                 factory, n_rm, cdb_faiss_errmsg(f), db->path, factory);
+        if ((rc = faiss_build(db, factory, metric, vs, &g)) != CLIPDB_OK) goto cleanup;
+        cdb_faiss_free(f);
+        f = g;
+        n_add = 0;
+        if (!(db->faiss_note[target][metric] = cdb_strdup(buf))) {
+            rc = cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
+            goto cleanup;
+        }
+    }
+    if (n_add > 0) {
+        x = cdb_malloc_array(n_add, (size_t)db->embed_dim * sizeof(float));
+        if (!x) {
+            rc = cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
+            goto cleanup;
+        }
+        // gather the new rows of vs (both id lists sorted) -> x (n_add, d)
+        for (i = j = 0; i < vs->n && j < n_add; i++)
+            if (vs->ids[i] == add[j])
+                memcpy(x + j++ * (size_t)db->embed_dim, vs->vecs + i * (size_t)db->embed_dim,
+                       (size_t)db->embed_dim * sizeof(float));
+        if (cdb_faiss_add(f, add, x, n_add) != CLIPDB_OK) {
+            rc = cdb_err_set(&db->err, CLIPDB_ERROR, "%s", cdb_faiss_errmsg(f));
+            goto cleanup;
+        }
+    }
+    db->faiss[target][metric] = f;
+    db->faiss_changes[target][metric] = vs->changes;
+    db->faiss_version[target][metric] = vs->data_version;
+    *out = f;
+    *note = db->faiss_note[target][metric];
+    f = NULL;
+cleanup:
+    sqlite3_finalize(st);
+    cdb_faiss_free(f);
+    free(factory);
+    free(rm);
+    free(add);
+    free(x);
+    return rc;
+}
+
+/* Searches with the stored Faiss index, or with one built in memory from
+** opt->faiss. *note: see faiss_for_search. */
+static int faiss_search(clipdb_db *db, const clipdb_search_options *opt, const cdb_vecset *vs,
+                        const float *q, size_t nq, int k, clipdb_hit *hits, const char **note)
+{
+    cdb_faiss *f = NULL, *own = NULL;
+    int rc;
+    *note = NULL;
+    if (opt->faiss) rc = faiss_build(db, opt->faiss, opt->metric, vs, &own);
+    else rc = faiss_for_search(db, opt->target, opt->metric, vs, &f, note);
+    if (rc != CLIPDB_OK) return rc;
+    if (own) f = own;
+    if (cdb_faiss_search(f, q, nq, k, opt->nprobe, hits) != CLIPDB_OK)
+        rc = cdb_err_set(&db->err, CLIPDB_ERROR, "%s", cdb_faiss_errmsg(f));
+    cdb_faiss_free(own);
     return rc;
 }
 
@@ -617,6 +937,7 @@ int clipdb_db_search(clipdb_db *db, const clipdb_query *queries, size_t nq,
     clipdb_filter filter, *fp = NULL;
     sqlite3_stmt *item = NULL, *meta = NULL;
     char *errmsg = NULL;
+    const char *note = NULL;
     double t0 = cdb_now();
     int rc, k, n_out = 0;
 
@@ -696,7 +1017,7 @@ int clipdb_db_search(clipdb_db *db, const clipdb_query *queries, size_t nq,
             goto cleanup;
         }
     } else if (opt->index == CLIPDB_INDEX_FAISS) {
-        if ((rc = faiss_search(db, opt, vs, q, nq, k, hits)) != CLIPDB_OK) goto cleanup;
+        if ((rc = faiss_search(db, opt, vs, q, nq, k, hits, &note)) != CLIPDB_OK) goto cleanup;
         n_out = k;
     } else {
         rc = cdb_err_set(&db->err, CLIPDB_EINVAL, "search: bad index kind %d", (int)opt->index);
@@ -732,6 +1053,10 @@ int clipdb_db_search(clipdb_db *db, const clipdb_query *queries, size_t nq,
     }
     res->offsets[nq] = total;
     res->took_ms = (cdb_now() - t0) * 1000.0;
+    if (note && !(res->note = cdb_strdup(note))) {
+        rc = cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
+        goto cleanup;
+    }
     *out = res;
     res = NULL;
 cleanup:

@@ -15,6 +15,13 @@
 **                                            loading is one sequential scan
 **   ivf(target, metric, nlist, dim, seed, centroids)
 **   ivf_assign(target, metric, id, list)
+** Format version 2 adds:
+**   faiss(target, metric, factory, dim, sha256, blob, built_at)
+**                                            a Faiss index (write_index bytes)
+**                                            and the SHA-256 of those bytes
+**   faiss_ids(target, metric, id, stale)     the ids the blob holds; stale = 1
+**                                            when the item was deleted or its
+**                                            vector replaced since the build
 */
 #ifndef CDB_STORE_H
 #define CDB_STORE_H
@@ -41,6 +48,8 @@ struct clipdb_db {
     sqlite3 *sql;
     char *path;
     int readonly;
+    int format_version;    /* of the file (older ones are upgraded when
+                           ** opened read-write) */
     int embed_dim;
     char *identity;        /* model identity recorded at creation */
     char *model_dir;       /* recorded model directory */
@@ -55,6 +64,13 @@ struct clipdb_db {
     struct clipdb_ivf *ivf_assigner[3][3];
     int64_t ivf_changes[3][3];
     int64_t ivf_version[3][3];
+    /* Stored Faiss indexes loaded for search (and brought up to date with
+    ** the stored vectors), [target][metric]; NULL when not loaded. */
+    struct cdb_faiss *faiss[3][3];
+    int64_t faiss_changes[3][3];
+    int64_t faiss_version[3][3];
+    char *faiss_note[3][3];  /* what the last load had to do, or NULL */
+    char *stats_factory[8];  /* strings of clipdb_db_get_stats */
 };
 
 /* Creates a database file bound to a model described by its identity and
@@ -99,5 +115,9 @@ int cdb_sha256_hex(const void *data, size_t len, char hex[65], cdb_err *e);
 ** this type, records the vector's nearest list in ivf_assign. */
 int cdb_db_ivf_on_insert(clipdb_db *db, int type, int64_t id, const float *vec);
 void cdb_db_ivf_release(clipdb_db *db);
+
+/* Inside a transaction: item `id` was deleted or its vector replaced, so
+** stored Faiss indexes must drop (and maybe re-add) it at the next search. */
+int cdb_db_faiss_mark_stale(clipdb_db *db, int64_t id);
 
 #endif /* CDB_STORE_H */

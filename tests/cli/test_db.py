@@ -229,6 +229,58 @@ def test_faiss_index(db):
     assert r.returncode == 1 and "faiss" in r.stderr
 
 
+def test_stored_faiss_index(tmp_path, db, coco):
+    p = tmp_path / "faiss.db"
+    shutil.copy(db, p)
+    r = run("search", p, "--text", "a dog", "--index", "faiss")
+    assert r.returncode == 1 and "clipdb index" in r.stderr and "--faiss" in r.stderr
+    r = run("index", p, "--faiss", "IVF8,Flat", check=True)
+    assert 'Faiss "IVF8,Flat"' in r.stdout
+    run("index", p, "--faiss", "Flat", "--target", "text", "--metric", "l2", check=True)
+    s = json.loads(run("stats", p, "--json", check=True).stdout)
+    assert sorted((i["kind"], i["factory"], i["target"], i["metric"], i["vectors"])
+                  for i in s["indexes"]) == [("faiss", "Flat", "text", "l2", 1690),
+                                             ("faiss", "IVF8,Flat", "image", "cosine", 338)]
+    # the stored index answers as one built in memory from the same string
+    for q in ("a dog", "a kitchen", "a train"):
+        st = search(p, "--text", q, "--index", "faiss", "--nprobe", "2", "-k", "10")["results"]
+        mem = search(p, "--text", q, "--faiss", "IVF8,Flat", "--nprobe", "2", "-k", "10")["results"]
+        assert [r["id"] for r in st] == [r["id"] for r in mem]
+        np.testing.assert_allclose([r["score"] for r in st], [r["score"] for r in mem], rtol=1e-5)
+        st = search(p, "--text", q, "--index", "faiss", "--target", "text", "--metric", "l2")
+        ex = search(p, "--text", q, "--target", "text", "--metric", "l2")
+        assert [r["id"] for r in st["results"]] == [r["id"] for r in ex["results"]]
+    # deletes and adds after the build are reflected (all 8 lists: exact)
+    top = search(p, "--text", "a dog", "--index", "faiss", "--nprobe", "8")["results"][0]["id"]
+    run("rm", p, top, check=True)
+    extra = tmp_path / "extra"
+    extra.mkdir()
+    shutil.copy(coco / "images" / "000000000139.jpg", extra / "copy.jpg")
+    run("add", p, "--images", extra, check=True)
+    for q in ("a dog", "a kitchen"):
+        st = search(p, "--text", q, "--index", "faiss", "--nprobe", "8", "-k", "20")["results"]
+        ex = search(p, "--text", q, "-k", "20")["results"]
+        assert [r["id"] for r in st] == [r["id"] for r in ex] and top not in [r["id"] for r in st]
+    res = search(p, "--image", extra / "copy.jpg", "--index", "faiss", "--nprobe", "8", "-k", "2")
+    assert any(r["path"].endswith("copy.jpg") for r in res["results"])
+    # an index type that cannot remove is rebuilt for the search, with a note
+    run("index", p, "--faiss", "HNSW8", check=True)
+    run("rm", p, res["results"][0]["id"], check=True)
+    r = run("search", p, "--text", "a dog", "--index", "faiss", "--json", check=True)
+    assert "note:" in r.stderr and "rebuilt" in r.stderr
+    assert len(json.loads(r.stdout)["results"]) == 10
+    # a corrupted blob is refused before Faiss reads it
+    con = sqlite3.connect(p)
+    blob = bytearray(con.execute("SELECT blob FROM faiss WHERE target = 2").fetchone()[0])
+    blob[len(blob) // 2] ^= 0x40
+    con.execute("UPDATE faiss SET blob = ? WHERE target = 2", (bytes(blob),))
+    con.commit()
+    con.close()
+    r = run("search", p, "--text", "a dog", "--index", "faiss", "--target", "text", "--metric", "l2")
+    assert r.returncode == 1 and "corrupt" in r.stderr and "SHA-256" in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1
+
+
 def small_folder(coco, dst, n):
     dst.mkdir(parents=True, exist_ok=True)
     names = sorted(os.listdir(coco / "images"))[:n]
@@ -447,3 +499,11 @@ def test_v1_fixture_opens_and_searches(tmp_path, model):
                                embed(model, texts=[r[3] for r in caps]), rtol=1e-4, atol=1e-5)
     res = search(p, "--item", caps[0][0], "--target", "text", "-k", "1", "--model", model)
     assert res["results"][0]["id"] == caps[0][0] and res["results"][0]["split"] in ("val2017", "train2017")
+    # read-only opens leave the file as it is; the first read-write open upgrades it
+    assert json.loads(run("stats", p, "--json", check=True).stdout)["format_version"] == 1
+    t = tmp_path / "t.txt"
+    t.write_text("a brand new caption\n")
+    run("add", p, "--texts", t, "--model", model, check=True)
+    run("index", p, "--faiss", "Flat", check=True)
+    st = json.loads(run("stats", p, "--json", check=True).stdout)
+    assert (st["format_version"], st["texts"], len(st["indexes"])) == (2, 21, 1)

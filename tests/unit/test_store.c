@@ -100,7 +100,11 @@ TEST(store_refuses_other_files_and_newer_versions)
     REQUIRE(cdb_db_create_raw(&db, path, "clip-test-1", D, NULL) == CLIPDB_OK);
     clipdb_db_close(db);
     REQUIRE(sqlite3_open(path, &s) == SQLITE_OK);
-    REQUIRE(sqlite3_exec(s, "PRAGMA user_version=2;", 0, 0, 0) == SQLITE_OK);
+    {
+        char sql[64];
+        snprintf(sql, sizeof sql, "PRAGMA user_version=%d;", CLIPDB_DB_VERSION + 1);
+        REQUIRE(sqlite3_exec(s, sql, 0, 0, 0) == SQLITE_OK);
+    }
     sqlite3_close(s);
     CHECK(clipdb_db_open(&db, path, NULL) == CLIPDB_EFORMAT);
     CHECK(strstr(clipdb_db_errmsg(db), "newer") != NULL);

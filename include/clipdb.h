@@ -426,6 +426,9 @@ typedef struct clipdb_add_result {
     int64_t captions_unmatched;/* caption entries naming no image in the folder */
     int64_t texts_added;       /* standalone texts */
     int64_t texts_unchanged;   /* standalone texts already present */
+    int64_t texts_failed;      /* lines the encoder refuses (invalid UTF-8,
+                               ** empty after cleaning, NUL byte, too long):
+                               ** reported with their line number, skipped */
 } clipdb_add_result;
 
 /* Adds images (with captions) and/or texts. Incremental: unchanged files

@@ -142,11 +142,11 @@ int cli_cmd_add(int argc, char **argv)
     } else if (json) {
         printf("{\"images_added\": %lld, \"images_updated\": %lld, \"images_unchanged\": %lld, "
                "\"images_failed\": %lld, \"captions_added\": %lld, \"captions_unmatched\": %lld, "
-               "\"texts_added\": %lld, \"texts_unchanged\": %lld}\n",
+               "\"texts_added\": %lld, \"texts_unchanged\": %lld, \"texts_failed\": %lld}\n",
                (long long)r.images_added, (long long)r.images_updated,
                (long long)r.images_unchanged, (long long)r.images_failed,
                (long long)r.captions_added, (long long)r.captions_unmatched,
-               (long long)r.texts_added, (long long)r.texts_unchanged);
+               (long long)r.texts_added, (long long)r.texts_unchanged, (long long)r.texts_failed);
     } else {
         if (opt.images_dir)
             printf("images: %lld added, %lld updated, %lld unchanged (skipped), %lld failed; "
@@ -158,8 +158,9 @@ int cli_cmd_add(int argc, char **argv)
             printf(", %lld caption entries name no image in the folder\n",
                    (long long)r.captions_unmatched);
         if (opt.texts_path)
-            printf("texts: %lld added, %lld already present (skipped)\n", (long long)r.texts_added,
-                   (long long)r.texts_unchanged);
+            printf("texts: %lld added, %lld already present (skipped), %lld failed\n",
+                   (long long)r.texts_added, (long long)r.texts_unchanged,
+                   (long long)r.texts_failed);
     }
     clipdb_db_close(db);
     return ret;

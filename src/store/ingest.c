@@ -635,7 +635,8 @@ static int add_texts(ingest *g)
     const char **batch = NULL;
     float *vecs = NULL;   /* TEXT_BATCH x d */
     sqlite3_stmt *exists = NULL;
-    int rc, in_tx = 0;
+    int32_t ids[CLIPDB_TEXT_CONTEXT];
+    int rc, in_tx = 0, n_ids = 0;
 
     rc = cdb_read_file(g->opt->texts_path, (size_t)1 << 30, &data, &len, &db->err);
     if (rc != CLIPDB_OK) return rc;
@@ -665,12 +666,19 @@ static int add_texts(ingest *g)
             if (m > 0 && line[m - 1] == '\r') m--;
             line[m] = '\0';
             if (m == 0) continue;
-            if (m > CLIPDB_MAX_TEXT_BYTES || strlen(line) != m) {
-                char msg[256];
+            /* a line the encoder would refuse (too long, a NUL byte,
+            ** invalid UTF-8, nothing left after cleaning) is reported and
+            ** skipped; the tokenizer applies the encoder's own policy */
+            if (m > CLIPDB_MAX_TEXT_BYTES || strlen(line) != m ||
+                clipdb_tokenize(db->ctx, line, ids, CLIPDB_TEXT_CONTEXT, &n_ids) != CLIPDB_OK) {
+                char msg[512];
                 snprintf(msg, sizeof msg, "%s:%zu: %s; skipped", g->opt->texts_path, lineno,
-                         m > CLIPDB_MAX_TEXT_BYTES ? "text too long" : "text holds a NUL byte");
+                         m > CLIPDB_MAX_TEXT_BYTES ? "text too long"
+                         : strlen(line) != m      ? "text holds a NUL byte"
+                                                  : clipdb_ctx_errmsg(db->ctx));
                 warn(g, msg);
                 g->prog.failed++;
+                g->res->texts_failed++;
                 continue;
             }
             sqlite3_reset(exists);

@@ -340,6 +340,31 @@ def test_incremental_add_changed_files_rm_and_reopen(tmp_path, model, coco):
     assert res[0]["text"] == "a cat" and "image" not in res[0]
 
 
+def test_texts_bad_lines_are_skipped(tmp_path, model):
+    p = tmp_path / "texts.db"
+    run("init", p, "--model", model, check=True)
+    t = tmp_path / "t.txt"
+    t.write_bytes(b"a red bus\n"
+                  b"broken \xff\xfe utf-8\n"        # line 2: invalid UTF-8
+                  b"   \t \n"                       # line 3: empty after cleaning
+                  b"a green tree\n"
+                  b"\n"                              # blank: ignored, not an error
+                  b"bad\x00byte\n"                   # line 6: a NUL byte
+                  b"a red bus\n")                    # already in this file: skipped
+    r = run("add", p, "--texts", t, "--json")
+    assert r.returncode == 0, r.stderr
+    s = json.loads(r.stdout)
+    assert (s["texts_added"], s["texts_unchanged"], s["texts_failed"]) == (2, 1, 3)
+    for n in (2, 3, 6):
+        assert f"t.txt:{n}:" in r.stderr, r.stderr
+    assert "t.txt:1:" not in r.stderr and "t.txt:4:" not in r.stderr
+    texts = sorted(x[3] for x in items(p))
+    assert texts == ["a green tree", "a red bus"]
+    r = run("add", p, "--texts", t, check=True)
+    assert "0 added, 3 already present (skipped), 3 failed" in r.stdout
+    assert json.loads(run("stats", p, "--json").stdout)["texts"] == 2
+
+
 def test_bad_inputs(tmp_path, model, coco):
     folder, caps = small_folder(coco, tmp_path / "imgs", 3)
     (folder / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")

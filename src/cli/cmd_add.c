@@ -34,6 +34,8 @@ const char cli_add_help[] =
     "  --model DIR       model directory (default: the one recorded by init)\n"
     "  --batch N         images per encoder batch and commit (default 32)\n"
     "  --threads N       image decoding threads (default: number of CPUs)\n"
+    "  --progress-every S  seconds between progress updates (default 0.2 on a\n"
+    "                    terminal, else 5: one plain line each)\n"
     "  --json            print the summary as JSON\n"
     "  -q, --quiet       no progress output\n"
     "\n"
@@ -103,6 +105,7 @@ int cli_cmd_add(int argc, char **argv)
     clipdb_db *db = NULL;
     progress_state ps = {0};
     int json = 0, i, rc, ret = CLI_OK;
+    double every = 0;
 
     clipdb_add_options_init(&opt);
     for (i = 1; i < argc; i++) {
@@ -118,6 +121,12 @@ int cli_cmd_add(int argc, char **argv)
         } else if (!strcmp(a, "--threads") && has) {
             if (parse_int(argv[++i], 1, 64, &opt.decode_threads))
                 return cli_usage("add", "--threads needs a number from 1 to 64");
+        } else if (!strcmp(a, "--progress-every") && has) {
+            char *end;
+            errno = 0;
+            every = strtod(argv[++i], &end);
+            if (errno || *end || end == argv[i] || !(every >= 0.01 && every <= 3600))
+                return cli_usage("add", "--progress-every needs seconds from 0.01 to 3600");
         } else if (!strcmp(a, "--json")) json = 1;
         else if (!strcmp(a, "-q") || !strcmp(a, "--quiet")) ps.quiet = 1;
         else if (a[0] == '-' && a[1]) return cli_usage("add", "unknown option or missing value '%s'", a);
@@ -130,7 +139,7 @@ int cli_cmd_add(int argc, char **argv)
     ps.tty = isatty(2);
     opt.on_progress = on_progress;
     opt.on_warning = on_warning;
-    opt.progress_interval_s = ps.tty ? 0.2 : 5.0;
+    opt.progress_interval_s = every > 0 ? every : ps.tty ? 0.2 : 5.0;
     opt.arg = &ps;
     clipdb_db_options_init(&dopt);
     dopt.model_dir = model;

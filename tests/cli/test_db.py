@@ -455,17 +455,36 @@ def test_other_captions_formats(tmp_path, model, coco, fmt):
 
 
 def test_kill_and_resume(tmp_path, model, coco):
-    folder, caps = small_folder(coco, tmp_path / "imgs", 40)
+    """SIGKILL `clipdb add` over the whole coco-subset (338 images) at random
+    moments after its progress output shows a partial count; after every
+    kill the database opens and is consistent; then the same command
+    resumes. At least half of the kills must land while images were still
+    missing (checked by counting after the kill)."""
+    import re
+    total_imgs = len([f for f in os.listdir(coco / "images") if f.endswith(".jpg")])
     p = tmp_path / "kill.db"
     run("init", p, "--model", model, check=True)
     rng = random.Random(7)
-    args = [BIN, "add", str(p), "--images", str(folder), "--captions", str(caps), "--batch", "3",
-            "-q"]
+    args = [BIN, "add", str(p), "--images", str(coco / "images"), "--captions",
+            str(coco / "captions.jsonl"), "--batch", "4", "--progress-every", "0.05"]
+    prog = re.compile(r"images: (\d+)/(\d+)")
+    kills = mid = 0
+    t0 = time.monotonic()
     for i in range(8):
-        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(rng.uniform(0.05, 0.6))
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        # plain progress lines (stderr is not a terminal): wait for a partial count
+        while True:
+            line = proc.stderr.readline()
+            if not line:
+                break
+            m = prog.search(line)
+            if m and 0 < int(m.group(1)) < int(m.group(2)):
+                time.sleep(rng.uniform(0.0, 0.15))
+                break
         proc.send_signal(signal.SIGKILL)
+        proc.stderr.close()
         proc.wait()
+        kills += 1
         st = json.loads(run("stats", p, "--json", check=True).stdout)
         # every committed image has its vector and all its captions
         con = sqlite3.connect(p)
@@ -476,10 +495,18 @@ def test_kill_and_resume(tmp_path, model, coco):
                           "(SELECT count(*) FROM items c WHERE c.image=i.id) != 5").fetchone()[0]
         con.close()
         assert n_img == n_vec == st["images"] and bad == 0
-    s = json.loads(run("add", p, "--images", folder, "--captions", caps, "--json", check=True).stdout)
-    assert s["images_added"] + s["images_unchanged"] == 40
+        mid += n_img < total_imgs
+        if n_img == total_imgs:
+            break
+    print(f"kill-and-resume: {mid} of {kills} kills landed mid-ingest "
+          f"({time.monotonic() - t0:.1f} s)")
+    assert mid * 2 >= kills and mid >= 3
+    s = json.loads(run("add", p, "--images", coco / "images", "--captions",
+                       coco / "captions.jsonl", "--json", check=True).stdout)
+    assert s["images_added"] + s["images_unchanged"] == total_imgs
     st = json.loads(run("stats", p, "--json", check=True).stdout)
-    assert (st["images"], st["texts"], st["vectors"]) == (40, 200, 240)
+    assert (st["images"], st["texts"], st["vectors"]) == (total_imgs, 5 * total_imgs,
+                                                          6 * total_imgs)
 
 
 def test_help_teaches():

@@ -93,6 +93,11 @@ $(BUILD)/bench/bench_search: bench/bench_search.c $(BUILD)/libclipdb.a
 	@mkdir -p $(dir $@)
 	$(CC) $(CPPFLAGS) $(CFLAGS) -o $@ $< $(BUILD)/libclipdb.a $(LDLIBS)
 
+# Store benchmark (bench/README.md): DB open + first query, ingest vs encoder.
+$(BUILD)/bench/bench_db: bench/bench_db.c $(BUILD)/libclipdb.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CPPFLAGS) $(CFLAGS) -o $@ $< $(BUILD)/libclipdb.a $(LDLIBS)
+
 bench: $(BUILD)/clipdb
 	CLIPDB_BIN=$(abspath $(BUILD)/clipdb) PY=$(PY) bash bench/run.sh
 

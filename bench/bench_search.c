@@ -4,6 +4,12 @@
 ** same run. Fixed seeds; warm-up runs excluded; medians over repeats.
 **
 ** usage: build/bench/bench_search [N [NQ]]   (default 100000 base, 1000 queries)
+**        build/bench/bench_search --db FILE [--target image|text] [--nq NQ]
+**   The second form runs the IVF-vs-Faiss curve (nlist 100, nprobe 1, 2, 5,
+**   10, 25; recall@10 against exact search) over the vectors of a clipdb
+**   database: the target's vectors are the base, the first NQ (default 1000)
+**   vectors of the other type are the queries (captions against images for
+**   --target image, the default).
 ** Prints one table; exits 1 if a correctness check fails.
 */
 #include <cblas.h>
@@ -14,6 +20,7 @@
 
 #include "core/core.h"
 #include "index/index.h"
+#include "store/store.h"
 
 #define D 512
 #define K 10
@@ -74,11 +81,123 @@ static void die(const char *what, const char *msg)
     exit(1);
 }
 
+/* IVF100 (clipdb) against Faiss "IVF100,Flat", cosine: train + add time,
+** then queries/s and recall@10 (against the exact answers ex) at nprobe 1,
+** 2, 5, 10, 25. x (n, d) with ids; q (nq, d). Returns 1 if clipdb's recall
+** falls below Faiss's by more than 0.02. The indexes are handed back. */
+static int ivf_curve(const float *x, const int64_t *ids, size_t n, int d, const float *q, size_t nq,
+                     const clipdb_hit *ex, clipdb_hit *ours, clipdb_hit *theirs, clipdb_ivf **ivf_out,
+                     cdb_faiss **fi_out)
+{
+    static const int probes[] = {1, 2, 5, 10, 25};
+    const int reps = 3, nlist = 100;
+    double t0, ts[8], tf[8];
+    int i, r, n_out, fail = 0;
+    clipdb_ivf *ivf = NULL;
+    cdb_faiss *fi = NULL;
+    clipdb_ivf_train_options to;
+
+    clipdb_ivf_train_options_init(&to);
+    t0 = cdb_now();
+    if (clipdb_ivf_new(&ivf, d, nlist, CLIPDB_METRIC_COSINE) || clipdb_ivf_train(ivf, x, n, &to) ||
+        clipdb_ivf_add(ivf, ids, x, n, NULL))
+        die("ivf", clipdb_ivf_errmsg(ivf));
+    ts[0] = cdb_now() - t0;
+    t0 = cdb_now();
+    if (cdb_faiss_new(&fi, d, "IVF100,Flat", CLIPDB_METRIC_COSINE) || cdb_faiss_train(fi, x, n) ||
+        cdb_faiss_add(fi, ids, x, n))
+        die("faiss IVF", cdb_faiss_errmsg(fi));
+    tf[0] = cdb_now() - t0;
+    printf("%-44s %10.2f s %10.2f s %8.2f\n", "IVF100 train + add (seconds)", ts[0], tf[0], tf[0] / ts[0]);
+    for (i = 0; i < (int)(sizeof probes / sizeof *probes); i++) {
+        int np = probes[i];
+        double ro, rf;
+        char name[64];
+        for (r = 0; r < reps + 1; r++) {
+            t0 = cdb_now();
+            if (clipdb_ivf_search(ivf, q, nq, K, np, NULL, ours, &n_out)) die("ivf search", clipdb_ivf_errmsg(ivf));
+            if (r) ts[r - 1] = cdb_now() - t0;
+            t0 = cdb_now();
+            if (cdb_faiss_search(fi, q, nq, K, np, theirs)) die("faiss search", cdb_faiss_errmsg(fi));
+            if (r) tf[r - 1] = cdb_now() - t0;
+        }
+        ro = recall(ours, ex, nq);
+        rf = recall(theirs, ex, nq);
+        fail |= ro < rf - 0.02;
+        snprintf(name, sizeof name, "IVF100 nprobe %2d, batch queries/s", np);
+        printf("%-44s %12.0f %12.0f %8.2f  recall@10 %.4f vs %.4f\n", name, (double)nq / median(ts, reps),
+               (double)nq / median(tf, reps), median(tf, reps) / median(ts, reps), ro, rf);
+    }
+    *ivf_out = ivf;
+    *fi_out = fi;
+    return fail;
+}
+
+/* --db FILE [--target image|text] [--nq NQ]: the IVF curve over a
+** database's vectors (see the top of the file). */
+static int bench_db_vectors(int argc, char **argv)
+{
+    const char *path = NULL;
+    int target = CLIPDB_ITEM_IMAGE, i, n_out, fail;
+    size_t nq = 1000;
+    clipdb_db *db = NULL;
+    clipdb_db_options o;
+    const cdb_vecset *base, *qs;
+    clipdb_hit *ex, *ours, *theirs;
+    clipdb_ivf *ivf = NULL;
+    cdb_faiss *fi = NULL;
+    clipdb_vecs bv;
+    char *msg = NULL;
+
+    for (i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--db") && i + 1 < argc) path = argv[++i];
+        else if (!strcmp(argv[i], "--target") && i + 1 < argc) {
+            i++;
+            if (!strcmp(argv[i], "image")) target = CLIPDB_ITEM_IMAGE;
+            else if (!strcmp(argv[i], "text")) target = CLIPDB_ITEM_TEXT;
+            else die("usage", "--target is image or text");
+        } else if (!strcmp(argv[i], "--nq") && i + 1 < argc) nq = (size_t)atol(argv[++i]);
+        else die("usage", "bench_search --db FILE [--target image|text] [--nq NQ]");
+    }
+    if (!path || nq < 1) die("usage", "bench_search --db FILE [--target image|text] [--nq NQ]");
+    clipdb_db_options_init(&o);
+    o.readonly = 1;
+    if (clipdb_db_open(&db, path, &o)) die(path, clipdb_db_errmsg(db));
+    /* two loads: base's arrays stay valid (the sets are per type) */
+    if (cdb_db_vectors(db, target, &base) ||
+        cdb_db_vectors(db, target == CLIPDB_ITEM_IMAGE ? CLIPDB_ITEM_TEXT : CLIPDB_ITEM_IMAGE, &qs))
+        die(path, clipdb_db_errmsg(db));
+    if (base->n < 100 * 39) /* Faiss warns below 39 points per list; still runs */
+        fprintf(stderr, "bench_search: only %zu base vectors for 100 lists (a check run)\n", base->n);
+    if (base->n < 100 || qs->n < 1) die(path, "need at least 100 base vectors and 1 query");
+    if (nq > qs->n) nq = qs->n;
+    ex = malloc(nq * K * sizeof *ex);
+    ours = malloc(nq * K * sizeof *ours);
+    theirs = malloc(nq * K * sizeof *theirs);
+    if (!ex || !ours || !theirs) die("memory", "out of memory");
+    printf("clipdb bench_search --db %s: model %s, d %d, base %zu %s vectors, queries: the first %zu %s "
+           "vectors, k %d, cosine, OpenBLAS threads %d\n\n",
+           path, db->identity, db->embed_dim, base->n, target == CLIPDB_ITEM_IMAGE ? "image" : "text", nq,
+           target == CLIPDB_ITEM_IMAGE ? "text" : "image", K, openblas_get_num_threads());
+    printf("%-44s %12s %12s %8s  %s\n", "case", "clipdb", "faiss", "ratio", "check");
+    bv = (clipdb_vecs){base->vecs, base->ids, base->norms, base->n, db->embed_dim};
+    if (clipdb_flat_search(&bv, qs->vecs, nq, K, CLIPDB_METRIC_COSINE, NULL, ex, &n_out, &msg)) die("flat", msg);
+    fail = ivf_curve(base->vecs, base->ids, base->n, db->embed_dim, qs->vecs, nq, ex, ours, theirs, &ivf, &fi);
+    printf("\nratio: > 1 means clipdb is faster. %s\n", fail ? "CORRECTNESS CHECK FAILED" : "all checks passed");
+    clipdb_ivf_free(ivf);
+    cdb_faiss_free(fi);
+    clipdb_db_close(db);
+    free(ex);
+    free(ours);
+    free(theirs);
+    return fail;
+}
+
 int main(int argc, char **argv)
 {
+    if (argc > 1 && !strncmp(argv[1], "--", 2)) return bench_db_vectors(argc, argv);
     size_t n = argc > 1 ? (size_t)atol(argv[1]) : 100000, nq = argc > 2 ? (size_t)atol(argv[2]) : 1000;
-    const int n_single = 200, warm = 10, reps = 3, nlist = 100;
-    static const int probes[] = {1, 2, 5, 10, 25};
+    const int n_single = 200, warm = 10, reps = 3;
     float *x, *q, *norms;
     int64_t *ids;
     clipdb_hit *ex, *ours, *theirs;
@@ -89,7 +208,6 @@ int main(int argc, char **argv)
     cdb_faiss *fl = NULL, *fi = NULL;
     clipdb_ivf *ivf = NULL;
     clipdb_vecs bv;
-    clipdb_ivf_train_options to;
 
     if (n < 1000 || nq < 1) die("usage", "bench_search [N >= 1000 [NQ]]");
     ids = malloc(n * sizeof *ids);
@@ -156,37 +274,7 @@ int main(int argc, char **argv)
     clipdb_vec_norms(x, n, D, norms);
     bv = (clipdb_vecs){x, ids, norms, n, D};
     if (clipdb_flat_search(&bv, q, nq, K, CLIPDB_METRIC_COSINE, NULL, ex, &n_out, &msg)) die("flat", msg);
-    clipdb_ivf_train_options_init(&to);
-    t0 = cdb_now();
-    if (clipdb_ivf_new(&ivf, D, nlist, CLIPDB_METRIC_COSINE) || clipdb_ivf_train(ivf, x, n, &to) ||
-        clipdb_ivf_add(ivf, ids, x, n, NULL))
-        die("ivf", clipdb_ivf_errmsg(ivf));
-    ts[0] = cdb_now() - t0;
-    t0 = cdb_now();
-    if (cdb_faiss_new(&fi, D, "IVF100,Flat", CLIPDB_METRIC_COSINE) || cdb_faiss_train(fi, x, n) ||
-        cdb_faiss_add(fi, ids, x, n))
-        die("faiss IVF", cdb_faiss_errmsg(fi));
-    tf[0] = cdb_now() - t0;
-    printf("%-44s %10.2f s %10.2f s %8.2f\n", "IVF100 train + add (seconds)", ts[0], tf[0], tf[0] / ts[0]);
-    for (i = 0; i < (int)(sizeof probes / sizeof *probes); i++) {
-        int np = probes[i];
-        double ro, rf;
-        char name[64];
-        for (r = 0; r < reps + 1; r++) {
-            t0 = cdb_now();
-            if (clipdb_ivf_search(ivf, q, nq, K, np, NULL, ours, &n_out)) die("ivf search", clipdb_ivf_errmsg(ivf));
-            if (r) ts[r - 1] = cdb_now() - t0;
-            t0 = cdb_now();
-            if (cdb_faiss_search(fi, q, nq, K, np, theirs)) die("faiss search", cdb_faiss_errmsg(fi));
-            if (r) tf[r - 1] = cdb_now() - t0;
-        }
-        ro = recall(ours, ex, nq);
-        rf = recall(theirs, ex, nq);
-        fail |= ro < rf - 0.02;
-        snprintf(name, sizeof name, "IVF100 nprobe %2d, batch queries/s", np);
-        printf("%-44s %12.0f %12.0f %8.2f  recall@10 %.4f vs %.4f\n", name, (double)nq / median(ts, reps),
-               (double)nq / median(tf, reps), median(tf, reps) / median(ts, reps), ro, rf);
-    }
+    fail |= ivf_curve(x, ids, n, D, q, nq, ex, ours, theirs, &ivf, &fi);
     /* one query at a time at nprobe 10 */
     for (i = 0; i < warm + n_single; i++) {
         const float *qi = q + (size_t)(i % (int)nq) * D;

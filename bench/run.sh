@@ -21,20 +21,37 @@ echo "== encoder: clipdb embed vs PyTorch (bench/bench_encode.py) =="
 # through full-size ViT-B/32; BENCH_INGEST_N=8091 for the whole set)
 (
   set -e
-  echo "== store: open + first query on 100,000 x 512; ingest vs encoder alone (build/bench_db) =="
-  make -s -j2 build/libclipdb.a
-  cc -Iinclude -Isrc -D_GNU_SOURCE -std=c11 -O2 -march=native -pthread -o build/bench_db \
-     bench/bench_db.c build/libclipdb.a -lopenblas -lsqlite3 -ljpeg -lpng -lwebp -lwebpdemux \
-     -lgif -lstb -lz -lutf8proc -lcjson -lmicrohttpd -lcurl -lcrypto -lfaiss -llapack -lgomp \
-     -lstdc++ -lm -lpthread
+  echo "== store: open + first query on 100,000 x 512; ingest vs encoder alone (build/bench/bench_db) =="
+  make -s -j2 build/bench/bench_db
   tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
-  build/bench_db open "$tmp/b100k.db" 100000 512 >/dev/null   # builds the file (untimed)
-  build/bench_db open "$tmp/b100k.db" 100000 512
+  build/bench/bench_db open "$tmp/b100k.db" 100000 512 >/dev/null   # builds the file (untimed)
+  build/bench/bench_db open "$tmp/b100k.db" 100000 512
   data=../shared/data/flickr8k/images
   if [ -d "$data" ]; then
     "$PY" tools/gen_model.py "$tmp/b32" --size b32 --keys openai --dtype F32 --seed 1 >/dev/null
-    build/bench_db ingest "$tmp/b32" "$data" "${BENCH_INGEST_N:-256}"
+    build/bench/bench_db ingest "$tmp/b32" "$data" "${BENCH_INGEST_N:-256}"
   else
     echo "store: ../shared/data/flickr8k not found; skipping the ingest benchmark"
   fi
+)
+
+# ---- IVF vs Faiss over the Flickr8k vectors of a generated model --------------
+# (bench_search --db: nlist 100, nprobe 1..25, caption vectors against image
+# vectors, recall@10 vs exact). BENCH_FLICKR_MODEL=small (default, ~2 min of
+# ingest) or b32 (full-size ViT-B/32: ~12+ min for 8,091 images and 40k captions).
+(
+  set -e
+  data=../shared/data/flickr8k
+  size=${BENCH_FLICKR_MODEL:-small}
+  echo "== index: IVF vs Faiss over Flickr8k vectors (generated $size model; build/bench/bench_search --db) =="
+  if [ ! -d "$data/images" ]; then
+    echo "index: $data not found; skipping"
+    exit 0
+  fi
+  make -s -j2 build/bench/bench_search build/clipdb
+  tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
+  "$PY" tools/gen_model.py "$tmp/model" --size "$size" --keys openai --dtype F32 --seed 1 >/dev/null
+  "$CLIPDB_BIN" init "$tmp/flickr.db" --model "$tmp/model"
+  "$CLIPDB_BIN" add "$tmp/flickr.db" --images "$data/images" --captions "$data/captions.jsonl" -q
+  build/bench/bench_search --db "$tmp/flickr.db" --target image --nq 1000
 )

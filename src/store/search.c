@@ -136,6 +136,34 @@ int cdb_db_ivf_on_insert(clipdb_db *db, int type, int64_t id, const float *vec)
     return rc;
 }
 
+/* Inside a transaction: replaces the per-id rows of the index of (target,
+** metric): runs del_sql (binding target, metric), then ins_sql for each of
+** the n ids (binding target, metric, id, and lists[i] when lists is set). */
+static int replace_index_ids(clipdb_db *db, const char *del_sql, const char *ins_sql, int target,
+                             clipdb_metric metric, const int64_t *ids, const int32_t *lists,
+                             size_t n)
+{
+    sqlite3_stmt *st = NULL;
+    size_t i;
+    int rc = cdb_db_prepare(db, del_sql, &st);
+    if (rc != CLIPDB_OK) return rc;
+    sqlite3_bind_int(st, 1, target);
+    sqlite3_bind_int(st, 2, (int)metric);
+    if (sqlite3_step(st) != SQLITE_DONE) rc = cdb_db_sqlerr(db, "replacing an index");
+    sqlite3_finalize(st);
+    if (rc != CLIPDB_OK || (rc = cdb_db_prepare(db, ins_sql, &st)) != CLIPDB_OK) return rc;
+    for (i = 0; i < n && rc == CLIPDB_OK; i++) {
+        sqlite3_reset(st);
+        sqlite3_bind_int(st, 1, target);
+        sqlite3_bind_int(st, 2, (int)metric);
+        sqlite3_bind_int64(st, 3, ids[i]);
+        if (lists) sqlite3_bind_int(st, 4, lists[i]);
+        if (sqlite3_step(st) != SQLITE_DONE) rc = cdb_db_sqlerr(db, "writing an index");
+    }
+    sqlite3_finalize(st);
+    return rc;
+}
+
 int clipdb_db_build_ivf(clipdb_db *db, const clipdb_index_options *opt)
 {
     clipdb_index_options def;
@@ -145,7 +173,6 @@ int clipdb_db_build_ivf(clipdb_db *db, const clipdb_index_options *opt)
     sqlite3_stmt *st = NULL;
     int32_t *lists = NULL;
     int rc, nlist, in_tx = 0;
-    size_t i;
 
     if (!opt) {
         clipdb_index_options_init(&def);
@@ -178,15 +205,6 @@ int clipdb_db_build_ivf(clipdb_db *db, const clipdb_index_options *opt)
     }
     if ((rc = cdb_db_begin(db)) != CLIPDB_OK) goto cleanup;
     in_tx = 1;
-    rc = cdb_db_prepare(db, "DELETE FROM ivf_assign WHERE target = ? AND metric = ?", &st);
-    if (rc != CLIPDB_OK) goto cleanup;
-    sqlite3_bind_int(st, 1, opt->target);
-    sqlite3_bind_int(st, 2, opt->metric);
-    if (sqlite3_step(st) != SQLITE_DONE) {
-        rc = cdb_db_sqlerr(db, "replacing the IVF index");
-        goto cleanup;
-    }
-    sqlite3_finalize(st);
     rc = cdb_db_prepare(db,
                         "INSERT OR REPLACE INTO ivf(target, metric, nlist, dim, seed, centroids) "
                         "VALUES(?, ?, ?, ?, ?, ?)",
@@ -204,22 +222,11 @@ int clipdb_db_build_ivf(clipdb_db *db, const clipdb_index_options *opt)
         goto cleanup;
     }
     sqlite3_finalize(st);
-    rc = cdb_db_prepare(db,
-                        "INSERT INTO ivf_assign(target, metric, id, list) VALUES(?, ?, ?, ?)", &st);
-    if (rc != CLIPDB_OK) goto cleanup;
-    for (i = 0; i < vs->n; i++) {
-        sqlite3_reset(st);
-        sqlite3_bind_int(st, 1, opt->target);
-        sqlite3_bind_int(st, 2, opt->metric);
-        sqlite3_bind_int64(st, 3, vs->ids[i]);
-        sqlite3_bind_int(st, 4, lists[i]);
-        if (sqlite3_step(st) != SQLITE_DONE) {
-            rc = cdb_db_sqlerr(db, "writing IVF assignments");
-            goto cleanup;
-        }
-    }
-    sqlite3_finalize(st);
     st = NULL;
+    rc = replace_index_ids(db, "DELETE FROM ivf_assign WHERE target = ? AND metric = ?",
+                           "INSERT INTO ivf_assign(target, metric, id, list) VALUES(?, ?, ?, ?)",
+                           opt->target, opt->metric, vs->ids, lists, vs->n);
+    if (rc != CLIPDB_OK) goto cleanup;
     rc = cdb_db_commit(db);
     in_tx = 0;
     /* the cached indexes of this target and metric are stale now */
@@ -637,7 +644,7 @@ int clipdb_db_build_faiss(clipdb_db *db, const clipdb_index_options *opt, const 
     cdb_faiss *f = NULL;
     sqlite3_stmt *st = NULL;
     uint8_t *blob = NULL;
-    size_t len = 0, i;
+    size_t len = 0;
     char hex[65];
     int rc, in_tx = 0;
 
@@ -673,15 +680,6 @@ int clipdb_db_build_faiss(clipdb_db *db, const clipdb_index_options *opt, const 
     if ((rc = cdb_sha256_hex(blob, len, hex, &db->err)) != CLIPDB_OK) goto cleanup;
     if ((rc = cdb_db_begin(db)) != CLIPDB_OK) goto cleanup;
     in_tx = 1;
-    rc = cdb_db_prepare(db, "DELETE FROM faiss_ids WHERE target = ? AND metric = ?", &st);
-    if (rc != CLIPDB_OK) goto cleanup;
-    sqlite3_bind_int(st, 1, opt->target);
-    sqlite3_bind_int(st, 2, (int)opt->metric);
-    if (sqlite3_step(st) != SQLITE_DONE) {
-        rc = cdb_db_sqlerr(db, "replacing the Faiss index");
-        goto cleanup;
-    }
-    sqlite3_finalize(st);
     rc = cdb_db_prepare(db,
                         "INSERT OR REPLACE INTO faiss(target, metric, factory, dim, sha256, blob, "
                         "built_at) VALUES(?, ?, ?, ?, ?, ?, strftime('%s','now'))",
@@ -698,20 +696,11 @@ int clipdb_db_build_faiss(clipdb_db *db, const clipdb_index_options *opt, const 
         goto cleanup;
     }
     sqlite3_finalize(st);
-    rc = cdb_db_prepare(db, "INSERT INTO faiss_ids(target, metric, id) VALUES(?, ?, ?)", &st);
-    if (rc != CLIPDB_OK) goto cleanup;
-    for (i = 0; i < vs->n; i++) {
-        sqlite3_reset(st);
-        sqlite3_bind_int(st, 1, opt->target);
-        sqlite3_bind_int(st, 2, (int)opt->metric);
-        sqlite3_bind_int64(st, 3, vs->ids[i]);
-        if (sqlite3_step(st) != SQLITE_DONE) {
-            rc = cdb_db_sqlerr(db, "writing the Faiss index ids");
-            goto cleanup;
-        }
-    }
-    sqlite3_finalize(st);
     st = NULL;
+    rc = replace_index_ids(db, "DELETE FROM faiss_ids WHERE target = ? AND metric = ?",
+                           "INSERT INTO faiss_ids(target, metric, id) VALUES(?, ?, ?)",
+                           opt->target, opt->metric, vs->ids, NULL, vs->n);
+    if (rc != CLIPDB_OK) goto cleanup;
     rc = cdb_db_commit(db);
     in_tx = 0;
     cdb_faiss_free(db->faiss[opt->target][opt->metric]);

@@ -60,7 +60,7 @@ cli-test: $(BUILD)/clipdb
 
 # Everything again under AddressSanitizer + UndefinedBehaviorSanitizer.
 asan:
-	$(MAKE) BUILD=build-asan OPT=-O1 \
+	$(MAKE) BUILD=build-asan OPT="-O1 -march=native" \
 	    SAN="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer" \
 	    CLIPDB_ASAN=1 test
 

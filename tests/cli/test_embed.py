@@ -26,14 +26,6 @@ def photos(shared):
     return [str(p) for p in coco + flickr]
 
 
-def has_tokenizer():
-    return run("tokenize", "--help").returncode == 0
-
-
-needs_tokenizer = pytest.mark.skipif(not has_tokenizer(),
-                                     reason="tokenizer not merged yet (`clipdb tokenize` missing)")
-
-
 def one_line_failure(p, *needles):
     assert p.returncode == 1, (p.returncode, p.stderr)
     lines = p.stderr.strip().splitlines()
@@ -78,7 +70,6 @@ def test_json_images_in_order(model, photos, tmp_path):
     assert r.returncode == 0 and "norm" in r.stdout and photos[0] in r.stdout
 
 
-@needs_tokenizer
 def test_json_texts_and_images_interleaved(model, photos, tmp_path):
     tf = tmp_path / "t.txt"
     tf.write_text("a dog on a beach\nA man riding a bike.\n")
@@ -105,14 +96,12 @@ def test_empty_text_fails(model):
     one_line_failure(run("embed", "--model", model, "--text", ""), "empty")
 
 
-@needs_tokenizer
 def test_non_utf8_text_fails(model):
     p = subprocess.run([BIN, "embed", "--model", str(model), "--text", b"caf\xe9 \xff"],
                        capture_output=True, text=True, errors="replace")
     one_line_failure(p)
 
 
-@needs_tokenizer
 def test_long_text_needs_truncate(model):
     long_text = "a" + " word" * 2000  # 10,001 characters, ~2000 tokens
     one_line_failure(run("embed", "--model", model, "--text", "ok", "--text", long_text), "77")

@@ -15,17 +15,13 @@ import zlib
 import pytest
 from PIL import Image
 
-from conftest import BIN, ROOT, run
-
-GEN = ROOT / "tools" / "gen_model.py"
+import conftest
+from conftest import BIN, gen_model, run
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory, shared):
-    d = tmp_path_factory.mktemp("bad") / "tiny"
-    subprocess.run(["/usr/bin/python3", str(GEN), str(d), "--size", "tiny", "--keys", "openai",
-                    "--dtype", "F32", "--seed", "5"], check=True, capture_output=True)
-    return d
+    return gen_model(tmp_path_factory.mktemp("bad") / "tiny", seed=5)
 
 
 @pytest.fixture(scope="module")
@@ -34,14 +30,7 @@ def photo(shared):
 
 
 def one_line_failure(p, *needles):
-    assert p.returncode == 1, (p.returncode, p.stdout[:200], p.stderr)
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1, p.stderr
-    assert lines[0].startswith("clipdb embed: "), lines[0]
-    for n in needles:
-        assert n in lines[0], lines[0]
-    assert "Sanitizer" not in p.stderr and "runtime error" not in p.stderr
-    return lines[0]
+    return conftest.one_line_failure(p, "embed", *needles)
 
 
 def embed_image(model, path):

@@ -6,17 +6,14 @@ import subprocess
 import numpy as np
 import pytest
 
-from conftest import BIN, ROOT, run
+import conftest
+from conftest import BIN, gen_model, run
 
-GEN = ROOT / "tools" / "gen_model.py"
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    d = tmp_path_factory.mktemp("m") / "tiny"
-    subprocess.run(["/usr/bin/python3", str(GEN), str(d), "--size", "tiny", "--keys", "openai",
-                    "--dtype", "F32", "--seed", "3"], check=True, capture_output=True)
-    return d
+    return gen_model(tmp_path_factory.mktemp("m") / "tiny", seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -27,13 +24,7 @@ def photos(shared):
 
 
 def one_line_failure(p, *needles):
-    assert p.returncode == 1, (p.returncode, p.stderr)
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1, p.stderr
-    assert lines[0].startswith("clipdb embed: "), lines[0]
-    for n in needles:
-        assert n in lines[0], lines[0]
-    assert "AddressSanitizer" not in p.stderr and "runtime error" not in p.stderr
+    return conftest.one_line_failure(p, "embed", *needles)
 
 
 def test_help_teaches():

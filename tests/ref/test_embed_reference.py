@@ -9,7 +9,6 @@ for a test on this machine); set CLIPDB_REF_B32=1 to run it here too.
 """
 import json
 import os
-import pathlib
 import subprocess
 import sys
 

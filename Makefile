@@ -2,6 +2,7 @@
 # `make asan` runs the tests again under ASan+UBSan; `make fuzz` runs each
 # fuzz target briefly; `make bench` runs the benchmarks. See README.md.
 
+SHELL   := /bin/bash
 CC      ?= cc
 CXX     ?= c++
 BUILD   ?= build
@@ -78,7 +79,7 @@ fuzz:
 	$(MAKE) BUILD=$(FUZZ_BUILD) CC=clang CXX=clang++ OPT=-O1 \
 	    SAN="-fsanitize=fuzzer-no-link,address,undefined -fno-omit-frame-pointer" \
 	    $(FUZZ_BUILD)/libclipdb.a
-	@set -e; for src in $(FUZZ_C); do \
+	@set -eo pipefail; for src in $(FUZZ_C); do \
 	    name=$$(basename $$src .c); \
 	    clang $(CPPFLAGS) -std=c11 -g -O1 -fsanitize=fuzzer,address,undefined \
 	        -o $(FUZZ_BUILD)/$$name $$src $(FUZZ_BUILD)/libclipdb.a $(LDLIBS); \

@@ -2,6 +2,7 @@
 # `make asan` runs the tests again under ASan+UBSan; `make fuzz` runs each
 # fuzz target briefly; `make bench` runs the benchmarks. See README.md.
 
+SHELL   := /bin/bash
 CC      ?= cc
 CXX     ?= c++
 BUILD   ?= build
@@ -26,7 +27,7 @@ LIB_O  := $(LIB_C:%.c=$(BUILD)/%.o) $(LIB_CXX:%.cc=$(BUILD)/%.o)
 CLI_O  := $(CLI_C:%.c=$(BUILD)/%.o)
 TEST_O := $(TEST_C:%.c=$(BUILD)/%.o)
 
-.PHONY: all test unit-test cli-test asan fuzz bench demo clean
+.PHONY: examples all test unit-test cli-test asan fuzz bench demo clean
 all: $(BUILD)/clipdb
 
 $(BUILD)/%.o: %.c
@@ -47,6 +48,13 @@ $(BUILD)/clipdb: $(CLI_O) $(BUILD)/libclipdb.a
 $(BUILD)/test_unit: $(TEST_O) $(BUILD)/libclipdb.a
 	$(CC) $(LDFLAGS) -pthread -o $@ $(TEST_O) $(BUILD)/libclipdb.a $(LDLIBS)
 
+# Examples: programs that use only the public header (tests run them).
+EXAMPLES := $(patsubst examples/%.c,$(BUILD)/examples/%,$(wildcard examples/*.c))
+$(BUILD)/examples/%: examples/%.c include/clipdb.h $(BUILD)/libclipdb.a
+	@mkdir -p $(dir $@)
+	$(CC) -Iinclude $(CFLAGS) -o $@ $< $(BUILD)/libclipdb.a $(LDLIBS) $(LDFLAGS)
+examples: $(EXAMPLES)
+
 # The test command (README): C unit tests, then the black-box and reference
 # tests of the real binary (pytest, Debian's python3 with torch/numpy/PIL).
 test: unit-test cli-test
@@ -54,13 +62,13 @@ test: unit-test cli-test
 unit-test: $(BUILD)/test_unit
 	$(BUILD)/test_unit
 
-cli-test: $(BUILD)/clipdb
+cli-test: $(BUILD)/clipdb $(EXAMPLES)
 	CLIPDB_BIN=$(abspath $(BUILD)/clipdb) CLIPDB_BUILD=$(abspath $(BUILD)) \
 	    $(PY) -m pytest -q -ra tests/cli tests/ref
 
 # Everything again under AddressSanitizer + UndefinedBehaviorSanitizer.
 asan:
-	$(MAKE) BUILD=build-asan OPT=-O1 \
+	$(MAKE) BUILD=build-asan OPT="-O1 -march=native" \
 	    SAN="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer" \
 	    CLIPDB_ASAN=1 test
 
@@ -71,7 +79,7 @@ fuzz:
 	$(MAKE) BUILD=$(FUZZ_BUILD) CC=clang CXX=clang++ OPT=-O1 \
 	    SAN="-fsanitize=fuzzer-no-link,address,undefined -fno-omit-frame-pointer" \
 	    $(FUZZ_BUILD)/libclipdb.a
-	@set -e; for src in $(FUZZ_C); do \
+	@set -eo pipefail; for src in $(FUZZ_C); do \
 	    name=$$(basename $$src .c); \
 	    clang $(CPPFLAGS) -std=c11 -g -O1 -fsanitize=fuzzer,address,undefined \
 	        -o $(FUZZ_BUILD)/$$name $$src $(FUZZ_BUILD)/libclipdb.a $(LDLIBS); \

@@ -41,3 +41,24 @@ def bpe_vocab(shared):
     if not p.is_file():
         pytest.skip(f"{p} not found; skipping")
     return p
+
+
+def gen_model(path, size="tiny", keys="openai", dtype="F32", seed=1, *extra):
+    """Writes a seeded random model directory with tools/gen_model.py; returns path."""
+    subprocess.run(["/usr/bin/python3", str(ROOT / "tools" / "gen_model.py"), str(path),
+                    "--size", size, "--keys", keys, "--dtype", dtype, "--seed", str(seed),
+                    *extra], check=True, capture_output=True)
+    return path
+
+
+def one_line_failure(p, cmd, *needles):
+    """Asserts a clean failure of `clipdb CMD`: exit 1, one stderr line
+    "clipdb CMD: ..." containing every needle, no sanitizer report."""
+    assert p.returncode == 1, (p.returncode, p.stdout[:200], p.stderr)
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1, p.stderr
+    assert lines[0].startswith(f"clipdb {cmd}: "), lines[0]
+    for n in needles:
+        assert n in lines[0], lines[0]
+    assert "Sanitizer" not in p.stderr and "runtime error" not in p.stderr
+    return lines[0]

@@ -6,17 +6,14 @@ import subprocess
 import numpy as np
 import pytest
 
-from conftest import BIN, ROOT, run
+import conftest
+from conftest import BIN, gen_model, run
 
-GEN = ROOT / "tools" / "gen_model.py"
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    d = tmp_path_factory.mktemp("m") / "tiny"
-    subprocess.run(["/usr/bin/python3", str(GEN), str(d), "--size", "tiny", "--keys", "openai",
-                    "--dtype", "F32", "--seed", "3"], check=True, capture_output=True)
-    return d
+    return gen_model(tmp_path_factory.mktemp("m") / "tiny", seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -26,22 +23,8 @@ def photos(shared):
     return [str(p) for p in coco + flickr]
 
 
-def has_tokenizer():
-    return run("tokenize", "--help").returncode == 0
-
-
-needs_tokenizer = pytest.mark.skipif(not has_tokenizer(),
-                                     reason="tokenizer not merged yet (`clipdb tokenize` missing)")
-
-
 def one_line_failure(p, *needles):
-    assert p.returncode == 1, (p.returncode, p.stderr)
-    lines = p.stderr.strip().splitlines()
-    assert len(lines) == 1, p.stderr
-    assert lines[0].startswith("clipdb embed: "), lines[0]
-    for n in needles:
-        assert n in lines[0], lines[0]
-    assert "AddressSanitizer" not in p.stderr and "runtime error" not in p.stderr
+    return conftest.one_line_failure(p, "embed", *needles)
 
 
 def test_help_teaches():
@@ -78,7 +61,6 @@ def test_json_images_in_order(model, photos, tmp_path):
     assert r.returncode == 0 and "norm" in r.stdout and photos[0] in r.stdout
 
 
-@needs_tokenizer
 def test_json_texts_and_images_interleaved(model, photos, tmp_path):
     tf = tmp_path / "t.txt"
     tf.write_text("a dog on a beach\nA man riding a bike.\n")
@@ -105,14 +87,12 @@ def test_empty_text_fails(model):
     one_line_failure(run("embed", "--model", model, "--text", ""), "empty")
 
 
-@needs_tokenizer
 def test_non_utf8_text_fails(model):
     p = subprocess.run([BIN, "embed", "--model", str(model), "--text", b"caf\xe9 \xff"],
                        capture_output=True, text=True, errors="replace")
     one_line_failure(p)
 
 
-@needs_tokenizer
 def test_long_text_needs_truncate(model):
     long_text = "a" + " word" * 2000  # 10,001 characters, ~2000 tokens
     one_line_failure(run("embed", "--model", model, "--text", "ok", "--text", long_text), "77")

@@ -348,11 +348,6 @@ def test_open_clip_layout_optional_tokenizer(hubf, tmp_path):
     assert not (tmp_path / "vocab.json").exists()
 
 
-def loader_landed():
-    return all((ROOT / "src" / "model" / f).is_file()
-               for f in ("weights.c", "safetensors.c", "tokenizer.c"))
-
-
 def test_not_safetensors_is_rejected(hubf, tmp_path):
     repo = hubf.root / "openai" / "garbage-model"
     repo.mkdir(parents=True, exist_ok=True)
@@ -364,9 +359,6 @@ def test_not_safetensors_is_rejected(hubf, tmp_path):
 
 
 def test_info_on_fetched_model(hubf, tmp_path):
-    if not loader_landed():
-        pytest.skip("the model loader (src/model/{weights,safetensors,tokenizer}.c) "
-                    "has not landed")
     p = fetch(hubf, tmp_path, "--no-progress")
     assert p.returncode == 0, p.stderr
     p = run("model", "info", tmp_path, "--json", timeout=T)

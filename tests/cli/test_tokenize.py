@@ -1,7 +1,6 @@
 """Black-box tests of `clipdb tokenize` against tools/ref_tokenizer.py, an
 independent Python implementation of the reference algorithm."""
 import json
-import pathlib
 import random
 import sys
 

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# `make demo`: the main job on an embedded default.
+#
+# 1. A CLIP ViT-B/32 in the published safetensors layout (OpenAI key names),
+#    with seeded random weights: no pretrained weights are reachable from this
+#    machine. With a network, `clipdb model fetch openai/clip-vit-base-patch32
+#    DIR` gets the real ones and the rest of this script runs unchanged
+#    (CLIPDB_DEMO_MODEL=DIR).
+# 2. A database of the COCO subset (338 photos, 1,690 captions) from
+#    ../shared/data, ingested incrementally: a second run skips what is stored.
+# 3. The four kinds of query, exact and IVF.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+BIN=${CLIPDB_BIN:-build/clipdb}
+PY=${PY:-/usr/bin/python3}
+SHARED=${CLIPDB_SHARED:-../shared}
+DATA=$SHARED/data/coco-subset
+WORK=${CLIPDB_DEMO_DIR:-.cache/demo}
+MODEL=${CLIPDB_DEMO_MODEL:-$WORK/clip-vit-b-32-seeded}
+DB=$WORK/coco.db
+
+if [ ! -d "$DATA/images" ]; then
+  echo "demo: $DATA not found: the shared data folder must sit beside the repository (../shared)" >&2
+  exit 1
+fi
+mkdir -p "$WORK"
+say() { printf '\n== %s\n' "$*"; }
+
+if [ ! -f "$MODEL/model.safetensors" ] && [ ! -f "$MODEL/open_clip_model.safetensors" ]; then
+  say "generating a seeded random CLIP ViT-B/32 in $MODEL (real file format; random weights)"
+  "$PY" tools/gen_model.py "$MODEL" --size b32 --keys openai --dtype F32 --seed 42
+fi
+say "the model"
+"$BIN" model info "$MODEL"
+
+say "embedding one text and one photo (first values of each vector)"
+photo=$(ls "$DATA/images" | sort | head -n 1)
+"$BIN" embed --model "$MODEL" --text "a photo of a cat" --image "$DATA/images/$photo"
+
+[ -f "$DB" ] || "$BIN" init "$DB" --model "$MODEL"
+say "ingesting $DATA (images and captions; incremental)"
+"$BIN" add "$DB" --images "$DATA/images" --captions "$DATA/captions.jsonl"
+"$BIN" stats "$DB"
+
+say "an IVF index over the images"
+"$BIN" index "$DB" --ivf --nlist 16 --target image
+
+echo
+echo "(The weights are random, so the neighbours below show the machinery, not meaning.)"
+say "text -> image (exact, cosine)"
+"$BIN" search "$DB" --text "a dog catching a frisbee in a park" --target image -k 5
+say "text -> image (IVF, nprobe 4)"
+"$BIN" search "$DB" --text "a dog catching a frisbee in a park" --target image -k 5 --index ivf --nprobe 4
+say "image -> text (dot product)"
+"$BIN" search "$DB" --image "$DATA/images/$photo" --target text -k 5 --metric dot
+say "image -> image (L2)"
+"$BIN" search "$DB" --image "$DATA/images/$photo" --target image -k 5 --metric l2
+say "text -> text, only captions of val2017 images"
+"$BIN" search "$DB" --text "two people riding horses on a beach" --target text -k 5 --where split=val2017
+say "done: database $DB, model $MODEL"

@@ -18,7 +18,7 @@ echo "== encoder: clipdb embed vs PyTorch (bench/bench_encode.py) =="
 
 # ---- store: DB open + first query; ingest pipeline vs encoder alone ----------
 # (bench/bench_db.c; ~2 min: 100,000 x 512 database, then 256 flickr8k images
-# through full-size ViT-B/32; BENCH_INGEST_N=8091 for the whole set)
+# through full-size ViT-B/32: all 8,091 images by default, BENCH_INGEST_N=256 for a quick run)
 (
   set -e
   echo "== store: open + first query on 100,000 x 512; ingest vs encoder alone (build/bench/bench_db) =="
@@ -29,7 +29,7 @@ echo "== encoder: clipdb embed vs PyTorch (bench/bench_encode.py) =="
   data=../shared/data/flickr8k/images
   if [ -d "$data" ]; then
     "$PY" tools/gen_model.py "$tmp/b32" --size b32 --keys openai --dtype F32 --seed 1 >/dev/null
-    build/bench/bench_db ingest "$tmp/b32" "$data" "${BENCH_INGEST_N:-256}"
+    build/bench/bench_db ingest "$tmp/b32" "$data" "${BENCH_INGEST_N:-8091}"
   else
     echo "store: ../shared/data/flickr8k not found; skipping the ingest benchmark"
   fi

@@ -424,6 +424,8 @@ typedef struct clipdb_add_result {
     int64_t images_failed;     /* unreadable or corrupt: reported, skipped */
     int64_t captions_added;
     int64_t captions_unmatched;/* caption entries naming no image in the folder */
+    int64_t captions_duplicate;/* skipped: the same text already belongs to the
+                               ** same image (repeated in the file, or stored) */
     int64_t texts_added;       /* standalone texts */
     int64_t texts_unchanged;   /* standalone texts already present */
     int64_t texts_failed;      /* lines the encoder refuses (invalid UTF-8,

@@ -394,7 +394,10 @@ static int queue_captions(ingest *g, batch_img *b)
         for (j = 0; j < i && !exists; j++) exists = !strcmp(b->cap->captions[j], t);
         if (!exists && b->id >= 0 && (rc = caption_exists(g->db, b->id, t, &exists)) != CLIPDB_OK)
             return rc;
-        if (exists) continue;
+        if (exists) {
+            g->res->captions_duplicate++;
+            continue;
+        }
         if ((rc = push_text(g, t)) != CLIPDB_OK) return rc;
         b->cap_count++;
     }

@@ -424,6 +424,22 @@ def test_bad_inputs(tmp_path, model, coco):
     assert run("index", p).returncode == 2
 
 
+def test_repeated_captions_are_counted(tmp_path, model, coco):
+    # Flickr8k repeats a caption on the same image 10 times: one copy is kept,
+    # and the summary accounts for every entry.
+    folder, caps = small_folder(coco, tmp_path / "imgs", 3)
+    entries = [json.loads(l) for l in caps.read_text().splitlines()]
+    entries[0]["captions"].append(entries[0]["captions"][1])
+    caps.write_text("".join(json.dumps(e) + "\n" for e in entries))
+    p = tmp_path / "r.db"
+    run("init", p, "--model", model, check=True)
+    r = run("add", p, "--images", folder, "--captions", caps, check=True)
+    assert "15 added, 1 skipped as repeats of a caption of the same image" in r.stdout, r.stdout
+    s = json.loads(run("add", p, "--images", folder, "--captions", caps, "--json",
+                       check=True).stdout)
+    assert s["images_unchanged"] == 3 and s["captions_added"] == 0
+
+
 @pytest.mark.parametrize("fmt", ["coco", "csv"])
 def test_other_captions_formats(tmp_path, model, coco, fmt):
     folder, caps = small_folder(coco, tmp_path / "imgs", 4)

@@ -17,7 +17,7 @@ echo "== encoder: clipdb embed vs PyTorch (bench/bench_encode.py) =="
 "$PY" bench/bench_encode.py
 
 # ---- store: DB open + first query; ingest pipeline vs encoder alone ----------
-# (bench/bench_db.c; ~2 min: 100,000 x 512 database, then 256 flickr8k images
+# (bench/bench_db.c; ~10 min: 100,000 x 512 database, then the flickr8k images
 # through full-size ViT-B/32: all 8,091 images by default, BENCH_INGEST_N=256 for a quick run)
 (
   set -e

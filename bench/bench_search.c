@@ -4,12 +4,13 @@
 ** same run. Fixed seeds; warm-up runs excluded; medians over repeats.
 **
 ** usage: build/bench/bench_search [N [NQ]]   (default 100000 base, 1000 queries)
-**        build/bench/bench_search --db FILE [--target image|text] [--nq NQ]
-**   The second form runs the IVF-vs-Faiss curve (nlist 100, nprobe 1, 2, 5,
-**   10, 25; recall@10 against exact search) over the vectors of a clipdb
-**   database: the target's vectors are the base, the first NQ (default 1000)
-**   vectors of the other type are the queries (captions against images for
-**   --target image, the default).
+**        build/bench/bench_search --db FILE [--target image|text] [--nq NQ] [--seeds S]
+**   The second form runs the IVF-vs-Faiss curve (nlist 100, nprobe 1, 2, 3,
+**   4, 5, 7, 10, 15, 20, 25; recall@10 against exact search, the mean and
+**   min..max over S k-means seeds per side, default 16) over the vectors of
+**   a clipdb database: the target's vectors are the base, the first NQ
+**   (default 1000) vectors of the other type are the queries (captions
+**   against images for --target image, the default).
 ** Prints one table; exits 1 if a correctness check fails.
 */
 #include <cblas.h>

@@ -4,12 +4,13 @@
 ** same run. Fixed seeds; warm-up runs excluded; medians over repeats.
 **
 ** usage: build/bench/bench_search [N [NQ]]   (default 100000 base, 1000 queries)
-**        build/bench/bench_search --db FILE [--target image|text] [--nq NQ]
-**   The second form runs the IVF-vs-Faiss curve (nlist 100, nprobe 1, 2, 5,
-**   10, 25; recall@10 against exact search) over the vectors of a clipdb
-**   database: the target's vectors are the base, the first NQ (default 1000)
-**   vectors of the other type are the queries (captions against images for
-**   --target image, the default).
+**        build/bench/bench_search --db FILE [--target image|text] [--nq NQ] [--seeds S]
+**   The second form runs the IVF-vs-Faiss curve (nlist 100, nprobe 1, 2, 3,
+**   4, 5, 7, 10, 15, 20, 25; recall@10 against exact search, the mean and
+**   min..max over S k-means seeds per side, default 16) over the vectors of
+**   a clipdb database: the target's vectors are the base, the first NQ
+**   (default 1000) vectors of the other type are the queries (captions
+**   against images for --target image, the default).
 ** Prints one table; exits 1 if a correctness check fails.
 */
 #include <cblas.h>
@@ -81,53 +82,121 @@ static void die(const char *what, const char *msg)
     exit(1);
 }
 
-/* IVF100 (clipdb) against Faiss "IVF100,Flat", cosine: train + add time,
-** then queries/s and recall@10 (against the exact answers ex) at nprobe 1,
-** 2, 5, 10, 25. x (n, d) with ids; q (nq, d). Returns 1 if clipdb's recall
-** falls below Faiss's by more than 0.02. The indexes are handed back. */
-static int ivf_curve(const float *x, const int64_t *ids, size_t n, int d, const float *q, size_t nq,
-                     const clipdb_hit *ex, clipdb_hit *ours, clipdb_hit *theirs, clipdb_ivf **ivf_out,
-                     cdb_faiss **fi_out)
+#define MAX_PROBES 16
+#define MAX_SEEDS 32
+
+/* Trains and fills both IVF100 indexes (cosine) with k-means seed `seed`
+** (clipdb: the train option; Faiss: ClusteringParameters::seed). */
+static void build_pair(const float *x, const int64_t *ids, size_t n, int d, uint64_t seed, clipdb_ivf **ivf,
+                       cdb_faiss **fi, double *t_ours, double *t_faiss)
 {
-    static const int probes[] = {1, 2, 5, 10, 25};
-    const int reps = 3, nlist = 100;
-    double t0, ts[8], tf[8];
-    int i, r, n_out, fail = 0;
+    clipdb_ivf_train_options to;
+    double t0;
+    clipdb_ivf_train_options_init(&to);
+    to.seed = seed;
+    t0 = cdb_now();
+    if (clipdb_ivf_new(ivf, d, 100, CLIPDB_METRIC_COSINE) || clipdb_ivf_train(*ivf, x, n, &to) ||
+        clipdb_ivf_add(*ivf, ids, x, n, NULL))
+        die("ivf", clipdb_ivf_errmsg(*ivf));
+    *t_ours = cdb_now() - t0;
+    t0 = cdb_now();
+    if (cdb_faiss_new(fi, d, "IVF100,Flat", CLIPDB_METRIC_COSINE) || cdb_faiss_set_train_seed(*fi, (int)seed) ||
+        cdb_faiss_train(*fi, x, n) || cdb_faiss_add(*fi, ids, x, n))
+        die("faiss IVF", cdb_faiss_errmsg(*fi));
+    *t_faiss = cdb_now() - t0;
+}
+
+/* Median seconds of one batch search by clipdb (iv) or Faiss (f), after one
+** warm-up call: at least 3 timed calls and at least 0.3 s in all (at most
+** 64 calls). Each side is timed in its own block, never interleaved with the
+** other: Faiss's OpenMP workers spin after a call and OpenBLAS's threads
+** yield-wait after one, and on a 2-core machine a millisecond-long search
+** started right after the other library's call runs against those threads
+** (that skewed the low-nprobe figures by up to 5x). */
+static double time_search(clipdb_ivf *iv, cdb_faiss *f, const float *q, size_t nq, int nprobe, clipdb_hit *out)
+{
+    double t[64], t0, total = 0;
+    int r, n_out;
+    for (r = -1; r < 64 && (r < 3 || total < 0.3); r++) {
+        t0 = cdb_now();
+        if (iv && clipdb_ivf_search(iv, q, nq, K, nprobe, NULL, out, &n_out)) die("ivf search", clipdb_ivf_errmsg(iv));
+        if (f && cdb_faiss_search(f, q, nq, K, nprobe, out)) die("faiss search", cdb_faiss_errmsg(f));
+        if (r >= 0) total += t[r] = cdb_now() - t0;
+    }
+    return median(t, r);
+}
+
+static void stats(const double *v, int n, double *mean, double *lo, double *hi)
+{
+    int i;
+    *mean = 0;
+    *lo = *hi = v[0];
+    for (i = 0; i < n; i++) {
+        *mean += v[i] / n;
+        if (v[i] < *lo) *lo = v[i];
+        if (v[i] > *hi) *hi = v[i];
+    }
+}
+
+/* IVF100 (clipdb) against Faiss "IVF100,Flat", cosine: train + add time,
+** then queries/s and recall@10 (against the exact answers ex) at each nprobe
+** of probes[0..np). Speed: the indexes of k-means seed 1234 (both sides'
+** default). Recall: the mean (and min..max) over `seeds` k-means seeds per
+** side (1234, 1235, ...), because a single seed's recall moves by a few
+** points on small data sets. Returns 1 if clipdb's mean recall falls below
+** Faiss's by more than 0.02 at some nprobe. The seed-1234 indexes are
+** handed back. x (n, d) with ids; q (nq, d). */
+static int ivf_curve(const float *x, const int64_t *ids, size_t n, int d, const float *q, size_t nq,
+                     const clipdb_hit *ex, clipdb_hit *ours, clipdb_hit *theirs, const int *probes, int np,
+                     int seeds, clipdb_ivf **ivf_out, cdb_faiss **fi_out)
+{
+    double ts[1], tf[1], qs_o[MAX_PROBES], qs_f[MAX_PROBES], rec_o[MAX_PROBES][MAX_SEEDS],
+        rec_f[MAX_PROBES][MAX_SEEDS];
+    int i, s, n_out, fail = 0;
     clipdb_ivf *ivf = NULL;
     cdb_faiss *fi = NULL;
-    clipdb_ivf_train_options to;
 
-    clipdb_ivf_train_options_init(&to);
-    t0 = cdb_now();
-    if (clipdb_ivf_new(&ivf, d, nlist, CLIPDB_METRIC_COSINE) || clipdb_ivf_train(ivf, x, n, &to) ||
-        clipdb_ivf_add(ivf, ids, x, n, NULL))
-        die("ivf", clipdb_ivf_errmsg(ivf));
-    ts[0] = cdb_now() - t0;
-    t0 = cdb_now();
-    if (cdb_faiss_new(&fi, d, "IVF100,Flat", CLIPDB_METRIC_COSINE) || cdb_faiss_train(fi, x, n) ||
-        cdb_faiss_add(fi, ids, x, n))
-        die("faiss IVF", cdb_faiss_errmsg(fi));
-    tf[0] = cdb_now() - t0;
-    printf("%-44s %10.2f s %10.2f s %8.2f\n", "IVF100 train + add (seconds)", ts[0], tf[0], tf[0] / ts[0]);
-    for (i = 0; i < (int)(sizeof probes / sizeof *probes); i++) {
-        int np = probes[i];
-        double ro, rf;
-        char name[64];
-        for (r = 0; r < reps + 1; r++) {
-            t0 = cdb_now();
-            if (clipdb_ivf_search(ivf, q, nq, K, np, NULL, ours, &n_out)) die("ivf search", clipdb_ivf_errmsg(ivf));
-            if (r) ts[r - 1] = cdb_now() - t0;
-            t0 = cdb_now();
-            if (cdb_faiss_search(fi, q, nq, K, np, theirs)) die("faiss search", cdb_faiss_errmsg(fi));
-            if (r) tf[r - 1] = cdb_now() - t0;
+    if (np > MAX_PROBES || seeds < 1 || seeds > MAX_SEEDS) die("usage", "too many nprobe values or seeds");
+    for (s = 0; s < seeds; s++) {
+        clipdb_ivf *iv;
+        cdb_faiss *f;
+        build_pair(x, ids, n, d, 1234 + (uint64_t)s, &iv, &f, &ts[0], &tf[0]);
+        if (s == 0) {
+            printf("%-44s %10.2f s %10.2f s %8.2f\n", "IVF100 train + add (seconds)", ts[0], tf[0], tf[0] / ts[0]);
+            ivf = iv;
+            fi = f;
         }
-        ro = recall(ours, ex, nq);
-        rf = recall(theirs, ex, nq);
-        fail |= ro < rf - 0.02;
-        snprintf(name, sizeof name, "IVF100 nprobe %2d, batch queries/s", np);
-        printf("%-44s %12.0f %12.0f %8.2f  recall@10 %.4f vs %.4f\n", name, (double)nq / median(ts, reps),
-               (double)nq / median(tf, reps), median(tf, reps) / median(ts, reps), ro, rf);
+        for (i = 0; i < np; i++) {
+            if (clipdb_ivf_search(iv, q, nq, K, probes[i], NULL, ours, &n_out))
+                die("ivf search", clipdb_ivf_errmsg(iv));
+            if (cdb_faiss_search(f, q, nq, K, probes[i], theirs)) die("faiss search", cdb_faiss_errmsg(f));
+            if (s == 0) { /* timed for seed 1234 only, each side in its own block */
+                qs_o[i] = (double)nq / time_search(iv, NULL, q, nq, probes[i], ours);
+                qs_f[i] = (double)nq / time_search(NULL, f, q, nq, probes[i], theirs);
+            }
+            rec_o[i][s] = recall(ours, ex, nq);
+            rec_f[i][s] = recall(theirs, ex, nq);
+        }
+        if (s > 0) {
+            clipdb_ivf_free(iv);
+            cdb_faiss_free(f);
+        }
     }
+    for (i = 0; i < np; i++) {
+        double mo, lo_o, hi_o, mf, lo_f, hi_f;
+        char name[64];
+        stats(rec_o[i], seeds, &mo, &lo_o, &hi_o);
+        stats(rec_f[i], seeds, &mf, &lo_f, &hi_f);
+        fail |= mo < mf - 0.02;
+        snprintf(name, sizeof name, "IVF100 nprobe %2d, batch queries/s", probes[i]);
+        if (seeds == 1)
+            printf("%-44s %12.0f %12.0f %8.2f  recall@10 %.4f vs %.4f\n", name, qs_o[i], qs_f[i], qs_o[i] / qs_f[i],
+                   mo, mf);
+        else
+            printf("%-44s %12.0f %12.0f %8.2f  recall@10 %.4f [%.4f, %.4f] vs %.4f [%.4f, %.4f]\n", name, qs_o[i],
+                   qs_f[i], qs_o[i] / qs_f[i], mo, lo_o, hi_o, mf, lo_f, hi_f);
+    }
+    if (seeds > 1) printf("(recall: mean [min, max] over k-means seeds 1234..%d per side)\n", 1234 + seeds - 1);
     *ivf_out = ivf;
     *fi_out = fi;
     return fail;
@@ -138,7 +207,8 @@ static int ivf_curve(const float *x, const int64_t *ids, size_t n, int d, const 
 static int bench_db_vectors(int argc, char **argv)
 {
     const char *path = NULL;
-    int target = CLIPDB_ITEM_IMAGE, i, n_out, fail;
+    static const int probes[] = {1, 2, 3, 4, 5, 7, 10, 15, 20, 25};
+    int target = CLIPDB_ITEM_IMAGE, i, n_out, fail, seeds = 16;
     size_t nq = 1000;
     clipdb_db *db = NULL;
     clipdb_db_options o;
@@ -157,7 +227,8 @@ static int bench_db_vectors(int argc, char **argv)
             else if (!strcmp(argv[i], "text")) target = CLIPDB_ITEM_TEXT;
             else die("usage", "--target is image or text");
         } else if (!strcmp(argv[i], "--nq") && i + 1 < argc) nq = (size_t)atol(argv[++i]);
-        else die("usage", "bench_search --db FILE [--target image|text] [--nq NQ]");
+        else if (!strcmp(argv[i], "--seeds") && i + 1 < argc) seeds = atoi(argv[++i]);
+        else die("usage", "bench_search --db FILE [--target image|text] [--nq NQ] [--seeds S]");
     }
     if (!path || nq < 1) die("usage", "bench_search --db FILE [--target image|text] [--nq NQ]");
     clipdb_db_options_init(&o);
@@ -182,7 +253,8 @@ static int bench_db_vectors(int argc, char **argv)
     printf("%-44s %12s %12s %8s  %s\n", "case", "clipdb", "faiss", "ratio", "check");
     bv = (clipdb_vecs){base->vecs, base->ids, base->norms, base->n, db->embed_dim};
     if (clipdb_flat_search(&bv, qs->vecs, nq, K, CLIPDB_METRIC_COSINE, NULL, ex, &n_out, &msg)) die("flat", msg);
-    fail = ivf_curve(base->vecs, base->ids, base->n, db->embed_dim, qs->vecs, nq, ex, ours, theirs, &ivf, &fi);
+    fail = ivf_curve(base->vecs, base->ids, base->n, db->embed_dim, qs->vecs, nq, ex, ours, theirs, probes,
+                     (int)(sizeof probes / sizeof *probes), seeds, &ivf, &fi);
     printf("\nratio: > 1 means clipdb is faster. %s\n", fail ? "CORRECTNESS CHECK FAILED" : "all checks passed");
     clipdb_ivf_free(ivf);
     cdb_faiss_free(fi);
@@ -274,7 +346,10 @@ int main(int argc, char **argv)
     clipdb_vec_norms(x, n, D, norms);
     bv = (clipdb_vecs){x, ids, norms, n, D};
     if (clipdb_flat_search(&bv, q, nq, K, CLIPDB_METRIC_COSINE, NULL, ex, &n_out, &msg)) die("flat", msg);
-    fail |= ivf_curve(x, ids, n, D, q, nq, ex, ours, theirs, &ivf, &fi);
+    {
+        static const int probes[] = {1, 2, 5, 10, 25};
+        fail |= ivf_curve(x, ids, n, D, q, nq, ex, ours, theirs, probes, 5, 1, &ivf, &fi);
+    }
     /* one query at a time at nprobe 10 */
     for (i = 0; i < warm + n_single; i++) {
         const float *qi = q + (size_t)(i % (int)nq) * D;

@@ -176,6 +176,15 @@ int cdb_faiss_search(cdb_faiss *h, const float *q, size_t nq, int k, int nprobe,
     });
 }
 
+int cdb_faiss_set_train_seed(cdb_faiss *h, int seed)
+{
+    if (!h || !h->index) return h ? cdb_err_set(&h->err, CLIPDB_EINVAL, "faiss: no index") : CLIPDB_EINVAL;
+    faiss::IndexIVF *ivf = faiss::ivflib::try_extract_index_ivf(h->index);
+    if (!ivf) return cdb_err_set(&h->err, CLIPDB_EINVAL, "faiss: the index is not an IVF (no k-means to seed)");
+    ivf->cp.seed = seed;  // Level1Quantizer::train_q1 copies cp into its Clustering
+    return CLIPDB_OK;
+}
+
 size_t cdb_faiss_ntotal(const cdb_faiss *h)
 {
     return h && h->index ? (size_t)h->index->ntotal : 0;

@@ -90,6 +90,11 @@ typedef struct cdb_kparams {
                         ** (rows * d) uses the inline dot kernel, not sgemv,
                         ** whose thread start-up costs more than the work
                         ** below ~1 MB (1 << 18) */
+    size_t direct_max;  /* a multi-query block of at most this many
+                        ** multiply-adds (m * rows * d) uses the inline dot
+                        ** kernel per query, not sgemm, whose packing costs
+                        ** more than the work for small IVF lists at small d
+                        ** (1 << 16) */
     int threads;        /* threads for the top-k pass (0: OpenBLAS's count) */
     size_t thread_min;  /* fewest scores of a block worth threading (1 << 18) */
 } cdb_kparams;
@@ -98,7 +103,8 @@ void cdb_kparams_default(cdb_kparams *p);
 /* Scores every query of qb against every row of rows under `metric` and
 ** pushes the allowed ones into the heaps of t, p->b_block rows at a time:
 ** one query -> inline dot kernel (block <= p->small_max floats) or sgemv;
-** more -> sgemm. Requires qb->m <= p->q_block and scratch of at least
+** more -> inline dot kernel per query (m * rows * d <= p->direct_max) or
+** sgemm. Requires qb->m <= p->q_block and scratch of at least
 ** qb->m * min(rows->n, p->b_block) floats. */
 void cdb_scan(const cdb_kparams *p, clipdb_metric metric, int d,
               const cdb_qblock *qb, const cdb_rows *rows,
@@ -155,6 +161,9 @@ int cdb_faiss_remove(cdb_faiss *f, const int64_t *ids, size_t n, size_t *n_remov
 int cdb_faiss_search(cdb_faiss *f, const float *q, size_t nq, int k, int nprobe,
                      clipdb_hit *out);
 size_t cdb_faiss_ntotal(const cdb_faiss *f);
+/* Seeds the k-means of an IVF index's next train (Faiss's
+** ClusteringParameters::seed, 1234 by default); EINVAL if f holds no IVF. */
+int cdb_faiss_set_train_seed(cdb_faiss *f, int seed);
 /* The dimension of the vectors the index holds (0 without an index). */
 int cdb_faiss_dim(const cdb_faiss *f);
 /* Serialises with faiss::write_index. *buf (caller frees with free). */

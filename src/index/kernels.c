@@ -238,6 +238,7 @@ void cdb_kparams_default(cdb_kparams *p)
     p->b_block = 8192;
     p->gemv_max_m = 1;
     p->small_max = (size_t)1 << 18;
+    p->direct_max = (size_t)1 << 16;
     p->threads = 0;
     p->thread_min = (size_t)1 << 18;
 }
@@ -318,6 +319,12 @@ void cdb_scan(const cdb_kparams *p, clipdb_metric metric, int d, const cdb_qbloc
                 // B (nb, d) @ q_i (d) -> S[i] (nb)
                 cblas_sgemv(CblasRowMajor, CblasNoTrans, (int)nb, d, 1.0f, sub.x, d,
                             qb->q + i * (size_t)d, 1, 0.0f, scratch + i * nb, 1);
+            }
+        } else if (qb->m * nb * (size_t)d <= p->direct_max) {
+            for (i = 0; i < qb->m; i++) {
+                // B (nb, d) @ q_i (d) -> S[i] (nb), inline kernel: a block this
+                // small costs sgemm more in packing than in arithmetic
+                dot_rows(sub.x, nb, d, qb->q + i * (size_t)d, scratch + i * nb);
             }
         } else {
             // Q (m, d) @ B^T (d, nb) -> S (m, nb)

@@ -127,7 +127,10 @@ TEST(index_metric_parse_and_name)
 
 /* Small blocks (4 queries x 16 rows) so that every threshold is crossed
 ** cheaply: base sizes 15/16/17/33 around the row block, 1 query (sgemv), 2
-** (sgemm), 4/5/9 around the query block; threaded top-k forced on. */
+** (sgemm), 4/5/9 around the query block; threaded top-k forced on. Three
+** kernel paths: the defaults (these blocks are under direct_max: inline dot
+** kernel), BLAS only (small_max = direct_max = 0: sgemv / sgemm), and the
+** inline kernel for every block. */
 TEST(index_kernels_all_dims_small_blocks)
 {
     static const int dims[] = {1, 15, 16, 17, 512, 768};
@@ -136,13 +139,14 @@ TEST(index_kernels_all_dims_small_blocks)
     cdb_kparams p;
     size_t a, b, c;
     int mi, fails = 0, path;
-    for (path = 0; path < 2; path++) {
+    for (path = 0; path < 3; path++) {
     cdb_kparams_default(&p);
     p.q_block = 4;
     p.b_block = 16;
     p.threads = 2;
     p.thread_min = 1;
-    p.small_max = path ? 0 : p.small_max; /* 0: one query always by sgemv */
+    if (path == 1) p.small_max = p.direct_max = 0;         /* BLAS always */
+    if (path == 2) p.small_max = p.direct_max = SIZE_MAX;  /* inline always */
     for (a = 0; a < sizeof dims / sizeof *dims; a++) {
         int d = dims[a];
         float *base = malloc(33 * (size_t)d * sizeof *base), *q = malloc(9 * (size_t)d * sizeof *q);
@@ -183,6 +187,32 @@ TEST(index_kernels_gemv_dispatch_threshold)
     for (mi = 0; mi < 3; mi++) {
         fails += check_flat(&p, base, NULL, NULL, 7944, 33, q, 1, 10, metrics[mi], NULL);  /* 262,152 */
         fails += check_flat(&p, base, NULL, NULL, 8192, 33, q, 1, 10, metrics[mi], NULL);
+    }
+    CHECK(fails == 0);
+    free(base);
+    free(q);
+}
+
+/* Several queries: the inline dot kernel up to direct_max = 1 << 16
+** multiply-adds per block (m * rows * d), sgemm above: 4 queries x 255, 256,
+** 257 rows of d 64 around it (small IVF lists at small d), and 2 queries x
+** 8192 rows of d 4 (65,536) / d 5 above it. */
+TEST(index_kernels_direct_dispatch_threshold)
+{
+    static const size_t ns[] = {255, 256, 257};
+    cdb_kparams p;
+    float *base = malloc(8192 * 64 * sizeof *base), *q = malloc(4 * 64 * sizeof *q);
+    size_t a;
+    int mi, fails = 0;
+    cdb_kparams_default(&p);
+    REQUIRE(p.direct_max == 4 * 256 * 64 && p.q_block >= 4 && p.b_block >= 8192);
+    fill_rand(base, 8192 * 64, 41, 0);
+    fill_rand(q, 4 * 64, 42, 0);
+    for (a = 0; a < 3; a++)
+        for (mi = 0; mi < 3; mi++) fails += check_flat(&p, base, NULL, NULL, ns[a], 64, q, 4, 10, metrics[mi], NULL);
+    for (mi = 0; mi < 3; mi++) {
+        fails += check_flat(&p, base, NULL, NULL, 8192, 4, q, 2, 10, metrics[mi], NULL);
+        fails += check_flat(&p, base, NULL, NULL, 8192, 5, q, 2, 10, metrics[mi], NULL);
     }
     CHECK(fails == 0);
     free(base);

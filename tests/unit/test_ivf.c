@@ -392,3 +392,43 @@ TEST(ivf_faiss_shim_errors_do_not_throw)
     CHECK(cdb_faiss_new(&h, 0, "Flat", CLIPDB_METRIC_L2) == CLIPDB_EINVAL);
     cdb_faiss_free(h);
 }
+
+/* cdb_faiss_set_train_seed: the same seed trains the same IVF (identical
+** answers at nprobe 1), another seed other centroids (other answers); an
+** index without k-means refuses it. */
+TEST(ivf_faiss_train_seed)
+{
+    const size_t n = 800, nq = 50;
+    const int d = 8, k = 5;
+    float *x = clustered(n + nq, d, 16, 0.3, 77);
+    int64_t *ids = malloc(n * sizeof *ids);
+    clipdb_hit *out[3];
+    static const int seeds[3] = {7, 7, 8};
+    size_t i, differ = 0;
+    int s, same = 1;
+    cdb_faiss *h = NULL;
+    for (i = 0; i < n; i++) ids[i] = (int64_t)i;
+    for (s = 0; s < 3; s++) {
+        out[s] = malloc(nq * k * sizeof *out[s]);
+        REQUIRE(cdb_faiss_new(&h, d, "IVF8,Flat", CLIPDB_METRIC_L2) == CLIPDB_OK);
+        REQUIRE(cdb_faiss_set_train_seed(h, seeds[s]) == CLIPDB_OK);
+        REQUIRE(cdb_faiss_train(h, x, n) == CLIPDB_OK);
+        REQUIRE(cdb_faiss_add(h, ids, x, n) == CLIPDB_OK);
+        REQUIRE(cdb_faiss_search(h, x + n * d, nq, k, 1, out[s]) == CLIPDB_OK);
+        cdb_faiss_free(h);
+    }
+    for (i = 0; i < nq * k; i++) {
+        same &= out[0][i].id == out[1][i].id && out[0][i].score == out[1][i].score;
+        differ += out[0][i].id != out[2][i].id;
+    }
+    CHECK(same);
+    CHECK(differ > 0);
+    REQUIRE(cdb_faiss_new(&h, d, "Flat", CLIPDB_METRIC_L2) == CLIPDB_OK);
+    CHECK(cdb_faiss_set_train_seed(h, 1) == CLIPDB_EINVAL);
+    CHECK(strstr(cdb_faiss_errmsg(h), "not an IVF") != NULL);
+    cdb_faiss_free(h);
+    CHECK(cdb_faiss_set_train_seed(NULL, 1) == CLIPDB_EINVAL);
+    for (s = 0; s < 3; s++) free(out[s]);
+    free(x);
+    free(ids);
+}

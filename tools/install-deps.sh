@@ -3,7 +3,7 @@
 # Debian bookworm's packages. Run as root (or through sudo).
 set -euo pipefail
 pkgs=(
-  build-essential pkg-config clang           # compilers; clang for libFuzzer
+  build-essential pkg-config clang libclang-rt-14-dev   # compilers; clang + its libFuzzer runtime
   libopenblas-dev liblapack-dev              # SGEMM for the transformer and search
   libsqlite3-dev                             # the database file
   libjpeg62-turbo-dev libpng-dev libwebp-dev libgif-dev libstb-dev zlib1g-dev

@@ -57,7 +57,10 @@ examples: $(EXAMPLES)
 
 # The test command (README): C unit tests, then the black-box and reference
 # tests of the real binary (pytest, Debian's python3 with torch/numpy/PIL).
-test: unit-test cli-test
+# In sequence, so that each runner's closing line stands on its own line.
+test:
+	$(MAKE) --no-print-directory unit-test
+	$(MAKE) --no-print-directory cli-test
 
 unit-test: $(BUILD)/test_unit
 	$(BUILD)/test_unit

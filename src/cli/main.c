@@ -67,10 +67,7 @@ int main(int argc, char **argv)
         print_main_help(argc < 2 ? stderr : stdout);
         return argc < 2 ? CLI_USAGE : CLI_OK;
     }
-    if (!strcmp(argv[1], "--version") || !strcmp(argv[1], "version")) {
-        printf("clipdb %s\n", CLIPDB_VERSION);
-        return CLI_OK;
-    }
+    if (!strcmp(argv[1], "--version")) return cmd_version(argc - 1, argv + 1);
     for (i = 0; i < cli_n_commands; i++) {
         if (strcmp(argv[1], cli_commands[i].name)) continue;
         if (cli_wants_help(argc - 1, argv + 1)) {

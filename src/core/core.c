@@ -13,6 +13,9 @@
 #include <time.h>
 #include <unistd.h>
 
+#include <math.h>
+#include <openssl/evp.h>
+
 const char *clipdb_status_name(int rc)
 {
     switch (rc) {
@@ -223,4 +226,51 @@ int cdb_file_exists(const char *path)
 {
     struct stat st;
     return stat(path, &st) == 0 && S_ISREG(st.st_mode);
+}
+
+/* ---- hashing, growable arrays, norms ---------------------------------------- */
+
+void cdb_hex(const uint8_t *bytes, size_t n, char *out)
+{
+    static const char digits[] = "0123456789abcdef";
+    size_t i;
+    for (i = 0; i < n; i++) {
+        out[2 * i] = digits[bytes[i] >> 4];
+        out[2 * i + 1] = digits[bytes[i] & 15];
+    }
+    out[2 * n] = '\0';
+}
+
+int cdb_sha256_hex(const void *data, size_t len, char hex[65], cdb_err *e)
+{
+    unsigned char md[EVP_MAX_MD_SIZE];
+    unsigned int n = 0;
+    if (!EVP_Digest(data, len, md, &n, EVP_sha256(), NULL) || n != 32)
+        return cdb_err_set(e, CLIPDB_ERROR, "SHA-256 failed");
+    cdb_hex(md, 32, hex);
+    return CLIPDB_OK;
+}
+
+int cdb_grow(void **buf, size_t *cap, size_t need, size_t size)
+{
+    size_t ncap = *cap ? *cap : 16, bytes;
+    void *p;
+    if (need <= *cap) return 0;
+    while (ncap < need) {
+        if (!cdb_mul_ok(ncap, 2, &ncap)) return -1;
+    }
+    if (!cdb_mul_ok(ncap, size, &bytes)) return -1;
+    p = realloc(*buf, bytes);
+    if (!p) return -1;
+    *buf = p;
+    *cap = ncap;
+    return 0;
+}
+
+float cdb_norm(const float *x, size_t d)
+{
+    double s = 0.0;
+    size_t i;
+    for (i = 0; i < d; i++) s += (double)x[i] * x[i];
+    return (float)sqrt(s);
 }

@@ -66,4 +66,19 @@ double cdb_now(void);
 char *cdb_path_join(const char *dir, const char *name);
 int cdb_file_exists(const char *path);
 
+/* Lower-case hex of n bytes into out (2n + 1 chars, NUL-terminated). */
+void cdb_hex(const uint8_t *bytes, size_t n, char *out);
+/* SHA-256 of len bytes as 64 lower-case hex digits + NUL. */
+int cdb_sha256_hex(const void *data, size_t len, char hex[65], cdb_err *e);
+
+/* The one growable array: makes *buf (elements of `size` bytes, capacity
+** *cap elements) hold at least `need` elements, doubling from 16; the
+** product is overflow-checked. 0 on success; -1 on overflow or OOM, with
+** *buf and *cap untouched (the caller still frees *buf). */
+int cdb_grow(void **buf, size_t *cap, size_t need, size_t size);
+
+/* Euclidean norm of x (d), accumulated in double: the one norm used for
+** stored vectors and queries alike. */
+float cdb_norm(const float *x, size_t d);
+
 #endif /* CDB_CORE_H */

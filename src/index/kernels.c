@@ -11,7 +11,7 @@
 */
 #include "index/index.h"
 
-#include <cblas.h>
+#include "compute/compute.h"
 #include <math.h>
 #include <pthread.h>
 #include <stdlib.h>
@@ -50,7 +50,7 @@ int clipdb_vec_norms(const float *x, size_t n, int d, float *norms_out)
     if ((!x && n) || (!norms_out && n) || d < 1 || d > CLIPDB_MAX_DIM) return CLIPDB_EINVAL;
     for (i = 0; i < n; i++) {
         // x[i] (d) . x[i] (d) -> |x_i|^2
-        norms_out[i] = sqrtf(cblas_sdot(d, x + i * (size_t)d, 1, x + i * (size_t)d, 1));
+        norms_out[i] = sqrtf(cdb_sdot(d, x + i * (size_t)d, x + i * (size_t)d));
     }
     return CLIPDB_OK;
 }
@@ -62,7 +62,7 @@ void cdb_normalize_rows(const float *x, size_t n, int d, float *y)
     for (i = 0; i < n; i++) {
         const float *xi = x + i * (size_t)d;
         float *yi = y + i * (size_t)d;
-        float nr = sqrtf(cblas_sdot(d, xi, 1, xi, 1));
+        float nr = sqrtf(cdb_sdot(d, xi, xi));
         float inv = nr > 0 ? 1.0f / nr : 0.0f;
         for (j = 0; j < d; j++) yi[j] = xi[j] * inv;
     }
@@ -245,7 +245,7 @@ void cdb_kparams_default(cdb_kparams *p)
 
 static int n_threads(const cdb_kparams *p)
 {
-    int t = p->threads > 0 ? p->threads : openblas_get_num_threads();
+    int t = p->threads > 0 ? p->threads : cdb_compute_threads();
     if (t < 1) t = 1;
     if (t > MAX_THREADS) t = MAX_THREADS;
     return t;
@@ -317,8 +317,7 @@ void cdb_scan(const cdb_kparams *p, clipdb_metric metric, int d, const cdb_qbloc
                     continue;
                 }
                 // B (nb, d) @ q_i (d) -> S[i] (nb)
-                cblas_sgemv(CblasRowMajor, CblasNoTrans, (int)nb, d, 1.0f, sub.x, d,
-                            qb->q + i * (size_t)d, 1, 0.0f, scratch + i * nb, 1);
+                cdb_sgemv((int)nb, d, 1.0f, sub.x, d, qb->q + i * (size_t)d, 0.0f, scratch + i * nb);
             }
         } else if (qb->m * nb * (size_t)d <= p->direct_max) {
             for (i = 0; i < qb->m; i++) {
@@ -328,7 +327,7 @@ void cdb_scan(const cdb_kparams *p, clipdb_metric metric, int d, const cdb_qbloc
             }
         } else {
             // Q (m, d) @ B^T (d, nb) -> S (m, nb)
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, (int)qb->m, (int)nb, d, 1.0f,
+            cdb_sgemm(CDB_NO_TRANS, CDB_TRANS, (int)qb->m, (int)nb, d, 1.0f,
                         qb->q, d, sub.x, d, 0.0f, scratch, (int)nb);
         }
         push_block(p, metric, scratch, nb, qb, &sub, filter, t);

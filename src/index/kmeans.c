@@ -13,7 +13,7 @@
 */
 #include "index/index.h"
 
-#include <cblas.h>
+#include "compute/compute.h"
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -121,16 +121,16 @@ int cdb_kmeans(const float *x_in, size_t n_in, int d, int k, const cdb_kmeans_op
     /* ---- k-means++ seeding ---- */
     {
         float *xn2 = dist; /* reuse: squared norms of the points */
-        for (i = 0; i < n; i++) xn2[i] = cblas_sdot(d, x + i * (size_t)d, 1, x + i * (size_t)d, 1);
+        for (i = 0; i < n; i++) xn2[i] = cdb_sdot(d, x + i * (size_t)d, x + i * (size_t)d);
         memcpy(cent, x + (size_t)cdb_rng_below(&rng, n) * (size_t)d, (size_t)d * sizeof *cent);
         for (i = 0; i < n; i++) mind[i] = INFINITY;
         for (c = 0;; c++) {
             const float *cc = cent + (size_t)c * (size_t)d;
-            float cn2 = cblas_sdot(d, cc, 1, cc, 1);
+            float cn2 = cdb_sdot(d, cc, cc);
             double total = 0, r, acc = 0;
             size_t pick = n - 1;
             // X (n, d) @ c (d) -> dots (n)
-            cblas_sgemv(CblasRowMajor, CblasNoTrans, (int)n, d, 1.0f, x, d, cc, 1, 0.0f, dots, 1);
+            cdb_sgemv((int)n, d, 1.0f, x, d, cc, 0.0f, dots);
             for (i = 0; i < n; i++) {
                 float d2 = xn2[i] - 2.0f * dots[i] + cn2;
                 if (d2 < 0) d2 = 0;

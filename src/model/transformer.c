@@ -11,7 +11,7 @@
 ** Shapes: d = width, f = MLP width, T = tokens per sequence, nseq = sequences
 ** in the batch, rows = nseq * T, e = embedding size, hd = 64 (head size).
 */
-#include <cblas.h>
+#include "compute/compute.h"
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -283,7 +283,7 @@ static void attention(struct cdb_run *r, const float *qkv, float *att, int d, in
             const float *K = base + d + hh * CDB_HEAD_DIM;               /* (nk, hd), ld 3d */
             const float *V = base + 2 * d + hh * CDB_HEAD_DIM;           /* (nk, hd), ld 3d */
             /* Q (nq, hd) @ K^T (hd, nk) -> S (nq, nk) */
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nq, nk, CDB_HEAD_DIM, 1.0f,
+            cdb_sgemm(CDB_NO_TRANS, CDB_TRANS, nq, nk, CDB_HEAD_DIM, 1.0f,
                         Q, ld, K, ld, 0.0f, S, nk);
             for (i = 0; i < nq; i++) {
                 float *row = S + (size_t)i * nk; /* (nk) */
@@ -292,7 +292,7 @@ static void attention(struct cdb_run *r, const float *qkv, float *att, int d, in
                 if (valid < nk) memset(row + valid, 0, (size_t)(nk - valid) * sizeof(float));
             }
             /* P (nq, nk) @ V (nk, hd) -> out[:, head] (nq, hd), ld d */
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, nq, CDB_HEAD_DIM, nk, 1.0f,
+            cdb_sgemm(CDB_NO_TRANS, CDB_NO_TRANS, nq, CDB_HEAD_DIM, nk, 1.0f,
                         S, nk, V, ld, 0.0f, out + hh * CDB_HEAD_DIM, d);
         }
     }
@@ -313,15 +313,15 @@ int cdb_block_forward(struct cdb_run *r, const cdb_block *b, int d, int f, float
     /* qkv (rows, 3d) = h (rows, d) @ [Wq; Wk; Wv]^T (d, 3d) + [bq | bk | bv] */
     if (b->wk == b->wq + (size_t)d * d && b->wv == b->wk + (size_t)d * d) {
         /* packed in_proj_weight (3d, d): one GEMM */
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, 3 * d, d, 1.0f, r->h, d,
+        cdb_sgemm(CDB_NO_TRANS, CDB_TRANS, rows, 3 * d, d, 1.0f, r->h, d,
                     b->wq, d, 0.0f, r->qkv, 3 * d);
     } else {
         /* separate q/k/v_proj (d, d) each: h (rows, d) @ W^T (d, d) -> qkv[:, part] (rows, d), ld 3d */
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, d, d, 1.0f, r->h, d, b->wq,
+        cdb_sgemm(CDB_NO_TRANS, CDB_TRANS, rows, d, d, 1.0f, r->h, d, b->wq,
                     d, 0.0f, r->qkv, 3 * d);
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, d, d, 1.0f, r->h, d, b->wk,
+        cdb_sgemm(CDB_NO_TRANS, CDB_TRANS, rows, d, d, 1.0f, r->h, d, b->wk,
                     d, 0.0f, r->qkv + d, 3 * d);
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, d, d, 1.0f, r->h, d, b->wv,
+        cdb_sgemm(CDB_NO_TRANS, CDB_TRANS, rows, d, d, 1.0f, r->h, d, b->wv,
                     d, 0.0f, r->qkv + 2 * d, 3 * d);
     }
     add_bias_strided(r->qkv, (size_t)3 * d, b->bq, (size_t)rows, (size_t)d);
@@ -340,16 +340,16 @@ int cdb_block_forward(struct cdb_run *r, const cdb_block *b, int d, int f, float
         rows = nseq;
     }
     /* x (rows, d) += att (rows, d) @ Wo^T (d, d) */
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, d, d, 1.0f, r->att, d, b->wo, d,
+    cdb_sgemm(CDB_NO_TRANS, CDB_TRANS, rows, d, d, 1.0f, r->att, d, b->wo, d,
                 1.0f, x, d);
     /* x += bo; h (rows, d) = ln_2(x) */
     cdb_layernorm(x, b->bo, b->ln2_w, b->ln2_b, r->h, (size_t)rows, (size_t)d);
     /* mlp (rows, f) = h (rows, d) @ W1^T (d, f); mlp = quick_gelu(mlp + b1) */
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, f, d, 1.0f, r->h, d, b->fc1_w, d,
+    cdb_sgemm(CDB_NO_TRANS, CDB_TRANS, rows, f, d, 1.0f, r->h, d, b->fc1_w, d,
                 0.0f, r->mlp, f);
     cdb_quick_gelu(r->mlp, b->fc1_b, (size_t)rows, (size_t)f);
     /* x (rows, d) += mlp (rows, f) @ W2^T (f, d); x += b2 */
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, d, f, 1.0f, r->mlp, f, b->fc2_w,
+    cdb_sgemm(CDB_NO_TRANS, CDB_TRANS, rows, d, f, 1.0f, r->mlp, f, b->fc2_w,
                 f, 1.0f, x, d);
     cdb_add_bias(x, b->fc2_b, (size_t)rows, (size_t)d);
     return CLIPDB_OK;
@@ -362,10 +362,10 @@ static void final_ln_project(const cdb_tower *t, int e_dim, float *x, float *h, 
     const int d = t->width;
     cdb_layernorm(x, NULL, t->ln_post_w, t->ln_post_b, h, (size_t)n, (size_t)d);
     if (t->proj_transposed) /* h (n, d) @ proj^T (d, e) -> out (n, e) */
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, n, e_dim, d, 1.0f, h, d, t->proj,
+        cdb_sgemm(CDB_NO_TRANS, CDB_TRANS, n, e_dim, d, 1.0f, h, d, t->proj,
                     d, 0.0f, out, e_dim);
     else /* h (n, d) @ proj (d, e) -> out (n, e) */
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, e_dim, d, 1.0f, h, d, t->proj,
+        cdb_sgemm(CDB_NO_TRANS, CDB_NO_TRANS, n, e_dim, d, 1.0f, h, d, t->proj,
                     e_dim, 0.0f, out, e_dim);
 }
 
@@ -430,7 +430,7 @@ int cdb_vision_forward(struct cdb_run *r, const cdb_vision *v, int embed_dim,
             }
         }
         /* patches (nb*np, K) @ conv1^T (K, d) -> h (nb*np, d) */
-        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, nb * np, d, K, 1.0f, patches, K,
+        cdb_sgemm(CDB_NO_TRANS, CDB_TRANS, nb * np, d, K, 1.0f, patches, K,
                     v->patch_w, K, 0.0f, r->h, d);
         /* x (nb*T, d): per image [class_emb; patch embeddings] + pos_emb (T, d) */
         for (i = 0; i < nb; i++) {

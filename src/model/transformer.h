@@ -3,7 +3,7 @@
 ** Internal; the public entry points are clipdb_encode_texts and
 ** clipdb_encode_images (include/clipdb.h). Owner: src/model/transformer.c.
 **
-** All matrix work goes through OpenBLAS (cblas_sgemm) with the whole batch
+** All matrix work goes through the compute layer (cdb_sgemm, compute.h) with the whole batch
 ** stacked into one GEMM (rows = sequences * tokens). Activations live in a
 ** struct cdb_run (per context, grown on demand, never shared between
 ** threads); the model itself is read-only.

@@ -801,19 +801,6 @@ cleanup:
     return rc;
 }
 
-/* ---- hashing -------------------------------------------------------------- */
-
-int cdb_sha256_hex(const void *data, size_t len, char hex[65], cdb_err *e)
-{
-    unsigned char md[EVP_MAX_MD_SIZE];
-    unsigned int n = 0, i;
-    if (!EVP_Digest(data, len, md, &n, EVP_sha256(), NULL) || n != 32)
-        return cdb_err_set(e, CLIPDB_ERROR, "SHA-256 failed");
-    for (i = 0; i < n; i++) snprintf(hex + 2 * i, 3, "%02x", md[i]);
-    hex[64] = '\0';
-    return CLIPDB_OK;
-}
-
 /* ---- statistics ------------------------------------------------------------ */
 
 int clipdb_db_get_stats(clipdb_db *db, clipdb_db_stats *out)

@@ -109,7 +109,6 @@ int cdb_db_set_meta_json(clipdb_db *db, int64_t id, const char *json);
 int cdb_db_vectors(clipdb_db *db, int type, const cdb_vecset **out);
 
 /* Lowercase hex SHA-256 (65 bytes with the NUL) of len bytes. */
-int cdb_sha256_hex(const void *data, size_t len, char hex[65], cdb_err *e);
 
 /* IVF bookkeeping for a new vector (search.c): if an IVF index exists for
 ** this type, records the vector's nearest list in ivf_assign. */

@@ -108,5 +108,8 @@ struct clipdb_ctx {
     int truncate;                      /* clipdb_ctx_set_truncate (tokenizer.c) */
 };
 void cdb_run_free(struct cdb_run *r);            /* transformer.c */
+/* Checks that c can encode (a model with weights) and allocates its run
+** scratch on first use; the message goes to c->err. ctx.c. */
+int cdb_ctx_ready(clipdb_ctx *c);
 void cdb_img_scratch_free(struct cdb_img_scratch *s); /* image.c */
 #endif /* CDB_MODEL_H */

@@ -1360,7 +1360,7 @@ int cdb_tokenize_ctx(clipdb_ctx *c, const char *text, int32_t *ids, int cap, int
     if (total > (size_t)cap && !c->truncate) {
         *n_ids = 0;
         return cdb_err_set(&c->err, CLIPDB_ELIMIT,
-                           "text is %zu tokens long; the context holds %d (use --truncate to cut it)",
+                           "text is %zu tokens long; the context holds %d",
                            total, cap);
     }
     return CLIPDB_OK;

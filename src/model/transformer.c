@@ -568,25 +568,12 @@ cleanup:
 
 /* ---- public API -------------------------------------------------------------- */
 
-static int ctx_ready(clipdb_ctx *c)
-{
-    if (!c->m) return cdb_err_set(&c->err, CLIPDB_EINVAL, "context has no model");
-    if (!c->m->st)
-        return cdb_err_set(&c->err, CLIPDB_EINVAL,
-                           "model %s was opened without weights (tokenizer only); "
-                           "open it with clipdb_model_open to encode",
-                           c->m->dir ? c->m->dir : "");
-    if (!c->run && !(c->run = cdb_run_new()))
-        return cdb_err_set(&c->err, CLIPDB_ENOMEM, "out of memory");
-    return CLIPDB_OK;
-}
-
 int clipdb_encode_images(clipdb_ctx *c, const float *pixels, int n, float *out)
 {
     int rc;
     if (!c) return CLIPDB_EINVAL;
     cdb_err_clear(&c->err);
-    if ((rc = ctx_ready(c))) return rc;
+    if ((rc = cdb_ctx_ready(c))) return rc;
     if (n < 0 || (n > 0 && (!pixels || !out)))
         return cdb_err_set(&c->err, CLIPDB_EINVAL, "encode_images: bad arguments");
     return cdb_vision_forward(c->run, &c->m->vision, c->m->embed_dim, pixels, n, out, &c->err);
@@ -600,7 +587,7 @@ int clipdb_encode_texts(clipdb_ctx *c, const char *const *texts, int n, float *o
     int *lens = NULL;
     if (!c) return CLIPDB_EINVAL;
     cdb_err_clear(&c->err);
-    if ((rc = ctx_ready(c))) return rc;
+    if ((rc = cdb_ctx_ready(c))) return rc;
     if (n < 0 || (n > 0 && (!texts || !out)))
         return cdb_err_set(&c->err, CLIPDB_EINVAL, "encode_texts: bad arguments");
     if (n == 0) return CLIPDB_OK;

@@ -169,8 +169,9 @@ typedef struct clipdb_item_status {
                                    ** tokenizer's CLIPDB_EINVAL, ...) */
     char msg[CLIPDB_ITEM_MSG_MAX]; /* "" when code is CLIPDB_OK; else the
                                    ** reason, starting with the input's name:
-                                   ** the path of an image file, "text N"
-                                   ** (N counted from 0) for a text */
+                                   ** the path of an image file; "text N"
+                                   ** (N counted from 0) for a text of a
+                                   ** batch of more than one */
 } clipdb_item_status;
 
 /* The one batched encoder: encodes n inputs of one kind (texts, or image

@@ -22,7 +22,7 @@ const cli_cmd cli_commands[] = {
     {"init", "create a database bound to a model", cli_init_help, cli_cmd_init},
     {"add", "add images (with captions) or texts to a database", cli_add_help, cli_cmd_add},
     {"search", "nearest images or texts to a text, image or item", cli_search_help, cli_cmd_search},
-    {"index", "build an IVF index in a database", cli_index_help, cli_cmd_index},
+    {"index", "build an IVF or Faiss index in a database", cli_index_help, cli_cmd_index},
     {"rm", "delete items from a database", cli_rm_help, cli_cmd_rm},
     {"stats", "what a database holds", cli_stats_help, cli_cmd_stats},
     /* the model */

@@ -95,6 +95,9 @@ struct clipdb_model {
 int cdb_weights_bind(clipdb_model *m);
 void cdb_weights_release(clipdb_model *m);
 
-
+/* IEEE half and bfloat16 to float, exactly (subnormals, inf, NaN kept);
+** weights.c converts F16/BF16 tensors with them. */
+float cdb_f16_to_f32(uint16_t h);
+float cdb_bf16_to_f32(uint16_t h);
 
 #endif /* CDB_MODEL_H */

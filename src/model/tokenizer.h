@@ -8,9 +8,6 @@
 
 #include "core/core.h"
 
-#define CDB_TOK_SOT 49406
-#define CDB_TOK_EOT 49407
-
 typedef struct cdb_tokenizer cdb_tokenizer;
 typedef struct cdb_tok_cache cdb_tok_cache;
 

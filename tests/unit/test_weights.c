@@ -11,8 +11,6 @@
 #include "model/model.h"
 #include "test.h"
 
-float cdb_f16_to_f32(uint16_t h);
-float cdb_bf16_to_f32(uint16_t h);
 
 /* Generates (once per run) a tiny model in test_tmpdir()/name; NULL if python is absent. */
 static const char *gen(const char *name, const char *args)

@@ -100,9 +100,11 @@ CLIPDB_API int clipdb_model_get_info(const clipdb_model *m, clipdb_model_info *o
 ** SHA-256 of the weights file>", e.g. "clip-vit-b32-1a2b3c4d5e6f7a8b"; arch is
 ** vit-b32, vit-b16, vit-l14, vit-l14-336 or "w<width>-p<patch>". The digest
 ** is computed on the first call (about 0.4 s for 600 MB) and cached in
-** memory and, when the directory is writable, in "<weights file>.sha256"
-** ("<size> <mtime_ns> <hex>", trusted only while size and mtime match).
-** Thread-safe. The string belongs to the model. NULL when the model has no
+** memory and in the user's cache directory, never in the model directory:
+** $XDG_CACHE_HOME/clipdb/identity/ (else ~/.cache/clipdb/identity/), one
+** file per weights file ("<size> <mtime_ns> <hex>", trusted only while size
+** and mtime match). When no cache directory can be written the digest is
+** computed again by each process; nothing fails. Thread-safe. The string belongs to the model. NULL when the model has no
 ** weights (clipdb_model_open_tokenizer) or hashing fails. */
 CLIPDB_API const char *clipdb_model_identity(const clipdb_model *m);
 

@@ -274,3 +274,27 @@ float cdb_norm(const float *x, size_t d)
     for (i = 0; i < d; i++) s += (double)x[i] * x[i];
     return (float)sqrt(s);
 }
+
+int cdb_make_dirs(const char *dir, cdb_err *e)
+{
+    int rc = CLIPDB_OK;
+    char *p = cdb_strdup(dir), *s;
+    struct stat st;
+    if (!p) return cdb_err_set(e, CLIPDB_ENOMEM, "out of memory");
+    for (s = p + 1;; s++) {
+        if (*s != '/' && *s != '\0') continue;
+        char c = *s;
+        *s = '\0';
+        if (mkdir(p, 0777) != 0 && errno != EEXIST) {
+            rc = cdb_err_set(e, CLIPDB_EIO, "mkdir %s: %s", p, strerror(errno));
+            goto cleanup;
+        }
+        *s = c;
+        if (c == '\0') break;
+    }
+    if (stat(dir, &st) != 0 || !S_ISDIR(st.st_mode))
+        rc = cdb_err_set(e, CLIPDB_EIO, "%s: not a directory", dir);
+cleanup:
+    free(p);
+    return rc;
+}

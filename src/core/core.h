@@ -65,6 +65,9 @@ double cdb_now(void);
 /* Joins dir and name with '/'. Caller frees. NULL on OOM. */
 char *cdb_path_join(const char *dir, const char *name);
 int cdb_file_exists(const char *path);
+/* mkdir -p dir (mode 0777 before the umask). CLIPDB_EIO names the part that
+** could not be made, or dir when it exists but is not a directory. */
+int cdb_make_dirs(const char *dir, cdb_err *e);
 
 /* Lower-case hex of n bytes into out (2n + 1 chars, NUL-terminated). */
 void cdb_hex(const uint8_t *bytes, size_t n, char *out);

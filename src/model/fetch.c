@@ -124,31 +124,6 @@ static int parse_size(const char *s, size_t n, int64_t *out)
     return 1;
 }
 
-/* mkdir -p. */
-static int make_dirs(const char *dir, cdb_err *e)
-{
-    int rc = CLIPDB_OK;
-    char *p = cdb_strdup(dir), *s;
-    struct stat st;
-    if (!p) return cdb_err_set(e, CLIPDB_ENOMEM, "out of memory");
-    for (s = p + 1;; s++) {
-        if (*s != '/' && *s != '\0') continue;
-        char c = *s;
-        *s = '\0';
-        if (mkdir(p, 0777) != 0 && errno != EEXIST) {
-            rc = cdb_err_set(e, CLIPDB_EIO, "mkdir %s: %s", p, strerror(errno));
-            goto cleanup;
-        }
-        *s = c;
-        if (c == '\0') break;
-    }
-    if (stat(dir, &st) != 0 || !S_ISDIR(st.st_mode))
-        rc = cdb_err_set(e, CLIPDB_EIO, "%s: not a directory", dir);
-cleanup:
-    free(p);
-    return rc;
-}
-
 /* Size of a regular file, or -1 if it does not exist. */
 static int64_t file_size(const char *path)
 {
@@ -163,8 +138,8 @@ static int sha256_file(const char *path, char hex[65], cdb_err *e)
     int rc = CLIPDB_OK;
     FILE *f = NULL;
     EVP_MD_CTX *md = NULL;
-    unsigned char buf[1 << 16], digest[32];
-    unsigned int dlen = 0, i;
+    unsigned char buf[1 << 16], digest[EVP_MAX_MD_SIZE];
+    unsigned int dlen = 0;
     size_t n;
 
     f = fopen(path, "rb");
@@ -183,8 +158,11 @@ static int sha256_file(const char *path, char hex[65], cdb_err *e)
         goto cleanup;
     }
     EVP_DigestFinal_ex(md, digest, &dlen);
-    for (i = 0; i < dlen && i < 32; i++) snprintf(hex + 2 * i, 3, "%02x", digest[i]);
-    hex[64] = '\0';
+    if (dlen != 32) {
+        rc = cdb_err_set(e, CLIPDB_ERROR, "SHA-256 of %s failed", path);
+        goto cleanup;
+    }
+    cdb_hex(digest, 32, hex);
 cleanup:
     EVP_MD_CTX_free(md);
     if (f) fclose(f);
@@ -728,7 +706,7 @@ int clipdb_model_fetch(const char *name, const char *dir, const clipdb_fetch_opt
                          curl_easy_strerror(curl_init_rc));
         goto cleanup;
     }
-    rc = make_dirs(dir, &err);
+    rc = cdb_make_dirs(dir, &err);
     if (rc != CLIPDB_OK) goto cleanup;
     for (files = files_for_name(name); files->name; files++) {
         rc = fetch_one(base, name, dir, files, &opt, &err);

@@ -21,14 +21,16 @@
 **
 ** Identity: "clip-<arch>-<first 16 hex digits of SHA-256 of the weights file>".
 ** The digest is computed on first use (under m->identity_lock) over the mapped
-** file and kept in memory. It is also cached beside the weights as
-** `<weights>.sha256` holding "<size> <mtime_ns> <64 hex>\n" (written atomically
-** when the directory is writable; failures to write are ignored). The cache is
-** trusted only when size and mtime_ns equal those of the weights file as it
-** was stat()ed right after it was mapped, so an edited file is hashed again.
+** file and kept in memory. It is also cached in the user's cache directory,
+** never in the model directory (a search must not write there):
+** $XDG_CACHE_HOME/clipdb/identity/<SHA-256 of the weights file's real path>,
+** else ~/.cache/clipdb/identity/..., holding "<size> <mtime_ns> <64 hex>\n"
+** (written atomically; when no cache directory can be made or written the
+** digest is simply not cached). The cache is trusted only when size and
+** mtime_ns equal those of the weights file as it was stat()ed right after it
+** was mapped, so an edited file is hashed again.
 */
 #include <errno.h>
-#include <openssl/evp.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -509,9 +511,27 @@ static void arch_name(const clipdb_model *m, char *buf, size_t n)
         snprintf(buf, n, "w%d-p%d", v->t.width, v->patch);
 }
 
+/* The user's cache directory for identities: $XDG_CACHE_HOME/clipdb/identity,
+** else $HOME/.cache/clipdb/identity (only absolute values count, as the XDG
+** spec says). NULL when neither is set, or on OOM. Caller frees. */
+static char *cache_dir(void)
+{
+    const char *xdg = getenv("XDG_CACHE_HOME"), *home = getenv("HOME");
+    if (xdg && xdg[0] == '/') return cdb_sprintf("%s/clipdb/identity", xdg);
+    if (home && home[0] == '/') return cdb_sprintf("%s/.cache/clipdb/identity", home);
+    return NULL;
+}
+
+/* The cache file of m's weights: named by the SHA-256 of their real path. */
 static char *cache_path(const clipdb_model *m)
 {
-    return cdb_sprintf("%s.sha256", m->weights_path);
+    char *dir = cache_dir(), *real = realpath(m->weights_path, NULL), *path = NULL;
+    char key[65];
+    if (dir && real && cdb_sha256_hex(real, strlen(real), key, NULL) == CLIPDB_OK)
+        path = cdb_sprintf("%s/%s", dir, key);
+    free(dir);
+    free(real);
+    return path;
 }
 
 /* The cached digest if the cache file names this file's size and mtime. */
@@ -542,8 +562,13 @@ static void write_cache(const clipdb_model *m, const char *hex)
     FILE *f = NULL;
     int ok;
 
-    if (!path || stat(m->weights_path, &sb) != 0 || (uint64_t)sb.st_size != m->weights_size ||
-        (int64_t)sb.st_mtim.tv_sec * 1000000000 + sb.st_mtim.tv_nsec != m->weights_mtime_ns)
+    char *dir = cache_dir();
+    cdb_err ignored;
+
+    if (!path || !dir || stat(m->weights_path, &sb) != 0 ||
+        (uint64_t)sb.st_size != m->weights_size ||
+        (int64_t)sb.st_mtim.tv_sec * 1000000000 + sb.st_mtim.tv_nsec != m->weights_mtime_ns ||
+        cdb_make_dirs(dir, &ignored) != CLIPDB_OK)
         goto cleanup;
     tmp = cdb_sprintf("%s.tmp%ld", path, (long)getpid());
     if (!tmp || !(f = fopen(tmp, "w"))) goto cleanup;
@@ -553,17 +578,9 @@ static void write_cache(const clipdb_model *m, const char *hex)
     f = NULL;
     if (!ok || rename(tmp, path) != 0) unlink(tmp);
 cleanup:
+    free(dir);
     free(tmp);
     free(path);
-}
-
-static int sha256_hex(const uint8_t *data, size_t len, char hex[65])
-{
-    unsigned char md[EVP_MAX_MD_SIZE];
-    unsigned int mdlen = 0, i;
-    if (!EVP_Digest(data, len, md, &mdlen, EVP_sha256(), NULL) || mdlen != 32) return 0;
-    for (i = 0; i < mdlen; i++) snprintf(hex + 2 * i, 3, "%02x", md[i]);
-    return 1;
 }
 
 const char *clipdb_model_identity(const clipdb_model *cm)
@@ -577,7 +594,7 @@ const char *clipdb_model_identity(const clipdb_model *cm)
     pthread_mutex_lock((pthread_mutex_t *)m->identity_lock);
     if (!m->identity_ready) {
         int cached = m->weights_path && read_cache(m, hex);
-        if (!cached && !sha256_hex(m->st->buf, m->st->len, hex)) goto cleanup;
+        if (!cached && cdb_sha256_hex(m->st->buf, m->st->len, hex, NULL) != CLIPDB_OK) goto cleanup;
         if (!cached && m->weights_path) write_cache(m, hex);
         arch_name(m, arch, sizeof arch);
         snprintf(m->identity, sizeof m->identity, "clip-%s-%.16s", arch, hex);

@@ -384,7 +384,7 @@ TEST(weights_not_clip_or_mixed_names)
 TEST(weights_identity_digest_and_disk_cache)
 {
     clipdb_model *m = NULL;
-    char cmd[700], line[256], want[17], cache[600];
+    char cmd[700], line[256], want[17], cache[800];
     const char *id;
     FILE *p;
     GEN_OR_SKIP(d, "ident", "--keys hf --seed 3");
@@ -395,7 +395,19 @@ TEST(weights_identity_digest_and_disk_cache)
     pclose(p);
     memcpy(want, line, 16);
     want[16] = '\0';
-    snprintf(cache, sizeof cache, "%s/model.safetensors.sha256", d);
+    /* the cache lives under $XDG_CACHE_HOME/clipdb/identity, named by the
+    ** SHA-256 of the weights' real path, never beside the weights */
+    {
+        char xdg[600], weights[600], *real, key[65];
+        snprintf(xdg, sizeof xdg, "%s/xdg-cache", test_tmpdir());
+        REQUIRE(setenv("XDG_CACHE_HOME", xdg, 1) == 0);
+        snprintf(weights, sizeof weights, "%s/model.safetensors", d);
+        real = realpath(weights, NULL);
+        REQUIRE(real);
+        REQUIRE(cdb_sha256_hex(real, strlen(real), key, NULL) == CLIPDB_OK);
+        free(real);
+        snprintf(cache, sizeof cache, "%s/clipdb/identity/%s", xdg, key);
+    }
     unlink(cache);
 
     REQUIRE(load(d, &m) == CLIPDB_OK);
@@ -406,6 +418,11 @@ TEST(weights_identity_digest_and_disk_cache)
     CHECK(clipdb_model_identity(m) == id); /* cached in memory */
     unload(m);
     CHECK(access(cache, R_OK) == 0);
+    {
+        char beside[600];
+        snprintf(beside, sizeof beside, "%s/model.safetensors.sha256", d);
+        CHECK(access(beside, F_OK) != 0);
+    }
 
     /* a cache with matching size and mtime is trusted (so a planted digest shows) */
     {
@@ -436,6 +453,17 @@ TEST(weights_identity_digest_and_disk_cache)
     REQUIRE(load(d, &m) == CLIPDB_OK);
     CHECK(!strcmp(clipdb_model_identity(m), line));
     unload(m);
+
+    /* no usable cache directory: the identity is still right, just not cached */
+    {
+        char nodir[600];
+        snprintf(nodir, sizeof nodir, "%s/model.safetensors", d); /* a file, not a dir */
+        REQUIRE(setenv("XDG_CACHE_HOME", nodir, 1) == 0);
+        REQUIRE(load(d, &m) == CLIPDB_OK);
+        CHECK(!strcmp(clipdb_model_identity(m), line));
+        unload(m);
+    }
+    unsetenv("XDG_CACHE_HOME");
 
     /* a model with no weights has no identity */
     {

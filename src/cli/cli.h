@@ -10,6 +10,10 @@
 
 #include "clipdb.h"
 
+/* A numeric macro as a string literal, for help texts: CLI_STR(CLIPDB_TEXT_CONTEXT). */
+#define CLI_STR_(x) #x
+#define CLI_STR(x) CLI_STR_(x)
+
 /* Exit codes of the clipdb binary. */
 #define CLI_OK    0
 #define CLI_FAIL  1   /* the operation failed; a one-line message is on stderr */

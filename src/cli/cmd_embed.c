@@ -261,7 +261,8 @@ const char cli_embed_help[] =
     "  --images-from FILE   image paths, one per line\n"
     "  --json               one JSON object per line:\n"
     "                       {\"type\": \"text\"|\"image\", \"input\": \"...\", \"embedding\": [...]}\n"
-    "  --truncate           cut texts longer than 77 tokens (as CLIP's truncate=True)\n"
+    "  --truncate           cut texts longer than " CLI_STR(CLIPDB_TEXT_CONTEXT)
+    " tokens (as CLIP's truncate=True)\n"
     "                       instead of failing\n"
     "  --stats              print counts and throughput on stderr\n"
     "\n"

@@ -19,7 +19,8 @@ const char cli_tokenize_help[] =
     "options:\n"
     "  --model DIR   model directory holding bpe_simple_vocab_16e6.txt.gz, or\n"
     "                vocab.json + merges.txt (Hugging Face); no weights needed\n"
-    "  --truncate    cut texts longer than the 77-token context, keeping the\n"
+    "  --truncate    cut texts longer than the " CLI_STR(CLIPDB_TEXT_CONTEXT)
+    "-token context, keeping the\n"
     "                end token last (default: such a text is an error)\n"
     "  TEXT          a text (UTF-8); '-' reads texts from standard input, one\n"
     "                per line (e.g. thousands of captions in one run)\n"

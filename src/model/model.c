@@ -42,7 +42,7 @@ int clipdb_model_open_tokenizer(clipdb_model **out, const char *dir)
     *out = m = model_alloc(dir ? dir : "");
     if (!m) return CLIPDB_ENOMEM;
     if (!dir) return cdb_err_set(&m->err, CLIPDB_EINVAL, "no model directory given");
-    m->text.context = 77;
+    m->text.context = CLIPDB_TEXT_CONTEXT;
     return open_tokenizer(m);
 }
 

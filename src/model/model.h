@@ -17,6 +17,9 @@
 #include "model/safetensors.h"
 #include "model/tokenizer.h"
 
+/* Width of one attention head in every CLIP tower: heads = width / 64. */
+#define CDB_HEAD_DIM 64
+
 /* One residual attention block:
 **   x = x + out_proj(attn(ln_1(x)));  x = x + c_proj(quick_gelu(c_fc(ln_2(x))))
 ** d = width, f = MLP width (4d). */
@@ -33,7 +36,7 @@ typedef struct cdb_block {
 typedef struct cdb_tower {
     int width;      /* d */
     int layers;
-    int heads;      /* d / 64 */
+    int heads;      /* d / CDB_HEAD_DIM */
     int mlp;        /* f = 4d */
     cdb_block *blocks;                 /* [layers], owned */
     const float *ln_post_w, *ln_post_b; /* ln_post (vision) / ln_final (text), (d) */
@@ -58,7 +61,7 @@ typedef struct cdb_vision {
 
 typedef struct cdb_text {
     cdb_tower t;
-    int context;                       /* 77 */
+    int context;                       /* CLIPDB_TEXT_CONTEXT */
     int vocab;                         /* 49408 */
     const float *tok_emb;              /* (vocab, d) */
     const float *pos_emb;              /* (context, d) */

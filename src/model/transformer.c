@@ -9,7 +9,7 @@
 ** extensions so that they stay a small fraction of the time.
 **
 ** Shapes: d = width, f = MLP width, T = tokens per sequence, nseq = sequences
-** in the batch, rows = nseq * T, e = embedding size, hd = 64 (head size).
+** in the batch, rows = nseq * T, e = embedding size, hd = CDB_HEAD_DIM (head size).
 */
 #include "compute/compute.h"
 #include <math.h>
@@ -470,11 +470,11 @@ static int cmp_item(const void *a, const void *b)
 
 /* Whether a group of cnt texts (lengths summing to sum) may take one more of
 ** length len (the group then runs at length len, the largest so far): at
-** most CDB_TEXT_MAX_ROWS tokens, 64 texts, and padding within ~15%. */
+** most CDB_TEXT_MAX_ROWS tokens, CDB_TEXT_GROUP_MAX texts, and padding within ~15%. */
 static int group_accepts(int cnt, long sum, int len)
 {
     long padded = (long)(cnt + 1) * len, real = sum + len;
-    if (padded > CDB_TEXT_MAX_ROWS || cnt >= 64) return 0;
+    if (padded > CDB_TEXT_MAX_ROWS || cnt >= CDB_TEXT_GROUP_MAX) return 0;
     return padded * 100 <= real * 115 + 200L * (cnt + 1);
 }
 
@@ -489,7 +489,7 @@ int cdb_text_forward(struct cdb_run *r, const cdb_text *t, int embed_dim,
     if (n < 0) return cdb_err_set(e, CLIPDB_EINVAL, "negative text count");
     if (n == 0) return CLIPDB_OK;
     items = malloc((size_t)n * sizeof *items);
-    qpos = malloc((size_t)(n < 64 ? n : 64) * sizeof *qpos);
+    qpos = malloc((size_t)(n < CDB_TEXT_GROUP_MAX ? n : CDB_TEXT_GROUP_MAX) * sizeof *qpos);
     if (!items || !qpos) {
         rc = cdb_err_set(e, CLIPDB_ENOMEM, "out of memory");
         goto cleanup;
@@ -518,7 +518,7 @@ int cdb_text_forward(struct cdb_run *r, const cdb_text *t, int embed_dim,
         long sum = items[g0].len;
         if (full) {
             /* CLIP's computation: all C positions of every text through every block */
-            while (g0 + cnt < n && cnt < 64 && (long)(cnt + 1) * C <= CDB_TEXT_MAX_ROWS) cnt++;
+            while (g0 + cnt < n && cnt < CDB_TEXT_GROUP_MAX && (long)(cnt + 1) * C <= CDB_TEXT_MAX_ROWS) cnt++;
             L = C;
         } else {
             while (g0 + cnt < n && group_accepts(cnt, sum, items[g0 + cnt].len))

@@ -14,13 +14,15 @@
 #include "model/model.h"
 
 #define CDB_LN_EPS 1e-5f
-#define CDB_HEAD_DIM 64
 
 /* Images per forward pass of the vision tower (bounds activation memory:
 ** 16 images x 50 tokens x 3072 floats = 9.8 MB for the MLP buffer). */
 #define CDB_VISION_CHUNK 16
 /* Most tokens (sequences x length) in one forward pass of the text tower. */
 #define CDB_TEXT_MAX_ROWS 2048
+/* Most texts in one group of the text tower (texts of similar length run
+** together at the group's length). */
+#define CDB_TEXT_GROUP_MAX 64
 
 /* Per-context scratch (a clipdb_ctx holds one). */
 struct cdb_run;
@@ -45,7 +47,7 @@ void cdb_softmax(float *v, size_t n, float scale);
 
 /* One residual attention block on nseq sequences of T tokens each:
 **   x (nseq*T, d) <- x + out_proj(attn(ln_1(x))); x <- x + c_proj(quick_gelu(c_fc(ln_2(x))))
-** heads = d / 64; causal: token i attends to tokens 0..i only.
+** heads = d / CDB_HEAD_DIM; causal: token i attends to tokens 0..i only.
 ** qpos: NULL to compute every token; else qpos[s] is the single position of
 ** sequence s that is still needed: attention reads keys/values of all T
 ** tokens, but only that query row goes on, and on return x holds (nseq, d)

@@ -168,13 +168,7 @@ static int probe(binder *b, const cdb_tensor **out, int ndim, const char *fmt, .
 
 static int keep_owned(clipdb_model *m, void *p)
 {
-    if (m->n_owned == m->cap_owned) {
-        size_t cap = m->cap_owned ? 2 * m->cap_owned : 64;
-        void **grown = realloc(m->owned, cap * sizeof *grown);
-        if (!grown) return 0;
-        m->owned = grown;
-        m->cap_owned = cap;
-    }
+    if (cdb_grow((void **)&m->owned, &m->cap_owned, m->n_owned + 1, sizeof *m->owned)) return 0;
     m->owned[m->n_owned++] = p;
     return 1;
 }
@@ -305,9 +299,10 @@ static int count_layers(binder *b, const char *prefix, int *out)
 
 static int check_width(binder *b, const char *tower, int d)
 {
-    if (d % 64 != 0)
+    if (d % CDB_HEAD_DIM != 0)
         return cdb_err_set(&b->m->err, CLIPDB_EFORMAT,
-                           "%s width %d is not a multiple of 64 (heads are width / 64)", tower, d);
+                           "%s width %d is not a multiple of %d (the head size)", tower, d,
+                           CDB_HEAD_DIM);
     return CLIPDB_OK;
 }
 
@@ -322,7 +317,7 @@ static int bind_tower(binder *b, cdb_tower *t, const char *pre, const char *ln_p
 
     rc = count_layers(b, pre, &t->layers);
     if (rc != CLIPDB_OK) return rc;
-    t->heads = t->width / 64;
+    t->heads = t->width / CDB_HEAD_DIM;
     rc = probe(b, &fc1, 2, "%s0.%s.weight", pre, k->fc1);
     if (rc != CLIPDB_OK) return rc;
     t->mlp = (int)fc1->shape[0];

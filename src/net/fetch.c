@@ -18,6 +18,10 @@
 **      error that keeps the .part file for the next run.
 **   4. Complete: SHA-256 checked (when known), the weights file parsed
 **      (header and offsets, cdb_st_open), rename to DIR/<file>.
+**
+** src/net/ is the network layer: it sits above model/ (it checks fetched
+** weights with the safetensors reader) and below cli/; nothing in model/,
+** index/ or store/ calls it.
 */
 #include <ctype.h>
 #include <errno.h>

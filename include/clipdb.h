@@ -93,6 +93,13 @@ CLIPDB_API int clipdb_model_open(clipdb_model **out, const char *dir);
 ** encoding calls on such a handle fail with CLIPDB_EINVAL. */
 CLIPDB_API int clipdb_model_open_tokenizer(clipdb_model **out, const char *dir);
 CLIPDB_API void clipdb_model_close(clipdb_model *m);
+/* The status code and the message of the last failed call on m: the code is
+** the one the failing layer gave (a decoder's CLIPDB_EFORMAT stays
+** CLIPDB_EFORMAT); the message names the input and the reason. After a call
+** that succeeded: CLIPDB_OK and "". For m == NULL (a constructor that ran
+** out of memory): CLIPDB_ENOMEM and "out of memory". The same holds for
+** clipdb_ctx_errcode / clipdb_ctx_errmsg. */
+CLIPDB_API int clipdb_model_errcode(const clipdb_model *m);
 CLIPDB_API const char *clipdb_model_errmsg(const clipdb_model *m);
 CLIPDB_API int clipdb_model_get_info(const clipdb_model *m, clipdb_model_info *out);
 
@@ -117,6 +124,8 @@ typedef struct clipdb_ctx clipdb_ctx;
 
 CLIPDB_API int clipdb_ctx_new(clipdb_ctx **out, clipdb_model *m);
 CLIPDB_API void clipdb_ctx_free(clipdb_ctx *c);
+/* As clipdb_model_errcode / clipdb_model_errmsg, for calls on c. */
+CLIPDB_API int clipdb_ctx_errcode(const clipdb_ctx *c);
 CLIPDB_API const char *clipdb_ctx_errmsg(const clipdb_ctx *c);
 
 /* Tokenizes `text` (UTF-8) as CLIP does. Writes at most `cap` ids (cap must

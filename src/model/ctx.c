@@ -53,10 +53,15 @@ void clipdb_ctx_free(clipdb_ctx *c)
     free(c);
 }
 
+int clipdb_ctx_errcode(const clipdb_ctx *c)
+{
+    return c ? c->err.code : CLIPDB_ENOMEM;
+}
+
 const char *clipdb_ctx_errmsg(const clipdb_ctx *c)
 {
     if (!c) return "out of memory";
-    return c->err.code == CLIPDB_OK ? "no error" : c->err.msg;
+    return c->err.code == CLIPDB_OK ? "" : c->err.msg;
 }
 
 /* Checks that c can encode (a model with weights) and allocates its run

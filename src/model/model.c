@@ -99,10 +99,15 @@ void clipdb_model_close(clipdb_model *m)
     free(m);
 }
 
+int clipdb_model_errcode(const clipdb_model *m)
+{
+    return m ? m->err.code : CLIPDB_ENOMEM;
+}
+
 const char *clipdb_model_errmsg(const clipdb_model *m)
 {
     if (!m) return "out of memory";
-    return m->err.code == CLIPDB_OK ? "no error" : m->err.msg;
+    return m->err.code == CLIPDB_OK ? "" : m->err.msg;
 }
 
 int clipdb_model_get_info(const clipdb_model *m, clipdb_model_info *out)

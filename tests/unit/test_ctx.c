@@ -155,9 +155,36 @@ TEST(ctx_batch_texts_skip_refused_texts)
         REQUIRE(clipdb_encode_texts(c, texts + i, 1, one) == CLIPDB_OK);
         CHECK(max_abs_diff(out + (size_t)i * d, one, d) < 1e-5);
     }
+    /* with status: the call succeeded, so the ctx holds no error */
+    CHECK(clipdb_ctx_errcode(c) == CLIPDB_OK && !strcmp(clipdb_ctx_errmsg(c), ""));
     CHECK(clipdb_encode_batch(c, CLIPDB_INPUT_TEXT, texts, 4, out, NULL, NULL) == CLIPDB_EINVAL);
+    CHECK(clipdb_ctx_errcode(c) == CLIPDB_EINVAL);
     CHECK(!strcmp(clipdb_ctx_errmsg(c), "text 1: empty text"));
+    CHECK(clipdb_encode_texts(c, texts, 1, out) == CLIPDB_OK);
+    CHECK(clipdb_ctx_errcode(c) == CLIPDB_OK && !strcmp(clipdb_ctx_errmsg(c), ""));
     free(out), free(one);
     clipdb_ctx_free(c);
     clipdb_model_close(m);
+}
+
+TEST(ctx_and_model_errcode_errmsg)
+{
+    clipdb_model *m = NULL;
+    clipdb_ctx *c = NULL;
+    char dir[600];
+    snprintf(dir, sizeof dir, "%s/no-such-model", test_tmpdir());
+    CHECK(clipdb_model_open(&m, dir) == CLIPDB_ENOTFOUND);
+    REQUIRE(m);
+    CHECK(clipdb_model_errcode(m) == CLIPDB_ENOTFOUND);
+    CHECK(strstr(clipdb_model_errmsg(m), dir) != NULL);
+    clipdb_model_close(m);
+    /* a NULL handle is what a constructor leaves when memory ran out */
+    CHECK(clipdb_model_errcode(NULL) == CLIPDB_ENOMEM);
+    CHECK(!strcmp(clipdb_model_errmsg(NULL), "out of memory"));
+    CHECK(clipdb_ctx_errcode(NULL) == CLIPDB_ENOMEM);
+    CHECK(!strcmp(clipdb_ctx_errmsg(NULL), "out of memory"));
+    CHECK(clipdb_ctx_new(&c, NULL) == CLIPDB_EINVAL);
+    REQUIRE(c);
+    CHECK(clipdb_ctx_errcode(c) == CLIPDB_EINVAL && !strcmp(clipdb_ctx_errmsg(c), "no model given"));
+    clipdb_ctx_free(c);
 }

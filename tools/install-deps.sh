@@ -1,18 +1,41 @@
 #!/usr/bin/env bash
-# Installs everything clipdb needs to build, test, fuzz and benchmark, from
-# Debian bookworm's packages. Run as root (or through sudo).
+# Installs what clipdb needs from Debian bookworm's packages. Run as root (or
+# through sudo).
+#   bash tools/install-deps.sh          building and running: the compiler, the
+#                                       libraries, python3 + numpy (make demo
+#                                       generates its seeded model with them)
+#   bash tools/install-deps.sh --test   also what the tests, fuzzers and
+#                                       benchmarks use: the PyTorch/PIL
+#                                       references, pytest, clang's libFuzzer
+#                                       runtime, Faiss's Python baseline
 set -euo pipefail
+want_test=0
+for a in "$@"; do
+  case "$a" in
+    --test) want_test=1 ;;
+    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+    *) echo "install-deps: unknown argument '$a' (try --help)" >&2; exit 2 ;;
+  esac
+done
 pkgs=(
-  build-essential pkg-config clang libclang-rt-14-dev   # compilers; clang + its libFuzzer runtime
+  build-essential pkg-config                 # compiler, make, pkg-config (make install's clipdb.pc)
   libopenblas-dev liblapack-dev              # SGEMM for the transformer and search
   libsqlite3-dev                             # the database file
   libjpeg62-turbo-dev libpng-dev libwebp-dev libgif-dev libstb-dev zlib1g-dev
   libutf8proc-dev libcjson-dev               # tokenizer, JSON
-  libmicrohttpd-dev libcurl4-openssl-dev     # server, model fetch
-  libfaiss-dev python3-faiss                 # optional Faiss backend + benchmark baseline
+  libcurl4-openssl-dev                       # model fetch
+  libfaiss-dev                               # optional Faiss backend
   libssl-dev                                 # SHA-256 (model identity, content hashes)
-  python3 python3-torch python3-torchvision python3-numpy python3-pil python3-regex python3-pytest
+  python3 python3-numpy                      # make demo: tools/gen_model.py
 )
+if [ "$want_test" = 1 ]; then
+  pkgs+=(
+    clang libclang-rt-14-dev                 # make fuzz: clang + its libFuzzer runtime
+    python3-torch python3-torchvision        # reference embeddings and preprocessing
+    python3-pil python3-regex python3-pytest # reference images and tokenizer, the test runner
+    python3-faiss                            # benchmark baseline
+  )
+fi
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -22,4 +45,4 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
-echo "install-deps: all ${#pkgs[@]} packages present"
+echo "install-deps: all ${#pkgs[@]} packages present$([ "$want_test" = 1 ] && echo ' (with --test)')"

@@ -11,10 +11,12 @@ OPT     ?= -O2 -march=native
 SAN     ?=
 WARN     = -Wall -Wextra -Wshadow -Werror
 CPPFLAGS = -Iinclude -Isrc -D_GNU_SOURCE -I/usr/include/stb
-CFLAGS  += -std=c11 $(WARN) $(OPT) -g -pthread -fvisibility=hidden $(SAN)
-CXXFLAGS += -std=c++17 $(WARN) $(OPT) -g -pthread -fvisibility=hidden $(SAN)
+# -fPIC: the same objects make the static and the shared library;
+# -fvisibility=hidden: the shared one exports only what CLIPDB_API marks.
+CFLAGS  += -std=c11 $(WARN) $(OPT) -g -pthread -fPIC -fvisibility=hidden $(SAN)
+CXXFLAGS += -std=c++17 $(WARN) $(OPT) -g -pthread -fPIC -fvisibility=hidden $(SAN)
 LDLIBS   = -lopenblas -lsqlite3 -ljpeg -lpng -lwebp -lwebpdemux -lgif -lstb -lz -lutf8proc \
-           -lcjson -lmicrohttpd -lcurl -lcrypto -lfaiss -llapack -lgomp -lstdc++ -lm -lpthread
+           -lcjson -lcurl -lcrypto -lfaiss -llapack -lgomp -lstdc++ -lm -lpthread
 LDFLAGS += $(SAN)
 
 LIB_C   := $(wildcard src/core/*.c src/compute/*.c src/model/*.c src/net/*.c src/index/*.c src/store/*.c)
@@ -27,8 +29,8 @@ LIB_O  := $(LIB_C:%.c=$(BUILD)/%.o) $(LIB_CXX:%.cc=$(BUILD)/%.o)
 CLI_O  := $(CLI_C:%.c=$(BUILD)/%.o)
 TEST_O := $(TEST_C:%.c=$(BUILD)/%.o)
 
-.PHONY: examples all test unit-test cli-test asan fuzz bench demo clean
-all: $(BUILD)/clipdb
+.PHONY: examples all test unit-test cli-test asan fuzz bench demo clean install
+all: $(BUILD)/clipdb $(BUILD)/libclipdb.so
 
 $(BUILD)/%.o: %.c
 	@mkdir -p $(dir $@)
@@ -41,6 +43,14 @@ $(BUILD)/%.o: %.cc
 $(BUILD)/libclipdb.a: $(LIB_O)
 	@rm -f $@
 	ar rcs $@ $^
+
+# The shared library: the same objects; only CLIPDB_API symbols are exported
+# (-fvisibility=hidden, and the version script hides anything else, e.g.
+# template instances from the Faiss headers). Check: nm -D --defined-only.
+SONAME := libclipdb.so.0
+$(BUILD)/libclipdb.so: $(LIB_O) tools/libclipdb.map
+	$(CXX) $(LDFLAGS) -shared -Wl,-soname,$(SONAME) -Wl,--version-script=tools/libclipdb.map \
+	    -o $@ $(LIB_O) $(LDLIBS)
 
 $(BUILD)/clipdb: $(CLI_O) $(BUILD)/libclipdb.a
 	$(CC) $(LDFLAGS) -pthread -o $@ $(CLI_O) $(BUILD)/libclipdb.a $(LDLIBS)
@@ -65,7 +75,7 @@ test:
 unit-test: $(BUILD)/test_unit
 	$(BUILD)/test_unit
 
-cli-test: $(BUILD)/clipdb $(EXAMPLES)
+cli-test: $(BUILD)/clipdb $(BUILD)/libclipdb.so $(EXAMPLES)
 	CLIPDB_BIN=$(abspath $(BUILD)/clipdb) CLIPDB_BUILD=$(abspath $(BUILD)) \
 	    $(PY) -m pytest -q -ra tests/cli tests/ref
 
@@ -75,7 +85,8 @@ asan:
 	    SAN="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer" \
 	    CLIPDB_ASAN=1 test
 
-# libFuzzer targets (clang). FUZZ_SECONDS each.
+# libFuzzer targets (clang). FUZZ_SECONDS each. Crashes, leaks, timeouts and
+# OOMs are written to build-fuzz/artifacts-TARGET/ (never the repository root).
 FUZZ_SECONDS ?= 20
 FUZZ_BUILD   := build-fuzz
 fuzz:
@@ -89,8 +100,10 @@ fuzz:
 	    mkdir -p $(FUZZ_BUILD)/corpus-$$name; \
 	    seeds=tests/fuzz/seeds/$${name#fuzz_}; \
 	    echo "fuzz: $$name for $(FUZZ_SECONDS)s"; \
+	    mkdir -p $(FUZZ_BUILD)/artifacts-$$name; \
 	    $(FUZZ_BUILD)/$$name -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 \
-	        -timeout=10 -print_final_stats=1 $(FUZZ_BUILD)/corpus-$$name \
+	        -timeout=10 -print_final_stats=1 \
+	        -artifact_prefix=$(FUZZ_BUILD)/artifacts-$$name/ $(FUZZ_BUILD)/corpus-$$name \
 	        $$( [ -d $$seeds ] && echo $$seeds ) 2>&1 | tail -n 12; \
 	done
 
@@ -115,6 +128,22 @@ bench: $(BUILD)/clipdb
 # The main job on an embedded default (README, first command).
 demo: $(BUILD)/clipdb
 	CLIPDB_BIN=$(abspath $(BUILD)/clipdb) PY=$(PY) bash tools/demo.sh
+
+# make install PREFIX=/usr/local [DESTDIR=...]: the binary, the header, both
+# libraries and clipdb.pc (pkg-config --cflags --libs clipdb; --static adds
+# the libraries libclipdb.a needs).
+PREFIX  ?= /usr/local
+LIBDIR  ?= $(PREFIX)/lib
+VERSION := $(shell sed -n 's/^\#define CLIPDB_VERSION  *"\(.*\)"/\1/p' include/clipdb.h)
+install: $(BUILD)/clipdb $(BUILD)/libclipdb.a $(BUILD)/libclipdb.so tools/clipdb.pc.in
+	install -d $(DESTDIR)$(PREFIX)/bin $(DESTDIR)$(PREFIX)/include $(DESTDIR)$(LIBDIR)/pkgconfig
+	install -m 755 $(BUILD)/clipdb $(DESTDIR)$(PREFIX)/bin/clipdb
+	install -m 644 include/clipdb.h $(DESTDIR)$(PREFIX)/include/clipdb.h
+	install -m 644 $(BUILD)/libclipdb.a $(DESTDIR)$(LIBDIR)/libclipdb.a
+	install -m 755 $(BUILD)/libclipdb.so $(DESTDIR)$(LIBDIR)/$(SONAME)
+	ln -sf $(SONAME) $(DESTDIR)$(LIBDIR)/libclipdb.so
+	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@LIBDIR@|$(LIBDIR)|' -e 's|@VERSION@|$(VERSION)|' \
+	    -e 's|@LIBS_PRIVATE@|$(LDLIBS)|' tools/clipdb.pc.in > $(DESTDIR)$(LIBDIR)/pkgconfig/clipdb.pc
 
 clean:
 	rm -rf build build-asan build-fuzz

@@ -14,9 +14,10 @@
 static struct {
     const char *name;
     test_fn fn;
+    char skip_why[200]; /* "" unless the test skipped */
 } tests[MAX_TESTS];
 static int n_tests;
-static int cur_failed, cur_skipped;
+static int cur_failed, cur_skipped, cur;
 static char tmpdir[256];
 
 void test_register(const char *name, test_fn fn)
@@ -37,6 +38,7 @@ void test_fail_at(const char *file, int line, const char *what)
 void test_skip(const char *why)
 {
     fprintf(stderr, "    skip: %s\n", why);
+    snprintf(tests[cur].skip_why, sizeof tests[cur].skip_why, "%s", why);
     cur_skipped = 1;
 }
 
@@ -78,6 +80,7 @@ int main(int argc, char **argv)
         if (filter && !strstr(tests[i].name, filter)) continue;
         cur_failed = 0;
         cur_skipped = 0;
+        cur = i;
         fprintf(stderr, "  %s\n", tests[i].name);
         tests[i].fn();
         if (cur_failed) failed++;
@@ -89,6 +92,9 @@ int main(int argc, char **argv)
         snprintf(cmd, sizeof cmd, "rm -rf '%s'", tmpdir);
         if (system(cmd) != 0) fprintf(stderr, "could not remove %s\n", tmpdir);
     }
+    /* every skip with its reason, then the count, so `make test` shows why */
+    for (i = 0; i < n_tests; i++)
+        if (tests[i].skip_why[0]) printf("unit: SKIPPED %s: %s\n", tests[i].name, tests[i].skip_why);
     printf("unit: %d passed, %d failed, %d skipped\n", passed, failed, skipped);
     return failed ? 1 : 0;
 }

@@ -184,6 +184,15 @@ static int item_failed(clipdb_ctx *c, clipdb_item_status *status, int index, flo
     return CLIPDB_OK;
 }
 
+/* Row i of tmp (k, E) -> row slot[i] of out: the inputs of a group that
+** were encoded go back to their places. */
+static void scatter_rows(float *out, const int *slot, const float *tmp, int k, int E)
+{
+    int i;
+    for (i = 0; i < k; i++)
+        memcpy(out + (size_t)slot[i] * E, tmp + (size_t)i * E, (size_t)E * sizeof *tmp);
+}
+
 /* Texts in groups: tokenize every text of the group (per-input failures),
 ** then one text-tower call on those that tokenized. */
 static int encode_text_groups(clipdb_ctx *c, const char *const *texts, int n, float *out,
@@ -220,8 +229,7 @@ static int encode_text_groups(clipdb_ctx *c, const char *const *texts, int n, fl
         // k texts (ids, lens) -> tmp (k, E)
         rc = cdb_text_forward(c->run, &c->m->text, E, ids, lens, k, 0, tmp, &c->err);
         if (rc != CLIPDB_OK) goto cleanup;
-        for (i = 0; i < k; i++)
-            memcpy(out + (size_t)slot[i] * E, tmp + (size_t)i * E, (size_t)E * sizeof *tmp);
+        scatter_rows(out, slot, tmp, k, E);
     }
 cleanup:
     free(buf);
@@ -263,8 +271,7 @@ static int encode_image_groups(clipdb_ctx *c, const char *const *paths, int n, f
         // pixels (k, 3, S, S) -> tmp (k, E)
         rc = cdb_vision_forward(c->run, &c->m->vision, E, pix, k, tmp, &c->err);
         if (rc != CLIPDB_OK) goto cleanup;
-        for (i = 0; i < k; i++)
-            memcpy(out + (size_t)slot[i] * E, tmp + (size_t)i * E, (size_t)E * sizeof *tmp);
+        scatter_rows(out, slot, tmp, k, E);
     }
 cleanup:
     free(pix);

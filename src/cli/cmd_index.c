@@ -13,7 +13,8 @@ const char cli_index_help[] =
     "                    [--target image|text] [--metric cosine|dot|l2]\n"
     "\n"
     "Trains an IVF index (k-means, seeded) on the stored vectors of the target\n"
-    "type and stores its centroids and the list of every vector in the\n"
+    "type (without --target: one on the image vectors and one on the text\n"
+    "vectors) and stores its centroids and the list of every vector in the\n"
     "database, replacing an earlier one for the same target and metric. Then\n"
     "'clipdb search DB --index ivf --nprobe N' uses it. Items added later go to\n"
     "their nearest list; deleted ones leave it. Retrain after large changes.\n"
@@ -29,12 +30,13 @@ const char cli_index_help[] =
     "  --ivf           build clipdb's IVF-Flat index\n"
     "  --faiss SPEC    build and store a Faiss index, e.g. \"IVF100,Flat\", \"Flat\"\n"
     "  --nlist N       number of lists (default: about sqrt(number of vectors))\n"
-    "  --target T      image (default) or text\n"
+    "  --target T      image or text; default: --ivf builds both (a target\n"
+    "                  without vectors is skipped), --faiss builds image\n"
     "  --metric M      the metric it serves: cosine (default), dot or l2\n"
     "  --seed S        k-means seed (default 1234)\n"
     "\n"
     "example:\n"
-    "  clipdb index photos.db --ivf --nlist 64\n"
+    "  clipdb index photos.db --ivf --nlist 64      (image and text indexes)\n"
     "  clipdb index photos.db --faiss \"IVF100,Flat\" --target text --metric dot\n";
 
 int cli_cmd_index(int argc, char **argv)
@@ -42,7 +44,7 @@ int cli_cmd_index(int argc, char **argv)
     const char *path = NULL, *faiss = NULL;
     clipdb_index_options opt;
     clipdb_db *db = NULL;
-    int ivf = 0, i, rc;
+    int ivf = 0, i, rc = CLIPDB_OK, target_given = 0, built = 0, t;
     char *end;
     long long v;
 
@@ -55,8 +57,8 @@ int cli_cmd_index(int argc, char **argv)
         else if (!strcmp(s, "--nlist") && has) {
             errno = 0;
             v = strtoll(argv[++i], &end, 10);
-            if (errno || *end || v < 1 || v > (1 << 20))
-                return cli_usage("index", "--nlist needs a number from 1 to %d", 1 << 20);
+            if (errno || *end || v < 1 || v > CLIPDB_MAX_NLIST)
+                return cli_usage("index", "--nlist needs a number from 1 to %d", CLIPDB_MAX_NLIST);
             opt.nlist = (int)v;
         } else if (!strcmp(s, "--seed") && has) {
             errno = 0;
@@ -65,6 +67,7 @@ int cli_cmd_index(int argc, char **argv)
             opt.seed = (uint64_t)v;
         } else if (!strcmp(s, "--target") && has) {
             i++;
+            target_given = 1;
             if (!strcmp(argv[i], "image")) opt.target = CLIPDB_ITEM_IMAGE;
             else if (!strcmp(argv[i], "text")) opt.target = CLIPDB_ITEM_TEXT;
             else return cli_usage("index", "--target is image or text, not '%s'", argv[i]);
@@ -79,17 +82,43 @@ int cli_cmd_index(int argc, char **argv)
     }
     if (!path) return cli_usage("index", "no database file given");
     if (ivf == !!faiss) return cli_usage("index", "say which index to build (--ivf or --faiss SPEC)");
-    rc = clipdb_db_open(&db, path, NULL);
-    if (rc == CLIPDB_OK) rc = faiss ? clipdb_db_build_faiss(db, &opt, faiss) : clipdb_db_build_ivf(db, &opt);
+    if (cli_open_db("index", path, NULL, &db) != CLI_OK) return CLI_FAIL;
+    if (faiss) {
+        rc = clipdb_db_build_faiss(db, &opt, faiss);
+        built = rc == CLIPDB_OK;
+    } else {
+        /* --ivf: the target given, or both */
+        for (t = CLIPDB_ITEM_IMAGE; t <= CLIPDB_ITEM_TEXT && rc == CLIPDB_OK; t++) {
+            clipdb_db_stats st;
+            int64_t n;
+            if (target_given && t != opt.target) continue;
+            if (!target_given) {
+                /* skip a target without vectors (a text-only database) */
+                if ((rc = clipdb_db_get_stats(db, &st)) != CLIPDB_OK) break;
+                n = t == CLIPDB_ITEM_IMAGE ? st.images : st.texts;
+                clipdb_db_stats_free(&st);
+                if (n == 0) continue;
+            }
+            opt.target = t;
+            if ((rc = clipdb_db_build_ivf(db, &opt)) != CLIPDB_OK) break;
+            printf("built an IVF index on %s vectors (metric %s)\n",
+                   t == CLIPDB_ITEM_TEXT ? "text" : "image", clipdb_metric_name(opt.metric));
+            built++;
+        }
+        if (rc == CLIPDB_OK && !built) {
+            cli_fail("index", "%s: no vectors to index", path);
+            clipdb_db_close(db);
+            return CLI_FAIL;
+        }
+    }
     if (rc != CLIPDB_OK) {
         cli_fail("index", "%s", clipdb_db_errmsg(db));
         clipdb_db_close(db);
         return CLI_FAIL;
     }
-    printf("built %s%s%s index on %s vectors (metric %s)\n", faiss ? "a Faiss \"" : "an IVF",
-           faiss ? faiss : "", faiss ? "\"" : "",
-           opt.target == CLIPDB_ITEM_TEXT ? "text" : "image",
-           clipdb_metric_name(opt.metric));
+    if (faiss)
+        printf("built a Faiss \"%s\" index on %s vectors (metric %s)\n", faiss,
+               opt.target == CLIPDB_ITEM_TEXT ? "text" : "image", clipdb_metric_name(opt.metric));
     clipdb_db_close(db);
     return CLI_OK;
 }

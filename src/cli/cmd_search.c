@@ -6,6 +6,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <cjson/cJSON.h>
+
 #include "cli/cli.h"
 
 const char cli_search_help[] =
@@ -47,10 +49,30 @@ const char cli_search_help[] =
     "  clipdb search photos.db --image cat.jpg --target text --json\n"
     "  clipdb search photos.db --text \"a red bus\" --index ivf --nprobe 4 --where split=val2017\n";
 
+/* Prints the fields of the metadata object (JSON text from the library)
+** as members of the result object: parsed and re-printed, never spliced. */
+static void print_meta_fields(const char *meta_json)
+{
+    cJSON *obj = meta_json ? cJSON_Parse(meta_json) : NULL, *f;
+    if (cJSON_IsObject(obj)) {
+        cJSON_ArrayForEach(f, obj)
+        {
+            char *v = cJSON_PrintUnformatted(f);
+            if (!f->string || !v) {
+                free(v);
+                continue;
+            }
+            printf(", ");
+            cli_print_json_string(stdout, f->string);
+            printf(": %s", v);
+            free(v);
+        }
+    }
+    cJSON_Delete(obj);
+}
+
 static void print_result_json(const clipdb_result *r)
 {
-    const char *m = r->meta_json;
-    size_t n;
     printf("{\"id\": %lld, \"type\": \"%s\"", (long long)r->id,
            r->type == CLIPDB_ITEM_TEXT ? "text" : "image");
     if (r->path) {
@@ -66,9 +88,28 @@ static void print_result_json(const clipdb_result *r)
         cli_print_json_string(stdout, r->text);
     }
     if (r->image >= 0) printf(", \"image\": %lld", (long long)r->image);
-    /* the metadata fields, spliced from the object {...} */
-    if (m && (n = strlen(m)) > 2) printf(", %.*s", (int)(n - 2), m + 1);
+    print_meta_fields(r->meta_json);
     printf(", \"score\": %.9g}", (double)r->score);
+}
+
+/* Prints the failure of a search with what to type when an index is missing. */
+static int search_fail(clipdb_db *db, const char *path, const clipdb_search_options *opt)
+{
+    const char *target = opt->target == CLIPDB_ITEM_TEXT ? "text" : "image";
+    const char *metric = clipdb_metric_name(opt->metric);
+    if (clipdb_db_errcode(db) == CLIPDB_ENOTFOUND && opt->index == CLIPDB_INDEX_IVF)
+        return cli_fail("search", "%s; build one with 'clipdb index %s --ivf --target %s --metric %s'",
+                        clipdb_db_errmsg(db), path, target, metric);
+    if (clipdb_db_errcode(db) == CLIPDB_ENOTFOUND && opt->index == CLIPDB_INDEX_FAISS &&
+        !opt->faiss)
+        return cli_fail("search",
+                        "%s; build one with 'clipdb index %s --faiss \"IVF100,Flat\" --target %s "
+                        "--metric %s' (or give --faiss SPEC to build one for this search)",
+                        clipdb_db_errmsg(db), path, target, metric);
+    if (clipdb_db_errcode(db) == CLIPDB_EINVAL && opt->index == CLIPDB_INDEX_FAISS &&
+        opt->n_where > 0)
+        return cli_fail("search", "%s (--where needs --index exact or ivf)", clipdb_db_errmsg(db));
+    return cli_fail("search", "%s", clipdb_db_errmsg(db));
 }
 
 static void print_query(const clipdb_query *q)
@@ -196,8 +237,8 @@ int cli_cmd_search(int argc, char **argv)
                 goto cleanup;
             }
         } else if ((!strcmp(s, "-k") || !strcmp(s, "--k")) && has) {
-            if (parse_i64(argv[++a], 1, 1000000, &v)) {
-                ret = cli_usage("search", "-k needs a number from 1 to 1000000");
+            if (parse_i64(argv[++a], 1, CLIPDB_MAX_K, &v)) {
+                ret = cli_usage("search", "-k needs a number from 1 to %d", CLIPDB_MAX_K);
                 goto cleanup;
             }
             opt.k = (int)v;
@@ -218,8 +259,8 @@ int cli_cmd_search(int argc, char **argv)
                 goto cleanup;
             }
         } else if (!strcmp(s, "--nprobe") && has) {
-            if (parse_i64(argv[++a], 1, 1 << 20, &v)) {
-                ret = cli_usage("search", "--nprobe needs a positive number");
+            if (parse_i64(argv[++a], 1, CLIPDB_MAX_NLIST, &v)) {
+                ret = cli_usage("search", "--nprobe needs a number from 1 to %d", CLIPDB_MAX_NLIST);
                 goto cleanup;
             }
             opt.nprobe = (int)v;
@@ -258,13 +299,15 @@ int cli_cmd_search(int argc, char **argv)
     clipdb_db_options_init(&dopt);
     dopt.readonly = 1;
     dopt.model_dir = model;
-    rc = clipdb_db_open(&db, path, &dopt);
-    if (rc == CLIPDB_OK) rc = clipdb_db_search(db, qs, nq, &opt, &res);
+    if ((ret = cli_open_db("search", path, &dopt, &db)) != CLI_OK) goto cleanup;
+    rc = clipdb_db_search(db, qs, nq, &opt, &res);
     if (rc != CLIPDB_OK) {
-        ret = cli_fail("search", "%s", clipdb_db_errmsg(db));
+        ret = search_fail(db, path, &opt);
         goto cleanup;
     }
-    if (res->note) fprintf(stderr, "clipdb search: note: %s\n", res->note);
+    if (res->note)
+        fprintf(stderr, "clipdb search: note: %s ('clipdb index %s --faiss SPEC' stores one)\n",
+                res->note, path);
     if (json) {
         printf(batch ? "{\"queries\": [" : "{\"results\": [");
         for (i = 0; i < nq; i++) {

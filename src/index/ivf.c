@@ -118,7 +118,7 @@ static void map_del(clipdb_ivf *v, id_slot *s)
 
 void clipdb_ivf_train_options_init(clipdb_ivf_train_options *o)
 {
-    o->seed = 1234;
+    o->seed = CLIPDB_DEFAULT_SEED;
     o->max_iter = 20;
     o->tol = 1e-4;
     o->max_points_per_list = 256;
@@ -190,17 +190,25 @@ void clipdb_ivf_free(clipdb_ivf *v)
 
 const char *clipdb_ivf_errmsg(const clipdb_ivf *v)
 {
-    return v ? v->err.msg : "out of memory";
+    if (!v) return "out of memory";
+    return v->err.code == CLIPDB_OK ? "" : v->err.msg;
 }
 
-void clipdb_ivf_info(const clipdb_ivf *v, int *d, int *nlist, clipdb_metric *metric,
-                     int *is_trained, size_t *ntotal)
+int clipdb_ivf_errcode(const clipdb_ivf *v)
 {
+    return v ? v->err.code : CLIPDB_ENOMEM;
+}
+
+int clipdb_ivf_info(const clipdb_ivf *v, int *d, int *nlist, clipdb_metric *metric,
+                    int *is_trained, size_t *ntotal)
+{
+    if (!v) return CLIPDB_EINVAL;
     if (d) *d = v->d;
     if (nlist) *nlist = v->nlist;
     if (metric) *metric = v->metric;
     if (is_trained) *is_trained = v->trained;
     if (ntotal) *ntotal = v->ntotal;
+    return CLIPDB_OK;
 }
 
 const float *clipdb_ivf_centroids(const clipdb_ivf *v)

@@ -25,7 +25,6 @@
 #include "store/captions.h"
 #include "store/store.h"
 
-#define MAX_IMAGE_FILE ((size_t)256 << 20) /* bytes of one image file */
 #define MAX_DEPTH 64                       /* folder nesting */
 #define TEXT_BATCH 64
 
@@ -216,9 +215,12 @@ static const known *find_known(const pool *p, const char *abspath)
     return p->n_known ? bsearch(&key, p->k, p->n_known, sizeof *p->k, cmp_known) : NULL;
 }
 
-/* Reads, hashes and (unless unchanged) decodes file i into s. */
-static void decode_one(pool *p, clipdb_ctx *ctx, size_t i, slot *s)
+/* Reads, hashes and (unless unchanged) decodes file i into s's buffers and
+** returns the slot's new state (SLOT_*); the caller publishes that state
+** under the pool's mutex, so the consumer sees the pixels with it. */
+static int decode_one(pool *p, clipdb_ctx *ctx, size_t i, slot *s)
 {
+    int state = SLOT_FAILED;
     char *path = cdb_path_join(p->root, p->files->rel[i]);
     char *data = NULL;
     size_t len = 0;
@@ -228,18 +230,15 @@ static void decode_one(pool *p, clipdb_ctx *ctx, size_t i, slot *s)
     cdb_err_clear(&e);
     s->known_id = -1;
     if (!path) {
-        s->state = SLOT_FAILED;
         snprintf(s->msg, sizeof s->msg, "%s: out of memory", p->files->rel[i]);
-        return;
+        return SLOT_FAILED;
     }
-    if (cdb_read_file(path, MAX_IMAGE_FILE, &data, &len, &e) != CLIPDB_OK) {
-        s->state = SLOT_FAILED;
+    if (cdb_read_file(path, CLIPDB_MAX_IMAGE_FILE_BYTES, &data, &len, &e) != CLIPDB_OK) {
         snprintf(s->msg, sizeof s->msg, "%s", e.msg);
         goto cleanup;
     }
     s->size = (int64_t)len;
     if (cdb_sha256_hex(data, len, s->sha, &e) != CLIPDB_OK) {
-        s->state = SLOT_FAILED;
         snprintf(s->msg, sizeof s->msg, "%s: %s", path, e.msg);
         goto cleanup;
     }
@@ -247,19 +246,19 @@ static void decode_one(pool *p, clipdb_ctx *ctx, size_t i, slot *s)
     if (k) {
         s->known_id = k->id;
         if (!strcmp(k->sha, s->sha)) {
-            s->state = SLOT_UNCHANGED;
+            state = SLOT_UNCHANGED;
             goto cleanup;
         }
     }
     if (clipdb_image_load_memory(ctx, data, len, s->pixels) != CLIPDB_OK) {
-        s->state = SLOT_FAILED;
         snprintf(s->msg, sizeof s->msg, "%s: %s", path, clipdb_ctx_errmsg(ctx));
         goto cleanup;
     }
-    s->state = SLOT_DECODED;
+    state = SLOT_DECODED;
 cleanup:
     free(data);
     free(path);
+    return state;
 }
 
 static void *decode_main(void *arg)
@@ -270,6 +269,7 @@ static void *decode_main(void *arg)
     for (;;) {
         size_t i;
         slot *s;
+        int state;
         pthread_mutex_lock(&p->mu);
         while (!p->stop && p->next < p->files->n && p->next >= p->consumed + p->window)
             pthread_cond_wait(&p->space, &p->mu);
@@ -281,12 +281,15 @@ static void *decode_main(void *arg)
         pthread_mutex_unlock(&p->mu);
         s = &p->slots[i % p->window];
         if (ctx_rc != CLIPDB_OK) {
-            s->state = SLOT_FAILED;
+            state = SLOT_FAILED;
             snprintf(s->msg, sizeof s->msg, "%s: %s", p->files->rel[i], clipdb_ctx_errmsg(ctx));
         } else {
-            decode_one(p, ctx, i, s);
+            state = decode_one(p, ctx, i, s);
         }
+        /* published under the lock: the consumer reads state, then the
+        ** slot's pixels and fields, under the same lock */
         pthread_mutex_lock(&p->mu);
+        s->state = state;
         pthread_cond_broadcast(&p->ready);
         pthread_mutex_unlock(&p->mu);
     }

@@ -95,7 +95,8 @@ typedef struct cdb_kparams {
                         ** kernel per query, not sgemm, whose packing costs
                         ** more than the work for small IVF lists at small d
                         ** (1 << 16) */
-    int threads;        /* threads for the top-k pass (0: OpenBLAS's count) */
+    int threads;        /* tasks of the top-k pass on the core pool (0: the
+                        ** pool's thread count, cdb_pool_threads) */
     size_t thread_min;  /* fewest scores of a block worth threading (1 << 18) */
 } cdb_kparams;
 void cdb_kparams_default(cdb_kparams *p);

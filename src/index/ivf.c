@@ -268,23 +268,17 @@ int clipdb_ivf_assign(clipdb_ivf *v, const float *x, size_t n, int32_t *lists_ou
                               NULL, &v->err);
 }
 
+/* Grows the three arrays of L (vectors, norms, ids) to hold need rows. On
+** failure L->cap stays the smallest capacity, so L stays consistent. */
 static int list_grow(ivf_list *L, size_t need, int d)
 {
-    size_t cap = L->cap ? L->cap : 16;
-    float *x, *nr;
-    int64_t *ids;
-    while (cap < need) cap *= 2;
-    if (cap == L->cap) return CLIPDB_OK;
-    x = realloc(L->x, cap * (size_t)d * sizeof *x);
-    if (!x) return CLIPDB_ENOMEM;
-    L->x = x;
-    nr = realloc(L->norms, cap * sizeof *nr);
-    if (!nr) return CLIPDB_ENOMEM;
-    L->norms = nr;
-    ids = realloc(L->ids, cap * sizeof *ids);
-    if (!ids) return CLIPDB_ENOMEM;
-    L->ids = ids;
-    L->cap = cap;
+    size_t cx = L->cap, cn = L->cap, ci = L->cap;
+    if (need <= L->cap) return CLIPDB_OK;
+    if (cdb_grow((void **)&L->x, &cx, need, (size_t)d * sizeof *L->x) ||
+        cdb_grow((void **)&L->norms, &cn, need, sizeof *L->norms) ||
+        cdb_grow((void **)&L->ids, &ci, need, sizeof *L->ids))
+        return CLIPDB_ENOMEM;
+    L->cap = cx;
     return CLIPDB_OK;
 }
 

@@ -154,6 +154,41 @@ CLIPDB_API int clipdb_encode_texts(clipdb_ctx *c, const char *const *texts,
 CLIPDB_API int clipdb_encode_images(clipdb_ctx *c, const float *pixels, int n,
                                     float *out);
 
+/* What the inputs of clipdb_encode_batch are. */
+typedef enum clipdb_input_kind {
+    CLIPDB_INPUT_TEXT = 1,       /* UTF-8 texts, with this ctx's tokenizer policy */
+    CLIPDB_INPUT_IMAGE_FILE = 2  /* image file paths, read as clipdb_image_load */
+} clipdb_input_kind;
+
+/* The outcome of one input of clipdb_encode_batch. */
+#define CLIPDB_ITEM_MSG_MAX 512
+typedef struct clipdb_item_status {
+    int code;                      /* CLIPDB_OK, or the status of the step that
+                                   ** refused this input, as that step gave it
+                                   ** (the image decoder's CLIPDB_EFORMAT,
+                                   ** CLIPDB_EIO, CLIPDB_ELIMIT, the
+                                   ** tokenizer's CLIPDB_EINVAL, ...) */
+    char msg[CLIPDB_ITEM_MSG_MAX]; /* "" when code is CLIPDB_OK; else the
+                                   ** reason, starting with the input's name:
+                                   ** the path of an image file; "text N"
+                                   ** (N counted from 0) for a text of a
+                                   ** batch of more than one */
+} clipdb_item_status;
+
+/* The one batched encoder: encodes n inputs of one kind (texts, or image
+** files: decoded, preprocessed and encoded in groups, so memory stays
+** bounded whatever n is). out: n x embed_dim floats, row i for inputs[i], as
+** clipdb_encode_texts / clipdb_encode_images give them.
+** status == NULL: the first input that fails fails the call with its status
+** code; the message on the ctx names it. status != NULL (n entries): a
+** failing input does not stop the call; status[i] gets its code and
+** message and row i of out is zeros; the call returns CLIPDB_OK unless the
+** encoder itself fails (CLIPDB_ENOMEM, ...). Inputs that failed are counted
+** into *n_failed when n_failed is not NULL. */
+CLIPDB_API int clipdb_encode_batch(clipdb_ctx *c, clipdb_input_kind kind,
+                                   const char *const *inputs, int n, float *out,
+                                   clipdb_item_status *status, int *n_failed);
+
 /* ---- fetching published models -------------------------------------------- */
 
 /* Where files come from: <base_url>/<name>/resolve/main/<file>, Hugging

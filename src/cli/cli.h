@@ -33,6 +33,36 @@ void cli_print_floats_json(FILE *f, const float *v, int n);
 /* Prints s as a JSON string (quoted, escaped). */
 void cli_print_json_string(FILE *f, const char *s);
 
+/* ---- option values (util.c): each prints its own usage error ---- */
+
+/* s, a whole decimal number from lo to hi, into *out (errno is reset before
+** strtoll). A bad value prints "OPT needs a whole number from LO to HI, not
+** 'S'" and returns CLI_USAGE; else CLI_OK. */
+int cli_parse_int(const char *cmd, const char *opt, const char *s, long long lo, long long hi,
+                  long long *out);
+/* The same for a decimal number (e.g. seconds). */
+int cli_parse_double(const char *cmd, const char *opt, const char *s, double lo, double hi,
+                     double *out);
+/* "image" or "text" -> CLIPDB_ITEM_IMAGE / CLIPDB_ITEM_TEXT (--target). */
+int cli_parse_target(const char *cmd, const char *s, int *target);
+
+/* ---- the one progress printer (util.c) ---- */
+
+/* On a terminal one line redrawn in place:
+**   LABEL  [#########...........]  45%  DONE/TOTAL  RATE/s  ETA m:ss  NOTE
+** else (a log) one plain line per call:
+**   LABEL: DONE/TOTAL (45%), RATE/s, ETA m:ss, NOTE
+** Amounts are counts, or bytes shown as KiB/MiB/... when `bytes`; total < 0
+** is unknown (no bar, percentage or ETA). final ends the line. */
+typedef struct cli_progress {
+    int tty;        /* stderr is a terminal */
+    int open_line;  /* a redrawn line is on screen without its newline */
+} cli_progress;
+void cli_progress_draw(cli_progress *p, const char *label, int64_t done, int64_t total,
+                       double rate, int bytes, const char *note, int final);
+/* Ends a redrawn line (before printing anything else on stderr). */
+void cli_progress_break(cli_progress *p);
+
 /* Opens a model or prints the error; returns CLI_OK or CLI_FAIL. */
 int cli_open_model(const char *cmd, const char *dir, clipdb_model **out);
 

@@ -1,8 +1,7 @@
 /*
 ** cmd_add.c: clipdb add DB (--images DIR [--captions FILE] | --texts FILE)
 */
-#include <errno.h>
-#include <stdlib.h>
+#include <stdio.h>
 #include <string.h>
 #include <unistd.h>
 
@@ -44,56 +43,27 @@ const char cli_add_help[] =
     "  clipdb add photos.db --texts queries.txt\n";
 
 typedef struct progress_state {
-    int tty;
+    cli_progress bar;
     int quiet;
-    int drawn;
 } progress_state;
 
 static void on_progress(void *arg, const clipdb_add_progress *p)
 {
     progress_state *ps = arg;
-    double rate = p->elapsed_s > 0 ? (double)p->done / p->elapsed_s : 0;
-    double eta = rate > 0 ? (double)(p->total - p->done) / rate : 0;
-    int width = 30, fill = p->total > 0 ? (int)(width * p->done / p->total) : 0, i;
+    char note[96];
     if (ps->quiet) return;
-    if (ps->tty) {
-        fprintf(stderr, "\r%-6s [", p->phase);
-        for (i = 0; i < width; i++) fputc(i < fill ? '#' : '.', stderr);
-        fprintf(stderr, "] %lld/%lld  %.1f/s  ETA %d:%02d  (%lld skipped, %lld failed) ",
-                (long long)p->done, (long long)p->total, rate, (int)(eta / 60),
-                (int)eta % 60, (long long)p->skipped, (long long)p->failed);
-        ps->drawn = 1;
-        if (p->done == p->total) {
-            fputc('\n', stderr);
-            ps->drawn = 0;
-        }
-    } else {
-        fprintf(stderr, "%s: %lld/%lld, %.1f/s, ETA %ds, %lld skipped, %lld failed\n", p->phase,
-                (long long)p->done, (long long)p->total, rate, (int)eta, (long long)p->skipped,
-                (long long)p->failed);
-    }
-    fflush(stderr);
+    snprintf(note, sizeof note, "%lld skipped, %lld failed", (long long)p->skipped,
+             (long long)p->failed);
+    cli_progress_draw(&ps->bar, p->phase, p->done, p->total,
+                      p->elapsed_s > 0 ? (double)p->done / p->elapsed_s : 0, 0, note,
+                      p->done == p->total);
 }
 
 static void on_warning(void *arg, const char *msg)
 {
     progress_state *ps = arg;
-    if (ps->drawn) {
-        fputc('\n', stderr);
-        ps->drawn = 0;
-    }
+    cli_progress_break(&ps->bar);
     fprintf(stderr, "clipdb add: skipped %s\n", msg);
-}
-
-static int parse_int(const char *s, int lo, int hi, int *out)
-{
-    char *end;
-    long v;
-    errno = 0;
-    v = strtol(s, &end, 10);
-    if (errno || *end || end == s || v < lo || v > hi) return -1;
-    *out = (int)v;
-    return 0;
 }
 
 int cli_cmd_add(int argc, char **argv)
@@ -105,6 +75,7 @@ int cli_cmd_add(int argc, char **argv)
     clipdb_db *db = NULL;
     progress_state ps = {0};
     int json = 0, i, rc, ret = CLI_OK;
+    long long v;
     double every = 0;
 
     clipdb_add_options_init(&opt);
@@ -116,17 +87,14 @@ int cli_cmd_add(int argc, char **argv)
         else if (!strcmp(a, "--texts") && has) opt.texts_path = argv[++i];
         else if (!strcmp(a, "--model") && has) model = argv[++i];
         else if (!strcmp(a, "--batch") && has) {
-            if (parse_int(argv[++i], 1, 1024, &opt.batch_size))
-                return cli_usage("add", "--batch needs a number from 1 to 1024");
+            if ((rc = cli_parse_int("add", a, argv[++i], 1, 1024, &v)) != CLI_OK) return rc;
+            opt.batch_size = (int)v;
         } else if (!strcmp(a, "--threads") && has) {
-            if (parse_int(argv[++i], 1, 64, &opt.decode_threads))
-                return cli_usage("add", "--threads needs a number from 1 to 64");
+            if ((rc = cli_parse_int("add", a, argv[++i], 1, 64, &v)) != CLI_OK) return rc;
+            opt.decode_threads = (int)v;
         } else if (!strcmp(a, "--progress-every") && has) {
-            char *end;
-            errno = 0;
-            every = strtod(argv[++i], &end);
-            if (errno || *end || end == argv[i] || !(every >= 0.01 && every <= 3600))
-                return cli_usage("add", "--progress-every needs seconds from 0.01 to 3600");
+            if ((rc = cli_parse_double("add", a, argv[++i], 0.01, 3600, &every)) != CLI_OK)
+                return rc;
         } else if (!strcmp(a, "--json")) json = 1;
         else if (!strcmp(a, "-q") || !strcmp(a, "--quiet")) ps.quiet = 1;
         else if (a[0] == '-' && a[1]) return cli_usage("add", "unknown option or missing value '%s'", a);
@@ -136,16 +104,16 @@ int cli_cmd_add(int argc, char **argv)
     if (!path) return cli_usage("add", "no database file given");
     if (!opt.images_dir && !opt.texts_path) return cli_usage("add", "give --images DIR or --texts FILE");
     if (opt.captions_path && !opt.images_dir) return cli_usage("add", "--captions needs --images DIR");
-    ps.tty = isatty(2);
+    ps.bar.tty = isatty(2);
     opt.on_progress = on_progress;
     opt.on_warning = on_warning;
-    opt.progress_interval_s = every > 0 ? every : ps.tty ? 0.2 : 5.0;
+    opt.progress_interval_s = every > 0 ? every : ps.bar.tty ? 0.2 : 5.0;
     opt.arg = &ps;
     clipdb_db_options_init(&dopt);
     dopt.model_dir = model;
     if (cli_open_db("add", path, &dopt, &db) != CLI_OK) return CLI_FAIL;
     rc = clipdb_db_add(db, &opt, &r);
-    if (ps.drawn) fputc('\n', stderr);
+    cli_progress_break(&ps.bar);
     if (rc != CLIPDB_OK) {
         ret = cli_fail("add", "%s", clipdb_db_errmsg(db));
     } else if (json) {

@@ -1,7 +1,6 @@
 /*
 ** cmd_embed.c: `clipdb embed`: prints the CLIP embeddings of texts and
-** images. Parsing and printing only; the work is clipdb_encode_texts,
-** clipdb_image_load and clipdb_encode_images.
+** images. Parsing and printing only; the work is clipdb_encode_batch.
 */
 #include <math.h>
 #include <stdio.h>
@@ -10,8 +9,6 @@
 #include <time.h>
 
 #include "cli/cli.h"
-
-#define EMBED_IMAGE_BATCH 16
 
 typedef struct input {
     int is_image;
@@ -82,23 +79,39 @@ static void excerpt(const char *s, char *buf, size_t cap)
     snprintf(buf, cap, "%.*s...", (int)(cap - 4), s);
 }
 
-/* Encodes all texts in one call; on failure, finds the text to name. */
-static int encode_texts(const char *cmd, clipdb_ctx *c, const char **texts, int n, float *out,
-                        int dim)
+/* Encodes the n inputs of one kind with the one batched call; the first
+** input that failed is named (texts by an excerpt, images by the path that
+** starts the library's message) and fails the command. */
+static int encode(const char *cmd, clipdb_ctx *c, clipdb_input_kind kind, const char **items,
+                  int n, float *out)
 {
-    int i;
-    if (n == 0 || clipdb_encode_texts(c, texts, n, out) == CLIPDB_OK) return CLI_OK;
-    for (i = 0; i < n; i++) {
-        if (clipdb_encode_texts(c, texts + i, 1, out + (size_t)i * dim) != CLIPDB_OK) {
+    clipdb_item_status *st;
+    int i, n_failed = 0, rc = CLI_OK;
+    if (n == 0) return CLI_OK;
+    st = calloc((size_t)n, sizeof *st);
+    if (!st) return cli_fail(cmd, "out of memory");
+    if (clipdb_encode_batch(c, kind, items, n, out, st, &n_failed) != CLIPDB_OK) {
+        rc = cli_fail(cmd, "%s", clipdb_ctx_errmsg(c));
+        goto cleanup;
+    }
+    for (i = 0; n_failed && i < n; i++) {
+        if (st[i].code == CLIPDB_OK) continue;
+        if (kind == CLIPDB_INPUT_IMAGE_FILE) {
+            rc = cli_fail(cmd, "%s", st[i].msg);
+        } else {
             char ex[64];
-            excerpt(texts[i], ex, sizeof ex);
+            excerpt(items[i], ex, sizeof ex);
             fprintf(stderr, "clipdb %s: text ", cmd);
             cli_print_json_string(stderr, ex);
-            fprintf(stderr, ": %s\n", clipdb_ctx_errmsg(c));
-            return CLI_FAIL;
+            fprintf(stderr, ": %s%s\n", st[i].msg,
+                    st[i].code == CLIPDB_ELIMIT ? " (use --truncate to cut it)" : "");
+            rc = CLI_FAIL;
         }
+        break;
     }
-    return cli_fail(cmd, "%s", clipdb_ctx_errmsg(c));
+cleanup:
+    free(st);
+    return rc;
 }
 
 static void print_readable(const input *in, const float *v, int dim)
@@ -121,10 +134,9 @@ int cli_cmd_embed(int argc, char **argv)
     clipdb_model *m = NULL;
     clipdb_ctx *c = NULL;
     clipdb_model_info info;
-    float *emb = NULL, *pix = NULL, *img_out = NULL;
-    const char **texts = NULL;
+    float *emb = NULL, *stage = NULL;
+    const char **texts = NULL, **paths = NULL;
     int *text_slot = NULL, *img_slot = NULL;
-    size_t px;
     double t0, t_text = 0, t_img = 0;
 
     for (i = 1; i < argc; i++) {
@@ -168,62 +180,37 @@ int cli_cmd_embed(int argc, char **argv)
     clipdb_ctx_set_truncate(c, truncate);
     clipdb_model_get_info(m, &info);
     dim = info.embed_dim;
-    px = clipdb_image_floats(m);
     emb = malloc((size_t)in.n * dim * sizeof *emb);
     texts = malloc((size_t)in.n * sizeof *texts);
     text_slot = malloc((size_t)in.n * sizeof *text_slot);
     img_slot = malloc((size_t)in.n * sizeof *img_slot);
-    pix = malloc((size_t)EMBED_IMAGE_BATCH * px * sizeof *pix);
-    img_out = malloc((size_t)EMBED_IMAGE_BATCH * dim * sizeof *img_out);
-    if (!emb || !texts || !text_slot || !img_slot || !pix || !img_out) {
+    paths = malloc((size_t)in.n * sizeof *paths);
+    stage = malloc((size_t)in.n * dim * sizeof *stage);
+    if (!emb || !texts || !paths || !text_slot || !img_slot || !stage) {
         rc = cli_fail(cmd, "out of memory");
         goto cleanup;
     }
     for (i = 0; i < in.n; i++) {
-        if (in.v[i].is_image) img_slot[n_img++] = i;
-        else {
+        if (in.v[i].is_image) {
+            img_slot[n_img] = i;
+            paths[n_img++] = in.v[i].s;
+        } else {
             text_slot[n_text] = i;
             texts[n_text++] = in.v[i].s;
         }
     }
 
-    /* texts: one batched call, results into a staging area then their slots */
+    /* each kind in one batched call, results into a staging area then their slots */
     t0 = now_s();
-    if (n_text) {
-        float *tout = malloc((size_t)n_text * dim * sizeof *tout);
-        if (!tout) {
-            rc = cli_fail(cmd, "out of memory");
-            goto cleanup;
-        }
-        rc = encode_texts(cmd, c, texts, n_text, tout, dim);
-        for (k = 0; rc == CLI_OK && k < n_text; k++)
-            memcpy(emb + (size_t)text_slot[k] * dim, tout + (size_t)k * dim, (size_t)dim * sizeof *tout);
-        free(tout);
-        if (rc != CLI_OK) goto cleanup;
-    }
+    if ((rc = encode(cmd, c, CLIPDB_INPUT_TEXT, texts, n_text, stage)) != CLI_OK) goto cleanup;
+    for (k = 0; k < n_text; k++)
+        memcpy(emb + (size_t)text_slot[k] * dim, stage + (size_t)k * dim, (size_t)dim * sizeof *stage);
     t_text = now_s() - t0;
-
-    /* images: decode + preprocess a batch, encode it */
     t0 = now_s();
-    for (k = 0; k < n_img; k += EMBED_IMAGE_BATCH) {
-        int nb = n_img - k < EMBED_IMAGE_BATCH ? n_img - k : EMBED_IMAGE_BATCH, j;
-        for (j = 0; j < nb; j++) {
-            const char *path = in.v[img_slot[k + j]].s;
-            if (clipdb_image_load(c, path, pix + (size_t)j * px) != CLIPDB_OK) {
-                const char *msg = clipdb_ctx_errmsg(c);
-                if (strstr(msg, path)) rc = cli_fail(cmd, "%s", msg);
-                else rc = cli_fail(cmd, "image %s: %s", path, msg);
-                goto cleanup;
-            }
-        }
-        if (clipdb_encode_images(c, pix, nb, img_out) != CLIPDB_OK) {
-            rc = cli_fail(cmd, "%s", clipdb_ctx_errmsg(c));
-            goto cleanup;
-        }
-        for (j = 0; j < nb; j++)
-            memcpy(emb + (size_t)img_slot[k + j] * dim, img_out + (size_t)j * dim,
-                   (size_t)dim * sizeof *img_out);
-    }
+    if ((rc = encode(cmd, c, CLIPDB_INPUT_IMAGE_FILE, paths, n_img, stage)) != CLI_OK)
+        goto cleanup;
+    for (k = 0; k < n_img; k++)
+        memcpy(emb + (size_t)img_slot[k] * dim, stage + (size_t)k * dim, (size_t)dim * sizeof *stage);
     t_img = now_s() - t0;
 
     for (i = 0; i < in.n; i++) {
@@ -253,8 +240,8 @@ cleanup:
     free(texts);
     free(text_slot);
     free(img_slot);
-    free(pix);
-    free(img_out);
+    free(paths);
+    free(stage);
     clipdb_ctx_free(c);
     clipdb_model_close(m);
     return rc;
@@ -278,7 +265,7 @@ const char cli_embed_help[] =
     "                       instead of failing\n"
     "  --stats              print counts and throughput on stderr\n"
     "\n"
-    "Texts are encoded in one batch; images are decoded and encoded in batches of 16.\n"
+    "Texts are encoded in one batch, images likewise (decoded and encoded in groups).\n"
     "A text that is empty, not UTF-8 or too long, or an image that cannot be read,\n"
     "fails the command with a message naming it (exit 1).\n"
     "\n"

@@ -2,8 +2,6 @@
 ** cmd_index.c: clipdb index DB (--ivf [--nlist N] | --faiss SPEC)
 ** [--target image|text] [--metric M]
 */
-#include <errno.h>
-#include <stdlib.h>
 #include <string.h>
 
 #include "cli/cli.h"
@@ -45,7 +43,6 @@ int cli_cmd_index(int argc, char **argv)
     clipdb_index_options opt;
     clipdb_db *db = NULL;
     int ivf = 0, i, rc = CLIPDB_OK, target_given = 0, built = 0, t;
-    char *end;
     long long v;
 
     clipdb_index_options_init(&opt);
@@ -55,22 +52,14 @@ int cli_cmd_index(int argc, char **argv)
         if (!strcmp(s, "--ivf")) ivf = 1;
         else if (!strcmp(s, "--faiss") && has) faiss = argv[++i];
         else if (!strcmp(s, "--nlist") && has) {
-            errno = 0;
-            v = strtoll(argv[++i], &end, 10);
-            if (errno || *end || v < 1 || v > CLIPDB_MAX_NLIST)
-                return cli_usage("index", "--nlist needs a number from 1 to %d", CLIPDB_MAX_NLIST);
+            if ((rc = cli_parse_int("index", s, argv[++i], 1, CLIPDB_MAX_NLIST, &v))) return rc;
             opt.nlist = (int)v;
         } else if (!strcmp(s, "--seed") && has) {
-            errno = 0;
-            v = strtoll(argv[++i], &end, 10);
-            if (errno || *end || v < 0) return cli_usage("index", "--seed needs a number >= 0");
+            if ((rc = cli_parse_int("index", s, argv[++i], 0, INT64_MAX, &v))) return rc;
             opt.seed = (uint64_t)v;
         } else if (!strcmp(s, "--target") && has) {
-            i++;
             target_given = 1;
-            if (!strcmp(argv[i], "image")) opt.target = CLIPDB_ITEM_IMAGE;
-            else if (!strcmp(argv[i], "text")) opt.target = CLIPDB_ITEM_TEXT;
-            else return cli_usage("index", "--target is image or text, not '%s'", argv[i]);
+            if ((rc = cli_parse_target("index", argv[++i], &opt.target))) return rc;
         } else if (!strcmp(s, "--metric") && has) {
             clipdb_metric m;
             if (clipdb_metric_parse(argv[++i], &m) != CLIPDB_OK)

@@ -70,11 +70,10 @@ const char cli_model_help[] =
 /* ---- progress drawing ------------------------------------------------------ */
 
 typedef struct progress {
-    int tty;
+    cli_progress bar;
     char file[128];
     double t0, last_line;
     int64_t first_done;  /* bytes already there when this file's transfer began */
-    int open_line;       /* a \r-line is on screen without its newline */
     int finished;
 } progress;
 
@@ -85,56 +84,12 @@ static double now_s(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
-static void human(char *buf, size_t cap, double bytes)
-{
-    static const char *const unit[] = {"B", "KiB", "MiB", "GiB", "TiB"};
-    int u = 0;
-    while (bytes >= 1024.0 && u < 4) {
-        bytes /= 1024.0;
-        u++;
-    }
-    if (u == 0) snprintf(buf, cap, "%.0f %s", bytes, unit[u]);
-    else snprintf(buf, cap, "%.1f %s", bytes, unit[u]);
-}
-
 static void draw(progress *p, int64_t done, int64_t total, int final)
 {
     double dt = now_s() - p->t0;
     double rate = dt > 1e-6 ? (double)(done - p->first_done) / dt : 0.0;
-    char d[32], t[32], r[32], eta[32] = "";
-    int pct = total > 0 ? (int)(100.0 * (double)done / (double)total) : -1;
-
-    human(d, sizeof d, (double)done);
-    human(t, sizeof t, (double)(total > 0 ? total : 0));
-    human(r, sizeof r, rate);
-    if (total > 0 && rate > 0 && done < total) {
-        long s = (long)((double)(total - done) / rate + 0.5);
-        snprintf(eta, sizeof eta, "ETA %ld:%02ld", s / 60, s % 60);
-    } else if (final) {
-        snprintf(eta, sizeof eta, done == p->first_done ? "already complete" : "done");
-    }
-    if (p->tty) {
-        /* One line redrawn in place; \033[K clears what a longer line left. */
-        if (pct >= 0) {
-            char bar[24];
-            int i, fill = pct * 20 / 100;
-            for (i = 0; i < 20; i++) bar[i] = i < fill ? '#' : '.';
-            bar[20] = '\0';
-            fprintf(stderr, "\r%-24s [%s] %3d%% %10s / %-10s %10s/s  %s\033[K", p->file, bar,
-                    pct, d, t, r, eta);
-        }
-        else
-            fprintf(stderr, "\r%-28s %10s %10s/s  %s\033[K", p->file, d, r, eta);
-        p->open_line = !final;
-        if (final) fputc('\n', stderr);
-    } else {
-        if (pct >= 0)
-            fprintf(stderr, "%s: %s of %s (%d%%), %s/s%s%s\n", p->file, d, t, pct, r,
-                    eta[0] ? ", " : "", eta);
-        else
-            fprintf(stderr, "%s: %s, %s/s%s%s\n", p->file, d, r, eta[0] ? ", " : "", eta);
-    }
-    fflush(stderr);
+    const char *note = !final ? NULL : done == p->first_done ? "already complete" : "done";
+    cli_progress_draw(&p->bar, p->file, done, total, rate, 1, note, final);
 }
 
 static void on_progress(void *arg, const char *file, int64_t done, int64_t total)
@@ -144,12 +99,11 @@ static void on_progress(void *arg, const char *file, int64_t done, int64_t total
     int final = total >= 0 && done == total;
 
     if (strncmp(p->file, file, sizeof p->file - 1) != 0) {
-        if (p->open_line) fputc('\n', stderr);
+        cli_progress_break(&p->bar);
         snprintf(p->file, sizeof p->file, "%s", file);
         p->t0 = t;
         p->last_line = 0;
         p->first_done = done;
-        p->open_line = 0;
         p->finished = 0;
     } else if (p->finished) {
         /* The server ignored a Range request: the file starts again. */
@@ -163,12 +117,11 @@ static void on_progress(void *arg, const char *file, int64_t done, int64_t total
     if (final) {
         draw(p, done, total, 1);
         p->finished = 1;
-        p->open_line = 0;
         return;
     }
     /* A terminal redraws at the library's pace (about 10/s); logs get a line
     ** at the start and every 5 seconds. */
-    if (p->tty || p->last_line == 0 || t - p->last_line >= 5.0) {
+    if (p->bar.tty || p->last_line == 0 || t - p->last_line >= 5.0) {
         draw(p, done, total, 0);
         p->last_line = t;
     }
@@ -182,7 +135,7 @@ static int model_fetch(int argc, char **argv)
     progress prog;
     const char *pos[2] = {NULL, NULL};
     int npos = 0, i, rc, show = 1;
-    char *err = NULL, *end;
+    char *err = NULL;
 
     clipdb_fetch_options_init(&opt);
     for (i = 2; i < argc; i++) {
@@ -192,12 +145,10 @@ static int model_fetch(int argc, char **argv)
         } else if (!strcmp(argv[i], "--no-progress")) {
             show = 0;
         } else if (!strcmp(argv[i], "--timeout")) {
+            long long v;
             if (++i >= argc) return cli_usage(CMD, "--timeout needs a number of seconds");
-            opt.stall_timeout_s = strtol(argv[i], &end, 10);
-            if (*end || end == argv[i] || opt.stall_timeout_s < 1 ||
-                opt.stall_timeout_s > 86400)
-                return cli_usage(CMD, "--timeout: '%s' is not a number of seconds (1..86400)",
-                                 argv[i]);
+            if ((rc = cli_parse_int(CMD, "--timeout", argv[i], 1, 86400, &v))) return rc;
+            opt.stall_timeout_s = (long)v;
         } else if (argv[i][0] == '-' && argv[i][1]) {
             return cli_usage(CMD, "fetch: unknown option '%s'", argv[i]);
         } else if (npos < 2) {
@@ -208,13 +159,13 @@ static int model_fetch(int argc, char **argv)
     }
     if (npos < 2) return cli_usage(CMD, "fetch needs NAME and DIR");
     memset(&prog, 0, sizeof prog);
-    prog.tty = isatty(STDERR_FILENO);
+    prog.bar.tty = isatty(STDERR_FILENO);
     if (show) {
         opt.on_progress = on_progress;
         opt.progress_arg = &prog;
     }
     rc = clipdb_model_fetch(pos[0], pos[1], &opt, &err);
-    if (prog.open_line) fputc('\n', stderr);
+    cli_progress_break(&prog.bar);
     if (rc != CLIPDB_OK) {
         cli_fail(CMD, "fetch %s: %s", pos[0], err ? err : clipdb_status_name(rc));
         clipdb_free(err);

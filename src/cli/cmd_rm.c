@@ -1,7 +1,6 @@
 /*
 ** cmd_rm.c: clipdb rm DB ID...
 */
-#include <errno.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -30,13 +29,10 @@ int cli_cmd_rm(int argc, char **argv)
         if (!path) {
             path = argv[i];
         } else {
-            char *end;
             long long v;
-            errno = 0;
-            v = strtoll(argv[i], &end, 10);
-            if (errno || *end || end == argv[i] || v < 0) {
+            if ((rc = cli_parse_int("rm", "an item id", argv[i], 0, INT64_MAX, &v))) {
                 free(ids);
-                return cli_usage("rm", "bad item id '%s'", argv[i]);
+                return rc;
             }
             ids[n++] = v;
         }

@@ -122,17 +122,6 @@ static void print_query(const clipdb_query *q)
     } else printf("{\"item\": %lld}", (long long)q->item);
 }
 
-static int parse_i64(const char *s, long long lo, long long hi, long long *out)
-{
-    char *end;
-    long long v;
-    errno = 0;
-    v = strtoll(s, &end, 10);
-    if (errno || *end || end == s || v < lo || v > hi) return -1;
-    *out = v;
-    return 0;
-}
-
 /* Reads the batch file into queries (lines point into *buf). */
 static int read_batch(const char *path, char **buf, clipdb_query **qs, size_t *nq)
 {
@@ -171,8 +160,8 @@ static int read_batch(const char *path, char **buf, clipdb_query **qs, size_t *n
                 q->kind = CLIPDB_QUERY_IMAGE;
                 q->path = line + 6;
             } else if (!strncmp(line, "item:", 5)) {
-                if (parse_i64(line + 5, 0, INT64_MAX, &id))
-                    return cli_usage("search", "%s: bad item id '%s'", path, line + 5);
+                int rc = cli_parse_int("search", path, line + 5, 0, INT64_MAX, &id);
+                if (rc != CLI_OK) return rc;
                 q->kind = CLIPDB_QUERY_ITEM;
                 q->item = id;
             } else {
@@ -218,10 +207,7 @@ int cli_cmd_search(int argc, char **argv)
             one.path = argv[++a];
             n_query++;
         } else if (!strcmp(s, "--item") && has) {
-            if (parse_i64(argv[++a], 0, INT64_MAX, &v)) {
-                ret = cli_usage("search", "bad item id '%s'", argv[a]);
-                goto cleanup;
-            }
+            if ((ret = cli_parse_int("search", s, argv[++a], 0, INT64_MAX, &v))) goto cleanup;
             one.kind = CLIPDB_QUERY_ITEM;
             one.item = v;
             n_query++;
@@ -229,18 +215,9 @@ int cli_cmd_search(int argc, char **argv)
             batch = argv[++a];
             n_query++;
         } else if (!strcmp(s, "--target") && has) {
-            a++;
-            if (!strcmp(argv[a], "image")) opt.target = CLIPDB_ITEM_IMAGE;
-            else if (!strcmp(argv[a], "text")) opt.target = CLIPDB_ITEM_TEXT;
-            else {
-                ret = cli_usage("search", "--target is image or text, not '%s'", argv[a]);
-                goto cleanup;
-            }
+            if ((ret = cli_parse_target("search", argv[++a], &opt.target))) goto cleanup;
         } else if ((!strcmp(s, "-k") || !strcmp(s, "--k")) && has) {
-            if (parse_i64(argv[++a], 1, CLIPDB_MAX_K, &v)) {
-                ret = cli_usage("search", "-k needs a number from 1 to %d", CLIPDB_MAX_K);
-                goto cleanup;
-            }
+            if ((ret = cli_parse_int("search", s, argv[++a], 1, CLIPDB_MAX_K, &v))) goto cleanup;
             opt.k = (int)v;
         } else if (!strcmp(s, "--metric") && has) {
             clipdb_metric m;
@@ -259,10 +236,7 @@ int cli_cmd_search(int argc, char **argv)
                 goto cleanup;
             }
         } else if (!strcmp(s, "--nprobe") && has) {
-            if (parse_i64(argv[++a], 1, CLIPDB_MAX_NLIST, &v)) {
-                ret = cli_usage("search", "--nprobe needs a number from 1 to %d", CLIPDB_MAX_NLIST);
-                goto cleanup;
-            }
+            if ((ret = cli_parse_int("search", s, argv[++a], 1, CLIPDB_MAX_NLIST, &v))) goto cleanup;
             opt.nprobe = (int)v;
         } else if (!strcmp(s, "--faiss") && has) {
             opt.faiss = argv[++a];

@@ -40,7 +40,9 @@ static int print_ids(clipdb_ctx *ctx, const char *text, const char *where)
     int32_t ids[CLIPDB_TEXT_CONTEXT];
     int n = 0, i, rc;
     rc = clipdb_tokenize(ctx, text, ids, CLIPDB_TEXT_CONTEXT, &n);
-    if (rc != CLIPDB_OK) return cli_fail("tokenize", "%s: %s", where, clipdb_ctx_errmsg(ctx));
+    if (rc != CLIPDB_OK)
+        return cli_fail("tokenize", "%s: %s%s", where, clipdb_ctx_errmsg(ctx),
+                        rc == CLIPDB_ELIMIT ? " (use --truncate to cut it)" : "");
     putchar('[');
     for (i = 0; i < n; i++) printf(i ? ",%d" : "%d", (int)ids[i]);
     fputs("]\n", stdout);

@@ -1,9 +1,12 @@
 /*
-** util.c: printing helpers shared by subcommands.
+** util.c: helpers shared by subcommands: messages, option values, JSON
+** printing, the progress printer.
 */
+#include <errno.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "cli/cli.h"
@@ -95,4 +98,102 @@ int cli_open_db(const char *cmd, const char *path, const clipdb_db_options *opt,
     clipdb_db_close(*out);
     *out = NULL;
     return CLI_FAIL;
+}
+
+/* ---- option values ----------------------------------------------------------- */
+
+int cli_parse_int(const char *cmd, const char *opt, const char *s, long long lo, long long hi,
+                  long long *out)
+{
+    char *end;
+    long long v;
+    errno = 0;
+    v = strtoll(s, &end, 10);
+    if (errno || end == s || *end || v < lo || v > hi)
+        return cli_usage(cmd, "%s needs a whole number from %lld to %lld, not '%s'", opt, lo, hi,
+                         s);
+    *out = v;
+    return CLI_OK;
+}
+
+int cli_parse_double(const char *cmd, const char *opt, const char *s, double lo, double hi,
+                     double *out)
+{
+    char *end;
+    double v;
+    errno = 0;
+    v = strtod(s, &end);
+    if (errno || end == s || *end || !(v >= lo && v <= hi))
+        return cli_usage(cmd, "%s needs a number from %g to %g, not '%s'", opt, lo, hi, s);
+    *out = v;
+    return CLI_OK;
+}
+
+int cli_parse_target(const char *cmd, const char *s, int *target)
+{
+    if (!strcmp(s, "image")) *target = CLIPDB_ITEM_IMAGE;
+    else if (!strcmp(s, "text")) *target = CLIPDB_ITEM_TEXT;
+    else return cli_usage(cmd, "--target is image or text, not '%s'", s);
+    return CLI_OK;
+}
+
+/* ---- progress ------------------------------------------------------------------ */
+
+static void amount(char *buf, size_t cap, double v, int bytes)
+{
+    static const char *const unit[] = {"B", "KiB", "MiB", "GiB", "TiB"};
+    int u = 0;
+    if (!bytes) {
+        snprintf(buf, cap, "%.0f", v);
+        return;
+    }
+    while (v >= 1024.0 && u < 4) {
+        v /= 1024.0;
+        u++;
+    }
+    snprintf(buf, cap, u ? "%.1f %s" : "%.0f %s", v, unit[u]);
+}
+
+void cli_progress_draw(cli_progress *p, const char *label, int64_t done, int64_t total,
+                       double rate, int bytes, const char *note, int final)
+{
+    char d[32], t[32], r[32], eta[32] = "";
+    int pct = total > 0 ? (int)(100.0 * (double)done / (double)total) : -1;
+    if (!note) note = "";
+    amount(d, sizeof d, (double)done, bytes);
+    amount(t, sizeof t, (double)(total > 0 ? total : 0), bytes);
+    if (bytes) amount(r, sizeof r, rate, 1);
+    else snprintf(r, sizeof r, "%.1f", rate);
+    if (total > 0 && rate > 0 && done < total) {
+        long s = (long)((double)(total - done) / rate + 0.5);
+        snprintf(eta, sizeof eta, "ETA %ld:%02ld", s / 60, s % 60);
+    }
+    if (p->tty) {
+        /* one line redrawn in place; \033[K clears what a longer line left */
+        fprintf(stderr, "\r%-20s", label);
+        if (pct >= 0) {
+            char bar[21];
+            int i, fill = pct * 20 / 100;
+            for (i = 0; i < 20; i++) bar[i] = i < fill ? '#' : '.';
+            bar[20] = '\0';
+            fprintf(stderr, " [%s] %3d%%  %s/%s", bar, pct, d, t);
+        } else {
+            fprintf(stderr, " %s", d);
+        }
+        fprintf(stderr, "  %s/s%s%s%s%s\033[K", r, eta[0] ? "  " : "", eta, note[0] ? "  " : "",
+                note);
+        p->open_line = !final;
+        if (final) fputc('\n', stderr);
+    } else {
+        fprintf(stderr, "%s: %s", label, d);
+        if (pct >= 0) fprintf(stderr, "/%s (%d%%)", t, pct);
+        fprintf(stderr, ", %s/s%s%s%s%s\n", r, eta[0] ? ", " : "", eta, note[0] ? ", " : "", note);
+    }
+    fflush(stderr);
+}
+
+void cli_progress_break(cli_progress *p)
+{
+    if (p->open_line) fputc('\n', stderr);
+    p->open_line = 0;
 }

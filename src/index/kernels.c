@@ -48,8 +48,8 @@ int clipdb_vec_norms(const float *x, size_t n, int d, float *norms_out)
     size_t i;
     if ((!x && n) || (!norms_out && n) || d < 1 || d > CLIPDB_MAX_DIM) return CLIPDB_EINVAL;
     for (i = 0; i < n; i++) {
-        // x[i] (d) . x[i] (d) -> |x_i|^2
-        norms_out[i] = sqrtf(cdb_sdot(d, x + i * (size_t)d, x + i * (size_t)d));
+        /* the one norm (double accumulation), as for stored vectors */
+        norms_out[i] = cdb_norm(x + i * (size_t)d, (size_t)d);
     }
     return CLIPDB_OK;
 }
@@ -61,7 +61,7 @@ void cdb_normalize_rows(const float *x, size_t n, int d, float *y)
     for (i = 0; i < n; i++) {
         const float *xi = x + i * (size_t)d;
         float *yi = y + i * (size_t)d;
-        float nr = sqrtf(cdb_sdot(d, xi, xi));
+        float nr = cdb_norm(xi, (size_t)d);
         float inv = nr > 0 ? 1.0f / nr : 0.0f;
         for (j = 0; j < d; j++) yi[j] = xi[j] * inv;
     }

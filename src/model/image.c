@@ -44,7 +44,6 @@
 #include <webp/decode.h>
 #include <webp/demux.h>
 
-#include "model/model.h"
 
 /* ---- buffers --------------------------------------------------------- */
 
@@ -945,37 +944,17 @@ int cdb_image_preprocess(const cdb_rgb *img, int size, float *out)
     return rc;
 }
 
-/* ---- public API ------------------------------------------------------------ */
-
-static int ctx_load(clipdb_ctx *c, const char *path, const void *data, size_t len,
-                    float *pixels)
+int cdb_image_load_with(struct cdb_img_scratch **scratch, const char *path, const void *data,
+                        size_t len, int size, float *pixels, cdb_err *e)
 {
-    int rc, size;
-    if (!c) return CLIPDB_EINVAL;
-    cdb_err_clear(&c->err);
-    if (!c->m || !pixels || (!path && !data))
-        return cdb_err_set(&c->err, CLIPDB_EINVAL, "image load: missing argument");
-    size = c->m->vision.image_size;
-    if (size < 1) return cdb_err_set(&c->err, CLIPDB_EINVAL, "model has no vision tower");
-    if (scratch_get(&c->img)) return cdb_err_set(&c->err, CLIPDB_ENOMEM, "out of memory");
-    if (path) rc = cdb_image_decode_file(path, size, &c->img->rgb, &c->err);
-    else rc = cdb_image_decode_memory(data, len, size, &c->img->rgb, &c->err);
+    int rc;
+    if (scratch_get(scratch)) return cdb_err_set(e, CLIPDB_ENOMEM, "out of memory");
+    if (path) rc = cdb_image_decode_file(path, size, &(*scratch)->rgb, e);
+    else rc = cdb_image_decode_memory(data, len, size, &(*scratch)->rgb, e);
     if (rc != CLIPDB_OK) return rc;
-    rc = cdb_image_preprocess_with(&c->img, &c->img->rgb, size, pixels);
+    rc = cdb_image_preprocess_with(scratch, &(*scratch)->rgb, size, pixels);
     if (rc != CLIPDB_OK)
-        return cdb_err_set(&c->err, rc, "%s: preprocessing failed (%s)", path ? path : "image",
+        return cdb_err_set(e, rc, "%s: preprocessing failed (%s)", path ? path : "image",
                            clipdb_status_name(rc));
     return CLIPDB_OK;
-}
-
-int clipdb_image_load(clipdb_ctx *c, const char *path, float *pixels)
-{
-    if (!path) return c ? cdb_err_set(&c->err, CLIPDB_EINVAL, "no image path given") : CLIPDB_EINVAL;
-    return ctx_load(c, path, NULL, 0, pixels);
-}
-
-int clipdb_image_load_memory(clipdb_ctx *c, const void *data, size_t len, float *pixels)
-{
-    if (!data) return c ? cdb_err_set(&c->err, CLIPDB_EINVAL, "no image data given") : CLIPDB_EINVAL;
-    return ctx_load(c, NULL, data, len, pixels);
 }

@@ -73,6 +73,13 @@ void cdb_img_scratch_free(struct cdb_img_scratch *s);
 int cdb_image_preprocess_with(struct cdb_img_scratch **scratch,
                               const cdb_rgb *img, int size, float *out);
 
+/* Decodes the file at path (or, when path is NULL, len bytes at data) into
+** the scratch's own cdb_rgb and preprocesses it into pixels (3, size, size),
+** as cdb_image_decode_* then cdb_image_preprocess_with. The decoder's status
+** code is returned unchanged; a file's messages start with its path. */
+int cdb_image_load_with(struct cdb_img_scratch **scratch, const char *path, const void *data,
+                        size_t len, int size, float *pixels, cdb_err *e);
+
 /* cdb_image_preprocess_with with temporary buffers. */
 int cdb_image_preprocess(const cdb_rgb *img, int size, float *out);
 

@@ -130,30 +130,3 @@ size_t clipdb_image_floats(const clipdb_model *m)
 {
     return (size_t)3 * (size_t)m->vision.image_size * (size_t)m->vision.image_size;
 }
-
-int clipdb_ctx_new(clipdb_ctx **out, clipdb_model *m)
-{
-    clipdb_ctx *c;
-    *out = c = calloc(1, sizeof *c);
-    if (!c) return CLIPDB_ENOMEM;
-    c->m = m;
-    if (!m) return cdb_err_set(&c->err, CLIPDB_EINVAL, "no model given");
-    c->tok_cache = cdb_tok_cache_new();
-    if (!c->tok_cache) return cdb_err_set(&c->err, CLIPDB_ENOMEM, "out of memory");
-    return CLIPDB_OK;
-}
-
-void clipdb_ctx_free(clipdb_ctx *c)
-{
-    if (!c) return;
-    cdb_run_free(c->run);
-    cdb_tok_cache_free(c->tok_cache);
-    cdb_img_scratch_free(c->img);
-    free(c);
-}
-
-const char *clipdb_ctx_errmsg(const clipdb_ctx *c)
-{
-    if (!c) return "out of memory";
-    return c->err.code == CLIPDB_OK ? "no error" : c->err.msg;
-}

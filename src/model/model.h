@@ -1,7 +1,9 @@
 /*
 ** model.h: the internal shape of a loaded CLIP model, shared by the weight
-** loader (weights.c), the transformer (transformer.c), the tokenizer and the
-** image preprocessing. Internal; the public view is clipdb_model_info.
+** loader (weights.c), the model's open/close (model.c), the transformer
+** (transformer.c) and the context (ctx.c). The tokenizer and the image
+** decoder are leaves below it and do not include it. Internal; the public
+** view is clipdb_model_info.
 **
 ** Every weight is an fp32 array: memory-mapped from the safetensors file when
 ** it is stored as little-endian F32, else converted once at load time into
@@ -95,18 +97,4 @@ void cdb_weights_release(clipdb_model *m);
 
 
 
-/* Per-thread scratch. Each part is owned and freed by its module:
-** run (transformer.c), tok_cache (tokenizer.c), img (image.c). */
-struct cdb_run;
-struct cdb_img_scratch;
-struct clipdb_ctx {
-    cdb_err err;
-    clipdb_model *m;
-    struct cdb_run *run;
-    cdb_tok_cache *tok_cache;
-    struct cdb_img_scratch *img;
-    int truncate;                      /* clipdb_ctx_set_truncate (tokenizer.c) */
-};
-void cdb_run_free(struct cdb_run *r);            /* transformer.c */
-void cdb_img_scratch_free(struct cdb_img_scratch *s); /* image.c */
 #endif /* CDB_MODEL_H */

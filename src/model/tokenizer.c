@@ -42,7 +42,6 @@
 #include <utf8proc.h>
 #include <zlib.h>
 
-#include "model/model.h"
 #include "model/tokenizer.h"
 
 #define TOK_GZ_FILE "bpe_simple_vocab_16e6.txt.gz"
@@ -1337,44 +1336,4 @@ int cdb_tok_encode(const cdb_tokenizer *t, cdb_tok_cache *cache, const char *tex
                    int32_t *ids, int cap, int *n_ids, cdb_err *e)
 {
     return cdb_tok_encode_count(t, cache, text, len, ids, cap, n_ids, NULL, e);
-}
-
-/* ---- the policy of the public API ------------------------------------------- */
-
-int cdb_tokenize_ctx(clipdb_ctx *c, const char *text, int32_t *ids, int cap, int *n_ids)
-{
-    int rc;
-    size_t total = 0;
-    *n_ids = 0;
-    cdb_err_clear(&c->err);
-    if (!c->m || !c->m->tok)
-        return cdb_err_set(&c->err, CLIPDB_EINVAL, "the model has no tokenizer");
-    if (!text) return cdb_err_set(&c->err, CLIPDB_EINVAL, "no text given");
-    rc = cdb_tok_encode_count(c->m->tok, c->tok_cache, text, strnlen(text, CLIPDB_MAX_TEXT_BYTES + 1),
-                              ids, cap, n_ids, &total, &c->err);
-    if (rc != CLIPDB_OK) return rc;
-    if (total <= 2) {
-        *n_ids = 0;
-        return cdb_err_set(&c->err, CLIPDB_EINVAL, "empty text");
-    }
-    if (total > (size_t)cap && !c->truncate) {
-        *n_ids = 0;
-        return cdb_err_set(&c->err, CLIPDB_ELIMIT,
-                           "text is %zu tokens long; the context holds %d (use --truncate to cut it)",
-                           total, cap);
-    }
-    return CLIPDB_OK;
-}
-
-int clipdb_tokenize(clipdb_ctx *c, const char *text, int32_t *ids, int cap, int *n_ids)
-{
-    if (!c) return CLIPDB_EINVAL;
-    return cdb_tokenize_ctx(c, text, ids, cap, n_ids);
-}
-
-int clipdb_ctx_set_truncate(clipdb_ctx *c, int on)
-{
-    if (!c) return CLIPDB_EINVAL;
-    c->truncate = on ? 1 : 0;
-    return CLIPDB_OK;
 }

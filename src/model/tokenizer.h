@@ -48,12 +48,4 @@ int cdb_tok_encode_count(const cdb_tokenizer *t, cdb_tok_cache *cache, const cha
                          size_t len, int32_t *ids, int cap, int *n_ids, size_t *n_total,
                          cdb_err *e);
 
-/* The public policy on a context (clipdb_tokenize; clipdb_encode_texts calls
-** it too): tokenizes NUL-terminated text with c->m->tok and c->tok_cache into
-** at most cap ids; "empty text" (no token between start and end) is
-** CLIPDB_EINVAL; more than cap tokens is CLIPDB_ELIMIT unless c->truncate
-** (clipdb_ctx_set_truncate), then truncated keeping the end token. Errors
-** go to c->err; *n_ids is 0 on failure. */
-int cdb_tokenize_ctx(clipdb_ctx *c, const char *text, int32_t *ids, int cap, int *n_ids);
-
 #endif

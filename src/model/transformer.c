@@ -16,7 +16,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "model/tokenizer.h"
 #include "model/transformer.h"
 
 /* ---- per-context scratch -------------------------------------------------- */
@@ -563,69 +562,5 @@ int cdb_text_forward(struct cdb_run *r, const cdb_text *t, int embed_dim,
 cleanup:
     free(items);
     free(qpos);
-    return rc;
-}
-
-/* ---- public API -------------------------------------------------------------- */
-
-static int ctx_ready(clipdb_ctx *c)
-{
-    if (!c->m) return cdb_err_set(&c->err, CLIPDB_EINVAL, "context has no model");
-    if (!c->m->st)
-        return cdb_err_set(&c->err, CLIPDB_EINVAL,
-                           "model %s was opened without weights (tokenizer only); "
-                           "open it with clipdb_model_open to encode",
-                           c->m->dir ? c->m->dir : "");
-    if (!c->run && !(c->run = cdb_run_new()))
-        return cdb_err_set(&c->err, CLIPDB_ENOMEM, "out of memory");
-    return CLIPDB_OK;
-}
-
-int clipdb_encode_images(clipdb_ctx *c, const float *pixels, int n, float *out)
-{
-    int rc;
-    if (!c) return CLIPDB_EINVAL;
-    cdb_err_clear(&c->err);
-    if ((rc = ctx_ready(c))) return rc;
-    if (n < 0 || (n > 0 && (!pixels || !out)))
-        return cdb_err_set(&c->err, CLIPDB_EINVAL, "encode_images: bad arguments");
-    return cdb_vision_forward(c->run, &c->m->vision, c->m->embed_dim, pixels, n, out, &c->err);
-}
-
-int clipdb_encode_texts(clipdb_ctx *c, const char *const *texts, int n, float *out)
-{
-    int rc = CLIPDB_OK, i, C;
-    int32_t *buf = NULL;
-    const int32_t **ids = NULL;
-    int *lens = NULL;
-    if (!c) return CLIPDB_EINVAL;
-    cdb_err_clear(&c->err);
-    if ((rc = ctx_ready(c))) return rc;
-    if (n < 0 || (n > 0 && (!texts || !out)))
-        return cdb_err_set(&c->err, CLIPDB_EINVAL, "encode_texts: bad arguments");
-    if (n == 0) return CLIPDB_OK;
-    C = c->m->text.context;
-    buf = cdb_malloc_array((size_t)n * (size_t)C, sizeof *buf);
-    ids = cdb_malloc_array((size_t)n, sizeof *ids);
-    lens = cdb_malloc_array((size_t)n, sizeof *lens);
-    if (!buf || !ids || !lens) {
-        rc = cdb_err_set(&c->err, CLIPDB_ENOMEM, "out of memory");
-        goto cleanup;
-    }
-    for (i = 0; i < n; i++) {
-        ids[i] = buf + (size_t)i * C;
-        /* CLIP's policy (tokenizer.c): empty text, non-UTF-8 and more than C
-        ** tokens (unless clipdb_ctx_set_truncate) are errors */
-        rc = cdb_tokenize_ctx(c, texts[i], buf + (size_t)i * C, C, &lens[i]);
-        if (rc != CLIPDB_OK) {
-            if (n > 1) cdb_err_prefix(&c->err, "text %d", i);
-            goto cleanup;
-        }
-    }
-    rc = cdb_text_forward(c->run, &c->m->text, c->m->embed_dim, ids, lens, n, 0, out, &c->err);
-cleanup:
-    free(buf);
-    free(ids);
-    free(lens);
     return rc;
 }

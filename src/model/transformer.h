@@ -22,12 +22,13 @@
 /* Most tokens (sequences x length) in one forward pass of the text tower. */
 #define CDB_TEXT_MAX_ROWS 2048
 
-/* Per-context scratch; see cdb_run_free (declared in model.h). */
+/* Per-context scratch (a clipdb_ctx holds one). */
 struct cdb_run;
 
 /* Allocates an empty scratch (buffers grow on first use). NULL on OOM.
-** Caller frees with cdb_run_free. */
+** Caller frees with cdb_run_free, which accepts NULL. */
 struct cdb_run *cdb_run_new(void);
+void cdb_run_free(struct cdb_run *r);
 
 /* ---- kernels (exposed for the unit tests) ------------------------------- */
 

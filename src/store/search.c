@@ -18,8 +18,6 @@
 #include "index/index.h"
 #include "store/sindex.h"
 
-#define QUERY_CHUNK 64 /* texts or images encoded per call */
-
 void clipdb_search_options_init(clipdb_search_options *opt)
 {
     memset(opt, 0, sizeof *opt);
@@ -155,102 +153,75 @@ static int item_vector(clipdb_db *db, int64_t id, float *out)
     return rc;
 }
 
-/* Encodes n texts (texts != NULL) or n preprocessed images (pixels) and
-** writes vector j to row rows[j] of q (nq x d). */
-static int encode_chunk(clipdb_db *db, const char **texts, const float *pixels, size_t n,
-                        const size_t *rows, float *q)
+/* Encodes the queries of kind `qkind` (texts or image files) with the one
+** batched encoder and writes each vector to its row of q (nq x d). The
+** encoder's status code (the image decoder's, the tokenizer's) is kept. */
+static int encode_queries(clipdb_db *db, const clipdb_query *queries, size_t nq,
+                          clipdb_query_kind qkind, float *q)
 {
-    float *tmp = cdb_malloc_array(n, (size_t)db->embed_dim * sizeof(float));
-    size_t j;
-    int rc;
-    if (!tmp) return cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
-    // texts (n) -> text tower, or pixels (n, 3, S, S) -> vision tower -> tmp (n, d)
-    rc = texts ? clipdb_encode_texts(db->ctx, texts, (int)n, tmp)
-               : clipdb_encode_images(db->ctx, pixels, (int)n, tmp);
-    if (rc != CLIPDB_OK) {
-        cdb_err_set(&db->err, rc, "encoding the query %s: %s", texts ? "text" : "image",
-                    clipdb_ctx_errmsg(db->ctx));
-    } else {
-        for (j = 0; j < n; j++)
-            memcpy(q + rows[j] * (size_t)db->embed_dim, tmp + j * (size_t)db->embed_dim,
-                   (size_t)db->embed_dim * sizeof(float));
-    }
-    free(tmp);
-    return rc;
-}
-
-/* Encodes or fetches the nq query vectors into q (nq x d): texts in
-** batches, images in batches, items from the database. */
-static int query_vectors(clipdb_db *db, const clipdb_query *queries, size_t nq, float *q)
-{
-    const char **texts = NULL;
+    const char **inputs = NULL;
     size_t *rows = NULL, n = 0, i;
-    float *pixels = NULL;
-    clipdb_model *m = NULL;
-    size_t img_floats = 0;
+    float *vecs = NULL;
     int rc = CLIPDB_OK;
 
-    texts = cdb_calloc_array(QUERY_CHUNK, sizeof *texts);
-    rows = cdb_calloc_array(QUERY_CHUNK, sizeof *rows);
-    if (!texts || !rows) {
+    for (i = 0; i < nq; i++) n += queries[i].kind == qkind;
+    if (n == 0) return CLIPDB_OK;
+    if (n > INT32_MAX) return cdb_err_set(&db->err, CLIPDB_ELIMIT, "search: too many queries");
+    inputs = cdb_malloc_array(n, sizeof *inputs);
+    rows = cdb_malloc_array(n, sizeof *rows);
+    vecs = cdb_malloc_array(n, (size_t)db->embed_dim * sizeof(float));
+    if (!inputs || !rows || !vecs) {
         rc = cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
         goto cleanup;
     }
+    for (i = n = 0; i < nq; i++)
+        if (queries[i].kind == qkind) {
+            rows[n] = i;
+            inputs[n++] = qkind == CLIPDB_QUERY_TEXT ? queries[i].text : queries[i].path;
+        }
+    // texts (n) -> text tower, or image files (n) -> decode -> vision tower -> vecs (n, d)
+    rc = clipdb_encode_batch(db->ctx,
+                             qkind == CLIPDB_QUERY_TEXT ? CLIPDB_INPUT_TEXT : CLIPDB_INPUT_IMAGE_FILE,
+                             inputs, (int)n, vecs, NULL, NULL);
+    if (rc != CLIPDB_OK) {
+        cdb_err_set(&db->err, rc, "%s", clipdb_ctx_errmsg(db->ctx));
+        goto cleanup;
+    }
+    for (i = 0; i < n; i++)
+        memcpy(q + rows[i] * (size_t)db->embed_dim, vecs + i * (size_t)db->embed_dim,
+               (size_t)db->embed_dim * sizeof(float));
+cleanup:
+    free(inputs);
+    free(rows);
+    free(vecs);
+    return rc;
+}
+
+/* Encodes or fetches the nq query vectors into q (nq x d): texts in one
+** batch, image files in another, items from the database. */
+static int query_vectors(clipdb_db *db, const clipdb_query *queries, size_t nq, float *q)
+{
+    clipdb_model *m = NULL;
+    size_t i;
+    int rc;
+
     /* items, and the model when a query needs it */
     for (i = 0; i < nq; i++) {
         const clipdb_query *x = &queries[i];
         if (x->kind == CLIPDB_QUERY_ITEM) {
             if ((rc = item_vector(db, x->item, q + i * (size_t)db->embed_dim)) != CLIPDB_OK)
-                goto cleanup;
+                return rc;
         } else if (x->kind == CLIPDB_QUERY_TEXT || x->kind == CLIPDB_QUERY_IMAGE) {
-            if ((x->kind == CLIPDB_QUERY_TEXT && !x->text) || (x->kind == CLIPDB_QUERY_IMAGE && !x->path)) {
-                rc = cdb_err_set(&db->err, CLIPDB_EINVAL, "query %zu: no text or path", i);
-                goto cleanup;
-            }
-            if (!m && (rc = clipdb_db_model(db, &m)) != CLIPDB_OK) goto cleanup;
+            if ((x->kind == CLIPDB_QUERY_TEXT && !x->text) || (x->kind == CLIPDB_QUERY_IMAGE && !x->path))
+                return cdb_err_set(&db->err, CLIPDB_EINVAL, "query %zu: no text or path", i);
+            if (!m && (rc = clipdb_db_model(db, &m)) != CLIPDB_OK) return rc;
         } else {
-            rc = cdb_err_set(&db->err, CLIPDB_EINVAL, "query %zu: bad kind %d", i, (int)x->kind);
-            goto cleanup;
+            return cdb_err_set(&db->err, CLIPDB_EINVAL, "query %zu: bad kind %d", i, (int)x->kind);
         }
     }
-    if (!m) goto cleanup;
-    // texts: chunks of (n) -> text tower -> (n, d) rows of q
-    for (i = 0; i <= nq; i++) {
-        if (i < nq && queries[i].kind == CLIPDB_QUERY_TEXT) {
-            rows[n] = i;
-            texts[n++] = queries[i].text;
-        }
-        if (n == QUERY_CHUNK || (i == nq && n > 0)) {
-            if ((rc = encode_chunk(db, texts, NULL, n, rows, q)) != CLIPDB_OK) goto cleanup;
-            n = 0;
-        }
-    }
-    // images: chunks of (n, 3, S, S) -> vision tower -> (n, d) rows of q
-    img_floats = clipdb_image_floats(m);
-    for (i = 0; i <= nq; i++) {
-        if (i < nq && queries[i].kind == CLIPDB_QUERY_IMAGE) {
-            if (!pixels && !(pixels = cdb_malloc_array(QUERY_CHUNK, img_floats * sizeof(float)))) {
-                rc = cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
-                goto cleanup;
-            }
-            /* the decoder's status code is kept (EIO, ELIMIT, EFORMAT, ...) */
-            if ((rc = clipdb_image_load(db->ctx, queries[i].path, pixels + n * img_floats)) !=
-                CLIPDB_OK) {
-                cdb_err_set(&db->err, rc, "%s", clipdb_ctx_errmsg(db->ctx));
-                goto cleanup;
-            }
-            rows[n++] = i;
-        }
-        if (n == QUERY_CHUNK || (i == nq && n > 0)) {
-            if ((rc = encode_chunk(db, NULL, pixels, n, rows, q)) != CLIPDB_OK) goto cleanup;
-            n = 0;
-        }
-    }
-cleanup:
-    free(texts);
-    free(rows);
-    free(pixels);
-    return rc;
+    if (!m) return CLIPDB_OK;
+    if ((rc = encode_queries(db, queries, nq, CLIPDB_QUERY_TEXT, q)) != CLIPDB_OK) return rc;
+    return encode_queries(db, queries, nq, CLIPDB_QUERY_IMAGE, q);
 }
 
 /* ---- results -------------------------------------------------------------------- */

@@ -389,34 +389,30 @@ TEST(image_preprocess_rejects_bad_arguments)
     cdb_rgb_free(&img);
 }
 
-/* ---- the public entry points on a context ------------------------------- */
+/* ---- decode + preprocess into a reused scratch (what a clipdb_ctx calls) ---- */
 
-TEST(image_load_on_context_reuses_scratch_and_names_path)
+TEST(image_load_with_reuses_scratch_and_names_path)
 {
-    clipdb_model m;
-    clipdb_ctx c;
+    struct cdb_img_scratch *s = NULL;
+    cdb_err e;
     unsigned char *jpg = NULL;
     unsigned long len = 0;
     float *a = malloc(3 * 224 * 224 * sizeof *a), *b = malloc(3 * 224 * 224 * sizeof *b);
     char path[600];
-    memset(&m, 0, sizeof m);
-    memset(&c, 0, sizeof c);
-    m.vision.image_size = 224;
-    c.m = &m;
     make_jpeg(300, 200, &jpg, &len);
     REQUIRE(jpg && a && b);
     snprintf(path, sizeof path, "%s/ctx.jpg", test_tmpdir());
     write_bytes(path, jpg, len);
-    CHECK(clipdb_image_load(&c, path, a) == CLIPDB_OK);
-    CHECK(c.img != NULL);
-    CHECK(clipdb_image_load_memory(&c, jpg, len, b) == CLIPDB_OK);
+    CHECK(cdb_image_load_with(&s, path, NULL, 0, 224, a, &e) == CLIPDB_OK);
+    CHECK(s != NULL);
+    CHECK(cdb_image_load_with(&s, NULL, jpg, len, 224, b, &e) == CLIPDB_OK);
     CHECK(!memcmp(a, b, 3 * 224 * 224 * sizeof *a));
     snprintf(path, sizeof path, "%s/absent.jpg", test_tmpdir());
-    CHECK(clipdb_image_load(&c, path, a) == CLIPDB_ENOTFOUND);
-    CHECK(strstr(c.err.msg, path) != NULL);
-    CHECK(clipdb_image_load_memory(&c, jpg, len / 3, a) == CLIPDB_EFORMAT);
-    CHECK(strstr(c.err.msg, "corrupt JPEG data") != NULL);
-    cdb_img_scratch_free(c.img);
+    CHECK(cdb_image_load_with(&s, path, NULL, 0, 224, a, &e) == CLIPDB_ENOTFOUND);
+    CHECK(strstr(e.msg, path) == e.msg);
+    CHECK(cdb_image_load_with(&s, NULL, jpg, len / 3, 224, a, &e) == CLIPDB_EFORMAT);
+    CHECK(strstr(e.msg, "corrupt JPEG data") != NULL);
+    cdb_img_scratch_free(s);
     free(jpg);
     free(a);
     free(b);

@@ -1,0 +1,293 @@
+/*
+** ctx.c: the per-thread encoding context (clipdb_ctx) and its entry points,
+** above the leaf modules: it calls the tokenizer (tokenizer.c), the image
+** decoder and preprocessing (image.c) and the transformer (transformer.c),
+** none of which knows the context. The context's struct is private to this
+** file.
+*/
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "model/image.h"
+#include "model/model.h"
+#include "model/tokenizer.h"
+#include "model/transformer.h"
+
+/* Texts tokenized per group of clipdb_encode_batch: bounds the id buffer
+** (4096 x 77 int32 = 1.2 MB) and leaves the text tower enough texts to group
+** by length (cdb_text_forward). */
+#define CDB_ENCODE_TEXT_GROUP 4096
+/* Image files decoded per group: one forward chunk of the vision tower. */
+#define CDB_ENCODE_IMAGE_GROUP CDB_VISION_CHUNK
+
+/* Per-thread scratch. Each part is owned and freed by its module:
+** run (transformer.c), tok_cache (tokenizer.c), img (image.c). */
+struct clipdb_ctx {
+    cdb_err err;
+    clipdb_model *m;
+    struct cdb_run *run;
+    cdb_tok_cache *tok_cache;
+    struct cdb_img_scratch *img;
+    int truncate;                      /* clipdb_ctx_set_truncate */
+};
+
+int clipdb_ctx_new(clipdb_ctx **out, clipdb_model *m)
+{
+    clipdb_ctx *c;
+    *out = c = calloc(1, sizeof *c);
+    if (!c) return CLIPDB_ENOMEM;
+    c->m = m;
+    if (!m) return cdb_err_set(&c->err, CLIPDB_EINVAL, "no model given");
+    c->tok_cache = cdb_tok_cache_new();
+    if (!c->tok_cache) return cdb_err_set(&c->err, CLIPDB_ENOMEM, "out of memory");
+    return CLIPDB_OK;
+}
+
+void clipdb_ctx_free(clipdb_ctx *c)
+{
+    if (!c) return;
+    cdb_run_free(c->run);
+    cdb_tok_cache_free(c->tok_cache);
+    cdb_img_scratch_free(c->img);
+    free(c);
+}
+
+const char *clipdb_ctx_errmsg(const clipdb_ctx *c)
+{
+    if (!c) return "out of memory";
+    return c->err.code == CLIPDB_OK ? "no error" : c->err.msg;
+}
+
+/* Checks that c can encode (a model with weights) and allocates its run
+** scratch on first use; the message goes to c->err. */
+static int ctx_ready(clipdb_ctx *c)
+{
+    if (!c->m) return cdb_err_set(&c->err, CLIPDB_EINVAL, "context has no model");
+    if (!c->m->st)
+        return cdb_err_set(&c->err, CLIPDB_EINVAL,
+                           "model %s was opened without weights (tokenizer only); "
+                           "open it with clipdb_model_open to encode",
+                           c->m->dir ? c->m->dir : "");
+    if (!c->run && !(c->run = cdb_run_new()))
+        return cdb_err_set(&c->err, CLIPDB_ENOMEM, "out of memory");
+    return CLIPDB_OK;
+}
+
+/* ---- texts ------------------------------------------------------------------- */
+
+/* The tokenizer policy of the public API (clipdb_tokenize, the encoders):
+** "empty text" (no token between start and end) is CLIPDB_EINVAL; more than
+** cap tokens is CLIPDB_ELIMIT unless c->truncate, then truncated keeping the
+** end token. Errors go to c->err; *n_ids is 0 on failure. */
+static int tokenize_ctx(clipdb_ctx *c, const char *text, int32_t *ids, int cap, int *n_ids)
+{
+    int rc;
+    size_t total = 0;
+    *n_ids = 0;
+    cdb_err_clear(&c->err);
+    if (!c->m || !c->m->tok)
+        return cdb_err_set(&c->err, CLIPDB_EINVAL, "the model has no tokenizer");
+    if (!text) return cdb_err_set(&c->err, CLIPDB_EINVAL, "no text given");
+    rc = cdb_tok_encode_count(c->m->tok, c->tok_cache, text, strnlen(text, CLIPDB_MAX_TEXT_BYTES + 1),
+                              ids, cap, n_ids, &total, &c->err);
+    if (rc != CLIPDB_OK) return rc;
+    if (total <= 2) {
+        *n_ids = 0;
+        return cdb_err_set(&c->err, CLIPDB_EINVAL, "empty text");
+    }
+    if (total > (size_t)cap && !c->truncate) {
+        *n_ids = 0;
+        return cdb_err_set(&c->err, CLIPDB_ELIMIT,
+                           "text is %zu tokens long; the context holds %d",
+                           total, cap);
+    }
+    return CLIPDB_OK;
+}
+
+int clipdb_tokenize(clipdb_ctx *c, const char *text, int32_t *ids, int cap, int *n_ids)
+{
+    if (!c) return CLIPDB_EINVAL;
+    return tokenize_ctx(c, text, ids, cap, n_ids);
+}
+
+int clipdb_ctx_set_truncate(clipdb_ctx *c, int on)
+{
+    if (!c) return CLIPDB_EINVAL;
+    c->truncate = on ? 1 : 0;
+    return CLIPDB_OK;
+}
+
+/* ---- images ------------------------------------------------------------------ */
+
+static int image_load(clipdb_ctx *c, const char *path, const void *data, size_t len,
+                      float *pixels)
+{
+    int size;
+    if (!c) return CLIPDB_EINVAL;
+    cdb_err_clear(&c->err);
+    if (!c->m || !pixels || (!path && !data))
+        return cdb_err_set(&c->err, CLIPDB_EINVAL, "image load: missing argument");
+    size = c->m->vision.image_size;
+    if (size < 1) return cdb_err_set(&c->err, CLIPDB_EINVAL, "model has no vision tower");
+    return cdb_image_load_with(&c->img, path, data, len, size, pixels, &c->err);
+}
+
+int clipdb_image_load(clipdb_ctx *c, const char *path, float *pixels)
+{
+    if (!path) return c ? cdb_err_set(&c->err, CLIPDB_EINVAL, "no image path given") : CLIPDB_EINVAL;
+    return image_load(c, path, NULL, 0, pixels);
+}
+
+int clipdb_image_load_memory(clipdb_ctx *c, const void *data, size_t len, float *pixels)
+{
+    if (!data) return c ? cdb_err_set(&c->err, CLIPDB_EINVAL, "no image data given") : CLIPDB_EINVAL;
+    return image_load(c, NULL, data, len, pixels);
+}
+
+/* ---- encoding ------------------------------------------------------------------ */
+
+int clipdb_encode_images(clipdb_ctx *c, const float *pixels, int n, float *out)
+{
+    int rc;
+    if (!c) return CLIPDB_EINVAL;
+    cdb_err_clear(&c->err);
+    if ((rc = ctx_ready(c))) return rc;
+    if (n < 0 || (n > 0 && (!pixels || !out)))
+        return cdb_err_set(&c->err, CLIPDB_EINVAL, "encode_images: bad arguments");
+    // pixels (n, 3, S, S) -> out (n, embed_dim)
+    return cdb_vision_forward(c->run, &c->m->vision, c->m->embed_dim, pixels, n, out, &c->err);
+}
+
+int clipdb_encode_texts(clipdb_ctx *c, const char *const *texts, int n, float *out)
+{
+    return clipdb_encode_batch(c, CLIPDB_INPUT_TEXT, texts, n, out, NULL, NULL);
+}
+
+/* Input `index` failed with the error in c->err: recorded in status (the
+** call goes on: returns CLIPDB_OK) or, without status, kept on the ctx (the
+** call stops: returns the code). */
+static int item_failed(clipdb_ctx *c, clipdb_item_status *status, int index, float *row, int dim,
+                       int *n_failed)
+{
+    if (!status) return c->err.code;
+    status[index].code = c->err.code;
+    snprintf(status[index].msg, sizeof status[index].msg, "%s", c->err.msg);
+    memset(row, 0, (size_t)dim * sizeof *row);
+    (*n_failed)++;
+    cdb_err_clear(&c->err);
+    return CLIPDB_OK;
+}
+
+/* Texts in groups: tokenize every text of the group (per-input failures),
+** then one text-tower call on those that tokenized. */
+static int encode_text_groups(clipdb_ctx *c, const char *const *texts, int n, float *out,
+                              clipdb_item_status *status, int *n_failed)
+{
+    int rc = CLIPDB_OK, C = c->m->text.context, E = c->m->embed_dim;
+    int G = n < CDB_ENCODE_TEXT_GROUP ? n : CDB_ENCODE_TEXT_GROUP, g0, i, k;
+    int32_t *buf = cdb_malloc_array((size_t)G * (size_t)C, sizeof *buf);
+    const int32_t **ids = cdb_malloc_array((size_t)G, sizeof *ids);
+    int *lens = cdb_malloc_array((size_t)G, sizeof *lens);
+    int *slot = cdb_malloc_array((size_t)G, sizeof *slot);
+    float *tmp = cdb_malloc_array((size_t)G * (size_t)E, sizeof *tmp);
+
+    if (!buf || !ids || !lens || !slot || !tmp) {
+        rc = cdb_err_set(&c->err, CLIPDB_ENOMEM, "out of memory");
+        goto cleanup;
+    }
+    for (g0 = 0; g0 < n; g0 += G) {
+        int cnt = n - g0 < G ? n - g0 : G;
+        for (i = k = 0; i < cnt; i++) {
+            int32_t *row = buf + (size_t)k * C;
+            /* CLIP's policy (tokenizer.c): empty text, non-UTF-8 and more
+            ** than C tokens (unless clipdb_ctx_set_truncate) are refused */
+            if (tokenize_ctx(c, texts[g0 + i], row, C, &lens[k]) != CLIPDB_OK) {
+                if (n > 1) cdb_err_prefix(&c->err, "text %d", g0 + i);
+                rc = item_failed(c, status, g0 + i, out + (size_t)(g0 + i) * E, E, n_failed);
+                if (rc != CLIPDB_OK) goto cleanup;
+                continue;
+            }
+            ids[k] = row;
+            slot[k++] = g0 + i;
+        }
+        if (k == 0) continue;
+        // k texts (ids, lens) -> tmp (k, E)
+        rc = cdb_text_forward(c->run, &c->m->text, E, ids, lens, k, 0, tmp, &c->err);
+        if (rc != CLIPDB_OK) goto cleanup;
+        for (i = 0; i < k; i++)
+            memcpy(out + (size_t)slot[i] * E, tmp + (size_t)i * E, (size_t)E * sizeof *tmp);
+    }
+cleanup:
+    free(buf);
+    free(ids);
+    free(lens);
+    free(slot);
+    free(tmp);
+    return rc;
+}
+
+/* Image files in groups: decode + preprocess each (per-input failures),
+** then one vision-tower call on those that decoded. */
+static int encode_image_groups(clipdb_ctx *c, const char *const *paths, int n, float *out,
+                               clipdb_item_status *status, int *n_failed)
+{
+    int rc = CLIPDB_OK, E = c->m->embed_dim, g0, i, k;
+    int G = n < CDB_ENCODE_IMAGE_GROUP ? n : CDB_ENCODE_IMAGE_GROUP;
+    size_t px = clipdb_image_floats(c->m);
+    float *pix = cdb_malloc_array((size_t)G * px, sizeof *pix);
+    float *tmp = cdb_malloc_array((size_t)G * (size_t)E, sizeof *tmp);
+    int *slot = cdb_malloc_array((size_t)G, sizeof *slot);
+
+    if (!pix || !tmp || !slot) {
+        rc = cdb_err_set(&c->err, CLIPDB_ENOMEM, "out of memory");
+        goto cleanup;
+    }
+    for (g0 = 0; g0 < n; g0 += G) {
+        int cnt = n - g0 < G ? n - g0 : G;
+        for (i = k = 0; i < cnt; i++) {
+            /* the decoder's message starts with the path */
+            if (clipdb_image_load(c, paths[g0 + i], pix + (size_t)k * px) != CLIPDB_OK) {
+                rc = item_failed(c, status, g0 + i, out + (size_t)(g0 + i) * E, E, n_failed);
+                if (rc != CLIPDB_OK) goto cleanup;
+                continue;
+            }
+            slot[k++] = g0 + i;
+        }
+        if (k == 0) continue;
+        // pixels (k, 3, S, S) -> tmp (k, E)
+        rc = cdb_vision_forward(c->run, &c->m->vision, E, pix, k, tmp, &c->err);
+        if (rc != CLIPDB_OK) goto cleanup;
+        for (i = 0; i < k; i++)
+            memcpy(out + (size_t)slot[i] * E, tmp + (size_t)i * E, (size_t)E * sizeof *tmp);
+    }
+cleanup:
+    free(pix);
+    free(tmp);
+    free(slot);
+    return rc;
+}
+
+int clipdb_encode_batch(clipdb_ctx *c, clipdb_input_kind kind, const char *const *inputs, int n,
+                        float *out, clipdb_item_status *status, int *n_failed)
+{
+    int rc, failed = 0, i;
+    if (n_failed) *n_failed = 0;
+    if (!c) return CLIPDB_EINVAL;
+    cdb_err_clear(&c->err);
+    if (n < 0 || (n > 0 && (!inputs || !out)))
+        return cdb_err_set(&c->err, CLIPDB_EINVAL, "encode_batch: bad arguments");
+    if (kind != CLIPDB_INPUT_TEXT && kind != CLIPDB_INPUT_IMAGE_FILE)
+        return cdb_err_set(&c->err, CLIPDB_EINVAL, "encode_batch: unknown input kind %d",
+                           (int)kind);
+    if ((rc = ctx_ready(c))) return rc;
+    for (i = 0; status && i < n; i++) {
+        status[i].code = CLIPDB_OK;
+        status[i].msg[0] = 0;
+    }
+    if (n == 0) return CLIPDB_OK;
+    rc = kind == CLIPDB_INPUT_TEXT ? encode_text_groups(c, inputs, n, out, status, &failed)
+                                   : encode_image_groups(c, inputs, n, out, status, &failed);
+    if (n_failed) *n_failed = failed;
+    return rc;
+}

@@ -30,7 +30,9 @@ def db(tmp_path_factory):
                              for i, w in enumerate(["dog", "cat", "bus", "tree"] * 3)))
     path = tmp / "tidy.db"
     run("init", path, "--model", model, check=True)
-    run("add", path, "--images", images, "--texts", texts, "-q", check=True)
+    # four decode threads whatever the machine: the TSan run (make tsan) checks
+    # the ingest pipeline through this fixture
+    run("add", path, "--images", images, "--texts", texts, "--threads", "4", "-q", check=True)
     return path
 
 

@@ -1,6 +1,7 @@
 /* Unit tests of src/store: the database file, items, deletion, captions
 ** parsers, hashing. Model-free: databases are created with
 ** cdb_db_create_raw and filled with synthetic vectors. */
+#include <pthread.h>
 #include <sqlite3.h>
 #include <stdint.h>
 
@@ -476,4 +477,92 @@ TEST(store_index_errors_keep_codes)
     CHECK(clipdb_db_search(db, &q, 1, &so, &res) == CLIPDB_EFORMAT);
     CHECK(strstr(clipdb_db_errmsg(db), "corrupt IVF index") != NULL);
     clipdb_db_close(db);
+}
+
+/* Concurrent searches: several threads, each with its own handle on one
+** file (the documented way to search in parallel), exact and IVF, give the
+** serial answers. The TSan build (make tsan) runs this. */
+typedef struct search_job {
+    const char *path;
+    const int64_t *want;  /* 4 queries x 5 ids, exact then IVF */
+    int bad;
+} search_job;
+
+static int search_ids(clipdb_db *db, clipdb_index_kind kind, int64_t *ids)
+{
+    clipdb_search_options so;
+    clipdb_results *res = NULL;
+    clipdb_query q[4];
+    int i, j;
+    memset(q, 0, sizeof q);
+    for (i = 0; i < 4; i++) {
+        q[i].kind = CLIPDB_QUERY_ITEM;
+        q[i].item = 1 + 2 * i;
+    }
+    clipdb_search_options_init(&so);
+    so.k = 5;
+    so.index = kind;
+    so.nprobe = 2;
+    if (clipdb_db_search(db, q, 4, &so, &res) != CLIPDB_OK) return -1;
+    for (i = 0; i < 4; i++)
+        for (j = 0; j < 5; j++)
+            ids[i * 5 + j] = res->offsets[i] + (size_t)j < res->offsets[i + 1]
+                                 ? res->results[res->offsets[i] + (size_t)j].id
+                                 : -1;
+    clipdb_results_free(res);
+    return 0;
+}
+
+static void *search_thread(void *arg)
+{
+    search_job *j = arg;
+    clipdb_db_options o;
+    clipdb_db *db = NULL;
+    int64_t got[40];
+    int r, i;
+    clipdb_db_options_init(&o);
+    o.readonly = 1;
+    if (clipdb_db_open(&db, j->path, &o) != CLIPDB_OK) {
+        j->bad++;
+        clipdb_db_close(db);
+        return NULL;
+    }
+    for (r = 0; r < 10; r++) {
+        if (search_ids(db, CLIPDB_INDEX_EXACT, got) || search_ids(db, CLIPDB_INDEX_IVF, got + 20)) {
+            j->bad++;
+            break;
+        }
+        for (i = 0; i < 40; i++) j->bad += got[i] != j->want[i];
+    }
+    clipdb_db_close(db);
+    return NULL;
+}
+
+TEST(store_concurrent_searches)
+{
+    clipdb_db *db = filled_db("conc.db", 60);
+    clipdb_index_options o;
+    search_job jobs[4];
+    pthread_t th[4];
+    int64_t want[40];
+    char path[512];
+    int i, started = 0;
+    REQUIRE(db);
+    clipdb_index_options_init(&o);
+    o.nlist = 4;
+    REQUIRE(clipdb_db_build_ivf(db, &o) == CLIPDB_OK);
+    REQUIRE(search_ids(db, CLIPDB_INDEX_EXACT, want) == 0);
+    REQUIRE(search_ids(db, CLIPDB_INDEX_IVF, want + 20) == 0);
+    clipdb_db_close(db);
+    snprintf(path, sizeof path, "%s/conc.db", test_tmpdir());
+    for (i = 0; i < 4; i++) {
+        jobs[i] = (search_job){path, want, 0};
+        if (pthread_create(&th[i], NULL, search_thread, &jobs[i]) != 0) break;
+        started++;
+    }
+    CHECK(started == 4);
+    for (i = 0; i < started; i++) {
+        pthread_join(th[i], NULL);
+        CHECK(jobs[i].bad == 0);
+    }
 }

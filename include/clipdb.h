@@ -560,7 +560,12 @@ CLIPDB_API void clipdb_results_free(clipdb_results *r);
 
 /* Answers nq queries (texts are encoded in one batch, images likewise, and
 ** all queries are searched together: one matrix product for exact search).
-** *out (free with clipdb_results_free) is set on success. */
+** *out (free with clipdb_results_free) is set on success. On failure the
+** status is the failing step's own (clipdb_db_errcode gives it too): e.g.
+** the image decoder's CLIPDB_EFORMAT / CLIPDB_ELIMIT / CLIPDB_EIO for a query
+** image, the tokenizer's CLIPDB_EINVAL for an empty text, CLIPDB_ENOTFOUND
+** when the index asked for is not stored, CLIPDB_EFORMAT when it is
+** corrupt; the message names the input and the reason. */
 CLIPDB_API int clipdb_db_search(clipdb_db *db, const clipdb_query *queries,
                                 size_t nq, const clipdb_search_options *opt,
                                 clipdb_results **out);

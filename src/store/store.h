@@ -32,7 +32,11 @@
 
 #include "core/core.h"
 
-/* The vectors of one item type, loaded into memory for search. */
+/* A vector set: the vectors a stored index serves and a search scans,
+** loaded into memory. Today a database holds one set per item type (the
+** image vectors and the text vectors, set = CLIPDB_ITEM_IMAGE / _TEXT);
+** the stored-index slots (sindex.h) are keyed by set so that more sets per
+** database (other models, other fields) need no new kind of cache. */
 typedef struct cdb_vecset {
     int loaded;
     int64_t data_version;  /* PRAGMA data_version when loaded */
@@ -45,9 +49,10 @@ typedef struct cdb_vecset {
 
 struct cdb_sindex;
 
-/* Item types as stored in items.type (the values of CLIPDB_ITEM_IMAGE /
-** CLIPDB_ITEM_TEXT; SQL text binds them, never writes them out). */
-#define CDB_N_SETS 3 /* sets[] is indexed by the item type: 1 and 2 used */
+/* Number of entries of clipdb_db.sets, indexed by the set (the item type,
+** CLIPDB_ITEM_IMAGE = 1 or CLIPDB_ITEM_TEXT = 2; 0 unused). Item types go
+** into SQL as bound values, never as literals. */
+#define CDB_N_SETS 3
 
 struct clipdb_db {
     cdb_err err;

@@ -122,6 +122,9 @@ static void print_query(const clipdb_query *q)
     } else printf("{\"item\": %lld}", (long long)q->item);
 }
 
+/* A batch file is read whole: at most this many bytes. */
+#define MAX_BATCH_BYTES ((size_t)256 << 20)
+
 /* Reads the batch file into queries (lines point into *buf). */
 static int read_batch(const char *path, char **buf, clipdb_query **qs, size_t *nq)
 {
@@ -142,6 +145,11 @@ static int read_batch(const char *path, char **buf, clipdb_query **qs, size_t *n
         i = fread(*buf + len, 1, cap - len - 1, f);
         len += i;
         if (i == 0) break;
+        if (len > MAX_BATCH_BYTES) {
+            fclose(f);
+            return cli_fail("search", "%s: batch file larger than %zu MiB", path,
+                            MAX_BATCH_BYTES >> 20);
+        }
     }
     fclose(f);
     (*buf)[len] = '\0';

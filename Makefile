@@ -29,7 +29,7 @@ LIB_O  := $(LIB_C:%.c=$(BUILD)/%.o) $(LIB_CXX:%.cc=$(BUILD)/%.o)
 CLI_O  := $(CLI_C:%.c=$(BUILD)/%.o)
 TEST_O := $(TEST_C:%.c=$(BUILD)/%.o)
 
-.PHONY: examples all test unit-test cli-test asan fuzz bench demo clean install
+.PHONY: examples all test unit-test cli-test asan tsan fuzz bench demo clean install
 all: $(BUILD)/clipdb $(BUILD)/libclipdb.so
 
 $(BUILD)/%.o: %.c
@@ -84,6 +84,24 @@ asan:
 	$(MAKE) BUILD=build-asan OPT="-O1 -march=native" \
 	    SAN="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer" \
 	    CLIPDB_ASAN=1 test
+
+# The concurrency tests under ThreadSanitizer: the core pool (one caller and
+# concurrent callers), the top-k pass on the pool, two encoders in parallel,
+# concurrent searches on one file, and the ingest pipeline (clipdb add with
+# 4 decode threads, through tests/cli/test_store_tidy.py). OpenBLAS and
+# libgomp are not instrumented, so their own threads are turned off
+# (OPENBLAS_NUM_THREADS=1, OMP_NUM_THREADS=1): TSan checks clipdb's threads,
+# not theirs. No suppressions.
+TSAN_BUILD := build-tsan
+TSAN_UNIT  := core_pool index_kernels_pool transformer_two_threads store_concurrent_searches
+TSAN_ENV   := OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 TSAN_OPTIONS="halt_on_error=1 exitcode=66"
+tsan:
+	$(MAKE) BUILD=$(TSAN_BUILD) OPT="-O1 -march=native" \
+	    SAN="-fsanitize=thread -fno-omit-frame-pointer" \
+	    $(TSAN_BUILD)/test_unit $(TSAN_BUILD)/clipdb $(TSAN_BUILD)/examples/search
+	@set -e; for t in $(TSAN_UNIT); do $(TSAN_ENV) $(TSAN_BUILD)/test_unit $$t; done
+	$(TSAN_ENV) CLIPDB_BIN=$(abspath $(TSAN_BUILD)/clipdb) CLIPDB_BUILD=$(abspath $(TSAN_BUILD)) \
+	    $(PY) -m pytest -q tests/cli/test_store_tidy.py
 
 # libFuzzer targets (clang). FUZZ_SECONDS each. Crashes, leaks, timeouts and
 # OOMs are written to build-fuzz/artifacts-TARGET/ (never the repository root).
@@ -146,6 +164,6 @@ install: $(BUILD)/clipdb $(BUILD)/libclipdb.a $(BUILD)/libclipdb.so tools/clipdb
 	    -e 's|@LIBS_PRIVATE@|$(LDLIBS)|' tools/clipdb.pc.in > $(DESTDIR)$(LIBDIR)/pkgconfig/clipdb.pc
 
 clean:
-	rm -rf build build-asan build-fuzz
+	rm -rf build build-asan build-fuzz build-tsan
 
 -include $(LIB_O:.o=.d) $(CLI_O:.o=.d) $(TEST_O:.o=.d) $(BUILD)/tools/preprocess_dump.d

@@ -1,12 +1,16 @@
 /*
 ** examples/search.c: clipdb as a C library. Opens a database, finds the
-** images nearest to a text, and prints them. Uses only include/clipdb.h.
+** images nearest to a text (or to an image file: "image:PATH"), and prints
+** them; on failure prints the status code and the message. Uses only
+** include/clipdb.h.
 **
 **   cc -Iinclude examples/search.c build/libclipdb.a $(LIBS) -o search
 **   ./search photos.db "a dog on a beach" [K]
+**   ./search photos.db image:cat.jpg [K]
 */
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "clipdb.h"
 
@@ -30,8 +34,13 @@ int main(int argc, char **argv)
     }
     clipdb_search_options_init(&opt);         /* cosine, exact, k = 10, images */
     if (argc > 3) opt.k = atoi(argv[3]);
-    q.kind = CLIPDB_QUERY_TEXT;
-    q.text = argv[2];
+    if (!strncmp(argv[2], "image:", 6)) {
+        q.kind = CLIPDB_QUERY_IMAGE;
+        q.path = argv[2] + 6;
+    } else {
+        q.kind = CLIPDB_QUERY_TEXT;
+        q.text = argv[2];
+    }
     rc = clipdb_db_search(db, &q, 1, &opt, &res);
     if (rc != CLIPDB_OK) {
         fprintf(stderr, "%s: %s\n", clipdb_status_name(rc), clipdb_db_errmsg(db));

@@ -58,6 +58,7 @@ CLIPDB_API void clipdb_free(void *p);
 #define CLIPDB_MAX_IMAGE_SIDE   32768       /* pixels, width or height */
 #define CLIPDB_MAX_IMAGE_PIXELS 178956970u  /* w*h, as PIL's default */
 #define CLIPDB_MAX_TEXT_BYTES   (1u << 20)  /* one text, before truncation */
+#define CLIPDB_MAX_IMAGE_FILE_BYTES ((size_t)256 << 20) /* one image file read whole */
 
 /* ---- the model ----------------------------------------------------------- */
 
@@ -271,6 +272,7 @@ typedef struct clipdb_hit {
 #define CLIPDB_MAX_DIM   65536
 #define CLIPDB_MAX_K     (1 << 24)
 #define CLIPDB_MAX_NLIST (1 << 20)
+#define CLIPDB_DEFAULT_SEED 1234 /* k-means seed when none is given */
 
 /* A borrowed view of n vectors of dimension d. Nothing is copied or freed. */
 typedef struct clipdb_vecs {
@@ -344,17 +346,22 @@ CLIPDB_API int clipdb_ivf_new_from_centroids(clipdb_ivf **out, int d, int nlist,
                                              clipdb_metric metric,
                                              const float *centroids);
 CLIPDB_API void clipdb_ivf_free(clipdb_ivf *ivf);
+/* The message of the last failed call on ivf ("" when none failed);
+** "out of memory" for NULL. */
 CLIPDB_API const char *clipdb_ivf_errmsg(const clipdb_ivf *ivf);
+/* The status code of the last failed call on ivf (CLIPDB_OK when none
+** failed); CLIPDB_ENOMEM for NULL. */
+CLIPDB_API int clipdb_ivf_errcode(const clipdb_ivf *ivf);
 
 /* Trains the centroids by k-means (k-means++ seeding) on n vectors
 ** (n >= nlist). opt may be NULL (defaults). Empties the lists. */
 CLIPDB_API int clipdb_ivf_train(clipdb_ivf *ivf, const float *x, size_t n,
                                 const clipdb_ivf_train_options *opt);
 
-/* Index shape: any out-pointer may be NULL. */
-CLIPDB_API void clipdb_ivf_info(const clipdb_ivf *ivf, int *d, int *nlist,
-                                clipdb_metric *metric, int *is_trained,
-                                size_t *ntotal);
+/* Index shape: any out-pointer may be NULL. CLIPDB_EINVAL for NULL ivf. */
+CLIPDB_API int clipdb_ivf_info(const clipdb_ivf *ivf, int *d, int *nlist,
+                               clipdb_metric *metric, int *is_trained,
+                               size_t *ntotal);
 /* The centroids (nlist x d floats); they belong to the index and live until
 ** it is retrained or freed. NULL when untrained. */
 CLIPDB_API const float *clipdb_ivf_centroids(const clipdb_ivf *ivf);
@@ -429,7 +436,12 @@ CLIPDB_API void clipdb_db_options_init(clipdb_db_options *opt);
 CLIPDB_API int clipdb_db_open(clipdb_db **out, const char *path,
                               const clipdb_db_options *opt);
 CLIPDB_API void clipdb_db_close(clipdb_db *db);
+/* The message of the last failed call on db, "" when the last call
+** succeeded (or none was made); "out of memory" for NULL (a failed open). */
 CLIPDB_API const char *clipdb_db_errmsg(const clipdb_db *db);
+/* The status code of the last call on db: CLIPDB_OK when it succeeded, else
+** the code that call returned (the callee's, kept through every layer). */
+CLIPDB_API int clipdb_db_errcode(const clipdb_db *db);
 
 /* The database's model, opened on first use (the directory given at open,
 ** else the recorded one) and checked against the recorded identity
@@ -559,7 +571,12 @@ CLIPDB_API void clipdb_results_free(clipdb_results *r);
 
 /* Answers nq queries (texts are encoded in one batch, images likewise, and
 ** all queries are searched together: one matrix product for exact search).
-** *out (free with clipdb_results_free) is set on success. */
+** *out (free with clipdb_results_free) is set on success. On failure the
+** status is the failing step's own (clipdb_db_errcode gives it too): e.g.
+** the image decoder's CLIPDB_EFORMAT / CLIPDB_ELIMIT / CLIPDB_EIO for a query
+** image, the tokenizer's CLIPDB_EINVAL for an empty text, CLIPDB_ENOTFOUND
+** when the index asked for is not stored, CLIPDB_EFORMAT when it is
+** corrupt; the message names the input and the reason. */
 CLIPDB_API int clipdb_db_search(clipdb_db *db, const clipdb_query *queries,
                                 size_t nq, const clipdb_search_options *opt,
                                 clipdb_results **out);
@@ -610,11 +627,15 @@ typedef struct clipdb_db_stats {
     const char *model_dir;   /* recorded model directory */
     const char *path;        /* the database file */
     int n_indexes;
-    clipdb_db_index_info indexes[8];
+    clipdb_db_index_info *indexes; /* n_indexes stored indexes, any number */
 } clipdb_db_stats;
-/* Fills *out; its strings belong to db and live until the next call on db. */
+/* Fills *out. indexes (and their factory strings) belong to the caller:
+** free them with clipdb_db_stats_free; the other strings belong to db and
+** live until it is closed. On failure nothing is left to free. */
 CLIPDB_API int clipdb_db_get_stats(clipdb_db *db, clipdb_db_stats *out);
-
+/* Frees what clipdb_db_get_stats allocated in *st (not st itself).
+** Accepts NULL and a zeroed struct. */
+CLIPDB_API void clipdb_db_stats_free(clipdb_db_stats *st);
 
 #ifdef __cplusplus
 }

@@ -70,6 +70,10 @@ void cli_progress_break(cli_progress *p);
 /* Opens a model or prints the error; returns CLI_OK or CLI_FAIL. */
 int cli_open_model(const char *cmd, const char *dir, clipdb_model **out);
 
+/* Opens a database or prints the error (with a hint of what to type);
+** returns CLI_OK or CLI_FAIL (then *out is NULL). */
+int cli_open_db(const char *cmd, const char *path, const clipdb_db_options *opt, clipdb_db **out);
+
 /* The table, defined in main.c. */
 extern const cli_cmd cli_commands[];
 extern const int cli_n_commands;

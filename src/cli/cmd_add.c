@@ -111,8 +111,8 @@ int cli_cmd_add(int argc, char **argv)
     opt.arg = &ps;
     clipdb_db_options_init(&dopt);
     dopt.model_dir = model;
-    rc = clipdb_db_open(&db, path, &dopt);
-    if (rc == CLIPDB_OK) rc = clipdb_db_add(db, &opt, &r);
+    if (cli_open_db("add", path, &dopt, &db) != CLI_OK) return CLI_FAIL;
+    rc = clipdb_db_add(db, &opt, &r);
     cli_progress_break(&ps.bar);
     if (rc != CLIPDB_OK) {
         ret = cli_fail("add", "%s", clipdb_db_errmsg(db));

@@ -11,7 +11,8 @@ const char cli_index_help[] =
     "                    [--target image|text] [--metric cosine|dot|l2]\n"
     "\n"
     "Trains an IVF index (k-means, seeded) on the stored vectors of the target\n"
-    "type and stores its centroids and the list of every vector in the\n"
+    "type (without --target: one on the image vectors and one on the text\n"
+    "vectors) and stores its centroids and the list of every vector in the\n"
     "database, replacing an earlier one for the same target and metric. Then\n"
     "'clipdb search DB --index ivf --nprobe N' uses it. Items added later go to\n"
     "their nearest list; deleted ones leave it. Retrain after large changes.\n"
@@ -27,12 +28,13 @@ const char cli_index_help[] =
     "  --ivf           build clipdb's IVF-Flat index\n"
     "  --faiss SPEC    build and store a Faiss index, e.g. \"IVF100,Flat\", \"Flat\"\n"
     "  --nlist N       number of lists (default: about sqrt(number of vectors))\n"
-    "  --target T      image (default) or text\n"
+    "  --target T      image or text; default: --ivf builds both (a target\n"
+    "                  without vectors is skipped), --faiss builds image\n"
     "  --metric M      the metric it serves: cosine (default), dot or l2\n"
     "  --seed S        k-means seed (default 1234)\n"
     "\n"
     "example:\n"
-    "  clipdb index photos.db --ivf --nlist 64\n"
+    "  clipdb index photos.db --ivf --nlist 64      (image and text indexes)\n"
     "  clipdb index photos.db --faiss \"IVF100,Flat\" --target text --metric dot\n";
 
 int cli_cmd_index(int argc, char **argv)
@@ -40,7 +42,7 @@ int cli_cmd_index(int argc, char **argv)
     const char *path = NULL, *faiss = NULL;
     clipdb_index_options opt;
     clipdb_db *db = NULL;
-    int ivf = 0, i, rc;
+    int ivf = 0, i, rc = CLIPDB_OK, target_given = 0, built = 0, t;
     long long v;
 
     clipdb_index_options_init(&opt);
@@ -56,6 +58,7 @@ int cli_cmd_index(int argc, char **argv)
             if ((rc = cli_parse_int("index", s, argv[++i], 0, INT64_MAX, &v))) return rc;
             opt.seed = (uint64_t)v;
         } else if (!strcmp(s, "--target") && has) {
+            target_given = 1;
             if ((rc = cli_parse_target("index", argv[++i], &opt.target))) return rc;
         } else if (!strcmp(s, "--metric") && has) {
             clipdb_metric m;
@@ -68,17 +71,43 @@ int cli_cmd_index(int argc, char **argv)
     }
     if (!path) return cli_usage("index", "no database file given");
     if (ivf == !!faiss) return cli_usage("index", "say which index to build (--ivf or --faiss SPEC)");
-    rc = clipdb_db_open(&db, path, NULL);
-    if (rc == CLIPDB_OK) rc = faiss ? clipdb_db_build_faiss(db, &opt, faiss) : clipdb_db_build_ivf(db, &opt);
+    if (cli_open_db("index", path, NULL, &db) != CLI_OK) return CLI_FAIL;
+    if (faiss) {
+        rc = clipdb_db_build_faiss(db, &opt, faiss);
+        built = rc == CLIPDB_OK;
+    } else {
+        /* --ivf: the target given, or both */
+        for (t = CLIPDB_ITEM_IMAGE; t <= CLIPDB_ITEM_TEXT && rc == CLIPDB_OK; t++) {
+            clipdb_db_stats st;
+            int64_t n;
+            if (target_given && t != opt.target) continue;
+            if (!target_given) {
+                /* skip a target without vectors (a text-only database) */
+                if ((rc = clipdb_db_get_stats(db, &st)) != CLIPDB_OK) break;
+                n = t == CLIPDB_ITEM_IMAGE ? st.images : st.texts;
+                clipdb_db_stats_free(&st);
+                if (n == 0) continue;
+            }
+            opt.target = t;
+            if ((rc = clipdb_db_build_ivf(db, &opt)) != CLIPDB_OK) break;
+            printf("built an IVF index on %s vectors (metric %s)\n",
+                   t == CLIPDB_ITEM_TEXT ? "text" : "image", clipdb_metric_name(opt.metric));
+            built++;
+        }
+        if (rc == CLIPDB_OK && !built) {
+            cli_fail("index", "%s: no vectors to index", path);
+            clipdb_db_close(db);
+            return CLI_FAIL;
+        }
+    }
     if (rc != CLIPDB_OK) {
         cli_fail("index", "%s", clipdb_db_errmsg(db));
         clipdb_db_close(db);
         return CLI_FAIL;
     }
-    printf("built %s%s%s index on %s vectors (metric %s)\n", faiss ? "a Faiss \"" : "an IVF",
-           faiss ? faiss : "", faiss ? "\"" : "",
-           opt.target == CLIPDB_ITEM_TEXT ? "text" : "image",
-           clipdb_metric_name(opt.metric));
+    if (faiss)
+        printf("built a Faiss \"%s\" index on %s vectors (metric %s)\n", faiss,
+               opt.target == CLIPDB_ITEM_TEXT ? "text" : "image", clipdb_metric_name(opt.metric));
     clipdb_db_close(db);
     return CLI_OK;
 }

@@ -41,8 +41,11 @@ int cli_cmd_rm(int argc, char **argv)
         free(ids);
         return cli_usage("rm", "give a database and at least one item id");
     }
-    rc = clipdb_db_open(&db, path, NULL);
-    if (rc == CLIPDB_OK) rc = clipdb_db_rm(db, ids, n, &n_items, &n_caps);
+    if (cli_open_db("rm", path, NULL, &db) != CLI_OK) {
+        free(ids);
+        return CLI_FAIL;
+    }
+    rc = clipdb_db_rm(db, ids, n, &n_items, &n_caps);
     if (rc != CLIPDB_OK) {
         ret = cli_fail("rm", "%s", clipdb_db_errmsg(db));
     } else {

@@ -6,6 +6,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <cjson/cJSON.h>
+
 #include "cli/cli.h"
 
 const char cli_search_help[] =
@@ -47,10 +49,30 @@ const char cli_search_help[] =
     "  clipdb search photos.db --image cat.jpg --target text --json\n"
     "  clipdb search photos.db --text \"a red bus\" --index ivf --nprobe 4 --where split=val2017\n";
 
+/* Prints the fields of the metadata object (JSON text from the library)
+** as members of the result object: parsed and re-printed, never spliced. */
+static void print_meta_fields(const char *meta_json)
+{
+    cJSON *obj = meta_json ? cJSON_Parse(meta_json) : NULL, *f;
+    if (cJSON_IsObject(obj)) {
+        cJSON_ArrayForEach(f, obj)
+        {
+            char *v = cJSON_PrintUnformatted(f);
+            if (!f->string || !v) {
+                free(v);
+                continue;
+            }
+            printf(", ");
+            cli_print_json_string(stdout, f->string);
+            printf(": %s", v);
+            free(v);
+        }
+    }
+    cJSON_Delete(obj);
+}
+
 static void print_result_json(const clipdb_result *r)
 {
-    const char *m = r->meta_json;
-    size_t n;
     printf("{\"id\": %lld, \"type\": \"%s\"", (long long)r->id,
            r->type == CLIPDB_ITEM_TEXT ? "text" : "image");
     if (r->path) {
@@ -66,9 +88,28 @@ static void print_result_json(const clipdb_result *r)
         cli_print_json_string(stdout, r->text);
     }
     if (r->image >= 0) printf(", \"image\": %lld", (long long)r->image);
-    /* the metadata fields, spliced from the object {...} */
-    if (m && (n = strlen(m)) > 2) printf(", %.*s", (int)(n - 2), m + 1);
+    print_meta_fields(r->meta_json);
     printf(", \"score\": %.9g}", (double)r->score);
+}
+
+/* Prints the failure of a search with what to type when an index is missing. */
+static int search_fail(clipdb_db *db, const char *path, const clipdb_search_options *opt)
+{
+    const char *target = opt->target == CLIPDB_ITEM_TEXT ? "text" : "image";
+    const char *metric = clipdb_metric_name(opt->metric);
+    if (clipdb_db_errcode(db) == CLIPDB_ENOTFOUND && opt->index == CLIPDB_INDEX_IVF)
+        return cli_fail("search", "%s; build one with 'clipdb index %s --ivf --target %s --metric %s'",
+                        clipdb_db_errmsg(db), path, target, metric);
+    if (clipdb_db_errcode(db) == CLIPDB_ENOTFOUND && opt->index == CLIPDB_INDEX_FAISS &&
+        !opt->faiss)
+        return cli_fail("search",
+                        "%s; build one with 'clipdb index %s --faiss \"IVF100,Flat\" --target %s "
+                        "--metric %s' (or give --faiss SPEC to build one for this search)",
+                        clipdb_db_errmsg(db), path, target, metric);
+    if (clipdb_db_errcode(db) == CLIPDB_EINVAL && opt->index == CLIPDB_INDEX_FAISS &&
+        opt->n_where > 0)
+        return cli_fail("search", "%s (--where needs --index exact or ivf)", clipdb_db_errmsg(db));
+    return cli_fail("search", "%s", clipdb_db_errmsg(db));
 }
 
 static void print_query(const clipdb_query *q)
@@ -80,6 +121,9 @@ static void print_query(const clipdb_query *q)
         printf("}");
     } else printf("{\"item\": %lld}", (long long)q->item);
 }
+
+/* A batch file is read whole: at most this many bytes. */
+#define MAX_BATCH_BYTES ((size_t)256 << 20)
 
 /* Reads the batch file into queries (lines point into *buf). */
 static int read_batch(const char *path, char **buf, clipdb_query **qs, size_t *nq)
@@ -101,6 +145,11 @@ static int read_batch(const char *path, char **buf, clipdb_query **qs, size_t *n
         i = fread(*buf + len, 1, cap - len - 1, f);
         len += i;
         if (i == 0) break;
+        if (len > MAX_BATCH_BYTES) {
+            fclose(f);
+            return cli_fail("search", "%s: batch file larger than %zu MiB", path,
+                            MAX_BATCH_BYTES >> 20);
+        }
     }
     fclose(f);
     (*buf)[len] = '\0';
@@ -232,13 +281,15 @@ int cli_cmd_search(int argc, char **argv)
     clipdb_db_options_init(&dopt);
     dopt.readonly = 1;
     dopt.model_dir = model;
-    rc = clipdb_db_open(&db, path, &dopt);
-    if (rc == CLIPDB_OK) rc = clipdb_db_search(db, qs, nq, &opt, &res);
+    if ((ret = cli_open_db("search", path, &dopt, &db)) != CLI_OK) goto cleanup;
+    rc = clipdb_db_search(db, qs, nq, &opt, &res);
     if (rc != CLIPDB_OK) {
-        ret = cli_fail("search", "%s", clipdb_db_errmsg(db));
+        ret = search_fail(db, path, &opt);
         goto cleanup;
     }
-    if (res->note) fprintf(stderr, "clipdb search: note: %s\n", res->note);
+    if (res->note)
+        fprintf(stderr, "clipdb search: note: %s ('clipdb index %s --faiss SPEC' stores one)\n",
+                res->note, path);
     if (json) {
         printf(batch ? "{\"queries\": [" : "{\"results\": [");
         for (i = 0; i < nq; i++) {

@@ -44,8 +44,8 @@ int cli_cmd_stats(int argc, char **argv)
     if (!path) return cli_usage("stats", "no database file given");
     clipdb_db_options_init(&opt);
     opt.readonly = 1;
-    rc = clipdb_db_open(&db, path, &opt);
-    if (rc == CLIPDB_OK) rc = clipdb_db_get_stats(db, &st);
+    if (cli_open_db("stats", path, &opt, &db) != CLI_OK) return CLI_FAIL;
+    rc = clipdb_db_get_stats(db, &st);
     if (rc != CLIPDB_OK) {
         cli_fail("stats", "%s", clipdb_db_errmsg(db));
         clipdb_db_close(db);
@@ -94,6 +94,7 @@ int cli_cmd_stats(int argc, char **argv)
                        (long long)x->n_vectors);
         }
     }
+    clipdb_db_stats_free(&st);
     clipdb_db_close(db);
     return CLI_OK;
 }

@@ -86,6 +86,20 @@ int cli_open_model(const char *cmd, const char *dir, clipdb_model **out)
     return CLI_OK;
 }
 
+int cli_open_db(const char *cmd, const char *path, const clipdb_db_options *opt, clipdb_db **out)
+{
+    int rc = clipdb_db_open(out, path, opt);
+    if (rc == CLIPDB_OK) return CLI_OK;
+    /* the library names the file and the reason; the CLI adds what to type */
+    if (rc == CLIPDB_ENOTFOUND && (!opt || !opt->create))
+        cli_fail(cmd, "%s; create one with 'clipdb init %s --model DIR'", clipdb_db_errmsg(*out),
+                 path);
+    else cli_fail(cmd, "%s", clipdb_db_errmsg(*out));
+    clipdb_db_close(*out);
+    *out = NULL;
+    return CLI_FAIL;
+}
+
 /* ---- option values ----------------------------------------------------------- */
 
 int cli_parse_int(const char *cmd, const char *opt, const char *s, long long lo, long long hi,

@@ -84,4 +84,18 @@ int cdb_grow(void **buf, size_t *cap, size_t need, size_t size);
 ** stored vectors and queries alike. */
 float cdb_norm(const float *x, size_t d);
 
+/* ---- the worker pool (pool.c) ---------------------------------------- */
+/* One persistent pool of threads per process, sized to the machine (one
+** worker per online CPU but one; the caller is the last), at most
+** CDB_POOL_MAX_THREADS in all. */
+#define CDB_POOL_MAX_THREADS 64
+typedef void (*cdb_pool_fn)(void *arg, size_t task);
+/* Runs fn(arg, i) for every i in [0, n) and returns when all are done; the
+** calling thread runs tasks too. Tasks of one call may run in parallel (fn
+** must let them); calls from several threads are safe (while one runs, the
+** others run their tasks on their own thread). */
+void cdb_pool_run(size_t n, cdb_pool_fn fn, void *arg);
+/* Threads a job can use: the workers and the caller (starts the pool). */
+int cdb_pool_threads(void);
+
 #endif /* CDB_CORE_H */

@@ -154,6 +154,23 @@ int cdb_faiss_remove(cdb_faiss *h, const int64_t *ids, size_t n, size_t *n_remov
     });
 }
 
+/* Sets an IVF's nprobe and puts the old value back when it goes out of
+** scope. */
+struct NprobeScope {
+    faiss::IndexIVF *ivf = nullptr;
+    size_t saved = 0;
+    void set(faiss::IndexIVF *v, size_t nprobe)
+    {
+        ivf = v;
+        saved = v->nprobe;
+        v->nprobe = nprobe;
+    }
+    ~NprobeScope()
+    {
+        if (ivf) ivf->nprobe = saved;
+    }
+};
+
 int cdb_faiss_search(cdb_faiss *h, const float *q, size_t nq, int k, int nprobe, clipdb_hit *out)
 {
     if (!h || !h->index) return h ? cdb_err_set(&h->err, CLIPDB_EINVAL, "faiss: no index") : CLIPDB_EINVAL;
@@ -164,9 +181,25 @@ int cdb_faiss_search(cdb_faiss *h, const float *q, size_t nq, int k, int nprobe,
     return guarded(h, "search", [&] {
         std::vector<float> buf, D(nq * (size_t)k);
         std::vector<idx_t> I(nq * (size_t)k);
+        // nprobe for this call only: the index's own value is never changed
+        // for good. An IVF at the top takes per-call SearchParametersIVF;
+        // wrappers (IndexIDMap, IndexPreTransform) refuse parameters in
+        // Faiss 1.7.3, so there the value is set for the call and restored
+        // (also when search throws) by NprobeScope.
         faiss::IndexIVF *ivf = faiss::ivflib::try_extract_index_ivf(h->index);
-        if (ivf && nprobe > 0) ivf->nprobe = (size_t)nprobe;
-        h->index->search((idx_t)nq, prepared(h, q, nq, buf), k, D.data(), I.data());
+        faiss::SearchParametersIVF sp;
+        const faiss::SearchParameters *params = nullptr;
+        NprobeScope scope;
+        if (ivf && nprobe > 0) {
+            if (dynamic_cast<faiss::IndexIVF *>(h->index) == ivf) {
+                sp.nprobe = (size_t)nprobe;
+                sp.max_codes = ivf->max_codes;
+                params = &sp;
+            } else {
+                scope.set(ivf, (size_t)nprobe);
+            }
+        }
+        h->index->search((idx_t)nq, prepared(h, q, nq, buf), k, D.data(), I.data(), params);
         for (size_t i = 0; i < nq * (size_t)k; i++) {
             out[i].id = I[i];
             if (I[i] < 0) out[i].score = -INFINITY;
@@ -188,6 +221,12 @@ int cdb_faiss_set_train_seed(cdb_faiss *h, int seed)
 size_t cdb_faiss_ntotal(const cdb_faiss *h)
 {
     return h && h->index ? (size_t)h->index->ntotal : 0;
+}
+
+int cdb_faiss_nprobe(const cdb_faiss *h)
+{
+    faiss::IndexIVF *ivf = h && h->index ? faiss::ivflib::try_extract_index_ivf(h->index) : nullptr;
+    return ivf ? (int)ivf->nprobe : 0;
 }
 
 int cdb_faiss_dim(const cdb_faiss *h)

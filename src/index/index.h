@@ -95,7 +95,8 @@ typedef struct cdb_kparams {
                         ** kernel per query, not sgemm, whose packing costs
                         ** more than the work for small IVF lists at small d
                         ** (1 << 16) */
-    int threads;        /* threads for the top-k pass (0: OpenBLAS's count) */
+    int threads;        /* tasks of the top-k pass on the core pool (0: the
+                        ** pool's thread count, cdb_pool_threads) */
     size_t thread_min;  /* fewest scores of a block worth threading (1 << 18) */
 } cdb_kparams;
 void cdb_kparams_default(cdb_kparams *p);
@@ -156,7 +157,8 @@ int cdb_faiss_train(cdb_faiss *f, const float *x, size_t n);
 /* Adds with explicit ids (the index is wrapped in an IndexIDMap if needed). */
 int cdb_faiss_add(cdb_faiss *f, const int64_t *ids, const float *x, size_t n);
 int cdb_faiss_remove(cdb_faiss *f, const int64_t *ids, size_t n, size_t *n_removed);
-/* nprobe <= 0: leave the index's. Scores follow clipdb's convention (l2:
+/* nprobe <= 0: the index's own; else nprobe for this call only (the
+** index's own value is unchanged afterwards). Scores follow clipdb's convention (l2:
 ** -distance). out (nq * k); missing results have id -1. */
 int cdb_faiss_search(cdb_faiss *f, const float *q, size_t nq, int k, int nprobe,
                      clipdb_hit *out);
@@ -164,6 +166,8 @@ size_t cdb_faiss_ntotal(const cdb_faiss *f);
 /* Seeds the k-means of an IVF index's next train (Faiss's
 ** ClusteringParameters::seed, 1234 by default); EINVAL if f holds no IVF. */
 int cdb_faiss_set_train_seed(cdb_faiss *f, int seed);
+/* The nprobe an IVF inside f uses by default (0: f holds no IVF). */
+int cdb_faiss_nprobe(const cdb_faiss *f);
 /* The dimension of the vectors the index holds (0 without an index). */
 int cdb_faiss_dim(const cdb_faiss *f);
 /* Serialises with faiss::write_index. *buf (caller frees with free). */

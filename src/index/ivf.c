@@ -118,7 +118,7 @@ static void map_del(clipdb_ivf *v, id_slot *s)
 
 void clipdb_ivf_train_options_init(clipdb_ivf_train_options *o)
 {
-    o->seed = 1234;
+    o->seed = CLIPDB_DEFAULT_SEED;
     o->max_iter = 20;
     o->tol = 1e-4;
     o->max_points_per_list = 256;
@@ -190,17 +190,25 @@ void clipdb_ivf_free(clipdb_ivf *v)
 
 const char *clipdb_ivf_errmsg(const clipdb_ivf *v)
 {
-    return v ? v->err.msg : "out of memory";
+    if (!v) return "out of memory";
+    return v->err.code == CLIPDB_OK ? "" : v->err.msg;
 }
 
-void clipdb_ivf_info(const clipdb_ivf *v, int *d, int *nlist, clipdb_metric *metric,
-                     int *is_trained, size_t *ntotal)
+int clipdb_ivf_errcode(const clipdb_ivf *v)
 {
+    return v ? v->err.code : CLIPDB_ENOMEM;
+}
+
+int clipdb_ivf_info(const clipdb_ivf *v, int *d, int *nlist, clipdb_metric *metric,
+                    int *is_trained, size_t *ntotal)
+{
+    if (!v) return CLIPDB_EINVAL;
     if (d) *d = v->d;
     if (nlist) *nlist = v->nlist;
     if (metric) *metric = v->metric;
     if (is_trained) *is_trained = v->trained;
     if (ntotal) *ntotal = v->ntotal;
+    return CLIPDB_OK;
 }
 
 const float *clipdb_ivf_centroids(const clipdb_ivf *v)
@@ -260,23 +268,17 @@ int clipdb_ivf_assign(clipdb_ivf *v, const float *x, size_t n, int32_t *lists_ou
                               NULL, &v->err);
 }
 
+/* Grows the three arrays of L (vectors, norms, ids) to hold need rows. On
+** failure L->cap stays the smallest capacity, so L stays consistent. */
 static int list_grow(ivf_list *L, size_t need, int d)
 {
-    size_t cap = L->cap ? L->cap : 16;
-    float *x, *nr;
-    int64_t *ids;
-    while (cap < need) cap *= 2;
-    if (cap == L->cap) return CLIPDB_OK;
-    x = realloc(L->x, cap * (size_t)d * sizeof *x);
-    if (!x) return CLIPDB_ENOMEM;
-    L->x = x;
-    nr = realloc(L->norms, cap * sizeof *nr);
-    if (!nr) return CLIPDB_ENOMEM;
-    L->norms = nr;
-    ids = realloc(L->ids, cap * sizeof *ids);
-    if (!ids) return CLIPDB_ENOMEM;
-    L->ids = ids;
-    L->cap = cap;
+    size_t cx = L->cap, cn = L->cap, ci = L->cap;
+    if (need <= L->cap) return CLIPDB_OK;
+    if (cdb_grow((void **)&L->x, &cx, need, (size_t)d * sizeof *L->x) ||
+        cdb_grow((void **)&L->norms, &cn, need, sizeof *L->norms) ||
+        cdb_grow((void **)&L->ids, &ci, need, sizeof *L->ids))
+        return CLIPDB_ENOMEM;
+    L->cap = cx;
     return CLIPDB_OK;
 }
 

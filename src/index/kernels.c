@@ -13,7 +13,6 @@
 
 #include "compute/compute.h"
 #include <math.h>
-#include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -49,8 +48,8 @@ int clipdb_vec_norms(const float *x, size_t n, int d, float *norms_out)
     size_t i;
     if ((!x && n) || (!norms_out && n) || d < 1 || d > CLIPDB_MAX_DIM) return CLIPDB_EINVAL;
     for (i = 0; i < n; i++) {
-        // x[i] (d) . x[i] (d) -> |x_i|^2
-        norms_out[i] = sqrtf(cdb_sdot(d, x + i * (size_t)d, x + i * (size_t)d));
+        /* the one norm (double accumulation), as for stored vectors */
+        norms_out[i] = cdb_norm(x + i * (size_t)d, (size_t)d);
     }
     return CLIPDB_OK;
 }
@@ -62,7 +61,7 @@ void cdb_normalize_rows(const float *x, size_t n, int d, float *y)
     for (i = 0; i < n; i++) {
         const float *xi = x + i * (size_t)d;
         float *yi = y + i * (size_t)d;
-        float nr = sqrtf(cdb_sdot(d, xi, xi));
+        float nr = cdb_norm(xi, (size_t)d);
         float inv = nr > 0 ? 1.0f / nr : 0.0f;
         for (j = 0; j < d; j++) yi[j] = xi[j] * inv;
     }
@@ -224,13 +223,12 @@ static void push_range(const push_job *j)
     }
 }
 
-static void *push_thread(void *arg)
+static void push_task(void *arg, size_t i)
 {
-    push_range((const push_job *)arg);
-    return NULL;
+    push_range((const push_job *)arg + i);
 }
 
-#define MAX_THREADS 64
+#define MAX_THREADS CDB_POOL_MAX_THREADS
 
 void cdb_kparams_default(cdb_kparams *p)
 {
@@ -245,21 +243,21 @@ void cdb_kparams_default(cdb_kparams *p)
 
 static int n_threads(const cdb_kparams *p)
 {
-    int t = p->threads > 0 ? p->threads : cdb_compute_threads();
+    int t = p->threads > 0 ? p->threads : cdb_pool_threads();
     if (t < 1) t = 1;
     if (t > MAX_THREADS) t = MAX_THREADS;
     return t;
 }
 
 /* The heaps of distinct queries are disjoint, so queries are split across
-** threads with no locking (each query's heap is touched by one thread). */
+** the tasks of the core pool with no locking (each query's heap is touched
+** by one task). */
 static void push_block(const cdb_kparams *p, clipdb_metric metric, const float *S,
                        size_t ld, const cdb_qblock *qb, const cdb_rows *rows,
                        const clipdb_filter *filter, cdb_topk *t)
 {
     push_job jobs[MAX_THREADS];
-    pthread_t tid[MAX_THREADS];
-    int nt = n_threads(p), i, started = 0;
+    int nt = n_threads(p), i;
     size_t m = qb->m;
     if ((size_t)nt > m) nt = (int)m;
     if (nt <= 1 || m * rows->n < p->thread_min) nt = 1;
@@ -267,13 +265,8 @@ static void push_block(const cdb_kparams *p, clipdb_metric metric, const float *
         jobs[i] = (push_job){metric, S, ld, qb, rows, filter, t, m * (size_t)i / (size_t)nt,
                              m * (size_t)(i + 1) / (size_t)nt};
     }
-    for (i = 1; i < nt; i++) {
-        if (pthread_create(&tid[i], NULL, push_thread, &jobs[i]) != 0) break;
-        started = i;
-    }
-    push_range(&jobs[0]);
-    for (i = 1; i <= started; i++) pthread_join(tid[i], NULL);
-    for (i = started + 1; i < nt; i++) push_range(&jobs[i]); /* threads that failed to start */
+    if (nt == 1) push_range(&jobs[0]);
+    else cdb_pool_run((size_t)nt, push_task, jobs);
 }
 
 /* out (nb) = B (nb, d) @ q (d), single-threaded, for blocks too small for

@@ -93,7 +93,8 @@ int cdb_kmeans(const float *x_in, size_t n_in, int d, int k, const cdb_kmeans_op
         !cdb_mul_ok((size_t)k, (size_t)d, &tmp) || !cdb_mul_ok(tmp, sizeof(double), &tmp))
         return cdb_err_set(e, CLIPDB_EINVAL, "k-means: sizes overflow");
 
-    /* optional training sample: partial Fisher-Yates, then sorted for locality */
+    /* optional training sample: a partial Fisher-Yates shuffle picks n of the
+    ** n_in points (in random order: Lloyd does not care about the order) */
     if (o->max_sample && n_in > o->max_sample && o->max_sample >= (size_t)k) {
         n = o->max_sample;
         idx = cdb_malloc_array(n_in, sizeof *idx);

@@ -33,15 +33,9 @@ static int add_entry(builder *b, const char *image, size_t image_len, char *meta
         return cdb_err_set(b->e, CLIPDB_EFORMAT, "%s:%zu: bad image name (empty, too long or NUL)",
                            b->name, line);
     }
-    if (b->c->n == b->cap) {
-        size_t nc = b->cap ? 2 * b->cap : 64;
-        cdb_caption_entry *p = realloc(b->c->e, nc * sizeof *p);
-        if (!p) {
-            free(meta_json);
-            return oom(b);
-        }
-        b->c->e = p;
-        b->cap = nc;
+    if (cdb_grow((void **)&b->c->e, &b->cap, b->c->n + 1, sizeof *b->c->e)) {
+        free(meta_json);
+        return oom(b);
     }
     x = &b->c->e[b->c->n];
     memset(x, 0, sizeof *x);
@@ -70,13 +64,9 @@ static int add_caption(builder *b, cdb_caption_entry *x, const char *text, size_
     if (x->n_captions >= CDB_CAPTIONS_MAX_PER_IMAGE)
         return cdb_err_set(b->e, CLIPDB_ELIMIT, "%s:%zu: more than %d captions for %s", b->name,
                            line, CDB_CAPTIONS_MAX_PER_IMAGE, x->image);
-    if (x->n_captions == x->cap_captions) {
-        size_t nc = x->cap_captions ? 2 * x->cap_captions : 8;
-        char **p = realloc(x->captions, nc * sizeof *p);
-        if (!p) return oom(b);
-        x->captions = p;
-        x->cap_captions = nc;
-    }
+    if (cdb_grow((void **)&x->captions, &x->cap_captions, x->n_captions + 1,
+                 sizeof *x->captions))
+        return oom(b);
     s = malloc(len + 1);
     if (!s) return oom(b);
     memcpy(s, text, len);
@@ -140,13 +130,9 @@ static int finish(builder *b)
         if (w > 0 && !strcmp(c->e[w - 1].image, x->image)) {
             cdb_caption_entry *d = &c->e[w - 1];
             for (j = 0; j < x->n_captions; j++) {
-                if (d->n_captions == d->cap_captions) {
-                    size_t nc = d->cap_captions ? 2 * d->cap_captions : 8;
-                    char **p = realloc(d->captions, nc * sizeof *p);
-                    if (!p) return oom(b);
-                    d->captions = p;
-                    d->cap_captions = nc;
-                }
+                if (cdb_grow((void **)&d->captions, &d->cap_captions, d->n_captions + 1,
+                             sizeof *d->captions))
+                    return oom(b);
                 d->captions[d->n_captions++] = x->captions[j];
             }
             x->n_captions = 0;
@@ -388,13 +374,7 @@ typedef struct csv_row {
 
 static int row_put(csv_row *r, char ch)
 {
-    if (r->blen == r->bcap) {
-        size_t nc = r->bcap ? 2 * r->bcap : 256;
-        char *p = realloc(r->buf, nc);
-        if (!p) return -1;
-        r->buf = p;
-        r->bcap = nc;
-    }
+    if (cdb_grow((void **)&r->buf, &r->bcap, r->blen + 1, 1)) return -1;
     r->buf[r->blen++] = ch;
     return 0;
 }
@@ -450,13 +430,7 @@ static int csv_record(builder *b, const char *d, size_t len, size_t *pos, size_t
             return cdb_err_set(b->e, CLIPDB_ELIMIT, "%s:%zu: field longer than %u bytes", b->name,
                                start_line, CLIPDB_MAX_TEXT_BYTES);
         if (row_put(r, '\0')) return oom(b);
-        if (r->n == r->cap) {
-            size_t nc = r->cap ? 2 * r->cap : 8;
-            csv_field *f = realloc(r->f, nc * sizeof *f);
-            if (!f) return oom(b);
-            r->f = f;
-            r->cap = nc;
-        }
+        if (cdb_grow((void **)&r->f, &r->cap, r->n + 1, sizeof *r->f)) return oom(b);
         r->f[r->n].s = (char *)(uintptr_t)off;
         r->f[r->n].len = r->blen - off - 1;
         r->n++;

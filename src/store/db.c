@@ -34,7 +34,7 @@
 #include <cjson/cJSON.h>
 #include <openssl/evp.h>
 
-#include "store/store.h"
+#include "store/sindex.h"
 
 static const char *const schema_sql =
     "CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;"
@@ -71,55 +71,6 @@ static const char *const schema_v2_sql =
     "  id INTEGER NOT NULL, stale INTEGER NOT NULL DEFAULT 0,"
     "  PRIMARY KEY(target, metric, id)) WITHOUT ROWID;"
     "CREATE INDEX IF NOT EXISTS faiss_ids_id ON faiss_ids(id);";
-
-/* ---- small SQLite helpers ------------------------------------------------ */
-
-int cdb_db_sqlerr(clipdb_db *db, const char *what)
-{
-    int code = sqlite3_errcode(db->sql);
-    int rc = CLIPDB_ERROR;
-    if (code == SQLITE_NOMEM) rc = CLIPDB_ENOMEM;
-    else if (code == SQLITE_IOERR || code == SQLITE_CANTOPEN || code == SQLITE_FULL ||
-             code == SQLITE_READONLY || code == SQLITE_BUSY)
-        rc = CLIPDB_EIO;
-    else if (code == SQLITE_CORRUPT || code == SQLITE_NOTADB)
-        rc = CLIPDB_EFORMAT;
-    return cdb_err_set(&db->err, rc, "%s: %s: %s", db->path, what, sqlite3_errmsg(db->sql));
-}
-
-int cdb_db_exec(clipdb_db *db, const char *sql)
-{
-    if (sqlite3_exec(db->sql, sql, NULL, NULL, NULL) != SQLITE_OK)
-        return cdb_db_sqlerr(db, "sql");
-    return CLIPDB_OK;
-}
-
-int cdb_db_prepare(clipdb_db *db, const char *sql, sqlite3_stmt **st)
-{
-    if (sqlite3_prepare_v2(db->sql, sql, -1, st, NULL) != SQLITE_OK) {
-        *st = NULL;
-        return cdb_db_sqlerr(db, "prepare");
-    }
-    return CLIPDB_OK;
-}
-
-int cdb_db_begin(clipdb_db *db)
-{
-    return cdb_db_exec(db, "BEGIN IMMEDIATE");
-}
-
-int cdb_db_commit(clipdb_db *db)
-{
-    int rc = cdb_db_exec(db, "COMMIT");
-    db->local_changes++;
-    return rc;
-}
-
-void cdb_db_rollback(clipdb_db *db)
-{
-    if (!sqlite3_get_autocommit(db->sql)) sqlite3_exec(db->sql, "ROLLBACK", NULL, NULL, NULL);
-    db->local_changes++;
-}
 
 /* Runs a one-row query returning an integer. */
 static int query_int(clipdb_db *db, const char *sql, int64_t *out)
@@ -216,7 +167,7 @@ int cdb_db_create_raw(clipdb_db **out, const char *path, const char *identity,
 
     *out = db = db_alloc(path);
     if (!db) return CLIPDB_ENOMEM;
-    if (!path || !identity || embed_dim <= 0 || embed_dim > 65536)
+    if (!path || !identity || embed_dim <= 0 || embed_dim > CLIPDB_MAX_DIM)
         return cdb_err_set(&db->err, CLIPDB_EINVAL, "create: bad arguments");
     if (stat(path, &sb) == 0)
         return cdb_err_set(&db->err, CLIPDB_EINVAL, "%s: already exists (not overwriting it)",
@@ -236,7 +187,6 @@ int cdb_db_create_raw(clipdb_db **out, const char *path, const char *identity,
     if ((rc = cdb_db_exec(db, schema_v2_sql)) != CLIPDB_OK) goto cleanup;
     db->format_version = CLIPDB_DB_VERSION;
     absdir = model_dir ? realpath(model_dir, NULL) : NULL;
-    snprintf(buf, sizeof buf, "%d", embed_dim);
     if ((rc = meta_put(db, "format", "clipdb")) != CLIPDB_OK) goto cleanup;
     snprintf(buf, sizeof buf, "%d", CLIPDB_DB_VERSION);
     if ((rc = meta_put(db, "format_version", buf)) != CLIPDB_OK) goto cleanup;
@@ -356,7 +306,7 @@ static int load_meta(clipdb_db *db)
     }
     errno = 0;
     v = strtol(dim, NULL, 10);
-    if (errno || v <= 0 || v > 65536) {
+    if (errno || v <= 0 || v > CLIPDB_MAX_DIM) {
         rc = cdb_err_set(&db->err, CLIPDB_EFORMAT, "%s: corrupt embed_dim '%s'", db->path, dim);
         goto cleanup;
     }
@@ -391,8 +341,7 @@ int clipdb_db_open(clipdb_db **out, const char *path, const clipdb_db_options *o
     if (!db) return CLIPDB_ENOMEM;
     if (!path) return cdb_err_set(&db->err, CLIPDB_EINVAL, "no database path given");
     if (stat(path, &sb) != 0)
-        return cdb_err_set(&db->err, CLIPDB_ENOTFOUND,
-                           "%s: no such database (create one with 'clipdb init')", path);
+        return cdb_err_set(&db->err, CLIPDB_ENOTFOUND, "%s: no such database", path);
     if (!S_ISREG(sb.st_mode))
         return cdb_err_set(&db->err, CLIPDB_EFORMAT, "%s: not a clipdb database (not a file)",
                            path);
@@ -411,9 +360,8 @@ void clipdb_db_close(clipdb_db *db)
 {
     int i;
     if (!db) return;
-    cdb_db_ivf_release(db);
-    for (i = 0; i < 8; i++) free(db->stats_factory[i]);
-    for (i = 0; i < 3; i++) {
+    cdb_sindex_release_all(db);
+    for (i = 0; i < CDB_N_SETS; i++) {
         free(db->sets[i].ids);
         free(db->sets[i].vecs);
         free(db->sets[i].norms);
@@ -431,7 +379,12 @@ void clipdb_db_close(clipdb_db *db)
 const char *clipdb_db_errmsg(const clipdb_db *db)
 {
     if (!db) return "out of memory";
-    return db->err.code == CLIPDB_OK ? "no error" : db->err.msg;
+    return db->err.code == CLIPDB_OK ? "" : db->err.msg;
+}
+
+int clipdb_db_errcode(const clipdb_db *db)
+{
+    return db ? db->err.code : CLIPDB_ENOMEM;
 }
 
 int clipdb_db_model(clipdb_db *db, clipdb_model **out)
@@ -442,12 +395,12 @@ int clipdb_db_model(clipdb_db *db, clipdb_model **out)
     const char *dir, *id;
 
     *out = NULL;
+    cdb_err_clear(&db->err);
     if (!db->model) {
         dir = db->model_dir_opt ? db->model_dir_opt : db->model_dir;
         if (!dir || !*dir)
             return cdb_err_set(&db->err, CLIPDB_EINVAL,
-                               "%s: no model directory recorded; give one (--model DIR)",
-                               db->path);
+                               "%s: no model directory recorded and none given", db->path);
         rc = clipdb_model_open(&m, dir);
         if (rc != CLIPDB_OK) {
             cdb_err_set(&db->err, rc, "%s", clipdb_model_errmsg(m));
@@ -487,16 +440,11 @@ cleanup:
 
 /* ---- items ---------------------------------------------------------------- */
 
-static float vec_norm(const float *v, int d)
+/* Writes the vector of item id (a new one, or a replacement when op is
+** CDB_WRITE_REPLACE) and tells the stored indexes (the one write hook). */
+static int put_vector(clipdb_db *db, cdb_write_op op, int type, int64_t id, const float *vec)
 {
-    double s = 0;
-    int i;
-    for (i = 0; i < d; i++) s += (double)v[i] * (double)v[i];
-    return (float)sqrt(s);
-}
-
-static int put_vector(clipdb_db *db, int type, int64_t id, const float *vec)
-{
+    cdb_write w = {op, type, id, vec};
     sqlite3_stmt *st = NULL;
     int rc, i;
     for (i = 0; i < db->embed_dim; i++)
@@ -510,12 +458,12 @@ static int put_vector(clipdb_db *db, int type, int64_t id, const float *vec)
                         &st);
     if (rc != CLIPDB_OK) return rc;
     sqlite3_bind_int64(st, 1, id);
-    sqlite3_bind_double(st, 2, (double)vec_norm(vec, db->embed_dim));
+    sqlite3_bind_double(st, 2, (double)cdb_norm(vec, (size_t)db->embed_dim));
     /* float32 in host order; clipdb builds only for little-endian hosts. */
     sqlite3_bind_blob(st, 3, vec, (int)((size_t)db->embed_dim * sizeof(float)), SQLITE_STATIC);
     if (sqlite3_step(st) != SQLITE_DONE) rc = cdb_db_sqlerr(db, "writing a vector");
     sqlite3_finalize(st);
-    if (rc == CLIPDB_OK) rc = cdb_db_ivf_on_insert(db, type, id, vec);
+    if (rc == CLIPDB_OK) rc = cdb_sindex_on_write(db, &w);
     return rc;
 }
 
@@ -525,18 +473,19 @@ int cdb_db_insert_image(clipdb_db *db, const char *path, const char *abspath,
     sqlite3_stmt *st = NULL;
     int rc = cdb_db_prepare(db,
                             "INSERT INTO items(type, path, abspath, size, sha256, added_at) "
-                            "VALUES(1, ?, ?, ?, ?, strftime('%s','now'))",
+                            "VALUES(?5, ?1, ?2, ?3, ?4, strftime('%s','now'))",
                             &st);
     if (rc != CLIPDB_OK) return rc;
     sqlite3_bind_text(st, 1, path, -1, SQLITE_STATIC);
     sqlite3_bind_text(st, 2, abspath, -1, SQLITE_STATIC);
     sqlite3_bind_int64(st, 3, size);
     sqlite3_bind_text(st, 4, sha256, -1, SQLITE_STATIC);
+    sqlite3_bind_int(st, 5, CLIPDB_ITEM_IMAGE);
     if (sqlite3_step(st) != SQLITE_DONE) rc = cdb_db_sqlerr(db, "adding an image");
     sqlite3_finalize(st);
     if (rc != CLIPDB_OK) return rc;
     *id = sqlite3_last_insert_rowid(db->sql);
-    return put_vector(db, CLIPDB_ITEM_IMAGE, *id, vec);
+    return put_vector(db, CDB_WRITE_INSERT, CLIPDB_ITEM_IMAGE, *id, vec);
 }
 
 int cdb_db_update_image(clipdb_db *db, int64_t id, int64_t size, const char *sha256,
@@ -551,14 +500,7 @@ int cdb_db_update_image(clipdb_db *db, int64_t id, int64_t size, const char *sha
     if (sqlite3_step(st) != SQLITE_DONE) rc = cdb_db_sqlerr(db, "updating an image");
     sqlite3_finalize(st);
     if (rc != CLIPDB_OK) return rc;
-    rc = cdb_db_prepare(db, "DELETE FROM ivf_assign WHERE id = ?", &st);
-    if (rc != CLIPDB_OK) return rc;
-    sqlite3_bind_int64(st, 1, id);
-    if (sqlite3_step(st) != SQLITE_DONE) rc = cdb_db_sqlerr(db, "updating an image");
-    sqlite3_finalize(st);
-    if (rc != CLIPDB_OK) return rc;
-    if ((rc = cdb_db_faiss_mark_stale(db, id)) != CLIPDB_OK) return rc;
-    return put_vector(db, CLIPDB_ITEM_IMAGE, id, vec);
+    return put_vector(db, CDB_WRITE_REPLACE, CLIPDB_ITEM_IMAGE, id, vec);
 }
 
 int cdb_db_insert_text(clipdb_db *db, const char *text, int64_t image, const float *vec,
@@ -567,9 +509,10 @@ int cdb_db_insert_text(clipdb_db *db, const char *text, int64_t image, const flo
     sqlite3_stmt *st = NULL;
     int rc = cdb_db_prepare(db,
                             "INSERT INTO items(type, text, image, added_at) "
-                            "VALUES(2, ?, ?, strftime('%s','now'))",
+                            "VALUES(?3, ?1, ?2, strftime('%s','now'))",
                             &st);
     if (rc != CLIPDB_OK) return rc;
+    sqlite3_bind_int(st, 3, CLIPDB_ITEM_TEXT);
     sqlite3_bind_text(st, 1, text, -1, SQLITE_STATIC);
     if (image >= 0) sqlite3_bind_int64(st, 2, image);
     else sqlite3_bind_null(st, 2);
@@ -577,7 +520,7 @@ int cdb_db_insert_text(clipdb_db *db, const char *text, int64_t image, const flo
     sqlite3_finalize(st);
     if (rc != CLIPDB_OK) return rc;
     *id = sqlite3_last_insert_rowid(db->sql);
-    return put_vector(db, CLIPDB_ITEM_TEXT, *id, vec);
+    return put_vector(db, CDB_WRITE_INSERT, CLIPDB_ITEM_TEXT, *id, vec);
 }
 
 int cdb_db_set_meta_json(clipdb_db *db, int64_t id, const char *json)
@@ -637,15 +580,16 @@ cleanup:
 
 /* ---- deleting ------------------------------------------------------------- */
 
-/* Deletes one item's rows (item, vector, metadata, IVF assignment). */
+/* Deletes one item's rows (item, vector, metadata) and tells the stored
+** indexes (the one write hook). */
 static int delete_one(clipdb_db *db, int64_t id)
 {
+    cdb_write w = {CDB_WRITE_DELETE, 0, id, NULL};
     static const char *const sql[] = {
         "DELETE FROM items WHERE id = ?1",
         "DELETE FROM vectors_image WHERE id = ?1",
         "DELETE FROM vectors_text WHERE id = ?1",
         "DELETE FROM item_meta WHERE item = ?1",
-        "DELETE FROM ivf_assign WHERE id = ?1",
     };
     size_t i;
     int rc = CLIPDB_OK;
@@ -656,7 +600,7 @@ static int delete_one(clipdb_db *db, int64_t id)
         if (sqlite3_step(st) != SQLITE_DONE) rc = cdb_db_sqlerr(db, "deleting");
         sqlite3_finalize(st);
     }
-    if (rc == CLIPDB_OK) rc = cdb_db_faiss_mark_stale(db, id);
+    if (rc == CLIPDB_OK) rc = cdb_sindex_on_write(db, &w);
     return rc;
 }
 
@@ -669,6 +613,7 @@ int clipdb_db_rm(clipdb_db *db, const int64_t *ids, int n, int64_t *n_items,
     int rc, i;
     size_t j;
 
+    cdb_err_clear(&db->err);
     if (n_items) *n_items = 0;
     if (n_captions) *n_captions = 0;
     if (n < 0 || (n > 0 && !ids)) return cdb_err_set(&db->err, CLIPDB_EINVAL, "rm: bad arguments");
@@ -690,15 +635,9 @@ int clipdb_db_rm(clipdb_db *db, const int64_t *ids, int n, int64_t *n_items,
         sqlite3_bind_int64(caps, 1, ids[i]);
         n_cap = 0;
         while (sqlite3_step(caps) == SQLITE_ROW) {
-            if (n_cap == cap_cap) {
-                size_t nc = cap_cap ? 2 * cap_cap : 16;
-                int64_t *p = realloc(cap_ids, nc * sizeof *p);
-                if (!p) {
-                    rc = cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
-                    goto cleanup;
-                }
-                cap_ids = p;
-                cap_cap = nc;
+            if (cdb_grow((void **)&cap_ids, &cap_cap, n_cap + 1, sizeof *cap_ids)) {
+                rc = cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
+                goto cleanup;
             }
             cap_ids[n_cap++] = sqlite3_column_int64(caps, 0);
         }
@@ -803,17 +742,55 @@ cleanup:
 
 /* ---- statistics ------------------------------------------------------------ */
 
+/* *out = the number of items of `type` (captions only: those of an image). */
+static int count_items(clipdb_db *db, int type, int captions_only, int64_t *out)
+{
+    sqlite3_stmt *st = NULL;
+    int rc = cdb_db_prepare(db,
+                            captions_only
+                                ? "SELECT count(*) FROM items WHERE type = ? AND image IS NOT NULL"
+                                : "SELECT count(*) FROM items WHERE type = ?",
+                            &st);
+    if (rc != CLIPDB_OK) return rc;
+    sqlite3_bind_int(st, 1, type);
+    if (sqlite3_step(st) == SQLITE_ROW) *out = sqlite3_column_int64(st, 0);
+    else rc = cdb_db_sqlerr(db, "counting items");
+    sqlite3_finalize(st);
+    return rc;
+}
+
+void clipdb_db_stats_free(clipdb_db_stats *st)
+{
+    int i;
+    if (!st) return;
+    for (i = 0; st->indexes && i < st->n_indexes; i++) free((char *)st->indexes[i].factory);
+    free(st->indexes);
+    st->indexes = NULL;
+    st->n_indexes = 0;
+}
+
+/* Appends one index to out->indexes; *cap: its capacity. */
+static int push_index(clipdb_db *db, clipdb_db_stats *out, size_t *cap, clipdb_db_index_info **x)
+{
+    if (cdb_grow((void **)&out->indexes, cap, (size_t)out->n_indexes + 1, sizeof *out->indexes))
+        return cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
+    *x = &out->indexes[out->n_indexes++];
+    memset(*x, 0, sizeof **x);
+    return CLIPDB_OK;
+}
+
 int clipdb_db_get_stats(clipdb_db *db, clipdb_db_stats *out)
 {
     sqlite3_stmt *st = NULL;
-    int rc;
+    clipdb_db_index_info *x;
+    size_t cap = 0;
+    int rc, s;
+
     memset(out, 0, sizeof *out);
-    if ((rc = query_int(db, "SELECT count(*) FROM items WHERE type = 1", &out->images)) != CLIPDB_OK)
-        return rc;
-    if ((rc = query_int(db, "SELECT count(*) FROM items WHERE type = 2", &out->texts)) != CLIPDB_OK)
-        return rc;
-    if ((rc = query_int(db, "SELECT count(*) FROM items WHERE type = 2 AND image IS NOT NULL",
-                        &out->captions)) != CLIPDB_OK)
+    cdb_err_clear(&db->err);
+    if ((rc = count_items(db, CLIPDB_ITEM_IMAGE, 0, &out->images)) != CLIPDB_OK ||
+        (rc = count_items(db, CLIPDB_ITEM_TEXT, 0, &out->texts)) != CLIPDB_OK ||
+        (rc = count_items(db, CLIPDB_ITEM_TEXT, 1, &out->captions)) != CLIPDB_OK)
         return rc;
     if ((rc = query_int(db,
                         "SELECT (SELECT count(*) FROM vectors_image) + "
@@ -830,40 +807,43 @@ int clipdb_db_get_stats(clipdb_db *db, clipdb_db_stats *out)
                         "(SELECT count(*) FROM ivf_assign a WHERE a.target = ivf.target "
                         "AND a.metric = ivf.metric) FROM ivf ORDER BY target, metric",
                         &st);
-    if (rc != CLIPDB_OK) return rc;
-    while (sqlite3_step(st) == SQLITE_ROW && out->n_indexes < 8) {
-        clipdb_db_index_info *x = &out->indexes[out->n_indexes++];
+    if (rc != CLIPDB_OK) goto cleanup;
+    while ((s = sqlite3_step(st)) == SQLITE_ROW) {
+        if ((rc = push_index(db, out, &cap, &x)) != CLIPDB_OK) goto cleanup;
         x->kind = "ivf";
         x->target = sqlite3_column_int(st, 0);
         x->metric = (clipdb_metric)sqlite3_column_int(st, 1);
         x->nlist = sqlite3_column_int(st, 2);
         x->n_vectors = sqlite3_column_int64(st, 3);
     }
+    if (s != SQLITE_DONE) {
+        rc = cdb_db_sqlerr(db, "listing the IVF indexes");
+        goto cleanup;
+    }
     sqlite3_finalize(st);
     st = NULL;
-    if (db->format_version < 2) return CLIPDB_OK; /* no stored Faiss indexes in v1 */
+    if (db->format_version < 2) goto cleanup; /* no stored Faiss indexes in v1 */
     rc = cdb_db_prepare(db,
                         "SELECT target, metric, factory, "
                         "(SELECT count(*) FROM faiss_ids a WHERE a.target = f.target "
                         "AND a.metric = f.metric AND a.stale = 0) FROM faiss f "
                         "ORDER BY target, metric",
                         &st);
-    if (rc != CLIPDB_OK) return rc;
-    while (sqlite3_step(st) == SQLITE_ROW && out->n_indexes < 8) {
-        int slot = out->n_indexes;
-        clipdb_db_index_info *x = &out->indexes[out->n_indexes++];
-        free(db->stats_factory[slot]);
-        db->stats_factory[slot] = cdb_strdup((const char *)sqlite3_column_text(st, 2));
-        if (!db->stats_factory[slot]) {
-            rc = cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
-            break;
-        }
+    if (rc != CLIPDB_OK) goto cleanup;
+    while ((s = sqlite3_step(st)) == SQLITE_ROW) {
+        if ((rc = push_index(db, out, &cap, &x)) != CLIPDB_OK) goto cleanup;
         x->kind = "faiss";
-        x->factory = db->stats_factory[slot];
         x->target = sqlite3_column_int(st, 0);
         x->metric = (clipdb_metric)sqlite3_column_int(st, 1);
         x->n_vectors = sqlite3_column_int64(st, 3);
+        if (!(x->factory = cdb_strdup((const char *)sqlite3_column_text(st, 2)))) {
+            rc = cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
+            goto cleanup;
+        }
     }
+    if (s != SQLITE_DONE) rc = cdb_db_sqlerr(db, "listing the Faiss indexes");
+cleanup:
     sqlite3_finalize(st);
+    if (rc != CLIPDB_OK) clipdb_db_stats_free(out);
     return rc;
 }

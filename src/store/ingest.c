@@ -25,9 +25,9 @@
 #include "store/captions.h"
 #include "store/store.h"
 
-#define MAX_IMAGE_FILE ((size_t)256 << 20) /* bytes of one image file */
 #define MAX_DEPTH 64                       /* folder nesting */
-#define TEXT_BATCH 64
+#define TEXTS_PER_COMMIT 64 /* standalone texts per transaction */
+#define CDB_MAX_DECODE_THREADS 8 /* default decode threads: the CPUs, at most this */
 
 void clipdb_add_options_init(clipdb_add_options *opt)
 {
@@ -56,13 +56,7 @@ static int is_image_name(const char *name)
 
 static int list_push(file_list *l, char *s)
 {
-    if (l->n == l->cap) {
-        size_t nc = l->cap ? 2 * l->cap : 256;
-        char **p = realloc(l->rel, nc * sizeof *p);
-        if (!p) return -1;
-        l->rel = p;
-        l->cap = nc;
-    }
+    if (cdb_grow((void **)&l->rel, &l->cap, l->n + 1, sizeof *l->rel)) return -1;
     l->rel[l->n++] = s;
     return 0;
 }
@@ -142,21 +136,16 @@ static int load_known(clipdb_db *db, known **out, size_t *n_out)
     sqlite3_stmt *st = NULL;
     known *k = NULL;
     size_t n = 0, cap = 0;
-    int rc = cdb_db_prepare(db, "SELECT abspath, sha256, id FROM items WHERE type = 1", &st);
+    int rc = cdb_db_prepare(db, "SELECT abspath, sha256, id FROM items WHERE type = ?", &st);
     if (rc != CLIPDB_OK) return rc;
+    sqlite3_bind_int(st, 1, CLIPDB_ITEM_IMAGE);
     while (sqlite3_step(st) == SQLITE_ROW) {
         const char *a = (const char *)sqlite3_column_text(st, 0);
         const char *h = (const char *)sqlite3_column_text(st, 1);
         if (!a) continue;
-        if (n == cap) {
-            size_t nc = cap ? 2 * cap : 256;
-            known *p = realloc(k, nc * sizeof *p);
-            if (!p) {
-                rc = cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
-                goto cleanup;
-            }
-            k = p;
-            cap = nc;
+        if (cdb_grow((void **)&k, &cap, n + 1, sizeof *k)) {
+            rc = cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
+            goto cleanup;
         }
         k[n].abspath = cdb_strdup(a);
         if (!k[n].abspath) {
@@ -216,9 +205,12 @@ static const known *find_known(const pool *p, const char *abspath)
     return p->n_known ? bsearch(&key, p->k, p->n_known, sizeof *p->k, cmp_known) : NULL;
 }
 
-/* Reads, hashes and (unless unchanged) decodes file i into s. */
-static void decode_one(pool *p, clipdb_ctx *ctx, size_t i, slot *s)
+/* Reads, hashes and (unless unchanged) decodes file i into s's buffers and
+** returns the slot's new state (SLOT_*); the caller publishes that state
+** under the pool's mutex, so the consumer sees the pixels with it. */
+static int decode_one(pool *p, clipdb_ctx *ctx, size_t i, slot *s)
 {
+    int state = SLOT_FAILED;
     char *path = cdb_path_join(p->root, p->files->rel[i]);
     char *data = NULL;
     size_t len = 0;
@@ -228,18 +220,15 @@ static void decode_one(pool *p, clipdb_ctx *ctx, size_t i, slot *s)
     cdb_err_clear(&e);
     s->known_id = -1;
     if (!path) {
-        s->state = SLOT_FAILED;
         snprintf(s->msg, sizeof s->msg, "%s: out of memory", p->files->rel[i]);
-        return;
+        return SLOT_FAILED;
     }
-    if (cdb_read_file(path, MAX_IMAGE_FILE, &data, &len, &e) != CLIPDB_OK) {
-        s->state = SLOT_FAILED;
+    if (cdb_read_file(path, CLIPDB_MAX_IMAGE_FILE_BYTES, &data, &len, &e) != CLIPDB_OK) {
         snprintf(s->msg, sizeof s->msg, "%s", e.msg);
         goto cleanup;
     }
     s->size = (int64_t)len;
     if (cdb_sha256_hex(data, len, s->sha, &e) != CLIPDB_OK) {
-        s->state = SLOT_FAILED;
         snprintf(s->msg, sizeof s->msg, "%s: %s", path, e.msg);
         goto cleanup;
     }
@@ -247,19 +236,19 @@ static void decode_one(pool *p, clipdb_ctx *ctx, size_t i, slot *s)
     if (k) {
         s->known_id = k->id;
         if (!strcmp(k->sha, s->sha)) {
-            s->state = SLOT_UNCHANGED;
+            state = SLOT_UNCHANGED;
             goto cleanup;
         }
     }
     if (clipdb_image_load_memory(ctx, data, len, s->pixels) != CLIPDB_OK) {
-        s->state = SLOT_FAILED;
         snprintf(s->msg, sizeof s->msg, "%s: %s", path, clipdb_ctx_errmsg(ctx));
         goto cleanup;
     }
-    s->state = SLOT_DECODED;
+    state = SLOT_DECODED;
 cleanup:
     free(data);
     free(path);
+    return state;
 }
 
 static void *decode_main(void *arg)
@@ -270,6 +259,7 @@ static void *decode_main(void *arg)
     for (;;) {
         size_t i;
         slot *s;
+        int state;
         pthread_mutex_lock(&p->mu);
         while (!p->stop && p->next < p->files->n && p->next >= p->consumed + p->window)
             pthread_cond_wait(&p->space, &p->mu);
@@ -281,12 +271,15 @@ static void *decode_main(void *arg)
         pthread_mutex_unlock(&p->mu);
         s = &p->slots[i % p->window];
         if (ctx_rc != CLIPDB_OK) {
-            s->state = SLOT_FAILED;
+            state = SLOT_FAILED;
             snprintf(s->msg, sizeof s->msg, "%s: %s", p->files->rel[i], clipdb_ctx_errmsg(ctx));
         } else {
-            decode_one(p, ctx, i, s);
+            state = decode_one(p, ctx, i, s);
         }
+        /* published under the lock: the consumer reads state, then the
+        ** slot's pixels and fields, under the same lock */
         pthread_mutex_lock(&p->mu);
+        s->state = state;
         pthread_cond_broadcast(&p->ready);
         pthread_mutex_unlock(&p->mu);
     }
@@ -346,7 +339,7 @@ static void warn(ingest *g, const char *msg)
     if (g->opt->on_warning) g->opt->on_warning(g->opt->arg, msg);
 }
 
-/* Texts of the captions already stored for image id (sorted), to skip them. */
+/* *exists = 1 when image id already has a caption with this exact text. */
 static int caption_exists(clipdb_db *db, int64_t image, const char *text, int *exists)
 {
     sqlite3_stmt *st = NULL;
@@ -362,19 +355,17 @@ static int caption_exists(clipdb_db *db, int64_t image, const char *text, int *e
 
 static int push_text(ingest *g, const char *t)
 {
+    size_t cap = g->cap_texts;
     if (g->n_texts == g->cap_texts) {
-        size_t nc = g->cap_texts ? 2 * g->cap_texts : 256;
-        const char **p = realloc(g->texts, nc * sizeof *p);
-        float *v = cdb_malloc_array(nc, (size_t)g->d * sizeof(float));
-        if (!p || !v) {
-            free(v);
-            if (p) g->texts = p;
+        /* the vectors' buffer follows the texts' capacity; its old rows
+        ** are not needed (texts are encoded when the batch is flushed) */
+        float *v;
+        if (cdb_grow((void **)&g->texts, &cap, g->n_texts + 1, sizeof *g->texts) ||
+            !(v = cdb_malloc_array(cap, (size_t)g->d * sizeof(float))))
             return cdb_err_set(&g->db->err, CLIPDB_ENOMEM, "out of memory");
-        }
-        g->texts = p;
         free(g->text_vecs);
         g->text_vecs = v;
-        g->cap_texts = nc;
+        g->cap_texts = cap;
     }
     g->texts[g->n_texts++] = t;
     return CLIPDB_OK;
@@ -404,16 +395,17 @@ static int queue_captions(ingest *g, batch_img *b)
     return CLIPDB_OK;
 }
 
+/* texts (n) -> the one batched encoder (it groups them itself) -> out (n, d);
+** the encoder's status code is kept. */
 static int encode_texts(ingest *g, const char *const *texts, size_t n, float *out)
 {
-    size_t i;
-    for (i = 0; i < n; i += TEXT_BATCH) {
-        int m = (int)(n - i < TEXT_BATCH ? n - i : TEXT_BATCH);
-        if (clipdb_encode_texts(g->db->ctx, texts + i, m, out + i * (size_t)g->d) != CLIPDB_OK)
-            return cdb_err_set(&g->db->err, CLIPDB_ERROR, "encoding texts: %s",
-                               clipdb_ctx_errmsg(g->db->ctx));
-    }
-    return CLIPDB_OK;
+    int rc;
+    if (n == 0) return CLIPDB_OK;
+    if (n > INT32_MAX) return cdb_err_set(&g->db->err, CLIPDB_ELIMIT, "too many texts in a batch");
+    rc = clipdb_encode_batch(g->db->ctx, CLIPDB_INPUT_TEXT, texts, (int)n, out, NULL, NULL);
+    if (rc != CLIPDB_OK)
+        cdb_err_set(&g->db->err, rc, "encoding texts: %s", clipdb_ctx_errmsg(g->db->ctx));
+    return rc;
 }
 
 /* Encodes the batch and writes it in one transaction. */
@@ -427,10 +419,12 @@ static int flush(ingest *g)
     for (i = 0; i < g->n_imgs; i++)
         if ((rc = queue_captions(g, &g->imgs[i])) != CLIPDB_OK) goto cleanup;
     // pixels (n_encode, 3, S, S) -> vision tower -> img_vecs (n_encode, d)
+    /* images are decoded (and hashed, to skip unchanged files) by the pool
+    ** above, so the vision tower gets pixels here, not files */
     if (g->n_encode > 0 &&
-        clipdb_encode_images(g->db->ctx, g->pixels, g->n_encode, g->img_vecs) != CLIPDB_OK) {
-        rc = cdb_err_set(&g->db->err, CLIPDB_ERROR, "encoding images: %s",
-                         clipdb_ctx_errmsg(g->db->ctx));
+        (rc = clipdb_encode_images(g->db->ctx, g->pixels, g->n_encode, g->img_vecs)) !=
+            CLIPDB_OK) {
+        cdb_err_set(&g->db->err, rc, "encoding images: %s", clipdb_ctx_errmsg(g->db->ctx));
         goto cleanup;
     }
     // texts (n_texts) -> text tower -> text_vecs (n_texts, d)
@@ -515,7 +509,7 @@ static int add_images(ingest *g, cdb_captions *caps)
     n_threads = g->opt->decode_threads > 0 ? g->opt->decode_threads
                                            : (int)sysconf(_SC_NPROCESSORS_ONLN);
     if (n_threads < 1) n_threads = 1;
-    if (n_threads > 8) n_threads = 8;
+    if (n_threads > CDB_MAX_DECODE_THREADS) n_threads = CDB_MAX_DECODE_THREADS;
     p.root = g->root;
     p.files = &files;
     p.abspaths = g->abspaths;
@@ -636,7 +630,7 @@ static int add_texts(ingest *g)
     char *data = NULL;
     size_t len = 0, pos = 0, lineno = 0, n_lines = 0, i;
     const char **batch = NULL;
-    float *vecs = NULL;   /* TEXT_BATCH x d */
+    float *vecs = NULL;   /* TEXTS_PER_COMMIT x d */
     sqlite3_stmt *exists = NULL;
     int32_t ids[CLIPDB_TEXT_CONTEXT];
     int rc, in_tx = 0, n_ids = 0;
@@ -647,19 +641,19 @@ static int add_texts(ingest *g)
     g->prog.phase = "texts";
     g->prog.total = (int64_t)n_lines + 1;
     g->prog.done = g->prog.added = g->prog.skipped = g->prog.failed = 0;
-    batch = cdb_calloc_array(TEXT_BATCH, sizeof *batch);
-    vecs = cdb_malloc_array(TEXT_BATCH, (size_t)g->d * sizeof(float));
+    batch = cdb_calloc_array(TEXTS_PER_COMMIT, sizeof *batch);
+    vecs = cdb_malloc_array(TEXTS_PER_COMMIT, (size_t)g->d * sizeof(float));
     if (!batch || !vecs) {
         rc = cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
         goto cleanup;
     }
-    rc = cdb_db_prepare(db, "SELECT 1 FROM items WHERE text = ? AND type = 2 AND image IS NULL",
+    rc = cdb_db_prepare(db, "SELECT 1 FROM items WHERE text = ?1 AND type = ?2 AND image IS NULL",
                         &exists);
     if (rc != CLIPDB_OK) goto cleanup;
     while (pos < len) {
         int n = 0, j;
-        /* gather up to TEXT_BATCH new lines */
-        while (pos < len && n < TEXT_BATCH) {
+        /* gather up to TEXTS_PER_COMMIT new lines */
+        while (pos < len && n < TEXTS_PER_COMMIT) {
             char *line = data + pos, *nl = memchr(line, '\n', len - pos);
             size_t m = nl ? (size_t)(nl - line) : len - pos;
             int dup = 0;
@@ -686,6 +680,7 @@ static int add_texts(ingest *g)
             }
             sqlite3_reset(exists);
             sqlite3_bind_text(exists, 1, line, -1, SQLITE_STATIC);
+            sqlite3_bind_int(exists, 2, CLIPDB_ITEM_TEXT);
             dup = sqlite3_step(exists) == SQLITE_ROW;
             for (j = 0; j < n && !dup; j++) dup = !strcmp(batch[j], line);
             sqlite3_reset(exists);

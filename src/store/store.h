@@ -1,7 +1,9 @@
 /*
 ** store.h: the database handle and the internal calls shared by the files
-** of src/store (db.c: the file, schema and items; captions.c: captions
-** parsers; ingest.c: the add pipeline; search.c: queries and IVF).
+** of src/store (sql.c: SQLite helpers; db.c: the file, schema and items;
+** sindex*.c: the stored-index type and its implementations, see sindex.h;
+** captions.c: captions parsers; ingest.c: the add pipeline; search.c: the
+** query pipeline and the index-building entry points).
 ** Internal; the public view is the store section of include/clipdb.h.
 **
 ** Schema (format version 1; PRAGMA application_id = CLIPDB_DB_MAGIC,
@@ -30,7 +32,11 @@
 
 #include "core/core.h"
 
-/* The vectors of one item type, loaded into memory for search. */
+/* A vector set: the vectors a stored index serves and a search scans,
+** loaded into memory. Today a database holds one set per item type (the
+** image vectors and the text vectors, set = CLIPDB_ITEM_IMAGE / _TEXT);
+** the stored-index slots (sindex.h) are keyed by set so that more sets per
+** database (other models, other fields) need no new kind of cache. */
 typedef struct cdb_vecset {
     int loaded;
     int64_t data_version;  /* PRAGMA data_version when loaded */
@@ -41,7 +47,12 @@ typedef struct cdb_vecset {
     float *norms;          /* n */
 } cdb_vecset;
 
-struct clipdb_ivf;
+struct cdb_sindex;
+
+/* Number of entries of clipdb_db.sets, indexed by the set (the item type,
+** CLIPDB_ITEM_IMAGE = 1 or CLIPDB_ITEM_TEXT = 2; 0 unused). Item types go
+** into SQL as bound values, never as literals. */
+#define CDB_N_SETS 3
 
 struct clipdb_db {
     cdb_err err;
@@ -57,20 +68,10 @@ struct clipdb_db {
     clipdb_model *model;   /* opened on first use, owned */
     clipdb_ctx *ctx;       /* the handle's encoding context, owned */
     int64_t local_changes; /* bumped by every write through this handle */
-    cdb_vecset sets[3];    /* indexed by CLIPDB_ITEM_IMAGE / _TEXT */
-    /* Loaded IVF indexes, [target][metric]; NULL when not loaded: full ones
-    ** for search, and empty ones (centroids only) to assign new vectors. */
-    struct clipdb_ivf *ivf[3][3];
-    struct clipdb_ivf *ivf_assigner[3][3];
-    int64_t ivf_changes[3][3];
-    int64_t ivf_version[3][3];
-    /* Stored Faiss indexes loaded for search (and brought up to date with
-    ** the stored vectors), [target][metric]; NULL when not loaded. */
-    struct cdb_faiss *faiss[3][3];
-    int64_t faiss_changes[3][3];
-    int64_t faiss_version[3][3];
-    char *faiss_note[3][3];  /* what the last load had to do, or NULL */
-    char *stats_factory[8];  /* strings of clipdb_db_get_stats */
+    cdb_vecset sets[CDB_N_SETS]; /* the vector sets, by item type */
+    /* Loaded indexes (sindex.c): one slot per (type, set, metric). */
+    struct cdb_sindex *sindex;
+    size_t n_sindex, cap_sindex;
 };
 
 /* Creates a database file bound to a model described by its identity and
@@ -108,15 +109,14 @@ int cdb_db_set_meta_json(clipdb_db *db, int64_t id, const char *json);
 ** The set belongs to db. */
 int cdb_db_vectors(clipdb_db *db, int type, const cdb_vecset **out);
 
-/* Lowercase hex SHA-256 (65 bytes with the NUL) of len bytes. */
+/* "image" or "text" (sql.c). */
+const char *cdb_set_name(int set);
 
-/* IVF bookkeeping for a new vector (search.c): if an IVF index exists for
-** this type, records the vector's nearest list in ivf_assign. */
-int cdb_db_ivf_on_insert(clipdb_db *db, int type, int64_t id, const float *vec);
-void cdb_db_ivf_release(clipdb_db *db);
-
-/* Inside a transaction: item `id` was deleted or its vector replaced, so
-** stored Faiss indexes must drop (and maybe re-add) it at the next search. */
-int cdb_db_faiss_mark_stale(clipdb_db *db, int64_t id);
+/* Inside a transaction: replaces the per-id rows of an index of (set,
+** metric): runs del_sql (binding set, metric), then ins_sql for each of
+** the n ids (binding set, metric, id, and lists[i] when lists is set). */
+int cdb_sindex_replace_ids(clipdb_db *db, const char *del_sql, const char *ins_sql, int set,
+                           clipdb_metric metric, const int64_t *ids, const int32_t *lists,
+                           size_t n);
 
 #endif /* CDB_STORE_H */

@@ -390,3 +390,51 @@ TEST(index_flat_rejects_bad_arguments)
         CHECK(n_out == 2 && out[0].id == 1 && out[1].id == 0 && out[1].score == 0.0f);
     }
 }
+
+/* The top-k pass on the core pool gives exactly the results of the serial
+** pass: every metric, many queries (tasks) over several base blocks, with
+** a filter. */
+TEST(index_kernels_pool_matches_serial)
+{
+    const int d = 24, k = 7;
+    const size_t n = 700, nq = 37;
+    float *base = malloc(n * d * sizeof *base), *q = malloc(nq * d * sizeof *q);
+    clipdb_hit *a = malloc(nq * k * sizeof *a), *b = malloc(nq * k * sizeof *b);
+    uint64_t bits[(700 + 63) / 64];
+    clipdb_filter f;
+    int mi, threads;
+    size_t i;
+    REQUIRE(base && q && a && b);
+    fill_rand(base, n * d, 11, 0);
+    fill_rand(q, nq * d, 12, 0);
+    for (i = 0; i < sizeof bits / sizeof *bits; i++) bits[i] = 0x5555555555555555ull ^ i;
+    memset(&f, 0, sizeof f);
+    f.bitmap = bits;
+    f.nbits = n;
+    CHECK(cdb_pool_threads() >= 1);
+    for (mi = 0; mi < 3; mi++)
+        for (threads = 2; threads <= 9; threads += 7) {
+            clipdb_vecs bv = {base, NULL, NULL, n, d};
+            cdb_kparams ps, pp;
+            int na = 0, nb = 0;
+            cdb_err e;
+            cdb_kparams_default(&ps);
+            ps.b_block = 128;
+            ps.q_block = 16;
+            ps.threads = 1;
+            pp = ps;
+            pp.threads = threads;
+            pp.thread_min = 1;
+            REQUIRE(cdb_flat_search(&ps, &bv, q, nq, k, metrics[mi], &f, a, &na, &e) == CLIPDB_OK);
+            REQUIRE(cdb_flat_search(&pp, &bv, q, nq, k, metrics[mi], &f, b, &nb, &e) == CLIPDB_OK);
+            CHECK(na == nb);
+            for (i = 0; i < nq * (size_t)k; i++) {
+                CHECK(a[i].id == b[i].id);
+                CHECK(a[i].score == b[i].score);
+            }
+        }
+    free(base);
+    free(q);
+    free(a);
+    free(b);
+}

@@ -432,3 +432,65 @@ TEST(ivf_faiss_train_seed)
     free(x);
     free(ids);
 }
+
+/* A search with nprobe given is for that call only: the index's own nprobe
+** is the same afterwards, for an IVF at the top (per-call parameters) and
+** one inside a wrapper (IndexPreTransform: set and restored); and the
+** nprobe given is the one used (all lists = exact results). */
+TEST(faiss_nprobe_does_not_stick)
+{
+    static const char *const specs[] = {"IVF8,Flat", "PCA8,IVF8,Flat"};
+    const int d = 16, k = 5;
+    const size_t n = 600;
+    float *x = malloc(n * d * sizeof *x);
+    int64_t *ids = malloc(n * sizeof *ids);
+    clipdb_hit all[5], one[5], exact[5];
+    cdb_rng r = {77};
+    size_t i;
+    int s;
+    REQUIRE(x && ids);
+    for (i = 0; i < n * d; i++) x[i] = (float)(2.0 * cdb_rng_unif(&r) - 1.0);
+    for (i = 0; i < n; i++) ids[i] = (int64_t)i + 100;
+    for (s = 0; s < 2; s++) {
+        cdb_faiss *f = NULL, *flat = NULL;
+        int before, j;
+        REQUIRE(cdb_faiss_new(&f, d, specs[s], CLIPDB_METRIC_L2) == CLIPDB_OK);
+        REQUIRE(cdb_faiss_train(f, x, n) == CLIPDB_OK);
+        REQUIRE(cdb_faiss_add(f, ids, x, n) == CLIPDB_OK);
+        before = cdb_faiss_nprobe(f);
+        CHECK(before == 1);
+        REQUIRE(cdb_faiss_search(f, x + 7 * d, 1, k, 8, all) == CLIPDB_OK);
+        CHECK(cdb_faiss_nprobe(f) == before);
+        REQUIRE(cdb_faiss_search(f, x + 7 * d, 1, k, 0, one) == CLIPDB_OK);
+        CHECK(cdb_faiss_nprobe(f) == before);
+        CHECK(one[0].id == 107);
+        /* nprobe 8 of 8 lists: the exact answer (within the PCA space) */
+        REQUIRE(cdb_faiss_new(&flat, d, s ? "PCA8,Flat" : "Flat", CLIPDB_METRIC_L2) == CLIPDB_OK);
+        REQUIRE(cdb_faiss_train(flat, x, n) == CLIPDB_OK);
+        REQUIRE(cdb_faiss_add(flat, ids, x, n) == CLIPDB_OK);
+        REQUIRE(cdb_faiss_search(flat, x + 7 * d, 1, k, 0, exact) == CLIPDB_OK);
+        if (s == 0)
+            for (j = 0; j < k; j++) CHECK(all[j].id == exact[j].id);
+        cdb_faiss_free(flat);
+        cdb_faiss_free(f);
+    }
+    CHECK(cdb_faiss_nprobe(NULL) == 0);
+    free(x);
+    free(ids);
+}
+
+/* clipdb_ivf_info returns a status like the rest; errmsg is "" and
+** errcode CLIPDB_OK on a handle no call has failed on. */
+TEST(ivf_info_status_and_fresh_errors)
+{
+    clipdb_ivf *ivf = NULL;
+    int d = 0, nlist = 0;
+    CHECK(clipdb_ivf_info(NULL, &d, &nlist, NULL, NULL, NULL) == CLIPDB_EINVAL);
+    REQUIRE(clipdb_ivf_new(&ivf, 4, 2, CLIPDB_METRIC_L2) == CLIPDB_OK);
+    CHECK(clipdb_ivf_info(ivf, &d, &nlist, NULL, NULL, NULL) == CLIPDB_OK);
+    CHECK(d == 4 && nlist == 2);
+    CHECK(clipdb_ivf_errcode(ivf) == CLIPDB_OK && !strcmp(clipdb_ivf_errmsg(ivf), ""));
+    CHECK(clipdb_ivf_train(ivf, NULL, 0, NULL) != CLIPDB_OK);
+    CHECK(clipdb_ivf_errcode(ivf) != CLIPDB_OK && strlen(clipdb_ivf_errmsg(ivf)) > 0);
+    clipdb_ivf_free(ivf);
+}

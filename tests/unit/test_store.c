@@ -1,6 +1,7 @@
 /* Unit tests of src/store: the database file, items, deletion, captions
 ** parsers, hashing. Model-free: databases are created with
 ** cdb_db_create_raw and filled with synthetic vectors. */
+#include <pthread.h>
 #include <sqlite3.h>
 #include <stdint.h>
 
@@ -328,4 +329,240 @@ TEST(store_captions_shared_coco_subset)
     CHECK(c->n == 338);
     CHECK(c->n_captions == 1690);
     cdb_captions_free(c);
+}
+
+/* A database of n images and n texts with varied vectors. */
+static clipdb_db *filled_db(const char *name, int n)
+{
+    char path[512];
+    clipdb_db *db = NULL;
+    float v[D];
+    int64_t id;
+    int i, j;
+    db_path(path, sizeof path, name);
+    if (cdb_db_create_raw(&db, path, "clip-test-1", D, NULL) != CLIPDB_OK) return NULL;
+    if (cdb_db_begin(db) != CLIPDB_OK) return NULL;
+    for (i = 0; i < n; i++) {
+        char p[64];
+        for (j = 0; j < D; j++) v[j] = (float)((i * 31 + j * 17) % 13) - 6.0f + 0.1f * (float)j;
+        snprintf(p, sizeof p, "/abs/%d.jpg", i);
+        if (cdb_db_insert_image(db, p + 5, p, 1, "aa", v, &id) != CLIPDB_OK) return NULL;
+        v[0] += 1.0f;
+        if (cdb_db_insert_text(db, p, -1, v, &id) != CLIPDB_OK) return NULL;
+    }
+    if (cdb_db_commit(db) != CLIPDB_OK) return NULL;
+    return db;
+}
+
+/* The error rule on a fresh handle: errcode OK and errmsg "" (not a
+** message) until a call fails; then the failing call's code and message;
+** then "" again after a call that succeeds. */
+TEST(store_errcode_errmsg_fresh_handle)
+{
+    clipdb_db *db = filled_db("err.db", 4);
+    clipdb_db_stats st;
+    int64_t bad = 999;
+    REQUIRE(db);
+    CHECK(clipdb_db_errcode(db) == CLIPDB_OK);
+    CHECK(!strcmp(clipdb_db_errmsg(db), ""));
+    CHECK(clipdb_db_rm(db, &bad, 1, NULL, NULL) == CLIPDB_ENOTFOUND);
+    CHECK(clipdb_db_errcode(db) == CLIPDB_ENOTFOUND);
+    CHECK(strstr(clipdb_db_errmsg(db), "999") != NULL);
+    REQUIRE(clipdb_db_get_stats(db, &st) == CLIPDB_OK);
+    clipdb_db_stats_free(&st);
+    CHECK(clipdb_db_errcode(db) == CLIPDB_OK);
+    CHECK(!strcmp(clipdb_db_errmsg(db), ""));
+    CHECK(clipdb_db_errcode(NULL) == CLIPDB_ENOMEM);
+    clipdb_db_close(db);
+}
+
+/* More stored indexes than the old fixed array of 8 held: 6 IVF + 6 Faiss. */
+TEST(store_stats_lists_every_index)
+{
+    clipdb_db *db = filled_db("stats12.db", 20);
+    clipdb_index_options o;
+    clipdb_db_stats st;
+    int t, m, n_ivf = 0, n_faiss = 0, i;
+    REQUIRE(db);
+    for (t = CLIPDB_ITEM_IMAGE; t <= CLIPDB_ITEM_TEXT; t++)
+        for (m = 0; m < 3; m++) {
+            clipdb_index_options_init(&o);
+            o.target = t;
+            o.metric = (clipdb_metric)m;
+            o.nlist = 2;
+            REQUIRE(clipdb_db_build_ivf(db, &o) == CLIPDB_OK);
+            REQUIRE(clipdb_db_build_faiss(db, &o, "Flat") == CLIPDB_OK);
+        }
+    REQUIRE(clipdb_db_get_stats(db, &st) == CLIPDB_OK);
+    CHECK(st.n_indexes == 12);
+    for (i = 0; i < st.n_indexes; i++) {
+        if (!strcmp(st.indexes[i].kind, "ivf")) {
+            n_ivf++;
+            CHECK(st.indexes[i].nlist == 2 && st.indexes[i].n_vectors == 20);
+        } else {
+            n_faiss++;
+            CHECK(st.indexes[i].factory && !strcmp(st.indexes[i].factory, "Flat"));
+        }
+    }
+    CHECK(n_ivf == 6 && n_faiss == 6);
+    clipdb_db_stats_free(&st);
+    CHECK(st.indexes == NULL && st.n_indexes == 0);
+    clipdb_db_stats_free(&st); /* twice is harmless */
+    clipdb_db_close(db);
+}
+
+/* Index failures keep their codes through clipdb_db_search: no stored
+** index is ENOTFOUND, a corrupt one EFORMAT, a Faiss spec that Faiss
+** refuses the shim's code; and the stored IVF serves text searches after
+** items are added and deleted (the write hook keeps its lists). */
+TEST(store_index_errors_keep_codes)
+{
+    clipdb_db *db = filled_db("codes.db", 12);
+    clipdb_search_options so;
+    clipdb_index_options o;
+    clipdb_results *res = NULL;
+    clipdb_query q;
+    sqlite3 *raw;
+    char path[512];
+    int64_t first;
+    float v[D];
+    REQUIRE(db);
+    memset(&q, 0, sizeof q);
+    q.kind = CLIPDB_QUERY_ITEM;
+    q.item = 2; /* a text */
+    clipdb_search_options_init(&so);
+    so.target = CLIPDB_ITEM_TEXT;
+    so.index = CLIPDB_INDEX_IVF;
+    so.k = 3;
+    CHECK(clipdb_db_search(db, &q, 1, &so, &res) == CLIPDB_ENOTFOUND);
+    CHECK(clipdb_db_errcode(db) == CLIPDB_ENOTFOUND);
+    CHECK(strstr(clipdb_db_errmsg(db), "no IVF index for text vectors") != NULL);
+    CHECK(strstr(clipdb_db_errmsg(db), "clipdb ") == NULL); /* no CLI command */
+    so.index = CLIPDB_INDEX_FAISS;
+    so.faiss = "NoSuchIndex";
+    CHECK(clipdb_db_search(db, &q, 1, &so, &res) == CLIPDB_ERROR);
+    CHECK(strstr(clipdb_db_errmsg(db), "Faiss") != NULL);
+    so.faiss = NULL;
+    CHECK(clipdb_db_search(db, &q, 1, &so, &res) == CLIPDB_ENOTFOUND);
+
+    clipdb_index_options_init(&o);
+    o.target = CLIPDB_ITEM_TEXT;
+    o.nlist = 3;
+    REQUIRE(clipdb_db_build_ivf(db, &o) == CLIPDB_OK);
+    so.index = CLIPDB_INDEX_IVF;
+    so.nprobe = 3;
+    REQUIRE(clipdb_db_search(db, &q, 1, &so, &res) == CLIPDB_OK);
+    CHECK(res->offsets[1] == 3 && res->results[0].id == 2);
+    clipdb_results_free(res);
+    res = NULL;
+    /* a write after the build: the new text joins its list, the deleted
+    ** one leaves it */
+    REQUIRE(cdb_db_begin(db) == CLIPDB_OK);
+    fill_vec(v, 5);
+    REQUIRE(cdb_db_insert_text(db, "new", -1, v, &first) == CLIPDB_OK);
+    REQUIRE(cdb_db_commit(db) == CLIPDB_OK);
+    CHECK(clipdb_db_rm(db, &q.item, 1, NULL, NULL) == CLIPDB_OK);
+    q.item = first;
+    REQUIRE(clipdb_db_search(db, &q, 1, &so, &res) == CLIPDB_OK);
+    CHECK(res->results[0].id == first);
+    CHECK(res->offsets[1] == 3 && res->results[1].id != 2 && res->results[2].id != 2);
+    clipdb_results_free(res);
+    res = NULL;
+
+    /* corrupt centroids: EFORMAT, kept */
+    snprintf(path, sizeof path, "%s/codes.db", test_tmpdir());
+    REQUIRE(sqlite3_open(path, &raw) == SQLITE_OK);
+    CHECK(sqlite3_exec(raw, "UPDATE ivf SET centroids = x'00'", NULL, NULL, NULL) == SQLITE_OK);
+    sqlite3_close(raw);
+    CHECK(clipdb_db_search(db, &q, 1, &so, &res) == CLIPDB_EFORMAT);
+    CHECK(strstr(clipdb_db_errmsg(db), "corrupt IVF index") != NULL);
+    clipdb_db_close(db);
+}
+
+/* Concurrent searches: several threads, each with its own handle on one
+** file (the documented way to search in parallel), exact and IVF, give the
+** serial answers. The TSan build (make tsan) runs this. */
+typedef struct search_job {
+    const char *path;
+    const int64_t *want;  /* 4 queries x 5 ids, exact then IVF */
+    int bad;
+} search_job;
+
+static int search_ids(clipdb_db *db, clipdb_index_kind kind, int64_t *ids)
+{
+    clipdb_search_options so;
+    clipdb_results *res = NULL;
+    clipdb_query q[4];
+    int i, j;
+    memset(q, 0, sizeof q);
+    for (i = 0; i < 4; i++) {
+        q[i].kind = CLIPDB_QUERY_ITEM;
+        q[i].item = 1 + 2 * i;
+    }
+    clipdb_search_options_init(&so);
+    so.k = 5;
+    so.index = kind;
+    so.nprobe = 2;
+    if (clipdb_db_search(db, q, 4, &so, &res) != CLIPDB_OK) return -1;
+    for (i = 0; i < 4; i++)
+        for (j = 0; j < 5; j++)
+            ids[i * 5 + j] = res->offsets[i] + (size_t)j < res->offsets[i + 1]
+                                 ? res->results[res->offsets[i] + (size_t)j].id
+                                 : -1;
+    clipdb_results_free(res);
+    return 0;
+}
+
+static void *search_thread(void *arg)
+{
+    search_job *j = arg;
+    clipdb_db_options o;
+    clipdb_db *db = NULL;
+    int64_t got[40];
+    int r, i;
+    clipdb_db_options_init(&o);
+    o.readonly = 1;
+    if (clipdb_db_open(&db, j->path, &o) != CLIPDB_OK) {
+        j->bad++;
+        clipdb_db_close(db);
+        return NULL;
+    }
+    for (r = 0; r < 10; r++) {
+        if (search_ids(db, CLIPDB_INDEX_EXACT, got) || search_ids(db, CLIPDB_INDEX_IVF, got + 20)) {
+            j->bad++;
+            break;
+        }
+        for (i = 0; i < 40; i++) j->bad += got[i] != j->want[i];
+    }
+    clipdb_db_close(db);
+    return NULL;
+}
+
+TEST(store_concurrent_searches)
+{
+    clipdb_db *db = filled_db("conc.db", 60);
+    clipdb_index_options o;
+    search_job jobs[4];
+    pthread_t th[4];
+    int64_t want[40];
+    char path[512];
+    int i, started = 0;
+    REQUIRE(db);
+    clipdb_index_options_init(&o);
+    o.nlist = 4;
+    REQUIRE(clipdb_db_build_ivf(db, &o) == CLIPDB_OK);
+    REQUIRE(search_ids(db, CLIPDB_INDEX_EXACT, want) == 0);
+    REQUIRE(search_ids(db, CLIPDB_INDEX_IVF, want + 20) == 0);
+    clipdb_db_close(db);
+    snprintf(path, sizeof path, "%s/conc.db", test_tmpdir());
+    for (i = 0; i < 4; i++) {
+        jobs[i] = (search_job){path, want, 0};
+        if (pthread_create(&th[i], NULL, search_thread, &jobs[i]) != 0) break;
+        started++;
+    }
+    CHECK(started == 4);
+    for (i = 0; i < started; i++) {
+        pthread_join(th[i], NULL);
+        CHECK(jobs[i].bad == 0);
+    }
 }

@@ -1,0 +1,334 @@
+/*
+** sindex_faiss.c: a Faiss index (src/index/faiss_shim.cc) as a stored-index
+** type. Stored as the bytes of faiss::write_index with their SHA-256 (table
+** faiss, checked before Faiss's reader sees them) and the ids it holds
+** (table faiss_ids, stale = 1 once an item is deleted or its vector
+** replaced). A search loads it and brings it up to date: stale or gone ids
+** leave it, stored vectors it lacks join it; an index type that cannot
+** remove is rebuilt in memory from its factory string, with a note.
+*/
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "index/index.h"
+#include "store/sindex.h"
+
+typedef struct faiss_state {
+    cdb_faiss *f;
+    char *factory;   /* its index_factory string */
+} faiss_state;
+
+static int state_of(clipdb_db *db, cdb_sindex *s, faiss_state **out)
+{
+    if (!s->impl && !(s->impl = calloc(1, sizeof(faiss_state))))
+        return cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
+    *out = s->impl;
+    return CLIPDB_OK;
+}
+
+static void faiss_invalidate(cdb_sindex *s)
+{
+    faiss_state *v = s->impl;
+    if (!v) return;
+    cdb_faiss_free(v->f);
+    v->f = NULL;
+    free(v->factory);
+    v->factory = NULL;
+}
+
+static void faiss_release(cdb_sindex *s)
+{
+    faiss_invalidate(s);
+    free(s->impl);
+    s->impl = NULL;
+}
+
+/* Records a failure of the shim with its status code kept. */
+static int shim_fail(clipdb_db *db, int rc, const cdb_faiss *f)
+{
+    return cdb_err_set(&db->err, rc, "Faiss: %s", f ? cdb_faiss_errmsg(f) : "out of memory");
+}
+
+/* A new Faiss index from `factory`, trained on and holding every vector of
+** vs. *out (free with cdb_faiss_free) only on success. */
+static int build_index(clipdb_db *db, const char *factory, clipdb_metric metric,
+                       const cdb_vecset *vs, cdb_faiss **out)
+{
+    cdb_faiss *f = NULL;
+    int rc;
+    *out = NULL;
+    // vs (n, d) -> train (k-means for IVF) -> add with ids
+    if ((rc = cdb_faiss_new(&f, db->embed_dim, factory, metric)) != CLIPDB_OK ||
+        (rc = cdb_faiss_train(f, vs->vecs, vs->n)) != CLIPDB_OK ||
+        (rc = cdb_faiss_add(f, vs->ids, vs->vecs, vs->n)) != CLIPDB_OK) {
+        shim_fail(db, rc, f);
+        cdb_faiss_free(f);
+        return rc;
+    }
+    *out = f;
+    return CLIPDB_OK;
+}
+
+static int faiss_build(clipdb_db *db, cdb_sindex *s, const cdb_vecset *vs,
+                       const clipdb_index_options *opt, const char *spec)
+{
+    faiss_state *v = NULL;
+    int rc;
+    (void)opt;
+    if (!spec || !*spec) return cdb_err_set(&db->err, CLIPDB_EINVAL, "no Faiss factory string");
+    if (vs->n == 0)
+        return cdb_err_set(&db->err, CLIPDB_EINVAL, "%s: no %s vectors to index", db->path,
+                           cdb_set_name(s->set));
+    if ((rc = state_of(db, s, &v)) != CLIPDB_OK) return rc;
+    faiss_invalidate(s);
+    if (!(v->factory = cdb_strdup(spec))) return cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
+    return build_index(db, spec, s->metric, vs, &v->f);
+}
+
+static int faiss_store(clipdb_db *db, cdb_sindex *s, const cdb_vecset *vs)
+{
+    faiss_state *v = s->impl;
+    sqlite3_stmt *st = NULL;
+    uint8_t *blob = NULL;
+    size_t len = 0;
+    char hex[65];
+    int rc;
+    if (!v || !v->f) return cdb_err_set(&db->err, CLIPDB_EINVAL, "Faiss: nothing built to store");
+    if (db->format_version < 2)
+        return cdb_err_set(&db->err, CLIPDB_EINVAL,
+                           "%s: format version %d holds no Faiss indexes", db->path,
+                           db->format_version);
+    if ((rc = cdb_faiss_serialize(v->f, &blob, &len)) != CLIPDB_OK) return shim_fail(db, rc, v->f);
+    if (len > (size_t)INT32_MAX) {
+        rc = cdb_err_set(&db->err, CLIPDB_ELIMIT,
+                         "%s: the Faiss index is %zu bytes, more than a database value holds",
+                         db->path, len);
+        goto cleanup;
+    }
+    if ((rc = cdb_sha256_hex(blob, len, hex, &db->err)) != CLIPDB_OK) goto cleanup;
+    rc = cdb_db_prepare(db,
+                        "INSERT OR REPLACE INTO faiss(target, metric, factory, dim, sha256, blob, "
+                        "built_at) VALUES(?, ?, ?, ?, ?, ?, strftime('%s','now'))",
+                        &st);
+    if (rc != CLIPDB_OK) goto cleanup;
+    sqlite3_bind_int(st, 1, s->set);
+    sqlite3_bind_int(st, 2, (int)s->metric);
+    sqlite3_bind_text(st, 3, v->factory, -1, SQLITE_STATIC);
+    sqlite3_bind_int(st, 4, db->embed_dim);
+    sqlite3_bind_text(st, 5, hex, -1, SQLITE_STATIC);
+    sqlite3_bind_blob(st, 6, blob, (int)len, SQLITE_STATIC);
+    if (sqlite3_step(st) != SQLITE_DONE) {
+        rc = cdb_db_sqlerr(db, "writing the Faiss index");
+        goto cleanup;
+    }
+    rc = cdb_sindex_replace_ids(db, "DELETE FROM faiss_ids WHERE target = ? AND metric = ?",
+                                "INSERT INTO faiss_ids(target, metric, id) VALUES(?, ?, ?)",
+                                s->set, s->metric, vs->ids, NULL, vs->n);
+cleanup:
+    sqlite3_finalize(st);
+    free(blob);
+    return rc;
+}
+
+/* Reads the stored Faiss index of (set, metric): checks the SHA-256 of the
+** bytes before Faiss sees them. *f NULL when there is none. *factory
+** (caller frees) gets its factory string. */
+static int read_stored(clipdb_db *db, int set, clipdb_metric metric, cdb_faiss **f,
+                       char **factory)
+{
+    sqlite3_stmt *st = NULL;
+    char hex[65];
+    int rc, s;
+
+    *f = NULL;
+    *factory = NULL;
+    if (db->format_version < 2) return CLIPDB_OK;
+    rc = cdb_db_prepare(db,
+                        "SELECT factory, dim, sha256, blob FROM faiss WHERE target = ? AND "
+                        "metric = ?",
+                        &st);
+    if (rc != CLIPDB_OK) return rc;
+    sqlite3_bind_int(st, 1, set);
+    sqlite3_bind_int(st, 2, (int)metric);
+    s = sqlite3_step(st);
+    if (s == SQLITE_ROW) {
+        const uint8_t *blob = sqlite3_column_blob(st, 3);
+        size_t len = (size_t)sqlite3_column_bytes(st, 3);
+        const char *want = (const char *)sqlite3_column_text(st, 2);
+        if (!(*factory = cdb_strdup((const char *)sqlite3_column_text(st, 0)))) {
+            rc = cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
+        } else if (sqlite3_column_int(st, 1) != db->embed_dim || !blob || len == 0 || !want) {
+            rc = cdb_err_set(&db->err, CLIPDB_EFORMAT, "%s: corrupt stored Faiss index (%s, %s)",
+                             db->path, cdb_set_name(set), clipdb_metric_name(metric));
+        } else if ((rc = cdb_sha256_hex(blob, len, hex, &db->err)) != CLIPDB_OK) {
+            /* message set */
+        } else if (strcmp(hex, want)) {
+            rc = cdb_err_set(&db->err, CLIPDB_EFORMAT,
+                             "%s: the stored Faiss index \"%s\" (%s, %s) is corrupt (the SHA-256 "
+                             "of its bytes does not match); it must be rebuilt",
+                             db->path, *factory, cdb_set_name(set), clipdb_metric_name(metric));
+        } else if (cdb_faiss_deserialize(f, blob, len, metric) != CLIPDB_OK ||
+                   cdb_faiss_dim(*f) != db->embed_dim) {
+            rc = cdb_err_set(&db->err, CLIPDB_EFORMAT, "%s: stored Faiss index (%s, %s): %s",
+                             db->path, cdb_set_name(set), clipdb_metric_name(metric),
+                             *f && cdb_faiss_dim(*f) ? "wrong dimension" : cdb_faiss_errmsg(*f));
+        }
+    } else if (s != SQLITE_DONE) {
+        rc = cdb_db_sqlerr(db, "reading the Faiss index");
+    }
+    sqlite3_finalize(st);
+    if (rc != CLIPDB_OK) {
+        cdb_faiss_free(*f);
+        *f = NULL;
+        free(*factory);
+        *factory = NULL;
+    }
+    return rc;
+}
+
+/* Appends id to the list (*v, *n, capacity *cap). */
+static int push_id(clipdb_db *db, int64_t **v, size_t *n, size_t *cap, int64_t id)
+{
+    if (cdb_grow((void **)v, cap, *n + 1, sizeof **v))
+        return cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
+    (*v)[(*n)++] = id;
+    return CLIPDB_OK;
+}
+
+static int faiss_load(clipdb_db *db, cdb_sindex *s, const cdb_vecset *vs)
+{
+    sqlite3_stmt *st = NULL;
+    cdb_faiss *f = NULL, *g = NULL;
+    char *factory = NULL;
+    int64_t *rm = NULL, *add = NULL;
+    float *x = NULL;
+    size_t n_rm = 0, cap_rm = 0, n_add = 0, cap_add = 0, i, j;
+    faiss_state *v = NULL;
+    int rc;
+
+    if ((rc = state_of(db, s, &v)) != CLIPDB_OK) return rc;
+    if ((rc = read_stored(db, s->set, s->metric, &f, &factory)) != CLIPDB_OK) return rc;
+    if (!f)
+        return cdb_err_set(&db->err, CLIPDB_ENOTFOUND,
+                           "%s: no stored Faiss index for %s vectors and metric %s", db->path,
+                           cdb_set_name(s->set), clipdb_metric_name(s->metric));
+    /* the ids it holds vs the stored vectors (both sorted): stale or gone
+    ** ones leave it, stored ones it lacks join it */
+    rc = cdb_db_prepare(db,
+                        "SELECT id, stale FROM faiss_ids WHERE target = ? AND metric = ? "
+                        "ORDER BY id",
+                        &st);
+    if (rc != CLIPDB_OK) goto cleanup;
+    sqlite3_bind_int(st, 1, s->set);
+    sqlite3_bind_int(st, 2, (int)s->metric);
+    i = 0;
+    while (sqlite3_step(st) == SQLITE_ROW) {
+        int64_t id = sqlite3_column_int64(st, 0);
+        int stale = sqlite3_column_int(st, 1), present;
+        for (; i < vs->n && vs->ids[i] < id; i++)
+            if ((rc = push_id(db, &add, &n_add, &cap_add, vs->ids[i])) != CLIPDB_OK) goto cleanup;
+        present = i < vs->n && vs->ids[i] == id;
+        if ((stale || !present) && (rc = push_id(db, &rm, &n_rm, &cap_rm, id)) != CLIPDB_OK)
+            goto cleanup;
+        if (present) {
+            if (stale && (rc = push_id(db, &add, &n_add, &cap_add, id)) != CLIPDB_OK) goto cleanup;
+            i++;
+        }
+    }
+    for (; i < vs->n; i++)
+        if ((rc = push_id(db, &add, &n_add, &cap_add, vs->ids[i])) != CLIPDB_OK) goto cleanup;
+    if (n_rm > 0 && cdb_faiss_remove(f, rm, n_rm, NULL) != CLIPDB_OK) {
+        /* e.g. HNSW: no removal. Rebuild from the stored vectors. */
+        s->note = cdb_sprintf("the stored Faiss index \"%s\" cannot remove the %zu items deleted "
+                              "or changed since it was built (%s); rebuilt it in memory for this "
+                              "search; build and store it again to have an up-to-date one",
+                              factory, n_rm, cdb_faiss_errmsg(f));
+        if (!s->note) {
+            rc = cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
+            goto cleanup;
+        }
+        if ((rc = build_index(db, factory, s->metric, vs, &g)) != CLIPDB_OK) goto cleanup;
+        cdb_faiss_free(f);
+        f = g;
+        n_add = 0;
+    }
+    if (n_add > 0) {
+        x = cdb_malloc_array(n_add, (size_t)db->embed_dim * sizeof(float));
+        if (!x) {
+            rc = cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
+            goto cleanup;
+        }
+        // gather the new rows of vs (both id lists sorted) -> x (n_add, d)
+        for (i = j = 0; i < vs->n && j < n_add; i++)
+            if (vs->ids[i] == add[j])
+                memcpy(x + j++ * (size_t)db->embed_dim, vs->vecs + i * (size_t)db->embed_dim,
+                       (size_t)db->embed_dim * sizeof(float));
+        if ((rc = cdb_faiss_add(f, add, x, n_add)) != CLIPDB_OK) {
+            shim_fail(db, rc, f);
+            goto cleanup;
+        }
+    }
+    faiss_invalidate(s);
+    v->f = f;
+    v->factory = factory;
+    f = NULL;
+    factory = NULL;
+cleanup:
+    sqlite3_finalize(st);
+    cdb_faiss_free(f);
+    free(factory);
+    free(rm);
+    free(add);
+    free(x);
+    return rc;
+}
+
+static int faiss_validate(clipdb_db *db, const clipdb_search_options *opt)
+{
+    if (opt->n_where > 0)
+        return cdb_err_set(&db->err, CLIPDB_EINVAL,
+                           "search: metadata filters work with the exact and IVF indexes, not "
+                           "with Faiss");
+    return CLIPDB_OK;
+}
+
+static int faiss_search(clipdb_db *db, cdb_sindex *s, const cdb_search_call *c, clipdb_hit *out,
+                        int *n_out)
+{
+    faiss_state *v = s->impl;
+    int rc;
+    if (!v || !v->f) return cdb_err_set(&db->err, CLIPDB_EINVAL, "Faiss: not loaded");
+    // queries (nq, d) -> Faiss search -> top k per query (missing: id -1)
+    if ((rc = cdb_faiss_search(v->f, c->q, c->nq, c->k, c->opt->nprobe, out)) != CLIPDB_OK)
+        return shim_fail(db, rc, v->f);
+    *n_out = c->k;
+    return CLIPDB_OK;
+}
+
+static int faiss_on_delete(clipdb_db *db, int64_t id)
+{
+    sqlite3_stmt *st = NULL;
+    int rc;
+    if (db->format_version < 2) return CLIPDB_OK;
+    rc = cdb_db_prepare(db, "UPDATE faiss_ids SET stale = 1 WHERE id = ?", &st);
+    if (rc != CLIPDB_OK) return rc;
+    sqlite3_bind_int64(st, 1, id);
+    if (sqlite3_step(st) != SQLITE_DONE) rc = cdb_db_sqlerr(db, "marking a Faiss entry stale");
+    sqlite3_finalize(st);
+    return rc;
+}
+
+const cdb_sindex_type cdb_sindex_faiss = {
+    .name = "faiss",
+    .kind = CLIPDB_INDEX_FAISS,
+    .validate = faiss_validate,
+    .build = faiss_build,
+    .store = faiss_store,
+    .load = faiss_load,
+    .search = faiss_search,
+    /* new vectors join a stored Faiss index at load time, not when written */
+    .on_delete = faiss_on_delete,
+    .invalidate = faiss_invalidate,
+    .release = faiss_release,
+};

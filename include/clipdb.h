@@ -372,6 +372,11 @@ typedef struct clipdb_db_options {
     int readonly;          /* 1: open read-only (not with create) */
     const char *model_dir; /* create: the model (required). Open: the model
                            ** directory to use instead of the recorded one */
+    clipdb_model *model;   /* open: a model already open to use (borrowed: it
+                           ** must outlive the handle; checked against the
+                           ** recorded identity on first use), so that several
+                           ** handles (e.g. one per server thread) share one
+                           ** model. NULL (default): opened on first use. */
 } clipdb_db_options;
 /* Defaults: open an existing database read-write, recorded model. */
 CLIPDB_API void clipdb_db_options_init(clipdb_db_options *opt);
@@ -431,6 +436,8 @@ typedef struct clipdb_add_result {
     int64_t texts_failed;      /* lines the encoder refuses (invalid UTF-8,
                                ** empty after cleaning, NUL byte, too long):
                                ** reported with their line number, skipped */
+    int64_t last_id;           /* id of the last image or standalone text
+                               ** added or updated, -1 if none */
 } clipdb_add_result;
 
 /* Adds images (with captions) and/or texts. Incremental: unchanged files
@@ -466,8 +473,10 @@ typedef enum clipdb_query_kind {
 typedef struct clipdb_query {
     clipdb_query_kind kind;
     const char *text;        /* QUERY_TEXT */
-    const char *path;        /* QUERY_IMAGE */
+    const char *path;        /* QUERY_IMAGE: a file; or NULL and data/len */
     int64_t item;            /* QUERY_ITEM */
+    const void *data;        /* QUERY_IMAGE without a path: the encoded image */
+    size_t len;              /* file's bytes in memory (an HTTP upload) */
 } clipdb_query;
 
 typedef struct clipdb_search_options {
@@ -505,6 +514,8 @@ typedef struct clipdb_results {
     size_t *offsets;         /* nq + 1 */
     clipdb_result *results;
     double took_ms;          /* search time (encoding included) */
+    double encode_ms;        /* of which encoding the queries (decoding
+                             ** images included) */
     const char *note;        /* a remark for the user, or NULL: e.g. that the
                              ** stored Faiss index could not drop deleted
                              ** items and was rebuilt in memory */
@@ -517,6 +528,11 @@ CLIPDB_API void clipdb_results_free(clipdb_results *r);
 CLIPDB_API int clipdb_db_search(clipdb_db *db, const clipdb_query *queries,
                                 size_t nq, const clipdb_search_options *opt,
                                 clipdb_results **out);
+
+/* One stored item, by id: results[0] is the item (score 0); for an image,
+** results[1..] are its captions (ids ascending). nq is 1. CLIPDB_ENOTFOUND
+** for an unknown id. Free with clipdb_results_free. */
+CLIPDB_API int clipdb_db_get_item(clipdb_db *db, int64_t id, clipdb_results **out);
 
 /* ---- indexes and statistics ---- */
 

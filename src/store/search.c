@@ -482,7 +482,8 @@ static int query_vectors(clipdb_db *db, const clipdb_query *queries, size_t nq, 
             if ((rc = item_vector(db, x->item, q + i * (size_t)db->embed_dim)) != CLIPDB_OK)
                 goto cleanup;
         } else if (x->kind == CLIPDB_QUERY_TEXT || x->kind == CLIPDB_QUERY_IMAGE) {
-            if ((x->kind == CLIPDB_QUERY_TEXT && !x->text) || (x->kind == CLIPDB_QUERY_IMAGE && !x->path)) {
+            if ((x->kind == CLIPDB_QUERY_TEXT && !x->text) ||
+                (x->kind == CLIPDB_QUERY_IMAGE && !x->path && !x->data)) {
                 rc = cdb_err_set(&db->err, CLIPDB_EINVAL, "query %zu: no text or path", i);
                 goto cleanup;
             }
@@ -512,8 +513,10 @@ static int query_vectors(clipdb_db *db, const clipdb_query *queries, size_t nq, 
                 rc = cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
                 goto cleanup;
             }
-            if (clipdb_image_load(db->ctx, queries[i].path, pixels + n * img_floats) !=
-                CLIPDB_OK) {
+            if ((queries[i].path
+                     ? clipdb_image_load(db->ctx, queries[i].path, pixels + n * img_floats)
+                     : clipdb_image_load_memory(db->ctx, queries[i].data, queries[i].len,
+                                                pixels + n * img_floats)) != CLIPDB_OK) {
                 rc = cdb_err_set(&db->err, CLIPDB_EFORMAT, "%s", clipdb_ctx_errmsg(db->ctx));
                 goto cleanup;
             }
@@ -597,6 +600,67 @@ static int fill_result(clipdb_db *db, sqlite3_stmt *item, sqlite3_stmt *meta, cl
     cJSON_Delete(obj);
     if (rc != CLIPDB_OK) return cdb_err_set(&db->err, rc, "out of memory");
     return CLIPDB_OK;
+}
+
+static int item_stmts(clipdb_db *db, sqlite3_stmt **item, sqlite3_stmt **meta)
+{
+    int rc = cdb_db_prepare(db, "SELECT type, path, abspath, text, image FROM items WHERE id = ?",
+                            item);
+    if (rc == CLIPDB_OK)
+        rc = cdb_db_prepare(db, "SELECT key, value FROM item_meta WHERE item = ? ORDER BY key",
+                            meta);
+    return rc;
+}
+
+int clipdb_db_get_item(clipdb_db *db, int64_t id, clipdb_results **out)
+{
+    sqlite3_stmt *item = NULL, *meta = NULL, *caps = NULL;
+    clipdb_results *res = NULL;
+    int64_t *ids = NULL;
+    size_t n = 1, cap = 0, i;
+    int rc;
+
+    *out = NULL;
+    cdb_err_clear(&db->err);
+    if ((rc = item_stmts(db, &item, &meta)) != CLIPDB_OK) goto cleanup;
+    if ((rc = cdb_db_prepare(db, "SELECT id FROM items WHERE image = ? ORDER BY id", &caps)) !=
+        CLIPDB_OK)
+        goto cleanup;
+    /* the item, then its captions */
+    if ((rc = cdb_grow((void **)&ids, &cap, 1, sizeof *ids)) != CLIPDB_OK) goto nomem;
+    ids[0] = id;
+    sqlite3_bind_int64(caps, 1, id);
+    while (sqlite3_step(caps) == SQLITE_ROW) {
+        if ((rc = cdb_grow((void **)&ids, &cap, n + 1, sizeof *ids)) != CLIPDB_OK) goto nomem;
+        ids[n++] = sqlite3_column_int64(caps, 0);
+    }
+    res = calloc(1, sizeof *res);
+    if (!res) goto nomem;
+    res->nq = 1;
+    res->offsets = cdb_calloc_array(2, sizeof *res->offsets);
+    res->results = cdb_calloc_array(n, sizeof *res->results);
+    if (!res->offsets || !res->results) goto nomem;
+    for (i = 0; i < n; i++) {
+        res->results[i].id = ids[i];
+        res->offsets[1] = i + 1;
+        if ((rc = fill_result(db, item, meta, &res->results[i])) != CLIPDB_OK) {
+            if (rc == CLIPDB_ENOTFOUND)
+                rc = cdb_err_set(&db->err, CLIPDB_ENOTFOUND, "no item %lld", (long long)id);
+            goto cleanup;
+        }
+    }
+    *out = res;
+    res = NULL;
+    goto cleanup;
+nomem:
+    rc = cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
+cleanup:
+    sqlite3_finalize(item);
+    sqlite3_finalize(meta);
+    sqlite3_finalize(caps);
+    clipdb_results_free(res);
+    free(ids);
+    return rc;
 }
 
 /* ---- the search --------------------------------------------------------------------- */
@@ -927,7 +991,7 @@ int clipdb_db_search(clipdb_db *db, const clipdb_query *queries, size_t nq,
     sqlite3_stmt *item = NULL, *meta = NULL;
     char *errmsg = NULL;
     const char *note = NULL;
-    double t0 = cdb_now();
+    double t0 = cdb_now(), t_enc = 0;
     int rc, k, n_out = 0;
 
     *out = NULL;
@@ -953,6 +1017,7 @@ int clipdb_db_search(clipdb_db *db, const clipdb_query *queries, size_t nq,
     q = cdb_malloc_array(nq, (size_t)db->embed_dim * sizeof(float));
     if (!q) return cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
     if ((rc = query_vectors(db, queries, nq, q)) != CLIPDB_OK) goto cleanup;
+    t_enc = cdb_now() - t0;
     if ((rc = cdb_db_vectors(db, opt->target, &vs)) != CLIPDB_OK) goto cleanup;
     if ((rc = filter_ids(db, opt, &allowed, &n_allowed)) != CLIPDB_OK) goto cleanup;
     hits = cdb_malloc_array(nq, (size_t)k * sizeof *hits);
@@ -1020,11 +1085,7 @@ int clipdb_db_search(clipdb_db *db, const clipdb_query *queries, size_t nq,
         rc = cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
         goto cleanup;
     }
-    if ((rc = cdb_db_prepare(db, "SELECT type, path, abspath, text, image FROM items WHERE id = ?",
-                             &item)) != CLIPDB_OK ||
-        (rc = cdb_db_prepare(db, "SELECT key, value FROM item_meta WHERE item = ? ORDER BY key",
-                             &meta)) != CLIPDB_OK)
-        goto cleanup;
+    if ((rc = item_stmts(db, &item, &meta)) != CLIPDB_OK) goto cleanup;
     for (i = 0; i < nq; i++) {
         res->offsets[i] = total;
         for (j = 0; j < (size_t)n_out; j++) {
@@ -1042,6 +1103,7 @@ int clipdb_db_search(clipdb_db *db, const clipdb_query *queries, size_t nq,
     }
     res->offsets[nq] = total;
     res->took_ms = (cdb_now() - t0) * 1000.0;
+    res->encode_ms = t_enc * 1000.0;
     if (note && !(res->note = cdb_strdup(note))) {
         rc = cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
         goto cleanup;

@@ -54,7 +54,9 @@ struct clipdb_db {
     char *identity;        /* model identity recorded at creation */
     char *model_dir;       /* recorded model directory */
     char *model_dir_opt;   /* directory given at open (overrides) */
-    clipdb_model *model;   /* opened on first use, owned */
+    clipdb_model *model;   /* opened on first use; owned unless model_shared */
+    clipdb_model *model_opt;  /* given at open (borrowed), or NULL */
+    int model_shared;      /* model is model_opt: not closed with the handle */
     clipdb_ctx *ctx;       /* the handle's encoding context, owned */
     int64_t local_changes; /* bumped by every write through this handle */
     cdb_vecset sets[3];    /* indexed by CLIPDB_ITEM_IMAGE / _TEXT */

@@ -24,6 +24,21 @@ TEST_C  := $(wildcard tests/unit/*.c)
 FUZZ_C  := $(wildcard tests/fuzz/fuzz_*.c)
 
 LIB_O  := $(LIB_C:%.c=$(BUILD)/%.o) $(LIB_CXX:%.cc=$(BUILD)/%.o)
+
+# The HTTP server (src/server) and the web page (web/), embedded into the
+# binary by a small generator built here (no xxd or Python at build time).
+.DEFAULT_GOAL := all
+SERVER_C := $(wildcard src/server/*.c)
+WEB      := $(sort $(wildcard web/*.html web/*.css web/*.js web/*.json web/*.svg))
+LIB_O    += $(SERVER_C:%.c=$(BUILD)/%.o) $(BUILD)/gen/assets.o
+$(BUILD)/tools/embed_assets: tools/embed_assets.c
+	@mkdir -p $(dir $@)
+	$(CC) -std=c11 $(WARN) -O1 -o $@ $<
+$(BUILD)/gen/assets.c: $(BUILD)/tools/embed_assets $(WEB)
+	@mkdir -p $(dir $@)
+	$(BUILD)/tools/embed_assets $@ $(WEB)
+$(BUILD)/gen/assets.o: $(BUILD)/gen/assets.c
+	$(CC) $(CPPFLAGS) $(CFLAGS) -c $< -o $@
 CLI_O  := $(CLI_C:%.c=$(BUILD)/%.o)
 TEST_O := $(TEST_C:%.c=$(BUILD)/%.o)
 

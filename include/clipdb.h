@@ -585,6 +585,47 @@ typedef struct clipdb_db_stats {
 /* Fills *out; its strings belong to db and live until the next call on db. */
 CLIPDB_API int clipdb_db_get_stats(clipdb_db *db, clipdb_db_stats *out);
 
+/* ---- the HTTP server (src/server) ------------------------------------------ */
+
+/* `clipdb serve`: a JSON API and the embedded web page over one database, on
+** libmicrohttpd's thread pool. One model is shared by every worker; each
+** worker has its own database handle and encoder context. The routes, the
+** limits and the status codes are documented in README.md and served as
+** OpenAPI at /api/openapi.json. The server never prints: it reports through
+** status codes, clipdb_server_errmsg and the on_log callback. */
+typedef struct clipdb_server clipdb_server;
+
+typedef struct clipdb_server_options {
+    const char *bind;        /* IPv4 address to listen on (default "127.0.0.1") */
+    int port;                /* default 8080; 0: any free port (clipdb_server_port) */
+    int threads;             /* worker threads (default 4, at most 64) */
+    const char *token;       /* POST/DELETE /api/items need it (header
+                             ** "Authorization: Bearer T"); NULL (default):
+                             ** writes are refused */
+    int readonly;            /* 1: the database is opened read-only and
+                             ** writes are refused even with the token */
+    const char *model_dir;   /* the model, instead of the recorded one */
+    const char *upload_dir;  /* where uploaded images are kept (default: the
+                             ** database path + ".uploads") */
+    const char *cors_origin; /* NULL (default): no CORS headers at all */
+    /* One line per request ("GET /api/stats 200 0.4ms"), from the worker
+    ** threads (the callee serialises if it must). May be NULL. */
+    void (*on_log)(void *arg, const char *line);
+    void *log_arg;
+} clipdb_server_options;
+CLIPDB_API void clipdb_server_options_init(clipdb_server_options *opt);
+
+/* Opens the database at db_path (and its model) and starts serving. *out is
+** set even on failure (message on it) unless memory is exhausted; stop and
+** free with clipdb_server_stop. */
+CLIPDB_API int clipdb_server_start(clipdb_server **out, const char *db_path,
+                                   const clipdb_server_options *opt);
+/* The port actually bound (useful with port 0). */
+CLIPDB_API int clipdb_server_port(const clipdb_server *s);
+CLIPDB_API const char *clipdb_server_errmsg(const clipdb_server *s);
+/* Stops accepting, finishes the requests in flight, frees everything.
+** Accepts NULL. */
+CLIPDB_API void clipdb_server_stop(clipdb_server *s);
 
 #ifdef __cplusplus
 }

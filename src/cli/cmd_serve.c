@@ -9,6 +9,7 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "cli/cli.h"
 
@@ -48,6 +49,17 @@ const char cli_serve_help[] =
     "  curl -s localhost:8080/api/search -F image=@cat.jpg -F target=text\n";
 
 static pthread_mutex_t log_mu = PTHREAD_MUTEX_INITIALIZER;
+static int stop_pipe[2] = {-1, -1};
+
+/* Any thread may take the signal (OpenBLAS starts threads before main can
+** block it), so the handler only writes the signal number to a pipe that
+** the main thread waits on. */
+static void on_stop_signal(int sig)
+{
+    unsigned char b = (unsigned char)sig;
+    ssize_t n = write(stop_pipe[1], &b, 1);
+    (void)n;
+}
 
 static void log_request(void *arg, const char *line)
 {
@@ -62,8 +74,9 @@ int cli_cmd_serve(int argc, char **argv)
     clipdb_server_options opt;
     clipdb_server *srv = NULL;
     const char *path = NULL;
-    sigset_t set;
-    int a, sig = 0, quiet = 0;
+    struct sigaction sa;
+    unsigned char sig = 0;
+    int a, quiet = 0;
 
     clipdb_server_options_init(&opt);
     for (a = 1; a < argc; a++) {
@@ -105,12 +118,12 @@ int cli_cmd_serve(int argc, char **argv)
     }
     if (!path) return cli_usage("serve", "no database file given");
     if (!quiet) opt.on_log = log_request;
-    /* Block the stop signals before the worker threads start (they inherit
-    ** the mask), then wait for one here. */
-    sigemptyset(&set);
-    sigaddset(&set, SIGINT);
-    sigaddset(&set, SIGTERM);
-    pthread_sigmask(SIG_BLOCK, &set, NULL);
+    if (pipe(stop_pipe)) return cli_fail("serve", "pipe: %s", strerror(errno));
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_stop_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
     signal(SIGPIPE, SIG_IGN);
     if (clipdb_server_start(&srv, path, &opt) != CLIPDB_OK) {
         cli_fail("serve", "%s", clipdb_server_errmsg(srv));
@@ -121,7 +134,7 @@ int cli_cmd_serve(int argc, char **argv)
            strcmp(opt.bind, "0.0.0.0") ? opt.bind : "127.0.0.1", clipdb_server_port(srv), path,
            opt.readonly ? ", read-only" : opt.token ? ", writes with the token" : "");
     fflush(stdout);
-    while (sigwait(&set, &sig) != 0) {}
+    while (read(stop_pipe[0], &sig, 1) != 1 && errno == EINTR) {}
     fprintf(stderr, "clipdb serve: %s: stopping\n", sig == SIGINT ? "SIGINT" : "SIGTERM");
     clipdb_server_stop(srv);
     return CLI_OK;

@@ -213,6 +213,10 @@ cJSON *cdb_json_parse_body(const char *body, size_t len, char *err, size_t errca
     /* nesting, counted outside strings, before the parser recurses */
     for (i = 0; i < len; i++) {
         char c = body[i];
+        if (c == '\0') {
+            snprintf(err, errcap, "NUL byte in the JSON body");
+            return NULL;
+        }
         if (in_str) {
             if (c == '\\') i++;
             else if (c == '"') in_str = 0;
@@ -225,9 +229,6 @@ cJSON *cdb_json_parse_body(const char *body, size_t len, char *err, size_t errca
             }
         } else if (c == '}' || c == ']') {
             depth--;
-        } else if (c == '\0') {
-            snprintf(err, errcap, "NUL byte in the JSON body");
-            return NULL;
         }
     }
     j = cJSON_ParseWithLength(body, len);

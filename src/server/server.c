@@ -1298,6 +1298,17 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *conn, const 
     return ret;
 }
 
+/* Decodes %XX in the URL as libmicrohttpd does, except that a URL holding
+** %00 is left as it is (and so matches no route) instead of being cut at
+** the NUL. */
+static size_t unescape_url(void *cls, struct MHD_Connection *c, char *s)
+{
+    (void)cls;
+    (void)c;
+    if (strstr(s, "%00")) return strlen(s);
+    return MHD_http_unescape(s);
+}
+
 static void on_completed(void *cls, struct MHD_Connection *conn, void **con_cls,
                          enum MHD_RequestTerminationCode toe)
 {
@@ -1406,7 +1417,7 @@ int clipdb_server_start(clipdb_server **out, const char *db_path, const clipdb_s
         MHD_OPTION_CONNECTION_LIMIT, (unsigned)CDB_HTTP_MAX_CONNECTIONS,
         MHD_OPTION_PER_IP_CONNECTION_LIMIT, (unsigned)CDB_HTTP_MAX_PER_IP,
         MHD_OPTION_CONNECTION_MEMORY_LIMIT, (size_t)(64 << 10), MHD_OPTION_NOTIFY_COMPLETED,
-        on_completed, s, MHD_OPTION_END);
+        on_completed, s, MHD_OPTION_UNESCAPE_CALLBACK, unescape_url, s, MHD_OPTION_END);
     if (!s->mhd)
         return cdb_err_set(&s->err, CLIPDB_EIO, "cannot listen on %s:%d (in use, or not allowed)",
                            opt->bind ? opt->bind : "127.0.0.1", opt->port);

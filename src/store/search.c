@@ -447,8 +447,10 @@ static int encode_chunk(clipdb_db *db, const char **texts, const float *pixels, 
     rc = texts ? clipdb_encode_texts(db->ctx, texts, (int)n, tmp)
                : clipdb_encode_images(db->ctx, pixels, (int)n, tmp);
     if (rc != CLIPDB_OK) {
-        rc = cdb_err_set(&db->err, CLIPDB_ERROR, "encoding the query %s: %s",
-                         texts ? "text" : "image", clipdb_ctx_errmsg(db->ctx));
+        /* a query the encoder refuses (bad UTF-8, empty) stays the caller's error */
+        rc = cdb_err_set(&db->err, rc == CLIPDB_EINVAL || rc == CLIPDB_ELIMIT ? rc : CLIPDB_ERROR,
+                         "encoding the query %s: %s", texts ? "text" : "image",
+                         clipdb_ctx_errmsg(db->ctx));
     } else {
         for (j = 0; j < n; j++)
             memcpy(q + rows[j] * (size_t)db->embed_dim, tmp + j * (size_t)db->embed_dim,

@@ -42,7 +42,7 @@ $(BUILD)/gen/assets.o: $(BUILD)/gen/assets.c
 CLI_O  := $(CLI_C:%.c=$(BUILD)/%.o)
 TEST_O := $(TEST_C:%.c=$(BUILD)/%.o)
 
-.PHONY: examples all test unit-test cli-test asan fuzz bench demo clean
+.PHONY: examples all test unit-test cli-test server-test browser-test asan fuzz bench demo clean
 all: $(BUILD)/clipdb
 
 $(BUILD)/%.o: %.c
@@ -76,6 +76,7 @@ examples: $(EXAMPLES)
 test:
 	$(MAKE) --no-print-directory unit-test
 	$(MAKE) --no-print-directory cli-test
+	$(MAKE) --no-print-directory server-test
 
 unit-test: $(BUILD)/test_unit
 	$(BUILD)/test_unit
@@ -83,6 +84,20 @@ unit-test: $(BUILD)/test_unit
 cli-test: $(BUILD)/clipdb $(EXAMPLES)
 	CLIPDB_BIN=$(abspath $(BUILD)/clipdb) CLIPDB_BUILD=$(abspath $(BUILD)) \
 	    $(PY) -m pytest -q -ra tests/cli tests/ref
+
+# The HTTP server over real HTTP on 127.0.0.1 (tests/server), then the page
+# in Debian's Chromium (tests/browser; needs `npm ci` there, see .ci/run: it
+# skips with a message when playwright-core or chromium is missing).
+server-test: $(BUILD)/clipdb
+	CLIPDB_BIN=$(abspath $(BUILD)/clipdb) $(PY) -m pytest -q -ra tests/server
+	$(MAKE) --no-print-directory browser-test
+
+browser-test: $(BUILD)/clipdb
+	@if [ -n "$(CLIPDB_ASAN)" ]; then echo "browser-test: not run under ASan (the page is the same)"; \
+	elif [ -d tests/browser/node_modules/playwright-core ] && [ -x /usr/bin/chromium ]; then \
+	    cd tests/browser && CLIPDB_BIN=$(abspath $(BUILD)/clipdb) \
+	        CLIPDB_BROWSER_OUT=$(abspath $(BUILD)/browser-tests) npm test; \
+	else echo "browser-test: skipped: run 'npm ci' in tests/browser and install chromium (tools/install-deps.sh)"; fi
 
 # Everything again under AddressSanitizer + UndefinedBehaviorSanitizer.
 asan:

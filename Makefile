@@ -139,6 +139,11 @@ $(BUILD)/bench/bench_db: bench/bench_db.c $(BUILD)/libclipdb.a
 	@mkdir -p $(dir $@)
 	$(CC) $(CPPFLAGS) $(CFLAGS) -o $@ $< $(BUILD)/libclipdb.a $(LDLIBS)
 
+# Baseline of the server load benchmark (bench/serve_load.py): public API only.
+$(BUILD)/bench/bench_serve_lib: bench/bench_serve_lib.c $(BUILD)/libclipdb.a
+	@mkdir -p $(dir $@)
+	$(CC) -Iinclude $(CFLAGS) -o $@ $< $(BUILD)/libclipdb.a $(LDLIBS)
+
 bench: $(BUILD)/clipdb
 	CLIPDB_BIN=$(abspath $(BUILD)/clipdb) PY=$(PY) bash bench/run.sh
 

@@ -12,7 +12,13 @@ pkgs=(
   libfaiss-dev python3-faiss                 # optional Faiss backend + benchmark baseline
   libssl-dev                                 # SHA-256 (model identity, content hashes)
   python3 python3-torch python3-torchvision python3-numpy python3-pil python3-regex python3-pytest
+  chromium                                   # browser tests of the page (playwright-core from npm)
+  wrk                                        # the server's load benchmark (bench/serve_load.sh)
 )
+# Node.js and npm for playwright-core: Debian's packages, unless a Node.js
+# with npm is already installed (NodeSource's nodejs bundles npm and
+# conflicts with Debian's npm package).
+command -v npm >/dev/null 2>&1 || pkgs+=(nodejs npm)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -49,11 +49,12 @@ before(async () => {
   assert.equal(r.status, 0, `tools/demo.sh failed:\n${r.stdout}\n${r.stderr}`);
   ({ proc: server, url } = await startServer(path.join(DEMO_DIR, 'coco.db')));
   profile = fs.mkdtempSync(path.join(os.tmpdir(), 'clipdb-chromium-'));
-  browser = await chromium.launch({
+  // a fresh profile (playwright passes it as --user-data-dir)
+  browser = await chromium.launchPersistentContext(profile, {
     executablePath: CHROMIUM,
+    headless: true,
     args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run',
-           '--disable-background-networking', '--disable-component-update', '--disable-sync',
-           `--user-data-dir=${profile}`],
+           '--disable-background-networking', '--disable-component-update', '--disable-sync'],
   });
 });
 
@@ -64,15 +65,27 @@ after(async () => {
 });
 
 async function page(t, viewport = { width: 1280, height: 900 }) {
-  const ctx = await browser.newContext({ viewport });
-  const p = await ctx.newPage();
+  const p = await browser.newPage();
+  await p.setViewportSize(viewport);
   const errors = [];
   p.on('pageerror', (e) => errors.push(String(e)));
   p.on('console', (m) => { if (m.type() === 'error' && !/Failed to load resource/.test(m.text())) errors.push(m.text()); });
   await p.goto(url + '/');
-  await p.waitForFunction(() => /images/.test(document.getElementById('dbinfo').textContent));
-  t.after(async () => { await ctx.close(); });
+  await until(p, () => /images/.test(document.getElementById('dbinfo').textContent));
+  t.after(async () => { await p.close(); });
   return { p, errors };
+}
+
+// Polls fn(arg) in the page until it is true. (page.waitForFunction builds
+// its predicate with eval, which the page's Content-Security-Policy forbids,
+// as it should.)
+async function until(p, fn, arg, timeout = 60000) {
+  const t0 = Date.now();
+  for (;;) {
+    if (await p.evaluate(fn, arg)) return;
+    if (Date.now() - t0 > timeout) throw new Error(`timed out waiting for ${fn}`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
 }
 
 async function shot(p, name) {
@@ -88,7 +101,7 @@ async function scores(p) {
 async function textSearch(p, text) {
   await p.fill('#q', text);
   await p.press('#q', 'Enter');
-  await p.waitForFunction((t) => document.getElementById('summary').textContent.includes(t), text);
+  await until(p, (t) => document.getElementById('summary').textContent.includes(t), text);
 }
 
 const firstPhoto = () => path.join(PHOTOS, fs.readdirSync(PHOTOS).sort()[0]);
@@ -96,7 +109,7 @@ const firstPhoto = () => path.join(PHOTOS, fs.readdirSync(PHOTOS).sort()[0]);
 test('type a text: images appear', { skip }, async (t) => {
   const { p, errors } = await page(t);
   await textSearch(p, 'a dog playing in the snow');
-  await p.waitForFunction(() => {
+  await until(p, () => {
     const imgs = [...document.querySelectorAll('#results img')];
     return imgs.length >= 10 && imgs.every((i) => i.complete && i.naturalWidth > 0);
   });
@@ -114,7 +127,7 @@ test('upload a photo: captions appear', { skip }, async (t) => {
   const texts = await p.$$eval('#results .txt', (els) => els.map((e) => e.textContent));
   assert.equal(texts.length, 12);
   assert.ok(texts.every((x) => x.length > 5));
-  await p.waitForFunction(() => document.getElementById('preview').naturalWidth > 0);
+  await until(p, () => document.getElementById('preview').naturalWidth > 0);
   await shot(p, 'image-to-text');
   assert.deepEqual(errors, []);
 });
@@ -124,13 +137,16 @@ test('switch the metric: scores change', { skip }, async (t) => {
   await textSearch(p, 'a red bus on a street');
   const cos = await scores(p);
   await p.selectOption('#metric', 'l2');
-  await p.waitForFunction(() => /· l2 ·/.test(document.getElementById('summary').textContent));
+  await until(p, () => /· l2 ·/.test(document.getElementById('summary').textContent));
   const l2 = await scores(p);
   assert.equal(l2.length, cos.length);
   assert.notDeepEqual(l2, cos);
   assert.ok(l2.every((s) => s <= 0), 'l2 scores are negative distances');
+  // the demo's IVF index serves cosine
+  await p.selectOption('#metric', 'cosine');
+  await until(p, () => /· cosine ·/.test(document.getElementById('summary').textContent));
   await p.selectOption('#index', 'ivf');
-  await p.waitForFunction(() => /ivf \(nprobe 8\)/.test(document.getElementById('summary').textContent));
+  await until(p, () => /ivf \(nprobe 8\)/.test(document.getElementById('summary').textContent));
   await shot(p, 'metric-l2-ivf');
 });
 
@@ -139,7 +155,7 @@ test('click a result: a new search by that item', { skip }, async (t) => {
   await textSearch(p, 'two people on a beach');
   const id = await p.getAttribute('#results .card:nth-child(3)', 'data-id');
   await p.click('#results .card:nth-child(3) button.hit');
-  await p.waitForFunction((i) => document.getElementById('summary').textContent.includes(`item #${i}`), id);
+  await until(p, (i) => document.getElementById('summary').textContent.includes(`item #${i}`), id);
   // the item itself comes first, with cosine 1
   assert.equal(await p.getAttribute('#results .card:nth-child(1)', 'data-id'), id);
   assert.ok(Math.abs((await scores(p))[0] - 1) < 1e-3);
@@ -171,7 +187,7 @@ test('phone layout, keyboard, and a server that stopped', { skip }, async (t) =>
   await p.focus('#results .card:nth-child(2) button.hit');
   const id = await p.getAttribute('#results .card:nth-child(2)', 'data-id');
   await p.keyboard.press('Enter');
-  await p.waitForFunction((i) => document.getElementById('summary').textContent.includes(`item #${i}`), id);
+  await until(p, (i) => document.getElementById('summary').textContent.includes(`item #${i}`), id);
   await shot(p, 'phone');
   server.kill('SIGTERM');
   await new Promise((r) => server.once('exit', r));

@@ -77,8 +77,10 @@ async function search(query) {
     showError('');
     render(res, query);
   } catch (err) {
+    // no stale results under an error: they would answer another query
     $('summary').textContent = '';
-    showError(err.message);
+    $('results').replaceChildren();
+    showError(query.file ? `The upload could not be searched: ${err.message}` : err.message);
   } finally {
     $('results').removeAttribute('aria-busy');
   }

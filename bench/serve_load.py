@@ -12,7 +12,7 @@ fails.
 usage: bench/serve_load.py [DB] (default .cache/demo/coco.db, from `make demo`;
 the database is copied, the original is not written)
 env: CLIPDB_BIN, LOAD_SECONDS (60), LOAD_CONNECTIONS (64), LOAD_THREADS (server
-workers, 4), WARMUP_SECONDS (15), LIB_SECONDS (30)
+workers, 4), WARMUP_SECONDS (30), LIB_SECONDS (30), INGEST_CLIENTS (4)
 """
 import io
 import json
@@ -36,7 +36,7 @@ LIB = ROOT / "build" / "bench" / "bench_serve_lib"
 SECONDS = int(os.environ.get("LOAD_SECONDS", 60))
 CONNS = int(os.environ.get("LOAD_CONNECTIONS", 64))
 THREADS = int(os.environ.get("LOAD_THREADS", 4))
-WARMUP = int(os.environ.get("WARMUP_SECONDS", 15))
+WARMUP = int(os.environ.get("WARMUP_SECONDS", 30))
 LIB_SECONDS = int(os.environ.get("LIB_SECONDS", 30))
 TOKEN = "bench-token-0123456789"
 TEXTS = ["a dog catching a frisbee", "two people riding horses on a beach", "a red bus in a street",
@@ -143,44 +143,60 @@ def main():
         print(f"CPU: {model} ({ncpu} CPUs), ISA: {isa}")
         print(f"database: {src} ({stats0['images']} images, {stats0['texts']} texts, model {stats0['model']})")
         print(f"server: {THREADS} worker threads; load: wrk 4 threads, {CONNS} connections")
-        warm, _ = wrk(url, str(script), WARMUP)
-        rss_warm = rss_kib(srv.pid)
 
-        # ingest through the API while the load runs
+        # ingest through the API while the load runs: INGEST_CLIENTS clients,
+        # each adding an image (with a caption) or a text, one after the other,
+        # until the load ends
         photos = sorted((ROOT.parent / "shared" / "data" / "coco-subset" / "images").glob("*.jpg"))[:10]
         added, ingest_errors = [], []
+        lock = threading.Lock()
+        stop = threading.Event()
 
-        def ingest():
+        def upload(i):
             from PIL import Image
-            t_end = time.time() + SECONDS * 0.8
-            i = 0
-            while time.time() < t_end and i < 40:
-                auth = {"Authorization": f"Bearer {TOKEN}"}
-                if i % 2 == 0 and photos:
-                    im = Image.open(photos[i // 2 % len(photos)]).convert("RGB")
-                    im.putpixel((0, 0), (i, 255 - i, 7))  # a new file each time
-                    buf = io.BytesIO()
-                    im.save(buf, "PNG")
-                    b = "----bench" + str(i)
-                    data = (f"--{b}\r\nContent-Disposition: form-data; name=\"caption\"\r\n\r\n"
-                            f"an uploaded bench photo {i}\r\n--{b}\r\nContent-Disposition: form-data; "
-                            f"name=\"image\"; filename=\"u{i}.png\"\r\n\r\n").encode() + buf.getvalue() + \
-                        f"\r\n--{b}--\r\n".encode()
-                    st, body = call(url, "POST", "/api/items", data=data,
-                                    headers=dict(auth, **{"Content-Type": f"multipart/form-data; boundary={b}"}))
-                else:
-                    st, body = call(url, "POST", "/api/items", {"text": f"a text ingested under load {i}"},
-                                    headers=auth)
+            auth = {"Authorization": f"Bearer {TOKEN}"}
+            if i % 2 == 0 and photos:
+                im = Image.open(photos[i // 2 % len(photos)]).convert("RGB")
+                im.putpixel((0, 0), (i % 256, 255 - i % 256, i // 256 % 256))  # a new file each time
+                buf = io.BytesIO()
+                im.save(buf, "PNG")
+                b = "----bench" + str(i)
+                data = (f"--{b}\r\nContent-Disposition: form-data; name=\"caption\"\r\n\r\n"
+                        f"an uploaded bench photo {i}\r\n--{b}\r\nContent-Disposition: form-data; "
+                        f"name=\"image\"; filename=\"u{i}.png\"\r\n\r\n").encode() + buf.getvalue() + \
+                    f"\r\n--{b}--\r\n".encode()
+                st, body = call(url, "POST", "/api/items", data=data,
+                                headers=dict(auth, **{"Content-Type": f"multipart/form-data; boundary={b}"}))
+            else:
+                st, body = call(url, "POST", "/api/items", {"text": f"a text ingested under load {i}"},
+                                headers=auth)
+            with lock:
                 if st != 201:
                     ingest_errors.append((st, body[:200]))
                 else:
                     added.append(json.loads(body))
-                i += 1
-                time.sleep(0.5)
-        th = threading.Thread(target=ingest)
-        th.start()
+
+        def ingest(first, step):
+            i = first
+            while not stop.is_set():
+                upload(i)
+                i += step
+        n_clients = int(os.environ.get("INGEST_CLIENTS", 4))
+        # the warm-up covers the write path too
+        wu = [threading.Thread(target=upload, args=(1000000 + j,)) for j in range(2)]
+        for t in wu:
+            t.start()
+        warm, _ = wrk(url, str(script), WARMUP)
+        for t in wu:
+            t.join()
+        rss_warm = rss_kib(srv.pid)
+        th = [threading.Thread(target=ingest, args=(j, n_clients)) for j in range(n_clients)]
+        for t in th:
+            t.start()
         main_run, raw = wrk(url, str(script), SECONDS)
-        th.join()
+        stop.set()
+        for t in th:
+            t.join()
         rss_end = rss_kib(srv.pid)
         # every ingested item is there
         st, body = call(url, "GET", "/api/stats")

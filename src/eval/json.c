@@ -44,6 +44,20 @@ static cJSON *curve_json(const double *c, int kmax)
     return a;
 }
 
+static cJSON *ranks_json(const int64_t *ids, const int64_t *ranks, size_t n)
+{
+    cJSON *a = cJSON_CreateArray();
+    size_t i;
+    for (i = 0; a && i < n; i++) {
+        cJSON *p = cJSON_CreateArray();
+        if (!p) break;
+        cJSON_AddItemToArray(p, cJSON_CreateNumber((double)ids[i]));
+        cJSON_AddItemToArray(p, cJSON_CreateNumber((double)ranks[i]));
+        cJSON_AddItemToArray(a, p);
+    }
+    return a;
+}
+
 static cJSON *curves_json(double *const *c, int kmax)
 {
     cJSON *o = cJSON_CreateObject();
@@ -176,6 +190,15 @@ int clipdb_eval_json(clipdb_eval *ev, char **json)
     if (!o) goto oom;
     cJSON_AddItemToObject(o, "i2t", samples_json(ev, 1));
     cJSON_AddItemToObject(o, "t2i", samples_json(ev, 0));
+
+    /* the rank of every query under opt.metric: [[item id, rank], ...], rank 0
+    ** for an image without a caption */
+    o = cJSON_AddObjectToObject(root, "ranks");
+    if (!o) goto oom;
+    cJSON_AddItemToObject(o, "t2i", ranks_json(ev->split->caption_ids, s0->ranks_t2i,
+                                               ev->split->n_captions));
+    cJSON_AddItemToObject(o, "i2t", ranks_json(ev->split->image_ids, s0->ranks_i2t,
+                                               ev->split->n_images));
 
     o = cJSON_AddObjectToObject(root, "gpu");
     if (!o) goto oom;

@@ -141,6 +141,10 @@ void cdb_eval_random_curve(const int64_t *m, size_t nq, int64_t n, int kmax, dou
         for (k = 1; k <= kmax; k++) {
             /* C(n - m, k) / C(n, k) = prod_{t<m} (n - k - t) / (n - t) */
             double miss = 1.0;
+            if (m[i] == 1) { /* exactly k / n */
+                curve[k - 1] += k <= n ? (double)k / (double)n : 1.0;
+                continue;
+            }
             for (t = 0; t < m[i] && miss > 0; t++)
                 miss *= n - k - t > 0 ? (double)(n - k - t) / (double)(n - t) : 0.0;
             curve[k - 1] += 1.0 - miss;

@@ -60,8 +60,8 @@ static void begin(const char *dev, const char *file)
     set_palette();
     plinit();
     pladv(0);
-    plschr(0, 1.1);
-    plvpor(0.10, 0.96, 0.11, 0.90);
+    plschr(0, 1.0);
+    plvpor(0.11, 0.96, 0.11, 0.90);
 }
 
 /* One chart: axes, labels, lines and the legend at `pos`. */
@@ -86,13 +86,17 @@ static void chart(double x0, double x1, double y0, double y1, const char *xopt,
         pllsty(ls[i].style);
         plwidth(2.0);
         if (ls[i].n > 1) plline(ls[i].n, ls[i].x, ls[i].y);
-        if (ls[i].points) plpoin(ls[i].n, ls[i].x, ls[i].y, 17);
+        if (ls[i].points) {
+            plssym(0, 2.0);
+            plpoin(ls[i].n, ls[i].x, ls[i].y, 17);
+            plssym(0, 1.0);
+        }
         opts[i] = PL_LEGEND_LINE | (ls[i].points ? PL_LEGEND_SYMBOL : 0);
         lcol[i] = scol[i] = ls[i].colour;
         lsty[i] = ls[i].style;
         tcol[i] = 1;
         lw[i] = 2.0;
-        ss[i] = 1.0;
+        ss[i] = 2.0;
         snum[i] = 1;
         zero[i] = 0;
         zf[i] = 0;
@@ -125,7 +129,7 @@ static int draw(clipdb_eval *ev, const char *name, const char *dev, const char *
     line ls[MAX_LINES];
     double *x = NULL, *xi = NULL, *bx[3] = {0}, *by[3] = {0};
     char title[256];
-    int nl = 0, m, i, rc = CLIPDB_OK;
+    int nl = 0, m, i, rc = CLIPDB_OK, nprobe_rows = 0;
 
     if (!strcmp(name, "hit_rate_t2i") || !strcmp(name, "hit_rate_i2t")) {
         int t2i = name[9] == 't', kmax = t2i ? s0->kmax_t2i : s0->kmax_i2t;
@@ -168,17 +172,28 @@ static int draw(clipdb_eval *ev, const char *name, const char *dev, const char *
             }
             if (n) ls[nl++] = (line){labels[m], n, bx[m], by[m], 2 + m, 1, 1};
         }
+        nprobe_rows = 1;
         if (nl == 0) {
             ymin = 0;
             ymax = 1;
         }
         snprintf(title, sizeof title,
-                 "indexes: speed against recall of the exact top %d (%zu text queries, nlist %d)",
+                 "indexes: speed vs recall of the exact top %d (%zu text queries, nlist %d)",
                  ev->opt.index_k, ev->split->n_captions, ev->index_nlist);
         begin(dev, file);
         chart(0, 1.02, floor(ymin - 0.2), ceil(ymax + 0.2), "bcnst", "bclnstv",
               "recall against exact search", "queries per second (log scale)", title, ls, nl,
               PL_POSITION_LEFT | PL_POSITION_BOTTOM);
+        /* each point labelled with its nprobe */
+        plschr(0, 0.75);
+        for (i = 0; nprobe_rows && i < ev->n_index_rows; i++) {
+            const cdb_eval_index_row *r = &ev->index_rows[i];
+            char lab[16];
+            if (!r->nprobe) continue;
+            plcol0(!strcmp(r->kind, "ivf") ? 3 : 4);
+            snprintf(lab, sizeof lab, "%d", r->nprobe);
+            plptex(r->recall - 0.012, log10(r->qps > 0 ? r->qps : 1e-3), 1, 0, 1.0, lab);
+        }
         plend();
     } else if (!strcmp(name, "models")) {
         int kt = s0->kmax_t2i, ki = s0->kmax_i2t;

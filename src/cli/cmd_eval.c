@@ -5,6 +5,7 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "cli/cli.h"
 
@@ -250,6 +251,11 @@ int cli_cmd_eval(int argc, char **argv)
     }
     if (!path) {
         ret = cli_usage("eval", "no database file given");
+        goto cleanup;
+    }
+    /* an unwritable output fails before the evaluation, not after it */
+    if (plots && mkdir(plots, 0777) != 0 && errno != EEXIST) {
+        ret = cli_fail("eval", "cannot create %s: %s", plots, strerror(errno));
         goto cleanup;
     }
     clipdb_db_options_init(&dopt);

@@ -156,7 +156,7 @@ int clipdb_eval_write_html(clipdb_eval *ev, const char *path)
     put_escaped(f, ev->db_path);
     fputs("</code>, model <code>", f);
     put_escaped(f, ev->model);
-    fputs("</code>, split <code>", f);
+    fputs("</code>, images <code>", f);
     put_escaped(f, ev->split_desc);
     fprintf(f,
             "</code>, %s, metric %s, captions: %s.<br>%lld images, %lld captions "

@@ -138,7 +138,7 @@ static int draw(clipdb_eval *ev, const char *name, const char *dev, const char *
             ls[nl++] = (line){metric_label[m], kmax, x, t2i ? s0->curve_t2i[m] : s0->curve_i2t[m],
                               2 + m, 1, 0};
         ls[nl++] = (line){"random (k/N)", kmax, x, t2i ? ev->random_t2i : ev->random_i2t, 5, 2, 0};
-        snprintf(title, sizeof title, "%s: right %s within the top k (%lld %s, split %s)",
+        snprintf(title, sizeof title, "%s: right %s within the top k (%lld %s; %s)",
                  t2i ? "text -> image" : "image -> text", t2i ? "image" : "caption",
                  (long long)(t2i ? s0->sum.images : s0->sum.captions),
                  t2i ? "images" : "captions", ev->split_desc);
@@ -212,7 +212,7 @@ static int draw(clipdb_eval *ev, const char *name, const char *dev, const char *
             nl++;
         }
         ls[nl++] = (line){"random (k/N images)", kt, x, ev->random_t2i, 5, 2, 0};
-        snprintf(title, sizeof title, "vector sets compared (%s, split %s)",
+        snprintf(title, sizeof title, "vector sets compared (%s; %s)",
                  metric_label[ev->opt.metric], ev->split_desc);
         begin(dev, file);
         chart(0, log10((double)((kt > ki ? kt : ki) > 1 ? (kt > ki ? kt : ki) : 2)), 0, 1.02,

@@ -109,6 +109,11 @@ $(BUILD)/bench/bench_db: bench/bench_db.c $(BUILD)/libclipdb.a
 	@mkdir -p $(dir $@)
 	$(CC) $(CPPFLAGS) $(CFLAGS) -o $@ $< $(BUILD)/libclipdb.a $(LDLIBS)
 
+# Evaluation benchmark (bench/README.md): Flickr8k test from stored vectors.
+$(BUILD)/bench/bench_eval: bench/bench_eval.c $(BUILD)/libclipdb.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CPPFLAGS) $(CFLAGS) -o $@ $< $(BUILD)/libclipdb.a $(LDLIBS)
+
 bench: $(BUILD)/clipdb
 	CLIPDB_BIN=$(abspath $(BUILD)/clipdb) PY=$(PY) bash bench/run.sh
 

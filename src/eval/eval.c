@@ -160,7 +160,7 @@ static int eval_set(clipdb_eval *ev, clipdb_db *db, cdb_eval_set *set, const cha
     size_t ni = sp->n_images, nc = sp->n_captions, i;
     int d = (int)ev->embed_dim, m, rc = CLIPDB_OK;
     float *iv = NULL, *cv = NULL;
-    int64_t *ilab = NULL, *clab = NULL, *rt = NULL, *ri = NULL;
+    int64_t *ilab = NULL, *clab = NULL, *rt[CDB_N_METRICS] = {0}, *ri[CDB_N_METRICS] = {0};
     double t0 = cdb_now();
     clipdb_eval_summary *sum = &set->sum;
     cdb_rank_stats st;
@@ -180,9 +180,7 @@ static int eval_set(clipdb_eval *ev, clipdb_db *db, cdb_eval_set *set, const cha
     cv = cdb_malloc_array(nc * (size_t)d, sizeof *cv);
     ilab = cdb_malloc_array(ni, sizeof *ilab);
     clab = cdb_malloc_array(nc, sizeof *clab);
-    rt = cdb_malloc_array(nc, sizeof *rt);
-    ri = cdb_malloc_array(ni, sizeof *ri);
-    if (!sum->model || !iv || !cv || !ilab || !clab || !rt || !ri) {
+    if (!sum->model || !iv || !cv || !ilab || !clab) {
         rc = cdb_err_set(&ev->err, CLIPDB_ENOMEM, "out of memory");
         goto cleanup;
     }
@@ -193,20 +191,36 @@ static int eval_set(clipdb_eval *ev, clipdb_db *db, cdb_eval_set *set, const cha
     }
     for (i = 0; i < ni; i++) ilab[i] = (int64_t)i;
     for (i = 0; i < nc; i++) clab[i] = (int64_t)ev->cap_img[i];
-    t0 = cdb_now();
     for (m = 0; m < CDB_N_METRICS; m++) {
-        int own = m == (int)ev->opt.metric;
+        rt[m] = cdb_malloc_array(nc, sizeof(int64_t));
+        ri[m] = cdb_malloc_array(ni, sizeof(int64_t));
         set->curve_t2i[m] = cdb_malloc_array((size_t)set->kmax_t2i, sizeof(double));
         set->curve_i2t[m] = cdb_malloc_array((size_t)set->kmax_i2t, sizeof(double));
-        if (!set->curve_t2i[m] || !set->curve_i2t[m]) {
+        if (!rt[m] || !ri[m] || !set->curve_t2i[m] || !set->curve_i2t[m]) {
             rc = cdb_err_set(&ev->err, CLIPDB_ENOMEM, "out of memory");
             goto cleanup;
         }
-        /* text->image: captions (nc, d) against images (ni, d) */
-        rc = cdb_eval_ranks((clipdb_metric)m, d, cv, nc, clab, iv, ni, sp->image_ids, ilab, rt,
-                            &ev->err);
-        if (rc == CLIPDB_OK)
-            rc = cdb_eval_rank_stats(rt, nc, set->kmax_t2i, set->curve_t2i[m], &st, &ev->err);
+    }
+    t0 = cdb_now();
+    if (nc * ni <= CDB_EVAL_FULL_SCORES) {
+        /* three metrics, both directions, from one product */
+        rc = cdb_eval_ranks_pair(d, cv, nc, clab, sp->caption_ids, iv, ni, sp->image_ids, rt, ri,
+                                 &ev->err);
+    } else {
+        /* per metric, text->image (captions (nc, d) against images (ni, d))
+        ** then image->text (images against captions), blocked */
+        for (m = 0; m < CDB_N_METRICS && rc == CLIPDB_OK; m++) {
+            rc = cdb_eval_ranks((clipdb_metric)m, d, cv, nc, clab, iv, ni, sp->image_ids, ilab,
+                                rt[m], &ev->err);
+            if (rc == CLIPDB_OK)
+                rc = cdb_eval_ranks((clipdb_metric)m, d, iv, ni, ilab, cv, nc, sp->caption_ids,
+                                    clab, ri[m], &ev->err);
+        }
+    }
+    if (rc != CLIPDB_OK) goto cleanup;
+    for (m = 0; m < CDB_N_METRICS; m++) {
+        int own = m == (int)ev->opt.metric;
+        rc = cdb_eval_rank_stats(rt[m], nc, set->kmax_t2i, set->curve_t2i[m], &st, &ev->err);
         if (rc != CLIPDB_OK) goto cleanup;
         if (own) {
             sum->t2i.queries = st.n;
@@ -214,11 +228,7 @@ static int eval_set(clipdb_eval *ev, clipdb_db *db, cdb_eval_set *set, const cha
             sum->t2i.median_rank = st.median;
             sum->t2i.mean_rank = st.mean;
         }
-        /* image->text: images (ni, d) against captions (nc, d) */
-        rc = cdb_eval_ranks((clipdb_metric)m, d, iv, ni, ilab, cv, nc, sp->caption_ids, clab, ri,
-                            &ev->err);
-        if (rc == CLIPDB_OK)
-            rc = cdb_eval_rank_stats(ri, ni, set->kmax_i2t, set->curve_i2t[m], &st, &ev->err);
+        rc = cdb_eval_rank_stats(ri[m], ni, set->kmax_i2t, set->curve_i2t[m], &st, &ev->err);
         if (rc != CLIPDB_OK) goto cleanup;
         if (own) {
             sum->i2t.queries = st.n;
@@ -226,14 +236,9 @@ static int eval_set(clipdb_eval *ev, clipdb_db *db, cdb_eval_set *set, const cha
             sum->i2t.median_rank = st.median;
             sum->i2t.mean_rank = st.mean;
             sum->images_without_captions = (int64_t)ni - st.n;
-            set->ranks_t2i = rt;
-            set->ranks_i2t = ri;
-            rt = cdb_malloc_array(nc, sizeof *rt);
-            ri = cdb_malloc_array(ni, sizeof *ri);
-            if (!rt || !ri) {
-                rc = cdb_err_set(&ev->err, CLIPDB_ENOMEM, "out of memory");
-                goto cleanup;
-            }
+            set->ranks_t2i = rt[m];
+            set->ranks_i2t = ri[m];
+            rt[m] = ri[m] = NULL;
         }
     }
     sum->score_seconds = cdb_now() - t0;
@@ -251,8 +256,10 @@ cleanup:
     free(cv);
     free(ilab);
     free(clab);
-    free(rt);
-    free(ri);
+    for (m = 0; m < CDB_N_METRICS; m++) {
+        free(rt[m]);
+        free(ri[m]);
+    }
     return rc;
 }
 

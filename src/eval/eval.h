@@ -23,16 +23,35 @@
 
 /* Ranks of the right items of nq queries in a gallery of ng items, under
 ** `metric`, from ONE batched score computation per block of queries:
-**   scores (bq, ng) = q block (bq, d) @ g^T (d, ng)      (cdb_sgemm)
-** with rows normalised first for cosine, and for L2 the rank-equivalent
-** 2 q.g - |g|^2 (= |q|^2 - |q - g|^2). The right items of query i are the
-** gallery items j with glab[j] == qlab[i]; ranks[i] (counted from 1) is
-** 1 + #{j : (s_j, gid[j]) ranks before (s_r, gid[r])}, r the best right
-** item, ties broken by the smaller id (cdb_hit_better); 0 when query i has
-** no right item. q (nq, d), g (ng, d), gid (ng), qlab (nq), glab (ng). */
+**   dots (bq, ng) = q block (bq, d) @ g^T (d, ng)      (cdb_sgemm)
+** turned into scores: cosine dot * (1/|q| * 1/|g|), dot, or for L2 the
+** rank-equivalent 2 q.g - |g|^2 (= |q|^2 - |q - g|^2). The right items of
+** query i are the gallery items j with glab[j] == qlab[i]; ranks[i]
+** (counted from 1) is 1 + #{j : (s_j, gid[j]) ranks before (s_r, gid[r])},
+** r the best right item, ties broken by the smaller id (cdb_hit_better); 0
+** when query i has no right item. q (nq, d), g (ng, d), gid (ng), qlab (nq),
+** glab (ng). */
 int cdb_eval_ranks(clipdb_metric metric, int d, const float *q, size_t nq,
                    const int64_t *qlab, const float *g, size_t ng, const int64_t *gid,
                    const int64_t *glab, int64_t *ranks, cdb_err *e);
+
+/* Most scores of the one-matrix computation of both directions
+** (cdb_eval_ranks_pair): 64 Mi floats, 256 MiB; larger galleries take
+** cdb_eval_ranks once per direction and metric. */
+#define CDB_EVAL_FULL_SCORES ((size_t)1 << 26)
+
+/* Both directions and the three metrics from ONE product, for nc captions
+** of ni images:
+**   dots (nc, ni) = captions (nc, d) @ images^T (d, ni)     (cdb_sgemm)
+** text->image ranks (nc) read each row, with the images' ids iid and each
+** caption's image index cap_img[c]; image->text ranks (ni, 0 for an image
+** with no caption) read each column, with the captions' ids cid. Scores,
+** ties and ranks as cdb_eval_ranks (the same expressions). ranks_t2i[m] and
+** ranks_i2t[m] (metric m) may be NULL: not computed. nc * ni <=
+** CDB_EVAL_FULL_SCORES. */
+int cdb_eval_ranks_pair(int d, const float *caps, size_t nc, const int64_t *cap_img,
+                        const int64_t *cid, const float *imgs, size_t ni, const int64_t *iid,
+                        int64_t *const ranks_t2i[3], int64_t *const ranks_i2t[3], cdb_err *e);
 
 /* Summary of ranks (zeros skipped): the number of ranked queries, the hit
 ** rate within k for k = 1 .. kmax into curve (kmax), the lower median and

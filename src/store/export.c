@@ -63,26 +63,16 @@ static int bind_filters(clipdb_db *db, const char *const *where, int n_where, sq
     return CLIPDB_OK;
 }
 
-/* SQL for the items of `type` matching every filter, with `cols`. */
-static char *items_sql(const char *cols, int type, int n_where)
+/* "SELECT item ... INTERSECT SELECT item ..." over the n_where filters
+** (parameters 1 .. 3 n_where), or "" without filters. Caller frees. */
+static char *filter_sql(int n_where)
 {
-    char *sql = cdb_sprintf("SELECT %s FROM items WHERE type = %d%s", cols, type,
-                            n_where > 0 ? " AND id IN (" : ""), *next;
+    char *sql = cdb_strdup(""), *next;
     int w;
     for (w = 0; sql && w < n_where; w++) {
         next = cdb_sprintf("%s%sSELECT item FROM item_meta WHERE key = ?%d AND "
                            "(value = ?%d OR value = ?%d)",
                            sql, w ? " INTERSECT " : "", 3 * w + 1, 3 * w + 2, 3 * w + 3);
-        free(sql);
-        sql = next;
-    }
-    if (sql && n_where > 0) {
-        next = cdb_sprintf("%s)", sql);
-        free(sql);
-        sql = next;
-    }
-    if (sql) {
-        next = cdb_sprintf("%s ORDER BY id", sql);
         free(sql);
         sql = next;
     }
@@ -111,7 +101,7 @@ int cdb_db_split(clipdb_db *db, const char *const *where, int n_where, cdb_split
 {
     cdb_split *s = NULL;
     sqlite3_stmt *st = NULL;
-    char *sql = NULL;
+    char *sql = NULL, *filt = NULL;
     size_t cap_i = 0, cap_c = 0, cap_ci = 0, cap_p = 0, cap_t = 0;
     int rc = CLIPDB_OK, step;
 
@@ -122,7 +112,13 @@ int cdb_db_split(clipdb_db *db, const char *const *where, int n_where, cdb_split
     if (!s) return cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
 
     /* the images of the split */
-    sql = items_sql("id, coalesce(abspath, path, '')", CLIPDB_ITEM_IMAGE, n_where);
+    if (!(filt = filter_sql(n_where))) {
+        rc = cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
+        goto cleanup;
+    }
+    sql = cdb_sprintf("SELECT id, coalesce(abspath, path, '') FROM items WHERE type = %d%s%s%s "
+                      "ORDER BY id",
+                      CLIPDB_ITEM_IMAGE, n_where ? " AND id IN (" : "", filt, n_where ? ")" : "");
     if (!sql) {
         rc = cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
         goto cleanup;
@@ -151,34 +147,24 @@ int cdb_db_split(clipdb_db *db, const char *const *where, int n_where, cdb_split
     st = NULL;
     free(sql);
 
-    /* the captions: texts linked to an image; those of the split's images are
-    ** kept, those matching the filters whose image does not are counted */
-    sql = items_sql("id, image, text", CLIPDB_ITEM_TEXT, n_where);
+    /* the captions: every text linked to an image of the split (whatever its
+    ** own metadata); those matching the filters whose image is outside the
+    ** split are counted */
+    sql = cdb_sprintf("SELECT id, image, text, %s%s%s FROM items WHERE type = %d AND image IS "
+                      "NOT NULL ORDER BY id",
+                      n_where ? "id IN (" : "0", filt, n_where ? ")" : "", CLIPDB_ITEM_TEXT);
     if (!sql) {
         rc = cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
         goto cleanup;
-    }
-    if (n_where == 0) {
-        /* every caption: images outside the split cannot exist */
-        char *p = strstr(sql, " ORDER BY");
-        char *next = p ? cdb_sprintf("%.*s AND image IS NOT NULL ORDER BY id", (int)(p - sql), sql)
-                       : NULL;
-        free(sql);
-        sql = next;
-        if (!sql) {
-            rc = cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
-            goto cleanup;
-        }
     }
     if ((rc = cdb_db_prepare(db, sql, &st)) != CLIPDB_OK) goto cleanup;
     if ((rc = bind_filters(db, where, n_where, st, 1)) != CLIPDB_OK) goto cleanup;
     while ((step = sqlite3_step(st)) == SQLITE_ROW) {
         const char *t = (const char *)sqlite3_column_text(st, 2);
         int64_t img;
-        if (sqlite3_column_type(st, 1) == SQLITE_NULL) continue; /* standalone text */
         img = sqlite3_column_int64(st, 1);
         if (!in_sorted(s->image_ids, s->n_images, img)) {
-            s->n_captions_outside++;
+            s->n_captions_outside += sqlite3_column_int(st, 3) != 0;
             continue;
         }
         if (cdb_grow((void **)&s->caption_ids, &cap_c, s->n_captions + 1, sizeof(int64_t)) ||
@@ -204,6 +190,7 @@ int cdb_db_split(clipdb_db *db, const char *const *where, int n_where, cdb_split
 cleanup:
     sqlite3_finalize(st);
     free(sql);
+    free(filt);
     cdb_split_free(s);
     return rc;
 }

@@ -293,3 +293,56 @@ TEST(eval_run_no_captions)
     clipdb_eval_free(ev);
     clipdb_db_close(db);
 }
+
+/* The one-matrix computation of both directions gives the ranks of the two
+** separate computations: integer vectors (exact scores, many ties), ids not
+** in row order, images without captions, all three metrics. */
+TEST(eval_ranks_pair_equals_separate)
+{
+    enum { NC = 700, NI = 150, D = 4 };
+    float *c = malloc(sizeof(float) * NC * D), *im = malloc(sizeof(float) * NI * D);
+    int64_t *cimg = malloc(sizeof(int64_t) * NC), *cid = malloc(sizeof(int64_t) * NC);
+    int64_t *iid = malloc(sizeof(int64_t) * NI), *ilab = malloc(sizeof(int64_t) * NI);
+    int64_t *a1 = malloc(sizeof(int64_t) * NC), *a2 = malloc(sizeof(int64_t) * NI);
+    int64_t *b1 = malloc(sizeof(int64_t) * NC), *b2 = malloc(sizeof(int64_t) * NI);
+    cdb_rng rng = {9};
+    size_t i;
+    int m, bad = 0, zero = 0;
+    REQUIRE(c && im && cimg && cid && iid && ilab && a1 && a2 && b1 && b2);
+    for (i = 0; i < (size_t)NC * D; i++) c[i] = (float)((int)cdb_rng_below(&rng, 5) - 2);
+    for (i = 0; i < (size_t)NI * D; i++) im[i] = (float)((int)cdb_rng_below(&rng, 5) - 2);
+    for (i = 0; i < NI; i++) {
+        iid[i] = (int64_t)(5000 - 7 * i);
+        ilab[i] = (int64_t)i;
+    }
+    for (i = 0; i < NC; i++) {
+        cimg[i] = (int64_t)cdb_rng_below(&rng, NI - 10); /* the last 10 images: no caption */
+        cid[i] = (int64_t)(100000 - 11 * i);
+    }
+    for (m = 0; m < 3; m++) {
+        int64_t *t2i[3] = {0}, *i2t[3] = {0};
+        t2i[m] = a1;
+        i2t[m] = a2;
+        REQUIRE(cdb_eval_ranks_pair(D, c, NC, cimg, cid, im, NI, iid, t2i, i2t, NULL) ==
+                CLIPDB_OK);
+        REQUIRE(cdb_eval_ranks((clipdb_metric)m, D, c, NC, cimg, im, NI, iid, ilab, b1, NULL) == 0);
+        REQUIRE(cdb_eval_ranks((clipdb_metric)m, D, im, NI, ilab, c, NC, cid, cimg, b2, NULL) == 0);
+        for (i = 0; i < NC; i++) bad += a1[i] != b1[i];
+        for (i = 0; i < NI; i++) {
+            bad += a2[i] != b2[i];
+            zero += a2[i] == 0;
+        }
+    }
+    CHECK(bad == 0);
+    CHECK(zero >= 3 * 10);
+    free(c);
+    free(im);
+    free(cimg);
+    free(cid);
+    free(iid);
+    free(ilab);
+    free(a1);
+    free(a2);
+    free(b1);
+    free(b2);
+}

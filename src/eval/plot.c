@@ -137,7 +137,8 @@ static int draw(clipdb_eval *ev, const char *name, const char *dev, const char *
         for (m = 0; m < CDB_N_METRICS; m++)
             ls[nl++] = (line){metric_label[m], kmax, x, t2i ? s0->curve_t2i[m] : s0->curve_i2t[m],
                               2 + m, 1, 0};
-        ls[nl++] = (line){"random (k/N)", kmax, x, t2i ? ev->random_t2i : ev->random_i2t, 5, 2, 0};
+        ls[nl++] = (line){t2i ? "random (k/N)" : "random (m right of N)", kmax, x,
+                          t2i ? ev->random_t2i : ev->random_i2t, 5, 2, 0};
         snprintf(title, sizeof title, "%s: right %s within the top k (%lld %s; %s)",
                  t2i ? "text -> image" : "image -> text", t2i ? "image" : "caption",
                  (long long)(t2i ? s0->sum.images : s0->sum.captions),

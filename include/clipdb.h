@@ -690,6 +690,9 @@ CLIPDB_API int clipdb_eval_write_plots(clipdb_eval *ev, const char *dir, int png
 /* Writes one self-contained HTML report (tables, plots and Table-1 samples
 ** with thumbnails, all inline as data: URIs; no network needed) to `path`. */
 CLIPDB_API int clipdb_eval_write_html(clipdb_eval *ev, const char *path);
+/* The same page in memory (for a server): *html (NUL-terminated, *len bytes
+** without the NUL; len may be NULL), caller frees with clipdb_free. */
+CLIPDB_API int clipdb_eval_html(clipdb_eval *ev, char **html, size_t *len);
 
 
 #ifdef __cplusplus

@@ -130,20 +130,14 @@ static void put_dir_head(FILE *f, const clipdb_eval_summary *s, const char *firs
     fputs("<th>median rank</th><th>mean rank</th><th>queries</th><th>gallery</th></tr>\n", f);
 }
 
-int clipdb_eval_write_html(clipdb_eval *ev, const char *path)
+/* The page, written to f. */
+static int write_html(clipdb_eval *ev, FILE *f)
 {
-    FILE *f = NULL;
-    const cdb_eval_set *s0;
-    const cdb_split *sp;
+    const cdb_eval_set *s0 = &ev->sets[0];
+    const cdb_split *sp = ev->split;
     int i, j, a, rc = CLIPDB_OK;
     size_t c;
 
-    if (!ev || !path) return CLIPDB_EINVAL;
-    if (ev->n_sets < 1) return cdb_err_set(&ev->err, CLIPDB_EINVAL, "no results to write");
-    s0 = &ev->sets[0];
-    sp = ev->split;
-    if (!(f = fopen(path, "w")))
-        return cdb_err_set(&ev->err, CLIPDB_EIO, "cannot write %s: %s", path, strerror(errno));
     fputs("<!DOCTYPE html>\n<html lang=en><head><meta charset=utf-8>\n<title>clipdb eval</title>\n"
           "<style>body{font-family:sans-serif;max-width:1000px;margin:1em auto;color:#222}"
           "table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;"
@@ -283,7 +277,42 @@ int clipdb_eval_write_html(clipdb_eval *ev, const char *path)
     }
     fputs("</table>\n</body></html>\n", f);
 cleanup:
+    return rc;
+}
+
+int clipdb_eval_write_html(clipdb_eval *ev, const char *path)
+{
+    FILE *f;
+    int rc;
+    if (!ev || !path) return CLIPDB_EINVAL;
+    if (ev->n_sets < 1) return cdb_err_set(&ev->err, CLIPDB_EINVAL, "no results to write");
+    if (!(f = fopen(path, "w")))
+        return cdb_err_set(&ev->err, CLIPDB_EIO, "cannot write %s: %s", path, strerror(errno));
+    rc = write_html(ev, f);
     if (fclose(f) != 0 && rc == CLIPDB_OK)
         rc = cdb_err_set(&ev->err, CLIPDB_EIO, "writing %s: %s", path, strerror(errno));
     return rc;
+}
+
+int clipdb_eval_html(clipdb_eval *ev, char **html, size_t *len)
+{
+    FILE *f;
+    char *buf = NULL;
+    size_t n = 0;
+    int rc;
+    if (html) *html = NULL;
+    if (len) *len = 0;
+    if (!ev || !html) return CLIPDB_EINVAL;
+    if (ev->n_sets < 1) return cdb_err_set(&ev->err, CLIPDB_EINVAL, "no results to write");
+    if (!(f = open_memstream(&buf, &n))) return cdb_err_set(&ev->err, CLIPDB_ENOMEM, "out of memory");
+    rc = write_html(ev, f);
+    if (fclose(f) != 0 && rc == CLIPDB_OK)
+        rc = cdb_err_set(&ev->err, CLIPDB_ENOMEM, "out of memory writing the report");
+    if (rc != CLIPDB_OK) {
+        free(buf);
+        return rc;
+    }
+    *html = buf;
+    if (len) *len = n;
+    return CLIPDB_OK;
 }

@@ -236,6 +236,17 @@ TEST(eval_run_split_known_figures)
     CHECK(strstr(json, "\"images\":3") && strstr(json, "\"R@1\":"));
     CHECK(strstr(json, "\"gpu\":{\"measured\":false"));
     clipdb_free(json);
+    {
+        /* the report in memory: plots inline; the images' files do not exist
+        ** here, so the samples say so instead of failing */
+        char *html = NULL;
+        size_t len = 0;
+        REQUIRE(clipdb_eval_html(ev, &html, &len) == CLIPDB_OK);
+        CHECK(len == strlen(html) && !strncmp(html, "<!DOCTYPE html>", 15));
+        CHECK(strstr(html, "data:image/png;base64,iVBORw0KGgo"));
+        CHECK(strstr(html, "image not readable") && strstr(html, "/x/a.jpg"));
+        clipdb_free(html);
+    }
     clipdb_eval_free(ev);
 
     /* --pairs first: a2 goes, A keeps a1 */

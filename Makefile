@@ -10,14 +10,14 @@ PY      ?= /usr/bin/python3
 OPT     ?= -O2 -march=native
 SAN     ?=
 WARN     = -Wall -Wextra -Wshadow -Werror
-CPPFLAGS = -Iinclude -Isrc -D_GNU_SOURCE -I/usr/include/stb
+CPPFLAGS = -Iinclude -Isrc -D_GNU_SOURCE -I/usr/include/stb -I/usr/include/plplot
 CFLAGS  += -std=c11 $(WARN) $(OPT) -g -pthread -fvisibility=hidden $(SAN)
 CXXFLAGS += -std=c++17 $(WARN) $(OPT) -g -pthread -fvisibility=hidden $(SAN)
 LDLIBS   = -lopenblas -lsqlite3 -ljpeg -lpng -lwebp -lwebpdemux -lgif -lstb -lz -lutf8proc \
-           -lcjson -lmicrohttpd -lcurl -lcrypto -lfaiss -llapack -lgomp -lstdc++ -lm -lpthread
+           -lcjson -lplplot -lmicrohttpd -lcurl -lcrypto -lfaiss -llapack -lgomp -lstdc++ -lm -lpthread
 LDFLAGS += $(SAN)
 
-LIB_C   := $(wildcard src/core/*.c src/compute/*.c src/model/*.c src/index/*.c src/store/*.c)
+LIB_C   := $(wildcard src/core/*.c src/compute/*.c src/model/*.c src/index/*.c src/store/*.c src/eval/*.c)
 LIB_CXX := $(wildcard src/index/*.cc)
 CLI_C   := $(wildcard src/cli/*.c)
 TEST_C  := $(wildcard tests/unit/*.c)
@@ -143,6 +143,11 @@ $(BUILD)/bench/bench_db: bench/bench_db.c $(BUILD)/libclipdb.a
 $(BUILD)/bench/bench_serve_lib: bench/bench_serve_lib.c $(BUILD)/libclipdb.a
 	@mkdir -p $(dir $@)
 	$(CC) -Iinclude $(CFLAGS) -o $@ $< $(BUILD)/libclipdb.a $(LDLIBS)
+
+# Evaluation benchmark (bench/README.md): Flickr8k test from stored vectors.
+$(BUILD)/bench/bench_eval: bench/bench_eval.c $(BUILD)/libclipdb.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CPPFLAGS) $(CFLAGS) -o $@ $< $(BUILD)/libclipdb.a $(LDLIBS)
 
 bench: $(BUILD)/clipdb
 	CLIPDB_BIN=$(abspath $(BUILD)/clipdb) PY=$(PY) bash bench/run.sh

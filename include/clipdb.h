@@ -627,6 +627,131 @@ CLIPDB_API const char *clipdb_server_errmsg(const clipdb_server *s);
 ** Accepts NULL. */
 CLIPDB_API void clipdb_server_stop(clipdb_server *s);
 
+/* ---- evaluation: retrieval metrics, experiments, reports (src/eval) -------- */
+
+/* (section owned by the eval module)
+**
+** The ground truth comes from the database: captions linked to their images.
+** The GALLERY is the images matching the split (every filter of `where`, and
+** `split` as "split=VALUE") and the captions of those images; a caption whose
+** image is outside the split is not a query. An image with no caption is a
+** distractor for text->image and not an image->text query.
+**
+** Ranks (counted from 1): the rank of the right item for a query is the
+** position it has in clipdb's search results over the gallery: items are
+** ordered by score (higher first, cosine / dot / -L2) and a TIE is broken by
+** the smaller item id, exactly as clipdb_flat_search orders hits. So
+** rank = 1 + #{others scoring higher} + #{others scoring equal with a smaller
+** id}. For image->text, where an image has several captions, the rank is the
+** best (smallest) rank of any of its captions.
+** Recall@K (R@K) and the hit rate within k are the fraction of queries whose
+** rank <= K. The hit-rate curves run over k = 1 .. min(curve_max_k, gallery
+** size of that direction). The random baseline is a classifier ranking the
+** gallery in random order: k / N for one right item among N.
+**
+** Vector sets: every set of vectors the database holds is evaluated and
+** compared (one today: "default", the vectors of the database's model;
+** databases holding several, e.g. base and finetuned, list them all). */
+
+#define CLIPDB_EVAL_MAX_KS 16      /* at most this many R@K cut-offs */
+#define CLIPDB_EVAL_MAX_NPROBES 32 /* at most this many nprobe values */
+
+typedef struct clipdb_eval_options {
+    const char *split;           /* shorthand for the filter "split=VALUE";
+                                 ** NULL: no split filter */
+    const char *const *where;    /* n_where more filters "FIELD=VALUE" on the
+                                 ** images' metadata (all must hold) */
+    int n_where;
+    clipdb_metric metric;        /* the metric of the R@K / rank table and of
+                                 ** the index comparison (default cosine);
+                                 ** hit-rate curves are given for all three */
+    int pairs_first;             /* 1: keep one caption per image (the first
+                                 ** stored, smallest id), as the paper's 96%
+                                 ** figure; default 0 (every caption) */
+    int ks[CLIPDB_EVAL_MAX_KS];  /* R@K cut-offs (default 1, 5, 10) */
+    int n_ks;
+    int curve_max_k;             /* hit-rate curves up to this k (default
+                                 ** 1000, clipped to the gallery size) */
+    const char *vector_set;      /* NULL: every vector set; else only that one
+                                 ** (an unknown name is CLIPDB_ENOTFOUND) */
+    int compare_indexes;         /* 1 (default): exact vs IVF (vs Faiss) for
+                                 ** text->image over nprobes; 0: skip */
+    int nlist;                   /* IVF lists (default 0: about sqrt(images)) */
+    int nprobes[CLIPDB_EVAL_MAX_NPROBES]; /* default 1, 2, 4, 8, 16, 32, 64,
+                                 ** those <= nlist */
+    int n_nprobes;
+    int faiss;                   /* 1 (default): Faiss IVF<nlist>,Flat too */
+    int index_k;                 /* k of the index comparison (default 10) */
+    int n_samples;               /* Table-1 samples per direction (default 5) */
+    int sample_top;              /* retrieved items shown per sample (5) */
+    uint64_t seed;               /* sampling and k-means seed (default 1234) */
+} clipdb_eval_options;
+/* Fills the defaults documented above. */
+CLIPDB_API void clipdb_eval_options_init(clipdb_eval_options *opt);
+
+/* The results of one evaluation. */
+typedef struct clipdb_eval clipdb_eval;
+
+/* One direction's standard figures. */
+typedef struct clipdb_eval_dir {
+    int64_t queries;             /* queries that have a right answer */
+    int64_t gallery;             /* items ranked per query */
+    double recall[CLIPDB_EVAL_MAX_KS]; /* at opt.ks[i], fraction in [0, 1] */
+    double median_rank;          /* the lower median for an even count */
+    double mean_rank;
+} clipdb_eval_dir;
+
+/* The summary of vector set `set` (0 .. clipdb_eval_n_sets - 1). */
+typedef struct clipdb_eval_summary {
+    const char *set;             /* the vector set's name */
+    const char *model;           /* model identity */
+    int64_t images, captions;    /* gallery sizes */
+    int64_t images_without_captions, captions_outside; /* excluded queries */
+    clipdb_metric metric;
+    int n_ks;
+    int ks[CLIPDB_EVAL_MAX_KS];
+    clipdb_eval_dir t2i, i2t;    /* text->image, image->text */
+    double score_seconds;        /* the batched score + rank computation,
+                                 ** all three metrics, both directions */
+} clipdb_eval_summary;
+
+/* Runs the evaluation on `db`. opt may be NULL (defaults). *out is set even
+** on failure (the message is on it, clipdb_eval_errmsg) unless memory is
+** exhausted; free with clipdb_eval_free. Errors: CLIPDB_EINVAL (bad option,
+** bad filter, k larger than the gallery, a split with no images, a gallery
+** with no captions), CLIPDB_ENOTFOUND (unknown vector set), CLIPDB_ELIMIT,
+** CLIPDB_ENOMEM, or the store's codes. */
+CLIPDB_API int clipdb_eval_run(clipdb_db *db, const clipdb_eval_options *opt,
+                               clipdb_eval **out);
+CLIPDB_API void clipdb_eval_free(clipdb_eval *ev);
+CLIPDB_API const char *clipdb_eval_errmsg(const clipdb_eval *ev);
+CLIPDB_API int clipdb_eval_n_sets(const clipdb_eval *ev);
+/* Strings of *out belong to ev. */
+CLIPDB_API int clipdb_eval_get_summary(const clipdb_eval *ev, int set,
+                                       clipdb_eval_summary *out);
+
+/* Every figure as one JSON object (the format is `clipdb eval --help`'s):
+** {"images", "captions", "t2i", "i2t", "hit_rate", "random", ...} for the
+** first vector set, "sets" for all of them, "index_comparison", "samples",
+** "gpu". *json: caller frees with clipdb_free. */
+CLIPDB_API int clipdb_eval_json(clipdb_eval *ev, char **json);
+
+/* Writes the plots into directory `dir` (created if missing) with PLplot:
+** hit_rate_t2i, hit_rate_i2t (log k, three metrics and the random
+** baseline), index_speed (recall vs queries per second), models (the vector
+** sets' hit-rate curves), each as NAME.png when png is set and NAME.svg when
+** svg is set. */
+CLIPDB_API int clipdb_eval_write_plots(clipdb_eval *ev, const char *dir, int png,
+                                       int svg);
+
+/* Writes one self-contained HTML report (tables, plots and Table-1 samples
+** with thumbnails, all inline as data: URIs; no network needed) to `path`. */
+CLIPDB_API int clipdb_eval_write_html(clipdb_eval *ev, const char *path);
+/* The same page in memory (for a server): *html (NUL-terminated, *len bytes
+** without the NUL; len may be NULL), caller frees with clipdb_free. */
+CLIPDB_API int clipdb_eval_html(clipdb_eval *ev, char **html, size_t *len);
+
+
 #ifdef __cplusplus
 }
 #endif

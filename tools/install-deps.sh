@@ -11,6 +11,7 @@ pkgs=(
   libmicrohttpd-dev libcurl4-openssl-dev     # server, model fetch
   libfaiss-dev python3-faiss                 # optional Faiss backend + benchmark baseline
   libssl-dev                                 # SHA-256 (model identity, content hashes)
+  libplplot-dev plplot-driver-cairo          # clipdb eval's plots (PNG, SVG)
   python3 python3-torch python3-torchvision python3-numpy python3-pil python3-regex python3-pytest
   chromium                                   # browser tests of the page (playwright-core from npm)
   wrk                                        # the server's load benchmark (bench/serve_load.sh)

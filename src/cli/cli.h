@@ -63,4 +63,7 @@ int cli_cmd_embed(int argc, char **argv);
 extern const char cli_serve_help[]; /* cmd_serve.c */
 int cli_cmd_serve(int argc, char **argv);
 
+extern const char cli_eval_help[]; /* cmd_eval.c */
+int cli_cmd_eval(int argc, char **argv);
+
 #endif

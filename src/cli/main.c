@@ -27,6 +27,8 @@ const cli_cmd cli_commands[] = {
     {"stats", "what a database holds", cli_stats_help, cli_cmd_stats},
     {"serve", "serve the database over HTTP: the web page and a JSON API", cli_serve_help,
      cli_cmd_serve},
+    {"eval", "retrieval evaluation: R@K, ranks, hit-rate curves, indexes, plots, HTML",
+     cli_eval_help, cli_cmd_eval},
     /* the model */
     {"embed", "print CLIP embeddings of texts and images", cli_embed_help, cli_cmd_embed},
     {"tokenize", "print the CLIP token ids of texts", cli_tokenize_help, cli_cmd_tokenize},

@@ -121,4 +121,36 @@ void cdb_db_ivf_release(clipdb_db *db);
 ** stored Faiss indexes must drop (and maybe re-add) it at the next search. */
 int cdb_db_faiss_mark_stale(clipdb_db *db, int64_t id);
 
+
+/* ---- export for evaluation (export.c) ------------------------------------ */
+
+/* The ground truth of an evaluation split: the images matching every filter
+** and the captions linked to them. */
+typedef struct cdb_split {
+    size_t n_images;
+    int64_t *image_ids;      /* n_images, ascending */
+    char **image_paths;      /* n_images absolute paths (or the path as given) */
+    size_t n_captions;
+    int64_t *caption_ids;    /* n_captions, ascending */
+    int64_t *caption_image;  /* n_captions: the caption's image id (in the split) */
+    char **caption_texts;    /* n_captions */
+    /* captions matching every filter whose image does not (0 without filters) */
+    size_t n_captions_outside;
+} cdb_split;
+
+/* Reads the split of `where` (n_where "FIELD=VALUE" filters on metadata,
+** matched as clipdb_db_search does; none: every image). *out (free with
+** cdb_split_free) is set on success. */
+int cdb_db_split(clipdb_db *db, const char *const *where, int n_where, cdb_split **out);
+void cdb_split_free(cdb_split *s);
+
+/* The vector sets a database holds: names[0 .. *n) (static strings). Today
+** one, "default" (the vectors of the database's model). */
+int cdb_db_vector_sets(clipdb_db *db, const char *const **names, int *n);
+
+/* Copies the vectors of set `set` of the n items `ids` (all of type `type`)
+** into out (n x embed_dim); an item without a vector is CLIPDB_ENOTFOUND. */
+int cdb_db_set_vectors(clipdb_db *db, const char *set, int type, const int64_t *ids,
+                       size_t n, float *out);
+
 #endif /* CDB_STORE_H */

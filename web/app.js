@@ -192,6 +192,38 @@ async function details(id) {
   }
 }
 
+let evalLoaded = false;
+async function loadEval() {
+  if (evalLoaded) return;
+  evalLoaded = true;
+  $('eval-status').textContent = 'evaluating…';
+  $('eval-error').hidden = true;
+  try {
+    const ev = await api('/api/eval');
+    const rows = [['text → image', ev.t2i], ['image → text', ev.i2t]].filter((r) => r[1]);
+    const fmt = (x) => (typeof x === 'number' ? (x <= 1 && x >= 0 && !Number.isInteger(x) ? x.toFixed(3) : String(x)) : '–');
+    $('eval-table').querySelector('tbody').replaceChildren(...rows.map(([name, d]) => {
+      const tr = document.createElement('tr');
+      for (const v of [name, d.queries, d['R@1'], d['R@5'], d['R@10'], d.median_rank, d.mean_rank !== undefined ? Number(d.mean_rank).toFixed(1) : undefined]) {
+        const td = document.createElement('td');
+        td.textContent = typeof v === 'string' ? v : fmt(v);
+        tr.append(td);
+      }
+      return tr;
+    }));
+    $('eval-table').hidden = false;
+    $('eval-status').textContent = `${ev.images} images, ${ev.captions} captions · metric ${ev.metric || 'cosine'}` +
+      ' · the full report with the plots below';
+    $('eval-report').src = '/api/eval/report';
+    $('eval-report').hidden = false;
+  } catch (err) {
+    evalLoaded = false;
+    $('eval-status').textContent = '';
+    $('eval-error').textContent = err.message;
+    $('eval-error').hidden = false;
+  }
+}
+
 function setFile(f) {
   if (!f) return;
   state.file = f;
@@ -260,6 +292,7 @@ function init() {
         $('tab-' + t).setAttribute('aria-selected', String(t === tab));
         $('panel-' + t).hidden = t !== tab;
       }
+      if (tab === 'eval') loadEval();
     });
   syncTool();
   loadStats();

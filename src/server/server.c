@@ -71,6 +71,11 @@ struct clipdb_server {
     pthread_cond_t slot_cv;
     int mutexes;
     thumb *thumbs;           /* CDB_HTTP_THUMB_CACHE, direct-mapped by id */
+    /* the evaluation (GET /api/eval), computed on first use and kept until a
+    ** write changes the database */
+    pthread_mutex_t eval_mu;
+    char *eval_json, *eval_html;
+    size_t eval_html_len;
     /* metrics, per route (and one more row for unrouted requests) */
     uint64_t *count;         /* (n_routes + 1) x N_CODES */
     uint64_t *hist;          /* (n_routes + 1) x (N_BUCKETS + 1) */
@@ -95,7 +100,10 @@ typedef struct hreq {
     size_t out_len;
     const char *mime;
     const char *cache;       /* Cache-Control, or NULL */
+    const char *csp;         /* Content-Security-Policy, or NULL: the page's */
 } hreq;
+
+static void eval_forget(clipdb_server *s);
 
 /* Per-connection upload state. */
 typedef struct upload {
@@ -364,7 +372,7 @@ static int h_stats(hreq *r)
     cJSON_AddBoolToObject(o, "writable", !r->s->opt.readonly && r->s->token);
     cJSON_AddNumberToObject(o, "max_k", CDB_HTTP_MAX_K);
     cJSON_AddNumberToObject(o, "max_upload_bytes", CDB_HTTP_MAX_UPLOAD);
-    cJSON_AddBoolToObject(o, "eval", 0);
+    cJSON_AddBoolToObject(o, "eval", 1);
     reply_json(r, 200, o);
     return 200;
 }
@@ -939,6 +947,7 @@ static int h_item_add(hreq *r)
                  : reply_error(r, 422, "nothing was added (the encoder refused the input)");
         goto cleanup;
     }
+    eval_forget(s);
     o = cJSON_CreateObject();
     if (o) {
         cJSON_AddNumberToObject(o, "id", (double)ares.last_id);
@@ -971,6 +980,7 @@ static int h_item_rm(hreq *r)
     pthread_mutex_unlock(&r->s->write_mu);
     if (rc != CLIPDB_OK) return reply_error(r, http_status(rc), "%s", clipdb_db_errmsg(r->sl->db));
     thumb_forget(r->s, r->id);
+    eval_forget(r->s);
     o = cJSON_CreateObject();
     if (o) {
         cJSON_AddNumberToObject(o, "deleted", (double)r->id);
@@ -1005,6 +1015,90 @@ static int h_openapi(hreq *r)
     return 200;
 }
 
+/* Forgets the cached evaluation (after a write). */
+static void eval_forget(clipdb_server *s)
+{
+    pthread_mutex_lock(&s->eval_mu);
+    clipdb_free(s->eval_json);
+    clipdb_free(s->eval_html);
+    s->eval_json = s->eval_html = NULL;
+    pthread_mutex_unlock(&s->eval_mu);
+}
+
+/* Runs the evaluation (defaults of `clipdb eval`: every caption, R@1/5/10,
+** the three metrics, the index comparison) unless it is cached. Called with
+** eval_mu held; 0 or the status replied. */
+static int eval_compute(hreq *r)
+{
+    static const int ks[] = {1, 5, 10};
+    clipdb_server *s = r->s;
+    clipdb_eval_options opt;
+    clipdb_db_stats st;
+    clipdb_eval *ev = NULL;
+    int rc, i;
+    if (s->eval_json) return 0;
+    /* the defaults, with the cut-offs a small database can take */
+    clipdb_eval_options_init(&opt);
+    if (clipdb_db_get_stats(r->sl->db, &st) == CLIPDB_OK && st.images > 0 && st.images < 10) {
+        opt.n_ks = 0;
+        for (i = 0; i < 3; i++)
+            if (ks[i] <= st.images) opt.ks[opt.n_ks++] = ks[i];
+        opt.index_k = (int)st.images;
+    }
+    rc = clipdb_eval_run(r->sl->db, &opt, &ev);
+    if (rc == CLIPDB_OK) rc = clipdb_eval_json(ev, &s->eval_json);
+    if (rc == CLIPDB_OK) rc = clipdb_eval_html(ev, &s->eval_html, &s->eval_html_len);
+    if (rc != CLIPDB_OK) {
+        /* a database that cannot be evaluated (no captions, say) is a state,
+        ** not a bad request */
+        reply_error(r, rc == CLIPDB_EINVAL ? 409 : http_status(rc), "evaluation: %s",
+                    ev ? clipdb_eval_errmsg(ev) : "out of memory");
+        clipdb_free(s->eval_json);
+        clipdb_free(s->eval_html);
+        s->eval_json = s->eval_html = NULL;
+    }
+    clipdb_eval_free(ev);
+    return rc == CLIPDB_OK ? 0 : r->status;
+}
+
+static int h_eval(hreq *r)
+{
+    int st;
+    pthread_mutex_lock(&r->s->eval_mu);
+    st = eval_compute(r);
+    if (!st) {
+        r->out = cdb_strdup(r->s->eval_json);
+        if (r->out) {
+            r->out_len = strlen(r->out);
+            r->mime = "application/json";
+            r->status = st = 200;
+        }
+    }
+    pthread_mutex_unlock(&r->s->eval_mu);
+    if (!st) return reply_error(r, 500, "out of memory");
+    return st;
+}
+
+/* The self-contained HTML report (tables, plots and samples inline as data:
+** URIs), framed by the page's evaluation tab. */
+static int h_eval_report(hreq *r)
+{
+    int st;
+    pthread_mutex_lock(&r->s->eval_mu);
+    st = eval_compute(r);
+    if (!st && (r->out = malloc(r->s->eval_html_len + 1))) {
+        memcpy(r->out, r->s->eval_html, r->s->eval_html_len);
+        r->out_len = r->s->eval_html_len;
+        r->mime = "text/html; charset=utf-8";
+        r->csp = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
+                 "frame-ancestors 'self'";
+        r->status = st = 200;
+    }
+    pthread_mutex_unlock(&r->s->eval_mu);
+    if (!st) return reply_error(r, 500, "out of memory");
+    return st;
+}
+
 static int h_metrics(hreq *r);
 
 /* ---- the routes table ------------------------------------------------------------------ */
@@ -1031,6 +1125,8 @@ static const route routes[] = {
     {"DELETE", "/api/items/{id}", h_item_rm, R_DB, "delete an item (with its captions)"},
     {"GET", "/api/items/{id}/image", h_item_image, R_DB, "the original image file"},
     {"GET", "/api/items/{id}/thumb", h_item_thumb, R_DB, "a JPEG thumbnail (cached)"},
+    {"GET", "/api/eval", h_eval, R_DB, "the evaluation figures (as `clipdb eval --json`)"},
+    {"GET", "/api/eval/report", h_eval_report, R_DB, "the evaluation report with its plots"},
     {"GET", "/", h_asset, 0, "the web page"},
     {"GET", "/{name}", h_asset, 0, "the page's assets"},
 };
@@ -1154,11 +1250,12 @@ static void add_common_headers(clipdb_server *s, struct MHD_Response *resp, cons
 {
     MHD_add_response_header(resp, "Content-Type", r->mime ? r->mime : "application/json");
     MHD_add_response_header(resp, "X-Content-Type-Options", "nosniff");
-    MHD_add_response_header(resp, "X-Frame-Options", "DENY");
+    MHD_add_response_header(resp, "X-Frame-Options", r->csp ? "SAMEORIGIN" : "DENY");
     MHD_add_response_header(resp, "Referrer-Policy", "no-referrer");
     MHD_add_response_header(resp, "Content-Security-Policy",
-                            "default-src 'self'; img-src 'self' blob: data:; "
-                            "style-src 'self'; script-src 'self'; frame-ancestors 'none'");
+                            r->csp ? r->csp
+                                   : "default-src 'self'; img-src 'self' blob: data:; "
+                                     "style-src 'self'; script-src 'self'; frame-ancestors 'none'");
     MHD_add_response_header(resp, "Cache-Control", r->cache ? r->cache : "no-store");
     if (s->cors) {
         MHD_add_response_header(resp, "Access-Control-Allow-Origin", s->cors);
@@ -1384,6 +1481,7 @@ int clipdb_server_start(clipdb_server **out, const char *db_path, const clipdb_s
     pthread_mutex_init(&s->write_mu, NULL);
     pthread_mutex_init(&s->metric_mu, NULL);
     pthread_mutex_init(&s->thumb_mu, NULL);
+    pthread_mutex_init(&s->eval_mu, NULL);
     pthread_cond_init(&s->slot_cv, NULL);
     s->mutexes = 1;
     /* slot 0 opens the model; the others borrow it */
@@ -1449,11 +1547,14 @@ void clipdb_server_stop(clipdb_server *s)
         free(s->slots[i].pixels);
     }
     for (i = 0; s->thumbs && i < CDB_HTTP_THUMB_CACHE; i++) free(s->thumbs[i].jpeg);
+    clipdb_free(s->eval_json);
+    clipdb_free(s->eval_html);
     if (s->mutexes) {
         pthread_mutex_destroy(&s->slot_mu);
         pthread_mutex_destroy(&s->write_mu);
         pthread_mutex_destroy(&s->metric_mu);
         pthread_mutex_destroy(&s->thumb_mu);
+        pthread_mutex_destroy(&s->eval_mu);
         pthread_cond_destroy(&s->slot_cv);
     }
     free(s->slots);

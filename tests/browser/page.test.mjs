@@ -175,6 +175,19 @@ test('a bad upload: an error in the page', { skip }, async (t) => {
   await shot(p, 'bad-upload');
 });
 
+test('the evaluation tab: figures and the report with its plots', { skip }, async (t) => {
+  const { p } = await page(t);
+  await p.click('#tab-eval');
+  await p.waitForSelector('#eval-table:not([hidden]) tbody tr', { timeout: 300000 });
+  const rows = await p.$$eval('#eval-table tbody tr', (trs) => trs.map((tr) => tr.textContent));
+  assert.equal(rows.length, 2);
+  const frame = await (await p.waitForSelector('#eval-report:not([hidden])')).contentFrame();
+  await frame.waitForSelector('img');
+  const imgs = await frame.$$eval('img', (els) => els.filter((e) => e.naturalWidth > 0).length);
+  assert.ok(imgs >= 2, `plots shown: ${imgs}`);
+  await shot(p, 'evaluation');
+});
+
 test('phone layout, keyboard, and a server that stopped', { skip }, async (t) => {
   const { p } = await page(t, { width: 390, height: 844 });
   await textSearch(p, 'a cat on a sofa');

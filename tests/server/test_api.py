@@ -51,7 +51,7 @@ def test_openapi_lists_every_route(server):
     st, doc = server.json("GET", "/api/openapi.json")
     assert st == 200 and doc["openapi"].startswith("3.")
     for p in ["/healthz", "/metrics", "/api/stats", "/api/search", "/api/items", "/api/items/{id}",
-              "/api/items/{id}/image", "/api/items/{id}/thumb"]:
+              "/api/items/{id}/image", "/api/items/{id}/thumb", "/api/eval", "/api/eval/report"]:
         assert p in doc["paths"], p
 
 
@@ -350,3 +350,35 @@ def test_sigint_stops_cleanly(base_db):
     rc, err = s.stop()
     assert rc == 0 and "stopping" in err
     assert "GET /healthz 200" in err
+
+
+# ---- evaluation ----
+
+def test_eval_figures_and_report(start_server, db_copy, base_db):
+    s = start_server(db_copy, "--token", TOKEN)
+    st, ev = s.json("GET", "/api/eval")
+    assert st == 200, ev
+    assert (ev["images"], ev["captions"]) == (6, 12)
+    assert 0 <= ev["t2i"]["R@1"] <= ev["t2i"]["R@5"] <= 1 and ev["i2t"]["median_rank"] >= 1
+    # the same figures as `clipdb eval --json` (the date and timings aside)
+    cli = json.loads(run("eval", db_copy, "--json", "-k", "1,5", "--index-k", "6", check=True).stdout)
+    assert ev["t2i"] == cli["t2i"] and ev["i2t"] == cli["i2t"]
+    st, hd, body = s.request("GET", "/api/eval/report")
+    assert st == 200 and hd["Content-Type"].startswith("text/html") and b"<html" in body.lower()
+    assert "frame-ancestors 'self'" in hd["Content-Security-Policy"] and hd["X-Frame-Options"] == "SAMEORIGIN"
+    # a write makes the next evaluation see it
+    st, res = s.form("/api/items", [("caption", "a new caption")],
+                     [("image", "n.jpg", (base_db.parent / "images" / "photo0.jpg").read_bytes())], AUTH)
+    assert st == 201
+    st, ev2 = s.json("GET", "/api/eval")
+    assert st == 200 and (ev2["images"], ev2["captions"]) == (7, 13)
+
+
+def test_eval_of_a_database_without_captions(start_server, tmp_path, base_db):
+    db = tmp_path / "nocaps.db"
+    run("init", db, "--model", base_db.parent / "model", check=True)
+    run("add", db, "--texts", base_db.parent / "texts.txt", check=True)
+    s = start_server(db)
+    st, res = s.json("GET", "/api/eval")
+    assert st == 409 and "evaluation" in res["error"]
+    assert s.request("GET", "/api/eval/report")[0] == 409

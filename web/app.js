@@ -201,12 +201,14 @@ async function loadEval() {
   try {
     const ev = await api('/api/eval');
     const rows = [['text → image', ev.t2i], ['image → text', ev.i2t]].filter((r) => r[1]);
-    const fmt = (x) => (typeof x === 'number' ? (x <= 1 && x >= 0 && !Number.isInteger(x) ? x.toFixed(3) : String(x)) : '–');
+    const r3 = (x) => (typeof x === 'number' ? x.toFixed(3) : '–');
+    const n1 = (x) => (typeof x === 'number' ? (Number.isInteger(x) ? String(x) : x.toFixed(1)) : '–');
     $('eval-table').querySelector('tbody').replaceChildren(...rows.map(([name, d]) => {
       const tr = document.createElement('tr');
-      for (const v of [name, d.queries, d['R@1'], d['R@5'], d['R@10'], d.median_rank, d.mean_rank !== undefined ? Number(d.mean_rank).toFixed(1) : undefined]) {
+      for (const v of [name, n1(d.queries), r3(d['R@1']), r3(d['R@5']), r3(d['R@10']),
+                       n1(d.median_rank), n1(d.mean_rank)]) {
         const td = document.createElement('td');
-        td.textContent = typeof v === 'string' ? v : fmt(v);
+        td.textContent = v;
         tr.append(td);
       }
       return tr;

@@ -87,3 +87,11 @@ PYEOF
   "$CLIPDB_BIN" add "$tmp/flickr-test.db" --images "$tmp/images" --captions "$tmp/captions.jsonl" -q
   build/bench/bench_eval "$tmp/flickr-test.db" test
 )
+
+# ---- server: wrk load, 64 connections, 60 s mixed traffic + ingest (bench/serve_load.py, ~3 min) ----
+echo "== server: clipdb serve under wrk load vs the library one search at a time (bench/serve_load.py) =="
+if [ -f .cache/demo/coco.db ]; then
+  "$PY" bench/serve_load.py .cache/demo/coco.db
+else
+  echo "skipped: no .cache/demo/coco.db (run 'CLIPDB_DEMO_SERVE=0 make demo' first)"
+fi

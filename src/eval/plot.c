@@ -43,6 +43,7 @@ const char *const cdb_eval_plot_names[] = {"hit_rate_t2i", "hit_rate_i2t", "inde
                                            "models", NULL};
 
 #define MAX_LINES 16
+#define POINT_SYMBOL "\xe2\x97\x8f" /* U+25CF BLACK CIRCLE, the same in plot and legend */
 
 /* Colours of cmap0 used for lines (index 0 is the white background, 1 the
 ** black frame and text). */
@@ -113,22 +114,18 @@ static void chart(double x0, double x1, double y0, double y1, const char *xopt,
         pllsty(ls[i].style);
         plwidth(2.0);
         if (ls[i].n > 1) plline(ls[i].n, ls[i].x, ls[i].y);
-        if (ls[i].points) {
-            plssym(0, 2.0);
-            plpoin(ls[i].n, ls[i].x, ls[i].y, 17);
-            plssym(0, 1.0);
-        }
+        if (ls[i].points) plstring(ls[i].n, ls[i].x, ls[i].y, POINT_SYMBOL);
         opts[i] = PL_LEGEND_LINE | (ls[i].points ? PL_LEGEND_SYMBOL : 0);
         lcol[i] = scol[i] = ls[i].colour;
         lsty[i] = ls[i].style;
         tcol[i] = 1;
         lw[i] = 2.0;
-        ss[i] = 2.0;
+        ss[i] = 1.0;
         snum[i] = 1;
         zero[i] = 0;
         zf[i] = 0;
         text[i] = ls[i].label;
-        sym[i] = "#(728)";
+        sym[i] = POINT_SYMBOL;
     }
     pllsty(1);
     plwidth(1);

@@ -10,26 +10,41 @@ PY      ?= /usr/bin/python3
 OPT     ?= -O2 -march=native
 SAN     ?=
 WARN     = -Wall -Wextra -Wshadow -Werror
-CPPFLAGS = -Iinclude -Isrc -D_GNU_SOURCE -I/usr/include/stb
+CPPFLAGS = -Iinclude -Isrc -D_GNU_SOURCE -I/usr/include/stb -I/usr/include/plplot
 # -fPIC: the same objects make the static and the shared library;
 # -fvisibility=hidden: the shared one exports only what CLIPDB_API marks.
 CFLAGS  += -std=c11 $(WARN) $(OPT) -g -pthread -fPIC -fvisibility=hidden $(SAN)
 CXXFLAGS += -std=c++17 $(WARN) $(OPT) -g -pthread -fPIC -fvisibility=hidden $(SAN)
 LDLIBS   = -lopenblas -lsqlite3 -ljpeg -lpng -lwebp -lwebpdemux -lgif -lstb -lz -lutf8proc \
-           -lcjson -lcurl -lcrypto -lfaiss -llapack -lgomp -lstdc++ -lm -lpthread
+           -lcjson -lplplot -lmicrohttpd -lcurl -lcrypto -lfaiss -llapack -lgomp -lstdc++ -lm -lpthread
 LDFLAGS += $(SAN)
 
-LIB_C   := $(wildcard src/core/*.c src/compute/*.c src/model/*.c src/net/*.c src/index/*.c src/store/*.c)
+LIB_C   := $(wildcard src/core/*.c src/compute/*.c src/model/*.c src/net/*.c src/index/*.c src/store/*.c src/eval/*.c)
 LIB_CXX := $(wildcard src/index/*.cc)
 CLI_C   := $(wildcard src/cli/*.c)
 TEST_C  := $(wildcard tests/unit/*.c)
 FUZZ_C  := $(wildcard tests/fuzz/fuzz_*.c)
 
 LIB_O  := $(LIB_C:%.c=$(BUILD)/%.o) $(LIB_CXX:%.cc=$(BUILD)/%.o)
+
+# The HTTP server (src/server) and the web page (web/), embedded into the
+# binary by a small generator built here (no xxd or Python at build time).
+.DEFAULT_GOAL := all
+SERVER_C := $(wildcard src/server/*.c)
+WEB      := $(sort $(wildcard web/*.html web/*.css web/*.js web/*.json web/*.svg))
+LIB_O    += $(SERVER_C:%.c=$(BUILD)/%.o) $(BUILD)/gen/assets.o
+$(BUILD)/tools/embed_assets: tools/embed_assets.c
+	@mkdir -p $(dir $@)
+	$(CC) -std=c11 $(WARN) -O1 -o $@ $<
+$(BUILD)/gen/assets.c: $(BUILD)/tools/embed_assets $(WEB)
+	@mkdir -p $(dir $@)
+	$(BUILD)/tools/embed_assets $@ $(WEB)
+$(BUILD)/gen/assets.o: $(BUILD)/gen/assets.c
+	$(CC) $(CPPFLAGS) $(CFLAGS) -c $< -o $@
 CLI_O  := $(CLI_C:%.c=$(BUILD)/%.o)
 TEST_O := $(TEST_C:%.c=$(BUILD)/%.o)
 
-.PHONY: examples all test unit-test cli-test asan tsan fuzz bench demo clean install
+.PHONY: examples all test unit-test cli-test server-test browser-test asan tsan fuzz bench demo clean install
 all: $(BUILD)/clipdb $(BUILD)/libclipdb.so
 
 $(BUILD)/%.o: %.c
@@ -71,6 +86,7 @@ examples: $(EXAMPLES)
 test:
 	$(MAKE) --no-print-directory unit-test
 	$(MAKE) --no-print-directory cli-test
+	$(MAKE) --no-print-directory server-test
 
 unit-test: $(BUILD)/test_unit
 	$(BUILD)/test_unit
@@ -78,6 +94,20 @@ unit-test: $(BUILD)/test_unit
 cli-test: $(BUILD)/clipdb $(BUILD)/libclipdb.so $(EXAMPLES)
 	CLIPDB_BIN=$(abspath $(BUILD)/clipdb) CLIPDB_BUILD=$(abspath $(BUILD)) \
 	    $(PY) -m pytest -q -ra tests/cli tests/ref
+
+# The HTTP server over real HTTP on 127.0.0.1 (tests/server), then the page
+# in Debian's Chromium (tests/browser; needs `npm ci` there, see .ci/run: it
+# skips with a message when playwright-core or chromium is missing).
+server-test: $(BUILD)/clipdb
+	CLIPDB_BIN=$(abspath $(BUILD)/clipdb) $(PY) -m pytest -q -ra tests/server
+	$(MAKE) --no-print-directory browser-test
+
+browser-test: $(BUILD)/clipdb
+	@if [ -n "$(CLIPDB_ASAN)" ]; then echo "browser-test: not run under ASan (the page is the same)"; \
+	elif [ -d tests/browser/node_modules/playwright-core ] && [ -x /usr/bin/chromium ]; then \
+	    cd tests/browser && CLIPDB_BIN=$(abspath $(BUILD)/clipdb) \
+	        CLIPDB_BROWSER_OUT=$(abspath $(BUILD)/browser-tests) npm test; \
+	else echo "browser-test: skipped: run 'npm ci' in tests/browser and install chromium (tools/install-deps.sh)"; fi
 
 # Everything again under AddressSanitizer + UndefinedBehaviorSanitizer.
 asan:
@@ -137,6 +167,16 @@ $(BUILD)/bench/bench_search: bench/bench_search.c $(BUILD)/libclipdb.a
 
 # Store benchmark (bench/README.md): DB open + first query, ingest vs encoder.
 $(BUILD)/bench/bench_db: bench/bench_db.c $(BUILD)/libclipdb.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CPPFLAGS) $(CFLAGS) -o $@ $< $(BUILD)/libclipdb.a $(LDLIBS)
+
+# Baseline of the server load benchmark (bench/serve_load.py): public API only.
+$(BUILD)/bench/bench_serve_lib: bench/bench_serve_lib.c $(BUILD)/libclipdb.a
+	@mkdir -p $(dir $@)
+	$(CC) -Iinclude $(CFLAGS) -o $@ $< $(BUILD)/libclipdb.a $(LDLIBS)
+
+# Evaluation benchmark (bench/README.md): Flickr8k test from stored vectors.
+$(BUILD)/bench/bench_eval: bench/bench_eval.c $(BUILD)/libclipdb.a
 	@mkdir -p $(dir $@)
 	$(CC) $(CPPFLAGS) $(CFLAGS) -o $@ $< $(BUILD)/libclipdb.a $(LDLIBS)
 

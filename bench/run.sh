@@ -55,3 +55,43 @@ echo "== encoder: clipdb embed vs PyTorch (bench/bench_encode.py) =="
   "$CLIPDB_BIN" add "$tmp/flickr.db" --images "$data/images" --captions "$data/captions.jsonl" -q
   build/bench/bench_search --db "$tmp/flickr.db" --target image --nq 1000
 )
+
+# ---- eval: the Flickr8k test split from stored vectors (bench/bench_eval.c) --
+# Against the 2 s target, beside one search per query. First the split's shape
+# at ViT-B/32's 512 dims (seeded random vectors), then the real Flickr8k test
+# images and captions through a generated tiny model (~1 min to add).
+(
+  set -e
+  echo "== eval: Flickr8k test from stored vectors (build/bench/bench_eval) =="
+  make -s -j2 build/bench/bench_eval build/clipdb
+  build/bench/bench_eval --synthetic 1000 5000 512
+  data=../shared/data/flickr8k
+  if [ ! -d "$data/images" ]; then
+    echo "eval: $data not found; skipping the real split"
+    exit 0
+  fi
+  tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
+  mkdir "$tmp/images"
+  "$PY" - "$data" "$tmp" <<'PYEOF'
+import json, os, sys
+data, tmp = sys.argv[1], sys.argv[2]
+with open(f"{data}/captions.jsonl") as f, open(f"{tmp}/captions.jsonl", "w") as out:
+    for line in f:
+        e = json.loads(line)
+        if e["split"] == "test":
+            os.symlink(f"{os.path.abspath(data)}/images/{e['image']}", f"{tmp}/images/{e['image']}")
+            out.write(line)
+PYEOF
+  "$PY" tools/gen_model.py "$tmp/model" --size tiny --keys openai --dtype F32 --seed 1 >/dev/null
+  "$CLIPDB_BIN" init "$tmp/flickr-test.db" --model "$tmp/model" >/dev/null
+  "$CLIPDB_BIN" add "$tmp/flickr-test.db" --images "$tmp/images" --captions "$tmp/captions.jsonl" -q
+  build/bench/bench_eval "$tmp/flickr-test.db" test
+)
+
+# ---- server: wrk load, 64 connections, 60 s mixed traffic + ingest (bench/serve_load.py, ~3 min) ----
+echo "== server: clipdb serve under wrk load vs the library one search at a time (bench/serve_load.py) =="
+if [ -f .cache/demo/coco.db ]; then
+  "$PY" bench/serve_load.py .cache/demo/coco.db
+else
+  echo "skipped: no .cache/demo/coco.db (run 'CLIPDB_DEMO_SERVE=0 make demo' first)"
+fi

@@ -425,6 +425,11 @@ typedef struct clipdb_db_options {
     int readonly;          /* 1: open read-only (not with create) */
     const char *model_dir; /* create: the model (required). Open: the model
                            ** directory to use instead of the recorded one */
+    clipdb_model *model;   /* open: a model already open to use (borrowed: it
+                           ** must outlive the handle; checked against the
+                           ** recorded identity on first use), so that several
+                           ** handles (e.g. one per server thread) share one
+                           ** model. NULL (default): opened on first use. */
 } clipdb_db_options;
 /* Defaults: open an existing database read-write, recorded model. */
 CLIPDB_API void clipdb_db_options_init(clipdb_db_options *opt);
@@ -489,6 +494,8 @@ typedef struct clipdb_add_result {
     int64_t texts_failed;      /* lines the encoder refuses (invalid UTF-8,
                                ** empty after cleaning, NUL byte, too long):
                                ** reported with their line number, skipped */
+    int64_t last_id;           /* id of the last image or standalone text
+                               ** added or updated, -1 if none */
 } clipdb_add_result;
 
 /* Adds images (with captions) and/or texts. Incremental: unchanged files
@@ -524,8 +531,10 @@ typedef enum clipdb_query_kind {
 typedef struct clipdb_query {
     clipdb_query_kind kind;
     const char *text;        /* QUERY_TEXT */
-    const char *path;        /* QUERY_IMAGE */
+    const char *path;        /* QUERY_IMAGE: a file; or NULL and data/len */
     int64_t item;            /* QUERY_ITEM */
+    const void *data;        /* QUERY_IMAGE without a path: the encoded image */
+    size_t len;              /* file's bytes in memory (an HTTP upload) */
 } clipdb_query;
 
 typedef struct clipdb_search_options {
@@ -563,6 +572,8 @@ typedef struct clipdb_results {
     size_t *offsets;         /* nq + 1 */
     clipdb_result *results;
     double took_ms;          /* search time (encoding included) */
+    double encode_ms;        /* of which encoding the queries (decoding
+                             ** images included) */
     const char *note;        /* a remark for the user, or NULL: e.g. that the
                              ** stored Faiss index could not drop deleted
                              ** items and was rebuilt in memory */
@@ -580,6 +591,11 @@ CLIPDB_API void clipdb_results_free(clipdb_results *r);
 CLIPDB_API int clipdb_db_search(clipdb_db *db, const clipdb_query *queries,
                                 size_t nq, const clipdb_search_options *opt,
                                 clipdb_results **out);
+
+/* One stored item, by id: results[0] is the item (score 0); for an image,
+** results[1..] are its captions (ids ascending). nq is 1. CLIPDB_ENOTFOUND
+** for an unknown id. Free with clipdb_results_free. */
+CLIPDB_API int clipdb_db_get_item(clipdb_db *db, int64_t id, clipdb_results **out);
 
 /* ---- indexes and statistics ---- */
 
@@ -636,6 +652,173 @@ CLIPDB_API int clipdb_db_get_stats(clipdb_db *db, clipdb_db_stats *out);
 /* Frees what clipdb_db_get_stats allocated in *st (not st itself).
 ** Accepts NULL and a zeroed struct. */
 CLIPDB_API void clipdb_db_stats_free(clipdb_db_stats *st);
+
+/* ---- the HTTP server (src/server) ------------------------------------------ */
+
+/* `clipdb serve`: a JSON API and the embedded web page over one database, on
+** libmicrohttpd's thread pool. One model is shared by every worker; each
+** worker has its own database handle and encoder context. The routes, the
+** limits and the status codes are documented in README.md and served as
+** OpenAPI at /api/openapi.json. The server never prints: it reports through
+** status codes, clipdb_server_errmsg and the on_log callback. */
+typedef struct clipdb_server clipdb_server;
+
+typedef struct clipdb_server_options {
+    const char *bind;        /* IPv4 address to listen on (default "127.0.0.1") */
+    int port;                /* default 8080; 0: any free port (clipdb_server_port) */
+    int threads;             /* worker threads (default 4, at most 64) */
+    const char *token;       /* POST/DELETE /api/items need it (header
+                             ** "Authorization: Bearer T"); NULL (default):
+                             ** writes are refused */
+    int readonly;            /* 1: the database is opened read-only and
+                             ** writes are refused even with the token */
+    const char *model_dir;   /* the model, instead of the recorded one */
+    const char *upload_dir;  /* where uploaded images are kept (default: the
+                             ** database path + ".uploads") */
+    const char *cors_origin; /* NULL (default): no CORS headers at all */
+    /* One line per request ("GET /api/stats 200 0.4ms"), from the worker
+    ** threads (the callee serialises if it must). May be NULL. */
+    void (*on_log)(void *arg, const char *line);
+    void *log_arg;
+} clipdb_server_options;
+CLIPDB_API void clipdb_server_options_init(clipdb_server_options *opt);
+
+/* Opens the database at db_path (and its model) and starts serving. *out is
+** set even on failure (message on it) unless memory is exhausted; stop and
+** free with clipdb_server_stop. */
+CLIPDB_API int clipdb_server_start(clipdb_server **out, const char *db_path,
+                                   const clipdb_server_options *opt);
+/* The port actually bound (useful with port 0). */
+CLIPDB_API int clipdb_server_port(const clipdb_server *s);
+CLIPDB_API const char *clipdb_server_errmsg(const clipdb_server *s);
+/* Stops accepting, finishes the requests in flight, frees everything.
+** Accepts NULL. */
+CLIPDB_API void clipdb_server_stop(clipdb_server *s);
+
+/* ---- evaluation: retrieval metrics, experiments, reports (src/eval) -------- */
+
+/* (section owned by the eval module)
+**
+** The ground truth comes from the database: captions linked to their images.
+** The GALLERY is the images matching the split (every filter of `where`, and
+** `split` as "split=VALUE") and the captions of those images; a caption whose
+** image is outside the split is not a query. An image with no caption is a
+** distractor for text->image and not an image->text query.
+**
+** Ranks (counted from 1): the rank of the right item for a query is the
+** position it has in clipdb's search results over the gallery: items are
+** ordered by score (higher first, cosine / dot / -L2) and a TIE is broken by
+** the smaller item id, exactly as clipdb_flat_search orders hits. So
+** rank = 1 + #{others scoring higher} + #{others scoring equal with a smaller
+** id}. For image->text, where an image has several captions, the rank is the
+** best (smallest) rank of any of its captions.
+** Recall@K (R@K) and the hit rate within k are the fraction of queries whose
+** rank <= K. The hit-rate curves run over k = 1 .. min(curve_max_k, gallery
+** size of that direction). The random baseline is a classifier ranking the
+** gallery in random order: k / N for one right item among N.
+**
+** Vector sets: every set of vectors the database holds is evaluated and
+** compared (one today: "default", the vectors of the database's model;
+** databases holding several, e.g. base and finetuned, list them all). */
+
+#define CLIPDB_EVAL_MAX_KS 16      /* at most this many R@K cut-offs */
+#define CLIPDB_EVAL_MAX_NPROBES 32 /* at most this many nprobe values */
+
+typedef struct clipdb_eval_options {
+    const char *split;           /* shorthand for the filter "split=VALUE";
+                                 ** NULL: no split filter */
+    const char *const *where;    /* n_where more filters "FIELD=VALUE" on the
+                                 ** images' metadata (all must hold) */
+    int n_where;
+    clipdb_metric metric;        /* the metric of the R@K / rank table and of
+                                 ** the index comparison (default cosine);
+                                 ** hit-rate curves are given for all three */
+    int pairs_first;             /* 1: keep one caption per image (the first
+                                 ** stored, smallest id), as the paper's 96%
+                                 ** figure; default 0 (every caption) */
+    int ks[CLIPDB_EVAL_MAX_KS];  /* R@K cut-offs (default 1, 5, 10) */
+    int n_ks;
+    int curve_max_k;             /* hit-rate curves up to this k (default
+                                 ** 1000, clipped to the gallery size) */
+    const char *vector_set;      /* NULL: every vector set; else only that one
+                                 ** (an unknown name is CLIPDB_ENOTFOUND) */
+    int compare_indexes;         /* 1 (default): exact vs IVF (vs Faiss) for
+                                 ** text->image over nprobes; 0: skip */
+    int nlist;                   /* IVF lists (default 0: about sqrt(images)) */
+    int nprobes[CLIPDB_EVAL_MAX_NPROBES]; /* default 1, 2, 4, 8, 16, 32, 64,
+                                 ** those <= nlist */
+    int n_nprobes;
+    int faiss;                   /* 1 (default): Faiss IVF<nlist>,Flat too */
+    int index_k;                 /* k of the index comparison (default 10) */
+    int n_samples;               /* Table-1 samples per direction (default 5) */
+    int sample_top;              /* retrieved items shown per sample (5) */
+    uint64_t seed;               /* sampling and k-means seed (default 1234) */
+} clipdb_eval_options;
+/* Fills the defaults documented above. */
+CLIPDB_API void clipdb_eval_options_init(clipdb_eval_options *opt);
+
+/* The results of one evaluation. */
+typedef struct clipdb_eval clipdb_eval;
+
+/* One direction's standard figures. */
+typedef struct clipdb_eval_dir {
+    int64_t queries;             /* queries that have a right answer */
+    int64_t gallery;             /* items ranked per query */
+    double recall[CLIPDB_EVAL_MAX_KS]; /* at opt.ks[i], fraction in [0, 1] */
+    double median_rank;          /* the lower median for an even count */
+    double mean_rank;
+} clipdb_eval_dir;
+
+/* The summary of vector set `set` (0 .. clipdb_eval_n_sets - 1). */
+typedef struct clipdb_eval_summary {
+    const char *set;             /* the vector set's name */
+    const char *model;           /* model identity */
+    int64_t images, captions;    /* gallery sizes */
+    int64_t images_without_captions, captions_outside; /* excluded queries */
+    clipdb_metric metric;
+    int n_ks;
+    int ks[CLIPDB_EVAL_MAX_KS];
+    clipdb_eval_dir t2i, i2t;    /* text->image, image->text */
+    double score_seconds;        /* the batched score + rank computation,
+                                 ** all three metrics, both directions */
+} clipdb_eval_summary;
+
+/* Runs the evaluation on `db`. opt may be NULL (defaults). *out is set even
+** on failure (the message is on it, clipdb_eval_errmsg) unless memory is
+** exhausted; free with clipdb_eval_free. Errors: CLIPDB_EINVAL (bad option,
+** bad filter, k larger than the gallery, a split with no images, a gallery
+** with no captions), CLIPDB_ENOTFOUND (unknown vector set), CLIPDB_ELIMIT,
+** CLIPDB_ENOMEM, or the store's codes. */
+CLIPDB_API int clipdb_eval_run(clipdb_db *db, const clipdb_eval_options *opt,
+                               clipdb_eval **out);
+CLIPDB_API void clipdb_eval_free(clipdb_eval *ev);
+CLIPDB_API const char *clipdb_eval_errmsg(const clipdb_eval *ev);
+CLIPDB_API int clipdb_eval_n_sets(const clipdb_eval *ev);
+/* Strings of *out belong to ev. */
+CLIPDB_API int clipdb_eval_get_summary(const clipdb_eval *ev, int set,
+                                       clipdb_eval_summary *out);
+
+/* Every figure as one JSON object (the format is `clipdb eval --help`'s):
+** {"images", "captions", "t2i", "i2t", "hit_rate", "random", ...} for the
+** first vector set, "sets" for all of them, "index_comparison", "samples",
+** "gpu". *json: caller frees with clipdb_free. */
+CLIPDB_API int clipdb_eval_json(clipdb_eval *ev, char **json);
+
+/* Writes the plots into directory `dir` (created if missing) with PLplot:
+** hit_rate_t2i, hit_rate_i2t (log k, three metrics and the random
+** baseline), index_speed (recall vs queries per second), models (the vector
+** sets' hit-rate curves), each as NAME.png when png is set and NAME.svg when
+** svg is set. */
+CLIPDB_API int clipdb_eval_write_plots(clipdb_eval *ev, const char *dir, int png,
+                                       int svg);
+
+/* Writes one self-contained HTML report (tables, plots and Table-1 samples
+** with thumbnails, all inline as data: URIs; no network needed) to `path`. */
+CLIPDB_API int clipdb_eval_write_html(clipdb_eval *ev, const char *path);
+/* The same page in memory (for a server): *html (NUL-terminated, *len bytes
+** without the NUL; len may be NULL), caller frees with clipdb_free. */
+CLIPDB_API int clipdb_eval_html(clipdb_eval *ev, char **html, size_t *len);
+
 
 #ifdef __cplusplus
 }

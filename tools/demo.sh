@@ -9,6 +9,9 @@
 # 2. A database of the COCO subset (338 photos, 1,690 captions) from
 #    ../shared/data, ingested incrementally: a second run skips what is stored.
 # 3. The four kinds of query, exact and IVF.
+# 4. `clipdb serve` on the database: the web page at the URL it prints
+#    (CLIPDB_DEMO_PORT, default 8080). CLIPDB_DEMO_SERVE=0 stops after step 3
+#    (scripts and the browser tests, which start the server themselves).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${CLIPDB_BIN:-build/clipdb}
@@ -34,7 +37,7 @@ say "the model"
 "$BIN" model info "$MODEL"
 
 say "embedding one text and one photo (first values of each vector)"
-photo=$(ls "$DATA/images" | sort | head -n 1)
+photo=$(ls "$DATA/images" | sort | sed -n 1p)  # sed reads all: no SIGPIPE under pipefail
 "$BIN" embed --model "$MODEL" --text "a photo of a cat" --image "$DATA/images/$photo"
 
 [ -f "$DB" ] || "$BIN" init "$DB" --model "$MODEL"
@@ -58,3 +61,7 @@ say "image -> image (L2)"
 say "text -> text, only captions of val2017 images"
 "$BIN" search "$DB" --text "two people riding horses on a beach" --target text -k 5 --where split=val2017
 say "done: database $DB, model $MODEL"
+if [ "${CLIPDB_DEMO_SERVE:-1}" != 0 ]; then
+  say "serving $DB (Ctrl-C stops)"
+  exec "$BIN" serve "$DB" --port "${CLIPDB_DEMO_PORT:-8080}"
+fi

@@ -98,5 +98,10 @@ extern const char cli_init_help[], cli_add_help[], cli_rm_help[], cli_stats_help
     cli_search_help[], cli_index_help[];
 extern const char cli_embed_help[]; /* cmd_embed.c */
 int cli_cmd_embed(int argc, char **argv);
+extern const char cli_serve_help[]; /* cmd_serve.c */
+int cli_cmd_serve(int argc, char **argv);
+
+extern const char cli_eval_help[]; /* cmd_eval.c */
+int cli_cmd_eval(int argc, char **argv);
 
 #endif

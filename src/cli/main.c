@@ -25,6 +25,10 @@ const cli_cmd cli_commands[] = {
     {"index", "build an IVF or Faiss index in a database", cli_index_help, cli_cmd_index},
     {"rm", "delete items from a database", cli_rm_help, cli_cmd_rm},
     {"stats", "what a database holds", cli_stats_help, cli_cmd_stats},
+    {"serve", "serve the database over HTTP: the web page and a JSON API", cli_serve_help,
+     cli_cmd_serve},
+    {"eval", "retrieval evaluation: R@K, ranks, hit-rate curves, indexes, plots, HTML",
+     cli_eval_help, cli_cmd_eval},
     /* the model */
     {"embed", "print CLIP embeddings of texts and images", cli_embed_help, cli_cmd_embed},
     {"tokenize", "print the CLIP token ids of texts", cli_tokenize_help, cli_cmd_tokenize},

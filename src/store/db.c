@@ -348,6 +348,7 @@ int clipdb_db_open(clipdb_db **out, const char *path, const clipdb_db_options *o
     db->readonly = opt->readonly;
     if (opt->model_dir && !(db->model_dir_opt = cdb_strdup(opt->model_dir)))
         return cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
+    db->model_opt = opt->model;
     rc = sql_open(db, opt->readonly ? SQLITE_OPEN_READONLY : SQLITE_OPEN_READWRITE);
     if (rc != CLIPDB_OK) return rc;
     if ((rc = check_header(db)) != CLIPDB_OK) return rc;
@@ -368,7 +369,7 @@ void clipdb_db_close(clipdb_db *db)
     }
     if (db->sql) sqlite3_close(db->sql);
     clipdb_ctx_free(db->ctx);
-    clipdb_model_close(db->model);
+    if (!db->model_shared) clipdb_model_close(db->model);
     free(db->identity);
     free(db->model_dir);
     free(db->model_dir_opt);
@@ -398,11 +399,13 @@ int clipdb_db_model(clipdb_db *db, clipdb_model **out)
     cdb_err_clear(&db->err);
     if (!db->model) {
         dir = db->model_dir_opt ? db->model_dir_opt : db->model_dir;
-        if (!dir || !*dir)
+        if (!db->model_opt && (!dir || !*dir))
             return cdb_err_set(&db->err, CLIPDB_EINVAL,
                                "%s: no model directory recorded and none given", db->path);
-        rc = clipdb_model_open(&m, dir);
-        if (rc != CLIPDB_OK) {
+        if (db->model_opt) {
+            m = db->model_opt;
+            dir = "the model given";
+        } else if ((rc = clipdb_model_open(&m, dir)) != CLIPDB_OK) {
             cdb_err_set(&db->err, rc, "%s", clipdb_model_errmsg(m));
             goto cleanup;
         }
@@ -418,6 +421,7 @@ int clipdb_db_model(clipdb_db *db, clipdb_model **out)
             goto cleanup;
         }
         db->model = m;
+        db->model_shared = m == db->model_opt;
         m = NULL;
     }
     if (!db->ctx) {
@@ -434,7 +438,7 @@ int clipdb_db_model(clipdb_db *db, clipdb_model **out)
     }
     *out = db->model;
 cleanup:
-    clipdb_model_close(m);
+    if (m != db->model_opt) clipdb_model_close(m);
     return rc;
 }
 

@@ -466,6 +466,7 @@ static int flush(ingest *g)
         batch_img *b = &g->imgs[i];
         if (b->encode && b->update) g->res->images_updated++;
         else if (b->encode) g->res->images_added++;
+        if (b->encode) g->res->last_id = b->id;
         g->res->captions_added += (int64_t)b->cap_count;
     }
 cleanup:
@@ -631,6 +632,7 @@ static int add_texts(ingest *g)
     size_t len = 0, pos = 0, lineno = 0, n_lines = 0, i;
     const char **batch = NULL;
     float *vecs = NULL;   /* TEXTS_PER_COMMIT x d */
+    int64_t last = -1;
     sqlite3_stmt *exists = NULL;
     int32_t ids[CLIPDB_TEXT_CONTEXT];
     int rc, in_tx = 0, n_ids = 0;
@@ -700,11 +702,13 @@ static int add_texts(ingest *g)
             int64_t id;
             rc = cdb_db_insert_text(db, batch[j], -1, vecs + (size_t)j * (size_t)g->d, &id);
             if (rc != CLIPDB_OK) goto cleanup;
+            last = id;
         }
         rc = cdb_db_commit(db);
         in_tx = 0;
         if (rc != CLIPDB_OK) goto cleanup;
         g->res->texts_added += n;
+        g->res->last_id = last;
         g->prog.added += n;
         report(g, 0);
     }
@@ -733,6 +737,7 @@ int clipdb_db_add(clipdb_db *db, const clipdb_add_options *opt, clipdb_add_resul
     }
     if (!res) res = &tmp;
     memset(res, 0, sizeof *res);
+    res->last_id = -1;
     cdb_err_clear(&db->err);
     if (db->readonly) return cdb_err_set(&db->err, CLIPDB_EINVAL, "%s: opened read-only", db->path);
     if (!opt->images_dir && !opt->texts_path)

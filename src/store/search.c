@@ -164,7 +164,7 @@ static int encode_queries(clipdb_db *db, const clipdb_query *queries, size_t nq,
     float *vecs = NULL;
     int rc = CLIPDB_OK;
 
-    for (i = 0; i < nq; i++) n += queries[i].kind == qkind;
+    for (i = 0; i < nq; i++) n += queries[i].kind == qkind && (qkind == CLIPDB_QUERY_TEXT || queries[i].path);
     if (n == 0) return CLIPDB_OK;
     if (n > INT32_MAX) return cdb_err_set(&db->err, CLIPDB_ELIMIT, "search: too many queries");
     inputs = cdb_malloc_array(n, sizeof *inputs);
@@ -175,7 +175,7 @@ static int encode_queries(clipdb_db *db, const clipdb_query *queries, size_t nq,
         goto cleanup;
     }
     for (i = n = 0; i < nq; i++)
-        if (queries[i].kind == qkind) {
+        if (queries[i].kind == qkind && (qkind == CLIPDB_QUERY_TEXT || queries[i].path)) {
             rows[n] = i;
             inputs[n++] = qkind == CLIPDB_QUERY_TEXT ? queries[i].text : queries[i].path;
         }
@@ -197,8 +197,34 @@ cleanup:
     return rc;
 }
 
+/* Encodes the image queries given as bytes in memory (data/len, no path: an
+** HTTP upload) into their rows of q, one at a time. */
+static int encode_memory_images(clipdb_db *db, clipdb_model *m, const clipdb_query *queries,
+                                size_t nq, float *q)
+{
+    float *pixels = NULL;
+    size_t i;
+    int rc = CLIPDB_OK;
+    for (i = 0; i < nq && rc == CLIPDB_OK; i++) {
+        const clipdb_query *x = &queries[i];
+        if (x->kind != CLIPDB_QUERY_IMAGE || x->path) continue;
+        if (!pixels && !(pixels = cdb_malloc_array(clipdb_image_floats(m), sizeof(float)))) {
+            rc = cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
+            break;
+        }
+        // bytes -> decode + preprocess -> pixels (3, S, S) -> vision tower -> q[i] (d)
+        if ((rc = clipdb_image_load_memory(db->ctx, x->data, x->len, pixels)) != CLIPDB_OK ||
+            (rc = clipdb_encode_images(db->ctx, pixels, 1, q + i * (size_t)db->embed_dim)) !=
+                CLIPDB_OK)
+            cdb_err_set(&db->err, rc, "query %zu: %s", i, clipdb_ctx_errmsg(db->ctx));
+    }
+    free(pixels);
+    return rc;
+}
+
 /* Encodes or fetches the nq query vectors into q (nq x d): texts in one
-** batch, image files in another, items from the database. */
+** batch, image files in another, images in memory one by one, items from the
+** database. */
 static int query_vectors(clipdb_db *db, const clipdb_query *queries, size_t nq, float *q)
 {
     clipdb_model *m = NULL;
@@ -212,7 +238,8 @@ static int query_vectors(clipdb_db *db, const clipdb_query *queries, size_t nq, 
             if ((rc = item_vector(db, x->item, q + i * (size_t)db->embed_dim)) != CLIPDB_OK)
                 return rc;
         } else if (x->kind == CLIPDB_QUERY_TEXT || x->kind == CLIPDB_QUERY_IMAGE) {
-            if ((x->kind == CLIPDB_QUERY_TEXT && !x->text) || (x->kind == CLIPDB_QUERY_IMAGE && !x->path))
+            if ((x->kind == CLIPDB_QUERY_TEXT && !x->text) ||
+                (x->kind == CLIPDB_QUERY_IMAGE && !x->path && !x->data))
                 return cdb_err_set(&db->err, CLIPDB_EINVAL, "query %zu: no text or path", i);
             if (!m && (rc = clipdb_db_model(db, &m)) != CLIPDB_OK) return rc;
         } else {
@@ -221,7 +248,8 @@ static int query_vectors(clipdb_db *db, const clipdb_query *queries, size_t nq, 
     }
     if (!m) return CLIPDB_OK;
     if ((rc = encode_queries(db, queries, nq, CLIPDB_QUERY_TEXT, q)) != CLIPDB_OK) return rc;
-    return encode_queries(db, queries, nq, CLIPDB_QUERY_IMAGE, q);
+    if ((rc = encode_queries(db, queries, nq, CLIPDB_QUERY_IMAGE, q)) != CLIPDB_OK) return rc;
+    return encode_memory_images(db, m, queries, nq, q);
 }
 
 /* ---- results -------------------------------------------------------------------- */
@@ -292,6 +320,67 @@ static int fill_result(clipdb_db *db, sqlite3_stmt *item, sqlite3_stmt *meta, cl
     return CLIPDB_OK;
 }
 
+static int item_stmts(clipdb_db *db, sqlite3_stmt **item, sqlite3_stmt **meta)
+{
+    int rc = cdb_db_prepare(db, "SELECT type, path, abspath, text, image FROM items WHERE id = ?",
+                            item);
+    if (rc == CLIPDB_OK)
+        rc = cdb_db_prepare(db, "SELECT key, value FROM item_meta WHERE item = ? ORDER BY key",
+                            meta);
+    return rc;
+}
+
+int clipdb_db_get_item(clipdb_db *db, int64_t id, clipdb_results **out)
+{
+    sqlite3_stmt *item = NULL, *meta = NULL, *caps = NULL;
+    clipdb_results *res = NULL;
+    int64_t *ids = NULL;
+    size_t n = 1, cap = 0, i;
+    int rc;
+
+    *out = NULL;
+    cdb_err_clear(&db->err);
+    if ((rc = item_stmts(db, &item, &meta)) != CLIPDB_OK) goto cleanup;
+    if ((rc = cdb_db_prepare(db, "SELECT id FROM items WHERE image = ? ORDER BY id", &caps)) !=
+        CLIPDB_OK)
+        goto cleanup;
+    /* the item, then its captions */
+    if (cdb_grow((void **)&ids, &cap, 1, sizeof *ids) != 0) goto nomem;
+    ids[0] = id;
+    sqlite3_bind_int64(caps, 1, id);
+    while (sqlite3_step(caps) == SQLITE_ROW) {
+        if (cdb_grow((void **)&ids, &cap, n + 1, sizeof *ids) != 0) goto nomem;
+        ids[n++] = sqlite3_column_int64(caps, 0);
+    }
+    res = calloc(1, sizeof *res);
+    if (!res) goto nomem;
+    res->nq = 1;
+    res->offsets = cdb_calloc_array(2, sizeof *res->offsets);
+    res->results = cdb_calloc_array(n, sizeof *res->results);
+    if (!res->offsets || !res->results) goto nomem;
+    for (i = 0; i < n; i++) {
+        res->results[i].id = ids[i];
+        res->offsets[1] = i + 1;
+        if ((rc = fill_result(db, item, meta, &res->results[i])) != CLIPDB_OK) {
+            if (rc == CLIPDB_ENOTFOUND)
+                rc = cdb_err_set(&db->err, CLIPDB_ENOTFOUND, "no item %lld", (long long)id);
+            goto cleanup;
+        }
+    }
+    *out = res;
+    res = NULL;
+    goto cleanup;
+nomem:
+    rc = cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
+cleanup:
+    sqlite3_finalize(item);
+    sqlite3_finalize(meta);
+    sqlite3_finalize(caps);
+    clipdb_results_free(res);
+    free(ids);
+    return rc;
+}
+
 /* ---- the search ------------------------------------------------------------------ */
 
 /* Checks the options every search shares, then those of the index type. */
@@ -358,11 +447,7 @@ static int make_results(clipdb_db *db, const clipdb_hit *hits, size_t nq, int k,
         rc = cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
         goto cleanup;
     }
-    if ((rc = cdb_db_prepare(db, "SELECT type, path, abspath, text, image FROM items WHERE id = ?",
-                             &item)) != CLIPDB_OK ||
-        (rc = cdb_db_prepare(db, "SELECT key, value FROM item_meta WHERE item = ? ORDER BY key",
-                             &meta)) != CLIPDB_OK)
-        goto cleanup;
+    if ((rc = item_stmts(db, &item, &meta)) != CLIPDB_OK) goto cleanup;
     for (i = 0; i < nq && rc == CLIPDB_OK; i++) {
         res->offsets[i] = total;
         for (j = 0; j < (size_t)n_out; j++) {
@@ -396,7 +481,7 @@ int clipdb_db_search(clipdb_db *db, const clipdb_query *queries, size_t nq,
     int64_t *allowed = NULL;
     size_t n_allowed = 0;
     const char *note = NULL;
-    double t0 = cdb_now();
+    double t0 = cdb_now(), t_enc = 0;
     int rc, n_out = 0;
 
     *out = NULL;
@@ -413,6 +498,7 @@ int clipdb_db_search(clipdb_db *db, const clipdb_query *queries, size_t nq,
         goto cleanup;
     }
     if ((rc = query_vectors(db, queries, nq, q)) != CLIPDB_OK) goto cleanup;
+    t_enc = cdb_now() - t0;
     if ((rc = cdb_db_vectors(db, opt->target, &vs)) != CLIPDB_OK) goto cleanup;
     if ((rc = filter_ids(db, opt, &allowed, &n_allowed)) != CLIPDB_OK) goto cleanup;
     call = (cdb_search_call){vs, q, nq, opt->k, opt, allowed, n_allowed};
@@ -420,6 +506,7 @@ int clipdb_db_search(clipdb_db *db, const clipdb_query *queries, size_t nq,
         goto cleanup;
     if ((rc = make_results(db, hits, nq, opt->k, n_out, out)) != CLIPDB_OK) goto cleanup;
     (*out)->took_ms = (cdb_now() - t0) * 1000.0;
+    (*out)->encode_ms = t_enc * 1000.0;
     if (note && !((*out)->note = cdb_strdup(note))) {
         rc = cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
         clipdb_results_free(*out);

@@ -65,7 +65,9 @@ struct clipdb_db {
     char *identity;        /* model identity recorded at creation */
     char *model_dir;       /* recorded model directory */
     char *model_dir_opt;   /* directory given at open (overrides) */
-    clipdb_model *model;   /* opened on first use, owned */
+    clipdb_model *model;   /* opened on first use; owned unless model_shared */
+    clipdb_model *model_opt;  /* given at open (borrowed), or NULL */
+    int model_shared;      /* model is model_opt: not closed with the handle */
     clipdb_ctx *ctx;       /* the handle's encoding context, owned */
     int64_t local_changes; /* bumped by every write through this handle */
     cdb_vecset sets[CDB_N_SETS]; /* the vector sets, by item type */
@@ -118,5 +120,37 @@ const char *cdb_set_name(int set);
 int cdb_sindex_replace_ids(clipdb_db *db, const char *del_sql, const char *ins_sql, int set,
                            clipdb_metric metric, const int64_t *ids, const int32_t *lists,
                            size_t n);
+
+
+/* ---- export for evaluation (export.c) ------------------------------------ */
+
+/* The ground truth of an evaluation split: the images matching every filter
+** and the captions linked to them. */
+typedef struct cdb_split {
+    size_t n_images;
+    int64_t *image_ids;      /* n_images, ascending */
+    char **image_paths;      /* n_images absolute paths (or the path as given) */
+    size_t n_captions;
+    int64_t *caption_ids;    /* n_captions, ascending */
+    int64_t *caption_image;  /* n_captions: the caption's image id (in the split) */
+    char **caption_texts;    /* n_captions */
+    /* captions matching every filter whose image does not (0 without filters) */
+    size_t n_captions_outside;
+} cdb_split;
+
+/* Reads the split of `where` (n_where "FIELD=VALUE" filters on metadata,
+** matched as clipdb_db_search does; none: every image). *out (free with
+** cdb_split_free) is set on success. */
+int cdb_db_split(clipdb_db *db, const char *const *where, int n_where, cdb_split **out);
+void cdb_split_free(cdb_split *s);
+
+/* The vector sets a database holds: names[0 .. *n) (static strings). Today
+** one, "default" (the vectors of the database's model). */
+int cdb_db_vector_sets(clipdb_db *db, const char *const **names, int *n);
+
+/* Copies the vectors of set `set` of the n items `ids` (all of type `type`)
+** into out (n x embed_dim); an item without a vector is CLIPDB_ENOTFOUND. */
+int cdb_db_set_vectors(clipdb_db *db, const char *set, int type, const int64_t *ids,
+                       size_t n, float *out);
 
 #endif /* CDB_STORE_H */

@@ -1,2 +1,0 @@
-build-base/src/compute/gemm.o: src/compute/gemm.c src/compute/compute.h
-src/compute/compute.h:

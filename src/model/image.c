@@ -792,13 +792,13 @@ static rs_geom geometry(const cdb_rgb *img)
     return g;
 }
 
-/* Resizes img to (rw, rh) as Pillow does and writes the window
-** (x0, y0, cw, ch) of the result to out (ch, cw, 3). */
-static int resample(struct cdb_img_scratch *s, const cdb_rgb *img, int rw, int rh, int x0,
-                    int y0, int cw, int ch, uint8_t *out)
+/* Resizes the region g of img (Pillow's resize box) to (rw, rh) as Pillow
+** does and writes the window (x0, y0, cw, ch) of the result to out (ch, cw, 3). */
+static int resample_box(struct cdb_img_scratch *s, const cdb_rgb *img, rs_geom g, int rw,
+                        int rh, int x0, int y0, int cw, int ch, uint8_t *out)
 {
-    const rs_geom g = geometry(img);
-    const int need_h = rw != img->w || g.ew != img->w, need_v = rh != img->h || g.eh != img->h;
+    const int need_h = rw != img->w || g.ew != img->w || g.ox != 0.0;
+    const int need_v = rh != img->h || g.eh != img->h || g.oy != 0.0;
     const size_t in_stride = (size_t)img->w * 3, row = (size_t)cw * 3;
     const uint8_t *src;   /* rows the vertical pass reads, from row `base` */
     size_t src_stride;
@@ -866,6 +866,13 @@ static int resample(struct cdb_img_scratch *s, const cdb_rgb *img, int rw, int r
     return CLIPDB_OK;
 }
 
+/* The whole image (its full-size geometry) resized to (rw, rh); window as above. */
+static int resample(struct cdb_img_scratch *s, const cdb_rgb *img, int rw, int rh, int x0,
+                    int y0, int cw, int ch, uint8_t *out)
+{
+    return resample_box(s, img, geometry(img), rw, rh, x0, y0, cw, ch, out);
+}
+
 void cdb_image_resized_size(int w, int h, int size, int *out_w, int *out_h)
 {
     int s = w < h ? w : h, l = w < h ? h : w;
@@ -903,14 +910,33 @@ int cdb_image_resize_rgb(const cdb_rgb *img, int out_w, int out_h, uint8_t *out)
 static const float clip_mean[3] = {0.48145466f, 0.4578275f, 0.40821073f};
 static const float clip_std[3] = {0.26862954f, 0.26130258f, 0.27577711f};
 
+/* ToTensor then Normalize, in float32 as torch computes them:
+** ((float)v / 255 - mean) / std; flip mirrors the columns (hflip). */
+static void normalize_crop(const uint8_t *crop, int size, int flip, float *out)
+{
+    float lut[3][256];
+    size_t plane = (size_t)size * (size_t)size, i, r, col;
+    int c, v;
+    for (c = 0; c < 3; c++)
+        for (v = 0; v < 256; v++) lut[c][v] = ((float)v / 255.0f - clip_mean[c]) / clip_std[c];
+    // crop (S, S, 3) HWC bytes -> out (3, S, S) CHW floats
+    for (i = 0; i < plane; i++) {
+        r = i / (size_t)size;
+        col = i % (size_t)size;
+        if (flip) col = (size_t)size - 1 - col;
+        out[r * (size_t)size + col] = lut[0][crop[3 * i]];
+        out[plane + r * (size_t)size + col] = lut[1][crop[3 * i + 1]];
+        out[2 * plane + r * (size_t)size + col] = lut[2][crop[3 * i + 2]];
+    }
+}
+
 int cdb_image_preprocess_with(struct cdb_img_scratch **scratch, const cdb_rgb *img, int size,
                               float *out)
 {
     struct cdb_img_scratch *s;
-    float lut[3][256];
-    int rw, rh, c, v, rc;
+    int rw, rh, rc;
     rs_geom g;
-    size_t i, plane;
+    size_t plane;
     if (!img || !img->px || img->w < 1 || img->h < 1 || size < 1 ||
         size > CLIPDB_MAX_IMAGE_SIDE)
         return CLIPDB_EINVAL;
@@ -924,16 +950,32 @@ int cdb_image_preprocess_with(struct cdb_img_scratch **scratch, const cdb_rgb *i
     rc = resample(s, img, rw, rh, half_round_even(rw - size), half_round_even(rh - size), size,
                   size, s->crop);
     if (rc != CLIPDB_OK) return rc;
-    /* ToTensor then Normalize, in float32 as torch computes them:
-    ** ((float)v / 255 - mean) / std. */
-    for (c = 0; c < 3; c++)
-        for (v = 0; v < 256; v++) lut[c][v] = ((float)v / 255.0f - clip_mean[c]) / clip_std[c];
-    // crop (S, S, 3) HWC bytes -> out (3, S, S) CHW floats
-    for (i = 0; i < plane; i++) {
-        out[i] = lut[0][s->crop[3 * i]];
-        out[plane + i] = lut[1][s->crop[3 * i + 1]];
-        out[2 * plane + i] = lut[2][s->crop[3 * i + 2]];
-    }
+    normalize_crop(s->crop, size, 0, out);
+    return CLIPDB_OK;
+}
+
+int cdb_image_preprocess_box(struct cdb_img_scratch **scratch, const cdb_rgb *img, int x, int y,
+                             int w, int h, int flip, int size, float *out)
+{
+    rs_geom g;
+    int rc;
+    if (!img || !img->px || img->w < 1 || img->h < 1 || size < 1 ||
+        size > CLIPDB_MAX_IMAGE_SIDE || w < 1 || h < 1 || x < 0 || y < 0 || x > img->w - w ||
+        y > img->h - h || (img->dct_num > 0 && img->dct_num < 8))
+        return CLIPDB_EINVAL;
+    rc = scratch_get(scratch);
+    if (rc != CLIPDB_OK) return rc;
+    if (grow((void **)&(*scratch)->crop, &(*scratch)->cap_crop, (size_t)size * size * 3))
+        return CLIPDB_ENOMEM;
+    g.fw = img->w;
+    g.fh = img->h;
+    g.ox = x;
+    g.oy = y;
+    g.ew = w;
+    g.eh = h;
+    rc = resample_box(*scratch, img, g, size, size, 0, 0, size, size, (*scratch)->crop);
+    if (rc != CLIPDB_OK) return rc;
+    normalize_crop((*scratch)->crop, size, flip, out);
     return CLIPDB_OK;
 }
 

@@ -601,8 +601,9 @@ typedef struct clipdb_train_progress {
 typedef int (*clipdb_train_progress_fn)(void *arg, const clipdb_train_progress *p);
 
 typedef struct clipdb_train_options {
-    /* data (clipdb_finetune): the images whose item_meta "split" equals
-    ** split, with their captions; NULL: every captioned image */
+    /* data: clipdb_finetune trains on the images whose item_meta "split"
+    ** equals split (NULL: every captioned image); clipdb_train on the
+    ** captions-file entries whose "split" field equals it (NULL: all) */
     const char *split;       /* default "train" */
     int epochs;              /* default 5 */
     int batch;               /* pairs per step; the remainder of an epoch is
@@ -621,10 +622,15 @@ typedef struct clipdb_train_options {
                              ** initialisation (default 0) */
     int force;               /* replace an existing output directory */
     int checkpoint_every;    /* steps between checkpoints (0: each epoch) */
+    const char *out_dtype;   /* "F32", "F16" or "BF16" for the written
+                             ** weights; NULL: the input's (train: F32) */
     /* clipdb_train only */
     const char *arch;        /* the architecture spec (see clipdb train --help) */
     const char *tokenizer_dir; /* a directory with CLIP's BPE files */
-    float val_fraction;      /* held-out images for validation (default 0.1) */
+    const char *val_split;   /* validate on the entries of this "split"
+                             ** (then split selects the training ones) */
+    float val_fraction;      /* without val_split: held-out share of the
+                             ** images (default 0.1) */
     int val_max;             /* at most this many (default 1000) */
     int augment;             /* random-resized-crop + flip (default 1 for
                              ** clipdb_train; clipdb_finetune never augments) */

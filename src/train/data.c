@@ -79,7 +79,7 @@ int cdb_tdata_from_files(const char *images_dir, const char *captions_path, cons
         if (!en->n_captions) continue;
         if (split && split_is(en, split)) r = 1;
         else if (val_split && split_is(en, val_split)) r = 2;
-        else if (!split && !val_split) r = 1;
+        else if (!split) r = 1;
         if (!r) continue;
         if (!(path = cdb_path_join(images_dir, en->image))) goto oom;
         if (!cdb_file_exists(path)) {

@@ -17,7 +17,8 @@ LDLIBS   = -lopenblas -lsqlite3 -ljpeg -lpng -lwebp -lwebpdemux -lgif -lstb -lz 
            -lcjson -lmicrohttpd -lcurl -lcrypto -lfaiss -llapack -lgomp -lstdc++ -lm -lpthread
 LDFLAGS += $(SAN)
 
-LIB_C   := $(wildcard src/core/*.c src/compute/*.c src/model/*.c src/index/*.c src/store/*.c src/train/*.c)
+LIB_C   := $(wildcard src/core/*.c src/compute/*.c src/model/*.c src/index/*.c src/store/*.c \
+             src/train/*.c)
 LIB_CXX := $(wildcard src/index/*.cc)
 CLI_C   := $(wildcard src/cli/*.c)
 TEST_C  := $(wildcard tests/unit/*.c)

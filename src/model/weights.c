@@ -718,145 +718,55 @@ cleanup:
 
 #include "model/writer.h"
 
-typedef struct layout {
-    cdb_wtensor *t;
-    size_t n, cap;
-    int failed;
-} layout;
-
-static cdb_wtensor *lay_add(layout *L, int ndim, int64_t d0, int64_t d1, int64_t d2, int64_t d3,
-                            const char *fmt, ...) __attribute__((format(printf, 7, 8)));
-static cdb_wtensor *lay_add(layout *L, int ndim, int64_t d0, int64_t d1, int64_t d2, int64_t d3,
-                            const char *fmt, ...)
-{
-    cdb_wtensor *t;
-    va_list ap;
-    int len;
-    if (L->failed || cdb_grow((void **)&L->t, &L->cap, L->n + 1, sizeof *L->t) != 0) {
-        L->failed = 1;
-        return NULL;
-    }
-    t = &L->t[L->n++];
-    memset(t, 0, sizeof *t);
-    va_start(ap, fmt);
-    len = vsnprintf(t->name, sizeof t->name, fmt, ap);
-    va_end(ap);
-    if (len < 0 || (size_t)len >= sizeof t->name) L->failed = 1;
-    t->ndim = ndim;
-    t->shape[0] = d0;
-    t->shape[1] = d1;
-    t->shape[2] = d2;
-    t->shape[3] = d3;
-    return t;
-}
-
-/* A tensor whose data is the concatenation of up to three fp32 parts. */
-static void lay_f32(layout *L, const float *a, const float *b, const float *c, int ndim,
-                    int64_t d0, int64_t d1, int64_t d2, int64_t d3, const char *name)
-{
-    const float *parts[3] = {a, b, c};
-    cdb_wtensor *t = lay_add(L, ndim, d0, d1, d2, d3, "%s", name);
-    int64_t numel = 1;
-    int i, np = c ? 3 : 1;
-    if (!t) return;
-    for (i = 0; i < ndim; i++) numel *= t->shape[i];
-    for (i = 0; i < np; i++) {
-        t->part[i] = parts[i];
-        t->part_n[i] = (size_t)numel / (size_t)np;
-    }
-    t->n_parts = np;
-}
-
-static void lay_tower(layout *L, const keys *k, const cdb_tower *t, const char *pre,
-                      const char *ln_post, const char *proj, int src_transposed, int e)
-{
-    char name[192];
-    int64_t d = t->width, f = t->mlp;
-    int i;
-#define NAME(...) (snprintf(name, sizeof name, __VA_ARGS__), name)
-    for (i = 0; i < t->layers; i++) {
-        const cdb_block *b = &t->blocks[i];
-        lay_f32(L, b->ln1_w, NULL, NULL, 1, d, 0, 0, 0, NAME("%s%d.%s.weight", pre, i, k->ln1));
-        lay_f32(L, b->ln1_b, NULL, NULL, 1, d, 0, 0, 0, NAME("%s%d.%s.bias", pre, i, k->ln1));
-        if (k->packed_qkv) {
-            // in_proj_weight (3d, d) = [Wq; Wk; Wv], in_proj_bias (3d) = [bq; bk; bv]
-            lay_f32(L, b->wq, b->wk, b->wv, 2, 3 * d, d, 0, 0,
-                    NAME("%s%d.attn.in_proj_weight", pre, i));
-            lay_f32(L, b->bq, b->bk, b->bv, 1, 3 * d, 0, 0, 0,
-                    NAME("%s%d.attn.in_proj_bias", pre, i));
-        } else {
-            const float *w[3] = {b->wq, b->wk, b->wv}, *bias[3] = {b->bq, b->bk, b->bv};
-            const char qkv[3] = {'q', 'k', 'v'};
-            int j;
-            for (j = 0; j < 3; j++) {
-                lay_f32(L, w[j], NULL, NULL, 2, d, d, 0, 0,
-                        NAME("%s%d.self_attn.%c_proj.weight", pre, i, qkv[j]));
-                lay_f32(L, bias[j], NULL, NULL, 1, d, 0, 0, 0,
-                        NAME("%s%d.self_attn.%c_proj.bias", pre, i, qkv[j]));
-            }
-        }
-        lay_f32(L, b->wo, NULL, NULL, 2, d, d, 0, 0, NAME("%s%d.%s.weight", pre, i, k->attn_out));
-        lay_f32(L, b->bo, NULL, NULL, 1, d, 0, 0, 0, NAME("%s%d.%s.bias", pre, i, k->attn_out));
-        lay_f32(L, b->ln2_w, NULL, NULL, 1, d, 0, 0, 0, NAME("%s%d.%s.weight", pre, i, k->ln2));
-        lay_f32(L, b->ln2_b, NULL, NULL, 1, d, 0, 0, 0, NAME("%s%d.%s.bias", pre, i, k->ln2));
-        lay_f32(L, b->fc1_w, NULL, NULL, 2, f, d, 0, 0, NAME("%s%d.%s.weight", pre, i, k->fc1));
-        lay_f32(L, b->fc1_b, NULL, NULL, 1, f, 0, 0, 0, NAME("%s%d.%s.bias", pre, i, k->fc1));
-        lay_f32(L, b->fc2_w, NULL, NULL, 2, d, f, 0, 0, NAME("%s%d.%s.weight", pre, i, k->fc2));
-        lay_f32(L, b->fc2_b, NULL, NULL, 1, d, 0, 0, 0, NAME("%s%d.%s.bias", pre, i, k->fc2));
-    }
-    lay_f32(L, t->ln_post_w, NULL, NULL, 1, d, 0, 0, 0, NAME("%s.weight", ln_post));
-    lay_f32(L, t->ln_post_b, NULL, NULL, 1, d, 0, 0, 0, NAME("%s.bias", ln_post));
-#undef NAME
-    // projection: openai (d, e), hf (e, d); the source is stored either way
-    if (k->proj_transposed)
-        lay_f32(L, t->proj, NULL, NULL, 2, e, d, 0, 0, proj);
-    else
-        lay_f32(L, t->proj, NULL, NULL, 2, d, e, 0, 0, proj);
-    if (!L->failed && src_transposed != k->proj_transposed) L->t[L->n - 1].transpose = 1;
-}
-
+/* The tensors of cdb_weights_list, with the data each one gathers from m's
+** views: the slots' views one after another (OpenAI's packed in_proj), and
+** a projection transposed when m stores it the other way round. */
 int cdb_weights_layout(const clipdb_model *m, const char *style, cdb_wtensor **out, size_t *n,
                        cdb_err *e)
 {
-    const keys *k = !style ? NULL : !strcmp(style, "openai") ? &openai_keys
-                                  : !strcmp(style, "hf")     ? &hf_keys
-                                                             : NULL;
-    const cdb_vision *v = &m->vision;
-    const cdb_text *x = &m->text;
-    layout L = {0};
-    int64_t dv = v->t.width, dt = x->t.width;
+    /* cdb_weights_list wants writable views for its slots; nothing is written here. */
+    clipdb_model *mm = (clipdb_model *)m;
+    cdb_wref *refs = NULL;
+    cdb_wtensor *t;
+    size_t nr = 0, i;
+    int rc, k;
 
     *out = NULL;
     *n = 0;
-    if (!k)
-        return cdb_err_set(e, CLIPDB_EINVAL, "unknown key convention '%s' (openai or hf)",
-                           style ? style : "(null)");
-    if (!v->t.blocks || !x->t.blocks)
+    if (!m->vision.t.blocks || !m->text.t.blocks)
         return cdb_err_set(e, CLIPDB_EINVAL, "model has no weights bound");
-    // conv1 (d, 3, P, P), no bias
-    lay_f32(&L, v->patch_w, NULL, NULL, 4, dv, 3, v->patch, v->patch, k->conv);
-    lay_f32(&L, v->class_emb, NULL, NULL, 1, dv, 0, 0, 0, k->cls);
-    lay_f32(&L, v->pos_emb, NULL, NULL, 2, v->n_pos, dv, 0, 0, k->vpos);
-    {
-        char a[96], b[96];
-        snprintf(a, sizeof a, "%s.weight", k->ln_pre);
-        snprintf(b, sizeof b, "%s.bias", k->ln_pre);
-        lay_f32(&L, v->ln_pre_w, NULL, NULL, 1, dv, 0, 0, 0, a);
-        lay_f32(&L, v->ln_pre_b, NULL, NULL, 1, dv, 0, 0, 0, b);
-    }
-    lay_tower(&L, k, &v->t, k->vis_layer, k->ln_post, k->vproj, v->t.proj_transposed,
-              m->embed_dim);
-    lay_f32(&L, x->tok_emb, NULL, NULL, 2, x->vocab, dt, 0, 0, k->tok);
-    lay_f32(&L, x->pos_emb, NULL, NULL, 2, x->context, dt, 0, 0, k->tpos);
-    lay_tower(&L, k, &x->t, k->txt_layer, k->ln_final, k->tproj, x->t.proj_transposed,
-              m->embed_dim);
-    /* logit_scale: shape [] as OpenAI and Hugging Face write it */
-    lay_f32(&L, &m->logit_scale, NULL, NULL, 0, 0, 0, 0, 0, k->logit_scale);
-    if (L.failed) {
-        free(L.t);
+    if ((rc = cdb_weights_list(style, &mm->vision, &mm->text, m->embed_dim, &refs, &nr, e)))
+        return rc;
+    if (!(t = cdb_calloc_array(nr ? nr : 1, sizeof *t))) {
+        free(refs);
         return cdb_err_set(e, CLIPDB_ENOMEM, "out of memory laying out the model's tensors");
     }
-    *out = L.t;
-    *n = L.n;
+    for (i = 0; i < nr; i++) {
+        const cdb_wref *r = &refs[i];
+        int n_slots = 0;
+        snprintf(t[i].name, sizeof t[i].name, "%s", r->name);
+        t[i].ndim = r->ndim;
+        memcpy(t[i].shape, r->shape, sizeof t[i].shape);
+        if (r->tower < 0) { /* logit_scale: shape [] */
+            t[i].part[0] = &m->logit_scale;
+            t[i].part_n[0] = 1;
+            t[i].n_parts = 1;
+            continue;
+        }
+        for (k = 0; k < 3; k++) n_slots += r->slot[k] != NULL;
+        for (k = 0; k < n_slots; k++) {
+            t[i].part[k] = *r->slot[k];
+            t[i].part_n[k] = r->numel / (size_t)n_slots;
+        }
+        t[i].n_parts = n_slots;
+        if (r->kind == CDB_W_PROJ) {
+            // projection: openai (d, e), hf (e, d); the source is stored either way
+            const cdb_tower *tw = r->tower == 0 ? &m->vision.t : &m->text.t;
+            t[i].transpose = tw->proj_transposed != !strcmp(style, "hf");
+        }
+    }
+    free(refs);
+    *out = t;
+    *n = nr;
     return CLIPDB_OK;
 }

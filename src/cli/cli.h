@@ -61,4 +61,9 @@ extern const char cli_init_help[], cli_add_help[], cli_rm_help[], cli_stats_help
 extern const char cli_embed_help[]; /* cmd_embed.c */
 int cli_cmd_embed(int argc, char **argv);
 
+/* cmd_train.c: `clipdb finetune` and `clipdb train` */
+extern const char cli_finetune_help[], cli_train_help[];
+int cli_cmd_finetune(int argc, char **argv);
+int cli_cmd_train(int argc, char **argv);
+
 #endif

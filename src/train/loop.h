@@ -24,15 +24,9 @@ typedef struct cdb_arch {
     int embed;
 } cdb_arch;
 
-#define CDB_ARCH_HELP                                                            \
-    "  --arch SPEC  \"vit:image=S,patch=P,width=W,layers=L[,heads=H];\"\n"          \
-    "               \"text:width=W,layers=L[,heads=H][,context=C];embed=E\"\n"       \
-    "               S a multiple of P; widths multiples of 64 (heads are\n"         \
-    "               width/64: a given heads must agree); context default 77.\n"     \
-    "               example: \"vit:image=64,patch=8,width=192,layers=6;\n"           \
-    "               text:width=256,layers=4;embed=256\"\n"
-
-/* Parses a spec (see CDB_ARCH_HELP); bounded (sides <= 1024, widths <= 4096,
+/* Parses a spec (the grammar is in clipdb train --help, src/cli/cmd_train.c):
+**   vit:image=S,patch=P,width=W,layers=L[,heads=H];text:width=W,layers=L[,heads=H][,context=C];embed=E
+** bounded (sides <= 1024, widths <= 4096,
 ** layers <= 64). CLIPDB_EINVAL with a message naming the bad part. */
 int cdb_arch_parse(const char *spec, cdb_arch *out, cdb_err *e);
 

@@ -17,11 +17,14 @@
 ** (seed, S, I) (data.c), and the engine is deterministic for a given batch,
 ** so a run resumed at step S reaches the weights of an uninterrupted one.
 */
+#include <dirent.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
@@ -60,11 +63,13 @@ typedef struct run {
     char *ckpt_dir, *ckpt_path;
     char *config;
     char *start;               /* what the run started from (model identity or arch) */
+    int lock_fd;               /* flock on OUT.ckpt/lock, -1 when not held */
     cdb_err err;
 } run;
 
 static void run_free(run *r)
 {
+    if (r->lock_fd >= 0) close(r->lock_fd);
     cdb_trainer_free(r->t);
     clipdb_model_close(r->m);
     cdb_tdata_free(&r->data);
@@ -128,6 +133,22 @@ static int make_config(run *r)
     return r->config ? CLIPDB_OK : cdb_err_set(&r->err, CLIPDB_ENOMEM, "out of memory");
 }
 
+/* Removes the partial checkpoints ("*.tmp.<pid>") of runs that were killed. */
+static void remove_stale_tmp(const char *dir)
+{
+    DIR *d = opendir(dir);
+    struct dirent *de;
+    if (!d) return;
+    while ((de = readdir(d)) != NULL) {
+        if (strncmp(de->d_name, "state.safetensors.tmp.", 22) == 0) {
+            char *p = cdb_path_join(dir, de->d_name);
+            if (p) unlink(p);
+            free(p);
+        }
+    }
+    closedir(d);
+}
+
 /* Checks OUT and prepares OUT.ckpt before any work, so that a refused or
 ** unwritable target costs nothing. */
 static int prepare_out(run *r, const char *out_dir)
@@ -146,6 +167,24 @@ static int prepare_out(run *r, const char *out_dir)
     if (access(r->ckpt_dir, W_OK) != 0)
         return cdb_err_set(&r->err, CLIPDB_EIO, "cannot write in %s: %s", r->ckpt_dir,
                            strerror(errno));
+    /* One run per OUT: a lock held until exit (released by the kernel if killed). */
+    {
+        char *lock = cdb_path_join(r->ckpt_dir, "lock");
+        if (!lock) return cdb_err_set(&r->err, CLIPDB_ENOMEM, "out of memory");
+        r->lock_fd = open(lock, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+        free(lock);
+        if (r->lock_fd < 0)
+            return cdb_err_set(&r->err, CLIPDB_EIO, "cannot create a lock in %s: %s",
+                               r->ckpt_dir, strerror(errno));
+        if (flock(r->lock_fd, LOCK_EX | LOCK_NB) != 0) {
+            close(r->lock_fd);
+            r->lock_fd = -1;
+            return cdb_err_set(&r->err, CLIPDB_EINVAL,
+                               "another training run is writing %s (its checkpoints are in %s)",
+                               out_dir, r->ckpt_dir);
+        }
+    }
+    remove_stale_tmp(r->ckpt_dir);
     return CLIPDB_OK;
 }
 
@@ -484,7 +523,7 @@ cleanup:
 static int finish(run *r, int rc, char **errmsg)
 {
     /* a run that failed before its first checkpoint leaves nothing behind */
-    if (rc != CLIPDB_OK && rc != CLIPDB_ESTOPPED && r->ckpt_dir && r->ckpt_path &&
+    if (rc != CLIPDB_OK && rc != CLIPDB_ESTOPPED && r->lock_fd >= 0 && r->ckpt_path &&
         !cdb_file_exists(r->ckpt_path))
         cdb_rm_tree(r->ckpt_dir);
     if (errmsg) *errmsg = rc ? cdb_strdup(r->err.msg[0] ? r->err.msg : clipdb_status_name(rc))
@@ -510,6 +549,7 @@ int clipdb_finetune(const char *db_path, const char *model_dir, const char *out_
     size_t i;
 
     memset(&r, 0, sizeof r);
+    r.lock_fd = -1;
     r.o = o;
     r.kind = "finetune";
     r.augment = 0; /* the paper fine-tunes without augmentation */
@@ -580,6 +620,7 @@ int clipdb_train(const char *images_dir, const char *captions_path, const char *
     int rc;
 
     memset(&r, 0, sizeof r);
+    r.lock_fd = -1;
     r.o = o;
     r.kind = "train";
     r.augment = o->augment;

@@ -231,7 +231,10 @@ static int check_options(run *r)
     if (o->warmup < 0) return cdb_err_set(&r->err, CLIPDB_EINVAL, "--warmup must be >= 0");
     if (o->checkpoint_every < 0)
         return cdb_err_set(&r->err, CLIPDB_EINVAL, "--checkpoint-every must be >= 0");
-    return CLIPDB_OK;
+    {
+        cdb_train_opts to; /* the engine's own checks of schedule and --train, early */
+        return opts_to_engine(r, 1, &to);
+    }
 }
 
 /* The input model's weights must be finite (a NaN would poison the run). */

@@ -700,6 +700,7 @@ struct cdb_img_scratch {
     size_t cap_acc;
     uint8_t *crop;       /* (S, S, 3) */
     size_t cap_crop;
+    cdb_rgb box;         /* the crop box of cdb_image_preprocess_box */
 };
 
 static void axis_free(rs_axis *a)
@@ -714,6 +715,7 @@ void cdb_img_scratch_free(struct cdb_img_scratch *s)
 {
     if (!s) return;
     cdb_rgb_free(&s->rgb);
+    cdb_rgb_free(&s->box);
     axis_free(&s->ax);
     axis_free(&s->ay);
     free(s->tmp);
@@ -792,13 +794,13 @@ static rs_geom geometry(const cdb_rgb *img)
     return g;
 }
 
-/* Resizes the region g of img (Pillow's resize box) to (rw, rh) as Pillow
-** does and writes the window (x0, y0, cw, ch) of the result to out (ch, cw, 3). */
-static int resample_box(struct cdb_img_scratch *s, const cdb_rgb *img, rs_geom g, int rw,
-                        int rh, int x0, int y0, int cw, int ch, uint8_t *out)
+/* Resizes img to (rw, rh) as Pillow does and writes the window
+** (x0, y0, cw, ch) of the result to out (ch, cw, 3). */
+static int resample(struct cdb_img_scratch *s, const cdb_rgb *img, int rw, int rh, int x0,
+                    int y0, int cw, int ch, uint8_t *out)
 {
-    const int need_h = rw != img->w || g.ew != img->w || g.ox != 0.0;
-    const int need_v = rh != img->h || g.eh != img->h || g.oy != 0.0;
+    const rs_geom g = geometry(img);
+    const int need_h = rw != img->w || g.ew != img->w, need_v = rh != img->h || g.eh != img->h;
     const size_t in_stride = (size_t)img->w * 3, row = (size_t)cw * 3;
     const uint8_t *src;   /* rows the vertical pass reads, from row `base` */
     size_t src_stride;
@@ -864,13 +866,6 @@ static int resample_box(struct cdb_img_scratch *s, const cdb_rgb *img, rs_geom g
         for (x = 0; x < row; x++) o[x] = clip8(acc[x]);
     }
     return CLIPDB_OK;
-}
-
-/* The whole image (its full-size geometry) resized to (rw, rh); window as above. */
-static int resample(struct cdb_img_scratch *s, const cdb_rgb *img, int rw, int rh, int x0,
-                    int y0, int cw, int ch, uint8_t *out)
-{
-    return resample_box(s, img, geometry(img), rw, rh, x0, y0, cw, ch, out);
 }
 
 void cdb_image_resized_size(int w, int h, int size, int *out_w, int *out_h)
@@ -957,25 +952,26 @@ int cdb_image_preprocess_with(struct cdb_img_scratch **scratch, const cdb_rgb *i
 int cdb_image_preprocess_box(struct cdb_img_scratch **scratch, const cdb_rgb *img, int x, int y,
                              int w, int h, int flip, int size, float *out)
 {
-    rs_geom g;
-    int rc;
+    struct cdb_img_scratch *s;
+    cdb_err e;
+    int rc, j;
     if (!img || !img->px || img->w < 1 || img->h < 1 || size < 1 ||
         size > CLIPDB_MAX_IMAGE_SIDE || w < 1 || h < 1 || x < 0 || y < 0 || x > img->w - w ||
         y > img->h - h || (img->dct_num > 0 && img->dct_num < 8))
         return CLIPDB_EINVAL;
     rc = scratch_get(scratch);
     if (rc != CLIPDB_OK) return rc;
-    if (grow((void **)&(*scratch)->crop, &(*scratch)->cap_crop, (size_t)size * size * 3))
-        return CLIPDB_ENOMEM;
-    g.fw = img->w;
-    g.fh = img->h;
-    g.ox = x;
-    g.oy = y;
-    g.ew = w;
-    g.eh = h;
-    rc = resample_box(*scratch, img, g, size, size, 0, 0, size, size, (*scratch)->crop);
+    s = *scratch;
+    if (grow((void **)&s->crop, &s->cap_crop, (size_t)size * size * 3)) return CLIPDB_ENOMEM;
+    /* crop, then resize the cropped image (torchvision's resized_crop on a
+    ** PIL image: the filter never reads outside the box) */
+    if (rgb_alloc(&s->box, w, h, &e) != CLIPDB_OK) return CLIPDB_ENOMEM;
+    for (j = 0; j < h; j++)
+        memcpy(s->box.px + (size_t)j * w * 3, img->px + ((size_t)(y + j) * img->w + x) * 3,
+               (size_t)w * 3);
+    rc = resample(s, &s->box, size, size, 0, 0, size, size, s->crop);
     if (rc != CLIPDB_OK) return rc;
-    normalize_crop((*scratch)->crop, size, flip, out);
+    normalize_crop(s->crop, size, flip, out);
     return CLIPDB_OK;
 }
 

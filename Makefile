@@ -99,6 +99,9 @@ fuzz:
 $(BUILD)/tools/preprocess_dump: $(BUILD)/tools/preprocess_dump.o $(BUILD)/libclipdb.a
 	$(CC) $(LDFLAGS) -pthread -o $@ $< $(BUILD)/libclipdb.a $(LDLIBS)
 cli-test: $(BUILD)/tools/preprocess_dump
+$(BUILD)/tools/train_step: $(BUILD)/tools/train_step.o $(BUILD)/libclipdb.a
+	$(CC) $(LDFLAGS) -pthread -o $@ $< $(BUILD)/libclipdb.a $(LDLIBS)
+cli-test: $(BUILD)/tools/train_step
 
 # Search benchmark of the index module (bench/README.md).
 $(BUILD)/bench/bench_search: bench/bench_search.c $(BUILD)/libclipdb.a
@@ -120,4 +123,5 @@ demo: $(BUILD)/clipdb
 clean:
 	rm -rf build build-asan build-fuzz
 
--include $(LIB_O:.o=.d) $(CLI_O:.o=.d) $(TEST_O:.o=.d) $(BUILD)/tools/preprocess_dump.d
+-include $(LIB_O:.o=.d) $(CLI_O:.o=.d) $(TEST_O:.o=.d) $(BUILD)/tools/preprocess_dump.d \
+         $(BUILD)/tools/train_step.d

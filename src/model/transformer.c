@@ -556,7 +556,7 @@ int cdb_block_backward(struct cdb_run *r, const cdb_block *b, const cdb_block *g
     if (g->wq)
         cdb_sgemm(CDB_TRANS, CDB_NO_TRANS, 3 * d, d, rows, 1.0f, dqkv, 3 * d, a->h1, d, 1.0f,
                   (float *)g->wq, d);
-    if (!need_dx) return CLIPDB_OK;
+    if (!need_dx && !g->ln1_w && !g->ln1_b) return CLIPDB_OK;
     /* dh1 (rows, d) = dqkv (rows, 3d) @ [Wq; Wk; Wv] (3d, d) */
     if (b->wk == b->wq + (size_t)d * d && b->wv == b->wk + (size_t)d * d) {
         cdb_sgemm(CDB_NO_TRANS, CDB_NO_TRANS, rows, d, 3 * d, 1.0f, dqkv, 3 * d, b->wq, d, 0.0f,
@@ -570,7 +570,7 @@ int cdb_block_backward(struct cdb_run *r, const cdb_block *b, const cdb_block *g
                   1.0f, dh, d);
     }
     /* dx_in = dx_mid + ln_1 backward */
-    cdb_layernorm_backward(dx, (float *)g->ln1_w, (float *)g->ln1_b, dh, a->x_in, b->ln1_w,
+    cdb_layernorm_backward(need_dx ? dx : NULL, (float *)g->ln1_w, (float *)g->ln1_b, dh, a->x_in, b->ln1_w,
                            (size_t)rows, (size_t)d);
     return CLIPDB_OK;
 }

@@ -141,7 +141,8 @@ oom:
 
 /* ---- batches ---------------------------------------------------------------- */
 
-int cdb_batch_init(cdb_batch *b, int cap, int image_size, int context, cdb_err *e)
+int cdb_batch_init(cdb_batch *b, int cap, int image_size, int context, size_t n_images,
+                   cdb_err *e)
 {
     size_t plane = (size_t)3 * image_size * image_size, i;
     memset(b, 0, sizeof *b);
@@ -153,7 +154,11 @@ int cdb_batch_init(cdb_batch *b, int cap, int image_size, int context, cdb_err *
     b->ids_buf = cdb_malloc_array((size_t)cap * (size_t)context, sizeof *b->ids_buf);
     b->lens = cdb_calloc_array((size_t)cap, sizeof *b->lens);
     b->tok_cache = cdb_tok_cache_new();
-    if (!b->pixels || !b->ids || !b->ids_buf || !b->lens || !b->tok_cache) {
+    b->n_images = n_images;
+    b->cache_budget = CDB_PIXEL_CACHE_BYTES;
+    if (n_images) b->cache = cdb_calloc_array(n_images, sizeof *b->cache);
+    if (!b->pixels || !b->ids || !b->ids_buf || !b->lens || !b->tok_cache ||
+        (n_images && !b->cache)) {
         cdb_batch_free(b);
         return cdb_err_set(e, CLIPDB_ENOMEM, "out of memory for a batch of %d", cap);
     }
@@ -163,11 +168,14 @@ int cdb_batch_init(cdb_batch *b, int cap, int image_size, int context, cdb_err *
 
 void cdb_batch_free(cdb_batch *b)
 {
+    size_t i;
     if (!b) return;
     free(b->pixels);
     free(b->ids);
     free(b->ids_buf);
     free(b->lens);
+    for (i = 0; b->cache && i < b->n_images; i++) free(b->cache[i]);
+    free(b->cache);
     cdb_rgb_free(&b->rgb);
     cdb_img_scratch_free(b->scratch);
     cdb_tok_cache_free(b->tok_cache);
@@ -215,8 +223,13 @@ int cdb_batch_load(cdb_batch *b, int j, const cdb_pairs *p, size_t img, size_t c
     const cdb_pair_image *im = &p->img[img];
     const char *text = im->captions[cap];
     float *px = b->pixels + (size_t)j * 3 * b->image_size * b->image_size;
+    size_t plane = (size_t)3 * b->image_size * b->image_size;
     int rc, n_ids = 0;
 
+    if (!augment && b->cache && img < b->n_images && b->cache[img]) {
+        memcpy(px, b->cache[img], plane * sizeof *px);
+        goto tokenize;
+    }
     /* augmentation crops the full-size image; plain CLIP preprocessing may
     ** decode a large JPEG at a reduced scale, as clipdb add does */
     rc = cdb_image_decode_file(im->path, augment ? 0 : b->image_size, &b->rgb, e);
@@ -234,6 +247,13 @@ int cdb_batch_load(cdb_batch *b, int j, const cdb_pairs *p, size_t img, size_t c
     if (rc != CLIPDB_OK)
         return cdb_err_set(e, rc, "%s: preprocessing failed (%s)", im->path,
                            clipdb_status_name(rc));
+    if (!augment && b->cache && img < b->n_images &&
+        b->cache_bytes + plane * sizeof *px <= b->cache_budget &&
+        (b->cache[img] = cdb_malloc_array(plane, sizeof *px)) != NULL) {
+        memcpy(b->cache[img], px, plane * sizeof *px);
+        b->cache_bytes += plane * sizeof *px;
+    }
+tokenize:
     rc = cdb_tok_encode(tok, b->tok_cache, text, strlen(text), b->ids[j], b->context, &n_ids, e);
     if (rc != CLIPDB_OK) {
         cdb_err_prefix(e, "caption of %s", im->path);

@@ -401,13 +401,29 @@ static int write_result(run *r, const char *out_dir, long steps, clipdb_train_pr
     return CLIPDB_OK;
 }
 
+/* Writes a checkpoint after `step` steps, with the order of the epoch the
+** next step belongs to. */
+static int save(run *r, long step, long spe, int64_t *order, long *order_epoch)
+{
+    cdb_ckpt_extra x;
+    if (*order_epoch != step / spe) {
+        cdb_tdata_order(r->o->seed, step / spe, r->data.n_train, order);
+        *order_epoch = step / spe;
+    }
+    x.seed = r->o->seed;
+    x.order = order;
+    x.n_order = r->data.n_train;
+    x.config = r->config;
+    return cdb_ckpt_write(r->ckpt_path, r->t, &x, &r->err);
+}
+
 /* The loop proper: from r->m and r->data to out_dir. */
 static int run_loop(run *r, const char *out_dir)
 {
     const clipdb_train_options *o = r->o;
     const cdb_pairs *pp = r->data.pairs;
     size_t n = r->data.n_train, B = (size_t)o->batch, j;
-    long spe, total, step, session_steps = 0, order_epoch = -1;
+    long spe, total, step, session_steps = 0, order_epoch = -1, saved_step = -1;
     int64_t *order = NULL;
     cdb_batch b;
     cdb_train_opts to;
@@ -440,6 +456,7 @@ static int run_loop(run *r, const char *out_dir)
         if ((rc = cdb_ckpt_read(r->ckpt_path, r->t, r->config, order, n, &r->err))) goto cleanup;
         cdb_trainer_state(r->t, &st);
         order_epoch = st.step / spe;
+        saved_step = st.step;
         p.step = st.step;
         p.path = r->ckpt_path;
         if (report(r, &p, "resume")) stop = 1;
@@ -448,7 +465,7 @@ static int run_loop(run *r, const char *out_dir)
         if (report(r, &p, "start")) stop = 1;
     }
     if ((rc = cdb_batch_init(&b, o->batch, r->m->vision.image_size, r->m->text.context,
-                             &r->err)))
+                             r->augment ? 0 : pp->n, &r->err)))
         goto cleanup;
     cdb_trainer_state(r->t, &st);
     for (step = st.step; step < total && !stop; ) {
@@ -494,21 +511,15 @@ static int run_loop(run *r, const char *out_dir)
         }
         if (step < total &&
             (stop || step % spe == 0 || (o->checkpoint_every && step % o->checkpoint_every == 0))) {
-            cdb_ckpt_extra x;
-            if (order_epoch != step / spe) {
-                cdb_tdata_order(o->seed, step / spe, n, order);
-                order_epoch = step / spe;
-            }
-            x.seed = o->seed;
-            x.order = order;
-            x.n_order = n;
-            x.config = r->config;
-            if ((rc = cdb_ckpt_write(r->ckpt_path, r->t, &x, &r->err))) goto cleanup;
+            if ((rc = save(r, step, spe, order, &order_epoch))) goto cleanup;
+            saved_step = step;
             p.path = r->ckpt_path;
             if (report(r, &p, "checkpoint")) stop = 1;
         }
     }
     if (step < total) {
+        /* stopped before the first step of this session: still leave a checkpoint */
+        if (saved_step != step && (rc = save(r, step, spe, order, &order_epoch))) goto cleanup;
         p.path = r->ckpt_path;
         report(r, &p, "stopped");
         rc = cdb_err_set(&r->err, CLIPDB_ESTOPPED,

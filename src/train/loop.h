@@ -80,9 +80,18 @@ typedef struct cdb_batch {
     cdb_rgb rgb;
     struct cdb_img_scratch *scratch;
     cdb_tok_cache *tok_cache;
+    /* Without augmentation an image's pixels are the same every epoch: they
+    ** are kept (per image index, up to cache_budget bytes) after the first. */
+    float **cache;          /* n_images entries, NULL until loaded */
+    size_t n_images, cache_bytes, cache_budget;
 } cdb_batch;
 
-int cdb_batch_init(cdb_batch *b, int cap, int image_size, int context, cdb_err *e);
+/* Bytes of preprocessed pixels a run keeps in memory (finetune). */
+#define CDB_PIXEL_CACHE_BYTES ((size_t)2 << 30)
+
+/* n_images: the pairs' image count (for the cache; 0: no cache). */
+int cdb_batch_init(cdb_batch *b, int cap, int image_size, int context, size_t n_images,
+                   cdb_err *e);
 void cdb_batch_free(cdb_batch *b);
 
 /* Loads pair j (0..n) of a batch: the image pairs->img[img] (preprocessed

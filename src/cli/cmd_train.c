@@ -19,8 +19,8 @@
     "  --out DIR            the model directory to write (refused if it exists)\n"         \
     "  --force              replace an existing --out\n"                                   \
     "  --epochs N           passes over the training pairs\n"                              \
-    "  --batch N            pairs per step; each epoch drops the remainder, so\n"          \
-    "                       N pairs make N / batch steps (an error if fewer than N)\n"     \
+    "  --batch N            pairs per step; each epoch drops the remainder: P pairs\n"     \
+    "                       make floor(P / N) steps, fewer than N pairs is an error\n"     \
     "  --micro-batch N      pairs per forward/backward pass (exact gradient\n"             \
     "                       accumulation for batches larger than memory); 0 = batch\n"     \
     "  --lr X  --wd X  --betas B1,B2  --eps X\n"                                           \

@@ -438,17 +438,18 @@ static int text_bwd(cdb_trainer *t, const int32_t *const *ids, const int *lens, 
 /* ---- the loss ------------------------------------------------------------------- */
 
 /* CLIP's symmetric cross-entropy (open_clip ClipLoss) of img, txt (n, e),
-** unnormalised, with temperature exp(ls). Returns the loss; dimg, dtxt (n, e)
+** unnormalised, with temperature exp(ls). *out gets the loss; dimg, dtxt (n, e)
 ** get its gradients, *dls that of ls. In double: n*n*e is small beside the towers.
 **   u = img/|img|, w = txt/|txt|, logits (n, n) = s u w^T, s = exp(ls)
 **   loss = (CE_rows(logits) + CE_cols(logits)) / 2, each a mean over n
 **   dlogits = (softmax_rows - I + softmax_cols - I) / (2n)
 **   du = s dlogits w, dw = s dlogits^T u, dls = sum(dlogits * logits)
 **   d img = (du - u (u . du)) / |img|  (same for txt) */
-static double clip_loss(const float *img, const float *txt, int n, int e, float ls, float *dimg,
-                        float *dtxt, double *dls)
+static int clip_loss(const float *img, const float *txt, int n, int e, float ls, float *dimg,
+                     float *dtxt, double *dls, double *out)
 {
     double *u = NULL, *w = NULL, *lg = NULL, *dl = NULL, *nu = NULL, *nw = NULL, loss = 0.0;
+    int rc = CLIPDB_OK;
     const double s = exp((double)ls);
     int i, j, k;
     u = malloc(sizeof(double) * (size_t)n * e);
@@ -458,7 +459,7 @@ static double clip_loss(const float *img, const float *txt, int n, int e, float 
     nu = malloc(sizeof(double) * (size_t)n);
     nw = malloc(sizeof(double) * (size_t)n);
     if (!u || !w || !lg || !dl || !nu || !nw) {
-        loss = NAN;
+        rc = CLIPDB_ENOMEM;
         goto cleanup;
     }
     for (i = 0; i < n; i++) {
@@ -511,9 +512,10 @@ static double clip_loss(const float *img, const float *txt, int n, int e, float 
             dtxt[(size_t)i * e + k] = (float)((dw[k] - w[(size_t)i * e + k] * pw) / nw[i]);
         }
     }
+    *out = loss;
 cleanup:
     free(u), free(w), free(lg), free(dl), free(nu), free(nw);
-    return loss;
+    return rc;
 }
 
 /* ---- the step ---------------------------------------------------------------------- */
@@ -574,8 +576,8 @@ int cdb_train_grad(cdb_trainer *t, const float *pixels, const int32_t *const *id
     /* pass 0 (micro-batches only): the embeddings of the whole batch */
     for (pass = mb < n ? 0 : 1; pass < 2; pass++) {
         if (pass == 1 && mb < n) {
-            loss = clip_loss(img, txt, n, e, *t->ls, t->demb, t->demb + (size_t)n * e, &dls);
-            if (isnan(loss)) return cdb_err_set(&t->err, CLIPDB_ENOMEM, "out of memory (loss)");
+            if (clip_loss(img, txt, n, e, *t->ls, t->demb, t->demb + (size_t)n * e, &dls, &loss))
+                return cdb_err_set(&t->err, CLIPDB_ENOMEM, "out of memory (loss)");
         }
         for (i0 = 0; i0 < n; i0 += mb) {
             const int nb = n - i0 < mb ? n - i0 : mb;
@@ -585,8 +587,9 @@ int cdb_train_grad(cdb_trainer *t, const float *pixels, const int32_t *const *id
                 return rc;
             if (pass == 0) continue;
             if (mb == n) {
-                loss = clip_loss(img, txt, n, e, *t->ls, t->demb, t->demb + (size_t)n * e, &dls);
-                if (isnan(loss)) return cdb_err_set(&t->err, CLIPDB_ENOMEM, "out of memory (loss)");
+                if (clip_loss(img, txt, n, e, *t->ls, t->demb, t->demb + (size_t)n * e, &dls,
+                              &loss))
+                    return cdb_err_set(&t->err, CLIPDB_ENOMEM, "out of memory (loss)");
             }
             if ((rc = vision_bwd(t, px, nb, t->demb + (size_t)i0 * e)) ||
                 (rc = text_bwd(t, ids + i0, lens + i0, t->ends + i0, nb,

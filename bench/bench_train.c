@@ -7,8 +7,9 @@
 ** (start, random words, end). One warm-up step (excluded), then `steps` timed
 ** steps (forward + backward of both towers, AdamW). Prints one line of
 ** key=value: median seconds per step, pairs/s, the first and last loss
-** (the verification: the loss falls on a repeated batch), and the peak
-** resident memory of the process (ru_maxrss).
+** (the verification: the loss falls on a repeated batch), the peak
+** resident memory of the process (ru_maxrss), and cores_busy = CPU time /
+** wall time over the timed steps (2.0 = both cores busy throughout).
 ** bench/bench_train.py runs it beside PyTorch doing the same step.
 */
 #include <stdio.h>
@@ -40,7 +41,7 @@ int main(int argc, char **argv)
     int32_t *buf = NULL;
     const int32_t **ids = NULL;
     int *lens = NULL;
-    double *sec = NULL;
+    double *sec = NULL, wall0 = 0.0, cpu0 = 0.0, wall = 0.0, cpu = 0.0;
     struct rusage ru;
 
     if (argc < 2) {
@@ -97,13 +98,22 @@ int main(int argc, char **argv)
         }
         if (i < 0) first = st.loss;
         else sec[i] = st.seconds;
+        if (i < 0) { /* utilisation over the timed steps: CPU time / wall time */
+            getrusage(RUSAGE_SELF, &ru);
+            cpu0 = ru.ru_utime.tv_sec + ru.ru_utime.tv_usec * 1e-6 + ru.ru_stime.tv_sec +
+                   ru.ru_stime.tv_usec * 1e-6;
+            wall0 = cdb_now();
+        }
     }
-    qsort(sec, (size_t)steps, sizeof *sec, cmp_d);
     getrusage(RUSAGE_SELF, &ru);
+    cpu = ru.ru_utime.tv_sec + ru.ru_utime.tv_usec * 1e-6 + ru.ru_stime.tv_sec +
+          ru.ru_stime.tv_usec * 1e-6 - cpu0;
+    wall = cdb_now() - wall0;
+    qsort(sec, (size_t)steps, sizeof *sec, cmp_d);
     printf("median_s=%.4f pairs_per_s=%.3f loss_first=%.5f loss_last=%.5f peak_rss_mb=%.1f "
-           "threads=%d\n",
+           "threads=%d cores_busy=%.2f\n",
            sec[steps / 2], batch / sec[steps / 2], first, st.loss, ru.ru_maxrss / 1024.0,
-           cdb_compute_threads());
+           cdb_compute_threads(), cpu / wall);
     rc = 0;
 cleanup:
     cdb_trainer_free(t);

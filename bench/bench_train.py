@@ -138,7 +138,8 @@ def main():
     print(f"{'clipdb C':10} {c_s:8.3f} {a.batch / c_s:8.2f} {float(c['loss_first']):10.4f} "
           f"{float(c['loss_last']):10.4f} {float(c['peak_rss_mb']):11.0f}")
     print(f"{'PyTorch':10} {t_s:8.3f} {a.batch / t_s:8.2f} {t_first:10.4f} {t_last:10.4f} {t_rss:11.0f}")
-    print(f"ratio (C pairs/s / PyTorch pairs/s): {t_s / c_s:.2f}x")
+    print(f"ratio (C pairs/s / PyTorch pairs/s): {t_s / c_s:.2f}x; "
+          f"C cores busy (CPU time / wall): {float(c['cores_busy']):.2f}")
 
 
 if __name__ == "__main__":

@@ -204,12 +204,21 @@ void cdb_quick_gelu_backward(float *d, const float *pre, const float *bias, size
                              size_t n)
 {
     size_t i, j;
-    for (i = 0; i < rows; i++)
-        for (j = 0; j < n; j++) {
-            const float v = pre[i * n + j] + (bias ? bias[j] : 0.0f);
-            const float sg = 1.0f / (1.0f + expf(-1.702f * v));
-            d[i * n + j] *= sg + 1.702f * v * sg * (1.0f - sg);
+    for (i = 0; i < rows; i++) {
+        const float *pr = pre + i * n; /* (n) */
+        float *dr = d + i * n;
+        for (j = 0; j + VL <= n; j += VL) {
+            vecf v = vec_load(pr + j), sg;
+            if (bias) v += vec_load(bias + j);
+            sg = 1.0f / (1.0f + vec_exp(v * -1.702f));
+            vec_store(dr + j, vec_load(dr + j) * (sg + 1.702f * v * sg * (1.0f - sg)));
         }
+        for (; j < n; j++) {
+            const float v = pr[j] + (bias ? bias[j] : 0.0f);
+            const float sg = 1.0f / (1.0f + expf(-1.702f * v));
+            dr[j] *= sg + 1.702f * v * sg * (1.0f - sg);
+        }
+    }
 }
 
 void cdb_softmax(float *v, size_t n, float scale)

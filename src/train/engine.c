@@ -54,6 +54,8 @@ struct cdb_trainer {
     size_t cap_emb;                 /* n rows the two hold */
     int *ends;                      /* (n) end token per text */
     size_t cap_ends;
+    const clipdb_model *synced;     /* the model the last sync pointed at ... */
+    float *synced_copy;             /* ... this copy (owned by that model) */
 };
 
 /* ---- options ---------------------------------------------------------------- */
@@ -733,6 +735,11 @@ int cdb_trainer_sync(cdb_trainer *t, clipdb_model *m)
         m->text.t.width != t->txt.t.width || m->vision.n_pos != t->vis.n_pos ||
         m->text.vocab != t->txt.vocab)
         return cdb_err_set(&t->err, CLIPDB_EMISMATCH, "sync: not the model the trainer was built from");
+    if (m == t->synced && t->synced_copy) { /* again into the same model: refresh the copy */
+        memcpy(t->synced_copy, t->params, t->numel * sizeof *t->synced_copy);
+        m->logit_scale = *t->ls;
+        return CLIPDB_OK;
+    }
     if ((rc = cdb_weights_list(m->key_style, &m->vision, &m->text, m->embed_dim, &w, &n, &t->err)))
         return rc;
     copy = cdb_malloc_array(t->numel, sizeof *copy);
@@ -748,6 +755,8 @@ int cdb_trainer_sync(cdb_trainer *t, clipdb_model *m)
         off += w[i].numel;
     }
     m->logit_scale = *t->ls;
+    t->synced = m;
+    t->synced_copy = copy;
     free(w);
     return CLIPDB_OK;
 }

@@ -174,7 +174,8 @@ const cdb_ptensor *cdb_trainer_find(const cdb_trainer *t, const char *name);
 ** and m->logit_scale updated. m must be the model t was built from (same
 ** architecture; CLIPDB_EMISMATCH otherwise). m's identity still names the
 ** file it was loaded from: write a model directory and open it to get an
-** identity for stored vectors. */
+** identity for stored vectors. Syncing again into the same model refreshes
+** the same copy (no new memory); m must stay open while t syncs into it. */
 int cdb_trainer_sync(cdb_trainer *t, clipdb_model *m);
 
 /* 1 if any param is NaN or infinite. (cdb_train_apply refuses a gradient

@@ -103,6 +103,15 @@ static void free_batch(batch *b)
     free(b->buf);
 }
 
+/* The first float of the named tensor's params. */
+static float state_param(cdb_trainer *t, const char *name)
+{
+    cdb_train_state s;
+    const cdb_ptensor *pt = cdb_trainer_find(t, name);
+    cdb_trainer_state(t, &s);
+    return pt ? s.params[pt->offset] : NAN;
+}
+
 static double loss_at(cdb_trainer *t, const batch *b)
 {
     cdb_train_stats st;
@@ -335,6 +344,18 @@ TEST(train_sync_reaches_the_encoders)
         double diff = 0.0;
         for (int k = 0; k < b.n * m->embed_dim; k++) diff += fabs(img[k] - img2[k]);
         CHECK(diff > 1e-3);
+    }
+    /* a second sync refreshes the same copy */
+    {
+        const float *proj1 = m->vision.t.proj;
+        size_t owned = m->n_owned;
+        REQUIRE(cdb_train_step(t, b.px, b.ids, b.lens, b.n, &st) == 0);
+        REQUIRE(cdb_trainer_sync(t, m) == CLIPDB_OK);
+        CHECK(m->vision.t.proj == proj1 && m->n_owned == owned);
+        CHECK(m->logit_scale == st.logit_scale);
+        CHECK(m->vision.t.proj[0] ==
+              state_param(t, m->key_style[0] == 'h' ? "visual_projection.weight"
+                                                                 : "visual.proj"));
     }
     /* sync into a different model is refused */
     {

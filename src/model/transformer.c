@@ -8,6 +8,10 @@
 ** QuickGELU) are 4- or 8-lane vector loops written with GCC/clang vector
 ** extensions so that they stay a small fraction of the time.
 **
+** Training (src/train) runs this same forward with activations kept
+** (cdb_block_forward_keep, cdb_vision_embed, cdb_text_embed,
+** cdb_final_ln_project); each op's backward sits right after its forward.
+**
 ** Shapes: d = width, f = MLP width, T = tokens per sequence, nseq = sequences
 ** in the batch, rows = nseq * T, e = embedding size, hd = 64 (head size).
 */

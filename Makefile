@@ -113,6 +113,11 @@ $(BUILD)/bench/bench_db: bench/bench_db.c $(BUILD)/libclipdb.a
 	@mkdir -p $(dir $@)
 	$(CC) $(CPPFLAGS) $(CFLAGS) -o $@ $< $(BUILD)/libclipdb.a $(LDLIBS)
 
+# Training-step benchmark (bench/bench_train.py runs it beside PyTorch).
+$(BUILD)/bench/bench_train: bench/bench_train.c $(BUILD)/libclipdb.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CPPFLAGS) $(CFLAGS) -o $@ $< $(BUILD)/libclipdb.a $(LDLIBS)
+
 bench: $(BUILD)/clipdb
 	CLIPDB_BIN=$(abspath $(BUILD)/clipdb) PY=$(PY) bash bench/run.sh
 

@@ -55,3 +55,9 @@ echo "== encoder: clipdb embed vs PyTorch (bench/bench_encode.py) =="
   "$CLIPDB_BIN" add "$tmp/flickr.db" --images "$data/images" --captions "$data/captions.jsonl" -q
   build/bench/bench_search --db "$tmp/flickr.db" --target image --nq 1000
 )
+
+# ---- training: one ViT-B/32 step (batch 32) vs PyTorch 2 threads ------------
+# (bench/bench_train.py: build/bench/bench_train beside torch on the same step;
+# ~5 min: generating the b32 weights, then 1 warm-up + 5 steps on each side)
+echo "== train: ViT-B/32 training step, batch 32, vs PyTorch (bench/bench_train.py) =="
+"$PY" bench/bench_train.py

@@ -8,6 +8,10 @@
 ** QuickGELU) are 4- or 8-lane vector loops written with GCC/clang vector
 ** extensions so that they stay a small fraction of the time.
 **
+** Training (src/train) runs this same forward with activations kept
+** (cdb_block_forward_keep, cdb_vision_embed, cdb_text_embed,
+** cdb_final_ln_project); each op's backward sits right after its forward.
+**
 ** Shapes: d = width, f = MLP width, T = tokens per sequence, nseq = sequences
 ** in the batch, rows = nseq * T, e = embedding size, hd = 64 (head size).
 */
@@ -204,12 +208,21 @@ void cdb_quick_gelu_backward(float *d, const float *pre, const float *bias, size
                              size_t n)
 {
     size_t i, j;
-    for (i = 0; i < rows; i++)
-        for (j = 0; j < n; j++) {
-            const float v = pre[i * n + j] + (bias ? bias[j] : 0.0f);
-            const float sg = 1.0f / (1.0f + expf(-1.702f * v));
-            d[i * n + j] *= sg + 1.702f * v * sg * (1.0f - sg);
+    for (i = 0; i < rows; i++) {
+        const float *pr = pre + i * n; /* (n) */
+        float *dr = d + i * n;
+        for (j = 0; j + VL <= n; j += VL) {
+            vecf v = vec_load(pr + j), sg;
+            if (bias) v += vec_load(bias + j);
+            sg = 1.0f / (1.0f + vec_exp(v * -1.702f));
+            vec_store(dr + j, vec_load(dr + j) * (sg + 1.702f * v * sg * (1.0f - sg)));
         }
+        for (; j < n; j++) {
+            const float v = pr[j] + (bias ? bias[j] : 0.0f);
+            const float sg = 1.0f / (1.0f + expf(-1.702f * v));
+            dr[j] *= sg + 1.702f * v * sg * (1.0f - sg);
+        }
+    }
 }
 
 void cdb_softmax(float *v, size_t n, float scale)

@@ -54,6 +54,8 @@ struct cdb_trainer {
     size_t cap_emb;                 /* n rows the two hold */
     int *ends;                      /* (n) end token per text */
     size_t cap_ends;
+    const clipdb_model *synced;     /* the model the last sync pointed at ... */
+    float *synced_copy;             /* ... this copy (owned by that model) */
 };
 
 /* ---- options ---------------------------------------------------------------- */
@@ -438,17 +440,18 @@ static int text_bwd(cdb_trainer *t, const int32_t *const *ids, const int *lens, 
 /* ---- the loss ------------------------------------------------------------------- */
 
 /* CLIP's symmetric cross-entropy (open_clip ClipLoss) of img, txt (n, e),
-** unnormalised, with temperature exp(ls). Returns the loss; dimg, dtxt (n, e)
+** unnormalised, with temperature exp(ls). *out gets the loss; dimg, dtxt (n, e)
 ** get its gradients, *dls that of ls. In double: n*n*e is small beside the towers.
 **   u = img/|img|, w = txt/|txt|, logits (n, n) = s u w^T, s = exp(ls)
 **   loss = (CE_rows(logits) + CE_cols(logits)) / 2, each a mean over n
 **   dlogits = (softmax_rows - I + softmax_cols - I) / (2n)
 **   du = s dlogits w, dw = s dlogits^T u, dls = sum(dlogits * logits)
 **   d img = (du - u (u . du)) / |img|  (same for txt) */
-static double clip_loss(const float *img, const float *txt, int n, int e, float ls, float *dimg,
-                        float *dtxt, double *dls)
+static int clip_loss(const float *img, const float *txt, int n, int e, float ls, float *dimg,
+                     float *dtxt, double *dls, double *out)
 {
     double *u = NULL, *w = NULL, *lg = NULL, *dl = NULL, *nu = NULL, *nw = NULL, loss = 0.0;
+    int rc = CLIPDB_OK;
     const double s = exp((double)ls);
     int i, j, k;
     u = malloc(sizeof(double) * (size_t)n * e);
@@ -458,7 +461,7 @@ static double clip_loss(const float *img, const float *txt, int n, int e, float 
     nu = malloc(sizeof(double) * (size_t)n);
     nw = malloc(sizeof(double) * (size_t)n);
     if (!u || !w || !lg || !dl || !nu || !nw) {
-        loss = NAN;
+        rc = CLIPDB_ENOMEM;
         goto cleanup;
     }
     for (i = 0; i < n; i++) {
@@ -511,9 +514,10 @@ static double clip_loss(const float *img, const float *txt, int n, int e, float 
             dtxt[(size_t)i * e + k] = (float)((dw[k] - w[(size_t)i * e + k] * pw) / nw[i]);
         }
     }
+    *out = loss;
 cleanup:
     free(u), free(w), free(lg), free(dl), free(nu), free(nw);
-    return loss;
+    return rc;
 }
 
 /* ---- the step ---------------------------------------------------------------------- */
@@ -574,8 +578,8 @@ int cdb_train_grad(cdb_trainer *t, const float *pixels, const int32_t *const *id
     /* pass 0 (micro-batches only): the embeddings of the whole batch */
     for (pass = mb < n ? 0 : 1; pass < 2; pass++) {
         if (pass == 1 && mb < n) {
-            loss = clip_loss(img, txt, n, e, *t->ls, t->demb, t->demb + (size_t)n * e, &dls);
-            if (isnan(loss)) return cdb_err_set(&t->err, CLIPDB_ENOMEM, "out of memory (loss)");
+            if (clip_loss(img, txt, n, e, *t->ls, t->demb, t->demb + (size_t)n * e, &dls, &loss))
+                return cdb_err_set(&t->err, CLIPDB_ENOMEM, "out of memory (loss)");
         }
         for (i0 = 0; i0 < n; i0 += mb) {
             const int nb = n - i0 < mb ? n - i0 : mb;
@@ -585,8 +589,9 @@ int cdb_train_grad(cdb_trainer *t, const float *pixels, const int32_t *const *id
                 return rc;
             if (pass == 0) continue;
             if (mb == n) {
-                loss = clip_loss(img, txt, n, e, *t->ls, t->demb, t->demb + (size_t)n * e, &dls);
-                if (isnan(loss)) return cdb_err_set(&t->err, CLIPDB_ENOMEM, "out of memory (loss)");
+                if (clip_loss(img, txt, n, e, *t->ls, t->demb, t->demb + (size_t)n * e, &dls,
+                              &loss))
+                    return cdb_err_set(&t->err, CLIPDB_ENOMEM, "out of memory (loss)");
             }
             if ((rc = vision_bwd(t, px, nb, t->demb + (size_t)i0 * e)) ||
                 (rc = text_bwd(t, ids + i0, lens + i0, t->ends + i0, nb,
@@ -730,6 +735,11 @@ int cdb_trainer_sync(cdb_trainer *t, clipdb_model *m)
         m->text.t.width != t->txt.t.width || m->vision.n_pos != t->vis.n_pos ||
         m->text.vocab != t->txt.vocab)
         return cdb_err_set(&t->err, CLIPDB_EMISMATCH, "sync: not the model the trainer was built from");
+    if (m == t->synced && t->synced_copy) { /* again into the same model: refresh the copy */
+        memcpy(t->synced_copy, t->params, t->numel * sizeof *t->synced_copy);
+        m->logit_scale = *t->ls;
+        return CLIPDB_OK;
+    }
     if ((rc = cdb_weights_list(m->key_style, &m->vision, &m->text, m->embed_dim, &w, &n, &t->err)))
         return rc;
     copy = cdb_malloc_array(t->numel, sizeof *copy);
@@ -745,6 +755,8 @@ int cdb_trainer_sync(cdb_trainer *t, clipdb_model *m)
         off += w[i].numel;
     }
     m->logit_scale = *t->ls;
+    t->synced = m;
+    t->synced_copy = copy;
     free(w);
     return CLIPDB_OK;
 }

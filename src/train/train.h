@@ -48,8 +48,10 @@
 ** big batch, up to summation order) at the cost of a second forward; memory
 ** is that of one micro-batch. micro_batch 0 = the whole batch at once.
 **
-** Threads: the GEMMs use the compute backend's pool (cdb_compute_threads);
-** the per-(sequence, head) attention work is split over opts.threads.
+** Threads: the GEMMs (most of the work) use the compute backend's pool
+** (cdb_compute_threads, both cores); the elementwise parts and the
+** per-(sequence, head) attention loops run on the calling thread today.
+** bench/bench_train.c reports the measured cores_busy (CPU time / wall).
 */
 #ifndef CDB_TRAIN_H
 #define CDB_TRAIN_H
@@ -83,7 +85,8 @@ typedef struct cdb_train_opts {
     int micro_batch;     /* images per micro-batch, 0 = whole batch (default 0) */
     cdb_train_what what; /* default CDB_TRAIN_ALL */
     int last_n;          /* for CDB_TRAIN_LAST */
-    int threads;         /* threads for the non-GEMM work; 0 = cdb_compute_threads() */
+    int threads;         /* reserved for splitting the non-GEMM work; must be >= 0,
+                         ** not used yet (the GEMMs use cdb_compute_threads()) */
 } cdb_train_opts;
 
 /* Fills the documented defaults. */
@@ -171,7 +174,8 @@ const cdb_ptensor *cdb_trainer_find(const cdb_trainer *t, const char *name);
 ** and m->logit_scale updated. m must be the model t was built from (same
 ** architecture; CLIPDB_EMISMATCH otherwise). m's identity still names the
 ** file it was loaded from: write a model directory and open it to get an
-** identity for stored vectors. */
+** identity for stored vectors. Syncing again into the same model refreshes
+** the same copy (no new memory); m must stay open while t syncs into it. */
 int cdb_trainer_sync(cdb_trainer *t, clipdb_model *m);
 
 /* 1 if any param is NaN or infinite. (cdb_train_apply refuses a gradient

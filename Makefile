@@ -19,7 +19,8 @@ LDLIBS   = -lopenblas -lsqlite3 -ljpeg -lpng -lwebp -lwebpdemux -lgif -lstb -lz 
            -lcjson -lplplot -lmicrohttpd -lcurl -lcrypto -lfaiss -llapack -lgomp -lstdc++ -lm -lpthread
 LDFLAGS += $(SAN)
 
-LIB_C   := $(wildcard src/core/*.c src/compute/*.c src/model/*.c src/net/*.c src/index/*.c src/store/*.c src/eval/*.c)
+LIB_C   := $(wildcard src/core/*.c src/compute/*.c src/model/*.c src/net/*.c src/index/*.c src/store/*.c \
+             src/eval/*.c src/train/*.c)
 LIB_CXX := $(wildcard src/index/*.cc)
 CLI_C   := $(wildcard src/cli/*.c)
 TEST_C  := $(wildcard tests/unit/*.c)
@@ -159,6 +160,9 @@ fuzz:
 $(BUILD)/tools/preprocess_dump: $(BUILD)/tools/preprocess_dump.o $(BUILD)/libclipdb.a
 	$(CC) $(LDFLAGS) -pthread -o $@ $< $(BUILD)/libclipdb.a $(LDLIBS)
 cli-test: $(BUILD)/tools/preprocess_dump
+$(BUILD)/tools/train_step: $(BUILD)/tools/train_step.o $(BUILD)/libclipdb.a
+	$(CC) $(LDFLAGS) -pthread -o $@ $< $(BUILD)/libclipdb.a $(LDLIBS)
+cli-test: $(BUILD)/tools/train_step
 
 # Search benchmark of the index module (bench/README.md).
 $(BUILD)/bench/bench_search: bench/bench_search.c $(BUILD)/libclipdb.a
@@ -177,6 +181,11 @@ $(BUILD)/bench/bench_serve_lib: bench/bench_serve_lib.c $(BUILD)/libclipdb.a
 
 # Evaluation benchmark (bench/README.md): Flickr8k test from stored vectors.
 $(BUILD)/bench/bench_eval: bench/bench_eval.c $(BUILD)/libclipdb.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CPPFLAGS) $(CFLAGS) -o $@ $< $(BUILD)/libclipdb.a $(LDLIBS)
+
+# Training-step benchmark (bench/bench_train.py runs it beside PyTorch).
+$(BUILD)/bench/bench_train: bench/bench_train.c $(BUILD)/libclipdb.a
 	@mkdir -p $(dir $@)
 	$(CC) $(CPPFLAGS) $(CFLAGS) -o $@ $< $(BUILD)/libclipdb.a $(LDLIBS)
 
@@ -206,4 +215,5 @@ install: $(BUILD)/clipdb $(BUILD)/libclipdb.a $(BUILD)/libclipdb.so tools/clipdb
 clean:
 	rm -rf build build-asan build-fuzz build-tsan
 
--include $(LIB_O:.o=.d) $(CLI_O:.o=.d) $(TEST_O:.o=.d) $(BUILD)/tools/preprocess_dump.d
+-include $(LIB_O:.o=.d) $(CLI_O:.o=.d) $(TEST_O:.o=.d) $(BUILD)/tools/preprocess_dump.d \
+         $(BUILD)/tools/train_step.d

@@ -95,3 +95,9 @@ if [ -f .cache/demo/coco.db ]; then
 else
   echo "skipped: no .cache/demo/coco.db (run 'CLIPDB_DEMO_SERVE=0 make demo' first)"
 fi
+
+# ---- training: one ViT-B/32 step (batch 32) vs PyTorch 2 threads ------------
+# (bench/bench_train.py: build/bench/bench_train beside torch on the same step;
+# ~5 min: generating the b32 weights, then 1 warm-up + 5 steps on each side)
+echo "== train: ViT-B/32 training step, batch 32, vs PyTorch (bench/bench_train.py) =="
+"$PY" bench/bench_train.py

@@ -47,6 +47,7 @@ extern "C" {
 #define CLIPDB_ELIMIT    7  /* input exceeds a safety limit (size, pixels) */
 #define CLIPDB_EMISMATCH 8  /* e.g. vectors from another model */
 #define CLIPDB_ENET      9  /* network failure (model fetch) */
+#define CLIPDB_ESTOPPED  10 /* stopped on request (training: state checkpointed) */
 
 /* A short constant name for a status code ("CLIPDB_EFORMAT"). */
 CLIPDB_API const char *clipdb_status_name(int rc);
@@ -818,6 +819,100 @@ CLIPDB_API int clipdb_eval_write_html(clipdb_eval *ev, const char *path);
 /* The same page in memory (for a server): *html (NUL-terminated, *len bytes
 ** without the NUL; len may be NULL), caller frees with clipdb_free. */
 CLIPDB_API int clipdb_eval_html(clipdb_eval *ev, char **html, size_t *len);
+
+
+/* ---- training: fine-tuning and training from scratch (src/train) ---------- */
+
+/* Progress of a training run, reported after every optimizer step and at
+** each event. */
+typedef struct clipdb_train_progress {
+    const char *event;       /* "start", "resume", "step", "epoch",
+                             ** "checkpoint", "done" or "stopped" */
+    int epoch, epochs;       /* 1-based epoch being run / of the run */
+    long step, total_steps;  /* optimizer steps done / of the whole run */
+    int steps_per_epoch;
+    long pairs;              /* training pairs (images) per epoch */
+    float loss;              /* "step": the batch's loss; "epoch": mean over it */
+    float lr;                /* learning rate of the last step */
+    double pairs_per_s;      /* image-caption pairs per second (this session) */
+    double eta_s;            /* estimated seconds to the end */
+    double elapsed_s;
+    /* "epoch" with a validation split (clipdb_train): recall at 1, 5, 10,
+    ** text->image and image->text, in [0, 1]; -1 when not measured. */
+    float val_t2i[3], val_i2t[3];
+    long val_pairs;
+    const char *path;        /* "checkpoint", "resume", "done": the file or
+                             ** directory written / read */
+} clipdb_train_progress;
+
+/* Called by the training loop; a non-zero return asks it to stop: it then
+** writes a checkpoint and returns CLIPDB_ESTOPPED (run the same call again to
+** resume). Called from the calling thread only. */
+typedef int (*clipdb_train_progress_fn)(void *arg, const clipdb_train_progress *p);
+
+typedef struct clipdb_train_options {
+    /* data: clipdb_finetune trains on the images whose item_meta "split"
+    ** equals split (NULL: every captioned image); clipdb_train on the
+    ** captions-file entries whose "split" field equals it (NULL: all) */
+    const char *split;       /* default "train" */
+    int epochs;              /* default 5 */
+    int batch;               /* pairs per step; the remainder of an epoch is
+                             ** dropped (default 32) */
+    int micro_batch;         /* pairs per forward/backward pass (exact
+                             ** accumulation), 0 = the whole batch */
+    /* AdamW (torch.optim.AdamW) and the schedule. Defaults: the paper's
+    ** fine-tuning settings lr 5e-8, wd 1e-3, betas 0.9/0.999, eps 1e-8,
+    ** constant rate, no warm-up, no clipping. */
+    float lr, wd, beta1, beta2, eps;
+    int warmup;              /* steps */
+    const char *schedule;    /* "constant" or "cosine" */
+    float clip_grad;         /* global gradient norm; <= 0 = off */
+    const char *train;       /* "all", "proj" or "last:N" (default "all") */
+    uint64_t seed;           /* data order, caption choice, augmentation,
+                             ** initialisation (default 0) */
+    int force;               /* replace an existing output directory */
+    int checkpoint_every;    /* steps between checkpoints (0: each epoch) */
+    const char *out_dtype;   /* "F32", "F16" or "BF16" for the written
+                             ** weights; NULL: the input's (train: F32) */
+    /* clipdb_train only */
+    const char *arch;        /* the architecture spec (see clipdb train --help) */
+    const char *tokenizer_dir; /* a directory with CLIP's BPE files */
+    const char *val_split;   /* validate on the entries of this "split"
+                             ** (then split selects the training ones) */
+    float val_fraction;      /* without val_split: held-out share of the
+                             ** images (default 0.1) */
+    int val_max;             /* at most this many (default 1000) */
+    int augment;             /* random-resized-crop + flip (default 1 for
+                             ** clipdb_train; clipdb_finetune never augments) */
+    const char *command;     /* recorded in the written model's clipdb_made.json */
+    clipdb_train_progress_fn progress;
+    void *progress_arg;
+} clipdb_train_options;
+
+/* Fills the defaults above. */
+CLIPDB_API void clipdb_train_options_init(clipdb_train_options *o);
+
+/* Fine-tunes the model in model_dir on the image-caption pairs of the
+** database at db_path (one caption drawn per image per step, no
+** augmentation) and writes the result as a complete model directory at
+** out_dir (weights in the input's key convention and dtype, its tokenizer
+** files, clipdb_made.json). Checkpoints go to "<out_dir>.ckpt"; a run that
+** was stopped or killed resumes from it when called again with the same
+** options, and reaches the same weights as an uninterrupted run. Returns
+** CLIPDB_OK, CLIPDB_ESTOPPED (stopped by the progress callback, checkpoint
+** written), or an error with a message in *errmsg (caller frees with
+** clipdb_free; NULL on success). */
+CLIPDB_API int clipdb_finetune(const char *db_path, const char *model_dir, const char *out_dir,
+                               const clipdb_train_options *o, char **errmsg);
+
+/* Trains a CLIP from scratch (o->arch, CLIP's initialisation) on the images
+** under images_dir and their captions in captions_path (the formats of
+** clipdb add), holding out o->val_fraction of the images for validation
+** (recall printed each epoch), with the same checkpoints, resumption and
+** output as clipdb_finetune (weights F32 in OpenAI key names). */
+CLIPDB_API int clipdb_train(const char *images_dir, const char *captions_path,
+                            const char *out_dir, const clipdb_train_options *o,
+                            char **errmsg);
 
 
 #ifdef __cplusplus

@@ -34,6 +34,10 @@ const cli_cmd cli_commands[] = {
     {"tokenize", "print the CLIP token ids of texts", cli_tokenize_help, cli_cmd_tokenize},
     {"model", "show a model's shape and identity, or download one (info, fetch)",
      cli_model_help, cli_cmd_model},
+    /* learning */
+    {"finetune", "fine-tune a model on a database's image-caption pairs", cli_finetune_help,
+     cli_cmd_finetune},
+    {"train", "train a CLIP from scratch on images and captions", cli_train_help, cli_cmd_train},
     {"version", "print the version",
      "usage: clipdb version\n\nPrints the version of clipdb.\n",
      cmd_version},

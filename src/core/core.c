@@ -29,6 +29,7 @@ const char *clipdb_status_name(int rc)
     case CLIPDB_ELIMIT: return "CLIPDB_ELIMIT";
     case CLIPDB_EMISMATCH: return "CLIPDB_EMISMATCH";
     case CLIPDB_ENET: return "CLIPDB_ENET";
+    case CLIPDB_ESTOPPED: return "CLIPDB_ESTOPPED";
     default: return "CLIPDB_UNKNOWN";
     }
 }

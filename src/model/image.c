@@ -699,6 +699,7 @@ struct cdb_img_scratch {
     size_t cap_acc;
     uint8_t *crop;       /* (S, S, 3) */
     size_t cap_crop;
+    cdb_rgb box;         /* the crop box of cdb_image_preprocess_box */
 };
 
 static void axis_free(rs_axis *a)
@@ -713,6 +714,7 @@ void cdb_img_scratch_free(struct cdb_img_scratch *s)
 {
     if (!s) return;
     cdb_rgb_free(&s->rgb);
+    cdb_rgb_free(&s->box);
     axis_free(&s->ax);
     axis_free(&s->ay);
     free(s->tmp);
@@ -902,14 +904,33 @@ int cdb_image_resize_rgb(const cdb_rgb *img, int out_w, int out_h, uint8_t *out)
 static const float clip_mean[3] = {0.48145466f, 0.4578275f, 0.40821073f};
 static const float clip_std[3] = {0.26862954f, 0.26130258f, 0.27577711f};
 
+/* ToTensor then Normalize, in float32 as torch computes them:
+** ((float)v / 255 - mean) / std; flip mirrors the columns (hflip). */
+static void normalize_crop(const uint8_t *crop, int size, int flip, float *out)
+{
+    float lut[3][256];
+    size_t plane = (size_t)size * (size_t)size, i, r, col;
+    int c, v;
+    for (c = 0; c < 3; c++)
+        for (v = 0; v < 256; v++) lut[c][v] = ((float)v / 255.0f - clip_mean[c]) / clip_std[c];
+    // crop (S, S, 3) HWC bytes -> out (3, S, S) CHW floats
+    for (i = 0; i < plane; i++) {
+        r = i / (size_t)size;
+        col = i % (size_t)size;
+        if (flip) col = (size_t)size - 1 - col;
+        out[r * (size_t)size + col] = lut[0][crop[3 * i]];
+        out[plane + r * (size_t)size + col] = lut[1][crop[3 * i + 1]];
+        out[2 * plane + r * (size_t)size + col] = lut[2][crop[3 * i + 2]];
+    }
+}
+
 int cdb_image_preprocess_with(struct cdb_img_scratch **scratch, const cdb_rgb *img, int size,
                               float *out)
 {
     struct cdb_img_scratch *s;
-    float lut[3][256];
-    int rw, rh, c, v, rc;
+    int rw, rh, rc;
     rs_geom g;
-    size_t i, plane;
+    size_t plane;
     if (!img || !img->px || img->w < 1 || img->h < 1 || size < 1 ||
         size > CLIPDB_MAX_IMAGE_SIDE)
         return CLIPDB_EINVAL;
@@ -923,16 +944,33 @@ int cdb_image_preprocess_with(struct cdb_img_scratch **scratch, const cdb_rgb *i
     rc = resample(s, img, rw, rh, half_round_even(rw - size), half_round_even(rh - size), size,
                   size, s->crop);
     if (rc != CLIPDB_OK) return rc;
-    /* ToTensor then Normalize, in float32 as torch computes them:
-    ** ((float)v / 255 - mean) / std. */
-    for (c = 0; c < 3; c++)
-        for (v = 0; v < 256; v++) lut[c][v] = ((float)v / 255.0f - clip_mean[c]) / clip_std[c];
-    // crop (S, S, 3) HWC bytes -> out (3, S, S) CHW floats
-    for (i = 0; i < plane; i++) {
-        out[i] = lut[0][s->crop[3 * i]];
-        out[plane + i] = lut[1][s->crop[3 * i + 1]];
-        out[2 * plane + i] = lut[2][s->crop[3 * i + 2]];
-    }
+    normalize_crop(s->crop, size, 0, out);
+    return CLIPDB_OK;
+}
+
+int cdb_image_preprocess_box(struct cdb_img_scratch **scratch, const cdb_rgb *img, int x, int y,
+                             int w, int h, int flip, int size, float *out)
+{
+    struct cdb_img_scratch *s;
+    cdb_err e;
+    int rc, j;
+    if (!img || !img->px || img->w < 1 || img->h < 1 || size < 1 ||
+        size > CLIPDB_MAX_IMAGE_SIDE || w < 1 || h < 1 || x < 0 || y < 0 || x > img->w - w ||
+        y > img->h - h || (img->dct_num > 0 && img->dct_num < 8))
+        return CLIPDB_EINVAL;
+    rc = scratch_get(scratch);
+    if (rc != CLIPDB_OK) return rc;
+    s = *scratch;
+    if (grow((void **)&s->crop, &s->cap_crop, (size_t)size * size * 3)) return CLIPDB_ENOMEM;
+    /* crop, then resize the cropped image (torchvision's resized_crop on a
+    ** PIL image: the filter never reads outside the box) */
+    if (rgb_alloc(&s->box, w, h, &e) != CLIPDB_OK) return CLIPDB_ENOMEM;
+    for (j = 0; j < h; j++)
+        memcpy(s->box.px + (size_t)j * w * 3, img->px + ((size_t)(y + j) * img->w + x) * 3,
+               (size_t)w * 3);
+    rc = resample(s, &s->box, size, size, 0, 0, size, size, s->crop);
+    if (rc != CLIPDB_OK) return rc;
+    normalize_crop(s->crop, size, flip, out);
     return CLIPDB_OK;
 }
 

@@ -80,6 +80,15 @@ int cdb_image_preprocess_with(struct cdb_img_scratch **scratch,
 int cdb_image_load_with(struct cdb_img_scratch **scratch, const char *path, const void *data,
                         size_t len, int size, float *pixels, cdb_err *e);
 
+/* Training augmentation: the box (x, y, w, h) of img (decoded at full size,
+** not DCT-scaled) cropped, resized to (size, size) with Pillow's antialiased
+** bicubic (torchvision's resized_crop on a PIL image, as RandomResizedCrop
+** does), mirrored left to right when flip, then normalised as above into
+** out (3, size, size).
+** CLIPDB_EINVAL for a box outside the image or a DCT-scaled image. */
+int cdb_image_preprocess_box(struct cdb_img_scratch **scratch, const cdb_rgb *img, int x, int y,
+                             int w, int h, int flip, int size, float *out);
+
 /* cdb_image_preprocess_with with temporary buffers. */
 int cdb_image_preprocess(const cdb_rgb *img, int size, float *out);
 

@@ -103,4 +103,31 @@ void cdb_weights_release(clipdb_model *m);
 float cdb_f16_to_f32(uint16_t h);
 float cdb_bf16_to_f32(uint16_t h);
 
+/* One tensor of a model in its file's key convention, and the view pointers
+** it feeds: *slot[k] = data + off[k] for each non-NULL slot (OpenAI's packed
+** in_proj_weight feeds wq, wk and wv). Used by the training engine to lay out
+** and name its parameters and to point a model's views at new weights. */
+typedef enum { CDB_W_EMBED, CDB_W_BLOCK, CDB_W_FINAL_LN, CDB_W_PROJ, CDB_W_SCALE } cdb_wkind;
+typedef struct cdb_wref {
+    char name[128];
+    int ndim;                          /* 0 for logit_scale (shape []) */
+    int64_t shape[4];
+    size_t numel;
+    const float **slot[3];
+    size_t off[3];
+    int tower;                         /* 0 vision, 1 text, -1 logit_scale (no slot) */
+    int layer;                         /* block index for CDB_W_BLOCK, else -1 */
+    cdb_wkind kind;
+} cdb_wref;
+/* The tensors of the towers v and t (architecture fields set) in the
+** convention key_style ("openai" / "hf"), in the order: vision (conv1, class,
+** positions, ln_pre, blocks, ln_post, projection), text (tokens, positions,
+** blocks, ln_final, projection), logit_scale. Within a block q, k and v
+** weights come one after another (then their biases), so a buffer laid out in
+** this order holds [Wq; Wk; Wv] as one (3d, d) matrix in both conventions.
+** *out: caller frees with free(). Implemented in weights.c. */
+int cdb_weights_list(const char *key_style, cdb_vision *v, cdb_text *t, int embed_dim,
+                     cdb_wref **out, size_t *n, cdb_err *e);
+
+
 #endif /* CDB_MODEL_H */

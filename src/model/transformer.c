@@ -8,6 +8,10 @@
 ** QuickGELU) are 4- or 8-lane vector loops written with GCC/clang vector
 ** extensions so that they stay a small fraction of the time.
 **
+** Training (src/train) runs this same forward with activations kept
+** (cdb_block_forward_keep, cdb_vision_embed, cdb_text_embed,
+** cdb_final_ln_project); each op's backward sits right after its forward.
+**
 ** Shapes: d = width, f = MLP width, T = tokens per sequence, nseq = sequences
 ** in the batch, rows = nseq * T, e = embedding size, hd = CDB_HEAD_DIM (head size).
 */
@@ -196,6 +200,30 @@ void cdb_quick_gelu(float *x, const float *bias, size_t rows, size_t n)
     }
 }
 
+/* Backward of y = quick_gelu(pre + bias) on rows of n, in place:
+** d (rows, n) <- d * g'(pre + bias), g(v) = v s(v), s = sigmoid(1.702 v),
+** g'(v) = s + 1.702 v s (1 - s). pre is the kept GEMM output, without bias. */
+void cdb_quick_gelu_backward(float *d, const float *pre, const float *bias, size_t rows,
+                             size_t n)
+{
+    size_t i, j;
+    for (i = 0; i < rows; i++) {
+        const float *pr = pre + i * n; /* (n) */
+        float *dr = d + i * n;
+        for (j = 0; j + VL <= n; j += VL) {
+            vecf v = vec_load(pr + j), sg;
+            if (bias) v += vec_load(bias + j);
+            sg = 1.0f / (1.0f + vec_exp(v * -1.702f));
+            vec_store(dr + j, vec_load(dr + j) * (sg + 1.702f * v * sg * (1.0f - sg)));
+        }
+        for (; j < n; j++) {
+            const float v = pr[j] + (bias ? bias[j] : 0.0f);
+            const float sg = 1.0f / (1.0f + expf(-1.702f * v));
+            dr[j] *= sg + 1.702f * v * sg * (1.0f - sg);
+        }
+    }
+}
+
 void cdb_softmax(float *v, size_t n, float scale)
 {
     size_t j;
@@ -258,6 +286,50 @@ void cdb_layernorm(float *x, const float *bias, const float *w, const float *b,
     }
 }
 
+/* Backward of y = layernorm(x) * w + b for rows of n (llm.c layernorm_backward):
+** mean and rstd are recomputed from the kept input x (rows, n);
+**   dw (n) += sum_rows dy * xhat, db (n) += sum_rows dy   (skipped when NULL)
+**   dx (rows, n) += rstd * (dy*w - mean(dy*w) - xhat * mean(dy*w * xhat))
+** dx may be NULL (nothing below needs it). */
+void cdb_layernorm_backward(float *dx, float *dw, float *db, const float *dy, const float *x,
+                            const float *w, size_t rows, size_t n)
+{
+    size_t i, j;
+    for (i = 0; i < rows; i++) {
+        const float *xr = x + i * n, *dyr = dy + i * n; /* (n) each */
+        double mean = 0.0, var = 0.0, sdn = 0.0, sdnx = 0.0;
+        float rstd;
+        for (j = 0; j < n; j++) mean += xr[j];
+        mean /= (double)n;
+        for (j = 0; j < n; j++) var += (xr[j] - mean) * (xr[j] - mean);
+        rstd = (float)(1.0 / sqrt(var / (double)n + CDB_LN_EPS));
+        for (j = 0; j < n; j++) {
+            float xhat = (float)(xr[j] - mean) * rstd, dn = dyr[j] * w[j];
+            sdn += dn;
+            sdnx += dn * xhat;
+            if (dw) dw[j] += dyr[j] * xhat;
+            if (db) db[j] += dyr[j];
+        }
+        if (dx) {
+            float *dxr = dx + i * n;
+            const float mdn = (float)(sdn / (double)n), mdnx = (float)(sdnx / (double)n);
+            for (j = 0; j < n; j++) {
+                float xhat = (float)(xr[j] - mean) * rstd;
+                dxr[j] += rstd * (dyr[j] * w[j] - mdn - xhat * mdnx);
+            }
+        }
+    }
+}
+
+/* db (n) += sum over rows of dy (rows, ld), columns [0, n): the bias gradient. */
+static void bias_backward(float *db, const float *dy, size_t ld, size_t rows, size_t n)
+{
+    size_t i, j;
+    if (!db) return;
+    for (i = 0; i < rows; i++)
+        for (j = 0; j < n; j++) db[j] += dy[i * ld + j];
+}
+
 /* ---- the residual block --------------------------------------------------- */
 
 /* Multi-head attention of nseq sequences of T tokens.
@@ -265,7 +337,7 @@ void cdb_layernorm(float *x, const float *bias, const float *w, const float *b,
 ** att (nq*nseq, d): per sequence, nq = T query rows (qpos == NULL) or the
 ** single row qpos[s]. */
 static void attention(struct cdb_run *r, const float *qkv, float *att, int d, int nseq,
-                      int T, int causal, const int *qpos)
+                      int T, int causal, const int *qpos, float *keep_p)
 {
     const int heads = d / CDB_HEAD_DIM, ld = 3 * d;
     const float scale = 1.0f / sqrtf((float)CDB_HEAD_DIM);
@@ -279,6 +351,7 @@ static void attention(struct cdb_run *r, const float *qkv, float *att, int d, in
         float *out = att + (size_t)s * nq * d; /* (nq, d) */
         for (hh = 0; hh < heads; hh++) {
             const float *Q = base + (size_t)q0 * ld + hh * CDB_HEAD_DIM; /* (nq, hd), ld 3d */
+            if (keep_p) S = keep_p + ((size_t)s * heads + hh) * T * T; /* kept (T, T) */
             const float *K = base + d + hh * CDB_HEAD_DIM;               /* (nk, hd), ld 3d */
             const float *V = base + 2 * d + hh * CDB_HEAD_DIM;           /* (nk, hd), ld 3d */
             /* Q (nq, hd) @ K^T (hd, nk) -> S (nq, nk) */
@@ -297,15 +370,78 @@ static void attention(struct cdb_run *r, const float *qkv, float *att, int d, in
     }
 }
 
+/* Backward of attention (all T query rows; as above without qpos), per
+** (sequence, head), with P (T, T) the kept probabilities and scale 1/sqrt(hd):
+**   dV = P^T dO;  dP = dO V^T;  dS = P * (dP - rowsum(dP * P));
+**   dQ = scale dS K;  dK = scale dS^T Q
+** (masked entries have P = 0, so dS = 0 there). datt (rows, d) -> dqkv (rows, 3d),
+** written, not accumulated. dP (T, T) is scratch. */
+static void attention_backward(const float *qkv, const float *P, const float *datt, float *dqkv,
+                               float *dP, int d, int nseq, int T)
+{
+    const int heads = d / CDB_HEAD_DIM, ld = 3 * d;
+    const float scale = 1.0f / sqrtf((float)CDB_HEAD_DIM);
+    int s, hh, i, j;
+    for (s = 0; s < nseq; s++) {
+        const float *base = qkv + (size_t)s * T * ld; /* (T, 3d) */
+        float *dbase = dqkv + (size_t)s * T * ld;     /* (T, 3d) */
+        const float *dO_s = datt + (size_t)s * T * d; /* (T, d) */
+        for (hh = 0; hh < heads; hh++) {
+            const float *Pm = P + ((size_t)s * heads + hh) * T * T; /* (T, T) */
+            const float *Q = base + hh * CDB_HEAD_DIM;              /* (T, hd), ld 3d */
+            const float *K = base + d + hh * CDB_HEAD_DIM;
+            const float *V = base + 2 * d + hh * CDB_HEAD_DIM;
+            const float *dO = dO_s + hh * CDB_HEAD_DIM;             /* (T, hd), ld d */
+            float *dQ = dbase + hh * CDB_HEAD_DIM, *dK = dbase + d + hh * CDB_HEAD_DIM;
+            float *dV = dbase + 2 * d + hh * CDB_HEAD_DIM;
+            /* P^T (T, T) @ dO (T, hd) -> dV (T, hd), ld 3d */
+            cdb_sgemm(CDB_TRANS, CDB_NO_TRANS, T, CDB_HEAD_DIM, T, 1.0f, Pm, T, dO, d, 0.0f,
+                      dV, ld);
+            /* dO (T, hd) @ V^T (hd, T) -> dP (T, T) */
+            cdb_sgemm(CDB_NO_TRANS, CDB_TRANS, T, T, CDB_HEAD_DIM, 1.0f, dO, d, V, ld, 0.0f,
+                      dP, T);
+            for (i = 0; i < T; i++) { /* dP <- scale * P * (dP - sum_j dP P) */
+                const float *pr = Pm + (size_t)i * T;
+                float *dr = dP + (size_t)i * T, dot = 0.0f;
+                for (j = 0; j < T; j++) dot += pr[j] * dr[j];
+                for (j = 0; j < T; j++) dr[j] = scale * pr[j] * (dr[j] - dot);
+            }
+            /* dS (T, T) @ K (T, hd) -> dQ (T, hd), ld 3d */
+            cdb_sgemm(CDB_NO_TRANS, CDB_NO_TRANS, T, CDB_HEAD_DIM, T, 1.0f, dP, T, K, ld, 0.0f,
+                      dQ, ld);
+            /* dS^T (T, T) @ Q (T, hd) -> dK (T, hd), ld 3d */
+            cdb_sgemm(CDB_TRANS, CDB_NO_TRANS, T, CDB_HEAD_DIM, T, 1.0f, dP, T, Q, ld, 0.0f,
+                      dK, ld);
+        }
+    }
+}
+
 int cdb_block_forward(struct cdb_run *r, const cdb_block *b, int d, int f, float *x,
                       int nseq, int T, int causal, const int *qpos, cdb_err *e)
 {
+    return cdb_block_forward_keep(r, b, d, f, x, nseq, T, causal, qpos, NULL, e);
+}
+
+/* The block, keeping its activations in *keep when keep != NULL (training;
+** qpos must then be NULL): the block's buffers are then the record's, so
+** the computation is the one above, unchanged. */
+int cdb_block_forward_keep(struct cdb_run *r, const cdb_block *b, int d, int f, float *x,
+                           int nseq, int T, int causal, const int *qpos,
+                           const cdb_block_acts *keep, cdb_err *e)
+{
     int rc, s, rows = nseq * T;
+    struct cdb_run saved;
     if (d <= 0 || d % CDB_HEAD_DIM || f <= 0 || nseq <= 0 || T <= 0)
         return cdb_err_set(e, CLIPDB_EINVAL, "block: bad shape (d %d, f %d, %d x %d tokens)",
                            d, f, nseq, T);
     rc = reserve_block(r, (size_t)rows, (size_t)d, (size_t)f, (size_t)T, e);
     if (rc) return rc;
+    saved = *r;
+    if (keep) {
+        if (qpos) return cdb_err_set(e, CLIPDB_EINVAL, "block: kept activations need all tokens");
+        memcpy(keep->x_in, x, (size_t)rows * d * sizeof(float));
+        r->h = keep->h1, r->qkv = keep->qkv, r->att = keep->att, r->mlp = keep->pre;
+    }
 
     /* h (rows, d) = ln_1(x) */
     cdb_layernorm(x, NULL, b->ln1_w, b->ln1_b, r->h, (size_t)rows, (size_t)d);
@@ -328,7 +464,7 @@ int cdb_block_forward(struct cdb_run *r, const cdb_block *b, int d, int f, float
     add_bias_strided(r->qkv + 2 * d, (size_t)3 * d, b->bv, (size_t)rows, (size_t)d);
 
     /* att (rows', d) = attention; rows' = rows, or nseq with qpos */
-    attention(r, r->qkv, r->att, d, nseq, T, causal, qpos);
+    attention(r, r->qkv, r->att, d, nseq, T, causal, qpos, keep ? keep->p : NULL);
     if (qpos) {
         /* keep only the needed token of each sequence: x (nseq*T, d) -> (nseq, d);
         ** row s moves from s*T + qpos[s] >= s, so a forward pass is safe */
@@ -342,21 +478,118 @@ int cdb_block_forward(struct cdb_run *r, const cdb_block *b, int d, int f, float
     cdb_sgemm(CDB_NO_TRANS, CDB_TRANS, rows, d, d, 1.0f, r->att, d, b->wo, d,
                 1.0f, x, d);
     /* x += bo; h (rows, d) = ln_2(x) */
+    if (keep) r->h = keep->h2;
     cdb_layernorm(x, b->bo, b->ln2_w, b->ln2_b, r->h, (size_t)rows, (size_t)d);
+    if (keep) memcpy(keep->x_mid, x, (size_t)rows * d * sizeof(float));
     /* mlp (rows, f) = h (rows, d) @ W1^T (d, f); mlp = quick_gelu(mlp + b1) */
     cdb_sgemm(CDB_NO_TRANS, CDB_TRANS, rows, f, d, 1.0f, r->h, d, b->fc1_w, d,
                 0.0f, r->mlp, f);
+    if (keep) { /* pre (rows, f) stays the GEMM output; gelu gets the activation */
+        memcpy(keep->gelu, r->mlp, (size_t)rows * f * sizeof(float));
+        r->mlp = keep->gelu;
+    }
     cdb_quick_gelu(r->mlp, b->fc1_b, (size_t)rows, (size_t)f);
     /* x (rows, d) += mlp (rows, f) @ W2^T (f, d); x += b2 */
     cdb_sgemm(CDB_NO_TRANS, CDB_TRANS, rows, d, f, 1.0f, r->mlp, f, b->fc2_w,
                 f, 1.0f, x, d);
     cdb_add_bias(x, b->fc2_b, (size_t)rows, (size_t)d);
+    *r = saved;
+    return CLIPDB_OK;
+}
+
+size_t cdb_block_acts_floats(int d, int f, int nseq, int T)
+{
+    const size_t rows = (size_t)nseq * T, heads = (size_t)d / CDB_HEAD_DIM;
+    return rows * ((size_t)5 * d + (size_t)3 * d + (size_t)2 * f) +
+           (size_t)nseq * heads * T * T;
+}
+
+void cdb_block_acts_carve(cdb_block_acts *a, float *buf, int d, int f, int nseq, int T)
+{
+    const size_t rows = (size_t)nseq * T, heads = (size_t)d / CDB_HEAD_DIM;
+    a->x_in = buf;                 buf += rows * d;
+    a->h1 = buf;                   buf += rows * d;
+    a->qkv = buf;                  buf += rows * 3 * d;
+    a->p = buf;                    buf += (size_t)nseq * heads * T * T;
+    a->att = buf;                  buf += rows * d;
+    a->x_mid = buf;                buf += rows * d;
+    a->h2 = buf;                   buf += rows * d;
+    a->pre = buf;                  buf += rows * f;
+    a->gelu = buf;
+}
+
+/* Backward of the block (all tokens, as cdb_block_forward_keep ran it).
+** dx (rows, d): on entry dL/d(block output), on return dL/d(block input)
+** (if need_dx; else left unspecified). g: gradient views (accumulated into,
+** +=); NULL fields are frozen and skipped. Scratch: r's block buffers.
+**   out = x_mid + gelu(h2 W1^T + b1) W2^T + b2;  x_mid = x_in + att Wo^T + bo
+** with qkv = h1 [Wq; Wk; Wv]^T + b, h1 = ln_1(x_in), h2 = ln_2(x_mid). */
+int cdb_block_backward(struct cdb_run *r, const cdb_block *b, const cdb_block *g,
+                       const cdb_block_acts *a, int d, int f, int nseq, int T, float *dx,
+                       int need_dx, cdb_err *e)
+{
+    const int rows = nseq * T;
+    float *dh = NULL, *dqkv = NULL, *datt = NULL, *dpre = NULL;
+    int rc = reserve_block(r, (size_t)rows, (size_t)d, (size_t)f, (size_t)T, e);
+    if (rc) return rc;
+    dh = r->h, dqkv = r->qkv, datt = r->att, dpre = r->mlp;
+    /* MLP: db2 += sum dx; dW2 (d, f) += dx^T (d, rows) @ gelu (rows, f) */
+    bias_backward((float *)g->fc2_b, dx, (size_t)d, (size_t)rows, (size_t)d);
+    if (g->fc2_w)
+        cdb_sgemm(CDB_TRANS, CDB_NO_TRANS, d, f, rows, 1.0f, dx, d, a->gelu, f, 1.0f,
+                  (float *)g->fc2_w, f);
+    /* dpre (rows, f) = dx (rows, d) @ W2 (d, f), times quick_gelu' */
+    cdb_sgemm(CDB_NO_TRANS, CDB_NO_TRANS, rows, f, d, 1.0f, dx, d, b->fc2_w, f, 0.0f, dpre, f);
+    cdb_quick_gelu_backward(dpre, a->pre, b->fc1_b, (size_t)rows, (size_t)f);
+    /* db1 += sum dpre; dW1 (f, d) += dpre^T (f, rows) @ h2 (rows, d) */
+    bias_backward((float *)g->fc1_b, dpre, (size_t)f, (size_t)rows, (size_t)f);
+    if (g->fc1_w)
+        cdb_sgemm(CDB_TRANS, CDB_NO_TRANS, f, d, rows, 1.0f, dpre, f, a->h2, d, 1.0f,
+                  (float *)g->fc1_w, d);
+    /* dh2 (rows, d) = dpre (rows, f) @ W1 (f, d) */
+    cdb_sgemm(CDB_NO_TRANS, CDB_NO_TRANS, rows, d, f, 1.0f, dpre, f, b->fc1_w, d, 0.0f, dh, d);
+    /* dx_mid = dx + ln_2 backward */
+    cdb_layernorm_backward(dx, (float *)g->ln2_w, (float *)g->ln2_b, dh, a->x_mid, b->ln2_w,
+                           (size_t)rows, (size_t)d);
+    /* attention output: dbo += sum dx; dWo (d, d) += dx^T (d, rows) @ att (rows, d) */
+    bias_backward((float *)g->bo, dx, (size_t)d, (size_t)rows, (size_t)d);
+    if (g->wo)
+        cdb_sgemm(CDB_TRANS, CDB_NO_TRANS, d, d, rows, 1.0f, dx, d, a->att, d, 1.0f,
+                  (float *)g->wo, d);
+    /* datt (rows, d) = dx (rows, d) @ Wo (d, d) */
+    cdb_sgemm(CDB_NO_TRANS, CDB_NO_TRANS, rows, d, d, 1.0f, dx, d, b->wo, d, 0.0f, datt, d);
+    /* dqkv (rows, 3d) */
+    attention_backward(a->qkv, a->p, datt, dqkv, r->s, d, nseq, T);
+    bias_backward((float *)g->bq, dqkv, (size_t)3 * d, (size_t)rows, (size_t)d);
+    bias_backward((float *)g->bk, dqkv + d, (size_t)3 * d, (size_t)rows, (size_t)d);
+    bias_backward((float *)g->bv, dqkv + 2 * d, (size_t)3 * d, (size_t)rows, (size_t)d);
+    /* dWq|dWk|dWv (3d, d) += dqkv^T (3d, rows) @ h1 (rows, d); the three are
+    ** contiguous in the gradient buffer (the trainer lays them out so) */
+    if (g->wq)
+        cdb_sgemm(CDB_TRANS, CDB_NO_TRANS, 3 * d, d, rows, 1.0f, dqkv, 3 * d, a->h1, d, 1.0f,
+                  (float *)g->wq, d);
+    if (!need_dx && !g->ln1_w && !g->ln1_b) return CLIPDB_OK;
+    /* dh1 (rows, d) = dqkv (rows, 3d) @ [Wq; Wk; Wv] (3d, d) */
+    if (b->wk == b->wq + (size_t)d * d && b->wv == b->wk + (size_t)d * d) {
+        cdb_sgemm(CDB_NO_TRANS, CDB_NO_TRANS, rows, d, 3 * d, 1.0f, dqkv, 3 * d, b->wq, d, 0.0f,
+                  dh, d);
+    } else { /* dqkv[:, part] (rows, d), ld 3d @ W (d, d), summed */
+        cdb_sgemm(CDB_NO_TRANS, CDB_NO_TRANS, rows, d, d, 1.0f, dqkv, 3 * d, b->wq, d, 0.0f,
+                  dh, d);
+        cdb_sgemm(CDB_NO_TRANS, CDB_NO_TRANS, rows, d, d, 1.0f, dqkv + d, 3 * d, b->wk, d, 1.0f,
+                  dh, d);
+        cdb_sgemm(CDB_NO_TRANS, CDB_NO_TRANS, rows, d, d, 1.0f, dqkv + 2 * d, 3 * d, b->wv, d,
+                  1.0f, dh, d);
+    }
+    /* dx_in = dx_mid + ln_1 backward */
+    cdb_layernorm_backward(need_dx ? dx : NULL, (float *)g->ln1_w, (float *)g->ln1_b, dh, a->x_in, b->ln1_w,
+                           (size_t)rows, (size_t)d);
     return CLIPDB_OK;
 }
 
 /* h (n, d) = ln(x (n, d)); out (n, e) = h @ proj (d, e), or h @ proj^T with proj (e, d). */
-static void final_ln_project(const cdb_tower *t, int e_dim, float *x, float *h, int n,
-                             float *out)
+void cdb_final_ln_project(const cdb_tower *t, int e_dim, float *x, float *h, int n,
+                          float *out)
 {
     const int d = t->width;
     cdb_layernorm(x, NULL, t->ln_post_w, t->ln_post_b, h, (size_t)n, (size_t)d);
@@ -366,6 +599,34 @@ static void final_ln_project(const cdb_tower *t, int e_dim, float *x, float *h, 
     else /* h (n, d) @ proj (d, e) -> out (n, e) */
         cdb_sgemm(CDB_NO_TRANS, CDB_NO_TRANS, n, e_dim, d, 1.0f, h, d, t->proj,
                     e_dim, 0.0f, out, e_dim);
+}
+
+/* Backward of cdb_final_ln_project on n rows: x (n, d) the kept ln input, h (n, d)
+** the kept ln output, dout (n, e). g->proj, g->ln_post_*: gradient views (+=;
+** NULL = frozen). dx (n, d) is written (if not NULL). dh (n, d) is scratch. */
+void cdb_final_ln_project_backward(const cdb_tower *t, const cdb_tower *g, int e_dim,
+                                   const float *x, const float *h, const float *dout, int n,
+                                   float *dh, float *dx)
+{
+    const int d = t->width;
+    if (g->proj) {
+        if (t->proj_transposed) /* dproj (e, d) += dout^T (e, n) @ h (n, d) */
+            cdb_sgemm(CDB_TRANS, CDB_NO_TRANS, e_dim, d, n, 1.0f, dout, e_dim, h, d, 1.0f,
+                      (float *)g->proj, d);
+        else /* dproj (d, e) += h^T (d, n) @ dout (n, e) */
+            cdb_sgemm(CDB_TRANS, CDB_NO_TRANS, d, e_dim, n, 1.0f, h, d, dout, e_dim, 1.0f,
+                      (float *)g->proj, e_dim);
+    }
+    if (!dx && !g->ln_post_w && !g->ln_post_b) return;
+    if (t->proj_transposed) /* dout (n, e) @ proj (e, d) -> dh (n, d) */
+        cdb_sgemm(CDB_NO_TRANS, CDB_NO_TRANS, n, d, e_dim, 1.0f, dout, e_dim, t->proj, d, 0.0f,
+                  dh, d);
+    else /* dout (n, e) @ proj^T (e, d) -> dh (n, d) */
+        cdb_sgemm(CDB_NO_TRANS, CDB_TRANS, n, d, e_dim, 1.0f, dout, e_dim, t->proj, e_dim, 0.0f,
+                  dh, d);
+    if (dx) memset(dx, 0, (size_t)n * d * sizeof(float));
+    cdb_layernorm_backward(dx, (float *)g->ln_post_w, (float *)g->ln_post_b, dh, x,
+                           t->ln_post_w, (size_t)n, (size_t)d);
 }
 
 /* Runs the tower's blocks on x (nseq*T, d); with qpos the last block keeps
@@ -391,12 +652,101 @@ static int check_tower(const cdb_tower *t, const char *name, cdb_err *e)
 
 /* ---- vision tower ------------------------------------------------------- */
 
+/* im2col of nb images (nb, 3, S, S) into patches (nb*np, K), K = 3*P*P in
+** conv1's (c, ky, kx) order: image i, patch (gy, gx) -> row i*np + gy*G + gx. */
+static void im2col(const cdb_vision *v, const float *pixels, int nb, float *patches)
+{
+    const int P = v->patch, G = v->grid, S = v->image_size, np = G * G, K = 3 * P * P;
+    int i, p, c, ky;
+    for (i = 0; i < nb; i++) {
+        const float *img = pixels + (size_t)i * 3 * S * S; /* (3, S, S) */
+        for (p = 0; p < np; p++) {
+            const int gy = p / G, gx = p % G;
+            float *row = patches + ((size_t)i * np + p) * K;
+            for (c = 0; c < 3; c++)
+                for (ky = 0; ky < P; ky++)
+                    memcpy(row + (c * P + ky) * P,
+                           img + ((size_t)c * S + (size_t)gy * P + ky) * S + (size_t)gx * P,
+                           (size_t)P * sizeof(float));
+        }
+    }
+}
+
+int cdb_vision_embed(struct cdb_run *r, const cdb_vision *v, const float *pixels, int nb,
+                     float *x0, float *x, cdb_err *e)
+{
+    const int d = v->t.width, P = v->patch, G = v->grid, T = v->n_pos;
+    const int np = G * G, K = 3 * P * P;
+    float *patches, *sum = x0 ? x0 : x;
+    int rc, i, p, c;
+    /* the patch matrix (nb*np, K) lives in the MLP buffer, h (nb*np, d) in h */
+    if ((rc = grow(&r->mlp, &r->cap_mlp, prod3((size_t)nb, (size_t)np, (size_t)K), e)) ||
+        (rc = grow(&r->h, &r->cap_h, prod3((size_t)nb, (size_t)np, (size_t)d), e)))
+        return rc;
+    patches = r->mlp;
+    im2col(v, pixels, nb, patches);
+    /* patches (nb*np, K) @ conv1^T (K, d) -> h (nb*np, d) */
+    cdb_sgemm(CDB_NO_TRANS, CDB_TRANS, nb * np, d, K, 1.0f, patches, K,
+                v->patch_w, K, 0.0f, r->h, d);
+    /* sum (nb*T, d): per image [class_emb; patch embeddings] + pos_emb (T, d) */
+    for (i = 0; i < nb; i++) {
+        float *xi = sum + (size_t)i * T * d;
+        for (c = 0; c < d; c++) xi[c] = v->class_emb[c] + v->pos_emb[c];
+        for (p = 0; p < np; p++) {
+            const float *src = r->h + ((size_t)i * np + p) * d;
+            const float *pe = v->pos_emb + (size_t)(p + 1) * d;
+            float *dst = xi + (size_t)(p + 1) * d;
+            for (c = 0; c < d; c++) dst[c] = src[c] + pe[c];
+        }
+    }
+    /* x = ln_pre(sum) */
+    cdb_layernorm(sum, NULL, v->ln_pre_w, v->ln_pre_b, x, (size_t)nb * T, (size_t)d);
+    return CLIPDB_OK;
+}
+
+int cdb_vision_embed_backward(struct cdb_run *r, const cdb_vision *v, const cdb_vision *g,
+                              const float *pixels, int nb, const float *x0, const float *dx,
+                              cdb_err *e)
+{
+    const int d = v->t.width, P = v->patch, G = v->grid, T = v->n_pos;
+    const int np = G * G, K = 3 * P * P;
+    float *dx0, *dh;
+    int rc, i, p, c;
+    if ((rc = grow(&r->x, &r->cap_x, prod3((size_t)nb, (size_t)T, (size_t)d), e)) ||
+        (rc = grow(&r->mlp, &r->cap_mlp, prod3((size_t)nb, (size_t)np, (size_t)K), e)) ||
+        (rc = grow(&r->h, &r->cap_h, prod3((size_t)nb, (size_t)np, (size_t)d), e)))
+        return rc;
+    dx0 = r->x, dh = r->h;
+    /* dx0 (nb*T, d) = ln_pre backward of dx */
+    memset(dx0, 0, (size_t)nb * T * d * sizeof(float));
+    cdb_layernorm_backward(dx0, (float *)g->ln_pre_w, (float *)g->ln_pre_b, dx, x0, v->ln_pre_w,
+                           (size_t)nb * T, (size_t)d);
+    /* class and position embeddings: summed over images */
+    for (i = 0; i < nb; i++) {
+        const float *di = dx0 + (size_t)i * T * d; /* (T, d) */
+        if (g->class_emb)
+            for (c = 0; c < d; c++) ((float *)g->class_emb)[c] += di[c];
+        if (g->pos_emb)
+            for (c = 0; c < T * d; c++) ((float *)g->pos_emb)[c] += di[c];
+        for (p = 0; p < np; p++) /* dh (nb*np, d): the patch rows */
+            memcpy(dh + ((size_t)i * np + p) * d, di + (size_t)(p + 1) * d,
+                   (size_t)d * sizeof(float));
+    }
+    if (g->patch_w) {
+        im2col(v, pixels, nb, r->mlp);
+        /* dconv1 (d, K) += dh^T (d, nb*np) @ patches (nb*np, K) */
+        cdb_sgemm(CDB_TRANS, CDB_NO_TRANS, d, K, nb * np, 1.0f, dh, d, r->mlp, K, 1.0f,
+                  (float *)g->patch_w, K);
+    }
+    return CLIPDB_OK;
+}
+
 int cdb_vision_forward(struct cdb_run *r, const cdb_vision *v, int embed_dim,
                        const float *pixels, int n, float *out, cdb_err *e)
 {
     const int d = v->t.width, P = v->patch, G = v->grid, S = v->image_size, T = v->n_pos;
     const int np = G * G, K = 3 * P * P;
-    int rc, i0, i, p, c, ky, *qpos = NULL;
+    int rc, i0, *qpos = NULL;
     if ((rc = check_tower(&v->t, "vision", e))) return rc;
     if (P <= 0 || G <= 0 || G * P != S || T != np + 1)
         return cdb_err_set(e, CLIPDB_EINVAL, "vision tower has inconsistent sizes");
@@ -414,40 +764,13 @@ int cdb_vision_forward(struct cdb_run *r, const cdb_vision *v, int embed_dim,
     if (!qpos) return cdb_err_set(e, CLIPDB_ENOMEM, "out of memory");
     for (i0 = 0; i0 < n; i0 += CDB_VISION_CHUNK) {
         const int nb = n - i0 < CDB_VISION_CHUNK ? n - i0 : CDB_VISION_CHUNK;
-        float *patches = r->mlp; /* (nb*np, K), K = 3*P*P in conv1's (c, ky, kx) order */
-        /* im2col: image i, patch (gy, gx) -> row i*np + gy*G + gx */
-        for (i = 0; i < nb; i++) {
-            const float *img = pixels + (size_t)(i0 + i) * 3 * S * S; /* (3, S, S) */
-            for (p = 0; p < np; p++) {
-                const int gy = p / G, gx = p % G;
-                float *row = patches + ((size_t)i * np + p) * K;
-                for (c = 0; c < 3; c++)
-                    for (ky = 0; ky < P; ky++)
-                        memcpy(row + (c * P + ky) * P,
-                               img + ((size_t)c * S + (size_t)gy * P + ky) * S + (size_t)gx * P,
-                               (size_t)P * sizeof(float));
-            }
-        }
-        /* patches (nb*np, K) @ conv1^T (K, d) -> h (nb*np, d) */
-        cdb_sgemm(CDB_NO_TRANS, CDB_TRANS, nb * np, d, K, 1.0f, patches, K,
-                    v->patch_w, K, 0.0f, r->h, d);
-        /* x (nb*T, d): per image [class_emb; patch embeddings] + pos_emb (T, d) */
-        for (i = 0; i < nb; i++) {
-            float *xi = r->x + (size_t)i * T * d;
-            for (c = 0; c < d; c++) xi[c] = v->class_emb[c] + v->pos_emb[c];
-            for (p = 0; p < np; p++) {
-                const float *src = r->h + ((size_t)i * np + p) * d;
-                const float *pe = v->pos_emb + (size_t)(p + 1) * d;
-                float *dst = xi + (size_t)(p + 1) * d;
-                for (c = 0; c < d; c++) dst[c] = src[c] + pe[c];
-            }
-        }
-        /* x = ln_pre(x) */
-        cdb_layernorm(r->x, NULL, v->ln_pre_w, v->ln_pre_b, r->x, (size_t)nb * T, (size_t)d);
+        /* x (nb*T, d) = ln_pre([class_emb; patches @ conv1^T] + pos_emb) */
+        if ((rc = cdb_vision_embed(r, v, pixels + (size_t)i0 * 3 * S * S, nb, NULL, r->x, e)))
+            goto cleanup;
         /* blocks; the last keeps the class token only: x (nb, d) */
         if ((rc = run_blocks(r, &v->t, nb, T, 0, qpos, e))) goto cleanup;
         /* out (nb, e) = ln_post(x) @ proj */
-        final_ln_project(&v->t, embed_dim, r->x, r->h, nb, out + (size_t)i0 * embed_dim);
+        cdb_final_ln_project(&v->t, embed_dim, r->x, r->h, nb, out + (size_t)i0 * embed_dim);
     }
 cleanup:
     free(qpos);
@@ -478,19 +801,57 @@ static int group_accepts(int cnt, long sum, int len)
     return padded * 100 <= real * 115 + 200L * (cnt + 1);
 }
 
+void cdb_text_embed(const cdb_text *t, const int32_t *const *ids, const int *lens,
+                    const int *index, int cnt, int L, float *x)
+{
+    const int d = t->t.width;
+    int g, j, c;
+    for (g = 0; g < cnt; g++) {
+        const int idx = index ? index[g] : g;
+        for (j = 0; j < L; j++) {
+            const int32_t id = j < lens[idx] ? ids[idx][j] : 0;
+            const float *te = t->tok_emb + (size_t)id * d, *pe = t->pos_emb + (size_t)j * d;
+            float *dst = x + ((size_t)g * L + j) * d;
+            for (c = 0; c < d; c++) dst[c] = te[c] + pe[c];
+        }
+    }
+}
+
+void cdb_text_embed_backward(const cdb_text *g, const int32_t *const *ids, const int *lens,
+                             const int *index, int cnt, int L, const float *dx)
+{
+    const int d = g->t.width;
+    int s, j, c;
+    for (s = 0; s < cnt; s++) {
+        const int idx = index ? index[s] : s;
+        for (j = 0; j < L && j < lens[idx]; j++) { /* padding rows carry no text */
+            const float *src = dx + ((size_t)s * L + j) * d;
+            if (g->tok_emb) { /* only the rows used */
+                float *te = (float *)g->tok_emb + (size_t)ids[idx][j] * d;
+                for (c = 0; c < d; c++) te[c] += src[c];
+            }
+            if (g->pos_emb) {
+                float *pe = (float *)g->pos_emb + (size_t)j * d;
+                for (c = 0; c < d; c++) pe[c] += src[c];
+            }
+        }
+    }
+}
+
 int cdb_text_forward(struct cdb_run *r, const cdb_text *t, int embed_dim,
                      const int32_t *const *ids, const int *lens, int n, int full,
                      float *out, cdb_err *e)
 {
     const int d = t->t.width, C = t->context;
-    int rc, i, j, g0, *qpos = NULL;
+    int rc, i, j, g0, *qpos = NULL, *gidx = NULL;
     text_item *items = NULL;
     if ((rc = check_tower(&t->t, "text", e))) return rc;
     if (n < 0) return cdb_err_set(e, CLIPDB_EINVAL, "negative text count");
     if (n == 0) return CLIPDB_OK;
     items = malloc((size_t)n * sizeof *items);
     qpos = malloc((size_t)(n < CDB_TEXT_GROUP_MAX ? n : CDB_TEXT_GROUP_MAX) * sizeof *qpos);
-    if (!items || !qpos) {
+    gidx = malloc((size_t)(n < CDB_TEXT_GROUP_MAX ? n : CDB_TEXT_GROUP_MAX) * sizeof *gidx);
+    if (!items || !qpos || !gidx) {
         rc = cdb_err_set(e, CLIPDB_ENOMEM, "out of memory");
         goto cleanup;
     }
@@ -530,18 +891,12 @@ int cdb_text_forward(struct cdb_run *r, const cdb_text *t, int embed_dim,
             if ((rc = grow(&r->x, &r->cap_x, rows * d, e))) goto cleanup;
             if ((rc = grow(&r->proj, &r->cap_proj, (size_t)cnt * embed_dim, e))) goto cleanup;
         }
-        /* x (cnt*L, d): token embedding (vocab, d) rows + pos_emb (C, d); padding is id 0 */
         for (g = 0; g < cnt; g++) {
-            const int idx = items[g0 + g].index;
-            for (j = 0; j < L; j++) {
-                const int32_t id = j < lens[idx] ? ids[idx][j] : 0;
-                const float *te = t->tok_emb + (size_t)id * d, *pe = t->pos_emb + (size_t)j * d;
-                float *dst = r->x + ((size_t)g * L + j) * d;
-                int c;
-                for (c = 0; c < d; c++) dst[c] = te[c] + pe[c];
-            }
+            gidx[g] = items[g0 + g].index;
             qpos[g] = items[g0 + g].len - 1; /* the end token */
         }
+        /* x (cnt*L, d): token embedding (vocab, d) rows + pos_emb (C, d); padding is id 0 */
+        cdb_text_embed(t, ids, lens, gidx, cnt, L, r->x);
         if (full) {
             if ((rc = run_blocks(r, &t->t, cnt, L, 1, NULL, e))) goto cleanup;
             for (g = 0; g < cnt; g++) /* x (cnt*L, d) -> (cnt, d): the end tokens */
@@ -553,7 +908,7 @@ int cdb_text_forward(struct cdb_run *r, const cdb_text *t, int embed_dim,
             if ((rc = run_blocks(r, &t->t, cnt, L, 1, qpos, e))) goto cleanup;
         }
         /* proj (cnt, e) = ln_final(x (cnt, d)) @ text_projection */
-        final_ln_project(&t->t, embed_dim, r->x, r->h, cnt, r->proj);
+        cdb_final_ln_project(&t->t, embed_dim, r->x, r->h, cnt, r->proj);
         for (g = 0; g < cnt; g++)
             memcpy(out + (size_t)items[g0 + g].index * embed_dim, r->proj + (size_t)g * embed_dim,
                    (size_t)embed_dim * sizeof(float));
@@ -562,5 +917,6 @@ int cdb_text_forward(struct cdb_run *r, const cdb_text *t, int embed_dim,
 cleanup:
     free(items);
     free(qpos);
+    free(gidx);
     return rc;
 }

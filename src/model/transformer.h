@@ -70,4 +70,71 @@ int cdb_text_forward(struct cdb_run *r, const cdb_text *t, int embed_dim,
                      const int32_t *const *ids, const int *lens, int n, int full,
                      float *out, cdb_err *e);
 
+/* ---- training: the same forward with activations kept, and the backwards --
+** (src/train uses these; each backward sits beside its forward in
+** transformer.c with the same shape comments.) Gradient views are the same
+** structs as the weights (cdb_block, cdb_tower, cdb_vision, cdb_text) whose
+** pointers point into a writable gradient buffer; gradients are accumulated
+** (+=); a NULL pointer marks a frozen tensor, whose gradient is skipped. */
+
+/* Activations of one block kept for the backward (rows = nseq*T). */
+typedef struct cdb_block_acts {
+    float *x_in;   /* (rows, d) residual stream entering the block (ln_1 input) */
+    float *h1;     /* (rows, d) ln_1 output */
+    float *qkv;    /* (rows, 3d) q | k | v, biases added */
+    float *p;      /* (nseq, heads, T, T) attention probabilities (masked = 0) */
+    float *att;    /* (rows, d) attention output, heads concatenated */
+    float *x_mid;  /* (rows, d) residual after attention + bo (ln_2 input) */
+    float *h2;     /* (rows, d) ln_2 output */
+    float *pre;    /* (rows, f) c_fc output without bias (QuickGELU input - b1) */
+    float *gelu;   /* (rows, f) QuickGELU output (c_proj input) */
+} cdb_block_acts;
+
+/* Floats one record needs, and carving a record out of buf (that many floats). */
+size_t cdb_block_acts_floats(int d, int f, int nseq, int T);
+void cdb_block_acts_carve(cdb_block_acts *a, float *buf, int d, int f, int nseq, int T);
+
+/* cdb_block_forward keeping the activations in *keep (keep != NULL needs
+** qpos == NULL). cdb_block_forward is this with keep == NULL. */
+int cdb_block_forward_keep(struct cdb_run *r, const cdb_block *b, int d, int f, float *x,
+                           int nseq, int T, int causal, const int *qpos,
+                           const cdb_block_acts *keep, cdb_err *e);
+/* dx (nseq*T, d): dL/d(output) in, dL/d(input) out (when need_dx). g: gradient views. */
+int cdb_block_backward(struct cdb_run *r, const cdb_block *b, const cdb_block *g,
+                       const cdb_block_acts *a, int d, int f, int nseq, int T, float *dx,
+                       int need_dx, cdb_err *e);
+
+/* dx (rows, n) += layernorm backward of dy; dw, db += (NULL: skipped; dx NULL: skipped). */
+void cdb_layernorm_backward(float *dx, float *dw, float *db, const float *dy, const float *x,
+                            const float *w, size_t rows, size_t n);
+/* d (rows, n) *= quick_gelu'(pre + bias). */
+void cdb_quick_gelu_backward(float *d, const float *pre, const float *bias, size_t rows,
+                             size_t n);
+
+/* h (n, d) = ln_post(x (n, d)) (x unchanged); out (n, e) = h @ proj (or proj^T). */
+void cdb_final_ln_project(const cdb_tower *t, int e_dim, float *x, float *h, int n,
+                          float *out);
+/* From dout (n, e): g->proj, g->ln_post_* +=; dx (n, d) written unless NULL; dh scratch (n, d). */
+void cdb_final_ln_project_backward(const cdb_tower *t, const cdb_tower *g, int e_dim,
+                                   const float *x, const float *h, const float *dout, int n,
+                                   float *dh, float *dx);
+
+/* x (nb*T, d) = ln_pre([class_emb; patches (nb*np, K) @ conv1^T] + pos_emb) of
+** pixels (nb, 3, S, S); x0: NULL, or (nb*T, d) keeping the ln_pre input.
+** Uses r's h and MLP buffers as scratch (grown as needed). */
+int cdb_vision_embed(struct cdb_run *r, const cdb_vision *v, const float *pixels, int nb,
+                     float *x0, float *x, cdb_err *e);
+/* From dx (nb*T, d) = dL/dx: g's conv1, class, position and ln_pre gradients +=. */
+int cdb_vision_embed_backward(struct cdb_run *r, const cdb_vision *v, const cdb_vision *g,
+                              const float *pixels, int nb, const float *x0, const float *dx,
+                              cdb_err *e);
+
+/* x (cnt*L, d): row (s, j) = tok_emb[id] + pos_emb[j] of text index[s] (index
+** NULL: text s); positions j >= lens use id 0 (padding). Ids must be checked. */
+void cdb_text_embed(const cdb_text *t, const int32_t *const *ids, const int *lens,
+                    const int *index, int cnt, int L, float *x);
+/* g->tok_emb rows of the ids used, g->pos_emb rows += dx (cnt*L, d); padding skipped. */
+void cdb_text_embed_backward(const cdb_text *g, const int32_t *const *ids, const int *lens,
+                             const int *index, int cnt, int L, const float *dx);
+
 #endif

@@ -489,6 +489,126 @@ void cdb_weights_release(clipdb_model *m)
     memset(&m->text, 0, sizeof m->text);
 }
 
+/* ---- the tensor list (training) ---------------------------------------------- */
+
+typedef struct lister {
+    cdb_wref *r;
+    size_t n, cap;
+    int failed;
+} lister;
+
+static cdb_wref *add_ref(lister *L, int tower, int layer, cdb_wkind kind, int ndim, int64_t d0,
+                         int64_t d1, int64_t d2, int64_t d3, const char *fmt, ...)
+    __attribute__((format(printf, 10, 11)));
+static cdb_wref *add_ref(lister *L, int tower, int layer, cdb_wkind kind, int ndim, int64_t d0,
+                         int64_t d1, int64_t d2, int64_t d3, const char *fmt, ...)
+{
+    cdb_wref *w;
+    va_list ap;
+    int i;
+    if (L->failed || cdb_grow((void **)&L->r, &L->cap, L->n + 1, sizeof *L->r)) {
+        L->failed = 1;
+        return NULL;
+    }
+    w = &L->r[L->n++];
+    memset(w, 0, sizeof *w);
+    va_start(ap, fmt);
+    vsnprintf(w->name, sizeof w->name, fmt, ap);
+    va_end(ap);
+    w->ndim = ndim;
+    w->shape[0] = d0, w->shape[1] = d1, w->shape[2] = d2, w->shape[3] = d3;
+    w->numel = 1;
+    for (i = 0; i < ndim; i++) w->numel *= (size_t)w->shape[i];
+    w->tower = tower;
+    w->layer = layer;
+    w->kind = kind;
+    return w;
+}
+
+/* Sets slot k of w (if w was added). */
+static void set_slot(cdb_wref *w, int k, const float **slot, size_t off)
+{
+    if (!w) return;
+    w->slot[k] = slot;
+    w->off[k] = off;
+}
+
+#define REF1(slot, tw, ly, kd, a, ...) set_slot(add_ref(L, tw, ly, kd, 1, a, 0, 0, 0, __VA_ARGS__), 0, slot, 0)
+#define REF2(slot, tw, ly, kd, a, c, ...) \
+    set_slot(add_ref(L, tw, ly, kd, 2, a, c, 0, 0, __VA_ARGS__), 0, slot, 0)
+
+static void list_tower(lister *L, const keys *k, cdb_tower *t, int tw, const char *pre,
+                       const char *ln_post, const char *proj, int e)
+{
+    const int64_t d = t->width, f = t->mlp;
+    int i;
+    for (i = 0; i < t->layers; i++) {
+        cdb_block *b = &t->blocks[i];
+        cdb_wref *w;
+        REF1(&b->ln1_w, tw, i, CDB_W_BLOCK, d, "%s%d.%s.weight", pre, i, k->ln1);
+        REF1(&b->ln1_b, tw, i, CDB_W_BLOCK, d, "%s%d.%s.bias", pre, i, k->ln1);
+        if (k->packed_qkv) {
+            w = add_ref(L, tw, i, CDB_W_BLOCK, 2, 3 * d, d, 0, 0, "%s%d.attn.in_proj_weight", pre, i);
+            set_slot(w, 0, &b->wq, 0), set_slot(w, 1, &b->wk, (size_t)(d * d));
+            set_slot(w, 2, &b->wv, (size_t)(2 * d * d));
+            w = add_ref(L, tw, i, CDB_W_BLOCK, 1, 3 * d, 0, 0, 0, "%s%d.attn.in_proj_bias", pre, i);
+            set_slot(w, 0, &b->bq, 0), set_slot(w, 1, &b->bk, (size_t)d);
+            set_slot(w, 2, &b->bv, (size_t)(2 * d));
+        } else { /* weights q, k, v adjacent, then the biases */
+            REF2(&b->wq, tw, i, CDB_W_BLOCK, d, d, "%s%d.self_attn.q_proj.weight", pre, i);
+            REF2(&b->wk, tw, i, CDB_W_BLOCK, d, d, "%s%d.self_attn.k_proj.weight", pre, i);
+            REF2(&b->wv, tw, i, CDB_W_BLOCK, d, d, "%s%d.self_attn.v_proj.weight", pre, i);
+            REF1(&b->bq, tw, i, CDB_W_BLOCK, d, "%s%d.self_attn.q_proj.bias", pre, i);
+            REF1(&b->bk, tw, i, CDB_W_BLOCK, d, "%s%d.self_attn.k_proj.bias", pre, i);
+            REF1(&b->bv, tw, i, CDB_W_BLOCK, d, "%s%d.self_attn.v_proj.bias", pre, i);
+        }
+        REF2(&b->wo, tw, i, CDB_W_BLOCK, d, d, "%s%d.%s.weight", pre, i, k->attn_out);
+        REF1(&b->bo, tw, i, CDB_W_BLOCK, d, "%s%d.%s.bias", pre, i, k->attn_out);
+        REF1(&b->ln2_w, tw, i, CDB_W_BLOCK, d, "%s%d.%s.weight", pre, i, k->ln2);
+        REF1(&b->ln2_b, tw, i, CDB_W_BLOCK, d, "%s%d.%s.bias", pre, i, k->ln2);
+        REF2(&b->fc1_w, tw, i, CDB_W_BLOCK, f, d, "%s%d.%s.weight", pre, i, k->fc1);
+        REF1(&b->fc1_b, tw, i, CDB_W_BLOCK, f, "%s%d.%s.bias", pre, i, k->fc1);
+        REF2(&b->fc2_w, tw, i, CDB_W_BLOCK, d, f, "%s%d.%s.weight", pre, i, k->fc2);
+        REF1(&b->fc2_b, tw, i, CDB_W_BLOCK, d, "%s%d.%s.bias", pre, i, k->fc2);
+    }
+    REF1(&t->ln_post_w, tw, -1, CDB_W_FINAL_LN, d, "%s.weight", ln_post);
+    REF1(&t->ln_post_b, tw, -1, CDB_W_FINAL_LN, d, "%s.bias", ln_post);
+    if (k->proj_transposed)
+        REF2(&t->proj, tw, -1, CDB_W_PROJ, e, d, "%s", proj);
+    else
+        REF2(&t->proj, tw, -1, CDB_W_PROJ, d, e, "%s", proj);
+}
+
+int cdb_weights_list(const char *key_style, cdb_vision *v, cdb_text *t, int embed_dim,
+                     cdb_wref **out, size_t *n, cdb_err *e)
+{
+    const keys *k = NULL;
+    lister LL = {0}, *L = &LL;
+    const int64_t dv = v->t.width, dt = t->t.width, P = v->patch;
+    *out = NULL;
+    *n = 0;
+    if (key_style && !strcmp(key_style, "openai")) k = &openai_keys;
+    if (key_style && !strcmp(key_style, "hf")) k = &hf_keys;
+    if (!k) return cdb_err_set(e, CLIPDB_EINVAL, "unknown key convention");
+    set_slot(add_ref(L, 0, -1, CDB_W_EMBED, 4, dv, 3, P, P, "%s", k->conv), 0, &v->patch_w, 0);
+    REF1(&v->class_emb, 0, -1, CDB_W_EMBED, dv, "%s", k->cls);
+    REF2(&v->pos_emb, 0, -1, CDB_W_EMBED, v->n_pos, dv, "%s", k->vpos);
+    REF1(&v->ln_pre_w, 0, -1, CDB_W_EMBED, dv, "%s.weight", k->ln_pre);
+    REF1(&v->ln_pre_b, 0, -1, CDB_W_EMBED, dv, "%s.bias", k->ln_pre);
+    list_tower(L, k, &v->t, 0, k->vis_layer, k->ln_post, k->vproj, embed_dim);
+    REF2(&t->tok_emb, 1, -1, CDB_W_EMBED, t->vocab, dt, "%s", k->tok);
+    REF2(&t->pos_emb, 1, -1, CDB_W_EMBED, t->context, dt, "%s", k->tpos);
+    list_tower(L, k, &t->t, 1, k->txt_layer, k->ln_final, k->tproj, embed_dim);
+    add_ref(L, -1, -1, CDB_W_SCALE, 0, 0, 0, 0, 0, "%s", k->logit_scale);
+    if (L->failed) {
+        free(L->r);
+        return cdb_err_set(e, CLIPDB_ENOMEM, "out of memory (tensor list)");
+    }
+    *out = L->r;
+    *n = L->n;
+    return CLIPDB_OK;
+}
+
 /* ---- identity ---------------------------------------------------------------- */
 
 static void arch_name(const clipdb_model *m, char *buf, size_t n)
@@ -599,4 +719,61 @@ const char *clipdb_model_identity(const clipdb_model *cm)
 cleanup:
     pthread_mutex_unlock((pthread_mutex_t *)m->identity_lock);
     return out;
+}
+
+/* ---- layout for writing (writer.h) -------------------------------------------- */
+
+#include "model/writer.h"
+
+/* The tensors of cdb_weights_list, with the data each one gathers from m's
+** views: the slots' views one after another (OpenAI's packed in_proj), and
+** a projection transposed when m stores it the other way round. */
+int cdb_weights_layout(const clipdb_model *m, const char *style, cdb_wtensor **out, size_t *n,
+                       cdb_err *e)
+{
+    /* cdb_weights_list wants writable views for its slots; nothing is written here. */
+    clipdb_model *mm = (clipdb_model *)m;
+    cdb_wref *refs = NULL;
+    cdb_wtensor *t;
+    size_t nr = 0, i;
+    int rc, k;
+
+    *out = NULL;
+    *n = 0;
+    if (!m->vision.t.blocks || !m->text.t.blocks)
+        return cdb_err_set(e, CLIPDB_EINVAL, "model has no weights bound");
+    if ((rc = cdb_weights_list(style, &mm->vision, &mm->text, m->embed_dim, &refs, &nr, e)))
+        return rc;
+    if (!(t = cdb_calloc_array(nr ? nr : 1, sizeof *t))) {
+        free(refs);
+        return cdb_err_set(e, CLIPDB_ENOMEM, "out of memory laying out the model's tensors");
+    }
+    for (i = 0; i < nr; i++) {
+        const cdb_wref *r = &refs[i];
+        int n_slots = 0;
+        snprintf(t[i].name, sizeof t[i].name, "%s", r->name);
+        t[i].ndim = r->ndim;
+        memcpy(t[i].shape, r->shape, sizeof t[i].shape);
+        if (r->tower < 0) { /* logit_scale: shape [] */
+            t[i].part[0] = &m->logit_scale;
+            t[i].part_n[0] = 1;
+            t[i].n_parts = 1;
+            continue;
+        }
+        for (k = 0; k < 3; k++) n_slots += r->slot[k] != NULL;
+        for (k = 0; k < n_slots; k++) {
+            t[i].part[k] = *r->slot[k];
+            t[i].part_n[k] = r->numel / (size_t)n_slots;
+        }
+        t[i].n_parts = n_slots;
+        if (r->kind == CDB_W_PROJ) {
+            // projection: openai (d, e), hf (e, d); the source is stored either way
+            const cdb_tower *tw = r->tower == 0 ? &m->vision.t : &m->text.t;
+            t[i].transpose = tw->proj_transposed != !strcmp(style, "hf");
+        }
+    }
+    free(refs);
+    *out = t;
+    *n = nr;
+    return CLIPDB_OK;
 }

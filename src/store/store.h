@@ -153,4 +153,29 @@ int cdb_db_vector_sets(clipdb_db *db, const char *const **names, int *n);
 int cdb_db_set_vectors(clipdb_db *db, const char *set, int type, const int64_t *ids,
                        size_t n, float *out);
 
+/* ---- image-caption pairs for training (pairs.c) ---- */
+
+/* One image with its captions (text items linked to it), in id order. */
+typedef struct cdb_pair_image {
+    int64_t id;
+    char *path;            /* the stored absolute path (or path) */
+    char **captions;       /* n_captions */
+    size_t n_captions, cap_captions;
+} cdb_pair_image;
+
+typedef struct cdb_pairs {
+    cdb_pair_image *img;   /* n, by image id */
+    size_t n;
+    size_t n_captions;     /* total */
+} cdb_pairs;
+
+/* The images of `split` (item_meta split = value; NULL: every image) that
+** have at least one caption, with their captions. *out (free with
+** cdb_pairs_free) may hold n == 0. */
+int cdb_db_pairs(clipdb_db *db, const char *split, cdb_pairs **out);
+void cdb_pairs_free(cdb_pairs *p);
+/* A description of the splits that hold captioned images, e.g.
+** "'train2017' (800), 'val2017' (200)" ("" when none); caller frees. */
+int cdb_db_split_counts(clipdb_db *db, char **out);
+
 #endif /* CDB_STORE_H */

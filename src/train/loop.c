@@ -1,0 +1,683 @@
+/*
+** loop.c: clipdb_finetune and clipdb_train (include/clipdb.h): one training
+** loop over a cdb_tdata, with checkpoints, resumption, progress, validation
+** recall, and the final model directory.
+**
+** Files of a run writing OUT:
+**   OUT.ckpt/state.safetensors   the last checkpoint (ckpt.c)
+**   OUT.ckpt/init/               clipdb train: the initial weights (arch.c)
+**   OUT/                         the result, written at the end (writer.c);
+**                                OUT.ckpt is removed once OUT is in place
+** A run finds OUT.ckpt/state.safetensors and resumes from it when its
+** configuration string (options, data fingerprint, starting model) is the
+** one it would write itself; any other is refused, never overwritten.
+**
+** Determinism: the data order of epoch E is a seeded permutation, the
+** caption of image I at step S and its augmentation are drawn from
+** (seed, S, I) (data.c), and the engine is deterministic for a given batch,
+** so a run resumed at step S reaches the weights of an uninterrupted one.
+*/
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "model/writer.h"
+#include "train/loop.h"
+
+#define CROP_MIN_DEFAULT 0.5f
+
+void clipdb_train_options_init(clipdb_train_options *o)
+{
+    memset(o, 0, sizeof *o);
+    o->split = "train";
+    o->epochs = 5;
+    o->batch = 32;
+    o->lr = 5e-8f;
+    o->wd = 1e-3f;
+    o->beta1 = 0.9f;
+    o->beta2 = 0.999f;
+    o->eps = 1e-8f;
+    o->schedule = "constant";
+    o->train = "all";
+    o->val_fraction = 0.1f;
+    o->val_max = 1000;
+    o->augment = 1;
+}
+
+typedef struct run {
+    const clipdb_train_options *o;
+    const char *kind;          /* "finetune" or "train" */
+    clipdb_model *m;
+    cdb_trainer *t;
+    cdb_tdata data;
+    int augment;
+    int out_dtype;             /* CDB_DT_* of the written weights */
+    char *ckpt_dir, *ckpt_path;
+    char *config;
+    char *start;               /* what the run started from (model identity or arch) */
+    int lock_fd;               /* flock on OUT.ckpt/lock, -1 when not held */
+    cdb_err err;
+} run;
+
+static void run_free(run *r)
+{
+    if (r->lock_fd >= 0) close(r->lock_fd);
+    cdb_trainer_free(r->t);
+    clipdb_model_close(r->m);
+    cdb_tdata_free(&r->data);
+    free(r->ckpt_dir);
+    free(r->ckpt_path);
+    free(r->config);
+    free(r->start);
+}
+
+static int report(run *r, clipdb_train_progress *p, const char *event)
+{
+    p->event = event;
+    return r->o->progress ? r->o->progress(r->o->progress_arg, p) : 0;
+}
+
+/* A SHA-256 over the training data (paths, captions, which are held out). */
+static int data_fingerprint(const cdb_tdata *d, char hex[65], cdb_err *e)
+{
+    size_t i, j, len = 0, cap = 0;
+    char *buf = NULL;
+    int rc;
+#define PUT(s)                                                                 \
+    do {                                                                       \
+        size_t n_ = strlen(s) + 1;                                             \
+        if (cdb_grow((void **)&buf, &cap, len + n_, 1)) goto oom;              \
+        memcpy(buf + len, s, n_);                                              \
+        len += n_;                                                             \
+    } while (0)
+    for (i = 0; i < d->pairs->n; i++) {
+        PUT(d->pairs->img[i].path);
+        for (j = 0; j < d->pairs->img[i].n_captions; j++) PUT(d->pairs->img[i].captions[j]);
+    }
+    for (i = 0; i < d->n_val; i++) {
+        char num[32];
+        snprintf(num, sizeof num, "v%lld", (long long)d->val[i]);
+        PUT(num);
+    }
+#undef PUT
+    rc = cdb_sha256_hex(buf ? buf : "", len, hex, e);
+    free(buf);
+    return rc;
+oom:
+    free(buf);
+    return cdb_err_set(e, CLIPDB_ENOMEM, "out of memory");
+}
+
+static int make_config(run *r)
+{
+    const clipdb_train_options *o = r->o;
+    char hex[65];
+    int rc = data_fingerprint(&r->data, hex, &r->err);
+    if (rc) return rc;
+    r->config = cdb_sprintf(
+        "clipdb %s checkpoint v1\nstart %s\ndata %s %zu+%zu images\nepochs %d batch %d micro %d\n"
+        "lr %.9g wd %.9g betas %.9g,%.9g eps %.9g warmup %d schedule %s clip %.9g\n"
+        "train %s seed %llu augment %d crop %.9g\n",
+        r->kind, r->start, hex, r->data.n_train, r->data.n_val, o->epochs, o->batch,
+        o->micro_batch, (double)o->lr, (double)o->wd, (double)o->beta1, (double)o->beta2,
+        (double)o->eps, o->warmup, o->schedule, (double)o->clip_grad, o->train,
+        (unsigned long long)o->seed, r->augment, (double)CROP_MIN_DEFAULT);
+    return r->config ? CLIPDB_OK : cdb_err_set(&r->err, CLIPDB_ENOMEM, "out of memory");
+}
+
+/* Removes the partial checkpoints ("*.tmp.<pid>") of runs that were killed. */
+static void remove_stale_tmp(const char *dir)
+{
+    DIR *d = opendir(dir);
+    struct dirent *de;
+    if (!d) return;
+    while ((de = readdir(d)) != NULL) {
+        if (strncmp(de->d_name, "state.safetensors.tmp.", 22) == 0) {
+            char *p = cdb_path_join(dir, de->d_name);
+            if (p) unlink(p);
+            free(p);
+        }
+    }
+    closedir(d);
+}
+
+/* Checks OUT and prepares OUT.ckpt before any work, so that a refused or
+** unwritable target costs nothing. */
+static int prepare_out(run *r, const char *out_dir)
+{
+    struct stat sb;
+    if (!out_dir || !*out_dir) return cdb_err_set(&r->err, CLIPDB_EINVAL, "no --out given");
+    if (lstat(out_dir, &sb) == 0 && !r->o->force)
+        return cdb_err_set(&r->err, CLIPDB_EINVAL, "%s already exists; use --force to replace it",
+                           out_dir);
+    r->ckpt_dir = cdb_sprintf("%s.ckpt", out_dir);
+    r->ckpt_path = r->ckpt_dir ? cdb_path_join(r->ckpt_dir, "state.safetensors") : NULL;
+    if (!r->ckpt_path) return cdb_err_set(&r->err, CLIPDB_ENOMEM, "out of memory");
+    if (mkdir(r->ckpt_dir, 0755) != 0 && errno != EEXIST)
+        return cdb_err_set(&r->err, CLIPDB_EIO, "cannot create %s: %s", r->ckpt_dir,
+                           strerror(errno));
+    if (access(r->ckpt_dir, W_OK) != 0)
+        return cdb_err_set(&r->err, CLIPDB_EIO, "cannot write in %s: %s", r->ckpt_dir,
+                           strerror(errno));
+    /* One run per OUT: a lock held until exit (released by the kernel if killed). */
+    {
+        char *lock = cdb_path_join(r->ckpt_dir, "lock");
+        if (!lock) return cdb_err_set(&r->err, CLIPDB_ENOMEM, "out of memory");
+        r->lock_fd = open(lock, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+        free(lock);
+        if (r->lock_fd < 0)
+            return cdb_err_set(&r->err, CLIPDB_EIO, "cannot create a lock in %s: %s",
+                               r->ckpt_dir, strerror(errno));
+        if (flock(r->lock_fd, LOCK_EX | LOCK_NB) != 0) {
+            close(r->lock_fd);
+            r->lock_fd = -1;
+            return cdb_err_set(&r->err, CLIPDB_EINVAL,
+                               "another training run is writing %s (its checkpoints are in %s)",
+                               out_dir, r->ckpt_dir);
+        }
+    }
+    remove_stale_tmp(r->ckpt_dir);
+    return CLIPDB_OK;
+}
+
+static int opts_to_engine(run *r, long total, cdb_train_opts *to)
+{
+    const clipdb_train_options *o = r->o;
+    cdb_train_opts_init(to);
+    to->lr = o->lr;
+    to->wd = o->wd;
+    to->beta1 = o->beta1;
+    to->beta2 = o->beta2;
+    to->eps = o->eps;
+    to->warmup = o->warmup;
+    to->total_steps = total;
+    to->clip_grad = o->clip_grad;
+    to->micro_batch = o->micro_batch;
+    if (!o->schedule || !strcmp(o->schedule, "constant"))
+        to->schedule = CDB_SCHED_CONSTANT;
+    else if (!strcmp(o->schedule, "cosine"))
+        to->schedule = CDB_SCHED_COSINE;
+    else
+        return cdb_err_set(&r->err, CLIPDB_EINVAL, "schedule '%s' is not constant or cosine",
+                           o->schedule);
+    return cdb_train_parse_what(o->train ? o->train : "all", to, &r->err);
+}
+
+static int check_options(run *r)
+{
+    const clipdb_train_options *o = r->o;
+    if (o->epochs < 1 || o->epochs > 1000000)
+        return cdb_err_set(&r->err, CLIPDB_EINVAL, "--epochs %d is not in [1, 1000000]",
+                           o->epochs);
+    if (o->batch < 2 || o->batch > 65536)
+        return cdb_err_set(&r->err, CLIPDB_EINVAL,
+                           "--batch %d is not in [2, 65536] (the loss contrasts pairs)",
+                           o->batch);
+    if (o->micro_batch < 0 || o->micro_batch > o->batch)
+        return cdb_err_set(&r->err, CLIPDB_EINVAL, "--micro-batch %d is not in [0, --batch]",
+                           o->micro_batch);
+    if (!(o->lr >= 0) || !(o->wd >= 0) || !(o->eps > 0) || !(o->beta1 >= 0 && o->beta1 < 1) ||
+        !(o->beta2 >= 0 && o->beta2 < 1))
+        return cdb_err_set(&r->err, CLIPDB_EINVAL,
+                           "bad optimizer settings (lr and wd >= 0, eps > 0, betas in [0, 1))");
+    if (o->warmup < 0) return cdb_err_set(&r->err, CLIPDB_EINVAL, "--warmup must be >= 0");
+    if (o->checkpoint_every < 0)
+        return cdb_err_set(&r->err, CLIPDB_EINVAL, "--checkpoint-every must be >= 0");
+    {
+        cdb_train_opts to; /* the engine's own checks of schedule and --train, early */
+        return opts_to_engine(r, 1, &to);
+    }
+}
+
+/* The input model's weights must be finite (a NaN would poison the run). */
+static int check_finite_model(run *r)
+{
+    cdb_wtensor *t = NULL;
+    size_t n = 0, i, j, k;
+    int rc = cdb_weights_layout(r->m, r->m->key_style, &t, &n, &r->err);
+    for (i = 0; rc == CLIPDB_OK && i < n; i++) {
+        size_t at = 0;
+        for (k = 0; k < (size_t)t[i].n_parts && rc == CLIPDB_OK; k++)
+            for (j = 0; j < t[i].part_n[k]; j++, at++)
+                if (!isfinite(t[i].part[k][j])) {
+                    rc = cdb_err_set(&r->err, CLIPDB_EFORMAT,
+                                     "model %s: tensor '%s' holds %s; refusing to train on it",
+                                     r->m->dir, t[i].name,
+                                     isnan(t[i].part[k][j]) ? "NaN" : "an infinity");
+                    break;
+                }
+    }
+    free(t);
+    return rc;
+}
+
+/* Recall at 1, 5, 10 of the held-out pairs, both directions, with the
+** current weights (cosine, exact search). */
+static int validate(run *r, clipdb_train_progress *p)
+{
+    const cdb_pairs *pp = r->data.pairs;
+    clipdb_ctx *c = NULL;
+    size_t nv = r->data.n_val, nc = 0, i, j, k;
+    int e = r->m->embed_dim, rc, n_out = 0;
+    float *iv = NULL, *tv = NULL, *px = NULL;
+    const char **texts = NULL;
+    int64_t *owner = NULL;
+    clipdb_hit *hits = NULL;
+    size_t hit_t2i[3] = {0}, hit_i2t[3] = {0};
+    static const int ks[3] = {1, 5, 10};
+    char *msg = NULL;
+
+    for (i = 0; i < 3; i++) p->val_t2i[i] = p->val_i2t[i] = -1;
+    p->val_pairs = 0;
+    if (nv < 2) return CLIPDB_OK;
+    if ((rc = cdb_trainer_sync(r->t, r->m))) {
+        return cdb_err_set(&r->err, rc, "validation: %s", cdb_trainer_errmsg(r->t));
+    }
+    for (i = 0; i < nv; i++) nc += pp->img[r->data.val[i]].n_captions;
+    if ((rc = clipdb_ctx_new(&c, r->m))) goto ctxfail;
+    clipdb_ctx_set_truncate(c, 1);
+    iv = cdb_malloc_array(nv, (size_t)e * sizeof *iv);
+    tv = cdb_malloc_array(nc, (size_t)e * sizeof *tv);
+    px = cdb_malloc_array(clipdb_image_floats(r->m), sizeof *px);
+    texts = cdb_malloc_array(nc, sizeof *texts);
+    owner = cdb_malloc_array(nc, sizeof *owner);
+    hits = cdb_malloc_array((nv > nc ? nv : nc) * 10, sizeof *hits);
+    if (!iv || !tv || !px || !texts || !owner || !hits) {
+        rc = cdb_err_set(&r->err, CLIPDB_ENOMEM, "out of memory for validation");
+        goto cleanup;
+    }
+    for (i = 0, k = 0; i < nv; i++) {
+        const cdb_pair_image *im = &pp->img[r->data.val[i]];
+        if ((rc = clipdb_image_load(c, im->path, px)) ||
+            (rc = clipdb_encode_images(c, px, 1, iv + i * (size_t)e)))
+            goto ctxfail;
+        for (j = 0; j < im->n_captions; j++, k++) {
+            texts[k] = im->captions[j];
+            owner[k] = (int64_t)i;
+        }
+    }
+    for (k = 0; k < nc; k += 64) {
+        int n = (int)(nc - k < 64 ? nc - k : 64);
+        if ((rc = clipdb_encode_texts(c, texts + k, n, tv + k * (size_t)e))) goto ctxfail;
+    }
+    {
+        clipdb_vecs base_i = {iv, NULL, NULL, nv, e}, base_t = {tv, NULL, NULL, nc, e};
+        int kk = nv < 10 ? (int)nv : 10;
+        // text -> image: each caption's image among the top K of nv images
+        rc = clipdb_flat_search(&base_i, tv, nc, kk, CLIPDB_METRIC_COSINE, NULL, hits, &n_out,
+                                &msg);
+        if (rc) goto searchfail;
+        for (k = 0; k < nc; k++)
+            for (j = 0; j < (size_t)n_out; j++)
+                if (hits[k * (size_t)kk + j].id == owner[k]) {
+                    for (i = 0; i < 3; i++) hit_t2i[i] += (int)j < ks[i];
+                    break;
+                }
+        // image -> text: any of the image's captions among the top K of nc captions
+        kk = nc < 10 ? (int)nc : 10;
+        rc = clipdb_flat_search(&base_t, iv, nv, kk, CLIPDB_METRIC_COSINE, NULL, hits, &n_out,
+                                &msg);
+        if (rc) goto searchfail;
+        for (k = 0; k < nv; k++)
+            for (j = 0; j < (size_t)n_out; j++)
+                if (owner[hits[k * (size_t)kk + j].id] == (int64_t)k) {
+                    for (i = 0; i < 3; i++) hit_i2t[i] += (int)j < ks[i];
+                    break;
+                }
+    }
+    for (i = 0; i < 3; i++) {
+        p->val_t2i[i] = (float)hit_t2i[i] / (float)nc;
+        p->val_i2t[i] = (float)hit_i2t[i] / (float)nv;
+    }
+    p->val_pairs = (long)nv;
+    rc = CLIPDB_OK;
+    goto cleanup;
+ctxfail:
+    rc = cdb_err_set(&r->err, rc, "validation: %s", clipdb_ctx_errmsg(c));
+    goto cleanup;
+searchfail:
+    rc = cdb_err_set(&r->err, rc, "validation search: %s", msg ? msg : "failed");
+cleanup:
+    clipdb_free(msg);
+    clipdb_ctx_free(c);
+    free(iv);
+    free(tv);
+    free(px);
+    free(texts);
+    free(owner);
+    free(hits);
+    return rc;
+}
+
+static char *made_json(run *r, long steps)
+{
+    const clipdb_train_options *o = r->o;
+    char date[32];
+    time_t now = time(NULL);
+    struct tm tmv;
+    char *json;
+    gmtime_r(&now, &tmv);
+    strftime(date, sizeof date, "%Y-%m-%dT%H:%M:%SZ", &tmv);
+    json = cdb_sprintf(
+        "{\n  \"made_by\": \"clipdb %s\",\n  \"clipdb_version\": \"%s\",\n"
+        "  \"command\": %s%s%s,\n  \"seed\": %llu,\n  \"steps\": %ld,\n  \"epochs\": %d,\n"
+        "  \"batch\": %d,\n  \"train_pairs\": %zu,\n  \"val_pairs\": %zu,\n"
+        "  \"lr\": %.9g,\n  \"wd\": %.9g,\n  \"schedule\": \"%s\",\n  \"warmup\": %d,\n"
+        "  \"train\": \"%s\",\n  \"augment\": %s,\n  \"start\": \"%s\",\n"
+        "  \"date\": \"%s\"\n}\n",
+        r->kind, CLIPDB_VERSION, o->command ? "\"" : "", o->command ? o->command : "null",
+        o->command ? "\"" : "", (unsigned long long)o->seed, steps, o->epochs, o->batch,
+        r->data.n_train, r->data.n_val, (double)o->lr, (double)o->wd, o->schedule, o->warmup,
+        o->train, r->augment ? "true" : "false", r->start, date);
+    return json;
+}
+
+static int write_result(run *r, const char *out_dir, long steps, clipdb_train_progress *p)
+{
+    cdb_model_write_opts wo = {0};
+    char *json = NULL;
+    int rc;
+    if ((rc = cdb_trainer_sync(r->t, r->m)))
+        return cdb_err_set(&r->err, rc, "%s", cdb_trainer_errmsg(r->t));
+    if (!(json = made_json(r, steps))) return cdb_err_set(&r->err, CLIPDB_ENOMEM, "out of memory");
+    wo.style = r->m->key_style;
+    wo.dtype = r->out_dtype;
+    wo.made_json = json;
+    wo.force = r->o->force;
+    rc = cdb_model_write_dir(r->m, out_dir, &wo, &r->err);
+    free(json);
+    if (rc) return rc;
+    cdb_rm_tree(r->ckpt_dir);
+    p->path = out_dir;
+    report(r, p, "done");
+    return CLIPDB_OK;
+}
+
+/* Writes a checkpoint after `step` steps, with the order of the epoch the
+** next step belongs to. */
+static int save(run *r, long step, long spe, int64_t *order, long *order_epoch)
+{
+    cdb_ckpt_extra x;
+    if (*order_epoch != step / spe) {
+        cdb_tdata_order(r->o->seed, step / spe, r->data.n_train, order);
+        *order_epoch = step / spe;
+    }
+    x.seed = r->o->seed;
+    x.order = order;
+    x.n_order = r->data.n_train;
+    x.config = r->config;
+    return cdb_ckpt_write(r->ckpt_path, r->t, &x, &r->err);
+}
+
+/* The loop proper: from r->m and r->data to out_dir. */
+static int run_loop(run *r, const char *out_dir)
+{
+    const clipdb_train_options *o = r->o;
+    const cdb_pairs *pp = r->data.pairs;
+    size_t n = r->data.n_train, B = (size_t)o->batch, j;
+    long spe, total, step, session_steps = 0, order_epoch = -1, saved_step = -1;
+    int64_t *order = NULL;
+    cdb_batch b;
+    cdb_train_opts to;
+    cdb_train_state st;
+    clipdb_train_progress p;
+    double t0 = cdb_now(), loss_sum = 0;
+    long loss_n = 0;
+    int rc, stop = 0;
+
+    memset(&b, 0, sizeof b);
+    memset(&p, 0, sizeof p);
+    for (j = 0; j < 3; j++) p.val_t2i[j] = p.val_i2t[j] = -1;
+    if (n < B) {
+        return cdb_err_set(&r->err, CLIPDB_EINVAL,
+                           "%zu image-caption pairs to train on, fewer than --batch %zu",
+                           n, B);
+    }
+    spe = (long)(n / B);
+    total = spe * o->epochs;
+    if ((rc = opts_to_engine(r, total, &to))) return rc;
+    if ((rc = cdb_trainer_new(&r->t, r->m, &to, &r->err))) return rc;
+    if ((rc = make_config(r))) return rc;
+    if (!(order = cdb_malloc_array(n, sizeof *order)))
+        return cdb_err_set(&r->err, CLIPDB_ENOMEM, "out of memory");
+    p.epochs = o->epochs;
+    p.total_steps = total;
+    p.steps_per_epoch = (int)spe;
+    p.pairs = (long)(spe * (long)B);
+    if (cdb_file_exists(r->ckpt_path)) {
+        if ((rc = cdb_ckpt_read(r->ckpt_path, r->t, r->config, order, n, &r->err))) goto cleanup;
+        cdb_trainer_state(r->t, &st);
+        order_epoch = st.step / spe;
+        saved_step = st.step;
+        p.step = st.step;
+        p.path = r->ckpt_path;
+        if (report(r, &p, "resume")) stop = 1;
+    } else {
+        p.path = NULL;
+        if (report(r, &p, "start")) stop = 1;
+    }
+    if ((rc = cdb_batch_init(&b, o->batch, r->m->vision.image_size, r->m->text.context,
+                             r->augment ? 0 : pp->n, &r->err)))
+        goto cleanup;
+    cdb_trainer_state(r->t, &st);
+    for (step = st.step; step < total && !stop; ) {
+        long epoch = step / spe, bi = step % spe;
+        cdb_train_stats ts;
+        if (order_epoch != epoch) {
+            cdb_tdata_order(o->seed, epoch, n, order);
+            order_epoch = epoch;
+        }
+        for (j = 0; j < B; j++) {
+            size_t img = (size_t)r->data.train[order[(size_t)bi * B + j]];
+            size_t cap = (size_t)(cdb_tdraw(o->seed, CDB_DRAW_CAPTION, (uint64_t)step, img) %
+                                  pp->img[img].n_captions);
+            rc = cdb_batch_load(&b, (int)j, pp, img, cap, r->m->tok, r->augment,
+                                CROP_MIN_DEFAULT, o->seed, step, &r->err);
+            if (rc) goto cleanup;
+        }
+        rc = cdb_train_step(r->t, b.pixels, (const int32_t *const *)b.ids, b.lens, (int)B, &ts);
+        if (rc) {
+            rc = cdb_err_set(&r->err, rc, "step %ld: %s", step + 1, cdb_trainer_errmsg(r->t));
+            goto cleanup;
+        }
+        step++;
+        session_steps++;
+        loss_sum += ts.loss;
+        loss_n++;
+        p.step = step;
+        p.epoch = (int)(epoch + 1);
+        p.loss = ts.loss;
+        p.lr = ts.lr;
+        p.elapsed_s = cdb_now() - t0;
+        p.pairs_per_s = p.elapsed_s > 0 ? (double)(session_steps * (long)B) / p.elapsed_s : 0;
+        p.eta_s = session_steps ? p.elapsed_s / (double)session_steps * (double)(total - step) : 0;
+        p.path = NULL;
+        if (report(r, &p, "step")) stop = 1;
+        if (step % spe == 0) { /* end of an epoch */
+            if ((rc = validate(r, &p))) goto cleanup;
+            p.loss = (float)(loss_sum / (double)(loss_n ? loss_n : 1));
+            loss_sum = 0;
+            loss_n = 0;
+            if (report(r, &p, "epoch")) stop = 1;
+            for (j = 0; j < 3; j++) p.val_t2i[j] = p.val_i2t[j] = -1;
+        }
+        if (step < total &&
+            (stop || step % spe == 0 || (o->checkpoint_every && step % o->checkpoint_every == 0))) {
+            if ((rc = save(r, step, spe, order, &order_epoch))) goto cleanup;
+            saved_step = step;
+            p.path = r->ckpt_path;
+            if (report(r, &p, "checkpoint")) stop = 1;
+        }
+    }
+    if (step < total) {
+        /* stopped before the first step of this session: still leave a checkpoint */
+        if (saved_step != step && (rc = save(r, step, spe, order, &order_epoch))) goto cleanup;
+        p.path = r->ckpt_path;
+        report(r, &p, "stopped");
+        rc = cdb_err_set(&r->err, CLIPDB_ESTOPPED,
+                         "stopped at step %ld of %ld; the checkpoint %s resumes it", step, total,
+                         r->ckpt_path);
+        goto cleanup;
+    }
+    rc = write_result(r, out_dir, total, &p);
+cleanup:
+    free(order);
+    cdb_batch_free(&b);
+    return rc;
+}
+
+static int finish(run *r, int rc, char **errmsg)
+{
+    /* a run that failed before its first checkpoint leaves nothing behind */
+    if (rc != CLIPDB_OK && rc != CLIPDB_ESTOPPED && r->lock_fd >= 0 && r->ckpt_path &&
+        !cdb_file_exists(r->ckpt_path))
+        cdb_rm_tree(r->ckpt_dir);
+    if (errmsg) *errmsg = rc ? cdb_strdup(r->err.msg[0] ? r->err.msg : clipdb_status_name(rc))
+                             : NULL;
+    run_free(r);
+    return rc;
+}
+
+static int dtype_of(const char *name)
+{
+    return !name ? 0 : !strcmp(name, "F16") ? CDB_DT_F16 : !strcmp(name, "BF16") ? CDB_DT_BF16
+                                                                                 : CDB_DT_F32;
+}
+
+int clipdb_finetune(const char *db_path, const char *model_dir, const char *out_dir,
+                    const clipdb_train_options *o, char **errmsg)
+{
+    run r;
+    clipdb_db *db = NULL;
+    clipdb_db_options dopt;
+    cdb_pairs *pairs = NULL;
+    int rc;
+    size_t i;
+
+    memset(&r, 0, sizeof r);
+    r.lock_fd = -1;
+    r.o = o;
+    r.kind = "finetune";
+    r.augment = 0; /* the paper fine-tunes without augmentation */
+    if ((rc = check_options(&r)) || (rc = prepare_out(&r, out_dir))) return finish(&r, rc, errmsg);
+    rc = clipdb_model_open(&r.m, model_dir);
+    if (rc) {
+        cdb_err_set(&r.err, rc, "%s", clipdb_model_errmsg(r.m));
+        return finish(&r, rc, errmsg);
+    }
+    if ((rc = check_finite_model(&r))) return finish(&r, rc, errmsg);
+    r.out_dtype = dtype_of(o->out_dtype ? o->out_dtype : r.m->dtype);
+    r.start = cdb_strdup(clipdb_model_identity(r.m) ? clipdb_model_identity(r.m) : "?");
+    clipdb_db_options_init(&dopt);
+    dopt.readonly = 1;
+    dopt.model_dir = model_dir;
+    rc = clipdb_db_open(&db, db_path, &dopt);
+    if (rc) {
+        cdb_err_set(&r.err, rc, "%s", clipdb_db_errmsg(db));
+        clipdb_db_close(db);
+        return finish(&r, rc, errmsg);
+    }
+    rc = cdb_db_pairs(db, o->split && *o->split ? o->split : NULL, &pairs);
+    if (rc == CLIPDB_OK && pairs->n == 0) {
+        char *splits = NULL;
+        cdb_db_split_counts(db, &splits);
+        if (splits && !*splits)
+            rc = cdb_err_set(&r.err, CLIPDB_EINVAL,
+                             "%s holds no images with captions%s%s%s (add them with "
+                             "'clipdb add DB --images DIR --captions FILE')",
+                             db_path, o->split ? " in split '" : "", o->split ? o->split : "",
+                             o->split ? "'" : "");
+        else
+            rc = cdb_err_set(&r.err, CLIPDB_EINVAL,
+                             "%s: no captioned images in split '%s'; its splits: %s", db_path,
+                             o->split ? o->split : "", splits ? splits : "?");
+        free(splits);
+    } else if (rc) {
+        cdb_err_set(&r.err, rc, "%s", clipdb_db_errmsg(db));
+    }
+    clipdb_db_close(db);
+    if (rc) {
+        cdb_pairs_free(pairs);
+        return finish(&r, rc, errmsg);
+    }
+    r.data.pairs = pairs;
+    r.data.train = cdb_malloc_array(pairs->n, sizeof *r.data.train);
+    if (!r.data.train || !r.start)
+        return finish(&r, cdb_err_set(&r.err, CLIPDB_ENOMEM, "out of memory"), errmsg);
+    for (i = 0; i < pairs->n; i++) r.data.train[i] = (int64_t)i;
+    r.data.n_train = pairs->n;
+    if (pairs->n < (size_t)o->batch)
+        return finish(&r,
+                      cdb_err_set(&r.err, CLIPDB_EINVAL,
+                                  "split '%s' has %zu captioned images, fewer than --batch %d",
+                                  o->split ? o->split : "(all)", pairs->n, o->batch),
+                      errmsg);
+    rc = run_loop(&r, out_dir);
+    return finish(&r, rc, errmsg);
+}
+
+int clipdb_train(const char *images_dir, const char *captions_path, const char *out_dir,
+                 const clipdb_train_options *o, char **errmsg)
+{
+    run r;
+    cdb_arch a;
+    char *init = NULL;
+    size_t missing = 0;
+    int rc;
+
+    memset(&r, 0, sizeof r);
+    r.lock_fd = -1;
+    r.o = o;
+    r.kind = "train";
+    r.augment = o->augment;
+    if ((rc = check_options(&r)) || (rc = cdb_arch_parse(o->arch, &a, &r.err)))
+        return finish(&r, rc, errmsg);
+    if (!o->tokenizer_dir)
+        return finish(&r,
+                      cdb_err_set(&r.err, CLIPDB_EINVAL,
+                                  "no --tokenizer DIR (a directory with CLIP's "
+                                  "bpe_simple_vocab_16e6.txt.gz or vocab.json + merges.txt)"),
+                      errmsg);
+    if (!(o->val_fraction >= 0 && o->val_fraction < 1))
+        return finish(&r, cdb_err_set(&r.err, CLIPDB_EINVAL, "--val must be in [0, 1)"), errmsg);
+    if ((rc = prepare_out(&r, out_dir))) return finish(&r, rc, errmsg);
+    rc = cdb_tdata_from_files(images_dir, captions_path, o->split, o->val_split,
+                              o->val_fraction, o->val_max, o->seed, &r.data, &missing, &r.err);
+    if (rc) return finish(&r, rc, errmsg);
+    if (r.data.n_train == 0)
+        return finish(&r,
+                      cdb_err_set(&r.err, CLIPDB_EINVAL,
+                                  "no captioned images of %s found under %s%s%s%s (%zu listed "
+                                  "but missing)",
+                                  captions_path, images_dir, o->split ? " in split '" : "",
+                                  o->split ? o->split : "", o->split ? "'" : "", missing),
+                      errmsg);
+    /* The initial weights, written once: a resumed run reloads the same file. */
+    r.start = cdb_sprintf("arch %s seed %llu", o->arch, (unsigned long long)o->seed);
+    init = r.ckpt_dir ? cdb_path_join(r.ckpt_dir, "init") : NULL;
+    if (!r.start || !init) {
+        free(init);
+        return finish(&r, cdb_err_set(&r.err, CLIPDB_ENOMEM, "out of memory"), errmsg);
+    }
+    if (!cdb_file_exists(r.ckpt_path)) {
+        cdb_rm_tree(init);
+        rc = cdb_arch_init_dir(&a, o->seed, o->tokenizer_dir, init, &r.err);
+    }
+    if (rc == CLIPDB_OK) {
+        rc = clipdb_model_open(&r.m, init);
+        if (rc) cdb_err_set(&r.err, rc, "%s", clipdb_model_errmsg(r.m));
+    }
+    free(init);
+    if (rc) return finish(&r, rc, errmsg);
+    r.out_dtype = dtype_of(o->out_dtype ? o->out_dtype : "F32");
+    rc = run_loop(&r, out_dir);
+    return finish(&r, rc, errmsg);
+}

@@ -1,0 +1,373 @@
+"""Black-box tests of `clipdb finetune` and `clipdb train` on tiny generated
+models and a few photos of the shared COCO subset: the batch rule, bad input
+(no captions, a split smaller than the batch, an existing --out, read-only
+directories, NaN weights, a disk that fills while a checkpoint is written),
+SIGKILL / SIGINT and resumption to the same weights, and the written model
+loading and embedding like any other.
+
+Mount-based tests (read-only and full file systems) mount a small tmpfs and
+skip with a message when mounting is not allowed (not root, no CAP_SYS_ADMIN).
+"""
+import json
+import math
+import os
+import pathlib
+import shutil
+import signal
+import struct
+import subprocess
+import time
+
+import pytest
+
+from conftest import BIN, gen_model, one_line_failure, run
+
+ARCH = "vit:image=32,patch=16,width=64,layers=1;text:width=64,layers=1,context=16;embed=32"
+
+
+@pytest.fixture(scope="module")
+def photos(shared, tmp_path_factory):
+    """16 photos of the COCO subset and a captions file: two captions each,
+    split "train" for the first 8, "val" for the next 4, "small" for 4."""
+    src = shared / "data" / "coco-subset" / "images"
+    names = sorted(os.listdir(src))[:16]
+    if len(names) < 16:
+        pytest.skip(f"fewer than 16 images in {src}")
+    d = tmp_path_factory.mktemp("photos")
+    (d / "images").mkdir()
+    with open(d / "captions.jsonl", "w") as f:
+        for i, n in enumerate(names):
+            shutil.copy(src / n, d / "images" / n)
+            split = "train" if i < 8 else "val" if i < 12 else "small"
+            f.write(json.dumps({"image": n, "split": split,
+                                "captions": [f"photo {i} of a thing", f"a picture numbered {i}"]}) + "\n")
+    return d
+
+
+@pytest.fixture(scope="module")
+def model(bpe_vocab, tmp_path_factory):
+    return gen_model(tmp_path_factory.mktemp("m") / "tiny", "tiny", "openai", "F32", 3)
+
+
+@pytest.fixture(scope="module")
+def db(photos, model, tmp_path_factory):
+    p = tmp_path_factory.mktemp("db") / "p.db"
+    run("init", p, "--model", model, check=True)
+    run("add", p, "--images", photos / "images", "--captions", photos / "captions.jsonl", "-q",
+        check=True)
+    return p
+
+
+def made(out):
+    return json.loads((pathlib.Path(out) / "clipdb_made.json").read_text())
+
+
+def weights(out):
+    return (pathlib.Path(out) / "model.safetensors").read_bytes()
+
+
+def embed(model_dir, photos):
+    img = sorted((photos / "images").iterdir())[0]
+    p = run("embed", "--model", model_dir, "--text", "a dog on a sofa", "--image", img, "--json",
+            check=True)
+    return [json.loads(l)["embedding"] for l in p.stdout.splitlines()]
+
+
+# ---- the batch rule ----------------------------------------------------------------
+
+
+def test_eight_images_batch_eight_is_one_step_per_epoch(db, model, tmp_path):
+    out = tmp_path / "ft"
+    p = run("finetune", db, "--model", model, "--out", out, "--split", "train", "--batch", 8,
+            "--epochs", 3, "--lr", "1e-4", check=True)
+    assert "8 pairs per epoch, 1 steps per epoch, 3 steps" in p.stderr
+    assert made(out)["steps"] == 3 and made(out)["train_pairs"] == 8
+    assert not (tmp_path / "ft.ckpt").exists()  # removed once the model is written
+
+
+def test_remainder_is_dropped(db, model, tmp_path):
+    # 16 captioned images, batch 6: two steps of 6 per epoch, 4 images left out
+    out = tmp_path / "ft"
+    p = run("finetune", db, "--model", model, "--out", out, "--split", "all", "--batch", 6,
+            "--epochs", 1, "--lr", "1e-4", check=True)
+    assert "12 pairs per epoch, 2 steps per epoch, 2 steps" in p.stderr
+    assert made(out)["steps"] == 2
+
+
+# ---- the written model -----------------------------------------------------------
+
+
+def test_written_model_loads_and_embeds(db, model, photos, tmp_path):
+    same, moved = tmp_path / "lr0", tmp_path / "lr1"
+    run("finetune", db, "--model", model, "--out", same, "--batch", 8, "--epochs", 1,
+        "--lr", 0, "--wd", 0, check=True)
+    run("finetune", db, "--model", model, "--out", moved, "--batch", 8, "--epochs", 1,
+        "--lr", "1e-3", check=True)
+    base = embed(model, photos)
+    # lr 0 and no decay: the same weights, so the same embeddings, bit for bit
+    assert embed(same, photos) == base
+    # a real step moves them
+    assert embed(moved, photos) != base
+    info = run("model", "info", moved, check=True).stdout
+    assert "openai" in info and "F32" in info
+    m = made(moved)
+    assert m["command"].startswith("clipdb finetune") and m["seed"] == 0 and m["steps"] == 1
+    for f in ("bpe_simple_vocab_16e6.txt.gz", "model.safetensors"):
+        assert (moved / f).is_file()
+    # and a database can be built on it
+    run("init", tmp_path / "again.db", "--model", moved, check=True)
+
+
+def test_hf_model_keeps_its_convention_and_dtype(db, bpe_vocab, photos, tmp_path):
+    hf = gen_model(tmp_path / "hf", "tiny", "hf", "F16", 3)
+    out = tmp_path / "ft"
+    # the database was made with the openai model of the same seed: fine-tuning
+    # reads pairs only, any model may be given
+    run("finetune", db, "--model", hf, "--out", out, "--batch", 8, "--epochs", 1, "--lr", 0,
+        "--wd", 0, check=True)
+    info = run("model", "info", out, check=True).stdout
+    assert "hf" in info and "F16" in info
+    assert weights(out) != b""
+    assert embed(out, photos) == embed(hf, photos)
+
+
+# ---- bad input ---------------------------------------------------------------------
+
+
+def test_db_without_captions(model, photos, tmp_path):
+    p = tmp_path / "nocap.db"
+    run("init", p, "--model", model, check=True)
+    run("add", p, "--images", photos / "images", "-q", check=True)
+    r = run("finetune", p, "--model", model, "--out", tmp_path / "o", "--split", "all")
+    one_line_failure(r, "finetune", "no images with captions")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.ckpt").exists()
+
+
+def test_split_with_fewer_pairs_than_batch(db, model, tmp_path):
+    r = run("finetune", db, "--model", model, "--out", tmp_path / "o", "--split", "small",
+            "--batch", 8)
+    one_line_failure(r, "finetune", "'small'", "4 captioned images", "fewer than --batch 8")
+    r = run("finetune", db, "--model", model, "--out", tmp_path / "o", "--split", "nosuch")
+    one_line_failure(r, "finetune", "no captioned images in split 'nosuch'", "'train' (8)")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "o.ckpt").exists()
+
+
+def test_out_exists_refused_unless_force(db, model, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "keep").write_text("mine")
+    r = run("finetune", db, "--model", model, "--out", out, "--batch", 8, "--epochs", 1)
+    one_line_failure(r, "finetune", "already exists", "--force")
+    assert (out / "keep").read_text() == "mine"
+    run("finetune", db, "--model", model, "--out", out, "--batch", 8, "--epochs", 1, "--force",
+        check=True)
+    assert not (out / "keep").exists() and (out / "model.safetensors").is_file()
+
+
+def test_nan_weights_refused_with_tensor_name(db, model, tmp_path):
+    bad = tmp_path / "nan"
+    shutil.copytree(model, bad)
+    path = bad / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    n = struct.unpack("<Q", data[:8])[0]
+    hdr = json.loads(data[8:8 + n])
+    off = hdr["visual.class_embedding"]["data_offsets"][0]
+    data[8 + n + off + 8:8 + n + off + 12] = struct.pack("<f", math.nan)
+    path.write_bytes(bytes(data))
+    r = run("finetune", db, "--model", bad, "--out", tmp_path / "o", "--batch", 8)
+    one_line_failure(r, "finetune", "visual.class_embedding", "NaN")
+    assert not (tmp_path / "o").exists()
+
+
+def test_bad_options_are_usage_errors(db, model, tmp_path):
+    for args, needle in [(["--batch", "1"], "--batch"), (["--schedule", "linear"], "--schedule"),
+                         (["--betas", "0.9"], "--betas"), (["--lr", "x"], "--lr"),
+                         (["--dtype", "F8"], "--dtype")]:
+        r = run("finetune", db, "--model", model, "--out", tmp_path / "o", *args)
+        assert r.returncode == 2 and needle in r.stderr, (args, r.stderr)
+    r = run("finetune", db, "--model", model, "--out", tmp_path / "o", "--train", "some")
+    one_line_failure(r, "finetune", "some")
+    r = run("train", "--images", tmp_path, "--captions", tmp_path / "c", "--out", tmp_path / "o",
+            "--tokenizer", model, "--arch", "vit:image=30,patch=16,width=64,layers=1;"
+            "text:width=64,layers=1;embed=32")
+    one_line_failure(r, "train", "image 30 is not a multiple of patch 16")
+    r = run("train", "--images", tmp_path, "--captions", tmp_path / "c", "--out", tmp_path / "o",
+            "--tokenizer", model, "--arch", "vit:image=32,patch=16,width=64,layers=1,heads=2;"
+            "text:width=64,layers=1;embed=32")
+    one_line_failure(r, "train", "heads=2", "width/64 = 1")
+
+
+def mount_tmpfs(where, opts):
+    where.mkdir(exist_ok=True)
+    p = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(where)],
+                       capture_output=True, text=True)
+    if p.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({p.stderr.strip()}); skipping")
+
+
+def umount(where):
+    subprocess.run(["umount", str(where)], capture_output=True)
+
+
+def test_read_only_model_dir_and_out_dir(db, model, photos, tmp_path):
+    ro = tmp_path / "ro"
+    mount_tmpfs(ro, "size=64m")
+    try:
+        shutil.copytree(model, ro / "m")
+        subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)
+        # a read-only model directory is only read: fine-tuning works
+        out = tmp_path / "o"
+        run("finetune", db, "--model", ro / "m", "--out", out, "--batch", 8, "--epochs", 1,
+            "--lr", 0, "--wd", 0, check=True)
+        assert embed(out, photos) == embed(model, photos)
+        # an --out on a read-only file system: a clear error before any step
+        r = run("finetune", db, "--model", model, "--out", ro / "o", "--batch", 8)
+        one_line_failure(r, "finetune", "cannot create", "Read-only file system")
+        assert "step" not in r.stderr.split("clipdb finetune:")[0]
+    finally:
+        umount(ro)
+
+
+def test_disk_full_while_checkpointing_keeps_the_previous_one(db, model, tmp_path):
+    # The tiny model's checkpoint is ~38 MB (params + AdamW m and v); a 60 MB
+    # file system holds one but not a second beside it.
+    small = tmp_path / "small"
+    mount_tmpfs(small, "size=60m")
+    try:
+        out = small / "o"
+        args = ["finetune", db, "--model", model, "--out", out, "--split", "all", "--batch", 4,
+                "--epochs", 1, "--lr", "1e-3", "--checkpoint-every", 1]
+        r = run(*args, "-q")
+        one_line_failure(r, "finetune", "checkpoint", "No space left on device")
+        state = small / "o.ckpt" / "state.safetensors"
+        assert state.is_file()
+        assert [f.name for f in (small / "o.ckpt").iterdir() if ".tmp." in f.name] == []
+        # the survivor is a complete checkpoint of step 1: give room, run the
+        # same command, and it resumes from it and finishes
+        subprocess.run(["mount", "-o", "remount,size=200m", str(small)], check=True)
+        r = run(*args, check=True)
+        assert "resuming from" in r.stderr and "at step 1 of 4" in r.stderr
+        ref = tmp_path / "ref"
+        run(*[a if a != out else ref for a in args], check=True)
+        assert weights(out) == weights(ref)
+    finally:
+        umount(small)
+
+
+# ---- interruption and resumption ---------------------------------------------------
+
+
+def start(args):
+    return subprocess.Popen([BIN, *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def wait_for_line(p, needle, timeout=120):
+    t0 = time.time()
+    lines = []
+    while time.time() - t0 < timeout:
+        line = p.stderr.readline()
+        if not line:
+            break
+        lines.append(line)
+        if needle in line:
+            return lines
+    raise AssertionError(f"no '{needle}' in: {''.join(lines)}")
+
+
+@pytest.mark.parametrize("kill_after", ["checkpoint at step 1:", "checkpoint at step 3:"])
+def test_sigkill_then_resume_equals_uninterrupted(photos, model, tmp_path, kill_after):
+    common = ["train", "--images", photos / "images", "--captions", photos / "captions.jsonl",
+              "--tokenizer", model, "--arch", ARCH, "--batch", 4, "--epochs", 2, "--val", 0.25,
+              "--seed", 11, "--checkpoint-every", 1, "--progress-every", 0.01]
+    ref = tmp_path / "ref"
+    run(*common, "--out", ref, check=True)
+    out = tmp_path / "o"
+    p = start([*common, "--out", out])
+    wait_for_line(p, kill_after)
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    assert not out.exists() and (tmp_path / "o.ckpt" / "state.safetensors").is_file()
+    r = run(*common, "--out", out, check=True)
+    assert "resuming from" in r.stderr
+    assert weights(out) == weights(ref)  # bit for bit
+    assert not (tmp_path / "o.ckpt").exists()
+
+
+def test_sigkill_at_random_moments(db, model, tmp_path):
+    args = ["finetune", db, "--model", model, "--split", "all", "--batch", 4, "--epochs", 2,
+            "--lr", "1e-3", "--seed", 5, "--checkpoint-every", 1]
+    ref = tmp_path / "ref"
+    run(*args, "--out", ref, check=True)
+    out = tmp_path / "o"
+    for delay in (0.3, 1.1, 0.7, 1.9):  # during start-up, steps and checkpoint writes
+        p = start([*args, "--out", out])
+        time.sleep(delay)
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+        if out.exists():
+            break
+    if not out.exists():
+        run(*args, "--out", out, check=True)
+    assert weights(out) == weights(ref)
+
+
+def test_sigint_writes_a_checkpoint_and_resumes(db, model, tmp_path):
+    args = ["finetune", db, "--model", model, "--split", "all", "--batch", 4, "--epochs", 3,
+            "--lr", "1e-3", "--seed", 2, "--progress-every", 0.01]
+    ref = tmp_path / "ref"
+    run(*args, "--out", ref, check=True)
+    out = tmp_path / "o"
+    p = start([*args, "--out", out])
+    wait_for_line(p, "step 2/")
+    p.send_signal(signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 130, err
+    assert "run the same command to resume" in err
+    ckpt = tmp_path / "o.ckpt" / "state.safetensors"
+    assert ckpt.is_file() and not out.exists()
+    r = run(*args, "--out", out, check=True)
+    assert "resuming from" in r.stderr
+    assert weights(out) == weights(ref)
+
+
+def test_checkpoint_of_other_options_is_not_resumed(db, model, tmp_path):
+    args = ["finetune", db, "--model", model, "--split", "all", "--batch", 4, "--epochs", 2,
+            "--seed", 2, "--out", tmp_path / "o", "--progress-every", 0.01]
+    p = start(args)
+    wait_for_line(p, "step 1/")
+    p.send_signal(signal.SIGINT)
+    p.communicate(timeout=120)
+    assert p.returncode == 130
+    r = run(*[a if a != 2 else 3 for a in args])  # another seed
+    one_line_failure(r, "finetune", "other options or data", "delete it to start over")
+    assert (tmp_path / "o.ckpt" / "state.safetensors").is_file()  # kept
+
+
+# ---- training from scratch ---------------------------------------------------------
+
+
+def test_train_from_scratch_validates_and_writes(photos, model, tmp_path):
+    out = tmp_path / "scratch"
+    r = run("train", "--images", photos / "images", "--captions", photos / "captions.jsonl",
+            "--tokenizer", model, "--arch", ARCH, "--split", "train", "--val-split", "val",
+            "--batch", 4, "--epochs", 2, "--dtype", "F16", "--out", out, check=True)
+    assert "8 pairs per epoch, 2 steps per epoch, 4 steps" in r.stderr
+    # R@1/5/10 of 4 held-out images (8 captions) each epoch, both directions
+    vals = [l for l in r.stderr.splitlines() if "validation (4 images)" in l]
+    assert len(vals) == 2 and "text->image R@1/5/10" in vals[0] and "image->text" in vals[0]
+    info = run("model", "info", out, check=True).stdout
+    assert "F16" in info and "openai" in info and "32 x 32 pixels" in info
+    m = made(out)
+    assert m["made_by"] == "clipdb train" and m["augment"] is True and m["val_pairs"] == 4
+    assert len(embed(out, photos)[0]) == 32
+
+
+def test_train_same_seed_same_model_other_seed_other(photos, model, tmp_path):
+    common = ["train", "--images", photos / "images", "--captions", photos / "captions.jsonl",
+              "--tokenizer", model, "--arch", ARCH, "--batch", 4, "--epochs", 1, "--val", 0]
+    run(*common, "--seed", 1, "--out", tmp_path / "a", check=True)
+    run(*common, "--seed", 1, "--out", tmp_path / "b", check=True)
+    run(*common, "--seed", 2, "--out", tmp_path / "c", check=True)
+    assert weights(tmp_path / "a") == weights(tmp_path / "b")
+    assert weights(tmp_path / "a") != weights(tmp_path / "c")

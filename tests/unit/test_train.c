@@ -1,0 +1,370 @@
+/*
+** Unit tests of the training engine (src/train): central finite differences
+** on sampled coordinates of every tensor of a tiny generated model (both key
+** conventions), the options parser, the learning-rate schedule, the
+** logit_scale clamp, the refusal of a non-finite gradient, frozen tensors,
+** and sync (the trained weights reach the inference encoders, which then give
+** the training forward's embeddings).
+*/
+#include <pthread.h>
+#include <stdint.h>
+#include <unistd.h>
+
+#include "model/model.h"
+#include "model/transformer.h"
+#include "train/train.h"
+#include "test.h"
+
+static const char *gen(const char *name, const char *args)
+{
+    static char dir[512];
+    char cmd[1024], marker[600];
+    snprintf(dir, sizeof dir, "%s/%s", test_tmpdir(), name);
+    snprintf(marker, sizeof marker, "%s/model.safetensors", dir);
+    if (access(marker, R_OK) == 0) return dir;
+    if (access("/usr/bin/python3", X_OK) != 0) return NULL;
+    snprintf(cmd, sizeof cmd,
+             "/usr/bin/python3 tools/gen_model.py '%s' --size tiny --tokenizer none --seed 5 %s",
+             dir, args);
+    if (system(cmd) != 0) {
+        test_fail_at(__FILE__, __LINE__, cmd);
+        return NULL;
+    }
+    return dir;
+}
+
+static clipdb_model *load(const char *dir)
+{
+    clipdb_model *m = calloc(1, sizeof *m);
+    if (!m) abort();
+    m->identity_lock = malloc(sizeof(pthread_mutex_t));
+    pthread_mutex_init((pthread_mutex_t *)m->identity_lock, NULL);
+    m->dir = cdb_strdup(dir);
+    m->weights_path = cdb_path_join(dir, "model.safetensors");
+    if (cdb_st_open(m->weights_path, &m->st, &m->err) || cdb_weights_bind(m)) {
+        fprintf(stderr, "    load %s: %s\n", dir, m->err.msg);
+        abort();
+    }
+    return m;
+}
+
+static void unload(clipdb_model *m)
+{
+    if (!m) return;
+    cdb_weights_release(m);
+    cdb_st_close(m->st);
+    pthread_mutex_destroy((pthread_mutex_t *)m->identity_lock);
+    free(m->identity_lock);
+    free(m->weights_path);
+    free(m->dir);
+    free(m);
+}
+
+static uint64_t rs = 0x2545F4914F6CDD1Dull;
+static uint32_t rnd32(void)
+{
+    rs ^= rs << 13;
+    rs ^= rs >> 7;
+    rs ^= rs << 17;
+    return (uint32_t)(rs >> 32);
+}
+
+/* A batch of n random images (n, 3, S, S) and texts [start, words..., end]. */
+typedef struct batch {
+    int n;
+    float *px;
+    int32_t *buf;
+    const int32_t *ids[16];
+    int lens[16];
+} batch;
+
+static void make_batch(batch *b, const clipdb_model *m, int n)
+{
+    const int S = m->vision.image_size;
+    size_t i;
+    int k, j;
+    b->n = n;
+    b->px = malloc((size_t)n * 3 * S * S * sizeof *b->px);
+    b->buf = calloc((size_t)n * 77, sizeof *b->buf);
+    for (i = 0; i < (size_t)n * 3 * S * S; i++) b->px[i] = (float)(rnd32() % 4001) / 1000.0f - 2.0f;
+    for (k = 0; k < n; k++) {
+        int32_t *t = b->buf + (size_t)k * 77;
+        b->lens[k] = 3 + k % 5;
+        t[0] = 49406;
+        for (j = 1; j < b->lens[k] - 1; j++) t[j] = (int32_t)(rnd32() % 40000);
+        t[b->lens[k] - 1] = 49407;
+        b->ids[k] = t;
+    }
+}
+
+static void free_batch(batch *b)
+{
+    free(b->px);
+    free(b->buf);
+}
+
+/* The first float of the named tensor's params. */
+static float state_param(cdb_trainer *t, const char *name)
+{
+    cdb_train_state s;
+    const cdb_ptensor *pt = cdb_trainer_find(t, name);
+    cdb_trainer_state(t, &s);
+    return pt ? s.params[pt->offset] : NAN;
+}
+
+static double loss_at(cdb_trainer *t, const batch *b)
+{
+    cdb_train_stats st;
+    if (cdb_train_grad(t, b->px, b->ids, b->lens, b->n, &st)) {
+        fprintf(stderr, "    %s\n", cdb_trainer_errmsg(t));
+        return NAN;
+    }
+    return st.loss;
+}
+
+/* Every tensor: the coordinate of largest |grad| (and `extra` random ones)
+** against a central difference of the loss. */
+static void finite_differences(const char *dir, int extra)
+{
+    clipdb_model *m;
+    cdb_trainer *t = NULL;
+    cdb_train_opts o;
+    cdb_train_state s;
+    cdb_err e = {0};
+    batch b;
+    float *g0;
+    int i, k, checked = 0;
+    if (!dir) SKIP("python3 absent: no generated model");
+    m = load(dir);
+    make_batch(&b, m, 4);
+    cdb_train_opts_init(&o);
+    REQUIRE(cdb_trainer_new(&t, m, &o, &e) == CLIPDB_OK);
+    cdb_trainer_state(t, &s);
+    /* temperature 10 instead of the file's 100: a smoother loss, so that the
+    ** fp32 forward's rounding and the difference's truncation both stay small */
+    s.params[cdb_trainer_find(t, "logit_scale")->offset] = logf(10.0f);
+    REQUIRE(!isnan(loss_at(t, &b)));
+    g0 = malloc(s.numel * sizeof *g0);
+    memcpy(g0, s.grads, s.numel * sizeof *g0);
+    for (i = 0; i < s.n_tensors; i++) {
+        const cdb_ptensor *pt = &s.tensors[i];
+        size_t best = 0, j;
+        for (j = 1; j < pt->numel; j++)
+            if (fabsf(g0[pt->offset + j]) > fabsf(g0[pt->offset + best])) best = j;
+        for (k = 0; k <= extra; k++) {
+            size_t at = pt->offset + (k == 0 ? best : rnd32() % pt->numel);
+            const float p = s.params[at], h = 1e-2f * (fabsf(p) > 1.0f ? fabsf(p) : 1.0f);
+            double lp, lm, fd, an = g0[at];
+            s.params[at] = p + h;
+            lp = loss_at(t, &b);
+            s.params[at] = p - h;
+            lm = loss_at(t, &b);
+            s.params[at] = p;
+            fd = (lp - lm) / (2.0 * ((double)(p + h) - (double)p));
+            if (!(fabs(fd - an) <= 0.02 * fabs(an) + 2e-4)) {
+                char msg[320];
+                snprintf(msg, sizeof msg, "%s[%zu]: finite difference %.6g vs backward %.6g",
+                         pt->name, at - pt->offset, fd, an);
+                test_fail_at(__FILE__, __LINE__, msg);
+            }
+            checked++;
+        }
+    }
+    CHECK(checked >= s.n_tensors);
+    free(g0);
+    cdb_trainer_free(t);
+    free_batch(&b);
+    unload(m);
+}
+
+TEST(train_finite_differences_every_tensor_openai)
+{
+    finite_differences(gen("fd-openai", "--keys openai"), 1);
+}
+
+TEST(train_finite_differences_every_tensor_hf)
+{
+    finite_differences(gen("fd-hf", "--keys hf"), 0);
+}
+
+TEST(train_parse_what)
+{
+    cdb_train_opts o;
+    cdb_err e = {0};
+    cdb_train_opts_init(&o);
+    CHECK(cdb_train_parse_what("proj", &o, &e) == CLIPDB_OK && o.what == CDB_TRAIN_PROJ);
+    CHECK(cdb_train_parse_what("last:3", &o, &e) == CLIPDB_OK && o.what == CDB_TRAIN_LAST &&
+          o.last_n == 3);
+    CHECK(cdb_train_parse_what("all", &o, &e) == CLIPDB_OK && o.what == CDB_TRAIN_ALL);
+    const char *bad[] = {"", "last:", "last:0", "last:-1", "last:1001", "last:3x",
+                         "last:99999999999999999999", "Proj", "all ", NULL};
+    for (int i = 0; bad[i]; i++) {
+        CHECK(cdb_train_parse_what(bad[i], &o, &e) == CLIPDB_EINVAL);
+        CHECK(strstr(e.msg, "all, proj or last:N") != NULL);
+    }
+    CHECK(cdb_train_parse_what(NULL, &o, &e) == CLIPDB_EINVAL);
+}
+
+TEST(train_schedule_clamp_and_bad_options)
+{
+    const char *dir = gen("fd-openai", "--keys openai");
+    clipdb_model *m;
+    cdb_trainer *t = NULL;
+    cdb_train_opts o;
+    cdb_train_state s;
+    cdb_train_stats st;
+    cdb_err e = {0};
+    batch b;
+    if (!dir) SKIP("python3 absent: no generated model");
+    m = load(dir);
+    make_batch(&b, m, 3);
+    cdb_train_opts_init(&o);
+    o.lr = -1.0f;
+    CHECK(cdb_trainer_new(&t, m, &o, &e) == CLIPDB_EINVAL && !t);
+    cdb_train_opts_init(&o);
+    o.schedule = CDB_SCHED_COSINE;
+    o.total_steps = 2;
+    o.warmup = 2;
+    CHECK(cdb_trainer_new(&t, m, &o, &e) == CLIPDB_EINVAL && strstr(e.msg, "cosine"));
+    /* warm-up 2 then cosine to step 6 */
+    o.lr = 0.5f;
+    o.total_steps = 6;
+    REQUIRE(cdb_trainer_new(&t, m, &o, &e) == CLIPDB_OK);
+    {
+        /* steps 0, 1: warm-up 0.5 (s+1)/2; steps 2..5: 0.5 (1 + cos(pi (s-2)/4)) 0.5 */
+        const double want[6] = {0.25, 0.5, 0.5, 0.25 * (1 + cos(M_PI / 4)), 0.25,
+                                0.25 * (1 + cos(3 * M_PI / 4))};
+        for (int k = 0; k < 6; k++) {
+            cdb_trainer_set_step(t, k);
+            CHECK_NEAR(cdb_trainer_lr(t), want[k], 1e-6);
+        }
+    }
+    cdb_trainer_set_step(t, 6);
+    CHECK(cdb_trainer_lr(t) == 0.0f);
+    cdb_trainer_free(t);
+    t = NULL;
+
+    /* a huge lr: logit_scale stays within [0, ln 100] */
+    cdb_train_opts_init(&o);
+    o.lr = 10.0f;
+    REQUIRE(cdb_trainer_new(&t, m, &o, &e) == CLIPDB_OK);
+    cdb_trainer_state(t, &s);
+    REQUIRE(cdb_train_step(t, b.px, b.ids, b.lens, b.n, &st) == CLIPDB_OK);
+    CHECK(st.logit_scale >= 0.0f && st.logit_scale <= CDB_LOGIT_SCALE_MAX);
+    CHECK(s.params[s.numel - 1] == st.logit_scale);
+    CHECK(!strcmp(s.tensors[s.n_tensors - 1].name, "logit_scale"));
+
+    /* a NaN weight: the gradient is not finite, the step is refused, nothing moves */
+    {
+        float *before = malloc(s.numel * sizeof *before);
+        const cdb_ptensor *pt = cdb_trainer_find(t, "visual.ln_post.weight");
+        REQUIRE(pt != NULL);
+        s.params[pt->offset + 3] = NAN;
+        CHECK(cdb_trainer_nonfinite(t));
+        memcpy(before, s.params, s.numel * sizeof *before);
+        CHECK(cdb_train_step(t, b.px, b.ids, b.lens, b.n, &st) == CLIPDB_ERROR);
+        CHECK(strstr(cdb_trainer_errmsg(t), "not finite") != NULL);
+        CHECK(memcmp(before, s.params, s.numel * sizeof *before) == 0);
+        free(before);
+    }
+    /* bad batches */
+    CHECK(cdb_train_step(t, b.px, b.ids, b.lens, 1, &st) == CLIPDB_EINVAL);
+    b.buf[1] = 50000; /* text 0, token 1 */
+    CHECK(cdb_train_step(t, b.px, b.ids, b.lens, b.n, &st) == CLIPDB_EINVAL);
+    CHECK(strstr(cdb_trainer_errmsg(t), "vocabulary") != NULL);
+    b.buf[1] = 1;
+    b.lens[1] = 78;
+    CHECK(cdb_train_step(t, b.px, b.ids, b.lens, b.n, &st) == CLIPDB_EINVAL);
+    cdb_trainer_free(t);
+    free_batch(&b);
+    unload(m);
+}
+
+/* After training steps, sync makes the inference encoders (cdb_vision_forward,
+** cdb_text_forward: chunked, grouped, last block on one token) give the
+** embeddings the training forward used, and the frozen ones stay the file's. */
+TEST(train_sync_reaches_the_encoders)
+{
+    const char *dir = gen("fd-hf", "--keys hf");
+    clipdb_model *m;
+    cdb_trainer *t = NULL;
+    cdb_train_opts o;
+    cdb_train_stats st;
+    cdb_err e = {0};
+    struct cdb_run *r;
+    batch b;
+    float img[4 * 64], txt[4 * 64], img2[4 * 64];
+    const float *old_proj;
+    if (!dir) SKIP("python3 absent: no generated model");
+    m = load(dir);
+    make_batch(&b, m, 4);
+    r = cdb_run_new();
+    cdb_train_opts_init(&o);
+    o.lr = 1e-3f;
+    REQUIRE(cdb_trainer_new(&t, m, &o, &e) == CLIPDB_OK);
+    REQUIRE(m->embed_dim <= 64);
+    for (int k = 0; k < 3; k++) REQUIRE(cdb_train_step(t, b.px, b.ids, b.lens, b.n, &st) == 0);
+    REQUIRE(cdb_vision_forward(r, &m->vision, m->embed_dim, b.px, b.n, img, &e) == 0);
+    old_proj = m->vision.t.proj;
+    REQUIRE(cdb_trainer_sync(t, m) == CLIPDB_OK);
+    CHECK(m->vision.t.proj != old_proj);
+    CHECK(m->logit_scale == st.logit_scale);
+    REQUIRE(cdb_vision_forward(r, &m->vision, m->embed_dim, b.px, b.n, img2, &e) == 0);
+    REQUIRE(cdb_text_forward(r, &m->text, m->embed_dim, b.ids, b.lens, b.n, 0, txt, &e) == 0);
+    /* the trainer's own forward on the same weights: its loss must be the loss of
+    ** the encoders' embeddings; compare through the loss of one more grad call */
+    {
+        double la = loss_at(t, &b), lb, s = exp((double)st.logit_scale);
+        int i, j, k, n = b.n, E = m->embed_dim;
+        double lg[16], li = 0.0, lt = 0.0, nu[4], nt[4];
+        for (i = 0; i < n; i++) {
+            nu[i] = nt[i] = 0.0;
+            for (k = 0; k < E; k++) {
+                nu[i] += (double)img2[i * E + k] * img2[i * E + k];
+                nt[i] += (double)txt[i * E + k] * txt[i * E + k];
+            }
+            nu[i] = sqrt(nu[i]), nt[i] = sqrt(nt[i]);
+        }
+        for (i = 0; i < n; i++)
+            for (j = 0; j < n; j++) {
+                double d = 0.0;
+                for (k = 0; k < E; k++) d += (double)img2[i * E + k] * txt[j * E + k];
+                lg[i * n + j] = s * d / (nu[i] * nt[j]);
+            }
+        for (i = 0; i < n; i++) {
+            double zr = 0.0, zc = 0.0;
+            for (j = 0; j < n; j++) zr += exp(lg[i * n + j]), zc += exp(lg[j * n + i]);
+            li += log(zr) - lg[i * n + i];
+            lt += log(zc) - lg[i * n + i];
+        }
+        lb = (li + lt) / (2.0 * n);
+        CHECK_NEAR(la, lb, 1e-4 * fabs(lb));
+    }
+    {   /* the weights moved */
+        double diff = 0.0;
+        for (int k = 0; k < b.n * m->embed_dim; k++) diff += fabs(img[k] - img2[k]);
+        CHECK(diff > 1e-3);
+    }
+    /* a second sync refreshes the same copy */
+    {
+        const float *proj1 = m->vision.t.proj;
+        size_t owned = m->n_owned;
+        REQUIRE(cdb_train_step(t, b.px, b.ids, b.lens, b.n, &st) == 0);
+        REQUIRE(cdb_trainer_sync(t, m) == CLIPDB_OK);
+        CHECK(m->vision.t.proj == proj1 && m->n_owned == owned);
+        CHECK(m->logit_scale == st.logit_scale);
+        CHECK(m->vision.t.proj[0] ==
+              state_param(t, m->key_style[0] == 'h' ? "visual_projection.weight"
+                                                                 : "visual.proj"));
+    }
+    /* sync into a different model is refused */
+    {
+        clipdb_model *other = load(gen("fd-openai", "--keys openai"));
+        CHECK(cdb_trainer_sync(t, other) == CLIPDB_EMISMATCH);
+        unload(other);
+    }
+    cdb_run_free(r);
+    cdb_trainer_free(t);
+    free_batch(&b);
+    unload(m);
+}

@@ -274,6 +274,10 @@ typedef struct clipdb_hit {
 #define CLIPDB_MAX_K     (1 << 24)
 #define CLIPDB_MAX_NLIST (1 << 20)
 #define CLIPDB_DEFAULT_SEED 1234 /* k-means seed when none is given */
+/* The name of a database's vector set (the vectors of its own model). A
+** database holds this one set today; eval, the server and the page name it
+** so. */
+#define CLIPDB_VECTOR_SET_BASE "base"
 
 /* A borrowed view of n vectors of dimension d. Nothing is copied or freed. */
 typedef struct clipdb_vecs {

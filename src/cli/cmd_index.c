@@ -31,7 +31,7 @@ const char cli_index_help[] =
     "  --target T      image or text; default: --ivf builds both (a target\n"
     "                  without vectors is skipped), --faiss builds image\n"
     "  --metric M      the metric it serves: cosine (default), dot or l2\n"
-    "  --seed S        k-means seed (default 1234)\n"
+    "  --seed S        k-means seed (default " CLI_STR(CLIPDB_DEFAULT_SEED) ")\n"
     "\n"
     "example:\n"
     "  clipdb index photos.db --ivf --nlist 64      (image and text indexes)\n"

@@ -367,7 +367,7 @@ static int h_stats(hreq *r)
     /* A database holds one vector set today; the page shows the model switch
     ** only when this lists two. */
     sets = cJSON_AddArrayToObject(o, "vector_sets");
-    if (sets) cJSON_AddItemToArray(sets, cJSON_CreateString("base"));
+    if (sets) cJSON_AddItemToArray(sets, cJSON_CreateString(CLIPDB_VECTOR_SET_BASE));
     cJSON_AddBoolToObject(o, "readonly", r->s->opt.readonly);
     cJSON_AddBoolToObject(o, "writable", !r->s->opt.readonly && r->s->token);
     cJSON_AddNumberToObject(o, "max_k", CDB_HTTP_MAX_K);
@@ -474,7 +474,7 @@ static int h_search(hreq *r)
     }
     opt.nprobe = (int)v;
     if ((sv = param_str(p, "vectors")) || cJSON_GetObjectItemCaseSensitive(p, "vectors")) {
-        if (!sv || strcmp(sv, "base")) {
+        if (!sv || strcmp(sv, CLIPDB_VECTOR_SET_BASE)) {
             st = reply_error(r, 400, "this database holds one vector set: 'base'");
             goto cleanup;
         }
@@ -554,7 +554,7 @@ static int h_search(hreq *r)
                                             : opt.index == CLIPDB_INDEX_FAISS ? "faiss"
                                                                               : "exact");
         if (opt.index == CLIPDB_INDEX_IVF) cJSON_AddNumberToObject(q, "nprobe", opt.nprobe);
-        cJSON_AddStringToObject(q, "vectors", "base");
+        cJSON_AddStringToObject(q, "vectors", CLIPDB_VECTOR_SET_BASE);
     }
     if (res->note) cJSON_AddStringToObject(o, "note", res->note);
     reply_json(r, 200, o);

@@ -11,7 +11,7 @@
 
 #define EXPORT_MAX_WHERE 64
 
-static const char *const set_names[] = {"default"};
+static const char *const set_names[] = {CLIPDB_VECTOR_SET_BASE};
 
 int cdb_db_vector_sets(clipdb_db *db, const char *const **names, int *n)
 {

@@ -145,7 +145,7 @@ int cdb_db_split(clipdb_db *db, const char *const *where, int n_where, cdb_split
 void cdb_split_free(cdb_split *s);
 
 /* The vector sets a database holds: names[0 .. *n) (static strings). Today
-** one, "default" (the vectors of the database's model). */
+** one, CLIPDB_VECTOR_SET_BASE (the vectors of the database's model). */
 int cdb_db_vector_sets(clipdb_db *db, const char *const **names, int *n);
 
 /* Copies the vectors of set `set` of the n items `ids` (all of type `type`)

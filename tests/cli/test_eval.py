@@ -41,7 +41,7 @@ def test_json_has_every_figure(db):
     j = json.loads(r.stdout)
     assert j["images"] == 31 and j["captions"] == 150
     assert j["images_without_captions"] == 1
-    assert j["metric"] == "cosine" and j["split"] == "all" and j["vector_set"] == "default"
+    assert j["metric"] == "cosine" and j["split"] == "all" and j["vector_set"] == "base"
     for d, gallery in (("t2i", 31), ("i2t", 150)):
         assert set(j[d]) >= {"R@1", "R@5", "R@10", "median_rank", "mean_rank"}
         assert 0 <= j[d]["R@1"] <= j[d]["R@5"] <= j[d]["R@10"] <= 1
@@ -54,7 +54,7 @@ def test_json_has_every_figure(db):
         assert j["hit_rate"][d]["cosine"][0][1] == j[d]["R@1"]
     assert j["random"][0] == [1, pytest.approx(1 / 31)] and j["random"][-1][1] == pytest.approx(1.0)
     # one vector set today, as a list
-    assert [s["name"] for s in j["sets"]] == ["default"] and j["sets"][0]["t2i"] == j["t2i"]
+    assert [s["name"] for s in j["sets"]] == ["base"] and j["sets"][0]["t2i"] == j["t2i"]
     ic = j["index_comparison"]
     assert ic["measured"] and ic["nlist"] == 4 and ic["k"] == 10
     kinds = [(r["index"], r["nprobe"]) for r in ic["rows"]]
@@ -107,7 +107,7 @@ def test_bad_input(db, model, tmp_path, shared):
     p = run("eval", db, "--split", "val2017", "-k", "1,21")
     one_line_failure(p, "eval", "k 21 is larger than the gallery", "20 images")
     p = run("eval", db, "--set", "finetuned")
-    one_line_failure(p, "eval", "no vector set 'finetuned'", "default")
+    one_line_failure(p, "eval", "no vector set 'finetuned'", "base")
     texts = tmp_path / "t.txt"
     texts.write_text("a cat\na dog\n")
     nocap = tmp_path / "texts.db"

@@ -218,7 +218,7 @@ TEST(eval_run_split_known_figures)
     REQUIRE(clipdb_eval_run(db, &o, &ev) == CLIPDB_OK);
     REQUIRE(clipdb_eval_n_sets(ev) == 1);
     REQUIRE(clipdb_eval_get_summary(ev, 0, &s) == CLIPDB_OK);
-    CHECK(!strcmp(s.set, "default") && !strcmp(s.model, "clip-test-eval"));
+    CHECK(!strcmp(s.set, "base") && !strcmp(s.model, "clip-test-eval"));
     CHECK(s.images == 3 && s.captions == 3);
     CHECK(s.images_without_captions == 1 && s.captions_outside == 1);
     /* text->image (cosine), gallery A B C: a1 -> A rank 1; a2 (.2,1) -> B

@@ -174,9 +174,10 @@ def run(model_dir, pixels, ids, steps=1, lr=1e-3, wd=0.2, betas=(0.9, 0.999), ep
     return grads, params1, np.array(losses)
 
 
-def adamw_on(model_dir, grads, lr=1e-3, wd=0.2, betas=(0.9, 0.999), eps=1e-8):
+def adamw_on(model_dir, grads, lr=1e-3, wd=0.2, betas=(0.9, 0.999), eps=1e-8, clip=0.0):
     """One torch.optim.AdamW step from the model file's weights with the given
-    gradients ({file name: array}); returns {file name: array}."""
+    gradients ({file name: array}), after torch.nn.utils.clip_grad_norm_(clip)
+    when clip > 0; returns {file name: array}."""
     style, w_file = file_style(model_dir)
     w = ref_clip.to_openai_names(w_file)
     m = Trainable(w, float(np.asarray(w_file["logit_scale"]).reshape(-1)[0]))
@@ -190,6 +191,8 @@ def adamw_on(model_dir, grads, lr=1e-3, wd=0.2, betas=(0.9, 0.999), eps=1e-8):
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": wd},
                              {"params": rest, "weight_decay": 0.0}],
                             lr=lr, betas=betas, eps=eps, foreach=False)
+    if clip > 0:
+        torch.nn.utils.clip_grad_norm_(list(named.values()), clip)
     opt.step()
     with torch.no_grad():
         m.logit_scale.clamp_(0, math.log(100))

@@ -21,7 +21,8 @@ Checks, with the tolerances the issue states:
   * 50 steps on the same batch from the same weights: the loss curves agree
     within 1e-3 relative.
   * exact micro-batching (open_clip accum_freq style) gives the full-batch
-    gradient; --train proj / last:1 leave frozen tensors at zero gradient.
+    gradient; --train proj / last:1 leave frozen tensors at zero gradient;
+    global-norm clipping equals torch.nn.utils.clip_grad_norm_ + AdamW.
 """
 import os
 import pathlib
@@ -198,3 +199,20 @@ def test_frozen_tensors_get_no_gradient(tool, models, batch, tmp_path, what):
         assert not trainable["visual.transformer.resblocks.1.mlp.c_fc.weight"]
         assert trainable["ln_final.weight"] and not trainable["token_embedding.weight"]
         assert n_trained == 2 * (12 + 3) + 1
+
+
+def test_gradient_clipping_as_torch(tool, refmods, models, batch, tmp_path):
+    """--clip: the global-norm clipping of torch.nn.utils.clip_grad_norm_ before
+    AdamW. A small max norm makes the clipped gradient comparable to eps, so
+    the step differs visibly from the unclipped one (the test can fail)."""
+    _, ref_train = refmods
+    model = models[("tiny", "openai")]
+    g, p1, _, _ = ours(tool, model, batch, tmp_path / "c", "--lr", LR, "--clip", 1e-4)
+    _, p1u, _, _ = ours(tool, model, batch, tmp_path / "u", "--lr", LR)
+    tp1 = ref_train.adamw_on(model, g, lr=LR, wd=WD, clip=1e-4)
+    moved = 0.0
+    for name, ref in tp1.items():
+        d = np.abs(p1[name] - ref.reshape(p1[name].shape)).max()
+        assert d <= 1e-6, f"{name}: clipped AdamW step differs by {d:.3g}"
+        moved = max(moved, float(np.abs(p1[name] - p1u[name]).max()))
+    assert moved > 1e-5  # clipping changed the step

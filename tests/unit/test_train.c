@@ -13,51 +13,25 @@
 #include "model/model.h"
 #include "model/transformer.h"
 #include "train/train.h"
+#include "models.h"
 #include "test.h"
 
+/* The engine's tests run on tiny models of seed 5. */
 static const char *gen(const char *name, const char *args)
 {
-    static char dir[512];
-    char cmd[1024], marker[600];
-    snprintf(dir, sizeof dir, "%s/%s", test_tmpdir(), name);
-    snprintf(marker, sizeof marker, "%s/model.safetensors", dir);
-    if (access(marker, R_OK) == 0) return dir;
-    if (access("/usr/bin/python3", X_OK) != 0) return NULL;
-    snprintf(cmd, sizeof cmd,
-             "/usr/bin/python3 tools/gen_model.py '%s' --size tiny --tokenizer none --seed 5 %s",
-             dir, args);
-    if (system(cmd) != 0) {
-        test_fail_at(__FILE__, __LINE__, cmd);
-        return NULL;
-    }
-    return dir;
+    char a[512];
+    snprintf(a, sizeof a, "--seed 5 %s", args);
+    return test_gen_model(name, a);
 }
 
 static clipdb_model *load(const char *dir)
 {
-    clipdb_model *m = calloc(1, sizeof *m);
-    if (!m) abort();
-    m->identity_lock = malloc(sizeof(pthread_mutex_t));
-    pthread_mutex_init((pthread_mutex_t *)m->identity_lock, NULL);
-    m->dir = cdb_strdup(dir);
-    m->weights_path = cdb_path_join(dir, "model.safetensors");
-    if (cdb_st_open(m->weights_path, &m->st, &m->err) || cdb_weights_bind(m)) {
+    clipdb_model *m = NULL;
+    if (test_load_model(dir, &m) != CLIPDB_OK) {
         fprintf(stderr, "    load %s: %s\n", dir, m->err.msg);
         abort();
     }
     return m;
-}
-
-static void unload(clipdb_model *m)
-{
-    if (!m) return;
-    cdb_weights_release(m);
-    cdb_st_close(m->st);
-    pthread_mutex_destroy((pthread_mutex_t *)m->identity_lock);
-    free(m->identity_lock);
-    free(m->weights_path);
-    free(m->dir);
-    free(m);
 }
 
 static uint64_t rs = 0x2545F4914F6CDD1Dull;
@@ -174,7 +148,7 @@ static void finite_differences(const char *dir, int extra)
     free(g0);
     cdb_trainer_free(t);
     free_batch(&b);
-    unload(m);
+    test_unload_model(m);
 }
 
 TEST(train_finite_differences_every_tensor_openai)
@@ -277,7 +251,7 @@ TEST(train_schedule_clamp_and_bad_options)
     CHECK(cdb_train_step(t, b.px, b.ids, b.lens, b.n, &st) == CLIPDB_EINVAL);
     cdb_trainer_free(t);
     free_batch(&b);
-    unload(m);
+    test_unload_model(m);
 }
 
 /* After training steps, sync makes the inference encoders (cdb_vision_forward,
@@ -361,10 +335,10 @@ TEST(train_sync_reaches_the_encoders)
     {
         clipdb_model *other = load(gen("fd-openai", "--keys openai"));
         CHECK(cdb_trainer_sync(t, other) == CLIPDB_EMISMATCH);
-        unload(other);
+        test_unload_model(other);
     }
     cdb_run_free(r);
     cdb_trainer_free(t);
     free_batch(&b);
-    unload(m);
+    test_unload_model(m);
 }

@@ -9,65 +9,18 @@
 #include <unistd.h>
 
 #include "model/model.h"
+#include "models.h"
 #include "test.h"
 
-
-/* Generates (once per run) a tiny model in test_tmpdir()/name; NULL if python is absent. */
-static const char *gen(const char *name, const char *args)
-{
-    static char dir[512];
-    char cmd[1024], marker[600];
-    snprintf(dir, sizeof dir, "%s/%s", test_tmpdir(), name);
-    snprintf(marker, sizeof marker, "%s/model.safetensors", dir);
-    if (access(marker, R_OK) == 0) return dir;
-    if (access("/usr/bin/python3", X_OK) != 0) return NULL;
-    snprintf(cmd, sizeof cmd,
-             "/usr/bin/python3 tools/gen_model.py '%s' --size tiny --tokenizer none %s", dir,
-             args);
-    if (system(cmd) != 0) {
-        test_fail_at(__FILE__, __LINE__, cmd);
-        return NULL;
-    }
-    return dir;
-}
-
-/* Maps and binds dir/model.safetensors into a fresh model the way clipdb_model_open does. */
-static int load(const char *dir, clipdb_model **out)
-{
-    clipdb_model *m = calloc(1, sizeof *m);
-    int rc;
-    if (!m) abort();
-    m->identity_lock = malloc(sizeof(pthread_mutex_t));
-    pthread_mutex_init((pthread_mutex_t *)m->identity_lock, NULL);
-    m->dir = cdb_strdup(dir);
-    m->weights_path = cdb_path_join(dir, "model.safetensors");
-    *out = m;
-    rc = cdb_st_open(m->weights_path, &m->st, &m->err);
-    if (rc == CLIPDB_OK) rc = cdb_weights_bind(m);
-    return rc;
-}
-
-static void unload(clipdb_model *m)
-{
-    if (!m) return;
-    cdb_weights_release(m);
-    cdb_st_close(m->st);
-    pthread_mutex_destroy((pthread_mutex_t *)m->identity_lock);
-    free(m->identity_lock);
-    free(m->weights_path);
-    free(m->dir);
-    free(m);
-}
-
 #define GEN_OR_SKIP(var, name, args)                                  \
-    const char *var = gen(name, args);                                \
+    const char *var = test_gen_model(name, args);                     \
     if (!var) SKIP("/usr/bin/python3 with numpy needed to generate models")
 
 TEST(weights_tiny_openai_f32_binds_in_place)
 {
     clipdb_model *m = NULL;
     GEN_OR_SKIP(dir, "o32", "--keys openai --dtype F32 --seed 7");
-    REQUIRE(load(dir, &m) == CLIPDB_OK);
+    REQUIRE(test_load_model(dir, &m) == CLIPDB_OK);
     CHECK(!strcmp(m->key_style, "openai"));
     CHECK(!strcmp(m->dtype, "F32"));
     CHECK(m->embed_dim == 32);
@@ -91,7 +44,7 @@ TEST(weights_tiny_openai_f32_binds_in_place)
     cdb_weights_release(m);
     cdb_weights_release(m); /* idempotent */
     CHECK(m->vision.t.blocks == NULL);
-    unload(m);
+    test_unload_model(m);
 }
 
 /* Every fp32 view of a equals b's, element by element; projections may be transposed. */
@@ -177,8 +130,8 @@ TEST(weights_openai_and_hf_same_seed_bind_identically)
         od = cdb_strdup(odir);
         GEN_OR_SKIP(hdir, hn, ha);
         hd = hdir;
-        CHECK(load(od, &o) == CLIPDB_OK);
-        CHECK(load(hd, &h) == CLIPDB_OK);
+        CHECK(test_load_model(od, &o) == CLIPDB_OK);
+        CHECK(test_load_model(hd, &h) == CLIPDB_OK);
         if (o->st && h->st && o->dtype && h->dtype) {
             CHECK(!strcmp(h->key_style, "hf"));
             CHECK(h->vision.t.proj_transposed && h->text.t.proj_transposed);
@@ -188,8 +141,8 @@ TEST(weights_openai_and_hf_same_seed_bind_identically)
         } else {
             fprintf(stderr, "    %s / %s\n", o->err.msg, h->err.msg);
         }
-        unload(o);
-        unload(h);
+        test_unload_model(o);
+        test_unload_model(h);
         free((void *)od);
     }
 }
@@ -198,23 +151,23 @@ TEST(weights_f16_bf16_are_the_f32_model_rounded)
 {
     clipdb_model *a = NULL, *h = NULL, *bf = NULL;
     GEN_OR_SKIP(d32, "o32", "--keys openai --dtype F32 --seed 7");
-    REQUIRE(load(d32, &a) == CLIPDB_OK);
+    REQUIRE(test_load_model(d32, &a) == CLIPDB_OK);
     {
         GEN_OR_SKIP(d16, "oF16", "--keys openai --dtype F16 --seed 7");
-        CHECK(load(d16, &h) == CLIPDB_OK);
+        CHECK(test_load_model(d16, &h) == CLIPDB_OK);
     }
     {
         GEN_OR_SKIP(db16, "oBF16", "--keys openai --dtype BF16 --seed 7");
-        CHECK(load(db16, &bf) == CLIPDB_OK);
+        CHECK(test_load_model(db16, &bf) == CLIPDB_OK);
     }
     /* weights are below ~4 in magnitude: F16 keeps 11 bits, BF16 8 */
     if (h->dtype) check_models_equal(a, h, 4.0 / 2048);
     if (bf->dtype) check_models_equal(a, bf, 4.0 / 256);
     /* and not bit-identical, or the conversion was not exercised */
     if (h->dtype) CHECK(memcmp(a->vision.t.blocks[0].wq, h->vision.t.blocks[0].wq, 64 * 4) != 0);
-    unload(a);
-    unload(h);
-    unload(bf);
+    test_unload_model(a);
+    test_unload_model(h);
+    test_unload_model(bf);
 }
 
 /* Independent definition of binary16: (-1)^s * 2^(e-15) * (1 + m/1024), subnormals 2^-14 * m/1024. */
@@ -257,13 +210,13 @@ TEST(weights_bf16_conversion)
 static void check_fails(const char *dir, const char *want)
 {
     clipdb_model *m = NULL;
-    CHECK(load(dir, &m) == CLIPDB_EFORMAT);
+    CHECK(test_load_model(dir, &m) == CLIPDB_EFORMAT);
     if (!strstr(m->err.msg, want)) {
         fprintf(stderr, "    message was: %s\n    wanted: %s\n", m->err.msg, want);
         test_fail_at(__FILE__, __LINE__, "error message");
     }
     CHECK(m->vision.t.blocks == NULL && m->n_owned == 0); /* released on failure */
-    unload(m);
+    test_unload_model(m);
 }
 
 TEST(weights_missing_tensor_is_named)
@@ -410,13 +363,13 @@ TEST(weights_identity_digest_and_disk_cache)
     }
     unlink(cache);
 
-    REQUIRE(load(d, &m) == CLIPDB_OK);
+    REQUIRE(test_load_model(d, &m) == CLIPDB_OK);
     id = clipdb_model_identity(m);
     REQUIRE(id);
     snprintf(line, sizeof line, "clip-w64-p32-%s", want);
     CHECK(!strcmp(id, line));
     CHECK(clipdb_model_identity(m) == id); /* cached in memory */
-    unload(m);
+    test_unload_model(m);
     CHECK(access(cache, R_OK) == 0);
     {
         char beside[600];
@@ -439,9 +392,9 @@ TEST(weights_identity_digest_and_disk_cache)
         fprintf(f, "%llu %llu %064d\n", size, mt, 0);
         fclose(f);
     }
-    REQUIRE(load(d, &m) == CLIPDB_OK);
+    REQUIRE(test_load_model(d, &m) == CLIPDB_OK);
     CHECK(!strcmp(clipdb_model_identity(m), "clip-w64-p32-0000000000000000"));
-    unload(m);
+    test_unload_model(m);
 
     /* once the file's mtime changes, the cache is stale and the digest is computed again */
     {
@@ -450,18 +403,18 @@ TEST(weights_identity_digest_and_disk_cache)
         snprintf(path, sizeof path, "%s/model.safetensors", d);
         REQUIRE(utimensat(AT_FDCWD, path, ts, 0) == 0);
     }
-    REQUIRE(load(d, &m) == CLIPDB_OK);
+    REQUIRE(test_load_model(d, &m) == CLIPDB_OK);
     CHECK(!strcmp(clipdb_model_identity(m), line));
-    unload(m);
+    test_unload_model(m);
 
     /* no usable cache directory: the identity is still right, just not cached */
     {
         char nodir[600];
         snprintf(nodir, sizeof nodir, "%s/model.safetensors", d); /* a file, not a dir */
         REQUIRE(setenv("XDG_CACHE_HOME", nodir, 1) == 0);
-        REQUIRE(load(d, &m) == CLIPDB_OK);
+        REQUIRE(test_load_model(d, &m) == CLIPDB_OK);
         CHECK(!strcmp(clipdb_model_identity(m), line));
-        unload(m);
+        test_unload_model(m);
     }
     unsetenv("XDG_CACHE_HOME");
 

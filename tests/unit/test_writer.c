@@ -15,55 +15,11 @@
 #include <unistd.h>
 
 #include "model/writer.h"
+#include "models.h"
 #include "test.h"
 
 float cdb_f16_to_f32(uint16_t h);
 float cdb_bf16_to_f32(uint16_t h);
-
-static const char *gen(const char *name, const char *args)
-{
-    static char dir[512];
-    char cmd[1024], marker[600];
-    snprintf(dir, sizeof dir, "%s/%s", test_tmpdir(), name);
-    snprintf(marker, sizeof marker, "%s/model.safetensors", dir);
-    if (access(marker, R_OK) == 0) return dir;
-    if (access("/usr/bin/python3", X_OK) != 0) return NULL;
-    snprintf(cmd, sizeof cmd,
-             "/usr/bin/python3 tools/gen_model.py '%s' --size tiny --tokenizer none %s", dir,
-             args);
-    if (system(cmd) != 0) {
-        test_fail_at(__FILE__, __LINE__, cmd);
-        return NULL;
-    }
-    return dir;
-}
-
-static int load(const char *dir, clipdb_model **out)
-{
-    clipdb_model *m = calloc(1, sizeof *m);
-    int rc;
-    if (!m) abort();
-    m->identity_lock = malloc(sizeof(pthread_mutex_t));
-    pthread_mutex_init((pthread_mutex_t *)m->identity_lock, NULL);
-    m->dir = cdb_strdup(dir);
-    m->weights_path = cdb_path_join(dir, "model.safetensors");
-    *out = m;
-    rc = cdb_st_open(m->weights_path, &m->st, &m->err);
-    if (rc == CLIPDB_OK) rc = cdb_weights_bind(m);
-    return rc;
-}
-
-static void unload(clipdb_model *m)
-{
-    if (!m) return;
-    cdb_weights_release(m);
-    cdb_st_close(m->st);
-    pthread_mutex_destroy((pthread_mutex_t *)m->identity_lock);
-    free(m->identity_lock);
-    free(m->weights_path);
-    free(m->dir);
-    free(m);
-}
 
 static void put_file(const char *path, const char *text)
 {
@@ -200,12 +156,12 @@ TEST(writer_model_dir_both_conventions_all_dtypes)
     const char *d;
     int s, k;
 
-    d = gen("wr_src", "--keys openai --dtype F32 --seed 7");
+    d = test_gen_model("wr_src", "--keys openai --dtype F32 --seed 7");
     if (!d) SKIP("python3 not available");
     snprintf(src_dir, sizeof src_dir, "%s", d);
     snprintf(tok, sizeof tok, "%s/merges.txt", src_dir);
     put_file(tok, "#version: test\n");
-    REQUIRE(load(src_dir, &src) == CLIPDB_OK);
+    REQUIRE(test_load_model(src_dir, &src) == CLIPDB_OK);
     for (s = 0; s < 2; s++) {
         for (k = 0; k < 3; k++) {
             cdb_model_write_opts o = {0};
@@ -220,11 +176,11 @@ TEST(writer_model_dir_both_conventions_all_dtypes)
             cdb_err_clear(&e);
             CHECK(cdb_model_write_dir(src, out, &o, &e) == CLIPDB_OK);
             if (e.code) fprintf(stderr, "    %s\n", e.msg);
-            REQUIRE(load(out, &back) == CLIPDB_OK);
+            REQUIRE(test_load_model(out, &back) == CLIPDB_OK);
             CHECK(!strcmp(back->key_style, styles[s]));
             CHECK(!strcmp(back->dtype, dts[k].name));
             CHECK(same_weights(src, back, dts[k].dt));
-            unload(back);
+            test_unload_model(back);
             /* the tokenizer file was copied, the JSON written */
             snprintf(tok, sizeof tok, "%s/merges.txt", out);
             CHECK(cdb_read_file(tok, 1024, &copied, &clen, &e) == CLIPDB_OK &&
@@ -235,7 +191,7 @@ TEST(writer_model_dir_both_conventions_all_dtypes)
             /* the same bytes, tensor by tensor, as gen_model.py writes in this convention */
             snprintf(refname, sizeof refname, "wr_ref_%s_%s", styles[s], dts[k].name);
             snprintf(args, sizeof args, "--keys %s --dtype %s --seed 7", styles[s], dts[k].name);
-            d = gen(refname, args);
+            d = test_gen_model(refname, args);
             REQUIRE(d);
             snprintf(ref, sizeof ref, "%s", d);
             snprintf(ref_path, sizeof ref_path, "%s/model.safetensors", ref);
@@ -243,7 +199,7 @@ TEST(writer_model_dir_both_conventions_all_dtypes)
             CHECK(same_file_tensors(ref_path, out_path));
         }
     }
-    unload(src);
+    test_unload_model(src);
 }
 
 TEST(writer_refuses_nan_and_existing_out)
@@ -254,11 +210,11 @@ TEST(writer_refuses_nan_and_existing_out)
     cdb_err e;
     float *cls;
     const float *saved;
-    const char *d = gen("wr_nan", "--keys openai --dtype F32 --seed 3");
+    const char *d = test_gen_model("wr_nan", "--keys openai --dtype F32 --seed 3");
     if (!d) SKIP("python3 not available");
     snprintf(probe, sizeof probe, "%s/merges.txt", d);
     put_file(probe, "#version: test\n");
-    REQUIRE(load(d, &m) == CLIPDB_OK);
+    REQUIRE(test_load_model(d, &m) == CLIPDB_OK);
     snprintf(out, sizeof out, "%s/wr_nan_out", test_tmpdir());
 
     cls = malloc(sizeof(float) * (size_t)m->vision.t.width);
@@ -300,7 +256,7 @@ TEST(writer_refuses_nan_and_existing_out)
     snprintf(out, sizeof out, "%s/no/such/dir/out", test_tmpdir());
     CHECK(cdb_model_write_dir(m, out, &o, &e) == CLIPDB_EIO);
     CHECK(strstr(e.msg, "cannot create") && strstr(e.msg, "No such file"));
-    unload(m);
+    test_unload_model(m);
 }
 
 TEST(writer_failed_write_keeps_previous_file)

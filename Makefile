@@ -23,7 +23,25 @@ CLI_C   := $(wildcard src/cli/*.c)
 TEST_C  := $(wildcard tests/unit/*.c)
 FUZZ_C  := $(wildcard tests/fuzz/fuzz_*.c)
 
-LIB_O  := $(LIB_C:%.c=$(BUILD)/%.o) $(LIB_CXX:%.cc=$(BUILD)/%.o)
+# The CUDA backend (src/cuda, README "GPU"): built when nvcc is found in
+# /usr/local/cuda/bin or on PATH; `make CUDA=0` builds the stub instead.
+# sm_90 (H100/H200) machine code plus its PTX (JIT for newer GPUs);
+# CUDA_ARCH overrides. Host and device warnings are errors.
+NVCC    ?= $(firstword $(wildcard /usr/local/cuda/bin/nvcc) $(shell command -v nvcc 2>/dev/null))
+CUDA    ?= $(if $(NVCC),1,0)
+CUDA_ARCH ?= -gencode arch=compute_90,code=[sm_90,compute_90]
+NVFLAGS  = -std=c++17 -O2 -g -lineinfo $(CUDA_ARCH) -Werror all-warnings \
+           -Xcompiler -Wall,-Wextra,-Wshadow,-Werror,-fvisibility=hidden,-pthread
+LIB_C   += src/cuda/device.c
+ifeq ($(CUDA),1)
+CUDA_HOME := $(patsubst %/bin/nvcc,%,$(NVCC))
+LIB_CU  := $(wildcard src/cuda/*.cu)
+LDLIBS  += -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcublas -lcudart
+else
+LIB_C   += src/cuda/stub.c
+endif
+
+LIB_O  := $(LIB_C:%.c=$(BUILD)/%.o) $(LIB_CXX:%.cc=$(BUILD)/%.o) $(LIB_CU:%.cu=$(BUILD)/%.o)
 CLI_O  := $(CLI_C:%.c=$(BUILD)/%.o)
 TEST_O := $(TEST_C:%.c=$(BUILD)/%.o)
 
@@ -37,6 +55,10 @@ $(BUILD)/%.o: %.c
 $(BUILD)/%.o: %.cc
 	@mkdir -p $(dir $@)
 	$(CXX) $(CPPFLAGS) $(CXXFLAGS) -MMD -MP -c $< -o $@
+
+$(BUILD)/%.o: %.cu
+	@mkdir -p $(dir $@)
+	$(NVCC) $(CPPFLAGS) $(NVFLAGS) -MMD -MP -c $< -o $@
 
 $(BUILD)/libclipdb.a: $(LIB_O)
 	@rm -f $@

@@ -47,6 +47,7 @@ extern "C" {
 #define CLIPDB_ELIMIT    7  /* input exceeds a safety limit (size, pixels) */
 #define CLIPDB_EMISMATCH 8  /* e.g. vectors from another model */
 #define CLIPDB_ENET      9  /* network failure (model fetch) */
+#define CLIPDB_ENODEV   10  /* no CUDA device (or built without CUDA) */
 
 /* A short constant name for a status code ("CLIPDB_EFORMAT"). */
 CLIPDB_API const char *clipdb_status_name(int rc);
@@ -569,6 +570,47 @@ typedef struct clipdb_db_stats {
 /* Fills *out; its strings belong to db and live until the next call on db. */
 CLIPDB_API int clipdb_db_get_stats(clipdb_db *db, clipdb_db_stats *out);
 
+
+/* ---- devices (the CUDA backend) ----------------------------------------- */
+
+/* Where encoding and exact search run. AUTO: the GPU when one is present,
+** else the CPU. The CUDA backend is built when nvcc is found (make CUDA=0
+** leaves it out: asking for CUDA then fails with CLIPDB_ENODEV). */
+typedef enum clipdb_device {
+    CLIPDB_DEVICE_CPU = 0,
+    CLIPDB_DEVICE_CUDA = 1,
+    CLIPDB_DEVICE_AUTO = 2
+} clipdb_device;
+
+/* Element type on the GPU: of the resident search vectors and of the
+** encoders' weights and GEMM inputs (accumulation is always fp32). The
+** encoders take fp32 or bf16 (fp16 encodes as fp32). */
+typedef enum clipdb_precision {
+    CLIPDB_PREC_FP32 = 0,
+    CLIPDB_PREC_FP16 = 1,
+    CLIPDB_PREC_BF16 = 2
+} clipdb_precision;
+
+/* Parses "cpu", "cuda", "auto", each optionally with ":fp32", ":fp16" or
+** ":bf16" (default fp32): e.g. "cuda:bf16". CLIPDB_EINVAL otherwise. */
+CLIPDB_API int clipdb_device_parse(const char *spec, clipdb_device *dev,
+                                   clipdb_precision *prec);
+/* "cpu", "cuda", "auto"; "?" outside the enum. Static string. */
+CLIPDB_API const char *clipdb_device_name(clipdb_device d);
+/* Resolves `want` to the device that will run: AUTO -> CUDA when a device
+** is usable, else CPU; CUDA without a usable device -> CLIPDB_ENODEV with
+** "no CUDA device (...)" or "built without CUDA" in *errmsg (caller frees
+** with clipdb_free; errmsg may be NULL). */
+CLIPDB_API int clipdb_device_resolve(clipdb_device want, clipdb_device *got, char **errmsg);
+/* Encodes on `dev` from now on (resolved as clipdb_device_resolve; the
+** message is on the ctx). On CUDA the towers are uploaded at the first
+** encode and kept for the life of the ctx. */
+CLIPDB_API int clipdb_ctx_set_device(clipdb_ctx *c, clipdb_device dev, clipdb_precision prec);
+/* Encodes (add, text/image queries) and runs exact search on `dev`: the
+** vectors of a target are uploaded at its first exact search and kept
+** until they change or the handle closes. k above 1024 searches on the CPU.
+** Message on the handle. */
+CLIPDB_API int clipdb_db_set_device(clipdb_db *db, clipdb_device dev, clipdb_precision prec);
 
 #ifdef __cplusplus
 }

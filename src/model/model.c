@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cuda/cuda.h"
 #include "model/model.h"
 
 /* File names looked for, in order. */
@@ -149,6 +150,7 @@ void clipdb_ctx_free(clipdb_ctx *c)
     cdb_run_free(c->run);
     cdb_tok_cache_free(c->tok_cache);
     cdb_img_scratch_free(c->img);
+    cdb_cuda_model_free(c->gpu);
     free(c);
 }
 

@@ -106,6 +106,9 @@ struct clipdb_ctx {
     cdb_tok_cache *tok_cache;
     struct cdb_img_scratch *img;
     int truncate;                      /* clipdb_ctx_set_truncate (tokenizer.c) */
+    int device;                        /* CLIPDB_DEVICE_CPU or _CUDA (src/cuda/device.c) */
+    int precision;                     /* clipdb_precision of the GPU towers */
+    struct cdb_cuda_model *gpu;        /* the GPU towers, owned; NULL until first used */
 };
 void cdb_run_free(struct cdb_run *r);            /* transformer.c */
 void cdb_img_scratch_free(struct cdb_img_scratch *s); /* image.c */

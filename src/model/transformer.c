@@ -16,6 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "cuda/cuda.h"
 #include "model/tokenizer.h"
 #include "model/transformer.h"
 
@@ -589,6 +590,11 @@ int clipdb_encode_images(clipdb_ctx *c, const float *pixels, int n, float *out)
     if ((rc = ctx_ready(c))) return rc;
     if (n < 0 || (n > 0 && (!pixels || !out)))
         return cdb_err_set(&c->err, CLIPDB_EINVAL, "encode_images: bad arguments");
+    if (c->device == CLIPDB_DEVICE_CUDA) { /* clipdb_ctx_set_device: src/cuda */
+        cdb_cuda_model *g;
+        if ((rc = cdb_cuda_ctx_model(c, &g)) != CLIPDB_OK) return rc;
+        return cdb_cuda_encode_images(g, pixels, n, out, &c->err);
+    }
     return cdb_vision_forward(c->run, &c->m->vision, c->m->embed_dim, pixels, n, out, &c->err);
 }
 
@@ -621,6 +627,12 @@ int clipdb_encode_texts(clipdb_ctx *c, const char *const *texts, int n, float *o
             if (n > 1) cdb_err_prefix(&c->err, "text %d", i);
             goto cleanup;
         }
+    }
+    if (c->device == CLIPDB_DEVICE_CUDA) { /* clipdb_ctx_set_device: src/cuda */
+        cdb_cuda_model *g;
+        if ((rc = cdb_cuda_ctx_model(c, &g)) == CLIPDB_OK)
+            rc = cdb_cuda_encode_texts(g, ids, lens, n, out, &c->err);
+        goto cleanup;
     }
     rc = cdb_text_forward(c->run, &c->m->text, c->m->embed_dim, ids, lens, n, 0, out, &c->err);
 cleanup:

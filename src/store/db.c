@@ -412,6 +412,7 @@ void clipdb_db_close(clipdb_db *db)
     int i;
     if (!db) return;
     cdb_db_ivf_release(db);
+    cdb_db_gpu_release(db);
     for (i = 0; i < 8; i++) free(db->stats_factory[i]);
     for (i = 0; i < 3; i++) {
         free(db->sets[i].ids);
@@ -478,6 +479,12 @@ int clipdb_db_model(clipdb_db *db, clipdb_model **out)
         /* Captions and queries longer than the context are cut as CLIP's
         ** truncate=True does, rather than refused. */
         clipdb_ctx_set_truncate(db->ctx, 1);
+        if (db->device != CLIPDB_DEVICE_CPU &&
+            (rc = clipdb_ctx_set_device(db->ctx, (clipdb_device)db->device,
+                                        (clipdb_precision)db->precision)) != CLIPDB_OK) {
+            cdb_err_set(&db->err, rc, "%s", clipdb_ctx_errmsg(db->ctx));
+            goto cleanup;
+        }
     }
     *out = db->model;
 cleanup:

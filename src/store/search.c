@@ -16,6 +16,7 @@
 
 #include <cjson/cJSON.h>
 
+#include "cuda/cuda.h"
 #include "index/index.h"
 #include "store/store.h"
 
@@ -912,6 +913,55 @@ static int faiss_search(clipdb_db *db, const clipdb_search_options *opt, const c
     return rc;
 }
 
+/* ---- the CUDA backend ------------------------------------------------------- */
+
+void cdb_db_gpu_release(clipdb_db *db)
+{
+    int i;
+    for (i = 0; i < 3; i++) {
+        cdb_cuda_flat_free(db->gpu[i]);
+        db->gpu[i] = NULL;
+    }
+}
+
+int clipdb_db_set_device(clipdb_db *db, clipdb_device dev, clipdb_precision prec)
+{
+    clipdb_device got;
+    int rc;
+    if (!db) return CLIPDB_EINVAL;
+    cdb_err_clear(&db->err);
+    if (prec != CLIPDB_PREC_FP32 && prec != CLIPDB_PREC_FP16 && prec != CLIPDB_PREC_BF16)
+        return cdb_err_set(&db->err, CLIPDB_EINVAL, "unknown precision %d", (int)prec);
+    if ((rc = cdb_device_resolve(dev, &got, &db->err)) != CLIPDB_OK) return rc;
+    if ((int)got != db->device || (int)prec != db->precision) cdb_db_gpu_release(db);
+    db->device = (int)got;
+    db->precision = (int)prec;
+    if (db->ctx && (rc = clipdb_ctx_set_device(db->ctx, got, prec)) != CLIPDB_OK)
+        return cdb_err_set(&db->err, rc, "%s", clipdb_ctx_errmsg(db->ctx));
+    return CLIPDB_OK;
+}
+
+/* The vectors of `type` resident on the GPU: uploaded at the first search
+** and again only when the vecset was reloaded (the file changed). */
+static int gpu_flat_for(clipdb_db *db, int type, const cdb_vecset *vs, cdb_cuda_flat **out)
+{
+    clipdb_vecs base = {vs->vecs, vs->ids, vs->norms, vs->n, db->embed_dim};
+    int rc;
+    if (db->gpu[type] && db->gpu_version[type] == vs->data_version &&
+        db->gpu_changes[type] == vs->changes) {
+        *out = db->gpu[type];
+        return CLIPDB_OK;
+    }
+    cdb_cuda_flat_free(db->gpu[type]);
+    db->gpu[type] = NULL;
+    rc = cdb_cuda_flat_new(&db->gpu[type], &base, (cdb_cuda_dtype)db->precision, &db->err);
+    if (rc != CLIPDB_OK) return rc;
+    db->gpu_version[type] = vs->data_version;
+    db->gpu_changes[type] = vs->changes;
+    *out = db->gpu[type];
+    return CLIPDB_OK;
+}
+
 int clipdb_db_search(clipdb_db *db, const clipdb_query *queries, size_t nq,
                      const clipdb_search_options *opt, clipdb_results **out)
 {
@@ -987,7 +1037,15 @@ int clipdb_db_search(clipdb_db *db, const clipdb_query *queries, size_t nq,
             fp = &filter;
         }
         // queries (nq, d) . base (n, d)^T -> scores (nq, n) -> top k per query
-        if (clipdb_flat_search(&base, q, nq, k, opt->metric, fp, hits, &n_out,
+        if (db->device == CLIPDB_DEVICE_CUDA && k <= CDB_CUDA_MAX_K) {
+            cdb_cuda_flat *gf; /* the same on the GPU (src/cuda/search.cu) */
+            if ((rc = gpu_flat_for(db, opt->target, vs, &gf)) != CLIPDB_OK ||
+                (rc = cdb_cuda_flat_search(gf, q, nq, k, opt->metric, fp, hits, &n_out,
+                                           &db->err)) != CLIPDB_OK) {
+                cdb_err_prefix(&db->err, "search");
+                goto cleanup;
+            }
+        } else if (clipdb_flat_search(&base, q, nq, k, opt->metric, fp, hits, &n_out,
                                &errmsg) != CLIPDB_OK) {
             rc = cdb_err_set(&db->err, CLIPDB_ERROR, "search: %s", errmsg ? errmsg : "failed");
             goto cleanup;

@@ -71,6 +71,13 @@ struct clipdb_db {
     int64_t faiss_version[3][3];
     char *faiss_note[3][3];  /* what the last load had to do, or NULL */
     char *stats_factory[8];  /* strings of clipdb_db_get_stats */
+    /* The CUDA backend (clipdb_db_set_device, search.c): the resolved device
+    ** of encoding and exact search, its precision, and per target the
+    ** vectors resident on the GPU with the vecset state they came from. */
+    int device;
+    int precision;
+    struct cdb_cuda_flat *gpu[3];
+    int64_t gpu_version[3], gpu_changes[3];
 };
 
 /* Creates a database file bound to a model described by its identity and
@@ -114,6 +121,8 @@ int cdb_db_vectors(clipdb_db *db, int type, const cdb_vecset **out);
 ** this type, records the vector's nearest list in ivf_assign. */
 int cdb_db_ivf_on_insert(clipdb_db *db, int type, int64_t id, const float *vec);
 void cdb_db_ivf_release(clipdb_db *db);
+/* Frees the GPU-resident vectors (search.c). */
+void cdb_db_gpu_release(clipdb_db *db);
 
 /* Inside a transaction: item `id` was deleted or its vector replaced, so
 ** stored Faiss indexes must drop (and maybe re-add) it at the next search. */

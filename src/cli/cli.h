@@ -36,6 +36,14 @@ void cli_print_json_string(FILE *f, const char *s);
 /* Opens a model or prints the error; returns CLI_OK or CLI_FAIL. */
 int cli_open_model(const char *cmd, const char *dir, clipdb_model **out);
 
+/* --device SPEC (embed, add, search; the lead wires eval and serve): parses
+** SPEC ("cpu", "cuda", "auto", optionally ":fp32|fp16|bf16") and resolves
+** auto; returns CLI_USAGE for a bad SPEC, CLI_FAIL (one line: "--device
+** cuda: no CUDA device (...)") when CUDA is asked for and absent. The
+** caller then passes *dev, *prec to clipdb_ctx_set_device or
+** clipdb_db_set_device. */
+int cli_parse_device(const char *cmd, const char *spec, clipdb_device *dev, clipdb_precision *prec);
+
 /* The table, defined in main.c. */
 extern const cli_cmd cli_commands[];
 extern const int cli_n_commands;

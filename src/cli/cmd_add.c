@@ -33,6 +33,8 @@ const char cli_add_help[] =
     "  --texts FILE      standalone texts, one per line\n"
     "  --model DIR       model directory (default: the one recorded by init)\n"
     "  --batch N         images per encoder batch and commit (default 32)\n"
+    "  --device D        encode on cpu (default), cuda or auto (the GPU when\n"
+    "                    present); cuda:bf16 encodes in bf16\n"
     "  --threads N       image decoding threads (default: number of CPUs)\n"
     "  --progress-every S  seconds between progress updates (default 0.2 on a\n"
     "                    terminal, else 5: one plain line each)\n"
@@ -106,6 +108,8 @@ int cli_cmd_add(int argc, char **argv)
     progress_state ps = {0};
     int json = 0, i, rc, ret = CLI_OK;
     double every = 0;
+    clipdb_device dev = CLIPDB_DEVICE_CPU;
+    clipdb_precision prec = CLIPDB_PREC_FP32;
 
     clipdb_add_options_init(&opt);
     for (i = 1; i < argc; i++) {
@@ -115,7 +119,9 @@ int cli_cmd_add(int argc, char **argv)
         else if (!strcmp(a, "--captions") && has) opt.captions_path = argv[++i];
         else if (!strcmp(a, "--texts") && has) opt.texts_path = argv[++i];
         else if (!strcmp(a, "--model") && has) model = argv[++i];
-        else if (!strcmp(a, "--batch") && has) {
+        else if (!strcmp(a, "--device") && has) {
+            if ((ret = cli_parse_device("add", argv[++i], &dev, &prec)) != CLI_OK) return ret;
+        } else if (!strcmp(a, "--batch") && has) {
             if (parse_int(argv[++i], 1, 1024, &opt.batch_size))
                 return cli_usage("add", "--batch needs a number from 1 to 1024");
         } else if (!strcmp(a, "--threads") && has) {
@@ -144,6 +150,7 @@ int cli_cmd_add(int argc, char **argv)
     clipdb_db_options_init(&dopt);
     dopt.model_dir = model;
     rc = clipdb_db_open(&db, path, &dopt);
+    if (rc == CLIPDB_OK && dev != CLIPDB_DEVICE_CPU) rc = clipdb_db_set_device(db, dev, prec);
     if (rc == CLIPDB_OK) rc = clipdb_db_add(db, &opt, &r);
     if (ps.drawn) fputc('\n', stderr);
     if (rc != CLIPDB_OK) {

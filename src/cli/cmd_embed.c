@@ -126,6 +126,8 @@ int cli_cmd_embed(int argc, char **argv)
     int *text_slot = NULL, *img_slot = NULL;
     size_t px;
     double t0, t_text = 0, t_img = 0;
+    clipdb_device dev = CLIPDB_DEVICE_CPU;
+    clipdb_precision prec = CLIPDB_PREC_FP32;
 
     for (i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -134,6 +136,9 @@ int cli_cmd_embed(int argc, char **argv)
         else if (!strcmp(a, "--truncate")) truncate = 1;
         else if (!strcmp(a, "--stats")) stats = 1;
         else if (!strcmp(a, "--model") && has_val) model_dir = argv[++i];
+        else if (!strcmp(a, "--device") && has_val) {
+            if ((rc = cli_parse_device(cmd, argv[++i], &dev, &prec)) != CLI_OK) goto cleanup;
+        }
         else if ((!strcmp(a, "--text") || !strcmp(a, "--image")) && has_val) {
             if (add_input(&in, a[2] == 'i', argv[i + 1], strlen(argv[i + 1]))) {
                 rc = cli_fail(cmd, "out of memory");
@@ -143,7 +148,7 @@ int cli_cmd_embed(int argc, char **argv)
         } else if ((!strcmp(a, "--texts-from") || !strcmp(a, "--images-from")) && has_val) {
             if ((rc = add_from_file(cmd, &in, a[2] == 'i', argv[++i])) != CLI_OK) goto cleanup;
         } else if (!strncmp(a, "--", 2) &&
-                   (!strcmp(a, "--model") || !strcmp(a, "--text") || !strcmp(a, "--image") ||
+                   (!strcmp(a, "--model") || !strcmp(a, "--device") || !strcmp(a, "--text") || !strcmp(a, "--image") ||
                     !strcmp(a, "--texts-from") || !strcmp(a, "--images-from"))) {
             rc = cli_usage(cmd, "%s needs a value", a);
             goto cleanup;
@@ -166,6 +171,10 @@ int cli_cmd_embed(int argc, char **argv)
         goto cleanup;
     }
     clipdb_ctx_set_truncate(c, truncate);
+    if (dev != CLIPDB_DEVICE_CPU && clipdb_ctx_set_device(c, dev, prec) != CLIPDB_OK) {
+        rc = cli_fail(cmd, "%s", clipdb_ctx_errmsg(c));
+        goto cleanup;
+    }
     clipdb_model_get_info(m, &info);
     dim = info.embed_dim;
     px = clipdb_image_floats(m);
@@ -277,6 +286,8 @@ const char cli_embed_help[] =
     "  --truncate           cut texts longer than 77 tokens (as CLIP's truncate=True)\n"
     "                       instead of failing\n"
     "  --stats              print counts and throughput on stderr\n"
+    "  --device D           encode on cpu (default), cuda or auto (the GPU when\n"
+    "                       present); cuda:bf16 encodes in bf16 (tensor cores)\n"
     "\n"
     "Texts are encoded in one batch; images are decoded and encoded in batches of 16.\n"
     "A text that is empty, not UTF-8 or too long, or an image that cannot be read,\n"

@@ -41,6 +41,9 @@ const char cli_search_help[] =
     "                    <metadata fields>, \"score\"}], \"took_ms\"}; with --batch\n"
     "                    {\"queries\": [{\"query\", \"results\"}], \"took_ms\"}\n"
     "  --model DIR       model directory (default: the recorded one)\n"
+    "  --device D        encode the queries and run exact search on cpu (default),\n"
+    "                    cuda or auto (the GPU when present); cuda:fp16 and\n"
+    "                    cuda:bf16 keep the vectors in 16 bits on the GPU\n"
     "\n"
     "examples:\n"
     "  clipdb search photos.db --text \"a dog on a beach\" -k 5\n"
@@ -159,6 +162,8 @@ int cli_cmd_search(int argc, char **argv)
     size_t nq = 1, i, j;
     int json = 0, n_query = 0, rc, ret = CLI_OK, a;
     long long v;
+    clipdb_device dev = CLIPDB_DEVICE_CPU;
+    clipdb_precision prec = CLIPDB_PREC_FP32;
 
     memset(&one, 0, sizeof one);
     clipdb_search_options_init(&opt);
@@ -234,6 +239,8 @@ int cli_cmd_search(int argc, char **argv)
             where[opt.n_where++] = argv[++a];
         } else if (!strcmp(s, "--model") && has) {
             model = argv[++a];
+        } else if (!strcmp(s, "--device") && has) {
+            if ((ret = cli_parse_device("search", argv[++a], &dev, &prec)) != CLI_OK) goto cleanup;
         } else if (!strcmp(s, "--json")) {
             json = 1;
         } else if (s[0] == '-' && s[1]) {
@@ -259,6 +266,7 @@ int cli_cmd_search(int argc, char **argv)
     dopt.readonly = 1;
     dopt.model_dir = model;
     rc = clipdb_db_open(&db, path, &dopt);
+    if (rc == CLIPDB_OK && dev != CLIPDB_DEVICE_CPU) rc = clipdb_db_set_device(db, dev, prec);
     if (rc == CLIPDB_OK) rc = clipdb_db_search(db, qs, nq, &opt, &res);
     if (rc != CLIPDB_OK) {
         ret = cli_fail("search", "%s", clipdb_db_errmsg(db));

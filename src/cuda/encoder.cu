@@ -34,7 +34,8 @@ extern "C" {
 #define LN_THREADS 256
 #define VISION_BATCH 256   /* images per GPU forward pass */
 #define TEXT_BATCH 256     /* texts per GPU forward pass */
-#define ATT_MAX_T 1024     /* tokens per sequence the attention kernel takes */
+#define ATT_MAX_T 432      /* tokens per sequence the attention kernel takes: K, V
+                           ** and the scores of one head in 227 KB of shared memory */
 
 typedef struct gblock {
     float *ln1_w, *ln1_b, *bqkv, *bo, *ln2_w, *ln2_b, *fc1_b, *fc2_b; /* fp32 */
@@ -60,6 +61,7 @@ struct cdb_cuda_model {
     void *patch_w;                      /* (d, 3*P*P) */
     float *class_emb, *pos_v, *ln_pre_w, *ln_pre_b;
     int C, vocab;
+    const cdb_text *text;               /* the host tower (checks of the ids) */
     float *tok_emb, *pos_t;             /* (vocab, d), (C, d) fp32 */
     cublasHandle_t blas;
     cudaStream_t st;
@@ -420,6 +422,7 @@ int cdb_cuda_model_new(cdb_cuda_model **out, const clipdb_model *m, cdb_cuda_dty
         const cdb_text *t = &m->text;
         const size_t d = (size_t)t->t.width;
         g->has_text = 1;
+        g->text = t;
         g->C = t->context;
         g->vocab = t->vocab;
         if (g->C > ATT_MAX_T) {
@@ -591,29 +594,18 @@ cleanup:
     return rc;
 }
 
-typedef struct titem {
-    int index, len; /* len: tokens up to and including the end token */
-} titem;
-
-static int cmp_titem(const void *a, const void *b)
-{
-    const titem *x = (const titem *)a, *y = (const titem *)b;
-    if (x->len != y->len) return x->len < y->len ? -1 : 1;
-    return x->index < y->index ? -1 : x->index > y->index;
-}
-
 int cdb_cuda_encode_texts(cdb_cuda_model *g, const int32_t *const *ids, const int *lens, int n,
                           float *out, cdb_err *e)
 {
     int rc = CLIPDB_OK;
-    titem *items = NULL;
+    cdb_text_item *items = NULL;
     int *hids = NULL, *hq = NULL;
     float *hout = NULL;
     if (!g || n < 0 || (n > 0 && (!ids || !lens || !out)))
         return cdb_err_set(e, CLIPDB_EINVAL, "GPU encoder: bad arguments");
     if (!g->has_text) return cdb_err_set(e, CLIPDB_EINVAL, "text tower is not loaded");
     if (n == 0) return CLIPDB_OK;
-    items = (titem *)cdb_malloc_array((size_t)n, sizeof *items);
+    items = (cdb_text_item *)cdb_malloc_array((size_t)n, sizeof *items);
     hids = (int *)cdb_malloc_array((size_t)TEXT_BATCH * g->C, sizeof *hids);
     hq = (int *)cdb_malloc_array(TEXT_BATCH, sizeof *hq);
     hout = (float *)cdb_malloc_array((size_t)TEXT_BATCH * g->e, sizeof *hout);
@@ -621,25 +613,9 @@ int cdb_cuda_encode_texts(cdb_cuda_model *g, const int32_t *const *ids, const in
         rc = cdb_err_set(e, CLIPDB_ENOMEM, "out of memory");
         goto cleanup;
     }
-    for (int i = 0; i < n; i++) { /* the checks of cdb_text_forward */
-        int best = 0;
-        if (lens[i] < 1 || lens[i] > g->C) {
-            rc = cdb_err_set(e, CLIPDB_EINVAL, "text %d: %d tokens (must be 1..%d)", i, lens[i], g->C);
-            goto cleanup;
-        }
-        for (int j = 0; j < lens[i]; j++) {
-            if (ids[i][j] < 0 || ids[i][j] >= g->vocab) {
-                rc = cdb_err_set(e, CLIPDB_EINVAL, "text %d: token id %d outside the vocabulary (%d)",
-                                 i, (int)ids[i][j], g->vocab);
-                goto cleanup;
-            }
-            if (ids[i][j] > ids[i][best]) best = j; /* first maximum, as torch.argmax */
-        }
-        items[i].index = i;
-        items[i].len = best + 1;
-    }
-    /* by length, so that a batch runs at about its texts' own length */
-    qsort(items, (size_t)n, sizeof *items, cmp_titem);
+    /* the checks of cdb_text_forward; by length, so that a batch runs at
+    ** about its texts' own length */
+    if ((rc = cdb_text_items(g->text, ids, lens, n, 1, items, e)) != CLIPDB_OK) goto cleanup;
     for (int g0 = 0; g0 < n; g0 += TEXT_BATCH) {
         const int cnt = n - g0 < TEXT_BATCH ? n - g0 : TEXT_BATCH;
         const int L = items[g0 + cnt - 1].len, d = g->tt.d;

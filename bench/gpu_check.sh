@@ -31,10 +31,20 @@ R="$OUT/results.txt"
 T0=$(date +%s)
 FAILED=0
 log() { echo "$*" | tee -a "$R"; }
+# The whole check stays within BUDGET seconds (default 570, under the device
+# machine's 10-minute limit): each step's timeout is cut to what is left.
+BUDGET=${BUDGET:-570}
 # step NAME TIMEOUT_S CMD...: runs CMD, output to $OUT/NAME.log, tail to results
 step() {
-    local name=$1 limit=$2 rc
+    local name=$1 limit=$2 rc left
     shift 2
+    left=$(( BUDGET - ($(date +%s) - T0) ))
+    if [ "$left" -lt 15 ]; then
+        log "== $name: NOT RUN (out of time)"
+        FAILED=1
+        return 1
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
     log "== $name (limit ${limit}s, at +$(( $(date +%s) - T0 ))s)"
     timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
     rc=$?

@@ -73,11 +73,11 @@ step search_1m 150 build/bench/bench_gpu search 1000000 512 10000 10
 
 W=$(mktemp -d)
 trap 'rm -rf "$W"' EXIT
-"$PY" tools/gen_model.py "$W/b32" --size b32 --keys openai --dtype F32 --seed 3 > "$OUT/gen_model.log" 2>&1
+step gen_b32 90 "$PY" tools/gen_model.py "$W/b32" --size b32 --keys openai --dtype F32 --seed 3
 step encode_b32 120 build/bench/bench_gpu encode "$W/b32" 1024
 
 # `clipdb add` with decode: 2,048 seeded random 640x480 JPEGs (COCO-like size)
-"$PY" - "$W/img" > "$OUT/gen_images.log" 2>&1 <<'EOF'
+cat > "$W/gen_images.py" <<'EOF'
 import os, sys
 from multiprocessing import Pool
 import numpy as np
@@ -95,6 +95,7 @@ def one(i):
 with Pool(os.cpu_count()) as p:
     p.map(one, range(2048))
 EOF
+step gen_images 60 "$PY" "$W/gen_images.py" "$W/img"
 add_rate() { # DB IMAGES DEVICE: prints images/s of `clipdb add` (decode included)
     local db=$1 img=$2 dev=$3 t0 t1 n
     build/clipdb init "$db" --model "$W/b32" > /dev/null || return 1

@@ -68,6 +68,10 @@ void cli_progress_draw(cli_progress *p, const char *label, int64_t done, int64_t
 void cli_progress_break(cli_progress *p);
 
 /* Opens a model or prints the error; returns CLI_OK or CLI_FAIL. */
+/* fopen(path, "rb") for a regular file only, without blocking on a FIFO or
+** a device; on failure prints "clipdb CMD: PATH: reason" and returns NULL. */
+FILE *cli_fopen_regular(const char *cmd, const char *path);
+
 int cli_open_model(const char *cmd, const char *dir, clipdb_model **out);
 
 /* Opens a database or prints the error (with a hint of what to type);

@@ -3,11 +3,14 @@
 ** printing, the progress printer.
 */
 #include <errno.h>
+#include <fcntl.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "cli/cli.h"
 
@@ -196,4 +199,29 @@ void cli_progress_break(cli_progress *p)
 {
     if (p->open_line) fputc('\n', stderr);
     p->open_line = 0;
+}
+
+FILE *cli_fopen_regular(const char *cmd, const char *path)
+{
+    struct stat st;
+    FILE *f;
+    int flags, fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0) {
+        cli_fail(cmd, "%s: %s", path, strerror(errno));
+        return NULL;
+    }
+    /* The type is checked before any read: a FIFO opened without
+    ** O_NONBLOCK waits for a writer forever. */
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        cli_fail(cmd, "%s: not a regular file", path);
+        close(fd);
+        return NULL;
+    }
+    flags = fcntl(fd, F_GETFL);
+    if (flags < 0 || fcntl(fd, F_SETFL, flags & ~O_NONBLOCK) != 0 || !(f = fdopen(fd, "rb"))) {
+        cli_fail(cmd, "%s: %s", path, strerror(errno));
+        close(fd);
+        return NULL;
+    }
+    return f;
 }

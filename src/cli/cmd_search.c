@@ -128,10 +128,10 @@ static void print_query(const clipdb_query *q)
 /* Reads the batch file into queries (lines point into *buf). */
 static int read_batch(const char *path, char **buf, clipdb_query **qs, size_t *nq)
 {
-    FILE *f = fopen(path, "rb");
+    FILE *f = cli_fopen_regular("search", path);
     size_t cap = 0, len = 0, n = 0, i;
     char *p, *line;
-    if (!f) return cli_fail("search", "%s: %s", path, strerror(errno));
+    if (!f) return CLI_FAIL;
     *buf = NULL;
     for (;;) {
         if (len + 65536 + 1 > cap) {
@@ -153,6 +153,11 @@ static int read_batch(const char *path, char **buf, clipdb_query **qs, size_t *n
     }
     fclose(f);
     (*buf)[len] = '\0';
+    /* A NUL would end the line early and hide every later query. */
+    if ((p = memchr(*buf, '\0', len)) != NULL) {
+        for (n = 1, line = *buf; line < p; line++) n += *line == '\n';
+        return cli_fail("search", "%s:%zu: NUL byte in the line (queries are text)", path, n);
+    }
     for (i = 0; i < len; i++) n += (*buf)[i] == '\n';
     *qs = calloc(n + 1, sizeof **qs);
     if (!*qs) return cli_fail("search", "out of memory");

@@ -13,6 +13,7 @@
 */
 #include <dirent.h>
 #include <errno.h>
+#include <stdarg.h>
 #include <limits.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -61,52 +62,119 @@ static int list_push(file_list *l, char *s)
     return 0;
 }
 
-static int walk(const char *root, const char *rel, int depth, file_list *l,
-                const clipdb_add_options *opt, cdb_err *e)
+/* The folder walk: the files found, the folders already walked (by device
+** and inode, so a symlink alias of a folder or a loop is walked once), and
+** the entries that could not be walked (reported and skipped). */
+typedef struct dir_id {
+    dev_t dev;
+    ino_t ino;
+} dir_id;
+
+typedef struct walk_ctx {
+    const char *root;
+    file_list *l;
+    const clipdb_add_options *opt;
+    dir_id *seen;
+    size_t n_seen, cap_seen;
+    int64_t failed;
+} walk_ctx;
+
+static void walk_warn(walk_ctx *w, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void walk_warn(walk_ctx *w, const char *fmt, ...)
+{
+    char msg[CDB_ERRMSG_MAX];
+    va_list ap;
+    if (!w->opt->on_warning) return;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    w->opt->on_warning(w->opt->arg, msg);
+}
+
+/* 1 if the folder was walked already; else records it and returns 0; -1 on OOM. */
+static int seen_dir(walk_ctx *w, const struct stat *sb)
+{
+    size_t i;
+    for (i = 0; i < w->n_seen; i++)
+        if (w->seen[i].dev == sb->st_dev && w->seen[i].ino == sb->st_ino) return 1;
+    if (cdb_grow((void **)&w->seen, &w->cap_seen, w->n_seen + 1, sizeof *w->seen)) return -1;
+    w->seen[w->n_seen].dev = sb->st_dev;
+    w->seen[w->n_seen].ino = sb->st_ino;
+    w->n_seen++;
+    return 0;
+}
+
+/* Walks root/rel. Only the top folder failing to open is an error; below
+** it, an unreadable folder or entry, a symlink loop and a folder nested too
+** deep are reported once each (on_warning) and skipped. */
+static int walk(walk_ctx *w, const char *rel, int depth, cdb_err *e)
 {
     struct dirent **names = NULL;
     char *dir = NULL;
-    int n, i, rc = CLIPDB_OK;
+    int n = 0, i, rc = CLIPDB_OK;
 
-    if (depth > MAX_DEPTH)
-        return cdb_err_set(e, CLIPDB_ELIMIT, "%s/%s: folders nested deeper than %d", root, rel,
-                           MAX_DEPTH);
-    dir = *rel ? cdb_path_join(root, rel) : cdb_strdup(root);
+    dir = *rel ? cdb_path_join(w->root, rel) : cdb_strdup(w->root);
     if (!dir) return cdb_err_set(e, CLIPDB_ENOMEM, "out of memory");
+    if (depth > MAX_DEPTH) {
+        walk_warn(w, "%s: folders nested deeper than %d", dir, MAX_DEPTH);
+        w->failed++;
+        goto cleanup;
+    }
+    if (depth == 0) {
+        struct stat sb;
+        if (stat(dir, &sb) != 0 || seen_dir(w, &sb) < 0) {
+            rc = cdb_err_set(e, errno == ENOENT ? CLIPDB_ENOTFOUND : CLIPDB_EIO, "%s: %s", dir,
+                             strerror(errno));
+            goto cleanup;
+        }
+    }
     n = scandir(dir, &names, NULL, alphasort);
     if (n < 0) {
-        rc = cdb_err_set(e, errno == ENOENT ? CLIPDB_ENOTFOUND : CLIPDB_EIO, "%s: %s", dir,
-                         strerror(errno));
+        if (depth == 0)
+            rc = cdb_err_set(e, errno == ENOENT ? CLIPDB_ENOTFOUND : CLIPDB_EIO, "%s: %s", dir,
+                             strerror(errno));
+        else {
+            walk_warn(w, "%s: %s", dir, strerror(errno));
+            w->failed++;
+        }
+        n = 0;
         goto cleanup;
     }
     for (i = 0; i < n; i++) {
         const char *nm = names[i]->d_name;
         char *child = NULL, *full = NULL;
         struct stat sb;
+        int seen;
         if (rc != CLIPDB_OK || nm[0] == '.') continue; /* ., .., hidden files */
         child = *rel ? cdb_path_join(rel, nm) : cdb_strdup(nm);
-        full = child ? cdb_path_join(root, child) : NULL;
+        full = child ? cdb_path_join(w->root, child) : NULL;
         if (!full) {
             free(child);
             rc = cdb_err_set(e, CLIPDB_ENOMEM, "out of memory");
             continue;
         }
         if (stat(full, &sb) != 0) {
-            if (opt->on_warning) {
-                char msg[CDB_ERRMSG_MAX];
-                snprintf(msg, sizeof msg, "%s: %s", full, strerror(errno));
-                opt->on_warning(opt->arg, msg);
-            }
+            /* a dangling link, a symlink loop (ELOOP), no permission */
+            walk_warn(w, "%s: %s", full, strerror(errno));
+            w->failed++;
             free(child);
         } else if (S_ISDIR(sb.st_mode)) {
-            rc = walk(root, child, depth + 1, l, opt, e);
+            if ((seen = seen_dir(w, &sb)) < 0) rc = cdb_err_set(e, CLIPDB_ENOMEM, "out of memory");
+            else if (seen)
+                walk_warn(w, "%s: a folder already walked (a symlink alias or loop); not walked again",
+                          full);
+            else rc = walk(w, child, depth + 1, e);
             free(child);
         } else if (S_ISREG(sb.st_mode) && is_image_name(nm)) {
-            if (list_push(l, child)) {
+            if (list_push(w->l, child)) {
                 free(child);
                 rc = cdb_err_set(e, CLIPDB_ENOMEM, "out of memory");
             }
         } else {
+            if (is_image_name(nm)) {
+                walk_warn(w, "%s: not a regular file", full);
+                w->failed++;
+            }
             free(child);
         }
         free(full);
@@ -339,6 +407,52 @@ static void warn(ingest *g, const char *msg)
     if (g->opt->on_warning) g->opt->on_warning(g->opt->arg, msg);
 }
 
+static int cmp_alias(const void *a, const void *b, void *arg)
+{
+    char *const *abs = arg;
+    size_t x = *(const size_t *)a, y = *(const size_t *)b;
+    int c = strcmp(abs[x], abs[y]);
+    return c ? c : (x > y) - (x < y);
+}
+
+/* Keeps the first of the files that are one file under several names (a
+** symlink to an image in the folder): each is reported and skipped, so the
+** path stored for the file is unique. */
+static int drop_aliases(ingest *g, file_list *files)
+{
+    size_t *order = NULL, i, j, keep;
+    if (files->n < 2) return CLIPDB_OK;
+    order = cdb_malloc_array(files->n, sizeof *order);
+    if (!order) return cdb_err_set(&g->db->err, CLIPDB_ENOMEM, "out of memory");
+    for (i = 0; i < files->n; i++) order[i] = i;
+    qsort_r(order, files->n, sizeof *order, cmp_alias, g->abspaths);
+    for (keep = order[0], i = 1; i < files->n; i++) {
+        if (strcmp(g->abspaths[order[i]], g->abspaths[keep]) != 0) {
+            keep = order[i];
+            continue;
+        }
+        if (g->opt->on_warning) {
+            char msg[CDB_ERRMSG_MAX];
+            snprintf(msg, sizeof msg, "%s/%s: the same file as %s/%s; added once", g->root,
+                     files->rel[order[i]], g->root, files->rel[keep]);
+            g->opt->on_warning(g->opt->arg, msg);
+        }
+        free(files->rel[order[i]]);
+        files->rel[order[i]] = NULL;
+        free(g->abspaths[order[i]]);
+        g->abspaths[order[i]] = NULL;
+    }
+    free(order);
+    for (i = j = 0; i < files->n; i++) {
+        if (!files->rel[i]) continue;
+        files->rel[j] = files->rel[i];
+        g->abspaths[j] = g->abspaths[i];
+        j++;
+    }
+    files->n = j;
+    return CLIPDB_OK;
+}
+
 /* *exists = 1 when image id already has a caption with this exact text. */
 static int caption_exists(clipdb_db *db, int64_t image, const char *text, int *exists)
 {
@@ -479,6 +593,7 @@ static int add_images(ingest *g, cdb_captions *caps)
 {
     clipdb_db *db = g->db;
     file_list files = {0};
+    walk_ctx wc = {0};
     known *k = NULL;
     size_t n_known = 0, i;
     pool p;
@@ -488,7 +603,14 @@ static int add_images(ingest *g, cdb_captions *caps)
     memset(&p, 0, sizeof p);
     g->files = &files;
     g->root = g->opt->images_dir;
-    if ((rc = walk(g->root, "", 0, &files, g->opt, &db->err)) != CLIPDB_OK) goto cleanup;
+    wc.root = g->root;
+    wc.l = &files;
+    wc.opt = g->opt;
+    rc = walk(&wc, "", 0, &db->err);
+    free(wc.seen);
+    g->res->images_failed += wc.failed;
+    g->prog.failed += wc.failed;
+    if (rc != CLIPDB_OK) goto cleanup;
     g->abspaths = cdb_calloc_array(files.n, sizeof *g->abspaths);
     if (!g->abspaths) {
         rc = cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
@@ -504,6 +626,7 @@ static int add_images(ingest *g, cdb_captions *caps)
             goto cleanup;
         }
     }
+    if ((rc = drop_aliases(g, &files)) != CLIPDB_OK) goto cleanup;
     if ((rc = load_known(db, &k, &n_known)) != CLIPDB_OK) goto cleanup;
 
     n_threads = g->opt->decode_threads > 0 ? g->opt->decode_threads

@@ -604,35 +604,61 @@ static int delete_one(clipdb_db *db, int64_t id)
     return rc;
 }
 
+static int cmp_id(const void *a, const void *b)
+{
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* 1 if the item id exists (find: "SELECT 1 FROM items WHERE id = ?"). */
+static int item_exists(sqlite3_stmt *find, int64_t id)
+{
+    int found;
+    sqlite3_reset(find);
+    sqlite3_bind_int64(find, 1, id);
+    found = sqlite3_step(find) == SQLITE_ROW;
+    sqlite3_reset(find);
+    return found;
+}
+
 int clipdb_db_rm(clipdb_db *db, const int64_t *ids, int n, int64_t *n_items,
                  int64_t *n_captions)
 {
     sqlite3_stmt *find = NULL, *caps = NULL;
-    int64_t captions = 0, *cap_ids = NULL;
-    size_t n_cap = 0, cap_cap = 0;
-    int rc, i;
-    size_t j;
+    int64_t captions = 0, *cap_ids = NULL, *uniq = NULL;
+    size_t n_cap = 0, cap_cap = 0, n_uniq = 0, i, j;
+    int rc;
 
     cdb_err_clear(&db->err);
     if (n_items) *n_items = 0;
     if (n_captions) *n_captions = 0;
     if (n < 0 || (n > 0 && !ids)) return cdb_err_set(&db->err, CLIPDB_EINVAL, "rm: bad arguments");
-    if ((rc = cdb_db_begin(db)) != CLIPDB_OK) return rc;
-    if ((rc = cdb_db_prepare(db, "SELECT type FROM items WHERE id = ?", &find)) != CLIPDB_OK)
+    /* The ids given, sorted and without repeats: "rm 1 1" deletes item 1. */
+    if (n > 0 && !(uniq = cdb_malloc_array((size_t)n, sizeof *uniq)))
+        return cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
+    if (n > 0) memcpy(uniq, ids, (size_t)n * sizeof *uniq);
+    if (n > 0) qsort(uniq, (size_t)n, sizeof *uniq, cmp_id);
+    for (i = 0; i < (size_t)n; i++)
+        if (i == 0 || uniq[i] != uniq[n_uniq - 1]) uniq[n_uniq++] = uniq[i];
+    if ((rc = cdb_db_begin(db)) != CLIPDB_OK) goto cleanup;
+    if ((rc = cdb_db_prepare(db, "SELECT 1 FROM items WHERE id = ?", &find)) != CLIPDB_OK)
         goto cleanup;
     if ((rc = cdb_db_prepare(db, "SELECT id FROM items WHERE image = ?", &caps)) != CLIPDB_OK)
         goto cleanup;
-    for (i = 0; i < n; i++) {
-        sqlite3_reset(find);
-        sqlite3_bind_int64(find, 1, ids[i]);
-        if (sqlite3_step(find) != SQLITE_ROW) {
+    /* Every id must exist before anything is deleted (one transaction). */
+    for (i = 0; i < n_uniq; i++) {
+        if (!item_exists(find, uniq[i])) {
             rc = cdb_err_set(&db->err, CLIPDB_ENOTFOUND, "%s: no item with id %lld (nothing deleted)",
-                             db->path, (long long)ids[i]);
+                             db->path, (long long)uniq[i]);
             goto cleanup;
         }
+    }
+    for (i = 0; i < n_uniq; i++) {
+        /* A caption given beside its image went with the image. */
+        if (!item_exists(find, uniq[i])) continue;
         /* Collect the captions first: deleting while stepping is unsafe. */
         sqlite3_reset(caps);
-        sqlite3_bind_int64(caps, 1, ids[i]);
+        sqlite3_bind_int64(caps, 1, uniq[i]);
         n_cap = 0;
         while (sqlite3_step(caps) == SQLITE_ROW) {
             if (cdb_grow((void **)&cap_ids, &cap_cap, n_cap + 1, sizeof *cap_ids)) {
@@ -642,17 +668,19 @@ int clipdb_db_rm(clipdb_db *db, const int64_t *ids, int n, int64_t *n_items,
             cap_ids[n_cap++] = sqlite3_column_int64(caps, 0);
         }
         sqlite3_reset(caps);
-        for (j = 0; j < n_cap; j++)
+        for (j = 0; j < n_cap; j++) {
             if ((rc = delete_one(db, cap_ids[j])) != CLIPDB_OK) goto cleanup;
-        captions += (int64_t)n_cap;
-        if ((rc = delete_one(db, ids[i])) != CLIPDB_OK) goto cleanup;
+            /* counted as a caption of a deleted image only when not given */
+            if (!bsearch(&cap_ids[j], uniq, n_uniq, sizeof *uniq, cmp_id)) captions++;
+        }
+        if ((rc = delete_one(db, uniq[i])) != CLIPDB_OK) goto cleanup;
     }
     sqlite3_finalize(find);
     sqlite3_finalize(caps);
     find = caps = NULL;
     rc = cdb_db_commit(db);
     if (rc == CLIPDB_OK) {
-        if (n_items) *n_items = n;
+        if (n_items) *n_items = (int64_t)n_uniq;
         if (n_captions) *n_captions = captions;
     }
 cleanup:
@@ -660,6 +688,7 @@ cleanup:
     sqlite3_finalize(caps);
     if (rc != CLIPDB_OK) cdb_db_rollback(db);
     free(cap_ids);
+    free(uniq);
     return rc;
 }
 

@@ -489,6 +489,9 @@ typedef struct clipdb_add_result {
     int64_t texts_failed;      /* lines the encoder refuses (invalid UTF-8,
                                ** empty after cleaning, NUL byte, too long):
                                ** reported with their line number, skipped */
+    int64_t captions_failed;   /* captions the encoder refuses (empty after
+                               ** cleaning, ...): reported with FILE:LINE and
+                               ** the image, skipped */
 } clipdb_add_result;
 
 /* Adds images (with captions) and/or texts. Incremental: unchanged files

@@ -388,6 +388,7 @@ typedef struct ingest {
     file_list *files;
     char **abspaths;
     const char *root;
+    int32_t tok_ids[CLIPDB_TEXT_CONTEXT]; /* scratch of the caption check */
     clipdb_add_progress prog;
     double t0, last_report;
 } ingest;
@@ -489,7 +490,7 @@ static int push_text(ingest *g, const char *t)
 static int queue_captions(ingest *g, batch_img *b)
 {
     size_t i, j;
-    int rc = CLIPDB_OK, exists;
+    int rc = CLIPDB_OK, exists, n_ids;
     b->cap_first = g->n_texts;
     b->cap_count = 0;
     if (!b->cap) return CLIPDB_OK;
@@ -501,6 +502,16 @@ static int queue_captions(ingest *g, batch_img *b)
             return rc;
         if (exists) {
             g->res->captions_duplicate++;
+            continue;
+        }
+        /* a caption the encoder would refuse (empty after cleaning, ...) is
+        ** reported with its line and image and skipped, as a bad --texts line */
+        if (clipdb_tokenize(g->db->ctx, t, g->tok_ids, CLIPDB_TEXT_CONTEXT, &n_ids) != CLIPDB_OK) {
+            char msg[CDB_ERRMSG_MAX];
+            snprintf(msg, sizeof msg, "%s:%zu: caption of %s: %s", g->opt->captions_path,
+                     b->cap->lines[i], b->cap->image, clipdb_ctx_errmsg(g->db->ctx));
+            warn(g, msg);
+            g->res->captions_failed++;
             continue;
         }
         if ((rc = push_text(g, t)) != CLIPDB_OK) return rc;

@@ -10,7 +10,7 @@ random model ({model}).
 
 Recipes (the "setup" list, in order; NAME is relative to the case folder):
   fifo:NAME              a named pipe (nobody writes to it)
-  text:NAME=TEXT         a file holding TEXT (\\n, \\t, \\u escapes as in JSON)
+  text:NAME=TEXT         a file holding TEXT (escapes are JSON's own)
   hex:NAME=HEX           a file holding those bytes
   repeat:NAME=N=LINE     a file of N copies of the line LINE
   copy:NAME=CORPUSFILE   a copy of tests/hostile/CORPUSFILE
@@ -63,10 +63,6 @@ def base_db(tmp_path_factory, model):
     return db
 
 
-def unescape(s):
-    return json.loads('"' + s + '"')
-
-
 def make_case_files(case_dir, recipes):
     seed = 100
     for r in recipes:
@@ -78,7 +74,7 @@ def make_case_files(case_dir, recipes):
         if kind == "fifo":
             os.mkfifo(p)
         elif kind == "text":
-            p.write_bytes(unescape(val).encode("utf-8", "surrogateescape"))
+            p.write_text(val)
         elif kind == "repeat":
             count, _, line = val.partition("=")
             p.write_text((line + "\n") * int(count))

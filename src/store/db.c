@@ -27,6 +27,7 @@
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <unistd.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -134,15 +135,72 @@ static clipdb_db *db_alloc(const char *path)
     return db;
 }
 
-static int sql_open(clipdb_db *db, int flags)
+/* path as an SQLite URI "file:PATH?QUERY" (every byte but [A-Za-z0-9/._~-]
+** percent-encoded). Caller frees. NULL on OOM. */
+static char *file_uri(const char *path, const char *query)
 {
-    if (sqlite3_open_v2(db->path, &db->sql, flags | SQLITE_OPEN_NOMUTEX, NULL) != SQLITE_OK) {
-        int rc = cdb_err_set(&db->err, CLIPDB_EIO, "%s: cannot open: %s", db->path,
-                             db->sql ? sqlite3_errmsg(db->sql) : "out of memory");
-        return rc;
+    static const char hex[] = "0123456789ABCDEF";
+    size_t n = strlen(path), i, o = 0, need;
+    char *u;
+    if (!cdb_mul_ok(n, 3, &need) || !cdb_add_ok(need, strlen(query) + 8, &need)) return NULL;
+    if (!(u = malloc(need))) return NULL;
+    memcpy(u, "file:", 5);
+    o = 5;
+    for (i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)path[i];
+        if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+            strchr("/._~-", c)) {
+            u[o++] = (char)c;
+        } else {
+            u[o++] = '%';
+            u[o++] = hex[c >> 4];
+            u[o++] = hex[c & 15];
+        }
+    }
+    u[o++] = '?';
+    strcpy(u + o, query);
+    return u;
+}
+
+/* Opens the file. Read-only handles open it as the URI mode=ro (never
+** created, never written), or with immutable=1 as well (no locks, no -shm or
+** -wal files: read-only media, a folder without write permission). */
+static int sql_open(clipdb_db *db, int flags, int immutable)
+{
+    char *uri = NULL;
+    int rc = CLIPDB_OK;
+    if (flags & SQLITE_OPEN_READONLY) {
+        uri = file_uri(db->path, immutable ? "mode=ro&immutable=1" : "mode=ro");
+        if (!uri) return cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
+        flags |= SQLITE_OPEN_URI;
+    }
+    if (sqlite3_open_v2(uri ? uri : db->path, &db->sql, flags | SQLITE_OPEN_NOMUTEX, NULL) !=
+        SQLITE_OK) {
+        rc = cdb_err_set(&db->err, CLIPDB_EIO, "%s: cannot open: %s", db->path,
+                         db->sql ? sqlite3_errmsg(db->sql) : "out of memory");
+        goto cleanup;
     }
     sqlite3_busy_timeout(db->sql, 10000);
-    return CLIPDB_OK;
+cleanup:
+    free(uri);
+    return rc;
+}
+
+/* 1 when this process cannot write the file or its folder (read-only
+** media, permissions): a read-only open then needs immutable=1, since
+** SQLite cannot make the -shm file that WAL readers share. */
+static int cannot_write(const char *path)
+{
+    char *dir = cdb_strdup(path), *slash;
+    int no;
+    if (!dir) return 0;
+    slash = strrchr(dir, '/');
+    if (!slash) strcpy(dir, ".");
+    else if (slash == dir) slash[1] = '\0';
+    else *slash = '\0';
+    no = access(path, W_OK) != 0 || access(dir, W_OK) != 0;
+    free(dir);
+    return no;
 }
 
 /* WAL: a reader never blocks the writer, and a killed writer leaves the
@@ -172,7 +230,7 @@ int cdb_db_create_raw(clipdb_db **out, const char *path, const char *identity,
     if (stat(path, &sb) == 0)
         return cdb_err_set(&db->err, CLIPDB_EINVAL, "%s: already exists (not overwriting it)",
                            path);
-    rc = sql_open(db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE);
+    rc = sql_open(db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE, 0);
     if (rc != CLIPDB_OK) goto cleanup;
     /* 32 KiB pages hold 15 vectors of 512 floats (4 KiB pages hold one, half
     ** empty): the file is about half the size and loads faster. */
@@ -348,9 +406,21 @@ int clipdb_db_open(clipdb_db **out, const char *path, const clipdb_db_options *o
     db->readonly = opt->readonly;
     if (opt->model_dir && !(db->model_dir_opt = cdb_strdup(opt->model_dir)))
         return cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
-    rc = sql_open(db, opt->readonly ? SQLITE_OPEN_READONLY : SQLITE_OPEN_READWRITE);
+    rc = sql_open(db, opt->readonly ? SQLITE_OPEN_READONLY : SQLITE_OPEN_READWRITE, 0);
     if (rc != CLIPDB_OK) return rc;
-    if ((rc = check_header(db)) != CLIPDB_OK) return rc;
+    rc = check_header(db);
+    if (rc != CLIPDB_OK && opt->readonly && cannot_write(path) &&
+        ((sqlite3_errcode(db->sql) & 0xff) == SQLITE_READONLY ||
+         (sqlite3_errcode(db->sql) & 0xff) == SQLITE_CANTOPEN)) {
+        /* a WAL file on storage this process cannot write: read it as
+        ** immutable (what a writer left in a -wal file is not seen) */
+        sqlite3_close(db->sql);
+        db->sql = NULL;
+        cdb_err_clear(&db->err);
+        if ((rc = sql_open(db, SQLITE_OPEN_READONLY, 1)) != CLIPDB_OK) return rc;
+        rc = check_header(db);
+    }
+    if (rc != CLIPDB_OK) return rc;
     if ((rc = set_pragmas(db)) != CLIPDB_OK) return rc;
     if ((rc = upgrade(db)) != CLIPDB_OK) return rc;
     return load_meta(db);

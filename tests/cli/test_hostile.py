@@ -18,13 +18,20 @@ Recipes (the "setup" list, in order; NAME is relative to the case folder):
   png:NAME               a small valid PNG (distinct content per name)
   symlink:NAME=TARGET    a symbolic link to TARGET (as written)
   chmod:NAME=OCTAL       permissions
+  model:NAME             a copy of the model directory
 Placeholders in args: {db} {model} {tmp} (the case folder).
+
+"as_nobody": true runs the command as user nobody (uid 65534) with the case
+folder (made under /tmp, owned by nobody after the setup) so that
+permissions bite even when the tests run as root.
 """
 import json
 import os
+import pathlib
 import resource
 import shutil
 import subprocess
+import tempfile
 
 import pytest
 from PIL import Image
@@ -32,6 +39,7 @@ from PIL import Image
 from conftest import BIN, ROOT, gen_model, run
 
 CORPUS = ROOT / "tests" / "hostile"
+NOBODY = 65534
 CASES = json.loads((CORPUS / "cases.json").read_text())
 
 
@@ -63,7 +71,7 @@ def base_db(tmp_path_factory, model):
     return db
 
 
-def make_case_files(case_dir, recipes):
+def make_case_files(case_dir, recipes, model_dir):
     seed = 100
     for r in recipes:
         kind, rest = r.split(":", 1)
@@ -91,6 +99,8 @@ def make_case_files(case_dir, recipes):
             os.symlink(val, p)
         elif kind == "chmod":
             os.chmod(p, int(val, 8))
+        elif kind == "model":
+            shutil.copytree(model_dir, p)
         else:
             raise ValueError(f"unknown recipe {r}")
 
@@ -104,18 +114,32 @@ def restore_permissions(case_dir):
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
-def test_hostile(case, tmp_path, model, base_db):
-    if case.get("needs_non_root") and os.geteuid() == 0:
-        pytest.skip("permission cases need a non-root user (root reads anything)")
-    cdir = tmp_path / "case"
-    cdir.mkdir()
+def test_hostile(case, tmp_path, model, base_db, request):
+    nobody = case.get("as_nobody") and os.geteuid() == 0
+    if nobody:
+        # a folder nobody can reach (pytest's own is private to root)
+        cdir = pathlib.Path(tempfile.mkdtemp(prefix="clipdb-hostile-"))
+        os.chmod(cdir, 0o755)
+        request.addfinalizer(lambda: shutil.rmtree(cdir, ignore_errors=True))
+    else:
+        cdir = tmp_path / "case"
+        cdir.mkdir()
     db = cdir / "t.db"
     shutil.copy(base_db, db)
-    make_case_files(cdir, case.get("setup", []))
+    make_case_files(cdir, case.get("setup", []), model)
+    if nobody:
+        for root, dirs, files in os.walk(cdir):
+            for nm in dirs + files:
+                os.lchown(os.path.join(root, nm), NOBODY, NOBODY)
+        os.lchown(cdir, NOBODY, NOBODY)
     args = [a.format(db=db, model=model, tmp=cdir) for a in case["args"]]
     limit = case.get("rlimit_as_mb")
 
     def preexec():
+        if nobody:
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
         if limit:
             resource.setrlimit(resource.RLIMIT_AS, (limit << 20, limit << 20))
     try:
@@ -137,6 +161,7 @@ def test_hostile(case, tmp_path, model, base_db):
         json.loads(p.stdout, parse_constant=lambda c: pytest.fail(f"bare {c} in JSON"))
     assert "Sanitizer" not in p.stderr and "runtime error" not in p.stderr
     for check in case.get("after", []):
+        restore_permissions(cdir)
         q = run(*[a.format(db=db, model=model, tmp=cdir) for a in check["args"]])
         assert q.returncode == check.get("rc", 0), (check, q.stderr)
         for needle in check.get("stdout", []):

@@ -36,6 +36,11 @@ int cli_wants_help(int argc, char **argv);
 void cli_print_floats_json(FILE *f, const float *v, int n);
 /* Prints s as a JSON string (quoted, escaped). */
 void cli_print_json_string(FILE *f, const char *s);
+/* s for plain output: control characters escaped (\n, \u0001, ...) and
+** invalid UTF-8 replaced by U+FFFD, so one record stays one line. */
+void cli_print_plain(FILE *f, const char *s);
+/* A JSON number; null when v is not finite (JSON has no inf or NaN). */
+void cli_print_json_number(FILE *f, double v);
 
 /* ---- option values (util.c): each prints its own usage error ---- */
 

@@ -26,6 +26,7 @@ folder (made under /tmp, owned by nobody after the setup) so that
 permissions bite even when the tests run as root.
 """
 import json
+import re
 import os
 import pathlib
 import resource
@@ -105,6 +106,16 @@ def make_case_files(case_dir, recipes, model_dir):
             raise ValueError(f"unknown recipe {r}")
 
 
+def check_json(text):
+    """Strict JSON: no bare inf/nan, no duplicate keys in any object."""
+    def no_duplicates(pairs):
+        keys = [k for k, _ in pairs]
+        assert len(keys) == len(set(keys)), f"duplicate keys in {keys}"
+        return dict(pairs)
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"bare {c} in JSON"),
+               object_pairs_hook=no_duplicates)
+
+
 def restore_permissions(case_dir):
     for root, dirs, _ in os.walk(case_dir):
         for d in dirs:
@@ -143,13 +154,16 @@ def test_hostile(case, tmp_path, model, base_db, request):
         if limit:
             resource.setrlimit(resource.RLIMIT_AS, (limit << 20, limit << 20))
     try:
-        p = subprocess.run([BIN, *args], capture_output=True, text=True, errors="replace",
+        p = subprocess.run([BIN, *args], capture_output=True,
                            timeout=case.get("timeout", 60), preexec_fn=preexec)
     except subprocess.TimeoutExpired:
         pytest.fail(f"{case['name']}: clipdb {' '.join(args)} did not finish in "
                     f"{case.get('timeout', 60)} s")
     finally:
         restore_permissions(cdir)
+    # stdout must be valid UTF-8 (invalid bytes of stored names are replaced)
+    p.stdout = p.stdout.decode("utf-8")
+    p.stderr = p.stderr.decode("utf-8", errors="replace")
     assert p.returncode == case["rc"], (p.returncode, p.stdout[-2000:], p.stderr[-2000:])
     for needle in case.get("stderr", []):
         assert needle.format(tmp=cdir) in p.stderr, (needle, p.stderr[-2000:])
@@ -157,12 +171,22 @@ def test_hostile(case, tmp_path, model, base_db, request):
         assert needle.format(tmp=cdir) in p.stdout, (needle, p.stdout[-2000:])
     if "max_stderr_lines" in case:
         assert len(p.stderr.splitlines()) <= case["max_stderr_lines"], p.stderr
+    if "stdout_lines" in case:
+        assert len(p.stdout.splitlines()) == case["stdout_lines"], p.stdout
     if case.get("json"):
-        json.loads(p.stdout, parse_constant=lambda c: pytest.fail(f"bare {c} in JSON"))
+        check_json(p.stdout)
     assert "Sanitizer" not in p.stderr and "runtime error" not in p.stderr
     for check in case.get("after", []):
         restore_permissions(cdir)
-        q = run(*[a.format(db=db, model=model, tmp=cdir) for a in check["args"]])
+        q = subprocess.run([BIN, *[a.format(db=db, model=model, tmp=cdir) for a in check["args"]]],
+                           capture_output=True, timeout=60)
+        out = q.stdout.decode("utf-8")  # valid UTF-8 whatever bytes are stored
         assert q.returncode == check.get("rc", 0), (check, q.stderr)
         for needle in check.get("stdout", []):
-            assert needle in q.stdout, (needle, q.stdout)
+            assert needle in out, (needle, out)
+        if check.get("json"):
+            check_json(out)
+        if check.get("plain_records"):
+            # search's plain output: one "N. SCORE  #ID NAME" record per line
+            for line in out.splitlines():
+                assert re.match(r"^ *\d+\. +\S+ +#\d+ ", line), (line, out)

@@ -375,6 +375,8 @@ cleanup:
     return rc;
 }
 
+static int record_high_water(clipdb_db *db);
+
 int clipdb_db_open(clipdb_db **out, const char *path, const clipdb_db_options *opt)
 {
     clipdb_db_options def;
@@ -423,6 +425,7 @@ int clipdb_db_open(clipdb_db **out, const char *path, const clipdb_db_options *o
     if (rc != CLIPDB_OK) return rc;
     if ((rc = set_pragmas(db)) != CLIPDB_OK) return rc;
     if ((rc = upgrade(db)) != CLIPDB_OK) return rc;
+    if (!db->readonly && (rc = record_high_water(db)) != CLIPDB_OK) return rc;
     return load_meta(db);
 }
 
@@ -537,13 +540,36 @@ static int put_vector(clipdb_db *db, cdb_write_op op, int type, int64_t id, cons
     return rc;
 }
 
+/* Item ids are never reused: meta "last_item_id" is the highest id ever
+** given (it survives the rm of that item), and a new item gets the next one
+** (or the next after the highest present, whichever is larger). */
+#define NEXT_ITEM_ID                                                                   \
+    "max(coalesce((SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'last_item_id'), 0), " \
+    "coalesce((SELECT max(id) FROM items), 0)) + 1"
+
+static int record_last_id(clipdb_db *db, int64_t id)
+{
+    char buf[32];
+    snprintf(buf, sizeof buf, "%lld", (long long)id);
+    return meta_put(db, "last_item_id", buf);
+}
+
+/* An older database has no high-water mark: the first read-write open
+** records the highest id present, before anything can be deleted. */
+static int record_high_water(clipdb_db *db)
+{
+    /* one statement: never lowers a mark another process just wrote */
+    return cdb_db_exec(db, "INSERT OR IGNORE INTO meta(key, value) "
+                           "SELECT 'last_item_id', coalesce(max(id), 0) FROM items");
+}
+
 int cdb_db_insert_image(clipdb_db *db, const char *path, const char *abspath,
                         int64_t size, const char *sha256, const float *vec, int64_t *id)
 {
     sqlite3_stmt *st = NULL;
     int rc = cdb_db_prepare(db,
-                            "INSERT INTO items(type, path, abspath, size, sha256, added_at) "
-                            "VALUES(?5, ?1, ?2, ?3, ?4, strftime('%s','now'))",
+                            "INSERT INTO items(id, type, path, abspath, size, sha256, added_at) "
+                            "VALUES(" NEXT_ITEM_ID ", ?5, ?1, ?2, ?3, ?4, strftime('%s','now'))",
                             &st);
     if (rc != CLIPDB_OK) return rc;
     sqlite3_bind_text(st, 1, path, -1, SQLITE_STATIC);
@@ -555,6 +581,7 @@ int cdb_db_insert_image(clipdb_db *db, const char *path, const char *abspath,
     sqlite3_finalize(st);
     if (rc != CLIPDB_OK) return rc;
     *id = sqlite3_last_insert_rowid(db->sql);
+    if ((rc = record_last_id(db, *id)) != CLIPDB_OK) return rc;
     return put_vector(db, CDB_WRITE_INSERT, CLIPDB_ITEM_IMAGE, *id, vec);
 }
 
@@ -578,8 +605,8 @@ int cdb_db_insert_text(clipdb_db *db, const char *text, int64_t image, const flo
 {
     sqlite3_stmt *st = NULL;
     int rc = cdb_db_prepare(db,
-                            "INSERT INTO items(type, text, image, added_at) "
-                            "VALUES(?3, ?1, ?2, strftime('%s','now'))",
+                            "INSERT INTO items(id, type, text, image, added_at) "
+                            "VALUES(" NEXT_ITEM_ID ", ?3, ?1, ?2, strftime('%s','now'))",
                             &st);
     if (rc != CLIPDB_OK) return rc;
     sqlite3_bind_int(st, 3, CLIPDB_ITEM_TEXT);
@@ -590,6 +617,7 @@ int cdb_db_insert_text(clipdb_db *db, const char *text, int64_t image, const flo
     sqlite3_finalize(st);
     if (rc != CLIPDB_OK) return rc;
     *id = sqlite3_last_insert_rowid(db->sql);
+    if ((rc = record_last_id(db, *id)) != CLIPDB_OK) return rc;
     return put_vector(db, CDB_WRITE_INSERT, CLIPDB_ITEM_TEXT, *id, vec);
 }
 

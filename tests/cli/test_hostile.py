@@ -19,6 +19,8 @@ Recipes (the "setup" list, in order; NAME is relative to the case folder):
   symlink:NAME=TARGET    a symbolic link to TARGET (as written)
   chmod:NAME=OCTAL       permissions
   model:NAME             a copy of the model directory
+  sql:STATEMENT          run on the case's database ({db}) with Python's sqlite3
+                         (to make an older or damaged database)
 Placeholders in args: {db} {model} {tmp} (the case folder).
 
 "as_nobody": true runs the command as user nobody (uid 65534) with the case
@@ -31,6 +33,7 @@ import os
 import pathlib
 import resource
 import shutil
+import sqlite3
 import subprocess
 import tempfile
 
@@ -78,7 +81,7 @@ def make_case_files(case_dir, recipes, model_dir):
         kind, rest = r.split(":", 1)
         name, _, val = rest.partition("=")
         p = case_dir / name
-        if kind != "dir" and kind != "chmod":
+        if kind in ("fifo", "text", "hex", "repeat", "copy", "png", "symlink"):
             p.parent.mkdir(parents=True, exist_ok=True)
         if kind == "fifo":
             os.mkfifo(p)
@@ -102,6 +105,10 @@ def make_case_files(case_dir, recipes, model_dir):
             os.chmod(p, int(val, 8))
         elif kind == "model":
             shutil.copytree(model_dir, p)
+        elif kind == "sql":
+            with sqlite3.connect(case_dir / "t.db") as con:
+                con.execute(rest)
+            con.close()
         else:
             raise ValueError(f"unknown recipe {r}")
 

@@ -800,12 +800,30 @@ static void vecset_clear(cdb_vecset *s)
     memset(s, 0, sizeof *s);
 }
 
+/* Why a stored vector (d) and its stored norm cannot be used, or NULL: a
+** non-finite component, or a norm that is not the vector's own (a damaged
+** file: an Inf would rank first, a norm of 1e-30 gives cosines of 1e28). */
+const char *cdb_vector_damage(const float *v, int d, double norm)
+{
+    double n;
+    int i;
+    for (i = 0; i < d; i++)
+        if (!isfinite(v[i])) return "a component is not finite";
+    if (!isfinite(norm)) return "its norm is not finite";
+    n = (double)cdb_norm(v, (size_t)d);
+    /* both are cdb_norm of the same floats: equal but for the rounding of
+    ** a float to the stored double */
+    if (fabs(n - norm) > 1e-5 * n + 1e-30) return "its stored norm is not the vector's";
+    return NULL;
+}
+
 int cdb_db_vectors(clipdb_db *db, int type, const cdb_vecset **out)
 {
     cdb_vecset *s;
     sqlite3_stmt *st = NULL;
     int64_t ver = 0, count = 0;
     size_t row = 0, vbytes = (size_t)db->embed_dim * sizeof(float);
+    const char *why;
     int rc, step;
 
     *out = NULL;
@@ -850,6 +868,13 @@ int cdb_db_vectors(clipdb_db *db, int type, const cdb_vecset **out)
         s->ids[row] = sqlite3_column_int64(st, 0);
         s->norms[row] = (float)sqlite3_column_double(st, 1);
         memcpy(s->vecs + row * (size_t)db->embed_dim, blob, vbytes);
+        if ((why = cdb_vector_damage(s->vecs + row * (size_t)db->embed_dim, db->embed_dim,
+                                 sqlite3_column_double(st, 1))) != NULL) {
+            rc = cdb_err_set(&db->err, CLIPDB_EFORMAT,
+                             "%s: corrupt vector of item %lld (%s); delete or re-add the item",
+                             db->path, (long long)s->ids[row], why);
+            goto cleanup;
+        }
         row++;
     }
     if (step != SQLITE_ROW && step != SQLITE_DONE) {

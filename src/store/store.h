@@ -105,8 +105,11 @@ int cdb_db_insert_text(clipdb_db *db, const char *text, int64_t image,
 ** CLIPDB_MAX_TEXT_BYTES) as metadata of item `id`. */
 int cdb_db_set_meta_json(clipdb_db *db, int64_t id, const char *json);
 
+/* Why a stored vector (d floats) with its stored norm is unusable (a
+** non-finite value, a norm that is not the vector's), or NULL when sound. */
+const char *cdb_vector_damage(const float *v, int d, double norm);
 /* The vectors of one type, loaded (or reloaded when the file changed).
-** The set belongs to db. */
+** The set belongs to db. A damaged vector is CLIPDB_EFORMAT naming the item. */
 int cdb_db_vectors(clipdb_db *db, int type, const cdb_vecset **out);
 
 /* "image" or "text" (sql.c). */

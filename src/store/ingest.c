@@ -368,6 +368,7 @@ typedef struct batch_img {
     char sha[65];
     cdb_caption_entry *cap;
     size_t cap_first, cap_count; /* its new captions in the batch text list */
+    int gone;            /* another process added it or deleted it meanwhile */
 } batch_img;
 
 typedef struct ingest {
@@ -533,6 +534,37 @@ static int encode_texts(ingest *g, const char *const *texts, size_t n, float *ou
     return rc;
 }
 
+/* Inside the write transaction of a batch: b->gone = 1 (reported, and
+** counted as unchanged) when another process stored the same file since
+** the pool looked, or deleted the image whose captions or new content this
+** batch holds. */
+static int recheck_image(ingest *g, batch_img *b)
+{
+    sqlite3_stmt *st = NULL;
+    int rc, found;
+    int by_path = b->encode && !b->update;
+    char msg[CDB_ERRMSG_MAX];
+    if (!by_path && b->id < 0) return CLIPDB_OK;
+    rc = cdb_db_prepare(g->db,
+                        by_path ? "SELECT 1 FROM items WHERE abspath = ?1 AND type = ?2"
+                                : "SELECT 1 FROM items WHERE id = ?1 AND type = ?2",
+                        &st);
+    if (rc != CLIPDB_OK) return rc;
+    if (by_path) sqlite3_bind_text(st, 1, g->abspaths[b->file], -1, SQLITE_STATIC);
+    else sqlite3_bind_int64(st, 1, b->id);
+    sqlite3_bind_int(st, 2, CLIPDB_ITEM_IMAGE);
+    found = sqlite3_step(st) == SQLITE_ROW;
+    sqlite3_finalize(st);
+    if (by_path == found) {
+        b->gone = 1;
+        snprintf(msg, sizeof msg, "%s/%s: %s by another process meanwhile; left as it is",
+                 g->root, g->files->rel[b->file], by_path ? "added" : "deleted");
+        warn(g, msg);
+        g->res->images_unchanged++;
+    }
+    return CLIPDB_OK;
+}
+
 /* Encodes the batch and writes it in one transaction. */
 static int flush(ingest *g)
 {
@@ -559,6 +591,11 @@ static int flush(ingest *g)
     for (i = 0; i < g->n_imgs; i++) {
         batch_img *b = &g->imgs[i];
         const float *v = g->img_vecs + (size_t)b->row * (size_t)g->d;
+        /* checked again under the write lock: another process may have
+        ** added this file, or deleted the image these captions belong to */
+        b->gone = 0;
+        if ((rc = recheck_image(g, b)) != CLIPDB_OK) goto cleanup;
+        if (b->gone) continue;
         if (b->update) {
             rc = cdb_db_update_image(g->db, b->id, b->size, b->sha, v);
         } else if (b->encode) {
@@ -589,6 +626,7 @@ static int flush(ingest *g)
     if (rc != CLIPDB_OK) goto cleanup;
     for (i = 0; i < g->n_imgs; i++) {
         batch_img *b = &g->imgs[i];
+        if (b->gone) continue;
         if (b->encode && b->update) g->res->images_updated++;
         else if (b->encode) g->res->images_added++;
         g->res->captions_added += (int64_t)b->cap_count;
@@ -767,7 +805,7 @@ static int add_texts(ingest *g)
     float *vecs = NULL;   /* TEXTS_PER_COMMIT x d */
     sqlite3_stmt *exists = NULL;
     int32_t ids[CLIPDB_TEXT_CONTEXT];
-    int rc, in_tx = 0, n_ids = 0;
+    int rc, in_tx = 0, n_ids = 0, added = 0, dup_now = 0;
 
     rc = cdb_read_file(g->opt->texts_path, (size_t)1 << 30, &data, &len, &db->err);
     if (rc != CLIPDB_OK) return rc;
@@ -830,16 +868,29 @@ static int add_texts(ingest *g)
         if ((rc = encode_texts(g, batch, (size_t)n, vecs)) != CLIPDB_OK) goto cleanup;
         if ((rc = cdb_db_begin(db)) != CLIPDB_OK) goto cleanup;
         in_tx = 1;
+        added = 0;
         for (j = 0; j < n; j++) {
             int64_t id;
+            /* checked again under the write lock: another process may have
+            ** added the same text since the check above */
+            sqlite3_reset(exists);
+            sqlite3_bind_text(exists, 1, batch[j], -1, SQLITE_STATIC);
+            sqlite3_bind_int(exists, 2, CLIPDB_ITEM_TEXT);
+            dup_now = sqlite3_step(exists) == SQLITE_ROW;
+            sqlite3_reset(exists);
+            if (dup_now) {
+                g->res->texts_unchanged++;
+                continue;
+            }
             rc = cdb_db_insert_text(db, batch[j], -1, vecs + (size_t)j * (size_t)g->d, &id);
             if (rc != CLIPDB_OK) goto cleanup;
+            added++;
         }
         rc = cdb_db_commit(db);
         in_tx = 0;
         if (rc != CLIPDB_OK) goto cleanup;
-        g->res->texts_added += n;
-        g->prog.added += n;
+        g->res->texts_added += added;
+        g->prog.added += added;
         report(g, 0);
     }
     g->prog.done = g->prog.total;

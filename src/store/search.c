@@ -397,7 +397,7 @@ int clipdb_db_search(clipdb_db *db, const clipdb_query *queries, size_t nq,
     size_t n_allowed = 0;
     const char *note = NULL;
     double t0 = cdb_now();
-    int rc, n_out = 0;
+    int rc, n_out = 0, snapshot = 0;
 
     *out = NULL;
     if (!opt) {
@@ -406,6 +406,12 @@ int clipdb_db_search(clipdb_db *db, const clipdb_query *queries, size_t nq,
     }
     cdb_err_clear(&db->err);
     if ((rc = validate(db, queries, nq, opt, &type)) != CLIPDB_OK) return rc;
+    /* One read transaction: the vectors, the filter and the items' rows come
+    ** from one snapshot, so a concurrent rm cannot make a hit vanish. */
+    if (sqlite3_get_autocommit(db->sql)) {
+        if ((rc = cdb_db_exec(db, "BEGIN")) != CLIPDB_OK) return rc;
+        snapshot = 1;
+    }
     q = cdb_malloc_array(nq, (size_t)db->embed_dim * sizeof(float));
     if (!q) {
         rc = cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
@@ -437,6 +443,9 @@ int clipdb_db_search(clipdb_db *db, const clipdb_query *queries, size_t nq,
         *out = NULL;
     }
 cleanup:
+    /* a read transaction: nothing to write; COMMIT only ends the snapshot */
+    if (snapshot && !sqlite3_get_autocommit(db->sql))
+        sqlite3_exec(db->sql, rc == CLIPDB_OK ? "COMMIT" : "ROLLBACK", NULL, NULL, NULL);
     free(allowed);
     free(hits);
     free(q);

@@ -424,6 +424,7 @@ int clipdb_db_open(clipdb_db **out, const char *path, const clipdb_db_options *o
     }
     if (rc != CLIPDB_OK) return rc;
     if ((rc = set_pragmas(db)) != CLIPDB_OK) return rc;
+    cdb_db_note_file(db);
     if ((rc = upgrade(db)) != CLIPDB_OK) return rc;
     if (!db->readonly && (rc = record_high_water(db)) != CLIPDB_OK) return rc;
     return load_meta(db);

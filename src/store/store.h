@@ -59,6 +59,9 @@ struct clipdb_db {
     sqlite3 *sql;
     char *path;
     int readonly;
+    /* the file as opened: a commit checks the path still names it (a file
+    ** deleted or replaced meanwhile would take every commit with it) */
+    unsigned long long file_dev, file_ino;
     int format_version;    /* of the file (older ones are upgraded when
                            ** opened read-write) */
     int embed_dim;
@@ -86,6 +89,8 @@ int cdb_db_prepare(clipdb_db *db, const char *sql, sqlite3_stmt **st);
 /* Records an SQLite failure in db->err ("what: sqlite message"). */
 int cdb_db_sqlerr(clipdb_db *db, const char *what);
 int cdb_db_begin(clipdb_db *db);
+/* Records the device and inode the path names now (after opening). */
+void cdb_db_note_file(clipdb_db *db);
 int cdb_db_commit(clipdb_db *db);
 void cdb_db_rollback(clipdb_db *db);
 

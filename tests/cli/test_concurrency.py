@@ -98,3 +98,29 @@ def test_random_interleavings_keep_every_invariant(tmp_path, model):
     for i in rnd.sample(ids, min(10, len(ids))):
         r = run("search", db, "--item", i, "--target", "text", "-k", "1", "--json")
         assert r.returncode == 0, r.stderr
+
+
+def test_database_deleted_during_add_fails_clearly(tmp_path, model):
+    imgs = tmp_path / "im"
+    imgs.mkdir()
+    for i in range(300):
+        Image.new("RGB", (40, 30 + i % 50), (i % 256, (i * 7) % 256, 9)).save(imgs / f"q{i:03d}.png")
+    db = tmp_path / "gone.db"
+    run("init", db, "--model", model, check=True)
+    p = subprocess.Popen([BIN, "add", str(db), "--images", str(imgs), "--batch", "1", "-q"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t_end = time.time() + 60
+    while time.time() < t_end:
+        try:
+            con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+            n = con.execute("SELECT count(*) FROM items").fetchone()[0]
+            con.close()
+        except sqlite3.Error:
+            n = 0
+        if n >= 2:
+            break
+        time.sleep(0.02)
+    db.unlink()
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 1, (p.returncode, out, err)
+    assert "the database file was deleted or replaced" in err, err

@@ -376,6 +376,43 @@ cleanup:
 }
 
 static int record_high_water(clipdb_db *db);
+/* The cheap part of `check` at open: a file shorter than the size its own
+** header gives (a copy cut short) is refused before SQLite reads it. The
+** header's size counts only when it is valid (its change counter equals
+** the version-valid-for number) and no -wal file may hold newer pages. */
+static int check_file_size(clipdb_db *db, const struct stat *sb)
+{
+    unsigned char h[100];
+    uint64_t page, pages;
+    char *wal;
+    struct stat ws;
+    FILE *f;
+    int has_wal;
+    if (sb->st_size < 100) return CLIPDB_OK; /* SQLite says what it is */
+    if (!(f = fopen(db->path, "rb"))) return CLIPDB_OK;
+    if (fread(h, 1, sizeof h, f) != sizeof h) {
+        fclose(f);
+        return CLIPDB_OK;
+    }
+    fclose(f);
+    if (memcmp(h, "SQLite format 3", 16) != 0) return CLIPDB_OK;
+    if (memcmp(h + 24, h + 92, 4) != 0) return CLIPDB_OK;
+    page = ((uint64_t)h[16] << 8) | h[17];
+    if (page == 1) page = 65536;
+    pages = ((uint64_t)h[28] << 24) | ((uint64_t)h[29] << 16) | ((uint64_t)h[30] << 8) | h[31];
+    wal = cdb_sprintf("%s-wal", db->path);
+    has_wal = wal && stat(wal, &ws) == 0 && ws.st_size > 0;
+    free(wal);
+    if (has_wal || pages == 0) return CLIPDB_OK;
+    if ((uint64_t)sb->st_size < page * pages)
+        return cdb_err_set(&db->err, CLIPDB_EFORMAT,
+                           "%s: the file is cut short (%lld bytes; its header says %llu): "
+                           "a damaged or incomplete copy",
+                           db->path, (long long)sb->st_size,
+                           (unsigned long long)(page * pages));
+    return CLIPDB_OK;
+}
+
 
 int clipdb_db_open(clipdb_db **out, const char *path, const clipdb_db_options *opt)
 {
@@ -406,6 +443,7 @@ int clipdb_db_open(clipdb_db **out, const char *path, const clipdb_db_options *o
         return cdb_err_set(&db->err, CLIPDB_EFORMAT, "%s: not a clipdb database (not a file)",
                            path);
     db->readonly = opt->readonly;
+    if ((rc = check_file_size(db, &sb)) != CLIPDB_OK) return rc;
     if (opt->model_dir && !(db->model_dir_opt = cdb_strdup(opt->model_dir)))
         return cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
     rc = sql_open(db, opt->readonly ? SQLITE_OPEN_READONLY : SQLITE_OPEN_READWRITE, 0);

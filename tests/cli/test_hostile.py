@@ -20,6 +20,7 @@ Recipes (the "setup" list, in order; NAME is relative to the case folder):
   chmod:NAME=OCTAL       permissions
   model:NAME             a copy of the model directory
   sql:STATEMENT          run on the case's database ({db}) with Python's sqlite3
+  cut:NAME=PERCENT       cut that share of the file's bytes off its end
                          (to make an older or damaged database)
 Placeholders in args: {db} {model} {tmp} (the case folder).
 
@@ -105,6 +106,9 @@ def make_case_files(case_dir, recipes, model_dir):
             os.chmod(p, int(val, 8))
         elif kind == "model":
             shutil.copytree(model_dir, p)
+        elif kind == "cut":
+            data = p.read_bytes()
+            p.write_bytes(data[: len(data) - max(1, len(data) * int(val) // 100)])
         elif kind == "sql":
             with sqlite3.connect(case_dir / "t.db") as con:
                 con.execute(rest)

@@ -13,7 +13,7 @@ WARN     = -Wall -Wextra -Wshadow -Werror
 CPPFLAGS = -Iinclude -Isrc -D_GNU_SOURCE -I/usr/include/stb
 CFLAGS  += -std=c11 $(WARN) $(OPT) -g -pthread -fvisibility=hidden $(SAN)
 CXXFLAGS += -std=c++17 $(WARN) $(OPT) -g -pthread -fvisibility=hidden $(SAN)
-LDLIBS   = -lopenblas -lsqlite3 -ljpeg -lpng -lwebp -lwebpdemux -lgif -lstb -lz -lutf8proc \
+LDLIBS   = -ldnnl -lopenblas -lsqlite3 -ljpeg -lpng -lwebp -lwebpdemux -lgif -lstb -lz -lutf8proc \
            -lcjson -lmicrohttpd -lcurl -lcrypto -lfaiss -llapack -lgomp -lstdc++ -lm -lpthread
 LDFLAGS += $(SAN)
 

@@ -82,13 +82,41 @@ typedef struct clipdb_model_info {
     const char *key_style;     /* "openai" or "hf" */
     const char *weights_dtype; /* "F32", "F16", "BF16" or "mixed" */
     uint64_t weights_bytes;    /* size of model.safetensors */
+    const char *precision;     /* encoder precision: "fp32", "bf16" or "int8" */
+    const char *compute;       /* backend and ISA, as clipdb_compute_info() */
+    uint64_t packed_bytes;     /* memory the packed (reordered) weights own */
 } clipdb_model_info;
+
+/* Encoder precision, chosen when a model is opened. fp32 (the default) is
+** exact; bf16 rounds the inputs and weights of every linear layer to bf16
+** (fp32 accumulation); int8 quantises weights per output channel and
+** activations per token (int32 accumulation). Vectors of different
+** precisions are not comparable bit for bit: a database records the
+** precision its vectors were made with. */
+typedef enum clipdb_precision {
+    CLIPDB_PRECISION_FP32 = 0,
+    CLIPDB_PRECISION_BF16 = 1,
+    CLIPDB_PRECISION_INT8 = 2
+} clipdb_precision;
+/* "fp32", "bf16", "int8". */
+CLIPDB_API const char *clipdb_precision_name(clipdb_precision p);
+/* Parses a name above; CLIPDB_EINVAL for anything else. */
+CLIPDB_API int clipdb_precision_parse(const char *s, clipdb_precision *out);
+/* The matrix backend in use and the instruction set it dispatched to, e.g.
+** "onednn avx512_core_bf16" or "openblas SkylakeX" (environment:
+** CLIPDB_GEMM=onednn|openblas, default onednn; ONEDNN_MAX_CPU_ISA lowers
+** oneDNN's ISA). Static string. */
+CLIPDB_API const char *clipdb_compute_info(void);
 
 /* Opens the model in directory `dir`: model.safetensors (or
 ** open_clip_model.safetensors) and a tokenizer (bpe_simple_vocab_16e6.txt.gz,
 ** or vocab.json + merges.txt). On failure *out still holds a handle with the
 ** message (see the conventions above). Close with clipdb_model_close. */
 CLIPDB_API int clipdb_model_open(clipdb_model **out, const char *dir);
+/* The same with an encoder precision (clipdb_model_open: fp32). The linear
+** weights are converted and reordered once, here, for the backend. */
+CLIPDB_API int clipdb_model_open_precision(clipdb_model **out, const char *dir,
+                                           clipdb_precision prec);
 /* Opens only the tokenizer of the model in `dir` (for `clipdb tokenize`):
 ** encoding calls on such a handle fail with CLIPDB_EINVAL. */
 CLIPDB_API int clipdb_model_open_tokenizer(clipdb_model **out, const char *dir);

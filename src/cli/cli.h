@@ -33,8 +33,11 @@ void cli_print_floats_json(FILE *f, const float *v, int n);
 /* Prints s as a JSON string (quoted, escaped). */
 void cli_print_json_string(FILE *f, const char *s);
 
-/* Opens a model or prints the error; returns CLI_OK or CLI_FAIL. */
-int cli_open_model(const char *cmd, const char *dir, clipdb_model **out);
+/* Opens a model with an encoder precision or prints the error; returns
+** CLI_OK or CLI_FAIL. */
+int cli_open_model(const char *cmd, const char *dir, clipdb_precision prec, clipdb_model **out);
+/* Parses a --precision value (fp32, bf16, int8) or prints usage (CLI_USAGE). */
+int cli_parse_precision(const char *cmd, const char *s, clipdb_precision *out);
 
 /* The table, defined in main.c. */
 extern const cli_cmd cli_commands[];

@@ -11,9 +11,13 @@
 
 static int cmd_version(int argc, char **argv)
 {
-    (void)argc;
-    (void)argv;
+    int i, verbose = 0;
+    for (i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--verbose") || !strcmp(argv[i], "-v")) verbose = 1;
+        else return cli_usage("version", "unknown argument '%s'", argv[i]);
+    }
     printf("clipdb %s\n", CLIPDB_VERSION);
+    if (verbose) printf("compute %s\n", clipdb_compute_info());
     return CLI_OK;
 }
 
@@ -31,7 +35,9 @@ const cli_cmd cli_commands[] = {
     {"model", "show a model's shape and identity, or download one (info, fetch)",
      cli_model_help, cli_cmd_model},
     {"version", "print the version",
-     "usage: clipdb version\n\nPrints the version of clipdb.\n",
+     "usage: clipdb version [--verbose]\n\nPrints the version of clipdb. --verbose (-v) also prints the matrix\n"
+     "backend and the instruction set it dispatched to (\"compute onednn avx512_core_bf16\";\n"
+     "environment: CLIPDB_GEMM=onednn|openblas, ONEDNN_MAX_CPU_ISA).\n",
      cmd_version},
 };
 const int cli_n_commands = (int)(sizeof cli_commands / sizeof cli_commands[0]);

@@ -11,6 +11,7 @@
 #ifndef CDB_MODEL_H
 #define CDB_MODEL_H
 
+#include "compute/compute.h"
 #include "core/core.h"
 #include "model/safetensors.h"
 #include "model/tokenizer.h"
@@ -26,6 +27,10 @@ typedef struct cdb_block {
     const float *ln2_w, *ln2_b;        /* (d) */
     const float *fc1_w, *fc1_b;        /* (f, d), (f) */
     const float *fc2_w, *fc2_b;        /* (d, f), (d) */
+    /* Packed forms for the model's precision (model.c, at open), owned; NULL:
+    ** cdb_linear runs on the plain fp32 weight (training, OpenBLAS fp32). */
+    cdb_wpack *pk_qkv;                 /* [Wq; Wk; Wv] (3d, d) */
+    cdb_wpack *pk_o, *pk_fc1, *pk_fc2;
 } cdb_block;
 
 typedef struct cdb_tower {
@@ -40,6 +45,7 @@ typedef struct cdb_tower {
     ** (e, d)): then y = x @ proj^T. */
     const float *proj;
     int proj_transposed;
+    cdb_wpack *pk_proj;                /* packed proj (model.c), or NULL */
 } cdb_tower;
 
 typedef struct cdb_vision {
@@ -52,6 +58,7 @@ typedef struct cdb_vision {
     const float *class_emb;            /* (d) */
     const float *pos_emb;              /* (n_pos, d) */
     const float *ln_pre_w, *ln_pre_b;  /* (d) */
+    cdb_wpack *pk_patch;               /* packed conv1 (d, 3*P*P), or NULL */
 } cdb_vision;
 
 typedef struct cdb_text {
@@ -81,6 +88,8 @@ struct clipdb_model {
     char *weights_path;                /* the mapped file, owned */
     uint64_t weights_size;             /* its size and mtime when bound (identity cache key) */
     int64_t weights_mtime_ns;
+    cdb_prec prec;                     /* encoder precision (model.c) */
+    size_t packed_bytes;               /* memory the packed weights own */
 };
 
 /* Maps tensors of m->st into m->vision / m->text, inferring the architecture

@@ -400,6 +400,12 @@ typedef struct clipdb_db_options {
     int readonly;          /* 1: open read-only (not with create) */
     const char *model_dir; /* create: the model (required). Open: the model
                            ** directory to use instead of the recorded one */
+    const char *precision; /* encoder precision ("fp32", "bf16", "int8"). Create:
+                           ** recorded with the database (NULL: fp32); every
+                           ** vector it stores is made in it. Open: NULL uses
+                           ** the recorded one; another one is refused
+                           ** (CLIPDB_EMISMATCH), so precisions never mix.
+                           ** Databases older than this field are fp32. */
 } clipdb_db_options;
 /* Defaults: open an existing database read-write, recorded model. */
 CLIPDB_API void clipdb_db_options_init(clipdb_db_options *opt);

@@ -32,6 +32,7 @@ const char cli_add_help[] =
     "  --captions FILE   captions of those images\n"
     "  --texts FILE      standalone texts, one per line\n"
     "  --model DIR       model directory (default: the one recorded by init)\n"
+    "  --precision P     encoder precision; must be the one recorded by init\n"
     "  --batch N         images per encoder batch and commit (default 32)\n"
     "  --threads N       image decoding threads (default: number of CPUs)\n"
     "  --progress-every S  seconds between progress updates (default 0.2 on a\n"
@@ -98,7 +99,7 @@ static int parse_int(const char *s, int lo, int hi, int *out)
 
 int cli_cmd_add(int argc, char **argv)
 {
-    const char *path = NULL, *model = NULL;
+    const char *path = NULL, *model = NULL, *precision = NULL;
     clipdb_add_options opt;
     clipdb_add_result r;
     clipdb_db_options dopt;
@@ -115,6 +116,7 @@ int cli_cmd_add(int argc, char **argv)
         else if (!strcmp(a, "--captions") && has) opt.captions_path = argv[++i];
         else if (!strcmp(a, "--texts") && has) opt.texts_path = argv[++i];
         else if (!strcmp(a, "--model") && has) model = argv[++i];
+        else if (!strcmp(a, "--precision") && has) precision = argv[++i];
         else if (!strcmp(a, "--batch") && has) {
             if (parse_int(argv[++i], 1, 1024, &opt.batch_size))
                 return cli_usage("add", "--batch needs a number from 1 to 1024");
@@ -143,6 +145,7 @@ int cli_cmd_add(int argc, char **argv)
     opt.arg = &ps;
     clipdb_db_options_init(&dopt);
     dopt.model_dir = model;
+    dopt.precision = precision;
     rc = clipdb_db_open(&db, path, &dopt);
     if (rc == CLIPDB_OK) rc = clipdb_db_add(db, &opt, &r);
     if (ps.drawn) fputc('\n', stderr);

@@ -54,6 +54,7 @@ struct clipdb_db {
     char *identity;        /* model identity recorded at creation */
     char *model_dir;       /* recorded model directory */
     char *model_dir_opt;   /* directory given at open (overrides) */
+    clipdb_precision precision; /* encoder precision (meta "encoder_precision") */
     clipdb_model *model;   /* opened on first use, owned */
     clipdb_ctx *ctx;       /* the handle's encoding context, owned */
     int64_t local_changes; /* bumped by every write through this handle */

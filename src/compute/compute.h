@@ -90,8 +90,9 @@ int cdb_linear(const cdb_wpack *pk, const float *W, int m, int n_out, int n_in,
 
 /* ---- bf16 helpers (also for compressed vectors) ---------------------------- */
 
-/* fp32 -> bf16 with round-to-nearest-even (NaN kept NaN); the way back is
-** cdb_bf16_to_f32 (weights.c). */
+/* bf16 -> fp32 (exact). gemm.c. */
+float cdb_bf16_to_f32(uint16_t h);
+/* fp32 -> bf16 with round-to-nearest-even (NaN kept NaN). */
 static inline uint16_t cdb_f32_to_bf16(float f)
 {
     uint32_t u;

@@ -66,3 +66,11 @@ float cdb_sdot(int n, const float *x, const float *y)
 {
     return cblas_sdot(n, x, 1, y, 1);
 }
+
+float cdb_bf16_to_f32(uint16_t h)
+{
+    uint32_t bits = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}

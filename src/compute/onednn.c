@@ -16,6 +16,12 @@
 **   int8: W stored s8 with a scale per output channel, sw[j] = max|W[j,:]| / 127;
 **         x quantised per row, sx[i] = max|x[i,:]| / 127; acc (m, out) s32;
 **         y[i][j] = beta * y[i][j] + acc[i][j] * sx[i] * sw[j].
+** Where the ISA oneDNN may use has no bf16 instructions (ONEDNN_MAX_CPU_ISA=avx2,
+** older CPUs) bf16 is emulated with the same rounding: W is rounded to bf16
+** and stored as fp32, x is rounded to bf16 per call, the fp32 matmul
+** accumulates (same answers up to summation order). Without VNNI, int8 uses
+** vpmaddubsw, whose 16-bit pair sums saturate for full-range weights: there
+** the weights are quantised to +-63 instead of +-127 (255*63*2 < 32767).
 */
 #include <math.h>
 #include <omp.h>
@@ -30,6 +36,7 @@ int openblas_get_num_threads(void);
 
 struct cdb_wpack {
     cdb_prec prec;
+    int emulated;            /* bf16 on an ISA without bf16: fp32 primitive */
     int n_out, n_in;
     void *w;                 /* packed weight in wmd's layout */
     int w_owned;             /* 0: w aliases the caller's fp32 W */
@@ -101,9 +108,22 @@ void cdb_onednn_sgemm(cdb_trans ta, cdb_trans tb, int m, int n, int k, float alp
 
 /* ---- packing ---------------------------------------------------------------- */
 
-static dnnl_data_type_t wtype(cdb_prec p)
+static dnnl_data_type_t wtype(const cdb_wpack *pk)
 {
-    return p == CDB_PREC_BF16 ? dnnl_bf16 : p == CDB_PREC_INT8 ? dnnl_s8 : dnnl_f32;
+    if (pk->prec == CDB_PREC_BF16) return pk->emulated ? dnnl_f32 : dnnl_bf16;
+    return pk->prec == CDB_PREC_INT8 ? dnnl_s8 : dnnl_f32;
+}
+
+/* Largest int8 weight code: 127 with VNNI (exact s32 dot products), else 63. */
+static int int8_wmax(void)
+{
+    switch (dnnl_get_effective_cpu_isa()) {
+    case dnnl_cpu_isa_avx512_core_vnni:
+    case dnnl_cpu_isa_avx512_core_bf16:
+    case dnnl_cpu_isa_avx512_core_amx:
+    case dnnl_cpu_isa_avx2_vnni: return 127;
+    default: return 63;
+    }
 }
 
 /* md of a 2-D (rows, cols) tensor in format `tag` (rows may be run-time). */
@@ -119,7 +139,7 @@ static dnnl_status_t md2(dnnl_memory_desc_t *md, dnnl_dim_t rows, dnnl_dim_t col
 /* Matmul x (M, K) @ W (K, N) -> y (M, N), M at run time; sum: y += ... */
 static int make_prim(cdb_wpack *pk, int sum, int first, cdb_err *e)
 {
-    const dnnl_data_type_t wt = wtype(pk->prec);
+    const dnnl_data_type_t wt = wtype(pk);
     const dnnl_data_type_t dt = pk->prec == CDB_PREC_INT8 ? dnnl_s32 : dnnl_f32;
     dnnl_memory_desc_t smd, wmd, dmd;
     dnnl_matmul_desc_t mm;
@@ -153,7 +173,8 @@ static int make_prim(cdb_wpack *pk, int sum, int first, cdb_err *e)
         }
     }
     if ((s = dnnl_primitive_desc_create(&pd, &mm, attr, engine, NULL))) {
-        rc = dnnl_fail(e, "matmul primitive descriptor", s);
+        rc = s == dnnl_unimplemented ? CLIPDB_ENOTFOUND /* the caller may fall back */
+                                     : dnnl_fail(e, "matmul primitive descriptor", s);
         goto cleanup;
     }
     if (first) pk->wmd = *dnnl_primitive_desc_query_md(pd, dnnl_query_weights_md, 0);
@@ -214,10 +235,16 @@ static int convert_plain(cdb_wpack *pk, const float *W, cdb_trans tw, void **out
 {
     const int N = pk->n_out, K = pk->n_in;
     int i, j;
-    size_t esz = pk->prec == CDB_PREC_BF16 ? 2 : 1;
+    const float qmax = (float)int8_wmax();
+    size_t esz = pk->emulated ? 4 : pk->prec == CDB_PREC_BF16 ? 2 : 1;
     void *buf = cdb_malloc_array((size_t)N * K, esz);
     if (!buf) return cdb_err_set(e, CLIPDB_ENOMEM, "out of memory (packing a %d x %d weight)", N, K);
-    if (pk->prec == CDB_PREC_BF16) {
+    if (pk->emulated) {
+        float *b = buf;
+        for (j = 0; j < N; j++)
+            for (i = 0; i < K; i++)
+                b[(size_t)j * K + i] = cdb_bf16_to_f32(cdb_f32_to_bf16(w_at(W, tw, N, K, j, i)));
+    } else if (pk->prec == CDB_PREC_BF16) {
         uint16_t *b = buf;
         for (j = 0; j < N; j++)
             for (i = 0; i < K; i++) b[(size_t)j * K + i] = cdb_f32_to_bf16(w_at(W, tw, N, K, j, i));
@@ -226,7 +253,7 @@ static int convert_plain(cdb_wpack *pk, const float *W, cdb_trans tw, void **out
         for (j = 0; j < N; j++) {
             float amax = 0.0f, inv;
             for (i = 0; i < K; i++) amax = fmaxf(amax, fabsf(w_at(W, tw, N, K, j, i)));
-            pk->scale[j] = amax > 0.0f ? amax / 127.0f : 1.0f;
+            pk->scale[j] = amax > 0.0f ? amax / qmax : 1.0f;
             inv = 1.0f / pk->scale[j];
             for (i = 0; i < K; i++)
                 q[(size_t)j * K + i] = (int8_t)lrintf(w_at(W, tw, N, K, j, i) * inv);
@@ -259,12 +286,21 @@ int cdb_wpack_new(cdb_wpack **out, const float *W, cdb_trans tw, int n_out, int 
         rc = cdb_err_set(e, CLIPDB_ENOMEM, "out of memory");
         goto cleanup;
     }
-    if ((rc = make_prim(pk, 0, 1, e))) goto cleanup;
+    rc = make_prim(pk, 0, 1, e);
+    if (rc == CLIPDB_ENOTFOUND && prec == CDB_PREC_BF16) {
+        pk->emulated = 1; /* no bf16 matmul for this ISA: emulate (see the top) */
+        rc = make_prim(pk, 0, 1, e);
+    }
+    if (rc == CLIPDB_ENOTFOUND)
+        rc = cdb_err_set(e, CLIPDB_ERROR, "oneDNN has no %s matmul for ISA %s",
+                         prec == CDB_PREC_INT8 ? "int8" : prec == CDB_PREC_BF16 ? "bf16" : "fp32",
+                         cdb_onednn_isa());
+    if (rc) goto cleanup;
     if (prec != CDB_PREC_INT8 && (rc = make_prim(pk, 1, 0, e))) goto cleanup;
 
     /* The plain source: W itself (fp32) or its converted copy, dims {K, N}:
     ** W (n_out, n_in) row-major is format ba, W (n_in, n_out) is ab. */
-    if ((s = md2(&plain, n_in, n_out, wtype(prec),
+    if ((s = md2(&plain, n_in, n_out, wtype(pk),
                  prec != CDB_PREC_FP32 || tw == CDB_TRANS ? dnnl_ba : dnnl_ab))) {
         rc = dnnl_fail(e, "memory descriptor", s);
         goto cleanup;
@@ -274,6 +310,13 @@ int cdb_wpack_new(cdb_wpack **out, const float *W, cdb_trans tw, int n_out, int 
         goto cleanup;
     }
     if (prec != CDB_PREC_FP32 && (rc = convert_plain(pk, W, tw, &tmp, e))) goto cleanup;
+    if (pk->emulated && dnnl_memory_desc_equal(&plain, &pk->wmd)) {
+        pk->w = tmp; /* the rounded fp32 copy is already the wanted layout */
+        pk->w_bytes = (size_t)n_out * n_in * sizeof(float);
+        pk->w_owned = 1;
+        tmp = NULL;
+        goto cleanup;
+    }
     pk->w_bytes = dnnl_memory_desc_get_size(&pk->wmd);
     if (!(pk->w = aligned_alloc(64, (pk->w_bytes + 63) / 64 * 64))) {
         rc = cdb_err_set(e, CLIPDB_ENOMEM, "out of memory (%zu bytes of packed weights)",
@@ -404,7 +447,15 @@ int cdb_linear(const cdb_wpack *pk, const float *W, int m, int n_out, int n_in,
     case CDB_PREC_FP32:
         return run_prim(pk, beta != 0.0f, m, x, dnnl_f32, y, dnnl_f32, e);
     case CDB_PREC_BF16: {
-        uint16_t *xb = buf = cdb_malloc_array(mk, sizeof(uint16_t));
+        uint16_t *xb;
+        if (pk->emulated) { /* x rounded to bf16, kept in fp32 */
+            float *xr = buf = cdb_malloc_array(mk, sizeof(float));
+            if (!xr) return cdb_err_set(e, CLIPDB_ENOMEM, "out of memory (bf16 activations)");
+            for (i = 0; i < mk; i++) xr[i] = cdb_bf16_to_f32(cdb_f32_to_bf16(x[i]));
+            rc = run_prim(pk, beta != 0.0f, m, xr, dnnl_f32, y, dnnl_f32, e);
+            break;
+        }
+        xb = buf = cdb_malloc_array(mk, sizeof(uint16_t));
         if (!xb) return cdb_err_set(e, CLIPDB_ENOMEM, "out of memory (bf16 activations)");
         for (i = 0; i < mk; i++) xb[i] = cdb_f32_to_bf16(x[i]);
         rc = run_prim(pk, beta != 0.0f, m, xb, dnnl_bf16, y, dnnl_f32, e);

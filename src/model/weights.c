@@ -202,19 +202,9 @@ static float f16_to_f32(uint16_t h)
 }
 
 /* bfloat16 is the top half of a binary32. */
-static float bf16_to_f32(uint16_t h)
-{
-    uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-/* Exposed for the unit tests of the conversions. */
+/* Exposed for the unit tests of the conversions (cdb_bf16_to_f32: compute.h). */
 float cdb_f16_to_f32(uint16_t h);
-float cdb_bf16_to_f32(uint16_t h);
 float cdb_f16_to_f32(uint16_t h) { return f16_to_f32(h); }
-float cdb_bf16_to_f32(uint16_t h) { return bf16_to_f32(h); }
 
 /* An fp32 view of t: in place when aligned F32, else a converted copy owned by m. */
 static int as_f32(binder *b, const cdb_tensor *t, const float **out)
@@ -243,7 +233,7 @@ static int as_f32(binder *b, const cdb_tensor *t, const float **out)
     } else {
         for (i = 0; i < n; i++) {
             uint16_t h = (uint16_t)(t->data[2 * i] | (t->data[2 * i + 1] << 8));
-            dst[i] = t->dtype == CDB_DT_F16 ? f16_to_f32(h) : bf16_to_f32(h);
+            dst[i] = t->dtype == CDB_DT_F16 ? f16_to_f32(h) : cdb_bf16_to_f32(h);
         }
     }
     *out = dst;

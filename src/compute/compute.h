@@ -60,6 +60,10 @@ const char *cdb_onednn_isa(void);
 ** accumulation, dequantised to fp32. */
 typedef enum { CDB_PREC_FP32 = 0, CDB_PREC_BF16 = 1, CDB_PREC_INT8 = 2 } cdb_prec;
 
+/* Largest int8 weight code: 127 where oneDNN's ISA has VNNI (exact s32 dot
+** products), else 63 (see onednn.c). */
+int cdb_int8_weight_max(void);
+
 /* ---- linear layers on prepacked weights ------------------------------------ */
 
 /* A weight converted and reordered ONCE (at model load) into the layout the

@@ -114,8 +114,7 @@ static dnnl_data_type_t wtype(const cdb_wpack *pk)
     return pk->prec == CDB_PREC_INT8 ? dnnl_s8 : dnnl_f32;
 }
 
-/* Largest int8 weight code: 127 with VNNI (exact s32 dot products), else 63. */
-static int int8_wmax(void)
+int cdb_int8_weight_max(void)
 {
     switch (dnnl_get_effective_cpu_isa()) {
     case dnnl_cpu_isa_avx512_core_vnni:
@@ -235,7 +234,7 @@ static int convert_plain(cdb_wpack *pk, const float *W, cdb_trans tw, void **out
 {
     const int N = pk->n_out, K = pk->n_in;
     int i, j;
-    const float qmax = (float)int8_wmax();
+    const float qmax = (float)cdb_int8_weight_max();
     size_t esz = pk->emulated ? 4 : pk->prec == CDB_PREC_BF16 ? 2 : 1;
     void *buf = cdb_malloc_array((size_t)N * K, esz);
     if (!buf) return cdb_err_set(e, CLIPDB_ENOMEM, "out of memory (packing a %d x %d weight)", N, K);

@@ -5,6 +5,7 @@ set -euo pipefail
 pkgs=(
   build-essential pkg-config clang libclang-rt-14-dev   # compilers; clang + its libFuzzer runtime
   libopenblas-dev liblapack-dev              # SGEMM for the transformer and search
+  libdnnl-dev                                # oneDNN: default GEMM backend, bf16/int8 encoders
   libsqlite3-dev                             # the database file
   libjpeg62-turbo-dev libpng-dev libwebp-dev libgif-dev libstb-dev zlib1g-dev
   libutf8proc-dev libcjson-dev               # tokenizer, JSON

@@ -135,8 +135,13 @@ static dnnl_status_t md2(dnnl_memory_desc_t *md, dnnl_dim_t rows, dnnl_dim_t col
     return dnnl_memory_desc_init_by_tag(md, 2, dims, dt, tag);
 }
 
-/* Matmul x (M, K) @ W (K, N) -> y (M, N), M at run time; sum: y += ... */
-static int make_prim(cdb_wpack *pk, int sum, int first, cdb_err *e)
+/* Matmul x (M, K) @ W (K, N) -> y (M, N), M at run time; sum: y += ...
+** first: the weight layout is chosen here (pk->wmd): fp32 weights (and the
+** fp32 copies of emulated bf16) stay in their plain layout `plain_tag`, so
+** an fp32 model uses its memory-mapped weights in place (no second copy;
+** oneDNN's fp32 gemm packs panels per call either way); bf16 and int8 take
+** the layout oneDNN prefers (format_tag_any). */
+static int make_prim(cdb_wpack *pk, int sum, int first, dnnl_format_tag_t plain_tag, cdb_err *e)
 {
     const dnnl_data_type_t wt = wtype(pk);
     const dnnl_data_type_t dt = pk->prec == CDB_PREC_INT8 ? dnnl_s32 : dnnl_f32;
@@ -152,7 +157,8 @@ static int make_prim(cdb_wpack *pk, int sum, int first, cdb_err *e)
         (s = md2(&dmd, DNNL_RUNTIME_DIM_VAL, pk->n_out, dt, dnnl_ab)))
         return dnnl_fail(e, "memory descriptor", s);
     if (first) {
-        if ((s = md2(&wmd, pk->n_in, pk->n_out, wt, dnnl_format_tag_any)))
+        if ((s = md2(&wmd, pk->n_in, pk->n_out, wt,
+                     wt == dnnl_f32 ? plain_tag : dnnl_format_tag_any)))
             return dnnl_fail(e, "memory descriptor", s);
     } else {
         wmd = pk->wmd;
@@ -267,6 +273,7 @@ int cdb_wpack_new(cdb_wpack **out, const float *W, cdb_trans tw, int n_out, int 
 {
     cdb_wpack *pk = NULL;
     dnnl_memory_desc_t plain;
+    dnnl_format_tag_t tag;
     void *tmp = NULL;
     dnnl_status_t s;
     int rc;
@@ -285,22 +292,23 @@ int cdb_wpack_new(cdb_wpack **out, const float *W, cdb_trans tw, int n_out, int 
         rc = cdb_err_set(e, CLIPDB_ENOMEM, "out of memory");
         goto cleanup;
     }
-    rc = make_prim(pk, 0, 1, e);
+    /* W (n_out, n_in) row-major is dims {K, N} in format ba; (n_in, n_out) is ab;
+    ** converted copies (bf16, int8, emulated bf16) are written (n_out, n_in) */
+    tag = prec == CDB_PREC_FP32 && tw == CDB_NO_TRANS ? dnnl_ab : dnnl_ba;
+    rc = make_prim(pk, 0, 1, tag, e);
     if (rc == CLIPDB_ENOTFOUND && prec == CDB_PREC_BF16) {
         pk->emulated = 1; /* no bf16 matmul for this ISA: emulate (see the top) */
-        rc = make_prim(pk, 0, 1, e);
+        rc = make_prim(pk, 0, 1, tag, e);
     }
     if (rc == CLIPDB_ENOTFOUND)
         rc = cdb_err_set(e, CLIPDB_ERROR, "oneDNN has no %s matmul for ISA %s",
                          prec == CDB_PREC_INT8 ? "int8" : prec == CDB_PREC_BF16 ? "bf16" : "fp32",
                          cdb_onednn_isa());
     if (rc) goto cleanup;
-    if (prec != CDB_PREC_INT8 && (rc = make_prim(pk, 1, 0, e))) goto cleanup;
+    if (prec != CDB_PREC_INT8 && (rc = make_prim(pk, 1, 0, tag, e))) goto cleanup;
 
-    /* The plain source: W itself (fp32) or its converted copy, dims {K, N}:
-    ** W (n_out, n_in) row-major is format ba, W (n_in, n_out) is ab. */
-    if ((s = md2(&plain, n_in, n_out, wtype(pk),
-                 prec != CDB_PREC_FP32 || tw == CDB_TRANS ? dnnl_ba : dnnl_ab))) {
+    /* The plain source: W itself (fp32) or its converted copy, dims {K, N} */
+    if ((s = md2(&plain, n_in, n_out, wtype(pk), tag))) {
         rc = dnnl_fail(e, "memory descriptor", s);
         goto cleanup;
     }

@@ -3,6 +3,8 @@
 ** its public description and identity.
 */
 #include <pthread.h>
+#include <sys/mman.h>
+#include <unistd.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -55,12 +57,25 @@ static void unpack_model(clipdb_model *m)
     m->packed_bytes = 0;
 }
 
-/* Packs W (n_out, n_in) (tw CDB_TRANS) or (n_in, n_out) into *pk. */
+/* Packs W (n_out, n_in) (tw CDB_TRANS) or (n_in, n_out) into *pk. When the
+** pack is a converted copy (bf16, int8) of fp32 weights read from the file
+** mapping, those pages are dropped from memory again (MADV_DONTNEED on a
+** private read-only file mapping: nothing reads them any more, and a later
+** read would fault them back from the file), so a bf16 or int8 model does not
+** keep the fp32 weights resident beside their packed copy. */
 static int pack1(clipdb_model *m, cdb_wpack **pk, const float *W, cdb_trans tw, int n_out,
                  int n_in)
 {
     int rc = cdb_wpack_new(pk, W, tw, n_out, n_in, m->prec, &m->err);
-    m->packed_bytes += cdb_wpack_bytes(*pk);
+    size_t bytes = cdb_wpack_bytes(*pk);
+    m->packed_bytes += bytes;
+    if (rc == CLIPDB_OK && bytes && m->st && m->st->map.data) {
+        const uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+        const uintptr_t lo = (uintptr_t)m->st->map.data, hi = lo + m->st->map.size;
+        const uintptr_t a = (uintptr_t)W, b = a + (uintptr_t)n_out * (uintptr_t)n_in * 4;
+        const uintptr_t a2 = (a + page - 1) & ~(page - 1), b2 = b & ~(page - 1);
+        if (a >= lo && b <= hi && b2 > a2) madvise((void *)a2, b2 - a2, MADV_DONTNEED);
+    }
     return rc;
 }
 

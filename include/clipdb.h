@@ -301,7 +301,7 @@ CLIPDB_API int clipdb_flat_search(const clipdb_vecs *base, const float *queries,
 ** fp32 memory traffic per scan. Searches scan the codes for the best
 ** `rerank` candidates (at least k) and rescore those exactly on the fp32
 ** vectors, so returned scores are exact; recall@k against the fp32 scan
-** depends on rerank (>= 0.999 at rerank 4k on CLIP and clustered vectors:
+** depends on rerank (>= 0.999 at rerank 4k on clustered vectors:
 ** tests and bench/bench_search). Built in memory; immutable; any number of
 ** threads may search one at once. */
 typedef struct clipdb_sq8 clipdb_sq8;

@@ -44,8 +44,10 @@ int cli_cmd_init(int argc, char **argv)
         clipdb_db_close(db);
         return CLI_FAIL;
     }
-    if (clipdb_db_get_stats(db, &st) == CLIPDB_OK)
+    if (clipdb_db_get_stats(db, &st) == CLIPDB_OK) {
         printf("created %s (model %s, %d dims)\n", path, st.model, st.embed_dim);
+        clipdb_db_stats_free(&st);
+    }
     clipdb_db_close(db);
     return CLI_OK;
 }

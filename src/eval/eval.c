@@ -572,6 +572,7 @@ int clipdb_eval_run(clipdb_db *db, const clipdb_eval_options *opt, clipdb_eval *
     ev->db_path = cdb_strdup(st.path);
     ev->model = cdb_strdup(st.model);
     ev->embed_dim = st.embed_dim;
+    clipdb_db_stats_free(&st);
     gmtime_r(&now, &tm);
     strftime(date, sizeof date, "%Y-%m-%dT%H:%M:%SZ", &tm);
     ev->date = cdb_strdup(date);

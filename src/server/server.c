@@ -341,7 +341,10 @@ static int h_stats(hreq *r)
     int rc = clipdb_db_get_stats(r->sl->db, &st), i;
     if (rc != CLIPDB_OK) return reply_error(r, 500, "%s", clipdb_db_errmsg(r->sl->db));
     o = cJSON_CreateObject();
-    if (!o) return reply_error(r, 500, "out of memory");
+    if (!o) {
+        clipdb_db_stats_free(&st);
+        return reply_error(r, 500, "out of memory");
+    }
     cJSON_AddStringToObject(o, "version", CLIPDB_VERSION);
     cJSON_AddStringToObject(o, "path", st.path ? st.path : "");
     cJSON_AddStringToObject(o, "model", st.model ? st.model : "");
@@ -373,6 +376,7 @@ static int h_stats(hreq *r)
     cJSON_AddNumberToObject(o, "max_k", CDB_HTTP_MAX_K);
     cJSON_AddNumberToObject(o, "max_upload_bytes", CDB_HTTP_MAX_UPLOAD);
     cJSON_AddBoolToObject(o, "eval", 1);
+    clipdb_db_stats_free(&st);
     reply_json(r, 200, o);
     return 200;
 }
@@ -1039,11 +1043,14 @@ static int eval_compute(hreq *r)
     if (s->eval_json) return 0;
     /* the defaults, with the cut-offs a small database can take */
     clipdb_eval_options_init(&opt);
-    if (clipdb_db_get_stats(r->sl->db, &st) == CLIPDB_OK && st.images > 0 && st.images < 10) {
-        opt.n_ks = 0;
-        for (i = 0; i < 3; i++)
-            if (ks[i] <= st.images) opt.ks[opt.n_ks++] = ks[i];
-        opt.index_k = (int)st.images;
+    if (clipdb_db_get_stats(r->sl->db, &st) == CLIPDB_OK) {
+        if (st.images > 0 && st.images < 10) {
+            opt.n_ks = 0;
+            for (i = 0; i < 3; i++)
+                if (ks[i] <= st.images) opt.ks[opt.n_ks++] = ks[i];
+            opt.index_k = (int)st.images;
+        }
+        clipdb_db_stats_free(&st);
     }
     rc = clipdb_eval_run(r->sl->db, &opt, &ev);
     if (rc == CLIPDB_OK) rc = clipdb_eval_json(ev, &s->eval_json);
@@ -1204,10 +1211,12 @@ static int h_metrics(hreq *r)
     }
     pthread_mutex_unlock(&s->metric_mu);
     if (clipdb_db_get_stats(r->sl->db, &st) == CLIPDB_OK) {
+        const long long n_img = st.images, n_txt = st.texts, n_cap = st.captions;
+        clipdb_db_stats_free(&st);
         EMIT("# HELP clipdb_items Items stored, by type.\n# TYPE clipdb_items gauge\n"
              "clipdb_items{type=\"image\"} %lld\nclipdb_items{type=\"text\"} %lld\n"
              "clipdb_items{type=\"caption\"} %lld\n",
-             (long long)st.images, (long long)st.texts, (long long)st.captions);
+             n_img, n_txt, n_cap);
     }
 #undef EMIT
     r->out = buf;

@@ -35,7 +35,7 @@ static void row_norms(const float *x, size_t n, int d, float *inv, float *sq)
 
 /* Branch-free "(s, id) ranks before (t, jd)" (cdb_hit_better), 0 or 1, so
 ** the counting loops vectorise. */
-#define BEFORE(s, id, t, jd) (((s) > (t)) | (((s) == (t)) & ((id) < (jd))))
+#define BEFORE(s, id, t, jd) ((int)((s) > (t)) | ((int)((s) == (t)) & (int)((id) < (jd))))
 
 int cdb_eval_ranks(clipdb_metric metric, int d, const float *q, size_t nq,
                    const int64_t *qlab, const float *g, size_t ng, const int64_t *gid,

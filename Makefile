@@ -15,7 +15,7 @@ CPPFLAGS = -Iinclude -Isrc -D_GNU_SOURCE -I/usr/include/stb -I/usr/include/plplo
 # -fvisibility=hidden: the shared one exports only what CLIPDB_API marks.
 CFLAGS  += -std=c11 $(WARN) $(OPT) -g -pthread -fPIC -fvisibility=hidden $(SAN)
 CXXFLAGS += -std=c++17 $(WARN) $(OPT) -g -pthread -fPIC -fvisibility=hidden $(SAN)
-LDLIBS   = -lopenblas -lsqlite3 -ljpeg -lpng -lwebp -lwebpdemux -lgif -lstb -lz -lutf8proc \
+LDLIBS   = -ldnnl -lopenblas -lsqlite3 -ljpeg -lpng -lwebp -lwebpdemux -lgif -lstb -lz -lutf8proc \
            -lcjson -lplplot -lmicrohttpd -lcurl -lcrypto -lfaiss -llapack -lgomp -lstdc++ -lm -lpthread
 LDFLAGS += $(SAN)
 

@@ -14,8 +14,13 @@ Measures, in one run (seeded weights from tools/gen_model.py --size b32):
   (c) texts/s on real captions vs PyTorch batched (64 at a time, CLIP's 77
       tokens; token ids prepared beforehand, so tokenizing is not timed for
       torch but is for clipdb);
-  (d) peak RSS of `clipdb embed` (b32 loaded) vs the weights file size.
-Medians over repeats; warm-up runs are not timed.
+  (d) peak RSS of `clipdb embed` (b32 loaded) vs the weights file size;
+  (e) per encoder precision (--precision fp32, bf16, int8): images/s, texts/s,
+      peak RSS and min cosine to PyTorch fp32, beside PyTorch bf16 autocast
+      (torch.autocast("cpu", torch.bfloat16)); the fp32 GEMM limit is the
+      better of OpenBLAS and oneDNN's dnnl_sgemm (bench/sgemm_rate.c).
+Medians over repeats; warm-up runs are not timed. The CPU model and the ISA
+clipdb dispatched to (clipdb version --verbose) are printed with the table.
 """
 import argparse
 import json
@@ -44,12 +49,13 @@ def cos_rows(a, b):
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
-def clipdb_embed(model, flag, listfile, env):
+def clipdb_embed(model, flag, listfile, env, precision="fp32"):
     """Runs clipdb embed; returns (vectors, rate from --stats, wall s, peak RSS KiB)."""
     with tempfile.NamedTemporaryFile("r") as tf:
         t0 = time.perf_counter()
         p = subprocess.run(["/usr/bin/time", "-f", "%M", "-o", tf.name, BIN, "embed", "--model",
-                            str(model), flag, str(listfile), "--json", "--stats"],
+                            str(model), flag, str(listfile), "--json", "--stats",
+                            "--precision", precision],
                            capture_output=True, text=True, env=env)
         wall = time.perf_counter() - t0
         if p.returncode != 0:
@@ -84,14 +90,21 @@ def main():
         return
     work = pathlib.Path(a.workdir)
     work.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, OPENBLAS_NUM_THREADS="2")
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="2", OMP_NUM_THREADS="2")
     load = os.getloadavg()[0]
 
     # (a) SGEMM rate
     sh(["cc", "-O2", "-o", str(work / "sgemm_rate"), str(ROOT / "bench" / "sgemm_rate.c"),
-        "-lopenblas"])
+        "-ldnnl", "-lopenblas"])
     rate_line = sh([str(work / "sgemm_rate"), "3"], env=env).stdout.split()
     gflops, limit = float(rate_line[1]), float(rate_line[5])
+    dnnl_line = sh([str(work / "sgemm_rate"), "3", "onednn"], env=env).stdout.split()
+    dnnl_gflops, dnnl_limit = float(dnnl_line[1]), float(dnnl_line[5])
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo")
+                if l.startswith("model name")), "?")
+    compute = sh([BIN, "version", "--verbose"]).stdout.split("compute ")[-1].strip()
+    blas_core = sh([BIN, "version", "--verbose"],
+                   env=dict(env, CLIPDB_GEMM="openblas")).stdout.split("compute ")[-1].strip()
 
     # model
     model = work / "b32-openai-f32"
@@ -164,6 +177,34 @@ def main():
         subprocess.run(args, check=True, capture_output=True, env=env)
         peak_rss = max(peak_rss, int(tf.read().strip().splitlines()[-1]))
 
+    # (e) precisions: clipdb fp32/bf16/int8 vs torch fp32 and bf16 autocast
+    prec_rows = []
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_clip.encode_images(ref, imgs[:2])  # warm-up
+        torch_img_bf16, _ = torch_rate(lambda: ref_clip.encode_images(ref, imgs, batch=16),
+                                       len(imgs), a.repeats - 1)
+        torch_txt_bf16 = None
+        if tok_ok:
+            torch_txt_bf16, _ = torch_rate(lambda: ref_clip.encode_ids(ref, ids, batch=64),
+                                           len(ids), a.repeats - 1)
+    for prec in ("fp32", "bf16", "int8"):
+        clipdb_embed(model, "--images-from", work / "warm.txt", env, prec)  # warm-up
+        ri = [clipdb_embed(model, "--images-from", work / "images.txt", env, prec)
+              for _ in range(a.repeats)]
+        rt = [clipdb_embed(model, "--texts-from", work / "texts.txt", env, prec)
+              for _ in range(a.repeats)] if tok_ok else []
+        with tempfile.NamedTemporaryFile("r") as tf:
+            args = ["/usr/bin/time", "-f", "%M", "-o", tf.name, BIN, "embed", "--model",
+                    str(model), "--precision", prec, "--images-from", str(work / "mixed.txt")]
+            if tok_ok:
+                args += ["--texts-from", str(work / "mixed-texts.txt")]
+            subprocess.run(args, check=True, capture_output=True, env=env)
+            rss = int(tf.read().strip().splitlines()[-1])
+        prec_rows.append((prec, statistics.median(r[1] for r in ri),
+                          statistics.median(r[1] for r in rt) if rt else float("nan"), rss,
+                          cos_rows(ri[0][0], r_img).min(),
+                          cos_rows(rt[0][0][:len(ids)], r_txt).min() if rt else float("nan")))
+
     # report
     print(f"\nclipdb encoder benchmark: ViT-B/32 shapes, seeded weights, OpenBLAS 2 threads, "
           f"load average at start {load:.2f}")
@@ -179,6 +220,30 @@ def main():
           + (f", texts {txt_cos:.6f} over {len(r_txt)}" if txt_cos is not None else ""))
     if txt_note:
         print(txt_note)
+    print(f"\nCPU {cpu}; clipdb compute: {compute}; OpenBLAS core: {blas_core}")
+    best_limit = max(limit, dnnl_limit)
+    print(f"fp32 GEMM rate: OpenBLAS {gflops:.1f}, oneDNN dnnl_sgemm {dnnl_gflops:.1f} GFLOP/s "
+          f"-> best fp32 limit {best_limit:.2f} images/s")
+    print(f"{'precision':9s} {'images/s':>9s} {'texts/s':>9s} {'RSS MiB':>8s} "
+          f"{'cos img':>9s} {'cos txt':>9s}  ratios")
+    fp32_img = prec_rows[0][1]
+    bf16_img = prec_rows[1][1]
+    for prec, ri, rt, rss, ci, ct in prec_rows:
+        notes = [f"img {ri / torch_img:.2f}x torch fp32"]
+        if prec == "fp32":
+            notes.append(f"{100 * ri / best_limit:.0f}% of the best fp32 GEMM limit")
+        if prec == "bf16":
+            notes.append(f"img {ri / torch_img_bf16:.2f}x torch bf16 autocast")
+            if torch_txt_bf16:
+                notes.append(f"txt {rt / torch_txt_bf16:.2f}x torch bf16 autocast")
+        if prec == "int8":
+            notes.append(f"img {ri / bf16_img:.2f}x our bf16")
+        notes.append(f"RSS/weights {rss * 1024 / wbytes:.2f}")
+        print(f"{prec:9s} {ri:9.2f} {rt:9.2f} {rss / 1024:8.1f} {ci:9.6f} {ct:9.6f}  "
+              + "; ".join(notes))
+    print(f"torch: fp32 {torch_img:.2f} images/s, bf16 autocast {torch_img_bf16:.2f} images/s"
+          + (f", texts/s bf16 autocast {torch_txt_bf16:.2f}" if torch_txt_bf16 else "")
+          + f"; fp32 images/s vs fp32 {fp32_img / torch_img:.2f}x")
     print(f"inputs: {len(imgs)} photos (Flickr8k + COCO); {len(caps)} captions for clipdb, "
           f"{a.torch_texts} for torch; median of {a.repeats} (torch {max(1, a.repeats - 1)})")
     ok = img_cos >= 0.999 and (txt_cos is None or txt_cos >= 0.9999)

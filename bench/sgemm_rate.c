@@ -3,11 +3,14 @@
 ** ViT-B/32 image batch (16 images x 50 tokens = 800 rows), weighted as the
 ** vision tower runs them, and the images/s limit it implies.
 **
-**   cc -O2 -o sgemm_rate bench/sgemm_rate.c -lopenblas && ./sgemm_rate [reps]
-** Threads: OPENBLAS_NUM_THREADS (the benchmark sets 2).
+**   cc -O2 -o sgemm_rate bench/sgemm_rate.c -ldnnl -lopenblas && ./sgemm_rate [reps] [openblas|onednn]
+** Threads: OPENBLAS_NUM_THREADS / OMP_NUM_THREADS (the benchmark sets 2).
+** onednn: dnnl_sgemm (oneDNN's JIT fp32 GEMM for the CPU's ISA).
 ** Prints one line: "sgemm_gflops G flops_per_image F images_per_s_limit L".
 */
 #include <cblas.h>
+#include <oneapi/dnnl/dnnl.h>
+#include <string.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <time.h>
@@ -28,6 +31,7 @@ int main(int argc, char **argv)
         {rows, 3072, 768, layers}, {rows, 768, 3072, layers}, {16 * 49, 768, 3072, 1}};
     const int nsh = (int)(sizeof sh / sizeof sh[0]);
     int reps = argc > 1 ? atoi(argv[1]) : 3, r, i, c;
+    const int onednn = argc > 2 && !strcmp(argv[2], "onednn");
     double flops = 0, best = 1e30;
     float *a = malloc(sizeof(float) * rows * 3072), *b = malloc(sizeof(float) * 3072 * 3072);
     float *o = malloc(sizeof(float) * rows * 3072);
@@ -40,8 +44,12 @@ int main(int argc, char **argv)
         for (i = 0; i < nsh; i++)
             for (c = 0; c < sh[i].calls; c++)
                 /* a (m, k) @ b^T (k, n) -> o (m, n), as the model's Linear layers */
-                cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, sh[i].m, sh[i].n, sh[i].k,
-                            1.0f, a, sh[i].k, b, sh[i].k, 0.0f, o, sh[i].n);
+                if (onednn)
+                    dnnl_sgemm('N', 'T', sh[i].m, sh[i].n, sh[i].k, 1.0f, a, sh[i].k, b, sh[i].k,
+                               0.0f, o, sh[i].n);
+                else
+                    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, sh[i].m, sh[i].n,
+                                sh[i].k, 1.0f, a, sh[i].k, b, sh[i].k, 0.0f, o, sh[i].n);
         if (r > 0 && now() - t0 < best) best = now() - t0;
     }
     /* per image: the batch's GEMM flops / 16, plus attention (~0.09 GFLOP, not GEMM-bound) */

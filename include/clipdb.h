@@ -84,13 +84,41 @@ typedef struct clipdb_model_info {
     const char *key_style;     /* "openai" or "hf" */
     const char *weights_dtype; /* "F32", "F16", "BF16" or "mixed" */
     uint64_t weights_bytes;    /* size of model.safetensors */
+    const char *precision;     /* encoder precision: "fp32", "bf16" or "int8" */
+    const char *compute;       /* backend and ISA, as clipdb_compute_info() */
+    uint64_t packed_bytes;     /* memory the packed (reordered) weights own */
 } clipdb_model_info;
+
+/* Encoder precision, chosen when a model is opened. fp32 (the default) is
+** exact; bf16 rounds the inputs and weights of every linear layer to bf16
+** (fp32 accumulation); int8 quantises weights per output channel and
+** activations per token (int32 accumulation). Vectors of different
+** precisions are not comparable bit for bit: a database records the
+** precision its vectors were made with. */
+typedef enum clipdb_precision {
+    CLIPDB_PRECISION_FP32 = 0,
+    CLIPDB_PRECISION_BF16 = 1,
+    CLIPDB_PRECISION_INT8 = 2
+} clipdb_precision;
+/* "fp32", "bf16", "int8". */
+CLIPDB_API const char *clipdb_precision_name(clipdb_precision p);
+/* Parses a name above; CLIPDB_EINVAL for anything else. */
+CLIPDB_API int clipdb_precision_parse(const char *s, clipdb_precision *out);
+/* The matrix backend in use and the instruction set it dispatched to, e.g.
+** "onednn avx512_core_bf16" or "openblas SkylakeX" (environment:
+** CLIPDB_GEMM=onednn|openblas, default onednn; ONEDNN_MAX_CPU_ISA lowers
+** oneDNN's ISA). Static string. */
+CLIPDB_API const char *clipdb_compute_info(void);
 
 /* Opens the model in directory `dir`: model.safetensors (or
 ** open_clip_model.safetensors) and a tokenizer (bpe_simple_vocab_16e6.txt.gz,
 ** or vocab.json + merges.txt). On failure *out still holds a handle with the
 ** message (see the conventions above). Close with clipdb_model_close. */
 CLIPDB_API int clipdb_model_open(clipdb_model **out, const char *dir);
+/* The same with an encoder precision (clipdb_model_open: fp32). The linear
+** weights are converted and reordered once, here, for the backend. */
+CLIPDB_API int clipdb_model_open_precision(clipdb_model **out, const char *dir,
+                                           clipdb_precision prec);
 /* Opens only the tokenizer of the model in `dir` (for `clipdb tokenize`):
 ** encoding calls on such a handle fail with CLIPDB_EINVAL. */
 CLIPDB_API int clipdb_model_open_tokenizer(clipdb_model **out, const char *dir);
@@ -321,6 +349,29 @@ CLIPDB_API int clipdb_flat_search(const clipdb_vecs *base, const float *queries,
                                   const clipdb_filter *filter, clipdb_hit *out,
                                   int *n_out, char **errmsg);
 
+/* A compressed copy of a vector set for search: 8-bit codes per dimension
+** (as Faiss's SQ8: per-dimension min and step over the set), a quarter of the
+** fp32 memory traffic per scan. Searches scan the codes for the best
+** `rerank` candidates (at least k) and rescore those exactly on the fp32
+** vectors, so returned scores are exact; recall@k against the fp32 scan
+** depends on rerank (>= 0.999 at rerank 4k on clustered vectors:
+** tests and bench/bench_search). Built in memory; immutable; any number of
+** threads may search one at once. */
+typedef struct clipdb_sq8 clipdb_sq8;
+/* Builds the codes of base (NaN and infinities refused). Caller frees with
+** clipdb_sq8_free. errmsg as clipdb_flat_search. */
+CLIPDB_API int clipdb_sq8_build(const clipdb_vecs *base, clipdb_sq8 **out, char **errmsg);
+CLIPDB_API void clipdb_sq8_free(clipdb_sq8 *s);
+/* Bytes the compressed copy holds. */
+CLIPDB_API size_t clipdb_sq8_bytes(const clipdb_sq8 *s);
+/* As clipdb_flat_search (same output, filter keys are row indexes), scanning
+** s and re-ranking the best `rerank` candidates per query on base, which must
+** be the set s was built from. */
+CLIPDB_API int clipdb_sq8_search(const clipdb_sq8 *s, const clipdb_vecs *base,
+                                 const float *queries, size_t nq, int k, int rerank,
+                                 clipdb_metric metric, const clipdb_filter *filter,
+                                 clipdb_hit *out, int *n_out, char **errmsg);
+
 /* An inverted-file index with flat (uncompressed) lists, as Faiss's
 ** IndexIVFFlat: nlist centroids from k-means; every vector lives in the list
 ** of its nearest centroid; a search scans the nprobe lists nearest to the
@@ -435,6 +486,12 @@ typedef struct clipdb_db_options {
                            ** recorded identity on first use), so that several
                            ** handles (e.g. one per server thread) share one
                            ** model. NULL (default): opened on first use. */
+    const char *precision; /* encoder precision ("fp32", "bf16", "int8"). Create:
+                           ** recorded with the database (NULL: fp32); every
+                           ** vector it stores is made in it. Open: NULL uses
+                           ** the recorded one; another one is refused
+                           ** (CLIPDB_EMISMATCH), so precisions never mix.
+                           ** Databases older than this field are fp32. */
 } clipdb_db_options;
 /* Defaults: open an existing database read-write, recorded model. */
 CLIPDB_API void clipdb_db_options_init(clipdb_db_options *opt);

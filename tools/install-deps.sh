@@ -23,6 +23,7 @@ done
 pkgs=(
   build-essential pkg-config                 # compiler, make, pkg-config (make install's clipdb.pc)
   libopenblas-dev liblapack-dev              # SGEMM for the transformer and search
+  libdnnl-dev                                # oneDNN: default GEMM backend, bf16/int8 encoders
   libsqlite3-dev                             # the database file
   libjpeg62-turbo-dev libpng-dev libwebp-dev libgif-dev libstb-dev zlib1g-dev
   libutf8proc-dev libcjson-dev               # tokenizer, JSON

@@ -224,7 +224,7 @@ def encode_images(model, paths, batch=32):
     for i in range(0, len(paths), batch):
         x = torch.stack([load_image(p, model.image_size) for p in paths[i:i + batch]])
         out.append(model.encode_image(x))
-    return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
+    return torch.cat(out).float().numpy() if out else np.zeros((0, 0), np.float32)
 
 
 # ---- token ids ----------------------------------------------------------------------
@@ -269,7 +269,7 @@ def encode_ids(model, ids_list, batch=64):
                 t = list(t[:model.context - 1]) + [t[-1]]
             ids[j, :len(t)] = torch.tensor(t)
         out.append(model.encode_text(ids))
-    return torch.cat(out).numpy() if out else np.zeros((0, 0), np.float32)
+    return torch.cat(out).float().numpy() if out else np.zeros((0, 0), np.float32)
 
 
 def main():

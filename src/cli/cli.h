@@ -67,8 +67,11 @@ void cli_progress_draw(cli_progress *p, const char *label, int64_t done, int64_t
 /* Ends a redrawn line (before printing anything else on stderr). */
 void cli_progress_break(cli_progress *p);
 
-/* Opens a model or prints the error; returns CLI_OK or CLI_FAIL. */
-int cli_open_model(const char *cmd, const char *dir, clipdb_model **out);
+/* Opens a model with an encoder precision or prints the error; returns
+** CLI_OK or CLI_FAIL. */
+int cli_open_model(const char *cmd, const char *dir, clipdb_precision prec, clipdb_model **out);
+/* Parses a --precision value (fp32, bf16, int8) or prints usage (CLI_USAGE). */
+int cli_parse_precision(const char *cmd, const char *s, clipdb_precision *out);
 
 /* Opens a database or prints the error (with a hint of what to type);
 ** returns CLI_OK or CLI_FAIL (then *out is NULL). */

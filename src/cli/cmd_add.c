@@ -31,6 +31,7 @@ const char cli_add_help[] =
     "  --captions FILE   captions of those images\n"
     "  --texts FILE      standalone texts, one per line\n"
     "  --model DIR       model directory (default: the one recorded by init)\n"
+    "  --precision P     encoder precision; must be the one recorded by init\n"
     "  --batch N         images per encoder batch and commit (default 32)\n"
     "  --threads N       image decoding threads (default: number of CPUs)\n"
     "  --progress-every S  seconds between progress updates (default 0.2 on a\n"
@@ -68,7 +69,7 @@ static void on_warning(void *arg, const char *msg)
 
 int cli_cmd_add(int argc, char **argv)
 {
-    const char *path = NULL, *model = NULL;
+    const char *path = NULL, *model = NULL, *precision = NULL;
     clipdb_add_options opt;
     clipdb_add_result r;
     clipdb_db_options dopt;
@@ -86,6 +87,7 @@ int cli_cmd_add(int argc, char **argv)
         else if (!strcmp(a, "--captions") && has) opt.captions_path = argv[++i];
         else if (!strcmp(a, "--texts") && has) opt.texts_path = argv[++i];
         else if (!strcmp(a, "--model") && has) model = argv[++i];
+        else if (!strcmp(a, "--precision") && has) precision = argv[++i];
         else if (!strcmp(a, "--batch") && has) {
             if ((rc = cli_parse_int("add", a, argv[++i], 1, 1024, &v)) != CLI_OK) return rc;
             opt.batch_size = (int)v;
@@ -111,6 +113,7 @@ int cli_cmd_add(int argc, char **argv)
     opt.arg = &ps;
     clipdb_db_options_init(&dopt);
     dopt.model_dir = model;
+    dopt.precision = precision;
     if (cli_open_db("add", path, &dopt, &db) != CLI_OK) return CLI_FAIL;
     rc = clipdb_db_add(db, &opt, &r);
     cli_progress_break(&ps.bar);

@@ -138,6 +138,7 @@ int cli_cmd_embed(int argc, char **argv)
     const char **texts = NULL, **paths = NULL;
     int *text_slot = NULL, *img_slot = NULL;
     double t0, t_text = 0, t_img = 0;
+    clipdb_precision prec = CLIPDB_PRECISION_FP32;
 
     for (i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -146,7 +147,9 @@ int cli_cmd_embed(int argc, char **argv)
         else if (!strcmp(a, "--truncate")) truncate = 1;
         else if (!strcmp(a, "--stats")) stats = 1;
         else if (!strcmp(a, "--model") && has_val) model_dir = argv[++i];
-        else if ((!strcmp(a, "--text") || !strcmp(a, "--image")) && has_val) {
+        else if (!strcmp(a, "--precision") && has_val) {
+            if ((rc = cli_parse_precision(cmd, argv[++i], &prec)) != CLI_OK) goto cleanup;
+        } else if ((!strcmp(a, "--text") || !strcmp(a, "--image")) && has_val) {
             if (add_input(&in, a[2] == 'i', argv[i + 1], strlen(argv[i + 1]))) {
                 rc = cli_fail(cmd, "out of memory");
                 goto cleanup;
@@ -155,7 +158,7 @@ int cli_cmd_embed(int argc, char **argv)
         } else if ((!strcmp(a, "--texts-from") || !strcmp(a, "--images-from")) && has_val) {
             if ((rc = add_from_file(cmd, &in, a[2] == 'i', argv[++i])) != CLI_OK) goto cleanup;
         } else if (!strncmp(a, "--", 2) &&
-                   (!strcmp(a, "--model") || !strcmp(a, "--text") || !strcmp(a, "--image") ||
+                   (!strcmp(a, "--model") || !strcmp(a, "--precision") || !strcmp(a, "--text") || !strcmp(a, "--image") ||
                     !strcmp(a, "--texts-from") || !strcmp(a, "--images-from"))) {
             rc = cli_usage(cmd, "%s needs a value", a);
             goto cleanup;
@@ -172,7 +175,7 @@ int cli_cmd_embed(int argc, char **argv)
         rc = cli_usage(cmd, "nothing to embed: give --text, --image, --texts-from or --images-from");
         goto cleanup;
     }
-    if ((rc = cli_open_model(cmd, model_dir, &m)) != CLI_OK) goto cleanup;
+    if ((rc = cli_open_model(cmd, model_dir, prec, &m)) != CLI_OK) goto cleanup;
     if (clipdb_ctx_new(&c, m) != CLIPDB_OK) {
         rc = cli_fail(cmd, "%s", clipdb_ctx_errmsg(c));
         goto cleanup;
@@ -265,6 +268,9 @@ const char cli_embed_help[] =
     " tokens (as CLIP's truncate=True)\n"
     "                       instead of failing\n"
     "  --stats              print counts and throughput on stderr\n"
+    "  --precision P        encoder precision: fp32 (default, exact), bf16 (bf16\n"
+    "                       inputs and weights, fp32 accumulation) or int8 (weights\n"
+    "                       per output channel, activations per token)\n"
     "\n"
     "Texts are encoded in one batch, images likewise (decoded and encoded in groups).\n"
     "A text that is empty, not UTF-8 or too long, or an image that cannot be read,\n"

@@ -15,6 +15,8 @@ const char cli_init_help[] =
     "\n"
     "options:\n"
     "  --model DIR   the model directory (model.safetensors + tokenizer); required\n"
+    "  --precision P encoder precision of every vector stored: fp32 (default),\n"
+    "                bf16 or int8 (recorded; add and search then use it)\n"
     "\n"
     "example:\n"
     "  clipdb init photos.db --model models/clip-vit-b-32\n";
@@ -27,15 +29,16 @@ int cli_cmd_init(int argc, char **argv)
     clipdb_db_stats st;
     int i, rc;
 
+    clipdb_db_options_init(&opt);
     for (i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--model") && i + 1 < argc) model = argv[++i];
+        else if (!strcmp(argv[i], "--precision") && i + 1 < argc) opt.precision = argv[++i];
         else if (argv[i][0] == '-' && argv[i][1]) return cli_usage("init", "unknown option '%s'", argv[i]);
         else if (!path) path = argv[i];
         else return cli_usage("init", "unexpected argument '%s'", argv[i]);
     }
     if (!path) return cli_usage("init", "no database file given");
     if (!model) return cli_usage("init", "--model DIR is required");
-    clipdb_db_options_init(&opt);
     opt.create = 1;
     opt.model_dir = model;
     rc = clipdb_db_open(&db, path, &opt);

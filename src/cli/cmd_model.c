@@ -16,14 +16,18 @@
 #define CMD "model"
 
 const char cli_model_help[] =
-    "usage: clipdb model info DIR [--json]\n"
+    "usage: clipdb model info DIR [--json] [--precision fp32|bf16|int8]\n"
     "       clipdb model fetch NAME DIR [--base-url URL] [--no-progress] [--timeout SECONDS]\n"
     "\n"
     "info   loads the model in DIR (model.safetensors or open_clip_model.safetensors,\n"
     "       and a tokenizer) and prints its architecture as inferred from the tensor\n"
     "       shapes, the weight dtype, the key naming (openai or hf) and its identity,\n"
     "       the string every stored vector is tagged with.\n"
+    "       It also prints the encoder precision, the memory of the packed\n"
+    "       (reordered) weights and the matrix backend with the instruction set it\n"
+    "       dispatched to (e.g. \"onednn avx512_core_bf16\").\n"
     "         --json            one JSON object instead of aligned lines\n"
+    "         --precision P     open the model in precision P (default fp32)\n"
     "\n"
     "fetch  downloads a published model from Hugging Face into DIR (created if\n"
     "       missing). NAME is a repository, ORG/NAME. Known names and their files:\n"
@@ -181,16 +185,20 @@ static int model_info(int argc, char **argv)
     clipdb_model_info mi;
     const char *dir = NULL, *id;
     int json = 0, i, rc = CLI_OK;
+    clipdb_precision prec = CLIPDB_PRECISION_FP32;
 
     for (i = 2; i < argc; i++) {
         if (!strcmp(argv[i], "--json")) json = 1;
+        else if (!strcmp(argv[i], "--precision") && i + 1 < argc) {
+            if ((rc = cli_parse_precision(CMD, argv[++i], &prec)) != CLI_OK) return rc;
+        }
         else if (argv[i][0] == '-' && argv[i][1])
             return cli_usage(CMD, "info: unknown option '%s'", argv[i]);
         else if (!dir) dir = argv[i];
         else return cli_usage(CMD, "info: too many arguments ('%s')", argv[i]);
     }
     if (!dir) return cli_usage(CMD, "info needs DIR");
-    if (cli_open_model(CMD, dir, &m) != CLI_OK) return CLI_FAIL;
+    if (cli_open_model(CMD, dir, prec, &m) != CLI_OK) return CLI_FAIL;
     if (clipdb_model_get_info(m, &mi) != CLIPDB_OK) {
         rc = cli_fail(CMD, "%s: %s", dir, clipdb_model_errmsg(m));
         goto cleanup;
@@ -215,7 +223,11 @@ static int model_info(int argc, char **argv)
         cli_print_json_string(stdout, mi.key_style ? mi.key_style : "");
         printf(",\"weights_dtype\":");
         cli_print_json_string(stdout, mi.weights_dtype ? mi.weights_dtype : "");
-        printf(",\"weights_bytes\":%" PRIu64 "}\n", mi.weights_bytes);
+        printf(",\"weights_bytes\":%" PRIu64 ",\"precision\":", mi.weights_bytes);
+        cli_print_json_string(stdout, mi.precision);
+        printf(",\"compute\":");
+        cli_print_json_string(stdout, mi.compute);
+        printf(",\"packed_bytes\":%" PRIu64 "}\n", mi.packed_bytes);
     } else {
         printf("directory       %s\n", dir);
         printf("identity        %s\n", id);
@@ -231,6 +243,9 @@ static int model_info(int argc, char **argv)
         printf("key naming      %s\n", mi.key_style ? mi.key_style : "?");
         printf("weights         %s, %" PRIu64 " bytes\n", mi.weights_dtype ? mi.weights_dtype : "?",
                mi.weights_bytes);
+        printf("precision       %s (packed weights: %" PRIu64 " bytes)\n", mi.precision,
+               mi.packed_bytes);
+        printf("compute         %s\n", mi.compute);
     }
 cleanup:
     clipdb_model_close(m);

@@ -43,6 +43,7 @@ const char cli_search_help[] =
     "                    <metadata fields>, \"score\"}], \"took_ms\"}; with --batch\n"
     "                    {\"queries\": [{\"query\", \"results\"}], \"took_ms\"}\n"
     "  --model DIR       model directory (default: the recorded one)\n"
+    "  --precision P     encoder precision; must be the one recorded by init\n"
     "\n"
     "examples:\n"
     "  clipdb search photos.db --text \"a dog on a beach\" -k 5\n"
@@ -187,7 +188,7 @@ static int read_batch(const char *path, char **buf, clipdb_query **qs, size_t *n
 
 int cli_cmd_search(int argc, char **argv)
 {
-    const char *path = NULL, *model = NULL, *batch = NULL, **where = NULL;
+    const char *path = NULL, *model = NULL, *precision = NULL, *batch = NULL, **where = NULL;
     clipdb_search_options opt;
     clipdb_db_options dopt;
     clipdb_query one, *qs = &one;
@@ -257,6 +258,8 @@ int cli_cmd_search(int argc, char **argv)
             where[opt.n_where++] = argv[++a];
         } else if (!strcmp(s, "--model") && has) {
             model = argv[++a];
+        } else if (!strcmp(s, "--precision") && has) {
+            precision = argv[++a];
         } else if (!strcmp(s, "--json")) {
             json = 1;
         } else if (s[0] == '-' && s[1]) {
@@ -281,6 +284,7 @@ int cli_cmd_search(int argc, char **argv)
     clipdb_db_options_init(&dopt);
     dopt.readonly = 1;
     dopt.model_dir = model;
+    dopt.precision = precision;
     if ((ret = cli_open_db("search", path, &dopt, &db)) != CLI_OK) goto cleanup;
     rc = clipdb_db_search(db, qs, nq, &opt, &res);
     if (rc != CLIPDB_OK) {

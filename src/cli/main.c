@@ -11,9 +11,13 @@
 
 static int cmd_version(int argc, char **argv)
 {
-    (void)argc;
-    (void)argv;
+    int i, verbose = 0;
+    for (i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--verbose") || !strcmp(argv[i], "-v")) verbose = 1;
+        else return cli_usage("version", "unknown argument '%s'", argv[i]);
+    }
     printf("clipdb %s\n", CLIPDB_VERSION);
+    if (verbose) printf("compute %s\n", clipdb_compute_info());
     return CLI_OK;
 }
 
@@ -39,7 +43,9 @@ const cli_cmd cli_commands[] = {
      cli_cmd_finetune},
     {"train", "train a CLIP from scratch on images and captions", cli_train_help, cli_cmd_train},
     {"version", "print the version",
-     "usage: clipdb version\n\nPrints the version of clipdb.\n",
+     "usage: clipdb version [--verbose]\n\nPrints the version of clipdb. --verbose (-v) also prints the matrix\n"
+     "backend and the instruction set it dispatched to (\"compute onednn avx512_core_bf16\";\n"
+     "environment: CLIPDB_GEMM=onednn|openblas, ONEDNN_MAX_CPU_ISA).\n",
      cmd_version},
 };
 const int cli_n_commands = (int)(sizeof cli_commands / sizeof cli_commands[0]);

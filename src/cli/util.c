@@ -74,9 +74,16 @@ void cli_print_json_string(FILE *f, const char *s)
     fputc('"', f);
 }
 
-int cli_open_model(const char *cmd, const char *dir, clipdb_model **out)
+int cli_parse_precision(const char *cmd, const char *s, clipdb_precision *out)
 {
-    int rc = clipdb_model_open(out, dir);
+    if (clipdb_precision_parse(s, out) != CLIPDB_OK)
+        return cli_usage(cmd, "--precision must be fp32, bf16 or int8, not '%s'", s);
+    return CLI_OK;
+}
+
+int cli_open_model(const char *cmd, const char *dir, clipdb_precision prec, clipdb_model **out)
+{
+    int rc = clipdb_model_open_precision(out, dir, prec);
     if (rc != CLIPDB_OK) {
         cli_fail(cmd, "%s", *out ? clipdb_model_errmsg(*out) : "out of memory");
         clipdb_model_close(*out);

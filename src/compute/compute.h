@@ -1,13 +1,27 @@
 /*
 ** compute.h: the one internal matrix interface. The transformer, the index
 ** kernels (batched search, k-means) and the training engine call these, never
-** a BLAS directly, so that the backend (OpenBLAS today) is chosen in one
-** place. Internal; not part of the public API. Owner: src/compute/gemm.c.
+** a BLAS directly, so that the backend is chosen in one place. Internal; not
+** part of the public API. Owner: src/compute/gemm.c (the dispatcher and the
+** OpenBLAS side), which calls src/compute/onednn.c (the oneDNN backend,
+** packed weights; its entry points in onednn.h) and never the other way.
+**
+** Backends, chosen once per process at first use from CLIPDB_GEMM:
+**   onednn   (default) oneDNN: dnnl_sgemm for cdb_sgemm, matmul primitives
+**            (JIT code for the CPU's best ISA: AVX2, AVX-512, AVX-512 BF16/VNNI,
+**            AMX) for packed linear layers;
+**   openblas OpenBLAS's CBLAS for cdb_sgemm and fp32 linear layers (fallback,
+**            and for comparison).
+** bf16 and int8 linear layers always run on oneDNN matmul (OpenBLAS has none).
+** An unknown CLIPDB_GEMM value selects the default; cdb_compute_backend()
+** says what was chosen.
 **
 ** Row-major throughout. op(X) is X or its transpose.
 */
 #ifndef CDB_COMPUTE_H
 #define CDB_COMPUTE_H
+
+#include "core/core.h"
 
 typedef enum { CDB_NO_TRANS = 0, CDB_TRANS = 1 } cdb_trans;
 
@@ -26,5 +40,77 @@ float cdb_sdot(int n, const float *x, const float *y);
 
 /* Threads the backend uses for one call (its pool size). */
 int cdb_compute_threads(void);
+
+/* ---- backends and precision ------------------------------------------------ */
+
+typedef enum { CDB_BACKEND_ONEDNN = 0, CDB_BACKEND_OPENBLAS = 1 } cdb_backend;
+
+/* The backend in use (CLIPDB_GEMM, read once). */
+cdb_backend cdb_compute_backend(void);
+/* "onednn <isa>" (oneDNN's effective ISA, e.g. "onednn avx512_core_bf16") or
+** "openblas <core>" (OpenBLAS's detected core, e.g. "openblas Prescott").
+** Static string. */
+const char *cdb_compute_describe(void);
+/* oneDNN's effective ISA name ("avx2", "avx512_core", "avx512_core_bf16",
+** "avx512_core_amx", ...): the CPU's best, lowered by ONEDNN_MAX_CPU_ISA. */
+const char *cdb_onednn_isa(void);
+
+/* Encoder precision of a linear layer. fp32: exact. bf16: inputs and weights
+** rounded to bf16, fp32 accumulation. int8: weights quantised symmetrically
+** per output channel, activations symmetrically per row (token), int32
+** accumulation, dequantised to fp32. */
+typedef enum { CDB_PREC_FP32 = 0, CDB_PREC_BF16 = 1, CDB_PREC_INT8 = 2 } cdb_prec;
+
+/* Largest int8 weight code: 127 where oneDNN's ISA has VNNI (exact s32 dot
+** products), else 63 (see onednn.c). */
+int cdb_int8_weight_max(void);
+
+/* ---- linear layers on prepacked weights ------------------------------------ */
+
+/* A weight converted and reordered ONCE (at model load) into the layout the
+** backend's primitive wants, with the primitives for it. Immutable after
+** cdb_wpack_new: any number of threads may run cdb_linear on it at once.
+** Opaque; owned by the caller (cdb_wpack_free). */
+typedef struct cdb_wpack cdb_wpack;
+
+/* Packs W for y = x @ W^T with W (n_out, n_in) row-major (tw = CDB_TRANS, the
+** torch.nn.Linear layout), or y = x @ W with W (n_in, n_out) (tw =
+** CDB_NO_TRANS). fp32 on the OpenBLAS backend packs nothing (*out = NULL,
+** CLIPDB_OK: cdb_linear then runs on the plain W). W must stay valid while
+** the pack lives only when *out is NULL or the pack says it aliases W. */
+int cdb_wpack_new(cdb_wpack **out, const float *W, cdb_trans tw, int n_out, int n_in,
+                  cdb_prec prec, cdb_err *e);
+void cdb_wpack_free(cdb_wpack *pk);
+/* Bytes the pack owns (0 when it uses W in place). */
+size_t cdb_wpack_bytes(const cdb_wpack *pk);
+
+/* y (m, n_out) = x (m, n_in) @ W^T (n_in, n_out) + beta * y   (beta 0 or 1).
+** pk != NULL: runs on the pack (its precision); W is not read.
+** pk == NULL: plain fp32 W (n_out, n_in) (the training engine's weights,
+** which change every step), through cdb_sgemm; any strides.
+** With a pack, x and y must be dense (ldx == n_in, ldy == n_out).
+** Returns CLIPDB_OK, or CLIPDB_ENOMEM / CLIPDB_EINVAL (message in e). */
+int cdb_linear(const cdb_wpack *pk, const float *W, int m, int n_out, int n_in,
+               const float *x, int ldx, float beta, float *y, int ldy, cdb_err *e);
+
+/* ---- bf16 helpers (also for compressed vectors) ---------------------------- */
+
+/* bf16 -> fp32 (exact). */
+static inline float cdb_bf16_to_f32(uint16_t h)
+{
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    __builtin_memcpy(&f, &u, 4);
+    return f;
+}
+/* fp32 -> bf16 with round-to-nearest-even (NaN kept NaN). */
+static inline uint16_t cdb_f32_to_bf16(float f)
+{
+    uint32_t u;
+    __builtin_memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
 
 #endif

@@ -6,8 +6,12 @@
 **
 ** Scores: dot  = q.b
 **         cos  = q.b / (|q| |b|)          (0 when either norm is 0)
-**         l2   = -(|q|^2 - 2 q.b + |b|^2)  inside (clamped to <= 0), turned
-**                into -sqrt(.) = -||q-b|| when the heaps are finished.
+**         l2   = -(|q|^2 - 2 q.b + |b|^2)  to rank candidates (clamped to
+**                <= 0); a candidate that enters a heap gets its distance
+**                recomputed directly, -sum (q_i - b_i)^2 in double (the
+**                expansion loses small distances: an image against itself
+**                scored -0.0078), turned into -||q-b|| when the heaps are
+**                finished (0 exactly for identical vectors).
 */
 #include "index/index.h"
 
@@ -157,7 +161,10 @@ void cdb_topk_finish(cdb_topk *t, size_t hidx, clipdb_metric metric)
         sift_down(h, i, 0);
     }
     if (metric == CLIPDB_METRIC_L2)
-        for (i = 0; i < n; i++) h[i].score = -sqrtf(-h[i].score);
+        for (i = 0; i < n; i++) {
+            float r = sqrtf(-h[i].score);
+            h[i].score = r > 0.0f ? -r : 0.0f; /* +0, not -0, for identical vectors */
+        }
     for (i = n; i < t->k; i++) {
         h[i].id = -1;
         h[i].score = -INFINITY;
@@ -166,10 +173,23 @@ void cdb_topk_finish(cdb_topk *t, size_t hidx, clipdb_metric metric)
 
 /* ---- the fused score transform + filter + top-k pass ------------------------ */
 
-/* One query row of scores s (rows->n) into heap hidx. `metric` is a
+/* -|q - b|^2 (d), accumulated in double: the exact L2 score of a kept hit. */
+static float l2_exact(const float *q, const float *b, int d)
+{
+    double s = 0;
+    int i;
+    for (i = 0; i < d; i++) {
+        double t = (double)q[i] - (double)b[i];
+        s += t * t;
+    }
+    return (float)-s;
+}
+
+/* One query row of scores s (rows->n) into heap hidx; q (d): the query (for
+** the exact L2 distance of candidates that enter the heap). `metric` is a
 ** compile-time constant at every call site, so the branches fold away. */
-static inline void push_row(clipdb_metric metric, const float *s, float qn,
-                            const cdb_rows *rows, const clipdb_filter *filter,
+static inline void push_row(clipdb_metric metric, const float *s, float qn, const float *q,
+                            int d, const cdb_rows *rows, const clipdb_filter *filter,
                             cdb_topk *t, size_t hidx)
 {
     const clipdb_hit *h = t->hits + hidx * (size_t)t->k;
@@ -193,12 +213,14 @@ static inline void push_row(clipdb_metric metric, const float *s, float qn,
         if (t->count[hidx] == t->k && !cdb_hit_better(sc, id, h[0].score, h[0].id)) continue;
         if (filter && !cdb_filter_allows(filter, rows->keys ? rows->keys[j] : rows->key0 + (int64_t)j))
             continue;
+        if (metric == CLIPDB_METRIC_L2) sc = l2_exact(q, rows->x + j * (size_t)d, d);
         cdb_topk_push(t, hidx, sc, id);
     }
 }
 
 typedef struct push_job {
     clipdb_metric metric;
+    int d;
     const float *S;       /* (m, ld) */
     size_t ld;
     const cdb_qblock *qb;
@@ -215,10 +237,11 @@ static void push_range(const push_job *j)
         size_t h = j->qb->heap ? j->qb->heap[i] : j->qb->heap0 + i;
         const float *s = j->S + i * j->ld;
         float qn = j->qb->norms[i];
+        const float *q = j->qb->q + i * (size_t)j->d;
         switch (j->metric) {
-        case CLIPDB_METRIC_DOT: push_row(CLIPDB_METRIC_DOT, s, qn, j->rows, j->filter, j->t, h); break;
-        case CLIPDB_METRIC_COSINE: push_row(CLIPDB_METRIC_COSINE, s, qn, j->rows, j->filter, j->t, h); break;
-        case CLIPDB_METRIC_L2: push_row(CLIPDB_METRIC_L2, s, qn, j->rows, j->filter, j->t, h); break;
+        case CLIPDB_METRIC_DOT: push_row(CLIPDB_METRIC_DOT, s, qn, q, j->d, j->rows, j->filter, j->t, h); break;
+        case CLIPDB_METRIC_COSINE: push_row(CLIPDB_METRIC_COSINE, s, qn, q, j->d, j->rows, j->filter, j->t, h); break;
+        case CLIPDB_METRIC_L2: push_row(CLIPDB_METRIC_L2, s, qn, q, j->d, j->rows, j->filter, j->t, h); break;
         }
     }
 }
@@ -252,7 +275,7 @@ static int n_threads(const cdb_kparams *p)
 /* The heaps of distinct queries are disjoint, so queries are split across
 ** the tasks of the core pool with no locking (each query's heap is touched
 ** by one task). */
-static void push_block(const cdb_kparams *p, clipdb_metric metric, const float *S,
+static void push_block(const cdb_kparams *p, clipdb_metric metric, int d, const float *S,
                        size_t ld, const cdb_qblock *qb, const cdb_rows *rows,
                        const clipdb_filter *filter, cdb_topk *t)
 {
@@ -262,7 +285,7 @@ static void push_block(const cdb_kparams *p, clipdb_metric metric, const float *
     if ((size_t)nt > m) nt = (int)m;
     if (nt <= 1 || m * rows->n < p->thread_min) nt = 1;
     for (i = 0; i < nt; i++) {
-        jobs[i] = (push_job){metric, S, ld, qb, rows, filter, t, m * (size_t)i / (size_t)nt,
+        jobs[i] = (push_job){metric, d, S, ld, qb, rows, filter, t, m * (size_t)i / (size_t)nt,
                              m * (size_t)(i + 1) / (size_t)nt};
     }
     if (nt == 1) push_range(&jobs[0]);
@@ -323,7 +346,7 @@ void cdb_scan(const cdb_kparams *p, clipdb_metric metric, int d, const cdb_qbloc
             cdb_sgemm(CDB_NO_TRANS, CDB_TRANS, (int)qb->m, (int)nb, d, 1.0f,
                         qb->q, d, sub.x, d, 0.0f, scratch, (int)nb);
         }
-        push_block(p, metric, scratch, nb, qb, &sub, filter, t);
+        push_block(p, metric, d, scratch, nb, qb, &sub, filter, t);
     }
 }
 

@@ -13,6 +13,7 @@
 #ifndef CDB_MODEL_H
 #define CDB_MODEL_H
 
+#include "compute/compute.h"
 #include "core/core.h"
 #include "model/safetensors.h"
 #include "model/tokenizer.h"
@@ -31,6 +32,10 @@ typedef struct cdb_block {
     const float *ln2_w, *ln2_b;        /* (d) */
     const float *fc1_w, *fc1_b;        /* (f, d), (f) */
     const float *fc2_w, *fc2_b;        /* (d, f), (d) */
+    /* Packed forms for the model's precision (model.c, at open), owned; NULL:
+    ** cdb_linear runs on the plain fp32 weight (training, OpenBLAS fp32). */
+    cdb_wpack *pk_qkv;                 /* [Wq; Wk; Wv] (3d, d) */
+    cdb_wpack *pk_o, *pk_fc1, *pk_fc2;
 } cdb_block;
 
 typedef struct cdb_tower {
@@ -45,6 +50,7 @@ typedef struct cdb_tower {
     ** (e, d)): then y = x @ proj^T. */
     const float *proj;
     int proj_transposed;
+    cdb_wpack *pk_proj;                /* packed proj (model.c), or NULL */
 } cdb_tower;
 
 typedef struct cdb_vision {
@@ -57,6 +63,7 @@ typedef struct cdb_vision {
     const float *class_emb;            /* (d) */
     const float *pos_emb;              /* (n_pos, d) */
     const float *ln_pre_w, *ln_pre_b;  /* (d) */
+    cdb_wpack *pk_patch;               /* packed conv1 (d, 3*P*P), or NULL */
 } cdb_vision;
 
 typedef struct cdb_text {
@@ -86,6 +93,8 @@ struct clipdb_model {
     char *weights_path;                /* the mapped file, owned */
     uint64_t weights_size;             /* its size and mtime when bound (identity cache key) */
     int64_t weights_mtime_ns;
+    cdb_prec prec;                     /* encoder precision (model.c) */
+    size_t packed_bytes;               /* memory the packed weights own */
 };
 
 /* Maps tensors of m->st into m->vision / m->text, inferring the architecture
@@ -96,12 +105,17 @@ struct clipdb_model {
 ** cdb_weights_release frees what bind allocated (m->st stays open); it is
 ** idempotent. Implemented in weights.c, with clipdb_model_identity. */
 int cdb_weights_bind(clipdb_model *m);
+/* Rebuilds every packed weight (compute.h) from the model's current weight
+** views, after they were pointed at or filled with new values (the training
+** engine's sync): packs alias or convert the weights they were made from.
+** Implemented in model.c. */
+int cdb_model_repack(clipdb_model *m);
 void cdb_weights_release(clipdb_model *m);
 
-/* IEEE half and bfloat16 to float, exactly (subnormals, inf, NaN kept);
-** weights.c converts F16/BF16 tensors with them. */
+/* IEEE half to float, exactly (subnormals, inf, NaN kept); weights.c
+** converts F16 tensors with it and BF16 ones with compute.h's
+** cdb_bf16_to_f32. */
 float cdb_f16_to_f32(uint16_t h);
-float cdb_bf16_to_f32(uint16_t h);
 
 /* One tensor of a model in its file's key convention, and the view pointers
 ** it feeds: *slot[k] = data + off[k] for each non-NULL slot (OpenAI's packed

@@ -3,7 +3,8 @@
 ** tower) and the public encode calls.
 **
 ** One residual block function (cdb_block_forward) serves both towers. Matrix
-** products go through OpenBLAS with the whole batch stacked into one GEMM
+** products go through the compute layer (compute.h: cdb_linear on the
+** weights packed for the model's precision, cdb_sgemm) with the whole batch stacked into one GEMM
 ** (rows = sequences * tokens); the elementwise parts (layernorm, softmax,
 ** QuickGELU) are 4- or 8-lane vector loops written with GCC/clang vector
 ** extensions so that they stay a small fraction of the time.
@@ -446,18 +447,16 @@ int cdb_block_forward_keep(struct cdb_run *r, const cdb_block *b, int d, int f, 
     /* h (rows, d) = ln_1(x) */
     cdb_layernorm(x, NULL, b->ln1_w, b->ln1_b, r->h, (size_t)rows, (size_t)d);
     /* qkv (rows, 3d) = h (rows, d) @ [Wq; Wk; Wv]^T (d, 3d) + [bq | bk | bv] */
-    if (b->wk == b->wq + (size_t)d * d && b->wv == b->wk + (size_t)d * d) {
-        /* packed in_proj_weight (3d, d): one GEMM */
-        cdb_sgemm(CDB_NO_TRANS, CDB_TRANS, rows, 3 * d, d, 1.0f, r->h, d,
-                    b->wq, d, 0.0f, r->qkv, 3 * d);
+    if (b->pk_qkv || (b->wk == b->wq + (size_t)d * d && b->wv == b->wk + (size_t)d * d)) {
+        /* packed, or in_proj_weight (3d, d) contiguous: one GEMM */
+        if ((rc = cdb_linear(b->pk_qkv, b->wq, rows, 3 * d, d, r->h, d, 0.0f, r->qkv, 3 * d, e)))
+            return rc;
     } else {
         /* separate q/k/v_proj (d, d) each: h (rows, d) @ W^T (d, d) -> qkv[:, part] (rows, d), ld 3d */
-        cdb_sgemm(CDB_NO_TRANS, CDB_TRANS, rows, d, d, 1.0f, r->h, d, b->wq,
-                    d, 0.0f, r->qkv, 3 * d);
-        cdb_sgemm(CDB_NO_TRANS, CDB_TRANS, rows, d, d, 1.0f, r->h, d, b->wk,
-                    d, 0.0f, r->qkv + d, 3 * d);
-        cdb_sgemm(CDB_NO_TRANS, CDB_TRANS, rows, d, d, 1.0f, r->h, d, b->wv,
-                    d, 0.0f, r->qkv + 2 * d, 3 * d);
+        if ((rc = cdb_linear(NULL, b->wq, rows, d, d, r->h, d, 0.0f, r->qkv, 3 * d, e)) ||
+            (rc = cdb_linear(NULL, b->wk, rows, d, d, r->h, d, 0.0f, r->qkv + d, 3 * d, e)) ||
+            (rc = cdb_linear(NULL, b->wv, rows, d, d, r->h, d, 0.0f, r->qkv + 2 * d, 3 * d, e)))
+            return rc;
     }
     add_bias_strided(r->qkv, (size_t)3 * d, b->bq, (size_t)rows, (size_t)d);
     add_bias_strided(r->qkv + d, (size_t)3 * d, b->bk, (size_t)rows, (size_t)d);
@@ -475,23 +474,21 @@ int cdb_block_forward_keep(struct cdb_run *r, const cdb_block *b, int d, int f, 
         rows = nseq;
     }
     /* x (rows, d) += att (rows, d) @ Wo^T (d, d) */
-    cdb_sgemm(CDB_NO_TRANS, CDB_TRANS, rows, d, d, 1.0f, r->att, d, b->wo, d,
-                1.0f, x, d);
+    if ((rc = cdb_linear(b->pk_o, b->wo, rows, d, d, r->att, d, 1.0f, x, d, e))) return rc;
     /* x += bo; h (rows, d) = ln_2(x) */
     if (keep) r->h = keep->h2;
     cdb_layernorm(x, b->bo, b->ln2_w, b->ln2_b, r->h, (size_t)rows, (size_t)d);
     if (keep) memcpy(keep->x_mid, x, (size_t)rows * d * sizeof(float));
     /* mlp (rows, f) = h (rows, d) @ W1^T (d, f); mlp = quick_gelu(mlp + b1) */
-    cdb_sgemm(CDB_NO_TRANS, CDB_TRANS, rows, f, d, 1.0f, r->h, d, b->fc1_w, d,
-                0.0f, r->mlp, f);
+    if ((rc = cdb_linear(b->pk_fc1, b->fc1_w, rows, f, d, r->h, d, 0.0f, r->mlp, f, e)))
+        return rc;
     if (keep) { /* pre (rows, f) stays the GEMM output; gelu gets the activation */
         memcpy(keep->gelu, r->mlp, (size_t)rows * f * sizeof(float));
         r->mlp = keep->gelu;
     }
     cdb_quick_gelu(r->mlp, b->fc1_b, (size_t)rows, (size_t)f);
     /* x (rows, d) += mlp (rows, f) @ W2^T (f, d); x += b2 */
-    cdb_sgemm(CDB_NO_TRANS, CDB_TRANS, rows, d, f, 1.0f, r->mlp, f, b->fc2_w,
-                f, 1.0f, x, d);
+    if ((rc = cdb_linear(b->pk_fc2, b->fc2_w, rows, d, f, r->mlp, f, 1.0f, x, d, e))) return rc;
     cdb_add_bias(x, b->fc2_b, (size_t)rows, (size_t)d);
     *r = saved;
     return CLIPDB_OK;
@@ -588,17 +585,17 @@ int cdb_block_backward(struct cdb_run *r, const cdb_block *b, const cdb_block *g
 }
 
 /* h (n, d) = ln(x (n, d)); out (n, e) = h @ proj (d, e), or h @ proj^T with proj (e, d). */
-void cdb_final_ln_project(const cdb_tower *t, int e_dim, float *x, float *h, int n,
-                          float *out)
+int cdb_final_ln_project(const cdb_tower *t, int e_dim, float *x, float *h, int n,
+                         float *out, cdb_err *e)
 {
     const int d = t->width;
     cdb_layernorm(x, NULL, t->ln_post_w, t->ln_post_b, h, (size_t)n, (size_t)d);
-    if (t->proj_transposed) /* h (n, d) @ proj^T (d, e) -> out (n, e) */
-        cdb_sgemm(CDB_NO_TRANS, CDB_TRANS, n, e_dim, d, 1.0f, h, d, t->proj,
-                    d, 0.0f, out, e_dim);
-    else /* h (n, d) @ proj (d, e) -> out (n, e) */
-        cdb_sgemm(CDB_NO_TRANS, CDB_NO_TRANS, n, e_dim, d, 1.0f, h, d, t->proj,
-                    e_dim, 0.0f, out, e_dim);
+    if (t->pk_proj || t->proj_transposed) /* h (n, d) @ proj^T (d, e) -> out (n, e) */
+        return cdb_linear(t->pk_proj, t->proj, n, e_dim, d, h, d, 0.0f, out, e_dim, e);
+    /* h (n, d) @ proj (d, e) -> out (n, e) */
+    cdb_sgemm(CDB_NO_TRANS, CDB_NO_TRANS, n, e_dim, d, 1.0f, h, d, t->proj,
+                e_dim, 0.0f, out, e_dim);
+    return CLIPDB_OK;
 }
 
 /* Backward of cdb_final_ln_project on n rows: x (n, d) the kept ln input, h (n, d)
@@ -686,8 +683,8 @@ int cdb_vision_embed(struct cdb_run *r, const cdb_vision *v, const float *pixels
     patches = r->mlp;
     im2col(v, pixels, nb, patches);
     /* patches (nb*np, K) @ conv1^T (K, d) -> h (nb*np, d) */
-    cdb_sgemm(CDB_NO_TRANS, CDB_TRANS, nb * np, d, K, 1.0f, patches, K,
-                v->patch_w, K, 0.0f, r->h, d);
+    if ((rc = cdb_linear(v->pk_patch, v->patch_w, nb * np, d, K, patches, K, 0.0f, r->h, d, e)))
+        return rc;
     /* sum (nb*T, d): per image [class_emb; patch embeddings] + pos_emb (T, d) */
     for (i = 0; i < nb; i++) {
         float *xi = sum + (size_t)i * T * d;
@@ -770,7 +767,9 @@ int cdb_vision_forward(struct cdb_run *r, const cdb_vision *v, int embed_dim,
         /* blocks; the last keeps the class token only: x (nb, d) */
         if ((rc = run_blocks(r, &v->t, nb, T, 0, qpos, e))) goto cleanup;
         /* out (nb, e) = ln_post(x) @ proj */
-        cdb_final_ln_project(&v->t, embed_dim, r->x, r->h, nb, out + (size_t)i0 * embed_dim);
+        if ((rc = cdb_final_ln_project(&v->t, embed_dim, r->x, r->h, nb,
+                                        out + (size_t)i0 * embed_dim, e)))
+            goto cleanup;
     }
 cleanup:
     free(qpos);
@@ -908,7 +907,8 @@ int cdb_text_forward(struct cdb_run *r, const cdb_text *t, int embed_dim,
             if ((rc = run_blocks(r, &t->t, cnt, L, 1, qpos, e))) goto cleanup;
         }
         /* proj (cnt, e) = ln_final(x (cnt, d)) @ text_projection */
-        cdb_final_ln_project(&t->t, embed_dim, r->x, r->h, cnt, r->proj);
+        if ((rc = cdb_final_ln_project(&t->t, embed_dim, r->x, r->h, cnt, r->proj, e)))
+            goto cleanup;
         for (g = 0; g < cnt; g++)
             memcpy(out + (size_t)items[g0 + g].index * embed_dim, r->proj + (size_t)g * embed_dim,
                    (size_t)embed_dim * sizeof(float));

@@ -112,8 +112,8 @@ void cdb_quick_gelu_backward(float *d, const float *pre, const float *bias, size
                              size_t n);
 
 /* h (n, d) = ln_post(x (n, d)) (x unchanged); out (n, e) = h @ proj (or proj^T). */
-void cdb_final_ln_project(const cdb_tower *t, int e_dim, float *x, float *h, int n,
-                          float *out);
+int cdb_final_ln_project(const cdb_tower *t, int e_dim, float *x, float *h, int n,
+                         float *out, cdb_err *e);
 /* From dout (n, e): g->proj, g->ln_post_* +=; dx (n, d) written unless NULL; dh scratch (n, d). */
 void cdb_final_ln_project_backward(const cdb_tower *t, const cdb_tower *g, int e_dim,
                                    const float *x, const float *h, const float *dout, int n,

@@ -198,14 +198,6 @@ float cdb_f16_to_f32(uint16_t h)
 }
 
 /* bfloat16 is the top half of a binary32. */
-float cdb_bf16_to_f32(uint16_t h)
-{
-    uint32_t bits = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
 
 /* An fp32 view of t: in place when aligned F32, else a converted copy owned by m. */
 static int as_f32(binder *b, const cdb_tensor *t, const float **out)

@@ -47,15 +47,6 @@ uint16_t cdb_f32_to_f16(float f)
     return (uint16_t)sign; /* underflows to zero */
 }
 
-uint16_t cdb_f32_to_bf16(float f)
-{
-    uint32_t x;
-    memcpy(&x, &f, sizeof x);
-    if ((x & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((x >> 16) | 0x40u); /* quiet NaN */
-    x += 0x7fffu + ((x >> 16) & 1u);
-    return (uint16_t)(x >> 16);
-}
-
 static size_t itemsize_of(int dtype)
 {
     return dtype == CDB_DT_F32 ? 4 : 2;

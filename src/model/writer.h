@@ -12,6 +12,7 @@
 #ifndef CDB_WRITER_H
 #define CDB_WRITER_H
 
+#include "compute/compute.h"
 #include "model/model.h"
 
 #define CDB_WT_MAX_PARTS 3
@@ -73,9 +74,9 @@ typedef struct cdb_model_write_opts {
 int cdb_model_write_dir(const clipdb_model *m, const char *out_dir,
                         const cdb_model_write_opts *opts, cdb_err *e);
 
-/* fp32 -> IEEE binary16 / bfloat16, round to nearest even (exposed for tests). */
+/* fp32 -> IEEE binary16, round to nearest even (exposed for tests); the
+** bfloat16 conversion is compute.h's cdb_f32_to_bf16. */
 uint16_t cdb_f32_to_f16(float f);
-uint16_t cdb_f32_to_bf16(float f);
 
 /* Removes a directory tree (used for temporary directories; no symlinks
 ** followed). 0 on success. */

@@ -215,12 +215,13 @@ cleanup:
     return rc;
 }
 
-static int create_with_model(clipdb_db **out, const char *path, const char *model_dir)
+static int create_with_model(clipdb_db **out, const char *path, const char *model_dir,
+                             clipdb_precision prec)
 {
     clipdb_model *m = NULL;
     clipdb_model_info info;
     const char *identity;
-    int rc = clipdb_model_open(&m, model_dir);
+    int rc = clipdb_model_open_precision(&m, model_dir, prec);
     if (rc != CLIPDB_OK) {
         *out = db_alloc(path);
         if (*out) cdb_err_set(&(*out)->err, rc, "%s", clipdb_model_errmsg(m));
@@ -230,7 +231,12 @@ static int create_with_model(clipdb_db **out, const char *path, const char *mode
     identity = clipdb_model_identity(m);
     clipdb_model_get_info(m, &info);
     rc = cdb_db_create_raw(out, path, identity ? identity : "unknown", info.embed_dim, model_dir);
-    if (rc == CLIPDB_OK) (*out)->model = m;
+    if (rc == CLIPDB_OK && prec != CLIPDB_PRECISION_FP32) /* absent means fp32 */
+        rc = meta_put(*out, "encoder_precision", clipdb_precision_name(prec));
+    if (rc == CLIPDB_OK) {
+        (*out)->model = m;
+        (*out)->precision = prec;
+    }
     else clipdb_model_close(m);
     return rc;
 }
@@ -293,7 +299,7 @@ cleanup:
 static int load_meta(clipdb_db *db)
 {
     int rc;
-    char *dim = NULL, *fmt = NULL;
+    char *dim = NULL, *fmt = NULL, *prec = NULL;
     long v;
     if ((rc = meta_get(db, "format", &fmt)) != CLIPDB_OK) goto cleanup;
     if ((rc = meta_get(db, "embed_dim", &dim)) != CLIPDB_OK) goto cleanup;
@@ -311,7 +317,12 @@ static int load_meta(clipdb_db *db)
         goto cleanup;
     }
     db->embed_dim = (int)v;
+    if ((rc = meta_get(db, "encoder_precision", &prec)) != CLIPDB_OK) goto cleanup;
+    if (prec && clipdb_precision_parse(prec, &db->precision) != CLIPDB_OK)
+        rc = cdb_err_set(&db->err, CLIPDB_EFORMAT, "%s: corrupt encoder_precision '%s'",
+                         db->path, prec);
 cleanup:
+    free(prec);
     free(dim);
     free(fmt);
     return rc;
@@ -322,6 +333,7 @@ int clipdb_db_open(clipdb_db **out, const char *path, const clipdb_db_options *o
     clipdb_db_options def;
     clipdb_db *db;
     struct stat sb;
+    clipdb_precision prec = CLIPDB_PRECISION_FP32;
     int rc;
 
     if (!opt) {
@@ -335,7 +347,13 @@ int clipdb_db_open(clipdb_db **out, const char *path, const clipdb_db_options *o
             return cdb_err_set(&db->err, CLIPDB_EINVAL, "%s: creating needs a model directory",
                                path ? path : "");
         }
-        return create_with_model(out, path, opt->model_dir);
+        if (opt->precision && clipdb_precision_parse(opt->precision, &prec) != CLIPDB_OK) {
+            *out = db = db_alloc(path);
+            if (!db) return CLIPDB_ENOMEM;
+            return cdb_err_set(&db->err, CLIPDB_EINVAL,
+                               "unknown precision '%s' (fp32, bf16 or int8)", opt->precision);
+        }
+        return create_with_model(out, path, opt->model_dir, prec);
     }
     *out = db = db_alloc(path);
     if (!db) return CLIPDB_ENOMEM;
@@ -354,7 +372,15 @@ int clipdb_db_open(clipdb_db **out, const char *path, const clipdb_db_options *o
     if ((rc = check_header(db)) != CLIPDB_OK) return rc;
     if ((rc = set_pragmas(db)) != CLIPDB_OK) return rc;
     if ((rc = upgrade(db)) != CLIPDB_OK) return rc;
-    return load_meta(db);
+    if ((rc = load_meta(db)) != CLIPDB_OK) return rc;
+    if (opt->precision && (clipdb_precision_parse(opt->precision, &prec) != CLIPDB_OK ||
+                           prec != db->precision))
+        return cdb_err_set(&db->err, CLIPDB_EMISMATCH,
+                           "%s: its vectors were made in %s precision; searching or adding "
+                           "in %s would mix precisions (omit --precision to use %s)",
+                           path, clipdb_precision_name(db->precision), opt->precision,
+                           clipdb_precision_name(db->precision));
+    return CLIPDB_OK;
 }
 
 void clipdb_db_close(clipdb_db *db)
@@ -405,7 +431,7 @@ int clipdb_db_model(clipdb_db *db, clipdb_model **out)
         if (db->model_opt) {
             m = db->model_opt;
             dir = "the model given";
-        } else if ((rc = clipdb_model_open(&m, dir)) != CLIPDB_OK) {
+        } else if ((rc = clipdb_model_open_precision(&m, dir, db->precision)) != CLIPDB_OK) {
             cdb_err_set(&db->err, rc, "%s", clipdb_model_errmsg(m));
             goto cleanup;
         }

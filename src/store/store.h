@@ -65,6 +65,7 @@ struct clipdb_db {
     char *identity;        /* model identity recorded at creation */
     char *model_dir;       /* recorded model directory */
     char *model_dir_opt;   /* directory given at open (overrides) */
+    clipdb_precision precision; /* encoder precision (meta "encoder_precision") */
     clipdb_model *model;   /* opened on first use; owned unless model_shared */
     clipdb_model *model_opt;  /* given at open (borrowed), or NULL */
     int model_shared;      /* model is model_opt: not closed with the handle */

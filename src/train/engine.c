@@ -354,7 +354,8 @@ static int vision_fwd(cdb_trainer *t, const float *pixels, int nb, float *out)
     for (i = 0; i < nb; i++) /* xe (nb, d): the class tokens */
         memcpy(tr->xe + (size_t)i * d, tr->x + (size_t)i * T * d, (size_t)d * sizeof(float));
     /* out (nb, e) = ln_post(xe) @ proj; he keeps the ln output */
-    cdb_final_ln_project(&v->t, t->embed_dim, tr->xe, tr->he, nb, out);
+    if ((rc = cdb_final_ln_project(&v->t, t->embed_dim, tr->xe, tr->he, nb, out, &t->err)))
+        return rc;
     return CLIPDB_OK;
 }
 
@@ -409,7 +410,8 @@ static int text_fwd(cdb_trainer *t, const int32_t *const *ids, const int *lens, 
     for (i = 0; i < nb; i++) /* xe (nb, d): the end tokens */
         memcpy(tr->xe + (size_t)i * d, tr->x + ((size_t)i * L + ends[i]) * d,
                (size_t)d * sizeof(float));
-    cdb_final_ln_project(&x->t, t->embed_dim, tr->xe, tr->he, nb, out);
+    if ((rc = cdb_final_ln_project(&x->t, t->embed_dim, tr->xe, tr->he, nb, out, &t->err)))
+        return rc;
     return CLIPDB_OK;
 }
 
@@ -738,7 +740,7 @@ int cdb_trainer_sync(cdb_trainer *t, clipdb_model *m)
     if (m == t->synced && t->synced_copy) { /* again into the same model: refresh the copy */
         memcpy(t->synced_copy, t->params, t->numel * sizeof *t->synced_copy);
         m->logit_scale = *t->ls;
-        return CLIPDB_OK;
+        goto repack;
     }
     if ((rc = cdb_weights_list(m->key_style, &m->vision, &m->text, m->embed_dim, &w, &n, &t->err)))
         return rc;
@@ -758,5 +760,9 @@ int cdb_trainer_sync(cdb_trainer *t, clipdb_model *m)
     t->synced = m;
     t->synced_copy = copy;
     free(w);
+repack:
+    /* the model's packed weights (compute.h) were made from the old values */
+    if ((rc = cdb_model_repack(m)) != CLIPDB_OK)
+        return cdb_err_set(&t->err, rc, "sync: %s", m->err.msg);
     return CLIPDB_OK;
 }

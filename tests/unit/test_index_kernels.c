@@ -438,3 +438,48 @@ TEST(index_kernels_pool_matches_serial)
     free(a);
     free(b);
 }
+
+/* L2 scores of the returned hits are computed directly, not by the norm
+** expansion |q|^2 - 2 q.b + |b|^2 (which loses small distances: a CLIP-sized
+** vector against itself scored -0.0078): a stored vector searched against
+** itself scores exactly 0 (+0), and every returned score equals the distance
+** computed in double. Both the one-query (sgemv/inline) and batched (GEMM)
+** paths, with and without a filter. */
+TEST(index_l2_returned_distances_are_exact)
+{
+    const int d = 512, k = 10;
+    const size_t n = 3000, nq = 40;
+    float *x = malloc(n * d * sizeof *x), *q = malloc(nq * d * sizeof *q);
+    clipdb_hit *hits = malloc(nq * k * sizeof *hits);
+    uint64_t s = 12345;
+    int n_out = 0;
+    size_t i, j;
+    REQUIRE(x && q && hits);
+    for (i = 0; i < n * d; i++) { /* CLIP-like: norm ~ 10, a large common offset */
+        s = s * 6364136223846793005ull + 1442695040888963407ull;
+        x[i] = 0.4f + (float)((s >> 40) / (double)(1ull << 24)) * 0.2f;
+    }
+    for (i = 0; i < nq; i++) memcpy(q + i * d, x + (i * 71 % n) * d, d * sizeof *q);
+    for (int batch = 0; batch < 2; batch++) {
+        clipdb_vecs base = {x, NULL, NULL, n, d};
+        size_t m = batch ? nq : 1;
+        REQUIRE(clipdb_flat_search(&base, q, m, k, CLIPDB_METRIC_L2, NULL, hits, &n_out, NULL) ==
+                CLIPDB_OK);
+        REQUIRE(n_out == k);
+        for (i = 0; i < m; i++) {
+            const clipdb_hit *h = hits + i * k;
+            CHECK(h[0].id == (int64_t)(i * 71 % n));
+            CHECK(h[0].score == 0.0f && !signbit(h[0].score));
+            for (j = 0; j < (size_t)k; j++) {
+                double dd = 0;
+                for (int c = 0; c < d; c++) {
+                    double t = (double)q[i * d + c] - x[(size_t)h[j].id * d + c];
+                    dd += t * t;
+                }
+                CHECK_NEAR(h[j].score, -sqrt(dd), 1e-6 * (1 + sqrt(dd)));
+                if (j) CHECK(h[j].score <= h[j - 1].score);
+            }
+        }
+    }
+    free(x), free(q), free(hits);
+}

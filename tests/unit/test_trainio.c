@@ -298,8 +298,15 @@ TEST(trainio_written_model_embeds_as_the_engine)
     REQUIRE(clipdb_ctx_new(&c2, back) == CLIPDB_OK);
     REQUIRE(clipdb_encode_images(c2, tb.px, 2, b) == CLIPDB_OK);
     REQUIRE(clipdb_encode_texts(c2, texts, 1, tb2) == CLIPDB_OK);
-    CHECK(!memcmp(a, b, sizeof a));
-    CHECK(!memcmp(ta, tb2, sizeof ta));
+    /* Equal to rounding: the two conventions store the projections transposed
+    ** to each other, so oneDNN may run them through different kernels (on
+    ** OpenBLAS they are bit-identical). */
+    for (s = 0; s < 2 * 16; s++) CHECK(fabsf(a[s] - b[s]) <= 1e-5f * (1.0f + fabsf(a[s])));
+    for (s = 0; s < 16; s++) CHECK(fabsf(ta[s] - tb2[s]) <= 1e-5f * (1.0f + fabsf(ta[s])));
+    if (getenv("CLIPDB_GEMM") && !strcmp(getenv("CLIPDB_GEMM"), "openblas")) {
+        CHECK(!memcmp(a, b, sizeof a));
+        CHECK(!memcmp(ta, tb2, sizeof ta));
+    }
     CHECK(!strcmp(back->key_style, "hf"));
     clipdb_ctx_free(c1);
     clipdb_ctx_free(c2);

@@ -33,6 +33,7 @@ static float *rnd(size_t n, float a, float center)
 static void make_block(cdb_block *b, int d, int f, int packed)
 {
     float ws = 1.0f / sqrtf((float)d), wf = 1.0f / sqrtf((float)f);
+    memset(b, 0, sizeof *b); /* no packed forms: plain fp32 weights */
     b->ln1_w = rnd(d, 0.2f, 1.0f);
     b->ln1_b = rnd(d, 0.1f, 0.0f);
     if (packed) {

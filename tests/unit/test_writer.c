@@ -19,7 +19,6 @@
 #include "test.h"
 
 float cdb_f16_to_f32(uint16_t h);
-float cdb_bf16_to_f32(uint16_t h);
 
 static void put_file(const char *path, const char *text)
 {

@@ -1,0 +1,487 @@
+/*
+** onednn.c: the oneDNN side of the compute interface (compute.h).
+**
+** cdb_sgemm -> dnnl_sgemm (JIT for the CPU's ISA). Linear layers on packed
+** weights -> one matmul primitive per pack, created with the row count M as a
+** run-time dimension (DNNL_RUNTIME_DIM_VAL) and the weight layout left to
+** oneDNN (format_tag_any): the weight is reordered into that layout once, at
+** cdb_wpack_new, and the primitive serves every batch size, so there is no
+** per-call weight conversion and no per-shape primitive creation.
+** Primitives use a user-managed scratchpad (allocated per call when one is
+** needed), so concurrent cdb_linear calls from several threads share no
+** writable state.
+**
+** Precisions (compute.h): fp32 matmul f32 x f32 -> f32;
+**   bf16: x (m, in) is rounded to bf16 per call, W stored bf16, f32 accumulate;
+**   int8: W stored s8 with a scale per output channel, sw[j] = max|W[j,:]| / 127;
+**         x quantised per row, sx[i] = max|x[i,:]| / 127; acc (m, out) s32;
+**         y[i][j] = beta * y[i][j] + acc[i][j] * sx[i] * sw[j].
+** Where the ISA oneDNN may use has no bf16 instructions (ONEDNN_MAX_CPU_ISA=avx2,
+** older CPUs) bf16 is emulated with the same rounding: W is rounded to bf16
+** and stored as fp32, x is rounded to bf16 per call, the fp32 matmul
+** accumulates (same answers up to summation order). Without VNNI, int8 uses
+** vpmaddubsw, whose 16-bit pair sums saturate for full-range weights: there
+** the weights are quantised to +-63 instead of +-127 (255*63*2 < 32767).
+*/
+#include <math.h>
+#include <omp.h>
+#include <oneapi/dnnl/dnnl.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "compute/onednn.h"
+
+struct cdb_wpack {
+    cdb_prec prec;
+    int emulated;            /* bf16 on an ISA without bf16: fp32 primitive */
+    int n_out, n_in;
+    void *w;                 /* packed weight in wmd's layout */
+    int w_owned;             /* 0: w aliases the caller's fp32 W */
+    size_t w_bytes;
+    float *scale;            /* int8: (n_out) per output channel */
+    dnnl_memory_desc_t wmd;  /* the layout the primitive wants */
+    dnnl_primitive_t prim[2]; /* [0]: y = x W^T; [1]: y += x W^T (fp32/bf16) */
+    size_t scratch[2];       /* scratchpad bytes of each */
+};
+
+/* ---- engine --------------------------------------------------------------- */
+
+static pthread_once_t engine_once = PTHREAD_ONCE_INIT;
+static dnnl_engine_t engine;
+static dnnl_status_t engine_status = dnnl_runtime_error;
+
+static void engine_init(void)
+{
+    engine_status = dnnl_engine_create(&engine, dnnl_cpu, 0);
+}
+
+static int get_engine(cdb_err *e)
+{
+    pthread_once(&engine_once, engine_init);
+    if (engine_status != dnnl_success)
+        return cdb_err_set(e, CLIPDB_ERROR, "oneDNN: no CPU engine (status %d)",
+                           (int)engine_status);
+    return CLIPDB_OK;
+}
+
+static int dnnl_fail(cdb_err *e, const char *what, dnnl_status_t s)
+{
+    return cdb_err_set(e, s == dnnl_out_of_memory ? CLIPDB_ENOMEM : CLIPDB_ERROR,
+                       "oneDNN: %s failed (status %d)", what, (int)s);
+}
+
+const char *cdb_onednn_isa(void)
+{
+    switch (dnnl_get_effective_cpu_isa()) {
+    case dnnl_cpu_isa_sse41: return "sse41";
+    case dnnl_cpu_isa_avx: return "avx";
+    case dnnl_cpu_isa_avx2: return "avx2";
+    case dnnl_cpu_isa_avx2_vnni: return "avx2_vnni";
+    case dnnl_cpu_isa_avx512_mic: return "avx512_mic";
+    case dnnl_cpu_isa_avx512_mic_4ops: return "avx512_mic_4ops";
+    case dnnl_cpu_isa_avx512_core: return "avx512_core";
+    case dnnl_cpu_isa_avx512_core_vnni: return "avx512_core_vnni";
+    case dnnl_cpu_isa_avx512_core_bf16: return "avx512_core_bf16";
+    case dnnl_cpu_isa_avx512_core_amx: return "avx512_core_amx";
+    default: return "generic";
+    }
+}
+
+int cdb_onednn_threads(void)
+{
+    return omp_get_max_threads();
+}
+
+void cdb_onednn_sgemm(cdb_trans ta, cdb_trans tb, int m, int n, int k, float alpha,
+                      const float *A, int lda, const float *B, int ldb, float beta,
+                      float *C, int ldc)
+{
+    /* Row-major, as compute.h; the arguments were valid for CBLAS, so a
+    ** failure status here can only be a bug: then C is left as is. */
+    (void)dnnl_sgemm(ta == CDB_TRANS ? 'T' : 'N', tb == CDB_TRANS ? 'T' : 'N', m, n, k, alpha, A,
+                     lda, B, ldb, beta, C, ldc);
+}
+
+/* ---- packing ---------------------------------------------------------------- */
+
+static dnnl_data_type_t wtype(const cdb_wpack *pk)
+{
+    if (pk->prec == CDB_PREC_BF16) return pk->emulated ? dnnl_f32 : dnnl_bf16;
+    return pk->prec == CDB_PREC_INT8 ? dnnl_s8 : dnnl_f32;
+}
+
+int cdb_int8_weight_max(void)
+{
+    switch (dnnl_get_effective_cpu_isa()) {
+    case dnnl_cpu_isa_avx512_core_vnni:
+    case dnnl_cpu_isa_avx512_core_bf16:
+    case dnnl_cpu_isa_avx512_core_amx:
+    case dnnl_cpu_isa_avx2_vnni: return 127;
+    default: return 63;
+    }
+}
+
+/* md of a 2-D (rows, cols) tensor in format `tag` (rows may be run-time). */
+static dnnl_status_t md2(dnnl_memory_desc_t *md, dnnl_dim_t rows, dnnl_dim_t cols,
+                         dnnl_data_type_t dt, dnnl_format_tag_t tag)
+{
+    dnnl_dims_t dims = {0};
+    dims[0] = rows;
+    dims[1] = cols;
+    return dnnl_memory_desc_init_by_tag(md, 2, dims, dt, tag);
+}
+
+/* Matmul x (M, K) @ W (K, N) -> y (M, N), M at run time; sum: y += ...
+** first: the weight layout is chosen here (pk->wmd): fp32 weights (and the
+** fp32 copies of emulated bf16) stay in their plain layout `plain_tag`, so
+** an fp32 model uses its memory-mapped weights in place (no second copy;
+** oneDNN's fp32 gemm packs panels per call either way); bf16 and int8 take
+** the layout oneDNN prefers (format_tag_any). */
+static int make_prim(cdb_wpack *pk, int sum, int first, dnnl_format_tag_t plain_tag, cdb_err *e)
+{
+    const dnnl_data_type_t wt = wtype(pk);
+    const dnnl_data_type_t dt = pk->prec == CDB_PREC_INT8 ? dnnl_s32 : dnnl_f32;
+    dnnl_memory_desc_t smd, wmd, dmd;
+    dnnl_matmul_desc_t mm;
+    dnnl_primitive_attr_t attr = NULL;
+    dnnl_post_ops_t po = NULL;
+    dnnl_primitive_desc_t pd = NULL;
+    dnnl_status_t s;
+    int rc = CLIPDB_OK;
+
+    if ((s = md2(&smd, DNNL_RUNTIME_DIM_VAL, pk->n_in, wt, dnnl_ab)) ||
+        (s = md2(&dmd, DNNL_RUNTIME_DIM_VAL, pk->n_out, dt, dnnl_ab)))
+        return dnnl_fail(e, "memory descriptor", s);
+    if (first) {
+        if ((s = md2(&wmd, pk->n_in, pk->n_out, wt,
+                     wt == dnnl_f32 ? plain_tag : dnnl_format_tag_any)))
+            return dnnl_fail(e, "memory descriptor", s);
+    } else {
+        wmd = pk->wmd;
+    }
+    if ((s = dnnl_matmul_desc_init(&mm, &smd, &wmd, NULL, &dmd)))
+        return dnnl_fail(e, "matmul descriptor", s);
+    if ((s = dnnl_primitive_attr_create(&attr))) return dnnl_fail(e, "attributes", s);
+    if ((s = dnnl_primitive_attr_set_scratchpad_mode(attr, dnnl_scratchpad_mode_user))) {
+        rc = dnnl_fail(e, "scratchpad mode", s);
+        goto cleanup;
+    }
+    if (sum) {
+        if ((s = dnnl_post_ops_create(&po)) || (s = dnnl_post_ops_append_sum(po, 1.0f)) ||
+            (s = dnnl_primitive_attr_set_post_ops(attr, po))) {
+            rc = dnnl_fail(e, "sum post-op", s);
+            goto cleanup;
+        }
+    }
+    if ((s = dnnl_primitive_desc_create(&pd, &mm, attr, engine, NULL))) {
+        rc = s == dnnl_unimplemented ? CLIPDB_ENOTFOUND /* the caller may fall back */
+                                     : dnnl_fail(e, "matmul primitive descriptor", s);
+        goto cleanup;
+    }
+    if (first) pk->wmd = *dnnl_primitive_desc_query_md(pd, dnnl_query_weights_md, 0);
+    pk->scratch[sum] =
+        dnnl_memory_desc_get_size(dnnl_primitive_desc_query_md(pd, dnnl_query_scratchpad_md, 0));
+    if ((s = dnnl_primitive_create(&pk->prim[sum], pd))) rc = dnnl_fail(e, "matmul primitive", s);
+cleanup:
+    dnnl_primitive_desc_destroy(pd);
+    dnnl_post_ops_destroy(po);
+    dnnl_primitive_attr_destroy(attr);
+    return rc;
+}
+
+/* One reorder: src (plain, at `from`) -> pk->w (pk->wmd). */
+static int reorder_into(cdb_wpack *pk, const dnnl_memory_desc_t *src, const void *from,
+                        cdb_err *e)
+{
+    dnnl_primitive_desc_t pd = NULL;
+    dnnl_primitive_t prim = NULL;
+    dnnl_memory_t ms = NULL, md = NULL;
+    dnnl_stream_t st = NULL;
+    dnnl_status_t s;
+    int rc = CLIPDB_OK;
+    dnnl_exec_arg_t args[2];
+
+    if ((s = dnnl_reorder_primitive_desc_create(&pd, src, engine, &pk->wmd, engine, NULL)) ||
+        (s = dnnl_primitive_create(&prim, pd)) ||
+        (s = dnnl_memory_create(&ms, src, engine, (void *)from)) ||
+        (s = dnnl_memory_create(&md, &pk->wmd, engine, pk->w)) ||
+        (s = dnnl_stream_create(&st, engine, dnnl_stream_default_flags))) {
+        rc = dnnl_fail(e, "weight reorder", s);
+        goto cleanup;
+    }
+    args[0].arg = DNNL_ARG_FROM;
+    args[0].memory = ms;
+    args[1].arg = DNNL_ARG_TO;
+    args[1].memory = md;
+    if ((s = dnnl_primitive_execute(prim, st, 2, args)) || (s = dnnl_stream_wait(st)))
+        rc = dnnl_fail(e, "weight reorder", s);
+cleanup:
+    dnnl_stream_destroy(st);
+    dnnl_memory_destroy(ms);
+    dnnl_memory_destroy(md);
+    dnnl_primitive_destroy(prim);
+    dnnl_primitive_desc_destroy(pd);
+    return rc;
+}
+
+/* W element (row j of the (n_out, n_in) view, column i). */
+static inline float w_at(const float *W, cdb_trans tw, int n_out, int n_in, int j, int i)
+{
+    return tw == CDB_TRANS ? W[(size_t)j * n_in + i] : W[(size_t)i * n_out + j];
+}
+
+/* The plain (n_out, n_in) copy in the pack's data type: dims {K, N}, tag ba.
+** int8 fills pk->scale. Caller frees *out. */
+static int convert_plain(cdb_wpack *pk, const float *W, cdb_trans tw, void **out, cdb_err *e)
+{
+    const int N = pk->n_out, K = pk->n_in;
+    int i, j;
+    const float qmax = (float)cdb_int8_weight_max();
+    size_t esz = pk->emulated ? 4 : pk->prec == CDB_PREC_BF16 ? 2 : 1;
+    void *buf = cdb_malloc_array((size_t)N * K, esz);
+    if (!buf) return cdb_err_set(e, CLIPDB_ENOMEM, "out of memory (packing a %d x %d weight)", N, K);
+    if (pk->emulated) {
+        float *b = buf;
+        for (j = 0; j < N; j++)
+            for (i = 0; i < K; i++)
+                b[(size_t)j * K + i] = cdb_bf16_to_f32(cdb_f32_to_bf16(w_at(W, tw, N, K, j, i)));
+    } else if (pk->prec == CDB_PREC_BF16) {
+        uint16_t *b = buf;
+        for (j = 0; j < N; j++)
+            for (i = 0; i < K; i++) b[(size_t)j * K + i] = cdb_f32_to_bf16(w_at(W, tw, N, K, j, i));
+    } else {
+        int8_t *q = buf;
+        for (j = 0; j < N; j++) {
+            float amax = 0.0f, inv;
+            for (i = 0; i < K; i++) amax = fmaxf(amax, fabsf(w_at(W, tw, N, K, j, i)));
+            pk->scale[j] = amax > 0.0f ? amax / qmax : 1.0f;
+            inv = 1.0f / pk->scale[j];
+            for (i = 0; i < K; i++)
+                q[(size_t)j * K + i] = (int8_t)lrintf(w_at(W, tw, N, K, j, i) * inv);
+        }
+    }
+    *out = buf;
+    return CLIPDB_OK;
+}
+
+int cdb_onednn_wpack_new(cdb_wpack **out, const float *W, cdb_trans tw, int n_out, int n_in,
+                         cdb_prec prec, cdb_err *e)
+{
+    cdb_wpack *pk = NULL;
+    dnnl_memory_desc_t plain;
+    dnnl_format_tag_t tag;
+    void *tmp = NULL;
+    dnnl_status_t s;
+    int rc;
+
+    *out = NULL;
+    if ((rc = get_engine(e))) return rc;
+    if (!(pk = calloc(1, sizeof *pk))) return cdb_err_set(e, CLIPDB_ENOMEM, "out of memory");
+    pk->prec = prec;
+    pk->n_out = n_out;
+    pk->n_in = n_in;
+    if (prec == CDB_PREC_INT8 && !(pk->scale = malloc((size_t)n_out * sizeof(float)))) {
+        rc = cdb_err_set(e, CLIPDB_ENOMEM, "out of memory");
+        goto cleanup;
+    }
+    /* W (n_out, n_in) row-major is dims {K, N} in format ba; (n_in, n_out) is ab;
+    ** converted copies (bf16, int8, emulated bf16) are written (n_out, n_in) */
+    tag = prec == CDB_PREC_FP32 && tw == CDB_NO_TRANS ? dnnl_ab : dnnl_ba;
+    rc = make_prim(pk, 0, 1, tag, e);
+    if (rc == CLIPDB_ENOTFOUND && prec == CDB_PREC_BF16) {
+        pk->emulated = 1; /* no bf16 matmul for this ISA: emulate (see the top) */
+        rc = make_prim(pk, 0, 1, tag, e);
+    }
+    if (rc == CLIPDB_ENOTFOUND)
+        rc = cdb_err_set(e, CLIPDB_ERROR, "oneDNN has no %s matmul for ISA %s",
+                         prec == CDB_PREC_INT8 ? "int8" : prec == CDB_PREC_BF16 ? "bf16" : "fp32",
+                         cdb_onednn_isa());
+    if (rc) goto cleanup;
+    if (prec != CDB_PREC_INT8 && (rc = make_prim(pk, 1, 0, tag, e))) goto cleanup;
+
+    /* The plain source: W itself (fp32) or its converted copy, dims {K, N} */
+    if ((s = md2(&plain, n_in, n_out, wtype(pk), tag))) {
+        rc = dnnl_fail(e, "memory descriptor", s);
+        goto cleanup;
+    }
+    if (prec == CDB_PREC_FP32 && dnnl_memory_desc_equal(&plain, &pk->wmd)) {
+        pk->w = (void *)W; /* already the wanted layout: used in place */
+        goto cleanup;
+    }
+    if (prec != CDB_PREC_FP32 && (rc = convert_plain(pk, W, tw, &tmp, e))) goto cleanup;
+    if (pk->emulated && dnnl_memory_desc_equal(&plain, &pk->wmd)) {
+        pk->w = tmp; /* the rounded fp32 copy is already the wanted layout */
+        pk->w_bytes = (size_t)n_out * n_in * sizeof(float);
+        pk->w_owned = 1;
+        tmp = NULL;
+        goto cleanup;
+    }
+    pk->w_bytes = dnnl_memory_desc_get_size(&pk->wmd);
+    if (!(pk->w = aligned_alloc(64, (pk->w_bytes + 63) / 64 * 64))) {
+        rc = cdb_err_set(e, CLIPDB_ENOMEM, "out of memory (%zu bytes of packed weights)",
+                         pk->w_bytes);
+        goto cleanup;
+    }
+    pk->w_owned = 1;
+    rc = reorder_into(pk, &plain, tmp ? tmp : W, e);
+cleanup:
+    free(tmp);
+    if (rc) cdb_wpack_free(pk);
+    else *out = pk;
+    return rc;
+}
+
+void cdb_wpack_free(cdb_wpack *pk)
+{
+    if (!pk) return;
+    dnnl_primitive_destroy(pk->prim[0]);
+    dnnl_primitive_destroy(pk->prim[1]);
+    if (pk->w_owned) free(pk->w);
+    free(pk->scale);
+    free(pk);
+}
+
+size_t cdb_wpack_bytes(const cdb_wpack *pk)
+{
+    if (!pk) return 0;
+    return (pk->w_owned ? pk->w_bytes : 0) + (pk->scale ? (size_t)pk->n_out * sizeof(float) : 0);
+}
+
+/* ---- running ------------------------------------------------------------------ */
+
+/* Runs prim on src (m, K) of type st and dst (m, N) of type dt. */
+static int run_prim(const cdb_wpack *pk, int which, int m, const void *src, dnnl_data_type_t st,
+                    void *dst, dnnl_data_type_t dt, cdb_err *e)
+{
+    dnnl_memory_desc_t smd, dmd;
+    dnnl_memory_t ms = NULL, mw = NULL, md = NULL, msp = NULL;
+    dnnl_stream_t strm = NULL;
+    dnnl_exec_arg_t args[4];
+    void *scratch = NULL;
+    int nargs = 3, rc = CLIPDB_OK;
+    dnnl_status_t s;
+
+    if ((s = md2(&smd, m, pk->n_in, st, dnnl_ab)) || (s = md2(&dmd, m, pk->n_out, dt, dnnl_ab)) ||
+        (s = dnnl_memory_create(&ms, &smd, engine, (void *)src)) ||
+        (s = dnnl_memory_create(&mw, &pk->wmd, engine, pk->w)) ||
+        (s = dnnl_memory_create(&md, &dmd, engine, dst)) ||
+        (s = dnnl_stream_create(&strm, engine, dnnl_stream_default_flags))) {
+        rc = dnnl_fail(e, "matmul arguments", s);
+        goto cleanup;
+    }
+    args[0].arg = DNNL_ARG_SRC;
+    args[0].memory = ms;
+    args[1].arg = DNNL_ARG_WEIGHTS;
+    args[1].memory = mw;
+    args[2].arg = DNNL_ARG_DST;
+    args[2].memory = md;
+    if (pk->scratch[which]) {
+        const dnnl_memory_desc_t *spmd;
+        const_dnnl_primitive_desc_t pd;
+        if ((s = dnnl_primitive_get_primitive_desc(pk->prim[which], &pd))) {
+            rc = dnnl_fail(e, "scratchpad", s);
+            goto cleanup;
+        }
+        spmd = dnnl_primitive_desc_query_md(pd, dnnl_query_scratchpad_md, 0);
+        if (!(scratch = aligned_alloc(64, (pk->scratch[which] + 63) / 64 * 64))) {
+            rc = cdb_err_set(e, CLIPDB_ENOMEM, "out of memory (scratchpad)");
+            goto cleanup;
+        }
+        if ((s = dnnl_memory_create(&msp, spmd, engine, scratch))) {
+            rc = dnnl_fail(e, "scratchpad", s);
+            goto cleanup;
+        }
+        args[3].arg = DNNL_ARG_SCRATCHPAD;
+        args[3].memory = msp;
+        nargs = 4;
+    }
+    if ((s = dnnl_primitive_execute(pk->prim[which], strm, nargs, args)) ||
+        (s = dnnl_stream_wait(strm)))
+        rc = dnnl_fail(e, "matmul", s);
+cleanup:
+    dnnl_stream_destroy(strm);
+    dnnl_memory_destroy(ms);
+    dnnl_memory_destroy(mw);
+    dnnl_memory_destroy(md);
+    dnnl_memory_destroy(msp);
+    free(scratch);
+    return rc;
+}
+
+/* x (m, K) -> q (m, K) s8 with sx[i] = max|x[i,:]| / 127 (1 for a zero row). */
+static void quantize_rows(const float *x, int m, int K, int8_t *q, float *sx)
+{
+    int i, k;
+    for (i = 0; i < m; i++) {
+        const float *xr = x + (size_t)i * K;
+        int8_t *qr = q + (size_t)i * K;
+        float amax = 0.0f, inv;
+        for (k = 0; k < K; k++) amax = fmaxf(amax, fabsf(xr[k]));
+        sx[i] = amax > 0.0f ? amax / 127.0f : 1.0f;
+        inv = 1.0f / sx[i];
+        for (k = 0; k < K; k++) qr[k] = (int8_t)lrintf(xr[k] * inv);
+    }
+}
+
+int cdb_onednn_linear(const cdb_wpack *pk, int m, int n_out, int n_in, const float *x, int ldx,
+                      float beta, float *y, int ldy, cdb_err *e)
+{
+    const size_t mk = (size_t)m * (size_t)n_in, mn = (size_t)m * (size_t)n_out;
+    void *buf = NULL;
+    int rc = CLIPDB_OK;
+    size_t i;
+
+    if (pk->n_out != n_out || pk->n_in != n_in || ldx != n_in || ldy != n_out ||
+        (beta != 0.0f && beta != 1.0f))
+        return cdb_err_set(e, CLIPDB_EINVAL,
+                           "linear: pack (%d, %d) called as (%d, %d), ld %d/%d, beta %g",
+                           pk->n_out, pk->n_in, n_out, n_in, ldx, ldy, (double)beta);
+    switch (pk->prec) {
+    case CDB_PREC_FP32:
+        return run_prim(pk, beta != 0.0f, m, x, dnnl_f32, y, dnnl_f32, e);
+    case CDB_PREC_BF16: {
+        uint16_t *xb;
+        if (pk->emulated) { /* x rounded to bf16, kept in fp32 */
+            float *xr = buf = cdb_malloc_array(mk, sizeof(float));
+            if (!xr) return cdb_err_set(e, CLIPDB_ENOMEM, "out of memory (bf16 activations)");
+            for (i = 0; i < mk; i++) xr[i] = cdb_bf16_to_f32(cdb_f32_to_bf16(x[i]));
+            rc = run_prim(pk, beta != 0.0f, m, xr, dnnl_f32, y, dnnl_f32, e);
+            break;
+        }
+        xb = buf = cdb_malloc_array(mk, sizeof(uint16_t));
+        if (!xb) return cdb_err_set(e, CLIPDB_ENOMEM, "out of memory (bf16 activations)");
+        for (i = 0; i < mk; i++) xb[i] = cdb_f32_to_bf16(x[i]);
+        rc = run_prim(pk, beta != 0.0f, m, xb, dnnl_bf16, y, dnnl_f32, e);
+        break;
+    }
+    case CDB_PREC_INT8: {
+        /* q (m, in) s8 | acc (m, out) s32 | sx (m) f32, in one allocation */
+        size_t qb = (mk + 63) / 64 * 64, bytes;
+        int8_t *q;
+        int32_t *acc;
+        float *sx;
+        int r, j;
+        if (!cdb_mul_ok(mn + (size_t)m, 4, &bytes) || !cdb_add_ok(bytes, qb, &bytes) ||
+            !(buf = malloc(bytes)))
+            return cdb_err_set(e, CLIPDB_ENOMEM, "out of memory (int8 activations)");
+        q = buf;
+        acc = (int32_t *)((char *)buf + qb);
+        sx = (float *)(acc + mn);
+        quantize_rows(x, m, n_in, q, sx);
+        if ((rc = run_prim(pk, 0, m, q, dnnl_s8, acc, dnnl_s32, e))) break;
+        for (r = 0; r < m; r++) {
+            const int32_t *ar = acc + (size_t)r * n_out;
+            float *yr = y + (size_t)r * n_out;
+            const float s = sx[r];
+            if (beta != 0.0f)
+                for (j = 0; j < n_out; j++) yr[j] += (float)ar[j] * s * pk->scale[j];
+            else
+                for (j = 0; j < n_out; j++) yr[j] = (float)ar[j] * s * pk->scale[j];
+        }
+        break;
+    }
+    }
+    free(buf);
+    return rc;
+}

@@ -1,0 +1,27 @@
+/*
+** onednn.h: the oneDNN backend's entry points, called by the dispatcher
+** (gemm.c) only. onednn.c calls nothing of gemm.c: the choice of backend is
+** made above it. Internal to src/compute.
+*/
+#ifndef CDB_ONEDNN_H
+#define CDB_ONEDNN_H
+
+#include "compute/compute.h"
+
+/* cdb_sgemm on dnnl_sgemm. */
+void cdb_onednn_sgemm(cdb_trans ta, cdb_trans tb, int m, int n, int k, float alpha,
+                      const float *A, int lda, const float *B, int ldb, float beta,
+                      float *C, int ldc);
+
+/* oneDNN's thread count (its OpenMP pool). */
+int cdb_onednn_threads(void);
+
+/* cdb_wpack_new for every precision on oneDNN matmul primitives. */
+int cdb_onednn_wpack_new(cdb_wpack **out, const float *W, cdb_trans tw, int n_out, int n_in,
+                         cdb_prec prec, cdb_err *e);
+
+/* cdb_linear with a pack (pk != NULL). */
+int cdb_onednn_linear(const cdb_wpack *pk, int m, int n_out, int n_in, const float *x, int ldx,
+                      float beta, float *y, int ldy, cdb_err *e);
+
+#endif

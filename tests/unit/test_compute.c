@@ -1,0 +1,264 @@
+/*
+** test_compute.c: the compute layer (src/compute) against scalar references
+** in double: cdb_sgemm for every transpose combination, cdb_linear on plain
+** and packed weights in each precision, at sizes on both sides of the
+** vector widths and blocking of the kernels (1, 15, 16, 17, 63, 64, 65, 768),
+** concurrent use of one pack from several threads, and bad calls.
+** The backend is the one CLIPDB_GEMM selects; tests/cli/test_compute.py runs
+** these tests again under CLIPDB_GEMM=openblas and each ONEDNN_MAX_CPU_ISA.
+*/
+#include <pthread.h>
+#include <stdint.h>
+
+#include "compute/compute.h"
+#include "test.h"
+
+static uint64_t rng_state = 0x9e3779b97f4a7c15ull;
+static float frand(void) /* uniform in [-1, 1) */
+{
+    rng_state = rng_state * 6364136223846793005ull + 1442695040888963407ull;
+    return (float)((rng_state >> 40) / (double)(1ull << 24)) * 2.0f - 1.0f;
+}
+static float *rnd_vec(size_t n)
+{
+    float *v = malloc((n ? n : 1) * sizeof *v);
+    for (size_t i = 0; i < n; i++) v[i] = frand();
+    return v;
+}
+
+static const int sizes[] = {1, 15, 16, 17, 63, 64, 65};
+#define NSIZES ((int)(sizeof sizes / sizeof *sizes))
+
+TEST(compute_sgemm_matches_reference_all_transposes)
+{
+    for (int si = 0; si < NSIZES; si++)
+        for (int sj = 0; sj < NSIZES; sj += 2)
+            for (int sk = 0; sk < NSIZES; sk += 3)
+                for (int t = 0; t < 4; t++) {
+                    const int m = sizes[si], n = sizes[sj], k = sizes[sk];
+                    const cdb_trans ta = t & 1 ? CDB_TRANS : CDB_NO_TRANS;
+                    const cdb_trans tb = t & 2 ? CDB_TRANS : CDB_NO_TRANS;
+                    /* stored shapes: A (m, k) or (k, m); B (k, n) or (n, k); padded rows */
+                    const int lda = (ta ? m : k) + 3, ldb = (tb ? k : n) + 2, ldc = n + 1;
+                    float *A = rnd_vec((size_t)(ta ? k : m) * lda);
+                    float *B = rnd_vec((size_t)(tb ? n : k) * ldb);
+                    float *C = rnd_vec((size_t)m * ldc), *C0 = malloc((size_t)m * ldc * 4);
+                    memcpy(C0, C, (size_t)m * ldc * 4);
+                    cdb_sgemm(ta, tb, m, n, k, 0.5f, A, lda, B, ldb, 2.0f, C, ldc);
+                    for (int i = 0; i < m; i++)
+                        for (int j = 0; j < n; j++) {
+                            double s = 0, mag = 0;
+                            for (int p = 0; p < k; p++) {
+                                double a = ta ? A[(size_t)p * lda + i] : A[(size_t)i * lda + p];
+                                double b = tb ? B[(size_t)j * ldb + p] : B[(size_t)p * ldb + j];
+                                s += a * b;
+                                mag += fabs(a * b);
+                            }
+                            CHECK_NEAR(C[(size_t)i * ldc + j],
+                                       0.5 * s + 2.0 * C0[(size_t)i * ldc + j], 1e-5 * (mag + 2));
+                        }
+                    free(A), free(B), free(C), free(C0);
+                }
+}
+
+/* The reference of cdb_linear in each precision, from the definitions in
+** compute.h (written independently of onednn.c). W (n_out, n_in). */
+static double ref_linear(cdb_prec p, const float *W, const float *x, int n_in,
+                         int i, int j, double *mag)
+{
+    double s = 0;
+    *mag = 0;
+    if (p == CDB_PREC_INT8) {
+        const double qmax = cdb_int8_weight_max();
+        double ax = 0, aw = 0, sx, sw;
+        for (int k = 0; k < n_in; k++) {
+            ax = fmax(ax, fabs(x[(size_t)i * n_in + k]));
+            aw = fmax(aw, fabs(W[(size_t)j * n_in + k]));
+        }
+        sx = ax > 0 ? ax / 127.0 : 1.0;
+        sw = aw > 0 ? aw / qmax : 1.0;
+        for (int k = 0; k < n_in; k++) {
+            double qx = nearbyint(x[(size_t)i * n_in + k] / sx);
+            double qw = nearbyint(W[(size_t)j * n_in + k] / sw);
+            s += qx * qw;
+            *mag += fabs(qx * qw);
+        }
+        *mag = *mag * sx * sw;
+        return s * sx * sw;
+    }
+    for (int k = 0; k < n_in; k++) {
+        double a = x[(size_t)i * n_in + k], b = W[(size_t)j * n_in + k];
+        if (p == CDB_PREC_BF16) {
+            a = cdb_bf16_to_f32(cdb_f32_to_bf16((float)a));
+            b = cdb_bf16_to_f32(cdb_f32_to_bf16((float)b));
+        }
+        s += a * b;
+        *mag += fabs(a * b);
+    }
+    return s;
+}
+
+static const int shapes[][2] = {{1, 1}, {15, 17}, {16, 16}, {17, 15}, {64, 63}, {65, 64},
+                                {512, 768}};
+
+TEST(compute_linear_packed_each_precision_matches_reference)
+{
+    for (int prec = CDB_PREC_FP32; prec <= CDB_PREC_INT8; prec++)
+        for (size_t sh = 0; sh < sizeof shapes / sizeof *shapes; sh++)
+            for (int tw = 0; tw < 2; tw++) {
+                const int n_out = shapes[sh][0], n_in = shapes[sh][1];
+                float *W = rnd_vec((size_t)n_out * n_in), *Wt = malloc((size_t)n_out * n_in * 4);
+                cdb_wpack *pk = NULL;
+                cdb_err e = {0};
+                /* tw 0: the same weight stored (n_in, n_out) */
+                for (int j = 0; j < n_out; j++)
+                    for (int k = 0; k < n_in; k++) Wt[(size_t)k * n_out + j] = W[(size_t)j * n_in + k];
+                REQUIRE(cdb_wpack_new(&pk, tw ? W : Wt, tw ? CDB_TRANS : CDB_NO_TRANS, n_out, n_in,
+                                      (cdb_prec)prec, &e) == CLIPDB_OK);
+                if (prec != CDB_PREC_FP32 || cdb_compute_backend() == CDB_BACKEND_ONEDNN)
+                    CHECK(pk != NULL);
+                for (int si = 0; si < NSIZES; si++) {
+                    const int m = sizes[si];
+                    float *x, *y, *y0;
+                    if ((size_t)n_out * n_in > 10000 && m != 1 && m != 17) continue; /* time */
+                    x = rnd_vec((size_t)m * n_in);
+                    y = rnd_vec((size_t)m * n_out);
+                    y0 = malloc((size_t)m * n_out * 4);
+                    memcpy(y0, y, (size_t)m * n_out * 4);
+                    for (int beta = 0; beta < 2; beta++) {
+                        if (beta) memcpy(y0, y, (size_t)m * n_out * 4);
+                        REQUIRE(cdb_linear(pk, W, m, n_out, n_in, x, n_in, (float)beta, y, n_out,
+                                           &e) == CLIPDB_OK);
+                        for (int i = 0; i < m; i++)
+                            for (int j = 0; j < n_out; j++) {
+                                double mag, r = ref_linear((cdb_prec)prec, W, x, n_in, i, j,
+                                                           &mag);
+                                double tol = 1e-5 * (mag + 1);
+                                /* int8: x*inv vs x/s may round one code differently */
+                                if (prec == CDB_PREC_INT8) tol += 2.0 * mag / (n_in + 1) + 1e-3;
+                                CHECK_NEAR(y[(size_t)i * n_out + j],
+                                           r + (beta ? y0[(size_t)i * n_out + j] : 0.0), tol);
+                            }
+                    }
+                    free(x), free(y), free(y0);
+                }
+                cdb_wpack_free(pk);
+                free(W), free(Wt);
+            }
+}
+
+TEST(compute_linear_plain_weight_with_strides)
+{
+    /* the training path: plain fp32 W, x and y inside wider rows */
+    const int m = 17, n_out = 16, n_in = 15, ldx = 20, ldy = 48;
+    float *W = rnd_vec((size_t)n_out * n_in), *x = rnd_vec((size_t)m * ldx);
+    float *y = rnd_vec((size_t)m * ldy), *y0 = malloc((size_t)m * ldy * 4);
+    cdb_err e = {0};
+    memcpy(y0, y, (size_t)m * ldy * 4);
+    REQUIRE(cdb_linear(NULL, W, m, n_out, n_in, x, ldx, 1.0f, y, ldy, &e) == CLIPDB_OK);
+    for (int i = 0; i < m; i++) {
+        for (int j = 0; j < n_out; j++) {
+            double s = y0[(size_t)i * ldy + j];
+            for (int k = 0; k < n_in; k++) s += (double)x[(size_t)i * ldx + k] * W[(size_t)j * n_in + k];
+            CHECK_NEAR(y[(size_t)i * ldy + j], s, 1e-4);
+        }
+        for (int j = n_out; j < ldy; j++) CHECK(y[(size_t)i * ldy + j] == y0[(size_t)i * ldy + j]);
+    }
+    free(W), free(x), free(y), free(y0);
+}
+
+TEST(compute_linear_rejects_bad_calls)
+{
+    float *W = rnd_vec(16 * 16), x[16 * 2] = {0}, y[16 * 2];
+    cdb_wpack *pk = NULL;
+    cdb_err e = {0};
+    CHECK(cdb_wpack_new(&pk, NULL, CDB_TRANS, 16, 16, CDB_PREC_BF16, &e) == CLIPDB_EINVAL);
+    CHECK(pk == NULL);
+    CHECK(cdb_wpack_new(&pk, W, CDB_TRANS, 0, 16, CDB_PREC_BF16, &e) == CLIPDB_EINVAL);
+    REQUIRE(cdb_wpack_new(&pk, W, CDB_TRANS, 16, 16, CDB_PREC_BF16, &e) == CLIPDB_OK);
+    /* a pack called with another shape, strides or beta is refused, not misread */
+    CHECK(cdb_linear(pk, W, 2, 8, 16, x, 16, 0.0f, y, 8, &e) == CLIPDB_EINVAL);
+    CHECK(strstr(e.msg, "pack") != NULL);
+    CHECK(cdb_linear(pk, W, 2, 16, 16, x, 17, 0.0f, y, 16, &e) == CLIPDB_EINVAL);
+    CHECK(cdb_linear(pk, W, 2, 16, 16, x, 16, 0.5f, y, 16, &e) == CLIPDB_EINVAL);
+    CHECK(cdb_linear(pk, W, 0, 16, 16, x, 16, 0.0f, y, 16, &e) == CLIPDB_OK); /* nothing to do */
+    CHECK(cdb_wpack_bytes(pk) >= 16 * 16 * 2);
+    cdb_wpack_free(pk);
+    cdb_wpack_free(NULL);
+    free(W);
+}
+
+typedef struct lin_job {
+    const cdb_wpack *pk;
+    const float *x;
+    float *y;
+    int m, n_out, n_in, rc;
+} lin_job;
+
+static void *lin_run(void *arg)
+{
+    lin_job *j = arg;
+    cdb_err e = {0};
+    for (int r = 0; r < 20 && !j->rc; r++)
+        j->rc = cdb_linear(j->pk, NULL, j->m, j->n_out, j->n_in, j->x, j->n_in, 0.0f, j->y,
+                           j->n_out, &e);
+    return NULL;
+}
+
+TEST(compute_one_pack_used_by_four_threads_gives_the_serial_results)
+{
+    const int m = 33, n_out = 96, n_in = 64;
+    float *W = rnd_vec((size_t)n_out * n_in);
+    for (int prec = CDB_PREC_FP32; prec <= CDB_PREC_INT8; prec++) {
+        cdb_wpack *pk = NULL;
+        cdb_err e = {0};
+        lin_job jobs[4];
+        pthread_t th[4];
+        float *serial = malloc((size_t)4 * m * n_out * 4);
+        if (cdb_wpack_new(&pk, W, CDB_TRANS, n_out, n_in, (cdb_prec)prec, &e) != CLIPDB_OK || !pk) {
+            cdb_wpack_free(pk);
+            free(serial);
+            continue; /* fp32 on OpenBLAS has no pack */
+        }
+        for (int t = 0; t < 4; t++) {
+            jobs[t] = (lin_job){pk, rnd_vec((size_t)m * n_in), malloc((size_t)m * n_out * 4), m,
+                                n_out, n_in, 0};
+            REQUIRE(cdb_linear(pk, NULL, m, n_out, n_in, jobs[t].x, n_in, 0.0f,
+                               serial + (size_t)t * m * n_out, n_out, &e) == CLIPDB_OK);
+        }
+        for (int t = 0; t < 4; t++) REQUIRE(pthread_create(&th[t], NULL, lin_run, &jobs[t]) == 0);
+        for (int t = 0; t < 4; t++) pthread_join(th[t], NULL);
+        for (int t = 0; t < 4; t++) {
+            CHECK(jobs[t].rc == CLIPDB_OK);
+            CHECK(!memcmp(jobs[t].y, serial + (size_t)t * m * n_out, (size_t)m * n_out * 4));
+            free((void *)jobs[t].x), free(jobs[t].y);
+        }
+        free(serial);
+        cdb_wpack_free(pk);
+    }
+    free(W);
+}
+
+TEST(compute_bf16_rounding_is_nearest_even)
+{
+    /* 1 + 2^-8 is halfway between two bf16 values: rounds to even (1.0) */
+    CHECK(cdb_bf16_to_f32(cdb_f32_to_bf16(1.0f + 1.0f / 256)) == 1.0f);
+    CHECK(cdb_bf16_to_f32(cdb_f32_to_bf16(1.0f + 3.0f / 256)) == 1.0f + 4.0f / 256);
+    CHECK(cdb_bf16_to_f32(cdb_f32_to_bf16(-2.5f)) == -2.5f);
+    CHECK(isnan(cdb_bf16_to_f32(cdb_f32_to_bf16(NAN))));
+    CHECK(isinf(cdb_bf16_to_f32(cdb_f32_to_bf16(INFINITY))));
+}
+
+TEST(compute_describe_names_the_backend_in_use)
+{
+    const char *env = getenv("CLIPDB_GEMM"), *d = cdb_compute_describe();
+    if (env && !strcmp(env, "openblas")) {
+        CHECK(cdb_compute_backend() == CDB_BACKEND_OPENBLAS);
+        CHECK(!strncmp(d, "openblas ", 9));
+    } else {
+        CHECK(cdb_compute_backend() == CDB_BACKEND_ONEDNN);
+        CHECK(!strncmp(d, "onednn ", 7));
+        CHECK(!strcmp(d + 7, cdb_onednn_isa()));
+    }
+    CHECK(cdb_compute_threads() >= 1);
+}

@@ -136,6 +136,8 @@ tsan:
 
 # libFuzzer targets (clang). FUZZ_SECONDS each. Crashes, leaks, timeouts and
 # OOMs are written to build-fuzz/artifacts-TARGET/ (never the repository root).
+# Linked by clang++ (the C target compiled as C): a target that reaches the
+# Faiss shim (fuzz_dbopen) needs the C++ UBSan runtime.
 FUZZ_SECONDS ?= 20
 FUZZ_BUILD   := build-fuzz
 fuzz:
@@ -144,8 +146,8 @@ fuzz:
 	    $(FUZZ_BUILD)/libclipdb.a
 	@set -eo pipefail; for src in $(FUZZ_C); do \
 	    name=$$(basename $$src .c); \
-	    clang $(CPPFLAGS) -std=c11 -g -O1 -fsanitize=fuzzer,address,undefined \
-	        -o $(FUZZ_BUILD)/$$name $$src $(FUZZ_BUILD)/libclipdb.a $(LDLIBS); \
+	    clang++ -x c $(CPPFLAGS) -std=c11 -g -O1 -fsanitize=fuzzer,address,undefined \
+	        -o $(FUZZ_BUILD)/$$name $$src -x none $(FUZZ_BUILD)/libclipdb.a $(LDLIBS); \
 	    mkdir -p $(FUZZ_BUILD)/corpus-$$name; \
 	    seeds=tests/fuzz/seeds/$${name#fuzz_}; \
 	    echo "fuzz: $$name for $(FUZZ_SECONDS)s"; \

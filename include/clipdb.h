@@ -558,6 +558,9 @@ typedef struct clipdb_add_result {
                                ** reported with their line number, skipped */
     int64_t last_id;           /* id of the last image or standalone text
                                ** added or updated, -1 if none */
+    int64_t captions_failed;   /* captions the encoder refuses (empty after
+                               ** cleaning, ...): reported with FILE:LINE and
+                               ** the image, skipped */
 } clipdb_add_result;
 
 /* Adds images (with captions) and/or texts. Incremental: unchanged files
@@ -683,7 +686,11 @@ CLIPDB_API int clipdb_db_build_ivf(clipdb_db *db, const clipdb_index_options *op
 ** CLIPDB_INDEX_FAISS load it (checking the SHA-256 first: a mismatch is
 ** CLIPDB_EFORMAT and the bytes never reach Faiss's reader), add the items
 ** added since and remove the deleted ones; an index type that cannot
-** remove is rebuilt in memory for the search (said in clipdb_results.note). */
+** remove is rebuilt in memory for the search (said in clipdb_results.note).
+** The factory string must follow the grammar in src/store/sindex_faiss.c
+** (Flat, HNSW M, IVF N,Flat, PQ M, ... with parameters that fit the
+** dimension and the number of vectors); any other is CLIPDB_EINVAL before
+** Faiss sees it (the same for clipdb_search_options.faiss). */
 CLIPDB_API int clipdb_db_build_faiss(clipdb_db *db, const clipdb_index_options *opt,
                                      const char *factory);
 

@@ -36,6 +36,11 @@ int cli_wants_help(int argc, char **argv);
 void cli_print_floats_json(FILE *f, const float *v, int n);
 /* Prints s as a JSON string (quoted, escaped). */
 void cli_print_json_string(FILE *f, const char *s);
+/* s for plain output: control characters escaped (\n, \u0001, ...) and
+** invalid UTF-8 replaced by U+FFFD, so one record stays one line. */
+void cli_print_plain(FILE *f, const char *s);
+/* A JSON number; null when v is not finite (JSON has no inf or NaN). */
+void cli_print_json_number(FILE *f, double v);
 
 /* ---- option values (util.c): each prints its own usage error ---- */
 
@@ -72,6 +77,9 @@ void cli_progress_break(cli_progress *p);
 int cli_open_model(const char *cmd, const char *dir, clipdb_precision prec, clipdb_model **out);
 /* Parses a --precision value (fp32, bf16, int8) or prints usage (CLI_USAGE). */
 int cli_parse_precision(const char *cmd, const char *s, clipdb_precision *out);
+/* fopen(path, "rb") for a regular file only, without blocking on a FIFO or
+** a device; on failure prints "clipdb CMD: PATH: reason" and returns NULL. */
+FILE *cli_fopen_regular(const char *cmd, const char *path);
 
 /* Opens a database or prints the error (with a hint of what to type);
 ** returns CLI_OK or CLI_FAIL (then *out is NULL). */

@@ -122,12 +122,13 @@ int cli_cmd_add(int argc, char **argv)
     } else if (json) {
         printf("{\"images_added\": %lld, \"images_updated\": %lld, \"images_unchanged\": %lld, "
                "\"images_failed\": %lld, \"captions_added\": %lld, \"captions_unmatched\": %lld, "
-               "\"captions_duplicate\": %lld, "
+               "\"captions_duplicate\": %lld, \"captions_failed\": %lld, "
                "\"texts_added\": %lld, \"texts_unchanged\": %lld, \"texts_failed\": %lld}\n",
                (long long)r.images_added, (long long)r.images_updated,
                (long long)r.images_unchanged, (long long)r.images_failed,
                (long long)r.captions_added, (long long)r.captions_unmatched,
-               (long long)r.captions_duplicate, (long long)r.texts_added, (long long)r.texts_unchanged, (long long)r.texts_failed);
+               (long long)r.captions_duplicate, (long long)r.captions_failed,
+               (long long)r.texts_added, (long long)r.texts_unchanged, (long long)r.texts_failed);
     } else {
         if (opt.images_dir)
             printf("images: %lld added, %lld updated, %lld unchanged (skipped), %lld failed; "
@@ -138,6 +139,8 @@ int cli_cmd_add(int argc, char **argv)
         if (opt.images_dir && r.captions_duplicate)
             printf(", %lld skipped as repeats of a caption of the same image",
                    (long long)r.captions_duplicate);
+        if (opt.images_dir && r.captions_failed)
+            printf(", %lld failed (reported above, skipped)", (long long)r.captions_failed);
         if (opt.images_dir && r.captions_unmatched)
             printf(", %lld caption entries name no image in the folder",
                    (long long)r.captions_unmatched);

@@ -41,12 +41,12 @@ static int add_input(inputs *in, int is_image, const char *s, size_t len)
 /* Adds one input per non-blank line of path ("-" is stdin); CR LF accepted. */
 static int add_from_file(const char *cmd, inputs *in, int is_image, const char *path)
 {
-    FILE *f = strcmp(path, "-") ? fopen(path, "rb") : stdin;
+    FILE *f = strcmp(path, "-") ? cli_fopen_regular(cmd, path) : stdin;
     char *line = NULL;
     size_t cap = 0;
     ssize_t len;
     int rc = CLI_OK;
-    if (!f) return cli_fail(cmd, "cannot open %s", path);
+    if (!f) return CLI_FAIL;
     while ((len = getline(&line, &cap, f)) >= 0) {
         while (len > 0 && (line[len - 1] == '\n' || line[len - 1] == '\r')) len--;
         if (len == 0) continue;

@@ -41,6 +41,8 @@ const char cli_search_help[] =
     "                    all must hold); still K results when K items match\n"
     "  --json            {\"results\": [{\"id\", \"type\", \"path\" | \"text\", \"image\",\n"
     "                    <metadata fields>, \"score\"}], \"took_ms\"}; with --batch\n"
+    "                    (a metadata field named like one of these is \"meta.NAME\";\n"
+    "                    a score that is not finite is null)\n"
     "                    {\"queries\": [{\"query\", \"results\"}], \"took_ms\"}\n"
     "  --model DIR       model directory (default: the recorded one)\n"
     "  --precision P     encoder precision; must be the one recorded by init\n"
@@ -50,6 +52,20 @@ const char cli_search_help[] =
     "  clipdb search photos.db --image cat.jpg --target text --json\n"
     "  clipdb search photos.db --text \"a red bus\" --index ivf --nprobe 4 --where split=val2017\n";
 
+/* The members a result object prints itself; a metadata field of one of
+** these names is printed as "meta.NAME" so that it cannot shadow them (nor
+** make a duplicate key). */
+static const char *const reserved_fields[] = {"id", "type", "path", "abspath", "text",
+                                              "image", "score", "query", "results"};
+
+static int is_reserved(const char *name)
+{
+    size_t i;
+    for (i = 0; i < sizeof reserved_fields / sizeof reserved_fields[0]; i++)
+        if (!strcmp(name, reserved_fields[i]) || !strncmp(name, "meta.", 5)) return 1;
+    return 0;
+}
+
 /* Prints the fields of the metadata object (JSON text from the library)
 ** as members of the result object: parsed and re-printed, never spliced. */
 static void print_meta_fields(const char *meta_json)
@@ -58,14 +74,22 @@ static void print_meta_fields(const char *meta_json)
     if (cJSON_IsObject(obj)) {
         cJSON_ArrayForEach(f, obj)
         {
-            char *v = cJSON_PrintUnformatted(f);
-            if (!f->string || !v) {
-                free(v);
-                continue;
-            }
+            char *v = NULL;
+            if (!f->string) continue;
+            /* numbers, booleans, null: cJSON's text (a non-finite number is null) */
+            if (!cJSON_IsString(f) && !(v = cJSON_PrintUnformatted(f))) continue;
             printf(", ");
-            cli_print_json_string(stdout, f->string);
-            printf(": %s", v);
+            if (is_reserved(f->string)) {
+                char *name = malloc(strlen(f->string) + 6);
+                if (name) sprintf(name, "meta.%s", f->string);
+                cli_print_json_string(stdout, name ? name : "meta.?");
+                free(name);
+            } else {
+                cli_print_json_string(stdout, f->string);
+            }
+            printf(": ");
+            if (cJSON_IsString(f)) cli_print_json_string(stdout, f->valuestring);
+            else printf("%s", v);
             free(v);
         }
     }
@@ -90,7 +114,9 @@ static void print_result_json(const clipdb_result *r)
     }
     if (r->image >= 0) printf(", \"image\": %lld", (long long)r->image);
     print_meta_fields(r->meta_json);
-    printf(", \"score\": %.9g}", (double)r->score);
+    printf(", \"score\": ");
+    cli_print_json_number(stdout, (double)r->score);
+    printf("}");
 }
 
 /* Prints the failure of a search with what to type when an index is missing. */
@@ -129,10 +155,10 @@ static void print_query(const clipdb_query *q)
 /* Reads the batch file into queries (lines point into *buf). */
 static int read_batch(const char *path, char **buf, clipdb_query **qs, size_t *nq)
 {
-    FILE *f = fopen(path, "rb");
+    FILE *f = cli_fopen_regular("search", path);
     size_t cap = 0, len = 0, n = 0, i;
     char *p, *line;
-    if (!f) return cli_fail("search", "%s: %s", path, strerror(errno));
+    if (!f) return CLI_FAIL;
     *buf = NULL;
     for (;;) {
         if (len + 65536 + 1 > cap) {
@@ -154,6 +180,11 @@ static int read_batch(const char *path, char **buf, clipdb_query **qs, size_t *n
     }
     fclose(f);
     (*buf)[len] = '\0';
+    /* A NUL would end the line early and hide every later query. */
+    if ((p = memchr(*buf, '\0', len)) != NULL) {
+        for (n = 1, line = *buf; line < p; line++) n += *line == '\n';
+        return cli_fail("search", "%s:%zu: NUL byte in the line (queries are text)", path, n);
+    }
     for (i = 0; i < len; i++) n += (*buf)[i] == '\n';
     *qs = calloc(n + 1, sizeof **qs);
     if (!*qs) return cli_fail("search", "out of memory");
@@ -318,8 +349,10 @@ int cli_cmd_search(int argc, char **argv)
             }
             for (j = res->offsets[i]; j < res->offsets[i + 1]; j++) {
                 const clipdb_result *r = &res->results[j];
-                printf("%3zu. %9.6f  #%-6lld %s\n", j - res->offsets[i] + 1, (double)r->score,
-                       (long long)r->id, r->path ? r->path : r->text ? r->text : "");
+                printf("%3zu. %9.6f  #%-6lld ", j - res->offsets[i] + 1, (double)r->score,
+                       (long long)r->id);
+                cli_print_plain(stdout, r->path ? r->path : r->text ? r->text : "");
+                putchar('\n');
             }
         }
     }

@@ -6,8 +6,43 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
+#include <unistd.h>
 
 #include "cli/cli.h"
+
+/* Under an address-space limit (ulimit -v), OpenBLAS retries a failed
+** allocation of its work buffer (128 MiB, per thread) forever, and its
+** threads, started when the library loads, can hang the exit. So when a
+** limit is set: the process is started again with one BLAS thread (the
+** variable must be set before the library loads), and the commands that
+** run matrix products first check that the buffer and some room for the
+** model fit, failing with a clear message instead of hanging. */
+#define CLI_BLAS_ROOM_BYTES ((size_t)192 << 20)
+
+static int memory_limit_guard(const char *cmd, char **argv)
+{
+    struct rlimit rl;
+    void *probe;
+    if (getrlimit(RLIMIT_AS, &rl) != 0 || rl.rlim_cur == RLIM_INFINITY) return CLI_OK;
+    if (!getenv("OPENBLAS_NUM_THREADS")) {
+        setenv("OPENBLAS_NUM_THREADS", "1", 1);
+        if (!getenv("MALLOC_ARENA_MAX")) setenv("MALLOC_ARENA_MAX", "2", 1);
+        execv("/proc/self/exe", argv);
+        /* no /proc: go on with the threads the library started */
+    }
+    if (strcmp(cmd, "add") && strcmp(cmd, "search") && strcmp(cmd, "embed") &&
+        strcmp(cmd, "index"))
+        return CLI_OK;
+    probe = malloc(CLI_BLAS_ROOM_BYTES);
+    if (!probe)
+        return cli_fail(cmd, "the address-space limit (ulimit -v: %llu MiB) leaves no room "
+                        "for the BLAS work buffer (128 MiB) and the model (%zu MiB needed "
+                        "beyond what is used); raise the limit",
+                        (unsigned long long)(rl.rlim_cur >> 20), CLI_BLAS_ROOM_BYTES >> 20);
+    free(probe);
+    return CLI_OK;
+}
 
 static int cmd_version(int argc, char **argv)
 {
@@ -88,6 +123,7 @@ int main(int argc, char **argv)
             fputs(cli_commands[i].help, stdout);
             return CLI_OK;
         }
+        if (memory_limit_guard(argv[1], argv) != CLI_OK) return CLI_FAIL;
         return cli_commands[i].run(argc - 1, argv + 1);
     }
     fprintf(stderr, "clipdb: unknown command '%s'; try 'clipdb --help'\n", argv[1]);

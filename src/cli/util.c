@@ -3,11 +3,14 @@
 ** printing, the progress printer.
 */
 #include <errno.h>
+#include <fcntl.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "cli/cli.h"
 
@@ -55,23 +58,69 @@ void cli_print_floats_json(FILE *f, const float *v, int n)
     fputc(']', f);
 }
 
-void cli_print_json_string(FILE *f, const char *s)
+/* Length of the valid UTF-8 sequence at p (RFC 3629: no overlong forms, no
+** surrogates, nothing above U+10FFFF), or 0 when it is not one. */
+static int utf8_len(const unsigned char *p)
+{
+    if (p[0] < 0x80) return 1;
+    if (p[0] >= 0xc2 && p[0] <= 0xdf) return (p[1] & 0xc0) == 0x80 ? 2 : 0;
+    if (p[0] >= 0xe0 && p[0] <= 0xef) {
+        unsigned lo = p[0] == 0xe0 ? 0xa0 : 0x80, hi = p[0] == 0xed ? 0x9f : 0xbf;
+        return p[1] >= lo && p[1] <= hi && (p[2] & 0xc0) == 0x80 ? 3 : 0;
+    }
+    if (p[0] >= 0xf0 && p[0] <= 0xf4) {
+        unsigned lo = p[0] == 0xf0 ? 0x90 : 0x80, hi = p[0] == 0xf4 ? 0x8f : 0xbf;
+        return p[1] >= lo && p[1] <= hi && (p[2] & 0xc0) == 0x80 && (p[3] & 0xc0) == 0x80 ? 4
+                                                                                         : 0;
+    }
+    return 0;
+}
+
+/* Prints s with control characters escaped (json: as JSON escapes) and each
+** byte that is not part of valid UTF-8 replaced by U+FFFD, so that the
+** output is valid UTF-8 and one record stays on one line. */
+static void print_escaped(FILE *f, const char *s, int json)
 {
     const unsigned char *p = (const unsigned char *)s;
-    fputc('"', f);
-    for (; *p; p++) {
+    int n;
+    while (*p) {
         switch (*p) {
-        case '"': fputs("\\\"", f); break;
-        case '\\': fputs("\\\\", f); break;
+        case '"': fputs(json ? "\\\"" : "\"", f); break;
+        case '\\': fputs(json ? "\\\\" : "\\", f); break;
         case '\n': fputs("\\n", f); break;
         case '\r': fputs("\\r", f); break;
-        case '\t': fputs("\\t", f); break;
+        case '\t': fputs(json ? "\\t" : "\t", f); break;
         default:
-            if (*p < 0x20) fprintf(f, "\\u%04x", *p);
-            else fputc(*p, f);
+            if (*p < 0x20 || *p == 0x7f) {
+                fprintf(f, "\\u%04x", *p);
+            } else if ((n = utf8_len(p)) > 0) {
+                fwrite(p, 1, (size_t)n, f);
+                p += n;
+                continue;
+            } else {
+                fputs(json ? "\\ufffd" : "\xef\xbf\xbd", f);
+            }
         }
+        p++;
     }
+}
+
+void cli_print_json_string(FILE *f, const char *s)
+{
     fputc('"', f);
+    print_escaped(f, s, 1);
+    fputc('"', f);
+}
+
+void cli_print_plain(FILE *f, const char *s)
+{
+    print_escaped(f, s, 0);
+}
+
+void cli_print_json_number(FILE *f, double v)
+{
+    if (isfinite(v)) fprintf(f, "%.9g", v);
+    else fputs("null", f);
 }
 
 int cli_parse_precision(const char *cmd, const char *s, clipdb_precision *out)
@@ -203,4 +252,29 @@ void cli_progress_break(cli_progress *p)
 {
     if (p->open_line) fputc('\n', stderr);
     p->open_line = 0;
+}
+
+FILE *cli_fopen_regular(const char *cmd, const char *path)
+{
+    struct stat st;
+    FILE *f;
+    int flags, fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0) {
+        cli_fail(cmd, "%s: %s", path, strerror(errno));
+        return NULL;
+    }
+    /* The type is checked before any read: a FIFO opened without
+    ** O_NONBLOCK waits for a writer forever. */
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        cli_fail(cmd, "%s: not a regular file", path);
+        close(fd);
+        return NULL;
+    }
+    flags = fcntl(fd, F_GETFL);
+    if (flags < 0 || fcntl(fd, F_SETFL, flags & ~O_NONBLOCK) != 0 || !(f = fdopen(fd, "rb"))) {
+        cli_fail(cmd, "%s: %s", path, strerror(errno));
+        close(fd);
+        return NULL;
+    }
+    return f;
 }

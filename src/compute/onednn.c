@@ -432,6 +432,7 @@ int cdb_onednn_linear(const cdb_wpack *pk, int m, int n_out, int n_in, const flo
     int rc = CLIPDB_OK;
     size_t i;
 
+    if (m <= 0) return CLIPDB_OK;
     if (pk->n_out != n_out || pk->n_in != n_in || ldx != n_in || ldy != n_out ||
         (beta != 0.0f && beta != 1.0f))
         return cdb_err_set(e, CLIPDB_EINVAL,

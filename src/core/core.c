@@ -118,10 +118,49 @@ char *cdb_sprintf(const char *fmt, ...)
     return p;
 }
 
+int cdb_open_regular(const char *path, int *fd_out, struct stat *st, cdb_err *e)
+{
+    int rc = CLIPDB_OK;
+    int fd, flags;
+
+    *fd_out = -1;
+    /* O_NONBLOCK: opening a FIFO for reading would otherwise wait for a
+    ** writer forever; the type is checked on the descriptor (no race with
+    ** a rename between a stat and the open), then the flag is cleared. */
+    fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0) {
+        rc = cdb_err_set(e, errno == ENOENT ? CLIPDB_ENOTFOUND : CLIPDB_EIO,
+                         "%s: %s", path, strerror(errno));
+        goto cleanup;
+    }
+    if (fstat(fd, st) != 0) {
+        rc = cdb_err_set(e, CLIPDB_EIO, "%s: %s", path, strerror(errno));
+        goto cleanup;
+    }
+    if (!S_ISREG(st->st_mode)) {
+        rc = cdb_err_set(e, CLIPDB_EIO, "%s: not a regular file (%s)", path,
+                         S_ISDIR(st->st_mode) ? "a directory" : S_ISFIFO(st->st_mode) ? "a FIFO"
+                         : S_ISCHR(st->st_mode) || S_ISBLK(st->st_mode) ? "a device"
+                         : S_ISSOCK(st->st_mode) ? "a socket" : "not a plain file");
+        goto cleanup;
+    }
+    flags = fcntl(fd, F_GETFL);
+    if (flags < 0 || fcntl(fd, F_SETFL, flags & ~O_NONBLOCK) != 0) {
+        rc = cdb_err_set(e, CLIPDB_EIO, "%s: %s", path, strerror(errno));
+        goto cleanup;
+    }
+    *fd_out = fd;
+    fd = -1;
+cleanup:
+    if (fd >= 0) close(fd);
+    return rc;
+}
+
 int cdb_read_file(const char *path, size_t max_bytes, char **out, size_t *len,
                   cdb_err *e)
 {
     int rc = CLIPDB_OK;
+    int fd = -1;
     FILE *f = NULL;
     char *buf = NULL;
     struct stat st;
@@ -129,16 +168,13 @@ int cdb_read_file(const char *path, size_t max_bytes, char **out, size_t *len,
 
     *out = NULL;
     *len = 0;
-    f = fopen(path, "rb");
+    if ((rc = cdb_open_regular(path, &fd, &st, e)) != CLIPDB_OK) goto cleanup;
+    f = fdopen(fd, "rb");
     if (!f) {
-        rc = cdb_err_set(e, errno == ENOENT ? CLIPDB_ENOTFOUND : CLIPDB_EIO,
-                         "%s: %s", path, strerror(errno));
+        rc = cdb_err_set(e, CLIPDB_EIO, "%s: %s", path, strerror(errno));
         goto cleanup;
     }
-    if (fstat(fileno(f), &st) != 0 || !S_ISREG(st.st_mode)) {
-        rc = cdb_err_set(e, CLIPDB_EIO, "%s: not a regular file", path);
-        goto cleanup;
-    }
+    fd = -1;
     if ((uint64_t)st.st_size > max_bytes) {
         rc = cdb_err_set(e, CLIPDB_ELIMIT, "%s: file of %lld bytes exceeds the limit of %zu",
                          path, (long long)st.st_size, max_bytes);
@@ -162,6 +198,7 @@ int cdb_read_file(const char *path, size_t max_bytes, char **out, size_t *len,
 cleanup:
     free(buf);
     if (f) fclose(f);
+    if (fd >= 0) close(fd);
     return rc;
 }
 
@@ -174,16 +211,7 @@ int cdb_map_file(const char *path, cdb_map *m, cdb_err *e)
 
     m->data = NULL;
     m->size = 0;
-    fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) {
-        rc = cdb_err_set(e, errno == ENOENT ? CLIPDB_ENOTFOUND : CLIPDB_EIO,
-                         "%s: %s", path, strerror(errno));
-        goto cleanup;
-    }
-    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
-        rc = cdb_err_set(e, CLIPDB_EIO, "%s: not a regular file", path);
-        goto cleanup;
-    }
+    if ((rc = cdb_open_regular(path, &fd, &st, e)) != CLIPDB_OK) goto cleanup;
     if (st.st_size == 0) {
         rc = cdb_err_set(e, CLIPDB_EFORMAT, "%s: empty file", path);
         goto cleanup;

@@ -46,6 +46,12 @@ char *cdb_strdup(const char *s);
 /* asprintf-like; caller frees. NULL on OOM. */
 char *cdb_sprintf(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
+/* Opens path read-only as *fd_out (caller closes) and fills *st, refusing
+** anything but a regular file (a FIFO, a device, a directory) without
+** blocking on it: CLIPDB_EIO names the path and what it is. */
+struct stat;
+int cdb_open_regular(const char *path, int *fd_out, struct stat *st, cdb_err *e);
+
 /* Reads a whole file of at most max_bytes. *out (caller frees with free) gets
 ** a NUL after the last byte, not counted in *len. */
 int cdb_read_file(const char *path, size_t max_bytes, char **out, size_t *len,

@@ -65,12 +65,14 @@ static int add_caption(builder *b, cdb_caption_entry *x, const char *text, size_
         return cdb_err_set(b->e, CLIPDB_ELIMIT, "%s:%zu: more than %d captions for %s", b->name,
                            line, CDB_CAPTIONS_MAX_PER_IMAGE, x->image);
     if (cdb_grow((void **)&x->captions, &x->cap_captions, x->n_captions + 1,
-                 sizeof *x->captions))
+                 sizeof *x->captions) ||
+        cdb_grow((void **)&x->lines, &x->cap_lines, x->n_captions + 1, sizeof *x->lines))
         return oom(b);
     s = malloc(len + 1);
     if (!s) return oom(b);
     memcpy(s, text, len);
     s[len] = '\0';
+    x->lines[x->n_captions] = line;
     x->captions[x->n_captions++] = s;
     b->c->n_captions++;
     return CLIPDB_OK;
@@ -81,6 +83,7 @@ static void entry_free(cdb_caption_entry *x)
     size_t i;
     for (i = 0; i < x->n_captions; i++) free(x->captions[i]);
     free(x->captions);
+    free(x->lines);
     free(x->image);
     free(x->meta_json);
 }
@@ -131,8 +134,11 @@ static int finish(builder *b)
             cdb_caption_entry *d = &c->e[w - 1];
             for (j = 0; j < x->n_captions; j++) {
                 if (cdb_grow((void **)&d->captions, &d->cap_captions, d->n_captions + 1,
-                             sizeof *d->captions))
+                             sizeof *d->captions) ||
+                    cdb_grow((void **)&d->lines, &d->cap_lines, d->n_captions + 1,
+                             sizeof *d->lines))
                     return oom(b);
+                d->lines[d->n_captions] = x->lines[j];
                 d->captions[d->n_captions++] = x->captions[j];
             }
             x->n_captions = 0;

@@ -22,6 +22,8 @@ typedef struct cdb_caption_entry {
     char *image;         /* file name relative to the images folder */
     char **captions;     /* n_captions, in file order */
     size_t n_captions, cap_captions;
+    size_t *lines;       /* n_captions: the line (COCO: the annotation) of each */
+    size_t cap_lines;
     char *meta_json;     /* a JSON object of the other fields, or NULL */
     int used;            /* free for the caller (ingest marks matches) */
 } cdb_caption_entry;

@@ -27,6 +27,7 @@
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <unistd.h>
 #include <string.h>
 #include <sys/stat.h>
 #include <time.h>
@@ -134,15 +135,72 @@ static clipdb_db *db_alloc(const char *path)
     return db;
 }
 
-static int sql_open(clipdb_db *db, int flags)
+/* path as an SQLite URI "file:PATH?QUERY" (every byte but [A-Za-z0-9/._~-]
+** percent-encoded). Caller frees. NULL on OOM. */
+static char *file_uri(const char *path, const char *query)
 {
-    if (sqlite3_open_v2(db->path, &db->sql, flags | SQLITE_OPEN_NOMUTEX, NULL) != SQLITE_OK) {
-        int rc = cdb_err_set(&db->err, CLIPDB_EIO, "%s: cannot open: %s", db->path,
-                             db->sql ? sqlite3_errmsg(db->sql) : "out of memory");
-        return rc;
+    static const char hex[] = "0123456789ABCDEF";
+    size_t n = strlen(path), i, o = 0, need;
+    char *u;
+    if (!cdb_mul_ok(n, 3, &need) || !cdb_add_ok(need, strlen(query) + 8, &need)) return NULL;
+    if (!(u = malloc(need))) return NULL;
+    memcpy(u, "file:", 5);
+    o = 5;
+    for (i = 0; i < n; i++) {
+        unsigned char c = (unsigned char)path[i];
+        if ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+            strchr("/._~-", c)) {
+            u[o++] = (char)c;
+        } else {
+            u[o++] = '%';
+            u[o++] = hex[c >> 4];
+            u[o++] = hex[c & 15];
+        }
+    }
+    u[o++] = '?';
+    strcpy(u + o, query);
+    return u;
+}
+
+/* Opens the file. Read-only handles open it as the URI mode=ro (never
+** created, never written), or with immutable=1 as well (no locks, no -shm or
+** -wal files: read-only media, a folder without write permission). */
+static int sql_open(clipdb_db *db, int flags, int immutable)
+{
+    char *uri = NULL;
+    int rc = CLIPDB_OK;
+    if (flags & SQLITE_OPEN_READONLY) {
+        uri = file_uri(db->path, immutable ? "mode=ro&immutable=1" : "mode=ro");
+        if (!uri) return cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
+        flags |= SQLITE_OPEN_URI;
+    }
+    if (sqlite3_open_v2(uri ? uri : db->path, &db->sql, flags | SQLITE_OPEN_NOMUTEX, NULL) !=
+        SQLITE_OK) {
+        rc = cdb_err_set(&db->err, CLIPDB_EIO, "%s: cannot open: %s", db->path,
+                         db->sql ? sqlite3_errmsg(db->sql) : "out of memory");
+        goto cleanup;
     }
     sqlite3_busy_timeout(db->sql, 10000);
-    return CLIPDB_OK;
+cleanup:
+    free(uri);
+    return rc;
+}
+
+/* 1 when this process cannot write the file or its folder (read-only
+** media, permissions): a read-only open then needs immutable=1, since
+** SQLite cannot make the -shm file that WAL readers share. */
+static int cannot_write(const char *path)
+{
+    char *dir = cdb_strdup(path), *slash;
+    int no;
+    if (!dir) return 0;
+    slash = strrchr(dir, '/');
+    if (!slash) strcpy(dir, ".");
+    else if (slash == dir) slash[1] = '\0';
+    else *slash = '\0';
+    no = access(path, W_OK) != 0 || access(dir, W_OK) != 0;
+    free(dir);
+    return no;
 }
 
 /* WAL: a reader never blocks the writer, and a killed writer leaves the
@@ -172,7 +230,7 @@ int cdb_db_create_raw(clipdb_db **out, const char *path, const char *identity,
     if (stat(path, &sb) == 0)
         return cdb_err_set(&db->err, CLIPDB_EINVAL, "%s: already exists (not overwriting it)",
                            path);
-    rc = sql_open(db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE);
+    rc = sql_open(db, SQLITE_OPEN_READWRITE | SQLITE_OPEN_CREATE, 0);
     if (rc != CLIPDB_OK) goto cleanup;
     /* 32 KiB pages hold 15 vectors of 512 floats (4 KiB pages hold one, half
     ** empty): the file is about half the size and loads faster. */
@@ -328,6 +386,45 @@ cleanup:
     return rc;
 }
 
+static int record_high_water(clipdb_db *db);
+/* The cheap part of `check` at open: a file shorter than the size its own
+** header gives (a copy cut short) is refused before SQLite reads it. The
+** header's size counts only when it is valid (its change counter equals
+** the version-valid-for number) and no -wal file may hold newer pages. */
+static int check_file_size(clipdb_db *db, const struct stat *sb)
+{
+    unsigned char h[100];
+    uint64_t page, pages;
+    char *wal;
+    struct stat ws;
+    FILE *f;
+    int has_wal;
+    if (sb->st_size < 100) return CLIPDB_OK; /* SQLite says what it is */
+    if (!(f = fopen(db->path, "rb"))) return CLIPDB_OK;
+    if (fread(h, 1, sizeof h, f) != sizeof h) {
+        fclose(f);
+        return CLIPDB_OK;
+    }
+    fclose(f);
+    if (memcmp(h, "SQLite format 3", 16) != 0) return CLIPDB_OK;
+    if (memcmp(h + 24, h + 92, 4) != 0) return CLIPDB_OK;
+    page = ((uint64_t)h[16] << 8) | h[17];
+    if (page == 1) page = 65536;
+    pages = ((uint64_t)h[28] << 24) | ((uint64_t)h[29] << 16) | ((uint64_t)h[30] << 8) | h[31];
+    wal = cdb_sprintf("%s-wal", db->path);
+    has_wal = wal && stat(wal, &ws) == 0 && ws.st_size > 0;
+    free(wal);
+    if (has_wal || pages == 0) return CLIPDB_OK;
+    if ((uint64_t)sb->st_size < page * pages)
+        return cdb_err_set(&db->err, CLIPDB_EFORMAT,
+                           "%s: the file is cut short (%lld bytes; its header says %llu): "
+                           "a damaged or incomplete copy",
+                           db->path, (long long)sb->st_size,
+                           (unsigned long long)(page * pages));
+    return CLIPDB_OK;
+}
+
+
 int clipdb_db_open(clipdb_db **out, const char *path, const clipdb_db_options *opt)
 {
     clipdb_db_options def;
@@ -364,15 +461,30 @@ int clipdb_db_open(clipdb_db **out, const char *path, const clipdb_db_options *o
         return cdb_err_set(&db->err, CLIPDB_EFORMAT, "%s: not a clipdb database (not a file)",
                            path);
     db->readonly = opt->readonly;
+    if ((rc = check_file_size(db, &sb)) != CLIPDB_OK) return rc;
     if (opt->model_dir && !(db->model_dir_opt = cdb_strdup(opt->model_dir)))
         return cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
     db->model_opt = opt->model;
-    rc = sql_open(db, opt->readonly ? SQLITE_OPEN_READONLY : SQLITE_OPEN_READWRITE);
+    rc = sql_open(db, opt->readonly ? SQLITE_OPEN_READONLY : SQLITE_OPEN_READWRITE, 0);
     if (rc != CLIPDB_OK) return rc;
-    if ((rc = check_header(db)) != CLIPDB_OK) return rc;
+    rc = check_header(db);
+    if (rc != CLIPDB_OK && opt->readonly && cannot_write(path) &&
+        ((sqlite3_errcode(db->sql) & 0xff) == SQLITE_READONLY ||
+         (sqlite3_errcode(db->sql) & 0xff) == SQLITE_CANTOPEN)) {
+        /* a WAL file on storage this process cannot write: read it as
+        ** immutable (what a writer left in a -wal file is not seen) */
+        sqlite3_close(db->sql);
+        db->sql = NULL;
+        cdb_err_clear(&db->err);
+        if ((rc = sql_open(db, SQLITE_OPEN_READONLY, 1)) != CLIPDB_OK) return rc;
+        rc = check_header(db);
+    }
+    if (rc != CLIPDB_OK) return rc;
     if ((rc = set_pragmas(db)) != CLIPDB_OK) return rc;
+    cdb_db_note_file(db);
     if ((rc = upgrade(db)) != CLIPDB_OK) return rc;
     if ((rc = load_meta(db)) != CLIPDB_OK) return rc;
+    if (!db->readonly && (rc = record_high_water(db)) != CLIPDB_OK) return rc;
     if (opt->precision && (clipdb_precision_parse(opt->precision, &prec) != CLIPDB_OK ||
                            prec != db->precision))
         return cdb_err_set(&db->err, CLIPDB_EMISMATCH,
@@ -497,13 +609,36 @@ static int put_vector(clipdb_db *db, cdb_write_op op, int type, int64_t id, cons
     return rc;
 }
 
+/* Item ids are never reused: meta "last_item_id" is the highest id ever
+** given (it survives the rm of that item), and a new item gets the next one
+** (or the next after the highest present, whichever is larger). */
+#define NEXT_ITEM_ID                                                                   \
+    "max(coalesce((SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'last_item_id'), 0), " \
+    "coalesce((SELECT max(id) FROM items), 0)) + 1"
+
+static int record_last_id(clipdb_db *db, int64_t id)
+{
+    char buf[32];
+    snprintf(buf, sizeof buf, "%lld", (long long)id);
+    return meta_put(db, "last_item_id", buf);
+}
+
+/* An older database has no high-water mark: the first read-write open
+** records the highest id present, before anything can be deleted. */
+static int record_high_water(clipdb_db *db)
+{
+    /* one statement: never lowers a mark another process just wrote */
+    return cdb_db_exec(db, "INSERT OR IGNORE INTO meta(key, value) "
+                           "SELECT 'last_item_id', coalesce(max(id), 0) FROM items");
+}
+
 int cdb_db_insert_image(clipdb_db *db, const char *path, const char *abspath,
                         int64_t size, const char *sha256, const float *vec, int64_t *id)
 {
     sqlite3_stmt *st = NULL;
     int rc = cdb_db_prepare(db,
-                            "INSERT INTO items(type, path, abspath, size, sha256, added_at) "
-                            "VALUES(?5, ?1, ?2, ?3, ?4, strftime('%s','now'))",
+                            "INSERT INTO items(id, type, path, abspath, size, sha256, added_at) "
+                            "VALUES(" NEXT_ITEM_ID ", ?5, ?1, ?2, ?3, ?4, strftime('%s','now'))",
                             &st);
     if (rc != CLIPDB_OK) return rc;
     sqlite3_bind_text(st, 1, path, -1, SQLITE_STATIC);
@@ -515,6 +650,7 @@ int cdb_db_insert_image(clipdb_db *db, const char *path, const char *abspath,
     sqlite3_finalize(st);
     if (rc != CLIPDB_OK) return rc;
     *id = sqlite3_last_insert_rowid(db->sql);
+    if ((rc = record_last_id(db, *id)) != CLIPDB_OK) return rc;
     return put_vector(db, CDB_WRITE_INSERT, CLIPDB_ITEM_IMAGE, *id, vec);
 }
 
@@ -538,8 +674,8 @@ int cdb_db_insert_text(clipdb_db *db, const char *text, int64_t image, const flo
 {
     sqlite3_stmt *st = NULL;
     int rc = cdb_db_prepare(db,
-                            "INSERT INTO items(type, text, image, added_at) "
-                            "VALUES(?3, ?1, ?2, strftime('%s','now'))",
+                            "INSERT INTO items(id, type, text, image, added_at) "
+                            "VALUES(" NEXT_ITEM_ID ", ?3, ?1, ?2, strftime('%s','now'))",
                             &st);
     if (rc != CLIPDB_OK) return rc;
     sqlite3_bind_int(st, 3, CLIPDB_ITEM_TEXT);
@@ -550,6 +686,7 @@ int cdb_db_insert_text(clipdb_db *db, const char *text, int64_t image, const flo
     sqlite3_finalize(st);
     if (rc != CLIPDB_OK) return rc;
     *id = sqlite3_last_insert_rowid(db->sql);
+    if ((rc = record_last_id(db, *id)) != CLIPDB_OK) return rc;
     return put_vector(db, CDB_WRITE_INSERT, CLIPDB_ITEM_TEXT, *id, vec);
 }
 
@@ -634,35 +771,61 @@ static int delete_one(clipdb_db *db, int64_t id)
     return rc;
 }
 
+static int cmp_id(const void *a, const void *b)
+{
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* 1 if the item id exists (find: "SELECT 1 FROM items WHERE id = ?"). */
+static int item_exists(sqlite3_stmt *find, int64_t id)
+{
+    int found;
+    sqlite3_reset(find);
+    sqlite3_bind_int64(find, 1, id);
+    found = sqlite3_step(find) == SQLITE_ROW;
+    sqlite3_reset(find);
+    return found;
+}
+
 int clipdb_db_rm(clipdb_db *db, const int64_t *ids, int n, int64_t *n_items,
                  int64_t *n_captions)
 {
     sqlite3_stmt *find = NULL, *caps = NULL;
-    int64_t captions = 0, *cap_ids = NULL;
-    size_t n_cap = 0, cap_cap = 0;
-    int rc, i;
-    size_t j;
+    int64_t captions = 0, *cap_ids = NULL, *uniq = NULL;
+    size_t n_cap = 0, cap_cap = 0, n_uniq = 0, i, j;
+    int rc;
 
     cdb_err_clear(&db->err);
     if (n_items) *n_items = 0;
     if (n_captions) *n_captions = 0;
     if (n < 0 || (n > 0 && !ids)) return cdb_err_set(&db->err, CLIPDB_EINVAL, "rm: bad arguments");
-    if ((rc = cdb_db_begin(db)) != CLIPDB_OK) return rc;
-    if ((rc = cdb_db_prepare(db, "SELECT type FROM items WHERE id = ?", &find)) != CLIPDB_OK)
+    /* The ids given, sorted and without repeats: "rm 1 1" deletes item 1. */
+    if (n > 0 && !(uniq = cdb_malloc_array((size_t)n, sizeof *uniq)))
+        return cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
+    if (n > 0) memcpy(uniq, ids, (size_t)n * sizeof *uniq);
+    if (n > 0) qsort(uniq, (size_t)n, sizeof *uniq, cmp_id);
+    for (i = 0; i < (size_t)n; i++)
+        if (i == 0 || uniq[i] != uniq[n_uniq - 1]) uniq[n_uniq++] = uniq[i];
+    if ((rc = cdb_db_begin(db)) != CLIPDB_OK) goto cleanup;
+    if ((rc = cdb_db_prepare(db, "SELECT 1 FROM items WHERE id = ?", &find)) != CLIPDB_OK)
         goto cleanup;
     if ((rc = cdb_db_prepare(db, "SELECT id FROM items WHERE image = ?", &caps)) != CLIPDB_OK)
         goto cleanup;
-    for (i = 0; i < n; i++) {
-        sqlite3_reset(find);
-        sqlite3_bind_int64(find, 1, ids[i]);
-        if (sqlite3_step(find) != SQLITE_ROW) {
+    /* Every id must exist before anything is deleted (one transaction). */
+    for (i = 0; i < n_uniq; i++) {
+        if (!item_exists(find, uniq[i])) {
             rc = cdb_err_set(&db->err, CLIPDB_ENOTFOUND, "%s: no item with id %lld (nothing deleted)",
-                             db->path, (long long)ids[i]);
+                             db->path, (long long)uniq[i]);
             goto cleanup;
         }
+    }
+    for (i = 0; i < n_uniq; i++) {
+        /* A caption given beside its image went with the image. */
+        if (!item_exists(find, uniq[i])) continue;
         /* Collect the captions first: deleting while stepping is unsafe. */
         sqlite3_reset(caps);
-        sqlite3_bind_int64(caps, 1, ids[i]);
+        sqlite3_bind_int64(caps, 1, uniq[i]);
         n_cap = 0;
         while (sqlite3_step(caps) == SQLITE_ROW) {
             if (cdb_grow((void **)&cap_ids, &cap_cap, n_cap + 1, sizeof *cap_ids)) {
@@ -672,17 +835,19 @@ int clipdb_db_rm(clipdb_db *db, const int64_t *ids, int n, int64_t *n_items,
             cap_ids[n_cap++] = sqlite3_column_int64(caps, 0);
         }
         sqlite3_reset(caps);
-        for (j = 0; j < n_cap; j++)
+        for (j = 0; j < n_cap; j++) {
             if ((rc = delete_one(db, cap_ids[j])) != CLIPDB_OK) goto cleanup;
-        captions += (int64_t)n_cap;
-        if ((rc = delete_one(db, ids[i])) != CLIPDB_OK) goto cleanup;
+            /* counted as a caption of a deleted image only when not given */
+            if (!bsearch(&cap_ids[j], uniq, n_uniq, sizeof *uniq, cmp_id)) captions++;
+        }
+        if ((rc = delete_one(db, uniq[i])) != CLIPDB_OK) goto cleanup;
     }
     sqlite3_finalize(find);
     sqlite3_finalize(caps);
     find = caps = NULL;
     rc = cdb_db_commit(db);
     if (rc == CLIPDB_OK) {
-        if (n_items) *n_items = n;
+        if (n_items) *n_items = (int64_t)n_uniq;
         if (n_captions) *n_captions = captions;
     }
 cleanup:
@@ -690,6 +855,7 @@ cleanup:
     sqlite3_finalize(caps);
     if (rc != CLIPDB_OK) cdb_db_rollback(db);
     free(cap_ids);
+    free(uniq);
     return rc;
 }
 
@@ -703,12 +869,30 @@ static void vecset_clear(cdb_vecset *s)
     memset(s, 0, sizeof *s);
 }
 
+/* Why a stored vector (d) and its stored norm cannot be used, or NULL: a
+** non-finite component, or a norm that is not the vector's own (a damaged
+** file: an Inf would rank first, a norm of 1e-30 gives cosines of 1e28). */
+const char *cdb_vector_damage(const float *v, int d, double norm)
+{
+    double n;
+    int i;
+    for (i = 0; i < d; i++)
+        if (!isfinite(v[i])) return "a component is not finite";
+    if (!isfinite(norm)) return "its norm is not finite";
+    n = (double)cdb_norm(v, (size_t)d);
+    /* both are cdb_norm of the same floats: equal but for the rounding of
+    ** a float to the stored double */
+    if (fabs(n - norm) > 1e-5 * n + 1e-30) return "its stored norm is not the vector's";
+    return NULL;
+}
+
 int cdb_db_vectors(clipdb_db *db, int type, const cdb_vecset **out)
 {
     cdb_vecset *s;
     sqlite3_stmt *st = NULL;
     int64_t ver = 0, count = 0;
     size_t row = 0, vbytes = (size_t)db->embed_dim * sizeof(float);
+    const char *why;
     int rc, step;
 
     *out = NULL;
@@ -753,6 +937,13 @@ int cdb_db_vectors(clipdb_db *db, int type, const cdb_vecset **out)
         s->ids[row] = sqlite3_column_int64(st, 0);
         s->norms[row] = (float)sqlite3_column_double(st, 1);
         memcpy(s->vecs + row * (size_t)db->embed_dim, blob, vbytes);
+        if ((why = cdb_vector_damage(s->vecs + row * (size_t)db->embed_dim, db->embed_dim,
+                                 sqlite3_column_double(st, 1))) != NULL) {
+            rc = cdb_err_set(&db->err, CLIPDB_EFORMAT,
+                             "%s: corrupt vector of item %lld (%s); delete or re-add the item",
+                             db->path, (long long)s->ids[row], why);
+            goto cleanup;
+        }
         row++;
     }
     if (step != SQLITE_ROW && step != SQLITE_DONE) {

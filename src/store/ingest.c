@@ -13,6 +13,7 @@
 */
 #include <dirent.h>
 #include <errno.h>
+#include <stdarg.h>
 #include <limits.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -61,52 +62,119 @@ static int list_push(file_list *l, char *s)
     return 0;
 }
 
-static int walk(const char *root, const char *rel, int depth, file_list *l,
-                const clipdb_add_options *opt, cdb_err *e)
+/* The folder walk: the files found, the folders already walked (by device
+** and inode, so a symlink alias of a folder or a loop is walked once), and
+** the entries that could not be walked (reported and skipped). */
+typedef struct dir_id {
+    dev_t dev;
+    ino_t ino;
+} dir_id;
+
+typedef struct walk_ctx {
+    const char *root;
+    file_list *l;
+    const clipdb_add_options *opt;
+    dir_id *seen;
+    size_t n_seen, cap_seen;
+    int64_t failed;
+} walk_ctx;
+
+static void walk_warn(walk_ctx *w, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+static void walk_warn(walk_ctx *w, const char *fmt, ...)
+{
+    char msg[CDB_ERRMSG_MAX];
+    va_list ap;
+    if (!w->opt->on_warning) return;
+    va_start(ap, fmt);
+    vsnprintf(msg, sizeof msg, fmt, ap);
+    va_end(ap);
+    w->opt->on_warning(w->opt->arg, msg);
+}
+
+/* 1 if the folder was walked already; else records it and returns 0; -1 on OOM. */
+static int seen_dir(walk_ctx *w, const struct stat *sb)
+{
+    size_t i;
+    for (i = 0; i < w->n_seen; i++)
+        if (w->seen[i].dev == sb->st_dev && w->seen[i].ino == sb->st_ino) return 1;
+    if (cdb_grow((void **)&w->seen, &w->cap_seen, w->n_seen + 1, sizeof *w->seen)) return -1;
+    w->seen[w->n_seen].dev = sb->st_dev;
+    w->seen[w->n_seen].ino = sb->st_ino;
+    w->n_seen++;
+    return 0;
+}
+
+/* Walks root/rel. Only the top folder failing to open is an error; below
+** it, an unreadable folder or entry, a symlink loop and a folder nested too
+** deep are reported once each (on_warning) and skipped. */
+static int walk(walk_ctx *w, const char *rel, int depth, cdb_err *e)
 {
     struct dirent **names = NULL;
     char *dir = NULL;
-    int n, i, rc = CLIPDB_OK;
+    int n = 0, i, rc = CLIPDB_OK;
 
-    if (depth > MAX_DEPTH)
-        return cdb_err_set(e, CLIPDB_ELIMIT, "%s/%s: folders nested deeper than %d", root, rel,
-                           MAX_DEPTH);
-    dir = *rel ? cdb_path_join(root, rel) : cdb_strdup(root);
+    dir = *rel ? cdb_path_join(w->root, rel) : cdb_strdup(w->root);
     if (!dir) return cdb_err_set(e, CLIPDB_ENOMEM, "out of memory");
+    if (depth > MAX_DEPTH) {
+        walk_warn(w, "%s: folders nested deeper than %d", dir, MAX_DEPTH);
+        w->failed++;
+        goto cleanup;
+    }
+    if (depth == 0) {
+        struct stat sb;
+        if (stat(dir, &sb) != 0 || seen_dir(w, &sb) < 0) {
+            rc = cdb_err_set(e, errno == ENOENT ? CLIPDB_ENOTFOUND : CLIPDB_EIO, "%s: %s", dir,
+                             strerror(errno));
+            goto cleanup;
+        }
+    }
     n = scandir(dir, &names, NULL, alphasort);
     if (n < 0) {
-        rc = cdb_err_set(e, errno == ENOENT ? CLIPDB_ENOTFOUND : CLIPDB_EIO, "%s: %s", dir,
-                         strerror(errno));
+        if (depth == 0)
+            rc = cdb_err_set(e, errno == ENOENT ? CLIPDB_ENOTFOUND : CLIPDB_EIO, "%s: %s", dir,
+                             strerror(errno));
+        else {
+            walk_warn(w, "%s: %s", dir, strerror(errno));
+            w->failed++;
+        }
+        n = 0;
         goto cleanup;
     }
     for (i = 0; i < n; i++) {
         const char *nm = names[i]->d_name;
         char *child = NULL, *full = NULL;
         struct stat sb;
+        int seen;
         if (rc != CLIPDB_OK || nm[0] == '.') continue; /* ., .., hidden files */
         child = *rel ? cdb_path_join(rel, nm) : cdb_strdup(nm);
-        full = child ? cdb_path_join(root, child) : NULL;
+        full = child ? cdb_path_join(w->root, child) : NULL;
         if (!full) {
             free(child);
             rc = cdb_err_set(e, CLIPDB_ENOMEM, "out of memory");
             continue;
         }
         if (stat(full, &sb) != 0) {
-            if (opt->on_warning) {
-                char msg[CDB_ERRMSG_MAX];
-                snprintf(msg, sizeof msg, "%s: %s", full, strerror(errno));
-                opt->on_warning(opt->arg, msg);
-            }
+            /* a dangling link, a symlink loop (ELOOP), no permission */
+            walk_warn(w, "%s: %s", full, strerror(errno));
+            w->failed++;
             free(child);
         } else if (S_ISDIR(sb.st_mode)) {
-            rc = walk(root, child, depth + 1, l, opt, e);
+            if ((seen = seen_dir(w, &sb)) < 0) rc = cdb_err_set(e, CLIPDB_ENOMEM, "out of memory");
+            else if (seen)
+                walk_warn(w, "%s: a folder already walked (a symlink alias or loop); not walked again",
+                          full);
+            else rc = walk(w, child, depth + 1, e);
             free(child);
         } else if (S_ISREG(sb.st_mode) && is_image_name(nm)) {
-            if (list_push(l, child)) {
+            if (list_push(w->l, child)) {
                 free(child);
                 rc = cdb_err_set(e, CLIPDB_ENOMEM, "out of memory");
             }
         } else {
+            if (is_image_name(nm)) {
+                walk_warn(w, "%s: not a regular file", full);
+                w->failed++;
+            }
             free(child);
         }
         free(full);
@@ -300,6 +368,7 @@ typedef struct batch_img {
     char sha[65];
     cdb_caption_entry *cap;
     size_t cap_first, cap_count; /* its new captions in the batch text list */
+    int gone;            /* another process added it or deleted it meanwhile */
 } batch_img;
 
 typedef struct ingest {
@@ -320,6 +389,7 @@ typedef struct ingest {
     file_list *files;
     char **abspaths;
     const char *root;
+    int32_t tok_ids[CLIPDB_TEXT_CONTEXT]; /* scratch of the caption check */
     clipdb_add_progress prog;
     double t0, last_report;
 } ingest;
@@ -337,6 +407,52 @@ static void report(ingest *g, int force)
 static void warn(ingest *g, const char *msg)
 {
     if (g->opt->on_warning) g->opt->on_warning(g->opt->arg, msg);
+}
+
+static int cmp_alias(const void *a, const void *b, void *arg)
+{
+    char *const *abs = arg;
+    size_t x = *(const size_t *)a, y = *(const size_t *)b;
+    int c = strcmp(abs[x], abs[y]);
+    return c ? c : (x > y) - (x < y);
+}
+
+/* Keeps the first of the files that are one file under several names (a
+** symlink to an image in the folder): each is reported and skipped, so the
+** path stored for the file is unique. */
+static int drop_aliases(ingest *g, file_list *files)
+{
+    size_t *order = NULL, i, j, keep;
+    if (files->n < 2) return CLIPDB_OK;
+    order = cdb_malloc_array(files->n, sizeof *order);
+    if (!order) return cdb_err_set(&g->db->err, CLIPDB_ENOMEM, "out of memory");
+    for (i = 0; i < files->n; i++) order[i] = i;
+    qsort_r(order, files->n, sizeof *order, cmp_alias, g->abspaths);
+    for (keep = order[0], i = 1; i < files->n; i++) {
+        if (strcmp(g->abspaths[order[i]], g->abspaths[keep]) != 0) {
+            keep = order[i];
+            continue;
+        }
+        if (g->opt->on_warning) {
+            char msg[CDB_ERRMSG_MAX];
+            snprintf(msg, sizeof msg, "%s/%s: the same file as %s/%s; added once", g->root,
+                     files->rel[order[i]], g->root, files->rel[keep]);
+            g->opt->on_warning(g->opt->arg, msg);
+        }
+        free(files->rel[order[i]]);
+        files->rel[order[i]] = NULL;
+        free(g->abspaths[order[i]]);
+        g->abspaths[order[i]] = NULL;
+    }
+    free(order);
+    for (i = j = 0; i < files->n; i++) {
+        if (!files->rel[i]) continue;
+        files->rel[j] = files->rel[i];
+        g->abspaths[j] = g->abspaths[i];
+        j++;
+    }
+    files->n = j;
+    return CLIPDB_OK;
 }
 
 /* *exists = 1 when image id already has a caption with this exact text. */
@@ -375,7 +491,7 @@ static int push_text(ingest *g, const char *t)
 static int queue_captions(ingest *g, batch_img *b)
 {
     size_t i, j;
-    int rc = CLIPDB_OK, exists;
+    int rc = CLIPDB_OK, exists, n_ids;
     b->cap_first = g->n_texts;
     b->cap_count = 0;
     if (!b->cap) return CLIPDB_OK;
@@ -387,6 +503,16 @@ static int queue_captions(ingest *g, batch_img *b)
             return rc;
         if (exists) {
             g->res->captions_duplicate++;
+            continue;
+        }
+        /* a caption the encoder would refuse (empty after cleaning, ...) is
+        ** reported with its line and image and skipped, as a bad --texts line */
+        if (clipdb_tokenize(g->db->ctx, t, g->tok_ids, CLIPDB_TEXT_CONTEXT, &n_ids) != CLIPDB_OK) {
+            char msg[CDB_ERRMSG_MAX];
+            snprintf(msg, sizeof msg, "%s:%zu: caption of %s: %s", g->opt->captions_path,
+                     b->cap->lines[i], b->cap->image, clipdb_ctx_errmsg(g->db->ctx));
+            warn(g, msg);
+            g->res->captions_failed++;
             continue;
         }
         if ((rc = push_text(g, t)) != CLIPDB_OK) return rc;
@@ -406,6 +532,37 @@ static int encode_texts(ingest *g, const char *const *texts, size_t n, float *ou
     if (rc != CLIPDB_OK)
         cdb_err_set(&g->db->err, rc, "encoding texts: %s", clipdb_ctx_errmsg(g->db->ctx));
     return rc;
+}
+
+/* Inside the write transaction of a batch: b->gone = 1 (reported, and
+** counted as unchanged) when another process stored the same file since
+** the pool looked, or deleted the image whose captions or new content this
+** batch holds. */
+static int recheck_image(ingest *g, batch_img *b)
+{
+    sqlite3_stmt *st = NULL;
+    int rc, found;
+    int by_path = b->encode && !b->update;
+    char msg[CDB_ERRMSG_MAX];
+    if (!by_path && b->id < 0) return CLIPDB_OK;
+    rc = cdb_db_prepare(g->db,
+                        by_path ? "SELECT 1 FROM items WHERE abspath = ?1 AND type = ?2"
+                                : "SELECT 1 FROM items WHERE id = ?1 AND type = ?2",
+                        &st);
+    if (rc != CLIPDB_OK) return rc;
+    if (by_path) sqlite3_bind_text(st, 1, g->abspaths[b->file], -1, SQLITE_STATIC);
+    else sqlite3_bind_int64(st, 1, b->id);
+    sqlite3_bind_int(st, 2, CLIPDB_ITEM_IMAGE);
+    found = sqlite3_step(st) == SQLITE_ROW;
+    sqlite3_finalize(st);
+    if (by_path == found) {
+        b->gone = 1;
+        snprintf(msg, sizeof msg, "%s/%s: %s by another process meanwhile; left as it is",
+                 g->root, g->files->rel[b->file], by_path ? "added" : "deleted");
+        warn(g, msg);
+        g->res->images_unchanged++;
+    }
+    return CLIPDB_OK;
 }
 
 /* Encodes the batch and writes it in one transaction. */
@@ -434,6 +591,11 @@ static int flush(ingest *g)
     for (i = 0; i < g->n_imgs; i++) {
         batch_img *b = &g->imgs[i];
         const float *v = g->img_vecs + (size_t)b->row * (size_t)g->d;
+        /* checked again under the write lock: another process may have
+        ** added this file, or deleted the image these captions belong to */
+        b->gone = 0;
+        if ((rc = recheck_image(g, b)) != CLIPDB_OK) goto cleanup;
+        if (b->gone) continue;
         if (b->update) {
             rc = cdb_db_update_image(g->db, b->id, b->size, b->sha, v);
         } else if (b->encode) {
@@ -464,6 +626,7 @@ static int flush(ingest *g)
     if (rc != CLIPDB_OK) goto cleanup;
     for (i = 0; i < g->n_imgs; i++) {
         batch_img *b = &g->imgs[i];
+        if (b->gone) continue;
         if (b->encode && b->update) g->res->images_updated++;
         else if (b->encode) g->res->images_added++;
         if (b->encode) g->res->last_id = b->id;
@@ -480,6 +643,7 @@ static int add_images(ingest *g, cdb_captions *caps)
 {
     clipdb_db *db = g->db;
     file_list files = {0};
+    walk_ctx wc = {0};
     known *k = NULL;
     size_t n_known = 0, i;
     pool p;
@@ -489,7 +653,14 @@ static int add_images(ingest *g, cdb_captions *caps)
     memset(&p, 0, sizeof p);
     g->files = &files;
     g->root = g->opt->images_dir;
-    if ((rc = walk(g->root, "", 0, &files, g->opt, &db->err)) != CLIPDB_OK) goto cleanup;
+    wc.root = g->root;
+    wc.l = &files;
+    wc.opt = g->opt;
+    rc = walk(&wc, "", 0, &db->err);
+    free(wc.seen);
+    g->res->images_failed += wc.failed;
+    g->prog.failed += wc.failed;
+    if (rc != CLIPDB_OK) goto cleanup;
     g->abspaths = cdb_calloc_array(files.n, sizeof *g->abspaths);
     if (!g->abspaths) {
         rc = cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
@@ -505,6 +676,7 @@ static int add_images(ingest *g, cdb_captions *caps)
             goto cleanup;
         }
     }
+    if ((rc = drop_aliases(g, &files)) != CLIPDB_OK) goto cleanup;
     if ((rc = load_known(db, &k, &n_known)) != CLIPDB_OK) goto cleanup;
 
     n_threads = g->opt->decode_threads > 0 ? g->opt->decode_threads
@@ -635,7 +807,7 @@ static int add_texts(ingest *g)
     int64_t last = -1;
     sqlite3_stmt *exists = NULL;
     int32_t ids[CLIPDB_TEXT_CONTEXT];
-    int rc, in_tx = 0, n_ids = 0;
+    int rc, in_tx = 0, n_ids = 0, added = 0, dup_now = 0;
 
     rc = cdb_read_file(g->opt->texts_path, (size_t)1 << 30, &data, &len, &db->err);
     if (rc != CLIPDB_OK) return rc;
@@ -698,18 +870,31 @@ static int add_texts(ingest *g)
         if ((rc = encode_texts(g, batch, (size_t)n, vecs)) != CLIPDB_OK) goto cleanup;
         if ((rc = cdb_db_begin(db)) != CLIPDB_OK) goto cleanup;
         in_tx = 1;
+        added = 0;
         for (j = 0; j < n; j++) {
             int64_t id;
+            /* checked again under the write lock: another process may have
+            ** added the same text since the check above */
+            sqlite3_reset(exists);
+            sqlite3_bind_text(exists, 1, batch[j], -1, SQLITE_STATIC);
+            sqlite3_bind_int(exists, 2, CLIPDB_ITEM_TEXT);
+            dup_now = sqlite3_step(exists) == SQLITE_ROW;
+            sqlite3_reset(exists);
+            if (dup_now) {
+                g->res->texts_unchanged++;
+                continue;
+            }
             rc = cdb_db_insert_text(db, batch[j], -1, vecs + (size_t)j * (size_t)g->d, &id);
             if (rc != CLIPDB_OK) goto cleanup;
             last = id;
+            added++;
         }
         rc = cdb_db_commit(db);
         in_tx = 0;
         if (rc != CLIPDB_OK) goto cleanup;
-        g->res->texts_added += n;
+        g->res->texts_added += added;
         g->res->last_id = last;
-        g->prog.added += n;
+        g->prog.added += added;
         report(g, 0);
     }
     g->prog.done = g->prog.total;

@@ -472,7 +472,7 @@ cleanup:
 int clipdb_db_search(clipdb_db *db, const clipdb_query *queries, size_t nq,
                      const clipdb_search_options *opt, clipdb_results **out)
 {
-    clipdb_search_options def;
+    clipdb_search_options def, capped;
     const cdb_sindex_type *type;
     cdb_search_call call;
     const cdb_vecset *vs;
@@ -482,7 +482,7 @@ int clipdb_db_search(clipdb_db *db, const clipdb_query *queries, size_t nq,
     size_t n_allowed = 0;
     const char *note = NULL;
     double t0 = cdb_now(), t_enc = 0;
-    int rc, n_out = 0;
+    int rc, n_out = 0, snapshot = 0;
 
     *out = NULL;
     if (!opt) {
@@ -491,15 +491,32 @@ int clipdb_db_search(clipdb_db *db, const clipdb_query *queries, size_t nq,
     }
     cdb_err_clear(&db->err);
     if ((rc = validate(db, queries, nq, opt, &type)) != CLIPDB_OK) return rc;
+    /* One read transaction: the vectors, the filter and the items' rows come
+    ** from one snapshot, so a concurrent rm cannot make a hit vanish. */
+    if (sqlite3_get_autocommit(db->sql)) {
+        if ((rc = cdb_db_exec(db, "BEGIN")) != CLIPDB_OK) return rc;
+        snapshot = 1;
+    }
     q = cdb_malloc_array(nq, (size_t)db->embed_dim * sizeof(float));
-    hits = cdb_malloc_array(nq, (size_t)opt->k * sizeof *hits);
-    if (!q || !hits) {
+    if (!q) {
         rc = cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
         goto cleanup;
     }
     if ((rc = query_vectors(db, queries, nq, q)) != CLIPDB_OK) goto cleanup;
     t_enc = cdb_now() - t0;
     if ((rc = cdb_db_vectors(db, opt->target, &vs)) != CLIPDB_OK) goto cleanup;
+    /* No query can have more results than there are vectors: k is capped at
+    ** their count, so the hit buffers (nq x k) stay within what is stored. */
+    if ((size_t)opt->k > vs->n) {
+        capped = *opt;
+        capped.k = vs->n > 0 ? (int)vs->n : 1;
+        opt = &capped;
+    }
+    hits = cdb_malloc_array(nq, (size_t)opt->k * sizeof *hits);
+    if (!hits) {
+        rc = cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
+        goto cleanup;
+    }
     if ((rc = filter_ids(db, opt, &allowed, &n_allowed)) != CLIPDB_OK) goto cleanup;
     call = (cdb_search_call){vs, q, nq, opt->k, opt, allowed, n_allowed};
     if (vs->n > 0 && (rc = index_search(db, type, &call, hits, &n_out, &note)) != CLIPDB_OK)
@@ -513,6 +530,9 @@ int clipdb_db_search(clipdb_db *db, const clipdb_query *queries, size_t nq,
         *out = NULL;
     }
 cleanup:
+    /* a read transaction: nothing to write; COMMIT only ends the snapshot */
+    if (snapshot && !sqlite3_get_autocommit(db->sql))
+        sqlite3_exec(db->sql, rc == CLIPDB_OK ? "COMMIT" : "ROLLBACK", NULL, NULL, NULL);
     free(allowed);
     free(hits);
     free(q);

@@ -50,6 +50,126 @@ static int shim_fail(clipdb_db *db, int rc, const cdb_faiss *f)
     return cdb_err_set(&db->err, rc, "Faiss: %s", f ? cdb_faiss_errmsg(f) : "out of memory");
 }
 
+/* ---- the factory strings accepted --------------------------------------
+** Faiss's index_factory aborts, divides by zero or dereferences NULL on some
+** strings (IVF0,Flat: SIGABRT; HNSW0: SIGSEGV; PQ0: SIGFPE) and accepts
+** others no search can use (IVF0_HNSW8,Flat). So only this grammar reaches
+** it, with its parameters checked against the dimension d and the number of
+** vectors n:
+**   spec      = { transform "," } main
+**   transform = "PCA" N | "PCAR" N            N <= d; the dimension becomes N
+**             | "OPQ" M [ "_" N ]              N (default: the dimension)
+**                                              divisible by M; becomes N
+**             | "L2norm"
+**   main      = "Flat" | "HNSW" M [ ",Flat" ]  2 <= M <= 256
+**             | code
+**             | "IVF" N "," ( "Flat" | code )  1 <= N <= n
+**   code      = "PQ" M [ "x" B ]               dimension divisible by M,
+**                                              1 <= B <= 16
+**             | "SQ8" | "SQ4" | "SQfp16"
+** Every number is decimal, without sign, 1 .. 2^24. */
+#define FAISS_SPEC_MAX 256
+#define FAISS_NUM_MAX (1L << 24)
+
+/* Reads a number at *p (advancing it); 0 when there is none or it is out of range. */
+static long spec_num(const char **p)
+{
+    long v = 0;
+    if (**p < '0' || **p > '9') return 0;
+    while (**p >= '0' && **p <= '9') {
+        v = v * 10 + (**p - '0');
+        if (v > FAISS_NUM_MAX) return 0;
+        (*p)++;
+    }
+    return v;
+}
+
+static int spec_word(const char **p, const char *w)
+{
+    size_t n = strlen(w);
+    if (strncmp(*p, w, n)) return 0;
+    *p += n;
+    return 1;
+}
+
+/* One code ("PQ" M ["x" B] | "SQ..."): 1 if it parsed and fits dimension dim. */
+static int spec_code(const char **p, long dim, const char **why)
+{
+    long m, b = 8;
+    if (spec_word(p, "SQfp16") || spec_word(p, "SQ8") || spec_word(p, "SQ4")) return 1;
+    if (!spec_word(p, "PQ")) return 0;
+    if (!(m = spec_num(p))) return (*why = "PQ needs a number of sub-quantizers > 0"), 0;
+    if (dim % m) return (*why = "PQ's sub-quantizers must divide the dimension"), 0;
+    if (spec_word(p, "x") && (!(b = spec_num(p)) || b > 16))
+        return (*why = "PQ's bits per code must be 1 to 16"), 0;
+    return 1;
+}
+
+static int faiss_spec_check(clipdb_db *db, const char *spec, long d, size_t n)
+{
+    const char *p = spec, *why = NULL;
+    long dim = d, v, m;
+    if (strlen(spec) > FAISS_SPEC_MAX)
+        return cdb_err_set(&db->err, CLIPDB_EINVAL, "Faiss factory string longer than %d bytes",
+                           FAISS_SPEC_MAX);
+    for (;;) { /* transforms */
+        if (spec_word(&p, "PCAR") || spec_word(&p, "PCA")) {
+            if (!(v = spec_num(&p)) || v > dim) {
+                why = "PCA needs an output dimension from 1 to the input's";
+                goto bad;
+            }
+            dim = v;
+        } else if (spec_word(&p, "OPQ")) {
+            if (!(m = spec_num(&p))) {
+                why = "OPQ needs a number of sub-quantizers > 0";
+                goto bad;
+            }
+            if (spec_word(&p, "_") && !(dim = spec_num(&p))) {
+                why = "OPQ's output dimension must be > 0";
+                goto bad;
+            }
+            if (dim % m) {
+                why = "OPQ's sub-quantizers must divide its output dimension";
+                goto bad;
+            }
+        } else if (!spec_word(&p, "L2norm")) {
+            break;
+        }
+        if (!spec_word(&p, ",")) goto bad;
+    }
+    if (spec_word(&p, "Flat")) {
+    } else if (spec_word(&p, "HNSW")) {
+        if ((v = spec_num(&p)) < 2 || v > 256) {
+            why = "HNSW needs M from 2 to 256 neighbours";
+            goto bad;
+        }
+        if (spec_word(&p, ",") && !spec_word(&p, "Flat")) goto bad;
+    } else if (spec_word(&p, "IVF")) {
+        if (!(v = spec_num(&p))) {
+            why = "IVF needs a number of lists > 0";
+            goto bad;
+        }
+        if ((size_t)v > n)
+            return cdb_err_set(&db->err, CLIPDB_EINVAL,
+                               "Faiss factory string '%s': IVF%ld needs at least %ld vectors to "
+                               "train on; %zu stored", spec, v, v, n);
+        if (!spec_word(&p, ",")) {
+            why = "IVF N must be followed by ,Flat or a code (PQ M, SQ8, ...)";
+            goto bad;
+        }
+        if (!spec_word(&p, "Flat") && !spec_code(&p, dim, &why)) goto bad;
+    } else if (!spec_code(&p, dim, &why)) {
+        goto bad;
+    }
+    if (*p == '\0') return CLIPDB_OK;
+bad:
+    return cdb_err_set(&db->err, CLIPDB_EINVAL,
+                       "Faiss factory string '%s' not accepted%s%s (at '%s'; accepted: "
+                       "[PCA N,|OPQ M[_N],|L2norm,]... then Flat, HNSW M, IVF N,Flat, "
+                       "IVF N,PQ M[xB], IVF N,SQ8, PQ M[xB] or SQ8/SQ4/SQfp16)",
+                       spec, why ? ": " : "", why ? why : "", p);
+}
+
 /* A new Faiss index from `factory`, trained on and holding every vector of
 ** vs. *out (free with cdb_faiss_free) only on success. */
 static int build_index(clipdb_db *db, const char *factory, clipdb_metric metric,
@@ -80,6 +200,7 @@ static int faiss_build(clipdb_db *db, cdb_sindex *s, const cdb_vecset *vs,
     if (vs->n == 0)
         return cdb_err_set(&db->err, CLIPDB_EINVAL, "%s: no %s vectors to index", db->path,
                            cdb_set_name(s->set));
+    if ((rc = faiss_spec_check(db, spec, db->embed_dim, vs->n)) != CLIPDB_OK) return rc;
     if ((rc = state_of(db, s, &v)) != CLIPDB_OK) return rc;
     faiss_invalidate(s);
     if (!(v->factory = cdb_strdup(spec))) return cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");

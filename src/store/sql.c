@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 
 #include "store/store.h"
 
@@ -45,9 +46,29 @@ int cdb_db_begin(clipdb_db *db)
 
 int cdb_db_commit(clipdb_db *db)
 {
-    int rc = cdb_db_exec(db, "COMMIT");
+    struct stat sb;
+    int rc;
+    if (db->file_ino &&
+        (stat(db->path, &sb) != 0 || (unsigned long long)sb.st_ino != db->file_ino ||
+         (unsigned long long)sb.st_dev != db->file_dev)) {
+        sqlite3_exec(db->sql, "ROLLBACK", NULL, NULL, NULL);
+        db->local_changes++;
+        return cdb_err_set(&db->err, CLIPDB_EIO,
+                           "%s: the database file was deleted or replaced while this command "
+                           "wrote to it; this transaction was not committed",
+                           db->path);
+    }
+    rc = cdb_db_exec(db, "COMMIT");
     db->local_changes++;
     return rc;
+}
+
+void cdb_db_note_file(clipdb_db *db)
+{
+    struct stat sb;
+    if (stat(db->path, &sb) != 0) return;
+    db->file_dev = (unsigned long long)sb.st_dev;
+    db->file_ino = (unsigned long long)sb.st_ino;
 }
 
 void cdb_db_rollback(clipdb_db *db)

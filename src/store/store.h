@@ -59,6 +59,9 @@ struct clipdb_db {
     sqlite3 *sql;
     char *path;
     int readonly;
+    /* the file as opened: a commit checks the path still names it (a file
+    ** deleted or replaced meanwhile would take every commit with it) */
+    unsigned long long file_dev, file_ino;
     int format_version;    /* of the file (older ones are upgraded when
                            ** opened read-write) */
     int embed_dim;
@@ -89,6 +92,8 @@ int cdb_db_prepare(clipdb_db *db, const char *sql, sqlite3_stmt **st);
 /* Records an SQLite failure in db->err ("what: sqlite message"). */
 int cdb_db_sqlerr(clipdb_db *db, const char *what);
 int cdb_db_begin(clipdb_db *db);
+/* Records the device and inode the path names now (after opening). */
+void cdb_db_note_file(clipdb_db *db);
 int cdb_db_commit(clipdb_db *db);
 void cdb_db_rollback(clipdb_db *db);
 
@@ -108,8 +113,11 @@ int cdb_db_insert_text(clipdb_db *db, const char *text, int64_t image,
 ** CLIPDB_MAX_TEXT_BYTES) as metadata of item `id`. */
 int cdb_db_set_meta_json(clipdb_db *db, int64_t id, const char *json);
 
+/* Why a stored vector (d floats) with its stored norm is unusable (a
+** non-finite value, a norm that is not the vector's), or NULL when sound. */
+const char *cdb_vector_damage(const float *v, int d, double norm);
 /* The vectors of one type, loaded (or reloaded when the file changed).
-** The set belongs to db. */
+** The set belongs to db. A damaged vector is CLIPDB_EFORMAT naming the item. */
 int cdb_db_vectors(clipdb_db *db, int type, const cdb_vecset **out);
 
 /* "image" or "text" (sql.c). */

@@ -439,7 +439,10 @@ TEST(store_index_errors_keep_codes)
     CHECK(strstr(clipdb_db_errmsg(db), "no IVF index for text vectors") != NULL);
     CHECK(strstr(clipdb_db_errmsg(db), "clipdb ") == NULL); /* no CLI command */
     so.index = CLIPDB_INDEX_FAISS;
-    so.faiss = "NoSuchIndex";
+    so.faiss = "NoSuchIndex"; /* refused before Faiss sees it: a bad argument */
+    CHECK(clipdb_db_search(db, &q, 1, &so, &res) == CLIPDB_EINVAL);
+    CHECK(strstr(clipdb_db_errmsg(db), "Faiss factory string 'NoSuchIndex' not accepted") != NULL);
+    so.faiss = "PQ4x16"; /* accepted, but Faiss's own training fails: its error */
     CHECK(clipdb_db_search(db, &q, 1, &so, &res) == CLIPDB_ERROR);
     CHECK(strstr(clipdb_db_errmsg(db), "Faiss") != NULL);
     so.faiss = NULL;

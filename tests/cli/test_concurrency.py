@@ -1,0 +1,126 @@
+"""Several processes on one database: random interleavings of add (images
+with captions, the same folder twice, the same texts file three times), rm
+and search for a bounded time, then every invariant of the file.
+
+What must hold whatever the interleaving (issue 9): no orphan captions, no
+duplicate standalone texts or image paths, one vector per item of each type,
+every stored vector findable by --item; no process fails with a raw SQLite
+error ("UNIQUE constraint") or a torn read ("vanished").
+"""
+import json
+import random
+import sqlite3
+import subprocess
+import time
+
+import pytest
+from PIL import Image
+
+from conftest import BIN, gen_model, run
+
+SECONDS = 20
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory, shared):
+    return gen_model(tmp_path_factory.mktemp("conc") / "tiny", seed=4)
+
+
+def invariants(db):
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    q = lambda sql: con.execute(sql).fetchall()
+    assert q("SELECT id FROM items WHERE image IS NOT NULL AND image NOT IN "
+             "(SELECT id FROM items WHERE type = 1)") == [], "orphan captions"
+    assert q("SELECT text, count(*) FROM items WHERE type = 2 AND image IS NULL "
+             "GROUP BY text HAVING count(*) > 1") == [], "duplicate standalone texts"
+    assert q("SELECT abspath, count(*) FROM items WHERE type = 1 GROUP BY abspath "
+             "HAVING count(*) > 1") == [], "duplicate image paths"
+    assert q("SELECT count(*) FROM items WHERE type = 1") == q("SELECT count(*) FROM vectors_image")
+    assert q("SELECT count(*) FROM items WHERE type = 2") == q("SELECT count(*) FROM vectors_text")
+    assert q("SELECT id FROM vectors_image WHERE id NOT IN (SELECT id FROM items)") == []
+    assert q("SELECT id FROM vectors_text WHERE id NOT IN (SELECT id FROM items)") == []
+    ids = [r[0] for r in q("SELECT id FROM items")]
+    con.close()
+    return ids
+
+
+def test_random_interleavings_keep_every_invariant(tmp_path, model):
+    rnd = random.Random(9)
+    imgs = tmp_path / "im"
+    imgs.mkdir()
+    with open(tmp_path / "c.jsonl", "w") as f:
+        for i in range(24):
+            Image.new("RGB", (20 + i, 18), (i * 10 % 256, 80, 200 - i)).save(imgs / f"p{i}.png")
+            f.write(json.dumps({"image": f"p{i}.png", "captions": [f"photo {i}", f"view {i}"]}) + "\n")
+    (tmp_path / "t.txt").write_text("".join(f"text number {i}\n" for i in range(150)))
+    db = tmp_path / "c.db"
+    run("init", db, "--model", model, check=True)
+    run("add", db, "--texts", tmp_path / "t.txt", "-q", check=True)
+    add_imgs = ["add", db, "--images", imgs, "--captions", tmp_path / "c.jsonl", "-q", "--batch", "4"]
+    add_txt = ["add", db, "--texts", tmp_path / "t.txt", "-q"]
+    procs, failures = [], []
+    t_end = time.time() + SECONDS
+    while time.time() < t_end:
+        ids = invariants(db)
+        kind = rnd.choice(["add-images", "add-texts", "rm", "search", "search"])
+        if kind == "add-images":
+            cmds = [add_imgs] * rnd.choice([1, 2])
+        elif kind == "add-texts":
+            cmds = [add_txt] * 3
+        elif kind == "rm" and ids:
+            cmds = [["rm", db, *map(str, rnd.sample(ids, min(len(ids), rnd.randint(1, 6))))]]
+        else:
+            cmds = [["search", db, "--text", "photo", "-k", "5"],
+                    ["search", db, "--text", "text number", "--target", "text", "-k", "50"]]
+        procs += [(c, subprocess.Popen([BIN, *map(str, c)], stdout=subprocess.PIPE,
+                                       stderr=subprocess.PIPE, text=True)) for c in cmds]
+        time.sleep(rnd.uniform(0.0, 0.3))
+        still = []
+        for c, p in procs:
+            if p.poll() is None:
+                still.append((c, p))
+                continue
+            err = p.stderr.read()
+            # a lost race may fail (rm of an id another rm took), but clearly
+            if "UNIQUE constraint" in err or "vanished" in err or p.returncode not in (0, 1) or \
+                    (p.returncode == 1 and "no item with id" not in err):
+                failures.append((c, p.returncode, err))
+        procs = still
+    for c, p in procs:
+        p.wait(timeout=120)
+        err = p.stderr.read()
+        if p.returncode != 0 and not (p.returncode == 1 and "no item with id" in err):
+            failures.append((c, p.returncode, err))
+    assert failures == [], failures[:5]
+    ids = invariants(db)
+    stats = json.loads(run("stats", db, "--json", check=True).stdout)
+    assert stats["images"] + stats["texts"] == len(ids)
+    for i in rnd.sample(ids, min(10, len(ids))):
+        r = run("search", db, "--item", i, "--target", "text", "-k", "1", "--json")
+        assert r.returncode == 0, r.stderr
+
+
+def test_database_deleted_during_add_fails_clearly(tmp_path, model):
+    imgs = tmp_path / "im"
+    imgs.mkdir()
+    for i in range(300):
+        Image.new("RGB", (40, 30 + i % 50), (i % 256, (i * 7) % 256, 9)).save(imgs / f"q{i:03d}.png")
+    db = tmp_path / "gone.db"
+    run("init", db, "--model", model, check=True)
+    p = subprocess.Popen([BIN, "add", str(db), "--images", str(imgs), "--batch", "1", "-q"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    t_end = time.time() + 60
+    while time.time() < t_end:
+        try:
+            con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+            n = con.execute("SELECT count(*) FROM items").fetchone()[0]
+            con.close()
+        except sqlite3.Error:
+            n = 0
+        if n >= 2:
+            break
+        time.sleep(0.02)
+    db.unlink()
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 1, (p.returncode, out, err)
+    assert "the database file was deleted or replaced" in err, err

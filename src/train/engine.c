@@ -127,12 +127,21 @@ static int check_opts(const cdb_train_opts *o, cdb_err *e)
 
 /* Copies a tower's struct with its own blocks array (the pointers still
 ** point where the source's do, until the layout re-points them). */
+/* The trainer's towers run on its own, changing weights: a copy keeps none of
+** the model's packed weights (compute.h), which were made from the model's
+** values and are freed when it is repacked (cdb_trainer_sync). */
 static int copy_tower(cdb_tower *dst, const cdb_tower *src)
 {
+    int l;
     *dst = *src;
+    dst->pk_proj = NULL;
     dst->blocks = cdb_malloc_array((size_t)src->layers, sizeof *dst->blocks);
     if (!dst->blocks) return 0;
     memcpy(dst->blocks, src->blocks, (size_t)src->layers * sizeof *dst->blocks);
+    for (l = 0; l < src->layers; l++) {
+        cdb_block *b = &dst->blocks[l];
+        b->pk_qkv = b->pk_o = b->pk_fc1 = b->pk_fc2 = NULL;
+    }
     return 1;
 }
 
@@ -202,6 +211,7 @@ int cdb_trainer_new(cdb_trainer **out, const clipdb_model *m, const cdb_train_op
     t->vis = m->vision, t->gvis = m->vision;
     t->txt = m->text, t->gtxt = m->text;
     t->vis.t.blocks = t->gvis.t.blocks = t->txt.t.blocks = t->gtxt.t.blocks = NULL;
+    t->vis.pk_patch = t->gvis.pk_patch = NULL;
     if (!copy_tower(&t->vis.t, &m->vision.t) || !copy_tower(&t->gvis.t, &m->vision.t) ||
         !copy_tower(&t->txt.t, &m->text.t) || !copy_tower(&t->gtxt.t, &m->text.t) ||
         !(t->run = cdb_run_new())) {

@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # `make demo`: the main job on an embedded default.
 #
-# 1. A CLIP ViT-B/32 in the published safetensors layout (OpenAI key names),
-#    with seeded random weights: no pretrained weights are reachable from this
-#    machine. With a network, `clipdb model fetch openai/clip-vit-base-patch32
-#    DIR` gets the real ones and the rest of this script runs unchanged
-#    (CLIPDB_DEMO_MODEL=DIR).
+# 1. The model: models/clipdb-flickr8k-vit64, the small CLIP that clipdb
+#    trained itself on Flickr8k (see its README: no pretrained weights are
+#    reachable from this machine). CLIPDB_DEMO_MODEL=DIR takes another model
+#    directory, for example the real ViT-B/32 from `clipdb model fetch
+#    openai/clip-vit-base-patch32 DIR` where there is a network, or
+#    CLIPDB_DEMO_MODEL=seeded for a seeded random ViT-B/32 in the published
+#    layout (generated with python3 + numpy).
 # 2. A database of the COCO subset (338 photos, 1,690 captions) from
 #    ../shared/data, ingested incrementally: a second run skips what is stored.
+#    A database made with another model is made again.
 # 3. The four kinds of query, exact and IVF.
 # 4. `clipdb serve` on the database: the web page at the URL it prints
 #    (CLIPDB_DEMO_PORT, default 8080). CLIPDB_DEMO_SERVE=0 stops after step 3
@@ -19,7 +22,8 @@ PY=${PY:-/usr/bin/python3}
 SHARED=${CLIPDB_SHARED:-../shared}
 DATA=$SHARED/data/coco-subset
 WORK=${CLIPDB_DEMO_DIR:-.cache/demo}
-MODEL=${CLIPDB_DEMO_MODEL:-$WORK/clip-vit-b-32-seeded}
+MODEL=${CLIPDB_DEMO_MODEL:-$PWD/models/clipdb-flickr8k-vit64}
+[ "$MODEL" != seeded ] || MODEL=$WORK/clip-vit-b-32-seeded
 DB=$WORK/coco.db
 
 if [ ! -d "$DATA/images" ]; then
@@ -29,7 +33,7 @@ fi
 mkdir -p "$WORK"
 say() { printf '\n== %s\n' "$*"; }
 
-if [ ! -f "$MODEL/model.safetensors" ] && [ ! -f "$MODEL/open_clip_model.safetensors" ]; then
+if [ "$MODEL" = "$WORK/clip-vit-b-32-seeded" ] && [ ! -f "$MODEL/open_clip_model.safetensors" ]; then
   say "generating a seeded random CLIP ViT-B/32 in $MODEL (real file format; random weights)"
   "$PY" tools/gen_model.py "$MODEL" --size b32 --keys openai --dtype F32 --seed 42
 fi
@@ -40,7 +44,12 @@ say "embedding one text and one photo (first values of each vector)"
 photo=$(ls "$DATA/images" | sort | sed -n 1p)  # sed reads all: no SIGPIPE under pipefail
 "$BIN" embed --model "$MODEL" --text "a photo of a cat" --image "$DATA/images/$photo"
 
-[ -f "$DB" ] || "$BIN" init "$DB" --model "$MODEL"
+# the database remembers which model made it; another model makes it again
+if [ -f "$DB" ] && [ "$(cat "$DB.model" 2>/dev/null)" != "$MODEL" ]; then
+  say "$DB was made with another model: making it again with $MODEL"
+  rm -f "$DB" "$DB-wal" "$DB-shm"
+fi
+[ -f "$DB" ] || { "$BIN" init "$DB" --model "$MODEL" && printf '%s\n' "$MODEL" > "$DB.model"; }
 say "ingesting $DATA (images and captions; incremental)"
 "$BIN" add "$DB" --images "$DATA/images" --captions "$DATA/captions.jsonl"
 "$BIN" stats "$DB"
@@ -48,8 +57,9 @@ say "ingesting $DATA (images and captions; incremental)"
 say "an IVF index over the images"
 "$BIN" index "$DB" --ivf --nlist 16 --target image
 
-echo
-echo "(The weights are random, so the neighbours below show the machinery, not meaning.)"
+if [ "$MODEL" = "$WORK/clip-vit-b-32-seeded" ]; then
+  echo; echo "(The weights are random, so the neighbours below show the machinery, not meaning.)"
+fi
 say "text -> image (exact, cosine)"
 "$BIN" search "$DB" --text "a dog catching a frisbee in a park" --target image -k 5
 say "text -> image (IVF, nprobe 4)"

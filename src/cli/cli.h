@@ -115,6 +115,10 @@ int cli_cmd_serve(int argc, char **argv);
 extern const char cli_eval_help[]; /* cmd_eval.c */
 int cli_cmd_eval(int argc, char **argv);
 
+/* cmd_reembed.c: `clipdb reembed` (vector sets) */
+extern const char cli_reembed_help[];
+int cli_cmd_reembed(int argc, char **argv);
+
 /* cmd_train.c: `clipdb finetune` and `clipdb train` */
 extern const char cli_finetune_help[], cli_train_help[];
 int cli_cmd_finetune(int argc, char **argv);

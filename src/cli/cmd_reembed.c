@@ -60,18 +60,21 @@ static void on_sigint(int sig)
 typedef struct progress_state {
     cli_progress bar;
     int quiet;
+    double every, last; /* seconds between lines (0.2 on a terminal, else 5) */
 } progress_state;
 
 static int on_progress(void *arg, const clipdb_add_progress *p)
 {
     progress_state *ps = arg;
     char note[96];
-    if (!ps->quiet) {
+    int final = p->done == p->total;
+    if (!ps->quiet && (final || p->elapsed_s - ps->last >= ps->every)) {
+        ps->last = p->elapsed_s;
         snprintf(note, sizeof note, "%lld already in the set, %lld failed",
                  (long long)p->skipped, (long long)p->failed);
         cli_progress_draw(&ps->bar, p->phase, p->done, p->total,
                           p->elapsed_s > 0 ? (double)p->done / p->elapsed_s : 0, 0, note,
-                          p->done == p->total);
+                          final);
     }
     return interrupted;
 }
@@ -133,6 +136,7 @@ int cli_cmd_reembed(int argc, char **argv)
         return ret;
     }
     ps.bar.tty = isatty(2);
+    ps.every = ps.bar.tty ? 0.2 : 5.0;
     opt.on_progress = on_progress;
     opt.on_warning = on_warning;
     opt.arg = &ps;

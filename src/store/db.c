@@ -76,17 +76,6 @@ static const char *const schema_v2_sql =
     "  PRIMARY KEY(target, metric, id)) WITHOUT ROWID;"
     "CREATE INDEX IF NOT EXISTS faiss_ids_id ON faiss_ids(id);";
 
-int cdb_db_query_int(clipdb_db *db, const char *sql, int64_t *out)
-{
-    sqlite3_stmt *st = NULL;
-    int rc = cdb_db_prepare(db, sql, &st);
-    if (rc != CLIPDB_OK) return rc;
-    if (sqlite3_step(st) == SQLITE_ROW) *out = sqlite3_column_int64(st, 0);
-    else rc = cdb_db_sqlerr(db, sql);
-    sqlite3_finalize(st);
-    return rc;
-}
-
 static int meta_put(clipdb_db *db, const char *key, const char *value)
 {
     sqlite3_stmt *st = NULL;
@@ -869,115 +858,6 @@ cleanup:
 
 /* ---- vectors -------------------------------------------------------------- */
 
-void cdb_vecset_clear(cdb_vecset *s)
-{
-    free(s->ids);
-    free(s->vecs);
-    free(s->norms);
-    memset(s, 0, sizeof *s);
-}
-
-/* Why a stored vector (d) and its stored norm cannot be used, or NULL: a
-** non-finite component, or a norm that is not the vector's own (a damaged
-** file: an Inf would rank first, a norm of 1e-30 gives cosines of 1e28). */
-const char *cdb_vector_damage(const float *v, int d, double norm)
-{
-    double n;
-    int i;
-    for (i = 0; i < d; i++)
-        if (!isfinite(v[i])) return "a component is not finite";
-    if (!isfinite(norm)) return "its norm is not finite";
-    n = (double)cdb_norm(v, (size_t)d);
-    /* both are cdb_norm of the same floats: equal but for the rounding of
-    ** a float to the stored double */
-    if (fabs(n - norm) > 1e-5 * n + 1e-30) return "its stored norm is not the vector's";
-    return NULL;
-}
-
-int cdb_vecset_load(clipdb_db *db, cdb_vecset *s, int64_t sid, int type, int d)
-{
-    sqlite3_stmt *st = NULL;
-    int64_t ver = 0, count = 0;
-    size_t row = 0, vbytes = (size_t)d * sizeof(float);
-    const char *why;
-    int rc, step;
-
-    if ((rc = cdb_db_query_int(db, "PRAGMA data_version", &ver)) != CLIPDB_OK) return rc;
-    if (s->loaded && s->data_version == ver && s->changes == db->local_changes) return CLIPDB_OK;
-    cdb_vecset_clear(s);
-    /* the base set has a table per type; the named ones share set_vectors */
-    rc = cdb_db_prepare(db,
-                        sid >= 0 ? "SELECT count(*) FROM set_vectors WHERE set_id = ?1 AND type = ?2"
-                        : type == CLIPDB_ITEM_IMAGE ? "SELECT count(*) FROM vectors_image"
-                                                    : "SELECT count(*) FROM vectors_text",
-                        &st);
-    if (rc != CLIPDB_OK) return rc;
-    if (sid >= 0) {
-        sqlite3_bind_int64(st, 1, sid);
-        sqlite3_bind_int(st, 2, type);
-    }
-    if (sqlite3_step(st) == SQLITE_ROW) count = sqlite3_column_int64(st, 0);
-    else rc = cdb_db_sqlerr(db, "counting vectors");
-    sqlite3_finalize(st);
-    st = NULL;
-    if (rc != CLIPDB_OK) return rc;
-    s->ids = cdb_malloc_array((size_t)count, sizeof *s->ids);
-    s->norms = cdb_malloc_array((size_t)count, sizeof *s->norms);
-    s->vecs = cdb_malloc_array((size_t)count, vbytes);
-    if (!s->ids || !s->norms || !s->vecs) {
-        rc = cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory loading %lld vectors",
-                         (long long)count);
-        goto cleanup;
-    }
-    rc = cdb_db_prepare(db,
-                        sid >= 0 ? "SELECT id, norm, vec FROM set_vectors WHERE set_id = ?1 AND "
-                                   "type = ?2 ORDER BY id"
-                        : type == CLIPDB_ITEM_IMAGE
-                            ? "SELECT id, norm, vec FROM vectors_image ORDER BY id"
-                            : "SELECT id, norm, vec FROM vectors_text ORDER BY id",
-                        &st);
-    if (rc != CLIPDB_OK) goto cleanup;
-    if (sid >= 0) {
-        sqlite3_bind_int64(st, 1, sid);
-        sqlite3_bind_int(st, 2, type);
-    }
-    while ((step = sqlite3_step(st)) == SQLITE_ROW) {
-        const void *blob = sqlite3_column_blob(st, 2);
-        if (row >= (size_t)count) break; /* a concurrent writer: count once more later */
-        if ((size_t)sqlite3_column_bytes(st, 2) != vbytes || !blob) {
-            rc = cdb_err_set(&db->err, CLIPDB_EFORMAT,
-                             "%s: corrupt vector of item %lld (%d bytes, expected %zu)",
-                             db->path, (long long)sqlite3_column_int64(st, 0),
-                             sqlite3_column_bytes(st, 2), vbytes);
-            goto cleanup;
-        }
-        s->ids[row] = sqlite3_column_int64(st, 0);
-        s->norms[row] = (float)sqlite3_column_double(st, 1);
-        memcpy(s->vecs + row * (size_t)d, blob, vbytes);
-        if ((why = cdb_vector_damage(s->vecs + row * (size_t)d, d,
-                                     sqlite3_column_double(st, 1))) != NULL) {
-            rc = cdb_err_set(&db->err, CLIPDB_EFORMAT,
-                             "%s: corrupt vector of item %lld (%s); delete or re-add the item",
-                             db->path, (long long)s->ids[row], why);
-            goto cleanup;
-        }
-        row++;
-    }
-    if (step != SQLITE_ROW && step != SQLITE_DONE) {
-        rc = cdb_db_sqlerr(db, "loading vectors");
-        goto cleanup;
-    }
-    s->n = row;
-    s->d = d;
-    s->loaded = 1;
-    s->data_version = ver;
-    s->changes = db->local_changes;
-cleanup:
-    sqlite3_finalize(st);
-    if (rc != CLIPDB_OK) cdb_vecset_clear(s);
-    return rc;
-}
-
 int cdb_db_vectors(clipdb_db *db, int type, const cdb_vecset **out)
 {
     int rc;
@@ -991,28 +871,6 @@ int cdb_db_vectors(clipdb_db *db, int type, const cdb_vecset **out)
 }
 
 /* ---- statistics ------------------------------------------------------------ */
-
-/* *out = the number of items of `type` (captions only: those of an image). */
-static int count_items(clipdb_db *db, int type, int captions_only, int64_t *out)
-{
-    sqlite3_stmt *st = NULL;
-    int rc = cdb_db_prepare(db,
-                            captions_only
-                                ? "SELECT count(*) FROM items WHERE type = ? AND image IS NOT NULL"
-                                : "SELECT count(*) FROM items WHERE type = ?",
-                            &st);
-    if (rc != CLIPDB_OK) return rc;
-    sqlite3_bind_int(st, 1, type);
-    if (sqlite3_step(st) == SQLITE_ROW) *out = sqlite3_column_int64(st, 0);
-    else rc = cdb_db_sqlerr(db, "counting items");
-    sqlite3_finalize(st);
-    return rc;
-}
-
-int cdb_db_count_items(clipdb_db *db, int type, int64_t *out)
-{
-    return count_items(db, type, 0, out);
-}
 
 void clipdb_db_stats_free(clipdb_db_stats *st)
 {
@@ -1074,9 +932,9 @@ int clipdb_db_get_stats(clipdb_db *db, clipdb_db_stats *out)
 
     memset(out, 0, sizeof *out);
     cdb_err_clear(&db->err);
-    if ((rc = count_items(db, CLIPDB_ITEM_IMAGE, 0, &out->images)) != CLIPDB_OK ||
-        (rc = count_items(db, CLIPDB_ITEM_TEXT, 0, &out->texts)) != CLIPDB_OK ||
-        (rc = count_items(db, CLIPDB_ITEM_TEXT, 1, &out->captions)) != CLIPDB_OK)
+    if ((rc = cdb_db_count_items(db, CLIPDB_ITEM_IMAGE, 0, &out->images)) != CLIPDB_OK ||
+        (rc = cdb_db_count_items(db, CLIPDB_ITEM_TEXT, 0, &out->texts)) != CLIPDB_OK ||
+        (rc = cdb_db_count_items(db, CLIPDB_ITEM_TEXT, 1, &out->captions)) != CLIPDB_OK)
         return rc;
     if ((rc = cdb_db_query_int(db,
                         "SELECT (SELECT count(*) FROM vectors_image) + "

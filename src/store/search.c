@@ -437,7 +437,7 @@ static int validate(clipdb_db *db, const clipdb_query *queries, size_t nq,
 static int set_gap_note(clipdb_db *db, const cdb_vset *v, int type, size_t have, char **note)
 {
     int64_t all = 0;
-    int rc = cdb_db_count_items(db, type, &all);
+    int rc = cdb_db_count_items(db, type, 0, &all);
     *note = NULL;
     if (rc != CLIPDB_OK || all <= (int64_t)have) return rc;
     *note = cdb_sprintf("vector set '%s' lacks %lld of %lld %s; run 'clipdb reembed %s --model "

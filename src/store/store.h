@@ -143,7 +143,8 @@ int cdb_db_insert_text(clipdb_db *db, const char *text, int64_t image,
 int cdb_db_set_meta_json(clipdb_db *db, int64_t id, const char *json);
 
 /* Why a stored vector (d floats) with its stored norm is unusable (a
-** non-finite value, a norm that is not the vector's), or NULL when sound. */
+** non-finite value, a norm that is not the vector's), or NULL when sound
+** (vsets.c). */
 const char *cdb_vector_damage(const float *v, int d, double norm);
 /* The vectors of one type, loaded (or reloaded when the file changed).
 ** The set belongs to db. A damaged vector is CLIPDB_EFORMAT naming the item. */
@@ -151,13 +152,15 @@ int cdb_db_vectors(clipdb_db *db, int type, const cdb_vecset **out);
 
 /* Loads into s (cleared first) the vectors of item type `type` (d floats
 ** each): of the base set when sid < 0, else of the named set sid. Reloads
-** only when the file changed since (s->loaded, data_version, changes). */
+** only when the file changed since (s->loaded, data_version, changes).
+** (vsets.c) */
 int cdb_vecset_load(clipdb_db *db, cdb_vecset *s, int64_t sid, int type, int d);
 void cdb_vecset_clear(cdb_vecset *s);
-/* Runs a one-row query returning an integer (db.c). */
+/* Runs a one-row query returning an integer (sql.c). */
 int cdb_db_query_int(clipdb_db *db, const char *sql, int64_t *out);
-/* *out = the number of items of `type` (db.c). */
-int cdb_db_count_items(clipdb_db *db, int type, int64_t *out);
+/* *out = the number of items of `type` (captions_only: texts that are
+** captions of an image) (sql.c). */
+int cdb_db_count_items(clipdb_db *db, int type, int captions_only, int64_t *out);
 
 /* ---- named vector sets (vsets.c) ---- */
 

@@ -65,6 +65,117 @@ int cdb_vsets_present(clipdb_db *db)
     return n > 0;
 }
 
+/* ---- loading a set's vectors (the base set's too) ---------------------------- */
+
+void cdb_vecset_clear(cdb_vecset *s)
+{
+    free(s->ids);
+    free(s->vecs);
+    free(s->norms);
+    memset(s, 0, sizeof *s);
+}
+
+/* Why a stored vector (d) and its stored norm cannot be used, or NULL: a
+** non-finite component, or a norm that is not the vector's own (a damaged
+** file: an Inf would rank first, a norm of 1e-30 gives cosines of 1e28). */
+const char *cdb_vector_damage(const float *v, int d, double norm)
+{
+    double n;
+    int i;
+    for (i = 0; i < d; i++)
+        if (!isfinite(v[i])) return "a component is not finite";
+    if (!isfinite(norm)) return "its norm is not finite";
+    n = (double)cdb_norm(v, (size_t)d);
+    /* both are cdb_norm of the same floats: equal but for the rounding of
+    ** a float to the stored double */
+    if (fabs(n - norm) > 1e-5 * n + 1e-30) return "its stored norm is not the vector's";
+    return NULL;
+}
+
+int cdb_vecset_load(clipdb_db *db, cdb_vecset *s, int64_t sid, int type, int d)
+{
+    sqlite3_stmt *st = NULL;
+    int64_t ver = 0, count = 0;
+    size_t row = 0, vbytes = (size_t)d * sizeof(float);
+    const char *why;
+    int rc, step;
+
+    if ((rc = cdb_db_query_int(db, "PRAGMA data_version", &ver)) != CLIPDB_OK) return rc;
+    if (s->loaded && s->data_version == ver && s->changes == db->local_changes) return CLIPDB_OK;
+    cdb_vecset_clear(s);
+    /* the base set has a table per type; the named ones share set_vectors */
+    rc = cdb_db_prepare(db,
+                        sid >= 0 ? "SELECT count(*) FROM set_vectors WHERE set_id = ?1 AND type = ?2"
+                        : type == CLIPDB_ITEM_IMAGE ? "SELECT count(*) FROM vectors_image"
+                                                    : "SELECT count(*) FROM vectors_text",
+                        &st);
+    if (rc != CLIPDB_OK) return rc;
+    if (sid >= 0) {
+        sqlite3_bind_int64(st, 1, sid);
+        sqlite3_bind_int(st, 2, type);
+    }
+    if (sqlite3_step(st) == SQLITE_ROW) count = sqlite3_column_int64(st, 0);
+    else rc = cdb_db_sqlerr(db, "counting vectors");
+    sqlite3_finalize(st);
+    st = NULL;
+    if (rc != CLIPDB_OK) return rc;
+    s->ids = cdb_malloc_array((size_t)count, sizeof *s->ids);
+    s->norms = cdb_malloc_array((size_t)count, sizeof *s->norms);
+    s->vecs = cdb_malloc_array((size_t)count, vbytes);
+    if (!s->ids || !s->norms || !s->vecs) {
+        rc = cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory loading %lld vectors",
+                         (long long)count);
+        goto cleanup;
+    }
+    rc = cdb_db_prepare(db,
+                        sid >= 0 ? "SELECT id, norm, vec FROM set_vectors WHERE set_id = ?1 AND "
+                                   "type = ?2 ORDER BY id"
+                        : type == CLIPDB_ITEM_IMAGE
+                            ? "SELECT id, norm, vec FROM vectors_image ORDER BY id"
+                            : "SELECT id, norm, vec FROM vectors_text ORDER BY id",
+                        &st);
+    if (rc != CLIPDB_OK) goto cleanup;
+    if (sid >= 0) {
+        sqlite3_bind_int64(st, 1, sid);
+        sqlite3_bind_int(st, 2, type);
+    }
+    while ((step = sqlite3_step(st)) == SQLITE_ROW) {
+        const void *blob = sqlite3_column_blob(st, 2);
+        if (row >= (size_t)count) break; /* a concurrent writer: count once more later */
+        if ((size_t)sqlite3_column_bytes(st, 2) != vbytes || !blob) {
+            rc = cdb_err_set(&db->err, CLIPDB_EFORMAT,
+                             "%s: corrupt vector of item %lld (%d bytes, expected %zu)",
+                             db->path, (long long)sqlite3_column_int64(st, 0),
+                             sqlite3_column_bytes(st, 2), vbytes);
+            goto cleanup;
+        }
+        s->ids[row] = sqlite3_column_int64(st, 0);
+        s->norms[row] = (float)sqlite3_column_double(st, 1);
+        memcpy(s->vecs + row * (size_t)d, blob, vbytes);
+        if ((why = cdb_vector_damage(s->vecs + row * (size_t)d, d,
+                                     sqlite3_column_double(st, 1))) != NULL) {
+            rc = cdb_err_set(&db->err, CLIPDB_EFORMAT,
+                             "%s: corrupt vector of item %lld (%s); delete or re-add the item",
+                             db->path, (long long)s->ids[row], why);
+            goto cleanup;
+        }
+        row++;
+    }
+    if (step != SQLITE_ROW && step != SQLITE_DONE) {
+        rc = cdb_db_sqlerr(db, "loading vectors");
+        goto cleanup;
+    }
+    s->n = row;
+    s->d = d;
+    s->loaded = 1;
+    s->data_version = ver;
+    s->changes = db->local_changes;
+cleanup:
+    sqlite3_finalize(st);
+    if (rc != CLIPDB_OK) cdb_vecset_clear(s);
+    return rc;
+}
+
 /* ---- the list of sets ---------------------------------------------------------- */
 
 void cdb_db_vector_sets_free(char **names, int n)
@@ -483,7 +594,7 @@ static int todo_read(clipdb_db *db, int64_t sid, int type, todo *t)
     }
     if (rc == CLIPDB_OK && s != SQLITE_DONE) rc = cdb_db_sqlerr(db, "listing the items to encode");
     sqlite3_finalize(st);
-    if (rc == CLIPDB_OK) rc = cdb_db_count_items(db, type, &all);
+    if (rc == CLIPDB_OK) rc = cdb_db_count_items(db, type, 0, &all);
     if (rc != CLIPDB_OK) todo_free(t);
     else t->present = all - (int64_t)t->n;
     return rc;

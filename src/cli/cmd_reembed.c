@@ -9,8 +9,6 @@
 
 #include "cli/cli.h"
 
-#define CLI_INTERRUPTED 130 /* stopped by Ctrl-C after a commit (128 + SIGINT) */
-
 const char cli_reembed_help[] =
     "usage: clipdb reembed DB --model DIR --as NAME [--precision P] [--batch N] [-q]\n"
     "       clipdb reembed DB --drop NAME\n"
@@ -48,15 +46,6 @@ const char cli_reembed_help[] =
     "  clipdb eval photos.db --split val2017 --set finetuned\n"
     "  clipdb eval photos.db --split val2017      # every set, side by side\n";
 
-static volatile sig_atomic_t interrupted;
-
-static void on_sigint(int sig)
-{
-    (void)sig;
-    interrupted = 1;
-    signal(SIGINT, SIG_DFL); /* a second Ctrl-C ends the process at once */
-}
-
 typedef struct progress_state {
     cli_progress bar;
     int quiet;
@@ -76,7 +65,7 @@ static int on_progress(void *arg, const clipdb_add_progress *p)
                           p->elapsed_s > 0 ? (double)p->done / p->elapsed_s : 0, 0, note,
                           final);
     }
-    return interrupted;
+    return cli_interrupted();
 }
 
 static void on_warning(void *arg, const char *msg)
@@ -94,7 +83,6 @@ int cli_cmd_reembed(int argc, char **argv)
     clipdb_db_options dopt;
     clipdb_db *db = NULL;
     progress_state ps = {0};
-    struct sigaction sa, old;
     int json = 0, i, rc, ret = CLI_OK;
     long long v;
 
@@ -140,12 +128,9 @@ int cli_cmd_reembed(int argc, char **argv)
     opt.on_progress = on_progress;
     opt.on_warning = on_warning;
     opt.arg = &ps;
-    memset(&sa, 0, sizeof sa);
-    sa.sa_handler = on_sigint;
-    sigemptyset(&sa.sa_mask);
-    sigaction(SIGINT, &sa, &old);
+    cli_catch_sigint();
     rc = clipdb_db_reembed(db, &opt, &r);
-    sigaction(SIGINT, &old, NULL);
+    signal(SIGINT, SIG_DFL);
     cli_progress_break(&ps.bar);
     if (rc == CLIPDB_ESTOPPED) {
         fprintf(stderr, "clipdb reembed: %s\n", clipdb_db_errmsg(db));

@@ -114,8 +114,11 @@ int cli_cmd_stats(int argc, char **argv)
         }
         for (i = 0; i < st.n_sets; i++) {
             const clipdb_db_set_info *x = &st.sets[i];
-            printf("set        %-12s %lld images, %lld texts; model %s (%d dims, %s)\n", x->name,
-                   (long long)x->images, (long long)x->texts, x->model, x->dim, x->precision);
+            printf("set        ");
+            cli_print_plain(stdout, x->name); /* names from the file: one line each */
+            printf(": %lld images, %lld texts; model ", (long long)x->images, (long long)x->texts);
+            cli_print_plain(stdout, x->model);
+            printf(" (%d dims, %s)\n", x->dim, x->precision);
         }
     }
     clipdb_db_stats_free(&st);

@@ -302,10 +302,12 @@ typedef struct clipdb_hit {
 #define CLIPDB_MAX_K     (1 << 24)
 #define CLIPDB_MAX_NLIST (1 << 20)
 #define CLIPDB_DEFAULT_SEED 1234 /* k-means seed when none is given */
-/* The name of a database's vector set (the vectors of its own model). A
-** database holds this one set today; eval, the server and the page name it
-** so. */
+/* The name of a database's own vector set: the vectors of the model it was
+** created with. Other sets (the vectors of other models over the same items,
+** e.g. a fine-tuned one) are added by clipdb_db_reembed under a name of
+** 1 to CLIPDB_VECTOR_SET_NAME_MAX characters [A-Za-z0-9_-]. */
 #define CLIPDB_VECTOR_SET_BASE "base"
+#define CLIPDB_VECTOR_SET_NAME_MAX 64
 
 /* A borrowed view of n vectors of dimension d. Nothing is copied or freed. */
 typedef struct clipdb_vecs {
@@ -469,7 +471,9 @@ typedef struct clipdb_db clipdb_db;
 
 /* The on-disk format: SQLite PRAGMA application_id and user_version. */
 #define CLIPDB_DB_MAGIC   0x434C4442 /* "CLDB" */
-#define CLIPDB_DB_VERSION 2 /* 2: stored Faiss indexes; 1 is still read */
+#define CLIPDB_DB_VERSION 3 /* 2: stored Faiss indexes; 3: named vector
+                            ** sets (a file becomes 3 only when its first
+                            ** set is made); 1 and 2 are still read */
 
 /* Item types. */
 #define CLIPDB_ITEM_IMAGE 1
@@ -480,7 +484,9 @@ typedef struct clipdb_db_options {
                            ** exist) bound to the model in model_dir */
     int readonly;          /* 1: open read-only (not with create) */
     const char *model_dir; /* create: the model (required). Open: the model
-                           ** directory to use instead of the recorded one */
+                           ** directory to use instead of the recorded one;
+                           ** without `model`, also for a search of a named
+                           ** vector set (it must be that set's model) */
     clipdb_model *model;   /* open: a model already open to use (borrowed: it
                            ** must outlive the handle; checked against the
                            ** recorded identity on first use), so that several
@@ -571,12 +577,58 @@ typedef struct clipdb_add_result {
 CLIPDB_API int clipdb_db_add(clipdb_db *db, const clipdb_add_options *opt,
                              clipdb_add_result *res);
 
-/* Deletes items and their vectors; deleting an image deletes its captions
-** too. Unknown ids are CLIPDB_ENOTFOUND (nothing is deleted). Counts go to
+/* Deletes items and their vectors (in every vector set); deleting an image
+** deletes its captions too. Unknown ids are CLIPDB_ENOTFOUND (nothing is deleted). Counts go to
 ** *n_items (the ids given) and *n_captions (captions deleted with their
 ** images); either may be NULL. */
 CLIPDB_API int clipdb_db_rm(clipdb_db *db, const int64_t *ids, int n,
                             int64_t *n_items, int64_t *n_captions);
+
+/* ---- vector sets ---- */
+
+/* Options of clipdb_db_reembed. Fill with clipdb_reembed_options_init. */
+typedef struct clipdb_reembed_options {
+    const char *name;          /* the set: [A-Za-z0-9_-]{1,64}, not "base" */
+    const char *model_dir;     /* the model whose vectors the set holds */
+    const char *precision;     /* encoder precision (NULL: fp32); a set keeps
+                               ** the one it was made with */
+    int batch_size;            /* items per encoder batch and commit
+                               ** (default 32, at most 1024) */
+    /* Called after every committed batch and at the end of each phase
+    ** (phase "images" or "texts"; added = encoded into the set, skipped =
+    ** already in it); a non-zero return stops the run after that commit:
+    ** CLIPDB_ESTOPPED, everything committed kept. May be NULL. */
+    int (*on_progress)(void *arg, const clipdb_add_progress *p);
+    /* Called for each item that could not be encoded: "PATH: reason"
+    ** (images) or "text ID: reason". May be NULL. */
+    void (*on_warning)(void *arg, const char *msg);
+    void *arg;
+} clipdb_reembed_options;
+CLIPDB_API void clipdb_reembed_options_init(clipdb_reembed_options *opt);
+
+typedef struct clipdb_reembed_result {
+    int64_t images_encoded, texts_encoded; /* added to the set by this run */
+    int64_t images_present, texts_present; /* already in the set: skipped */
+    int64_t images_failed, texts_failed;   /* reported through on_warning */
+    int created;                           /* 1: this run made the set */
+} clipdb_reembed_result;
+
+/* Encodes every item of the database (images from their stored absolute
+** paths, texts and captions from their stored text) with the model in
+** opt->model_dir into the vector set opt->name, creating the set on first
+** use (and the tables of sets: the file becomes format version 3).
+** Incremental: items already in the set are skipped, so a rerun after
+** new adds encodes only those. Commits every batch, so a killed run keeps
+** every committed batch and the rerun finishes. An item that cannot be
+** encoded (a missing or corrupt image file) is reported and counted, not
+** fatal. Refused: a bad name or "base" (CLIPDB_EINVAL), an existing set
+** made by another model or precision (CLIPDB_EMISMATCH: use a new name, or
+** drop the set first), a read-only handle. res may be NULL. */
+CLIPDB_API int clipdb_db_reembed(clipdb_db *db, const clipdb_reembed_options *opt,
+                                 clipdb_reembed_result *res);
+/* Deletes vector set `name` and its vectors (one transaction).
+** CLIPDB_ENOTFOUND for an unknown set; "base" is CLIPDB_EINVAL. */
+CLIPDB_API int clipdb_db_drop_set(clipdb_db *db, const char *name);
 
 /* ---- searching ---- */
 
@@ -615,6 +667,13 @@ typedef struct clipdb_search_options {
     const char *const *where;/* n_where filters "FIELD=VALUE" on metadata
                              ** (all must hold); FIELD may also be "type" */
     int n_where;
+    const char *vector_set;  /* the vector set searched: NULL (default) or
+                             ** CLIPDB_VECTOR_SET_BASE, or a set made by
+                             ** clipdb_db_reembed (queries are encoded with
+                             ** that set's model; exact index only; an
+                             ** unknown name is CLIPDB_ENOTFOUND). A set
+                             ** lacking items searches those it has and says
+                             ** so in clipdb_results.note */
 } clipdb_search_options;
 CLIPDB_API void clipdb_search_options_init(clipdb_search_options *opt);
 
@@ -704,6 +763,17 @@ typedef struct clipdb_db_index_info {
                              ** added later join it at search time) */
 } clipdb_db_index_info;
 
+/* One vector set of a database (clipdb_db_stats.sets). */
+typedef struct clipdb_db_set_info {
+    const char *name;        /* CLIPDB_VECTOR_SET_BASE or the set's name */
+    const char *model;       /* identity of the model that made its vectors */
+    const char *model_dir;   /* that model's recorded directory */
+    const char *precision;   /* "fp32", "bf16" or "int8" */
+    int dim;                 /* its vectors' dimension */
+    int64_t images, texts;   /* vectors it holds, by item type */
+    int64_t created_at;      /* Unix time; 0 for base */
+} clipdb_db_set_info;
+
 typedef struct clipdb_db_stats {
     int64_t images, texts, captions, vectors;
     int format_version;
@@ -713,8 +783,12 @@ typedef struct clipdb_db_stats {
     const char *path;        /* the database file */
     int n_indexes;
     clipdb_db_index_info *indexes; /* n_indexes stored indexes, any number */
+    int n_sets;
+    clipdb_db_set_info *sets;      /* n_sets vector sets: sets[0] is
+                                   ** CLIPDB_VECTOR_SET_BASE, then the named
+                                   ** ones by name */
 } clipdb_db_stats;
-/* Fills *out. indexes (and their factory strings) belong to the caller:
+/* Fills *out. indexes and sets (and their strings) belong to the caller:
 ** free them with clipdb_db_stats_free; the other strings belong to db and
 ** live until it is closed. On failure nothing is left to free. */
 CLIPDB_API int clipdb_db_get_stats(clipdb_db *db, clipdb_db_stats *out);

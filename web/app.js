@@ -36,7 +36,7 @@ async function loadStats() {
     $('dbinfo').textContent = `${s.images} images · ${s.texts} texts · model ${s.model}`;
     $('k').max = s.max_k;
     // The model switch ("fine-tuned or not") appears only when the database
-    // holds more than one vector set; today databases hold one ("base").
+    // holds more than one vector set (base, plus those clipdb reembed adds).
     const sets = s.vector_sets || ['base'];
     const sel = $('vectors');
     sel.replaceChildren(...sets.map((v) => new Option(v === 'base' ? 'pretrained (base)' : v, v)));
@@ -52,7 +52,7 @@ function params() {
   const p = { target: t.target, k: Number($('k').value) || 10, metric: $('metric').value,
               index: $('index').value };
   if (p.index === 'ivf') p.nprobe = Number($('nprobe').value) || 8;
-  if (!$('model-wrap').hidden) p.vectors = $('vectors').value;
+  if (!$('model-wrap').hidden) p.space = $('vectors').value;
   return p;
 }
 

@@ -18,6 +18,7 @@
 #define CLI_OK    0
 #define CLI_FAIL  1   /* the operation failed; a one-line message is on stderr */
 #define CLI_USAGE 2   /* bad command line */
+#define CLI_INTERRUPTED 130 /* stopped by Ctrl-C with its work kept (128 + SIGINT) */
 
 typedef struct cli_cmd {
     const char *name;
@@ -72,6 +73,12 @@ void cli_progress_draw(cli_progress *p, const char *label, int64_t done, int64_t
 /* Ends a redrawn line (before printing anything else on stderr). */
 void cli_progress_break(cli_progress *p);
 
+/* Ctrl-C as a request to stop (train, finetune, reembed): after
+** cli_catch_sigint the first SIGINT sets the flag cli_interrupted() returns;
+** a second one ends the process at once. */
+void cli_catch_sigint(void);
+int cli_interrupted(void);
+
 /* Opens a model with an encoder precision or prints the error; returns
 ** CLI_OK or CLI_FAIL. */
 int cli_open_model(const char *cmd, const char *dir, clipdb_precision prec, clipdb_model **out);
@@ -114,6 +121,10 @@ int cli_cmd_serve(int argc, char **argv);
 
 extern const char cli_eval_help[]; /* cmd_eval.c */
 int cli_cmd_eval(int argc, char **argv);
+
+/* cmd_reembed.c: `clipdb reembed` (vector sets) */
+extern const char cli_reembed_help[];
+int cli_cmd_reembed(int argc, char **argv);
 
 /* cmd_train.c: `clipdb finetune` and `clipdb train` */
 extern const char cli_finetune_help[], cli_train_help[];

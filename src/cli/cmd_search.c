@@ -15,6 +15,7 @@ const char cli_search_help[] =
     "                     [--target image|text] [-k K] [--metric cosine|dot|l2]\n"
     "                     [--index exact|ivf|faiss] [--nprobe N] [--faiss SPEC]\n"
     "                     [--where FIELD=VALUE]... [--json] [--model DIR]\n"
+    "                     [--space NAME]\n"
     "\n"
     "Finds the K stored items of the target type (images or texts) nearest to\n"
     "the query: a text, an image file, or a stored item. Every direction\n"
@@ -44,13 +45,18 @@ const char cli_search_help[] =
     "                    (a metadata field named like one of these is \"meta.NAME\";\n"
     "                    a score that is not finite is null)\n"
     "                    {\"queries\": [{\"query\", \"results\"}], \"took_ms\"}\n"
-    "  --model DIR       model directory (default: the recorded one)\n"
+    "  --space NAME      the vector set to search (default base, the database's\n"
+    "                    own model; others are added by 'clipdb reembed'): the\n"
+    "                    query is encoded with that set's model; exact index only\n"
+    "  --model DIR       model directory (default: the recorded one, of the set\n"
+    "                    searched; another model is refused)\n"
     "  --precision P     encoder precision; must be the one recorded by init\n"
     "\n"
     "examples:\n"
     "  clipdb search photos.db --text \"a dog on a beach\" -k 5\n"
     "  clipdb search photos.db --image cat.jpg --target text --json\n"
-    "  clipdb search photos.db --text \"a red bus\" --index ivf --nprobe 4 --where split=val2017\n";
+    "  clipdb search photos.db --text \"a red bus\" --index ivf --nprobe 4 --where split=val2017\n"
+    "  clipdb search photos.db --text \"a red bus\" --space finetuned\n";
 
 /* The members a result object prints itself; a metadata field of one of
 ** these names is printed as "meta.NAME" so that it cannot shadow them (nor
@@ -289,6 +295,8 @@ int cli_cmd_search(int argc, char **argv)
             where[opt.n_where++] = argv[++a];
         } else if (!strcmp(s, "--model") && has) {
             model = argv[++a];
+        } else if (!strcmp(s, "--space") && has) {
+            opt.vector_set = argv[++a];
         } else if (!strcmp(s, "--precision") && has) {
             precision = argv[++a];
         } else if (!strcmp(s, "--json")) {
@@ -322,9 +330,11 @@ int cli_cmd_search(int argc, char **argv)
         ret = search_fail(db, path, &opt);
         goto cleanup;
     }
-    if (res->note)
+    if (res->note && opt.index == CLIPDB_INDEX_FAISS)
         fprintf(stderr, "clipdb search: note: %s ('clipdb index %s --faiss SPEC' stores one)\n",
                 res->note, path);
+    else if (res->note)
+        fprintf(stderr, "clipdb search: note: %s\n", res->note);
     if (json) {
         printf(batch ? "{\"queries\": [" : "{\"results\": [");
         for (i = 0; i < nq; i++) {

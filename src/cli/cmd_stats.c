@@ -10,14 +10,19 @@ const char cli_stats_help[] =
     "\n"
     "Prints what the database holds: numbers of images, texts (captions\n"
     "included) and vectors, the model identity and directory, the format\n"
-    "version and the stored indexes (IVF, Faiss).\n"
+    "version, the stored indexes (IVF, Faiss) and the vector sets: 'base' (the\n"
+    "database's own model) and any added by 'clipdb reembed', with their models\n"
+    "and how many images and texts each holds.\n"
     "\n"
     "options:\n"
     "  --json   one JSON object: {\"images\": N, \"texts\": M, \"captions\": C,\n"
     "           \"vectors\": V, \"model\": ..., \"model_dir\": ..., \"dim\": D,\n"
     "           \"format_version\": 1, \"indexes\": [{\"kind\": \"ivf\", \"target\": ...,\n"
     "           \"metric\": ..., \"nlist\": ..., \"vectors\": ...}, {\"kind\": \"faiss\",\n"
-    "           \"factory\": ..., \"target\": ..., \"metric\": ..., \"vectors\": ...}]}\n"
+    "           \"factory\": ..., \"target\": ..., \"metric\": ..., \"vectors\": ...}],\n"
+    "           \"sets\": [{\"name\": \"base\", \"model\": ..., \"model_dir\": ...,\n"
+    "           \"precision\": ..., \"dim\": ..., \"images\": ..., \"texts\": ...,\n"
+    "           \"vectors\": ..., \"created_at\": ...}, ...]}\n"
     "\n"
     "example:\n"
     "  clipdb stats photos.db --json\n";
@@ -74,6 +79,20 @@ int cli_cmd_stats(int argc, char **argv)
             printf("\"target\": \"%s\", \"metric\": \"%s\", \"vectors\": %lld}",
                    target_name(x->target), clipdb_metric_name(x->metric), (long long)x->n_vectors);
         }
+        printf("], \"sets\": [");
+        for (i = 0; i < st.n_sets; i++) {
+            const clipdb_db_set_info *x = &st.sets[i];
+            printf("%s{\"name\": ", i ? ", " : "");
+            cli_print_json_string(stdout, x->name);
+            printf(", \"model\": ");
+            cli_print_json_string(stdout, x->model);
+            printf(", \"model_dir\": ");
+            cli_print_json_string(stdout, x->model_dir);
+            printf(", \"precision\": \"%s\", \"dim\": %d, \"images\": %lld, \"texts\": %lld, "
+                   "\"vectors\": %lld, \"created_at\": %lld}",
+                   x->precision, x->dim, (long long)x->images, (long long)x->texts,
+                   (long long)(x->images + x->texts), (long long)x->created_at);
+        }
         printf("]}\n");
     } else {
         printf("database   %s (format version %d)\n", st.path, st.format_version);
@@ -92,6 +111,14 @@ int cli_cmd_stats(int argc, char **argv)
                 printf("index      %s on %s vectors, metric %s, %d lists, %lld vectors\n",
                        x->kind, target_name(x->target), clipdb_metric_name(x->metric), x->nlist,
                        (long long)x->n_vectors);
+        }
+        for (i = 0; i < st.n_sets; i++) {
+            const clipdb_db_set_info *x = &st.sets[i];
+            printf("set        ");
+            cli_print_plain(stdout, x->name); /* names from the file: one line each */
+            printf(": %lld images, %lld texts; model ", (long long)x->images, (long long)x->texts);
+            cli_print_plain(stdout, x->model);
+            printf(" (%d dims, %s)\n", x->dim, x->precision);
         }
     }
     clipdb_db_stats_free(&st);

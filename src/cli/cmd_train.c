@@ -13,8 +13,6 @@
 
 #include "cli/cli.h"
 
-#define CLI_INTERRUPTED 130 /* stopped by Ctrl-C, checkpoint written (128 + SIGINT) */
-
 #define COMMON_OPTIONS_HELP                                                                \
     "  --out DIR            the model directory to write (refused if it exists)\n"         \
     "  --force              replace an existing --out\n"                                   \
@@ -114,15 +112,6 @@ const char cli_train_help[] =
 
 /* ---- progress and Ctrl-C ---------------------------------------------------- */
 
-static volatile sig_atomic_t interrupted;
-
-static void on_sigint(int sig)
-{
-    (void)sig;
-    interrupted = 1;
-    signal(SIGINT, SIG_DFL); /* a second Ctrl-C ends the process at once */
-}
-
 typedef struct progress_state {
     const char *cmd;
     int tty, quiet, drawn;
@@ -150,7 +139,7 @@ static int on_progress(void *arg, const clipdb_train_progress *p)
 {
     progress_state *ps = arg;
     char eta[32];
-    if (ps->quiet) return interrupted;
+    if (ps->quiet) return cli_interrupted();
     fmt_eta(p->eta_s, eta, sizeof eta);
     if (!strcmp(p->event, "step")) {
         if (ps->tty) {
@@ -186,7 +175,7 @@ static int on_progress(void *arg, const clipdb_train_progress *p)
         fprintf(stderr, "checkpoint at step %ld: %s\n", p->step, p->path);
     }
     fflush(stderr);
-    return interrupted;
+    return cli_interrupted();
 }
 
 /* ---- options --------------------------------------------------------------- */
@@ -368,7 +357,7 @@ int cli_cmd_finetune(int argc, char **argv)
     ps.tty = isatty(2);
     o.progress = on_progress;
     o.progress_arg = &ps;
-    signal(SIGINT, on_sigint);
+    cli_catch_sigint();
     rc = clipdb_finetune(db, model, out, &o, &err);
     return run_training("finetune", &ps, out, rc, err);
 }
@@ -423,7 +412,7 @@ int cli_cmd_train(int argc, char **argv)
     ps.tty = isatty(2);
     o.progress = on_progress;
     o.progress_arg = &ps;
-    signal(SIGINT, on_sigint);
+    cli_catch_sigint();
     rc = clipdb_train(images, captions, out, &o, &err);
     return run_training("train", &ps, out, rc, err);
 }

@@ -68,6 +68,8 @@ const cli_cmd cli_commands[] = {
      cli_cmd_serve},
     {"eval", "retrieval evaluation: R@K, ranks, hit-rate curves, indexes, plots, HTML",
      cli_eval_help, cli_cmd_eval},
+    {"reembed", "add a vector set: every item encoded with another model (e.g. fine-tuned)",
+     cli_reembed_help, cli_cmd_reembed},
     /* the model */
     {"embed", "print CLIP embeddings of texts and images", cli_embed_help, cli_cmd_embed},
     {"tokenize", "print the CLIP token ids of texts", cli_tokenize_help, cli_cmd_tokenize},

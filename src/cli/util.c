@@ -6,6 +6,7 @@
 #include <fcntl.h>
 #include <math.h>
 #include <stdarg.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -277,4 +278,24 @@ FILE *cli_fopen_regular(const char *cmd, const char *path)
         return NULL;
     }
     return f;
+}
+
+static volatile sig_atomic_t interrupted;
+
+static void on_sigint(int sig)
+{
+    (void)sig;
+    interrupted = 1;
+    signal(SIGINT, SIG_DFL); /* a second Ctrl-C ends the process at once */
+}
+
+void cli_catch_sigint(void)
+{
+    interrupted = 0;
+    signal(SIGINT, on_sigint);
+}
+
+int cli_interrupted(void)
+{
+    return interrupted;
 }

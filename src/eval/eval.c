@@ -158,7 +158,7 @@ static int eval_set(clipdb_eval *ev, clipdb_db *db, cdb_eval_set *set, const cha
 {
     const cdb_split *sp = ev->split;
     size_t ni = sp->n_images, nc = sp->n_captions, i;
-    int d = (int)ev->embed_dim, m, rc = CLIPDB_OK;
+    int d = set->dim, m, rc = CLIPDB_OK;
     float *iv = NULL, *cv = NULL;
     int64_t *ilab = NULL, *clab = NULL, *rt[CDB_N_METRICS] = {0}, *ri[CDB_N_METRICS] = {0};
     double t0 = cdb_now();
@@ -311,7 +311,7 @@ static int compare_indexes(clipdb_eval *ev, clipdb_db *db)
 {
     const cdb_split *sp = ev->split;
     size_t ni = sp->n_images, nc = sp->n_captions, i;
-    int d = (int)ev->embed_dim, k = ev->opt.index_k, nlist, p, r, n_out, rc = CLIPDB_OK;
+    int d = ev->sets[0].dim, k = ev->opt.index_k, nlist, p, r, n_out, rc = CLIPDB_OK;
     double dt[REPEATS];
     float *iv = NULL, *cv = NULL;
     int64_t *ids = NULL;
@@ -453,7 +453,7 @@ static int draw_samples(clipdb_eval *ev, clipdb_db *db, int i2t)
     const cdb_split *sp = ev->split;
     size_t ni = sp->n_images, nc = sp->n_captions, nq = i2t ? ni : nc, ng = i2t ? nc : ni;
     size_t ns = (size_t)ev->opt.n_samples, i, j;
-    int d = (int)ev->embed_dim, top = ev->opt.sample_top, n_out, rc = CLIPDB_OK, a;
+    int d = ev->sets[0].dim, top = ev->opt.sample_top, n_out, rc = CLIPDB_OK, a;
     float *gv = NULL, *qv = NULL;
     int64_t *qid = NULL;
     clipdb_hit *hits = NULL;
@@ -549,11 +549,11 @@ cleanup:
 int clipdb_eval_run(clipdb_db *db, const clipdb_eval_options *opt, clipdb_eval **out)
 {
     clipdb_eval *ev = calloc(1, sizeof *ev);
-    const char *const *set_names;
+    char **set_names = NULL;
     const char **where = NULL;
     char *split_filter = NULL;
     clipdb_db_stats st;
-    int rc, n_where, n_names, i;
+    int rc, n_where, n_names = 0, i, first = 0;
     size_t c;
     double t0 = cdb_now();
     time_t now = time(NULL);
@@ -643,33 +643,48 @@ int clipdb_eval_run(clipdb_db *db, const clipdb_eval_options *opt, clipdb_eval *
         ev->cap_img[c] = image_index(ev->split, ev->split->caption_image[c]);
 
     /* the vector sets */
-    cdb_db_vector_sets(db, &set_names, &n_names);
+    /* the vector sets: the database's list (base first), or the one asked for */
+    if ((rc = cdb_db_vector_sets(db, &set_names, &n_names)) != CLIPDB_OK) {
+        cdb_err_set(&ev->err, rc, "%s", clipdb_db_errmsg(db));
+        goto cleanup;
+    }
     if (ev->opt.vector_set) {
         for (i = 0; i < n_names && strcmp(set_names[i], ev->opt.vector_set); i++) {
         }
         if (i == n_names) {
+            char *list = cdb_strdup(""), *next;
+            for (i = 0; i < n_names && list; i++) {
+                next = cdb_sprintf("%s%s%s", list, i ? ", " : "", set_names[i]);
+                free(list);
+                list = next;
+            }
             rc = cdb_err_set(&ev->err, CLIPDB_ENOTFOUND,
                              "no vector set '%s' in %s (it has: %s)", ev->opt.vector_set,
-                             ev->db_path, set_names[0]);
+                             ev->db_path, list ? list : CLIPDB_VECTOR_SET_BASE);
+            free(list);
             goto cleanup;
         }
-        set_names += i;
-        n_names = 1;
+        first = i;
     }
-    ev->opt.vector_set = NULL;
     ev->sets = calloc((size_t)n_names, sizeof *ev->sets);
     if (!ev->sets) {
         rc = cdb_err_set(&ev->err, CLIPDB_ENOMEM, "out of memory");
         goto cleanup;
     }
-    for (i = 0; i < n_names; i++) {
+    for (i = first; i < (ev->opt.vector_set ? first + 1 : n_names); i++) {
         cdb_eval_set *s = &ev->sets[ev->n_sets++];
+        const char *model = NULL;
         if (!(s->name = cdb_strdup(set_names[i]))) {
             rc = cdb_err_set(&ev->err, CLIPDB_ENOMEM, "out of memory");
             goto cleanup;
         }
-        if ((rc = eval_set(ev, db, s, ev->model)) != CLIPDB_OK) goto cleanup;
+        if ((rc = cdb_db_set_shape(db, s->name, &s->dim, &model)) != CLIPDB_OK) {
+            cdb_err_set(&ev->err, rc, "%s", clipdb_db_errmsg(db));
+            goto cleanup;
+        }
+        if ((rc = eval_set(ev, db, s, model)) != CLIPDB_OK) goto cleanup;
     }
+    ev->opt.vector_set = NULL;
 
     /* the random baseline: t2i one right image among N; i2t m right captions */
     {
@@ -699,6 +714,7 @@ int clipdb_eval_run(clipdb_db *db, const clipdb_eval_options *opt, clipdb_eval *
         goto cleanup;
     ev->total_seconds = cdb_now() - t0;
 cleanup:
+    cdb_db_vector_sets_free(set_names, n_names);
     free(where);
     free(split_filter);
     return rc;

@@ -75,6 +75,7 @@ void cdb_eval_random_curve(const int64_t *m, size_t nq, int64_t n, int kmax, dou
 
 typedef struct cdb_eval_set {
     char *name;
+    int dim;                          /* of the set's vectors */
     clipdb_eval_summary sum;
     int kmax_t2i, kmax_i2t;
     double *curve_t2i[CDB_N_METRICS]; /* kmax_t2i hit rates, per metric */

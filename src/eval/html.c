@@ -149,7 +149,7 @@ static int write_html(clipdb_eval *ev, FILE *f)
     fputs("<h1>clipdb eval</h1>\n<p>database <code>", f);
     put_escaped(f, ev->db_path);
     fputs("</code>, model <code>", f);
-    put_escaped(f, ev->model);
+    put_escaped(f, ev->n_sets > 0 && ev->sets[0].sum.model ? ev->sets[0].sum.model : ev->model);
     fputs("</code>, images <code>", f);
     put_escaped(f, ev->split_desc);
     fprintf(f,

@@ -116,7 +116,7 @@ int clipdb_eval_json(clipdb_eval *ev, char **json)
     root = cJSON_CreateObject();
     if (!root) goto oom;
     cJSON_AddStringToObject(root, "database", ev->db_path);
-    cJSON_AddStringToObject(root, "model", ev->model);
+    cJSON_AddStringToObject(root, "model", s0->sum.model ? s0->sum.model : ev->model);
     cJSON_AddStringToObject(root, "vector_set", s0->name);
     cJSON_AddStringToObject(root, "split", ev->split_desc);
     cJSON_AddStringToObject(root, "date", ev->date);

@@ -367,10 +367,24 @@ static int h_stats(hreq *r)
         cJSON_AddNumberToObject(e, "n_vectors", (double)x->n_vectors);
         cJSON_AddItemToArray(arr, e);
     }
-    /* A database holds one vector set today; the page shows the model switch
-    ** only when this lists two. */
+    /* The vector sets, base first; the page shows the "fine-tuned or not"
+    ** switch only when this lists two or more. "sets" has the details. */
     sets = cJSON_AddArrayToObject(o, "vector_sets");
-    if (sets) cJSON_AddItemToArray(sets, cJSON_CreateString(CLIPDB_VECTOR_SET_BASE));
+    for (i = 0; sets && i < st.n_sets; i++)
+        cJSON_AddItemToArray(sets, cJSON_CreateString(st.sets[i].name));
+    arr = cJSON_AddArrayToObject(o, "sets");
+    for (i = 0; arr && i < st.n_sets; i++) {
+        const clipdb_db_set_info *x = &st.sets[i];
+        cJSON *e = cJSON_CreateObject();
+        if (!e) break;
+        cJSON_AddStringToObject(e, "name", x->name);
+        cJSON_AddStringToObject(e, "model", x->model ? x->model : "");
+        cJSON_AddStringToObject(e, "precision", x->precision);
+        cJSON_AddNumberToObject(e, "dim", x->dim);
+        cJSON_AddNumberToObject(e, "images", (double)x->images);
+        cJSON_AddNumberToObject(e, "texts", (double)x->texts);
+        cJSON_AddItemToArray(arr, e);
+    }
     cJSON_AddBoolToObject(o, "readonly", r->s->opt.readonly);
     cJSON_AddBoolToObject(o, "writable", !r->s->opt.readonly && r->s->token);
     cJSON_AddNumberToObject(o, "max_k", CDB_HTTP_MAX_K);
@@ -477,11 +491,15 @@ static int h_search(hreq *r)
         goto cleanup;
     }
     opt.nprobe = (int)v;
-    if ((sv = param_str(p, "vectors")) || cJSON_GetObjectItemCaseSensitive(p, "vectors")) {
-        if (!sv || strcmp(sv, CLIPDB_VECTOR_SET_BASE)) {
-            st = reply_error(r, 400, "this database holds one vector set: 'base'");
+    /* the vector set: "space" (as the CLI's --space), or "vectors" (older
+    ** pages); an unknown name is the search's 404 */
+    if ((sv = param_str(p, "space")) || cJSON_GetObjectItemCaseSensitive(p, "space") ||
+        (sv = param_str(p, "vectors")) || cJSON_GetObjectItemCaseSensitive(p, "vectors")) {
+        if (!sv || !*sv || strlen(sv) > CLIPDB_VECTOR_SET_NAME_MAX) {
+            st = reply_error(r, 400, "'space' is the name of a vector set (see /api/stats)");
             goto cleanup;
         }
+        opt.vector_set = sv;
     }
     /* filters: ["FIELD=VALUE", ...], {"FIELD": VALUE, ...} or one string */
     w = cJSON_GetObjectItemCaseSensitive(p, "where");
@@ -558,7 +576,8 @@ static int h_search(hreq *r)
                                             : opt.index == CLIPDB_INDEX_FAISS ? "faiss"
                                                                               : "exact");
         if (opt.index == CLIPDB_INDEX_IVF) cJSON_AddNumberToObject(q, "nprobe", opt.nprobe);
-        cJSON_AddStringToObject(q, "vectors", CLIPDB_VECTOR_SET_BASE);
+        cJSON_AddStringToObject(q, "vectors",
+                                opt.vector_set ? opt.vector_set : CLIPDB_VECTOR_SET_BASE);
     }
     if (res->note) cJSON_AddStringToObject(o, "note", res->note);
     reply_json(r, 200, o);

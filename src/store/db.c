@@ -8,7 +8,10 @@
 **  - The version goes up by one whenever the schema or the meaning of a
 **    stored value changes; the changes of each version are listed in
 **    store.h's schema comment (1: items, vectors, IVF; 2: stored Faiss
-**    indexes).
+**    indexes; 3: named vector sets, vsets.c). Version 3 is taken only by a
+**    file that gets its first named set: a read-write open upgrades older
+**    files to 2 (CDB_DB_VERSION_PLAIN), so a file without sets stays
+**    readable by the clipdb that wrote it.
 **  - Every older version stays readable: a read-only open works on the file
 **    as it is (what an old version lacks is absent, e.g. no Faiss indexes in
 **    v1); the first read-write open upgrades it in place, in one transaction
@@ -72,18 +75,6 @@ static const char *const schema_v2_sql =
     "  id INTEGER NOT NULL, stale INTEGER NOT NULL DEFAULT 0,"
     "  PRIMARY KEY(target, metric, id)) WITHOUT ROWID;"
     "CREATE INDEX IF NOT EXISTS faiss_ids_id ON faiss_ids(id);";
-
-/* Runs a one-row query returning an integer. */
-static int query_int(clipdb_db *db, const char *sql, int64_t *out)
-{
-    sqlite3_stmt *st = NULL;
-    int rc = cdb_db_prepare(db, sql, &st);
-    if (rc != CLIPDB_OK) return rc;
-    if (sqlite3_step(st) == SQLITE_ROW) *out = sqlite3_column_int64(st, 0);
-    else rc = cdb_db_sqlerr(db, sql);
-    sqlite3_finalize(st);
-    return rc;
-}
 
 static int meta_put(clipdb_db *db, const char *key, const char *value)
 {
@@ -238,15 +229,15 @@ int cdb_db_create_raw(clipdb_db **out, const char *path, const char *identity,
     rc = set_pragmas(db);
     if (rc != CLIPDB_OK) goto cleanup;
     snprintf(buf, sizeof buf, "PRAGMA application_id=%d; PRAGMA user_version=%d;",
-             (int)CLIPDB_DB_MAGIC, CLIPDB_DB_VERSION);
+             (int)CLIPDB_DB_MAGIC, CDB_DB_VERSION_PLAIN);
     if ((rc = cdb_db_begin(db)) != CLIPDB_OK) goto cleanup;
     if ((rc = cdb_db_exec(db, buf)) != CLIPDB_OK) goto cleanup;
     if ((rc = cdb_db_exec(db, schema_sql)) != CLIPDB_OK) goto cleanup;
     if ((rc = cdb_db_exec(db, schema_v2_sql)) != CLIPDB_OK) goto cleanup;
-    db->format_version = CLIPDB_DB_VERSION;
+    db->format_version = CDB_DB_VERSION_PLAIN;
     absdir = model_dir ? realpath(model_dir, NULL) : NULL;
     if ((rc = meta_put(db, "format", "clipdb")) != CLIPDB_OK) goto cleanup;
-    snprintf(buf, sizeof buf, "%d", CLIPDB_DB_VERSION);
+    snprintf(buf, sizeof buf, "%d", CDB_DB_VERSION_PLAIN);
     if ((rc = meta_put(db, "format_version", buf)) != CLIPDB_OK) goto cleanup;
     snprintf(buf, sizeof buf, "%d", embed_dim);
     if ((rc = meta_put(db, "embed_dim", buf)) != CLIPDB_OK) goto cleanup;
@@ -311,8 +302,8 @@ static int check_header(clipdb_db *db)
                                "%s: not a clipdb database (not an SQLite file)", db->path);
         return cdb_db_sqlerr(db, "opening");
     }
-    if ((rc = query_int(db, "PRAGMA application_id", &app)) != CLIPDB_OK) return rc;
-    if ((rc = query_int(db, "PRAGMA user_version", &ver)) != CLIPDB_OK) return rc;
+    if ((rc = cdb_db_query_int(db, "PRAGMA application_id", &app)) != CLIPDB_OK) return rc;
+    if ((rc = cdb_db_query_int(db, "PRAGMA user_version", &ver)) != CLIPDB_OK) return rc;
     if ((uint32_t)app != CLIPDB_DB_MAGIC)
         return cdb_err_set(&db->err, CLIPDB_EFORMAT,
                            "%s: not a clipdb database (SQLite application_id 0x%08x, "
@@ -338,17 +329,22 @@ static int upgrade(clipdb_db *db)
     char buf[64];
     int64_t ver = 0;
     int rc;
-    if (db->readonly || db->format_version >= CLIPDB_DB_VERSION) return CLIPDB_OK;
+    if (db->readonly || db->format_version >= CDB_DB_VERSION_PLAIN) return CLIPDB_OK;
     if ((rc = cdb_db_begin(db)) != CLIPDB_OK) return rc;
     /* another process may have upgraded it meanwhile */
-    if ((rc = query_int(db, "PRAGMA user_version", &ver)) != CLIPDB_OK) goto cleanup;
+    if ((rc = cdb_db_query_int(db, "PRAGMA user_version", &ver)) != CLIPDB_OK) goto cleanup;
+    if (ver >= CDB_DB_VERSION_PLAIN) { /* never lower what another process wrote */
+        rc = cdb_db_commit(db);
+        if (rc == CLIPDB_OK) db->format_version = (int)ver;
+        goto cleanup;
+    }
     if (ver < 2 && (rc = cdb_db_exec(db, schema_v2_sql)) != CLIPDB_OK) goto cleanup;
-    snprintf(buf, sizeof buf, "PRAGMA user_version=%d", CLIPDB_DB_VERSION);
+    snprintf(buf, sizeof buf, "PRAGMA user_version=%d", CDB_DB_VERSION_PLAIN);
     if ((rc = cdb_db_exec(db, buf)) != CLIPDB_OK) goto cleanup;
-    snprintf(buf, sizeof buf, "%d", CLIPDB_DB_VERSION);
+    snprintf(buf, sizeof buf, "%d", CDB_DB_VERSION_PLAIN);
     if ((rc = meta_put(db, "format_version", buf)) != CLIPDB_OK) goto cleanup;
     rc = cdb_db_commit(db);
-    if (rc == CLIPDB_OK) db->format_version = CLIPDB_DB_VERSION;
+    if (rc == CLIPDB_OK) db->format_version = CDB_DB_VERSION_PLAIN;
 cleanup:
     if (rc != CLIPDB_OK) cdb_db_rollback(db);
     return rc;
@@ -500,11 +496,8 @@ void clipdb_db_close(clipdb_db *db)
     int i;
     if (!db) return;
     cdb_sindex_release_all(db);
-    for (i = 0; i < CDB_N_SETS; i++) {
-        free(db->sets[i].ids);
-        free(db->sets[i].vecs);
-        free(db->sets[i].norms);
-    }
+    cdb_vsets_release(db);
+    for (i = 0; i < CDB_N_SETS; i++) cdb_vecset_clear(&db->sets[i]);
     if (db->sql) sqlite3_close(db->sql);
     clipdb_ctx_free(db->ctx);
     if (!db->model_shared) clipdb_model_close(db->model);
@@ -666,6 +659,9 @@ int cdb_db_update_image(clipdb_db *db, int64_t id, int64_t size, const char *sha
     if (sqlite3_step(st) != SQLITE_DONE) rc = cdb_db_sqlerr(db, "updating an image");
     sqlite3_finalize(st);
     if (rc != CLIPDB_OK) return rc;
+    /* the named sets' vectors are of the old content: the next reembed
+    ** encodes the new one */
+    if ((rc = cdb_vsets_forget_item(db, id)) != CLIPDB_OK) return rc;
     return put_vector(db, CDB_WRITE_REPLACE, CLIPDB_ITEM_IMAGE, id, vec);
 }
 
@@ -747,7 +743,7 @@ cleanup:
 
 /* ---- deleting ------------------------------------------------------------- */
 
-/* Deletes one item's rows (item, vector, metadata) and tells the stored
+/* Deletes one item's rows (item, vectors of every set, metadata) and tells the stored
 ** indexes (the one write hook). */
 static int delete_one(clipdb_db *db, int64_t id)
 {
@@ -767,6 +763,7 @@ static int delete_one(clipdb_db *db, int64_t id)
         if (sqlite3_step(st) != SQLITE_DONE) rc = cdb_db_sqlerr(db, "deleting");
         sqlite3_finalize(st);
     }
+    if (rc == CLIPDB_OK) rc = cdb_vsets_forget_item(db, id);
     if (rc == CLIPDB_OK) rc = cdb_sindex_on_write(db, &w);
     return rc;
 }
@@ -861,124 +858,19 @@ cleanup:
 
 /* ---- vectors -------------------------------------------------------------- */
 
-static void vecset_clear(cdb_vecset *s)
-{
-    free(s->ids);
-    free(s->vecs);
-    free(s->norms);
-    memset(s, 0, sizeof *s);
-}
-
-/* Why a stored vector (d) and its stored norm cannot be used, or NULL: a
-** non-finite component, or a norm that is not the vector's own (a damaged
-** file: an Inf would rank first, a norm of 1e-30 gives cosines of 1e28). */
-const char *cdb_vector_damage(const float *v, int d, double norm)
-{
-    double n;
-    int i;
-    for (i = 0; i < d; i++)
-        if (!isfinite(v[i])) return "a component is not finite";
-    if (!isfinite(norm)) return "its norm is not finite";
-    n = (double)cdb_norm(v, (size_t)d);
-    /* both are cdb_norm of the same floats: equal but for the rounding of
-    ** a float to the stored double */
-    if (fabs(n - norm) > 1e-5 * n + 1e-30) return "its stored norm is not the vector's";
-    return NULL;
-}
-
 int cdb_db_vectors(clipdb_db *db, int type, const cdb_vecset **out)
 {
-    cdb_vecset *s;
-    sqlite3_stmt *st = NULL;
-    int64_t ver = 0, count = 0;
-    size_t row = 0, vbytes = (size_t)db->embed_dim * sizeof(float);
-    const char *why;
-    int rc, step;
-
+    int rc;
     *out = NULL;
     if (type != CLIPDB_ITEM_IMAGE && type != CLIPDB_ITEM_TEXT)
         return cdb_err_set(&db->err, CLIPDB_EINVAL, "bad item type %d", type);
-    s = &db->sets[type];
-    if ((rc = query_int(db, "PRAGMA data_version", &ver)) != CLIPDB_OK) return rc;
-    if (s->loaded && s->data_version == ver && s->changes == db->local_changes) {
-        *out = s;
-        return CLIPDB_OK;
-    }
-    vecset_clear(s);
-    rc = query_int(db,
-                   type == CLIPDB_ITEM_IMAGE ? "SELECT count(*) FROM vectors_image"
-                                             : "SELECT count(*) FROM vectors_text",
-                   &count);
-    if (rc != CLIPDB_OK) return rc;
-    s->ids = cdb_malloc_array((size_t)count, sizeof *s->ids);
-    s->norms = cdb_malloc_array((size_t)count, sizeof *s->norms);
-    s->vecs = cdb_malloc_array((size_t)count, vbytes);
-    if (!s->ids || !s->norms || !s->vecs) {
-        rc = cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory loading %lld vectors",
-                         (long long)count);
-        goto cleanup;
-    }
-    rc = cdb_db_prepare(db,
-                        type == CLIPDB_ITEM_IMAGE
-                            ? "SELECT id, norm, vec FROM vectors_image ORDER BY id"
-                            : "SELECT id, norm, vec FROM vectors_text ORDER BY id",
-                        &st);
-    if (rc != CLIPDB_OK) goto cleanup;
-    while ((step = sqlite3_step(st)) == SQLITE_ROW) {
-        const void *blob = sqlite3_column_blob(st, 2);
-        if (row >= (size_t)count) break; /* a concurrent writer: count once more later */
-        if ((size_t)sqlite3_column_bytes(st, 2) != vbytes || !blob) {
-            rc = cdb_err_set(&db->err, CLIPDB_EFORMAT,
-                             "%s: corrupt vector of item %lld (%d bytes, expected %zu)",
-                             db->path, (long long)sqlite3_column_int64(st, 0),
-                             sqlite3_column_bytes(st, 2), vbytes);
-            goto cleanup;
-        }
-        s->ids[row] = sqlite3_column_int64(st, 0);
-        s->norms[row] = (float)sqlite3_column_double(st, 1);
-        memcpy(s->vecs + row * (size_t)db->embed_dim, blob, vbytes);
-        if ((why = cdb_vector_damage(s->vecs + row * (size_t)db->embed_dim, db->embed_dim,
-                                 sqlite3_column_double(st, 1))) != NULL) {
-            rc = cdb_err_set(&db->err, CLIPDB_EFORMAT,
-                             "%s: corrupt vector of item %lld (%s); delete or re-add the item",
-                             db->path, (long long)s->ids[row], why);
-            goto cleanup;
-        }
-        row++;
-    }
-    if (step != SQLITE_ROW && step != SQLITE_DONE) {
-        rc = cdb_db_sqlerr(db, "loading vectors");
-        goto cleanup;
-    }
-    s->n = row;
-    s->loaded = 1;
-    s->data_version = ver;
-    s->changes = db->local_changes;
-    *out = s;
-cleanup:
-    sqlite3_finalize(st);
-    if (rc != CLIPDB_OK) vecset_clear(s);
-    return rc;
+    if ((rc = cdb_vecset_load(db, &db->sets[type], -1, type, db->embed_dim)) != CLIPDB_OK)
+        return rc;
+    *out = &db->sets[type];
+    return CLIPDB_OK;
 }
 
 /* ---- statistics ------------------------------------------------------------ */
-
-/* *out = the number of items of `type` (captions only: those of an image). */
-static int count_items(clipdb_db *db, int type, int captions_only, int64_t *out)
-{
-    sqlite3_stmt *st = NULL;
-    int rc = cdb_db_prepare(db,
-                            captions_only
-                                ? "SELECT count(*) FROM items WHERE type = ? AND image IS NOT NULL"
-                                : "SELECT count(*) FROM items WHERE type = ?",
-                            &st);
-    if (rc != CLIPDB_OK) return rc;
-    sqlite3_bind_int(st, 1, type);
-    if (sqlite3_step(st) == SQLITE_ROW) *out = sqlite3_column_int64(st, 0);
-    else rc = cdb_db_sqlerr(db, "counting items");
-    sqlite3_finalize(st);
-    return rc;
-}
 
 void clipdb_db_stats_free(clipdb_db_stats *st)
 {
@@ -988,6 +880,37 @@ void clipdb_db_stats_free(clipdb_db_stats *st)
     free(st->indexes);
     st->indexes = NULL;
     st->n_indexes = 0;
+    /* sets[0] (base) points into db; the named ones own their strings */
+    for (i = 1; st->sets && i < st->n_sets; i++) {
+        free((char *)st->sets[i].name);
+        free((char *)st->sets[i].model);
+        free((char *)st->sets[i].model_dir);
+    }
+    free(st->sets);
+    st->sets = NULL;
+    st->n_sets = 0;
+}
+
+/* sets[0]: the base set, then the named ones. */
+static int stats_sets(clipdb_db *db, clipdb_db_stats *out)
+{
+    clipdb_db_set_info *b;
+    size_t cap = 0;
+    int rc;
+    if (cdb_grow((void **)&out->sets, &cap, 1, sizeof *out->sets))
+        return cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
+    b = &out->sets[out->n_sets++];
+    memset(b, 0, sizeof *b);
+    b->name = CLIPDB_VECTOR_SET_BASE;
+    b->model = db->identity;
+    b->model_dir = db->model_dir;
+    b->precision = clipdb_precision_name(db->precision);
+    b->dim = db->embed_dim;
+    if ((rc = cdb_db_query_int(db, "SELECT count(*) FROM vectors_image", &b->images)) !=
+            CLIPDB_OK ||
+        (rc = cdb_db_query_int(db, "SELECT count(*) FROM vectors_text", &b->texts)) != CLIPDB_OK)
+        return rc;
+    return cdb_vsets_stats(db, out, &cap);
 }
 
 /* Appends one index to out->indexes; *cap: its capacity. */
@@ -1009,11 +932,11 @@ int clipdb_db_get_stats(clipdb_db *db, clipdb_db_stats *out)
 
     memset(out, 0, sizeof *out);
     cdb_err_clear(&db->err);
-    if ((rc = count_items(db, CLIPDB_ITEM_IMAGE, 0, &out->images)) != CLIPDB_OK ||
-        (rc = count_items(db, CLIPDB_ITEM_TEXT, 0, &out->texts)) != CLIPDB_OK ||
-        (rc = count_items(db, CLIPDB_ITEM_TEXT, 1, &out->captions)) != CLIPDB_OK)
+    if ((rc = cdb_db_count_items(db, CLIPDB_ITEM_IMAGE, 0, &out->images)) != CLIPDB_OK ||
+        (rc = cdb_db_count_items(db, CLIPDB_ITEM_TEXT, 0, &out->texts)) != CLIPDB_OK ||
+        (rc = cdb_db_count_items(db, CLIPDB_ITEM_TEXT, 1, &out->captions)) != CLIPDB_OK)
         return rc;
-    if ((rc = query_int(db,
+    if ((rc = cdb_db_query_int(db,
                         "SELECT (SELECT count(*) FROM vectors_image) + "
                         "(SELECT count(*) FROM vectors_text)",
                         &out->vectors)) != CLIPDB_OK)
@@ -1065,6 +988,7 @@ int clipdb_db_get_stats(clipdb_db *db, clipdb_db_stats *out)
     if (s != SQLITE_DONE) rc = cdb_db_sqlerr(db, "listing the Faiss indexes");
 cleanup:
     sqlite3_finalize(st);
+    if (rc == CLIPDB_OK) rc = stats_sets(db, out);
     if (rc != CLIPDB_OK) clipdb_db_stats_free(out);
     return rc;
 }

@@ -11,13 +11,18 @@
 
 #define EXPORT_MAX_WHERE 64
 
-static const char *const set_names[] = {CLIPDB_VECTOR_SET_BASE};
-
-int cdb_db_vector_sets(clipdb_db *db, const char *const **names, int *n)
+int cdb_db_set_shape(clipdb_db *db, const char *set, int *dim, const char **model)
 {
-    (void)db;
-    *names = set_names;
-    *n = (int)(sizeof set_names / sizeof set_names[0]);
+    cdb_vset *v;
+    int rc;
+    if (set && !strcmp(set, CLIPDB_VECTOR_SET_BASE)) {
+        *dim = db->embed_dim;
+        *model = db->identity;
+        return CLIPDB_OK;
+    }
+    if ((rc = cdb_vset_find(db, set, &v)) != CLIPDB_OK) return rc;
+    *dim = v->dim;
+    *model = v->identity;
     return CLIPDB_OK;
 }
 
@@ -199,15 +204,21 @@ int cdb_db_set_vectors(clipdb_db *db, const char *set, int type, const int64_t *
                        float *out)
 {
     const cdb_vecset *vs = NULL;
-    size_t i, d = (size_t)db->embed_dim;
+    cdb_vset *v = NULL;
+    size_t i, d;
     int rc;
 
-    if (!set || strcmp(set, set_names[0]) != 0)
-        return cdb_err_set(&db->err, CLIPDB_ENOTFOUND, "no vector set '%s' in %s (sets: %s)",
-                           set ? set : "(null)", db->path, set_names[0]);
-    if ((rc = cdb_db_vectors(db, type, &vs)) != CLIPDB_OK) return rc;
+    if (set && !strcmp(set, CLIPDB_VECTOR_SET_BASE)) rc = cdb_db_vectors(db, type, &vs);
+    else if ((rc = cdb_vset_find(db, set, &v)) == CLIPDB_OK) rc = cdb_vset_vectors(db, v, type, &vs);
+    if (rc != CLIPDB_OK) return rc;
+    d = (size_t)vs->d;
     for (i = 0; i < n; i++) {
         size_t lo = lower_bound(vs->ids, vs->n, ids[i]);
+        if ((lo == vs->n || vs->ids[lo] != ids[i]) && v)
+            return cdb_err_set(&db->err, CLIPDB_ENOTFOUND,
+                               "item %lld has no vector in vector set '%s' (run 'clipdb "
+                               "reembed %s --model DIR --as %s' to fill it in)",
+                               (long long)ids[i], set, db->path, set);
         if (lo == vs->n || vs->ids[lo] != ids[i])
             return cdb_err_set(&db->err, CLIPDB_ENOTFOUND, "item %lld has no vector",
                                (long long)ids[i]);

@@ -131,23 +131,40 @@ cleanup:
 
 /* ---- query vectors ------------------------------------------------------------ */
 
-static int item_vector(clipdb_db *db, int64_t id, float *out)
+/* The vector set a search runs on: base (v NULL) or a named one, the
+** dimension of its vectors, and (once a query needs encoding) the model and
+** context that encode its queries. */
+typedef struct search_space {
+    cdb_vset *v;
+    int d;
+    clipdb_model *m;
+    clipdb_ctx *ctx;
+} search_space;
+
+static int item_vector(clipdb_db *db, const search_space *sp, int64_t id, float *out)
 {
     sqlite3_stmt *st = NULL;
     int rc = cdb_db_prepare(db,
-                            "SELECT vec FROM vectors_image WHERE id = ?1 UNION ALL "
-                            "SELECT vec FROM vectors_text WHERE id = ?1",
+                            sp->v ? "SELECT vec FROM set_vectors WHERE set_id = ?2 AND id = ?1"
+                                  : "SELECT vec FROM vectors_image WHERE id = ?1 UNION ALL "
+                                    "SELECT vec FROM vectors_text WHERE id = ?1",
                             &st);
     if (rc != CLIPDB_OK) return rc;
     sqlite3_bind_int64(st, 1, id);
+    if (sp->v) sqlite3_bind_int64(st, 2, sp->v->sid);
     if (sqlite3_step(st) != SQLITE_ROW) {
-        rc = cdb_err_set(&db->err, CLIPDB_ENOTFOUND, "%s: no item with id %lld", db->path,
-                         (long long)id);
-    } else if ((size_t)sqlite3_column_bytes(st, 0) != (size_t)db->embed_dim * sizeof(float)) {
+        if (sp->v)
+            rc = cdb_err_set(&db->err, CLIPDB_ENOTFOUND,
+                             "%s: no item with id %lld in vector set '%s'", db->path,
+                             (long long)id, sp->v->name);
+        else
+            rc = cdb_err_set(&db->err, CLIPDB_ENOTFOUND, "%s: no item with id %lld", db->path,
+                             (long long)id);
+    } else if ((size_t)sqlite3_column_bytes(st, 0) != (size_t)sp->d * sizeof(float)) {
         rc = cdb_err_set(&db->err, CLIPDB_EFORMAT, "%s: corrupt vector of item %lld", db->path,
                          (long long)id);
     } else {
-        memcpy(out, sqlite3_column_blob(st, 0), (size_t)db->embed_dim * sizeof(float));
+        memcpy(out, sqlite3_column_blob(st, 0), (size_t)sp->d * sizeof(float));
     }
     sqlite3_finalize(st);
     return rc;
@@ -156,8 +173,8 @@ static int item_vector(clipdb_db *db, int64_t id, float *out)
 /* Encodes the queries of kind `qkind` (texts or image files) with the one
 ** batched encoder and writes each vector to its row of q (nq x d). The
 ** encoder's status code (the image decoder's, the tokenizer's) is kept. */
-static int encode_queries(clipdb_db *db, const clipdb_query *queries, size_t nq,
-                          clipdb_query_kind qkind, float *q)
+static int encode_queries(clipdb_db *db, const search_space *sp, const clipdb_query *queries,
+                          size_t nq, clipdb_query_kind qkind, float *q)
 {
     const char **inputs = NULL;
     size_t *rows = NULL, n = 0, i;
@@ -169,7 +186,7 @@ static int encode_queries(clipdb_db *db, const clipdb_query *queries, size_t nq,
     if (n > INT32_MAX) return cdb_err_set(&db->err, CLIPDB_ELIMIT, "search: too many queries");
     inputs = cdb_malloc_array(n, sizeof *inputs);
     rows = cdb_malloc_array(n, sizeof *rows);
-    vecs = cdb_malloc_array(n, (size_t)db->embed_dim * sizeof(float));
+    vecs = cdb_malloc_array(n, (size_t)sp->d * sizeof(float));
     if (!inputs || !rows || !vecs) {
         rc = cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
         goto cleanup;
@@ -180,16 +197,16 @@ static int encode_queries(clipdb_db *db, const clipdb_query *queries, size_t nq,
             inputs[n++] = qkind == CLIPDB_QUERY_TEXT ? queries[i].text : queries[i].path;
         }
     // texts (n) -> text tower, or image files (n) -> decode -> vision tower -> vecs (n, d)
-    rc = clipdb_encode_batch(db->ctx,
+    rc = clipdb_encode_batch(sp->ctx,
                              qkind == CLIPDB_QUERY_TEXT ? CLIPDB_INPUT_TEXT : CLIPDB_INPUT_IMAGE_FILE,
                              inputs, (int)n, vecs, NULL, NULL);
     if (rc != CLIPDB_OK) {
-        cdb_err_set(&db->err, rc, "%s", clipdb_ctx_errmsg(db->ctx));
+        cdb_err_set(&db->err, rc, "%s", clipdb_ctx_errmsg(sp->ctx));
         goto cleanup;
     }
     for (i = 0; i < n; i++)
-        memcpy(q + rows[i] * (size_t)db->embed_dim, vecs + i * (size_t)db->embed_dim,
-               (size_t)db->embed_dim * sizeof(float));
+        memcpy(q + rows[i] * (size_t)sp->d, vecs + i * (size_t)sp->d,
+               (size_t)sp->d * sizeof(float));
 cleanup:
     free(inputs);
     free(rows);
@@ -199,8 +216,8 @@ cleanup:
 
 /* Encodes the image queries given as bytes in memory (data/len, no path: an
 ** HTTP upload) into their rows of q, one at a time. */
-static int encode_memory_images(clipdb_db *db, clipdb_model *m, const clipdb_query *queries,
-                                size_t nq, float *q)
+static int encode_memory_images(clipdb_db *db, const search_space *sp,
+                                const clipdb_query *queries, size_t nq, float *q)
 {
     float *pixels = NULL;
     size_t i;
@@ -208,15 +225,15 @@ static int encode_memory_images(clipdb_db *db, clipdb_model *m, const clipdb_que
     for (i = 0; i < nq && rc == CLIPDB_OK; i++) {
         const clipdb_query *x = &queries[i];
         if (x->kind != CLIPDB_QUERY_IMAGE || x->path) continue;
-        if (!pixels && !(pixels = cdb_malloc_array(clipdb_image_floats(m), sizeof(float)))) {
+        if (!pixels && !(pixels = cdb_malloc_array(clipdb_image_floats(sp->m), sizeof(float)))) {
             rc = cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
             break;
         }
         // bytes -> decode + preprocess -> pixels (3, S, S) -> vision tower -> q[i] (d)
-        if ((rc = clipdb_image_load_memory(db->ctx, x->data, x->len, pixels)) != CLIPDB_OK ||
-            (rc = clipdb_encode_images(db->ctx, pixels, 1, q + i * (size_t)db->embed_dim)) !=
+        if ((rc = clipdb_image_load_memory(sp->ctx, x->data, x->len, pixels)) != CLIPDB_OK ||
+            (rc = clipdb_encode_images(sp->ctx, pixels, 1, q + i * (size_t)sp->d)) !=
                 CLIPDB_OK)
-            cdb_err_set(&db->err, rc, "query %zu: %s", i, clipdb_ctx_errmsg(db->ctx));
+            cdb_err_set(&db->err, rc, "query %zu: %s", i, clipdb_ctx_errmsg(sp->ctx));
     }
     free(pixels);
     return rc;
@@ -224,32 +241,39 @@ static int encode_memory_images(clipdb_db *db, clipdb_model *m, const clipdb_que
 
 /* Encodes or fetches the nq query vectors into q (nq x d): texts in one
 ** batch, image files in another, images in memory one by one, items from the
-** database. */
-static int query_vectors(clipdb_db *db, const clipdb_query *queries, size_t nq, float *q)
+** set searched. The queries are encoded with the set's model. */
+static int query_vectors(clipdb_db *db, search_space *sp, const clipdb_query *queries, size_t nq,
+                         float *q)
 {
-    clipdb_model *m = NULL;
     size_t i;
-    int rc;
+    int rc, encode = 0;
 
     /* items, and the model when a query needs it */
     for (i = 0; i < nq; i++) {
         const clipdb_query *x = &queries[i];
         if (x->kind == CLIPDB_QUERY_ITEM) {
-            if ((rc = item_vector(db, x->item, q + i * (size_t)db->embed_dim)) != CLIPDB_OK)
+            if ((rc = item_vector(db, sp, x->item, q + i * (size_t)sp->d)) != CLIPDB_OK)
                 return rc;
         } else if (x->kind == CLIPDB_QUERY_TEXT || x->kind == CLIPDB_QUERY_IMAGE) {
             if ((x->kind == CLIPDB_QUERY_TEXT && !x->text) ||
                 (x->kind == CLIPDB_QUERY_IMAGE && !x->path && !x->data))
                 return cdb_err_set(&db->err, CLIPDB_EINVAL, "query %zu: no text or path", i);
-            if (!m && (rc = clipdb_db_model(db, &m)) != CLIPDB_OK) return rc;
+            encode = 1;
         } else {
             return cdb_err_set(&db->err, CLIPDB_EINVAL, "query %zu: bad kind %d", i, (int)x->kind);
         }
     }
-    if (!m) return CLIPDB_OK;
-    if ((rc = encode_queries(db, queries, nq, CLIPDB_QUERY_TEXT, q)) != CLIPDB_OK) return rc;
-    if ((rc = encode_queries(db, queries, nq, CLIPDB_QUERY_IMAGE, q)) != CLIPDB_OK) return rc;
-    return encode_memory_images(db, m, queries, nq, q);
+    if (!encode) return CLIPDB_OK;
+    if (sp->v) {
+        if ((rc = cdb_vset_ctx(db, sp->v, &sp->ctx)) != CLIPDB_OK) return rc;
+        sp->m = sp->v->model;
+    } else {
+        if ((rc = clipdb_db_model(db, &sp->m)) != CLIPDB_OK) return rc;
+        sp->ctx = db->ctx;
+    }
+    if ((rc = encode_queries(db, sp, queries, nq, CLIPDB_QUERY_TEXT, q)) != CLIPDB_OK) return rc;
+    if ((rc = encode_queries(db, sp, queries, nq, CLIPDB_QUERY_IMAGE, q)) != CLIPDB_OK) return rc;
+    return encode_memory_images(db, sp, queries, nq, q);
 }
 
 /* ---- results -------------------------------------------------------------------- */
@@ -399,7 +423,30 @@ static int validate(clipdb_db *db, const clipdb_query *queries, size_t nq,
         return cdb_err_set(&db->err, CLIPDB_EINVAL, "search: bad filters");
     if (!(*type = cdb_sindex_type_of(opt->index)))
         return cdb_err_set(&db->err, CLIPDB_EINVAL, "search: bad index kind %d", (int)opt->index);
+    if (opt->vector_set && strcmp(opt->vector_set, CLIPDB_VECTOR_SET_BASE) &&
+        opt->index != CLIPDB_INDEX_EXACT)
+        return cdb_err_set(&db->err, CLIPDB_EINVAL,
+                           "search: stored %s indexes serve the base vector set only; search "
+                           "vector set '%.80s' with the exact index (--index exact)",
+                           (*type)->name, opt->vector_set);
     return (*type)->validate ? (*type)->validate(db, opt) : CLIPDB_OK;
+}
+
+/* *note (caller frees) says how many items of `type` set v lacks, or NULL
+** when it has them all. */
+static int set_gap_note(clipdb_db *db, const cdb_vset *v, int type, size_t have, char **note)
+{
+    int64_t all = 0;
+    int rc = cdb_db_count_items(db, type, 0, &all);
+    *note = NULL;
+    if (rc != CLIPDB_OK || all <= (int64_t)have) return rc;
+    *note = cdb_sprintf("vector set '%s' lacks %lld of %lld %s; run 'clipdb reembed %s --model "
+                        "%s --as %s' to add them (this search covers the %zu it has)",
+                        v->name, (long long)(all - (int64_t)have), (long long)all,
+                        type == CLIPDB_ITEM_IMAGE ? "images" : "texts", db->path, v->model_dir,
+                        v->name, have);
+    if (!*note) return cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
+    return CLIPDB_OK;
 }
 
 /* Runs the index search of c with type: the loaded (stored) index of the
@@ -476,7 +523,9 @@ int clipdb_db_search(clipdb_db *db, const clipdb_query *queries, size_t nq,
     const cdb_sindex_type *type;
     cdb_search_call call;
     const cdb_vecset *vs;
+    search_space sp;
     clipdb_hit *hits = NULL;
+    char *gap = NULL;
     float *q = NULL;
     int64_t *allowed = NULL;
     size_t n_allowed = 0;
@@ -491,20 +540,29 @@ int clipdb_db_search(clipdb_db *db, const clipdb_query *queries, size_t nq,
     }
     cdb_err_clear(&db->err);
     if ((rc = validate(db, queries, nq, opt, &type)) != CLIPDB_OK) return rc;
+    memset(&sp, 0, sizeof sp);
+    sp.d = db->embed_dim;
     /* One read transaction: the vectors, the filter and the items' rows come
     ** from one snapshot, so a concurrent rm cannot make a hit vanish. */
     if (sqlite3_get_autocommit(db->sql)) {
         if ((rc = cdb_db_exec(db, "BEGIN")) != CLIPDB_OK) return rc;
         snapshot = 1;
     }
-    q = cdb_malloc_array(nq, (size_t)db->embed_dim * sizeof(float));
+    if (opt->vector_set && strcmp(opt->vector_set, CLIPDB_VECTOR_SET_BASE)) {
+        if ((rc = cdb_vset_find(db, opt->vector_set, &sp.v)) != CLIPDB_OK) goto cleanup;
+        sp.d = sp.v->dim;
+    }
+    q = cdb_malloc_array(nq, (size_t)sp.d * sizeof(float));
     if (!q) {
         rc = cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
         goto cleanup;
     }
-    if ((rc = query_vectors(db, queries, nq, q)) != CLIPDB_OK) goto cleanup;
+    if ((rc = query_vectors(db, &sp, queries, nq, q)) != CLIPDB_OK) goto cleanup;
     t_enc = cdb_now() - t0;
-    if ((rc = cdb_db_vectors(db, opt->target, &vs)) != CLIPDB_OK) goto cleanup;
+    if (sp.v) rc = cdb_vset_vectors(db, sp.v, opt->target, &vs);
+    else rc = cdb_db_vectors(db, opt->target, &vs);
+    if (rc != CLIPDB_OK) goto cleanup;
+    if (sp.v && (rc = set_gap_note(db, sp.v, opt->target, vs->n, &gap)) != CLIPDB_OK) goto cleanup;
     /* No query can have more results than there are vectors: k is capped at
     ** their count, so the hit buffers (nq x k) stay within what is stored. */
     if ((size_t)opt->k > vs->n) {
@@ -521,6 +579,7 @@ int clipdb_db_search(clipdb_db *db, const clipdb_query *queries, size_t nq,
     call = (cdb_search_call){vs, q, nq, opt->k, opt, allowed, n_allowed};
     if (vs->n > 0 && (rc = index_search(db, type, &call, hits, &n_out, &note)) != CLIPDB_OK)
         goto cleanup;
+    if (gap) note = gap;
     if ((rc = make_results(db, hits, nq, opt->k, n_out, out)) != CLIPDB_OK) goto cleanup;
     (*out)->took_ms = (cdb_now() - t0) * 1000.0;
     (*out)->encode_ms = t_enc * 1000.0;
@@ -533,6 +592,7 @@ cleanup:
     /* a read transaction: nothing to write; COMMIT only ends the snapshot */
     if (snapshot && !sqlite3_get_autocommit(db->sql))
         sqlite3_exec(db->sql, rc == CLIPDB_OK ? "COMMIT" : "ROLLBACK", NULL, NULL, NULL);
+    free(gap);
     free(allowed);
     free(hits);
     free(q);

@@ -13,7 +13,7 @@ static int exact_search(clipdb_db *db, cdb_sindex *s, const cdb_search_call *c,
                         clipdb_hit *out, int *n_out)
 {
     const cdb_vecset *vs = c->vs;
-    clipdb_vecs base = {vs->vecs, vs->ids, vs->norms, vs->n, db->embed_dim};
+    clipdb_vecs base = {vs->vecs, vs->ids, vs->norms, vs->n, vs->d};
     clipdb_filter filter, *fp = NULL;
     uint64_t *bitmap = NULL;
     char *errmsg = NULL;

@@ -77,6 +77,34 @@ void cdb_db_rollback(clipdb_db *db)
     db->local_changes++;
 }
 
+int cdb_db_query_int(clipdb_db *db, const char *sql, int64_t *out)
+{
+    sqlite3_stmt *st = NULL;
+    int rc = cdb_db_prepare(db, sql, &st);
+    if (rc != CLIPDB_OK) return rc;
+    if (sqlite3_step(st) == SQLITE_ROW) *out = sqlite3_column_int64(st, 0);
+    else rc = cdb_db_sqlerr(db, sql);
+    sqlite3_finalize(st);
+    return rc;
+}
+
+/* *out = the number of items of `type` (captions only: those of an image). */
+int cdb_db_count_items(clipdb_db *db, int type, int captions_only, int64_t *out)
+{
+    sqlite3_stmt *st = NULL;
+    int rc = cdb_db_prepare(db,
+                            captions_only
+                                ? "SELECT count(*) FROM items WHERE type = ? AND image IS NOT NULL"
+                                : "SELECT count(*) FROM items WHERE type = ?",
+                            &st);
+    if (rc != CLIPDB_OK) return rc;
+    sqlite3_bind_int(st, 1, type);
+    if (sqlite3_step(st) == SQLITE_ROW) *out = sqlite3_column_int64(st, 0);
+    else rc = cdb_db_sqlerr(db, "counting items");
+    sqlite3_finalize(st);
+    return rc;
+}
+
 const char *cdb_set_name(int set)
 {
     return set == CLIPDB_ITEM_TEXT ? "text" : "image";

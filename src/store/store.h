@@ -24,6 +24,13 @@
 **   faiss_ids(target, metric, id, stale)     the ids the blob holds; stale = 1
 **                                            when the item was deleted or its
 **                                            vector replaced since the build
+** Format version 3 adds (vsets.c; made by the first clipdb_db_reembed, so a
+** file without named sets stays at 2 and older clipdbs still open it):
+**   vector_sets(id, name, model_dir, model_identity, precision, dim,
+**               created_at)            the named vector sets
+**   set_vectors(set_id, type, id, norm, vec)
+**                                            their vectors, one row per
+**                                            (set, item type, item)
 */
 #ifndef CDB_STORE_H
 #define CDB_STORE_H
@@ -31,6 +38,11 @@
 #include <sqlite3.h>
 
 #include "core/core.h"
+
+/* Number of entries of clipdb_db.sets, indexed by the set (the item type,
+** CLIPDB_ITEM_IMAGE = 1 or CLIPDB_ITEM_TEXT = 2; 0 unused). Item types go
+** into SQL as bound values, never as literals. */
+#define CDB_N_SETS 3
 
 /* A vector set: the vectors a stored index serves and a search scans,
 ** loaded into memory. Today a database holds one set per item type (the
@@ -45,14 +57,29 @@ typedef struct cdb_vecset {
     int64_t *ids;          /* n, ascending */
     float *vecs;           /* n x d */
     float *norms;          /* n */
+    int d;                 /* dimension of the vectors */
 } cdb_vecset;
+
+/* A named vector set (vsets.c), as cached on a handle: its row of
+** vector_sets, its loaded vectors by item type, and its model (opened when a
+** query must be encoded). */
+typedef struct cdb_vset {
+    int64_t sid;           /* vector_sets.id */
+    char *name, *model_dir, *identity;
+    clipdb_precision precision;
+    int dim;
+    cdb_vecset vs[CDB_N_SETS]; /* by item type, as clipdb_db.sets */
+    clipdb_model *model;   /* owned; NULL until used */
+    clipdb_ctx *ctx;       /* owned */
+} cdb_vset;
 
 struct cdb_sindex;
 
-/* Number of entries of clipdb_db.sets, indexed by the set (the item type,
-** CLIPDB_ITEM_IMAGE = 1 or CLIPDB_ITEM_TEXT = 2; 0 unused). Item types go
-** into SQL as bound values, never as literals. */
-#define CDB_N_SETS 3
+/* The format version of a file without named vector sets (what create
+** writes and what an older file is upgraded to at a read-write open); the
+** first set made (vsets.c) takes it to CLIPDB_DB_VERSION. */
+#define CDB_DB_VERSION_PLAIN 2
+
 
 struct clipdb_db {
     cdb_err err;
@@ -75,6 +102,8 @@ struct clipdb_db {
     clipdb_ctx *ctx;       /* the handle's encoding context, owned */
     int64_t local_changes; /* bumped by every write through this handle */
     cdb_vecset sets[CDB_N_SETS]; /* the vector sets, by item type */
+    cdb_vset **vsets;      /* named sets looked up so far (vsets.c) */
+    size_t n_vsets, cap_vsets;
     /* Loaded indexes (sindex.c): one slot per (type, set, metric). */
     struct cdb_sindex *sindex;
     size_t n_sindex, cap_sindex;
@@ -114,11 +143,44 @@ int cdb_db_insert_text(clipdb_db *db, const char *text, int64_t image,
 int cdb_db_set_meta_json(clipdb_db *db, int64_t id, const char *json);
 
 /* Why a stored vector (d floats) with its stored norm is unusable (a
-** non-finite value, a norm that is not the vector's), or NULL when sound. */
+** non-finite value, a norm that is not the vector's), or NULL when sound
+** (vsets.c). */
 const char *cdb_vector_damage(const float *v, int d, double norm);
 /* The vectors of one type, loaded (or reloaded when the file changed).
 ** The set belongs to db. A damaged vector is CLIPDB_EFORMAT naming the item. */
 int cdb_db_vectors(clipdb_db *db, int type, const cdb_vecset **out);
+
+/* Loads into s (cleared first) the vectors of item type `type` (d floats
+** each): of the base set when sid < 0, else of the named set sid. Reloads
+** only when the file changed since (s->loaded, data_version, changes).
+** (vsets.c) */
+int cdb_vecset_load(clipdb_db *db, cdb_vecset *s, int64_t sid, int type, int d);
+void cdb_vecset_clear(cdb_vecset *s);
+/* Runs a one-row query returning an integer (sql.c). */
+int cdb_db_query_int(clipdb_db *db, const char *sql, int64_t *out);
+/* *out = the number of items of `type` (captions_only: texts that are
+** captions of an image) (sql.c). */
+int cdb_db_count_items(clipdb_db *db, int type, int captions_only, int64_t *out);
+
+/* ---- named vector sets (vsets.c) ---- */
+
+/* 1 when the file has the tables of named sets (format version 3). */
+int cdb_vsets_present(clipdb_db *db);
+/* The named set `name` (not base): CLIPDB_ENOTFOUND, with the sets the
+** database has, when absent. *out belongs to db (until it is closed). */
+int cdb_vset_find(clipdb_db *db, const char *name, cdb_vset **out);
+/* The vectors of type `type` of set v, loaded. */
+int cdb_vset_vectors(clipdb_db *db, cdb_vset *v, int type, const cdb_vecset **out);
+/* v's model and encoding context, opened on first use: the model_dir given
+** at open when no model was (it must be v's model), else v's recorded one. */
+int cdb_vset_ctx(clipdb_db *db, cdb_vset *v, clipdb_ctx **ctx);
+/* Inside a transaction: deletes item id's vectors from every named set
+** (nothing when the file has no sets). */
+int cdb_vsets_forget_item(clipdb_db *db, int64_t id);
+/* Appends the named sets to st->sets (clipdb_db_get_stats). */
+int cdb_vsets_stats(clipdb_db *db, clipdb_db_stats *st, size_t *cap);
+/* Frees the cached sets of db (clipdb_db_close). */
+void cdb_vsets_release(clipdb_db *db);
 
 /* "image" or "text" (sql.c). */
 const char *cdb_set_name(int set);
@@ -153,12 +215,17 @@ typedef struct cdb_split {
 int cdb_db_split(clipdb_db *db, const char *const *where, int n_where, cdb_split **out);
 void cdb_split_free(cdb_split *s);
 
-/* The vector sets a database holds: names[0 .. *n) (static strings). Today
-** one, CLIPDB_VECTOR_SET_BASE (the vectors of the database's model). */
-int cdb_db_vector_sets(clipdb_db *db, const char *const **names, int *n);
+/* The vector sets a database holds: base first, then the named ones by
+** name. *names (n strings): caller frees with cdb_db_vector_sets_free. */
+int cdb_db_vector_sets(clipdb_db *db, char ***names, int *n);
+void cdb_db_vector_sets_free(char **names, int n);
+/* The dimension of set `set`'s vectors and its model identity (belongs to
+** db); CLIPDB_ENOTFOUND for an unknown set. */
+int cdb_db_set_shape(clipdb_db *db, const char *set, int *dim, const char **model);
 
 /* Copies the vectors of set `set` of the n items `ids` (all of type `type`)
-** into out (n x embed_dim); an item without a vector is CLIPDB_ENOTFOUND. */
+** into out (n x the set's dim); an item without a vector is
+** CLIPDB_ENOTFOUND. */
 int cdb_db_set_vectors(clipdb_db *db, const char *set, int type, const int64_t *ids,
                        size_t n, float *out);
 

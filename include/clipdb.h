@@ -741,10 +741,13 @@ CLIPDB_API void clipdb_db_stats_free(clipdb_db_stats *st);
 ** status codes, clipdb_server_errmsg and the on_log callback. */
 typedef struct clipdb_server clipdb_server;
 
+#define CLIPDB_SERVER_MAX_THREADS 64
+
 typedef struct clipdb_server_options {
     const char *bind;        /* IPv4 address to listen on (default "127.0.0.1") */
     int port;                /* default 8080; 0: any free port (clipdb_server_port) */
-    int threads;             /* worker threads (default 4, at most 64) */
+    int threads;             /* worker threads (default 4, at most
+                             ** CLIPDB_SERVER_MAX_THREADS) */
     const char *token;       /* POST/DELETE /api/items need it (header
                              ** "Authorization: Bearer T"); NULL (default):
                              ** writes are refused */

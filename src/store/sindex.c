@@ -125,16 +125,6 @@ int cdb_sindex_on_write(clipdb_db *db, const cdb_write *w)
     return rc;
 }
 
-int cdb_sindex_list_push(clipdb_db *db, cdb_index_list *l, clipdb_db_index_info **x)
-{
-    clipdb_db_stats *out = l->out;
-    if (cdb_grow((void **)&out->indexes, &l->cap, (size_t)out->n_indexes + 1, sizeof *out->indexes))
-        return cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
-    *x = &out->indexes[out->n_indexes++];
-    memset(*x, 0, sizeof **x);
-    return CLIPDB_OK;
-}
-
 int cdb_sindex_list_stored(clipdb_db *db, clipdb_db_stats *out)
 {
     cdb_index_list l = {out, 0};

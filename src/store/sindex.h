@@ -18,6 +18,8 @@
 #ifndef CDB_SINDEX_H
 #define CDB_SINDEX_H
 
+#include <string.h>
+
 #include "store/store.h"
 
 typedef struct cdb_sindex_type cdb_sindex_type;
@@ -104,8 +106,18 @@ typedef struct cdb_index_list {
     size_t cap;
 } cdb_index_list;
 
-/* Appends a zeroed entry to l; *x points at it. */
-int cdb_sindex_list_push(clipdb_db *db, cdb_index_list *l, clipdb_db_index_info **x);
+/* Appends a zeroed entry to l; *x points at it. Inline here, so that the
+** types calling it do not call back into sindex.c. */
+static inline int cdb_sindex_list_push(clipdb_db *db, cdb_index_list *l,
+                                       clipdb_db_index_info **x)
+{
+    clipdb_db_stats *out = l->out;
+    if (cdb_grow((void **)&out->indexes, &l->cap, (size_t)out->n_indexes + 1, sizeof *out->indexes))
+        return cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
+    *x = &out->indexes[out->n_indexes++];
+    memset(*x, 0, sizeof **x);
+    return CLIPDB_OK;
+}
 
 /* Lists every stored index of every type into out->indexes / n_indexes
 ** (IVF, then Faiss); on failure the entries already listed stay for the

@@ -445,7 +445,7 @@ static int faiss_on_delete(clipdb_db *db, int64_t id)
 static int faiss_list_stored(clipdb_db *db, cdb_index_list *l)
 {
     sqlite3_stmt *st = NULL;
-    clipdb_db_index_info *x;
+    clipdb_db_index_info *x = NULL;
     int rc, s;
     if (db->format_version < 2) return CLIPDB_OK;
     rc = cdb_db_prepare(db,

@@ -292,7 +292,7 @@ static void ivf_release(cdb_sindex *s)
 static int ivf_list_stored(clipdb_db *db, cdb_index_list *l)
 {
     sqlite3_stmt *st = NULL;
-    clipdb_db_index_info *x;
+    clipdb_db_index_info *x = NULL;
     int rc, s;
     rc = cdb_db_prepare(db,
                         "SELECT target, metric, nlist, "

@@ -190,7 +190,8 @@ CLIPDB_API int clipdb_encode_texts(clipdb_ctx *c, const char *const *texts,
                                    int n, float *out);
 
 /* Encodes n preprocessed images. pixels: n x 3 x S x S floats.
-** out: n x embed_dim floats, as CLIP's encode_image (not normalised). */
+** out: n x embed_dim floats, as CLIP's encode_image (not normalised). The
+** pixel form of clipdb_encode_batch: the same groups, any n. */
 CLIPDB_API int clipdb_encode_images(clipdb_ctx *c, const float *pixels, int n,
                                     float *out);
 
@@ -530,15 +531,23 @@ typedef struct clipdb_add_progress {
     double elapsed_s;
 } clipdb_add_progress;
 
+#define CLIPDB_ADD_BATCH_DEFAULT      32   /* images per transaction */
+#define CLIPDB_ADD_MAX_BATCH          1024
+#define CLIPDB_ADD_MAX_DECODE_THREADS 8    /* more are taken as this many */
+
 typedef struct clipdb_add_options {
     const char *images_dir;    /* add every image under it (recursively) */
     const char *captions_path; /* with images_dir: captions (JSON lines,
                                ** COCO captions_*.json, or CSV image,caption) */
     const char *texts_path;    /* standalone texts, one per line */
-    int batch_size;            /* images per encoder batch and transaction
-                               ** (default 32) */
+    int batch_size;            /* images per transaction (default
+                               ** CLIPDB_ADD_BATCH_DEFAULT, at most
+                               ** CLIPDB_ADD_MAX_BATCH); the encoder takes
+                               ** them in its own groups, as
+                               ** clipdb_encode_batch does */
     int decode_threads;        /* image decoding threads (default 0: the
-                               ** number of CPUs, at most 8) */
+                               ** number of CPUs); at most
+                               ** CLIPDB_ADD_MAX_DECODE_THREADS */
     /* Called about every progress_interval_s seconds and at the end. */
     void (*on_progress)(void *arg, const clipdb_add_progress *p);
     double progress_interval_s;/* default 0.25 */
@@ -806,10 +815,13 @@ CLIPDB_API void clipdb_db_stats_free(clipdb_db_stats *st);
 ** status codes, clipdb_server_errmsg and the on_log callback. */
 typedef struct clipdb_server clipdb_server;
 
+#define CLIPDB_SERVER_MAX_THREADS 64
+
 typedef struct clipdb_server_options {
     const char *bind;        /* IPv4 address to listen on (default "127.0.0.1") */
     int port;                /* default 8080; 0: any free port (clipdb_server_port) */
-    int threads;             /* worker threads (default 4, at most 64) */
+    int threads;             /* worker threads (default 4, at most
+                             ** CLIPDB_SERVER_MAX_THREADS) */
     const char *token;       /* POST/DELETE /api/items need it (header
                              ** "Authorization: Bearer T"); NULL (default):
                              ** writes are refused */

@@ -32,8 +32,10 @@ const char cli_add_help[] =
     "  --texts FILE      standalone texts, one per line\n"
     "  --model DIR       model directory (default: the one recorded by init)\n"
     "  --precision P     encoder precision; must be the one recorded by init\n"
-    "  --batch N         images per encoder batch and commit (default 32)\n"
-    "  --threads N       image decoding threads (default: number of CPUs)\n"
+    "  --batch N         images per commit (default " CLI_STR(CLIPDB_ADD_BATCH_DEFAULT) ", at most "
+    CLI_STR(CLIPDB_ADD_MAX_BATCH) ")\n"
+    "  --threads N       image decoding threads (default: number of CPUs; at\n"
+    "                    most " CLI_STR(CLIPDB_ADD_MAX_DECODE_THREADS) ")\n"
     "  --progress-every S  seconds between progress updates (default 0.2 on a\n"
     "                    terminal, else 5: one plain line each)\n"
     "  --json            print the summary as JSON\n"
@@ -89,10 +91,10 @@ int cli_cmd_add(int argc, char **argv)
         else if (!strcmp(a, "--model") && has) model = argv[++i];
         else if (!strcmp(a, "--precision") && has) precision = argv[++i];
         else if (!strcmp(a, "--batch") && has) {
-            if ((rc = cli_parse_int("add", a, argv[++i], 1, 1024, &v)) != CLI_OK) return rc;
+            if ((rc = cli_parse_int("add", a, argv[++i], 1, CLIPDB_ADD_MAX_BATCH, &v)) != CLI_OK) return rc;
             opt.batch_size = (int)v;
         } else if (!strcmp(a, "--threads") && has) {
-            if ((rc = cli_parse_int("add", a, argv[++i], 1, 64, &v)) != CLI_OK) return rc;
+            if ((rc = cli_parse_int("add", a, argv[++i], 1, CLIPDB_ADD_MAX_DECODE_THREADS, &v)) != CLI_OK) return rc;
             opt.decode_threads = (int)v;
         } else if (!strcmp(a, "--progress-every") && has) {
             if ((rc = cli_parse_double("add", a, argv[++i], 0.01, 3600, &every)) != CLI_OK)

@@ -2,6 +2,7 @@
 ** cmd_embed.c: `clipdb embed`: prints the CLIP embeddings of texts and
 ** images. Parsing and printing only; the work is clipdb_encode_batch.
 */
+#include <limits.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -9,6 +10,7 @@
 #include <time.h>
 
 #include "cli/cli.h"
+#include "core/core.h" /* cdb_grow */
 
 typedef struct input {
     int is_image;
@@ -17,18 +19,14 @@ typedef struct input {
 
 typedef struct inputs {
     input *v;
-    int n, cap;
+    int n;
+    size_t cap;
 } inputs;
 
 static int add_input(inputs *in, int is_image, const char *s, size_t len)
 {
-    if (in->n == in->cap) {
-        int cap = in->cap ? in->cap * 2 : 16;
-        input *v = realloc(in->v, (size_t)cap * sizeof *v);
-        if (!v) return -1;
-        in->v = v;
-        in->cap = cap;
-    }
+    if (in->n == INT_MAX || cdb_grow((void **)&in->v, &in->cap, (size_t)in->n + 1, sizeof *in->v))
+        return -1;
     in->v[in->n].is_image = is_image;
     in->v[in->n].s = malloc(len + 1);
     if (!in->v[in->n].s) return -1;

@@ -9,6 +9,7 @@
 #include <cjson/cJSON.h>
 
 #include "cli/cli.h"
+#include "core/core.h" /* cdb_grow */
 
 const char cli_search_help[] =
     "usage: clipdb search DB (--text T | --image PATH | --item ID | --batch FILE)\n"
@@ -155,27 +156,29 @@ static void print_query(const clipdb_query *q)
     } else printf("{\"item\": %lld}", (long long)q->item);
 }
 
-/* A batch file is read whole: at most this many bytes. */
+/* A batch file is read whole: at most this many bytes, in reads of at
+** least READ_CHUNK. */
 #define MAX_BATCH_BYTES ((size_t)256 << 20)
+#define READ_CHUNK      ((size_t)64 << 10)
 
 /* Reads the batch file into queries (lines point into *buf). */
 static int read_batch(const char *path, char **buf, clipdb_query **qs, size_t *nq)
 {
     FILE *f = cli_fopen_regular("search", path);
-    size_t cap = 0, len = 0, n = 0, i;
+    size_t cap = 0, len = 0, n = 0, i, want;
     char *p, *line;
     if (!f) return CLI_FAIL;
     *buf = NULL;
     for (;;) {
-        if (len + 65536 + 1 > cap) {
-            char *b = realloc(*buf, cap = 2 * cap + 65536 + 1);
-            if (!b) {
-                fclose(f);
-                return cli_fail("search", "out of memory");
-            }
-            *buf = b;
+        /* room for READ_CHUNK more bytes and the NUL */
+        if (cdb_grow((void **)buf, &cap, len + READ_CHUNK + 1, 1)) {
+            fclose(f);
+            return cli_fail("search", "out of memory");
         }
-        i = fread(*buf + len, 1, cap - len - 1, f);
+        /* at most one byte past the limit is read: that says "too large" */
+        want = cap - len - 1;
+        if (want > MAX_BATCH_BYTES + 1 - len) want = MAX_BATCH_BYTES + 1 - len;
+        i = fread(*buf + len, 1, want, f);
         len += i;
         if (i == 0) break;
         if (len > MAX_BATCH_BYTES) {

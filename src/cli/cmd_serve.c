@@ -35,7 +35,8 @@ const char cli_serve_help[] =
     "                  the process list)\n"
     "  --read-only     open the database read-only; writes refused even with a token\n"
     "  --threads N     worker threads, each with its own database handle and\n"
-    "                  encoder context; the model is shared (default 4, max 64)\n"
+    "                  encoder context; the model is shared (default 4, max "
+    CLI_STR(CLIPDB_SERVER_MAX_THREADS) ")\n"
     "  --model DIR     model directory (default: the recorded one)\n"
     "  --cors ORIGIN   send CORS headers allowing ORIGIN (default: none)\n"
     "  --quiet         no per-request log lines\n"
@@ -82,18 +83,18 @@ int cli_cmd_serve(int argc, char **argv)
     for (a = 1; a < argc; a++) {
         const char *s = argv[a];
         int has = a + 1 < argc;
-        char *end;
-        long v;
+        long long v;
+        int rc;
         if (!strcmp(s, "--bind") && has) {
             opt.bind = argv[++a];
-        } else if ((!strcmp(s, "--port") || !strcmp(s, "--threads")) && has) {
-            errno = 0;
-            v = strtol(argv[++a], &end, 10);
-            if (errno || *end || end == argv[a] || v < (s[2] == 'p' ? 0 : 1) ||
-                v > (s[2] == 'p' ? 65535 : 64))
-                return cli_usage("serve", "%s needs a number (port 0-65535, threads 1-64)", s);
-            if (s[2] == 'p') opt.port = (int)v;
-            else opt.threads = (int)v;
+        } else if (!strcmp(s, "--port") && has) {
+            if ((rc = cli_parse_int("serve", s, argv[++a], 0, 65535, &v)) != CLI_OK) return rc;
+            opt.port = (int)v;
+        } else if (!strcmp(s, "--threads") && has) {
+            if ((rc = cli_parse_int("serve", s, argv[++a], 1, CLIPDB_SERVER_MAX_THREADS, &v)) !=
+                CLI_OK)
+                return rc;
+            opt.threads = (int)v;
         } else if (!strcmp(s, "--token") && has) {
             opt.token = argv[++a];
         } else if (!strcmp(s, "--token-env") && has) {

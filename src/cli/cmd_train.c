@@ -180,17 +180,8 @@ static int on_progress(void *arg, const clipdb_train_progress *p)
 
 /* ---- options --------------------------------------------------------------- */
 
-static int num_int(const char *s, long lo, long hi, long *out)
-{
-    char *end;
-    long v;
-    errno = 0;
-    v = strtol(s, &end, 10);
-    if (errno || *end || end == s || v < lo || v > hi) return -1;
-    *out = v;
-    return 0;
-}
-
+/* A float for the half-open ranges cli_parse_double cannot say (--val,
+** --betas); the caller checks the range and names it. */
 static int num_float(const char *s, float *out)
 {
     char *end;
@@ -208,31 +199,31 @@ static int common_option(const char *cmd, int argc, char **argv, int *i,
                          clipdb_train_options *o, progress_state *ps, const char **out)
 {
     const char *a = argv[*i], *v = *i + 1 < argc ? argv[*i + 1] : NULL;
-    long n;
+    long long n;
+    double d;
     if (!strcmp(a, "--force")) return o->force = 1;
     if (!strcmp(a, "-q") || !strcmp(a, "--quiet")) return ps->quiet = 1;
     if (!v) return 0;
 #define TAKE (++*i, 1)
     if (!strcmp(a, "--out")) return *out = v, TAKE;
     if (!strcmp(a, "--epochs")) {
-        if (num_int(v, 1, 1000000, &n)) return cli_usage(cmd, "--epochs needs 1 to 1000000"), -1;
+        if (cli_parse_int(cmd, a, v, 1, 1000000, &n)) return -1;
         return o->epochs = (int)n, TAKE;
     }
     if (!strcmp(a, "--batch")) {
-        if (num_int(v, 2, 65536, &n)) return cli_usage(cmd, "--batch needs 2 to 65536"), -1;
+        if (cli_parse_int(cmd, a, v, 2, 65536, &n)) return -1;
         return o->batch = (int)n, TAKE;
     }
     if (!strcmp(a, "--micro-batch")) {
-        if (num_int(v, 0, 65536, &n)) return cli_usage(cmd, "--micro-batch needs 0 to 65536"), -1;
+        if (cli_parse_int(cmd, a, v, 0, 65536, &n)) return -1;
         return o->micro_batch = (int)n, TAKE;
     }
     if (!strcmp(a, "--lr") || !strcmp(a, "--wd") || !strcmp(a, "--eps") ||
         !strcmp(a, "--clip-grad")) {
         float *slot = !strcmp(a, "--lr") ? &o->lr : !strcmp(a, "--wd") ? &o->wd
                       : !strcmp(a, "--eps") ? &o->eps : &o->clip_grad;
-        if (num_float(v, slot) || *slot < 0)
-            return cli_usage(cmd, "%s needs a non-negative number", a), -1;
-        return TAKE;
+        if (cli_parse_double(cmd, a, v, 0, 1e30, &d)) return -1;
+        return *slot = (float)d, TAKE;
     }
     if (!strcmp(a, "--betas")) {
         char buf[64], *comma;
@@ -246,7 +237,7 @@ static int common_option(const char *cmd, int argc, char **argv, int *i,
         return TAKE;
     }
     if (!strcmp(a, "--warmup")) {
-        if (num_int(v, 0, 100000000, &n)) return cli_usage(cmd, "--warmup needs steps >= 0"), -1;
+        if (cli_parse_int(cmd, a, v, 0, 100000000, &n)) return -1;
         return o->warmup = (int)n, TAKE;
     }
     if (!strcmp(a, "--schedule")) {
@@ -264,8 +255,7 @@ static int common_option(const char *cmd, int argc, char **argv, int *i,
         return TAKE;
     }
     if (!strcmp(a, "--checkpoint-every")) {
-        if (num_int(v, 0, 100000000, &n))
-            return cli_usage(cmd, "--checkpoint-every needs steps >= 0"), -1;
+        if (cli_parse_int(cmd, a, v, 0, 100000000, &n)) return -1;
         return o->checkpoint_every = (int)n, TAKE;
     }
     if (!strcmp(a, "--dtype")) {
@@ -274,10 +264,8 @@ static int common_option(const char *cmd, int argc, char **argv, int *i,
         return o->out_dtype = v, TAKE;
     }
     if (!strcmp(a, "--progress-every")) {
-        float s;
-        if (num_float(v, &s) || s < 0.01f || s > 3600)
-            return cli_usage(cmd, "--progress-every needs seconds from 0.01 to 3600"), -1;
-        return ps->every = s, TAKE;
+        if (cli_parse_double(cmd, a, v, 0.01, 3600, &d)) return -1;
+        return ps->every = d, TAKE;
     }
 #undef TAKE
     return 0;
@@ -368,7 +356,7 @@ int cli_cmd_train(int argc, char **argv)
     clipdb_train_options o;
     progress_state ps = {"train", 0, 0, 0, 5.0, -1e9};
     char *err = NULL, cmdline[4096];
-    long n;
+    long long n;
     int i, rc;
 
     clipdb_train_options_init(&o);
@@ -395,8 +383,7 @@ int cli_cmd_train(int argc, char **argv)
                 o.val_fraction >= 1)
                 return cli_usage("train", "--val needs a fraction in [0, 1)");
         } else if (!strcmp(a, "--val-max") && has) {
-            if (num_int(argv[++i], 0, 1000000, &n))
-                return cli_usage("train", "--val-max needs 0 to 1000000");
+            if ((rc = cli_parse_int("train", a, argv[++i], 0, 1000000, &n)) != CLI_OK) return rc;
             o.val_max = (int)n;
         } else if (!strcmp(a, "--no-augment")) o.augment = 0;
         else if (a[0] == '-' && a[1])

@@ -296,6 +296,20 @@ int cdb_grow(void **buf, size_t *cap, size_t need, size_t size)
     return 0;
 }
 
+int cdb_reserve(void **buf, size_t *cap, size_t n, size_t size)
+{
+    size_t bytes;
+    void *p;
+    if (*buf && n <= *cap) return 0;
+    if (!cdb_mul_ok(n, size, &bytes)) return -1;
+    p = malloc(bytes ? bytes : 1);
+    if (!p) return -1;
+    free(*buf);
+    *buf = p;
+    *cap = n;
+    return 0;
+}
+
 float cdb_norm(const float *x, size_t d)
 {
     double s = 0.0;

@@ -85,6 +85,13 @@ int cdb_sha256_hex(const void *data, size_t len, char hex[65], cdb_err *e);
 ** product is overflow-checked. 0 on success; -1 on overflow or OOM, with
 ** *buf and *cap untouched (the caller still frees *buf). */
 int cdb_grow(void **buf, size_t *cap, size_t need, size_t size);
+/* The one scratch buffer: makes *buf (capacity *cap elements of `size`
+** bytes) hold at least n elements, WITHOUT keeping its contents and without
+** doubling (a new block of exactly n elements, never of 0 bytes, replaces a
+** smaller one): for buffers rewritten on every use (activations, decode and
+** tokenizer scratch), where cdb_grow's copy and spare room would be waste.
+** 0 on success; -1 on overflow or OOM, with *buf and *cap untouched. */
+int cdb_reserve(void **buf, size_t *cap, size_t n, size_t size);
 
 /* Euclidean norm of x (d), accumulated in double: the one norm used for
 ** stored vectors and queries alike. */

@@ -18,7 +18,9 @@
 ** (4096 x 77 int32 = 1.2 MB) and leaves the text tower enough texts to group
 ** by length (cdb_text_forward). */
 #define CDB_ENCODE_TEXT_GROUP 4096
-/* Image files decoded per group: one forward chunk of the vision tower. */
+/* Images per group, whether they come as files (decoded per group) or as
+** preprocessed pixels (clipdb_encode_images): one forward chunk of the
+** vision tower. The one image batching loop is encode_image_groups. */
 #define CDB_ENCODE_IMAGE_GROUP CDB_VISION_CHUNK
 
 /* Per-thread scratch. Each part is owned and freed by its module:
@@ -152,18 +154,6 @@ int clipdb_image_load_memory(clipdb_ctx *c, const void *data, size_t len, float 
 
 /* ---- encoding ------------------------------------------------------------------ */
 
-int clipdb_encode_images(clipdb_ctx *c, const float *pixels, int n, float *out)
-{
-    int rc;
-    if (!c) return CLIPDB_EINVAL;
-    cdb_err_clear(&c->err);
-    if ((rc = ctx_ready(c))) return rc;
-    if (n < 0 || (n > 0 && (!pixels || !out)))
-        return cdb_err_set(&c->err, CLIPDB_EINVAL, "encode_images: bad arguments");
-    // pixels (n, 3, S, S) -> out (n, embed_dim)
-    return cdb_vision_forward(c->run, &c->m->vision, c->m->embed_dim, pixels, n, out, &c->err);
-}
-
 int clipdb_encode_texts(clipdb_ctx *c, const char *const *texts, int n, float *out)
 {
     return clipdb_encode_batch(c, CLIPDB_INPUT_TEXT, texts, n, out, NULL, NULL);
@@ -240,24 +230,38 @@ cleanup:
     return rc;
 }
 
-/* Image files in groups: decode + preprocess each (per-input failures),
-** then one vision-tower call on those that decoded. */
-static int encode_image_groups(clipdb_ctx *c, const char *const *paths, int n, float *out,
-                               clipdb_item_status *status, int *n_failed)
+/* The one image batching loop, in groups of CDB_ENCODE_IMAGE_GROUP, for both
+** sources of images: files (paths != NULL: decode + preprocess each into the
+** group's buffer, per-input failures, then one vision-tower call on those
+** that decoded) or preprocessed pixels (n, 3, S, S) of the caller (no
+** decoding and no copy: the group's rows are the caller's). */
+static int encode_image_groups(clipdb_ctx *c, const char *const *paths, const float *pixels,
+                               int n, float *out, clipdb_item_status *status, int *n_failed)
 {
     int rc = CLIPDB_OK, E = c->m->embed_dim, g0, i, k;
     int G = n < CDB_ENCODE_IMAGE_GROUP ? n : CDB_ENCODE_IMAGE_GROUP;
     size_t px = clipdb_image_floats(c->m);
-    float *pix = cdb_malloc_array((size_t)G * px, sizeof *pix);
-    float *tmp = cdb_malloc_array((size_t)G * (size_t)E, sizeof *tmp);
-    int *slot = cdb_malloc_array((size_t)G, sizeof *slot);
+    float *pix = NULL, *tmp = NULL;
+    int *slot = NULL;
 
-    if (!pix || !tmp || !slot) {
-        rc = cdb_err_set(&c->err, CLIPDB_ENOMEM, "out of memory");
-        goto cleanup;
+    if (paths) {
+        pix = cdb_malloc_array((size_t)G * px, sizeof *pix);
+        tmp = cdb_malloc_array((size_t)G * (size_t)E, sizeof *tmp);
+        slot = cdb_malloc_array((size_t)G, sizeof *slot);
+        if (!pix || !tmp || !slot) {
+            rc = cdb_err_set(&c->err, CLIPDB_ENOMEM, "out of memory");
+            goto cleanup;
+        }
     }
     for (g0 = 0; g0 < n; g0 += G) {
         int cnt = n - g0 < G ? n - g0 : G;
+        if (!paths) {
+            // pixels[g0..] (cnt, 3, S, S) -> out[g0..] (cnt, E)
+            rc = cdb_vision_forward(c->run, &c->m->vision, E, pixels + (size_t)g0 * px, cnt,
+                                    out + (size_t)g0 * E, &c->err);
+            if (rc != CLIPDB_OK) goto cleanup;
+            continue;
+        }
         for (i = k = 0; i < cnt; i++) {
             /* the decoder's message starts with the path */
             if (clipdb_image_load(c, paths[g0 + i], pix + (size_t)k * px) != CLIPDB_OK) {
@@ -280,6 +284,21 @@ cleanup:
     return rc;
 }
 
+/* The pixel form of the batched encoder: the same image groups as the files
+** of clipdb_encode_batch (the ingest pipeline decodes in its own threads and
+** hands the pixels here). */
+int clipdb_encode_images(clipdb_ctx *c, const float *pixels, int n, float *out)
+{
+    int rc;
+    if (!c) return CLIPDB_EINVAL;
+    cdb_err_clear(&c->err);
+    if ((rc = ctx_ready(c))) return rc;
+    if (n < 0 || (n > 0 && (!pixels || !out)))
+        return cdb_err_set(&c->err, CLIPDB_EINVAL, "encode_images: bad arguments");
+    // pixels (n, 3, S, S) -> out (n, embed_dim)
+    return encode_image_groups(c, NULL, pixels, n, out, NULL, NULL);
+}
+
 int clipdb_encode_batch(clipdb_ctx *c, clipdb_input_kind kind, const char *const *inputs, int n,
                         float *out, clipdb_item_status *status, int *n_failed)
 {
@@ -299,7 +318,7 @@ int clipdb_encode_batch(clipdb_ctx *c, clipdb_input_kind kind, const char *const
     }
     if (n == 0) return CLIPDB_OK;
     rc = kind == CLIPDB_INPUT_TEXT ? encode_text_groups(c, inputs, n, out, status, &failed)
-                                   : encode_image_groups(c, inputs, n, out, status, &failed);
+                                   : encode_image_groups(c, inputs, NULL, n, out, status, &failed);
     if (n_failed) *n_failed = failed;
     return rc;
 }

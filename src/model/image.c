@@ -47,17 +47,10 @@
 
 /* ---- buffers --------------------------------------------------------- */
 
-/* Grows *p to at least n bytes (contents not kept). */
+/* Grows *p to at least n bytes (contents not kept: core.h cdb_reserve). */
 static int grow(void **p, size_t *cap, size_t n)
 {
-    void *q;
-    if (n <= *cap && *p) return CLIPDB_OK;
-    q = malloc(n ? n : 1);
-    if (!q) return CLIPDB_ENOMEM;
-    free(*p);
-    *p = q;
-    *cap = n;
-    return CLIPDB_OK;
+    return cdb_reserve(p, cap, n, 1) ? CLIPDB_ENOMEM : CLIPDB_OK;
 }
 
 void cdb_rgb_free(cdb_rgb *img)

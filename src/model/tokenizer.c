@@ -291,27 +291,23 @@ static int gunzip_file(const char *path, char **out, size_t *out_len, cdb_err *e
     zs.next_in = (Bytef *)in;
     zs.avail_in = (uInt)in_len;
     for (;;) {
-        if (len == cap) {
-            size_t ncap = cap ? cap * 2 : in_len * 4 + 4096;
-            char *nb;
-            if (ncap > TOK_MAX_TEXT_BYTES + 1) ncap = TOK_MAX_TEXT_BYTES + 1;
-            if (ncap <= len) {
-                rc = cdb_err_set(e, CLIPDB_ELIMIT, "%s: inflates to more than %zu bytes",
-                                 path, TOK_MAX_TEXT_BYTES);
-                goto cleanup;
-            }
-            nb = realloc(buf, ncap + 1);
-            if (!nb) {
-                rc = cdb_err_set(e, CLIPDB_ENOMEM, "%s: out of memory", path);
-                goto cleanup;
-            }
-            buf = nb;
-            cap = ncap;
+        size_t room;
+        /* at most TOK_MAX_TEXT_BYTES + 1 bytes are inflated: one more than
+        ** the limit says the text is too long */
+        if (len > TOK_MAX_TEXT_BYTES) {
+            rc = cdb_err_set(e, CLIPDB_ELIMIT, "%s: inflates to more than %zu bytes", path,
+                             TOK_MAX_TEXT_BYTES);
+            goto cleanup;
         }
+        if (len == cap && cdb_grow((void **)&buf, &cap, cap ? cap + 1 : in_len * 4 + 4096, 1)) {
+            rc = cdb_err_set(e, CLIPDB_ENOMEM, "%s: out of memory", path);
+            goto cleanup;
+        }
+        room = (cap < TOK_MAX_TEXT_BYTES + 1 ? cap : TOK_MAX_TEXT_BYTES + 1) - len;
         zs.next_out = (Bytef *)buf + len;
-        zs.avail_out = (uInt)(cap - len);
+        zs.avail_out = (uInt)room;
         zrc = inflate(&zs, Z_NO_FLUSH);
-        len = cap - zs.avail_out;
+        len += room - zs.avail_out;
         if (zrc == Z_STREAM_END) {
             if (zs.avail_in == 0) break;
             if (inflateReset(&zs) != Z_OK) zrc = Z_DATA_ERROR; /* next member */
@@ -330,6 +326,15 @@ static int gunzip_file(const char *path, char **out, size_t *out_len, cdb_err *e
             rc = cdb_err_set(e, CLIPDB_EFORMAT, "%s: truncated gzip stream", path);
             goto cleanup;
         }
+    }
+    if (len > TOK_MAX_TEXT_BYTES) {
+        rc = cdb_err_set(e, CLIPDB_ELIMIT, "%s: inflates to more than %zu bytes", path,
+                         TOK_MAX_TEXT_BYTES);
+        goto cleanup;
+    }
+    if (cdb_grow((void **)&buf, &cap, len + 1, 1)) { /* room for the NUL */
+        rc = cdb_err_set(e, CLIPDB_ENOMEM, "%s: out of memory", path);
+        goto cleanup;
     }
     buf[len] = '\0';
     *out = buf;
@@ -702,15 +707,15 @@ typedef struct cache_entry {
     uint16_t klen, nids;
 } cache_entry;
 
-/* Growable scratch buffers of one encode call. */
+/* Scratch buffers of one encode call (cdb_reserve: rewritten on every use). */
 typedef struct tok_scratch {
     uint32_t *cp[3];     /* code points: decoded, unescaped, cleaned/lowered */
-    size_t cp_cap;
+    size_t cap_cp[3];
     int32_t *sym, *prv, *nxt;
     uint64_t *heap, *round;
-    size_t sym_cap;
     char *word;
-    size_t word_cap;
+    size_t cap_sym, cap_prv, cap_nxt, cap_heap, cap_round, cap_word;
+    size_t sym_ok;       /* every buffer of scratch_sym holds this many */
 } tok_scratch;
 
 struct cdb_tok_cache {
@@ -799,35 +804,29 @@ static void cache_put(cdb_tok_cache *c, const char *w, size_t n, uint32_t h, con
     c->slot[i] = (uint32_t)(++c->n);
 }
 
-static int grow(void **p, size_t n, size_t size)
-{
-    void *q = cdb_malloc_array(n, size);
-    if (!q) return 0;
-    free(*p);
-    *p = q;
-    return 1;
-}
-
+/* 1 when the three code-point buffers hold n each; 0 on overflow or OOM. */
 static int scratch_cp(tok_scratch *s, size_t n)
 {
     int i;
-    if (n <= s->cp_cap) return 1;
     for (i = 0; i < 3; i++)
-        if (!grow((void **)&s->cp[i], n, sizeof(uint32_t))) return 0;
-    s->cp_cap = n;
+        if (cdb_reserve((void **)&s->cp[i], &s->cap_cp[i], n, sizeof(uint32_t))) return 0;
     return 1;
 }
 
+/* 1 when the BPE buffers hold n symbols (the heap 3n); 0 on overflow or OOM.
+** Called for every word: the common case is one comparison. */
 static int scratch_sym(tok_scratch *s, size_t n)
 {
     size_t h;
-    if (n <= s->sym_cap) return 1;
-    if (!cdb_mul_ok(n, 3, &h)) return 0;
-    if (!grow((void **)&s->sym, n, sizeof(int32_t)) || !grow((void **)&s->prv, n, sizeof(int32_t)) ||
-        !grow((void **)&s->nxt, n, sizeof(int32_t)) || !grow((void **)&s->heap, h, sizeof(uint64_t)) ||
-        !grow((void **)&s->round, n, sizeof(uint64_t)) || !grow((void **)&s->word, n, 1))
+    if (n <= s->sym_ok) return 1;
+    if (!cdb_mul_ok(n, 3, &h) || cdb_reserve((void **)&s->sym, &s->cap_sym, n, sizeof(int32_t)) ||
+        cdb_reserve((void **)&s->prv, &s->cap_prv, n, sizeof(int32_t)) ||
+        cdb_reserve((void **)&s->nxt, &s->cap_nxt, n, sizeof(int32_t)) ||
+        cdb_reserve((void **)&s->heap, &s->cap_heap, h, sizeof(uint64_t)) ||
+        cdb_reserve((void **)&s->round, &s->cap_round, n, sizeof(uint64_t)) ||
+        cdb_reserve((void **)&s->word, &s->cap_word, n, 1))
         return 0;
-    s->sym_cap = n;
+    s->sym_ok = n;
     return 1;
 }
 

@@ -56,16 +56,11 @@ void cdb_run_free(struct cdb_run *r)
 /* Grows *p to hold at least n floats (contents are not kept). */
 static int grow(float **p, size_t *cap, size_t n, cdb_err *e)
 {
-    float *q;
     size_t bytes;
-    if (n <= *cap) return CLIPDB_OK;
     if (!cdb_mul_ok(n, sizeof(float), &bytes))
         return cdb_err_set(e, CLIPDB_ELIMIT, "activation buffer too large");
-    q = malloc(bytes);
-    if (!q) return cdb_err_set(e, CLIPDB_ENOMEM, "out of memory (activations, %zu bytes)", bytes);
-    free(*p);
-    *p = q;
-    *cap = n;
+    if (cdb_reserve((void **)p, cap, n, sizeof **p))
+        return cdb_err_set(e, CLIPDB_ENOMEM, "out of memory (activations, %zu bytes)", bytes);
     return CLIPDB_OK;
 }
 

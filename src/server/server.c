@@ -1475,9 +1475,9 @@ int clipdb_server_start(clipdb_server **out, const char *db_path, const clipdb_s
     }
     s->opt = *opt;
     if (!db_path) return cdb_err_set(&s->err, CLIPDB_EINVAL, "no database given");
-    if (opt->threads < 1 || opt->threads > 64)
-        return cdb_err_set(&s->err, CLIPDB_EINVAL, "threads must be 1 to 64, not %d",
-                           opt->threads);
+    if (opt->threads < 1 || opt->threads > CLIPDB_SERVER_MAX_THREADS)
+        return cdb_err_set(&s->err, CLIPDB_EINVAL, "threads must be 1 to %d, not %d",
+                           CLIPDB_SERVER_MAX_THREADS, opt->threads);
     if (opt->port < 0 || opt->port > 65535)
         return cdb_err_set(&s->err, CLIPDB_EINVAL, "port must be 0 to 65535, not %d", opt->port);
     memset(&addr, 0, sizeof addr);

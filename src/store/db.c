@@ -913,22 +913,9 @@ static int stats_sets(clipdb_db *db, clipdb_db_stats *out)
     return cdb_vsets_stats(db, out, &cap);
 }
 
-/* Appends one index to out->indexes; *cap: its capacity. */
-static int push_index(clipdb_db *db, clipdb_db_stats *out, size_t *cap, clipdb_db_index_info **x)
-{
-    if (cdb_grow((void **)&out->indexes, cap, (size_t)out->n_indexes + 1, sizeof *out->indexes))
-        return cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
-    *x = &out->indexes[out->n_indexes++];
-    memset(*x, 0, sizeof **x);
-    return CLIPDB_OK;
-}
-
 int clipdb_db_get_stats(clipdb_db *db, clipdb_db_stats *out)
 {
-    sqlite3_stmt *st = NULL;
-    clipdb_db_index_info *x;
-    size_t cap = 0;
-    int rc, s;
+    int rc;
 
     memset(out, 0, sizeof *out);
     cdb_err_clear(&db->err);
@@ -946,48 +933,8 @@ int clipdb_db_get_stats(clipdb_db *db, clipdb_db_stats *out)
     out->model = db->identity;
     out->model_dir = db->model_dir;
     out->path = db->path;
-    rc = cdb_db_prepare(db,
-                        "SELECT target, metric, nlist, "
-                        "(SELECT count(*) FROM ivf_assign a WHERE a.target = ivf.target "
-                        "AND a.metric = ivf.metric) FROM ivf ORDER BY target, metric",
-                        &st);
-    if (rc != CLIPDB_OK) goto cleanup;
-    while ((s = sqlite3_step(st)) == SQLITE_ROW) {
-        if ((rc = push_index(db, out, &cap, &x)) != CLIPDB_OK) goto cleanup;
-        x->kind = "ivf";
-        x->target = sqlite3_column_int(st, 0);
-        x->metric = (clipdb_metric)sqlite3_column_int(st, 1);
-        x->nlist = sqlite3_column_int(st, 2);
-        x->n_vectors = sqlite3_column_int64(st, 3);
-    }
-    if (s != SQLITE_DONE) {
-        rc = cdb_db_sqlerr(db, "listing the IVF indexes");
-        goto cleanup;
-    }
-    sqlite3_finalize(st);
-    st = NULL;
-    if (db->format_version < 2) goto cleanup; /* no stored Faiss indexes in v1 */
-    rc = cdb_db_prepare(db,
-                        "SELECT target, metric, factory, "
-                        "(SELECT count(*) FROM faiss_ids a WHERE a.target = f.target "
-                        "AND a.metric = f.metric AND a.stale = 0) FROM faiss f "
-                        "ORDER BY target, metric",
-                        &st);
-    if (rc != CLIPDB_OK) goto cleanup;
-    while ((s = sqlite3_step(st)) == SQLITE_ROW) {
-        if ((rc = push_index(db, out, &cap, &x)) != CLIPDB_OK) goto cleanup;
-        x->kind = "faiss";
-        x->target = sqlite3_column_int(st, 0);
-        x->metric = (clipdb_metric)sqlite3_column_int(st, 1);
-        x->n_vectors = sqlite3_column_int64(st, 3);
-        if (!(x->factory = cdb_strdup((const char *)sqlite3_column_text(st, 2)))) {
-            rc = cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
-            goto cleanup;
-        }
-    }
-    if (s != SQLITE_DONE) rc = cdb_db_sqlerr(db, "listing the Faiss indexes");
-cleanup:
-    sqlite3_finalize(st);
+    /* the stored indexes: each type lists its own tables; then the vector sets */
+    rc = cdb_sindex_list_stored(db, out);
     if (rc == CLIPDB_OK) rc = stats_sets(db, out);
     if (rc != CLIPDB_OK) clipdb_db_stats_free(out);
     return rc;

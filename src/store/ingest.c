@@ -5,11 +5,20 @@
 ** pool of decode threads reads each file, hashes it (SHA-256) and, unless
 ** the same path with the same hash is already stored, decodes and
 ** preprocesses it into a slot of a bounded ring. The calling thread takes
-** the slots in file order, gathers batches, encodes them (the vision tower,
-** then the captions with the text tower) while the pool decodes the next
-** files, and writes each batch in one transaction: an image, its vector,
-** its captions and their vectors commit together or not at all, so a killed
-** run resumes where it stopped.
+** the slots in file order, gathers batches, encodes them while the pool
+** decodes the next files, and writes each batch in one transaction: an
+** image, its vector, its captions and their vectors commit together or not
+** at all, so a killed run resumes where it stopped.
+**
+** Encoding goes through the one batched encoder of ctx.c and its groups:
+** clipdb_encode_images (its pixel form) for the images, clipdb_encode_batch
+** for the captions and texts. The pool stays because the file-path form of
+** clipdb_encode_batch would read each file a second time (the SHA-256
+** stored must be of the bytes encoded), could not skip an unchanged file
+** before decoding it, and decodes on the calling thread, one file after
+** another, where the pool decodes in parallel with the encoder. A batch
+** (clipdb_add_options.batch_size) is the unit of a transaction, not of the
+** encoder.
 */
 #include <dirent.h>
 #include <errno.h>
@@ -28,12 +37,11 @@
 
 #define MAX_DEPTH 64                       /* folder nesting */
 #define TEXTS_PER_COMMIT 64 /* standalone texts per transaction */
-#define CDB_MAX_DECODE_THREADS 8 /* default decode threads: the CPUs, at most this */
 
 void clipdb_add_options_init(clipdb_add_options *opt)
 {
     memset(opt, 0, sizeof *opt);
-    opt->batch_size = 32;
+    opt->batch_size = CLIPDB_ADD_BATCH_DEFAULT;
     opt->progress_interval_s = 0.25;
 }
 
@@ -575,9 +583,9 @@ static int flush(ingest *g)
     if (g->n_imgs == 0) return CLIPDB_OK;
     for (i = 0; i < g->n_imgs; i++)
         if ((rc = queue_captions(g, &g->imgs[i])) != CLIPDB_OK) goto cleanup;
-    // pixels (n_encode, 3, S, S) -> vision tower -> img_vecs (n_encode, d)
+    // pixels (n_encode, 3, S, S) -> the batched encoder's image groups -> img_vecs (n_encode, d)
     /* images are decoded (and hashed, to skip unchanged files) by the pool
-    ** above, so the vision tower gets pixels here, not files */
+    ** above, so the encoder gets pixels here, not files */
     if (g->n_encode > 0 &&
         (rc = clipdb_encode_images(g->db->ctx, g->pixels, g->n_encode, g->img_vecs)) !=
             CLIPDB_OK) {
@@ -682,7 +690,7 @@ static int add_images(ingest *g, cdb_captions *caps)
     n_threads = g->opt->decode_threads > 0 ? g->opt->decode_threads
                                            : (int)sysconf(_SC_NPROCESSORS_ONLN);
     if (n_threads < 1) n_threads = 1;
-    if (n_threads > CDB_MAX_DECODE_THREADS) n_threads = CDB_MAX_DECODE_THREADS;
+    if (n_threads > CLIPDB_ADD_MAX_DECODE_THREADS) n_threads = CLIPDB_ADD_MAX_DECODE_THREADS;
     p.root = g->root;
     p.files = &files;
     p.abspaths = g->abspaths;
@@ -939,8 +947,8 @@ int clipdb_db_add(clipdb_db *db, const clipdb_add_options *opt, clipdb_add_resul
     g.res = res;
     g.d = db->embed_dim;
     g.img_floats = clipdb_image_floats(g.model);
-    g.batch = opt->batch_size > 0 ? opt->batch_size : 32;
-    if (g.batch > 1024) g.batch = 1024;
+    g.batch = opt->batch_size > 0 ? opt->batch_size : CLIPDB_ADD_BATCH_DEFAULT;
+    if (g.batch > CLIPDB_ADD_MAX_BATCH) g.batch = CLIPDB_ADD_MAX_BATCH;
     g.t0 = g.last_report = cdb_now();
     if (opt->images_dir) {
         g.pixels = cdb_malloc_array((size_t)g.batch, g.img_floats * sizeof(float));

@@ -124,3 +124,13 @@ int cdb_sindex_on_write(clipdb_db *db, const cdb_write *w)
     }
     return rc;
 }
+
+int cdb_sindex_list_stored(clipdb_db *db, clipdb_db_stats *out)
+{
+    cdb_index_list l = {out, 0};
+    size_t i;
+    int rc;
+    for (i = 0; i < N_TYPES; i++)
+        if (types[i]->list_stored && (rc = types[i]->list_stored(db, &l)) != CLIPDB_OK) return rc;
+    return CLIPDB_OK;
+}

@@ -11,15 +11,19 @@
 ** slots, one per (type, vector set, metric)) and is the one hook db.c
 ** calls when a vector is written or deleted. Calls run one way:
 **   search.c -> sindex.c -> sindex_*.c -> sql.c (store.h) and src/index
-**   db.c     -> sindex.c (the write hook, and releasing on close)
+**   db.c     -> sindex.c (the write hook, releasing on close, and the
+**               listing of the stored indexes for clipdb_db_get_stats)
 ** Internal; the public view is clipdb_db_search / clipdb_db_build_* .
 */
 #ifndef CDB_SINDEX_H
 #define CDB_SINDEX_H
 
+#include <string.h>
+
 #include "store/store.h"
 
 typedef struct cdb_sindex_type cdb_sindex_type;
+struct cdb_index_list;
 
 /* One loaded index of a handle: a cache slot. */
 typedef struct cdb_sindex {
@@ -90,7 +94,35 @@ struct cdb_sindex_type {
     void (*invalidate)(cdb_sindex *s);
     /* Frees s->impl and everything in it. */
     void (*release)(cdb_sindex *s);
+    /* Appends one entry per index of this type stored in the database to
+    ** l (cdb_sindex_list_push), in (set, metric) order. */
+    int (*list_stored)(clipdb_db *db, struct cdb_index_list *l);
 };
+
+/* The stored indexes as clipdb_db_get_stats lists them: l->out->indexes
+** grows as entries are pushed (capacity l->cap). */
+typedef struct cdb_index_list {
+    clipdb_db_stats *out;
+    size_t cap;
+} cdb_index_list;
+
+/* Appends a zeroed entry to l; *x points at it. Inline here, so that the
+** types calling it do not call back into sindex.c. */
+static inline int cdb_sindex_list_push(clipdb_db *db, cdb_index_list *l,
+                                       clipdb_db_index_info **x)
+{
+    clipdb_db_stats *out = l->out;
+    if (cdb_grow((void **)&out->indexes, &l->cap, (size_t)out->n_indexes + 1, sizeof *out->indexes))
+        return cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
+    *x = &out->indexes[out->n_indexes++];
+    memset(*x, 0, sizeof **x);
+    return CLIPDB_OK;
+}
+
+/* Lists every stored index of every type into out->indexes / n_indexes
+** (IVF, then Faiss); on failure the entries already listed stay for the
+** caller to free with clipdb_db_stats_free. */
+int cdb_sindex_list_stored(clipdb_db *db, clipdb_db_stats *out);
 
 extern const cdb_sindex_type cdb_sindex_exact;
 extern const cdb_sindex_type cdb_sindex_ivf;

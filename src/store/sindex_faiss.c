@@ -440,6 +440,38 @@ static int faiss_on_delete(clipdb_db *db, int64_t id)
     return rc;
 }
 
+/* Every stored Faiss index: its factory string and the vectors it holds
+** (not those marked stale). A version-1 file has no Faiss tables. */
+static int faiss_list_stored(clipdb_db *db, cdb_index_list *l)
+{
+    sqlite3_stmt *st = NULL;
+    clipdb_db_index_info *x = NULL;
+    int rc, s;
+    if (db->format_version < 2) return CLIPDB_OK;
+    rc = cdb_db_prepare(db,
+                        "SELECT target, metric, factory, "
+                        "(SELECT count(*) FROM faiss_ids a WHERE a.target = f.target "
+                        "AND a.metric = f.metric AND a.stale = 0) FROM faiss f "
+                        "ORDER BY target, metric",
+                        &st);
+    if (rc != CLIPDB_OK) return rc;
+    while ((s = sqlite3_step(st)) == SQLITE_ROW) {
+        if ((rc = cdb_sindex_list_push(db, l, &x)) != CLIPDB_OK) goto cleanup;
+        x->kind = "faiss";
+        x->target = sqlite3_column_int(st, 0);
+        x->metric = (clipdb_metric)sqlite3_column_int(st, 1);
+        x->n_vectors = sqlite3_column_int64(st, 3);
+        if (!(x->factory = cdb_strdup((const char *)sqlite3_column_text(st, 2)))) {
+            rc = cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
+            goto cleanup;
+        }
+    }
+    if (s != SQLITE_DONE) rc = cdb_db_sqlerr(db, "listing the Faiss indexes");
+cleanup:
+    sqlite3_finalize(st);
+    return rc;
+}
+
 const cdb_sindex_type cdb_sindex_faiss = {
     .name = "faiss",
     .kind = CLIPDB_INDEX_FAISS,
@@ -452,4 +484,5 @@ const cdb_sindex_type cdb_sindex_faiss = {
     .on_delete = faiss_on_delete,
     .invalidate = faiss_invalidate,
     .release = faiss_release,
+    .list_stored = faiss_list_stored,
 };

@@ -288,6 +288,32 @@ static void ivf_release(cdb_sindex *s)
     s->impl = NULL;
 }
 
+/* Every stored IVF index: its lists and the vectors assigned to them. */
+static int ivf_list_stored(clipdb_db *db, cdb_index_list *l)
+{
+    sqlite3_stmt *st = NULL;
+    clipdb_db_index_info *x = NULL;
+    int rc, s;
+    rc = cdb_db_prepare(db,
+                        "SELECT target, metric, nlist, "
+                        "(SELECT count(*) FROM ivf_assign a WHERE a.target = ivf.target "
+                        "AND a.metric = ivf.metric) FROM ivf ORDER BY target, metric",
+                        &st);
+    if (rc != CLIPDB_OK) return rc;
+    while ((s = sqlite3_step(st)) == SQLITE_ROW) {
+        if ((rc = cdb_sindex_list_push(db, l, &x)) != CLIPDB_OK) goto cleanup;
+        x->kind = "ivf";
+        x->target = sqlite3_column_int(st, 0);
+        x->metric = (clipdb_metric)sqlite3_column_int(st, 1);
+        x->nlist = sqlite3_column_int(st, 2);
+        x->n_vectors = sqlite3_column_int64(st, 3);
+    }
+    if (s != SQLITE_DONE) rc = cdb_db_sqlerr(db, "listing the IVF indexes");
+cleanup:
+    sqlite3_finalize(st);
+    return rc;
+}
+
 const cdb_sindex_type cdb_sindex_ivf = {
     .name = "ivf",
     .kind = CLIPDB_INDEX_IVF,
@@ -301,4 +327,5 @@ const cdb_sindex_type cdb_sindex_ivf = {
     .on_delete = ivf_on_delete,
     .invalidate = ivf_invalidate,
     .release = ivf_release,
+    .list_stored = ivf_list_stored,
 };

@@ -77,7 +77,7 @@ int cdb_arch_parse(const char *spec, cdb_arch *a, cdb_err *e)
     int vheads = 0, theads = 0, rc, have_v = 0, have_t = 0;
     const char *s = spec;
     memset(a, 0, sizeof *a);
-    a->context = 77;
+    a->context = CLIPDB_TEXT_CONTEXT;
     if (!spec || !*spec) return cdb_err_set(e, CLIPDB_EINVAL, "arch: empty spec");
     while (*s) {
         const char *semi = strchr(s, ';'), *end = semi ? semi : s + strlen(s);

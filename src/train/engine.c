@@ -303,13 +303,8 @@ cleanup:
 /* Makes *p hold n floats (contents not kept). */
 static int grow_f(float **p, size_t *cap, size_t n, cdb_err *e)
 {
-    float *q;
-    if (n <= *cap) return CLIPDB_OK;
-    q = cdb_malloc_array(n, sizeof *q);
-    if (!q) return cdb_err_set(e, CLIPDB_ENOMEM, "out of memory (training activations)");
-    free(*p);
-    *p = q;
-    *cap = n;
+    if (cdb_reserve((void **)p, cap, n, sizeof **p))
+        return cdb_err_set(e, CLIPDB_ENOMEM, "out of memory (training activations)");
     return CLIPDB_OK;
 }
 

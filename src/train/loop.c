@@ -20,6 +20,7 @@
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -267,8 +268,8 @@ static int validate(run *r, clipdb_train_progress *p)
     clipdb_ctx *c = NULL;
     size_t nv = r->data.n_val, nc = 0, i, j, k;
     int e = r->m->embed_dim, rc, n_out = 0;
-    float *iv = NULL, *tv = NULL, *px = NULL;
-    const char **texts = NULL;
+    float *iv = NULL, *tv = NULL;
+    const char **texts = NULL, **paths = NULL;
     int64_t *owner = NULL;
     clipdb_hit *hits = NULL;
     size_t hit_t2i[3] = {0}, hit_i2t[3] = {0};
@@ -286,28 +287,33 @@ static int validate(run *r, clipdb_train_progress *p)
     clipdb_ctx_set_truncate(c, 1);
     iv = cdb_malloc_array(nv, (size_t)e * sizeof *iv);
     tv = cdb_malloc_array(nc, (size_t)e * sizeof *tv);
-    px = cdb_malloc_array(clipdb_image_floats(r->m), sizeof *px);
+    paths = cdb_malloc_array(nv, sizeof *paths);
     texts = cdb_malloc_array(nc, sizeof *texts);
     owner = cdb_malloc_array(nc, sizeof *owner);
     hits = cdb_malloc_array((nv > nc ? nv : nc) * 10, sizeof *hits);
-    if (!iv || !tv || !px || !texts || !owner || !hits) {
+    if (!iv || !tv || !paths || !texts || !owner || !hits) {
         rc = cdb_err_set(&r->err, CLIPDB_ENOMEM, "out of memory for validation");
+        goto cleanup;
+    }
+    if (nv > INT_MAX || nc > INT_MAX) {
+        rc = cdb_err_set(&r->err, CLIPDB_ELIMIT, "validation: more than %d images or captions",
+                         INT_MAX);
         goto cleanup;
     }
     for (i = 0, k = 0; i < nv; i++) {
         const cdb_pair_image *im = &pp->img[r->data.val[i]];
-        if ((rc = clipdb_image_load(c, im->path, px)) ||
-            (rc = clipdb_encode_images(c, px, 1, iv + i * (size_t)e)))
-            goto ctxfail;
+        paths[i] = im->path;
         for (j = 0; j < im->n_captions; j++, k++) {
             texts[k] = im->captions[j];
             owner[k] = (int64_t)i;
         }
     }
-    for (k = 0; k < nc; k += 64) {
-        int n = (int)(nc - k < 64 ? nc - k : 64);
-        if ((rc = clipdb_encode_texts(c, texts + k, n, tv + k * (size_t)e))) goto ctxfail;
-    }
+    /* the one batched encoder, in its own groups; the first input that
+    ** fails stops validation, named */
+    // image files (nv) -> iv (nv, e); captions (nc) -> tv (nc, e)
+    if ((rc = clipdb_encode_batch(c, CLIPDB_INPUT_IMAGE_FILE, paths, (int)nv, iv, NULL, NULL)) ||
+        (rc = clipdb_encode_batch(c, CLIPDB_INPUT_TEXT, texts, (int)nc, tv, NULL, NULL)))
+        goto ctxfail;
     {
         clipdb_vecs base_i = {iv, NULL, NULL, nv, e}, base_t = {tv, NULL, NULL, nc, e};
         int kk = nv < 10 ? (int)nv : 10;
@@ -350,7 +356,7 @@ cleanup:
     clipdb_ctx_free(c);
     free(iv);
     free(tv);
-    free(px);
+    free(paths);
     free(texts);
     free(owner);
     free(hits);

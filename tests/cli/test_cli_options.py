@@ -24,6 +24,14 @@ CASES = [
     (("rm", "x.db", "4", "5x"), "item id", "5x"),
     (("rm", "x.db", BIG), "item id", BIG),
     (("model", "fetch", "a/b", "d", "--timeout", "0"), "--timeout", "0"),
+    (("add", "x.db", "--images", "d", "--threads", "9"), "--threads", "9"),
+    (("serve", "x.db", "--port", "65536"), "--port", "65536"),
+    (("serve", "x.db", "--threads", BIG), "--threads", BIG),
+    (("train", "--out", "d", "--epochs", "0"), "--epochs", "0"),
+    (("train", "--out", "d", "--batch", "1x"), "--batch", "1x"),
+    (("train", "--out", "d", "--val-max", "-1"), "--val-max", "-1"),
+    (("finetune", "x.db", "--out", "d", "--lr", "-0.1"), "--lr", "-0.1"),
+    (("finetune", "x.db", "--out", "d", "--warmup", BIG), "--warmup", BIG),
 ]
 
 

@@ -41,3 +41,45 @@ TEST(core_read_file_reports_missing_and_limit)
     CHECK(len == 10 && buf[10] == '\0' && !memcmp(buf, "0123456789", 10));
     free(buf);
 }
+
+/* cdb_grow keeps the elements and doubles from 16; an overflowing request
+** fails and leaves the array as it was. */
+TEST(core_grow_keeps_contents_and_refuses_overflow)
+{
+    int *v = NULL;
+    size_t cap = 0, i;
+    for (i = 0; i < 1000; i++) {
+        REQUIRE(cdb_grow((void **)&v, &cap, i + 1, sizeof *v) == 0);
+        REQUIRE(cap >= i + 1);
+        v[i] = (int)i * 3;
+    }
+    CHECK(cap == 1024); /* 16 doubled six times */
+    for (i = 0; i < 1000; i++) CHECK(v[i] == (int)i * 3);
+    CHECK(cdb_grow((void **)&v, &cap, 10, sizeof *v) == 0 && cap == 1024); /* no shrink */
+    CHECK(cdb_grow((void **)&v, &cap, (size_t)-1 / 2, sizeof *v) == -1);
+    CHECK(cap == 1024 && v[999] == 999 * 3);
+    free(v);
+}
+
+/* cdb_reserve gives exactly the room asked for, reuses a block that is large
+** enough, never a NULL block for 0 elements, and refuses an overflow without
+** touching the buffer. */
+TEST(core_reserve_exact_reuse_and_overflow)
+{
+    double *b = NULL, *first;
+    size_t cap = 0;
+    REQUIRE(cdb_reserve((void **)&b, &cap, 0, sizeof *b) == 0);
+    CHECK(b != NULL && cap == 0);
+    REQUIRE(cdb_reserve((void **)&b, &cap, 100, sizeof *b) == 0);
+    CHECK(cap == 100);
+    b[99] = 1.5;
+    first = b;
+    REQUIRE(cdb_reserve((void **)&b, &cap, 60, sizeof *b) == 0);
+    CHECK(b == first && cap == 100 && b[99] == 1.5); /* large enough: kept */
+    REQUIRE(cdb_reserve((void **)&b, &cap, 101, sizeof *b) == 0);
+    CHECK(cap == 101);
+    b[100] = 2.5;
+    CHECK(cdb_reserve((void **)&b, &cap, (size_t)-1 / 4, sizeof *b) == -1);
+    CHECK(cap == 101 && b[100] == 2.5);
+    free(b);
+}

@@ -126,6 +126,48 @@ TEST(ctx_batch_images_skip_bad_files_and_keep_their_codes)
     clipdb_model_close(m);
 }
 
+/* clipdb_encode_images (the pixel form, which the ingest pipeline uses) runs
+** the same image groups as the files of clipdb_encode_batch: across two group
+** boundaries, every row is the vector of that image alone (distinct
+** pixels per row, so a group read at the wrong offset shows). */
+TEST(ctx_encode_images_groups_match_one_at_a_time)
+{
+    const char *dir = tiny_model();
+    clipdb_model *m = NULL;
+    clipdb_ctx *c = NULL;
+    clipdb_model_info info;
+    enum { N = 2 * CDB_VISION_CHUNK + 5 };
+    float *pix = NULL, *out = NULL, *one = NULL;
+    size_t px, j;
+    int i, d;
+    if (!dir) SKIP("../shared (the tokenizer) absent");
+    REQUIRE(clipdb_model_open(&m, dir) == CLIPDB_OK);
+    REQUIRE(clipdb_ctx_new(&c, m) == CLIPDB_OK);
+    clipdb_model_get_info(m, &info);
+    d = info.embed_dim;
+    px = clipdb_image_floats(m);
+    pix = malloc((size_t)N * px * sizeof *pix);
+    out = malloc((size_t)N * d * sizeof *out);
+    one = malloc((size_t)d * sizeof *one);
+    REQUIRE(pix && out && one);
+    for (i = 0; i < N; i++)
+        for (j = 0; j < px; j++) pix[(size_t)i * px + j] = sinf(0.37f * (float)(i + 1) + 0.011f * (float)j);
+    REQUIRE(clipdb_encode_images(c, pix, N, out) == CLIPDB_OK);
+    for (i = 0; i < N; i++) {
+        REQUIRE(clipdb_encode_images(c, pix + (size_t)i * px, 1, one) == CLIPDB_OK);
+        CHECK(max_abs_diff(out + (size_t)i * d, one, d) < 1e-5);
+    }
+    CHECK(max_abs_diff(out, out + d, d) > 1e-4);
+    CHECK(max_abs_diff(out + (size_t)CDB_VISION_CHUNK * d, out + (size_t)(N - 1) * d, d) > 1e-4);
+    /* bad arguments; n = 0 encodes nothing */
+    CHECK(clipdb_encode_images(c, NULL, 1, out) == CLIPDB_EINVAL);
+    CHECK(clipdb_encode_images(c, pix, -1, out) == CLIPDB_EINVAL);
+    CHECK(clipdb_encode_images(c, pix, 0, out) == CLIPDB_OK);
+    free(pix), free(out), free(one);
+    clipdb_ctx_free(c);
+    clipdb_model_close(m);
+}
+
 TEST(ctx_batch_texts_skip_refused_texts)
 {
     const char *dir = tiny_model();

@@ -285,3 +285,43 @@ TEST(tok_bad_vocab_files)
         free(gz);
     }
 }
+
+/* The gzip reader: every member is read (a merge file cut into two members
+** reads as one text: the bad line 3 sits in the second member), and a
+** file that inflates past the limit (64 MiB) is refused as such, not read
+** into memory without bound. */
+TEST(tok_gzip_members_and_inflate_limit)
+{
+    const char *d;
+    cdb_tokenizer *t = NULL;
+    cdb_err e;
+    char path[700], *chunk;
+    gzFile g;
+    size_t left;
+
+    cdb_err_clear(&e);
+    REQUIRE((d = subdir("two_members")) != NULL);
+    snprintf(path, sizeof path, "%s/bpe_simple_vocab_16e6.txt.gz", d);
+    REQUIRE((g = gzopen(path, "wb")) != NULL);
+    gzputs(g, "#version\na b\n");
+    gzclose(g);
+    REQUIRE((g = gzopen(path, "ab")) != NULL); /* a second gzip member */
+    gzputs(g, "ab\nc d\n");
+    gzclose(g);
+    CHECK(cdb_tok_load_dir(d, &t, &e) == CLIPDB_EFORMAT && !t);
+    CHECK(strstr(e.msg, "bpe_simple_vocab_16e6.txt.gz:3: malformed merge line") != NULL);
+
+    REQUIRE((d = subdir("bomb")) != NULL);
+    snprintf(path, sizeof path, "%s/bpe_simple_vocab_16e6.txt.gz", d);
+    REQUIRE((chunk = calloc(1, 1 << 20)) != NULL);
+    REQUIRE((g = gzopen(path, "wb1")) != NULL);
+    for (left = ((size_t)64 << 20) + 1; left > 0;) {
+        unsigned n = left < (1u << 20) ? (unsigned)left : (1u << 20);
+        REQUIRE(gzwrite(g, chunk, n) == (int)n);
+        left -= n;
+    }
+    gzclose(g);
+    free(chunk);
+    CHECK(cdb_tok_load_dir(d, &t, &e) == CLIPDB_ELIMIT && !t);
+    CHECK(strstr(e.msg, "inflates to more than 67108864 bytes") != NULL);
+}

@@ -144,6 +144,15 @@ CLIPDB_API int clipdb_model_get_info(const clipdb_model *m, clipdb_model_info *o
 ** computed again by each process; nothing fails. Thread-safe. The string belongs to the model. NULL when the model has no
 ** weights (clipdb_model_open_tokenizer) or hashing fails. */
 CLIPDB_API const char *clipdb_model_identity(const clipdb_model *m);
+/* The identity of the model's tokenizer: 64 hex digits of the SHA-256 of
+** what it does (its special ids, byte symbols and merge table, in a fixed
+** order), not of its files, so bpe_simple_vocab_16e6.txt.gz and the
+** vocab.json + merges.txt made from it have one digest, and a merges file
+** that lost a line has another. A database records it beside the weights'
+** identity. Computed on the first call (a few ms), then cached; thread-safe.
+** The string belongs to the model; NULL when it has no tokenizer or on
+** OOM. */
+CLIPDB_API const char *clipdb_model_tokenizer_digest(const clipdb_model *m);
 
 /* ---- per-thread encoding context ----------------------------------------- */
 

@@ -731,6 +731,56 @@ CLIPDB_API int clipdb_db_get_stats(clipdb_db *db, clipdb_db_stats *out);
 ** Accepts NULL and a zeroed struct. */
 CLIPDB_API void clipdb_db_stats_free(clipdb_db_stats *st);
 
+/* ---- integrity (`clipdb check`) ---- */
+
+/* One problem clipdb_db_check found. */
+typedef struct clipdb_db_problem {
+    const char *kind;        /* static: "integrity" (SQLite's integrity check,
+                             ** or a table that cannot be read), "item" (a bad
+                             ** type or a missing text/path), "orphan_caption",
+                             ** "duplicate_text", "duplicate_path",
+                             ** "missing_vector" (an item without its vector),
+                             ** "orphan_vector" (a vector without its item),
+                             ** "vector" (a wrong size, a component that is not
+                             ** finite, a stored norm that is not the vector's),
+                             ** "orphan_meta", "high_water" (an id above the
+                             ** recorded highest id), "index" (an IVF or Faiss
+                             ** index that does not match the vectors) */
+    int64_t item;            /* the item id it concerns, or -1 (the file, an index) */
+    char *message;           /* one line naming the item, e.g. "caption 17: its
+                             ** image 5 does not exist" */
+} clipdb_db_problem;
+
+/* At most this many problems are listed (all are counted). */
+#define CLIPDB_CHECK_MAX_PROBLEMS 1000
+
+typedef struct clipdb_db_check_report {
+    int64_t items, vectors, indexes; /* what was checked */
+    int64_t n_problems;      /* problems found (all of them) */
+    int n_listed;            /* problems[0 .. n_listed): the first
+                             ** CLIPDB_CHECK_MAX_PROBLEMS, in the order found */
+    clipdb_db_problem *problems;
+} clipdb_db_check_report;
+
+/* Checks the whole database: SQLite's PRAGMA integrity_check (quick: the
+** faster quick_check, which skips matching indexes to their tables), then
+** the invariants of the data: every caption's image exists; no text is
+** stored twice (for the same image, or standalone) and no image path twice;
+** each item has exactly one vector of its type and each vector its item;
+** every vector has embed_dim finite components and its stored norm; no
+** metadata without its item; no id above the recorded high-water mark; each
+** IVF index's centroids fit the dimension and its lists hold exactly the
+** vectors of its set; each Faiss index's bytes match their SHA-256 and it
+** holds no deleted item that is not marked stale. Reads only (a read-only
+** handle is enough). Returns CLIPDB_OK when the check ran, whatever it
+** found (a table SQLite cannot read is an "integrity" problem); an error
+** when it could not run (I/O, memory). *out: free with
+** clipdb_db_check_free (it owns the messages). */
+CLIPDB_API int clipdb_db_check(clipdb_db *db, int quick, clipdb_db_check_report *out);
+/* Frees what clipdb_db_check allocated in *r (not r itself). Accepts NULL
+** and a zeroed struct. */
+CLIPDB_API void clipdb_db_check_free(clipdb_db_check_report *r);
+
 /* ---- the HTTP server (src/server) ------------------------------------------ */
 
 /* `clipdb serve`: a JSON API and the embedded web page over one database, on

@@ -569,3 +569,52 @@ TEST(store_concurrent_searches)
         CHECK(jobs[i].bad == 0);
     }
 }
+
+/* clipdb_db_check through the C API: a clean database (with IVF and Faiss
+** indexes) has no problem; a NaN component and an orphan caption written
+** behind the library's back are found and named by id; the report frees
+** cleanly (twice is harmless). */
+TEST(store_check_finds_damage_by_id)
+{
+    clipdb_db *db = filled_db("check.db", 10);
+    clipdb_db_check_report r;
+    clipdb_index_options o;
+    sqlite3 *raw = NULL;
+    char path[512];
+    int i, nan_found = 0, orphan_found = 0;
+    REQUIRE(db);
+    clipdb_index_options_init(&o);
+    o.nlist = 2;
+    REQUIRE(clipdb_db_build_ivf(db, &o) == CLIPDB_OK);
+    REQUIRE(clipdb_db_build_faiss(db, &o, "Flat") == CLIPDB_OK);
+    REQUIRE(clipdb_db_check(db, 0, &r) == CLIPDB_OK);
+    CHECK(r.n_problems == 0 && r.n_listed == 0);
+    CHECK(r.items == 20 && r.vectors == 20 && r.indexes == 2);
+    clipdb_db_check_free(&r);
+
+    snprintf(path, sizeof path, "%s/check.db", test_tmpdir());
+    REQUIRE(sqlite3_open(path, &raw) == SQLITE_OK);
+    /* item 3 (an image): its first component NaN (0x7fc00000, little-endian) */
+    CHECK(sqlite3_exec(raw, "UPDATE vectors_image SET vec = x'0000c07f' || substr(vec, 5) "
+                            "WHERE id = 3", NULL, NULL, NULL) == SQLITE_OK);
+    /* item 4 (a text): a caption of an image that does not exist */
+    CHECK(sqlite3_exec(raw, "UPDATE items SET image = 777 WHERE id = 4", NULL, NULL, NULL) ==
+          SQLITE_OK);
+    sqlite3_close(raw);
+    REQUIRE(clipdb_db_check(db, 1, &r) == CLIPDB_OK);
+    CHECK(r.n_problems == 2 && r.n_listed == 2);
+    for (i = 0; i < r.n_listed; i++) {
+        if (!strcmp(r.problems[i].kind, "vector") && r.problems[i].item == 3 &&
+            strstr(r.problems[i].message, "not finite"))
+            nan_found = 1;
+        if (!strcmp(r.problems[i].kind, "orphan_caption") && r.problems[i].item == 4 &&
+            strstr(r.problems[i].message, "777"))
+            orphan_found = 1;
+    }
+    CHECK(nan_found && orphan_found);
+    clipdb_db_check_free(&r);
+    CHECK(r.problems == NULL && r.n_listed == 0);
+    clipdb_db_check_free(&r);
+    clipdb_db_check_free(NULL);
+    clipdb_db_close(db);
+}

@@ -611,6 +611,31 @@ typedef struct clipdb_query {
     size_t len;              /* file's bytes in memory (an HTTP upload) */
 } clipdb_query;
 
+/* The query-file format of `clipdb search --batch`: one query per line ("\n"
+** or "\r\n"): "image:PATH" (an image file), "item:ID" (a stored item; ID a
+** whole decimal number), or else a text; empty lines are skipped. */
+#define CLIPDB_MAX_BATCH_BYTES ((size_t)256 << 20) /* a query file, at most */
+#define CLIPDB_MAX_BATCH_QUERIES (1 << 20)          /* queries in one file, at most */
+
+typedef struct clipdb_query_list {
+    size_t n;
+    clipdb_query *queries;   /* n */
+    char *storage;           /* the lines the queries' strings point into */
+} clipdb_query_list;
+
+/* Parses len bytes of a query file (name: the file's name, for messages)
+** into *out (free with clipdb_query_list_free; it owns every string). At
+** least one query. Errors, naming NAME:LINE where there is one:
+** CLIPDB_EFORMAT for a NUL byte (it would hide the rest of its line), an
+** item id that is not a whole number, "image:" without a path;
+** CLIPDB_ELIMIT over CLIPDB_MAX_BATCH_BYTES or CLIPDB_MAX_BATCH_QUERIES;
+** CLIPDB_EINVAL when it holds no query. On failure *out is empty and
+** *errmsg (if errmsg is not NULL; caller frees with clipdb_free) says why. */
+CLIPDB_API int clipdb_queries_parse(const char *data, size_t len, const char *name,
+                                    clipdb_query_list *out, char **errmsg);
+/* Frees what clipdb_queries_parse put in *l (not l itself); accepts NULL. */
+CLIPDB_API void clipdb_query_list_free(clipdb_query_list *l);
+
 typedef struct clipdb_search_options {
     int target;              /* CLIPDB_ITEM_IMAGE (default) or _TEXT */
     int k;                   /* default 10 */

@@ -618,3 +618,59 @@ TEST(store_check_finds_damage_by_id)
     clipdb_db_check_free(NULL);
     clipdb_db_close(db);
 }
+
+/* The --batch query-file parser (clipdb_queries_parse): kinds, CRLF, empty
+** lines; each bad file refused with FILE:LINE and nothing left to free. */
+TEST(store_queries_parse)
+{
+    static const char ok[] = "a dog\nitem:17\n\nimage:x/cat.jpg\r\n  spaced text \nlast";
+    static const struct {
+        const char *data;
+        size_t len;
+        int rc;
+        const char *msg;
+    } bad[] = {
+        {"one\ntwo\0three\n", 14, CLIPDB_EFORMAT, "q.txt:2: NUL byte"},
+        {"a\nitem:x\n", 9, CLIPDB_EFORMAT, "q.txt:2: item:"},
+        {"item:-1\n", 8, CLIPDB_EFORMAT, "q.txt:1: item:"},
+        {"item:9223372036854775808", 24, CLIPDB_EFORMAT, "q.txt:1: item:"},
+        {"item:12 \n", 9, CLIPDB_EFORMAT, "q.txt:1: item:"},
+        {"image:\n", 7, CLIPDB_EFORMAT, "q.txt:1: image:"},
+        {"\n\r\n\n", 4, CLIPDB_EINVAL, "no queries"},
+        {"", 0, CLIPDB_EINVAL, "no queries"},
+    };
+    clipdb_query_list l;
+    char *err = NULL, *many;
+    size_t i, n_many = (size_t)CLIPDB_MAX_BATCH_QUERIES + 1;
+    REQUIRE(clipdb_queries_parse(ok, sizeof ok - 1, "q.txt", &l, &err) == CLIPDB_OK);
+    CHECK(err == NULL && l.n == 5);
+    CHECK(l.queries[0].kind == CLIPDB_QUERY_TEXT && !strcmp(l.queries[0].text, "a dog"));
+    CHECK(l.queries[1].kind == CLIPDB_QUERY_ITEM && l.queries[1].item == 17);
+    CHECK(l.queries[2].kind == CLIPDB_QUERY_IMAGE && !strcmp(l.queries[2].path, "x/cat.jpg"));
+    CHECK(l.queries[3].kind == CLIPDB_QUERY_TEXT && !strcmp(l.queries[3].text, "  spaced text "));
+    CHECK(l.queries[4].kind == CLIPDB_QUERY_TEXT && !strcmp(l.queries[4].text, "last"));
+    clipdb_query_list_free(&l);
+    CHECK(l.queries == NULL && l.storage == NULL && l.n == 0);
+    clipdb_query_list_free(NULL);
+    for (i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        CHECK(clipdb_queries_parse(bad[i].data, bad[i].len, "q.txt", &l, &err) == bad[i].rc);
+        CHECK(err && strstr(err, bad[i].msg));
+        CHECK(l.n == 0 && l.queries == NULL && l.storage == NULL);
+        clipdb_free(err);
+        err = NULL;
+    }
+    /* one query too many: CLIPDB_ELIMIT naming the line */
+    REQUIRE((many = malloc(2 * n_many)) != NULL);
+    for (i = 0; i < n_many; i++) {
+        many[2 * i] = 'a';
+        many[2 * i + 1] = '\n';
+    }
+    CHECK(clipdb_queries_parse(many, 2 * n_many, "q.txt", &l, &err) == CLIPDB_ELIMIT);
+    CHECK(err && strstr(err, "more than"));
+    clipdb_free(err);
+    err = NULL;
+    CHECK(clipdb_queries_parse(many, 2 * n_many - 2, "q.txt", &l, &err) == CLIPDB_OK);
+    CHECK(l.n == n_many - 1);
+    clipdb_query_list_free(&l);
+    free(many);
+}

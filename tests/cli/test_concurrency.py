@@ -154,8 +154,9 @@ def test_database_deleted_during_add_fails_clearly(tmp_path, model):
 def test_index_builds_racing_writers_list_every_vector(tmp_path, model):
     """`clipdb index` reads the vectors, trains, then stores its lists: a
     writer that commits in between must not leave vectors out of the lists
-    (or deleted ones in them). Index builds run back to back while texts are
-    added and removed; afterwards the lists equal the vector sets."""
+    (or deleted ones in them). Index builds run back to back while two
+    processes add texts, one commit each; afterwards the lists equal the
+    vector sets."""
     db = tmp_path / "r.db"
     run("init", db, "--model", model, check=True)
     (tmp_path / "base.txt").write_text("".join(f"base text {i}\n" for i in range(300)))

@@ -144,6 +144,15 @@ CLIPDB_API int clipdb_model_get_info(const clipdb_model *m, clipdb_model_info *o
 ** computed again by each process; nothing fails. Thread-safe. The string belongs to the model. NULL when the model has no
 ** weights (clipdb_model_open_tokenizer) or hashing fails. */
 CLIPDB_API const char *clipdb_model_identity(const clipdb_model *m);
+/* The identity of the model's tokenizer: 64 hex digits of the SHA-256 of
+** what it does (its special ids, byte symbols and merge table, in a fixed
+** order), not of its files, so bpe_simple_vocab_16e6.txt.gz and the
+** vocab.json + merges.txt made from it have one digest, and a merges file
+** that lost a line has another. A database records it beside the weights'
+** identity. Computed on the first call (a few ms), then cached; thread-safe.
+** The string belongs to the model; NULL when it has no tokenizer or on
+** OOM. */
+CLIPDB_API const char *clipdb_model_tokenizer_digest(const clipdb_model *m);
 
 /* ---- per-thread encoding context ----------------------------------------- */
 
@@ -663,6 +672,31 @@ typedef struct clipdb_query {
     size_t len;              /* file's bytes in memory (an HTTP upload) */
 } clipdb_query;
 
+/* The query-file format of `clipdb search --batch`: one query per line ("\n"
+** or "\r\n"): "image:PATH" (an image file), "item:ID" (a stored item; ID a
+** whole decimal number), or else a text; empty lines are skipped. */
+#define CLIPDB_MAX_BATCH_BYTES ((size_t)256 << 20) /* a query file, at most */
+#define CLIPDB_MAX_BATCH_QUERIES (1 << 20)          /* queries in one file, at most */
+
+typedef struct clipdb_query_list {
+    size_t n;
+    clipdb_query *queries;   /* n */
+    char *storage;           /* the lines the queries' strings point into */
+} clipdb_query_list;
+
+/* Parses len bytes of a query file (name: the file's name, for messages)
+** into *out (free with clipdb_query_list_free; it owns every string). At
+** least one query. Errors, naming NAME:LINE where there is one:
+** CLIPDB_EFORMAT for a NUL byte (it would hide the rest of its line), an
+** item id that is not a whole number, "image:" without a path;
+** CLIPDB_ELIMIT over CLIPDB_MAX_BATCH_BYTES or CLIPDB_MAX_BATCH_QUERIES;
+** CLIPDB_EINVAL when it holds no query. On failure *out is empty and
+** *errmsg (if errmsg is not NULL; caller frees with clipdb_free) says why. */
+CLIPDB_API int clipdb_queries_parse(const char *data, size_t len, const char *name,
+                                    clipdb_query_list *out, char **errmsg);
+/* Frees what clipdb_queries_parse put in *l (not l itself); accepts NULL. */
+CLIPDB_API void clipdb_query_list_free(clipdb_query_list *l);
+
 typedef struct clipdb_search_options {
     int target;              /* CLIPDB_ITEM_IMAGE (default) or _TEXT */
     int k;                   /* default 10 */
@@ -804,6 +838,56 @@ CLIPDB_API int clipdb_db_get_stats(clipdb_db *db, clipdb_db_stats *out);
 /* Frees what clipdb_db_get_stats allocated in *st (not st itself).
 ** Accepts NULL and a zeroed struct. */
 CLIPDB_API void clipdb_db_stats_free(clipdb_db_stats *st);
+
+/* ---- integrity (`clipdb check`) ---- */
+
+/* One problem clipdb_db_check found. */
+typedef struct clipdb_db_problem {
+    const char *kind;        /* static: "integrity" (SQLite's integrity check,
+                             ** or a table that cannot be read), "item" (a bad
+                             ** type or a missing text/path), "orphan_caption",
+                             ** "duplicate_text", "duplicate_path",
+                             ** "missing_vector" (an item without its vector),
+                             ** "orphan_vector" (a vector without its item),
+                             ** "vector" (a wrong size, a component that is not
+                             ** finite, a stored norm that is not the vector's),
+                             ** "orphan_meta", "high_water" (an id above the
+                             ** recorded highest id), "index" (an IVF or Faiss
+                             ** index that does not match the vectors) */
+    int64_t item;            /* the item id it concerns, or -1 (the file, an index) */
+    char *message;           /* one line naming the item, e.g. "caption 17: its
+                             ** image 5 does not exist" */
+} clipdb_db_problem;
+
+/* At most this many problems are listed (all are counted). */
+#define CLIPDB_CHECK_MAX_PROBLEMS 1000
+
+typedef struct clipdb_db_check_report {
+    int64_t items, vectors, indexes; /* what was checked */
+    int64_t n_problems;      /* problems found (all of them) */
+    int n_listed;            /* problems[0 .. n_listed): the first
+                             ** CLIPDB_CHECK_MAX_PROBLEMS, in the order found */
+    clipdb_db_problem *problems;
+} clipdb_db_check_report;
+
+/* Checks the whole database: SQLite's PRAGMA integrity_check (quick: the
+** faster quick_check, which skips matching indexes to their tables), then
+** the invariants of the data: every caption's image exists; no text is
+** stored twice (for the same image, or standalone) and no image path twice;
+** each item has exactly one vector of its type and each vector its item;
+** every vector has embed_dim finite components and its stored norm; no
+** metadata without its item; no id above the recorded high-water mark; each
+** IVF index's centroids fit the dimension and its lists hold exactly the
+** vectors of its set; each Faiss index's bytes match their SHA-256 and it
+** holds no deleted item that is not marked stale. Reads only (a read-only
+** handle is enough). Returns CLIPDB_OK when the check ran, whatever it
+** found (a table SQLite cannot read is an "integrity" problem); an error
+** when it could not run (I/O, memory). *out: free with
+** clipdb_db_check_free (it owns the messages). */
+CLIPDB_API int clipdb_db_check(clipdb_db *db, int quick, clipdb_db_check_report *out);
+/* Frees what clipdb_db_check allocated in *r (not r itself). Accepts NULL
+** and a zeroed struct. */
+CLIPDB_API void clipdb_db_check_free(clipdb_db_check_report *r);
 
 /* ---- the HTTP server (src/server) ------------------------------------------ */
 

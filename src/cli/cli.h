@@ -114,6 +114,8 @@ int cli_cmd_search(int argc, char **argv);
 int cli_cmd_index(int argc, char **argv);
 extern const char cli_init_help[], cli_add_help[], cli_rm_help[], cli_stats_help[],
     cli_search_help[], cli_index_help[];
+extern const char cli_check_help[]; /* cmd_check.c */
+int cli_cmd_check(int argc, char **argv);
 extern const char cli_embed_help[]; /* cmd_embed.c */
 int cli_cmd_embed(int argc, char **argv);
 extern const char cli_serve_help[]; /* cmd_serve.c */

@@ -22,7 +22,8 @@ const char cli_model_help[] =
     "info   loads the model in DIR (model.safetensors or open_clip_model.safetensors,\n"
     "       and a tokenizer) and prints its architecture as inferred from the tensor\n"
     "       shapes, the weight dtype, the key naming (openai or hf) and its identity,\n"
-    "       the string every stored vector is tagged with.\n"
+    "       the string every stored vector is tagged with, and the digest of its\n"
+    "       tokenizer (what a database also records beside the identity).\n"
     "       It also prints the encoder precision, the memory of the packed\n"
     "       (reordered) weights and the matrix backend with the instruction set it\n"
     "       dispatched to (e.g. \"onednn avx512_core_bf16\").\n"
@@ -183,7 +184,7 @@ static int model_info(int argc, char **argv)
 {
     clipdb_model *m = NULL;
     clipdb_model_info mi;
-    const char *dir = NULL, *id;
+    const char *dir = NULL, *id, *tok;
     int json = 0, i, rc = CLI_OK;
     clipdb_precision prec = CLIPDB_PRECISION_FP32;
 
@@ -208,11 +209,17 @@ static int model_info(int argc, char **argv)
         rc = cli_fail(CMD, "%s: identity: %s", dir, clipdb_model_errmsg(m));
         goto cleanup;
     }
+    if (!(tok = clipdb_model_tokenizer_digest(m))) {
+        rc = cli_fail(CMD, "%s: tokenizer digest: out of memory", dir);
+        goto cleanup;
+    }
     if (json) {
         printf("{\"dir\":");
         cli_print_json_string(stdout, dir);
         printf(",\"identity\":");
         cli_print_json_string(stdout, id);
+        printf(",\"tokenizer_digest\":");
+        cli_print_json_string(stdout, tok);
         printf(",\"embed_dim\":%d,\"image_size\":%d,\"patch_size\":%d,"
                "\"vision_width\":%d,\"vision_layers\":%d,\"vision_heads\":%d,"
                "\"text_width\":%d,\"text_layers\":%d,\"text_heads\":%d,"
@@ -231,6 +238,7 @@ static int model_info(int argc, char **argv)
     } else {
         printf("directory       %s\n", dir);
         printf("identity        %s\n", id);
+        printf("tokenizer       %s\n", tok);
         printf("embedding       %d\n", mi.embed_dim);
         printf("image           %d x %d pixels in patches of %d x %d (a %d x %d grid)\n",
                mi.image_size, mi.image_size, mi.patch_size, mi.patch_size,

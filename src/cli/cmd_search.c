@@ -156,74 +156,47 @@ static void print_query(const clipdb_query *q)
     } else printf("{\"item\": %lld}", (long long)q->item);
 }
 
-/* A batch file is read whole: at most this many bytes, in reads of at
-** least READ_CHUNK. */
-#define MAX_BATCH_BYTES ((size_t)256 << 20)
-#define READ_CHUNK      ((size_t)64 << 10)
+/* A batch file is read in reads of at least READ_CHUNK. */
+#define READ_CHUNK ((size_t)64 << 10)
 
-/* Reads the batch file into queries (lines point into *buf). */
-static int read_batch(const char *path, char **buf, clipdb_query **qs, size_t *nq)
+/* Reads the batch file whole (at most CLIPDB_MAX_BATCH_BYTES) and parses it
+** with the library (clipdb_queries_parse) into *list. */
+static int read_batch(const char *path, clipdb_query_list *list)
 {
     FILE *f = cli_fopen_regular("search", path);
-    size_t cap = 0, len = 0, n = 0, i, want;
-    char *p, *line;
+    size_t cap = 0, len = 0, i, want;
+    char *buf = NULL, *err = NULL;
+    int ret = CLI_OK;
     if (!f) return CLI_FAIL;
-    *buf = NULL;
     for (;;) {
         /* room for READ_CHUNK more bytes and the NUL */
-        if (cdb_grow((void **)buf, &cap, len + READ_CHUNK + 1, 1)) {
-            fclose(f);
-            return cli_fail("search", "out of memory");
+        if (cdb_grow((void **)&buf, &cap, len + READ_CHUNK + 1, 1)) {
+            ret = cli_fail("search", "out of memory");
+            goto cleanup;
         }
         /* at most one byte past the limit is read: that says "too large" */
         want = cap - len - 1;
-        if (want > MAX_BATCH_BYTES + 1 - len) want = MAX_BATCH_BYTES + 1 - len;
-        i = fread(*buf + len, 1, want, f);
+        if (want > CLIPDB_MAX_BATCH_BYTES + 1 - len) want = CLIPDB_MAX_BATCH_BYTES + 1 - len;
+        i = fread(buf + len, 1, want, f);
         len += i;
         if (i == 0) break;
-        if (len > MAX_BATCH_BYTES) {
-            fclose(f);
-            return cli_fail("search", "%s: batch file larger than %zu MiB", path,
-                            MAX_BATCH_BYTES >> 20);
+        if (len > CLIPDB_MAX_BATCH_BYTES) {
+            ret = cli_fail("search", "%s: batch file larger than %zu MiB", path,
+                           (size_t)CLIPDB_MAX_BATCH_BYTES >> 20);
+            goto cleanup;
         }
     }
+    if (ferror(f)) {
+        ret = cli_fail("search", "%s: cannot read it", path);
+        goto cleanup;
+    }
+    if (clipdb_queries_parse(buf, len, path, list, &err) != CLIPDB_OK)
+        ret = cli_fail("search", "%s", err ? err : "out of memory");
+cleanup:
     fclose(f);
-    (*buf)[len] = '\0';
-    /* A NUL would end the line early and hide every later query. */
-    if ((p = memchr(*buf, '\0', len)) != NULL) {
-        for (n = 1, line = *buf; line < p; line++) n += *line == '\n';
-        return cli_fail("search", "%s:%zu: NUL byte in the line (queries are text)", path, n);
-    }
-    for (i = 0; i < len; i++) n += (*buf)[i] == '\n';
-    *qs = calloc(n + 1, sizeof **qs);
-    if (!*qs) return cli_fail("search", "out of memory");
-    n = 0;
-    for (line = *buf; line && *line;) {
-        long long id;
-        p = strchr(line, '\n');
-        if (p) *p = '\0';
-        if (p && p > line && p[-1] == '\r') p[-1] = '\0';
-        if (*line) {
-            clipdb_query *q = &(*qs)[n];
-            if (!strncmp(line, "image:", 6)) {
-                q->kind = CLIPDB_QUERY_IMAGE;
-                q->path = line + 6;
-            } else if (!strncmp(line, "item:", 5)) {
-                int rc = cli_parse_int("search", path, line + 5, 0, INT64_MAX, &id);
-                if (rc != CLI_OK) return rc;
-                q->kind = CLIPDB_QUERY_ITEM;
-                q->item = id;
-            } else {
-                q->kind = CLIPDB_QUERY_TEXT;
-                q->text = line;
-            }
-            n++;
-        }
-        line = p ? p + 1 : NULL;
-    }
-    *nq = n;
-    if (n == 0) return cli_fail("search", "%s: no queries", path);
-    return CLI_OK;
+    free(buf);
+    clipdb_free(err);
+    return ret;
 }
 
 int cli_cmd_search(int argc, char **argv)
@@ -231,15 +204,17 @@ int cli_cmd_search(int argc, char **argv)
     const char *path = NULL, *model = NULL, *precision = NULL, *batch = NULL, **where = NULL;
     clipdb_search_options opt;
     clipdb_db_options dopt;
-    clipdb_query one, *qs = &one;
+    clipdb_query one;
+    const clipdb_query *qs = &one;
+    clipdb_query_list list;
     clipdb_results *res = NULL;
     clipdb_db *db = NULL;
-    char *buf = NULL;
     size_t nq = 1, i, j;
     int json = 0, n_query = 0, rc, ret = CLI_OK, a;
     long long v;
 
     memset(&one, 0, sizeof one);
+    memset(&list, 0, sizeof list);
     clipdb_search_options_init(&opt);
     where = calloc((size_t)argc, sizeof *where);
     if (!where) return cli_fail("search", "out of memory");
@@ -322,7 +297,11 @@ int cli_cmd_search(int argc, char **argv)
         ret = cli_usage("search", "give exactly one of --text, --image, --item, --batch");
         goto cleanup;
     }
-    if (batch && (ret = read_batch(batch, &buf, &qs, &nq)) != CLI_OK) goto cleanup;
+    if (batch) {
+        if ((ret = read_batch(batch, &list)) != CLI_OK) goto cleanup;
+        qs = list.queries;
+        nq = list.n;
+    }
     clipdb_db_options_init(&dopt);
     dopt.readonly = 1;
     dopt.model_dir = model;
@@ -372,8 +351,7 @@ int cli_cmd_search(int argc, char **argv)
 cleanup:
     clipdb_results_free(res);
     clipdb_db_close(db);
-    if (qs != &one) free(qs);
-    free(buf);
+    clipdb_query_list_free(&list);
     free(where);
     return ret;
 }

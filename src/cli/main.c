@@ -64,6 +64,8 @@ const cli_cmd cli_commands[] = {
     {"index", "build an IVF or Faiss index in a database", cli_index_help, cli_cmd_index},
     {"rm", "delete items from a database", cli_rm_help, cli_cmd_rm},
     {"stats", "what a database holds", cli_stats_help, cli_cmd_stats},
+    {"check", "check a database's file and data; report problems by item id", cli_check_help,
+     cli_cmd_check},
     {"serve", "serve the database over HTTP: the web page and a JSON API", cli_serve_help,
      cli_cmd_serve},
     {"eval", "retrieval evaluation: R@K, ranks, hit-rate curves, indexes, plots, HTML",

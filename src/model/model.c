@@ -140,6 +140,22 @@ static int open_tokenizer(clipdb_model *m)
     return rc;
 }
 
+const char *clipdb_model_tokenizer_digest(const clipdb_model *cm)
+{
+    /* like the identity: a lazily filled cache inside an immutable model */
+    clipdb_model *m = (clipdb_model *)cm;
+    const char *out = NULL;
+    cdb_err ignored;
+    if (!m || !m->tok || !m->identity_lock) return NULL;
+    pthread_mutex_lock((pthread_mutex_t *)m->identity_lock);
+    if (!m->tok_digest_ready &&
+        cdb_tok_digest(m->tok, m->tok_digest, &ignored) == CLIPDB_OK)
+        m->tok_digest_ready = 1;
+    if (m->tok_digest_ready) out = m->tok_digest;
+    pthread_mutex_unlock((pthread_mutex_t *)m->identity_lock);
+    return out;
+}
+
 int clipdb_model_open_tokenizer(clipdb_model **out, const char *dir)
 {
     clipdb_model *m;

@@ -90,6 +90,8 @@ struct clipdb_model {
     char identity[96];                 /* filled lazily, guarded by identity_once */
     int identity_ready;
     void *identity_lock;               /* pthread_mutex_t*, owned */
+    char tok_digest[65];               /* filled lazily (model.c), same lock */
+    int tok_digest_ready;
     char *weights_path;                /* the mapped file, owned */
     uint64_t weights_size;             /* its size and mtime when bound (identity cache key) */
     int64_t weights_mtime_ns;

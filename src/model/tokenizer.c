@@ -129,6 +129,73 @@ int32_t cdb_tok_sot(const cdb_tokenizer *t) { return t->sot; }
 int32_t cdb_tok_eot(const cdb_tokenizer *t) { return t->eot; }
 int32_t cdb_tok_vocab_size(const cdb_tokenizer *t) { return t->n_vocab; }
 
+/* The digest covers every table encoding reads, in a canonical order: the
+** special ids, the vocabulary size, the ids of the 256 byte symbols (alone
+** and with "</w>"), then each merge (a, b -> result) in rank order, all as
+** little-endian int32 after a version tag. The merges come from the hash
+** table, whose layout depends on its capacity, so they are sorted by rank
+** (ranks are distinct: one per merge line, a repeated line keeping the
+** later rank) before hashing. */
+#define TOK_DIGEST_TAG "clipdb-tokenizer-digest-1"
+
+static int cmp_rank4(const void *x, const void *y)
+{
+    int32_t a = *(const int32_t *)x, b = *(const int32_t *)y;
+    return a < b ? -1 : a > b;
+}
+
+static void put_le32(unsigned char *p, int32_t v)
+{
+    uint32_t u = (uint32_t)v;
+    p[0] = (unsigned char)u;
+    p[1] = (unsigned char)(u >> 8);
+    p[2] = (unsigned char)(u >> 16);
+    p[3] = (unsigned char)(u >> 24);
+}
+
+int cdb_tok_digest(const cdb_tokenizer *t, char hex[65], cdb_err *e)
+{
+    const size_t tag = sizeof TOK_DIGEST_TAG - 1, head = tag + 4 * (4 + 512);
+    size_t n = 0, i, j, bytes;
+    int32_t *m = NULL;      /* n x (rank, a, b, result) */
+    unsigned char *buf = NULL, *p;
+    int rc;
+
+    for (i = 0; i <= t->pair_mask; i++) n += t->pair_key[i] != PAIR_EMPTY;
+    m = cdb_malloc_array(n ? n : 1, 4 * sizeof *m);
+    if (!m || !cdb_mul_ok(n, 16, &bytes) || !cdb_add_ok(bytes, head, &bytes) ||
+        !(buf = malloc(bytes))) {
+        rc = cdb_err_set(e, CLIPDB_ENOMEM, "tokenizer digest: out of memory");
+        goto cleanup;
+    }
+    for (i = 0, j = 0; i <= t->pair_mask; i++) {
+        if (t->pair_key[i] == PAIR_EMPTY) continue;
+        m[4 * j] = t->pair_rank[i];
+        m[4 * j + 1] = (int32_t)(uint32_t)(t->pair_key[i] >> 32);
+        m[4 * j + 2] = (int32_t)(uint32_t)t->pair_key[i];
+        m[4 * j + 3] = t->pair_result[i];
+        j++;
+    }
+    qsort(m, n, 4 * sizeof *m, cmp_rank4);
+    memcpy(buf, TOK_DIGEST_TAG, tag);
+    p = buf + tag;
+    put_le32(p, t->sot);
+    put_le32(p + 4, t->eot);
+    put_le32(p + 8, t->n_vocab);
+    put_le32(p + 12, (int32_t)n);
+    p += 16;
+    for (i = 0; i < 256; i++, p += 8) {
+        put_le32(p, t->byte_id[i]);
+        put_le32(p + 4, t->byte_end_id[i]);
+    }
+    for (i = 0; i < 4 * n; i++, p += 4) put_le32(p, m[i]);
+    rc = cdb_sha256_hex(buf, bytes, hex, e);
+cleanup:
+    free(buf);
+    free(m);
+    return rc;
+}
+
 /* ---- load time: a string -> id map ---------------------------------------- */
 
 typedef struct strmap {

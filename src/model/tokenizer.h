@@ -27,6 +27,12 @@ int32_t cdb_tok_sot(const cdb_tokenizer *t);
 int32_t cdb_tok_eot(const cdb_tokenizer *t);
 int32_t cdb_tok_vocab_size(const cdb_tokenizer *t);
 
+/* SHA-256 (64 hex digits + NUL) of what the tokenizer does (its special
+** ids, byte symbols and merge table), not of its files: the same tokenizer
+** as bpe_simple_vocab_16e6.txt.gz or as vocab.json + merges.txt has one
+** digest; a merges file that lost or gained a line has another. */
+int cdb_tok_digest(const cdb_tokenizer *t, char hex[65], cdb_err *e);
+
 /* A per-thread cache (word -> ids, bounded: cleared when full) and scratch
 ** buffers. Caller frees with cdb_tok_cache_free. NULL on OOM. */
 cdb_tok_cache *cdb_tok_cache_new(void);

@@ -264,6 +264,79 @@ cleanup:
     return rc;
 }
 
+/* ---- the tokenizer's identity ---------------------------------------------
+** The weights' identity does not cover the tokenizer: a damaged merges.txt
+** beside the right weights would encode texts differently from the stored
+** text vectors, silently. So a database records the digest of its model's
+** tokenizer (clipdb_model_tokenizer_digest) in meta "tokenizer_digest", and
+** clipdb_db_model refuses a model whose tokenizer has another digest.
+** Databases made before the digest was recorded open as before (the weights'
+** identity alone is checked) until their next write of a vector with a
+** model, which records the digest of that model's tokenizer: from then on
+** it is checked like any other. */
+
+static int is_digest(const char *s)
+{
+    size_t i;
+    for (i = 0; i < 64; i++)
+        if (!((s[i] >= '0' && s[i] <= '9') || (s[i] >= 'a' && s[i] <= 'f'))) return 0;
+    return s[64] == '\0';
+}
+
+/* Records m's tokenizer digest unless one is recorded (inside the caller's
+** transaction, or on its own); one recorded meanwhile by another process
+** must be m's (else CLIPDB_EMISMATCH). */
+static int record_tokenizer(clipdb_db *db, clipdb_model *m)
+{
+    sqlite3_stmt *st = NULL;
+    const char *td = clipdb_model_tokenizer_digest(m);
+    char *got = NULL;
+    int rc;
+    if (!td) return cdb_err_set(&db->err, CLIPDB_ENOMEM, "tokenizer digest: out of memory");
+    rc = cdb_db_prepare(db, "INSERT OR IGNORE INTO meta(key, value) VALUES('tokenizer_digest', ?)",
+                        &st);
+    if (rc != CLIPDB_OK) return rc;
+    sqlite3_bind_text(st, 1, td, -1, SQLITE_STATIC);
+    if (sqlite3_step(st) != SQLITE_DONE) rc = cdb_db_sqlerr(db, "writing meta");
+    sqlite3_finalize(st);
+    if (rc != CLIPDB_OK || (rc = meta_get(db, "tokenizer_digest", &got)) != CLIPDB_OK) goto cleanup;
+    if (!got || strcmp(got, td)) {
+        rc = cdb_err_set(&db->err, CLIPDB_EMISMATCH,
+                         "%s: another tokenizer (digest %.16s) was recorded for this database "
+                         "while this command ran with tokenizer %.16s; nothing written",
+                         db->path, got ? got : "?", td);
+        goto cleanup;
+    }
+    /* kept only for a database made here (a commit of its own); an older
+    ** one records it again in each write until it is reopened, so that a
+    ** rolled-back transaction cannot leave it unrecorded */
+    if (db->sql && sqlite3_get_autocommit(db->sql)) {
+        free(db->tok_digest);
+        db->tok_digest = got;
+        got = NULL;
+    }
+cleanup:
+    free(got);
+    return rc;
+}
+
+/* CLIPDB_EMISMATCH when the database recorded a tokenizer and m's differs
+** (dir: where m came from, for the message). */
+static int check_tokenizer(clipdb_db *db, clipdb_model *m, const char *dir)
+{
+    const char *td = clipdb_model_tokenizer_digest(m);
+    if (!td) return cdb_err_set(&db->err, CLIPDB_ENOMEM, "tokenizer digest: out of memory");
+    if (db->tok_digest && strcmp(td, db->tok_digest))
+        return cdb_err_set(&db->err, CLIPDB_EMISMATCH,
+                           "%s: the tokenizer of the model in %s (digest %.16s) is not the "
+                           "tokenizer this database was created with (digest %.16s): its "
+                           "merges or vocabulary differ (a damaged or other merges.txt, "
+                           "vocab.json or bpe_simple_vocab_16e6.txt.gz), so texts would not "
+                           "encode as the stored text vectors were",
+                           db->path, dir, td, db->tok_digest);
+    return CLIPDB_OK;
+}
+
 static int create_with_model(clipdb_db **out, const char *path, const char *model_dir,
                              clipdb_precision prec)
 {
@@ -282,6 +355,7 @@ static int create_with_model(clipdb_db **out, const char *path, const char *mode
     rc = cdb_db_create_raw(out, path, identity ? identity : "unknown", info.embed_dim, model_dir);
     if (rc == CLIPDB_OK && prec != CLIPDB_PRECISION_FP32) /* absent means fp32 */
         rc = meta_put(*out, "encoder_precision", clipdb_precision_name(prec));
+    if (rc == CLIPDB_OK) rc = record_tokenizer(*out, m);
     if (rc == CLIPDB_OK) {
         (*out)->model = m;
         (*out)->precision = prec;
@@ -372,9 +446,15 @@ static int load_meta(clipdb_db *db)
     }
     db->embed_dim = (int)v;
     if ((rc = meta_get(db, "encoder_precision", &prec)) != CLIPDB_OK) goto cleanup;
-    if (prec && clipdb_precision_parse(prec, &db->precision) != CLIPDB_OK)
+    if (prec && clipdb_precision_parse(prec, &db->precision) != CLIPDB_OK) {
         rc = cdb_err_set(&db->err, CLIPDB_EFORMAT, "%s: corrupt encoder_precision '%s'",
                          db->path, prec);
+        goto cleanup;
+    }
+    if ((rc = meta_get(db, "tokenizer_digest", &db->tok_digest)) != CLIPDB_OK) goto cleanup;
+    if (db->tok_digest && !is_digest(db->tok_digest))
+        rc = cdb_err_set(&db->err, CLIPDB_EFORMAT, "%s: corrupt tokenizer_digest '%.80s'",
+                         db->path, db->tok_digest);
 cleanup:
     free(prec);
     free(dim);
@@ -502,6 +582,7 @@ void clipdb_db_close(clipdb_db *db)
     clipdb_ctx_free(db->ctx);
     if (!db->model_shared) clipdb_model_close(db->model);
     free(db->identity);
+    free(db->tok_digest);
     free(db->model_dir);
     free(db->model_dir_opt);
     free(db->path);
@@ -551,6 +632,7 @@ int clipdb_db_model(clipdb_db *db, clipdb_model **out)
                              db->embed_dim);
             goto cleanup;
         }
+        if ((rc = check_tokenizer(db, m, dir)) != CLIPDB_OK) goto cleanup;
         db->model = m;
         db->model_shared = m == db->model_opt;
         m = NULL;
@@ -586,6 +668,8 @@ static int put_vector(clipdb_db *db, cdb_write_op op, int type, int64_t id, cons
         if (!isfinite(vec[i]))
             return cdb_err_set(&db->err, CLIPDB_EINVAL, "item %lld: vector is not finite",
                                (long long)id);
+    if (!db->tok_digest && db->model && (rc = record_tokenizer(db, db->model)) != CLIPDB_OK)
+        return rc;
     rc = cdb_db_prepare(db,
                         type == CLIPDB_ITEM_IMAGE
                             ? "INSERT OR REPLACE INTO vectors_image(id, norm, vec) VALUES(?,?,?)"

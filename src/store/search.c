@@ -603,13 +603,16 @@ cleanup:
 
 /* Builds the index of `type` over the stored vectors of opt->target and
 ** stores it, replacing the earlier one of (target, metric). */
+#define BUILD_TRIES 3 /* builds of an index while writers commit (build_stored) */
+
 static int build_stored(clipdb_db *db, const cdb_sindex_type *type,
                         const clipdb_index_options *opt, const char *spec)
 {
     clipdb_index_options def;
     const cdb_vecset *vs;
     cdb_sindex s;
-    int rc, in_tx = 0;
+    int64_t ver;
+    int rc, in_tx = 0, tries;
 
     if (!opt) {
         clipdb_index_options_init(&def);
@@ -623,14 +626,34 @@ static int build_stored(clipdb_db *db, const cdb_sindex_type *type,
     if (db->readonly)
         return cdb_err_set(&db->err, CLIPDB_EINVAL, "%s: opened read-only; cannot store an index",
                            db->path);
-    if ((rc = cdb_db_vectors(db, opt->target, &vs)) != CLIPDB_OK) return rc;
     memset(&s, 0, sizeof s);
-    s.type = type;
-    s.set = opt->target;
-    s.metric = opt->metric;
-    if ((rc = type->build(db, &s, vs, opt, spec)) != CLIPDB_OK) goto cleanup;
-    if ((rc = cdb_db_begin(db)) != CLIPDB_OK) goto cleanup;
-    in_tx = 1;
+    /* Built outside the write lock (k-means takes a while), then stored only
+    ** if no other process committed meanwhile: a writer committing between
+    ** the read and the store would leave its vectors out of the lists (or
+    ** deleted ones in them). Else built again; the last try builds while
+    ** holding the lock. */
+    for (tries = 1;; tries++) {
+        int locked = tries == BUILD_TRIES;
+        if (locked) {
+            if ((rc = cdb_db_begin(db)) != CLIPDB_OK) goto cleanup;
+            in_tx = 1;
+        }
+        if ((rc = cdb_db_vectors(db, opt->target, &vs)) != CLIPDB_OK) goto cleanup;
+        ver = vs->data_version;
+        s.type = type;
+        s.set = opt->target;
+        s.metric = opt->metric;
+        if ((rc = type->build(db, &s, vs, opt, spec)) != CLIPDB_OK) goto cleanup;
+        if (locked) break;
+        if ((rc = cdb_db_begin(db)) != CLIPDB_OK) goto cleanup;
+        in_tx = 1;
+        if ((rc = cdb_db_vectors(db, opt->target, &vs)) != CLIPDB_OK) goto cleanup;
+        if (vs->data_version == ver) break;
+        cdb_db_rollback(db);
+        in_tx = 0;
+        if (s.impl) type->release(&s);
+        memset(&s, 0, sizeof s);
+    }
     if ((rc = type->store(db, &s, vs)) != CLIPDB_OK) goto cleanup;
     rc = cdb_db_commit(db);
     in_tx = 0;

@@ -8,7 +8,9 @@
 **
 ** Schema (format version 1; PRAGMA application_id = CLIPDB_DB_MAGIC,
 ** PRAGMA user_version = CLIPDB_DB_VERSION):
-**   meta(key, value)                         format, model identity/dir/shape
+**   meta(key, value)                         format, model identity/dir/shape,
+**                                            tokenizer_digest (absent in files
+**                                            made before it was recorded)
 **   items(id, type, path, abspath, size, sha256, text, image, added_at)
 **   item_meta(item, key, value)              metadata fields (typed values)
 **   vectors_image(id, norm, vec), vectors_text(id, norm, vec)
@@ -93,6 +95,9 @@ struct clipdb_db {
                            ** opened read-write) */
     int embed_dim;
     char *identity;        /* model identity recorded at creation */
+    char *tok_digest;      /* tokenizer digest recorded at creation (meta
+                           ** "tokenizer_digest"), or NULL: a database made
+                           ** before it was recorded (db.c, record_tokenizer) */
     char *model_dir;       /* recorded model directory */
     char *model_dir_opt;   /* directory given at open (overrides) */
     clipdb_precision precision; /* encoder precision (meta "encoder_precision") */

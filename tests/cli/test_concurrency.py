@@ -1,11 +1,13 @@
 """Several processes on one database: random interleavings of add (images
-with captions, the same folder twice, the same texts file three times), rm
-and search for a bounded time, then every invariant of the file.
+with captions, the same folder twice, the same texts file three times), rm,
+index (IVF of both sets, a Faiss index of the texts) and search for a
+bounded time, then every invariant of the file.
 
 What must hold whatever the interleaving (issue 9): no orphan captions, no
 duplicate standalone texts or image paths, one vector per item of each type,
-every stored vector findable by --item; no process fails with a raw SQLite
-error ("UNIQUE constraint") or a torn read ("vanished").
+every IVF index listing exactly the vectors of its set, every stored vector
+findable by --item, and `clipdb check` clean; no process fails with a raw
+SQLite error ("UNIQUE constraint") or a torn read ("vanished").
 """
 import json
 import random
@@ -27,7 +29,9 @@ def model(tmp_path_factory, shared):
 
 
 def invariants(db):
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    # one read transaction: every query sees the same snapshot
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, isolation_level=None)
+    con.execute("BEGIN")
     q = lambda sql: con.execute(sql).fetchall()
     assert q("SELECT id FROM items WHERE image IS NOT NULL AND image NOT IN "
              "(SELECT id FROM items WHERE type = 1)") == [], "orphan captions"
@@ -39,7 +43,14 @@ def invariants(db):
     assert q("SELECT count(*) FROM items WHERE type = 2") == q("SELECT count(*) FROM vectors_text")
     assert q("SELECT id FROM vectors_image WHERE id NOT IN (SELECT id FROM items)") == []
     assert q("SELECT id FROM vectors_text WHERE id NOT IN (SELECT id FROM items)") == []
+    for target, metric in q("SELECT target, metric FROM ivf"):
+        table = "vectors_image" if target == 1 else "vectors_text"
+        listed = q(f"SELECT id FROM ivf_assign WHERE target = {target} AND metric = {metric} "
+                   f"ORDER BY id")
+        assert listed == q(f"SELECT id FROM {table} ORDER BY id"), \
+            f"IVF lists of set {target} differ from its vectors"
     ids = [r[0] for r in q("SELECT id FROM items")]
+    con.execute("COMMIT")
     con.close()
     return ids
 
@@ -58,12 +69,22 @@ def test_random_interleavings_keep_every_invariant(tmp_path, model):
     run("add", db, "--texts", tmp_path / "t.txt", "-q", check=True)
     add_imgs = ["add", db, "--images", imgs, "--captions", tmp_path / "c.jsonl", "-q", "--batch", "4"]
     add_txt = ["add", db, "--texts", tmp_path / "t.txt", "-q"]
+    index_ivf = ["index", db, "--ivf", "--nlist", "3"]
+    index_faiss = ["index", db, "--faiss", "Flat", "--target", "text"]
     procs, failures = [], []
+    n_index = 0
     t_end = time.time() + SECONDS
     while time.time() < t_end:
         ids = invariants(db)
-        kind = rnd.choice(["add-images", "add-texts", "rm", "search", "search"])
-        if kind == "add-images":
+        kind = rnd.choice(["add-images", "add-texts", "rm", "search", "search", "index"])
+        if n_index == 0:
+            kind = "index"  # at least one, from the start
+        if kind == "index":
+            cmds = [rnd.choice([index_ivf, index_faiss])]
+            if n_index == 0:
+                cmds = [index_ivf, index_faiss]
+            n_index += len(cmds)
+        elif kind == "add-images":
             cmds = [add_imgs] * rnd.choice([1, 2])
         elif kind == "add-texts":
             cmds = [add_txt] * 3
@@ -95,6 +116,10 @@ def test_random_interleavings_keep_every_invariant(tmp_path, model):
     ids = invariants(db)
     stats = json.loads(run("stats", db, "--json", check=True).stdout)
     assert stats["images"] + stats["texts"] == len(ids)
+    assert {x["kind"] for x in stats["indexes"]} == {"ivf", "faiss"}, stats["indexes"]
+    chk = run("check", db, "--json")
+    assert chk.returncode == 0, chk.stdout[-3000:] + chk.stderr
+    assert json.loads(chk.stdout)["ok"]
     for i in rnd.sample(ids, min(10, len(ids))):
         r = run("search", db, "--item", i, "--target", "text", "-k", "1", "--json")
         assert r.returncode == 0, r.stderr
@@ -124,3 +149,38 @@ def test_database_deleted_during_add_fails_clearly(tmp_path, model):
     out, err = p.communicate(timeout=120)
     assert p.returncode == 1, (p.returncode, out, err)
     assert "the database file was deleted or replaced" in err, err
+
+
+def test_index_builds_racing_writers_list_every_vector(tmp_path, model):
+    """`clipdb index` reads the vectors, trains, then stores its lists: a
+    writer that commits in between must not leave vectors out of the lists
+    (or deleted ones in them). Index builds run back to back while two
+    processes add texts, one commit each; afterwards the lists equal the
+    vector sets."""
+    db = tmp_path / "r.db"
+    run("init", db, "--model", model, check=True)
+    (tmp_path / "base.txt").write_text("".join(f"base text {i}\n" for i in range(300)))
+    run("add", db, "--texts", tmp_path / "base.txt", "-q", check=True)
+    writers = []
+    for w in range(2):
+        f = tmp_path / f"w{w}.txt"
+        f.write_text("".join(f"writer {w} text {i}\n" for i in range(400)))
+        writers.append(subprocess.Popen([BIN, "add", str(db), "--texts", str(f), "-q",
+                                         "--batch", "1"], stderr=subprocess.PIPE, text=True))
+    failures = []
+    t_end = time.time() + SECONDS
+    n = 0
+    while time.time() < t_end and any(p.poll() is None for p in writers):
+        spec = ["--ivf", "--target", "text", "--nlist", "4"] if n % 2 == 0 else \
+            ["--faiss", "Flat", "--target", "text"]
+        p = run("index", db, *spec)
+        if p.returncode != 0:
+            failures.append(p.stderr)
+        n += 1
+    for p in writers:
+        p.wait(timeout=300)
+        assert p.returncode == 0, p.stderr.read()
+    assert failures == [] and n >= 2, (n, failures[:3])
+    invariants(db)
+    chk = run("check", db, "--json")
+    assert chk.returncode == 0, chk.stdout[-3000:]

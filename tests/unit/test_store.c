@@ -569,3 +569,108 @@ TEST(store_concurrent_searches)
         CHECK(jobs[i].bad == 0);
     }
 }
+
+/* clipdb_db_check through the C API: a clean database (with IVF and Faiss
+** indexes) has no problem; a NaN component and an orphan caption written
+** behind the library's back are found and named by id; the report frees
+** cleanly (twice is harmless). */
+TEST(store_check_finds_damage_by_id)
+{
+    clipdb_db *db = filled_db("check.db", 10);
+    clipdb_db_check_report r;
+    clipdb_index_options o;
+    sqlite3 *raw = NULL;
+    char path[512];
+    int i, nan_found = 0, orphan_found = 0;
+    REQUIRE(db);
+    clipdb_index_options_init(&o);
+    o.nlist = 2;
+    REQUIRE(clipdb_db_build_ivf(db, &o) == CLIPDB_OK);
+    REQUIRE(clipdb_db_build_faiss(db, &o, "Flat") == CLIPDB_OK);
+    REQUIRE(clipdb_db_check(db, 0, &r) == CLIPDB_OK);
+    CHECK(r.n_problems == 0 && r.n_listed == 0);
+    CHECK(r.items == 20 && r.vectors == 20 && r.indexes == 2);
+    clipdb_db_check_free(&r);
+
+    snprintf(path, sizeof path, "%s/check.db", test_tmpdir());
+    REQUIRE(sqlite3_open(path, &raw) == SQLITE_OK);
+    /* item 3 (an image): its first component NaN (0x7fc00000, little-endian) */
+    CHECK(sqlite3_exec(raw, "UPDATE vectors_image SET vec = x'0000c07f' || substr(vec, 5) "
+                            "WHERE id = 3", NULL, NULL, NULL) == SQLITE_OK);
+    /* item 4 (a text): a caption of an image that does not exist */
+    CHECK(sqlite3_exec(raw, "UPDATE items SET image = 777 WHERE id = 4", NULL, NULL, NULL) ==
+          SQLITE_OK);
+    sqlite3_close(raw);
+    REQUIRE(clipdb_db_check(db, 1, &r) == CLIPDB_OK);
+    CHECK(r.n_problems == 2 && r.n_listed == 2);
+    for (i = 0; i < r.n_listed; i++) {
+        if (!strcmp(r.problems[i].kind, "vector") && r.problems[i].item == 3 &&
+            strstr(r.problems[i].message, "not finite"))
+            nan_found = 1;
+        if (!strcmp(r.problems[i].kind, "orphan_caption") && r.problems[i].item == 4 &&
+            strstr(r.problems[i].message, "777"))
+            orphan_found = 1;
+    }
+    CHECK(nan_found && orphan_found);
+    clipdb_db_check_free(&r);
+    CHECK(r.problems == NULL && r.n_listed == 0);
+    clipdb_db_check_free(&r);
+    clipdb_db_check_free(NULL);
+    clipdb_db_close(db);
+}
+
+/* The --batch query-file parser (clipdb_queries_parse): kinds, CRLF, empty
+** lines; each bad file refused with FILE:LINE and nothing left to free. */
+TEST(store_queries_parse)
+{
+    static const char ok[] = "a dog\nitem:17\n\nimage:x/cat.jpg\r\n  spaced text \nlast";
+    static const struct {
+        const char *data;
+        size_t len;
+        int rc;
+        const char *msg;
+    } bad[] = {
+        {"one\ntwo\0three\n", 14, CLIPDB_EFORMAT, "q.txt:2: NUL byte"},
+        {"a\nitem:x\n", 9, CLIPDB_EFORMAT, "q.txt:2: item:"},
+        {"item:-1\n", 8, CLIPDB_EFORMAT, "q.txt:1: item:"},
+        {"item:9223372036854775808", 24, CLIPDB_EFORMAT, "q.txt:1: item:"},
+        {"item:12 \n", 9, CLIPDB_EFORMAT, "q.txt:1: item:"},
+        {"image:\n", 7, CLIPDB_EFORMAT, "q.txt:1: image:"},
+        {"\n\r\n\n", 4, CLIPDB_EINVAL, "no queries"},
+        {"", 0, CLIPDB_EINVAL, "no queries"},
+    };
+    clipdb_query_list l;
+    char *err = NULL, *many;
+    size_t i, n_many = (size_t)CLIPDB_MAX_BATCH_QUERIES + 1;
+    REQUIRE(clipdb_queries_parse(ok, sizeof ok - 1, "q.txt", &l, &err) == CLIPDB_OK);
+    CHECK(err == NULL && l.n == 5);
+    CHECK(l.queries[0].kind == CLIPDB_QUERY_TEXT && !strcmp(l.queries[0].text, "a dog"));
+    CHECK(l.queries[1].kind == CLIPDB_QUERY_ITEM && l.queries[1].item == 17);
+    CHECK(l.queries[2].kind == CLIPDB_QUERY_IMAGE && !strcmp(l.queries[2].path, "x/cat.jpg"));
+    CHECK(l.queries[3].kind == CLIPDB_QUERY_TEXT && !strcmp(l.queries[3].text, "  spaced text "));
+    CHECK(l.queries[4].kind == CLIPDB_QUERY_TEXT && !strcmp(l.queries[4].text, "last"));
+    clipdb_query_list_free(&l);
+    CHECK(l.queries == NULL && l.storage == NULL && l.n == 0);
+    clipdb_query_list_free(NULL);
+    for (i = 0; i < sizeof bad / sizeof bad[0]; i++) {
+        CHECK(clipdb_queries_parse(bad[i].data, bad[i].len, "q.txt", &l, &err) == bad[i].rc);
+        CHECK(err && strstr(err, bad[i].msg));
+        CHECK(l.n == 0 && l.queries == NULL && l.storage == NULL);
+        clipdb_free(err);
+        err = NULL;
+    }
+    /* one query too many: CLIPDB_ELIMIT naming the line */
+    REQUIRE((many = malloc(2 * n_many)) != NULL);
+    for (i = 0; i < n_many; i++) {
+        many[2 * i] = 'a';
+        many[2 * i + 1] = '\n';
+    }
+    CHECK(clipdb_queries_parse(many, 2 * n_many, "q.txt", &l, &err) == CLIPDB_ELIMIT);
+    CHECK(err && strstr(err, "more than"));
+    clipdb_free(err);
+    err = NULL;
+    CHECK(clipdb_queries_parse(many, 2 * n_many - 2, "q.txt", &l, &err) == CLIPDB_OK);
+    CHECK(l.n == n_many - 1);
+    clipdb_query_list_free(&l);
+    free(many);
+}

@@ -325,3 +325,38 @@ TEST(tok_gzip_members_and_inflate_limit)
     CHECK(cdb_tok_load_dir(d, &t, &e) == CLIPDB_ELIMIT && !t);
     CHECK(strstr(e.msg, "inflates to more than 67108864 bytes") != NULL);
 }
+
+/* The digest a database records (cdb_tok_digest) describes what the
+** tokenizer does: a merges file with a trailing newline is the same
+** tokenizer; one that lost its last merge, or has two merges swapped, is
+** another. */
+TEST(tok_digest_is_of_behaviour_not_files)
+{
+    static const char *const texts[] = {
+        "#version: test\na b\nab c</w>\nb c</w>",   /* 0: the reference */
+        "#version: test\na b\nab c</w>\nb c</w>\n", /* 1: same, trailing newline */
+        "#other header\na b\nab c</w>\nb c</w>",    /* 2: same (the header is not read) */
+        "#version: test\na b\nab c</w>",            /* 3: lost the last merge */
+        "#version: test\nab c</w>\na b\nb c</w>",   /* 4: two merges swapped */
+    };
+    char hex[5][65];
+    size_t i;
+    for (i = 0; i < sizeof texts / sizeof texts[0]; i++) {
+        char name[32];
+        const char *dir;
+        cdb_tokenizer *t = NULL;
+        cdb_err e;
+        snprintf(name, sizeof name, "digest%zu", i);
+        REQUIRE((dir = subdir(name)) != NULL);
+        REQUIRE(write_gz(dir, texts[i]));
+        REQUIRE(cdb_tok_load_dir(dir, &t, &e) == CLIPDB_OK);
+        REQUIRE(cdb_tok_digest(t, hex[i], &e) == CLIPDB_OK);
+        CHECK(strlen(hex[i]) == 64);
+        cdb_tok_free(t);
+    }
+    CHECK(!strcmp(hex[0], hex[1]));
+    CHECK(!strcmp(hex[0], hex[2]));
+    CHECK(strcmp(hex[0], hex[3]) != 0);
+    CHECK(strcmp(hex[0], hex[4]) != 0);
+    CHECK(strcmp(hex[3], hex[4]) != 0);
+}

@@ -376,6 +376,7 @@ typedef struct batch_img {
     char sha[65];
     cdb_caption_entry *cap;
     size_t cap_first, cap_count; /* its new captions in the batch text list */
+    size_t cap_dups;             /* of those, found stored under the write lock */
     int gone;            /* another process added it or deleted it meanwhile */
 } batch_img;
 
@@ -619,9 +620,21 @@ static int flush(ingest *g)
         if (b->encode && b->cap && b->cap->meta_json &&
             (rc = cdb_db_set_meta_json(g->db, b->id, b->cap->meta_json)) != CLIPDB_OK)
             goto cleanup;
+        b->cap_dups = 0;
         for (j = 0; j < b->cap_count; j++) {
             int64_t tid;
             size_t t = b->cap_first + j;
+            int dup = 0;
+            /* checked again under the write lock: another process adding the
+            ** same captions file may have stored it since queue_captions */
+            if (!b->encode || b->update) {
+                if ((rc = caption_exists(g->db, b->id, g->texts[t], &dup)) != CLIPDB_OK)
+                    goto cleanup;
+                if (dup) {
+                    b->cap_dups++;
+                    continue;
+                }
+            }
             rc = cdb_db_insert_text(g->db, g->texts[t], b->id, g->text_vecs + t * (size_t)g->d,
                                     &tid);
             if (rc == CLIPDB_OK && b->cap->meta_json)
@@ -638,7 +651,8 @@ static int flush(ingest *g)
         if (b->encode && b->update) g->res->images_updated++;
         else if (b->encode) g->res->images_added++;
         if (b->encode) g->res->last_id = b->id;
-        g->res->captions_added += (int64_t)b->cap_count;
+        g->res->captions_added += (int64_t)(b->cap_count - b->cap_dups);
+        g->res->captions_duplicate += (int64_t)b->cap_dups;
     }
 cleanup:
     if (in_tx) cdb_db_rollback(g->db);

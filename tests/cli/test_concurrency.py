@@ -184,3 +184,31 @@ def test_index_builds_racing_writers_list_every_vector(tmp_path, model):
     invariants(db)
     chk = run("check", db, "--json")
     assert chk.returncode == 0, chk.stdout[-3000:]
+
+
+def test_concurrent_caption_adds_store_each_caption_once(tmp_path, model):
+    """Captions added to images already stored, by several processes at once:
+    each caption is checked again under the write lock, so none is stored
+    twice (before, two `add --captions` of one file duplicated them)."""
+    imgs = tmp_path / "im"
+    imgs.mkdir()
+    with open(tmp_path / "c.jsonl", "w") as f:
+        for i in range(40):
+            Image.new("RGB", (24, 20 + i), (i * 6 % 256, 40, 100)).save(imgs / f"q{i}.png")
+            f.write(json.dumps({"image": f"q{i}.png", "captions": [f"a photo {i}", f"a view {i}"]}) + "\n")
+    db = tmp_path / "c.db"
+    run("init", db, "--model", model, check=True)
+    run("add", db, "--images", imgs, "-q", check=True)  # the images, no captions yet
+    args = [str(BIN), "add", str(db), "--images", str(imgs), "--captions", str(tmp_path / "c.jsonl"),
+            "-q", "--batch", "2"]
+    procs = [subprocess.Popen(args, stderr=subprocess.PIPE, text=True) for _ in range(3)]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    dups = con.execute("SELECT image, text, count(*) FROM items WHERE image IS NOT NULL "
+                       "GROUP BY image, text HAVING count(*) > 1").fetchall()
+    n = con.execute("SELECT count(*) FROM items WHERE image IS NOT NULL").fetchone()[0]
+    con.close()
+    assert dups == [] and n == 80, (dups[:5], n)
+    assert run("check", db).returncode == 0

@@ -353,6 +353,31 @@ def test_sigkill_during_reembed_then_rerun_equals_a_clean_reembed(tmp_path, m1, 
         np.testing.assert_allclose([x["score"] for x in a], [x["score"] for x in b], atol=1e-5)
 
 
+def test_ctrl_c_stops_after_a_commit_and_the_rerun_finishes(tmp_path, m1, coco):
+    m3 = gen_model(tmp_path / "m3", "tiny", "openai", "F32", 3)
+    data = subset(coco, tmp_path / "data", 0, 60)
+    db = make_db(tmp_path / "db.db", m1, data)
+    proc = subprocess.Popen([BIN, "reembed", str(db), "--model", str(m3), "--as", "ft",
+                             "--batch", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        s = sets(db).get("ft")
+        if s and s["images"] >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "reembed finished before Ctrl-C"
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "stopped on request" in err and "run the same command again" in err
+    done = sets(db)["ft"]
+    assert done["images"] % 2 == 0 and 2 <= done["images"] < 60
+    r = reembed(db, m3, "ft")
+    assert r["images_present"] == done["images"] and r["images_encoded"] == 60 - done["images"]
+    assert sets(db)["ft"]["images"] == 60 and sets(db)["ft"]["texts"] == 300
+
+
 def test_help_teaches_vector_sets():
     h = run("reembed", "--help", check=True).stdout
     assert h.startswith("usage: clipdb reembed")

@@ -52,6 +52,7 @@ TEST(store_create_insert_reopen)
     CHECK(st.images == 1 && st.texts == 2 && st.captions == 1 && st.vectors == 3);
     CHECK(!strcmp(st.model, "clip-test-1"));
     CHECK(st.embed_dim == D);
+    clipdb_db_stats_free(&st); /* the caller frees (the list of vector sets) */
     REQUIRE(cdb_db_vectors(db, CLIPDB_ITEM_TEXT, &vs) == CLIPDB_OK);
     REQUIRE(vs->n == 2);
     CHECK(vs->ids[0] == cap && vs->ids[1] == txt);
@@ -145,11 +146,13 @@ TEST(store_rm_deletes_captions_and_is_atomic)
     CHECK(strstr(clipdb_db_errmsg(db), "9999") != NULL);
     REQUIRE(clipdb_db_get_stats(db, &st) == CLIPDB_OK);
     CHECK(st.images == 1 && st.texts == 3);
+    clipdb_db_stats_free(&st);
 
     REQUIRE(clipdb_db_rm(db, ids, 1, &n_items, &n_caps) == CLIPDB_OK);
     CHECK(n_items == 1 && n_caps == 2);
     REQUIRE(clipdb_db_get_stats(db, &st) == CLIPDB_OK);
     CHECK(st.images == 0 && st.texts == 1 && st.vectors == 1);
+    clipdb_db_stats_free(&st);
     /* the cached vectors are reloaded after the change */
     REQUIRE(cdb_db_vectors(db, CLIPDB_ITEM_TEXT, &vs) == CLIPDB_OK);
     CHECK(vs->n == 1 && vs->ids[0] == txt);

@@ -33,7 +33,7 @@ void clipdb_eval_options_init(clipdb_eval_options *opt)
     opt->index_k = 10;
     opt->n_samples = 5;
     opt->sample_top = 5;
-    opt->seed = 1234;
+    opt->seed = CLIPDB_DEFAULT_SEED;
 }
 
 const char *clipdb_eval_errmsg(const clipdb_eval *ev)

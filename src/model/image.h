@@ -17,7 +17,7 @@
 #include "core/core.h"
 
 /* Largest image file read by cdb_image_decode_file. */
-#define CDB_IMAGE_MAX_FILE_BYTES ((size_t)256 << 20)
+#define CDB_IMAGE_MAX_FILE_BYTES CLIPDB_MAX_IMAGE_FILE_BYTES
 
 /* A JPEG is decoded at a reduced DCT scale (M/8) only while its shorter side
 ** stays at least CDB_IMAGE_DCT_MARGIN times the target side; see

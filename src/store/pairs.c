@@ -33,19 +33,27 @@ static int add_caption(cdb_pair_image *im, const char *text)
     return 0;
 }
 
+/* The item types of the queries below (:image, :text), bound rather than
+** written into the SQL. */
+static void bind_types(sqlite3_stmt *st)
+{
+    sqlite3_bind_int(st, sqlite3_bind_parameter_index(st, ":image"), CLIPDB_ITEM_IMAGE);
+    sqlite3_bind_int(st, sqlite3_bind_parameter_index(st, ":text"), CLIPDB_ITEM_TEXT);
+}
+
 int cdb_db_pairs(clipdb_db *db, const char *split, cdb_pairs **out)
 {
     /* Images (filtered by split unless split is NULL) joined with their
     ** captions, ordered by image id then caption id: one pass builds the set. */
     static const char *const q_all =
         "SELECT i.id, COALESCE(i.abspath, i.path), t.text FROM items i"
-        " JOIN items t ON t.image = i.id AND t.type = 2"
-        " WHERE i.type = 1 ORDER BY i.id, t.id";
+        " JOIN items t ON t.image = i.id AND t.type = :text"
+        " WHERE i.type = :image ORDER BY i.id, t.id";
     static const char *const q_split =
         "SELECT i.id, COALESCE(i.abspath, i.path), t.text FROM items i"
         " JOIN item_meta s ON s.item = i.id AND s.key = 'split' AND s.value = ?1"
-        " JOIN items t ON t.image = i.id AND t.type = 2"
-        " WHERE i.type = 1 ORDER BY i.id, t.id";
+        " JOIN items t ON t.image = i.id AND t.type = :text"
+        " WHERE i.type = :image ORDER BY i.id, t.id";
     sqlite3_stmt *st = NULL;
     cdb_pairs *p = NULL;
     size_t cap = 0;
@@ -54,6 +62,7 @@ int cdb_db_pairs(clipdb_db *db, const char *split, cdb_pairs **out)
     *out = NULL;
     if ((rc = cdb_db_prepare(db, split ? q_split : q_all, &st))) return rc;
     if (split) sqlite3_bind_text(st, 1, split, -1, SQLITE_TRANSIENT);
+    bind_types(st);
     if (!(p = calloc(1, sizeof *p))) {
         rc = cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
         goto cleanup;
@@ -96,7 +105,8 @@ int cdb_db_split_counts(clipdb_db *db, char **out)
     static const char *const q =
         "SELECT s.value, COUNT(DISTINCT i.id) FROM items i"
         " JOIN item_meta s ON s.item = i.id AND s.key = 'split'"
-        " WHERE i.type = 1 AND EXISTS (SELECT 1 FROM items t WHERE t.image = i.id AND t.type = 2)"
+        " WHERE i.type = :image"
+        " AND EXISTS (SELECT 1 FROM items t WHERE t.image = i.id AND t.type = :text)"
         " GROUP BY s.value ORDER BY s.value LIMIT 20";
     sqlite3_stmt *st = NULL;
     char *acc = cdb_strdup(""), *next;
@@ -107,6 +117,7 @@ int cdb_db_split_counts(clipdb_db *db, char **out)
         free(acc);
         return rc;
     }
+    bind_types(st);
     while ((s = sqlite3_step(st)) == SQLITE_ROW) {
         const char *name = (const char *)sqlite3_column_text(st, 0);
         next = cdb_sprintf("%s%s'%s' (%lld)", acc, *acc ? ", " : "", name ? name : "",

@@ -7,6 +7,14 @@
 **                             query (loading the vectors + exact top-10), and
 **                             a second query; checks the top hit of a query
 **                             equal to a stored vector is that vector.
+**   bench_db check DB N D     the cost of clipdb_db_check (`clipdb check`)
+**                             beside opening: builds DB as `open` does if
+**                             absent, then times (median of 5 after a
+**                             warm-up, each in a fresh handle) open alone,
+**                             open + the first query (loading and checking
+**                             every vector), open + check --quick and open
+**                             + check, and prints each as a ratio to open;
+**                             checks that the file has no problem.
 **   bench_db ingest MODEL DIR N
 **                             encoder alone: decodes the first
 **                             min(N, 512) images of DIR (not timed) and times
@@ -33,6 +41,90 @@ static float frand(void)
 {
     rng = rng * 6364136223846793005ull + 1442695040888963407ull;
     return (float)((rng >> 40) & 0xffffff) / 16777216.0f - 0.5f;
+}
+
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+static void print_cpu(void)
+{
+    char line[256];
+    FILE *f = fopen("/proc/cpuinfo", "r");
+    while (f && fgets(line, sizeof line, f))
+        if (!strncmp(line, "model name", 10)) {
+            printf("cpu: %s", strchr(line, ':') ? strchr(line, ':') + 2 : line);
+            break;
+        }
+    if (f) fclose(f);
+    printf("compute: %s\n", clipdb_compute_info());
+}
+
+/* One timed run of `what` (0 open, 1 open + first query, 2 open + check
+** --quick, 3 open + check) on a fresh read-only handle; -1 on failure. */
+static double check_run(const char *path, int what, long n)
+{
+    clipdb_db_options o;
+    clipdb_db *db = NULL;
+    clipdb_db_check_report r;
+    clipdb_results *res = NULL;
+    clipdb_search_options so;
+    clipdb_query q;
+    double t0 = cdb_now(), t = -1;
+    clipdb_db_options_init(&o);
+    o.readonly = 1;
+    if (clipdb_db_open(&db, path, &o) != CLIPDB_OK) goto done;
+    if (what == 1) {
+        clipdb_search_options_init(&so);
+        memset(&q, 0, sizeof q);
+        q.kind = CLIPDB_QUERY_ITEM;
+        q.item = n / 2;
+        if (clipdb_db_search(db, &q, 1, &so, &res) != CLIPDB_OK) goto done;
+        clipdb_results_free(res);
+    } else if (what >= 2) {
+        if (clipdb_db_check(db, what == 2, &r) != CLIPDB_OK) goto done;
+        if (r.n_problems != 0 || r.vectors != n) {
+            fprintf(stderr, "bench_db: check found %lld problems in %lld vectors (%s)\n",
+                    (long long)r.n_problems, (long long)r.vectors,
+                    r.n_listed ? r.problems[0].message : "");
+            clipdb_db_check_free(&r);
+            goto done;
+        }
+        clipdb_db_check_free(&r);
+    }
+    t = cdb_now() - t0;
+done:
+    if (t < 0) fprintf(stderr, "bench_db: %s\n", clipdb_db_errmsg(db));
+    clipdb_db_close(db);
+    return t;
+}
+
+static int bench_open(const char *path, long n, int d);
+
+static int bench_check(const char *path, long n, int d)
+{
+    static const char *const names[] = {"open", "open + first query", "open + check --quick",
+                                        "open + check"};
+    double t[4][5], med[4];
+    struct stat sb;
+    int w, i;
+    if (stat(path, &sb) != 0 && bench_open(path, n, d) != 0) return 1;
+    stat(path, &sb);
+    print_cpu();
+    printf("database: %ld vectors x %d, %.1f MB\n", n, d, (double)sb.st_size / 1e6);
+    for (w = 0; w < 4; w++) {
+        if (check_run(path, w, n) < 0) return 1; /* warm-up: the page cache */
+        for (i = 0; i < 5; i++)
+            if ((t[w][i] = check_run(path, w, n)) < 0) return 1;
+        qsort(t[w], 5, sizeof t[w][0], cmp_double);
+        med[w] = t[w][2];
+    }
+    printf("| what | median of 5 | x open |\n| --- | --- | --- |\n");
+    for (w = 0; w < 4; w++)
+        printf("| %s | %.1f ms | %.1f |\n", names[w], med[w] * 1e3, med[w] / med[0]);
+    return 0;
 }
 
 static int bench_open(const char *path, long n, int d)
@@ -193,6 +285,8 @@ int main(int argc, char **argv)
 {
     if (argc == 5 && !strcmp(argv[1], "open")) return bench_open(argv[2], atol(argv[3]), atoi(argv[4]));
     if (argc == 5 && !strcmp(argv[1], "ingest")) return bench_ingest(argv[2], argv[3], atoi(argv[4]));
-    fprintf(stderr, "usage: bench_db open DB N D | bench_db ingest MODEL_DIR IMAGES_DIR N\n");
+    if (argc == 5 && !strcmp(argv[1], "check")) return bench_check(argv[2], atol(argv[3]), atoi(argv[4]));
+    fprintf(stderr, "usage: bench_db open DB N D | bench_db check DB N D | "
+                    "bench_db ingest MODEL_DIR IMAGES_DIR N\n");
     return 2;
 }

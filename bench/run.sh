@@ -26,6 +26,7 @@ echo "== encoder: clipdb embed vs PyTorch (bench/bench_encode.py) =="
   tmp=$(mktemp -d); trap 'rm -rf "$tmp"' EXIT
   build/bench/bench_db open "$tmp/b100k.db" 100000 512 >/dev/null   # builds the file (untimed)
   build/bench/bench_db open "$tmp/b100k.db" 100000 512
+  build/bench/bench_db check "$tmp/b100k.db" 100000 512
   data=../shared/data/flickr8k/images
   if [ -d "$data" ]; then
     "$PY" tools/gen_model.py "$tmp/b32" --size b32 --keys openai --dtype F32 --seed 1 >/dev/null

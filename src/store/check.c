@@ -138,7 +138,7 @@ static const struct {
 } rules[] = {
     {"item", "SELECT id, type FROM items WHERE type NOT IN (1, 2)",
      "item %lld: unknown item type %lld"},
-    {"item", "SELECT id FROM items WHERE type = 1 AND (path IS NULL OR abspath IS NULL)",
+    {"item", "SELECT id FROM items WHERE type = 1 AND path IS NULL AND abspath IS NULL",
      "image %lld: no path recorded"},
     {"item", "SELECT id FROM items WHERE type = 2 AND text IS NULL", "text %lld: no text recorded"},
     {"orphan_caption",
@@ -246,6 +246,28 @@ static int check_high_water(check_ctx *c)
                           "could be given twice");
 }
 
+/* The lists of an IVF index (?1 target, ?2 metric, ?3 nlist) against the
+** vectors of its set: sql[0] for images, sql[1] for texts. */
+static const struct {
+    const char *sql[2], *fmt;
+} ivf_rules[] = {
+    {{"SELECT id FROM ivf_assign WHERE target = ?1 AND metric = ?2 AND id NOT IN "
+      "(SELECT id FROM vectors_image) ORDER BY id",
+      "SELECT id FROM ivf_assign WHERE target = ?1 AND metric = ?2 AND id NOT IN "
+      "(SELECT id FROM vectors_text) ORDER BY id"},
+     "item %lld is listed but has no vector of the index's set"},
+    {{"SELECT id FROM vectors_image WHERE id NOT IN (SELECT id FROM ivf_assign "
+      "WHERE target = ?1 AND metric = ?2) ORDER BY id",
+      "SELECT id FROM vectors_text WHERE id NOT IN (SELECT id FROM ivf_assign "
+      "WHERE target = ?1 AND metric = ?2) ORDER BY id"},
+     "item %lld has a vector but is in no list"},
+    {{"SELECT id, list FROM ivf_assign WHERE target = ?1 AND metric = ?2 AND "
+      "(list < 0 OR list >= ?3) ORDER BY id",
+      "SELECT id, list FROM ivf_assign WHERE target = ?1 AND metric = ?2 AND "
+      "(list < 0 OR list >= ?3) ORDER BY id"},
+     "item %lld is in list %lld, outside the index's lists"},
+};
+
 /* Each IVF index: its centroids, and lists that hold exactly its set. */
 static int check_ivf(check_ctx *c)
 {
@@ -260,7 +282,7 @@ static int check_ivf(check_ctx *c)
         int target = sqlite3_column_int(st, 0), metric = sqlite3_column_int(st, 1);
         int64_t nlist = sqlite3_column_int64(st, 2), dim = sqlite3_column_int64(st, 3);
         const float *cent = sqlite3_column_blob(st, 4);
-        size_t bytes = (size_t)sqlite3_column_bytes(st, 4), i, n;
+        size_t bytes = (size_t)sqlite3_column_bytes(st, 4), i, n, k;
         char prefix[96];
         c->r->indexes++;
         snprintf(prefix, sizeof prefix, "IVF index (%s, %s): ",
@@ -291,26 +313,9 @@ static int check_ivf(check_ctx *c)
         b[0] = target;
         b[1] = metric;
         b[2] = nlist;
-        rc = rule(c, "index", prefix,
-                  target == CLIPDB_ITEM_IMAGE
-                      ? "SELECT id FROM ivf_assign WHERE target = ?1 AND metric = ?2 AND id NOT IN "
-                        "(SELECT id FROM vectors_image) ORDER BY id"
-                      : "SELECT id FROM ivf_assign WHERE target = ?1 AND metric = ?2 AND id NOT IN "
-                        "(SELECT id FROM vectors_text) ORDER BY id",
-                  b, 2, "item %lld is listed but has no vector of the index's set");
-        if (rc == CLIPDB_OK)
-            rc = rule(c, "index", prefix,
-                      target == CLIPDB_ITEM_IMAGE
-                          ? "SELECT id FROM vectors_image WHERE id NOT IN (SELECT id FROM "
-                            "ivf_assign WHERE target = ?1 AND metric = ?2) ORDER BY id"
-                          : "SELECT id FROM vectors_text WHERE id NOT IN (SELECT id FROM "
-                            "ivf_assign WHERE target = ?1 AND metric = ?2) ORDER BY id",
-                      b, 2, "item %lld has a vector but is in no list");
-        if (rc == CLIPDB_OK)
-            rc = rule(c, "index", prefix,
-                      "SELECT id, list FROM ivf_assign WHERE target = ?1 AND metric = ?2 AND "
-                      "(list < 0 OR list >= ?3) ORDER BY id",
-                      b, 3, "item %lld is in list %lld, outside the index's lists");
+        for (k = 0; rc == CLIPDB_OK && k < sizeof ivf_rules / sizeof ivf_rules[0]; k++)
+            rc = rule(c, "index", prefix, ivf_rules[k].sql[target == CLIPDB_ITEM_TEXT], b, 3,
+                      ivf_rules[k].fmt);
     }
     if (rc == CLIPDB_OK && s != SQLITE_DONE) rc = read_failed(c, "the IVF indexes");
     sqlite3_finalize(st);

@@ -48,7 +48,7 @@ static void unpack_tower(cdb_tower *t)
     t->pk_proj = NULL;
 }
 
-static void unpack_model(clipdb_model *m)
+void cdb_model_unpack(clipdb_model *m)
 {
     unpack_tower(&m->vision.t);
     unpack_tower(&m->text.t);
@@ -122,14 +122,14 @@ static int pack_model(clipdb_model *m)
         (rc = pack1(m, &m->vision.pk_patch, v->patch_w, CDB_TRANS, v->t.width,
                     3 * v->patch * v->patch))) {
         cdb_err_prefix(&m->err, "packing the weights for %s", clipdb_precision_name((int)m->prec));
-        unpack_model(m);
+        cdb_model_unpack(m);
     }
     return rc;
 }
 
 int cdb_model_repack(clipdb_model *m)
 {
-    unpack_model(m);
+    cdb_model_unpack(m);
     return pack_model(m);
 }
 
@@ -219,7 +219,7 @@ cleanup:
 void clipdb_model_close(clipdb_model *m)
 {
     if (!m) return;
-    unpack_model(m);
+    cdb_model_unpack(m);
     cdb_weights_release(m);
     cdb_st_close(m->st);
     cdb_tok_free(m->tok);

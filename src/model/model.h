@@ -112,6 +112,8 @@ int cdb_weights_bind(clipdb_model *m);
 ** engine's sync): packs alias or convert the weights they were made from.
 ** Implemented in model.c. */
 int cdb_model_repack(clipdb_model *m);
+/* Frees the packed weights (NULLs them); clipdb_model_close does it. */
+void cdb_model_unpack(clipdb_model *m);
 void cdb_weights_release(clipdb_model *m);
 
 /* IEEE half to float, exactly (subnormals, inf, NaN kept); weights.c

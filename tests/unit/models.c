@@ -47,6 +47,7 @@ int test_load_model(const char *dir, clipdb_model **out)
 void test_unload_model(clipdb_model *m)
 {
     if (!m) return;
+    cdb_model_unpack(m); /* packs made by cdb_trainer_sync's repack */
     cdb_weights_release(m);
     cdb_st_close(m->st);
     pthread_mutex_destroy((pthread_mutex_t *)m->identity_lock);

@@ -40,6 +40,13 @@
 
 #include "store/sindex.h"
 
+/* How long a writer waits for another process's write lock before it fails
+** with "database is locked". A stored index's last build holds the lock while
+** writers keep committing (build_stored), and a slow machine or a sanitizer
+** build takes seconds for it: a minute, not ten seconds, so that a concurrent
+** add waits rather than stops. */
+#define CDB_BUSY_TIMEOUT_MS 60000
+
 static const char *const schema_sql =
     "CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL) WITHOUT ROWID;"
     "CREATE TABLE items("
@@ -171,7 +178,7 @@ static int sql_open(clipdb_db *db, int flags, int immutable)
                          db->sql ? sqlite3_errmsg(db->sql) : "out of memory");
         goto cleanup;
     }
-    sqlite3_busy_timeout(db->sql, 10000);
+    sqlite3_busy_timeout(db->sql, CDB_BUSY_TIMEOUT_MS);
 cleanup:
     free(uri);
     return rc;

@@ -26,7 +26,25 @@ CLI_C   := $(wildcard src/cli/*.c)
 TEST_C  := $(wildcard tests/unit/*.c)
 FUZZ_C  := $(wildcard tests/fuzz/fuzz_*.c)
 
-LIB_O  := $(LIB_C:%.c=$(BUILD)/%.o) $(LIB_CXX:%.cc=$(BUILD)/%.o)
+# The CUDA backend (src/cuda, README "GPU"): built when nvcc is found in
+# /usr/local/cuda/bin or on PATH; `make CUDA=0` builds the stub instead.
+# sm_90 (H100/H200) machine code plus its PTX (JIT for newer GPUs);
+# CUDA_ARCH overrides. Host and device warnings are errors.
+NVCC    ?= $(firstword $(wildcard /usr/local/cuda/bin/nvcc) $(shell command -v nvcc 2>/dev/null))
+CUDA    ?= $(if $(NVCC),1,0)
+CUDA_ARCH ?= -gencode arch=compute_90,code=[sm_90,compute_90]
+NVFLAGS  = -std=c++17 -O2 -g -lineinfo $(CUDA_ARCH) -Werror all-warnings \
+           -Xcompiler -Wall,-Wextra,-Wshadow,-Werror,-fvisibility=hidden,-pthread
+LIB_C   += src/cuda/device.c
+ifeq ($(CUDA),1)
+CUDA_HOME := $(patsubst %/bin/nvcc,%,$(NVCC))
+LIB_CU  := $(wildcard src/cuda/*.cu)
+LDLIBS  += -L$(CUDA_HOME)/lib64 -Wl,-rpath,$(CUDA_HOME)/lib64 -lcublas -lcudart
+else
+LIB_C   += src/cuda/stub.c
+endif
+
+LIB_O  := $(LIB_C:%.c=$(BUILD)/%.o) $(LIB_CXX:%.cc=$(BUILD)/%.o) $(LIB_CU:%.cu=$(BUILD)/%.o)
 
 # The HTTP server (src/server) and the web page (web/), embedded into the
 # binary by a small generator built here (no xxd or Python at build time).
@@ -55,6 +73,10 @@ $(BUILD)/%.o: %.c
 $(BUILD)/%.o: %.cc
 	@mkdir -p $(dir $@)
 	$(CXX) $(CPPFLAGS) $(CXXFLAGS) -MMD -MP -c $< -o $@
+
+$(BUILD)/%.o: %.cu
+	@mkdir -p $(dir $@)
+	$(NVCC) $(CPPFLAGS) $(NVFLAGS) -MMD -MP -c $< -o $@
 
 $(BUILD)/libclipdb.a: $(LIB_O)
 	@rm -f $@
@@ -188,6 +210,11 @@ $(BUILD)/bench/bench_eval: bench/bench_eval.c $(BUILD)/libclipdb.a
 
 # Training-step benchmark (bench/bench_train.py runs it beside PyTorch).
 $(BUILD)/bench/bench_train: bench/bench_train.c $(BUILD)/libclipdb.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CPPFLAGS) $(CFLAGS) -o $@ $< $(BUILD)/libclipdb.a $(LDLIBS)
+
+# GPU benchmark beside the CPU path (bench/README.md "GPU", bench/gpu_check.sh).
+$(BUILD)/bench/bench_gpu: bench/bench_gpu.c $(BUILD)/libclipdb.a
 	@mkdir -p $(dir $@)
 	$(CC) $(CPPFLAGS) $(CFLAGS) -o $@ $< $(BUILD)/libclipdb.a $(LDLIBS)
 

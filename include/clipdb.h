@@ -48,6 +48,7 @@ extern "C" {
 #define CLIPDB_EMISMATCH 8  /* e.g. vectors from another model */
 #define CLIPDB_ENET      9  /* network failure (model fetch) */
 #define CLIPDB_ESTOPPED  10 /* stopped on request (training: state checkpointed) */
+#define CLIPDB_ENODEV    11 /* no CUDA device (or built without CUDA) */
 
 /* A short constant name for a status code ("CLIPDB_EFORMAT"). */
 CLIPDB_API const char *clipdb_status_name(int rc);
@@ -98,9 +99,12 @@ typedef struct clipdb_model_info {
 typedef enum clipdb_precision {
     CLIPDB_PRECISION_FP32 = 0,
     CLIPDB_PRECISION_BF16 = 1,
-    CLIPDB_PRECISION_INT8 = 2
+    CLIPDB_PRECISION_INT8 = 2,
+    /* Only for the vectors kept on a GPU (clipdb_db_set_device): models
+    ** refuse it. */
+    CLIPDB_PRECISION_FP16 = 3
 } clipdb_precision;
-/* "fp32", "bf16", "int8". */
+/* "fp32", "bf16", "int8", "fp16". */
 CLIPDB_API const char *clipdb_precision_name(clipdb_precision p);
 /* Parses a name above; CLIPDB_EINVAL for anything else. */
 CLIPDB_API int clipdb_precision_parse(const char *s, clipdb_precision *out);
@@ -1152,6 +1156,43 @@ CLIPDB_API int clipdb_train(const char *images_dir, const char *captions_path,
                             const char *out_dir, const clipdb_train_options *o,
                             char **errmsg);
 
+
+/* ---- devices (the CUDA backend) ----------------------------------------- */
+
+/* Where encoding and exact search run. AUTO: the GPU when one is present,
+** else the CPU. The CUDA backend is built when nvcc is found (make CUDA=0
+** leaves it out: asking for CUDA then fails with CLIPDB_ENODEV). */
+typedef enum clipdb_device {
+    CLIPDB_DEVICE_CPU = 0,
+    CLIPDB_DEVICE_CUDA = 1,
+    CLIPDB_DEVICE_AUTO = 2
+} clipdb_device;
+
+/* Parses "cpu", "cuda", "auto", each optionally with ":fp32", ":fp16" or
+** ":bf16" (default fp32): e.g. "cuda:bf16". The suffix is the element type
+** of the search vectors kept on the GPU (*vec_prec; accumulation is fp32);
+** the encoders run in the model's own precision (clipdb_precision: fp32 or
+** bf16 on the GPU, bf16 on the tensor cores). CLIPDB_EINVAL otherwise. */
+CLIPDB_API int clipdb_device_parse(const char *spec, clipdb_device *dev,
+                                   clipdb_precision *vec_prec);
+/* "cpu", "cuda", "auto"; "?" outside the enum. Static string. */
+CLIPDB_API const char *clipdb_device_name(clipdb_device d);
+/* Resolves `want` to the device that will run: AUTO -> CUDA when a device
+** is usable, else CPU; CUDA without a usable device -> CLIPDB_ENODEV with
+** "no CUDA device (...)" or "built without CUDA" in *errmsg (caller frees
+** with clipdb_free; errmsg may be NULL). */
+CLIPDB_API int clipdb_device_resolve(clipdb_device want, clipdb_device *got, char **errmsg);
+/* Encodes on `dev` from now on (resolved as clipdb_device_resolve; the
+** message is on the ctx), in the model's precision: fp32 or bf16 (an int8
+** model runs on the CPU only: CLIPDB_EINVAL). On CUDA the towers are
+** uploaded at the first encode and kept for the life of the ctx. */
+CLIPDB_API int clipdb_ctx_set_device(clipdb_ctx *c, clipdb_device dev);
+/* Encodes (add, text/image queries) and runs exact search on `dev`: the
+** vectors of a target are uploaded at its first exact search and kept
+** until they change or the handle closes, as vec_prec (fp32, fp16 or bf16).
+** k above 1024, and the IVF and Faiss indexes, search on the CPU. Message
+** on the handle. */
+CLIPDB_API int clipdb_db_set_device(clipdb_db *db, clipdb_device dev, clipdb_precision vec_prec);
 
 #ifdef __cplusplus
 }

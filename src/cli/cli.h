@@ -92,6 +92,15 @@ FILE *cli_fopen_regular(const char *cmd, const char *path);
 ** returns CLI_OK or CLI_FAIL (then *out is NULL). */
 int cli_open_db(const char *cmd, const char *path, const clipdb_db_options *opt, clipdb_db **out);
 
+/* --device SPEC (embed, add, search; the lead wires eval and serve): parses
+** SPEC ("cpu", "cuda", "auto", optionally ":fp32|fp16|bf16") and resolves
+** auto; returns CLI_USAGE for a bad SPEC, CLI_FAIL (one line: "--device
+** cuda: no CUDA device (...)") when CUDA is asked for and absent. The
+** caller then passes *dev, *prec to clipdb_ctx_set_device or
+** clipdb_db_set_device. */
+int cli_parse_device(const char *cmd, const char *spec, clipdb_device *dev,
+                     clipdb_precision *vec_prec);
+
 /* The table, defined in main.c. */
 extern const cli_cmd cli_commands[];
 extern const int cli_n_commands;

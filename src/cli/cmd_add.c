@@ -36,6 +36,8 @@ const char cli_add_help[] =
     CLI_STR(CLIPDB_ADD_MAX_BATCH) ")\n"
     "  --threads N       image decoding threads (default: number of CPUs; at\n"
     "                    most " CLI_STR(CLIPDB_ADD_MAX_DECODE_THREADS) ")\n"
+    "  --device D        encode on cpu (default), cuda or auto (the GPU when\n"
+    "                    present), in the recorded precision (fp32 or bf16)\n"
     "  --progress-every S  seconds between progress updates (default 0.2 on a\n"
     "                    terminal, else 5: one plain line each)\n"
     "  --json            print the summary as JSON\n"
@@ -80,6 +82,8 @@ int cli_cmd_add(int argc, char **argv)
     int json = 0, i, rc, ret = CLI_OK;
     long long v;
     double every = 0;
+    clipdb_device dev = CLIPDB_DEVICE_CPU;
+    clipdb_precision vprec = CLIPDB_PRECISION_FP32;
 
     clipdb_add_options_init(&opt);
     for (i = 1; i < argc; i++) {
@@ -89,6 +93,9 @@ int cli_cmd_add(int argc, char **argv)
         else if (!strcmp(a, "--captions") && has) opt.captions_path = argv[++i];
         else if (!strcmp(a, "--texts") && has) opt.texts_path = argv[++i];
         else if (!strcmp(a, "--model") && has) model = argv[++i];
+        else if (!strcmp(a, "--device") && has) {
+            if ((rc = cli_parse_device("add", argv[++i], &dev, &vprec)) != CLI_OK) return rc;
+        }
         else if (!strcmp(a, "--precision") && has) precision = argv[++i];
         else if (!strcmp(a, "--batch") && has) {
             if ((rc = cli_parse_int("add", a, argv[++i], 1, CLIPDB_ADD_MAX_BATCH, &v)) != CLI_OK) return rc;
@@ -117,7 +124,9 @@ int cli_cmd_add(int argc, char **argv)
     dopt.model_dir = model;
     dopt.precision = precision;
     if (cli_open_db("add", path, &dopt, &db) != CLI_OK) return CLI_FAIL;
-    rc = clipdb_db_add(db, &opt, &r);
+    rc = CLIPDB_OK;
+    if (dev != CLIPDB_DEVICE_CPU) rc = clipdb_db_set_device(db, dev, vprec);
+    if (rc == CLIPDB_OK) rc = clipdb_db_add(db, &opt, &r);
     cli_progress_break(&ps.bar);
     if (rc != CLIPDB_OK) {
         ret = cli_fail("add", "%s", clipdb_db_errmsg(db));

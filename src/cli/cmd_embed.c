@@ -137,6 +137,8 @@ int cli_cmd_embed(int argc, char **argv)
     int *text_slot = NULL, *img_slot = NULL;
     double t0, t_text = 0, t_img = 0;
     clipdb_precision prec = CLIPDB_PRECISION_FP32;
+    clipdb_device dev = CLIPDB_DEVICE_CPU;
+    clipdb_precision vprec = CLIPDB_PRECISION_FP32;
 
     for (i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -145,6 +147,9 @@ int cli_cmd_embed(int argc, char **argv)
         else if (!strcmp(a, "--truncate")) truncate = 1;
         else if (!strcmp(a, "--stats")) stats = 1;
         else if (!strcmp(a, "--model") && has_val) model_dir = argv[++i];
+        else if (!strcmp(a, "--device") && has_val) {
+            if ((rc = cli_parse_device(cmd, argv[++i], &dev, &vprec)) != CLI_OK) goto cleanup;
+        }
         else if (!strcmp(a, "--precision") && has_val) {
             if ((rc = cli_parse_precision(cmd, argv[++i], &prec)) != CLI_OK) goto cleanup;
         } else if ((!strcmp(a, "--text") || !strcmp(a, "--image")) && has_val) {
@@ -156,7 +161,8 @@ int cli_cmd_embed(int argc, char **argv)
         } else if ((!strcmp(a, "--texts-from") || !strcmp(a, "--images-from")) && has_val) {
             if ((rc = add_from_file(cmd, &in, a[2] == 'i', argv[++i])) != CLI_OK) goto cleanup;
         } else if (!strncmp(a, "--", 2) &&
-                   (!strcmp(a, "--model") || !strcmp(a, "--precision") || !strcmp(a, "--text") || !strcmp(a, "--image") ||
+                   (!strcmp(a, "--model") || !strcmp(a, "--precision") || !strcmp(a, "--device") ||
+                    !strcmp(a, "--text") || !strcmp(a, "--image") ||
                     !strcmp(a, "--texts-from") || !strcmp(a, "--images-from"))) {
             rc = cli_usage(cmd, "%s needs a value", a);
             goto cleanup;
@@ -179,6 +185,10 @@ int cli_cmd_embed(int argc, char **argv)
         goto cleanup;
     }
     clipdb_ctx_set_truncate(c, truncate);
+    if (dev != CLIPDB_DEVICE_CPU && clipdb_ctx_set_device(c, dev) != CLIPDB_OK) {
+        rc = cli_fail(cmd, "%s", clipdb_ctx_errmsg(c));
+        goto cleanup;
+    }
     clipdb_model_get_info(m, &info);
     dim = info.embed_dim;
     emb = malloc((size_t)in.n * dim * sizeof *emb);
@@ -269,6 +279,9 @@ const char cli_embed_help[] =
     "  --precision P        encoder precision: fp32 (default, exact), bf16 (bf16\n"
     "                       inputs and weights, fp32 accumulation) or int8 (weights\n"
     "                       per output channel, activations per token)\n"
+    "  --device D           encode on cpu (default), cuda or auto (the GPU when\n"
+    "                       present), in the --precision given (fp32, or bf16 on\n"
+    "                       the tensor cores)\n"
     "\n"
     "Texts are encoded in one batch, images likewise (decoded and encoded in groups).\n"
     "A text that is empty, not UTF-8 or too long, or an image that cannot be read,\n"

@@ -52,6 +52,9 @@ const char cli_search_help[] =
     "  --model DIR       model directory (default: the recorded one, of the set\n"
     "                    searched; another model is refused)\n"
     "  --precision P     encoder precision; must be the one recorded by init\n"
+    "  --device D        encode the queries and run exact search on cpu (default),\n"
+    "                    cuda or auto (the GPU when present); cuda:fp16 and\n"
+    "                    cuda:bf16 keep the vectors in 16 bits on the GPU\n"
     "\n"
     "examples:\n"
     "  clipdb search photos.db --text \"a dog on a beach\" -k 5\n"
@@ -212,6 +215,8 @@ int cli_cmd_search(int argc, char **argv)
     size_t nq = 1, i, j;
     int json = 0, n_query = 0, rc, ret = CLI_OK, a;
     long long v;
+    clipdb_device dev = CLIPDB_DEVICE_CPU;
+    clipdb_precision vprec = CLIPDB_PRECISION_FP32;
 
     memset(&one, 0, sizeof one);
     memset(&list, 0, sizeof list);
@@ -277,6 +282,8 @@ int cli_cmd_search(int argc, char **argv)
             opt.vector_set = argv[++a];
         } else if (!strcmp(s, "--precision") && has) {
             precision = argv[++a];
+        } else if (!strcmp(s, "--device") && has) {
+            if ((ret = cli_parse_device("search", argv[++a], &dev, &vprec)) != CLI_OK) goto cleanup;
         } else if (!strcmp(s, "--json")) {
             json = 1;
         } else if (s[0] == '-' && s[1]) {
@@ -307,7 +314,9 @@ int cli_cmd_search(int argc, char **argv)
     dopt.model_dir = model;
     dopt.precision = precision;
     if ((ret = cli_open_db("search", path, &dopt, &db)) != CLI_OK) goto cleanup;
-    rc = clipdb_db_search(db, qs, nq, &opt, &res);
+    rc = CLIPDB_OK;
+    if (dev != CLIPDB_DEVICE_CPU) rc = clipdb_db_set_device(db, dev, vprec);
+    if (rc == CLIPDB_OK) rc = clipdb_db_search(db, qs, nq, &opt, &res);
     if (rc != CLIPDB_OK) {
         ret = search_fail(db, path, &opt);
         goto cleanup;

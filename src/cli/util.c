@@ -299,3 +299,19 @@ int cli_interrupted(void)
 {
     return interrupted;
 }
+
+int cli_parse_device(const char *cmd, const char *spec, clipdb_device *dev,
+                     clipdb_precision *vec_prec)
+{
+    char *msg = NULL;
+    int rc;
+    if (clipdb_device_parse(spec, dev, vec_prec) != CLIPDB_OK)
+        return cli_usage(cmd, "--device is cpu, cuda or auto (optionally :fp32, :fp16 or :bf16), "
+                              "not '%s'", spec);
+    if (clipdb_device_resolve(*dev, dev, &msg) != CLIPDB_OK) {
+        rc = cli_fail(cmd, "--device %s: %s", spec, msg ? msg : "no CUDA device");
+        clipdb_free(msg);
+        return rc;
+    }
+    return CLI_OK;
+}

@@ -30,6 +30,7 @@ const char *clipdb_status_name(int rc)
     case CLIPDB_EMISMATCH: return "CLIPDB_EMISMATCH";
     case CLIPDB_ENET: return "CLIPDB_ENET";
     case CLIPDB_ESTOPPED: return "CLIPDB_ESTOPPED";
+    case CLIPDB_ENODEV: return "CLIPDB_ENODEV";
     default: return "CLIPDB_UNKNOWN";
     }
 }

@@ -32,6 +32,8 @@ struct clipdb_ctx {
     cdb_tok_cache *tok_cache;
     struct cdb_img_scratch *img;
     int truncate;                      /* clipdb_ctx_set_truncate */
+    const cdb_encoder_ops *ops;        /* towers elsewhere (cdb_ctx_set_encoder), or NULL */
+    void *ops_self;                    /* their state, owned */
 };
 
 int clipdb_ctx_new(clipdb_ctx **out, clipdb_model *m)
@@ -52,7 +54,39 @@ void clipdb_ctx_free(clipdb_ctx *c)
     cdb_run_free(c->run);
     cdb_tok_cache_free(c->tok_cache);
     cdb_img_scratch_free(c->img);
+    cdb_ctx_set_encoder(c, NULL, NULL);
     free(c);
+}
+
+void cdb_ctx_set_encoder(clipdb_ctx *c, const cdb_encoder_ops *ops, void *self)
+{
+    if (c->ops && c->ops_self) c->ops->free(c->ops_self);
+    c->ops = ops;
+    c->ops_self = self;
+}
+
+clipdb_model *cdb_ctx_model(clipdb_ctx *c)
+{
+    return c->m;
+}
+
+cdb_err *cdb_ctx_err(clipdb_ctx *c)
+{
+    return &c->err;
+}
+
+/* The towers: on the installed encoder (the GPU) or on the CPU. */
+static int text_tower(clipdb_ctx *c, const int32_t *const *ids, const int *lens, int n,
+                      float *out)
+{
+    if (c->ops) return c->ops->texts(c->ops_self, ids, lens, n, out, &c->err);
+    return cdb_text_forward(c->run, &c->m->text, c->m->embed_dim, ids, lens, n, 0, out, &c->err);
+}
+
+static int image_tower(clipdb_ctx *c, const float *pixels, int n, float *out)
+{
+    if (c->ops) return c->ops->images(c->ops_self, pixels, n, out, &c->err);
+    return cdb_vision_forward(c->run, &c->m->vision, c->m->embed_dim, pixels, n, out, &c->err);
 }
 
 int clipdb_ctx_errcode(const clipdb_ctx *c)
@@ -217,7 +251,7 @@ static int encode_text_groups(clipdb_ctx *c, const char *const *texts, int n, fl
         }
         if (k == 0) continue;
         // k texts (ids, lens) -> tmp (k, E)
-        rc = cdb_text_forward(c->run, &c->m->text, E, ids, lens, k, 0, tmp, &c->err);
+        rc = text_tower(c, ids, lens, k, tmp);
         if (rc != CLIPDB_OK) goto cleanup;
         scatter_rows(out, slot, tmp, k, E);
     }
@@ -239,7 +273,9 @@ static int encode_image_groups(clipdb_ctx *c, const char *const *paths, const fl
                                int n, float *out, clipdb_item_status *status, int *n_failed)
 {
     int rc = CLIPDB_OK, E = c->m->embed_dim, g0, i, k;
-    int G = n < CDB_ENCODE_IMAGE_GROUP ? n : CDB_ENCODE_IMAGE_GROUP;
+    /* preprocessed pixels go to an installed encoder (the GPU) in one call:
+    ** it batches them itself, larger than the CPU's chunk */
+    int G = !paths && c->ops && n > 0 ? n : n < CDB_ENCODE_IMAGE_GROUP ? n : CDB_ENCODE_IMAGE_GROUP;
     size_t px = clipdb_image_floats(c->m);
     float *pix = NULL, *tmp = NULL;
     int *slot = NULL;
@@ -257,8 +293,7 @@ static int encode_image_groups(clipdb_ctx *c, const char *const *paths, const fl
         int cnt = n - g0 < G ? n - g0 : G;
         if (!paths) {
             // pixels[g0..] (cnt, 3, S, S) -> out[g0..] (cnt, E)
-            rc = cdb_vision_forward(c->run, &c->m->vision, E, pixels + (size_t)g0 * px, cnt,
-                                    out + (size_t)g0 * E, &c->err);
+            rc = image_tower(c, pixels + (size_t)g0 * px, cnt, out + (size_t)g0 * E);
             if (rc != CLIPDB_OK) goto cleanup;
             continue;
         }
@@ -273,7 +308,7 @@ static int encode_image_groups(clipdb_ctx *c, const char *const *paths, const fl
         }
         if (k == 0) continue;
         // pixels (k, 3, S, S) -> tmp (k, E)
-        rc = cdb_vision_forward(c->run, &c->m->vision, E, pix, k, tmp, &c->err);
+        rc = image_tower(c, pix, k, tmp);
         if (rc != CLIPDB_OK) goto cleanup;
         scatter_rows(out, slot, tmp, k, E);
     }

@@ -278,6 +278,7 @@ const char *clipdb_precision_name(clipdb_precision p)
     case CLIPDB_PRECISION_FP32: return "fp32";
     case CLIPDB_PRECISION_BF16: return "bf16";
     case CLIPDB_PRECISION_INT8: return "int8";
+    case CLIPDB_PRECISION_FP16: return "fp16";
     }
     return "?";
 }

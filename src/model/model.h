@@ -146,4 +146,23 @@ int cdb_weights_list(const char *key_style, cdb_vision *v, cdb_text *t, int embe
                      cdb_wref **out, size_t *n, cdb_err *e);
 
 
+/* An encoder that runs the towers elsewhere (src/cuda: the GPU), installed
+** on a context by clipdb_ctx_set_device (src/cuda/device.c) so that the
+** context (ctx.c) calls it in place of cdb_vision_forward / cdb_text_forward
+** without knowing what it is. Errors go to e. */
+typedef struct cdb_encoder_ops {
+    // pixels (n, 3, S, S) -> out (n, embed_dim)
+    int (*images)(void *self, const float *pixels, int n, float *out, cdb_err *e);
+    // ids[i] (lens[i] tokens) -> out (n, embed_dim), as cdb_text_forward (full = 0)
+    int (*texts)(void *self, const int32_t *const *ids, const int *lens, int n, float *out,
+                 cdb_err *e);
+    void (*free)(void *self);
+} cdb_encoder_ops;
+/* ctx.c: c encodes through ops/self from now on (ops NULL: on the CPU);
+** the previous ones are freed, and self is owned by c. */
+void cdb_ctx_set_encoder(clipdb_ctx *c, const cdb_encoder_ops *ops, void *self);
+/* ctx.c: the model of c, and the error slot of c. */
+clipdb_model *cdb_ctx_model(clipdb_ctx *c);
+cdb_err *cdb_ctx_err(clipdb_ctx *c);
+
 #endif /* CDB_MODEL_H */

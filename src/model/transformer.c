@@ -773,16 +773,33 @@ cleanup:
 
 /* ---- text tower --------------------------------------------------------- */
 
-typedef struct text_item {
-    int index; /* position in the caller's arrays */
-    int len;   /* tokens up to and including the end token (argmax + 1) */
-} text_item;
-
 static int cmp_item(const void *a, const void *b)
 {
-    const text_item *x = a, *y = b;
+    const cdb_text_item *x = a, *y = b;
     if (x->len != y->len) return x->len < y->len ? -1 : 1;
     return x->index < y->index ? -1 : x->index > y->index;
+}
+
+int cdb_text_items(const cdb_text *t, const int32_t *const *ids, const int *lens, int n,
+                   int sort, cdb_text_item *items, cdb_err *e)
+{
+    const int C = t->context;
+    int i, j;
+    for (i = 0; i < n; i++) {
+        int best = 0;
+        if (lens[i] < 1 || lens[i] > C)
+            return cdb_err_set(e, CLIPDB_EINVAL, "text %d: %d tokens (must be 1..%d)", i, lens[i], C);
+        for (j = 0; j < lens[i]; j++) {
+            if (ids[i][j] < 0 || ids[i][j] >= t->vocab)
+                return cdb_err_set(e, CLIPDB_EINVAL, "text %d: token id %d outside the vocabulary (%d)",
+                                   i, (int)ids[i][j], t->vocab);
+            if (ids[i][j] > ids[i][best]) best = j; /* first maximum, as torch.argmax */
+        }
+        items[i].index = i;
+        items[i].len = best + 1;
+    }
+    if (sort) qsort(items, (size_t)n, sizeof *items, cmp_item);
+    return CLIPDB_OK;
 }
 
 /* Whether a group of cnt texts (lengths summing to sum) may take one more of
@@ -837,8 +854,8 @@ int cdb_text_forward(struct cdb_run *r, const cdb_text *t, int embed_dim,
                      float *out, cdb_err *e)
 {
     const int d = t->t.width, C = t->context;
-    int rc, i, j, g0, *qpos = NULL, *gidx = NULL;
-    text_item *items = NULL;
+    int rc, g0, *qpos = NULL, *gidx = NULL;
+    cdb_text_item *items = NULL;
     if ((rc = check_tower(&t->t, "text", e))) return rc;
     if (n < 0) return cdb_err_set(e, CLIPDB_EINVAL, "negative text count");
     if (n == 0) return CLIPDB_OK;
@@ -849,24 +866,7 @@ int cdb_text_forward(struct cdb_run *r, const cdb_text *t, int embed_dim,
         rc = cdb_err_set(e, CLIPDB_ENOMEM, "out of memory");
         goto cleanup;
     }
-    for (i = 0; i < n; i++) {
-        int best = 0;
-        if (lens[i] < 1 || lens[i] > C) {
-            rc = cdb_err_set(e, CLIPDB_EINVAL, "text %d: %d tokens (must be 1..%d)", i, lens[i], C);
-            goto cleanup;
-        }
-        for (j = 0; j < lens[i]; j++) {
-            if (ids[i][j] < 0 || ids[i][j] >= t->vocab) {
-                rc = cdb_err_set(e, CLIPDB_EINVAL, "text %d: token id %d outside the vocabulary (%d)",
-                                 i, (int)ids[i][j], t->vocab);
-                goto cleanup;
-            }
-            if (ids[i][j] > ids[i][best]) best = j; /* first maximum, as torch.argmax */
-        }
-        items[i].index = i;
-        items[i].len = best + 1;
-    }
-    if (!full) qsort(items, (size_t)n, sizeof *items, cmp_item);
+    if ((rc = cdb_text_items(t, ids, lens, n, !full, items, e)) != CLIPDB_OK) goto cleanup;
 
     for (g0 = 0; g0 < n;) {
         int cnt = 1, L, g;

@@ -60,6 +60,18 @@ int cdb_block_forward(struct cdb_run *r, const cdb_block *b, int d, int f, float
 int cdb_vision_forward(struct cdb_run *r, const cdb_vision *v, int embed_dim,
                        const float *pixels, int n, float *out, cdb_err *e);
 
+/* A text of a batch: its position in the caller's arrays and its tokens up
+** to and including the end token (the argmax of the ids, as CLIP takes it). */
+typedef struct cdb_text_item {
+    int index;
+    int len;
+} cdb_text_item;
+/* Checks n texts (1 <= lens[i] <= context, ids inside the vocabulary;
+** EINVAL naming the text in e) and fills items (n), sorted by (len, index)
+** when sort != 0. Shared by the CPU and GPU text towers. */
+int cdb_text_items(const cdb_text *t, const int32_t *const *ids, const int *lens, int n,
+                   int sort, cdb_text_item *items, cdb_err *e);
+
 /* Text tower on token ids: ids[i] holds lens[i] ids (start token first, end
 ** token last, 2 <= lens[i] <= context) -> out (n, embed_dim). The end token
 ** is the argmax of the ids, as CLIP takes it. Texts are sorted by length

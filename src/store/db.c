@@ -38,6 +38,7 @@
 #include <cjson/cJSON.h>
 #include <openssl/evp.h>
 
+#include "cuda/cuda.h"
 #include "store/sindex.h"
 
 static const char *const schema_sql =
@@ -648,11 +649,41 @@ int clipdb_db_model(clipdb_db *db, clipdb_model **out)
         /* Captions and queries longer than the context are cut as CLIP's
         ** truncate=True does, rather than refused. */
         clipdb_ctx_set_truncate(db->ctx, 1);
+        if (db->device != CLIPDB_DEVICE_CPU &&
+            (rc = clipdb_ctx_set_device(db->ctx, (clipdb_device)db->device)) != CLIPDB_OK) {
+            cdb_err_set(&db->err, rc, "%s", clipdb_ctx_errmsg(db->ctx));
+            goto cleanup;
+        }
     }
     *out = db->model;
 cleanup:
     if (m != db->model_opt) clipdb_model_close(m);
     return rc;
+}
+
+int clipdb_db_set_device(clipdb_db *db, clipdb_device dev, clipdb_precision vec_prec)
+{
+    clipdb_device got;
+    clipdb_metric m;
+    int rc, set;
+    if (!db) return CLIPDB_EINVAL;
+    cdb_err_clear(&db->err);
+    if (vec_prec != CLIPDB_PRECISION_FP32 && vec_prec != CLIPDB_PRECISION_FP16 &&
+        vec_prec != CLIPDB_PRECISION_BF16)
+        return cdb_err_set(&db->err, CLIPDB_EINVAL,
+                           "vectors on the GPU are fp32, fp16 or bf16, not %s",
+                           clipdb_precision_name(vec_prec));
+    if ((rc = cdb_device_resolve(dev, &got, &db->err)) != CLIPDB_OK) return rc;
+    /* vectors already on the GPU in another type (or no longer wanted) go */
+    if ((int)got != db->device || vec_prec != db->gpu_vec_prec)
+        for (set = 0; set < CDB_N_SETS; set++)
+            for (m = CLIPDB_METRIC_COSINE; m <= CLIPDB_METRIC_L2; m++)
+                cdb_sindex_forget(db, &cdb_sindex_exact, set, m);
+    db->device = (int)got;
+    db->gpu_vec_prec = vec_prec;
+    if (db->ctx && (rc = clipdb_ctx_set_device(db->ctx, got)) != CLIPDB_OK)
+        return cdb_err_set(&db->err, rc, "%s", clipdb_ctx_errmsg(db->ctx));
+    return CLIPDB_OK;
 }
 
 /* ---- items ---------------------------------------------------------------- */

@@ -112,6 +112,11 @@ struct clipdb_db {
     /* Loaded indexes (sindex.c): one slot per (type, set, metric). */
     struct cdb_sindex *sindex;
     size_t n_sindex, cap_sindex;
+    /* The CUDA backend (clipdb_db_set_device, db.c): the resolved device of
+    ** encoding and exact search, and the element type of the vectors kept
+    ** on the GPU by the exact index (sindex_exact.c). */
+    int device;                /* CLIPDB_DEVICE_CPU or _CUDA */
+    clipdb_precision gpu_vec_prec;
 };
 
 /* Creates a database file bound to a model described by its identity and

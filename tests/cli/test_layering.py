@@ -25,7 +25,7 @@ KNOWN_FILE_CIRCLES = set()
 
 
 def sources():
-    return sorted(p for p in (ROOT / "src").glob("*/*") if p.suffix in (".c", ".h", ".cc"))
+    return sorted(p for p in (ROOT / "src").glob("*/*") if p.suffix in (".c", ".h", ".cc", ".cu", ".cuh"))
 
 
 def module(rel):
@@ -53,7 +53,7 @@ def call_edges():
     defined, used = {}, collections.defaultdict(set)
     for o in objs:
         rel = str(o.relative_to(BUILD / "src"))[:-2]
-        src = next((rel + ext for ext in (".c", ".cc") if (ROOT / "src" / (rel + ext)).exists()), None)
+        src = next((rel + ext for ext in (".c", ".cc", ".cu") if (ROOT / "src" / (rel + ext)).exists()), None)
         if src is None:  # an object whose source is gone (stale build)
             continue
         out = subprocess.run(["nm", "-g", str(o)], capture_output=True, text=True, check=True).stdout

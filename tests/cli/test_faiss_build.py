@@ -77,7 +77,10 @@ def test_tiny_model_dimension(dbs):
 @pytest.mark.parametrize("n", [1, 2, 3, 40])
 def test_accepted_strings_at_their_edges_never_crash(dbs, n):
     failures = []
-    for i, spec in enumerate(SPECS):
+    # under ASan (several times slower) every other string per size, so that
+    # each string still meets two of the four sizes
+    specs = list(enumerate(SPECS))[n % 2::2] if ASAN else list(enumerate(SPECS))
+    for i, spec in specs:
         spec = spec.format(n=n, d=D)
         metric = METRICS[(i + n) % 3]  # every string meets each metric over the sizes
         db = dbs[n]

@@ -274,7 +274,7 @@ int cdb_faiss_deserialize(cdb_faiss **out, const uint8_t *buf, size_t len, clipd
 
 void cdb_faiss_after_fork(void)
 {
-    omp_set_num_threads(1);  // see index.h; BLAS (OpenBLAS) restarts its own threads after fork
+    omp_set_num_threads(1);  // see index.h. OpenBLAS has its own fork handler: its threads restart
 }
 
 }  // extern "C"

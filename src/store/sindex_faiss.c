@@ -271,6 +271,11 @@ static void build_child(int fd, const char *factory, int d, clipdb_metric metric
     cdb_err e;
     int rc, ok;
 
+    /* only the reply pipe stays open: another thread's concurrent build
+    ** would otherwise wait for its end of file until this child exits, and
+    ** closing the database's files here releases no lock of the parent */
+    if (fd > 3) close_range(3, (unsigned)fd - 1, 0);
+    close_range((unsigned)fd + 1, ~0u, 0);
     cdb_faiss_after_fork();
     memset(&r, 0, sizeof r);
     memset(&e, 0, sizeof e);

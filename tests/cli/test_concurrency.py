@@ -87,8 +87,10 @@ def assert_set_findable(tmp_path, db, name):
     """Every vector of set `name`, as an --item query in that space (one
     --batch per type), finds its own item with the top score."""
     by_type = set_items(db, name)
-    assert by_type[1] and by_type[2], by_type
+    assert by_type[1] or by_type[2], by_type
     for t, target in ((1, "image"), (2, "text")):
+        if not by_type[t]:
+            continue  # e.g. every reembed ran before the first images came
         batch = tmp_path / f"items-{target}.txt"
         batch.write_text("".join(f"item:{i}\n" for i in by_type[t]))
         r = run("search", db, "--batch", batch, "--space", name, "--target", target, "-k", "3",

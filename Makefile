@@ -134,29 +134,45 @@ tsan:
 	$(TSAN_ENV) CLIPDB_BIN=$(abspath $(TSAN_BUILD)/clipdb) CLIPDB_BUILD=$(abspath $(TSAN_BUILD)) \
 	    $(PY) -m pytest -q tests/cli/test_store_tidy.py
 
-# libFuzzer targets (clang). FUZZ_SECONDS each. Crashes, leaks, timeouts and
-# OOMs are written to build-fuzz/artifacts-TARGET/ (never the repository root).
-# Linked by clang++ (the C target compiled as C): a target that reaches the
-# Faiss shim (fuzz_dbopen) needs the C++ UBSan runtime.
+# libFuzzer targets (clang). FUZZ_SECONDS each; FUZZ_SECONDS_fuzz_NAME=S
+# gives one target its own time (make fuzz FUZZ_SECONDS_fuzz_dbopen=120).
+# FUZZ_JOBS targets run at a time (.ci/run: 2, one per core), each its own
+# log in build-fuzz/log-TARGET, whose tail is printed when all are done.
+# Crashes, leaks, timeouts and OOMs are written to
+# build-fuzz/artifacts-TARGET/ (never the repository root); any makes the
+# rule fail. Linked by clang++ (the C target compiled as C): a target that
+# reaches the Faiss shim (fuzz_dbopen) needs the C++ UBSan runtime.
 FUZZ_SECONDS ?= 20
+FUZZ_JOBS    ?= 1
 FUZZ_BUILD   := build-fuzz
+FUZZ_NAMES   := $(basename $(notdir $(FUZZ_C)))
 fuzz:
 	$(MAKE) BUILD=$(FUZZ_BUILD) CC=clang CXX=clang++ OPT=-O1 \
 	    SAN="-fsanitize=fuzzer-no-link,address,undefined -fno-omit-frame-pointer" \
 	    $(FUZZ_BUILD)/libclipdb.a
-	@set -eo pipefail; for src in $(FUZZ_C); do \
-	    name=$$(basename $$src .c); \
+	@set -e; for name in $(FUZZ_NAMES); do \
 	    clang++ -x c $(CPPFLAGS) -std=c11 -g -O1 -fsanitize=fuzzer,address,undefined \
-	        -o $(FUZZ_BUILD)/$$name $$src -x none $(FUZZ_BUILD)/libclipdb.a $(LDLIBS); \
-	    mkdir -p $(FUZZ_BUILD)/corpus-$$name; \
-	    seeds=tests/fuzz/seeds/$${name#fuzz_}; \
-	    echo "fuzz: $$name for $(FUZZ_SECONDS)s"; \
-	    mkdir -p $(FUZZ_BUILD)/artifacts-$$name; \
-	    $(FUZZ_BUILD)/$$name -max_total_time=$(FUZZ_SECONDS) -rss_limit_mb=2048 \
+	        -o $(FUZZ_BUILD)/$$name tests/fuzz/$$name.c -x none $(FUZZ_BUILD)/libclipdb.a $(LDLIBS); \
+	    mkdir -p $(FUZZ_BUILD)/corpus-$$name $(FUZZ_BUILD)/artifacts-$$name; \
+	    rm -f $(FUZZ_BUILD)/status-$$name; \
+	    [ -n "$$(ls -A tests/fuzz/seeds/$${name#fuzz_} 2>/dev/null)" ] || \
+	        { echo "fuzz: $$name has no seeds in tests/fuzz/seeds/$${name#fuzz_}"; exit 1; }; \
+	done
+	@for name in $(FUZZ_NAMES); do \
+	    while [ "$$(jobs -rp | wc -l)" -ge $(FUZZ_JOBS) ]; do sleep 1; done; \
+	    v=FUZZ_SECONDS_$$name; secs=$${!v:-$(FUZZ_SECONDS)}; \
+	    echo "fuzz: $$name for $${secs}s"; \
+	    ( $(FUZZ_BUILD)/$$name -max_total_time=$$secs -rss_limit_mb=2048 \
 	        -timeout=10 -print_final_stats=1 \
 	        -artifact_prefix=$(FUZZ_BUILD)/artifacts-$$name/ $(FUZZ_BUILD)/corpus-$$name \
-	        $$( [ -d $$seeds ] && echo $$seeds ) 2>&1 | tail -n 12; \
-	done
+	        tests/fuzz/seeds/$${name#fuzz_} > $(FUZZ_BUILD)/log-$$name 2>&1; \
+	      echo $$? > $(FUZZ_BUILD)/status-$$name ) & \
+	done; wait; fail=0; \
+	for name in $(FUZZ_NAMES); do \
+	    st=$$(cat $(FUZZ_BUILD)/status-$$name 2>/dev/null || echo missing); \
+	    echo "== $$name: exit $$st"; tail -n 12 $(FUZZ_BUILD)/log-$$name; \
+	    [ "$$st" = 0 ] || fail=1; \
+	done; exit $$fail
 
 # Test-time tools (tools/NAME.c -> $(BUILD)/tools/NAME), linked against the library.
 $(BUILD)/tools/preprocess_dump: $(BUILD)/tools/preprocess_dump.o $(BUILD)/libclipdb.a

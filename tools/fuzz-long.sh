@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Longer fuzzing, for a scheduled job (not every CI run): every libFuzzer
 # target of tests/fuzz (make fuzz) for FUZZ_SECONDS each (default 600 s;
-# the per-CI `make fuzz` gives each 20 s). Artifacts (crash-*, leak-*,
+# the per-CI `make fuzz` gives each 60 s, .ci/run). Artifacts (crash-*, leak-*,
 # timeout-*, oom-*) go to build-fuzz/artifacts-TARGET/; the corpus grows in
 # build-fuzz/corpus-TARGET/ and is kept between runs on the same machine.
 # Exit status: 1 when any target left an artifact.

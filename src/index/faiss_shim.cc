@@ -31,6 +31,7 @@ extern "C" {
 #include <faiss/impl/io.h>
 #include <faiss/index_factory.h>
 #include <faiss/index_io.h>
+#include <omp.h>
 
 struct cdb_faiss {
     cdb_err err;
@@ -269,6 +270,11 @@ int cdb_faiss_deserialize(cdb_faiss **out, const uint8_t *buf, size_t len, clipd
         h->d = idx->d;
         h->index = idx.release();
     });
+}
+
+void cdb_faiss_after_fork(void)
+{
+    omp_set_num_threads(1);  // see index.h. OpenBLAS has its own fork handler: its threads restart
 }
 
 }  // extern "C"

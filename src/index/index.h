@@ -176,5 +176,10 @@ int cdb_faiss_serialize(cdb_faiss *f, uint8_t **buf, size_t *len);
 ** reader is not hardened against hostile input). */
 int cdb_faiss_deserialize(cdb_faiss **out, const uint8_t *buf, size_t len,
                           clipdb_metric metric);
+/* For a forked child, before its first Faiss call: OpenMP runs one thread
+** there. libgomp's thread pool does not survive fork: a child's first
+** parallel region waits forever for pool threads of the parent (oneDNN and
+** Faiss searches start them) that the child does not have. */
+void cdb_faiss_after_fork(void);
 
 #endif /* CDB_INDEX_H */

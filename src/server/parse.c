@@ -210,7 +210,7 @@ cJSON *cdb_json_parse_body(const char *body, size_t len, char *err, size_t errca
         snprintf(err, errcap, "JSON body over %u bytes", CDB_HTTP_MAX_JSON);
         return NULL;
     }
-    /* nesting, counted outside strings, before the parser recurses */
+    /* nesting, counted outside strings, before the parser recurses; NULs */
     for (i = 0; i < len; i++) {
         char c = body[i];
         if (c == '\0') {
@@ -218,6 +218,11 @@ cJSON *cdb_json_parse_body(const char *body, size_t len, char *err, size_t errca
             return NULL;
         }
         if (in_str) {
+            /* \u0000 would become a NUL inside cJSON's C strings: a text cut short */
+            if (c == '\\' && len - i >= 6 && !memcmp(body + i + 1, "u0000", 5)) {
+                snprintf(err, errcap, "\\u0000 (a NUL byte) in a JSON string");
+                return NULL;
+            }
             if (c == '\\') i++;
             else if (c == '"') in_str = 0;
         } else if (c == '"') {

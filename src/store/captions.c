@@ -534,11 +534,29 @@ cleanup:
 
 /* ---- entry points ------------------------------------------------------------ */
 
+/* The line (from 1) of the first \u0000 escape in JSON text s (n bytes),
+** or 0. cJSON decodes it to a NUL byte inside its C strings, which would
+** cut a caption, an image name or a metadata value short without a word;
+** so such a file is refused, naming the line. */
+static size_t json_nul_escape_line(const char *s, size_t n)
+{
+    size_t i, line = 1;
+    for (i = 0; i < n; i++) {
+        if (s[i] == '\n') {
+            line++;
+        } else if (s[i] == '\\' && i + 1 < n) {
+            if (s[i + 1] == 'u' && n - i >= 6 && !memcmp(s + i + 2, "0000", 4)) return line;
+            i++; /* the escaped character: \\ does not escape what follows it */
+        }
+    }
+    return 0;
+}
+
 int cdb_captions_parse(const char *data, size_t len, const char *name, cdb_captions **out,
                        cdb_err *e)
 {
     builder b;
-    size_t i = 0, nlen;
+    size_t i = 0, nlen, nul_line;
     int rc;
     cJSON *doc = NULL;
 
@@ -554,6 +572,15 @@ int cdb_captions_parse(const char *data, size_t len, const char *name, cdb_capti
     nlen = strlen(b.name);
     while (i < len && (data[i] == ' ' || data[i] == '\t' || data[i] == '\r' || data[i] == '\n'))
         i++;
+    if (i < len && data[i] == '{' && !(nlen >= 4 && !strcasecmp(b.name + nlen - 4, ".csv")) &&
+        (nul_line = json_nul_escape_line(data, len)) != 0) {
+        rc = cdb_err_set(e, CLIPDB_EFORMAT,
+                         "%s:%zu: a string holds \\u0000 (a NUL byte), which no caption, image "
+                         "name or metadata value can hold",
+                         b.name, nul_line);
+        cdb_captions_free(b.c);
+        return rc;
+    }
     if (nlen >= 4 && !strcasecmp(b.name + nlen - 4, ".csv")) {
         b.c->format = "csv";
         rc = parse_csv(&b, data, len);

@@ -5,18 +5,30 @@
 ** (table faiss_ids, stale = 1 once an item is deleted or its vector
 ** replaced). A search loads it and brings it up to date: stale or gone ids
 ** leave it, stored vectors it lacks join it; an index type that cannot
-** remove is rebuilt in memory from its factory string, with a note.
+** remove is rebuilt from its factory string, with a note.
+**
+** Every build (index_factory, train, add, write_index) runs in a forked
+** child process (build_index below): a crash inside Faiss becomes an error
+** of this process, never its end.
 */
+#include <errno.h>
+#include <signal.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include "index/index.h"
 #include "store/sindex.h"
 
 typedef struct faiss_state {
-    cdb_faiss *f;
+    cdb_faiss *f;    /* the index searched (loaded, or read from blob) */
     char *factory;   /* its index_factory string */
+    uint8_t *blob;   /* a build's write_index bytes, until stored or read */
+    size_t len;
+    char sha256[65]; /* of blob */
 } faiss_state;
 
 static int state_of(clipdb_db *db, cdb_sindex *s, faiss_state **out)
@@ -35,6 +47,9 @@ static void faiss_invalidate(cdb_sindex *s)
     v->f = NULL;
     free(v->factory);
     v->factory = NULL;
+    free(v->blob);
+    v->blob = NULL;
+    v->len = 0;
 }
 
 static void faiss_release(cdb_sindex *s)
@@ -170,26 +185,256 @@ bad:
                        spec, why ? ": " : "", why ? why : "", p);
 }
 
-/* A new Faiss index from `factory`, trained on and holding every vector of
-** vs. *out (free with cdb_faiss_free) only on success. */
-static int build_index(clipdb_db *db, const char *factory, clipdb_metric metric,
-                       const cdb_vecset *vs, cdb_faiss **out)
+/* ---- building in a child process ----------------------------------------
+** The grammar above keeps away the strings Faiss is known to crash on, but
+** it cannot vouch for every accepted string on every data set: parameters
+** at the edges of n, d or a code's bits reach Faiss's train and add, where
+** an exception is the polite failure and an abort, a division by zero or a
+** wild pointer the rude one. So every build runs in a forked child:
+**   child:  index_factory, train, add, write_index; then one reply on a
+**           pipe (a build_reply, then the index bytes or the error
+**           message) and _exit(0);
+**   parent: reads the reply (bounded by what a database value holds),
+**           reaps the child and turns a signal or a non-zero exit into
+**           "Faiss crashed building 'X' (signal 11: ...); nothing was
+**           stored". The bytes are checked (length, SHA-256, vector count,
+**           dimension) before anything uses them. A build writes nothing to
+**           the database, so a failed one leaves it unchanged.
+** Searching stays in this process: what it searches is an index built this
+** way and checked (by SHA-256 when read back from the database), whose
+** parameters already went through train and add on these vectors, and a
+** fork per query would cost more than the search. The child touches
+** neither the SQLite handle nor its files (fcntl locks belong to a process,
+** so the child's exit releases none of ours) and runs OpenMP with one
+** thread (cdb_faiss_after_fork); BLAS keeps its threads.
+**
+** Test hook (in the manner of SQLite's fault-injection test controls): the
+** environment variable CLIPDB_FAULT_FAISS_BUILD, read by the child only,
+** after its train and add, makes it fail on purpose: "signal" raises
+** SIGSEGV (default action, so it dies by the signal even under ASan),
+** "exit" exits with status 3 without a reply, "short" sends half of the
+** index bytes, "big" announces more bytes than the bound. Unset, or any
+** other value: no effect. */
+#define BUILD_MAGIC 0x46424443u /* "CDBF" */
+
+typedef struct build_reply {
+    uint32_t magic;
+    int32_t rc;      /* CLIPDB_OK: len index bytes follow; else len message bytes */
+    uint64_t len;
+    int64_t ntotal;  /* vectors in the index */
+    int32_t dim;
+    char sha256[65]; /* of the index bytes */
+} build_reply;
+
+static int write_all(int fd, const void *p, size_t n)
 {
-    cdb_faiss *f = NULL;
-    int rc;
-    *out = NULL;
-    // vs (n, d) -> train (k-means for IVF) -> add with ids
-    if ((rc = cdb_faiss_new(&f, db->embed_dim, factory, metric)) != CLIPDB_OK ||
-        (rc = cdb_faiss_train(f, vs->vecs, vs->n)) != CLIPDB_OK ||
-        (rc = cdb_faiss_add(f, vs->ids, vs->vecs, vs->n)) != CLIPDB_OK) {
-        shim_fail(db, rc, f);
-        cdb_faiss_free(f);
-        return rc;
+    const char *c = p;
+    while (n > 0) {
+        ssize_t w = write(fd, c, n);
+        if (w < 0 && errno == EINTR) continue;
+        if (w <= 0) return -1;
+        c += w;
+        n -= (size_t)w;
     }
-    *out = f;
-    return CLIPDB_OK;
+    return 0;
 }
 
+/* Reads n bytes, or fewer at the end of the pipe: the count, -1 on error. */
+static ssize_t read_full(int fd, void *p, size_t n)
+{
+    size_t got = 0;
+    while (got < n) {
+        ssize_t r = read(fd, (char *)p + got, n - got);
+        if (r < 0 && errno == EINTR) continue;
+        if (r < 0) return -1;
+        if (r == 0) break;
+        got += (size_t)r;
+    }
+    return (ssize_t)got;
+}
+
+static int fault_is(const char *fault, const char *what)
+{
+    return fault && !strcmp(fault, what);
+}
+
+/* The child: builds, replies on fd, exits; never returns. */
+static void build_child(int fd, const char *factory, int d, clipdb_metric metric,
+                        const cdb_vecset *vs, uint64_t max_len)
+{
+    const char *fault = getenv("CLIPDB_FAULT_FAISS_BUILD");
+    const char *msg = NULL;
+    cdb_faiss *f = NULL;
+    uint8_t *blob = NULL;
+    size_t len = 0;
+    build_reply r;
+    cdb_err e;
+    int rc, ok;
+
+    /* only the reply pipe stays open: another thread's concurrent build
+    ** would otherwise wait for its end of file until this child exits, and
+    ** closing the database's files here releases no lock of the parent */
+    if (fd > 3) close_range(3, (unsigned)fd - 1, 0);
+    close_range((unsigned)fd + 1, ~0u, 0);
+    cdb_faiss_after_fork();
+    memset(&r, 0, sizeof r);
+    memset(&e, 0, sizeof e);
+    r.magic = BUILD_MAGIC;
+    // vs (n, d) -> train (k-means, PCA, OPQ) -> add with ids -> write_index bytes
+    if ((rc = cdb_faiss_new(&f, d, factory, metric)) == CLIPDB_OK &&
+        (rc = cdb_faiss_train(f, vs->vecs, vs->n)) == CLIPDB_OK &&
+        (rc = cdb_faiss_add(f, vs->ids, vs->vecs, vs->n)) == CLIPDB_OK) {
+        if (fault_is(fault, "signal")) {
+            signal(SIGSEGV, SIG_DFL);
+            raise(SIGSEGV);
+        }
+        if (fault_is(fault, "exit")) _exit(3);
+        rc = cdb_faiss_serialize(f, &blob, &len);
+    }
+    if (rc != CLIPDB_OK) {
+        msg = cdb_faiss_errmsg(f);
+    } else if ((rc = cdb_sha256_hex(blob, len, r.sha256, &e)) != CLIPDB_OK) {
+        msg = e.msg;
+    }
+    if (rc != CLIPDB_OK) {
+        r.rc = rc;
+        r.len = strnlen(msg, CDB_ERRMSG_MAX - 1);
+        ok = !write_all(fd, &r, sizeof r) && !write_all(fd, msg, (size_t)r.len);
+    } else {
+        r.len = len;
+        r.ntotal = (int64_t)cdb_faiss_ntotal(f);
+        r.dim = cdb_faiss_dim(f);
+        if (fault_is(fault, "big")) r.len = max_len + 1;
+        if (fault_is(fault, "short")) len /= 2;
+        ok = !write_all(fd, &r, sizeof r) && !write_all(fd, blob, len);
+    }
+    _exit(ok ? 0 : 2); /* no atexit handlers, no stdio flush: the parent's state */
+}
+
+/* Builds a Faiss index from `factory` over every vector of vs in a child
+** process (above). On success *blob (caller frees with free) holds its
+** write_index bytes, *len of them, with their SHA-256 in sha256. */
+static int build_index(clipdb_db *db, const char *factory, clipdb_metric metric,
+                       const cdb_vecset *vs, uint8_t **blob, size_t *len, char sha256[65])
+{
+    uint64_t max_len = (uint64_t)sqlite3_limit(db->sql, SQLITE_LIMIT_LENGTH, -1);
+    char msg[CDB_ERRMSG_MAX], hex[65], extra;
+    const char *bad = NULL;
+    int fds[2] = {-1, -1}, status = 0, killed = 0, rc = CLIPDB_OK;
+    uint8_t *buf = NULL;
+    build_reply r;
+    pid_t pid;
+
+    *blob = NULL;
+    *len = 0;
+    memset(&r, 0, sizeof r);
+    if (pipe(fds))
+        return cdb_err_set(&db->err, CLIPDB_EIO, "Faiss: no pipe for the build process: %s",
+                           strerror(errno));
+    if ((pid = fork()) < 0) {
+        rc = cdb_err_set(&db->err, CLIPDB_ERROR, "Faiss: cannot start the build process: %s",
+                         strerror(errno));
+        goto cleanup;
+    }
+    if (pid == 0) {
+        close(fds[0]);
+        build_child(fds[1], factory, db->embed_dim, metric, vs, max_len);
+    }
+    close(fds[1]);
+    fds[1] = -1;
+    /* the reply: its header, then what it announces, then the end */
+    if (read_full(fds[0], &r, sizeof r) != (ssize_t)sizeof r) {
+        bad = "no complete reply";
+    } else if (r.magic != BUILD_MAGIC || r.dim < 0 || r.sha256[64] != '\0') {
+        bad = "a malformed reply";
+        killed = 1;
+    } else if (r.rc != CLIPDB_OK) {
+        if (r.len >= sizeof msg) {
+            bad = "an overlong error message";
+            killed = 1;
+        } else if (read_full(fds[0], msg, (size_t)r.len) != (ssize_t)r.len) {
+            bad = "a cut error message";
+        } else {
+            msg[r.len] = '\0';
+        }
+    } else if (r.len == 0 || r.len > max_len || r.len > SIZE_MAX) {
+        bad = "an index larger than a database value holds";
+        killed = 1;
+    } else if (!(buf = malloc((size_t)r.len))) {
+        rc = cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
+        killed = 1;
+    } else if (read_full(fds[0], buf, (size_t)r.len) != (ssize_t)r.len) {
+        bad = "fewer index bytes than it announced";
+    }
+    if (!bad && rc == CLIPDB_OK && read_full(fds[0], &extra, 1) != 0) {
+        bad = "more bytes than it announced";
+        killed = 1;
+    }
+    if (killed) kill(pid, SIGKILL); /* it may be blocked writing to us */
+    close(fds[0]);
+    fds[0] = -1;
+    while (waitpid(pid, &status, 0) < 0) {
+        if (errno != EINTR) {
+            if (rc == CLIPDB_OK)
+                rc = cdb_err_set(&db->err, CLIPDB_ERROR,
+                                 "Faiss: no status of the build process of '%s': %s", factory,
+                                 strerror(errno));
+            goto cleanup;
+        }
+    }
+    if (rc != CLIPDB_OK) goto cleanup;
+    if (!killed && WIFSIGNALED(status)) {
+        rc = cdb_err_set(&db->err, CLIPDB_ERROR,
+                         "Faiss crashed building '%s' (signal %d: %s); nothing was stored",
+                         factory, WTERMSIG(status), strsignal(WTERMSIG(status)));
+    } else if (!killed && (!WIFEXITED(status) || WEXITSTATUS(status) != 0)) {
+        rc = cdb_err_set(&db->err, CLIPDB_ERROR,
+                         "Faiss failed building '%s' (its process exited with status %d); "
+                         "nothing was stored",
+                         factory, WIFEXITED(status) ? WEXITSTATUS(status) : -1);
+    } else if (bad) {
+        rc = cdb_err_set(&db->err, CLIPDB_ERROR,
+                         "Faiss building '%s': the build process sent %s; nothing was stored",
+                         factory, bad);
+    } else if (r.rc != CLIPDB_OK) {
+        rc = cdb_err_set(&db->err, r.rc > 0 && r.rc <= CLIPDB_ESTOPPED ? r.rc : CLIPDB_ERROR,
+                         "Faiss: %s", msg);
+    } else if (r.ntotal != (int64_t)vs->n || r.dim != db->embed_dim ||
+               (rc = cdb_sha256_hex(buf, (size_t)r.len, hex, &db->err)) != CLIPDB_OK ||
+               strcmp(hex, r.sha256)) {
+        if (rc == CLIPDB_OK)
+            rc = cdb_err_set(&db->err, CLIPDB_ERROR,
+                             "Faiss building '%s': the index built holds %lld vectors of "
+                             "dimension %d, or bytes other than it announced (expected %zu of "
+                             "dimension %d); nothing was stored",
+                             factory, (long long)r.ntotal, (int)r.dim, vs->n, db->embed_dim);
+    } else {
+        *blob = buf;
+        *len = (size_t)r.len;
+        memcpy(sha256, hex, sizeof hex);
+        buf = NULL;
+    }
+cleanup:
+    if (fds[0] >= 0) close(fds[0]);
+    if (fds[1] >= 0) close(fds[1]);
+    free(buf);
+    return rc;
+}
+
+/* *out: the index in bytes b (n of them) from build_index, checked to have
+** the database's dimension. Free with cdb_faiss_free. */
+static int read_built(clipdb_db *db, const char *factory, const uint8_t *b, size_t n,
+                      clipdb_metric metric, cdb_faiss **out)
+{
+    int rc = cdb_faiss_deserialize(out, b, n, metric);
+    if (rc == CLIPDB_OK && cdb_faiss_dim(*out) == db->embed_dim) return CLIPDB_OK;
+    rc = cdb_err_set(&db->err, rc == CLIPDB_OK ? CLIPDB_EFORMAT : rc,
+                     "Faiss: reading the index built from '%s': %s", factory,
+                     rc == CLIPDB_OK ? "wrong dimension" : cdb_faiss_errmsg(*out));
+    cdb_faiss_free(*out);
+    *out = NULL;
+    return rc;
+}
 static int faiss_build(clipdb_db *db, cdb_sindex *s, const cdb_vecset *vs,
                        const clipdb_index_options *opt, const char *spec)
 {
@@ -204,30 +449,23 @@ static int faiss_build(clipdb_db *db, cdb_sindex *s, const cdb_vecset *vs,
     if ((rc = state_of(db, s, &v)) != CLIPDB_OK) return rc;
     faiss_invalidate(s);
     if (!(v->factory = cdb_strdup(spec))) return cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
-    return build_index(db, spec, s->metric, vs, &v->f);
+    return build_index(db, spec, s->metric, vs, &v->blob, &v->len, v->sha256);
 }
 
 static int faiss_store(clipdb_db *db, cdb_sindex *s, const cdb_vecset *vs)
 {
     faiss_state *v = s->impl;
     sqlite3_stmt *st = NULL;
-    uint8_t *blob = NULL;
-    size_t len = 0;
-    char hex[65];
     int rc;
-    if (!v || !v->f) return cdb_err_set(&db->err, CLIPDB_EINVAL, "Faiss: nothing built to store");
+    if (!v || !v->blob) return cdb_err_set(&db->err, CLIPDB_EINVAL, "Faiss: nothing built to store");
     if (db->format_version < 2)
         return cdb_err_set(&db->err, CLIPDB_EINVAL,
                            "%s: format version %d holds no Faiss indexes", db->path,
                            db->format_version);
-    if ((rc = cdb_faiss_serialize(v->f, &blob, &len)) != CLIPDB_OK) return shim_fail(db, rc, v->f);
-    if (len > (size_t)INT32_MAX) {
-        rc = cdb_err_set(&db->err, CLIPDB_ELIMIT,
-                         "%s: the Faiss index is %zu bytes, more than a database value holds",
-                         db->path, len);
-        goto cleanup;
-    }
-    if ((rc = cdb_sha256_hex(blob, len, hex, &db->err)) != CLIPDB_OK) goto cleanup;
+    if (v->len > (size_t)INT32_MAX)
+        return cdb_err_set(&db->err, CLIPDB_ELIMIT,
+                           "%s: the Faiss index is %zu bytes, more than a database value holds",
+                           db->path, v->len);
     rc = cdb_db_prepare(db,
                         "INSERT OR REPLACE INTO faiss(target, metric, factory, dim, sha256, blob, "
                         "built_at) VALUES(?, ?, ?, ?, ?, ?, strftime('%s','now'))",
@@ -237,8 +475,8 @@ static int faiss_store(clipdb_db *db, cdb_sindex *s, const cdb_vecset *vs)
     sqlite3_bind_int(st, 2, (int)s->metric);
     sqlite3_bind_text(st, 3, v->factory, -1, SQLITE_STATIC);
     sqlite3_bind_int(st, 4, db->embed_dim);
-    sqlite3_bind_text(st, 5, hex, -1, SQLITE_STATIC);
-    sqlite3_bind_blob(st, 6, blob, (int)len, SQLITE_STATIC);
+    sqlite3_bind_text(st, 5, v->sha256, -1, SQLITE_STATIC);
+    sqlite3_bind_blob(st, 6, v->blob, (int)v->len, SQLITE_STATIC);
     if (sqlite3_step(st) != SQLITE_DONE) {
         rc = cdb_db_sqlerr(db, "writing the Faiss index");
         goto cleanup;
@@ -248,7 +486,6 @@ static int faiss_store(clipdb_db *db, cdb_sindex *s, const cdb_vecset *vs)
                                 s->set, s->metric, vs->ids, NULL, vs->n);
 cleanup:
     sqlite3_finalize(st);
-    free(blob);
     return rc;
 }
 
@@ -321,7 +558,9 @@ static int faiss_load(clipdb_db *db, cdb_sindex *s, const cdb_vecset *vs)
 {
     sqlite3_stmt *st = NULL;
     cdb_faiss *f = NULL, *g = NULL;
-    char *factory = NULL;
+    char *factory = NULL, hex[65];
+    uint8_t *blob = NULL;
+    size_t blen = 0;
     int64_t *rm = NULL, *add = NULL;
     float *x = NULL;
     size_t n_rm = 0, cap_rm = 0, n_add = 0, cap_add = 0, i, j;
@@ -369,7 +608,9 @@ static int faiss_load(clipdb_db *db, cdb_sindex *s, const cdb_vecset *vs)
             rc = cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
             goto cleanup;
         }
-        if ((rc = build_index(db, factory, s->metric, vs, &g)) != CLIPDB_OK) goto cleanup;
+        if ((rc = build_index(db, factory, s->metric, vs, &blob, &blen, hex)) != CLIPDB_OK ||
+            (rc = read_built(db, factory, blob, blen, s->metric, &g)) != CLIPDB_OK)
+            goto cleanup;
         cdb_faiss_free(f);
         f = g;
         n_add = 0;
@@ -402,6 +643,7 @@ cleanup:
     free(rm);
     free(add);
     free(x);
+    free(blob);
     return rc;
 }
 
@@ -419,6 +661,9 @@ static int faiss_search(clipdb_db *db, cdb_sindex *s, const cdb_search_call *c, 
 {
     faiss_state *v = s->impl;
     int rc;
+    if (v && !v->f && v->blob &&
+        (rc = read_built(db, v->factory, v->blob, v->len, s->metric, &v->f)) != CLIPDB_OK)
+        return rc;
     if (!v || !v->f) return cdb_err_set(&db->err, CLIPDB_EINVAL, "Faiss: not loaded");
     // queries (nq, d) -> Faiss search -> top k per query (missing: id -1)
     if ((rc = cdb_faiss_search(v->f, c->q, c->nq, c->k, c->opt->nprobe, out)) != CLIPDB_OK)

@@ -1,12 +1,15 @@
 """Several processes on one database: random interleavings of add (images
 with captions, the same folder twice, the same texts file three times), rm,
-index (IVF of both sets, a Faiss index of the texts) and search for a
-bounded time, then every invariant of the file.
+reembed (a second model's vector set), index (IVF of both sets, a Faiss
+index of the texts) and search for a bounded time, then every invariant of
+the file.
 
 What must hold whatever the interleaving (issue 9): no orphan captions, no
 duplicate standalone texts or image paths, one vector per item of each type,
 every IVF index listing exactly the vectors of its set, every stored vector
-findable by --item, and `clipdb check` clean; no process fails with a raw
+findable by --item, every vector of a named set (set_vectors) belonging to
+an item that exists, each item at most once per set and findable by
+`search --space NAME --item ID`, and `clipdb check` clean; no process fails with a raw
 SQLite error ("UNIQUE constraint") or a torn read ("vanished").
 """
 import json
@@ -26,6 +29,12 @@ SECONDS = 20
 @pytest.fixture(scope="module")
 def model(tmp_path_factory, shared):
     return gen_model(tmp_path_factory.mktemp("conc") / "tiny", seed=4)
+
+
+@pytest.fixture(scope="module")
+def model2(tmp_path_factory):
+    """The second model (another seed) whose vectors `reembed` adds as a set."""
+    return gen_model(tmp_path_factory.mktemp("conc2") / "tiny2", seed=11)
 
 
 def invariants(db):
@@ -49,13 +58,53 @@ def invariants(db):
                    f"ORDER BY id")
         assert listed == q(f"SELECT id FROM {table} ORDER BY id"), \
             f"IVF lists of set {target} differ from its vectors"
+    if q("SELECT name FROM sqlite_master WHERE name = 'set_vectors'"):
+        assert q("SELECT set_id, id FROM set_vectors WHERE id NOT IN (SELECT id FROM items)") \
+            == [], "vectors of a named set whose item is gone"
+        assert q("SELECT set_id, id, count(*) FROM set_vectors GROUP BY set_id, id "
+                 "HAVING count(*) > 1") == [], "an item twice in a named set"
+        assert q("SELECT v.id FROM set_vectors v JOIN items i ON i.id = v.id "
+                 "WHERE v.type != i.type") == [], "a named set's vector of the wrong type"
     ids = [r[0] for r in q("SELECT id FROM items")]
     con.execute("COMMIT")
     con.close()
     return ids
 
 
-def test_random_interleavings_keep_every_invariant(tmp_path, model):
+def set_items(db, name):
+    """{type: [item ids]} of the named vector set."""
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    rows = con.execute("SELECT v.type, v.id FROM set_vectors v JOIN vector_sets s "
+                       "ON s.id = v.set_id WHERE s.name = ? ORDER BY v.id", (name,)).fetchall()
+    con.close()
+    out = {1: [], 2: []}
+    for t, i in rows:
+        out[t].append(i)
+    return out
+
+
+def assert_set_findable(tmp_path, db, name):
+    """Every vector of set `name`, as an --item query in that space (one
+    --batch per type), finds its own item with the top score."""
+    by_type = set_items(db, name)
+    assert by_type[1] or by_type[2], by_type
+    for t, target in ((1, "image"), (2, "text")):
+        if not by_type[t]:
+            continue  # e.g. every reembed ran before the first images came
+        batch = tmp_path / f"items-{target}.txt"
+        batch.write_text("".join(f"item:{i}\n" for i in by_type[t]))
+        r = run("search", db, "--batch", batch, "--space", name, "--target", target, "-k", "3",
+                "--json")
+        assert r.returncode == 0, r.stderr
+        out = json.loads(r.stdout)
+        assert len(out["queries"]) == len(by_type[t]), r.stdout[:500]
+        for i, res in zip(by_type[t], out["queries"]):
+            hits = res["results"]
+            mine = [h for h in hits if h["id"] == i]
+            assert mine and hits[0]["score"] - mine[0]["score"] < 1e-5, (name, i, hits)
+
+
+def test_random_interleavings_keep_every_invariant(tmp_path, model, model2):
     rnd = random.Random(9)
     imgs = tmp_path / "im"
     imgs.mkdir()
@@ -71,14 +120,18 @@ def test_random_interleavings_keep_every_invariant(tmp_path, model):
     add_txt = ["add", db, "--texts", tmp_path / "t.txt", "-q"]
     index_ivf = ["index", db, "--ivf", "--nlist", "3"]
     index_faiss = ["index", db, "--faiss", "Flat", "--target", "text"]
+    reembed = ["reembed", db, "--model", model2, "--as", "ft", "-q", "--batch", "8"]
     procs, failures = [], []
-    n_index = 0
+    n_index = n_reembed = 0
     t_end = time.time() + SECONDS
     while time.time() < t_end:
         ids = invariants(db)
-        kind = rnd.choice(["add-images", "add-texts", "rm", "search", "search", "index"])
+        kind = rnd.choice(["add-images", "add-texts", "rm", "search", "search", "index",
+                           "reembed"])
         if n_index == 0:
             kind = "index"  # at least one, from the start
+        elif n_reembed == 0:
+            kind = "reembed"  # and a reembed early
         if kind == "index":
             cmds = [rnd.choice([index_ivf, index_faiss])]
             if n_index == 0:
@@ -86,6 +139,9 @@ def test_random_interleavings_keep_every_invariant(tmp_path, model):
             n_index += len(cmds)
         elif kind == "add-images":
             cmds = [add_imgs] * rnd.choice([1, 2])
+        elif kind == "reembed":
+            cmds = [reembed] * rnd.choice([1, 2])
+            n_reembed += len(cmds)
         elif kind == "add-texts":
             cmds = [add_txt] * 3
         elif kind == "rm" and ids:
@@ -123,6 +179,8 @@ def test_random_interleavings_keep_every_invariant(tmp_path, model):
     for i in rnd.sample(ids, min(10, len(ids))):
         r = run("search", db, "--item", i, "--target", "text", "-k", "1", "--json")
         assert r.returncode == 0, r.stderr
+    assert n_reembed > 0
+    assert_set_findable(tmp_path, db, "ft")
 
 
 def test_database_deleted_during_add_fails_clearly(tmp_path, model):

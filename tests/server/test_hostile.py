@@ -76,6 +76,8 @@ HOSTILE = [
     ("JSON nested in a string is fine", post(b"/api/search", json.dumps({"text": "[" * 500, "k": 1}).encode()), {200}),
     ("JSON over 64 KiB", post(b"/api/search", json.dumps({"text": "a", "pad": "x" * 70000}).encode()), {413}),
     ("JSON with a NUL", post(b"/api/search", b'{"text": "a\x00b"}'), {400}),
+    ("JSON with a \\u0000 escape", post(b"/api/search", b'{"text": "a dog\\u0000zz"}'), {400}),
+    ("JSON with an escaped backslash then u0000", post(b"/api/search", b'{"text": "a\\\\u0000", "k": 1}'), {200}),
     ("JSON top-level array", post(b"/api/search", b'["text"]'), {400}),
     ("JSON truncated", post(b"/api/search", b'{"text": "a'), {400}),
     ("invalid UTF-8 text", post(b"/api/search", b'{"text": "\xff\xfe\xfd"}'), {400, 422}),

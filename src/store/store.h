@@ -17,9 +17,10 @@
 **                                            one little-endian float32 BLOB
 **                                            per vector, rowid = item id, so
 **                                            loading is one sequential scan
-**   ivf(target, metric, nlist, dim, seed, centroids)
+**   ivf(target, metric, nlist, dim, seed, centroids)   (made by sindex_ivf.c)
 **   ivf_assign(target, metric, id, list)
-** Format version 2 adds:
+** Format version 2 adds (made by sindex_faiss.c; each stored-index type
+** creates its own tables, see cdb_sindex_ensure_tables):
 **   faiss(target, metric, factory, dim, sha256, blob, built_at)
 **                                            a Faiss index (write_index bytes)
 **                                            and the SHA-256 of those bytes

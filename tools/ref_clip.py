@@ -66,40 +66,51 @@ def read_safetensors(path):
     return out
 
 
+# The tensors whose Hugging Face CLIPModel name maps one to one onto an OpenAI
+# name (ref_train.py maps them back).
+HF_TO_OPENAI = {
+    "vision_model.embeddings.patch_embedding.weight": "visual.conv1.weight",
+    "vision_model.embeddings.class_embedding": "visual.class_embedding",
+    "vision_model.embeddings.position_embedding.weight": "visual.positional_embedding",
+    "vision_model.pre_layrnorm.weight": "visual.ln_pre.weight",
+    "vision_model.pre_layrnorm.bias": "visual.ln_pre.bias",
+    "vision_model.post_layernorm.weight": "visual.ln_post.weight",
+    "vision_model.post_layernorm.bias": "visual.ln_post.bias",
+    "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+    "text_model.embeddings.position_embedding.weight": "positional_embedding",
+    "text_model.final_layer_norm.weight": "ln_final.weight",
+    "text_model.final_layer_norm.bias": "ln_final.bias",
+}
+# Per transformer layer: (Hugging Face part, OpenAI part) of the one-to-one
+# tensors (each has .weight and .bias); q, k and v are packed into in_proj.
+HF_TO_OPENAI_LAYER = (("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"),
+                      ("mlp.fc2", "mlp.c_proj"), ("self_attn.out_proj", "attn.out_proj"))
+
+
+def hf_layers(w):
+    """(Hugging Face prefix, OpenAI prefix) of every transformer layer of both towers
+    present in w, a dict with Hugging Face names."""
+    for hf, oa in (("vision_model", "visual.transformer"), ("text_model", "transformer")):
+        i = 0
+        while f"{hf}.encoder.layers.{i}.layer_norm1.weight" in w:
+            yield f"{hf}.encoder.layers.{i}.", f"{oa}.resblocks.{i}."
+            i += 1
+
+
 def to_openai_names(w):
     """Hugging Face CLIPModel names -> OpenAI names (in_proj packed, projections (d, e))."""
     if "visual.conv1.weight" in w:
         return w
-    o = {}
-    fixed = {
-        "vision_model.embeddings.patch_embedding.weight": "visual.conv1.weight",
-        "vision_model.embeddings.class_embedding": "visual.class_embedding",
-        "vision_model.embeddings.position_embedding.weight": "visual.positional_embedding",
-        "vision_model.pre_layrnorm.weight": "visual.ln_pre.weight",
-        "vision_model.pre_layrnorm.bias": "visual.ln_pre.bias",
-        "vision_model.post_layernorm.weight": "visual.ln_post.weight",
-        "vision_model.post_layernorm.bias": "visual.ln_post.bias",
-        "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
-        "text_model.embeddings.position_embedding.weight": "positional_embedding",
-        "text_model.final_layer_norm.weight": "ln_final.weight",
-        "text_model.final_layer_norm.bias": "ln_final.bias",
-    }
-    for k, v in fixed.items():
-        o[v] = w[k]
+    o = {oa: w[hf] for hf, oa in HF_TO_OPENAI.items()}
     o["visual.proj"] = w["visual_projection.weight"].T
     o["text_projection"] = w["text_projection.weight"].T
-    for hf, oa in (("vision_model", "visual.transformer"), ("text_model", "transformer")):
-        i = 0
-        while f"{hf}.encoder.layers.{i}.layer_norm1.weight" in w:
-            p, q = f"{hf}.encoder.layers.{i}.", f"{oa}.resblocks.{i}."
-            for a, b in (("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"),
-                         ("mlp.fc2", "mlp.c_proj"), ("self_attn.out_proj", "attn.out_proj")):
-                o[q + b + ".weight"] = w[p + a + ".weight"]
-                o[q + b + ".bias"] = w[p + a + ".bias"]
+    for p, q in hf_layers(w):
+        for a, b in HF_TO_OPENAI_LAYER:
             for kind in ("weight", "bias"):
-                o[q + "attn.in_proj_" + kind] = np.concatenate(
-                    [w[p + f"self_attn.{x}_proj.{kind}"] for x in "qkv"], axis=0)
-            i += 1
+                o[f"{q}{b}.{kind}"] = w[f"{p}{a}.{kind}"]
+        for kind in ("weight", "bias"):
+            o[q + "attn.in_proj_" + kind] = np.concatenate(
+                [w[p + f"self_attn.{x}_proj.{kind}"] for x in "qkv"], axis=0)
     return o
 
 

@@ -101,43 +101,22 @@ class Trainable(torch.nn.Module):
 
 
 def to_style(d, style, w_file):
-    """{openai name: array} -> {file name: array} in the file's convention."""
+    """{openai name: array} -> {file name: array} in the file's convention: the
+    mapping of ref_clip.to_openai_names, reversed."""
     if style == "openai":
         return {k: d[k] for k in w_file if k in d}
-    out = {}
-    inv = {}
-    fixed = {
-        "vision_model.embeddings.patch_embedding.weight": "visual.conv1.weight",
-        "vision_model.embeddings.class_embedding": "visual.class_embedding",
-        "vision_model.embeddings.position_embedding.weight": "visual.positional_embedding",
-        "vision_model.pre_layrnorm.weight": "visual.ln_pre.weight",
-        "vision_model.pre_layrnorm.bias": "visual.ln_pre.bias",
-        "vision_model.post_layernorm.weight": "visual.ln_post.weight",
-        "vision_model.post_layernorm.bias": "visual.ln_post.bias",
-        "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
-        "text_model.embeddings.position_embedding.weight": "positional_embedding",
-        "text_model.final_layer_norm.weight": "ln_final.weight",
-        "text_model.final_layer_norm.bias": "ln_final.bias",
-        "logit_scale": "logit_scale",
-    }
-    inv.update(fixed)
-    for k, v in inv.items():
-        out[k] = d[v]
+    out = {hf: d[oa] for hf, oa in ref_clip.HF_TO_OPENAI.items()}
+    out["logit_scale"] = d["logit_scale"]
     out["visual_projection.weight"] = d["visual.proj"].T
     out["text_projection.weight"] = d["text_projection"].T
-    for hf, oa in (("vision_model", "visual.transformer"), ("text_model", "transformer")):
-        i = 0
-        while f"{hf}.encoder.layers.{i}.layer_norm1.weight" in w_file:
-            p, q = f"{hf}.encoder.layers.{i}.", f"{oa}.resblocks.{i}."
-            for a, b in (("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"), ("mlp.fc1", "mlp.c_fc"),
-                         ("mlp.fc2", "mlp.c_proj"), ("self_attn.out_proj", "attn.out_proj")):
-                out[p + a + ".weight"] = d[q + b + ".weight"]
-                out[p + a + ".bias"] = d[q + b + ".bias"]
+    for p, q in ref_clip.hf_layers(w_file):
+        for a, b in ref_clip.HF_TO_OPENAI_LAYER:
             for kind in ("weight", "bias"):
-                parts = np.split(d[q + "attn.in_proj_" + kind], 3, axis=0)
-                for x, part in zip("qkv", parts):
-                    out[p + f"self_attn.{x}_proj.{kind}"] = part
-            i += 1
+                out[f"{p}{a}.{kind}"] = d[f"{q}{b}.{kind}"]
+        for kind in ("weight", "bias"):
+            parts = np.split(d[q + "attn.in_proj_" + kind], 3, axis=0)
+            for x, part in zip("qkv", parts):
+                out[p + f"self_attn.{x}_proj.{kind}"] = part
     return out
 
 

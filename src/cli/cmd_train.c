@@ -271,27 +271,6 @@ static int common_option(const char *cmd, int argc, char **argv, int *i,
     return 0;
 }
 
-/* Runs fn with progress and Ctrl-C handling; prints the outcome. */
-static int run_training(const char *cmd, progress_state *ps, const char *out, int rc,
-                        char *err)
-{
-    end_line(ps);
-    signal(SIGINT, SIG_DFL);
-    if (rc == CLIPDB_ESTOPPED) {
-        fprintf(stderr, "clipdb %s: %s; run the same command to resume\n", cmd,
-                err ? err : "stopped");
-        clipdb_free(err);
-        return CLI_INTERRUPTED;
-    }
-    if (rc != CLIPDB_OK) {
-        int ret = cli_fail(cmd, "%s", err ? err : clipdb_status_name(rc));
-        clipdb_free(err);
-        return ret;
-    }
-    printf("wrote %s\n", out);
-    return CLI_OK;
-}
-
 static void command_line(int argc, char **argv, char *buf, size_t n)
 {
     size_t at = (size_t)snprintf(buf, n, "clipdb");
@@ -314,13 +293,50 @@ static void command_line(int argc, char **argv, char *buf, size_t n)
     }
 }
 
+/* What both commands call: clipdb_finetune(db, model, out, ...) or
+** clipdb_train(images, captions, out, ...). */
+typedef int (*train_fn)(const char *a, const char *b, const char *out,
+                        const clipdb_train_options *o, char **errmsg);
+
+/* The rest of both commands once their options are parsed: records the
+** command line, runs fn(a, b, out) with progress and Ctrl-C handling, and
+** prints the outcome. */
+static int run_training(const char *cmd, int argc, char **argv, train_fn fn, const char *a,
+                        const char *b, const char *out, clipdb_train_options *o,
+                        progress_state *ps)
+{
+    char *err = NULL, cmdline[4096];
+    int rc;
+    command_line(argc, argv, cmdline, sizeof cmdline);
+    o->command = cmdline;
+    ps->tty = isatty(2);
+    o->progress = on_progress;
+    o->progress_arg = ps;
+    cli_catch_sigint();
+    rc = fn(a, b, out, o, &err);
+    end_line(ps);
+    signal(SIGINT, SIG_DFL);
+    if (rc == CLIPDB_ESTOPPED) {
+        fprintf(stderr, "clipdb %s: %s; run the same command to resume\n", cmd,
+                err ? err : "stopped");
+        clipdb_free(err);
+        return CLI_INTERRUPTED;
+    }
+    if (rc != CLIPDB_OK) {
+        int ret = cli_fail(cmd, "%s", err ? err : clipdb_status_name(rc));
+        clipdb_free(err);
+        return ret;
+    }
+    printf("wrote %s\n", out);
+    return CLI_OK;
+}
+
 int cli_cmd_finetune(int argc, char **argv)
 {
     const char *db = NULL, *model = NULL, *out = NULL;
     clipdb_train_options o;
     progress_state ps = {"finetune", 0, 0, 0, 5.0, -1e9};
-    char *err = NULL, cmdline[4096];
-    int i, rc;
+    int i;
 
     clipdb_train_options_init(&o);
     for (i = 1; i < argc; i++) {
@@ -340,14 +356,7 @@ int cli_cmd_finetune(int argc, char **argv)
     if (!db) return cli_usage("finetune", "no database file given");
     if (!model) return cli_usage("finetune", "no --model DIR given");
     if (!out) return cli_usage("finetune", "no --out DIR given");
-    command_line(argc, argv, cmdline, sizeof cmdline);
-    o.command = cmdline;
-    ps.tty = isatty(2);
-    o.progress = on_progress;
-    o.progress_arg = &ps;
-    cli_catch_sigint();
-    rc = clipdb_finetune(db, model, out, &o, &err);
-    return run_training("finetune", &ps, out, rc, err);
+    return run_training("finetune", argc, argv, clipdb_finetune, db, model, out, &o, &ps);
 }
 
 int cli_cmd_train(int argc, char **argv)
@@ -355,7 +364,6 @@ int cli_cmd_train(int argc, char **argv)
     const char *images = NULL, *captions = NULL, *out = NULL;
     clipdb_train_options o;
     progress_state ps = {"train", 0, 0, 0, 5.0, -1e9};
-    char *err = NULL, cmdline[4096];
     long long n;
     int i, rc;
 
@@ -394,12 +402,5 @@ int cli_cmd_train(int argc, char **argv)
     if (!out) return cli_usage("train", "no --out DIR given");
     if (!o.arch) return cli_usage("train", "no --arch SPEC given");
     if (!o.tokenizer_dir) return cli_usage("train", "no --tokenizer DIR given");
-    command_line(argc, argv, cmdline, sizeof cmdline);
-    o.command = cmdline;
-    ps.tty = isatty(2);
-    o.progress = on_progress;
-    o.progress_arg = &ps;
-    cli_catch_sigint();
-    rc = clipdb_train(images, captions, out, &o, &err);
-    return run_training("train", &ps, out, rc, err);
+    return run_training("train", argc, argv, clipdb_train, images, captions, out, &o, &ps);
 }

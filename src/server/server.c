@@ -246,6 +246,40 @@ static int param_int(cJSON *obj, const char *key, long long lo, long long hi, lo
     return 1;
 }
 
+/* The integer parameter `key` of a search into *field: kept when absent;
+** outside [lo, hi] (or not an integer) a 400 naming the range. 0, or the
+** HTTP status already replied. */
+static int search_int(hreq *r, cJSON *p, const char *key, long long lo, long long hi, int *field)
+{
+    long long v = *field;
+    if (param_int(p, key, lo, hi, &v) < 0)
+        return reply_error(r, 400, "'%s' must be an integer from %lld to %lld", key, lo, hi);
+    *field = (int)v;
+    return 0;
+}
+
+/* The parameter `key` naming one of n choices into *field (values[i] for
+** names[i]): kept when absent; anything else (a non-string too) a 400
+** listing the names. 0, or the HTTP status already replied. */
+static int search_choice(hreq *r, cJSON *p, const char *key, const char *const *names,
+                         const int *values, int n, int *field)
+{
+    const char *sv = param_str(p, key);
+    char list[128] = "";
+    size_t at = 0;
+    int i;
+    if (!sv && !cJSON_GetObjectItemCaseSensitive(p, key)) return 0;
+    for (i = 0; sv && i < n; i++)
+        if (!strcmp(sv, names[i])) {
+            *field = values[i];
+            return 0;
+        }
+    for (i = 0; i < n && at < sizeof list; i++)
+        at += (size_t)snprintf(list + at, sizeof list - at, "%s%s", names[i],
+                               i + 2 < n ? ", " : i + 2 == n ? " or " : "");
+    return reply_error(r, 400, "'%s' is %s", key, list);
+}
+
 /* Turns a multipart body into a JSON object of its text fields (a repeated
 ** field becomes an array) and the file part named `file_field`. */
 static int form_to_json(hreq *r, const char *ct, const char *file_field, cJSON **obj,
@@ -397,6 +431,10 @@ static int h_stats(hreq *r)
 
 static int h_search(hreq *r)
 {
+    static const char *const target_names[] = {"image", "text"};
+    static const int target_values[] = {CLIPDB_ITEM_IMAGE, CLIPDB_ITEM_TEXT};
+    static const char *const index_names[] = {"exact", "ivf", "faiss"};
+    static const int index_values[] = {CLIPDB_INDEX_EXACT, CLIPDB_INDEX_IVF, CLIPDB_INDEX_FAISS};
     cdb_part parts[CDB_HTTP_MAX_PARTS];
     const cdb_part *file = NULL;
     cJSON *p = NULL, *o = NULL, *arr, *w, *q;
@@ -406,7 +444,7 @@ static int h_search(hreq *r)
     const char *where[CDB_HTTP_MAX_WHERE], *text, *sv;
     char wbuf[CDB_HTTP_MAX_WHERE][256];
     long long v = 0;
-    int st, n_q = 0, rc;
+    int st, n_q = 0, rc, kind;
     size_t j;
 
     if ((st = body_params(r, "image", &p, &file, parts)) != 0) goto cleanup;
@@ -453,44 +491,20 @@ static int h_search(hreq *r)
         st = reply_error(r, 400, "give exactly one of 'text', 'item' or an 'image' upload");
         goto cleanup;
     }
-    if ((sv = param_str(p, "target"))) {
-        if (!strcmp(sv, "image")) opt.target = CLIPDB_ITEM_IMAGE;
-        else if (!strcmp(sv, "text")) opt.target = CLIPDB_ITEM_TEXT;
-        else {
-            st = reply_error(r, 400, "'target' is image or text");
-            goto cleanup;
-        }
-    } else if (cJSON_GetObjectItemCaseSensitive(p, "target")) {
-        st = reply_error(r, 400, "'target' is image or text");
+    if ((st = search_choice(r, p, "target", target_names, target_values, 2, &opt.target)) ||
+        (st = search_int(r, p, "k", 1, CDB_HTTP_MAX_K, &opt.k)))
         goto cleanup;
-    }
-    v = opt.k;
-    if (param_int(p, "k", 1, CDB_HTTP_MAX_K, &v) < 0) {
-        st = reply_error(r, 400, "'k' must be an integer from 1 to %d", CDB_HTTP_MAX_K);
-        goto cleanup;
-    }
-    opt.k = (int)v;
     if ((sv = param_str(p, "metric")) || cJSON_GetObjectItemCaseSensitive(p, "metric")) {
         if (!sv || clipdb_metric_parse(sv, &opt.metric) != CLIPDB_OK) {
             st = reply_error(r, 400, "'metric' is cosine, dot or l2");
             goto cleanup;
         }
     }
-    if ((sv = param_str(p, "index")) || cJSON_GetObjectItemCaseSensitive(p, "index")) {
-        if (sv && !strcmp(sv, "exact")) opt.index = CLIPDB_INDEX_EXACT;
-        else if (sv && !strcmp(sv, "ivf")) opt.index = CLIPDB_INDEX_IVF;
-        else if (sv && !strcmp(sv, "faiss")) opt.index = CLIPDB_INDEX_FAISS;
-        else {
-            st = reply_error(r, 400, "'index' is exact, ivf or faiss");
-            goto cleanup;
-        }
-    }
-    v = opt.nprobe;
-    if (param_int(p, "nprobe", 1, CDB_HTTP_MAX_NPROBE, &v) < 0) {
-        st = reply_error(r, 400, "'nprobe' must be an integer from 1 to %d", CDB_HTTP_MAX_NPROBE);
+    kind = (int)opt.index;
+    if ((st = search_choice(r, p, "index", index_names, index_values, 3, &kind)) ||
+        (st = search_int(r, p, "nprobe", 1, CDB_HTTP_MAX_NPROBE, &opt.nprobe)))
         goto cleanup;
-    }
-    opt.nprobe = (int)v;
+    opt.index = (clipdb_index_kind)kind;
     /* the vector set: "space" (as the CLI's --space), or "vectors" (older
     ** pages); an unknown name is the search's 404 */
     if ((sv = param_str(p, "space")) || cJSON_GetObjectItemCaseSensitive(p, "space") ||

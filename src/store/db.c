@@ -63,25 +63,10 @@ static const char *const schema_sql =
     "  PRIMARY KEY(item, key)) WITHOUT ROWID;"
     "CREATE INDEX item_meta_kv ON item_meta(key, value);"
     "CREATE TABLE vectors_image(id INTEGER PRIMARY KEY, norm REAL NOT NULL, vec BLOB NOT NULL);"
-    "CREATE TABLE vectors_text(id INTEGER PRIMARY KEY, norm REAL NOT NULL, vec BLOB NOT NULL);"
-    "CREATE TABLE ivf(target INTEGER NOT NULL, metric INTEGER NOT NULL,"
-    "  nlist INTEGER NOT NULL, dim INTEGER NOT NULL, seed INTEGER NOT NULL,"
-    "  centroids BLOB NOT NULL, PRIMARY KEY(target, metric)) WITHOUT ROWID;"
-    "CREATE TABLE ivf_assign(target INTEGER NOT NULL, metric INTEGER NOT NULL,"
-    "  id INTEGER NOT NULL, list INTEGER NOT NULL,"
-    "  PRIMARY KEY(target, metric, id)) WITHOUT ROWID;"
-    "CREATE INDEX ivf_assign_id ON ivf_assign(id);";
-
-/* Added in format version 2: stored Faiss indexes. A v1 file gets these
-** tables (and user_version 2) when it is first opened read-write. */
-static const char *const schema_v2_sql =
-    "CREATE TABLE IF NOT EXISTS faiss(target INTEGER NOT NULL, metric INTEGER NOT NULL,"
-    "  factory TEXT NOT NULL, dim INTEGER NOT NULL, sha256 TEXT NOT NULL, blob BLOB NOT NULL,"
-    "  built_at INTEGER NOT NULL, UNIQUE(target, metric));"
-    "CREATE TABLE IF NOT EXISTS faiss_ids(target INTEGER NOT NULL, metric INTEGER NOT NULL,"
-    "  id INTEGER NOT NULL, stale INTEGER NOT NULL DEFAULT 0,"
-    "  PRIMARY KEY(target, metric, id)) WITHOUT ROWID;"
-    "CREATE INDEX IF NOT EXISTS faiss_ids_id ON faiss_ids(id);";
+    "CREATE TABLE vectors_text(id INTEGER PRIMARY KEY, norm REAL NOT NULL, vec BLOB NOT NULL);";
+/* The tables of the stored indexes are not here: each stored-index type
+** makes its own (cdb_sindex_ensure_tables, sindex.h), at create and when an
+** older file is upgraded (format version 2 added the Faiss tables). */
 
 static int meta_put(clipdb_db *db, const char *key, const char *value)
 {
@@ -240,7 +225,7 @@ int cdb_db_create_raw(clipdb_db **out, const char *path, const char *identity,
     if ((rc = cdb_db_begin(db)) != CLIPDB_OK) goto cleanup;
     if ((rc = cdb_db_exec(db, buf)) != CLIPDB_OK) goto cleanup;
     if ((rc = cdb_db_exec(db, schema_sql)) != CLIPDB_OK) goto cleanup;
-    if ((rc = cdb_db_exec(db, schema_v2_sql)) != CLIPDB_OK) goto cleanup;
+    if ((rc = cdb_sindex_ensure_tables(db)) != CLIPDB_OK) goto cleanup;
     db->format_version = CDB_DB_VERSION_PLAIN;
     absdir = model_dir ? realpath(model_dir, NULL) : NULL;
     if ((rc = meta_put(db, "format", "clipdb")) != CLIPDB_OK) goto cleanup;
@@ -419,7 +404,8 @@ static int upgrade(clipdb_db *db)
         if (rc == CLIPDB_OK) db->format_version = (int)ver;
         goto cleanup;
     }
-    if (ver < 2 && (rc = cdb_db_exec(db, schema_v2_sql)) != CLIPDB_OK) goto cleanup;
+    /* v1 -> 2: the Faiss tables (each index type adds the tables it lacks) */
+    if (ver < 2 && (rc = cdb_sindex_ensure_tables(db)) != CLIPDB_OK) goto cleanup;
     snprintf(buf, sizeof buf, "PRAGMA user_version=%d", CDB_DB_VERSION_PLAIN);
     if ((rc = cdb_db_exec(db, buf)) != CLIPDB_OK) goto cleanup;
     snprintf(buf, sizeof buf, "%d", CDB_DB_VERSION_PLAIN);

@@ -2,7 +2,8 @@
 ** pairs.c: the image-caption pairs of a database, for training (clipdb
 ** finetune). A pair set lists the images of one split (item_meta key
 ** "split") that have at least one caption (text items whose `image` is the
-** image's id), each with its captions in id order. Read-only; one query.
+** image's id), each with its captions in id order: the split as an
+** evaluation reads it (cdb_db_split), grouped by image. Read-only.
 */
 #include <stdlib.h>
 #include <string.h>
@@ -13,7 +14,7 @@ void cdb_pairs_free(cdb_pairs *p)
 {
     size_t i, j;
     if (!p) return;
-    for (i = 0; i < p->n; i++) {
+    for (i = 0; p->img && i < p->n; i++) {
         free(p->img[i].path);
         for (j = 0; j < p->img[i].n_captions; j++) free(p->img[i].captions[j]);
         free(p->img[i].captions);
@@ -22,18 +23,7 @@ void cdb_pairs_free(cdb_pairs *p)
     free(p);
 }
 
-static int add_caption(cdb_pair_image *im, const char *text)
-{
-    char *s;
-    if (cdb_grow((void **)&im->captions, &im->cap_captions, im->n_captions + 1,
-                 sizeof *im->captions))
-        return -1;
-    if (!(s = cdb_strdup(text))) return -1;
-    im->captions[im->n_captions++] = s;
-    return 0;
-}
-
-/* The item types of the queries below (:image, :text), bound rather than
+/* The item types of the query below (:image, :text), bound rather than
 ** written into the SQL. */
 static void bind_types(sqlite3_stmt *st)
 {
@@ -41,52 +31,65 @@ static void bind_types(sqlite3_stmt *st)
     sqlite3_bind_int(st, sqlite3_bind_parameter_index(st, ":text"), CLIPDB_ITEM_TEXT);
 }
 
+static int cmp_id(const void *a, const void *b)
+{
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* The split's images and captions come from the one reader of a split
+** (cdb_db_split, export.c, filter "split=NAME"); here they are grouped: the
+** images with a path and at least one caption, each with its captions in id
+** order. The strings move from the split to the pairs. */
 int cdb_db_pairs(clipdb_db *db, const char *split, cdb_pairs **out)
 {
-    /* Images (filtered by split unless split is NULL) joined with their
-    ** captions, ordered by image id then caption id: one pass builds the set. */
-    static const char *const q_all =
-        "SELECT i.id, COALESCE(i.abspath, i.path), t.text FROM items i"
-        " JOIN items t ON t.image = i.id AND t.type = :text"
-        " WHERE i.type = :image ORDER BY i.id, t.id";
-    static const char *const q_split =
-        "SELECT i.id, COALESCE(i.abspath, i.path), t.text FROM items i"
-        " JOIN item_meta s ON s.item = i.id AND s.key = 'split' AND s.value = ?1"
-        " JOIN items t ON t.image = i.id AND t.type = :text"
-        " WHERE i.type = :image ORDER BY i.id, t.id";
-    sqlite3_stmt *st = NULL;
+    cdb_split *s = NULL;
     cdb_pairs *p = NULL;
-    size_t cap = 0;
-    int rc = CLIPDB_OK, s;
+    char *cond = NULL;
+    const char *where[1];
+    size_t *slot = NULL, *count = NULL, i, k;
+    int rc = CLIPDB_OK;
 
     *out = NULL;
-    if ((rc = cdb_db_prepare(db, split ? q_split : q_all, &st))) return rc;
-    if (split) sqlite3_bind_text(st, 1, split, -1, SQLITE_TRANSIENT);
-    bind_types(st);
-    if (!(p = calloc(1, sizeof *p))) {
-        rc = cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
-        goto cleanup;
+    if (split && !(cond = cdb_sprintf("split=%s", split)))
+        return cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
+    where[0] = cond;
+    if ((rc = cdb_db_split(db, where, split ? 1 : 0, &s)) != CLIPDB_OK) goto cleanup;
+    p = calloc(1, sizeof *p);
+    count = calloc(s->n_images + 1, sizeof *count);
+    slot = cdb_malloc_array(s->n_captions + 1, sizeof *slot);
+    if (!p || !count || !slot) goto oom;
+    /* each caption's image (by position in the split), and captions per image */
+    for (i = 0; i < s->n_captions; i++) {
+        const int64_t *im = bsearch(&s->caption_image[i], s->image_ids, s->n_images,
+                                    sizeof *s->image_ids, cmp_id);
+        slot[i] = im ? (size_t)(im - s->image_ids) : s->n_images;
+        count[slot[i]]++;
     }
-    while ((s = sqlite3_step(st)) == SQLITE_ROW) {
-        int64_t id = sqlite3_column_int64(st, 0);
-        const char *path = (const char *)sqlite3_column_text(st, 1);
-        const char *text = (const char *)sqlite3_column_text(st, 2);
+    for (k = 0; k < s->n_images; k++) p->n += count[k] > 0 && s->image_paths[k][0];
+    if (p->n && !(p->img = calloc(p->n, sizeof *p->img))) goto oom;
+    /* the images in id order; count[k] becomes the pair index + 1 (0: none) */
+    for (k = 0, i = 0; k < s->n_images; k++) {
         cdb_pair_image *im;
-        if (!path || !text) continue;
-        if (!p->n || p->img[p->n - 1].id != id) {
-            if (cdb_grow((void **)&p->img, &cap, p->n + 1, sizeof *p->img)) goto oom;
-            im = &p->img[p->n++];
-            memset(im, 0, sizeof *im);
-            im->id = id;
-            if (!(im->path = cdb_strdup(path))) goto oom;
+        if (!count[k] || !s->image_paths[k][0]) {
+            count[k] = 0;
+            continue;
         }
-        im = &p->img[p->n - 1];
-        if (add_caption(im, text)) goto oom;
-        p->n_captions++;
+        im = &p->img[i];
+        im->id = s->image_ids[k];
+        im->path = s->image_paths[k];
+        s->image_paths[k] = NULL;
+        if (!(im->captions = cdb_malloc_array(count[k], sizeof *im->captions))) goto oom;
+        im->cap_captions = count[k];
+        count[k] = ++i;
     }
-    if (s != SQLITE_DONE) {
-        rc = cdb_db_sqlerr(db, "reading image-caption pairs");
-        goto cleanup;
+    for (i = 0; i < s->n_captions; i++) {
+        cdb_pair_image *im;
+        if (slot[i] == s->n_images || !count[slot[i]]) continue;
+        im = &p->img[count[slot[i]] - 1];
+        im->captions[im->n_captions++] = s->caption_texts[i];
+        s->caption_texts[i] = NULL;
+        p->n_captions++;
     }
     *out = p;
     p = NULL;
@@ -94,8 +97,11 @@ int cdb_db_pairs(clipdb_db *db, const char *split, cdb_pairs **out)
 oom:
     rc = cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory reading image-caption pairs");
 cleanup:
-    sqlite3_finalize(st);
+    cdb_split_free(s);
     cdb_pairs_free(p);
+    free(cond);
+    free(slot);
+    free(count);
     return rc;
 }
 

@@ -214,33 +214,87 @@ cleanup:
     return rc;
 }
 
+/* The preprocessed in-memory query images held at once: bounds the pixel
+** buffer of encode_memory_images whatever the number of queries (64 MiB:
+** 111 images of 224 px; any number of the tiny test models' 32 px ones). */
+#define CDB_QUERY_PIXEL_BYTES ((size_t)64 << 20)
+
+static int is_memory_image(const clipdb_query *x)
+{
+    return x->kind == CLIPDB_QUERY_IMAGE && !x->path;
+}
+
 /* Encodes the image queries given as bytes in memory (data/len, no path: an
-** HTTP upload) into their rows of q, one at a time. */
+** HTTP upload) into their rows of q. The images of a window (all of them,
+** unless their pixels exceed CDB_QUERY_PIXEL_BYTES) are decoded first, each
+** with its own status; when every one decoded, the window goes to the
+** batched encoder in one call (its image groups: one forward per group, not
+** per image). A query that does not decode fails the search before any
+** encoding of its window, with its decoder's status code and a message
+** naming its query index (and how many more of the window failed). */
 static int encode_memory_images(clipdb_db *db, const search_space *sp,
                                 const clipdb_query *queries, size_t nq, float *q)
 {
-    float *pixels = NULL;
-    size_t i;
+    size_t px = clipdb_image_floats(sp->m), d = (size_t)sp->d, n = 0, win, i, k, j;
+    size_t *rows = NULL;
+    float *pixels = NULL, *vecs = NULL;
+    clipdb_item_status bad = {CLIPDB_OK, ""};
+    size_t bad_query = 0, n_bad = 0;
     int rc = CLIPDB_OK;
-    for (i = 0; i < nq && rc == CLIPDB_OK; i++) {
-        const clipdb_query *x = &queries[i];
-        if (x->kind != CLIPDB_QUERY_IMAGE || x->path) continue;
-        if (!pixels && !(pixels = cdb_malloc_array(clipdb_image_floats(sp->m), sizeof(float)))) {
-            rc = cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
-            break;
-        }
-        // bytes -> decode + preprocess -> pixels (3, S, S) -> vision tower -> q[i] (d)
-        if ((rc = clipdb_image_load_memory(sp->ctx, x->data, x->len, pixels)) != CLIPDB_OK ||
-            (rc = clipdb_encode_images(sp->ctx, pixels, 1, q + i * (size_t)sp->d)) !=
-                CLIPDB_OK)
-            cdb_err_set(&db->err, rc, "query %zu: %s", i, clipdb_ctx_errmsg(sp->ctx));
+
+    for (i = 0; i < nq; i++) n += is_memory_image(&queries[i]);
+    if (n == 0) return CLIPDB_OK;
+    win = CDB_QUERY_PIXEL_BYTES / (px * sizeof(float));
+    if (win == 0) win = 1;
+    if (win > n) win = n;
+    rows = cdb_malloc_array(win, sizeof *rows);
+    pixels = cdb_malloc_array(win, px * sizeof(float));
+    vecs = cdb_malloc_array(win, d * sizeof(float));
+    if (!rows || !pixels || !vecs) {
+        rc = cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
+        goto cleanup;
     }
+    for (i = 0; i < nq;) {
+        /* decode up to win images: every one, keeping each failure's status */
+        for (k = 0; k < win && i < nq; i++) {
+            const clipdb_query *x = &queries[i];
+            int s;
+            if (!is_memory_image(x)) continue;
+            // bytes -> decode + preprocess -> pixels[k] (3, S, S)
+            s = clipdb_image_load_memory(sp->ctx, x->data, x->len, pixels + k * px);
+            if (s == CLIPDB_OK) {
+                rows[k++] = i;
+            } else if (n_bad++ == 0) {
+                bad.code = s;
+                snprintf(bad.msg, sizeof bad.msg, "%s", clipdb_ctx_errmsg(sp->ctx));
+                bad_query = i;
+            }
+        }
+        if (n_bad) {
+            char more[80] = "";
+            if (n_bad > 1)
+                snprintf(more, sizeof more, " (and %zu more image queries that did not decode)",
+                         n_bad - 1);
+            rc = cdb_err_set(&db->err, bad.code, "query %zu: %s%s", bad_query, bad.msg, more);
+            goto cleanup;
+        }
+        if (k == 0) continue;
+        // pixels (k, 3, S, S) -> vision tower, in the encoder's groups -> vecs (k, d)
+        if ((rc = clipdb_encode_images(sp->ctx, pixels, (int)k, vecs)) != CLIPDB_OK) {
+            cdb_err_set(&db->err, rc, "image queries: %s", clipdb_ctx_errmsg(sp->ctx));
+            goto cleanup;
+        }
+        for (j = 0; j < k; j++) memcpy(q + rows[j] * d, vecs + j * d, d * sizeof(float));
+    }
+cleanup:
+    free(rows);
     free(pixels);
+    free(vecs);
     return rc;
 }
 
 /* Encodes or fetches the nq query vectors into q (nq x d): texts in one
-** batch, image files in another, images in memory one by one, items from the
+** batch, image files in another, images in memory in a third, items from the
 ** set searched. The queries are encoded with the set's model. */
 static int query_vectors(clipdb_db *db, search_space *sp, const clipdb_query *queries, size_t nq,
                          float *q)

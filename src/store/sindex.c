@@ -134,3 +134,15 @@ int cdb_sindex_list_stored(clipdb_db *db, clipdb_db_stats *out)
         if (types[i]->list_stored && (rc = types[i]->list_stored(db, &l)) != CLIPDB_OK) return rc;
     return CLIPDB_OK;
 }
+
+int cdb_sindex_ensure_tables(clipdb_db *db)
+{
+    size_t i;
+    int rc;
+    if (db->readonly)
+        return cdb_err_set(&db->err, CLIPDB_EINVAL,
+                           "%s: opened read-only: the index tables are not created", db->path);
+    for (i = 0; i < N_TYPES; i++)
+        if (types[i]->ensure_tables && (rc = types[i]->ensure_tables(db)) != CLIPDB_OK) return rc;
+    return CLIPDB_OK;
+}

@@ -11,8 +11,9 @@
 ** slots, one per (type, vector set, metric)) and is the one hook db.c
 ** calls when a vector is written or deleted. Calls run one way:
 **   search.c -> sindex.c -> sindex_*.c -> sql.c (store.h) and src/index
-**   db.c     -> sindex.c (the write hook, releasing on close, and the
-**               listing of the stored indexes for clipdb_db_get_stats)
+**   db.c     -> sindex.c (the write hook, releasing on close, the
+**               listing of the stored indexes for clipdb_db_get_stats, and
+**               the types' tables at create and upgrade)
 ** Internal; the public view is clipdb_db_search / clipdb_db_build_* .
 */
 #ifndef CDB_SINDEX_H
@@ -67,6 +68,11 @@ typedef struct cdb_search_call {
 struct cdb_sindex_type {
     const char *name;           /* "exact", "ivf", "faiss" */
     clipdb_index_kind kind;
+    /* Inside a transaction of a read-write handle: creates the tables this
+    ** type stores its indexes in, those that are absent (CREATE ... IF NOT
+    ** EXISTS), so that a new file and an upgraded older one both have them.
+    ** The type owns its tables: no other file names them. */
+    int (*ensure_tables)(clipdb_db *db);
     /* Checks the search options this type cannot serve (EINVAL). */
     int (*validate)(clipdb_db *db, const clipdb_search_options *opt);
     /* Builds an index in memory over every vector of vs into s->impl:
@@ -118,6 +124,11 @@ static inline int cdb_sindex_list_push(clipdb_db *db, cdb_index_list *l,
     memset(*x, 0, sizeof **x);
     return CLIPDB_OK;
 }
+
+/* db.c, inside its transaction: every type's ensure_tables (at create, and
+** when an older file is upgraded). A read-only handle never creates tables:
+** CLIPDB_EINVAL. */
+int cdb_sindex_ensure_tables(clipdb_db *db);
 
 /* Lists every stored index of every type into out->indexes / n_indexes
 ** (IVF, then Faiss); on failure the entries already listed stay for the

@@ -23,6 +23,23 @@
 #include "index/index.h"
 #include "store/sindex.h"
 
+/* The tables of a stored Faiss index (added in format version 2: a v1
+** file gets them when it is first opened read-write): its bytes, and the
+** ids they hold. */
+static const char *const faiss_tables_sql =
+    "CREATE TABLE IF NOT EXISTS faiss(target INTEGER NOT NULL, metric INTEGER NOT NULL,"
+    "  factory TEXT NOT NULL, dim INTEGER NOT NULL, sha256 TEXT NOT NULL, blob BLOB NOT NULL,"
+    "  built_at INTEGER NOT NULL, UNIQUE(target, metric));"
+    "CREATE TABLE IF NOT EXISTS faiss_ids(target INTEGER NOT NULL, metric INTEGER NOT NULL,"
+    "  id INTEGER NOT NULL, stale INTEGER NOT NULL DEFAULT 0,"
+    "  PRIMARY KEY(target, metric, id)) WITHOUT ROWID;"
+    "CREATE INDEX IF NOT EXISTS faiss_ids_id ON faiss_ids(id);";
+
+static int faiss_ensure_tables(clipdb_db *db)
+{
+    return cdb_db_exec(db, faiss_tables_sql);
+}
+
 typedef struct faiss_state {
     cdb_faiss *f;    /* the index searched (loaded, or read from blob) */
     char *factory;   /* its index_factory string */
@@ -720,6 +737,7 @@ cleanup:
 const cdb_sindex_type cdb_sindex_faiss = {
     .name = "faiss",
     .kind = CLIPDB_INDEX_FAISS,
+    .ensure_tables = faiss_ensure_tables,
     .validate = faiss_validate,
     .build = faiss_build,
     .store = faiss_store,

@@ -12,6 +12,22 @@
 #include "index/index.h"
 #include "store/sindex.h"
 
+/* The tables of a stored IVF index (format version 1): its centroids, and
+** the list of every vector of its set. */
+static const char *const ivf_tables_sql =
+    "CREATE TABLE IF NOT EXISTS ivf(target INTEGER NOT NULL, metric INTEGER NOT NULL,"
+    "  nlist INTEGER NOT NULL, dim INTEGER NOT NULL, seed INTEGER NOT NULL,"
+    "  centroids BLOB NOT NULL, PRIMARY KEY(target, metric)) WITHOUT ROWID;"
+    "CREATE TABLE IF NOT EXISTS ivf_assign(target INTEGER NOT NULL, metric INTEGER NOT NULL,"
+    "  id INTEGER NOT NULL, list INTEGER NOT NULL,"
+    "  PRIMARY KEY(target, metric, id)) WITHOUT ROWID;"
+    "CREATE INDEX IF NOT EXISTS ivf_assign_id ON ivf_assign(id);";
+
+static int ivf_ensure_tables(clipdb_db *db)
+{
+    return cdb_db_exec(db, ivf_tables_sql);
+}
+
 typedef struct ivf_state {
     clipdb_ivf *full;      /* every stored vector in its list, for search */
     clipdb_ivf *assigner;  /* the stored centroids only, to assign writes */
@@ -317,6 +333,7 @@ cleanup:
 const cdb_sindex_type cdb_sindex_ivf = {
     .name = "ivf",
     .kind = CLIPDB_INDEX_IVF,
+    .ensure_tables = ivf_ensure_tables,
     .validate = ivf_validate,
     .build = ivf_build,
     .store = ivf_store,

@@ -3,6 +3,7 @@
 ** the handle, prepare, transactions), and the per-id rows shared by the
 ** stored index types. The bottom of src/store: it calls nothing above it.
 */
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -37,6 +38,46 @@ int cdb_db_prepare(clipdb_db *db, const char *sql, sqlite3_stmt **st)
         return cdb_db_sqlerr(db, "prepare");
     }
     return CLIPDB_OK;
+}
+
+static void bind_va(sqlite3_stmt *st, const char *types, va_list ap)
+{
+    int i;
+    for (i = 0; types[i]; i++) {
+        switch (types[i]) {
+        case 'i': sqlite3_bind_int(st, i + 1, va_arg(ap, int)); break;
+        case 'l': sqlite3_bind_int64(st, i + 1, va_arg(ap, int64_t)); break;
+        case 'd': sqlite3_bind_double(st, i + 1, va_arg(ap, double)); break;
+        case 't': sqlite3_bind_text(st, i + 1, va_arg(ap, const char *), -1, SQLITE_STATIC); break;
+        default: sqlite3_bind_null(st, i + 1); /* not a type letter: nothing taken */
+        }
+    }
+}
+
+int cdb_db_prepare_bind(clipdb_db *db, const char *sql, sqlite3_stmt **st, const char *types,
+                        ...)
+{
+    va_list ap;
+    int rc = cdb_db_prepare(db, sql, st);
+    if (rc != CLIPDB_OK) return rc;
+    va_start(ap, types);
+    bind_va(*st, types, ap);
+    va_end(ap);
+    return CLIPDB_OK;
+}
+
+int cdb_db_run(clipdb_db *db, const char *what, const char *sql, const char *types, ...)
+{
+    sqlite3_stmt *st = NULL;
+    va_list ap;
+    int rc = cdb_db_prepare(db, sql, &st);
+    if (rc != CLIPDB_OK) return rc;
+    va_start(ap, types);
+    bind_va(st, types, ap);
+    va_end(ap);
+    if (sqlite3_step(st) != SQLITE_DONE) rc = cdb_db_sqlerr(db, what);
+    sqlite3_finalize(st);
+    return rc;
 }
 
 int cdb_db_begin(clipdb_db *db)

@@ -17,9 +17,10 @@
 **                                            one little-endian float32 BLOB
 **                                            per vector, rowid = item id, so
 **                                            loading is one sequential scan
-**   ivf(target, metric, nlist, dim, seed, centroids)
+**   ivf(target, metric, nlist, dim, seed, centroids)   (made by sindex_ivf.c)
 **   ivf_assign(target, metric, id, list)
-** Format version 2 adds:
+** Format version 2 adds (made by sindex_faiss.c; each stored-index type
+** creates its own tables, see cdb_sindex_ensure_tables):
 **   faiss(target, metric, factory, dim, sha256, blob, built_at)
 **                                            a Faiss index (write_index bytes)
 **                                            and the SHA-256 of those bytes
@@ -123,6 +124,17 @@ int cdb_db_create_raw(clipdb_db **out, const char *path, const char *identity,
 /* Runs SQL without results; the message goes to db->err. */
 int cdb_db_exec(clipdb_db *db, const char *sql);
 int cdb_db_prepare(clipdb_db *db, const char *sql, sqlite3_stmt **st);
+/* Prepares sql and binds its parameters ?1, ?2, ... to the arguments after
+** `types`, one per letter: 'i' an int, 'l' an int64_t, 'd' a double, 't' a
+** const char * (bound without a copy: it must outlive the statement's use;
+** NULL binds NULL). The types are not checked by the compiler: pass exactly
+** these C types. On failure *st is NULL and db->err says why. */
+int cdb_db_prepare_bind(clipdb_db *db, const char *sql, sqlite3_stmt **st, const char *types,
+                        ...);
+/* Prepares and binds as cdb_db_prepare_bind, then runs a statement that
+** returns no row (an INSERT, UPDATE or DELETE); `what` names it in the
+** error message. */
+int cdb_db_run(clipdb_db *db, const char *what, const char *sql, const char *types, ...);
 /* Records an SQLite failure in db->err ("what: sqlite message"). */
 int cdb_db_sqlerr(clipdb_db *db, const char *what);
 int cdb_db_begin(clipdb_db *db);

@@ -110,16 +110,13 @@ int cdb_vecset_load(clipdb_db *db, cdb_vecset *s, int64_t sid, int type, int d)
     if (s->loaded && s->data_version == ver && s->changes == db->local_changes) return CLIPDB_OK;
     cdb_vecset_clear(s);
     /* the base set has a table per type; the named ones share set_vectors */
-    rc = cdb_db_prepare(db,
-                        sid >= 0 ? "SELECT count(*) FROM set_vectors WHERE set_id = ?1 AND type = ?2"
-                        : type == CLIPDB_ITEM_IMAGE ? "SELECT count(*) FROM vectors_image"
-                                                    : "SELECT count(*) FROM vectors_text",
-                        &st);
+    rc = cdb_db_prepare_bind(db,
+                             sid >= 0 ? "SELECT count(*) FROM set_vectors WHERE set_id = ?1 AND "
+                                        "type = ?2"
+                             : type == CLIPDB_ITEM_IMAGE ? "SELECT count(*) FROM vectors_image"
+                                                         : "SELECT count(*) FROM vectors_text",
+                             &st, sid >= 0 ? "li" : "", sid, type);
     if (rc != CLIPDB_OK) return rc;
-    if (sid >= 0) {
-        sqlite3_bind_int64(st, 1, sid);
-        sqlite3_bind_int(st, 2, type);
-    }
     if (sqlite3_step(st) == SQLITE_ROW) count = sqlite3_column_int64(st, 0);
     else rc = cdb_db_sqlerr(db, "counting vectors");
     sqlite3_finalize(st);
@@ -133,18 +130,14 @@ int cdb_vecset_load(clipdb_db *db, cdb_vecset *s, int64_t sid, int type, int d)
                          (long long)count);
         goto cleanup;
     }
-    rc = cdb_db_prepare(db,
-                        sid >= 0 ? "SELECT id, norm, vec FROM set_vectors WHERE set_id = ?1 AND "
-                                   "type = ?2 ORDER BY id"
-                        : type == CLIPDB_ITEM_IMAGE
-                            ? "SELECT id, norm, vec FROM vectors_image ORDER BY id"
-                            : "SELECT id, norm, vec FROM vectors_text ORDER BY id",
-                        &st);
+    rc = cdb_db_prepare_bind(db,
+                             sid >= 0 ? "SELECT id, norm, vec FROM set_vectors WHERE set_id = ?1 "
+                                        "AND type = ?2 ORDER BY id"
+                             : type == CLIPDB_ITEM_IMAGE
+                                 ? "SELECT id, norm, vec FROM vectors_image ORDER BY id"
+                                 : "SELECT id, norm, vec FROM vectors_text ORDER BY id",
+                             &st, sid >= 0 ? "li" : "", sid, type);
     if (rc != CLIPDB_OK) goto cleanup;
-    if (sid >= 0) {
-        sqlite3_bind_int64(st, 1, sid);
-        sqlite3_bind_int(st, 2, type);
-    }
     while ((step = sqlite3_step(st)) == SQLITE_ROW) {
         const void *blob = sqlite3_column_blob(st, 2);
         if (row >= (size_t)count) break; /* a concurrent writer: count once more later */
@@ -282,12 +275,11 @@ int cdb_vset_find(clipdb_db *db, const char *name, cdb_vset **out)
 
     *out = NULL;
     if (!name_ok(name) || !cdb_vsets_present(db)) return not_found(db, name ? name : "");
-    rc = cdb_db_prepare(db,
-                        "SELECT id, model_dir, model_identity, precision, dim FROM vector_sets "
-                        "WHERE name = ?",
-                        &st);
+    rc = cdb_db_prepare_bind(db,
+                             "SELECT id, model_dir, model_identity, precision, dim FROM "
+                             "vector_sets WHERE name = ?1",
+                             &st, "t", name);
     if (rc != CLIPDB_OK) return rc;
-    sqlite3_bind_text(st, 1, name, -1, SQLITE_STATIC);
     if ((s = sqlite3_step(st)) != SQLITE_ROW) {
         sqlite3_finalize(st);
         if (s != SQLITE_DONE) return cdb_db_sqlerr(db, "reading the vector sets");
@@ -398,15 +390,9 @@ int cdb_vset_ctx(clipdb_db *db, cdb_vset *v, clipdb_ctx **ctx)
 
 int cdb_vsets_forget_item(clipdb_db *db, int64_t id)
 {
-    sqlite3_stmt *st = NULL;
-    int rc;
     if (!cdb_vsets_present(db)) return CLIPDB_OK;
-    if ((rc = cdb_db_prepare(db, "DELETE FROM set_vectors WHERE id = ?", &st)) != CLIPDB_OK)
-        return rc;
-    sqlite3_bind_int64(st, 1, id);
-    if (sqlite3_step(st) != SQLITE_DONE) rc = cdb_db_sqlerr(db, "deleting set vectors");
-    sqlite3_finalize(st);
-    return rc;
+    return cdb_db_run(db, "deleting set vectors", "DELETE FROM set_vectors WHERE id = ?1", "l",
+                      id);
 }
 
 int cdb_vsets_stats(clipdb_db *db, clipdb_db_stats *out, size_t *cap)
@@ -416,16 +402,14 @@ int cdb_vsets_stats(clipdb_db *db, clipdb_db_stats *out, size_t *cap)
     clipdb_precision p;
     int rc, s;
     if (!cdb_vsets_present(db)) return CLIPDB_OK;
-    rc = cdb_db_prepare(db,
-                        "SELECT s.name, s.model_identity, s.model_dir, s.precision, s.dim, "
-                        "s.created_at, "
-                        "(SELECT count(*) FROM set_vectors v WHERE v.set_id = s.id AND v.type = ?1),"
-                        "(SELECT count(*) FROM set_vectors v WHERE v.set_id = s.id AND v.type = ?2)"
-                        " FROM vector_sets s ORDER BY s.name",
-                        &st);
+    rc = cdb_db_prepare_bind(
+        db,
+        "SELECT s.name, s.model_identity, s.model_dir, s.precision, s.dim, s.created_at, "
+        "(SELECT count(*) FROM set_vectors v WHERE v.set_id = s.id AND v.type = ?1),"
+        "(SELECT count(*) FROM set_vectors v WHERE v.set_id = s.id AND v.type = ?2)"
+        " FROM vector_sets s ORDER BY s.name",
+        &st, "ii", (int)CLIPDB_ITEM_IMAGE, (int)CLIPDB_ITEM_TEXT);
     if (rc != CLIPDB_OK) return rc;
-    sqlite3_bind_int(st, 1, CLIPDB_ITEM_IMAGE);
-    sqlite3_bind_int(st, 2, CLIPDB_ITEM_TEXT);
     while ((s = sqlite3_step(st)) == SQLITE_ROW) {
         if (cdb_grow((void **)&out->sets, cap, (size_t)out->n_sets + 1, sizeof *out->sets)) {
             rc = cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
@@ -487,12 +471,11 @@ static int ensure_set(clipdb_db *db, const char *name, const char *dir, const ch
                  CLIPDB_DB_VERSION);
         if ((rc = cdb_db_exec(db, buf)) != CLIPDB_OK) goto cleanup;
     }
-    rc = cdb_db_prepare(db,
-                        "SELECT id, model_identity, precision, dim, model_dir FROM vector_sets "
-                        "WHERE name = ?",
-                        &st);
+    rc = cdb_db_prepare_bind(db,
+                             "SELECT id, model_identity, precision, dim, model_dir FROM "
+                             "vector_sets WHERE name = ?1",
+                             &st, "t", name);
     if (rc != CLIPDB_OK) goto cleanup;
-    sqlite3_bind_text(st, 1, name, -1, SQLITE_STATIC);
     if ((s = sqlite3_step(st)) == SQLITE_ROW) {
         const char *had = (const char *)sqlite3_column_text(st, 1);
         const char *had_prec = (const char *)sqlite3_column_text(st, 2);
@@ -517,34 +500,24 @@ static int ensure_set(clipdb_db *db, const char *name, const char *dir, const ch
             goto cleanup;
         }
         sqlite3_finalize(st);
+        st = NULL;
         /* the same model, perhaps moved: its queries are opened from here on */
-        rc = cdb_db_prepare(db, "UPDATE vector_sets SET model_dir = ? WHERE id = ?", &st);
-        if (rc != CLIPDB_OK) goto cleanup;
-        sqlite3_bind_text(st, 1, dir, -1, SQLITE_STATIC);
-        sqlite3_bind_int64(st, 2, *sid);
-        if (sqlite3_step(st) != SQLITE_DONE) rc = cdb_db_sqlerr(db, "updating a vector set");
+        rc = cdb_db_run(db, "updating a vector set",
+                        "UPDATE vector_sets SET model_dir = ?1 WHERE id = ?2", "tl", dir, *sid);
     } else if (s == SQLITE_DONE) {
         sqlite3_finalize(st);
-        rc = cdb_db_prepare(db,
-                            "INSERT INTO vector_sets(name, model_dir, model_identity, precision,"
-                            " dim, created_at) VALUES(?, ?, ?, ?, ?, ?)",
-                            &st);
-        if (rc != CLIPDB_OK) goto cleanup;
-        sqlite3_bind_text(st, 1, name, -1, SQLITE_STATIC);
-        sqlite3_bind_text(st, 2, dir, -1, SQLITE_STATIC);
-        sqlite3_bind_text(st, 3, identity, -1, SQLITE_STATIC);
-        sqlite3_bind_text(st, 4, clipdb_precision_name(prec), -1, SQLITE_STATIC);
-        sqlite3_bind_int(st, 5, dim);
-        sqlite3_bind_int64(st, 6, (int64_t)time(NULL));
-        if (sqlite3_step(st) != SQLITE_DONE) rc = cdb_db_sqlerr(db, "creating a vector set");
+        st = NULL;
+        rc = cdb_db_run(db, "creating a vector set",
+                        "INSERT INTO vector_sets(name, model_dir, model_identity, precision,"
+                        " dim, created_at) VALUES(?1, ?2, ?3, ?4, ?5, ?6)",
+                        "ttttil", name, dir, identity, clipdb_precision_name(prec), dim,
+                        (int64_t)time(NULL));
         *sid = sqlite3_last_insert_rowid(db->sql);
         *created = 1;
     } else {
         rc = cdb_db_sqlerr(db, "reading the vector sets");
     }
     if (rc != CLIPDB_OK) goto cleanup;
-    sqlite3_finalize(st);
-    st = NULL;
     rc = cdb_db_commit(db);
 cleanup:
     sqlite3_finalize(st);
@@ -576,18 +549,16 @@ static int todo_read(clipdb_db *db, int64_t sid, int type, todo *t)
     int64_t all = 0;
     int rc, s;
     memset(t, 0, sizeof *t);
-    rc = cdb_db_prepare(db,
-                        type == CLIPDB_ITEM_IMAGE
-                            ? "SELECT id, coalesce(abspath, path) FROM items WHERE type = ?1 AND "
-                              "id NOT IN (SELECT id FROM set_vectors WHERE set_id = ?2 AND "
-                              "type = ?1) ORDER BY id"
-                            : "SELECT id, text FROM items WHERE type = ?1 AND id NOT IN "
-                              "(SELECT id FROM set_vectors WHERE set_id = ?2 AND type = ?1) "
-                              "ORDER BY id",
-                        &st);
+    rc = cdb_db_prepare_bind(db,
+                             type == CLIPDB_ITEM_IMAGE
+                                 ? "SELECT id, coalesce(abspath, path) FROM items WHERE type = ?1 "
+                                   "AND id NOT IN (SELECT id FROM set_vectors WHERE set_id = ?2 "
+                                   "AND type = ?1) ORDER BY id"
+                                 : "SELECT id, text FROM items WHERE type = ?1 AND id NOT IN "
+                                   "(SELECT id FROM set_vectors WHERE set_id = ?2 AND type = ?1) "
+                                   "ORDER BY id",
+                             &st, "il", type, sid);
     if (rc != CLIPDB_OK) return rc;
-    sqlite3_bind_int(st, 1, type);
-    sqlite3_bind_int64(st, 2, sid);
     while ((s = sqlite3_step(st)) == SQLITE_ROW) {
         const char *in = (const char *)sqlite3_column_text(st, 1);
         if (cdb_grow((void **)&t->ids, &t->cap_ids, t->n + 1, sizeof *t->ids) ||
@@ -606,6 +577,20 @@ static int todo_read(clipdb_db *db, int64_t sid, int type, todo *t)
     return rc;
 }
 
+/* *sid = the id of the set `name` now, -1 when there is none. */
+static int set_id(clipdb_db *db, const char *name, int64_t *sid)
+{
+    sqlite3_stmt *st = NULL;
+    int rc = cdb_db_prepare_bind(db, "SELECT id FROM vector_sets WHERE name = ?1", &st, "t", name);
+    int s;
+    *sid = -1;
+    if (rc != CLIPDB_OK) return rc;
+    if ((s = sqlite3_step(st)) == SQLITE_ROW) *sid = sqlite3_column_int64(st, 0);
+    else if (s != SQLITE_DONE) rc = cdb_db_sqlerr(db, "reading the vector sets");
+    sqlite3_finalize(st);
+    return rc;
+}
+
 /* One transaction: the vectors (n x dim, status ok) of the items ids[] go
 ** into set sid, unless the item was deleted meanwhile; *written counts them.
 ** The set must still be sid (not dropped by another process). */
@@ -618,12 +603,7 @@ static int write_batch(clipdb_db *db, const char *name, int64_t sid, int type, i
     size_t i;
     int rc;
     if ((rc = cdb_db_begin(db)) != CLIPDB_OK) return rc;
-    if ((rc = cdb_db_prepare(db, "SELECT id FROM vector_sets WHERE name = ?", &st)) != CLIPDB_OK)
-        goto cleanup;
-    sqlite3_bind_text(st, 1, name, -1, SQLITE_STATIC);
-    if (sqlite3_step(st) == SQLITE_ROW) now_sid = sqlite3_column_int64(st, 0);
-    sqlite3_finalize(st);
-    st = NULL;
+    if ((rc = set_id(db, name, &now_sid)) != CLIPDB_OK) goto cleanup;
     if (now_sid != sid) {
         rc = cdb_err_set(&db->err, CLIPDB_ERROR,
                          "%s: vector set '%s' was dropped by another process during this run",
@@ -837,7 +817,6 @@ cleanup:
 
 int clipdb_db_drop_set(clipdb_db *db, const char *name)
 {
-    sqlite3_stmt *st = NULL;
     int64_t sid = -1;
     int rc;
     cdb_err_clear(&db->err);
@@ -851,32 +830,18 @@ int clipdb_db_drop_set(clipdb_db *db, const char *name)
                            db->path);
     if (!name_ok(name) || !cdb_vsets_present(db)) return not_found(db, name ? name : "");
     if ((rc = cdb_db_begin(db)) != CLIPDB_OK) return rc;
-    if ((rc = cdb_db_prepare(db, "SELECT id FROM vector_sets WHERE name = ?", &st)) != CLIPDB_OK)
-        goto cleanup;
-    sqlite3_bind_text(st, 1, name, -1, SQLITE_STATIC);
-    if (sqlite3_step(st) == SQLITE_ROW) sid = sqlite3_column_int64(st, 0);
-    sqlite3_finalize(st);
-    st = NULL;
+    if ((rc = set_id(db, name, &sid)) != CLIPDB_OK) goto cleanup;
     if (sid < 0) {
         cdb_db_rollback(db);
         return not_found(db, name);
     }
-    if ((rc = cdb_db_prepare(db, "DELETE FROM set_vectors WHERE set_id = ?1", &st)) != CLIPDB_OK)
+    if ((rc = cdb_db_run(db, "dropping a vector set", "DELETE FROM set_vectors WHERE set_id = ?1",
+                         "l", sid)) != CLIPDB_OK ||
+        (rc = cdb_db_run(db, "dropping a vector set", "DELETE FROM vector_sets WHERE id = ?1", "l",
+                         sid)) != CLIPDB_OK)
         goto cleanup;
-    sqlite3_bind_int64(st, 1, sid);
-    if (sqlite3_step(st) != SQLITE_DONE) rc = cdb_db_sqlerr(db, "dropping a vector set");
-    sqlite3_finalize(st);
-    st = NULL;
-    if (rc != CLIPDB_OK) goto cleanup;
-    if ((rc = cdb_db_prepare(db, "DELETE FROM vector_sets WHERE id = ?1", &st)) != CLIPDB_OK)
-        goto cleanup;
-    sqlite3_bind_int64(st, 1, sid);
-    if (sqlite3_step(st) != SQLITE_DONE) rc = cdb_db_sqlerr(db, "dropping a vector set");
-    sqlite3_finalize(st);
-    st = NULL;
-    if (rc == CLIPDB_OK) rc = cdb_db_commit(db);
+    rc = cdb_db_commit(db);
 cleanup:
-    sqlite3_finalize(st);
     if (rc != CLIPDB_OK) cdb_db_rollback(db);
     return rc;
 }

@@ -64,13 +64,13 @@ after(async () => {
   if (profile) fs.rmSync(profile, { recursive: true, force: true });
 });
 
-async function page(t, viewport = { width: 1280, height: 900 }) {
+async function page(t, viewport = { width: 1280, height: 900 }, base = url) {
   const p = await browser.newPage();
   await p.setViewportSize(viewport);
   const errors = [];
   p.on('pageerror', (e) => errors.push(String(e)));
   p.on('console', (m) => { if (m.type() === 'error' && !/Failed to load resource/.test(m.text())) errors.push(m.text()); });
-  await p.goto(url + '/');
+  await p.goto(base + '/');
   await until(p, () => /images/.test(document.getElementById('dbinfo').textContent));
   t.after(async () => { await p.close(); });
   return { p, errors };
@@ -186,6 +186,74 @@ test('the evaluation tab: figures and the report with its plots', { skip }, asyn
   const imgs = await frame.$$eval('img', (els) => els.filter((e) => e.naturalWidth > 0).length);
   assert.ok(imgs >= 2, `plots shown: ${imgs}`);
   await shot(p, 'evaluation');
+});
+
+// The bodies of the page's searches, as sent.
+function searchBodies(p) {
+  const bodies = [];
+  p.on('request', (r) => {
+    if (r.url().endsWith('/api/search') && r.method() === 'POST') bodies.push(JSON.parse(r.postData()));
+  });
+  return bodies;
+}
+
+async function ids(p) {
+  return p.$$eval('#results .card', (els) => els.map((e) => e.dataset.id));
+}
+
+test('the model switch: hidden with one vector set', { skip }, async (t) => {
+  const { p, errors } = await page(t);
+  const bodies = searchBodies(p);
+  assert.equal(await p.isVisible('#vectors'), false);
+  assert.equal(await p.$eval('#model-wrap', (e) => e.hidden), true);
+  await textSearch(p, 'a plate of food');
+  assert.ok(bodies.length >= 1 && bodies.every((b) => !('space' in b)), JSON.stringify(bodies));
+  await shot(p, 'model-switch-one-set');
+  assert.deepEqual(errors, []);
+});
+
+test('the model switch: two vector sets, switching sends space=finetuned', { skip }, async (t) => {
+  // a copy of the demo database with a second vector set, made as the
+  // README says (clipdb reembed DB --model M2 --as finetuned); M2 is a tiny
+  // seeded model with the real tokenizer, so its rankings differ
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'clipdb-sets-'));
+  t.after(() => fs.rmSync(dir, { recursive: true, force: true }));
+  const db = path.join(dir, 'coco.db');
+  for (const ext of ['', '-wal']) {
+    const from = path.join(DEMO_DIR, 'coco.db' + ext);
+    if (fs.existsSync(from)) fs.copyFileSync(from, db + ext);
+  }
+  const m2 = path.join(dir, 'm2');
+  let r = spawnSync('/usr/bin/python3', [path.join(ROOT, 'tools/gen_model.py'), m2, '--size', 'tiny', '--seed', '7'],
+                    { encoding: 'utf8', cwd: ROOT, env: { ...process.env, CLIPDB_SHARED: SHARED } });
+  assert.equal(r.status, 0, `gen_model.py: ${r.stderr}`);
+  r = spawnSync(BIN, ['reembed', db, '--model', m2, '--as', 'finetuned'], { encoding: 'utf8', timeout: 10 * 60 * 1000 });
+  assert.equal(r.status, 0, `reembed: ${r.stdout}\n${r.stderr}`);
+  const two = await startServer(db);
+  t.after(() => { if (two.proc.exitCode === null) two.proc.kill('SIGTERM'); });
+
+  const { p, errors } = await page(t, undefined, two.url);
+  const bodies = searchBodies(p);
+  await until(p, () => !document.getElementById('model-wrap').hidden);
+  assert.equal(await p.isVisible('#vectors'), true);
+  assert.deepEqual(await p.$$eval('#vectors option', (os) => os.map((o) => o.value)), ['base', 'finetuned']);
+  await textSearch(p, 'a man riding a horse');
+  const base = { ids: await ids(p), scores: await scores(p) };
+  assert.equal(bodies.at(-1).space, 'base');
+  // switching the set searches again, on the other set
+  const [resp] = await Promise.all([
+    p.waitForResponse((x) => x.url().endsWith('/api/search')),
+    p.selectOption('#vectors', 'finetuned'),
+  ]);
+  assert.equal(resp.status(), 200);
+  assert.equal(bodies.at(-1).space, 'finetuned');
+  assert.equal(bodies.at(-1).text, 'a man riding a horse');
+  await until(p, () => !document.getElementById('results').hasAttribute('aria-busy'));
+  const ft = { ids: await ids(p), scores: await scores(p) };
+  assert.equal(ft.ids.length, base.ids.length);
+  assert.notDeepEqual(ft, base, 'the other vector set ranks differently');
+  await shot(p, 'model-switch-two-sets');
+  assert.deepEqual(errors, []);
 });
 
 test('phone layout, keyboard, and a server that stopped', { skip }, async (t) => {

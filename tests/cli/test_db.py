@@ -567,11 +567,33 @@ def test_v1_fixture_opens_and_searches(tmp_path, model):
                                embed(model, texts=[r[3] for r in caps]), rtol=1e-4, atol=1e-5)
     res = search(p, "--item", caps[0][0], "--target", "text", "-k", "1", "--model", model)
     assert res["results"][0]["id"] == caps[0][0] and res["results"][0]["split"] in ("val2017", "train2017")
-    # read-only opens leave the file as it is; the first read-write open upgrades it
+    # read-only opens leave the file as it is (no table made); the first
+    # read-write open upgrades it: each index type adds the tables it lacks
     assert json.loads(run("stats", p, "--json", check=True).stdout)["format_version"] == 1
+    assert schema(p) == schema(FIXTURE_V1)
+    assert not {"faiss", "faiss_ids"} & set(schema(p))
     t = tmp_path / "t.txt"
     t.write_text("a brand new caption\n")
     run("add", p, "--texts", t, "--model", model, check=True)
+    up = schema(p)
+    assert {k: v for k, v in up.items() if k in schema(FIXTURE_V1)} == schema(FIXTURE_V1)
+    assert set(up) - set(schema(FIXTURE_V1)) == {"faiss", "faiss_ids", "faiss_ids_id"}
     run("index", p, "--faiss", "Flat", check=True)
     st = json.loads(run("stats", p, "--json", check=True).stdout)
     assert (st["format_version"], st["texts"], len(st["indexes"])) == (2, 21, 1)
+    # a new file has the same index tables as an upgraded one, made by the same types
+    n = tmp_path / "new.db"
+    run("init", n, "--model", model, check=True)
+    fresh = schema(n)
+    for name in ("ivf", "ivf_assign", "ivf_assign_id", "faiss", "faiss_ids", "faiss_ids_id"):
+        assert fresh[name] == up[name], name
+
+
+def schema(p):
+    """{name: CREATE statement} of the tables and indexes of database p (read-only)."""
+    con = sqlite3.connect(f"file:{p}?mode=ro", uri=True)
+    try:
+        return {n: sql for n, sql in con.execute(
+            "SELECT name, sql FROM sqlite_schema WHERE sql IS NOT NULL")}
+    finally:
+        con.close()

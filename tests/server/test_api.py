@@ -154,9 +154,11 @@ def test_search_faiss_in_memory_or_refused(server):
     ({"text": "a", "k": "ten"}, 400, "'k'"),
     ({"text": "a", "k": 2.5}, 400, "'k'"),
     ({"text": "a", "metric": "manhattan"}, 400, "metric"),
-    ({"text": "a", "target": "video"}, 400, "target"),
-    ({"text": "a", "index": "hnsw"}, 400, "index"),
-    ({"text": "a", "index": "ivf", "nprobe": 0}, 400, "nprobe"),
+    ({"text": "a", "target": "video"}, 400, "'target' is image or text"),
+    ({"text": "a", "target": 1}, 400, "'target' is image or text"),
+    ({"text": "a", "index": "hnsw"}, 400, "'index' is exact, ivf or faiss"),
+    ({"text": "a", "index": None}, 400, "'index' is exact, ivf or faiss"),
+    ({"text": "a", "index": "ivf", "nprobe": 0}, 400, "'nprobe' must be an integer from 1 to"),
     ({"text": "a", "vectors": "finetuned"}, 404, "no vector set 'finetuned'"),
     ({"text": "a", "space": "finetuned"}, 404, "no vector set 'finetuned'"),
     ({"text": "a", "space": ""}, 400, "'space'"),
@@ -185,6 +187,9 @@ def test_search_wrong_content_type_and_bad_json(server):
 def test_search_bad_uploads(server):
     st, res = server.form("/api/search", [], [("image", "x.jpg", b"this is not an image")])
     assert st == 422, res
+    # the upload went through the search's in-memory image queries: its decoder's
+    # status, the query named by its index
+    assert res["error"].startswith("query 0: ") and "more image queries" not in res["error"], res
     st, res = server.form("/api/search", [], [("image", "x.jpg", b"")])
     assert st == 422, res
     st, res = server.form("/api/search", [], [("image", "x.jpg", b"\xff\xd8\xff\xe0" + b"\0" * 50)])

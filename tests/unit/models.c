@@ -29,6 +29,26 @@ const char *test_gen_model(const char *name, const char *args)
     return dir;
 }
 
+const char *test_tiny_clip_model(void)
+{
+    static char dir[512];
+    static int state; /* 0 untried, 1 ready, -1 unavailable */
+    char cmd[1024];
+    if (state == 0) {
+        state = -1;
+        if (!test_shared_dir() || access("/usr/bin/python3", X_OK) != 0) return NULL;
+        snprintf(dir, sizeof dir, "%s/ctx-tiny", test_tmpdir());
+        snprintf(cmd, sizeof cmd,
+                 "/usr/bin/python3 tools/gen_model.py '%s' --size tiny --seed 5 >/dev/null", dir);
+        if (system(cmd) != 0) {
+            test_fail_at(__FILE__, __LINE__, cmd);
+            return NULL;
+        }
+        state = 1;
+    }
+    return state == 1 ? dir : NULL;
+}
+
 int test_load_model(const char *dir, clipdb_model **out)
 {
     clipdb_model *m = calloc(1, sizeof *m);

@@ -6,29 +6,8 @@
 
 #include "model/model.h"
 #include "model/transformer.h"
+#include "models.h"
 #include "test.h"
-
-/* A tiny seeded model with the real tokenizer of ../shared, generated once;
-** NULL (the test skips) when ../shared or python is absent. */
-static const char *tiny_model(void)
-{
-    static char dir[512];
-    static int state; /* 0 untried, 1 ready, -1 unavailable */
-    char cmd[1024];
-    if (state == 0) {
-        state = -1;
-        if (!test_shared_dir() || access("/usr/bin/python3", X_OK) != 0) return NULL;
-        snprintf(dir, sizeof dir, "%s/ctx-tiny", test_tmpdir());
-        snprintf(cmd, sizeof cmd,
-                 "/usr/bin/python3 tools/gen_model.py '%s' --size tiny --seed 5 >/dev/null", dir);
-        if (system(cmd) != 0) {
-            test_fail_at(__FILE__, __LINE__, cmd);
-            return NULL;
-        }
-        state = 1;
-    }
-    return state == 1 ? dir : NULL;
-}
 
 static const char *write_file(const char *name, const char *data)
 {
@@ -63,7 +42,7 @@ static double max_abs_diff(const float *a, const float *b, int d)
 
 TEST(ctx_batch_images_skip_bad_files_and_keep_their_codes)
 {
-    const char *dir = tiny_model();
+    const char *dir = test_tiny_clip_model();
     clipdb_model *m = NULL;
     clipdb_ctx *c = NULL;
     clipdb_model_info info;
@@ -132,7 +111,7 @@ TEST(ctx_batch_images_skip_bad_files_and_keep_their_codes)
 ** pixels per row, so a group read at the wrong offset shows). */
 TEST(ctx_encode_images_groups_match_one_at_a_time)
 {
-    const char *dir = tiny_model();
+    const char *dir = test_tiny_clip_model();
     clipdb_model *m = NULL;
     clipdb_ctx *c = NULL;
     clipdb_model_info info;
@@ -170,7 +149,7 @@ TEST(ctx_encode_images_groups_match_one_at_a_time)
 
 TEST(ctx_batch_texts_skip_refused_texts)
 {
-    const char *dir = tiny_model();
+    const char *dir = test_tiny_clip_model();
     clipdb_model *m = NULL;
     clipdb_ctx *c = NULL;
     clipdb_model_info info;

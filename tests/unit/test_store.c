@@ -6,6 +6,7 @@
 #include <stdint.h>
 
 #include "store/captions.h"
+#include "store/sindex.h"
 #include "store/store.h"
 #include "test.h"
 
@@ -62,6 +63,88 @@ TEST(store_create_insert_reopen)
         n2 += (double)v[i] * v[i];
     }
     CHECK_NEAR(vs->norms[1], sqrt(n2), 1e-5);
+    clipdb_db_close(db);
+}
+
+static int count_tables(clipdb_db *db, const char *like)
+{
+    sqlite3_stmt *st = NULL;
+    int n = -1;
+    if (sqlite3_prepare_v2(db->sql, "SELECT count(*) FROM sqlite_schema WHERE name LIKE ?", -1,
+                           &st, NULL) != SQLITE_OK)
+        return -1;
+    sqlite3_bind_text(st, 1, like, -1, SQLITE_STATIC);
+    if (sqlite3_step(st) == SQLITE_ROW) n = sqlite3_column_int(st, 0);
+    sqlite3_finalize(st);
+    return n;
+}
+
+/* The stored-index types make their own tables (db.c names none): a new
+** file has them; a read-only handle refuses to make any; on a read-write
+** one, making them again changes nothing. */
+TEST(store_index_types_own_their_tables)
+{
+    char path[512];
+    clipdb_db *db = NULL;
+    clipdb_db_options o;
+    db_path(path, sizeof path, "tables.db");
+    REQUIRE(cdb_db_create_raw(&db, path, "clip-test-1", D, NULL) == CLIPDB_OK);
+    CHECK(count_tables(db, "ivf%") == 3 && count_tables(db, "faiss%") == 3);
+    REQUIRE(cdb_db_begin(db) == CLIPDB_OK);
+    CHECK(cdb_sindex_ensure_tables(db) == CLIPDB_OK);
+    REQUIRE(cdb_db_commit(db) == CLIPDB_OK);
+    CHECK(count_tables(db, "ivf%") == 3 && count_tables(db, "faiss%") == 3);
+    REQUIRE(cdb_db_exec(db, "DROP TABLE faiss_ids") == CLIPDB_OK);
+    clipdb_db_close(db);
+    clipdb_db_options_init(&o);
+    o.readonly = 1;
+    REQUIRE(clipdb_db_open(&db, path, &o) == CLIPDB_OK);
+    CHECK(cdb_sindex_ensure_tables(db) == CLIPDB_EINVAL);
+    CHECK(strstr(clipdb_db_errmsg(db), "read-only") != NULL);
+    CHECK(count_tables(db, "faiss%") == 1); /* faiss_ids went with its index */
+    clipdb_db_close(db);
+}
+
+/* The image-caption pairs of a split (training): the images of the split
+** that have captions, in id order, each with its captions in id order;
+** read through the split reader evaluation uses (cdb_db_split). */
+TEST(store_pairs_group_a_split_by_image)
+{
+    char path[512];
+    clipdb_db *db = NULL;
+    cdb_pairs *p = NULL;
+    float v[D];
+    int64_t a = -1, b = -1, c = -1, t = -1;
+    fill_vec(v, 1);
+    db_path(path, sizeof path, "pairs.db");
+    REQUIRE(cdb_db_create_raw(&db, path, "clip-test-1", D, NULL) == CLIPDB_OK);
+    REQUIRE(cdb_db_begin(db) == CLIPDB_OK);
+    REQUIRE(cdb_db_insert_image(db, "a.jpg", "/abs/a.jpg", 1, "aa", v, &a) == CLIPDB_OK);
+    REQUIRE(cdb_db_insert_image(db, "b.jpg", "/abs/b.jpg", 1, "bb", v, &b) == CLIPDB_OK);
+    REQUIRE(cdb_db_insert_image(db, "c.jpg", "/abs/c.jpg", 1, "cc", v, &c) == CLIPDB_OK);
+    REQUIRE(cdb_db_set_meta_json(db, a, "{\"split\":\"train\"}") == CLIPDB_OK);
+    REQUIRE(cdb_db_set_meta_json(db, b, "{\"split\":\"train\"}") == CLIPDB_OK); /* no caption */
+    REQUIRE(cdb_db_set_meta_json(db, c, "{\"split\":\"val\"}") == CLIPDB_OK);
+    REQUIRE(cdb_db_insert_text(db, "a one", a, v, &t) == CLIPDB_OK);
+    REQUIRE(cdb_db_insert_text(db, "c one", c, v, &t) == CLIPDB_OK);
+    REQUIRE(cdb_db_insert_text(db, "a two", a, v, &t) == CLIPDB_OK);
+    REQUIRE(cdb_db_insert_text(db, "no image", -1, v, &t) == CLIPDB_OK);
+    REQUIRE(cdb_db_commit(db) == CLIPDB_OK);
+
+    REQUIRE(cdb_db_pairs(db, "train", &p) == CLIPDB_OK);
+    REQUIRE(p->n == 1 && p->n_captions == 2);
+    CHECK(p->img[0].id == a && !strcmp(p->img[0].path, "/abs/a.jpg"));
+    REQUIRE(p->img[0].n_captions == 2);
+    CHECK(!strcmp(p->img[0].captions[0], "a one") && !strcmp(p->img[0].captions[1], "a two"));
+    cdb_pairs_free(p);
+    REQUIRE(cdb_db_pairs(db, NULL, &p) == CLIPDB_OK);
+    REQUIRE(p->n == 2 && p->n_captions == 3);
+    CHECK(p->img[0].id == a && p->img[1].id == c && p->img[1].n_captions == 1 &&
+          !strcmp(p->img[1].captions[0], "c one"));
+    cdb_pairs_free(p);
+    REQUIRE(cdb_db_pairs(db, "test", &p) == CLIPDB_OK);
+    CHECK(p->n == 0 && p->n_captions == 0);
+    cdb_pairs_free(p);
     clipdb_db_close(db);
 }
 

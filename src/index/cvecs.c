@@ -57,6 +57,7 @@ struct clipdb_cvecs {
     int d;
     float *ranges;          /* sq8: (2, d): vmin then step; else NULL */
     float *norms;           /* (n) norms of the decoded rows |x^| (ranking only) */
+    float *inv;             /* (n) 1 / |x^| (0 for a zero row): cosine without a division */
     void *codes;            /* sq8: u8 (n, d); bf16 / fp16: u16 (n, d) */
     const cdb_ckern *kern;
 };
@@ -93,6 +94,7 @@ void clipdb_cvecs_free(clipdb_cvecs *c)
     if (!c) return;
     free(c->ranges);
     free(c->norms);
+    free(c->inv);
     free(c->codes);
     free(c);
 }
@@ -124,6 +126,7 @@ int clipdb_cvecs_build(const clipdb_vecs *base, clipdb_compress kind, const floa
     }
     c = calloc(1, sizeof *c);
     if (!c || !(c->norms = cdb_malloc_array(base->n ? base->n : 1, sizeof(float))) ||
+        !(c->inv = cdb_malloc_array(base->n ? base->n : 1, sizeof(float))) ||
         !(c->codes = malloc(bytes ? bytes : 1)) ||
         (kind == CLIPDB_COMPRESS_SQ8 &&
          (!(c->ranges = cdb_malloc_array(2 * (size_t)d, sizeof(float))) ||
@@ -202,6 +205,8 @@ int clipdb_cvecs_build(const clipdb_vecs *base, clipdb_compress kind, const floa
     }
 cleanup:
     free(inv);
+    if (rc == CLIPDB_OK)
+        for (i = 0; i < c->n; i++) c->inv[i] = c->norms[i] > 0 ? 1.0f / c->norms[i] : 0.0f;
     if (rc != CLIPDB_OK) {
         clipdb_cvecs_free(c);
         if (errmsg) *errmsg = cdb_strdup(e.msg);
@@ -224,7 +229,7 @@ const float *clipdb_cvecs_ranges(const clipdb_cvecs *c)
 size_t clipdb_cvecs_bytes(const clipdb_cvecs *c)
 {
     if (!c) return 0;
-    return c->n * (size_t)c->d * code_size(c->kind) + c->n * sizeof(float) +
+    return c->n * (size_t)c->d * code_size(c->kind) + 2 * c->n * sizeof(float) +
            (c->ranges ? 2 * (size_t)c->d * sizeof(float) : 0);
 }
 
@@ -266,11 +271,11 @@ static void prep_sq8(const clipdb_cvecs *c, const float *q, int qmax, cv_query *
 }
 
 /* The ranking score of a row from its approximate dot (see the top). */
-static inline float rank_score(clipdb_metric m, float dot, float xn)
+static inline float rank_score(const clipdb_cvecs *c, clipdb_metric m, float dot, size_t r)
 {
     if (m == CLIPDB_METRIC_DOT) return dot;
-    if (m == CLIPDB_METRIC_COSINE) return xn > 0 ? dot / xn : 0.0f;
-    return 2.0f * dot - xn * xn;
+    if (m == CLIPDB_METRIC_COSINE) return dot * c->inv[r];
+    return 2.0f * dot - c->norms[r] * c->norms[r];
 }
 
 /* Offers row r with ranking score sc to heap h (ids are ROW indexes). */
@@ -316,7 +321,7 @@ static void *scan_rows(void *arg)
             else c->kern->dot_fp16(x, nb, c->d, j->q, fb);
         }
         for (i = 0; i < nb; i++)
-            offer(&j->t, 0, rank_score(j->metric, fb[i], c->norms[r + i]), r + i, j->filter);
+            offer(&j->t, 0, rank_score(c, j->metric, fb[i], r + i), r + i, j->filter);
     }
     return NULL;
 }
@@ -352,7 +357,6 @@ typedef struct gemm_job {
 static void *score_block(void *arg)
 {
     gemm_job *j = arg;
-    const float *norms = j->c->norms + j->r0;
     size_t r, i;
     if (j->c->kind == CLIPDB_COMPRESS_SQ8) {
         const int32_t *S = j->S;
@@ -360,15 +364,15 @@ static void *score_block(void *arg)
         for (r = 0; r < j->nb; r++)
             for (i = j->q0; i < j->q1; i++)
                 offer(j->t, i,
-                      rank_score(j->metric, j->p[i].q0 + j->p[i].a * (float)S[r * j->m + i],
-                                 norms[r]),
+                      rank_score(j->c, j->metric,
+                                 j->p[i].q0 + j->p[i].a * (float)S[r * j->m + i], j->r0 + r),
                       j->r0 + r, j->filter);
     } else {
         const float *S = j->S;
         for (i = j->q0; i < j->q1; i++)
             for (r = 0; r < j->nb; r++)
-                offer(j->t, i, rank_score(j->metric, S[i * j->nb + r], norms[r]), j->r0 + r,
-                      j->filter);
+                offer(j->t, i, rank_score(j->c, j->metric, S[i * j->nb + r], j->r0 + r),
+                      j->r0 + r, j->filter);
     }
     return NULL;
 }

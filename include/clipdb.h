@@ -756,6 +756,10 @@ typedef struct clipdb_search_options {
                              ** unknown name is CLIPDB_ENOTFOUND). A set
                              ** lacking items searches those it has and says
                              ** so in clipdb_results.note */
+    int no_compressed;       /* exact index: 1 scans the fp32 vectors even
+                             ** when the set has a compressed copy
+                             ** (clipdb_db_set_compressed); 0 (default) scans
+                             ** the copy and re-ranks in fp32 */
 } clipdb_search_options;
 CLIPDB_API void clipdb_search_options_init(clipdb_search_options *opt);
 
@@ -783,6 +787,12 @@ typedef struct clipdb_results {
     const char *note;        /* a remark for the user, or NULL: e.g. that the
                              ** stored Faiss index could not drop deleted
                              ** items and was rebuilt in memory */
+    const char *compressed;  /* the compressed copy exact search scanned
+                             ** before its fp32 re-rank ("sq8", "bf16",
+                             ** "fp16"), or NULL: it scanned the fp32 vectors.
+                             ** Static string */
+    const char *scan_isa;    /* with compressed: the kernel path of its
+                             ** dot products ("avx512_vnni", "avx2", "c") */
 } clipdb_results;
 CLIPDB_API void clipdb_results_free(clipdb_results *r);
 
@@ -835,6 +845,28 @@ CLIPDB_API int clipdb_db_build_ivf(clipdb_db *db, const clipdb_index_options *op
 CLIPDB_API int clipdb_db_build_faiss(clipdb_db *db, const clipdb_index_options *opt,
                                      const char *factory);
 
+/* Makes the compressed copy of `kind` (sq8, bf16, fp16) of the vectors of
+** `target` (CLIPDB_ITEM_IMAGE or _TEXT) in vector set `space` (NULL or
+** CLIPDB_VECTOR_SET_BASE: the base set; else a set made by
+** clipdb_db_reembed), replacing an earlier one; CLIPDB_COMPRESS_NONE drops it
+** (CLIPDB_ENOTFOUND when there is none). Exact searches of that set and
+** target then scan the copy and re-rank in fp32 (clipdb_cvecs_search). What
+** is stored is the kind and, for sq8, the per-dimension ranges of the
+** vectors now stored; the codes are rebuilt from the fp32 vectors with those
+** ranges when a search first needs them (vectors added later that fall
+** outside clamp; re-ranking keeps results exact). sq8 needs at least one
+** vector. CLIPDB_EINVAL on a read-only handle. */
+CLIPDB_API int clipdb_db_set_compressed(clipdb_db *db, const char *space, int target,
+                                        clipdb_compress kind);
+
+/* One compressed copy of a database (clipdb_db_stats.compressed). */
+typedef struct clipdb_db_compressed_info {
+    const char *space;       /* the vector set */
+    int target;              /* CLIPDB_ITEM_IMAGE or _TEXT */
+    const char *kind;        /* "sq8", "bf16" or "fp16" (static) */
+    int dim;
+} clipdb_db_compressed_info;
+
 typedef struct clipdb_db_index_info {
     const char *kind;        /* "ivf" or "faiss" */
     const char *factory;     /* faiss: the index_factory string; else NULL */
@@ -869,6 +901,9 @@ typedef struct clipdb_db_stats {
     clipdb_db_set_info *sets;      /* n_sets vector sets: sets[0] is
                                    ** CLIPDB_VECTOR_SET_BASE, then the named
                                    ** ones by name */
+    int n_compressed;
+    clipdb_db_compressed_info *compressed; /* the compressed copies, by
+                                   ** space then target */
 } clipdb_db_stats;
 /* Fills *out. indexes and sets (and their strings) belong to the caller:
 ** free them with clipdb_db_stats_free; the other strings belong to db and

@@ -529,7 +529,7 @@ int clipdb_db_search(clipdb_db *db, const clipdb_query *queries, size_t nq,
     float *q = NULL;
     int64_t *allowed = NULL;
     size_t n_allowed = 0;
-    const char *note = NULL;
+    const char *note = NULL, *compressed = NULL, *scan_isa = NULL;
     double t0 = cdb_now(), t_enc = 0;
     int rc, n_out = 0, snapshot = 0;
 
@@ -576,13 +576,15 @@ int clipdb_db_search(clipdb_db *db, const clipdb_query *queries, size_t nq,
         goto cleanup;
     }
     if ((rc = filter_ids(db, opt, &allowed, &n_allowed)) != CLIPDB_OK) goto cleanup;
-    call = (cdb_search_call){vs, q, nq, opt->k, opt, allowed, n_allowed};
+    call = (cdb_search_call){vs, q, nq, opt->k, opt, allowed, n_allowed, &compressed, &scan_isa};
     if (vs->n > 0 && (rc = index_search(db, type, &call, hits, &n_out, &note)) != CLIPDB_OK)
         goto cleanup;
     if (gap) note = gap;
     if ((rc = make_results(db, hits, nq, opt->k, n_out, out)) != CLIPDB_OK) goto cleanup;
     (*out)->took_ms = (cdb_now() - t0) * 1000.0;
     (*out)->encode_ms = t_enc * 1000.0;
+    (*out)->compressed = compressed;
+    (*out)->scan_isa = scan_isa;
     if (note && !((*out)->note = cdb_strdup(note))) {
         rc = cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
         clipdb_results_free(*out);

@@ -113,6 +113,7 @@ int cli_cmd_index(int argc, char **argv)
             if (!target_given) {
                 /* both targets: those with vectors in the set (or, for --drop, a copy) */
                 if ((rc = clipdb_db_get_stats(db, &st)) != CLIPDB_OK) break;
+                n = -1; /* an unknown set: the call below says so */
                 for (j = 0; j < st.n_sets; j++)
                     if (!strcmp(st.sets[j].name, space ? space : CLIPDB_VECTOR_SET_BASE))
                         n = t == CLIPDB_ITEM_IMAGE ? st.sets[j].images : st.sets[j].texts;

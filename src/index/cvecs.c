@@ -45,6 +45,10 @@
 #include "compute/compute.h"
 #include "index/index.h"
 
+#ifdef _OPENMP /* the Makefile builds this file with -fopenmp */
+#include <omp.h>
+#endif
+
 #define CV_MAX_THREADS 16
 #define CV_ROWS 256     /* rows per kernel call (one query) */
 #define CV_QB 1024      /* queries per matrix product */
@@ -270,22 +274,73 @@ static void prep_sq8(const clipdb_cvecs *c, const float *q, int qmax, cv_query *
     }
 }
 
-/* The ranking score of a row from its approximate dot (see the top). */
-static inline float rank_score(const clipdb_cvecs *c, clipdb_metric m, float dot, size_t r)
-{
-    if (m == CLIPDB_METRIC_DOT) return dot;
-    if (m == CLIPDB_METRIC_COSINE) return dot * c->inv[r];
-    return 2.0f * dot - c->norms[r] * c->norms[r];
-}
-
-/* Offers row r with ranking score sc to heap h (ids are ROW indexes). */
-static inline void offer(cdb_topk *t, size_t h, float sc, size_t r, const clipdb_filter *f)
+/* Offers row r with ranking score sc to heap h (ids are ROW indexes);
+** returns the heap's new entry threshold: the root's score once full, else
+** -inf. Callers skip rows below it without calling (ties still come here,
+** where the row index breaks them). */
+static float offer(cdb_topk *t, size_t h, float sc, size_t r, const clipdb_filter *f)
 {
     const clipdb_hit *root = &t->hits[h * (size_t)t->k];
-    if (sc != sc) return;
-    if (t->count[h] == t->k && !cdb_hit_better(sc, (int64_t)r, root->score, root->id)) return;
-    if (f && !cdb_filter_allows(f, (int64_t)r)) return;
-    cdb_topk_push(t, h, sc, (int64_t)r);
+    if (sc == sc && !(t->count[h] == t->k && !cdb_hit_better(sc, (int64_t)r, root->score, root->id)) &&
+        (!f || cdb_filter_allows(f, (int64_t)r)))
+        cdb_topk_push(t, h, sc, (int64_t)r);
+    return t->count[h] == t->k ? root->score : -INFINITY;
+}
+
+/* The ranking score of row r is dot * mul[r] + add[r] (see the top):
+** per-row factors of a block of rows for `metric`. */
+static void rank_factors(const clipdb_cvecs *c, clipdb_metric m, size_t r0, size_t nb, float *mul,
+                         float *add)
+{
+    size_t i;
+    for (i = 0; i < nb; i++) {
+        const float xn = c->norms[r0 + i];
+        mul[i] = m == CLIPDB_METRIC_DOT ? 1.0f : m == CLIPDB_METRIC_COSINE ? c->inv[r0 + i] : 2.0f;
+        add[i] = m == CLIPDB_METRIC_L2 ? -xn * xn : 0.0f;
+    }
+}
+
+/* 16 lanes, as GCC / Clang vector extensions: one AVX-512 register (two
+** AVX2 ones, or scalar code elsewhere). */
+#define CHUNK 16
+typedef float v16f __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+
+static inline v16f load16f(const float *x)
+{
+    v16f v;
+    memcpy(&v, x, sizeof v);
+    return v;
+}
+
+/* 1 if any lane of sc is >= the lane of thr. */
+static inline int any_ge(v16f sc, v16f thr)
+{
+    v16i ge = sc >= thr;
+    int32_t any = 0;
+    for (int u = 0; u < CHUNK; u++) any |= ge[u];
+    return any != 0;
+}
+
+/* Offers the rows [r0, r0 + nb) with dots dot[] to heap h: 16 rows at a
+** time are scored and compared with the threshold in vector registers; only
+** a chunk with a row at or above it goes row by row. */
+static void offer_rows(cdb_topk *t, size_t h, const float *dot, const float *mul, const float *add,
+                       size_t r0, size_t nb, const clipdb_filter *f)
+{
+    const clipdb_hit *root = &t->hits[h * (size_t)t->k];
+    float thr = t->count[h] == t->k ? root->score : -INFINITY;
+    size_t i = 0, u;
+    for (; i + CHUNK <= nb; i += CHUNK) {
+        v16f sc = load16f(dot + i) * load16f(mul + i) + load16f(add + i);
+        if (!any_ge(sc, thr - (v16f){0})) continue;
+        for (u = 0; u < CHUNK; u++)
+            if (sc[u] >= thr) thr = offer(t, h, sc[u], r0 + i + u, f);
+    }
+    for (; i < nb; i++) {
+        float sc = dot[i] * mul[i] + add[i];
+        if (sc >= thr) thr = offer(t, h, sc, r0 + i, f);
+    }
 }
 
 /* ---- one query: the dot kernel over row ranges, one per thread ----------------- */
@@ -306,7 +361,7 @@ static void *scan_rows(void *arg)
     scan_job *j = arg;
     const clipdb_cvecs *c = j->c;
     int32_t ib[CV_ROWS];
-    float fb[CV_ROWS];
+    float fb[CV_ROWS], mul[CV_ROWS], add[CV_ROWS];
     size_t r, i, nb;
     for (r = j->r0; r < j->r1; r += nb) {
         nb = j->r1 - r < CV_ROWS ? j->r1 - r : CV_ROWS;
@@ -320,15 +375,15 @@ static void *scan_rows(void *arg)
             if (c->kind == CLIPDB_COMPRESS_BF16) c->kern->dot_bf16(x, nb, c->d, j->q, fb);
             else c->kern->dot_fp16(x, nb, c->d, j->q, fb);
         }
-        for (i = 0; i < nb; i++)
-            offer(&j->t, 0, rank_score(c, j->metric, fb[i], r + i), r + i, j->filter);
+        rank_factors(c, j->metric, r, nb, mul, add);
+        offer_rows(&j->t, 0, fb, mul, add, r, nb, j->filter);
     }
     return NULL;
 }
 
 /* Runs fn on each of nt jobs (job i at base + i * size): nt - 1 threads and
 ** this one; jobs whose thread could not start run here. */
-static void run_jobs(void *(*fn)(void *), void *base, size_t size, int nt)
+static __attribute__((unused)) void run_jobs(void *(*fn)(void *), void *base, size_t size, int nt)
 {
     pthread_t tid[CV_MAX_THREADS];
     int t, started = 0;
@@ -341,15 +396,31 @@ static void run_jobs(void *(*fn)(void *), void *base, size_t size, int nt)
     for (t = started + 1; t < nt; t++) fn((char *)base + (size_t)t * size);
 }
 
+/* Runs the nt jobs as run_jobs, but on the OpenMP threads when built with
+** OpenMP: those the GEMM just ran on (oneDNN's pool), which otherwise spin
+** waiting for work while other threads score the block (on 2 cores a third
+** of the time went to that spinning). */
+static void run_jobs_pool(void *(*fn)(void *), void *base, size_t size, int nt)
+{
+#ifdef _OPENMP
+    int t;
+#pragma omp parallel for num_threads(nt) schedule(static, 1)
+    for (t = 0; t < nt; t++) fn((char *)base + (size_t)t * size);
+#else
+    run_jobs(fn, base, size, nt);
+#endif
+}
+
 /* ---- many queries: a matrix product per block, then the scores --------------------- */
 
 typedef struct gemm_job {
     const clipdb_cvecs *c;
-    const cv_query *p;       /* (m) sq8 */
+    const float *pq0, *pa;   /* (m) sq8: q . vmin and the scale a of each query */
     const void *S;           /* the block's products: sq8 s32 (nb, m); else f32 (m, nb) */
+    const float *mul, *add;  /* (nb) rank factors of the block's rows */
+    float *thr;              /* (m) entry thresholds of the heaps */
     size_t m, q0, q1;        /* this job's queries [q0, q1) of the m */
     size_t r0, nb;           /* rows [r0, r0 + nb) */
-    clipdb_metric metric;
     const clipdb_filter *filter;
     cdb_topk *t;             /* m heaps */
 } gemm_job;
@@ -357,22 +428,35 @@ typedef struct gemm_job {
 static void *score_block(void *arg)
 {
     gemm_job *j = arg;
-    size_t r, i;
+    size_t r, i, u;
     if (j->c->kind == CLIPDB_COMPRESS_SQ8) {
         const int32_t *S = j->S;
-        /* rows outer: S (nb, m) is read in order */
-        for (r = 0; r < j->nb; r++)
-            for (i = j->q0; i < j->q1; i++)
-                offer(j->t, i,
-                      rank_score(j->c, j->metric,
-                                 j->p[i].q0 + j->p[i].a * (float)S[r * j->m + i], j->r0 + r),
-                      j->r0 + r, j->filter);
+        /* rows outer: S (nb, m) is read in order; queries 16 at a time
+        ** against their thresholds */
+        for (r = 0; r < j->nb; r++) {
+            const int32_t *Sr = S + r * j->m;
+            const float mul = j->mul[r], add = j->add[r];
+            for (i = j->q0; i + CHUNK <= j->q1; i += CHUNK) {
+                v16i iv;
+                v16f sc;
+                memcpy(&iv, Sr + i, sizeof iv);
+                // score = (q . vmin + a * idot) * mul + add, 16 queries
+                sc = (load16f(j->pq0 + i) + load16f(j->pa + i) * __builtin_convertvector(iv, v16f)) *
+                         mul + add;
+                if (!any_ge(sc, load16f(j->thr + i))) continue;
+                for (u = 0; u < CHUNK; u++)
+                    if (sc[u] >= j->thr[i + u])
+                        j->thr[i + u] = offer(j->t, i + u, sc[u], j->r0 + r, j->filter);
+            }
+            for (; i < j->q1; i++) {
+                float sc = (j->pq0[i] + j->pa[i] * (float)Sr[i]) * mul + add;
+                if (sc >= j->thr[i]) j->thr[i] = offer(j->t, i, sc, j->r0 + r, j->filter);
+            }
+        }
     } else {
         const float *S = j->S;
         for (i = j->q0; i < j->q1; i++)
-            for (r = 0; r < j->nb; r++)
-                offer(j->t, i, rank_score(j->c, j->metric, S[i * j->nb + r], j->r0 + r),
-                      j->r0 + r, j->filter);
+            offer_rows(j->t, i, S + i * j->nb, j->mul, j->add, j->r0, j->nb, j->filter);
     }
     return NULL;
 }
@@ -385,17 +469,21 @@ static float exact_score(const clipdb_vecs *base, const float *q, double qn, siz
                          clipdb_metric metric)
 {
     const float *x = base->data + r * (size_t)base->d;
-    double dot = 0, l2 = 0, xn2 = 0;
+    double a = 0, xn2 = 0;
     int i;
+    if (metric == CLIPDB_METRIC_L2) { /* directly: a vector finds itself at exactly 0 */
+        for (i = 0; i < base->d; i++) {
+            double t = (double)q[i] - x[i];
+            a += t * t;
+        }
+        return (float)-a;
+    }
     for (i = 0; i < base->d; i++) {
-        double t = (double)q[i] - x[i];
-        dot += (double)q[i] * x[i];
-        l2 += t * t;
+        a += (double)q[i] * x[i];
         xn2 += (double)x[i] * x[i];
     }
-    if (metric == CLIPDB_METRIC_DOT) return (float)dot;
-    if (metric == CLIPDB_METRIC_L2) return (float)-l2;
-    return qn > 0 && xn2 > 0 ? (float)(dot / (qn * sqrt(xn2))) : 0.0f;
+    if (metric == CLIPDB_METRIC_DOT) return (float)a;
+    return qn > 0 && xn2 > 0 ? (float)(a / (qn * sqrt(xn2))) : 0.0f;
 }
 
 /* Rescores the candidates of nh heaps of cand (R each, counts ccount) for
@@ -446,7 +534,7 @@ static int search_one_by_one(const clipdb_cvecs *c, const clipdb_vecs *base,
                                  c->n * (size_t)t / (size_t)nt, c->n * (size_t)(t + 1) / (size_t)nt,
                                  {cand + (size_t)t * R, ccount + t, R}};
         }
-        run_jobs(scan_rows, jobs, sizeof jobs[0], nt);
+        run_jobs_pool(scan_rows, jobs, sizeof jobs[0], nt);
         got = rerank(base, q, metric, cand, ccount, nt, R, &fin);
         if (qi == 0 || got < *n_out) *n_out = got;
     }
@@ -470,11 +558,14 @@ static int search_batched(const clipdb_cvecs *c, const clipdb_vecs *base, const 
     void *S = cdb_malloc_array(qb_max * nb_max, 4);        /* s32 or f32 */
     void *qc = cdb_malloc_array(qb_max * d, c->kind == CLIPDB_COMPRESS_SQ8 ? 1 : 4);
     float *wide = NULL;  /* fp16 (and bf16 without a bf16 matmul): rows widened to f32 */
+    float *mul = cdb_malloc_array(nb_max, sizeof *mul), *add = cdb_malloc_array(nb_max, sizeof *add);
+    float *thr = cdb_malloc_array(qb_max, sizeof *thr);
+    float *pq0 = cdb_malloc_array(qb_max, sizeof *pq0), *pa = cdb_malloc_array(qb_max, sizeof *pa);
     size_t q0, r0, i;
     int t, rc = CLIPDB_OK, use_bf16 = c->kind == CLIPDB_COMPRESS_BF16;
     const int qmax = cdb_int8_weight_max();
 
-    if (!cand || !ccount || !p || !S || !qc) {
+    if (!cand || !ccount || !p || !S || !qc || !mul || !add || !thr || !pq0 || !pa) {
         rc = cdb_err_set(e, CLIPDB_ENOMEM, "compressed search: out of memory");
         goto cleanup;
     }
@@ -484,8 +575,12 @@ static int search_batched(const clipdb_cvecs *c, const clipdb_vecs *base, const 
         cdb_topk heaps = {cand, ccount, R};
         for (i = 0; i < m; i++) {
             ccount[i] = 0;
-            if (c->kind == CLIPDB_COMPRESS_SQ8)
+            thr[i] = -INFINITY;
+            if (c->kind == CLIPDB_COMPRESS_SQ8) {
                 prep_sq8(c, Q + i * d, qmax, &p[i], (int8_t *)qc + i * d);
+                pq0[i] = p[i].q0;
+                pa[i] = p[i].a;
+            }
             else if (c->kind == CLIPDB_COMPRESS_BF16)
                 for (size_t j = 0; j < d; j++)
                     ((uint16_t *)qc)[i * d + j] = cdb_f32_to_bf16(Q[i * d + j]);
@@ -522,11 +617,11 @@ static int search_batched(const clipdb_cvecs *c, const clipdb_vecs *base, const 
                 cdb_sgemm(CDB_NO_TRANS, CDB_TRANS, (int)m, (int)nb, (int)d, 1.0f, Q, (int)d,
                           wide, (int)d, 0.0f, S, (int)nb);
             }
+            rank_factors(c, metric, r0, nb, mul, add);
             for (t = 0; t < nt; t++)
-                jobs[t] = (gemm_job){c, p, S, m, m * (size_t)t / (size_t)nt,
-                                     m * (size_t)(t + 1) / (size_t)nt, r0, nb, metric, filter,
-                                     &heaps};
-            run_jobs(score_block, jobs, sizeof jobs[0], m < (size_t)nt ? 1 : nt);
+                jobs[t] = (gemm_job){c, pq0, pa, S, mul, add, thr, m, m * (size_t)t / (size_t)nt,
+                                     m * (size_t)(t + 1) / (size_t)nt, r0, nb, filter, &heaps};
+            run_jobs_pool(score_block, jobs, sizeof jobs[0], m < (size_t)nt ? 1 : nt);
         }
         for (i = 0; i < m; i++) {
             cdb_topk fin = {out + (q0 + i) * (size_t)k, ccount + qb_max, k};
@@ -541,6 +636,11 @@ cleanup:
     free(S);
     free(qc);
     free(wide);
+    free(mul);
+    free(add);
+    free(thr);
+    free(pq0);
+    free(pa);
     return rc;
 }
 

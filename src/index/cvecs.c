@@ -242,6 +242,11 @@ const char *clipdb_cvecs_isa(const clipdb_cvecs *c)
     return c && c->kern ? c->kern->name : "c";
 }
 
+int cdb_cvecs_dim(const clipdb_cvecs *c)
+{
+    return c ? c->d : 0;
+}
+
 void cdb_cvecs_set_kernels(clipdb_cvecs *c, const cdb_ckern *k)
 {
     if (c) c->kern = k ? k : cdb_ckern_best();

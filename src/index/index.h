@@ -148,6 +148,8 @@ float cdb_fp16_to_f32(uint16_t h);
 /* ---- compressed copies (cvecs.c) ------------------------------------------- */
 /* The kernels a copy's searches use (tests pin a level; NULL: the best). */
 void cdb_cvecs_set_kernels(clipdb_cvecs *c, const cdb_ckern *k);
+/* The dimension of its rows. */
+int cdb_cvecs_dim(const clipdb_cvecs *c);
 /* Queries at least this many at once go through the GEMM path. */
 #define CDB_CVECS_GEMM_MIN 16
 

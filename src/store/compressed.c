@@ -20,7 +20,8 @@
 ** would add a quarter of the fp32 bytes to the file and a second write per
 ** vector, which an older clipdb writing the same file would not make, so the
 ** copy could go stale; the ranges cannot (measured rebuild cost at load:
-** bench/README.md).
+** bench/README.md). clipdb_db_set_compressed (search.c, beside the other
+** index builds) makes and drops copies through cdb_compressed_store/_drop.
 */
 #include <stdlib.h>
 #include <string.h>
@@ -46,21 +47,6 @@ static int table_present(clipdb_db *db, int *yes)
 static int is_base(const char *space)
 {
     return !space || !strcmp(space, CLIPDB_VECTOR_SET_BASE);
-}
-
-/* The loaded vectors of `target` in `space`; *name: the set's stored name. */
-static int space_vectors(clipdb_db *db, const char *space, int target, const cdb_vecset **vs,
-                         const char **name)
-{
-    cdb_vset *v = NULL;
-    int rc;
-    if (is_base(space)) {
-        *name = CLIPDB_VECTOR_SET_BASE;
-        return cdb_db_vectors(db, target, vs);
-    }
-    if ((rc = cdb_vset_find(db, space, &v)) != CLIPDB_OK) return rc;
-    *name = v->name;
-    return cdb_vset_vectors(db, v, target, vs);
 }
 
 /* The stored row of (space, target): *kind NONE when there is none; sq8:
@@ -138,8 +124,7 @@ cleanup:
     return rc;
 }
 
-/* Forgets the loaded copy of vs (its stored row changed). */
-static void forget(const cdb_vecset *vs)
+void cdb_compressed_forget(const cdb_vecset *vs)
 {
     cdb_vecset *m = (cdb_vecset *)vs;
     clipdb_cvecs_free(m->cv);
@@ -147,84 +132,45 @@ static void forget(const cdb_vecset *vs)
     m->cv_known = 0;
 }
 
-int clipdb_db_set_compressed(clipdb_db *db, const char *space, int target, clipdb_compress kind)
+int cdb_compressed_store(clipdb_db *db, const char *space, int target, const clipdb_cvecs *c)
 {
-    const cdb_vecset *vs = NULL;
-    const char *name = NULL;
-    clipdb_cvecs *c = NULL;
     sqlite3_stmt *st = NULL;
-    char *msg = NULL;
-    int rc, in_tx = 0, present = 0;
+    const float *ranges = clipdb_cvecs_ranges(c);
+    int rc;
+    if ((rc = cdb_db_exec(db, CV_TABLE)) != CLIPDB_OK) return rc;
+    rc = cdb_db_prepare(db,
+                        "INSERT OR REPLACE INTO compressed(space, target, kind, dim, ranges, "
+                        "created_at) VALUES(?, ?, ?, ?, ?, ?)",
+                        &st);
+    if (rc != CLIPDB_OK) return rc;
+    sqlite3_bind_text(st, 1, space, -1, SQLITE_STATIC);
+    sqlite3_bind_int(st, 2, target);
+    sqlite3_bind_int(st, 3, (int)clipdb_cvecs_kind(c));
+    sqlite3_bind_int(st, 4, cdb_cvecs_dim(c));
+    if (ranges)
+        sqlite3_bind_blob(st, 5, ranges, (int)(2 * (size_t)cdb_cvecs_dim(c) * sizeof(float)),
+                          SQLITE_STATIC);
+    else
+        sqlite3_bind_null(st, 5);
+    sqlite3_bind_int64(st, 6, (sqlite3_int64)time(NULL));
+    if (sqlite3_step(st) != SQLITE_DONE) rc = cdb_db_sqlerr(db, "writing a compressed copy");
+    sqlite3_finalize(st);
+    return rc;
+}
 
-    cdb_err_clear(&db->err);
-    if (target != CLIPDB_ITEM_IMAGE && target != CLIPDB_ITEM_TEXT)
-        return cdb_err_set(&db->err, CLIPDB_EINVAL, "compress: bad target %d", target);
-    if (kind < CLIPDB_COMPRESS_NONE || kind > CLIPDB_COMPRESS_FP16)
-        return cdb_err_set(&db->err, CLIPDB_EINVAL, "compress: bad kind %d", (int)kind);
-    if (db->readonly)
-        return cdb_err_set(&db->err, CLIPDB_EINVAL,
-                           "%s: opened read-only; cannot change a compressed copy", db->path);
-    if ((rc = cdb_db_begin(db)) != CLIPDB_OK) return rc;
-    in_tx = 1;
-    if ((rc = space_vectors(db, space, target, &vs, &name)) != CLIPDB_OK) goto cleanup;
-    if (kind == CLIPDB_COMPRESS_NONE) {
-        if ((rc = table_present(db, &present)) != CLIPDB_OK) goto cleanup;
-        if (present &&
-            (rc = cdb_db_prepare(db, "DELETE FROM compressed WHERE space = ? AND target = ?",
-                                 &st)) == CLIPDB_OK) {
-            sqlite3_bind_text(st, 1, name, -1, SQLITE_STATIC);
-            sqlite3_bind_int(st, 2, target);
-            if (sqlite3_step(st) != SQLITE_DONE) rc = cdb_db_sqlerr(db, "dropping a compressed copy");
-        }
-        if (rc != CLIPDB_OK) goto cleanup;
-        if (!present || sqlite3_changes(db->sql) == 0) {
-            rc = cdb_err_set(&db->err, CLIPDB_ENOTFOUND,
-                             "%s: no compressed copy of the %s vectors of set '%s'", db->path,
-                             cdb_set_name(target), name);
-            goto cleanup;
-        }
-    } else {
-        clipdb_vecs base = {vs->vecs, vs->ids, vs->norms, vs->n, vs->d};
-        if (kind == CLIPDB_COMPRESS_SQ8 && vs->n == 0) {
-            rc = cdb_err_set(&db->err, CLIPDB_EINVAL,
-                             "%s: no %s vectors in set '%s' to take sq8 ranges from", db->path,
-                             cdb_set_name(target), name);
-            goto cleanup;
-        }
-        /* sq8: the ranges of the vectors stored now (the codes are rebuilt at load) */
-        if ((rc = clipdb_cvecs_build(&base, kind, NULL, &c, &msg)) != CLIPDB_OK) {
-            rc = cdb_err_set(&db->err, rc, "compress: %s", msg ? msg : "failed");
-            goto cleanup;
-        }
-        if ((rc = cdb_db_exec(db, CV_TABLE)) != CLIPDB_OK) goto cleanup;
-        rc = cdb_db_prepare(db,
-                            "INSERT OR REPLACE INTO compressed(space, target, kind, dim, ranges, "
-                            "created_at) VALUES(?, ?, ?, ?, ?, ?)",
-                            &st);
-        if (rc != CLIPDB_OK) goto cleanup;
-        sqlite3_bind_text(st, 1, name, -1, SQLITE_STATIC);
-        sqlite3_bind_int(st, 2, target);
-        sqlite3_bind_int(st, 3, (int)kind);
-        sqlite3_bind_int(st, 4, vs->d);
-        if (clipdb_cvecs_ranges(c))
-            sqlite3_bind_blob(st, 5, clipdb_cvecs_ranges(c),
-                              (int)(2 * (size_t)vs->d * sizeof(float)), SQLITE_STATIC);
-        else
-            sqlite3_bind_null(st, 5);
-        sqlite3_bind_int64(st, 6, (sqlite3_int64)time(NULL));
-        if (sqlite3_step(st) != SQLITE_DONE) rc = cdb_db_sqlerr(db, "writing a compressed copy");
-        if (rc != CLIPDB_OK) goto cleanup;
-    }
+int cdb_compressed_drop(clipdb_db *db, const char *space, int target, int *dropped)
+{
+    sqlite3_stmt *st = NULL;
+    int rc, present = 0;
+    *dropped = 0;
+    if ((rc = table_present(db, &present)) != CLIPDB_OK || !present) return rc;
+    rc = cdb_db_prepare(db, "DELETE FROM compressed WHERE space = ? AND target = ?", &st);
+    if (rc != CLIPDB_OK) return rc;
+    sqlite3_bind_text(st, 1, space, -1, SQLITE_STATIC);
+    sqlite3_bind_int(st, 2, target);
+    if (sqlite3_step(st) != SQLITE_DONE) rc = cdb_db_sqlerr(db, "dropping a compressed copy");
+    else *dropped = sqlite3_changes(db->sql) > 0;
     sqlite3_finalize(st);
-    st = NULL;
-    rc = cdb_db_commit(db);
-    in_tx = 0;
-    forget(vs);
-cleanup:
-    sqlite3_finalize(st);
-    if (in_tx) cdb_db_rollback(db);
-    clipdb_cvecs_free(c);
-    free(msg);
     return rc;
 }
 

@@ -202,6 +202,14 @@ int cdb_compressed_get(clipdb_db *db, const char *space, int target, const cdb_v
                        struct clipdb_cvecs **out);
 /* Appends the stored copies to out->compressed (clipdb_db_get_stats). */
 int cdb_compressed_list(clipdb_db *db, clipdb_db_stats *out);
+/* Inside a transaction: stores the row of copy c (its kind, sq8 ranges) for
+** (space, target), replacing an earlier one. */
+int cdb_compressed_store(clipdb_db *db, const char *space, int target,
+                         const struct clipdb_cvecs *c);
+/* Inside a transaction: drops the row of (space, target); *dropped 0 if none. */
+int cdb_compressed_drop(clipdb_db *db, const char *space, int target, int *dropped);
+/* Frees the copy loaded beside vs (its stored row changed). */
+void cdb_compressed_forget(const cdb_vecset *vs);
 
 /* Inside a transaction: replaces the per-id rows of an index of (set,
 ** metric): runs del_sql (binding set, metric), then ins_sql for each of

@@ -258,3 +258,24 @@ def test_flickr8k_recall(tmp_path, model, shared):
         one = [hits(search(db, "--image", p, "--target", "text", "-k", "10"))[0]
                for p in photos[:10]]
         assert agree(one, refs["cosine"][:10], 10) >= 0.999, kind
+
+
+def test_named_vector_set(tmp_path, model):
+    """A copy of a set made by reembed (--space), beside the base set's."""
+    db = random_db(tmp_path / "s.db", model, 600, 3)
+    m2 = tmp_path / "m2"
+    subprocess.run([PY, str(GEN), str(m2), "--size", "tiny", "--keys", "openai", "--dtype", "F32",
+                    "--seed", "2"], check=True, capture_output=True)
+    run("reembed", db, "--model", m2, "--as", "other", check=True)
+    run("index", db, "--compress", "sq8", "--space", "other", check=True)  # texts only here
+    st = json.loads(run("stats", db, "--json", check=True).stdout)
+    assert [(c["space"], c["target"], c["kind"]) for c in st["compressed"]] == [("other", "text",
+                                                                                 "sq8")]
+    for metric in METRICS:
+        a = ("--item", "17", "--target", "text", "--metric", metric, "--space", "other")
+        got, ref = search(db, *a), search(db, *a, "--no-compressed")
+        assert got["scan"] == "sq8" and ref["scan"] == "fp32"
+        assert [h["id"] for h in got["results"]] == [h["id"] for h in ref["results"]]
+    assert search(db, "--item", "17", "--target", "text")["scan"] == "fp32"  # base has none
+    run("index", db, "--drop", "--space", "other", check=True)
+    assert search(db, "--item", "17", "--target", "text", "--space", "other")["scan"] == "fp32"

@@ -67,27 +67,19 @@ static void dot_u8s8_c(const uint8_t *x, size_t n, int d, const int8_t *q, int32
     }
 }
 
-static void dot_bf16_c(const uint16_t *x, size_t n, int d, const float *q, float *out)
-{
-    size_t r;
-    int j;
-    for (r = 0; r < n; r++, x += d) {
-        float s = 0;
-        for (j = 0; j < d; j++) s += cdb_bf16_to_f32(x[j]) * q[j];
-        out[r] = s;
+#define DOT_H16_C(NAME, SCALAR)                                                   \
+    static void NAME(const uint16_t *x, size_t n, int d, const float *q, float *out) \
+    {                                                                             \
+        size_t r;                                                                 \
+        int j;                                                                    \
+        for (r = 0; r < n; r++, x += d) {                                         \
+            float s = 0;                                                          \
+            for (j = 0; j < d; j++) s += SCALAR(x[j]) * q[j];                     \
+            out[r] = s;                                                           \
+        }                                                                         \
     }
-}
-
-static void dot_fp16_c(const uint16_t *x, size_t n, int d, const float *q, float *out)
-{
-    size_t r;
-    int j;
-    for (r = 0; r < n; r++, x += d) {
-        float s = 0;
-        for (j = 0; j < d; j++) s += cdb_fp16_to_f32(x[j]) * q[j];
-        out[r] = s;
-    }
-}
+DOT_H16_C(dot_bf16_c, cdb_bf16_to_f32)
+DOT_H16_C(dot_fp16_c, cdb_fp16_to_f32)
 
 /* ---- AVX2 + FMA + F16C -------------------------------------------------------- */
 
@@ -129,40 +121,34 @@ T_AVX2 static void dot_u8s8_avx2(const uint8_t *x, size_t n, int d, const int8_t
     }
 }
 
-T_AVX2 static void dot_bf16_avx2(const uint16_t *x, size_t n, int d, const float *q, float *out)
+/* 8 halves at x -> 8 floats */
+T_AVX2 static inline __m256 load_bf16x8(const uint16_t *x)
 {
-    size_t r;
-    for (r = 0; r < n; r++, x += d) {
-        __m256 acc = _mm256_setzero_ps();
-        float s;
-        int j;
-        for (j = 0; j + 8 <= d; j += 8) {
-            __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(x + j)));
-            __m256 xv = _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
-            acc = _mm256_fmadd_ps(xv, _mm256_loadu_ps(q + j), acc);
-        }
-        s = hsum8_ps(acc);
-        for (; j < d; j++) s += cdb_bf16_to_f32(x[j]) * q[j];
-        out[r] = s;
-    }
+    __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)x));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+T_AVX2 static inline __m256 load_fp16x8(const uint16_t *x)
+{
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)x));
 }
 
-T_AVX2 static void dot_fp16_avx2(const uint16_t *x, size_t n, int d, const float *q, float *out)
-{
-    size_t r;
-    for (r = 0; r < n; r++, x += d) {
-        __m256 acc = _mm256_setzero_ps();
-        float s;
-        int j;
-        for (j = 0; j + 8 <= d; j += 8) {
-            __m256 xv = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(x + j)));
-            acc = _mm256_fmadd_ps(xv, _mm256_loadu_ps(q + j), acc);
-        }
-        s = hsum8_ps(acc);
-        for (; j < d; j++) s += cdb_fp16_to_f32(x[j]) * q[j];
-        out[r] = s;
+#define DOT_H16_AVX2(NAME, LOAD, SCALAR)                                                   \
+    T_AVX2 static void NAME(const uint16_t *x, size_t n, int d, const float *q, float *out) \
+    {                                                                                      \
+        size_t r;                                                                          \
+        for (r = 0; r < n; r++, x += d) {                                                  \
+            __m256 acc = _mm256_setzero_ps();                                              \
+            float s;                                                                       \
+            int j;                                                                         \
+            for (j = 0; j + 8 <= d; j += 8)                                                \
+                acc = _mm256_fmadd_ps(LOAD(x + j), _mm256_loadu_ps(q + j), acc);           \
+            s = hsum8_ps(acc);                                                             \
+            for (; j < d; j++) s += SCALAR(x[j]) * q[j];                                   \
+            out[r] = s;                                                                    \
+        }                                                                                  \
     }
-}
+DOT_H16_AVX2(dot_bf16_avx2, load_bf16x8, cdb_bf16_to_f32)
+DOT_H16_AVX2(dot_fp16_avx2, load_fp16x8, cdb_fp16_to_f32)
 
 /* ---- AVX-512 F + BW + VNNI ------------------------------------------------------ */
 

@@ -11,9 +11,11 @@
 **   a clipdb database: the target's vectors are the base, the first NQ
 **   (default 1000) vectors of the other type are the queries (captions
 **   against images for --target image, the default).
-** Also: exact search on the SQ8 compressed copy + fp32 re-rank of 40
-** candidates (clipdb_sq8_search) against the fp32 exact scan, on the
-** clustered set: single-query median latency, batched queries/s, recall@10.
+** Also: exact search on each compressed copy (sq8, bf16, fp16; clipdb_cvecs)
+** + fp32 re-rank against the fp32 exact scan, on the clustered set: build
+** time, single-query median latency, batched queries/s, recall@10 (fails
+** below 0.999), with the CPU model and the kernel ISA.
+**        build/bench/bench_search --compressed [N [NQ]]   that block alone.
 ** Prints one table; exits 1 if a correctness check fails.
 */
 #include <cblas.h>
@@ -22,6 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "compute/compute.h"
 #include "core/core.h"
 #include "index/index.h"
 #include "store/store.h"
@@ -269,8 +272,126 @@ static int bench_db_vectors(int argc, char **argv)
     return fail;
 }
 
+/* The CPU's model name (from /proc/cpuinfo) into buf. */
+static void cpu_model(char *buf, size_t len)
+{
+    FILE *f = fopen("/proc/cpuinfo", "r");
+    char line[256];
+    snprintf(buf, len, "unknown");
+    while (f && fgets(line, sizeof line, f))
+        if (!strncmp(line, "model name", 10) && strchr(line, ':')) {
+            snprintf(buf, len, "%s", strchr(line, ':') + 2);
+            buf[strcspn(buf, "\n")] = 0;
+            break;
+        }
+    if (f) fclose(f);
+}
+
+/* Exact search on each compressed copy (sq8, bf16, fp16) + fp32 re-rank of
+** the default candidates against the fp32 exact scan of the same set, cosine:
+** build time and bytes, one-query median latency, nq queries in one call
+** (the GEMM path), recall@10 against fp32 exact (fails below 0.999). ex
+** holds the fp32 exact answers of the nq queries. Returns 1 on a failed check. */
+static int bench_compressed(const clipdb_vecs *bv, const float *q, size_t nq, int warm, int n_single,
+                            int reps, const clipdb_hit *ex, clipdb_hit *ours, clipdb_hit *theirs)
+{
+    static const clipdb_compress kinds[] = {CLIPDB_COMPRESS_SQ8, CLIPDB_COMPRESS_BF16, CLIPDB_COMPRESS_FP16};
+    double ts[256], tf[256], lat_fp32 = 0, bt_fp32 = 0, t0;
+    char cpu[200], *msg = NULL;
+    int fail = 0, n_out = 0, i, r;
+    size_t kk;
+    cpu_model(cpu, sizeof cpu);
+    printf("\ncompressed copies + fp32 re-rank (%d candidates) vs the fp32 exact scan, %zu x %d, cosine\n"
+           "CPU: %s; dot kernels: %s; GEMM: %s; int8 code range +-%d\n",
+           CLIPDB_CVECS_RERANK, bv->n, bv->d, cpu, cdb_ckern_best()->name, cdb_compute_describe(),
+           cdb_int8_weight_max());
+    /* fp32 side, measured in this run */
+    for (i = 0; i < warm + n_single; i++) {
+        const float *qi = q + (size_t)(i % (int)nq) * bv->d;
+        t0 = cdb_now();
+        if (clipdb_flat_search(bv, qi, 1, K, CLIPDB_METRIC_COSINE, NULL, theirs, &n_out, &msg)) die("flat", msg);
+        if (i >= warm) tf[(i - warm) % 256] = cdb_now() - t0;
+    }
+    lat_fp32 = median(tf, n_single < 256 ? n_single : 256) * 1e3;
+    for (r = 0; r < reps + 1; r++) {
+        t0 = cdb_now();
+        if (clipdb_flat_search(bv, q, nq, K, CLIPDB_METRIC_COSINE, NULL, ours, &n_out, &msg)) die("flat", msg);
+        if (r) tf[r - 1] = cdb_now() - t0;
+    }
+    bt_fp32 = (double)nq / median(tf, reps);
+    printf("%-30s %10s %12s %8s %12s %8s %10s %10s\n", "copy", "build s", "1 query ms", "x fp32",
+           "batch q/s", "x fp32", "recall@10", "(1 query)");
+    printf("%-30s %10s %12.3f %8.2f %12.0f %8.2f %10s %10s\n", "fp32 exact scan", "-", lat_fp32, 1.0, bt_fp32,
+           1.0, "1", "1");
+    for (kk = 0; kk < sizeof kinds / sizeof kinds[0]; kk++) {
+        clipdb_cvecs *c = NULL;
+        double build, lat, bt, rec1, recb;
+        size_t found = 0;
+        char name[64];
+        t0 = cdb_now();
+        if (clipdb_cvecs_build(bv, kinds[kk], NULL, &c, &msg)) die("compressed build", msg);
+        build = cdb_now() - t0;
+        for (i = 0; i < warm + n_single; i++) {
+            const size_t qi = (size_t)(i % (int)nq);
+            t0 = cdb_now();
+            if (clipdb_cvecs_search(c, bv, q + qi * bv->d, 1, K, 0, CLIPDB_METRIC_COSINE, NULL, ours, &n_out,
+                                    &msg))
+                die("compressed search", msg);
+            if (i >= warm) ts[(i - warm) % 256] = cdb_now() - t0;
+            for (r = 0; r < K; r++)
+                for (int r2 = 0; r2 < K; r2++) found += ours[r].id == ex[qi * K + r2].id;
+        }
+        lat = median(ts, n_single < 256 ? n_single : 256) * 1e3;
+        rec1 = (double)found / ((double)(warm + n_single) * K);
+        for (r = 0; r < reps + 1; r++) {
+            t0 = cdb_now();
+            if (clipdb_cvecs_search(c, bv, q, nq, K, 0, CLIPDB_METRIC_COSINE, NULL, ours, &n_out, &msg))
+                die("compressed search", msg);
+            if (r) ts[r - 1] = cdb_now() - t0;
+        }
+        bt = (double)nq / median(ts, reps);
+        recb = recall(ours, ex, nq);
+        snprintf(name, sizeof name, "%s (%zu MB)", clipdb_compress_name(kinds[kk]), clipdb_cvecs_bytes(c) >> 20);
+        printf("%-30s %10.3f %12.3f %8.2f %12.0f %8.2f %10.4f %10.4f\n", name, build, lat, lat_fp32 / lat, bt,
+               bt / bt_fp32, recb, rec1);
+        fail |= rec1 < 0.999 || recb < 0.999;
+        clipdb_cvecs_free(c);
+    }
+    printf("(fp32: %zu MB; 1 query: median of %d after %d warm-up; batch: %zu queries in one call, median of "
+           "%d; recall@10 against fp32 exact)\n",
+           (bv->n * (size_t)bv->d * sizeof(float)) >> 20, n_single < 256 ? n_single : 256, warm, nq, reps);
+    return fail;
+}
+
+/* --compressed [N [NQ]]: only the compressed-copy block, on the clustered set. */
+static int bench_compressed_only(int argc, char **argv)
+{
+    size_t n = argc > 2 ? (size_t)atol(argv[2]) : 100000, nq = argc > 3 ? (size_t)atol(argv[3]) : 1000;
+    float *x, *norms;
+    clipdb_hit *ex, *ours, *theirs;
+    clipdb_vecs bv;
+    char *msg = NULL;
+    int n_out = 0, fail;
+    if (n < 1 || nq < 1) die("usage", "bench_search --compressed [N [NQ]]");
+    x = make_data(n + nq, 1000, 1.5, 3);
+    norms = malloc(n * sizeof *norms);
+    ex = malloc(nq * K * sizeof *ex);
+    ours = malloc(nq * K * sizeof *ours);
+    theirs = malloc(nq * K * sizeof *theirs);
+    if (!x || !norms || !ex || !ours || !theirs) die("memory", "out of memory");
+    clipdb_vec_norms(x, n, D, norms);
+    bv = (clipdb_vecs){x, NULL, norms, n, D};
+    if (clipdb_flat_search(&bv, x + n * D, nq, K, CLIPDB_METRIC_COSINE, NULL, ex, &n_out, &msg)) die("flat", msg);
+    printf("clipdb bench_search --compressed: %zu base vectors, %zu queries (1000 Gaussian clusters)\n", n, nq);
+    fail = bench_compressed(&bv, x + n * D, nq, 5, 101, 3, ex, ours, theirs);
+    printf("\nratio: > 1 means the compressed copy is faster. %s\n", fail ? "CORRECTNESS CHECK FAILED" : "all checks passed");
+    free(x), free(norms), free(ex), free(ours), free(theirs);
+    return fail;
+}
+
 int main(int argc, char **argv)
 {
+    if (argc > 1 && !strcmp(argv[1], "--compressed")) return bench_compressed_only(argc, argv);
     if (argc > 1 && !strncmp(argv[1], "--", 2)) return bench_db_vectors(argc, argv);
     size_t n = argc > 1 ? (size_t)atol(argv[1]) : 100000, nq = argc > 2 ? (size_t)atol(argv[2]) : 1000;
     const int n_single = 200, warm = 10, reps = 3;
@@ -368,55 +489,8 @@ int main(int argc, char **argv)
     lat_faiss = median(tf, n_single < 256 ? n_single : 256) * 1e3;
     printf("%-44s %9.3f ms %9.3f ms %8.2f\n", "IVF100 nprobe 10, 1 query, median latency", lat_ours, lat_faiss,
            lat_faiss / lat_ours);
-    /* ---- exact on the SQ8 copy + fp32 re-rank vs the fp32 scan (clustered, cosine) ---- */
-    {
-        clipdb_sq8 *s8 = NULL;
-        double lat_fp32, lat_sq8, bt_fp32, bt_sq8, rec1, recb;
-        size_t found = 0;
-        t0 = cdb_now();
-        if (clipdb_sq8_build(&bv, &s8, &msg)) die("sq8 build", msg);
-        printf("\n%-44s %12s %12s %8s  %s\n", "SQ8 + re-rank 40 vs fp32 exact scan", "sq8", "fp32",
-               "ratio", "check");
-        printf("%-44s %9.3f s  (%zu MB of codes vs %zu MB fp32)\n", "SQ8 build", cdb_now() - t0,
-               clipdb_sq8_bytes(s8) >> 20, (n * D * sizeof(float)) >> 20);
-        for (i = 0; i < warm + n_single; i++) {
-            const float *qi = q + (size_t)(i % (int)nq) * D;
-            t0 = cdb_now();
-            if (clipdb_sq8_search(s8, &bv, qi, 1, K, 4 * K, CLIPDB_METRIC_COSINE, NULL, ours, &n_out, &msg))
-                die("sq8 search", msg);
-            if (i >= warm) ts[(i - warm) % 256] = cdb_now() - t0;
-            t0 = cdb_now();
-            if (clipdb_flat_search(&bv, qi, 1, K, CLIPDB_METRIC_COSINE, NULL, theirs, &n_out, &msg)) die("flat", msg);
-            if (i >= warm) tf[(i - warm) % 256] = cdb_now() - t0;
-            for (r = 0; r < K; r++)
-                for (int r2 = 0; r2 < K; r2++) found += ours[r].id == theirs[r2].id;
-        }
-        lat_sq8 = median(ts, n_single < 256 ? n_single : 256) * 1e3;
-        lat_fp32 = median(tf, n_single < 256 ? n_single : 256) * 1e3;
-        rec1 = (double)found / ((double)(warm + n_single) * K);
-        printf("%-44s %9.3f ms %9.3f ms %8.2f  recall@10 %.4f\n", "exact 1 query, median latency", lat_sq8,
-               lat_fp32, lat_fp32 / lat_sq8, rec1);
-        for (r = 0; r < reps + 1; r++) {
-            t0 = cdb_now();
-            if (clipdb_sq8_search(s8, &bv, q, nq, K, 4 * K, CLIPDB_METRIC_COSINE, NULL, ours, &n_out, &msg))
-                die("sq8 search", msg);
-            if (r) ts[r - 1] = cdb_now() - t0;
-            t0 = cdb_now();
-            if (clipdb_flat_search(&bv, q, nq, K, CLIPDB_METRIC_COSINE, NULL, ex, &n_out, &msg)) die("flat", msg);
-            if (r) tf[r - 1] = cdb_now() - t0;
-        }
-        bt_sq8 = (double)nq / median(ts, reps);
-        bt_fp32 = (double)nq / median(tf, reps);
-        recb = recall(ours, ex, nq);
-        {
-            char name[64];
-            snprintf(name, sizeof name, "exact %zu queries (sq8: one scan each), q/s", nq);
-            printf("%-44s %12.0f %12.0f %8.2f  recall@10 %.4f\n", name, bt_sq8, bt_fp32, bt_sq8 / bt_fp32, recb);
-        }
-        fail |= rec1 < 0.999 || recb < 0.999;
-        clipdb_sq8_free(s8);
-    }
-    printf("\nratio: > 1 means clipdb is faster (SQ8 rows: > 1 means SQ8 is faster). %s\n",
+    fail |= bench_compressed(&bv, q, nq, warm, n_single, reps, ex, ours, theirs);
+    printf("\nratio: > 1 means clipdb is faster (compressed rows: > 1 means the copy is faster than fp32). %s\n",
            fail ? "CORRECTNESS CHECK FAILED" : "all checks passed");
     cdb_faiss_free(fi);
     clipdb_ivf_free(ivf);

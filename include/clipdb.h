@@ -361,24 +361,63 @@ CLIPDB_API int clipdb_flat_search(const clipdb_vecs *base, const float *queries,
                                   const clipdb_filter *filter, clipdb_hit *out,
                                   int *n_out, char **errmsg);
 
-/* A compressed copy of a vector set for search: 8-bit codes per dimension
-** (as Faiss's SQ8: per-dimension min and step over the set), a quarter of the
-** fp32 memory traffic per scan. Searches scan the codes for the best
-** `rerank` candidates (at least k) and rescore those exactly on the fp32
-** vectors, so returned scores are exact; recall@k against the fp32 scan
-** depends on rerank (>= 0.999 at rerank 4k on clustered vectors:
-** tests and bench/bench_search). Built in memory; immutable; any number of
+/* Compressed copies of a vector set for search, beside its fp32 vectors:
+**   sq8   8-bit codes per dimension (as Faiss's SQ8: per-dimension min and
+**         step over the set), a quarter of the fp32 bytes;
+**   bf16  bfloat16 values, half the bytes;
+**   fp16  IEEE half values, half the bytes.
+** A search scans the copy (one query: a SIMD dot kernel, AVX-512 VNNI / AVX2
+** / C chosen at run time; many queries: an int8 or bf16 matrix product) for
+** the best `rerank` candidates per query (at least k), then rescores those
+** exactly on the fp32 vectors, so returned scores are exact and a true
+** neighbour is missed only if its approximate score falls out of the top
+** `rerank` (recall@10 >= 0.999 at CLIPDB_CVECS_RERANK on clustered and CLIP
+** vectors: tests and bench/bench_search). Immutable once built; any number of
 ** threads may search one at once. */
-typedef struct clipdb_sq8 clipdb_sq8;
-/* Builds the codes of base (NaN and infinities refused). Caller frees with
-** clipdb_sq8_free. errmsg as clipdb_flat_search. */
+typedef enum clipdb_compress {
+    CLIPDB_COMPRESS_NONE = 0,
+    CLIPDB_COMPRESS_SQ8 = 1,
+    CLIPDB_COMPRESS_BF16 = 2,
+    CLIPDB_COMPRESS_FP16 = 3
+} clipdb_compress;
+/* "none", "sq8", "bf16", "fp16" ("?" for a bad value). */
+CLIPDB_API const char *clipdb_compress_name(clipdb_compress c);
+/* Parses one of those names; CLIPDB_EINVAL otherwise. */
+CLIPDB_API int clipdb_compress_parse(const char *name, clipdb_compress *out);
+/* Candidates re-ranked per query by default: max(k * 4, this). */
+#define CLIPDB_CVECS_RERANK 64
+
+typedef struct clipdb_cvecs clipdb_cvecs;
+/* Builds the copy of `kind` of base (NaN and infinities refused). sq8:
+** ranges NULL takes each dimension's min and max over base; else ranges
+** (2 * d floats: vmin[d] then step[d], as clipdb_cvecs_ranges gives, e.g.
+** stored with a database) quantises with those, values outside clamping to
+** codes 0 and 255 (re-ranking keeps results exact). Caller frees with
+** clipdb_cvecs_free. errmsg as clipdb_flat_search. */
+CLIPDB_API int clipdb_cvecs_build(const clipdb_vecs *base, clipdb_compress kind,
+                                  const float *ranges, clipdb_cvecs **out, char **errmsg);
+CLIPDB_API void clipdb_cvecs_free(clipdb_cvecs *c);
+CLIPDB_API clipdb_compress clipdb_cvecs_kind(const clipdb_cvecs *c);
+/* sq8: its 2 * d range floats (vmin then step; belong to c); else NULL. */
+CLIPDB_API const float *clipdb_cvecs_ranges(const clipdb_cvecs *c);
+/* Bytes the copy holds (codes, norms, ranges). */
+CLIPDB_API size_t clipdb_cvecs_bytes(const clipdb_cvecs *c);
+/* The kernel path its searches take: "avx512_vnni", "avx2" or "c". */
+CLIPDB_API const char *clipdb_cvecs_isa(const clipdb_cvecs *c);
+/* As clipdb_flat_search (same output, filter keys are row indexes), scanning
+** c and re-ranking the best `rerank` candidates per query (rerank <= 0:
+** max(4k, CLIPDB_CVECS_RERANK)) on base, which must be the set c was built
+** from. */
+CLIPDB_API int clipdb_cvecs_search(const clipdb_cvecs *c, const clipdb_vecs *base,
+                                   const float *queries, size_t nq, int k, int rerank,
+                                   clipdb_metric metric, const clipdb_filter *filter,
+                                   clipdb_hit *out, int *n_out, char **errmsg);
+
+/* The SQ8 interface of earlier releases: clipdb_cvecs of kind sq8. */
+typedef struct clipdb_cvecs clipdb_sq8;
 CLIPDB_API int clipdb_sq8_build(const clipdb_vecs *base, clipdb_sq8 **out, char **errmsg);
 CLIPDB_API void clipdb_sq8_free(clipdb_sq8 *s);
-/* Bytes the compressed copy holds. */
 CLIPDB_API size_t clipdb_sq8_bytes(const clipdb_sq8 *s);
-/* As clipdb_flat_search (same output, filter keys are row indexes), scanning
-** s and re-ranking the best `rerank` candidates per query on base, which must
-** be the set s was built from. */
 CLIPDB_API int clipdb_sq8_search(const clipdb_sq8 *s, const clipdb_vecs *base,
                                  const float *queries, size_t nq, int k, int rerank,
                                  clipdb_metric metric, const clipdb_filter *filter,
@@ -717,6 +756,10 @@ typedef struct clipdb_search_options {
                              ** unknown name is CLIPDB_ENOTFOUND). A set
                              ** lacking items searches those it has and says
                              ** so in clipdb_results.note */
+    int no_compressed;       /* exact index: 1 scans the fp32 vectors even
+                             ** when the set has a compressed copy
+                             ** (clipdb_db_set_compressed); 0 (default) scans
+                             ** the copy and re-ranks in fp32 */
 } clipdb_search_options;
 CLIPDB_API void clipdb_search_options_init(clipdb_search_options *opt);
 
@@ -744,6 +787,12 @@ typedef struct clipdb_results {
     const char *note;        /* a remark for the user, or NULL: e.g. that the
                              ** stored Faiss index could not drop deleted
                              ** items and was rebuilt in memory */
+    const char *compressed;  /* the compressed copy exact search scanned
+                             ** before its fp32 re-rank ("sq8", "bf16",
+                             ** "fp16"), or NULL: it scanned the fp32 vectors.
+                             ** Static string */
+    const char *scan_isa;    /* with compressed: the kernel path of its
+                             ** dot products ("avx512_vnni", "avx2", "c") */
 } clipdb_results;
 CLIPDB_API void clipdb_results_free(clipdb_results *r);
 
@@ -796,6 +845,28 @@ CLIPDB_API int clipdb_db_build_ivf(clipdb_db *db, const clipdb_index_options *op
 CLIPDB_API int clipdb_db_build_faiss(clipdb_db *db, const clipdb_index_options *opt,
                                      const char *factory);
 
+/* Makes the compressed copy of `kind` (sq8, bf16, fp16) of the vectors of
+** `target` (CLIPDB_ITEM_IMAGE or _TEXT) in vector set `space` (NULL or
+** CLIPDB_VECTOR_SET_BASE: the base set; else a set made by
+** clipdb_db_reembed), replacing an earlier one; CLIPDB_COMPRESS_NONE drops it
+** (CLIPDB_ENOTFOUND when there is none). Exact searches of that set and
+** target then scan the copy and re-rank in fp32 (clipdb_cvecs_search). What
+** is stored is the kind and, for sq8, the per-dimension ranges of the
+** vectors now stored; the codes are rebuilt from the fp32 vectors with those
+** ranges when a search first needs them (vectors added later that fall
+** outside clamp; re-ranking keeps results exact). sq8 needs at least one
+** vector. CLIPDB_EINVAL on a read-only handle. */
+CLIPDB_API int clipdb_db_set_compressed(clipdb_db *db, const char *space, int target,
+                                        clipdb_compress kind);
+
+/* One compressed copy of a database (clipdb_db_stats.compressed). */
+typedef struct clipdb_db_compressed_info {
+    const char *space;       /* the vector set */
+    int target;              /* CLIPDB_ITEM_IMAGE or _TEXT */
+    const char *kind;        /* "sq8", "bf16" or "fp16" (static) */
+    int dim;
+} clipdb_db_compressed_info;
+
 typedef struct clipdb_db_index_info {
     const char *kind;        /* "ivf" or "faiss" */
     const char *factory;     /* faiss: the index_factory string; else NULL */
@@ -830,6 +901,9 @@ typedef struct clipdb_db_stats {
     clipdb_db_set_info *sets;      /* n_sets vector sets: sets[0] is
                                    ** CLIPDB_VECTOR_SET_BASE, then the named
                                    ** ones by name */
+    int n_compressed;
+    clipdb_db_compressed_info *compressed; /* the compressed copies, by
+                                   ** space then target */
 } clipdb_db_stats;
 /* Fills *out. indexes and sets (and their strings) belong to the caller:
 ** free them with clipdb_db_stats_free; the other strings belong to db and

@@ -16,7 +16,7 @@ const char cli_search_help[] =
     "                     [--target image|text] [-k K] [--metric cosine|dot|l2]\n"
     "                     [--index exact|ivf|faiss] [--nprobe N] [--faiss SPEC]\n"
     "                     [--where FIELD=VALUE]... [--json] [--model DIR]\n"
-    "                     [--space NAME]\n"
+    "                     [--space NAME] [--no-compressed] [--stats]\n"
     "\n"
     "Finds the K stored items of the target type (images or texts) nearest to\n"
     "the query: a text, an image file, or a stored item. Every direction\n"
@@ -49,6 +49,11 @@ const char cli_search_help[] =
     "  --space NAME      the vector set to search (default base, the database's\n"
     "                    own model; others are added by 'clipdb reembed'): the\n"
     "                    query is encoded with that set's model; exact index only\n"
+    "  --no-compressed   exact index: scan the fp32 vectors even where the set has\n"
+    "                    a compressed copy ('clipdb index DB --compress KIND'),\n"
+    "                    which exact search otherwise scans, re-ranking in fp32\n"
+    "  --stats           print the time taken and the vectors scanned to stderr\n"
+    "                    (with --json, \"scan\" says it in the output too)\n"
     "  --model DIR       model directory (default: the recorded one, of the set\n"
     "                    searched; another model is refused)\n"
     "  --precision P     encoder precision; must be the one recorded by init\n"
@@ -210,7 +215,7 @@ int cli_cmd_search(int argc, char **argv)
     clipdb_results *res = NULL;
     clipdb_db *db = NULL;
     size_t nq = 1, i, j;
-    int json = 0, n_query = 0, rc, ret = CLI_OK, a;
+    int json = 0, stats = 0, n_query = 0, rc, ret = CLI_OK, a;
     long long v;
 
     memset(&one, 0, sizeof one);
@@ -279,6 +284,10 @@ int cli_cmd_search(int argc, char **argv)
             precision = argv[++a];
         } else if (!strcmp(s, "--json")) {
             json = 1;
+        } else if (!strcmp(s, "--no-compressed")) {
+            opt.no_compressed = 1;
+        } else if (!strcmp(s, "--stats")) {
+            stats = 1;
         } else if (s[0] == '-' && s[1]) {
             ret = cli_usage("search", "unknown option or missing value '%s'", s);
             goto cleanup;
@@ -317,6 +326,13 @@ int cli_cmd_search(int argc, char **argv)
                 res->note, path);
     else if (res->note)
         fprintf(stderr, "clipdb search: note: %s\n", res->note);
+    if (stats && res->compressed)
+        fprintf(stderr, "clipdb search: %zu quer%s in %.3f ms (encoding %.3f ms); scan: %s copy (%s) "
+                "+ fp32 re-rank\n", nq, nq == 1 ? "y" : "ies", res->took_ms, res->encode_ms,
+                res->compressed, res->scan_isa ? res->scan_isa : "?");
+    else if (stats)
+        fprintf(stderr, "clipdb search: %zu quer%s in %.3f ms (encoding %.3f ms); scan: fp32\n", nq,
+                nq == 1 ? "y" : "ies", res->took_ms, res->encode_ms);
     if (json) {
         printf(batch ? "{\"queries\": [" : "{\"results\": [");
         for (i = 0; i < nq; i++) {
@@ -331,7 +347,8 @@ int cli_cmd_search(int argc, char **argv)
             }
             if (batch) printf("]}");
         }
-        printf("], \"took_ms\": %.3f}\n", res->took_ms);
+        printf("], \"took_ms\": %.3f, \"encode_ms\": %.3f, \"scan\": \"%s\"}\n", res->took_ms,
+               res->encode_ms, res->compressed ? res->compressed : "fp32");
     } else {
         for (i = 0; i < nq; i++) {
             if (batch) {

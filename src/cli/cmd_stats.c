@@ -12,7 +12,8 @@ const char cli_stats_help[] =
     "included) and vectors, the model identity and directory, the format\n"
     "version, the stored indexes (IVF, Faiss) and the vector sets: 'base' (the\n"
     "database's own model) and any added by 'clipdb reembed', with their models\n"
-    "and how many images and texts each holds.\n"
+    "and how many images and texts each holds, and the compressed copies\n"
+    "('clipdb index DB --compress KIND') that exact search scans.\n"
     "\n"
     "options:\n"
     "  --json   one JSON object: {\"images\": N, \"texts\": M, \"captions\": C,\n"
@@ -22,7 +23,8 @@ const char cli_stats_help[] =
     "           \"factory\": ..., \"target\": ..., \"metric\": ..., \"vectors\": ...}],\n"
     "           \"sets\": [{\"name\": \"base\", \"model\": ..., \"model_dir\": ...,\n"
     "           \"precision\": ..., \"dim\": ..., \"images\": ..., \"texts\": ...,\n"
-    "           \"vectors\": ..., \"created_at\": ...}, ...]}\n"
+    "           \"vectors\": ..., \"created_at\": ...}, ...], \"compressed\":\n"
+    "           [{\"space\": \"base\", \"target\": ..., \"kind\": \"sq8\", \"dim\": ...}]}\n"
     "\n"
     "example:\n"
     "  clipdb stats photos.db --json\n";
@@ -93,6 +95,14 @@ int cli_cmd_stats(int argc, char **argv)
                    x->precision, x->dim, (long long)x->images, (long long)x->texts,
                    (long long)(x->images + x->texts), (long long)x->created_at);
         }
+        printf("], \"compressed\": [");
+        for (i = 0; i < st.n_compressed; i++) {
+            const clipdb_db_compressed_info *x = &st.compressed[i];
+            printf("%s{\"space\": ", i ? ", " : "");
+            cli_print_json_string(stdout, x->space);
+            printf(", \"target\": \"%s\", \"kind\": \"%s\", \"dim\": %d}", target_name(x->target),
+                   x->kind, x->dim);
+        }
         printf("]}\n");
     } else {
         printf("database   %s (format version %d)\n", st.path, st.format_version);
@@ -119,6 +129,12 @@ int cli_cmd_stats(int argc, char **argv)
             printf(": %lld images, %lld texts; model ", (long long)x->images, (long long)x->texts);
             cli_print_plain(stdout, x->model);
             printf(" (%d dims, %s)\n", x->dim, x->precision);
+        }
+        for (i = 0; i < st.n_compressed; i++) {
+            const clipdb_db_compressed_info *x = &st.compressed[i];
+            printf("compressed %s copy of the %s vectors of set ", x->kind, target_name(x->target));
+            cli_print_plain(stdout, x->space);
+            printf(" (%d dims; exact search scans it, re-ranks in fp32)\n", x->dim);
         }
     }
     clipdb_db_stats_free(&st);

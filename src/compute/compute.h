@@ -113,4 +113,21 @@ static inline uint16_t cdb_f32_to_bf16(float f)
     return (uint16_t)(u >> 16);
 }
 
+/* ---- integer and bf16 products (compressed vectors, batched search) ------- */
+
+/* C (m, n) s32 = A (m, k) u8 @ B^T (k, n), B stored (n, k) s8, every row
+** dense. oneDNN's dnnl_gemm_u8s8s32 whatever the backend (OpenBLAS has no
+** int8 GEMM); exact where oneDNN's ISA has VNNI, else its u8 x s8 pair sums
+** may saturate at 16 bits unless |B| <= cdb_int8_weight_max() (63). */
+int cdb_gemm_u8s8s32(int m, int n, int k, const uint8_t *A, const int8_t *B, int32_t *C,
+                     cdb_err *e);
+
+/* C (m, n) f32 = A (m, k) bf16 @ B^T (k, n), B stored (n, k) bf16, every row
+** dense, f32 accumulation: a oneDNN matmul on the plain layouts (created per
+** call; oneDNN's primitive cache keeps repeated shapes cheap).
+** CLIPDB_ENOTFOUND where oneDNN has no bf16 matmul for its ISA (the caller
+** falls back to fp32). */
+int cdb_gemm_bf16(int m, int n, int k, const uint16_t *A, const uint16_t *B, float *C,
+                  cdb_err *e);
+
 #endif

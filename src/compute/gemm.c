@@ -96,3 +96,17 @@ float cdb_sdot(int n, const float *x, const float *y)
 {
     return cblas_sdot(n, x, 1, y, 1);
 }
+
+int cdb_gemm_u8s8s32(int m, int n, int k, const uint8_t *A, const int8_t *B, int32_t *C,
+                     cdb_err *e)
+{
+    if (m <= 0 || n <= 0) return CLIPDB_OK;
+    return cdb_onednn_gemm_u8s8s32(m, n, k, A, B, C, e);
+}
+
+int cdb_gemm_bf16(int m, int n, int k, const uint16_t *A, const uint16_t *B, float *C,
+                  cdb_err *e)
+{
+    if (m <= 0 || n <= 0) return CLIPDB_OK;
+    return cdb_onednn_gemm_bf16(m, n, k, A, B, C, e);
+}

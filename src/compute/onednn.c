@@ -486,3 +486,90 @@ int cdb_onednn_linear(const cdb_wpack *pk, int m, int n_out, int n_in, const flo
     free(buf);
     return rc;
 }
+
+/* ---- plain-layout products for compressed vectors (compute.h) ------------------ */
+
+int cdb_onednn_gemm_u8s8s32(int m, int n, int k, const uint8_t *A, const int8_t *B, int32_t *C,
+                            cdb_err *e)
+{
+    const int32_t zero = 0;
+    dnnl_status_t s;
+    /* row-major: A (m, k) 'N', B stored (n, k) 'T', fixed zero offsets */
+    s = dnnl_gemm_u8s8s32('N', 'T', 'F', m, n, k, 1.0f, A, k, 0, B, k, 0, 0.0f, C, n, &zero);
+    return s == dnnl_success ? CLIPDB_OK : dnnl_fail(e, "u8s8s32 gemm", s);
+}
+
+int cdb_onednn_gemm_bf16(int m, int n, int k, const uint16_t *A, const uint16_t *B, float *C,
+                         cdb_err *e)
+{
+    dnnl_memory_desc_t amd, bmd, cmd;
+    dnnl_matmul_desc_t mm;
+    dnnl_primitive_attr_t attr = NULL;
+    dnnl_primitive_desc_t pd = NULL;
+    dnnl_primitive_t prim = NULL;
+    dnnl_memory_t ma = NULL, mb = NULL, mc = NULL, msp = NULL;
+    dnnl_stream_t strm = NULL;
+    dnnl_exec_arg_t args[4];
+    void *scratch = NULL;
+    size_t sbytes;
+    int rc, nargs = 3;
+    dnnl_status_t s;
+
+    if ((rc = get_engine(e)) != CLIPDB_OK) return rc;
+    /* A (m, k) ab; B^T (k, n) as stored (n, k): tag ba; C (m, n) ab */
+    if ((s = md2(&amd, m, k, dnnl_bf16, dnnl_ab)) || (s = md2(&bmd, k, n, dnnl_bf16, dnnl_ba)) ||
+        (s = md2(&cmd, m, n, dnnl_f32, dnnl_ab)))
+        return dnnl_fail(e, "memory descriptor", s);
+    if ((s = dnnl_matmul_desc_init(&mm, &amd, &bmd, NULL, &cmd)))
+        return dnnl_fail(e, "matmul descriptor", s);
+    if ((s = dnnl_primitive_attr_create(&attr))) return dnnl_fail(e, "attributes", s);
+    if ((s = dnnl_primitive_attr_set_scratchpad_mode(attr, dnnl_scratchpad_mode_user))) {
+        rc = dnnl_fail(e, "scratchpad mode", s);
+        goto cleanup;
+    }
+    if ((s = dnnl_primitive_desc_create(&pd, &mm, attr, engine, NULL))) {
+        rc = s == dnnl_unimplemented ? cdb_err_set(e, CLIPDB_ENOTFOUND, "oneDNN: no bf16 matmul "
+                                                   "on %s", cdb_onednn_isa())
+                                     : dnnl_fail(e, "bf16 matmul primitive descriptor", s);
+        goto cleanup;
+    }
+    if ((s = dnnl_primitive_create(&prim, pd)) ||
+        (s = dnnl_memory_create(&ma, &amd, engine, (void *)A)) ||
+        (s = dnnl_memory_create(&mb, &bmd, engine, (void *)B)) ||
+        (s = dnnl_memory_create(&mc, &cmd, engine, C)) ||
+        (s = dnnl_stream_create(&strm, engine, dnnl_stream_default_flags))) {
+        rc = dnnl_fail(e, "bf16 matmul arguments", s);
+        goto cleanup;
+    }
+    args[0] = (dnnl_exec_arg_t){DNNL_ARG_SRC, ma};
+    args[1] = (dnnl_exec_arg_t){DNNL_ARG_WEIGHTS, mb};
+    args[2] = (dnnl_exec_arg_t){DNNL_ARG_DST, mc};
+    sbytes = dnnl_memory_desc_get_size(dnnl_primitive_desc_query_md(pd, dnnl_query_scratchpad_md, 0));
+    if (sbytes) {
+        if (!(scratch = aligned_alloc(64, (sbytes + 63) / 64 * 64))) {
+            rc = cdb_err_set(e, CLIPDB_ENOMEM, "out of memory (scratchpad)");
+            goto cleanup;
+        }
+        if ((s = dnnl_memory_create(&msp, dnnl_primitive_desc_query_md(pd, dnnl_query_scratchpad_md, 0),
+                                    engine, scratch))) {
+            rc = dnnl_fail(e, "scratchpad", s);
+            goto cleanup;
+        }
+        args[3] = (dnnl_exec_arg_t){DNNL_ARG_SCRATCHPAD, msp};
+        nargs = 4;
+    }
+    // A (m, k) bf16 @ B^T (k, n) bf16 -> C (m, n) f32
+    if ((s = dnnl_primitive_execute(prim, strm, nargs, args)) || (s = dnnl_stream_wait(strm)))
+        rc = dnnl_fail(e, "bf16 matmul", s);
+cleanup:
+    dnnl_stream_destroy(strm);
+    dnnl_memory_destroy(ma);
+    dnnl_memory_destroy(mb);
+    dnnl_memory_destroy(mc);
+    dnnl_memory_destroy(msp);
+    dnnl_primitive_destroy(prim);
+    dnnl_primitive_desc_destroy(pd);
+    dnnl_primitive_attr_destroy(attr);
+    free(scratch);
+    return rc;
+}

@@ -122,6 +122,37 @@ int cdb_metric_ok(clipdb_metric m);
 /* Copies n rows, scaled to unit length (zero rows stay zero): y (n, d). */
 void cdb_normalize_rows(const float *x, size_t n, int d, float *y);
 
+/* ---- compressed-vector kernels (ckern.c) --------------------------------- */
+/* Kernel levels, chosen at run time from the CPU's features. */
+typedef enum { CDB_CK_C = 0, CDB_CK_AVX2 = 1, CDB_CK_AVX512 = 2 } cdb_ck_level;
+/* Dot products of one query with n rows of a compressed copy, d values per
+** row, rows contiguous:
+**   dot_u8s8  out[r] = sum_j x[r,j] * q[j]  (u8 codes, s8 query; exact int32)
+**   dot_bf16  out[r] = sum_j bf16(x[r,j]) * q[j]  (fp32 query)
+**   dot_fp16  out[r] = sum_j fp16(x[r,j]) * q[j]  (fp32 query) */
+typedef struct cdb_ckern {
+    const char *name;   /* "c", "avx2", "avx512_vnni" */
+    void (*dot_u8s8)(const uint8_t *x, size_t n, int d, const int8_t *q, int32_t *out);
+    void (*dot_bf16)(const uint16_t *x, size_t n, int d, const float *q, float *out);
+    void (*dot_fp16)(const uint16_t *x, size_t n, int d, const float *q, float *out);
+} cdb_ckern;
+/* The kernels of `level`, or NULL when this CPU lacks it (AVX2 also means
+** F16C, which every AVX2 CPU has; AVX512 means F + BW + VNNI). */
+const cdb_ckern *cdb_ckern_at(cdb_ck_level level);
+/* The best level this CPU runs. */
+const cdb_ckern *cdb_ckern_best(void);
+/* IEEE binary16 conversions (round to nearest even; beyond the range: inf). */
+uint16_t cdb_f32_to_fp16(float f);
+float cdb_fp16_to_f32(uint16_t h);
+
+/* ---- compressed copies (cvecs.c) ------------------------------------------- */
+/* The kernels a copy's searches use (tests pin a level; NULL: the best). */
+void cdb_cvecs_set_kernels(clipdb_cvecs *c, const cdb_ckern *k);
+/* The dimension of its rows. */
+int cdb_cvecs_dim(const clipdb_cvecs *c);
+/* Queries at least this many at once go through the GEMM path. */
+#define CDB_CVECS_GEMM_MIN 16
+
 /* ---- k-means ------------------------------------------------------------ */
 typedef struct cdb_kmeans_opts {
     uint64_t seed;

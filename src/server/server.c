@@ -577,6 +577,8 @@ static int h_search(hreq *r)
     if ((q = cJSON_AddObjectToObject(o, "timings"))) {
         cJSON_AddNumberToObject(q, "encode_ms", res->encode_ms);
         cJSON_AddNumberToObject(q, "search_ms", res->took_ms - res->encode_ms);
+        /* what exact search scanned: a compressed copy (re-ranked in fp32) or fp32 */
+        cJSON_AddStringToObject(q, "scan", res->compressed ? res->compressed : "fp32");
     }
     if ((q = cJSON_AddObjectToObject(o, "query"))) {
         cJSON_AddStringToObject(q, "kind", query.kind == CLIPDB_QUERY_TEXT    ? "text"

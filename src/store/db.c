@@ -957,6 +957,10 @@ void clipdb_db_stats_free(clipdb_db_stats *st)
     free(st->indexes);
     st->indexes = NULL;
     st->n_indexes = 0;
+    for (i = 0; st->compressed && i < st->n_compressed; i++) free((char *)st->compressed[i].space);
+    free(st->compressed);
+    st->compressed = NULL;
+    st->n_compressed = 0;
     /* sets[0] (base) points into db; the named ones own their strings */
     for (i = 1; st->sets && i < st->n_sets; i++) {
         free((char *)st->sets[i].name);
@@ -1013,6 +1017,7 @@ int clipdb_db_get_stats(clipdb_db *db, clipdb_db_stats *out)
     /* the stored indexes: each type lists its own tables; then the vector sets */
     rc = cdb_sindex_list_stored(db, out);
     if (rc == CLIPDB_OK) rc = stats_sets(db, out);
+    if (rc == CLIPDB_OK) rc = cdb_compressed_list(db, out);
     if (rc != CLIPDB_OK) clipdb_db_stats_free(out);
     return rc;
 }

@@ -583,7 +583,7 @@ int clipdb_db_search(clipdb_db *db, const clipdb_query *queries, size_t nq,
     float *q = NULL;
     int64_t *allowed = NULL;
     size_t n_allowed = 0;
-    const char *note = NULL;
+    const char *note = NULL, *compressed = NULL, *scan_isa = NULL;
     double t0 = cdb_now(), t_enc = 0;
     int rc, n_out = 0, snapshot = 0;
 
@@ -630,13 +630,15 @@ int clipdb_db_search(clipdb_db *db, const clipdb_query *queries, size_t nq,
         goto cleanup;
     }
     if ((rc = filter_ids(db, opt, &allowed, &n_allowed)) != CLIPDB_OK) goto cleanup;
-    call = (cdb_search_call){vs, q, nq, opt->k, opt, allowed, n_allowed};
+    call = (cdb_search_call){vs, q, nq, opt->k, opt, allowed, n_allowed, &compressed, &scan_isa};
     if (vs->n > 0 && (rc = index_search(db, type, &call, hits, &n_out, &note)) != CLIPDB_OK)
         goto cleanup;
     if (gap) note = gap;
     if ((rc = make_results(db, hits, nq, opt->k, n_out, out)) != CLIPDB_OK) goto cleanup;
     (*out)->took_ms = (cdb_now() - t0) * 1000.0;
     (*out)->encode_ms = t_enc * 1000.0;
+    (*out)->compressed = compressed;
+    (*out)->scan_isa = scan_isa;
     if (note && !((*out)->note = cdb_strdup(note))) {
         rc = cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
         clipdb_results_free(*out);
@@ -731,4 +733,66 @@ int clipdb_db_build_faiss(clipdb_db *db, const clipdb_index_options *opt, const 
         return cdb_err_set(&db->err, CLIPDB_EINVAL, "index: no Faiss factory string");
     }
     return build_stored(db, &cdb_sindex_faiss, opt, factory);
+}
+
+/* ---- compressed copies (the rows: compressed.c) ------------------------------- */
+
+int clipdb_db_set_compressed(clipdb_db *db, const char *space, int target, clipdb_compress kind)
+{
+    const cdb_vecset *vs = NULL;
+    const char *name = CLIPDB_VECTOR_SET_BASE;
+    clipdb_cvecs *c = NULL;
+    cdb_vset *v = NULL;
+    char *msg = NULL;
+    int rc, in_tx = 0, dropped = 0;
+
+    cdb_err_clear(&db->err);
+    if (target != CLIPDB_ITEM_IMAGE && target != CLIPDB_ITEM_TEXT)
+        return cdb_err_set(&db->err, CLIPDB_EINVAL, "compress: bad target %d", target);
+    if (kind < CLIPDB_COMPRESS_NONE || kind > CLIPDB_COMPRESS_FP16)
+        return cdb_err_set(&db->err, CLIPDB_EINVAL, "compress: bad kind %d", (int)kind);
+    if (db->readonly)
+        return cdb_err_set(&db->err, CLIPDB_EINVAL,
+                           "%s: opened read-only; cannot change a compressed copy", db->path);
+    if ((rc = cdb_db_begin(db)) != CLIPDB_OK) return rc;
+    in_tx = 1;
+    if (space && strcmp(space, CLIPDB_VECTOR_SET_BASE)) {
+        if ((rc = cdb_vset_find(db, space, &v)) != CLIPDB_OK) goto cleanup;
+        name = v->name;
+        rc = cdb_vset_vectors(db, v, target, &vs);
+    } else {
+        rc = cdb_db_vectors(db, target, &vs);
+    }
+    if (rc != CLIPDB_OK) goto cleanup;
+    if (kind == CLIPDB_COMPRESS_NONE) {
+        if ((rc = cdb_compressed_drop(db, name, target, &dropped)) != CLIPDB_OK) goto cleanup;
+        if (!dropped) {
+            rc = cdb_err_set(&db->err, CLIPDB_ENOTFOUND,
+                             "%s: no compressed copy of the %s vectors of set '%s'", db->path,
+                             cdb_set_name(target), name);
+            goto cleanup;
+        }
+    } else {
+        clipdb_vecs base = {vs->vecs, vs->ids, vs->norms, vs->n, vs->d};
+        if (kind == CLIPDB_COMPRESS_SQ8 && vs->n == 0) {
+            rc = cdb_err_set(&db->err, CLIPDB_EINVAL,
+                             "%s: no %s vectors in set '%s' to take sq8 ranges from", db->path,
+                             cdb_set_name(target), name);
+            goto cleanup;
+        }
+        /* sq8: the ranges of the vectors stored now (the codes are rebuilt at load) */
+        if ((rc = clipdb_cvecs_build(&base, kind, NULL, &c, &msg)) != CLIPDB_OK) {
+            rc = cdb_err_set(&db->err, rc, "compress: %s", msg ? msg : "failed");
+            goto cleanup;
+        }
+        if ((rc = cdb_compressed_store(db, name, target, c)) != CLIPDB_OK) goto cleanup;
+    }
+    rc = cdb_db_commit(db);
+    in_tx = 0;
+    cdb_compressed_forget(vs);
+cleanup:
+    if (in_tx) cdb_db_rollback(db);
+    clipdb_cvecs_free(c);
+    free(msg);
+    return rc;
 }

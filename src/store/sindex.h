@@ -61,6 +61,9 @@ typedef struct cdb_search_call {
     const clipdb_search_options *opt;
     const int64_t *allowed;/* sorted ids passing the filters, or NULL: all */
     size_t n_allowed;
+    const char **compressed; /* exact: set to the copy's kind when it scanned
+                             ** a compressed copy (may be NULL) */
+    const char **scan_isa;   /* and its kernel path (may be NULL) */
 } cdb_search_call;
 
 /* Errors go to db->err with the callee's status code kept. Any member but

@@ -15,6 +15,7 @@ static int exact_search(clipdb_db *db, cdb_sindex *s, const cdb_search_call *c,
     const cdb_vecset *vs = c->vs;
     clipdb_vecs base = {vs->vecs, vs->ids, vs->norms, vs->n, vs->d};
     clipdb_filter filter, *fp = NULL;
+    clipdb_cvecs *cv = NULL;
     uint64_t *bitmap = NULL;
     char *errmsg = NULL;
     size_t i, j;
@@ -38,10 +39,24 @@ static int exact_search(clipdb_db *db, cdb_sindex *s, const cdb_search_call *c,
         filter.nbits = vs->n;
         fp = &filter;
     }
-    // queries (nq, d) . base (n, d)^T -> scores (nq, n) -> top k per query
-    rc = clipdb_flat_search(&base, c->q, c->nq, c->k, c->opt->metric, fp, out, n_out, &errmsg);
+    /* the set's compressed copy, when it has one and the caller did not opt out */
+    if (!c->opt->no_compressed &&
+        (rc = cdb_compressed_get(db, c->opt->vector_set, c->opt->target, vs, &cv)) != CLIPDB_OK)
+        goto cleanup;
+    if (cv) {
+        // queries (nq, d) . copy (n, d)^T -> best candidates -> fp32 re-rank -> top k
+        rc = clipdb_cvecs_search(cv, &base, c->q, c->nq, c->k, 0, c->opt->metric, fp, out, n_out,
+                                 &errmsg);
+        if (c->compressed) *c->compressed = clipdb_compress_name(clipdb_cvecs_kind(cv));
+        if (c->scan_isa) *c->scan_isa = clipdb_cvecs_isa(cv);
+    } else {
+        // queries (nq, d) . base (n, d)^T -> scores (nq, n) -> top k per query
+        rc = clipdb_flat_search(&base, c->q, c->nq, c->k, c->opt->metric, fp, out, n_out,
+                                &errmsg);
+    }
     if (rc != CLIPDB_OK)
         cdb_err_set(&db->err, rc, "exact search: %s", errmsg ? errmsg : "failed");
+cleanup:
     free(errmsg);
     free(bitmap);
     return rc;

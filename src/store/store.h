@@ -61,6 +61,9 @@ typedef struct cdb_vecset {
     float *vecs;           /* n x d */
     float *norms;          /* n */
     int d;                 /* dimension of the vectors */
+    /* its compressed copy (compressed.c), rebuilt with these vectors */
+    struct clipdb_cvecs *cv; /* NULL: none stored (when cv_known) */
+    int cv_known;          /* the stored row was read since the load */
 } cdb_vecset;
 
 /* A named vector set (vsets.c), as cached on a handle: its row of
@@ -201,6 +204,24 @@ void cdb_vsets_release(clipdb_db *db);
 
 /* "image" or "text" (sql.c). */
 const char *cdb_set_name(int set);
+
+/* ---- compressed copies (compressed.c) ---- */
+/* The compressed copy of vs, the vectors of `target` in vector set `space`
+** (NULL or base, or a named set), built at first use from its stored row;
+** *out NULL when none is stored. The copy lives with vs (freed when vs
+** reloads). */
+int cdb_compressed_get(clipdb_db *db, const char *space, int target, const cdb_vecset *vs,
+                       struct clipdb_cvecs **out);
+/* Appends the stored copies to out->compressed (clipdb_db_get_stats). */
+int cdb_compressed_list(clipdb_db *db, clipdb_db_stats *out);
+/* Inside a transaction: stores the row of copy c (its kind, sq8 ranges) for
+** (space, target), replacing an earlier one. */
+int cdb_compressed_store(clipdb_db *db, const char *space, int target,
+                         const struct clipdb_cvecs *c);
+/* Inside a transaction: drops the row of (space, target); *dropped 0 if none. */
+int cdb_compressed_drop(clipdb_db *db, const char *space, int target, int *dropped);
+/* Frees the copy loaded beside vs (its stored row changed). */
+void cdb_compressed_forget(const cdb_vecset *vs);
 
 /* Inside a transaction: replaces the per-id rows of an index of (set,
 ** metric): runs del_sql (binding set, metric), then ins_sql for each of

@@ -72,6 +72,7 @@ void cdb_vecset_clear(cdb_vecset *s)
     free(s->ids);
     free(s->vecs);
     free(s->norms);
+    clipdb_cvecs_free(s->cv);
     memset(s, 0, sizeof *s);
 }
 

@@ -1,0 +1,720 @@
+/*
+** cvecs.c: compressed copies of a vector set for search (sq8, bf16, fp16),
+** with fp32 re-ranking, so that "exact" search stays exact for the hits it
+** returns.
+**
+** sq8 quantiser: per dimension, as Faiss's ScalarQuantizer QT_8bit: vmin[i]
+** and step[i] = (vmax[i] - vmin[i]) / 255 over the set (or stored ranges);
+** code = round((x - vmin) / step) clamped to [0, 255]; x^ = vmin + step *
+** code (error <= step / 2 inside the range).
+** bf16 / fp16: each value rounded to nearest even (fp16 clamps at +-65504).
+**
+** Approximate dot of a query q (d) with row x:
+**   sq8   q.x^ = q.vmin + sum_i w_i code_i with w_i = q_i step_i; w is
+**         itself quantised symmetrically, w_i ~ a * wq_i with wq_i in
+**         [-127, 127] (a = max|w| / 127; 63 where oneDNN's int8 GEMM lacks
+**         VNNI), so the sum is an exact u8 x s8 integer dot: vpdpbusd, 64
+**         codes per instruction, reading n * d bytes (a quarter of fp32);
+**   bf16 / fp16  sum_i x^_i q_i, fp32 query, fp32 accumulation.
+** Ranking scores from it: dot; cosine: dot / |x^|; l2: 2 dot - |x^|^2
+** (= |q|^2 - |q - x^|^2), with the norms of the decoded rows x^, not the
+** exact ones: a row outside stored ranges (clamped codes) is then ranked as
+** the point it was clamped to, consistently, instead of by a mix of its
+** clamped dot and its true norm (which put a far row, searched for itself,
+** last).
+**
+** Search:
+**   fewer than CDB_CVECS_GEMM_MIN queries: one query at a time, rows split
+**     across threads, the dot kernel (ckern.c) per block of CV_ROWS rows;
+**   more: blocks of CV_QB queries x CV_NB rows through one matrix product
+**     (sq8: oneDNN's u8 x s8 -> s32 GEMM; bf16: a bf16 matmul; fp16: rows
+**     widened to fp32 and sgemm), then the ranking scores of the block,
+**     queries split across threads;
+**   either way the best R = rerank candidates per query (R >= k) by the
+**   approximate score are kept (bounded heaps keyed by row), then rescored
+**   exactly against the fp32 rows (double accumulation: direct |q - x|^2
+**   for l2, so a vector finds itself at distance 0) and the best k returned,
+**   best first. A true neighbour is missed only if its approximate score falls
+**   out of the top R (measured: tests/unit/test_cvecs.c, bench_search).
+*/
+#include <math.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "compute/compute.h"
+#include "index/index.h"
+
+#ifdef _OPENMP /* the Makefile builds this file with -fopenmp */
+#include <omp.h>
+#endif
+
+#define CV_MAX_THREADS 16
+#define CV_ROWS 256     /* rows per kernel call (one query) */
+#define CV_QB 1024      /* queries per matrix product */
+#define CV_NB 4096      /* rows per matrix product */
+#define FP16_MAX 65504.0f
+
+struct clipdb_cvecs {
+    clipdb_compress kind;
+    size_t n;
+    int d;
+    float *ranges;          /* sq8: (2, d): vmin then step; else NULL */
+    float *norms;           /* (n) norms of the decoded rows |x^| (ranking only) */
+    float *inv;             /* (n) 1 / |x^| (0 for a zero row): cosine without a division */
+    void *codes;            /* sq8: u8 (n, d); bf16 / fp16: u16 (n, d) */
+    const cdb_ckern *kern;
+};
+
+const char *clipdb_compress_name(clipdb_compress c)
+{
+    switch (c) {
+    case CLIPDB_COMPRESS_NONE: return "none";
+    case CLIPDB_COMPRESS_SQ8: return "sq8";
+    case CLIPDB_COMPRESS_BF16: return "bf16";
+    case CLIPDB_COMPRESS_FP16: return "fp16";
+    }
+    return "?";
+}
+
+int clipdb_compress_parse(const char *name, clipdb_compress *out)
+{
+    int c;
+    for (c = CLIPDB_COMPRESS_NONE; c <= CLIPDB_COMPRESS_FP16; c++)
+        if (name && !strcmp(name, clipdb_compress_name((clipdb_compress)c))) {
+            *out = (clipdb_compress)c;
+            return CLIPDB_OK;
+        }
+    return CLIPDB_EINVAL;
+}
+
+static size_t code_size(clipdb_compress kind)
+{
+    return kind == CLIPDB_COMPRESS_SQ8 ? 1 : 2;
+}
+
+void clipdb_cvecs_free(clipdb_cvecs *c)
+{
+    if (!c) return;
+    free(c->ranges);
+    free(c->norms);
+    free(c->inv);
+    free(c->codes);
+    free(c);
+}
+
+int clipdb_cvecs_build(const clipdb_vecs *base, clipdb_compress kind, const float *ranges,
+                       clipdb_cvecs **out, char **errmsg)
+{
+    clipdb_cvecs *c = NULL;
+    cdb_err e;
+    size_t i, nd, bytes;
+    int j, d, rc = CLIPDB_OK;
+    float *vmin, *step, *inv = NULL;
+
+    cdb_err_clear(&e);
+    if (out) *out = NULL;
+    if (!base || !out || (base->n && !base->data) || base->d < 1 || base->d > CLIPDB_MAX_DIM) {
+        rc = cdb_err_set(&e, CLIPDB_EINVAL, "compressed copy: bad vector set");
+        goto cleanup;
+    }
+    if (kind != CLIPDB_COMPRESS_SQ8 && kind != CLIPDB_COMPRESS_BF16 &&
+        kind != CLIPDB_COMPRESS_FP16) {
+        rc = cdb_err_set(&e, CLIPDB_EINVAL, "compressed copy: unknown kind %d", (int)kind);
+        goto cleanup;
+    }
+    d = base->d;
+    if (!cdb_mul_ok(base->n, (size_t)d, &nd) || !cdb_mul_ok(nd, code_size(kind), &bytes)) {
+        rc = cdb_err_set(&e, CLIPDB_EINVAL, "compressed copy: sizes overflow");
+        goto cleanup;
+    }
+    c = calloc(1, sizeof *c);
+    if (!c || !(c->norms = cdb_malloc_array(base->n ? base->n : 1, sizeof(float))) ||
+        !(c->inv = cdb_malloc_array(base->n ? base->n : 1, sizeof(float))) ||
+        !(c->codes = malloc(bytes ? bytes : 1)) ||
+        (kind == CLIPDB_COMPRESS_SQ8 &&
+         (!(c->ranges = cdb_malloc_array(2 * (size_t)d, sizeof(float))) ||
+          !(inv = cdb_malloc_array((size_t)d, sizeof *inv))))) {
+        rc = cdb_err_set(&e, CLIPDB_ENOMEM, "compressed copy: out of memory (%zu bytes)", bytes);
+        goto cleanup;
+    }
+    c->kind = kind;
+    c->n = base->n;
+    c->d = d;
+    c->kern = cdb_ckern_best();
+    for (i = 0; i < nd; i++)
+        if (!isfinite(base->data[i])) {
+            rc = cdb_err_set(&e, CLIPDB_EINVAL, "compressed copy: row %zu has a non-finite value",
+                             i / (size_t)d);
+            goto cleanup;
+        }
+    if (kind == CLIPDB_COMPRESS_BF16 || kind == CLIPDB_COMPRESS_FP16) {
+        uint16_t *h = c->codes;
+        for (i = 0; i < c->n; i++) {
+            double n2 = 0;
+            for (j = 0; j < d; j++) {
+                const size_t o = i * (size_t)d + (size_t)j;
+                float v = base->data[o], y;
+                if (kind == CLIPDB_COMPRESS_BF16) {
+                    h[o] = cdb_f32_to_bf16(v);
+                    y = cdb_bf16_to_f32(h[o]);
+                } else {
+                    h[o] = cdb_f32_to_fp16(v > FP16_MAX ? FP16_MAX : v < -FP16_MAX ? -FP16_MAX : v);
+                    y = cdb_fp16_to_f32(h[o]);
+                }
+                n2 += (double)y * y;
+            }
+            c->norms[i] = (float)sqrt(n2);
+        }
+        goto cleanup;
+    }
+    /* sq8 */
+    vmin = c->ranges;
+    step = c->ranges + d;
+    if (ranges) {
+        for (j = 0; j < d; j++)
+            if (!isfinite(ranges[j]) || !isfinite(ranges[d + j]) || ranges[d + j] < 0) {
+                rc = cdb_err_set(&e, CLIPDB_EINVAL, "compressed copy: bad range of dimension %d",
+                                 j);
+                goto cleanup;
+            }
+        memcpy(c->ranges, ranges, 2 * (size_t)d * sizeof(float));
+    } else {
+        float *vmax = inv; /* as scratch, before it holds 1 / step */
+        for (j = 0; j < d; j++) {
+            vmin[j] = c->n ? INFINITY : 0.0f;
+            vmax[j] = c->n ? -INFINITY : 0.0f;
+        }
+        for (i = 0; i < c->n; i++) {
+            const float *x = base->data + i * (size_t)d;
+            for (j = 0; j < d; j++) {
+                vmin[j] = fminf(vmin[j], x[j]);
+                vmax[j] = fmaxf(vmax[j], x[j]);
+            }
+        }
+        for (j = 0; j < d; j++) step[j] = (vmax[j] - vmin[j]) / 255.0f;
+    }
+    for (j = 0; j < d; j++) inv[j] = step[j] > 0 ? 1.0f / step[j] : 0.0f;
+    for (i = 0; i < c->n; i++) {
+        const float *x = base->data + i * (size_t)d;
+        uint8_t *code = (uint8_t *)c->codes + i * (size_t)d;
+        double n2 = 0;
+        for (j = 0; j < d; j++) {
+            float v = nearbyintf((x[j] - vmin[j]) * inv[j]), y;
+            code[j] = (uint8_t)(v < 0 ? 0 : v > 255 ? 255 : v);
+            y = vmin[j] + step[j] * (float)code[j];
+            n2 += (double)y * y;
+        }
+        c->norms[i] = (float)sqrt(n2);
+    }
+cleanup:
+    free(inv);
+    if (rc == CLIPDB_OK)
+        for (i = 0; i < c->n; i++) c->inv[i] = c->norms[i] > 0 ? 1.0f / c->norms[i] : 0.0f;
+    if (rc != CLIPDB_OK) {
+        clipdb_cvecs_free(c);
+        if (errmsg) *errmsg = cdb_strdup(e.msg);
+    } else {
+        *out = c;
+    }
+    return rc;
+}
+
+clipdb_compress clipdb_cvecs_kind(const clipdb_cvecs *c)
+{
+    return c ? c->kind : CLIPDB_COMPRESS_NONE;
+}
+
+const float *clipdb_cvecs_ranges(const clipdb_cvecs *c)
+{
+    return c ? c->ranges : NULL;
+}
+
+size_t clipdb_cvecs_bytes(const clipdb_cvecs *c)
+{
+    if (!c) return 0;
+    return c->n * (size_t)c->d * code_size(c->kind) + 2 * c->n * sizeof(float) +
+           (c->ranges ? 2 * (size_t)c->d * sizeof(float) : 0);
+}
+
+const char *clipdb_cvecs_isa(const clipdb_cvecs *c)
+{
+    return c && c->kern ? c->kern->name : "c";
+}
+
+int cdb_cvecs_dim(const clipdb_cvecs *c)
+{
+    return c ? c->d : 0;
+}
+
+void cdb_cvecs_set_kernels(clipdb_cvecs *c, const cdb_ckern *k)
+{
+    if (c) c->kern = k ? k : cdb_ckern_best();
+}
+
+/* ---- queries as the copy sees them ------------------------------------------ */
+
+/* Query i of a search, prepared: sq8: q0 = q.vmin, scale a, wq (d) s8;
+** bf16 (GEMM path): qh (d) bf16. */
+typedef struct cv_query {
+    float q0, a;
+} cv_query;
+
+static void prep_sq8(const clipdb_cvecs *c, const float *q, int qmax, cv_query *p, int8_t *wq)
+{
+    const float *vmin = c->ranges, *step = c->ranges + c->d;
+    float amax = 0, q0 = 0, inv;
+    int i;
+    for (i = 0; i < c->d; i++) {
+        float w = q[i] * step[i];
+        q0 += q[i] * vmin[i];
+        if (fabsf(w) > amax) amax = fabsf(w);
+    }
+    p->q0 = q0;
+    p->a = amax > 0 ? amax / (float)qmax : 0.0f;
+    inv = amax > 0 ? (float)qmax / amax : 0.0f;
+    for (i = 0; i < c->d; i++) {
+        float v = nearbyintf(q[i] * step[i] * inv);
+        wq[i] = (int8_t)(v < -qmax ? -qmax : v > qmax ? qmax : v);
+    }
+}
+
+/* Offers row r with ranking score sc to heap h (ids are ROW indexes);
+** returns the heap's new entry threshold: the root's score once full, else
+** -inf. Callers skip rows below it without calling (ties still come here,
+** where the row index breaks them). */
+static float offer(cdb_topk *t, size_t h, float sc, size_t r, const clipdb_filter *f)
+{
+    const clipdb_hit *root = &t->hits[h * (size_t)t->k];
+    if (sc == sc && !(t->count[h] == t->k && !cdb_hit_better(sc, (int64_t)r, root->score, root->id)) &&
+        (!f || cdb_filter_allows(f, (int64_t)r)))
+        cdb_topk_push(t, h, sc, (int64_t)r);
+    return t->count[h] == t->k ? root->score : -INFINITY;
+}
+
+/* The ranking score of row r is dot * mul[r] + add[r] (see the top):
+** per-row factors of a block of rows for `metric`. */
+static void rank_factors(const clipdb_cvecs *c, clipdb_metric m, size_t r0, size_t nb, float *mul,
+                         float *add)
+{
+    size_t i;
+    for (i = 0; i < nb; i++) {
+        const float xn = c->norms[r0 + i];
+        mul[i] = m == CLIPDB_METRIC_DOT ? 1.0f : m == CLIPDB_METRIC_COSINE ? c->inv[r0 + i] : 2.0f;
+        add[i] = m == CLIPDB_METRIC_L2 ? -xn * xn : 0.0f;
+    }
+}
+
+/* 16 lanes, as GCC / Clang vector extensions: one AVX-512 register (two
+** AVX2 ones, or scalar code elsewhere). */
+#define CHUNK 16
+typedef float v16f __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+
+static inline v16f load16f(const float *x)
+{
+    v16f v;
+    memcpy(&v, x, sizeof v);
+    return v;
+}
+
+/* 1 if any lane of sc is >= the lane of thr. */
+static inline int any_ge(v16f sc, v16f thr)
+{
+    v16i ge = sc >= thr;
+    int32_t any = 0;
+    for (int u = 0; u < CHUNK; u++) any |= ge[u];
+    return any != 0;
+}
+
+/* Offers the rows [r0, r0 + nb) with dots dot[] to heap h: 16 rows at a
+** time are scored and compared with the threshold in vector registers; only
+** a chunk with a row at or above it goes row by row. */
+static void offer_rows(cdb_topk *t, size_t h, const float *dot, const float *mul, const float *add,
+                       size_t r0, size_t nb, const clipdb_filter *f)
+{
+    const clipdb_hit *root = &t->hits[h * (size_t)t->k];
+    float thr = t->count[h] == t->k ? root->score : -INFINITY;
+    size_t i = 0, u;
+    for (; i + CHUNK <= nb; i += CHUNK) {
+        v16f sc = load16f(dot + i) * load16f(mul + i) + load16f(add + i);
+        if (!any_ge(sc, thr - (v16f){0})) continue;
+        for (u = 0; u < CHUNK; u++)
+            if (sc[u] >= thr) thr = offer(t, h, sc[u], r0 + i + u, f);
+    }
+    for (; i < nb; i++) {
+        float sc = dot[i] * mul[i] + add[i];
+        if (sc >= thr) thr = offer(t, h, sc, r0 + i, f);
+    }
+}
+
+/* ---- one query: the dot kernel over row ranges, one per thread ----------------- */
+
+typedef struct scan_job {
+    const clipdb_cvecs *c;
+    const float *q;          /* bf16 / fp16: the fp32 query */
+    const int8_t *wq;        /* sq8 */
+    cv_query p;
+    clipdb_metric metric;
+    const clipdb_filter *filter;
+    size_t r0, r1;
+    cdb_topk t;              /* one heap of R candidates */
+} scan_job;
+
+static void *scan_rows(void *arg)
+{
+    scan_job *j = arg;
+    const clipdb_cvecs *c = j->c;
+    int32_t ib[CV_ROWS];
+    float fb[CV_ROWS], mul[CV_ROWS], add[CV_ROWS];
+    size_t r, i, nb;
+    for (r = j->r0; r < j->r1; r += nb) {
+        nb = j->r1 - r < CV_ROWS ? j->r1 - r : CV_ROWS;
+        if (c->kind == CLIPDB_COMPRESS_SQ8) {
+            // codes (nb, d) u8 . wq (d) s8 -> ib (nb) s32
+            c->kern->dot_u8s8((const uint8_t *)c->codes + r * (size_t)c->d, nb, c->d, j->wq, ib);
+            for (i = 0; i < nb; i++) fb[i] = j->p.q0 + j->p.a * (float)ib[i];
+        } else {
+            const uint16_t *x = (const uint16_t *)c->codes + r * (size_t)c->d;
+            // rows (nb, d) half . q (d) f32 -> fb (nb)
+            if (c->kind == CLIPDB_COMPRESS_BF16) c->kern->dot_bf16(x, nb, c->d, j->q, fb);
+            else c->kern->dot_fp16(x, nb, c->d, j->q, fb);
+        }
+        rank_factors(c, j->metric, r, nb, mul, add);
+        offer_rows(&j->t, 0, fb, mul, add, r, nb, j->filter);
+    }
+    return NULL;
+}
+
+/* Runs fn on each of nt jobs (job i at base + i * size): nt - 1 threads and
+** this one; jobs whose thread could not start run here. */
+static __attribute__((unused)) void run_jobs(void *(*fn)(void *), void *base, size_t size, int nt)
+{
+    pthread_t tid[CV_MAX_THREADS];
+    int t, started = 0;
+    for (t = 1; t < nt; t++) {
+        if (pthread_create(&tid[t], NULL, fn, (char *)base + (size_t)t * size) != 0) break;
+        started = t;
+    }
+    fn(base);
+    for (t = 1; t <= started; t++) pthread_join(tid[t], NULL);
+    for (t = started + 1; t < nt; t++) fn((char *)base + (size_t)t * size);
+}
+
+/* Runs the nt jobs as run_jobs, but on the OpenMP threads when built with
+** OpenMP: those the GEMM just ran on (oneDNN's pool), which otherwise spin
+** waiting for work while other threads score the block (on 2 cores a third
+** of the time went to that spinning). */
+static void run_jobs_pool(void *(*fn)(void *), void *base, size_t size, int nt)
+{
+#ifdef _OPENMP
+    int t;
+#pragma omp parallel for num_threads(nt) schedule(static, 1)
+    for (t = 0; t < nt; t++) fn((char *)base + (size_t)t * size);
+#else
+    run_jobs(fn, base, size, nt);
+#endif
+}
+
+/* ---- many queries: a matrix product per block, then the scores --------------------- */
+
+typedef struct gemm_job {
+    const clipdb_cvecs *c;
+    const float *pq0, *pa;   /* (m) sq8: q . vmin and the scale a of each query */
+    const void *S;           /* the block's products: sq8 s32 (nb, m); else f32 (m, nb) */
+    const float *mul, *add;  /* (nb) rank factors of the block's rows */
+    float *thr;              /* (m) entry thresholds of the heaps */
+    size_t m, q0, q1;        /* this job's queries [q0, q1) of the m */
+    size_t r0, nb;           /* rows [r0, r0 + nb) */
+    const clipdb_filter *filter;
+    cdb_topk *t;             /* m heaps */
+} gemm_job;
+
+static void *score_block(void *arg)
+{
+    gemm_job *j = arg;
+    size_t r, i, u;
+    if (j->c->kind == CLIPDB_COMPRESS_SQ8) {
+        const int32_t *S = j->S;
+        /* rows outer: S (nb, m) is read in order; queries 16 at a time
+        ** against their thresholds */
+        for (r = 0; r < j->nb; r++) {
+            const int32_t *Sr = S + r * j->m;
+            const float mul = j->mul[r], add = j->add[r];
+            for (i = j->q0; i + CHUNK <= j->q1; i += CHUNK) {
+                v16i iv;
+                v16f sc;
+                memcpy(&iv, Sr + i, sizeof iv);
+                // score = (q . vmin + a * idot) * mul + add, 16 queries
+                sc = (load16f(j->pq0 + i) + load16f(j->pa + i) * __builtin_convertvector(iv, v16f)) *
+                         mul + add;
+                if (!any_ge(sc, load16f(j->thr + i))) continue;
+                for (u = 0; u < CHUNK; u++)
+                    if (sc[u] >= j->thr[i + u])
+                        j->thr[i + u] = offer(j->t, i + u, sc[u], j->r0 + r, j->filter);
+            }
+            for (; i < j->q1; i++) {
+                float sc = (j->pq0[i] + j->pa[i] * (float)Sr[i]) * mul + add;
+                if (sc >= j->thr[i]) j->thr[i] = offer(j->t, i, sc, j->r0 + r, j->filter);
+            }
+        }
+    } else {
+        const float *S = j->S;
+        for (i = j->q0; i < j->q1; i++)
+            offer_rows(j->t, i, S + i * j->nb, j->mul, j->add, j->r0, j->nb, j->filter);
+    }
+    return NULL;
+}
+
+/* ---- re-rank ------------------------------------------------------------------------ */
+
+/* The exact score of row r for query q (fp32 data, double accumulation), in
+** the heaps' internal convention (l2: -|q - x|^2). */
+static float exact_score(const clipdb_vecs *base, const float *q, double qn, size_t r,
+                         clipdb_metric metric)
+{
+    const float *x = base->data + r * (size_t)base->d;
+    double a = 0, xn2 = 0;
+    int i;
+    if (metric == CLIPDB_METRIC_L2) { /* directly: a vector finds itself at exactly 0 */
+        for (i = 0; i < base->d; i++) {
+            double t = (double)q[i] - x[i];
+            a += t * t;
+        }
+        return (float)-a;
+    }
+    for (i = 0; i < base->d; i++) {
+        a += (double)q[i] * x[i];
+        xn2 += (double)x[i] * x[i];
+    }
+    if (metric == CLIPDB_METRIC_DOT) return (float)a;
+    return qn > 0 && xn2 > 0 ? (float)(a / (qn * sqrt(xn2))) : 0.0f;
+}
+
+/* Rescores the candidates of nh heaps of cand (R each, counts ccount) for
+** query q exactly into fin (heap 0, k), ids mapped through base->ids; returns
+** the number of hits. */
+static int rerank(const clipdb_vecs *base, const float *q, clipdb_metric metric,
+                  const clipdb_hit *cand, const int *ccount, int nh, int R, cdb_topk *fin)
+{
+    double qn = cdb_norm(q, (size_t)base->d);
+    int h, i;
+    *fin->count = 0;
+    for (h = 0; h < nh; h++)
+        for (i = 0; i < ccount[h]; i++) {
+            size_t r = (size_t)cand[(size_t)h * R + i].id;
+            cdb_topk_push(fin, 0, exact_score(base, q, qn, r, metric),
+                          base->ids ? base->ids[r] : (int64_t)r);
+        }
+    cdb_topk_finish(fin, 0, metric);
+    return *fin->count;
+}
+
+/* ---- search --------------------------------------------------------------------------- */
+
+static int search_one_by_one(const clipdb_cvecs *c, const clipdb_vecs *base,
+                             const float *queries, size_t nq, int k, int R, int nt,
+                             clipdb_metric metric, const clipdb_filter *filter, clipdb_hit *out,
+                             int *n_out, cdb_err *e)
+{
+    scan_job jobs[CV_MAX_THREADS];
+    clipdb_hit *cand = cdb_malloc_array((size_t)nt * R, sizeof *cand);
+    int *ccount = calloc((size_t)nt + 1, sizeof *ccount);
+    int8_t *wq = malloc((size_t)c->d);
+    size_t qi;
+    int t, rc = CLIPDB_OK;
+    if (!cand || !ccount || !wq) {
+        rc = cdb_err_set(e, CLIPDB_ENOMEM, "compressed search: out of memory");
+        goto cleanup;
+    }
+    for (qi = 0; qi < nq; qi++) {
+        const float *q = queries + qi * (size_t)c->d;
+        cdb_topk fin = {out + qi * (size_t)k, ccount + nt, k};
+        cv_query p = {0, 0};
+        int got;
+        if (c->kind == CLIPDB_COMPRESS_SQ8) prep_sq8(c, q, cdb_int8_weight_max(), &p, wq);
+        for (t = 0; t < nt; t++) {
+            ccount[t] = 0;
+            jobs[t] = (scan_job){c, q, wq, p, metric, filter,
+                                 c->n * (size_t)t / (size_t)nt, c->n * (size_t)(t + 1) / (size_t)nt,
+                                 {cand + (size_t)t * R, ccount + t, R}};
+        }
+        run_jobs_pool(scan_rows, jobs, sizeof jobs[0], nt);
+        got = rerank(base, q, metric, cand, ccount, nt, R, &fin);
+        if (qi == 0 || got < *n_out) *n_out = got;
+    }
+cleanup:
+    free(cand);
+    free(ccount);
+    free(wq);
+    return rc;
+}
+
+static int search_batched(const clipdb_cvecs *c, const clipdb_vecs *base, const float *queries,
+                          size_t nq, int k, int R, int nt, clipdb_metric metric,
+                          const clipdb_filter *filter, clipdb_hit *out, int *n_out, cdb_err *e)
+{
+    gemm_job jobs[CV_MAX_THREADS];
+    const size_t d = (size_t)c->d, qb_max = nq < CV_QB ? nq : CV_QB;
+    const size_t nb_max = c->n < CV_NB ? c->n : CV_NB;
+    clipdb_hit *cand = cdb_malloc_array(qb_max * (size_t)R, sizeof *cand);
+    int *ccount = calloc(qb_max + 1, sizeof *ccount);
+    cv_query *p = cdb_calloc_array(qb_max, sizeof *p);
+    void *S = cdb_malloc_array(qb_max * nb_max, 4);        /* s32 or f32 */
+    void *qc = cdb_malloc_array(qb_max * d, c->kind == CLIPDB_COMPRESS_SQ8 ? 1 : 4);
+    float *wide = NULL;  /* fp16 (and bf16 without a bf16 matmul): rows widened to f32 */
+    float *mul = cdb_malloc_array(nb_max, sizeof *mul), *add = cdb_malloc_array(nb_max, sizeof *add);
+    float *thr = cdb_malloc_array(qb_max, sizeof *thr);
+    float *pq0 = cdb_malloc_array(qb_max, sizeof *pq0), *pa = cdb_malloc_array(qb_max, sizeof *pa);
+    size_t q0, r0, i;
+    int t, rc = CLIPDB_OK, use_bf16 = c->kind == CLIPDB_COMPRESS_BF16;
+    const int qmax = cdb_int8_weight_max();
+
+    if (!cand || !ccount || !p || !S || !qc || !mul || !add || !thr || !pq0 || !pa) {
+        rc = cdb_err_set(e, CLIPDB_ENOMEM, "compressed search: out of memory");
+        goto cleanup;
+    }
+    for (q0 = 0; q0 < nq; q0 += qb_max) {
+        const size_t m = nq - q0 < qb_max ? nq - q0 : qb_max;
+        const float *Q = queries + q0 * d;
+        cdb_topk heaps = {cand, ccount, R};
+        for (i = 0; i < m; i++) {
+            ccount[i] = 0;
+            thr[i] = -INFINITY;
+            if (c->kind == CLIPDB_COMPRESS_SQ8) {
+                prep_sq8(c, Q + i * d, qmax, &p[i], (int8_t *)qc + i * d);
+                pq0[i] = p[i].q0;
+                pa[i] = p[i].a;
+            }
+            else if (c->kind == CLIPDB_COMPRESS_BF16)
+                for (size_t j = 0; j < d; j++)
+                    ((uint16_t *)qc)[i * d + j] = cdb_f32_to_bf16(Q[i * d + j]);
+        }
+        for (r0 = 0; r0 < c->n; r0 += nb_max) {
+            const size_t nb = c->n - r0 < nb_max ? c->n - r0 : nb_max;
+            if (c->kind == CLIPDB_COMPRESS_SQ8) {
+                // codes (nb, d) u8 @ wq^T (d, m) s8 -> S (nb, m) s32
+                rc = cdb_gemm_u8s8s32((int)nb, (int)m, (int)d, (const uint8_t *)c->codes + r0 * d,
+                                      qc, S, e);
+                if (rc != CLIPDB_OK) goto cleanup;
+            } else if (use_bf16) {
+                // q (m, d) bf16 @ rows^T (d, nb) bf16 -> S (m, nb) f32
+                rc = cdb_gemm_bf16((int)m, (int)nb, (int)d, qc,
+                                   (const uint16_t *)c->codes + r0 * d, S, e);
+                if (rc == CLIPDB_ENOTFOUND) { /* no bf16 matmul here: widen, as fp16 */
+                    cdb_err_clear(e);
+                    use_bf16 = 0;
+                    rc = CLIPDB_OK;
+                    r0 -= nb_max;
+                    continue;
+                }
+                if (rc != CLIPDB_OK) goto cleanup;
+            } else {
+                const uint16_t *h = (const uint16_t *)c->codes + r0 * d;
+                if (!wide && !(wide = cdb_malloc_array(nb_max * d, sizeof *wide))) {
+                    rc = cdb_err_set(e, CLIPDB_ENOMEM, "compressed search: out of memory");
+                    goto cleanup;
+                }
+                for (i = 0; i < nb * d; i++)
+                    wide[i] = c->kind == CLIPDB_COMPRESS_FP16 ? cdb_fp16_to_f32(h[i])
+                                                              : cdb_bf16_to_f32(h[i]);
+                // q (m, d) f32 @ rows^T (d, nb) f32 -> S (m, nb) f32
+                cdb_sgemm(CDB_NO_TRANS, CDB_TRANS, (int)m, (int)nb, (int)d, 1.0f, Q, (int)d,
+                          wide, (int)d, 0.0f, S, (int)nb);
+            }
+            rank_factors(c, metric, r0, nb, mul, add);
+            for (t = 0; t < nt; t++)
+                jobs[t] = (gemm_job){c, pq0, pa, S, mul, add, thr, m, m * (size_t)t / (size_t)nt,
+                                     m * (size_t)(t + 1) / (size_t)nt, r0, nb, filter, &heaps};
+            run_jobs_pool(score_block, jobs, sizeof jobs[0], m < (size_t)nt ? 1 : nt);
+        }
+        for (i = 0; i < m; i++) {
+            cdb_topk fin = {out + (q0 + i) * (size_t)k, ccount + qb_max, k};
+            int got = rerank(base, Q + i * d, metric, cand + i * (size_t)R, &ccount[i], 1, R, &fin);
+            if (q0 + i == 0 || got < *n_out) *n_out = got;
+        }
+    }
+cleanup:
+    free(cand);
+    free(ccount);
+    free(p);
+    free(S);
+    free(qc);
+    free(wide);
+    free(mul);
+    free(add);
+    free(thr);
+    free(pq0);
+    free(pa);
+    return rc;
+}
+
+int clipdb_cvecs_search(const clipdb_cvecs *c, const clipdb_vecs *base, const float *queries,
+                        size_t nq, int k, int rerank_n, clipdb_metric metric,
+                        const clipdb_filter *filter, clipdb_hit *out, int *n_out, char **errmsg)
+{
+    cdb_err e;
+    int rc = CLIPDB_OK, nt, R;
+
+    cdb_err_clear(&e);
+    if (!c || !base || !n_out || (!queries && nq) || (!out && nq)) {
+        rc = cdb_err_set(&e, CLIPDB_EINVAL, "compressed search: NULL argument");
+        goto cleanup;
+    }
+    if (base->n != c->n || base->d != c->d || (c->n && !base->data)) {
+        rc = cdb_err_set(&e, CLIPDB_EINVAL, "compressed search: the fp32 set (%zu x %d) is not "
+                         "the one compressed (%zu x %d)", base->n, base->d, c->n, c->d);
+        goto cleanup;
+    }
+    if (k < 1 || k > CLIPDB_MAX_K) {
+        rc = cdb_err_set(&e, CLIPDB_EINVAL, "compressed search: k = %d out of range", k);
+        goto cleanup;
+    }
+    if (!cdb_metric_ok(metric)) {
+        rc = cdb_err_set(&e, CLIPDB_EINVAL, "compressed search: unknown metric %d", (int)metric);
+        goto cleanup;
+    }
+    if ((rc = cdb_filter_check(filter, &e)) != CLIPDB_OK) goto cleanup;
+    *n_out = 0;
+    if (nq == 0) goto cleanup;
+    if (rerank_n <= 0) rerank_n = k <= CLIPDB_CVECS_RERANK / 4 ? CLIPDB_CVECS_RERANK : 4 * k;
+    R = rerank_n > k ? rerank_n : k;
+    if (R > CLIPDB_MAX_K) R = CLIPDB_MAX_K;
+    if ((size_t)R > c->n) R = c->n > 0 ? (int)c->n : 1;
+    if (k > R) R = k;
+    nt = cdb_compute_threads();
+    if (nt > CV_MAX_THREADS) nt = CV_MAX_THREADS;
+    if (nt < 1 || c->n * (size_t)c->d < ((size_t)1 << 18)) nt = 1;
+    if (nq >= CDB_CVECS_GEMM_MIN && c->n > 0)
+        rc = search_batched(c, base, queries, nq, k, R, nt, metric, filter, out, n_out, &e);
+    else
+        rc = search_one_by_one(c, base, queries, nq, k, R, nt, metric, filter, out, n_out, &e);
+cleanup:
+    if (rc != CLIPDB_OK && errmsg) *errmsg = cdb_strdup(e.msg);
+    return rc;
+}
+
+/* ---- the SQ8 interface of earlier releases ------------------------------------------ */
+
+int clipdb_sq8_build(const clipdb_vecs *base, clipdb_sq8 **out, char **errmsg)
+{
+    return clipdb_cvecs_build(base, CLIPDB_COMPRESS_SQ8, NULL, out, errmsg);
+}
+
+void clipdb_sq8_free(clipdb_sq8 *s)
+{
+    clipdb_cvecs_free(s);
+}
+
+size_t clipdb_sq8_bytes(const clipdb_sq8 *s)
+{
+    return clipdb_cvecs_bytes(s);
+}
+
+int clipdb_sq8_search(const clipdb_sq8 *s, const clipdb_vecs *base, const float *queries,
+                      size_t nq, int k, int rerank_n, clipdb_metric metric,
+                      const clipdb_filter *filter, clipdb_hit *out, int *n_out, char **errmsg)
+{
+    return clipdb_cvecs_search(s, base, queries, nq, k, rerank_n, metric, filter, out, n_out,
+                               errmsg);
+}

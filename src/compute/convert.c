@@ -25,7 +25,8 @@ static void to_bf16_c(const float *x, size_t n, uint16_t *out)
     for (i = 0; i < n; i++) out[i] = cdb_f32_to_bf16(x[i]);
 }
 
-static void quantize_rows_c(const float *x, size_t m, size_t k, int8_t *q, float *sx)
+static void quantize_rows_c(const float *x, size_t m, size_t k, float qmax, int8_t *q,
+                            float *sx)
 {
     size_t i, j;
     for (i = 0; i < m; i++) {
@@ -36,7 +37,7 @@ static void quantize_rows_c(const float *x, size_t m, size_t k, int8_t *q, float
             const float a = fabsf(xr[j]);
             amax = a > amax ? a : amax;
         }
-        sx[i] = amax > 0.0f ? amax / 127.0f : 1.0f;
+        sx[i] = amax > 0.0f ? amax / qmax : 1.0f;
         inv = 1.0f / sx[i];
         for (j = 0; j < k; j++) {
             long v = lrintf(xr[j] * inv);
@@ -99,8 +100,8 @@ AVX512 static void to_bf16_avx512(const float *x, size_t n, uint16_t *out)
     }
 }
 
-AVX512 static void quantize_rows_avx512(const float *x, size_t m, size_t k, int8_t *q,
-                                        float *sx)
+AVX512 static void quantize_rows_avx512(const float *x, size_t m, size_t k, float qmax,
+                                        int8_t *q, float *sx)
 {
     size_t i, j;
     for (i = 0; i < m; i++) {
@@ -111,7 +112,7 @@ AVX512 static void quantize_rows_avx512(const float *x, size_t m, size_t k, int8
         for (j = 0; j < k; j += 16)
             vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_maskz_loadu_ps(lanes(k - j), xr + j)));
         amax = _mm512_reduce_max_ps(vmax);
-        sx[i] = amax > 0.0f ? amax / 127.0f : 1.0f;
+        sx[i] = amax > 0.0f ? amax / qmax : 1.0f;
         inv = 1.0f / sx[i];
         vinv = _mm512_set1_ps(inv);
         for (j = 0; j < k; j += 16) {

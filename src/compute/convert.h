@@ -19,9 +19,10 @@ typedef struct cdb_convert_kernels {
     /* out (n) = bf16(x (n)), round to nearest even, NaN kept NaN
     ** (cdb_f32_to_bf16 element by element). */
     void (*to_bf16)(const float *x, size_t n, uint16_t *out);
-    /* x (m, k) -> q (m, k) s8 with sx[i] = max|x[i,:]| / 127 (1 for a zero
-    ** row); q = round-to-nearest-even(x / sx) as x * (1 / sx). */
-    void (*quantize_rows)(const float *x, size_t m, size_t k, int8_t *q, float *sx);
+    /* x (m, k) -> q (m, k) s8 with sx[i] = max|x[i,:]| / qmax (1 for a zero
+    ** row); q = round-to-nearest-even(x / sx) as x * (1 / sx). qmax <= 127:
+    ** 127 for activations, cdb_int8_weight_max() for weights. */
+    void (*quantize_rows)(const float *x, size_t m, size_t k, float qmax, int8_t *q, float *sx);
     /* y (m, n) = [y +] acc (m, n) * sx[i] * sw[j], with add 0 or 1. */
     void (*dequant_rows)(const int32_t *acc, size_t m, size_t n, const float *sx,
                          const float *sw, int add, float *y);

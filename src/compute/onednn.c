@@ -97,6 +97,62 @@ static int dnnl_fail(cdb_err *e, const char *what, dnnl_status_t s)
                        "oneDNN: %s failed (status %d)", what, (int)s);
 }
 
+/* ---- per-thread scratch ------------------------------------------------------ */
+
+/* The buffers of one cdb_linear call (converted activations and int8
+** accumulators, oneDNN's scratchpad, a padded output), kept per thread
+** between calls: glibc serves blocks over 128 KiB from fresh mappings, so
+** a malloc per call page-faulted them in afresh every time (measured: the
+** first touch, in the bf16 conversion, was the largest cost after the GEMM
+** on texts). Grown as needed, never shared between threads, freed when the
+** thread exits. */
+enum { SCR_ACT, SCR_PAD, SCR_OUT, SCR_SLOTS };
+typedef struct thread_scratch {
+    void *p[SCR_SLOTS];
+    size_t cap[SCR_SLOTS];
+} thread_scratch;
+
+static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
+static pthread_key_t scratch_key;
+static int scratch_key_ok;
+
+static void scratch_free(void *arg)
+{
+    thread_scratch *t = arg;
+    int i;
+    for (i = 0; i < SCR_SLOTS; i++) free(t->p[i]);
+    free(t);
+}
+
+static void scratch_init(void)
+{
+    scratch_key_ok = pthread_key_create(&scratch_key, scratch_free) == 0;
+}
+
+/* A 64-byte aligned block of at least `bytes` in this thread's slot (contents
+** not kept), or NULL when out of memory. */
+static void *scratch_get(int slot, size_t bytes)
+{
+    thread_scratch *t;
+    pthread_once(&scratch_once, scratch_init);
+    if (!scratch_key_ok) return NULL;
+    if (!(t = pthread_getspecific(scratch_key))) {
+        if (!(t = calloc(1, sizeof *t))) return NULL;
+        if (pthread_setspecific(scratch_key, t)) {
+            free(t);
+            return NULL;
+        }
+    }
+    if (t->cap[slot] < bytes) {
+        size_t cap = (bytes + 63) / 64 * 64;
+        free(t->p[slot]);
+        t->cap[slot] = 0;
+        if (cap < bytes || !(t->p[slot] = aligned_alloc(64, cap))) return NULL;
+        t->cap[slot] = cap;
+    }
+    return t->p[slot];
+}
+
 const char *cdb_onednn_isa(void)
 {
     switch (dnnl_get_effective_cpu_isa()) {
@@ -301,14 +357,22 @@ static int convert_plain(cdb_wpack *pk, const float *W, cdb_trans tw, void **out
                 for (i = 0; i < K; i++) b[(size_t)j * K + i] = cdb_f32_to_bf16(w_at(W, tw, N, K, j, i));
     } else {
         int8_t *q = buf;
-        for (j = 0; j < N; j++) {
-            float amax = 0.0f, inv;
-            for (i = 0; i < K; i++) amax = fmaxf(amax, fabsf(w_at(W, tw, N, K, j, i)));
-            pk->scale[j] = amax > 0.0f ? amax / qmax : 1.0f;
-            inv = 1.0f / pk->scale[j];
-            for (i = 0; i < K; i++)
-                q[(size_t)j * K + i] = (int8_t)lrintf(w_at(W, tw, N, K, j, i) * inv);
+        const float *Wt = W;
+        float *tr = NULL;
+        if (tw != CDB_TRANS) { /* W (n_in, n_out): its (n_out, n_in) transpose first */
+            if (!(tr = cdb_malloc_array((size_t)N * K, sizeof(float)))) {
+                free(buf);
+                return cdb_err_set(e, CLIPDB_ENOMEM, "out of memory (packing a %d x %d weight)",
+                                   N, K);
+            }
+            for (j = 0; j < N; j++)
+                for (i = 0; i < K; i++) tr[(size_t)j * K + i] = w_at(W, tw, N, K, j, i);
+            Wt = tr;
         }
+        /* per output channel j: scale[j] = max|W[j,:]| / qmax, the same rule
+        ** as the activations' rows */
+        cdb_convert_best()->quantize_rows(Wt, (size_t)N, (size_t)K, qmax, q, pk->scale);
+        free(tr);
     }
     *out = buf;
     return CLIPDB_OK;
@@ -450,7 +514,7 @@ static int run_prim(const cdb_wpack *pk, dnnl_primitive_t prim, size_t scratch_b
             goto cleanup;
         }
         spmd = dnnl_primitive_desc_query_md(pd, dnnl_query_scratchpad_md, 0);
-        if (!(scratch = aligned_alloc(64, (scratch_bytes + 63) / 64 * 64))) {
+        if (!(scratch = scratch_get(SCR_PAD, scratch_bytes))) {
             rc = cdb_err_set(e, CLIPDB_ENOMEM, "out of memory (scratchpad)");
             goto cleanup;
         }
@@ -470,7 +534,6 @@ cleanup:
     dnnl_memory_destroy(mw);
     dnnl_memory_destroy(md);
     dnnl_memory_destroy(msp);
-    free(scratch);
     return rc;
 }
 
@@ -501,10 +564,11 @@ static int run_pieces(const cdb_wpack *cpk, int sum, int m, const void *x, size_
         size_t scratch;
         if ((rc = get_piece(pk, sum, rows, &prim, &scratch, e))) break;
         if (rows != real && !y_padded) { /* only the last piece */
-            if (!(tmp = calloc((size_t)rows, row_y))) {
+            if (!(tmp = scratch_get(SCR_OUT, (size_t)rows * row_y))) {
                 rc = cdb_err_set(e, CLIPDB_ENOMEM, "out of memory (padded output)");
                 break;
             }
+            memset(tmp, 0, (size_t)rows * row_y);
             if (sum) memcpy(tmp, yp, (size_t)real * row_y);
             dst = tmp;
         }
@@ -513,7 +577,6 @@ static int run_pieces(const cdb_wpack *cpk, int sum, int m, const void *x, size_
                       e);
         if (!rc && dst == tmp) memcpy(yp, tmp, (size_t)real * row_y);
     }
-    free(tmp);
     return rc;
 }
 
@@ -547,9 +610,9 @@ int cdb_onednn_linear(const cdb_wpack *pk, int m, int n_out, int n_in, const flo
             break;
         }
         /* xb (mp, in) bf16, rows past m zero */
-        if (!cdb_mul_ok(mp, (size_t)n_in * sizeof(uint16_t), &bytes) || !(buf = malloc(bytes)))
+        if (!cdb_mul_ok(mp, (size_t)n_in * sizeof(uint16_t), &bytes) ||
+            !(xb = scratch_get(SCR_ACT, bytes)))
             return cdb_err_set(e, CLIPDB_ENOMEM, "out of memory (bf16 activations)");
-        xb = buf;
         kern->to_bf16(x, mk, xb);
         memset(xb + mk, 0, bytes - mk * sizeof(uint16_t));
         rc = run_pieces(pk, beta != 0.0f, m, xb, 2, dnnl_bf16, y, 4, dnnl_f32, 0, e);
@@ -563,13 +626,12 @@ int cdb_onednn_linear(const cdb_wpack *pk, int m, int n_out, int n_in, const flo
         float *sx;
         if (!cdb_mul_ok(mp, (size_t)n_in, &qb) || !cdb_add_ok(qb, 63, &qb) ||
             !cdb_mul_ok(mp, (size_t)n_out * 4, &ab) || !cdb_add_ok(ab, (size_t)m * 4, &bytes) ||
-            !cdb_add_ok(bytes, qb / 64 * 64, &bytes) || !(buf = malloc(bytes)))
+            !cdb_add_ok(bytes, qb / 64 * 64, &bytes) || !(q = scratch_get(SCR_ACT, bytes)))
             return cdb_err_set(e, CLIPDB_ENOMEM, "out of memory (int8 activations)");
         qb = qb / 64 * 64;
-        q = buf;
-        acc = (int32_t *)((char *)buf + qb);
+        acc = (int32_t *)((char *)q + qb);
         sx = (float *)((char *)acc + ab);
-        kern->quantize_rows(x, (size_t)m, (size_t)n_in, q, sx);
+        kern->quantize_rows(x, (size_t)m, (size_t)n_in, 127.0f, q, sx);
         memset(q + mk, 0, mp * (size_t)n_in - mk);
         /* q (mp, in) @ Wq^T (in, out) -> acc (mp, out) s32 */
         if ((rc = run_pieces(pk, 0, m, q, 1, dnnl_s8, acc, 4, dnnl_s32, 1, e))) break;

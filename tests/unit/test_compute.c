@@ -216,7 +216,7 @@ TEST(compute_convert_kernels_avx512_equal_portable)
         for (size_t i = 0; i < m * n; i++) CHECK(b1[i] == cdb_f32_to_bf16(x[i]));
         x[0] = 3.0f;
         for (size_t i = 0; i < n; i++) x[n + i] = 0.0f; /* a zero row: scale 1, codes 0 */
-        c->quantize_rows(x, m, n, q1, sx);
+        c->quantize_rows(x, m, n, 127.0f, q1, sx);
         CHECK(sx[1] == 1.0f);
         for (size_t i = 0; i < m; i++)
             for (size_t j = 0; j < n; j++) {
@@ -237,8 +237,8 @@ TEST(compute_convert_kernels_avx512_equal_portable)
             v->to_bf16(x, m * n, b2);
             CHECK(!memcmp(b1, b2, m * n * 2));
             x[0] = 3.0f;
-            c->quantize_rows(x, m, n, q1, sx);
-            v->quantize_rows(x, m, n, q2, sx2);
+            c->quantize_rows(x, m, n, 127.0f, q1, sx);
+            v->quantize_rows(x, m, n, 127.0f, q2, sx2);
             CHECK(!memcmp(q1, q2, m * n) && !memcmp(sx, sx2, sizeof sx));
             for (int add = 0; add < 2; add++) {
                 memcpy(y1, y, m * n * 4);
@@ -247,6 +247,14 @@ TEST(compute_convert_kernels_avx512_equal_portable)
                 v->dequant_rows(acc, m, n, sx, sw, add, y2);
                 CHECK(!memcmp(y1, y2, m * n * 4));
             }
+        }
+        /* the weights' 7-bit codes (no VNNI): qmax 63 */
+        x[0] = 3.0f;
+        c->quantize_rows(x, m, n, 63.0f, q1, sx);
+        for (size_t i = 0; i < m * n; i++) CHECK(abs(q1[i]) <= 63);
+        if (v) {
+            v->quantize_rows(x, m, n, 63.0f, q2, sx2);
+            CHECK(!memcmp(q1, q2, m * n) && !memcmp(sx, sx2, sizeof sx));
         }
         free(x), free(acc), free(sw), free(y), free(y1), free(y2), free(b1), free(b2), free(q1),
             free(q2);

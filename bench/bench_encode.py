@@ -18,7 +18,8 @@ Measures, in one run (seeded weights from tools/gen_model.py --size b32):
   (e) per encoder precision (--precision fp32, bf16, int8): images/s, texts/s,
       peak RSS and min cosine to PyTorch fp32, beside PyTorch bf16 autocast
       (torch.autocast("cpu", torch.bfloat16)); the fp32 GEMM limit is the
-      better of OpenBLAS and oneDNN's dnnl_sgemm (bench/sgemm_rate.c).
+      better of OpenBLAS and oneDNN's dnnl_sgemm (bench/sgemm_rate.c); then
+      each of issue 7's speed ratios beside its target (met / NOT met).
 Medians over repeats; warm-up runs are not timed. The CPU model and the ISA
 clipdb dispatched to (clipdb version --verbose) are printed with the table.
 """
@@ -241,6 +242,23 @@ def main():
         notes.append(f"RSS/weights {rss * 1024 / wbytes:.2f}")
         print(f"{prec:9s} {ri:9.2f} {rt:9.2f} {rss / 1024:8.1f} {ci:9.6f} {ct:9.6f}  "
               + "; ".join(notes))
+    # the issue's targets (issue 7, "Speed"), each ratio beside its floor
+    amx = "amx" in compute
+    fp32_txt, bf16_txt, int8_img, int8_txt = (prec_rows[0][2], prec_rows[1][2], prec_rows[2][1],
+                                              prec_rows[2][2])
+    targets = [("fp32 images/s vs torch fp32", fp32_img / torch_img, 1.6),
+               ("fp32 images/s as share of best fp32 GEMM limit", fp32_img / best_limit, 0.70),
+               ("bf16 images/s vs torch bf16 autocast", bf16_img / torch_img_bf16,
+                3.0 if amx else 2.0),
+               ("int8 images/s vs our bf16", int8_img / bf16_img, 1.3)]
+    if torch_txt_bf16:
+        targets += [("bf16 texts/s vs torch bf16 autocast", bf16_txt / torch_txt_bf16, 5.0),
+                    ("int8 texts/s vs our bf16", int8_txt / bf16_txt, 1.3)]
+    print(f"\nissue 7 targets (medians; {'AMX' if amx else 'no AMX'}: ISA {compute}; CPU {cpu}):")
+    for name, ratio, floor in targets:
+        print(f"  {name:48s} {ratio:6.2f}x  target >= {floor:.2f}x  "
+              f"{'met' if ratio >= floor else 'NOT met'}")
+    print(f"  (fp32 texts/s {fp32_txt:.2f}; load average now {os.getloadavg()[0]:.2f})")
     print(f"torch: fp32 {torch_img:.2f} images/s, bf16 autocast {torch_img_bf16:.2f} images/s"
           + (f", texts/s bf16 autocast {torch_txt_bf16:.2f}" if torch_txt_bf16 else "")
           + f"; fp32 images/s vs fp32 {fp32_img / torch_img:.2f}x")

@@ -11,6 +11,20 @@
 ** needed), so concurrent cdb_linear calls from several threads share no
 ** writable state.
 **
+** bf16 and int8 (where the ISA has them) run on fixed-row primitives
+** instead: oneDNN 2.6's brgemm matmul (brg:avx512_core_bf16,
+** brg:avx512_core_vnni, brg:avx512_core_amx), 2-3x faster here than the
+** run-time-M gemm:jit it falls back to, has no run-time dimensions. So the
+** rows are cut into pieces of PIECE_ROWS, and a last piece is padded (zero
+** rows, a scratch output) to a multiple of PIECE_STEP: at most
+** PIECE_ROWS / PIECE_STEP shapes per pack and sum mode, each primitive
+** created on first use (JIT, a few ms; oneDNN's primitive cache shares the
+** code between packs of one shape) and kept with the pack. The weight
+** layout is the one the PIECE_ROWS primitive chose at pack time; every
+** piece primitive is created for that layout.
+** The elementwise passes (bf16 rounding of x, int8 quantisation and
+** dequantisation) are convert.h's kernels (AVX-512 where the CPU has it).
+**
 ** Precisions (compute.h): fp32 matmul f32 x f32 -> f32;
 **   bf16: x (m, in) is rounded to bf16 per call, W stored bf16, f32 accumulate;
 **   int8: W stored s8 with a scale per output channel, sw[j] = max|W[j,:]| / 127;
@@ -30,7 +44,14 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "compute/convert.h"
 #include "compute/onednn.h"
+
+/* Rows of one fixed-shape matmul call, and the multiple a last piece is
+** padded to (see the top). */
+#define PIECE_ROWS 256
+#define PIECE_STEP 32
+#define N_PIECES (PIECE_ROWS / PIECE_STEP)
 
 struct cdb_wpack {
     cdb_prec prec;
@@ -43,6 +64,11 @@ struct cdb_wpack {
     dnnl_memory_desc_t wmd;  /* the layout the primitive wants */
     dnnl_primitive_t prim[2]; /* [0]: y = x W^T; [1]: y += x W^T (fp32/bf16) */
     size_t scratch[2];       /* scratchpad bytes of each */
+    int pieces;              /* 1: runs on piece[] (fixed rows), prim[] unused */
+    pthread_mutex_t mu;      /* guards piece[] creation */
+    /* piece[sum][i]: rows (i + 1) * PIECE_STEP; created on first use */
+    dnnl_primitive_t piece[2][N_PIECES];
+    size_t piece_scratch[2][N_PIECES];
 };
 
 /* ---- engine --------------------------------------------------------------- */
@@ -69,6 +95,62 @@ static int dnnl_fail(cdb_err *e, const char *what, dnnl_status_t s)
 {
     return cdb_err_set(e, s == dnnl_out_of_memory ? CLIPDB_ENOMEM : CLIPDB_ERROR,
                        "oneDNN: %s failed (status %d)", what, (int)s);
+}
+
+/* ---- per-thread scratch ------------------------------------------------------ */
+
+/* The buffers of one cdb_linear call (converted activations and int8
+** accumulators, oneDNN's scratchpad, a padded output), kept per thread
+** between calls: glibc serves blocks over 128 KiB from fresh mappings, so
+** a malloc per call page-faulted them in afresh every time (measured: the
+** first touch, in the bf16 conversion, was the largest cost after the GEMM
+** on texts). Grown as needed, never shared between threads, freed when the
+** thread exits. */
+enum { SCR_ACT, SCR_PAD, SCR_OUT, SCR_SLOTS };
+typedef struct thread_scratch {
+    void *p[SCR_SLOTS];
+    size_t cap[SCR_SLOTS];
+} thread_scratch;
+
+static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
+static pthread_key_t scratch_key;
+static int scratch_key_ok;
+
+static void scratch_free(void *arg)
+{
+    thread_scratch *t = arg;
+    int i;
+    for (i = 0; i < SCR_SLOTS; i++) free(t->p[i]);
+    free(t);
+}
+
+static void scratch_init(void)
+{
+    scratch_key_ok = pthread_key_create(&scratch_key, scratch_free) == 0;
+}
+
+/* A 64-byte aligned block of at least `bytes` in this thread's slot (contents
+** not kept), or NULL when out of memory. */
+static void *scratch_get(int slot, size_t bytes)
+{
+    thread_scratch *t;
+    pthread_once(&scratch_once, scratch_init);
+    if (!scratch_key_ok) return NULL;
+    if (!(t = pthread_getspecific(scratch_key))) {
+        if (!(t = calloc(1, sizeof *t))) return NULL;
+        if (pthread_setspecific(scratch_key, t)) {
+            free(t);
+            return NULL;
+        }
+    }
+    if (t->cap[slot] < bytes) {
+        size_t cap = (bytes + 63) / 64 * 64;
+        free(t->p[slot]);
+        t->cap[slot] = 0;
+        if (cap < bytes || !(t->p[slot] = aligned_alloc(64, cap))) return NULL;
+        t->cap[slot] = cap;
+    }
+    return t->p[slot];
 }
 
 const char *cdb_onednn_isa(void)
@@ -132,13 +214,15 @@ static dnnl_status_t md2(dnnl_memory_desc_t *md, dnnl_dim_t rows, dnnl_dim_t col
     return dnnl_memory_desc_init_by_tag(md, 2, dims, dt, tag);
 }
 
-/* Matmul x (M, K) @ W (K, N) -> y (M, N), M at run time; sum: y += ...
+/* Matmul x (M, K) @ W (K, N) -> y (M, N) into *prim (scratchpad bytes in
+** *scratch); M = rows, or at run time (DNNL_RUNTIME_DIM_VAL); sum: y += ...
 ** first: the weight layout is chosen here (pk->wmd): fp32 weights (and the
 ** fp32 copies of emulated bf16) stay in their plain layout `plain_tag`, so
 ** an fp32 model uses its memory-mapped weights in place (no second copy;
 ** oneDNN's fp32 gemm packs panels per call either way); bf16 and int8 take
 ** the layout oneDNN prefers (format_tag_any). */
-static int make_prim(cdb_wpack *pk, int sum, int first, dnnl_format_tag_t plain_tag, cdb_err *e)
+static int make_prim(cdb_wpack *pk, int sum, dnnl_dim_t rows, int first, dnnl_format_tag_t plain_tag,
+                     dnnl_primitive_t *prim, size_t *scratch, cdb_err *e)
 {
     const dnnl_data_type_t wt = wtype(pk);
     const dnnl_data_type_t dt = pk->prec == CDB_PREC_INT8 ? dnnl_s32 : dnnl_f32;
@@ -150,8 +234,8 @@ static int make_prim(cdb_wpack *pk, int sum, int first, dnnl_format_tag_t plain_
     dnnl_status_t s;
     int rc = CLIPDB_OK;
 
-    if ((s = md2(&smd, DNNL_RUNTIME_DIM_VAL, pk->n_in, wt, dnnl_ab)) ||
-        (s = md2(&dmd, DNNL_RUNTIME_DIM_VAL, pk->n_out, dt, dnnl_ab)))
+    if ((s = md2(&smd, rows, pk->n_in, wt, dnnl_ab)) ||
+        (s = md2(&dmd, rows, pk->n_out, dt, dnnl_ab)))
         return dnnl_fail(e, "memory descriptor", s);
     if (first) {
         if ((s = md2(&wmd, pk->n_in, pk->n_out, wt,
@@ -180,13 +264,31 @@ static int make_prim(cdb_wpack *pk, int sum, int first, dnnl_format_tag_t plain_
         goto cleanup;
     }
     if (first) pk->wmd = *dnnl_primitive_desc_query_md(pd, dnnl_query_weights_md, 0);
-    pk->scratch[sum] =
+    *scratch =
         dnnl_memory_desc_get_size(dnnl_primitive_desc_query_md(pd, dnnl_query_scratchpad_md, 0));
-    if ((s = dnnl_primitive_create(&pk->prim[sum], pd))) rc = dnnl_fail(e, "matmul primitive", s);
+    if ((s = dnnl_primitive_create(prim, pd))) rc = dnnl_fail(e, "matmul primitive", s);
 cleanup:
     dnnl_primitive_desc_destroy(pd);
     dnnl_post_ops_destroy(po);
     dnnl_primitive_attr_destroy(attr);
+    return rc;
+}
+
+/* The piece primitive of `rows` (a multiple of PIECE_STEP, <= PIECE_ROWS),
+** created on first use. */
+static int get_piece(cdb_wpack *pk, int sum, int rows, dnnl_primitive_t *prim, size_t *scratch,
+                     cdb_err *e)
+{
+    const int i = rows / PIECE_STEP - 1;
+    int rc = CLIPDB_OK;
+    pthread_mutex_lock(&pk->mu);
+    if (!pk->piece[sum][i])
+        rc = make_prim(pk, sum, rows, 0, dnnl_ab, &pk->piece[sum][i], &pk->piece_scratch[sum][i], e);
+    if (rc == CLIPDB_ENOTFOUND)
+        rc = cdb_err_set(e, CLIPDB_ERROR, "oneDNN has no matmul of %d rows for this layout", rows);
+    *prim = pk->piece[sum][i];
+    *scratch = pk->piece_scratch[sum][i];
+    pthread_mutex_unlock(&pk->mu);
     return rc;
 }
 
@@ -248,18 +350,29 @@ static int convert_plain(cdb_wpack *pk, const float *W, cdb_trans tw, void **out
                 b[(size_t)j * K + i] = cdb_bf16_to_f32(cdb_f32_to_bf16(w_at(W, tw, N, K, j, i)));
     } else if (pk->prec == CDB_PREC_BF16) {
         uint16_t *b = buf;
-        for (j = 0; j < N; j++)
-            for (i = 0; i < K; i++) b[(size_t)j * K + i] = cdb_f32_to_bf16(w_at(W, tw, N, K, j, i));
+        if (tw == CDB_TRANS) /* W is already (n_out, n_in): one pass */
+            cdb_convert_best()->to_bf16(W, (size_t)N * K, b);
+        else
+            for (j = 0; j < N; j++)
+                for (i = 0; i < K; i++) b[(size_t)j * K + i] = cdb_f32_to_bf16(w_at(W, tw, N, K, j, i));
     } else {
         int8_t *q = buf;
-        for (j = 0; j < N; j++) {
-            float amax = 0.0f, inv;
-            for (i = 0; i < K; i++) amax = fmaxf(amax, fabsf(w_at(W, tw, N, K, j, i)));
-            pk->scale[j] = amax > 0.0f ? amax / qmax : 1.0f;
-            inv = 1.0f / pk->scale[j];
-            for (i = 0; i < K; i++)
-                q[(size_t)j * K + i] = (int8_t)lrintf(w_at(W, tw, N, K, j, i) * inv);
+        const float *Wt = W;
+        float *tr = NULL;
+        if (tw != CDB_TRANS) { /* W (n_in, n_out): its (n_out, n_in) transpose first */
+            if (!(tr = cdb_malloc_array((size_t)N * K, sizeof(float)))) {
+                free(buf);
+                return cdb_err_set(e, CLIPDB_ENOMEM, "out of memory (packing a %d x %d weight)",
+                                   N, K);
+            }
+            for (j = 0; j < N; j++)
+                for (i = 0; i < K; i++) tr[(size_t)j * K + i] = w_at(W, tw, N, K, j, i);
+            Wt = tr;
         }
+        /* per output channel j: scale[j] = max|W[j,:]| / qmax, the same rule
+        ** as the activations' rows */
+        cdb_convert_best()->quantize_rows(Wt, (size_t)N, (size_t)K, qmax, q, pk->scale);
+        free(tr);
     }
     *out = buf;
     return CLIPDB_OK;
@@ -278,9 +391,11 @@ int cdb_onednn_wpack_new(cdb_wpack **out, const float *W, cdb_trans tw, int n_ou
     *out = NULL;
     if ((rc = get_engine(e))) return rc;
     if (!(pk = calloc(1, sizeof *pk))) return cdb_err_set(e, CLIPDB_ENOMEM, "out of memory");
+    pthread_mutex_init(&pk->mu, NULL);
     pk->prec = prec;
     pk->n_out = n_out;
     pk->n_in = n_in;
+    pk->pieces = prec != CDB_PREC_FP32; /* bf16, int8: fixed-row primitives */
     if (prec == CDB_PREC_INT8 && !(pk->scale = malloc((size_t)n_out * sizeof(float)))) {
         rc = cdb_err_set(e, CLIPDB_ENOMEM, "out of memory");
         goto cleanup;
@@ -288,17 +403,24 @@ int cdb_onednn_wpack_new(cdb_wpack **out, const float *W, cdb_trans tw, int n_ou
     /* W (n_out, n_in) row-major is dims {K, N} in format ba; (n_in, n_out) is ab;
     ** converted copies (bf16, int8, emulated bf16) are written (n_out, n_in) */
     tag = prec == CDB_PREC_FP32 && tw == CDB_NO_TRANS ? dnnl_ab : dnnl_ba;
-    rc = make_prim(pk, 0, 1, tag, e);
+    if (pk->pieces)
+        rc = make_prim(pk, 0, PIECE_ROWS, 1, tag, &pk->piece[0][N_PIECES - 1],
+                       &pk->piece_scratch[0][N_PIECES - 1], e);
+    else
+        rc = make_prim(pk, 0, DNNL_RUNTIME_DIM_VAL, 1, tag, &pk->prim[0], &pk->scratch[0], e);
     if (rc == CLIPDB_ENOTFOUND && prec == CDB_PREC_BF16) {
         pk->emulated = 1; /* no bf16 matmul for this ISA: emulate (see the top) */
-        rc = make_prim(pk, 0, 1, tag, e);
+        pk->pieces = 0;
+        rc = make_prim(pk, 0, DNNL_RUNTIME_DIM_VAL, 1, tag, &pk->prim[0], &pk->scratch[0], e);
     }
     if (rc == CLIPDB_ENOTFOUND)
         rc = cdb_err_set(e, CLIPDB_ERROR, "oneDNN has no %s matmul for ISA %s",
                          prec == CDB_PREC_INT8 ? "int8" : prec == CDB_PREC_BF16 ? "bf16" : "fp32",
                          cdb_onednn_isa());
     if (rc) goto cleanup;
-    if (prec != CDB_PREC_INT8 && (rc = make_prim(pk, 1, 0, tag, e))) goto cleanup;
+    if (!pk->pieces &&
+        (rc = make_prim(pk, 1, DNNL_RUNTIME_DIM_VAL, 0, tag, &pk->prim[1], &pk->scratch[1], e)))
+        goto cleanup;
 
     /* The plain source: W itself (fp32) or its converted copy, dims {K, N} */
     if ((s = md2(&plain, n_in, n_out, wtype(pk), tag))) {
@@ -334,9 +456,15 @@ cleanup:
 
 void cdb_wpack_free(cdb_wpack *pk)
 {
+    int i;
     if (!pk) return;
     dnnl_primitive_destroy(pk->prim[0]);
     dnnl_primitive_destroy(pk->prim[1]);
+    for (i = 0; i < N_PIECES; i++) {
+        dnnl_primitive_destroy(pk->piece[0][i]);
+        dnnl_primitive_destroy(pk->piece[1][i]);
+    }
+    pthread_mutex_destroy(&pk->mu);
     if (pk->w_owned) free(pk->w);
     free(pk->scale);
     free(pk);
@@ -350,9 +478,11 @@ size_t cdb_wpack_bytes(const cdb_wpack *pk)
 
 /* ---- running ------------------------------------------------------------------ */
 
-/* Runs prim on src (m, K) of type st and dst (m, N) of type dt. */
-static int run_prim(const cdb_wpack *pk, int which, int m, const void *src, dnnl_data_type_t st,
-                    void *dst, dnnl_data_type_t dt, cdb_err *e)
+/* Runs prim (scratchpad `scratch_bytes`) on src (m, K) of type st and dst
+** (m, N) of type dt. */
+static int run_prim(const cdb_wpack *pk, dnnl_primitive_t prim, size_t scratch_bytes, int m,
+                    const void *src, dnnl_data_type_t st, void *dst, dnnl_data_type_t dt,
+                    cdb_err *e)
 {
     dnnl_memory_desc_t smd, dmd;
     dnnl_memory_t ms = NULL, mw = NULL, md = NULL, msp = NULL;
@@ -376,15 +506,15 @@ static int run_prim(const cdb_wpack *pk, int which, int m, const void *src, dnnl
     args[1].memory = mw;
     args[2].arg = DNNL_ARG_DST;
     args[2].memory = md;
-    if (pk->scratch[which]) {
+    if (scratch_bytes) {
         const dnnl_memory_desc_t *spmd;
         const_dnnl_primitive_desc_t pd;
-        if ((s = dnnl_primitive_get_primitive_desc(pk->prim[which], &pd))) {
+        if ((s = dnnl_primitive_get_primitive_desc(prim, &pd))) {
             rc = dnnl_fail(e, "scratchpad", s);
             goto cleanup;
         }
         spmd = dnnl_primitive_desc_query_md(pd, dnnl_query_scratchpad_md, 0);
-        if (!(scratch = aligned_alloc(64, (pk->scratch[which] + 63) / 64 * 64))) {
+        if (!(scratch = scratch_get(SCR_PAD, scratch_bytes))) {
             rc = cdb_err_set(e, CLIPDB_ENOMEM, "out of memory (scratchpad)");
             goto cleanup;
         }
@@ -396,8 +526,7 @@ static int run_prim(const cdb_wpack *pk, int which, int m, const void *src, dnnl
         args[3].memory = msp;
         nargs = 4;
     }
-    if ((s = dnnl_primitive_execute(pk->prim[which], strm, nargs, args)) ||
-        (s = dnnl_stream_wait(strm)))
+    if ((s = dnnl_primitive_execute(prim, strm, nargs, args)) || (s = dnnl_stream_wait(strm)))
         rc = dnnl_fail(e, "matmul", s);
 cleanup:
     dnnl_stream_destroy(strm);
@@ -405,32 +534,60 @@ cleanup:
     dnnl_memory_destroy(mw);
     dnnl_memory_destroy(md);
     dnnl_memory_destroy(msp);
-    free(scratch);
     return rc;
 }
 
-/* x (m, K) -> q (m, K) s8 with sx[i] = max|x[i,:]| / 127 (1 for a zero row). */
-static void quantize_rows(const float *x, int m, int K, int8_t *q, float *sx)
+/* Rows rounded up to the piece step. */
+static size_t padded_rows(int m)
 {
-    int i, k;
-    for (i = 0; i < m; i++) {
-        const float *xr = x + (size_t)i * K;
-        int8_t *qr = q + (size_t)i * K;
-        float amax = 0.0f, inv;
-        for (k = 0; k < K; k++) amax = fmaxf(amax, fabsf(xr[k]));
-        sx[i] = amax > 0.0f ? amax / 127.0f : 1.0f;
-        inv = 1.0f / sx[i];
-        for (k = 0; k < K; k++) qr[k] = (int8_t)lrintf(xr[k] * inv);
+    return ((size_t)m + PIECE_STEP - 1) / PIECE_STEP * PIECE_STEP;
+}
+
+/* x (m, K) of type st (esz bytes) -> y (m, N) of type dt (ysz bytes; y +=
+** with sum) on the piece primitives. x holds padded_rows(m) rows, those past
+** m zero; y_padded: y holds padded_rows(m) rows too (else a padded last
+** piece runs into a scratch output, copied back). */
+static int run_pieces(const cdb_wpack *cpk, int sum, int m, const void *x, size_t esz,
+                      dnnl_data_type_t st, void *y, size_t ysz, dnnl_data_type_t dt, int y_padded,
+                      cdb_err *e)
+{
+    cdb_wpack *pk = (cdb_wpack *)cpk; /* only the piece cache changes, under pk->mu */
+    const size_t row_x = (size_t)pk->n_in * esz, row_y = (size_t)pk->n_out * ysz;
+    void *tmp = NULL;
+    int r0, rc = CLIPDB_OK;
+    for (r0 = 0; r0 < m && !rc; r0 += PIECE_ROWS) {
+        const int real = m - r0 < PIECE_ROWS ? m - r0 : PIECE_ROWS;
+        const int rows = (int)padded_rows(real);
+        char *yp = (char *)y + (size_t)r0 * row_y;
+        void *dst = yp;
+        dnnl_primitive_t prim;
+        size_t scratch;
+        if ((rc = get_piece(pk, sum, rows, &prim, &scratch, e))) break;
+        if (rows != real && !y_padded) { /* only the last piece */
+            if (!(tmp = scratch_get(SCR_OUT, (size_t)rows * row_y))) {
+                rc = cdb_err_set(e, CLIPDB_ENOMEM, "out of memory (padded output)");
+                break;
+            }
+            memset(tmp, 0, (size_t)rows * row_y);
+            if (sum) memcpy(tmp, yp, (size_t)real * row_y);
+            dst = tmp;
+        }
+        /* x rows [r0, r0 + rows) (rows, K) @ W (K, N) -> dst (rows, N) */
+        rc = run_prim(pk, prim, scratch, rows, (const char *)x + (size_t)r0 * row_x, st, dst, dt,
+                      e);
+        if (!rc && dst == tmp) memcpy(yp, tmp, (size_t)real * row_y);
     }
+    return rc;
 }
 
 int cdb_onednn_linear(const cdb_wpack *pk, int m, int n_out, int n_in, const float *x, int ldx,
                       float beta, float *y, int ldy, cdb_err *e)
 {
-    const size_t mk = (size_t)m * (size_t)n_in, mn = (size_t)m * (size_t)n_out;
+    const cdb_convert_kernels *kern = cdb_convert_best();
+    const size_t mk = (size_t)m * (size_t)n_in, mp = padded_rows(m);
     void *buf = NULL;
     int rc = CLIPDB_OK;
-    size_t i;
+    size_t i, bytes;
 
     if (m <= 0) return CLIPDB_OK;
     if (pk->n_out != n_out || pk->n_in != n_in || ldx != n_in || ldy != n_out ||
@@ -440,46 +597,46 @@ int cdb_onednn_linear(const cdb_wpack *pk, int m, int n_out, int n_in, const flo
                            pk->n_out, pk->n_in, n_out, n_in, ldx, ldy, (double)beta);
     switch (pk->prec) {
     case CDB_PREC_FP32:
-        return run_prim(pk, beta != 0.0f, m, x, dnnl_f32, y, dnnl_f32, e);
+        return run_prim(pk, pk->prim[beta != 0.0f], pk->scratch[beta != 0.0f], m, x, dnnl_f32, y,
+                        dnnl_f32, e);
     case CDB_PREC_BF16: {
         uint16_t *xb;
         if (pk->emulated) { /* x rounded to bf16, kept in fp32 */
             float *xr = buf = cdb_malloc_array(mk, sizeof(float));
             if (!xr) return cdb_err_set(e, CLIPDB_ENOMEM, "out of memory (bf16 activations)");
             for (i = 0; i < mk; i++) xr[i] = cdb_bf16_to_f32(cdb_f32_to_bf16(x[i]));
-            rc = run_prim(pk, beta != 0.0f, m, xr, dnnl_f32, y, dnnl_f32, e);
+            rc = run_prim(pk, pk->prim[beta != 0.0f], pk->scratch[beta != 0.0f], m, xr, dnnl_f32,
+                          y, dnnl_f32, e);
             break;
         }
-        xb = buf = cdb_malloc_array(mk, sizeof(uint16_t));
-        if (!xb) return cdb_err_set(e, CLIPDB_ENOMEM, "out of memory (bf16 activations)");
-        for (i = 0; i < mk; i++) xb[i] = cdb_f32_to_bf16(x[i]);
-        rc = run_prim(pk, beta != 0.0f, m, xb, dnnl_bf16, y, dnnl_f32, e);
+        /* xb (mp, in) bf16, rows past m zero */
+        if (!cdb_mul_ok(mp, (size_t)n_in * sizeof(uint16_t), &bytes) ||
+            !(xb = scratch_get(SCR_ACT, bytes)))
+            return cdb_err_set(e, CLIPDB_ENOMEM, "out of memory (bf16 activations)");
+        kern->to_bf16(x, mk, xb);
+        memset(xb + mk, 0, bytes - mk * sizeof(uint16_t));
+        rc = run_pieces(pk, beta != 0.0f, m, xb, 2, dnnl_bf16, y, 4, dnnl_f32, 0, e);
         break;
     }
     case CDB_PREC_INT8: {
-        /* q (m, in) s8 | acc (m, out) s32 | sx (m) f32, in one allocation */
-        size_t qb = (mk + 63) / 64 * 64, bytes;
+        /* q (mp, in) s8 | acc (mp, out) s32 | sx (m) f32, in one allocation */
+        size_t qb, ab;
         int8_t *q;
         int32_t *acc;
         float *sx;
-        int r, j;
-        if (!cdb_mul_ok(mn + (size_t)m, 4, &bytes) || !cdb_add_ok(bytes, qb, &bytes) ||
-            !(buf = malloc(bytes)))
+        if (!cdb_mul_ok(mp, (size_t)n_in, &qb) || !cdb_add_ok(qb, 63, &qb) ||
+            !cdb_mul_ok(mp, (size_t)n_out * 4, &ab) || !cdb_add_ok(ab, (size_t)m * 4, &bytes) ||
+            !cdb_add_ok(bytes, qb / 64 * 64, &bytes) || !(q = scratch_get(SCR_ACT, bytes)))
             return cdb_err_set(e, CLIPDB_ENOMEM, "out of memory (int8 activations)");
-        q = buf;
-        acc = (int32_t *)((char *)buf + qb);
-        sx = (float *)(acc + mn);
-        quantize_rows(x, m, n_in, q, sx);
-        if ((rc = run_prim(pk, 0, m, q, dnnl_s8, acc, dnnl_s32, e))) break;
-        for (r = 0; r < m; r++) {
-            const int32_t *ar = acc + (size_t)r * n_out;
-            float *yr = y + (size_t)r * n_out;
-            const float s = sx[r];
-            if (beta != 0.0f)
-                for (j = 0; j < n_out; j++) yr[j] += (float)ar[j] * s * pk->scale[j];
-            else
-                for (j = 0; j < n_out; j++) yr[j] = (float)ar[j] * s * pk->scale[j];
-        }
+        qb = qb / 64 * 64;
+        acc = (int32_t *)((char *)q + qb);
+        sx = (float *)((char *)acc + ab);
+        kern->quantize_rows(x, (size_t)m, (size_t)n_in, 127.0f, q, sx);
+        memset(q + mk, 0, mp * (size_t)n_in - mk);
+        /* q (mp, in) @ Wq^T (in, out) -> acc (mp, out) s32 */
+        if ((rc = run_pieces(pk, 0, m, q, 1, dnnl_s8, acc, 4, dnnl_s32, 1, e))) break;
+        /* y (m, out) [+]= acc * sx[i] * scale[j] */
+        kern->dequant_rows(acc, (size_t)m, (size_t)n_out, sx, pk->scale, beta != 0.0f, y);
         break;
     }
     }

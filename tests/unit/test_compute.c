@@ -3,6 +3,9 @@
 ** in double: cdb_sgemm for every transpose combination, cdb_linear on plain
 ** and packed weights in each precision, at sizes on both sides of the
 ** vector widths and blocking of the kernels (1, 15, 16, 17, 63, 64, 65, 768),
+** row counts on both sides of the bf16/int8 piece size and padding step
+** (onednn.c: 256 rows a piece, a last piece padded to a multiple of 32),
+** the conversion kernels (convert.h: AVX-512 bit-identical to portable),
 ** concurrent use of one pack from several threads, and bad calls.
 ** The backend is the one CLIPDB_GEMM selects; tests/cli/test_compute.py runs
 ** these tests again under CLIPDB_GEMM=openblas and each ONEDNN_MAX_CPU_ISA.
@@ -11,6 +14,7 @@
 #include <stdint.h>
 
 #include "compute/compute.h"
+#include "compute/convert.h"
 #include "test.h"
 
 static uint64_t rng_state = 0x9e3779b97f4a7c15ull;
@@ -145,6 +149,116 @@ TEST(compute_linear_packed_each_precision_matches_reference)
                 cdb_wpack_free(pk);
                 free(W), free(Wt);
             }
+}
+
+/* Row counts around onednn.c's pieces (PIECE_ROWS 256, PIECE_STEP 32): a
+** padded last piece, an exact one, several pieces with and without padding.
+** Every precision against the reference, beta 0 and 1. */
+TEST(compute_linear_rows_on_both_sides_of_the_piece_size)
+{
+    static const int rows[] = {31, 32, 33, 255, 256, 257, 289, 513};
+    const int n_out = 48, n_in = 40;
+    float *W = rnd_vec((size_t)n_out * n_in);
+    for (int prec = CDB_PREC_FP32; prec <= CDB_PREC_INT8; prec++) {
+        cdb_wpack *pk = NULL;
+        cdb_err e = {0};
+        REQUIRE(cdb_wpack_new(&pk, W, CDB_TRANS, n_out, n_in, (cdb_prec)prec, &e) == CLIPDB_OK);
+        for (size_t ri = 0; ri < sizeof rows / sizeof *rows; ri++) {
+            const int m = rows[ri];
+            float *x = rnd_vec((size_t)m * n_in), *y = rnd_vec((size_t)m * n_out);
+            float *y0 = malloc((size_t)m * n_out * 4);
+            for (int beta = 0; beta < 2; beta++) {
+                memcpy(y0, y, (size_t)m * n_out * 4);
+                REQUIRE(cdb_linear(pk, W, m, n_out, n_in, x, n_in, (float)beta, y, n_out, &e) ==
+                        CLIPDB_OK);
+                for (int i = 0; i < m; i++)
+                    for (int j = 0; j < n_out; j++) {
+                        double mag, r = ref_linear((cdb_prec)prec, W, x, n_in, i, j, &mag);
+                        double tol = 1e-5 * (mag + 1);
+                        if (prec == CDB_PREC_INT8) tol += 2.0 * mag / (n_in + 1) + 1e-3;
+                        CHECK_NEAR(y[(size_t)i * n_out + j],
+                                   r + (beta ? y0[(size_t)i * n_out + j] : 0.0), tol);
+                    }
+            }
+            free(x), free(y), free(y0);
+        }
+        cdb_wpack_free(pk);
+    }
+    free(W);
+}
+
+/* convert.h: the AVX-512 kernels give the portable kernels' bits at lengths
+** on both sides of the 16-lane width (masked tails), and the portable ones
+** follow the definitions (cdb_f32_to_bf16; x * (1/s) rounded to even). */
+TEST(compute_convert_kernels_avx512_equal_portable)
+{
+    static const size_t lens[] = {1, 15, 16, 17, 31, 32, 33, 512, 768};
+    const cdb_convert_kernels *c = cdb_convert_portable(), *v = cdb_convert_avx512();
+    const cdb_convert_kernels *best = cdb_convert_best();
+    const char *env = getenv("CLIPDB_CONVERT");
+    CHECK(best == (v && !(env && !strcmp(env, "portable")) ? v : c));
+    CHECK(!strcmp(c->name, "portable"));
+    for (size_t li = 0; li < sizeof lens / sizeof *lens; li++) {
+        const size_t n = lens[li], m = 3;
+        float *x = rnd_vec(m * n), sx[3], sx2[3];
+        int32_t *acc = malloc(m * n * sizeof *acc);
+        float *sw = rnd_vec(n), *y = rnd_vec(m * n), *y1 = malloc(m * n * 4), *y2 = malloc(m * n * 4);
+        uint16_t *b1 = malloc(m * n * 2), *b2 = malloc(m * n * 2);
+        int8_t *q1 = malloc(m * n), *q2 = malloc(m * n);
+        for (size_t i = 0; i < m * n; i++) {
+            x[i] *= 100.0f;
+            acc[i] = (int32_t)(frand() * 1e6f);
+        }
+        x[0] = NAN;                                  /* kept NaN in bf16 */
+        if (n > 1) x[1] = 1.0f + 1.0f / 256;         /* a tie: to even */
+        if (n > 2) x[2] = -1e-40f;                   /* a denormal: not flushed */
+        c->to_bf16(x, m * n, b1);
+        for (size_t i = 0; i < m * n; i++) CHECK(b1[i] == cdb_f32_to_bf16(x[i]));
+        x[0] = 3.0f;
+        for (size_t i = 0; i < n; i++) x[n + i] = 0.0f; /* a zero row: scale 1, codes 0 */
+        c->quantize_rows(x, m, n, 127.0f, q1, sx);
+        CHECK(sx[1] == 1.0f);
+        for (size_t i = 0; i < m; i++)
+            for (size_t j = 0; j < n; j++) {
+                CHECK(q1[i * n + j] == (int8_t)lrintf(x[i * n + j] * (1.0f / sx[i])));
+                CHECK(abs(q1[i * n + j]) <= 127);
+            }
+        for (int add = 0; add < 2; add++) {
+            memcpy(y1, y, m * n * 4);
+            c->dequant_rows(acc, m, n, sx, sw, add, y1);
+            for (size_t i = 0; i < m; i++)
+                for (size_t j = 0; j < n; j++)
+                    CHECK(y1[i * n + j] ==
+                          (add ? y[i * n + j] : 0.0f) + (float)acc[i * n + j] * sx[i] * sw[j]);
+        }
+        if (v) {
+            x[0] = NAN;
+            c->to_bf16(x, m * n, b1);
+            v->to_bf16(x, m * n, b2);
+            CHECK(!memcmp(b1, b2, m * n * 2));
+            x[0] = 3.0f;
+            c->quantize_rows(x, m, n, 127.0f, q1, sx);
+            v->quantize_rows(x, m, n, 127.0f, q2, sx2);
+            CHECK(!memcmp(q1, q2, m * n) && !memcmp(sx, sx2, sizeof sx));
+            for (int add = 0; add < 2; add++) {
+                memcpy(y1, y, m * n * 4);
+                memcpy(y2, y, m * n * 4);
+                c->dequant_rows(acc, m, n, sx, sw, add, y1);
+                v->dequant_rows(acc, m, n, sx, sw, add, y2);
+                CHECK(!memcmp(y1, y2, m * n * 4));
+            }
+        }
+        /* the weights' 7-bit codes (no VNNI): qmax 63 */
+        x[0] = 3.0f;
+        c->quantize_rows(x, m, n, 63.0f, q1, sx);
+        for (size_t i = 0; i < m * n; i++) CHECK(abs(q1[i]) <= 63);
+        if (v) {
+            v->quantize_rows(x, m, n, 63.0f, q2, sx2);
+            CHECK(!memcmp(q1, q2, m * n) && !memcmp(sx, sx2, sizeof sx));
+        }
+        free(x), free(acc), free(sw), free(y), free(y1), free(y2), free(b1), free(b2), free(q1),
+            free(q2);
+    }
 }
 
 TEST(compute_linear_plain_weight_with_strides)

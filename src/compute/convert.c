@@ -1,0 +1,175 @@
+/*
+** convert.c: the conversions around bf16 and int8 linear layers (convert.h),
+** portable C and AVX-512, with the choice made once from the CPU's features.
+**
+** The AVX-512 versions do exactly the portable arithmetic 16 lanes at a time
+** (same operations in the same order, tails through masked loads and
+** stores), so both give the same bits: bf16 rounding by the integer
+** round-to-nearest-even trick (not vcvtneps2bf16, which flushes denormals),
+** quantisation by one multiply with 1/sx and vcvtps2dq (nearest even, as
+** lrintf in the default rounding mode) with signed saturation to int8.
+*/
+#include <math.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "compute/compute.h"
+#include "compute/convert.h"
+
+/* ---- portable --------------------------------------------------------------- */
+
+static void to_bf16_c(const float *x, size_t n, uint16_t *out)
+{
+    size_t i;
+    for (i = 0; i < n; i++) out[i] = cdb_f32_to_bf16(x[i]);
+}
+
+static void quantize_rows_c(const float *x, size_t m, size_t k, float qmax, int8_t *q,
+                            float *sx)
+{
+    size_t i, j;
+    for (i = 0; i < m; i++) {
+        const float *xr = x + i * k; /* (k) */
+        int8_t *qr = q + i * k;
+        float amax = 0.0f, inv;
+        for (j = 0; j < k; j++) {
+            const float a = fabsf(xr[j]);
+            amax = a > amax ? a : amax;
+        }
+        sx[i] = amax > 0.0f ? amax / qmax : 1.0f;
+        inv = 1.0f / sx[i];
+        for (j = 0; j < k; j++) {
+            long v = lrintf(xr[j] * inv);
+            qr[j] = (int8_t)(v > 127 ? 127 : v < -128 ? -128 : v);
+        }
+    }
+}
+
+static void dequant_rows_c(const int32_t *acc, size_t m, size_t n, const float *sx,
+                           const float *sw, int add, float *y)
+{
+    size_t i, j;
+    for (i = 0; i < m; i++) {
+        const int32_t *ar = acc + i * n; /* (n) */
+        float *yr = y + i * n;
+        const float s = sx[i];
+        if (add)
+            for (j = 0; j < n; j++) yr[j] += (float)ar[j] * s * sw[j];
+        else
+            for (j = 0; j < n; j++) yr[j] = (float)ar[j] * s * sw[j];
+    }
+}
+
+static const cdb_convert_kernels portable = {"portable", to_bf16_c, quantize_rows_c,
+                                             dequant_rows_c};
+
+const cdb_convert_kernels *cdb_convert_portable(void)
+{
+    return &portable;
+}
+
+/* ---- AVX-512 (F + BW) --------------------------------------------------------- */
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define AVX512 __attribute__((target("avx512f,avx512bw")))
+
+/* Mask of the first r (< 16) lanes, or all 16. */
+AVX512 static inline __mmask16 lanes(size_t r)
+{
+    return r >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << r) - 1u);
+}
+
+AVX512 static void to_bf16_avx512(const float *x, size_t n, uint16_t *out)
+{
+    const __m512i half = _mm512_set1_epi32(0x7fff), one = _mm512_set1_epi32(1);
+    const __m512i absm = _mm512_set1_epi32(0x7fffffff), inf = _mm512_set1_epi32(0x7f800000);
+    const __m512i quiet = _mm512_set1_epi32(0x40);
+    size_t i;
+    for (i = 0; i < n; i += 16) {
+        const __mmask16 k = lanes(n - i);
+        const __m512i u = _mm512_castps_si512(_mm512_maskz_loadu_ps(k, x + i));
+        /* round: (u + 0x7fff + ((u >> 16) & 1)) >> 16; NaN: (u >> 16) | 0x40 */
+        __m512i r = _mm512_add_epi32(u, half);
+        r = _mm512_add_epi32(r, _mm512_and_si512(_mm512_srli_epi32(u, 16), one));
+        r = _mm512_srli_epi32(r, 16);
+        const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, absm), inf);
+        r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(_mm512_srli_epi32(u, 16), quiet));
+        _mm256_mask_storeu_epi16(out + i, k, _mm512_cvtepi32_epi16(r));
+    }
+}
+
+AVX512 static void quantize_rows_avx512(const float *x, size_t m, size_t k, float qmax,
+                                        int8_t *q, float *sx)
+{
+    size_t i, j;
+    for (i = 0; i < m; i++) {
+        const float *xr = x + i * k; /* (k) */
+        int8_t *qr = q + i * k;
+        __m512 vmax = _mm512_setzero_ps(), vinv;
+        float amax, inv;
+        for (j = 0; j < k; j += 16)
+            vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_maskz_loadu_ps(lanes(k - j), xr + j)));
+        amax = _mm512_reduce_max_ps(vmax);
+        sx[i] = amax > 0.0f ? amax / qmax : 1.0f;
+        inv = 1.0f / sx[i];
+        vinv = _mm512_set1_ps(inv);
+        for (j = 0; j < k; j += 16) {
+            const __mmask16 msk = lanes(k - j);
+            const __m512i v =
+                _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(msk, xr + j), vinv));
+            _mm512_mask_cvtsepi32_storeu_epi8(qr + j, msk, v);
+        }
+    }
+}
+
+AVX512 static void dequant_rows_avx512(const int32_t *acc, size_t m, size_t n, const float *sx,
+                                       const float *sw, int add, float *y)
+{
+    size_t i, j;
+    for (i = 0; i < m; i++) {
+        const int32_t *ar = acc + i * n; /* (n) */
+        float *yr = y + i * n;
+        const __m512 s = _mm512_set1_ps(sx[i]);
+        for (j = 0; j < n; j += 16) {
+            const __mmask16 k = lanes(n - j);
+            __m512 v = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(k, ar + j));
+            v = _mm512_mul_ps(_mm512_mul_ps(v, s), _mm512_maskz_loadu_ps(k, sw + j));
+            if (add) v = _mm512_add_ps(_mm512_maskz_loadu_ps(k, yr + j), v);
+            _mm512_mask_storeu_ps(yr + j, k, v);
+        }
+    }
+}
+
+static const cdb_convert_kernels avx512 = {"avx512", to_bf16_avx512, quantize_rows_avx512,
+                                           dequant_rows_avx512};
+
+const cdb_convert_kernels *cdb_convert_avx512(void)
+{
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) return &avx512;
+    return NULL;
+}
+#else
+const cdb_convert_kernels *cdb_convert_avx512(void)
+{
+    return NULL;
+}
+#endif
+
+static pthread_once_t best_once = PTHREAD_ONCE_INIT;
+static const cdb_convert_kernels *best;
+
+static void choose(void)
+{
+    const char *env = getenv("CLIPDB_CONVERT");
+    best = (env && !strcmp(env, "portable")) ? NULL : cdb_convert_avx512();
+    if (!best) best = &portable;
+}
+
+const cdb_convert_kernels *cdb_convert_best(void)
+{
+    pthread_once(&best_once, choose);
+    return best;
+}

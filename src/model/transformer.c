@@ -328,46 +328,6 @@ static void bias_backward(float *db, const float *dy, size_t ld, size_t rows, si
 
 /* ---- the residual block --------------------------------------------------- */
 
-/* Sequences of at most this many keys attend without GEMM calls
-** (attend_direct): the text tower's (often under 20 tokens), where each
-** per-head cdb_sgemm was a (T, 64) @ (64, T) product too small for a GEMM
-** call's set-up. Longer ones (the 50 image tokens) take the GEMM path. */
-#define CDB_ATT_DIRECT_MAX 32
-
-/* Attention of one (sequence, head) in plain vector loops: Q (nq, hd), K and
-** V (nk, hd) at row stride ld; S (nq, nk) scores, then probabilities (zero
-** past each row's keys); out (nq, hd) at row stride ldo. Row i sees keys
-** [0, i + 1) with causal_rows, else all nk. Same operations as the GEMM
-** path: S = Q K^T, softmax(scale * S), out = P V. */
-static void attend_direct(const float *Q, const float *K, const float *V, int ld, int nq, int nk,
-                          int causal_rows, float scale, float *S, float *out, int ldo)
-{
-    int i, j, c;
-    for (i = 0; i < nq; i++) {
-        const float *q = Q + (size_t)i * ld; /* (hd) */
-        float *row = S + (size_t)i * nk;     /* (nk) */
-        const int valid = causal_rows ? i + 1 : nk;
-        vecf o[CDB_HEAD_DIM / VL];
-        /* row (valid) = K (valid, hd) @ q (hd) */
-        for (j = 0; j < valid; j++) {
-            const float *k = K + (size_t)j * ld;
-            vecf acc = vec_set1(0.0f);
-            for (c = 0; c < CDB_HEAD_DIM; c += VL) acc += vec_load(q + c) * vec_load(k + c);
-            row[j] = vec_hsum(acc);
-        }
-        cdb_softmax(row, (size_t)valid, scale);
-        if (valid < nk) memset(row + valid, 0, (size_t)(nk - valid) * sizeof(float));
-        /* out_i (hd) = row (valid) @ V (valid, hd) */
-        for (c = 0; c < CDB_HEAD_DIM / VL; c++) o[c] = vec_set1(0.0f);
-        for (j = 0; j < valid; j++) {
-            const float *v = V + (size_t)j * ld;
-            const vecf p = vec_set1(row[j]);
-            for (c = 0; c < CDB_HEAD_DIM / VL; c++) o[c] += p * vec_load(v + c * VL);
-        }
-        for (c = 0; c < CDB_HEAD_DIM / VL; c++) vec_store(out + (size_t)i * ldo + c * VL, o[c]);
-    }
-}
-
 /* Multi-head attention of nseq sequences of T tokens.
 ** qkv (nseq*T, 3d): q | k | v per token, biases added.
 ** att (nq*nseq, d): per sequence, nq = T query rows (qpos == NULL) or the
@@ -390,11 +350,6 @@ static void attention(struct cdb_run *r, const float *qkv, float *att, int d, in
             if (keep_p) S = keep_p + ((size_t)s * heads + hh) * T * T; /* kept (T, T) */
             const float *K = base + d + hh * CDB_HEAD_DIM;               /* (nk, hd), ld 3d */
             const float *V = base + 2 * d + hh * CDB_HEAD_DIM;           /* (nk, hd), ld 3d */
-            if (nk <= CDB_ATT_DIRECT_MAX) {
-                attend_direct(Q, K, V, ld, nq, nk, causal && !qpos, scale, S,
-                              out + hh * CDB_HEAD_DIM, d);
-                continue;
-            }
             /* Q (nq, hd) @ K^T (hd, nk) -> S (nq, nk) */
             cdb_sgemm(CDB_NO_TRANS, CDB_TRANS, nq, nk, CDB_HEAD_DIM, 1.0f,
                         Q, ld, K, ld, 0.0f, S, nk);

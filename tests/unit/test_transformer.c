@@ -194,13 +194,12 @@ TEST(transformer_quick_gelu_and_softmax_match_scalar)
 
 TEST(transformer_block_matches_scalar_reference)
 {
-    /* 32 | 33: both sides of CDB_ATT_DIRECT_MAX (direct attention | GEMMs) */
-    static const int widths[] = {64, 128}, tokens[] = {1, 2, 7, 32, 33, 50};
+    static const int widths[] = {64, 128}, tokens[] = {1, 2, 7, 50};
     struct cdb_run *r = cdb_run_new();
     cdb_err e;
     REQUIRE(r);
     for (int wi = 0; wi < 2; wi++)
-        for (int ti = 0; ti < 6; ti++)
+        for (int ti = 0; ti < 4; ti++)
             for (int causal = 0; causal < 2; causal++) {
                 const int d = widths[wi], f = 4 * d, T = tokens[ti], nseq = 3;
                 const size_t n = (size_t)nseq * T * d;

@@ -24,4 +24,10 @@ int cdb_onednn_wpack_new(cdb_wpack **out, const float *W, cdb_trans tw, int n_ou
 int cdb_onednn_linear(const cdb_wpack *pk, int m, int n_out, int n_in, const float *x, int ldx,
                       float beta, float *y, int ldy, cdb_err *e);
 
+/* cdb_sgemm_bf16 (compute.h); 1 if bf16 runs natively (not emulated). */
+int cdb_onednn_sgemm_bf16(cdb_trans ta, cdb_trans tb, int m, int n, int k, float alpha,
+                          const float *A, int lda, const float *B, int ldb, float beta, float *C,
+                          int ldc, cdb_err *e);
+int cdb_onednn_bf16_native(void);
+
 #endif

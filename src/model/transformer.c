@@ -33,6 +33,9 @@ struct cdb_run {
     float *mlp;   size_t cap_mlp;   /* (rows, f) MLP hidden; image patches */
     float *s;     size_t cap_s;     /* (T, T) attention scores of one (sequence, head) */
     float *proj;  size_t cap_proj;  /* (nseq, e) projected output of a text group */
+    cdb_prec gemm;                  /* GEMMs on plain weights: fp32, or bf16 (training) */
+    int gemm_rc;                    /* first failed bf16 GEMM since the last check ... */
+    cdb_err gemm_err;               /* ... and its message (see gemm()) */
 };
 
 struct cdb_run *cdb_run_new(void)
@@ -51,6 +54,53 @@ void cdb_run_free(struct cdb_run *r)
     free(r->s);
     free(r->proj);
     free(r);
+}
+
+void cdb_run_set_gemm(struct cdb_run *r, cdb_prec prec)
+{
+    r->gemm = prec == CDB_PREC_BF16 ? CDB_PREC_BF16 : CDB_PREC_FP32;
+}
+
+/* The GEMMs of the forward and backward on plain (unpacked) operands:
+** cdb_sgemm, or cdb_sgemm_bf16 when r->gemm says bf16 (training with
+** --precision bf16). Called from the pool's threads too, so a bf16 failure
+** (out of memory) is kept, first one wins, in r->gemm_rc / gemm_err, and the
+** op that ran the GEMMs returns it through gemm_status(). */
+static void gemm(struct cdb_run *r, cdb_trans ta, cdb_trans tb, int m, int n, int k,
+                 float alpha, const float *A, int lda, const float *B, int ldb, float beta,
+                 float *C, int ldc)
+{
+    cdb_err e;
+    int rc, zero = 0;
+    if (r->gemm != CDB_PREC_BF16) {
+        cdb_sgemm(ta, tb, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
+        return;
+    }
+    cdb_err_clear(&e);
+    rc = cdb_sgemm_bf16(ta, tb, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc, &e);
+    if (rc && __atomic_compare_exchange_n(&r->gemm_rc, &zero, rc, 0, __ATOMIC_ACQ_REL,
+                                          __ATOMIC_ACQUIRE))
+        r->gemm_err = e;
+}
+
+/* CLIPDB_OK, or the first GEMM failure since the last call (then cleared). */
+static int gemm_status(struct cdb_run *r, cdb_err *e)
+{
+    const int rc = r->gemm_rc;
+    if (!rc) return CLIPDB_OK;
+    r->gemm_rc = 0;
+    return cdb_err_set(e, rc, "%s", r->gemm_err.msg);
+}
+
+/* cdb_linear, with plain weights (pk == NULL) through gemm(): x (m, n_in) @ W^T (n_in, n_out) -> y (m, n_out) */
+static int linear(struct cdb_run *r, const cdb_wpack *pk, const float *W, int m, int n_out,
+                  int n_in, const float *x, int ldx, float beta, float *y, int ldy, cdb_err *e)
+{
+    if (pk || r->gemm != CDB_PREC_BF16)
+        return cdb_linear(pk, W, m, n_out, n_in, x, ldx, beta, y, ldy, e);
+    if (m <= 0) return CLIPDB_OK;
+    gemm(r, CDB_NO_TRANS, CDB_TRANS, m, n_out, n_in, 1.0f, x, ldx, W, n_in, beta, y, ldy);
+    return gemm_status(r, e);
 }
 
 /* Grows *p to hold at least n floats (contents are not kept). */
@@ -351,7 +401,7 @@ static void attention(struct cdb_run *r, const float *qkv, float *att, int d, in
             const float *K = base + d + hh * CDB_HEAD_DIM;               /* (nk, hd), ld 3d */
             const float *V = base + 2 * d + hh * CDB_HEAD_DIM;           /* (nk, hd), ld 3d */
             /* Q (nq, hd) @ K^T (hd, nk) -> S (nq, nk) */
-            cdb_sgemm(CDB_NO_TRANS, CDB_TRANS, nq, nk, CDB_HEAD_DIM, 1.0f,
+            gemm(r, CDB_NO_TRANS, CDB_TRANS, nq, nk, CDB_HEAD_DIM, 1.0f,
                         Q, ld, K, ld, 0.0f, S, nk);
             for (i = 0; i < nq; i++) {
                 float *row = S + (size_t)i * nk; /* (nk) */
@@ -360,7 +410,7 @@ static void attention(struct cdb_run *r, const float *qkv, float *att, int d, in
                 if (valid < nk) memset(row + valid, 0, (size_t)(nk - valid) * sizeof(float));
             }
             /* P (nq, nk) @ V (nk, hd) -> out[:, head] (nq, hd), ld d */
-            cdb_sgemm(CDB_NO_TRANS, CDB_NO_TRANS, nq, CDB_HEAD_DIM, nk, 1.0f,
+            gemm(r, CDB_NO_TRANS, CDB_NO_TRANS, nq, CDB_HEAD_DIM, nk, 1.0f,
                         S, nk, V, ld, 0.0f, out + hh * CDB_HEAD_DIM, d);
         }
     }
@@ -372,7 +422,7 @@ static void attention(struct cdb_run *r, const float *qkv, float *att, int d, in
 **   dQ = scale dS K;  dK = scale dS^T Q
 ** (masked entries have P = 0, so dS = 0 there). datt (rows, d) -> dqkv (rows, 3d),
 ** written, not accumulated. dP (T, T) is scratch. */
-static void attention_backward(const float *qkv, const float *P, const float *datt, float *dqkv,
+static void attention_backward(struct cdb_run *r, const float *qkv, const float *P, const float *datt, float *dqkv,
                                float *dP, int d, int nseq, int T)
 {
     const int heads = d / CDB_HEAD_DIM, ld = 3 * d;
@@ -391,10 +441,10 @@ static void attention_backward(const float *qkv, const float *P, const float *da
             float *dQ = dbase + hh * CDB_HEAD_DIM, *dK = dbase + d + hh * CDB_HEAD_DIM;
             float *dV = dbase + 2 * d + hh * CDB_HEAD_DIM;
             /* P^T (T, T) @ dO (T, hd) -> dV (T, hd), ld 3d */
-            cdb_sgemm(CDB_TRANS, CDB_NO_TRANS, T, CDB_HEAD_DIM, T, 1.0f, Pm, T, dO, d, 0.0f,
+            gemm(r, CDB_TRANS, CDB_NO_TRANS, T, CDB_HEAD_DIM, T, 1.0f, Pm, T, dO, d, 0.0f,
                       dV, ld);
             /* dO (T, hd) @ V^T (hd, T) -> dP (T, T) */
-            cdb_sgemm(CDB_NO_TRANS, CDB_TRANS, T, T, CDB_HEAD_DIM, 1.0f, dO, d, V, ld, 0.0f,
+            gemm(r, CDB_NO_TRANS, CDB_TRANS, T, T, CDB_HEAD_DIM, 1.0f, dO, d, V, ld, 0.0f,
                       dP, T);
             for (i = 0; i < T; i++) { /* dP <- scale * P * (dP - sum_j dP P) */
                 const float *pr = Pm + (size_t)i * T;
@@ -403,10 +453,10 @@ static void attention_backward(const float *qkv, const float *P, const float *da
                 for (j = 0; j < T; j++) dr[j] = scale * pr[j] * (dr[j] - dot);
             }
             /* dS (T, T) @ K (T, hd) -> dQ (T, hd), ld 3d */
-            cdb_sgemm(CDB_NO_TRANS, CDB_NO_TRANS, T, CDB_HEAD_DIM, T, 1.0f, dP, T, K, ld, 0.0f,
+            gemm(r, CDB_NO_TRANS, CDB_NO_TRANS, T, CDB_HEAD_DIM, T, 1.0f, dP, T, K, ld, 0.0f,
                       dQ, ld);
             /* dS^T (T, T) @ Q (T, hd) -> dK (T, hd), ld 3d */
-            cdb_sgemm(CDB_TRANS, CDB_NO_TRANS, T, CDB_HEAD_DIM, T, 1.0f, dP, T, Q, ld, 0.0f,
+            gemm(r, CDB_TRANS, CDB_NO_TRANS, T, CDB_HEAD_DIM, T, 1.0f, dP, T, Q, ld, 0.0f,
                       dK, ld);
         }
     }
@@ -426,15 +476,15 @@ int cdb_block_forward_keep(struct cdb_run *r, const cdb_block *b, int d, int f, 
                            const cdb_block_acts *keep, cdb_err *e)
 {
     int rc, s, rows = nseq * T;
-    struct cdb_run saved;
+    float *own_h, *own_qkv, *own_att, *own_mlp; /* r's buffers, while a record's are used */
     if (d <= 0 || d % CDB_HEAD_DIM || f <= 0 || nseq <= 0 || T <= 0)
         return cdb_err_set(e, CLIPDB_EINVAL, "block: bad shape (d %d, f %d, %d x %d tokens)",
                            d, f, nseq, T);
     rc = reserve_block(r, (size_t)rows, (size_t)d, (size_t)f, (size_t)T, e);
     if (rc) return rc;
-    saved = *r;
+    own_h = r->h, own_qkv = r->qkv, own_att = r->att, own_mlp = r->mlp;
+    if (keep && qpos) return cdb_err_set(e, CLIPDB_EINVAL, "block: kept activations need all tokens");
     if (keep) {
-        if (qpos) return cdb_err_set(e, CLIPDB_EINVAL, "block: kept activations need all tokens");
         memcpy(keep->x_in, x, (size_t)rows * d * sizeof(float));
         r->h = keep->h1, r->qkv = keep->qkv, r->att = keep->att, r->mlp = keep->pre;
     }
@@ -444,14 +494,14 @@ int cdb_block_forward_keep(struct cdb_run *r, const cdb_block *b, int d, int f, 
     /* qkv (rows, 3d) = h (rows, d) @ [Wq; Wk; Wv]^T (d, 3d) + [bq | bk | bv] */
     if (b->pk_qkv || (b->wk == b->wq + (size_t)d * d && b->wv == b->wk + (size_t)d * d)) {
         /* packed, or in_proj_weight (3d, d) contiguous: one GEMM */
-        if ((rc = cdb_linear(b->pk_qkv, b->wq, rows, 3 * d, d, r->h, d, 0.0f, r->qkv, 3 * d, e)))
-            return rc;
+        if ((rc = linear(r, b->pk_qkv, b->wq, rows, 3 * d, d, r->h, d, 0.0f, r->qkv, 3 * d, e)))
+            goto cleanup;
     } else {
         /* separate q/k/v_proj (d, d) each: h (rows, d) @ W^T (d, d) -> qkv[:, part] (rows, d), ld 3d */
-        if ((rc = cdb_linear(NULL, b->wq, rows, d, d, r->h, d, 0.0f, r->qkv, 3 * d, e)) ||
-            (rc = cdb_linear(NULL, b->wk, rows, d, d, r->h, d, 0.0f, r->qkv + d, 3 * d, e)) ||
-            (rc = cdb_linear(NULL, b->wv, rows, d, d, r->h, d, 0.0f, r->qkv + 2 * d, 3 * d, e)))
-            return rc;
+        if ((rc = linear(r, NULL, b->wq, rows, d, d, r->h, d, 0.0f, r->qkv, 3 * d, e)) ||
+            (rc = linear(r, NULL, b->wk, rows, d, d, r->h, d, 0.0f, r->qkv + d, 3 * d, e)) ||
+            (rc = linear(r, NULL, b->wv, rows, d, d, r->h, d, 0.0f, r->qkv + 2 * d, 3 * d, e)))
+            goto cleanup;
     }
     add_bias_strided(r->qkv, (size_t)3 * d, b->bq, (size_t)rows, (size_t)d);
     add_bias_strided(r->qkv + d, (size_t)3 * d, b->bk, (size_t)rows, (size_t)d);
@@ -459,6 +509,7 @@ int cdb_block_forward_keep(struct cdb_run *r, const cdb_block *b, int d, int f, 
 
     /* att (rows', d) = attention; rows' = rows, or nseq with qpos */
     attention(r, r->qkv, r->att, d, nseq, T, causal, qpos, keep ? keep->p : NULL);
+    if ((rc = gemm_status(r, e))) goto cleanup;
     if (qpos) {
         /* keep only the needed token of each sequence: x (nseq*T, d) -> (nseq, d);
         ** row s moves from s*T + qpos[s] >= s, so a forward pass is safe */
@@ -469,24 +520,26 @@ int cdb_block_forward_keep(struct cdb_run *r, const cdb_block *b, int d, int f, 
         rows = nseq;
     }
     /* x (rows, d) += att (rows, d) @ Wo^T (d, d) */
-    if ((rc = cdb_linear(b->pk_o, b->wo, rows, d, d, r->att, d, 1.0f, x, d, e))) return rc;
+    if ((rc = linear(r, b->pk_o, b->wo, rows, d, d, r->att, d, 1.0f, x, d, e))) goto cleanup;
     /* x += bo; h (rows, d) = ln_2(x) */
     if (keep) r->h = keep->h2;
     cdb_layernorm(x, b->bo, b->ln2_w, b->ln2_b, r->h, (size_t)rows, (size_t)d);
     if (keep) memcpy(keep->x_mid, x, (size_t)rows * d * sizeof(float));
     /* mlp (rows, f) = h (rows, d) @ W1^T (d, f); mlp = quick_gelu(mlp + b1) */
-    if ((rc = cdb_linear(b->pk_fc1, b->fc1_w, rows, f, d, r->h, d, 0.0f, r->mlp, f, e)))
-        return rc;
+    if ((rc = linear(r, b->pk_fc1, b->fc1_w, rows, f, d, r->h, d, 0.0f, r->mlp, f, e)))
+        goto cleanup;
     if (keep) { /* pre (rows, f) stays the GEMM output; gelu gets the activation */
         memcpy(keep->gelu, r->mlp, (size_t)rows * f * sizeof(float));
         r->mlp = keep->gelu;
     }
     cdb_quick_gelu(r->mlp, b->fc1_b, (size_t)rows, (size_t)f);
     /* x (rows, d) += mlp (rows, f) @ W2^T (f, d); x += b2 */
-    if ((rc = cdb_linear(b->pk_fc2, b->fc2_w, rows, d, f, r->mlp, f, 1.0f, x, d, e))) return rc;
+    if ((rc = linear(r, b->pk_fc2, b->fc2_w, rows, d, f, r->mlp, f, 1.0f, x, d, e))) goto cleanup;
     cdb_add_bias(x, b->fc2_b, (size_t)rows, (size_t)d);
-    *r = saved;
-    return CLIPDB_OK;
+cleanup:
+    /* the record's buffers were borrowed: give r its own back */
+    r->h = own_h, r->qkv = own_qkv, r->att = own_att, r->mlp = own_mlp;
+    return rc;
 }
 
 size_t cdb_block_acts_floats(int d, int f, int nseq, int T)
@@ -528,97 +581,98 @@ int cdb_block_backward(struct cdb_run *r, const cdb_block *b, const cdb_block *g
     /* MLP: db2 += sum dx; dW2 (d, f) += dx^T (d, rows) @ gelu (rows, f) */
     bias_backward((float *)g->fc2_b, dx, (size_t)d, (size_t)rows, (size_t)d);
     if (g->fc2_w)
-        cdb_sgemm(CDB_TRANS, CDB_NO_TRANS, d, f, rows, 1.0f, dx, d, a->gelu, f, 1.0f,
+        gemm(r, CDB_TRANS, CDB_NO_TRANS, d, f, rows, 1.0f, dx, d, a->gelu, f, 1.0f,
                   (float *)g->fc2_w, f);
     /* dpre (rows, f) = dx (rows, d) @ W2 (d, f), times quick_gelu' */
-    cdb_sgemm(CDB_NO_TRANS, CDB_NO_TRANS, rows, f, d, 1.0f, dx, d, b->fc2_w, f, 0.0f, dpre, f);
+    gemm(r, CDB_NO_TRANS, CDB_NO_TRANS, rows, f, d, 1.0f, dx, d, b->fc2_w, f, 0.0f, dpre, f);
     cdb_quick_gelu_backward(dpre, a->pre, b->fc1_b, (size_t)rows, (size_t)f);
     /* db1 += sum dpre; dW1 (f, d) += dpre^T (f, rows) @ h2 (rows, d) */
     bias_backward((float *)g->fc1_b, dpre, (size_t)f, (size_t)rows, (size_t)f);
     if (g->fc1_w)
-        cdb_sgemm(CDB_TRANS, CDB_NO_TRANS, f, d, rows, 1.0f, dpre, f, a->h2, d, 1.0f,
+        gemm(r, CDB_TRANS, CDB_NO_TRANS, f, d, rows, 1.0f, dpre, f, a->h2, d, 1.0f,
                   (float *)g->fc1_w, d);
     /* dh2 (rows, d) = dpre (rows, f) @ W1 (f, d) */
-    cdb_sgemm(CDB_NO_TRANS, CDB_NO_TRANS, rows, d, f, 1.0f, dpre, f, b->fc1_w, d, 0.0f, dh, d);
+    gemm(r, CDB_NO_TRANS, CDB_NO_TRANS, rows, d, f, 1.0f, dpre, f, b->fc1_w, d, 0.0f, dh, d);
     /* dx_mid = dx + ln_2 backward */
     cdb_layernorm_backward(dx, (float *)g->ln2_w, (float *)g->ln2_b, dh, a->x_mid, b->ln2_w,
                            (size_t)rows, (size_t)d);
     /* attention output: dbo += sum dx; dWo (d, d) += dx^T (d, rows) @ att (rows, d) */
     bias_backward((float *)g->bo, dx, (size_t)d, (size_t)rows, (size_t)d);
     if (g->wo)
-        cdb_sgemm(CDB_TRANS, CDB_NO_TRANS, d, d, rows, 1.0f, dx, d, a->att, d, 1.0f,
+        gemm(r, CDB_TRANS, CDB_NO_TRANS, d, d, rows, 1.0f, dx, d, a->att, d, 1.0f,
                   (float *)g->wo, d);
     /* datt (rows, d) = dx (rows, d) @ Wo (d, d) */
-    cdb_sgemm(CDB_NO_TRANS, CDB_NO_TRANS, rows, d, d, 1.0f, dx, d, b->wo, d, 0.0f, datt, d);
+    gemm(r, CDB_NO_TRANS, CDB_NO_TRANS, rows, d, d, 1.0f, dx, d, b->wo, d, 0.0f, datt, d);
     /* dqkv (rows, 3d) */
-    attention_backward(a->qkv, a->p, datt, dqkv, r->s, d, nseq, T);
+    attention_backward(r, a->qkv, a->p, datt, dqkv, r->s, d, nseq, T);
     bias_backward((float *)g->bq, dqkv, (size_t)3 * d, (size_t)rows, (size_t)d);
     bias_backward((float *)g->bk, dqkv + d, (size_t)3 * d, (size_t)rows, (size_t)d);
     bias_backward((float *)g->bv, dqkv + 2 * d, (size_t)3 * d, (size_t)rows, (size_t)d);
     /* dWq|dWk|dWv (3d, d) += dqkv^T (3d, rows) @ h1 (rows, d); the three are
     ** contiguous in the gradient buffer (the trainer lays them out so) */
     if (g->wq)
-        cdb_sgemm(CDB_TRANS, CDB_NO_TRANS, 3 * d, d, rows, 1.0f, dqkv, 3 * d, a->h1, d, 1.0f,
+        gemm(r, CDB_TRANS, CDB_NO_TRANS, 3 * d, d, rows, 1.0f, dqkv, 3 * d, a->h1, d, 1.0f,
                   (float *)g->wq, d);
-    if (!need_dx && !g->ln1_w && !g->ln1_b) return CLIPDB_OK;
+    if (!need_dx && !g->ln1_w && !g->ln1_b) return gemm_status(r, e);
     /* dh1 (rows, d) = dqkv (rows, 3d) @ [Wq; Wk; Wv] (3d, d) */
     if (b->wk == b->wq + (size_t)d * d && b->wv == b->wk + (size_t)d * d) {
-        cdb_sgemm(CDB_NO_TRANS, CDB_NO_TRANS, rows, d, 3 * d, 1.0f, dqkv, 3 * d, b->wq, d, 0.0f,
+        gemm(r, CDB_NO_TRANS, CDB_NO_TRANS, rows, d, 3 * d, 1.0f, dqkv, 3 * d, b->wq, d, 0.0f,
                   dh, d);
     } else { /* dqkv[:, part] (rows, d), ld 3d @ W (d, d), summed */
-        cdb_sgemm(CDB_NO_TRANS, CDB_NO_TRANS, rows, d, d, 1.0f, dqkv, 3 * d, b->wq, d, 0.0f,
+        gemm(r, CDB_NO_TRANS, CDB_NO_TRANS, rows, d, d, 1.0f, dqkv, 3 * d, b->wq, d, 0.0f,
                   dh, d);
-        cdb_sgemm(CDB_NO_TRANS, CDB_NO_TRANS, rows, d, d, 1.0f, dqkv + d, 3 * d, b->wk, d, 1.0f,
+        gemm(r, CDB_NO_TRANS, CDB_NO_TRANS, rows, d, d, 1.0f, dqkv + d, 3 * d, b->wk, d, 1.0f,
                   dh, d);
-        cdb_sgemm(CDB_NO_TRANS, CDB_NO_TRANS, rows, d, d, 1.0f, dqkv + 2 * d, 3 * d, b->wv, d,
+        gemm(r, CDB_NO_TRANS, CDB_NO_TRANS, rows, d, d, 1.0f, dqkv + 2 * d, 3 * d, b->wv, d,
                   1.0f, dh, d);
     }
     /* dx_in = dx_mid + ln_1 backward */
     cdb_layernorm_backward(need_dx ? dx : NULL, (float *)g->ln1_w, (float *)g->ln1_b, dh, a->x_in, b->ln1_w,
                            (size_t)rows, (size_t)d);
-    return CLIPDB_OK;
+    return gemm_status(r, e);
 }
 
 /* h (n, d) = ln(x (n, d)); out (n, e) = h @ proj (d, e), or h @ proj^T with proj (e, d). */
-int cdb_final_ln_project(const cdb_tower *t, int e_dim, float *x, float *h, int n,
-                         float *out, cdb_err *e)
+int cdb_final_ln_project(struct cdb_run *r, const cdb_tower *t, int e_dim, float *x, float *h,
+                         int n, float *out, cdb_err *e)
 {
     const int d = t->width;
     cdb_layernorm(x, NULL, t->ln_post_w, t->ln_post_b, h, (size_t)n, (size_t)d);
     if (t->pk_proj || t->proj_transposed) /* h (n, d) @ proj^T (d, e) -> out (n, e) */
-        return cdb_linear(t->pk_proj, t->proj, n, e_dim, d, h, d, 0.0f, out, e_dim, e);
+        return linear(r, t->pk_proj, t->proj, n, e_dim, d, h, d, 0.0f, out, e_dim, e);
     /* h (n, d) @ proj (d, e) -> out (n, e) */
-    cdb_sgemm(CDB_NO_TRANS, CDB_NO_TRANS, n, e_dim, d, 1.0f, h, d, t->proj,
+    gemm(r, CDB_NO_TRANS, CDB_NO_TRANS, n, e_dim, d, 1.0f, h, d, t->proj,
                 e_dim, 0.0f, out, e_dim);
-    return CLIPDB_OK;
+    return gemm_status(r, e);
 }
 
 /* Backward of cdb_final_ln_project on n rows: x (n, d) the kept ln input, h (n, d)
 ** the kept ln output, dout (n, e). g->proj, g->ln_post_*: gradient views (+=;
 ** NULL = frozen). dx (n, d) is written (if not NULL). dh (n, d) is scratch. */
-void cdb_final_ln_project_backward(const cdb_tower *t, const cdb_tower *g, int e_dim,
-                                   const float *x, const float *h, const float *dout, int n,
-                                   float *dh, float *dx)
+int cdb_final_ln_project_backward(struct cdb_run *r, const cdb_tower *t, const cdb_tower *g,
+                                  int e_dim, const float *x, const float *h, const float *dout,
+                                  int n, float *dh, float *dx, cdb_err *e)
 {
     const int d = t->width;
     if (g->proj) {
         if (t->proj_transposed) /* dproj (e, d) += dout^T (e, n) @ h (n, d) */
-            cdb_sgemm(CDB_TRANS, CDB_NO_TRANS, e_dim, d, n, 1.0f, dout, e_dim, h, d, 1.0f,
+            gemm(r, CDB_TRANS, CDB_NO_TRANS, e_dim, d, n, 1.0f, dout, e_dim, h, d, 1.0f,
                       (float *)g->proj, d);
         else /* dproj (d, e) += h^T (d, n) @ dout (n, e) */
-            cdb_sgemm(CDB_TRANS, CDB_NO_TRANS, d, e_dim, n, 1.0f, h, d, dout, e_dim, 1.0f,
+            gemm(r, CDB_TRANS, CDB_NO_TRANS, d, e_dim, n, 1.0f, h, d, dout, e_dim, 1.0f,
                       (float *)g->proj, e_dim);
     }
-    if (!dx && !g->ln_post_w && !g->ln_post_b) return;
+    if (!dx && !g->ln_post_w && !g->ln_post_b) return gemm_status(r, e);
     if (t->proj_transposed) /* dout (n, e) @ proj (e, d) -> dh (n, d) */
-        cdb_sgemm(CDB_NO_TRANS, CDB_NO_TRANS, n, d, e_dim, 1.0f, dout, e_dim, t->proj, d, 0.0f,
+        gemm(r, CDB_NO_TRANS, CDB_NO_TRANS, n, d, e_dim, 1.0f, dout, e_dim, t->proj, d, 0.0f,
                   dh, d);
     else /* dout (n, e) @ proj^T (e, d) -> dh (n, d) */
-        cdb_sgemm(CDB_NO_TRANS, CDB_TRANS, n, d, e_dim, 1.0f, dout, e_dim, t->proj, e_dim, 0.0f,
+        gemm(r, CDB_NO_TRANS, CDB_TRANS, n, d, e_dim, 1.0f, dout, e_dim, t->proj, e_dim, 0.0f,
                   dh, d);
     if (dx) memset(dx, 0, (size_t)n * d * sizeof(float));
     cdb_layernorm_backward(dx, (float *)g->ln_post_w, (float *)g->ln_post_b, dh, x,
                            t->ln_post_w, (size_t)n, (size_t)d);
+    return gemm_status(r, e);
 }
 
 /* Runs the tower's blocks on x (nseq*T, d); with qpos the last block keeps
@@ -678,7 +732,7 @@ int cdb_vision_embed(struct cdb_run *r, const cdb_vision *v, const float *pixels
     patches = r->mlp;
     im2col(v, pixels, nb, patches);
     /* patches (nb*np, K) @ conv1^T (K, d) -> h (nb*np, d) */
-    if ((rc = cdb_linear(v->pk_patch, v->patch_w, nb * np, d, K, patches, K, 0.0f, r->h, d, e)))
+    if ((rc = linear(r, v->pk_patch, v->patch_w, nb * np, d, K, patches, K, 0.0f, r->h, d, e)))
         return rc;
     /* sum (nb*T, d): per image [class_emb; patch embeddings] + pos_emb (T, d) */
     for (i = 0; i < nb; i++) {
@@ -727,10 +781,10 @@ int cdb_vision_embed_backward(struct cdb_run *r, const cdb_vision *v, const cdb_
     if (g->patch_w) {
         im2col(v, pixels, nb, r->mlp);
         /* dconv1 (d, K) += dh^T (d, nb*np) @ patches (nb*np, K) */
-        cdb_sgemm(CDB_TRANS, CDB_NO_TRANS, d, K, nb * np, 1.0f, dh, d, r->mlp, K, 1.0f,
+        gemm(r, CDB_TRANS, CDB_NO_TRANS, d, K, nb * np, 1.0f, dh, d, r->mlp, K, 1.0f,
                   (float *)g->patch_w, K);
     }
-    return CLIPDB_OK;
+    return gemm_status(r, e);
 }
 
 int cdb_vision_forward(struct cdb_run *r, const cdb_vision *v, int embed_dim,
@@ -762,7 +816,7 @@ int cdb_vision_forward(struct cdb_run *r, const cdb_vision *v, int embed_dim,
         /* blocks; the last keeps the class token only: x (nb, d) */
         if ((rc = run_blocks(r, &v->t, nb, T, 0, qpos, e))) goto cleanup;
         /* out (nb, e) = ln_post(x) @ proj */
-        if ((rc = cdb_final_ln_project(&v->t, embed_dim, r->x, r->h, nb,
+        if ((rc = cdb_final_ln_project(r, &v->t, embed_dim, r->x, r->h, nb,
                                         out + (size_t)i0 * embed_dim, e)))
             goto cleanup;
     }
@@ -902,7 +956,7 @@ int cdb_text_forward(struct cdb_run *r, const cdb_text *t, int embed_dim,
             if ((rc = run_blocks(r, &t->t, cnt, L, 1, qpos, e))) goto cleanup;
         }
         /* proj (cnt, e) = ln_final(x (cnt, d)) @ text_projection */
-        if ((rc = cdb_final_ln_project(&t->t, embed_dim, r->x, r->h, cnt, r->proj, e)))
+        if ((rc = cdb_final_ln_project(r, &t->t, embed_dim, r->x, r->h, cnt, r->proj, e)))
             goto cleanup;
         for (g = 0; g < cnt; g++)
             memcpy(out + (size_t)items[g0 + g].index * embed_dim, r->proj + (size_t)g * embed_dim,

@@ -87,6 +87,10 @@ typedef struct cdb_train_opts {
     int last_n;          /* for CDB_TRAIN_LAST */
     int threads;         /* reserved for splitting the non-GEMM work; must be >= 0,
                          ** not used yet (the GEMMs use cdb_compute_threads()) */
+    cdb_prec gemm;       /* the GEMMs of forward and backward: CDB_PREC_FP32
+                         ** (default) or CDB_PREC_BF16 (bf16 inputs, fp32
+                         ** accumulation: cdb_sgemm_bf16); master weights,
+                         ** gradients and AdamW state stay fp32 either way */
 } cdb_train_opts;
 
 /* Fills the documented defaults. */

@@ -54,6 +54,16 @@ float cdb_sdot(int n, const float *x, const float *y);
 /* Threads the backend uses for one call (its pool size). */
 int cdb_compute_threads(void);
 
+/* Work split over the process's pool (core.h cdb_pool_run) whose tasks call
+** the compute layer (attention: small GEMMs per sequence) already keeps the
+** cores busy: inside such a task the backend must not start a team of
+** threads of its own. cdb_compute_serial_enter makes the calling thread's
+** compute calls single-threaded and returns the previous setting, which
+** cdb_compute_serial_leave restores. (oneDNN's OpenMP threads are a
+** per-thread setting; OpenBLAS runs GEMMs this small on one thread anyway.) */
+int cdb_compute_serial_enter(void);
+void cdb_compute_serial_leave(int saved);
+
 /* ---- backends and precision ------------------------------------------------ */
 
 typedef enum { CDB_BACKEND_ONEDNN = 0, CDB_BACKEND_OPENBLAS = 1 } cdb_backend;

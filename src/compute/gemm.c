@@ -72,6 +72,16 @@ int cdb_gemm_bf16_native(void)
     return cdb_onednn_bf16_native();
 }
 
+int cdb_compute_serial_enter(void)
+{
+    return cdb_onednn_serial_enter();
+}
+
+void cdb_compute_serial_leave(int saved)
+{
+    cdb_onednn_serial_leave(saved);
+}
+
 int cdb_compute_threads(void)
 {
     if (cdb_compute_backend() == CDB_BACKEND_OPENBLAS) return openblas_get_num_threads();

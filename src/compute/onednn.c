@@ -93,6 +93,18 @@ int cdb_onednn_threads(void)
     return omp_get_max_threads();
 }
 
+int cdb_onednn_serial_enter(void)
+{
+    const int saved = omp_get_max_threads();
+    omp_set_num_threads(1);
+    return saved;
+}
+
+void cdb_onednn_serial_leave(int saved)
+{
+    omp_set_num_threads(saved > 0 ? saved : 1);
+}
+
 void cdb_onednn_sgemm(cdb_trans ta, cdb_trans tb, int m, int n, int k, float alpha,
                       const float *A, int lda, const float *B, int ldb, float beta,
                       float *C, int ldc)
@@ -506,6 +518,7 @@ int cdb_onednn_linear(const cdb_wpack *pk, int m, int n_out, int n_in, const flo
 typedef struct bf16_key {
     int ta, tb, m, n, k, ldc;
     float alpha, beta;
+    int threads; /* the caller's OpenMP team size: a primitive is made for one */
 } bf16_key;
 
 typedef struct bf16_prim {
@@ -673,7 +686,8 @@ int cdb_onednn_sgemm_bf16(cdb_trans ta, cdb_trans tb, int m, int n, int k, float
     /* stored shapes: A (m, k) or, transposed, (k, m); B (k, n) or (n, k) */
     const int ar = ta ? k : m, ac = ta ? m : k, br = tb ? n : k, bc = tb ? k : n;
     const size_t na = (size_t)m * k, nb = (size_t)k * n;
-    const bf16_key key = {ta == CDB_TRANS, tb == CDB_TRANS, m, n, k, ldc, alpha, beta};
+    const bf16_key key = {ta == CDB_TRANS, tb == CDB_TRANS, m, n, k, ldc, alpha, beta,
+                          omp_get_max_threads()};
     bf16_prim p;
     void *buf = NULL;
     int rc, owned = 0;
@@ -716,7 +730,7 @@ int cdb_onednn_bf16_native(void)
 {
     bf16_prim p;
     int owned = 0;
-    const bf16_key key = {0, 0, 1, 1, 1, 1, 1.0f, 0.0f};
+    const bf16_key key = {0, 0, 1, 1, 1, 1, 1.0f, 0.0f, omp_get_max_threads()};
     cdb_err e;
     cdb_err_clear(&e);
     if (get_engine(&e) || bf16_get(&key, &p, &owned)) return 0;

@@ -15,6 +15,9 @@ void cdb_onednn_sgemm(cdb_trans ta, cdb_trans tb, int m, int n, int k, float alp
 
 /* oneDNN's thread count (its OpenMP pool). */
 int cdb_onednn_threads(void);
+/* cdb_compute_serial_enter / leave: the calling thread's OpenMP team size. */
+int cdb_onednn_serial_enter(void);
+void cdb_onednn_serial_leave(int saved);
 
 /* cdb_wpack_new for every precision on oneDNN matmul primitives. */
 int cdb_onednn_wpack_new(cdb_wpack **out, const float *W, cdb_trans tw, int n_out, int n_in,

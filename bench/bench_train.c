@@ -34,6 +34,7 @@ int main(int argc, char **argv)
 {
     int batch = 32, steps = 5, tokens = 20, i, k, rc = 1;
     cdb_prec prec = CDB_PREC_FP32;
+    char gemm[96];
     unsigned long long seed = 1;
     clipdb_model *m = NULL;
     cdb_trainer *t = NULL;
@@ -116,12 +117,16 @@ int main(int argc, char **argv)
           ru.ru_stime.tv_usec * 1e-6 - cpu0;
     wall = cdb_now() - wall0;
     qsort(sec, (size_t)steps, sizeof *sec, cmp_d);
+    /* gemm=: the backend and oneDNN's ISA, one token ("onednn:avx512_core_bf16") */
+    snprintf(gemm, sizeof gemm, "%s",
+             prec == CDB_PREC_BF16 ? (cdb_gemm_bf16_native() ? cdb_onednn_isa() : "emulated-bf16")
+                                   : cdb_compute_describe());
+    for (char *c = gemm; *c; c++)
+        if (*c == ' ') *c = ':';
     printf("median_s=%.4f pairs_per_s=%.3f loss_first=%.5f loss_last=%.5f peak_rss_mb=%.1f "
            "threads=%d cores_busy=%.2f precision=%s gemm=%s\n",
            sec[steps / 2], batch / sec[steps / 2], first, st.loss, ru.ru_maxrss / 1024.0,
-           cdb_compute_threads(), cpu / wall, prec == CDB_PREC_BF16 ? "bf16" : "fp32",
-           prec == CDB_PREC_BF16 ? (cdb_gemm_bf16_native() ? cdb_onednn_isa() : "emulated-bf16")
-                                 : cdb_compute_describe());
+           cdb_compute_threads(), cpu / wall, prec == CDB_PREC_BF16 ? "bf16" : "fp32", gemm);
     rc = 0;
 cleanup:
     cdb_trainer_free(t);

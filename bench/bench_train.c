@@ -2,6 +2,7 @@
 ** bench_train: one training step of the C engine (src/train), timed.
 **
 **   bench_train MODEL_DIR [--batch 32] [--steps 5] [--seed 1] [--tokens 20]
+**               [--precision fp32|bf16]
 **
 ** A seeded random batch: pixels uniform in [-2, 2], texts of `tokens` ids
 ** (start, random words, end). One warm-up step (excluded), then `steps` timed
@@ -9,7 +10,8 @@
 ** key=value: median seconds per step, pairs/s, the first and last loss
 ** (the verification: the loss falls on a repeated batch), the peak
 ** resident memory of the process (ru_maxrss), and cores_busy = CPU time /
-** wall time over the timed steps (2.0 = both cores busy throughout).
+** wall time over the timed steps (2.0 = both cores busy throughout), and
+** the precision of the GEMMs with the ISA oneDNN dispatched.
 ** bench/bench_train.py runs it beside PyTorch doing the same step.
 */
 #include <stdio.h>
@@ -31,6 +33,8 @@ static int cmp_d(const void *a, const void *b)
 int main(int argc, char **argv)
 {
     int batch = 32, steps = 5, tokens = 20, i, k, rc = 1;
+    cdb_prec prec = CDB_PREC_FP32;
+    char gemm[96];
     unsigned long long seed = 1;
     clipdb_model *m = NULL;
     cdb_trainer *t = NULL;
@@ -46,7 +50,7 @@ int main(int argc, char **argv)
 
     if (argc < 2) {
         fprintf(stderr, "usage: bench_train MODEL_DIR [--batch 32] [--steps 5] [--seed 1] "
-                        "[--tokens 20]\n");
+                        "[--tokens 20] [--precision fp32|bf16]\n");
         return 2;
     }
     for (i = 2; i + 1 < argc; i += 2) {
@@ -54,6 +58,8 @@ int main(int argc, char **argv)
         else if (!strcmp(argv[i], "--steps")) steps = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--seed")) seed = strtoull(argv[i + 1], NULL, 10);
         else if (!strcmp(argv[i], "--tokens")) tokens = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--precision") && !strcmp(argv[i + 1], "fp32")) prec = CDB_PREC_FP32;
+        else if (!strcmp(argv[i], "--precision") && !strcmp(argv[i + 1], "bf16")) prec = CDB_PREC_BF16;
         else return 2;
     }
     if (batch < 2 || steps < 1 || tokens < 2 || tokens > 77) return 2;
@@ -87,6 +93,7 @@ int main(int argc, char **argv)
     }
     cdb_train_opts_init(&o);
     o.lr = 1e-5f;
+    o.gemm = prec;
     if (cdb_trainer_new(&t, m, &o, &e)) {
         fprintf(stderr, "bench_train: %s\n", e.msg);
         goto cleanup;
@@ -110,10 +117,16 @@ int main(int argc, char **argv)
           ru.ru_stime.tv_usec * 1e-6 - cpu0;
     wall = cdb_now() - wall0;
     qsort(sec, (size_t)steps, sizeof *sec, cmp_d);
+    /* gemm=: the backend and oneDNN's ISA, one token ("onednn:avx512_core_bf16") */
+    snprintf(gemm, sizeof gemm, "%s",
+             prec == CDB_PREC_BF16 ? (cdb_gemm_bf16_native() ? cdb_onednn_isa() : "emulated-bf16")
+                                   : cdb_compute_describe());
+    for (char *c = gemm; *c; c++)
+        if (*c == ' ') *c = ':';
     printf("median_s=%.4f pairs_per_s=%.3f loss_first=%.5f loss_last=%.5f peak_rss_mb=%.1f "
-           "threads=%d cores_busy=%.2f\n",
+           "threads=%d cores_busy=%.2f precision=%s gemm=%s\n",
            sec[steps / 2], batch / sec[steps / 2], first, st.loss, ru.ru_maxrss / 1024.0,
-           cdb_compute_threads(), cpu / wall);
+           cdb_compute_threads(), cpu / wall, prec == CDB_PREC_BF16 ? "bf16" : "fp32", gemm);
     rc = 0;
 cleanup:
     cdb_trainer_free(t);

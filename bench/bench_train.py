@@ -5,6 +5,7 @@ both towers, the contrastive loss, AdamW), batch 32: the C engine
 threads) doing the same step, in one run.
 
     /usr/bin/python3 bench/bench_train.py [--batch 32] [--steps 5] [--tokens 20] [--model DIR]
+                                          [--precision fp32,bf16]
 
 Weights: tools/gen_model.py --size b32 --seed 1 (generated into a temporary
 directory unless --model is given). Both sides get a seeded random batch of
@@ -50,7 +51,7 @@ def cpu_facts():
     return model, isa
 
 
-def torch_step(model_dir, batch, steps, tokens):
+def torch_step(model_dir, batch, steps, tokens, precision="fp32"):
     import numpy as np
     import torch
     import ref_clip
@@ -89,7 +90,9 @@ def torch_step(model_dir, batch, steps, tokens):
     for i in range(steps + 1):
         t0 = time.perf_counter()
         opt.zero_grad()
-        loss = loss_fn()
+        # bf16: autocast runs the matmuls in bf16 (fp32 weights, grads, AdamW)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            loss = loss_fn()
         loss.backward()
         opt.step()
         dt = time.perf_counter() - t0
@@ -106,7 +109,14 @@ def main():
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=20)
     ap.add_argument("--model")
+    ap.add_argument("--precision", default="fp32,bf16",
+                    help="comma-separated: fp32 (plain), bf16 (C --precision bf16 beside "
+                         "PyTorch bf16 autocast)")
     a = ap.parse_args()
+    precs = [p for p in a.precision.split(",") if p]
+    if not precs or any(p not in ("fp32", "bf16") for p in precs):
+        ap.error("--precision takes fp32 and/or bf16")
+    rows = {}
     tmp = None
     model = a.model
     if not model:
@@ -117,29 +127,42 @@ def main():
     try:
         tool = ROOT / "build" / "bench" / "bench_train"
         subprocess.run(["make", "-s", "-j2", str(tool.relative_to(ROOT))], cwd=ROOT, check=True)
-        p = subprocess.run([str(tool), model, "--batch", str(a.batch), "--steps", str(a.steps),
-                            "--tokens", str(a.tokens)], capture_output=True, text=True, check=True)
-        c = dict(kv.split("=") for kv in p.stdout.split())
-        # PyTorch in a child process, so that its peak RSS is its own
-        code = ("import sys; sys.path.insert(0, %r); sys.path.insert(0, %r); import bench_train as b; "
-                "print(*b.torch_step(%r, %d, %d, %d))" % (str(ROOT / "tools"), str(ROOT / "bench"),
-                                                          model, a.batch, a.steps, a.tokens))
-        q = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-        t_s, t_first, t_last, t_rss = map(float, q.stdout.split()[-4:])
+        for prec in precs:
+            p = subprocess.run([str(tool), model, "--batch", str(a.batch), "--steps", str(a.steps),
+                                "--tokens", str(a.tokens), "--precision", prec],
+                               capture_output=True, text=True, check=True)
+            c = dict(kv.split("=") for kv in p.stdout.split())
+            # PyTorch in a child process, so that its peak RSS is its own
+            code = ("import sys; sys.path.insert(0, %r); sys.path.insert(0, %r); "
+                    "import bench_train as b; print(*b.torch_step(%r, %d, %d, %d, %r))"
+                    % (str(ROOT / "tools"), str(ROOT / "bench"), model, a.batch, a.steps,
+                       a.tokens, prec))
+            q = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                               check=True)
+            rows[prec] = (c, *map(float, q.stdout.split()[-4:]))
     finally:
         if tmp:
             shutil.rmtree(tmp, ignore_errors=True)
     cpu, isa = cpu_facts()
-    c_s = float(c["median_s"])
-    print(f"CPU: {cpu}; ISA: {' '.join(isa)}; C GEMM threads: {c['threads']}; torch threads: 2")
+    c0 = next(iter(rows.values()))[0]
+    print(f"CPU: {cpu}; ISA: {' '.join(isa)}; C GEMM threads: {c0['threads']}; torch threads: 2")
     print(f"ViT-B/32 training step, batch {a.batch}, texts of {a.tokens} tokens, "
           f"median of {a.steps} steps (1 warm-up excluded)")
-    print(f"{'':10} {'s/step':>8} {'pairs/s':>8} {'loss first':>10} {'loss last':>10} {'peak RSS MB':>11}")
-    print(f"{'clipdb C':10} {c_s:8.3f} {a.batch / c_s:8.2f} {float(c['loss_first']):10.4f} "
-          f"{float(c['loss_last']):10.4f} {float(c['peak_rss_mb']):11.0f}")
-    print(f"{'PyTorch':10} {t_s:8.3f} {a.batch / t_s:8.2f} {t_first:10.4f} {t_last:10.4f} {t_rss:11.0f}")
-    print(f"ratio (C pairs/s / PyTorch pairs/s): {t_s / c_s:.2f}x; "
-          f"C cores busy (CPU time / wall): {float(c['cores_busy']):.2f}")
+    print(f"{'':16} {'s/step':>8} {'pairs/s':>8} {'loss first':>10} {'loss last':>10} "
+          f"{'peak RSS MB':>11} {'cores busy':>10}  GEMM")
+    for prec, (c, t_s, t_first, t_last, t_rss) in rows.items():
+        c_s = float(c["median_s"])
+        print(f"{'clipdb C ' + prec:16} {c_s:8.3f} {a.batch / c_s:8.2f} "
+              f"{float(c['loss_first']):10.4f} {float(c['loss_last']):10.4f} "
+              f"{float(c['peak_rss_mb']):11.0f} {float(c['cores_busy']):10.2f}  {c['gemm']}")
+        print(f"{'PyTorch ' + prec:16} {t_s:8.3f} {a.batch / t_s:8.2f} {t_first:10.4f} "
+              f"{t_last:10.4f} {t_rss:11.0f} {'':>10}  "
+              f"{'bf16 autocast' if prec == 'bf16' else 'fp32'}")
+    for prec, (c, t_s, *_rest) in rows.items():
+        print(f"ratio {prec} (C pairs/s / PyTorch pairs/s): {t_s / float(c['median_s']):.2f}x")
+    if "fp32" in rows and "bf16" in rows:
+        print(f"C bf16 / C fp32 pairs/s: "
+              f"{float(rows['fp32'][0]['median_s']) / float(rows['bf16'][0]['median_s']):.2f}x")
 
 
 if __name__ == "__main__":

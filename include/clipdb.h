@@ -1199,6 +1199,10 @@ typedef struct clipdb_train_options {
     const char *command;     /* recorded in the written model's clipdb_made.json */
     clipdb_train_progress_fn progress;
     void *progress_arg;
+    const char *precision;   /* the GEMMs of the training step: "fp32"
+                             ** (default, NULL) or "bf16" (bf16 inputs,
+                             ** fp32 accumulation; weights, gradients and
+                             ** optimizer state stay fp32) */
 } clipdb_train_options;
 
 /* Fills the defaults above. */

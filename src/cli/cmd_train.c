@@ -34,6 +34,9 @@
     "                       initialisation (default 0)\n"                                  \
     "  --checkpoint-every N steps between checkpoints (default: each epoch)\n"             \
     "  --dtype T            F32, F16 or BF16 for the written weights\n"                    \
+    "  --precision P        fp32 (default) or bf16: the GEMMs of each step take\n"       \
+    "                       bf16 inputs and sum in fp32 (oneDNN; AVX-512 BF16 where\n"   \
+    "                       the CPU has it); weights and optimizer state stay fp32\n"    \
     "  --progress-every S   seconds between progress lines when stderr is not a\n"         \
     "                       terminal (default 5; on a terminal one updating line)\n"       \
     "  -q, --quiet          no progress output\n"
@@ -262,6 +265,11 @@ static int common_option(const char *cmd, int argc, char **argv, int *i,
         if (strcmp(v, "F32") && strcmp(v, "F16") && strcmp(v, "BF16"))
             return cli_usage(cmd, "--dtype is F32, F16 or BF16"), -1;
         return o->out_dtype = v, TAKE;
+    }
+    if (!strcmp(a, "--precision")) {
+        if (strcmp(v, "fp32") && strcmp(v, "bf16"))
+            return cli_usage(cmd, "--precision is fp32 or bf16"), -1;
+        return o->precision = v, TAKE;
     }
     if (!strcmp(a, "--progress-every")) {
         if (cli_parse_double(cmd, a, v, 0.01, 3600, &d)) return -1;

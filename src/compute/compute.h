@@ -31,6 +31,19 @@ void cdb_sgemm(cdb_trans ta, cdb_trans tb, int m, int n, int k, float alpha,
                const float *A, int lda, const float *B, int ldb, float beta,
                float *C, int ldc);
 
+/* cdb_sgemm in bf16 with fp32 accumulation (training's --precision bf16):
+** op(A) and op(B) are rounded to bf16 (round-to-nearest-even), their
+** products are summed in fp32 and C (fp32) = alpha * sum + beta * C. Always
+** on oneDNN (its bf16 matmul, a primitive cached per shape) whatever
+** CLIPDB_GEMM says; where the ISA has no bf16 instructions the rounding is
+** the same and the fp32 gemm sums (cdb_gemm_bf16_native() says which).
+** CLIPDB_OK, or CLIPDB_ENOMEM / CLIPDB_ERROR with the message in e. */
+int cdb_sgemm_bf16(cdb_trans ta, cdb_trans tb, int m, int n, int k, float alpha,
+                   const float *A, int lda, const float *B, int ldb, float beta, float *C,
+                   int ldc, cdb_err *e);
+/* 1 if cdb_sgemm_bf16 runs on bf16 instructions, 0 if emulated. */
+int cdb_gemm_bf16_native(void);
+
 /* y (m) = alpha * A (m, n) @ x (n) + beta * y; lda: row stride of A. */
 void cdb_sgemv(int m, int n, float alpha, const float *A, int lda, const float *x,
                float beta, float *y);
@@ -40,6 +53,16 @@ float cdb_sdot(int n, const float *x, const float *y);
 
 /* Threads the backend uses for one call (its pool size). */
 int cdb_compute_threads(void);
+
+/* Work split over the process's pool (core.h cdb_pool_run) whose tasks call
+** the compute layer (attention: small GEMMs per sequence) already keeps the
+** cores busy: inside such a task the backend must not start a team of
+** threads of its own. cdb_compute_serial_enter makes the calling thread's
+** compute calls single-threaded and returns the previous setting, which
+** cdb_compute_serial_leave restores. (oneDNN's OpenMP threads are a
+** per-thread setting; OpenBLAS runs GEMMs this small on one thread anyway.) */
+int cdb_compute_serial_enter(void);
+void cdb_compute_serial_leave(int saved);
 
 /* ---- backends and precision ------------------------------------------------ */
 

@@ -59,6 +59,29 @@ void cdb_sgemm(cdb_trans ta, cdb_trans tb, int m, int n, int k, float alpha,
                 beta, C, ldc);
 }
 
+int cdb_sgemm_bf16(cdb_trans ta, cdb_trans tb, int m, int n, int k, float alpha,
+                   const float *A, int lda, const float *B, int ldb, float beta, float *C,
+                   int ldc, cdb_err *e)
+{
+    /* oneDNN for both backends: OpenBLAS has no bf16 GEMM */
+    return cdb_onednn_sgemm_bf16(ta, tb, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc, e);
+}
+
+int cdb_gemm_bf16_native(void)
+{
+    return cdb_onednn_bf16_native();
+}
+
+int cdb_compute_serial_enter(void)
+{
+    return cdb_onednn_serial_enter();
+}
+
+void cdb_compute_serial_leave(int saved)
+{
+    cdb_onednn_serial_leave(saved);
+}
+
 int cdb_compute_threads(void)
 {
     if (cdb_compute_backend() == CDB_BACKEND_OPENBLAS) return openblas_get_num_threads();

@@ -175,6 +175,18 @@ int cdb_onednn_threads(void)
     return omp_get_max_threads();
 }
 
+int cdb_onednn_serial_enter(void)
+{
+    const int saved = omp_get_max_threads();
+    omp_set_num_threads(1);
+    return saved;
+}
+
+void cdb_onednn_serial_leave(int saved)
+{
+    omp_set_num_threads(saved > 0 ? saved : 1);
+}
+
 void cdb_onednn_sgemm(cdb_trans ta, cdb_trans tb, int m, int n, int k, float alpha,
                       const float *A, int lda, const float *B, int ldb, float beta,
                       float *C, int ldc)
@@ -729,4 +741,243 @@ cleanup:
     dnnl_primitive_attr_destroy(attr);
     free(scratch);
     return rc;
+}
+
+/* ---- bf16 GEMM on plain operands (training) --------------------------------- */
+
+/* cdb_onednn_sgemm_bf16: op(A) and op(B) are rounded to bf16 copies in their
+** stored orientation (so a transpose costs nothing here: it is a stride in
+** the memory descriptor), and one oneDNN matmul primitive bf16 x bf16 -> f32
+** (fp32 accumulation; alpha as an output scale, beta as a sum post-op) runs
+** on them. Primitives are created once per shape (ta, tb, m, n, k, ldc,
+** alpha, beta) and kept in a small table for the life of the process (a
+** training step has a few dozen shapes); past BF16_CACHE_MAX shapes a
+** primitive is made and destroyed per call. Scratchpads are per call, so
+** any number of threads may run one primitive at once. Where oneDNN has no
+** bf16 matmul for the ISA (below avx512_core), the same rounding is applied
+** and dnnl_sgemm runs on the rounded fp32 copies (same answers up to the
+** summation order). */
+#define BF16_CACHE_MAX 256
+
+typedef struct bf16_key {
+    int ta, tb, m, n, k, ldc;
+    float alpha, beta;
+    int threads; /* the caller's OpenMP team size: a primitive is made for one */
+} bf16_key;
+
+typedef struct bf16_prim {
+    bf16_key key;
+    dnnl_primitive_t prim;
+    size_t scratch; /* scratchpad bytes */
+} bf16_prim;
+
+static struct {
+    pthread_mutex_t mu;
+    bf16_prim *tab;
+    size_t n, cap;
+    int emulate; /* 1: oneDNN has no bf16 matmul on this ISA */
+} B16 = {.mu = PTHREAD_MUTEX_INITIALIZER};
+
+/* src (rows, cols) with row stride ld -> dst (rows, cols) dense bf16. */
+static void to_bf16(const float *src, int rows, int cols, int ld, uint16_t *dst)
+{
+    for (int i = 0; i < rows; i++) {
+        const float *s = src + (size_t)i * ld;
+        uint16_t *d = dst + (size_t)i * cols;
+        for (int j = 0; j < cols; j++) d[j] = cdb_f32_to_bf16(s[j]);
+    }
+}
+
+/* The same rounding kept in fp32 (the emulated path). */
+static void round_bf16(const float *src, int rows, int cols, int ld, float *dst)
+{
+    for (int i = 0; i < rows; i++) {
+        const float *s = src + (size_t)i * ld;
+        float *d = dst + (size_t)i * cols;
+        for (int j = 0; j < cols; j++) d[j] = cdb_bf16_to_f32(cdb_f32_to_bf16(s[j]));
+    }
+}
+
+/* md of the (rows, cols) operand op(X), stored dense as (rows, cols) or,
+** transposed, as (cols, rows). */
+static dnnl_status_t md_op(dnnl_memory_desc_t *md, int rows, int cols, int trans,
+                           dnnl_data_type_t dt)
+{
+    dnnl_dims_t dims = {0}, strides = {0};
+    dims[0] = rows, dims[1] = cols;
+    strides[0] = trans ? 1 : cols;
+    strides[1] = trans ? rows : 1;
+    return dnnl_memory_desc_init_by_strides(md, 2, dims, dt, strides);
+}
+
+/* Creates the primitive for key (CLIPDB_ENOTFOUND: no bf16 matmul here). */
+static int bf16_make(const bf16_key *k, bf16_prim *out)
+{
+    dnnl_memory_desc_t smd, wmd, dmd;
+    dnnl_dims_t ddims = {0}, dstr = {0};
+    dnnl_matmul_desc_t mm;
+    dnnl_primitive_attr_t attr = NULL;
+    dnnl_post_ops_t po = NULL;
+    dnnl_primitive_desc_t pd = NULL;
+    dnnl_status_t s;
+    int rc = CLIPDB_ERROR;
+
+    ddims[0] = k->m, ddims[1] = k->n;
+    dstr[0] = k->ldc, dstr[1] = 1;
+    if (md_op(&smd, k->m, k->k, k->ta, dnnl_bf16) || md_op(&wmd, k->k, k->n, k->tb, dnnl_bf16) ||
+        dnnl_memory_desc_init_by_strides(&dmd, 2, ddims, dnnl_f32, dstr) ||
+        dnnl_matmul_desc_init(&mm, &smd, &wmd, NULL, &dmd) || dnnl_primitive_attr_create(&attr))
+        goto cleanup;
+    if (dnnl_primitive_attr_set_scratchpad_mode(attr, dnnl_scratchpad_mode_user) ||
+        (k->alpha != 1.0f && dnnl_primitive_attr_set_output_scales(attr, 1, 0, &k->alpha)))
+        goto cleanup;
+    if (k->beta != 0.0f && (dnnl_post_ops_create(&po) || dnnl_post_ops_append_sum(po, k->beta) ||
+                            dnnl_primitive_attr_set_post_ops(attr, po)))
+        goto cleanup;
+    s = dnnl_primitive_desc_create(&pd, &mm, attr, engine, NULL);
+    if (s == dnnl_unimplemented) {
+        rc = CLIPDB_ENOTFOUND;
+        goto cleanup;
+    }
+    if (s) goto cleanup;
+    out->key = *k;
+    out->scratch =
+        dnnl_memory_desc_get_size(dnnl_primitive_desc_query_md(pd, dnnl_query_scratchpad_md, 0));
+    if (dnnl_primitive_create(&out->prim, pd) == dnnl_success) rc = CLIPDB_OK;
+cleanup:
+    dnnl_primitive_desc_destroy(pd);
+    dnnl_post_ops_destroy(po);
+    dnnl_primitive_attr_destroy(attr);
+    return rc;
+}
+
+/* The cached primitive for key, made on first use; *owned = 1 when the
+** table is full and the caller must destroy it. */
+static int bf16_get(const bf16_key *k, bf16_prim *out, int *owned)
+{
+    int rc = CLIPDB_OK;
+    size_t i;
+    *owned = 0;
+    pthread_mutex_lock(&B16.mu);
+    if (B16.emulate) {
+        rc = CLIPDB_ENOTFOUND;
+        goto done;
+    }
+    for (i = 0; i < B16.n; i++)
+        if (!memcmp(&B16.tab[i].key, k, sizeof *k)) {
+            *out = B16.tab[i];
+            goto done;
+        }
+    if ((rc = bf16_make(k, out))) {
+        if (rc == CLIPDB_ENOTFOUND) B16.emulate = 1;
+        goto done;
+    }
+    if (B16.n < BF16_CACHE_MAX && !cdb_grow((void **)&B16.tab, &B16.cap, B16.n + 1, sizeof *B16.tab))
+        B16.tab[B16.n++] = *out;
+    else
+        *owned = 1;
+done:
+    pthread_mutex_unlock(&B16.mu);
+    return rc;
+}
+
+/* Runs p on the bf16 copies a, b and C. */
+static int bf16_run(const bf16_prim *p, const uint16_t *a, const uint16_t *b, float *C)
+{
+    const_dnnl_primitive_desc_t pd;
+    dnnl_memory_t ms = NULL, mw = NULL, md = NULL, msp = NULL;
+    dnnl_stream_t strm = NULL;
+    dnnl_exec_arg_t args[4];
+    void *scratch = NULL;
+    int nargs = 3, rc = CLIPDB_ERROR;
+
+    if (dnnl_primitive_get_primitive_desc(p->prim, &pd) ||
+        dnnl_memory_create(&ms, dnnl_primitive_desc_query_md(pd, dnnl_query_src_md, 0), engine,
+                           (void *)a) ||
+        dnnl_memory_create(&mw, dnnl_primitive_desc_query_md(pd, dnnl_query_weights_md, 0),
+                           engine, (void *)b) ||
+        dnnl_memory_create(&md, dnnl_primitive_desc_query_md(pd, dnnl_query_dst_md, 0), engine,
+                           C) ||
+        dnnl_stream_create(&strm, engine, dnnl_stream_default_flags))
+        goto cleanup;
+    args[0].arg = DNNL_ARG_SRC, args[0].memory = ms;
+    args[1].arg = DNNL_ARG_WEIGHTS, args[1].memory = mw;
+    args[2].arg = DNNL_ARG_DST, args[2].memory = md;
+    if (p->scratch) {
+        if (!(scratch = aligned_alloc(64, (p->scratch + 63) / 64 * 64)) ||
+            dnnl_memory_create(&msp, dnnl_primitive_desc_query_md(pd, dnnl_query_scratchpad_md, 0),
+                               engine, scratch))
+            goto cleanup;
+        args[3].arg = DNNL_ARG_SCRATCHPAD, args[3].memory = msp;
+        nargs = 4;
+    }
+    if (!dnnl_primitive_execute(p->prim, strm, nargs, args) && !dnnl_stream_wait(strm))
+        rc = CLIPDB_OK;
+cleanup:
+    dnnl_stream_destroy(strm);
+    dnnl_memory_destroy(ms);
+    dnnl_memory_destroy(mw);
+    dnnl_memory_destroy(md);
+    dnnl_memory_destroy(msp);
+    free(scratch);
+    return rc;
+}
+
+int cdb_onednn_sgemm_bf16(cdb_trans ta, cdb_trans tb, int m, int n, int k, float alpha,
+                          const float *A, int lda, const float *B, int ldb, float beta, float *C,
+                          int ldc, cdb_err *e)
+{
+    /* stored shapes: A (m, k) or, transposed, (k, m); B (k, n) or (n, k) */
+    const int ar = ta ? k : m, ac = ta ? m : k, br = tb ? n : k, bc = tb ? k : n;
+    const size_t na = (size_t)m * k, nb = (size_t)k * n;
+    const bf16_key key = {ta == CDB_TRANS, tb == CDB_TRANS, m, n, k, ldc, alpha, beta,
+                          omp_get_max_threads()};
+    bf16_prim p;
+    void *buf = NULL;
+    int rc, owned = 0;
+
+    if (m <= 0 || n <= 0) return CLIPDB_OK;
+    if (k <= 0) { /* C = beta C (op(A) op(B) is empty) */
+        for (int i = 0; i < m; i++)
+            for (int j = 0; j < n; j++)
+                C[(size_t)i * ldc + j] = beta == 0.0f ? 0.0f : beta * C[(size_t)i * ldc + j];
+        return CLIPDB_OK;
+    }
+    if ((rc = get_engine(e))) return rc;
+    rc = bf16_get(&key, &p, &owned);
+    if (rc == CLIPDB_ENOTFOUND) { /* emulated: the rounding, then the fp32 gemm */
+        float *a = buf = cdb_malloc_array(na + nb, sizeof(float));
+        if (!a) return cdb_err_set(e, CLIPDB_ENOMEM, "out of memory (bf16 operands)");
+        round_bf16(A, ar, ac, lda, a);
+        round_bf16(B, br, bc, ldb, a + na);
+        (void)dnnl_sgemm(ta == CDB_TRANS ? 'T' : 'N', tb == CDB_TRANS ? 'T' : 'N', m, n, k, alpha,
+                         a, ac, a + na, bc, beta, C, ldc);
+        free(buf);
+        return CLIPDB_OK;
+    }
+    if (rc) return cdb_err_set(e, CLIPDB_ERROR, "oneDNN: bf16 matmul (%d x %d x %d) failed", m, n, k);
+    if (!(buf = cdb_malloc_array(na + nb, sizeof(uint16_t)))) {
+        rc = cdb_err_set(e, CLIPDB_ENOMEM, "out of memory (bf16 operands)");
+        goto cleanup;
+    }
+    to_bf16(A, ar, ac, lda, buf);
+    to_bf16(B, br, bc, ldb, (uint16_t *)buf + na);
+    if (bf16_run(&p, buf, (uint16_t *)buf + na, C))
+        rc = cdb_err_set(e, CLIPDB_ERROR, "oneDNN: bf16 matmul (%d x %d x %d) failed", m, n, k);
+cleanup:
+    if (owned) dnnl_primitive_destroy(p.prim);
+    free(buf);
+    return rc;
+}
+
+int cdb_onednn_bf16_native(void)
+{
+    bf16_prim p;
+    int owned = 0;
+    const bf16_key key = {0, 0, 1, 1, 1, 1, 1.0f, 0.0f, omp_get_max_threads()};
+    cdb_err e;
+    cdb_err_clear(&e);
+    if (get_engine(&e) || bf16_get(&key, &p, &owned)) return 0;
+    if (owned) dnnl_primitive_destroy(p.prim);
+    return 1;
 }

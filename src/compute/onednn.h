@@ -15,6 +15,9 @@ void cdb_onednn_sgemm(cdb_trans ta, cdb_trans tb, int m, int n, int k, float alp
 
 /* oneDNN's thread count (its OpenMP pool). */
 int cdb_onednn_threads(void);
+/* cdb_compute_serial_enter / leave: the calling thread's OpenMP team size. */
+int cdb_onednn_serial_enter(void);
+void cdb_onednn_serial_leave(int saved);
 
 /* cdb_wpack_new for every precision on oneDNN matmul primitives. */
 int cdb_onednn_wpack_new(cdb_wpack **out, const float *W, cdb_trans tw, int n_out, int n_in,
@@ -29,5 +32,11 @@ int cdb_onednn_gemm_u8s8s32(int m, int n, int k, const uint8_t *A, const int8_t 
                             cdb_err *e);
 int cdb_onednn_gemm_bf16(int m, int n, int k, const uint16_t *A, const uint16_t *B, float *C,
                          cdb_err *e);
+
+/* cdb_sgemm_bf16 (compute.h); 1 if bf16 runs natively (not emulated). */
+int cdb_onednn_sgemm_bf16(cdb_trans ta, cdb_trans tb, int m, int n, int k, float alpha,
+                          const float *A, int lda, const float *B, int ldb, float beta, float *C,
+                          int ldc, cdb_err *e);
+int cdb_onednn_bf16_native(void);
 
 #endif

@@ -31,8 +31,11 @@ struct cdb_run {
     float *qkv;   size_t cap_qkv;   /* (rows, 3d) q | k | v */
     float *att;   size_t cap_att;   /* (rows, d) attention output (heads concatenated) */
     float *mlp;   size_t cap_mlp;   /* (rows, f) MLP hidden; image patches */
-    float *s;     size_t cap_s;     /* (T, T) attention scores of one (sequence, head) */
+    float *s;     size_t cap_s;     /* (nseq, T, T) attention scores, one (T, T) per sequence */
     float *proj;  size_t cap_proj;  /* (nseq, e) projected output of a text group */
+    cdb_prec gemm;                  /* GEMMs on plain weights: fp32, or bf16 (training) */
+    int gemm_rc;                    /* first failed bf16 GEMM since the last check ... */
+    cdb_err gemm_err;               /* ... and its message (see gemm()) */
 };
 
 struct cdb_run *cdb_run_new(void)
@@ -51,6 +54,53 @@ void cdb_run_free(struct cdb_run *r)
     free(r->s);
     free(r->proj);
     free(r);
+}
+
+void cdb_run_set_gemm(struct cdb_run *r, cdb_prec prec)
+{
+    r->gemm = prec == CDB_PREC_BF16 ? CDB_PREC_BF16 : CDB_PREC_FP32;
+}
+
+/* The GEMMs of the forward and backward on plain (unpacked) operands:
+** cdb_sgemm, or cdb_sgemm_bf16 when r->gemm says bf16 (training with
+** --precision bf16). Called from the pool's threads too, so a bf16 failure
+** (out of memory) is kept, first one wins, in r->gemm_rc / gemm_err, and the
+** op that ran the GEMMs returns it through gemm_status(). */
+static void gemm(struct cdb_run *r, cdb_trans ta, cdb_trans tb, int m, int n, int k,
+                 float alpha, const float *A, int lda, const float *B, int ldb, float beta,
+                 float *C, int ldc)
+{
+    cdb_err e;
+    int rc, zero = 0;
+    if (r->gemm != CDB_PREC_BF16) {
+        cdb_sgemm(ta, tb, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc);
+        return;
+    }
+    cdb_err_clear(&e);
+    rc = cdb_sgemm_bf16(ta, tb, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc, &e);
+    if (rc && __atomic_compare_exchange_n(&r->gemm_rc, &zero, rc, 0, __ATOMIC_ACQ_REL,
+                                          __ATOMIC_ACQUIRE))
+        r->gemm_err = e;
+}
+
+/* CLIPDB_OK, or the first GEMM failure since the last call (then cleared). */
+static int gemm_status(struct cdb_run *r, cdb_err *e)
+{
+    const int rc = r->gemm_rc;
+    if (!rc) return CLIPDB_OK;
+    r->gemm_rc = 0;
+    return cdb_err_set(e, rc, "%s", r->gemm_err.msg);
+}
+
+/* cdb_linear, with plain weights (pk == NULL) through gemm(): x (m, n_in) @ W^T (n_in, n_out) -> y (m, n_out) */
+static int linear(struct cdb_run *r, const cdb_wpack *pk, const float *W, int m, int n_out,
+                  int n_in, const float *x, int ldx, float beta, float *y, int ldy, cdb_err *e)
+{
+    if (pk || r->gemm != CDB_PREC_BF16)
+        return cdb_linear(pk, W, m, n_out, n_in, x, ldx, beta, y, ldy, e);
+    if (m <= 0) return CLIPDB_OK;
+    gemm(r, CDB_NO_TRANS, CDB_TRANS, m, n_out, n_in, 1.0f, x, ldx, W, n_in, beta, y, ldy);
+    return gemm_status(r, e);
 }
 
 /* Grows *p to hold at least n floats (contents are not kept). */
@@ -81,7 +131,8 @@ static int reserve_block(struct cdb_run *r, size_t rows, size_t d, size_t f, siz
     if ((rc = grow(&r->qkv, &r->cap_qkv, prod3(rows, d, 3), e))) return rc;
     if ((rc = grow(&r->att, &r->cap_att, prod3(rows, d, 1), e))) return rc;
     if ((rc = grow(&r->mlp, &r->cap_mlp, prod3(rows, f, 1), e))) return rc;
-    if ((rc = grow(&r->s, &r->cap_s, prod3(T, T, 1), e))) return rc;
+    /* one (T, T) score matrix per sequence: attention runs sequences in parallel */
+    if ((rc = grow(&r->s, &r->cap_s, prod3(rows / (T ? T : 1), T, T), e))) return rc;
     return CLIPDB_OK;
 }
 
@@ -155,29 +206,93 @@ static inline vecf vec_quick_gelu(vecf x)
     return x / (1.0f + vec_exp(x * -1.702f));
 }
 
+/* ---- splitting the kernels over the pool (src/core/pool.c) ---------------
+** Each kernel below is a serial loop over rows (or columns) written for a
+** range, and a public entry that cuts the range into one piece per pool
+** thread. The pieces are disjoint and every row (column) is computed as the
+** serial loop computes it, so the results do not depend on the split or the
+** thread count (bit for bit). Small calls stay on the calling thread. */
+
+/* Below this many floats of work a kernel is not split (a pool round trip
+** costs microseconds). */
+#define PAR_MIN_FLOATS 16384
+
+/* The arguments of one kernel call (each kernel uses the fields it names). */
+typedef struct kargs {
+    float *x, *y, *dx, *dw, *db;
+    const float *bias, *w, *b, *dy, *in;
+    double *stats;      /* layernorm backward: (rows, 2) mean, rstd */
+    size_t ld, n, rows;
+} kargs;
+
+typedef void (*span_fn)(const kargs *k, size_t lo, size_t hi);
+
+typedef struct span_job {
+    span_fn fn;
+    const kargs *k;
+    size_t count, per;
+} span_job;
+
+static void span_task(void *arg, size_t t)
+{
+    const span_job *j = arg;
+    const size_t lo = t * j->per, hi = lo + j->per < j->count ? lo + j->per : j->count;
+    if (lo < hi) j->fn(j->k, lo, hi);
+}
+
+/* fn over [0, count) rows or columns, `floats` the size of the work. */
+static void par_span(span_fn fn, const kargs *k, size_t count, size_t floats)
+{
+    const size_t th = (size_t)cdb_pool_threads();
+    span_job j = {fn, k, count, 0};
+    if (th < 2 || count < 2 || floats < PAR_MIN_FLOATS) {
+        if (count) fn(k, 0, count);
+        return;
+    }
+    j.per = (count + th - 1) / th;
+    cdb_pool_run((count + j.per - 1) / j.per, span_task, &j);
+}
+
+/* rows [lo, hi) of x (rows, ld), columns [0, n): += bias (n) */
+static void add_bias_span(const kargs *k, size_t lo, size_t hi)
+{
+    const size_t n = k->n;
+    size_t i, j;
+    for (i = lo; i < hi; i++) {
+        float *xr = k->x + i * k->ld;
+        for (j = 0; j + VL <= n; j += VL)
+            vec_store(xr + j, vec_load(xr + j) + vec_load(k->bias + j));
+        for (; j < n; j++) xr[j] += k->bias[j];
+    }
+}
+
 void cdb_add_bias(float *x, const float *bias, size_t rows, size_t n)
 {
-    size_t i, j;
-    for (i = 0; i < rows; i++) {
-        float *xr = x + i * n; /* (n) */
-        for (j = 0; j + VL <= n; j += VL) vec_store(xr + j, vec_load(xr + j) + vec_load(bias + j));
-        for (; j < n; j++) xr[j] += bias[j];
-    }
+    const kargs k = {.x = x, .bias = bias, .ld = n, .n = n};
+    par_span(add_bias_span, &k, rows, rows * n);
 }
 
 /* x (rows, ld) columns [0, n) += bias (n). */
 static void add_bias_strided(float *x, size_t ld, const float *bias, size_t rows, size_t n)
 {
-    size_t i, j;
-    for (i = 0; i < rows; i++) {
-        float *xr = x + i * ld;
-        for (j = 0; j + VL <= n; j += VL) vec_store(xr + j, vec_load(xr + j) + vec_load(bias + j));
-        for (; j < n; j++) xr[j] += bias[j];
-    }
+    const kargs k = {.x = x, .bias = bias, .ld = ld, .n = n};
+    par_span(add_bias_span, &k, rows, rows * n);
 }
+
+static void quick_gelu_span(const kargs *k, size_t lo, size_t hi);
 
 void cdb_quick_gelu(float *x, const float *bias, size_t rows, size_t n)
 {
+    const kargs k = {.x = x, .bias = bias, .n = n};
+    par_span(quick_gelu_span, &k, rows, rows * n);
+}
+
+/* rows [lo, hi) of cdb_quick_gelu */
+static void quick_gelu_span(const kargs *k, size_t lo, size_t hi)
+{
+    float *x = k->x + lo * k->n;
+    const float *bias = k->bias;
+    const size_t rows = hi - lo, n = k->n;
     size_t i, j;
     for (i = 0; i < rows; i++) {
         float *xr = x + i * n; /* (n) */
@@ -188,8 +303,8 @@ void cdb_quick_gelu(float *x, const float *bias, size_t rows, size_t n)
         }
         if (j < n) { /* tail through the same vector code, zero-padded */
             float tmp[VL] = {0};
-            size_t k, rest = n - j;
-            for (k = 0; k < rest; k++) tmp[k] = xr[j + k] + (bias ? bias[j + k] : 0.0f);
+            size_t q, rest = n - j;
+            for (q = 0; q < rest; q++) tmp[q] = xr[j + q] + (bias ? bias[j + q] : 0.0f);
             vec_store(tmp, vec_quick_gelu(vec_load(tmp)));
             memcpy(xr + j, tmp, rest * sizeof(float));
         }
@@ -199,9 +314,21 @@ void cdb_quick_gelu(float *x, const float *bias, size_t rows, size_t n)
 /* Backward of y = quick_gelu(pre + bias) on rows of n, in place:
 ** d (rows, n) <- d * g'(pre + bias), g(v) = v s(v), s = sigmoid(1.702 v),
 ** g'(v) = s + 1.702 v s (1 - s). pre is the kept GEMM output, without bias. */
+static void quick_gelu_backward_span(const kargs *k, size_t lo, size_t hi);
+
 void cdb_quick_gelu_backward(float *d, const float *pre, const float *bias, size_t rows,
                              size_t n)
 {
+    const kargs k = {.x = d, .in = pre, .bias = bias, .n = n};
+    par_span(quick_gelu_backward_span, &k, rows, rows * n);
+}
+
+/* rows [lo, hi) of cdb_quick_gelu_backward */
+static void quick_gelu_backward_span(const kargs *k, size_t lo, size_t hi)
+{
+    float *d = k->x + lo * k->n;
+    const float *pre = k->in + lo * k->n, *bias = k->bias;
+    const size_t rows = hi - lo, n = k->n;
     size_t i, j;
     for (i = 0; i < rows; i++) {
         const float *pr = pre + i * n; /* (n) */
@@ -253,15 +380,29 @@ void cdb_softmax(float *v, size_t n, float scale)
     for (; j < n; j++) v[j] *= inv[0];
 }
 
+static void layernorm_span(const kargs *k, size_t lo, size_t hi);
+
 void cdb_layernorm(float *x, const float *bias, const float *w, const float *b,
                    float *y, size_t rows, size_t n)
 {
+    const kargs k = {.x = x, .bias = bias, .w = w, .b = b, .y = y, .n = n};
+    par_span(layernorm_span, &k, rows, rows * n);
+}
+
+/* rows [lo, hi) of cdb_layernorm */
+static void layernorm_span(const kargs *k, size_t lo, size_t hi)
+{
+    const float *bias = k->bias, *w = k->w, *b = k->b;
+    const size_t n = k->n;
     size_t i, j;
-    for (i = 0; i < rows; i++) {
-        float *xr = x + i * n, *yr = y + i * n; /* (n) each */
+    for (i = lo; i < hi; i++) {
+        float *xr = k->x + i * n, *yr = k->y + i * n; /* (n) each */
         vecf acc = vec_set1(0.0f), m8, r8;
         float mean, var, rstd, tail = 0.0f;
-        if (bias) cdb_add_bias(xr, bias, 1, n);
+        if (bias) {
+            const kargs one = {.x = xr, .bias = bias, .ld = n, .n = n};
+            add_bias_span(&one, 0, 1);
+        }
         for (j = 0; j + VL <= n; j += VL) acc += vec_load(xr + j);
         for (; j < n; j++) tail += xr[j];
         mean = (vec_hsum(acc) + tail) / (float)n;
@@ -286,84 +427,148 @@ void cdb_layernorm(float *x, const float *bias, const float *w, const float *b,
 ** mean and rstd are recomputed from the kept input x (rows, n);
 **   dw (n) += sum_rows dy * xhat, db (n) += sum_rows dy   (skipped when NULL)
 **   dx (rows, n) += rstd * (dy*w - mean(dy*w) - xhat * mean(dy*w * xhat))
-** dx may be NULL (nothing below needs it). */
-void cdb_layernorm_backward(float *dx, float *dw, float *db, const float *dy, const float *x,
-                            const float *w, size_t rows, size_t n)
+** dx may be NULL (nothing below needs it). Two passes, each split over the
+** pool: rows (their mean and rstd, and dx), then columns (dw and db, each
+** column summed over the rows in order, as a serial loop would). */
+static void ln_bwd_rows_span(const kargs *k, size_t lo, size_t hi)
 {
+    const size_t n = k->n;
     size_t i, j;
-    for (i = 0; i < rows; i++) {
-        const float *xr = x + i * n, *dyr = dy + i * n; /* (n) each */
+    for (i = lo; i < hi; i++) {
+        const float *xr = k->in + i * n, *dyr = k->dy + i * n; /* (n) each */
         double mean = 0.0, var = 0.0, sdn = 0.0, sdnx = 0.0;
         float rstd;
         for (j = 0; j < n; j++) mean += xr[j];
         mean /= (double)n;
         for (j = 0; j < n; j++) var += (xr[j] - mean) * (xr[j] - mean);
         rstd = (float)(1.0 / sqrt(var / (double)n + CDB_LN_EPS));
+        k->stats[2 * i] = mean;
+        k->stats[2 * i + 1] = rstd;
+        if (!k->dx) continue;
         for (j = 0; j < n; j++) {
-            float xhat = (float)(xr[j] - mean) * rstd, dn = dyr[j] * w[j];
+            float xhat = (float)(xr[j] - mean) * rstd, dn = dyr[j] * k->w[j];
             sdn += dn;
             sdnx += dn * xhat;
-            if (dw) dw[j] += dyr[j] * xhat;
-            if (db) db[j] += dyr[j];
         }
-        if (dx) {
-            float *dxr = dx + i * n;
+        {
+            float *dxr = k->dx + i * n;
             const float mdn = (float)(sdn / (double)n), mdnx = (float)(sdnx / (double)n);
             for (j = 0; j < n; j++) {
                 float xhat = (float)(xr[j] - mean) * rstd;
-                dxr[j] += rstd * (dyr[j] * w[j] - mdn - xhat * mdnx);
+                dxr[j] += rstd * (dyr[j] * k->w[j] - mdn - xhat * mdnx);
             }
         }
     }
 }
 
+/* columns [lo, hi): dw, db += over all rows */
+static void ln_bwd_cols_span(const kargs *k, size_t lo, size_t hi)
+{
+    const size_t n = k->n;
+    size_t i, j;
+    for (i = 0; i < k->rows; i++) {
+        const float *xr = k->in + i * n, *dyr = k->dy + i * n;
+        const double mean = k->stats[2 * i];
+        const float rstd = (float)k->stats[2 * i + 1];
+        for (j = lo; j < hi; j++) {
+            float xhat = (float)(xr[j] - mean) * rstd;
+            if (k->dw) k->dw[j] += dyr[j] * xhat;
+            if (k->db) k->db[j] += dyr[j];
+        }
+    }
+}
+
+void cdb_layernorm_backward(float *dx, float *dw, float *db, const float *dy, const float *x,
+                            const float *w, size_t rows, size_t n)
+{
+    double one[2];
+    kargs k = {.dx = dx, .dw = dw, .db = db, .dy = dy, .in = x, .w = w, .n = n, .rows = rows};
+    size_t i;
+    if (!rows || (!dx && !dw && !db)) return;
+    k.stats = rows > 1 ? cdb_malloc_array(rows, 2 * sizeof(double)) : one;
+    if (!k.stats) { /* out of memory: row by row on this thread (same numbers) */
+        for (i = 0; i < rows; i++)
+            cdb_layernorm_backward(dx ? dx + i * n : NULL, dw, db, dy + i * n, x + i * n, w, 1, n);
+        return;
+    }
+    par_span(ln_bwd_rows_span, &k, rows, rows * n);
+    if (dw || db) par_span(ln_bwd_cols_span, &k, n, rows * n);
+    if (k.stats != one) free(k.stats);
+}
+
 /* db (n) += sum over rows of dy (rows, ld), columns [0, n): the bias gradient. */
-static void bias_backward(float *db, const float *dy, size_t ld, size_t rows, size_t n)
+static void bias_backward_span(const kargs *k, size_t lo, size_t hi)
 {
     size_t i, j;
-    if (!db) return;
-    for (i = 0; i < rows; i++)
-        for (j = 0; j < n; j++) db[j] += dy[i * ld + j];
+    for (i = 0; i < k->rows; i++)
+        for (j = lo; j < hi; j++) k->db[j] += k->dy[i * k->ld + j];
+}
+
+static void bias_backward(float *db, const float *dy, size_t ld, size_t rows, size_t n)
+{
+    const kargs k = {.db = db, .dy = dy, .ld = ld, .n = n, .rows = rows};
+    if (db) par_span(bias_backward_span, &k, n, rows * n); /* split by columns */
 }
 
 /* ---- the residual block --------------------------------------------------- */
 
-/* Multi-head attention of nseq sequences of T tokens.
+/* Multi-head attention of nseq sequences of T tokens, one pool task per
+** sequence (its heads in turn, its GEMMs single-threaded: the pool keeps
+** the cores busy). A sequence's scores live in its own (T, T) of r->s, or
+** in the kept probabilities keep_p (nseq, heads, T, T) when training.
 ** qkv (nseq*T, 3d): q | k | v per token, biases added.
 ** att (nq*nseq, d): per sequence, nq = T query rows (qpos == NULL) or the
 ** single row qpos[s]. */
+typedef struct att_job {
+    struct cdb_run *r;
+    const float *qkv, *P, *datt; /* P: the kept probabilities (backward) */
+    float *att, *dqkv, *keep_p;
+    int d, T, causal;
+    const int *qpos;
+} att_job;
+
+static void attention_seq(void *arg, size_t seq)
+{
+    const att_job *j = arg;
+    struct cdb_run *r = j->r;
+    const int d = j->d, T = j->T, causal = j->causal, s = (int)seq;
+    const int *qpos = j->qpos;
+    const int heads = d / CDB_HEAD_DIM, ld = 3 * d;
+    const float scale = 1.0f / sqrtf((float)CDB_HEAD_DIM);
+    const float *base = j->qkv + (size_t)s * T * ld; /* (T, 3d) */
+    const int q0 = qpos ? qpos[s] : 0;
+    const int nq = qpos ? 1 : T;
+    const int nk = (qpos && causal) ? q0 + 1 : T;
+    float *out = j->att + (size_t)s * nq * d; /* (nq, d) */
+    float *S = r->s + (size_t)s * T * T;      /* (nq, nk) scores of one head */
+    const int saved = cdb_compute_serial_enter();
+    int hh, i;
+    for (hh = 0; hh < heads; hh++) {
+        const float *Q = base + (size_t)q0 * ld + hh * CDB_HEAD_DIM; /* (nq, hd), ld 3d */
+        const float *K = base + d + hh * CDB_HEAD_DIM;               /* (nk, hd), ld 3d */
+        const float *V = base + 2 * d + hh * CDB_HEAD_DIM;           /* (nk, hd), ld 3d */
+        if (j->keep_p) S = j->keep_p + ((size_t)s * heads + hh) * T * T; /* kept (T, T) */
+        /* Q (nq, hd) @ K^T (hd, nk) -> S (nq, nk) */
+        gemm(r, CDB_NO_TRANS, CDB_TRANS, nq, nk, CDB_HEAD_DIM, 1.0f, Q, ld, K, ld, 0.0f, S, nk);
+        for (i = 0; i < nq; i++) {
+            float *row = S + (size_t)i * nk; /* (nk) */
+            int valid = (causal && !qpos) ? i + 1 : nk;
+            cdb_softmax(row, (size_t)valid, scale);
+            if (valid < nk) memset(row + valid, 0, (size_t)(nk - valid) * sizeof(float));
+        }
+        /* P (nq, nk) @ V (nk, hd) -> out[:, head] (nq, hd), ld d */
+        gemm(r, CDB_NO_TRANS, CDB_NO_TRANS, nq, CDB_HEAD_DIM, nk, 1.0f, S, nk, V, ld, 0.0f,
+             out + hh * CDB_HEAD_DIM, d);
+    }
+    cdb_compute_serial_leave(saved);
+}
+
 static void attention(struct cdb_run *r, const float *qkv, float *att, int d, int nseq,
                       int T, int causal, const int *qpos, float *keep_p)
 {
-    const int heads = d / CDB_HEAD_DIM, ld = 3 * d;
-    const float scale = 1.0f / sqrtf((float)CDB_HEAD_DIM);
-    float *S = r->s; /* (nq, nk) scores of one (sequence, head) */
-    int s, hh, i;
-    for (s = 0; s < nseq; s++) {
-        const float *base = qkv + (size_t)s * T * ld; /* (T, 3d) */
-        const int q0 = qpos ? qpos[s] : 0;
-        const int nq = qpos ? 1 : T;
-        const int nk = (qpos && causal) ? q0 + 1 : T;
-        float *out = att + (size_t)s * nq * d; /* (nq, d) */
-        for (hh = 0; hh < heads; hh++) {
-            const float *Q = base + (size_t)q0 * ld + hh * CDB_HEAD_DIM; /* (nq, hd), ld 3d */
-            if (keep_p) S = keep_p + ((size_t)s * heads + hh) * T * T; /* kept (T, T) */
-            const float *K = base + d + hh * CDB_HEAD_DIM;               /* (nk, hd), ld 3d */
-            const float *V = base + 2 * d + hh * CDB_HEAD_DIM;           /* (nk, hd), ld 3d */
-            /* Q (nq, hd) @ K^T (hd, nk) -> S (nq, nk) */
-            cdb_sgemm(CDB_NO_TRANS, CDB_TRANS, nq, nk, CDB_HEAD_DIM, 1.0f,
-                        Q, ld, K, ld, 0.0f, S, nk);
-            for (i = 0; i < nq; i++) {
-                float *row = S + (size_t)i * nk; /* (nk) */
-                int valid = (causal && !qpos) ? i + 1 : nk;
-                cdb_softmax(row, (size_t)valid, scale);
-                if (valid < nk) memset(row + valid, 0, (size_t)(nk - valid) * sizeof(float));
-            }
-            /* P (nq, nk) @ V (nk, hd) -> out[:, head] (nq, hd), ld d */
-            cdb_sgemm(CDB_NO_TRANS, CDB_NO_TRANS, nq, CDB_HEAD_DIM, nk, 1.0f,
-                        S, nk, V, ld, 0.0f, out + hh * CDB_HEAD_DIM, d);
-        }
-    }
+    att_job j = {.r = r, .qkv = qkv, .att = att, .keep_p = keep_p, .d = d, .T = T,
+                 .causal = causal, .qpos = qpos};
+    cdb_pool_run((size_t)nseq, attention_seq, &j);
 }
 
 /* Backward of attention (all T query rows; as above without qpos), per
@@ -371,45 +576,52 @@ static void attention(struct cdb_run *r, const float *qkv, float *att, int d, in
 **   dV = P^T dO;  dP = dO V^T;  dS = P * (dP - rowsum(dP * P));
 **   dQ = scale dS K;  dK = scale dS^T Q
 ** (masked entries have P = 0, so dS = 0 there). datt (rows, d) -> dqkv (rows, 3d),
-** written, not accumulated. dP (T, T) is scratch. */
-static void attention_backward(const float *qkv, const float *P, const float *datt, float *dqkv,
-                               float *dP, int d, int nseq, int T)
+** written, not accumulated. One pool task per sequence; its dP (T, T) is
+** its own part of r->s. */
+static void attention_backward_seq(void *arg, size_t seq)
 {
+    const att_job *j = arg;
+    struct cdb_run *r = j->r;
+    const int d = j->d, T = j->T, s = (int)seq;
     const int heads = d / CDB_HEAD_DIM, ld = 3 * d;
     const float scale = 1.0f / sqrtf((float)CDB_HEAD_DIM);
-    int s, hh, i, j;
-    for (s = 0; s < nseq; s++) {
-        const float *base = qkv + (size_t)s * T * ld; /* (T, 3d) */
-        float *dbase = dqkv + (size_t)s * T * ld;     /* (T, 3d) */
-        const float *dO_s = datt + (size_t)s * T * d; /* (T, d) */
-        for (hh = 0; hh < heads; hh++) {
-            const float *Pm = P + ((size_t)s * heads + hh) * T * T; /* (T, T) */
-            const float *Q = base + hh * CDB_HEAD_DIM;              /* (T, hd), ld 3d */
-            const float *K = base + d + hh * CDB_HEAD_DIM;
-            const float *V = base + 2 * d + hh * CDB_HEAD_DIM;
-            const float *dO = dO_s + hh * CDB_HEAD_DIM;             /* (T, hd), ld d */
-            float *dQ = dbase + hh * CDB_HEAD_DIM, *dK = dbase + d + hh * CDB_HEAD_DIM;
-            float *dV = dbase + 2 * d + hh * CDB_HEAD_DIM;
-            /* P^T (T, T) @ dO (T, hd) -> dV (T, hd), ld 3d */
-            cdb_sgemm(CDB_TRANS, CDB_NO_TRANS, T, CDB_HEAD_DIM, T, 1.0f, Pm, T, dO, d, 0.0f,
-                      dV, ld);
-            /* dO (T, hd) @ V^T (hd, T) -> dP (T, T) */
-            cdb_sgemm(CDB_NO_TRANS, CDB_TRANS, T, T, CDB_HEAD_DIM, 1.0f, dO, d, V, ld, 0.0f,
-                      dP, T);
-            for (i = 0; i < T; i++) { /* dP <- scale * P * (dP - sum_j dP P) */
-                const float *pr = Pm + (size_t)i * T;
-                float *dr = dP + (size_t)i * T, dot = 0.0f;
-                for (j = 0; j < T; j++) dot += pr[j] * dr[j];
-                for (j = 0; j < T; j++) dr[j] = scale * pr[j] * (dr[j] - dot);
-            }
-            /* dS (T, T) @ K (T, hd) -> dQ (T, hd), ld 3d */
-            cdb_sgemm(CDB_NO_TRANS, CDB_NO_TRANS, T, CDB_HEAD_DIM, T, 1.0f, dP, T, K, ld, 0.0f,
-                      dQ, ld);
-            /* dS^T (T, T) @ Q (T, hd) -> dK (T, hd), ld 3d */
-            cdb_sgemm(CDB_TRANS, CDB_NO_TRANS, T, CDB_HEAD_DIM, T, 1.0f, dP, T, Q, ld, 0.0f,
-                      dK, ld);
+    const float *base = j->qkv + (size_t)s * T * ld; /* (T, 3d) */
+    float *dbase = j->dqkv + (size_t)s * T * ld;     /* (T, 3d) */
+    const float *dO_s = j->datt + (size_t)s * T * d; /* (T, d) */
+    float *dP = r->s + (size_t)s * T * T;            /* (T, T) */
+    const int saved = cdb_compute_serial_enter();
+    int hh, i, c;
+    for (hh = 0; hh < heads; hh++) {
+        const float *Pm = j->P + ((size_t)s * heads + hh) * T * T; /* (T, T) */
+        const float *Q = base + hh * CDB_HEAD_DIM;                 /* (T, hd), ld 3d */
+        const float *K = base + d + hh * CDB_HEAD_DIM;
+        const float *V = base + 2 * d + hh * CDB_HEAD_DIM;
+        const float *dO = dO_s + hh * CDB_HEAD_DIM;                /* (T, hd), ld d */
+        float *dQ = dbase + hh * CDB_HEAD_DIM, *dK = dbase + d + hh * CDB_HEAD_DIM;
+        float *dV = dbase + 2 * d + hh * CDB_HEAD_DIM;
+        /* P^T (T, T) @ dO (T, hd) -> dV (T, hd), ld 3d */
+        gemm(r, CDB_TRANS, CDB_NO_TRANS, T, CDB_HEAD_DIM, T, 1.0f, Pm, T, dO, d, 0.0f, dV, ld);
+        /* dO (T, hd) @ V^T (hd, T) -> dP (T, T) */
+        gemm(r, CDB_NO_TRANS, CDB_TRANS, T, T, CDB_HEAD_DIM, 1.0f, dO, d, V, ld, 0.0f, dP, T);
+        for (i = 0; i < T; i++) { /* dP <- scale * P * (dP - sum_j dP P) */
+            const float *pr = Pm + (size_t)i * T;
+            float *dr = dP + (size_t)i * T, dot = 0.0f;
+            for (c = 0; c < T; c++) dot += pr[c] * dr[c];
+            for (c = 0; c < T; c++) dr[c] = scale * pr[c] * (dr[c] - dot);
         }
+        /* dS (T, T) @ K (T, hd) -> dQ (T, hd), ld 3d */
+        gemm(r, CDB_NO_TRANS, CDB_NO_TRANS, T, CDB_HEAD_DIM, T, 1.0f, dP, T, K, ld, 0.0f, dQ, ld);
+        /* dS^T (T, T) @ Q (T, hd) -> dK (T, hd), ld 3d */
+        gemm(r, CDB_TRANS, CDB_NO_TRANS, T, CDB_HEAD_DIM, T, 1.0f, dP, T, Q, ld, 0.0f, dK, ld);
     }
+    cdb_compute_serial_leave(saved);
+}
+
+static void attention_backward(struct cdb_run *r, const float *qkv, const float *P,
+                               const float *datt, float *dqkv, int d, int nseq, int T)
+{
+    att_job j = {.r = r, .qkv = qkv, .P = P, .datt = datt, .dqkv = dqkv, .d = d, .T = T};
+    cdb_pool_run((size_t)nseq, attention_backward_seq, &j);
 }
 
 int cdb_block_forward(struct cdb_run *r, const cdb_block *b, int d, int f, float *x,
@@ -426,15 +638,15 @@ int cdb_block_forward_keep(struct cdb_run *r, const cdb_block *b, int d, int f, 
                            const cdb_block_acts *keep, cdb_err *e)
 {
     int rc, s, rows = nseq * T;
-    struct cdb_run saved;
+    float *own_h, *own_qkv, *own_att, *own_mlp; /* r's buffers, while a record's are used */
     if (d <= 0 || d % CDB_HEAD_DIM || f <= 0 || nseq <= 0 || T <= 0)
         return cdb_err_set(e, CLIPDB_EINVAL, "block: bad shape (d %d, f %d, %d x %d tokens)",
                            d, f, nseq, T);
     rc = reserve_block(r, (size_t)rows, (size_t)d, (size_t)f, (size_t)T, e);
     if (rc) return rc;
-    saved = *r;
+    own_h = r->h, own_qkv = r->qkv, own_att = r->att, own_mlp = r->mlp;
+    if (keep && qpos) return cdb_err_set(e, CLIPDB_EINVAL, "block: kept activations need all tokens");
     if (keep) {
-        if (qpos) return cdb_err_set(e, CLIPDB_EINVAL, "block: kept activations need all tokens");
         memcpy(keep->x_in, x, (size_t)rows * d * sizeof(float));
         r->h = keep->h1, r->qkv = keep->qkv, r->att = keep->att, r->mlp = keep->pre;
     }
@@ -444,14 +656,14 @@ int cdb_block_forward_keep(struct cdb_run *r, const cdb_block *b, int d, int f, 
     /* qkv (rows, 3d) = h (rows, d) @ [Wq; Wk; Wv]^T (d, 3d) + [bq | bk | bv] */
     if (b->pk_qkv || (b->wk == b->wq + (size_t)d * d && b->wv == b->wk + (size_t)d * d)) {
         /* packed, or in_proj_weight (3d, d) contiguous: one GEMM */
-        if ((rc = cdb_linear(b->pk_qkv, b->wq, rows, 3 * d, d, r->h, d, 0.0f, r->qkv, 3 * d, e)))
-            return rc;
+        if ((rc = linear(r, b->pk_qkv, b->wq, rows, 3 * d, d, r->h, d, 0.0f, r->qkv, 3 * d, e)))
+            goto cleanup;
     } else {
         /* separate q/k/v_proj (d, d) each: h (rows, d) @ W^T (d, d) -> qkv[:, part] (rows, d), ld 3d */
-        if ((rc = cdb_linear(NULL, b->wq, rows, d, d, r->h, d, 0.0f, r->qkv, 3 * d, e)) ||
-            (rc = cdb_linear(NULL, b->wk, rows, d, d, r->h, d, 0.0f, r->qkv + d, 3 * d, e)) ||
-            (rc = cdb_linear(NULL, b->wv, rows, d, d, r->h, d, 0.0f, r->qkv + 2 * d, 3 * d, e)))
-            return rc;
+        if ((rc = linear(r, NULL, b->wq, rows, d, d, r->h, d, 0.0f, r->qkv, 3 * d, e)) ||
+            (rc = linear(r, NULL, b->wk, rows, d, d, r->h, d, 0.0f, r->qkv + d, 3 * d, e)) ||
+            (rc = linear(r, NULL, b->wv, rows, d, d, r->h, d, 0.0f, r->qkv + 2 * d, 3 * d, e)))
+            goto cleanup;
     }
     add_bias_strided(r->qkv, (size_t)3 * d, b->bq, (size_t)rows, (size_t)d);
     add_bias_strided(r->qkv + d, (size_t)3 * d, b->bk, (size_t)rows, (size_t)d);
@@ -459,6 +671,7 @@ int cdb_block_forward_keep(struct cdb_run *r, const cdb_block *b, int d, int f, 
 
     /* att (rows', d) = attention; rows' = rows, or nseq with qpos */
     attention(r, r->qkv, r->att, d, nseq, T, causal, qpos, keep ? keep->p : NULL);
+    if ((rc = gemm_status(r, e))) goto cleanup;
     if (qpos) {
         /* keep only the needed token of each sequence: x (nseq*T, d) -> (nseq, d);
         ** row s moves from s*T + qpos[s] >= s, so a forward pass is safe */
@@ -469,24 +682,26 @@ int cdb_block_forward_keep(struct cdb_run *r, const cdb_block *b, int d, int f, 
         rows = nseq;
     }
     /* x (rows, d) += att (rows, d) @ Wo^T (d, d) */
-    if ((rc = cdb_linear(b->pk_o, b->wo, rows, d, d, r->att, d, 1.0f, x, d, e))) return rc;
+    if ((rc = linear(r, b->pk_o, b->wo, rows, d, d, r->att, d, 1.0f, x, d, e))) goto cleanup;
     /* x += bo; h (rows, d) = ln_2(x) */
     if (keep) r->h = keep->h2;
     cdb_layernorm(x, b->bo, b->ln2_w, b->ln2_b, r->h, (size_t)rows, (size_t)d);
     if (keep) memcpy(keep->x_mid, x, (size_t)rows * d * sizeof(float));
     /* mlp (rows, f) = h (rows, d) @ W1^T (d, f); mlp = quick_gelu(mlp + b1) */
-    if ((rc = cdb_linear(b->pk_fc1, b->fc1_w, rows, f, d, r->h, d, 0.0f, r->mlp, f, e)))
-        return rc;
+    if ((rc = linear(r, b->pk_fc1, b->fc1_w, rows, f, d, r->h, d, 0.0f, r->mlp, f, e)))
+        goto cleanup;
     if (keep) { /* pre (rows, f) stays the GEMM output; gelu gets the activation */
         memcpy(keep->gelu, r->mlp, (size_t)rows * f * sizeof(float));
         r->mlp = keep->gelu;
     }
     cdb_quick_gelu(r->mlp, b->fc1_b, (size_t)rows, (size_t)f);
     /* x (rows, d) += mlp (rows, f) @ W2^T (f, d); x += b2 */
-    if ((rc = cdb_linear(b->pk_fc2, b->fc2_w, rows, d, f, r->mlp, f, 1.0f, x, d, e))) return rc;
+    if ((rc = linear(r, b->pk_fc2, b->fc2_w, rows, d, f, r->mlp, f, 1.0f, x, d, e))) goto cleanup;
     cdb_add_bias(x, b->fc2_b, (size_t)rows, (size_t)d);
-    *r = saved;
-    return CLIPDB_OK;
+cleanup:
+    /* the record's buffers were borrowed: give r its own back */
+    r->h = own_h, r->qkv = own_qkv, r->att = own_att, r->mlp = own_mlp;
+    return rc;
 }
 
 size_t cdb_block_acts_floats(int d, int f, int nseq, int T)
@@ -528,97 +743,98 @@ int cdb_block_backward(struct cdb_run *r, const cdb_block *b, const cdb_block *g
     /* MLP: db2 += sum dx; dW2 (d, f) += dx^T (d, rows) @ gelu (rows, f) */
     bias_backward((float *)g->fc2_b, dx, (size_t)d, (size_t)rows, (size_t)d);
     if (g->fc2_w)
-        cdb_sgemm(CDB_TRANS, CDB_NO_TRANS, d, f, rows, 1.0f, dx, d, a->gelu, f, 1.0f,
+        gemm(r, CDB_TRANS, CDB_NO_TRANS, d, f, rows, 1.0f, dx, d, a->gelu, f, 1.0f,
                   (float *)g->fc2_w, f);
     /* dpre (rows, f) = dx (rows, d) @ W2 (d, f), times quick_gelu' */
-    cdb_sgemm(CDB_NO_TRANS, CDB_NO_TRANS, rows, f, d, 1.0f, dx, d, b->fc2_w, f, 0.0f, dpre, f);
+    gemm(r, CDB_NO_TRANS, CDB_NO_TRANS, rows, f, d, 1.0f, dx, d, b->fc2_w, f, 0.0f, dpre, f);
     cdb_quick_gelu_backward(dpre, a->pre, b->fc1_b, (size_t)rows, (size_t)f);
     /* db1 += sum dpre; dW1 (f, d) += dpre^T (f, rows) @ h2 (rows, d) */
     bias_backward((float *)g->fc1_b, dpre, (size_t)f, (size_t)rows, (size_t)f);
     if (g->fc1_w)
-        cdb_sgemm(CDB_TRANS, CDB_NO_TRANS, f, d, rows, 1.0f, dpre, f, a->h2, d, 1.0f,
+        gemm(r, CDB_TRANS, CDB_NO_TRANS, f, d, rows, 1.0f, dpre, f, a->h2, d, 1.0f,
                   (float *)g->fc1_w, d);
     /* dh2 (rows, d) = dpre (rows, f) @ W1 (f, d) */
-    cdb_sgemm(CDB_NO_TRANS, CDB_NO_TRANS, rows, d, f, 1.0f, dpre, f, b->fc1_w, d, 0.0f, dh, d);
+    gemm(r, CDB_NO_TRANS, CDB_NO_TRANS, rows, d, f, 1.0f, dpre, f, b->fc1_w, d, 0.0f, dh, d);
     /* dx_mid = dx + ln_2 backward */
     cdb_layernorm_backward(dx, (float *)g->ln2_w, (float *)g->ln2_b, dh, a->x_mid, b->ln2_w,
                            (size_t)rows, (size_t)d);
     /* attention output: dbo += sum dx; dWo (d, d) += dx^T (d, rows) @ att (rows, d) */
     bias_backward((float *)g->bo, dx, (size_t)d, (size_t)rows, (size_t)d);
     if (g->wo)
-        cdb_sgemm(CDB_TRANS, CDB_NO_TRANS, d, d, rows, 1.0f, dx, d, a->att, d, 1.0f,
+        gemm(r, CDB_TRANS, CDB_NO_TRANS, d, d, rows, 1.0f, dx, d, a->att, d, 1.0f,
                   (float *)g->wo, d);
     /* datt (rows, d) = dx (rows, d) @ Wo (d, d) */
-    cdb_sgemm(CDB_NO_TRANS, CDB_NO_TRANS, rows, d, d, 1.0f, dx, d, b->wo, d, 0.0f, datt, d);
+    gemm(r, CDB_NO_TRANS, CDB_NO_TRANS, rows, d, d, 1.0f, dx, d, b->wo, d, 0.0f, datt, d);
     /* dqkv (rows, 3d) */
-    attention_backward(a->qkv, a->p, datt, dqkv, r->s, d, nseq, T);
+    attention_backward(r, a->qkv, a->p, datt, dqkv, d, nseq, T);
     bias_backward((float *)g->bq, dqkv, (size_t)3 * d, (size_t)rows, (size_t)d);
     bias_backward((float *)g->bk, dqkv + d, (size_t)3 * d, (size_t)rows, (size_t)d);
     bias_backward((float *)g->bv, dqkv + 2 * d, (size_t)3 * d, (size_t)rows, (size_t)d);
     /* dWq|dWk|dWv (3d, d) += dqkv^T (3d, rows) @ h1 (rows, d); the three are
     ** contiguous in the gradient buffer (the trainer lays them out so) */
     if (g->wq)
-        cdb_sgemm(CDB_TRANS, CDB_NO_TRANS, 3 * d, d, rows, 1.0f, dqkv, 3 * d, a->h1, d, 1.0f,
+        gemm(r, CDB_TRANS, CDB_NO_TRANS, 3 * d, d, rows, 1.0f, dqkv, 3 * d, a->h1, d, 1.0f,
                   (float *)g->wq, d);
-    if (!need_dx && !g->ln1_w && !g->ln1_b) return CLIPDB_OK;
+    if (!need_dx && !g->ln1_w && !g->ln1_b) return gemm_status(r, e);
     /* dh1 (rows, d) = dqkv (rows, 3d) @ [Wq; Wk; Wv] (3d, d) */
     if (b->wk == b->wq + (size_t)d * d && b->wv == b->wk + (size_t)d * d) {
-        cdb_sgemm(CDB_NO_TRANS, CDB_NO_TRANS, rows, d, 3 * d, 1.0f, dqkv, 3 * d, b->wq, d, 0.0f,
+        gemm(r, CDB_NO_TRANS, CDB_NO_TRANS, rows, d, 3 * d, 1.0f, dqkv, 3 * d, b->wq, d, 0.0f,
                   dh, d);
     } else { /* dqkv[:, part] (rows, d), ld 3d @ W (d, d), summed */
-        cdb_sgemm(CDB_NO_TRANS, CDB_NO_TRANS, rows, d, d, 1.0f, dqkv, 3 * d, b->wq, d, 0.0f,
+        gemm(r, CDB_NO_TRANS, CDB_NO_TRANS, rows, d, d, 1.0f, dqkv, 3 * d, b->wq, d, 0.0f,
                   dh, d);
-        cdb_sgemm(CDB_NO_TRANS, CDB_NO_TRANS, rows, d, d, 1.0f, dqkv + d, 3 * d, b->wk, d, 1.0f,
+        gemm(r, CDB_NO_TRANS, CDB_NO_TRANS, rows, d, d, 1.0f, dqkv + d, 3 * d, b->wk, d, 1.0f,
                   dh, d);
-        cdb_sgemm(CDB_NO_TRANS, CDB_NO_TRANS, rows, d, d, 1.0f, dqkv + 2 * d, 3 * d, b->wv, d,
+        gemm(r, CDB_NO_TRANS, CDB_NO_TRANS, rows, d, d, 1.0f, dqkv + 2 * d, 3 * d, b->wv, d,
                   1.0f, dh, d);
     }
     /* dx_in = dx_mid + ln_1 backward */
     cdb_layernorm_backward(need_dx ? dx : NULL, (float *)g->ln1_w, (float *)g->ln1_b, dh, a->x_in, b->ln1_w,
                            (size_t)rows, (size_t)d);
-    return CLIPDB_OK;
+    return gemm_status(r, e);
 }
 
 /* h (n, d) = ln(x (n, d)); out (n, e) = h @ proj (d, e), or h @ proj^T with proj (e, d). */
-int cdb_final_ln_project(const cdb_tower *t, int e_dim, float *x, float *h, int n,
-                         float *out, cdb_err *e)
+int cdb_final_ln_project(struct cdb_run *r, const cdb_tower *t, int e_dim, float *x, float *h,
+                         int n, float *out, cdb_err *e)
 {
     const int d = t->width;
     cdb_layernorm(x, NULL, t->ln_post_w, t->ln_post_b, h, (size_t)n, (size_t)d);
     if (t->pk_proj || t->proj_transposed) /* h (n, d) @ proj^T (d, e) -> out (n, e) */
-        return cdb_linear(t->pk_proj, t->proj, n, e_dim, d, h, d, 0.0f, out, e_dim, e);
+        return linear(r, t->pk_proj, t->proj, n, e_dim, d, h, d, 0.0f, out, e_dim, e);
     /* h (n, d) @ proj (d, e) -> out (n, e) */
-    cdb_sgemm(CDB_NO_TRANS, CDB_NO_TRANS, n, e_dim, d, 1.0f, h, d, t->proj,
+    gemm(r, CDB_NO_TRANS, CDB_NO_TRANS, n, e_dim, d, 1.0f, h, d, t->proj,
                 e_dim, 0.0f, out, e_dim);
-    return CLIPDB_OK;
+    return gemm_status(r, e);
 }
 
 /* Backward of cdb_final_ln_project on n rows: x (n, d) the kept ln input, h (n, d)
 ** the kept ln output, dout (n, e). g->proj, g->ln_post_*: gradient views (+=;
 ** NULL = frozen). dx (n, d) is written (if not NULL). dh (n, d) is scratch. */
-void cdb_final_ln_project_backward(const cdb_tower *t, const cdb_tower *g, int e_dim,
-                                   const float *x, const float *h, const float *dout, int n,
-                                   float *dh, float *dx)
+int cdb_final_ln_project_backward(struct cdb_run *r, const cdb_tower *t, const cdb_tower *g,
+                                  int e_dim, const float *x, const float *h, const float *dout,
+                                  int n, float *dh, float *dx, cdb_err *e)
 {
     const int d = t->width;
     if (g->proj) {
         if (t->proj_transposed) /* dproj (e, d) += dout^T (e, n) @ h (n, d) */
-            cdb_sgemm(CDB_TRANS, CDB_NO_TRANS, e_dim, d, n, 1.0f, dout, e_dim, h, d, 1.0f,
+            gemm(r, CDB_TRANS, CDB_NO_TRANS, e_dim, d, n, 1.0f, dout, e_dim, h, d, 1.0f,
                       (float *)g->proj, d);
         else /* dproj (d, e) += h^T (d, n) @ dout (n, e) */
-            cdb_sgemm(CDB_TRANS, CDB_NO_TRANS, d, e_dim, n, 1.0f, h, d, dout, e_dim, 1.0f,
+            gemm(r, CDB_TRANS, CDB_NO_TRANS, d, e_dim, n, 1.0f, h, d, dout, e_dim, 1.0f,
                       (float *)g->proj, e_dim);
     }
-    if (!dx && !g->ln_post_w && !g->ln_post_b) return;
+    if (!dx && !g->ln_post_w && !g->ln_post_b) return gemm_status(r, e);
     if (t->proj_transposed) /* dout (n, e) @ proj (e, d) -> dh (n, d) */
-        cdb_sgemm(CDB_NO_TRANS, CDB_NO_TRANS, n, d, e_dim, 1.0f, dout, e_dim, t->proj, d, 0.0f,
+        gemm(r, CDB_NO_TRANS, CDB_NO_TRANS, n, d, e_dim, 1.0f, dout, e_dim, t->proj, d, 0.0f,
                   dh, d);
     else /* dout (n, e) @ proj^T (e, d) -> dh (n, d) */
-        cdb_sgemm(CDB_NO_TRANS, CDB_TRANS, n, d, e_dim, 1.0f, dout, e_dim, t->proj, e_dim, 0.0f,
+        gemm(r, CDB_NO_TRANS, CDB_TRANS, n, d, e_dim, 1.0f, dout, e_dim, t->proj, e_dim, 0.0f,
                   dh, d);
     if (dx) memset(dx, 0, (size_t)n * d * sizeof(float));
     cdb_layernorm_backward(dx, (float *)g->ln_post_w, (float *)g->ln_post_b, dh, x,
                            t->ln_post_w, (size_t)n, (size_t)d);
+    return gemm_status(r, e);
 }
 
 /* Runs the tower's blocks on x (nseq*T, d); with qpos the last block keeps
@@ -678,7 +894,7 @@ int cdb_vision_embed(struct cdb_run *r, const cdb_vision *v, const float *pixels
     patches = r->mlp;
     im2col(v, pixels, nb, patches);
     /* patches (nb*np, K) @ conv1^T (K, d) -> h (nb*np, d) */
-    if ((rc = cdb_linear(v->pk_patch, v->patch_w, nb * np, d, K, patches, K, 0.0f, r->h, d, e)))
+    if ((rc = linear(r, v->pk_patch, v->patch_w, nb * np, d, K, patches, K, 0.0f, r->h, d, e)))
         return rc;
     /* sum (nb*T, d): per image [class_emb; patch embeddings] + pos_emb (T, d) */
     for (i = 0; i < nb; i++) {
@@ -727,10 +943,10 @@ int cdb_vision_embed_backward(struct cdb_run *r, const cdb_vision *v, const cdb_
     if (g->patch_w) {
         im2col(v, pixels, nb, r->mlp);
         /* dconv1 (d, K) += dh^T (d, nb*np) @ patches (nb*np, K) */
-        cdb_sgemm(CDB_TRANS, CDB_NO_TRANS, d, K, nb * np, 1.0f, dh, d, r->mlp, K, 1.0f,
+        gemm(r, CDB_TRANS, CDB_NO_TRANS, d, K, nb * np, 1.0f, dh, d, r->mlp, K, 1.0f,
                   (float *)g->patch_w, K);
     }
-    return CLIPDB_OK;
+    return gemm_status(r, e);
 }
 
 int cdb_vision_forward(struct cdb_run *r, const cdb_vision *v, int embed_dim,
@@ -762,7 +978,7 @@ int cdb_vision_forward(struct cdb_run *r, const cdb_vision *v, int embed_dim,
         /* blocks; the last keeps the class token only: x (nb, d) */
         if ((rc = run_blocks(r, &v->t, nb, T, 0, qpos, e))) goto cleanup;
         /* out (nb, e) = ln_post(x) @ proj */
-        if ((rc = cdb_final_ln_project(&v->t, embed_dim, r->x, r->h, nb,
+        if ((rc = cdb_final_ln_project(r, &v->t, embed_dim, r->x, r->h, nb,
                                         out + (size_t)i0 * embed_dim, e)))
             goto cleanup;
     }
@@ -902,7 +1118,7 @@ int cdb_text_forward(struct cdb_run *r, const cdb_text *t, int embed_dim,
             if ((rc = run_blocks(r, &t->t, cnt, L, 1, qpos, e))) goto cleanup;
         }
         /* proj (cnt, e) = ln_final(x (cnt, d)) @ text_projection */
-        if ((rc = cdb_final_ln_project(&t->t, embed_dim, r->x, r->h, cnt, r->proj, e)))
+        if ((rc = cdb_final_ln_project(r, &t->t, embed_dim, r->x, r->h, cnt, r->proj, e)))
             goto cleanup;
         for (g = 0; g < cnt; g++)
             memcpy(out + (size_t)items[g0 + g].index * embed_dim, r->proj + (size_t)g * embed_dim,

@@ -11,6 +11,7 @@
 #ifndef CDB_TRANSFORMER_H
 #define CDB_TRANSFORMER_H
 
+#include "compute/compute.h"
 #include "model/model.h"
 
 #define CDB_LN_EPS 1e-5f
@@ -31,6 +32,11 @@ struct cdb_run;
 ** Caller frees with cdb_run_free, which accepts NULL. */
 struct cdb_run *cdb_run_new(void);
 void cdb_run_free(struct cdb_run *r);
+/* The precision of the GEMMs on plain (unpacked) weights and activations
+** that r runs: CDB_PREC_FP32 (default: cdb_sgemm) or CDB_PREC_BF16
+** (cdb_sgemm_bf16: bf16 inputs, fp32 accumulation; the training engine's
+** --precision bf16). Packed weights keep their own precision. */
+void cdb_run_set_gemm(struct cdb_run *r, cdb_prec prec);
 
 /* ---- kernels (exposed for the unit tests) ------------------------------- */
 
@@ -112,12 +118,12 @@ void cdb_quick_gelu_backward(float *d, const float *pre, const float *bias, size
                              size_t n);
 
 /* h (n, d) = ln_post(x (n, d)) (x unchanged); out (n, e) = h @ proj (or proj^T). */
-int cdb_final_ln_project(const cdb_tower *t, int e_dim, float *x, float *h, int n,
-                         float *out, cdb_err *e);
+int cdb_final_ln_project(struct cdb_run *r, const cdb_tower *t, int e_dim, float *x, float *h,
+                         int n, float *out, cdb_err *e);
 /* From dout (n, e): g->proj, g->ln_post_* +=; dx (n, d) written unless NULL; dh scratch (n, d). */
-void cdb_final_ln_project_backward(const cdb_tower *t, const cdb_tower *g, int e_dim,
-                                   const float *x, const float *h, const float *dout, int n,
-                                   float *dh, float *dx);
+int cdb_final_ln_project_backward(struct cdb_run *r, const cdb_tower *t, const cdb_tower *g,
+                                  int e_dim, const float *x, const float *h, const float *dout,
+                                  int n, float *dh, float *dx, cdb_err *e);
 
 /* x (nb*T, d) = ln_pre([class_emb; patches (nb*np, K) @ conv1^T] + pos_emb) of
 ** pixels (nb, 3, S, S); x0: NULL, or (nb*T, d) keeping the ln_pre input.

@@ -116,6 +116,8 @@ static int check_opts(const cdb_train_opts *o, cdb_err *e)
         return cdb_err_set(e, CLIPDB_EINVAL,
                            "cosine schedule: total steps (%ld) must exceed the warm-up (%d)",
                            o->total_steps, o->warmup);
+    if (o->gemm != CDB_PREC_FP32 && o->gemm != CDB_PREC_BF16)
+        return cdb_err_set(e, CLIPDB_EINVAL, "training precision must be fp32 or bf16");
     if (o->what == CDB_TRAIN_LAST && (o->last_n < 1 || o->last_n > 1000))
         return cdb_err_set(e, CLIPDB_EINVAL, "last:N needs N from 1 to 1000");
     if (o->what != CDB_TRAIN_ALL && o->what != CDB_TRAIN_PROJ && o->what != CDB_TRAIN_LAST)
@@ -218,6 +220,7 @@ int cdb_trainer_new(cdb_trainer **out, const clipdb_model *m, const cdb_train_op
         rc = cdb_err_set(e, CLIPDB_ENOMEM, "out of memory");
         goto cleanup;
     }
+    cdb_run_set_gemm(t->run, o->gemm);
     /* the same list twice: slots into the param views and into the grad views */
     if ((rc = cdb_weights_list(t->key_style, &t->vis, &t->txt, t->embed_dim, &pw, &np, e)) ||
         (rc = cdb_weights_list(t->key_style, &t->gvis, &t->gtxt, t->embed_dim, &gw, &ng, e)))
@@ -359,7 +362,7 @@ static int vision_fwd(cdb_trainer *t, const float *pixels, int nb, float *out)
     for (i = 0; i < nb; i++) /* xe (nb, d): the class tokens */
         memcpy(tr->xe + (size_t)i * d, tr->x + (size_t)i * T * d, (size_t)d * sizeof(float));
     /* out (nb, e) = ln_post(xe) @ proj; he keeps the ln output */
-    if ((rc = cdb_final_ln_project(&v->t, t->embed_dim, tr->xe, tr->he, nb, out, &t->err)))
+    if ((rc = cdb_final_ln_project(t->run, &v->t, t->embed_dim, tr->xe, tr->he, nb, out, &t->err)))
         return rc;
     return CLIPDB_OK;
 }
@@ -372,8 +375,10 @@ static int vision_bwd(cdb_trainer *t, const float *pixels, int nb, const float *
     int rc, l, i;
     if (!tr->top) return CLIPDB_OK;
     /* dxe (nb, d) from dout (nb, e); the residual buffer x is free now: dh scratch */
-    cdb_final_ln_project_backward(&v->t, &t->gvis.t, t->embed_dim, tr->xe, tr->he, dout, nb,
-                                  tr->x, below ? tr->dxe : NULL);
+    if ((rc = cdb_final_ln_project_backward(t->run, &v->t, &t->gvis.t, t->embed_dim, tr->xe,
+                                            tr->he, dout, nb, tr->x, below ? tr->dxe : NULL,
+                                            &t->err)))
+        return rc;
     if (!below) return CLIPDB_OK;
     /* dx (nb*T, d): the class-token rows get dxe, the others 0 */
     memset(tr->x, 0, (size_t)nb * T * d * sizeof(float));
@@ -415,7 +420,7 @@ static int text_fwd(cdb_trainer *t, const int32_t *const *ids, const int *lens, 
     for (i = 0; i < nb; i++) /* xe (nb, d): the end tokens */
         memcpy(tr->xe + (size_t)i * d, tr->x + ((size_t)i * L + ends[i]) * d,
                (size_t)d * sizeof(float));
-    if ((rc = cdb_final_ln_project(&x->t, t->embed_dim, tr->xe, tr->he, nb, out, &t->err)))
+    if ((rc = cdb_final_ln_project(t->run, &x->t, t->embed_dim, tr->xe, tr->he, nb, out, &t->err)))
         return rc;
     return CLIPDB_OK;
 }
@@ -428,8 +433,10 @@ static int text_bwd(cdb_trainer *t, const int32_t *const *ids, const int *lens, 
     const int d = x->t.width, L = text_len(ends, nb), below = tr->lo < x->t.layers;
     int rc, l, i;
     if (!tr->top) return CLIPDB_OK;
-    cdb_final_ln_project_backward(&x->t, &t->gtxt.t, t->embed_dim, tr->xe, tr->he, dout, nb,
-                                  tr->x, below ? tr->dxe : NULL);
+    if ((rc = cdb_final_ln_project_backward(t->run, &x->t, &t->gtxt.t, t->embed_dim, tr->xe,
+                                            tr->he, dout, nb, tr->x, below ? tr->dxe : NULL,
+                                            &t->err)))
+        return rc;
     if (!below) return CLIPDB_OK;
     memset(tr->x, 0, (size_t)nb * L * d * sizeof(float));
     for (i = 0; i < nb; i++)

@@ -131,6 +131,11 @@ static int make_config(run *r)
         o->micro_batch, (double)o->lr, (double)o->wd, (double)o->beta1, (double)o->beta2,
         (double)o->eps, o->warmup, o->schedule, (double)o->clip_grad, o->train,
         (unsigned long long)o->seed, r->augment, (double)CROP_MIN_DEFAULT);
+    if (r->config && o->precision && strcmp(o->precision, "fp32")) { /* fp32 adds no line, as before */
+        char *c = cdb_sprintf("%sprecision %s\n", r->config, o->precision);
+        free(r->config);
+        r->config = c;
+    }
     return r->config ? CLIPDB_OK : cdb_err_set(&r->err, CLIPDB_ENOMEM, "out of memory");
 }
 
@@ -202,6 +207,13 @@ static int opts_to_engine(run *r, long total, cdb_train_opts *to)
     to->total_steps = total;
     to->clip_grad = o->clip_grad;
     to->micro_batch = o->micro_batch;
+    if (!o->precision || !strcmp(o->precision, "fp32"))
+        to->gemm = CDB_PREC_FP32;
+    else if (!strcmp(o->precision, "bf16"))
+        to->gemm = CDB_PREC_BF16;
+    else
+        return cdb_err_set(&r->err, CLIPDB_EINVAL, "precision '%s' is not fp32 or bf16",
+                           o->precision);
     if (!o->schedule || !strcmp(o->schedule, "constant"))
         to->schedule = CDB_SCHED_CONSTANT;
     else if (!strcmp(o->schedule, "cosine"))
@@ -377,12 +389,13 @@ static char *made_json(run *r, long steps)
         "  \"command\": %s%s%s,\n  \"seed\": %llu,\n  \"steps\": %ld,\n  \"epochs\": %d,\n"
         "  \"batch\": %d,\n  \"train_pairs\": %zu,\n  \"val_pairs\": %zu,\n"
         "  \"lr\": %.9g,\n  \"wd\": %.9g,\n  \"schedule\": \"%s\",\n  \"warmup\": %d,\n"
-        "  \"train\": \"%s\",\n  \"augment\": %s,\n  \"start\": \"%s\",\n"
-        "  \"date\": \"%s\"\n}\n",
+        "  \"train\": \"%s\",\n  \"augment\": %s,\n  \"precision\": \"%s\",\n"
+        "  \"start\": \"%s\",\n  \"date\": \"%s\"\n}\n",
         r->kind, CLIPDB_VERSION, o->command ? "\"" : "", o->command ? o->command : "null",
         o->command ? "\"" : "", (unsigned long long)o->seed, steps, o->epochs, o->batch,
         r->data.n_train, r->data.n_val, (double)o->lr, (double)o->wd, o->schedule, o->warmup,
-        o->train, r->augment ? "true" : "false", r->start, date);
+        o->train, r->augment ? "true" : "false", o->precision ? o->precision : "fp32", r->start,
+        date);
     return json;
 }
 

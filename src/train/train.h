@@ -48,10 +48,19 @@
 ** big batch, up to summation order) at the cost of a second forward; memory
 ** is that of one micro-batch. micro_batch 0 = the whole batch at once.
 **
-** Threads: the GEMMs (most of the work) use the compute backend's pool
-** (cdb_compute_threads, both cores); the elementwise parts and the
-** per-(sequence, head) attention loops run on the calling thread today.
-** bench/bench_train.c reports the measured cores_busy (CPU time / wall).
+** Threads: the GEMMs (most of the work) use the compute backend's threads
+** (cdb_compute_threads, both cores); the elementwise kernels of forward and
+** backward (layer norm, QuickGELU, bias adds and bias gradients) are split
+** over the process's pool (src/core/pool.c) and attention runs one pool task
+** per sequence (src/model/transformer.c), with results that do not depend
+** on the split. Still on the calling thread: the loss (n x n, small), AdamW
+** and the embedding gathers. bench/bench_train.c reports the measured
+** cores_busy (CPU time / wall).
+**
+** Precision (opts.gemm): fp32, or bf16 GEMMs (cdb_sgemm_bf16: inputs
+** rounded to bf16, fp32 accumulation and output) for every GEMM of forward
+** and backward; everything else (kernels, loss, master weights, gradients,
+** AdamW moments) stays fp32.
 */
 #ifndef CDB_TRAIN_H
 #define CDB_TRAIN_H
@@ -87,6 +96,10 @@ typedef struct cdb_train_opts {
     int last_n;          /* for CDB_TRAIN_LAST */
     int threads;         /* reserved for splitting the non-GEMM work; must be >= 0,
                          ** not used yet (the GEMMs use cdb_compute_threads()) */
+    cdb_prec gemm;       /* the GEMMs of forward and backward: CDB_PREC_FP32
+                         ** (default) or CDB_PREC_BF16 (bf16 inputs, fp32
+                         ** accumulation: cdb_sgemm_bf16); master weights,
+                         ** gradients and AdamW state stay fp32 either way */
 } cdb_train_opts;
 
 /* Fills the documented defaults. */

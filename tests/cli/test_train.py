@@ -182,7 +182,7 @@ def test_nan_weights_refused_with_tensor_name(db, model, tmp_path):
 def test_bad_options_are_usage_errors(db, model, tmp_path):
     for args, needle in [(["--batch", "1"], "--batch"), (["--schedule", "linear"], "--schedule"),
                          (["--betas", "0.9"], "--betas"), (["--lr", "x"], "--lr"),
-                         (["--dtype", "F8"], "--dtype")]:
+                         (["--dtype", "F8"], "--dtype"), (["--precision", "fp16"], "--precision")]:
         r = run("finetune", db, "--model", model, "--out", tmp_path / "o", *args)
         assert r.returncode == 2 and needle in r.stderr, (args, r.stderr)
     r = run("finetune", db, "--model", model, "--out", tmp_path / "o", "--train", "some")
@@ -331,7 +331,8 @@ def test_sigint_writes_a_checkpoint_and_resumes(db, model, tmp_path):
     assert weights(out) == weights(ref)
 
 
-def test_checkpoint_of_other_options_is_not_resumed(db, model, tmp_path):
+@pytest.mark.parametrize("other", [["--seed", 3], ["--precision", "bf16"]])
+def test_checkpoint_of_other_options_is_not_resumed(db, model, tmp_path, other):
     args = ["finetune", db, "--model", model, "--split", "all", "--batch", 4, "--epochs", 2,
             "--seed", 2, "--out", tmp_path / "o", "--progress-every", 0.01]
     p = start(args)
@@ -339,7 +340,7 @@ def test_checkpoint_of_other_options_is_not_resumed(db, model, tmp_path):
     p.send_signal(signal.SIGINT)
     p.communicate(timeout=120)
     assert p.returncode == 130
-    r = run(*[a if a != 2 else 3 for a in args])  # another seed
+    r = run(*args, *other)  # another seed; another GEMM precision
     one_line_failure(r, "finetune", "other options or data", "delete it to start over")
     assert (tmp_path / "o.ckpt" / "state.safetensors").is_file()  # kept
 
@@ -371,3 +372,22 @@ def test_train_same_seed_same_model_other_seed_other(photos, model, tmp_path):
     run(*common, "--seed", 2, "--out", tmp_path / "c", check=True)
     assert weights(tmp_path / "a") == weights(tmp_path / "b")
     assert weights(tmp_path / "a") != weights(tmp_path / "c")
+
+
+def test_precision_bf16_trains_records_and_is_deterministic(photos, model, tmp_path):
+    """--precision bf16: the run says so in clipdb_made.json, is as deterministic
+    as fp32 (same seed, same weights), and ends near but not at fp32's weights."""
+    common = ["train", "--images", photos / "images", "--captions", photos / "captions.jsonl",
+              "--tokenizer", model, "--arch", ARCH, "--batch", 4, "--epochs", 2, "--val", 0,
+              "--seed", 1, "--lr", "1e-3"]
+    run(*common, "--out", tmp_path / "f", check=True)
+    run(*common, "--precision", "bf16", "--out", tmp_path / "a", check=True)
+    run(*common, "--precision", "bf16", "--out", tmp_path / "b", check=True)
+    assert made(tmp_path / "f")["precision"] == "fp32"
+    assert made(tmp_path / "a")["precision"] == "bf16"
+    assert weights(tmp_path / "a") == weights(tmp_path / "b")
+    assert weights(tmp_path / "a") != weights(tmp_path / "f")
+    ea, ef = embed(tmp_path / "a", photos), embed(tmp_path / "f", photos)
+    for x, y in zip(ea, ef):
+        cos = sum(p * q for p, q in zip(x, y)) / math.sqrt(sum(p * p for p in x) * sum(q * q for q in y))
+        assert cos > 0.99, cos

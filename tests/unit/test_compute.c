@@ -376,3 +376,88 @@ TEST(compute_describe_names_the_backend_in_use)
     }
     CHECK(cdb_compute_threads() >= 1);
 }
+
+/* cdb_sgemm_bf16 against a double reference on the bf16-rounded inputs: the
+** products of bf16 numbers are exact in fp32, so only the fp32 summation
+** differs (relative 1e-5 of sum |a b|); and against the unrounded fp32
+** answer, it is off by the rounding (bf16 has 8 significant bits). Every
+** transpose, padded strides, alpha/beta, sizes on both sides of 16 and 64. */
+TEST(compute_sgemm_bf16_matches_rounded_reference_all_transposes)
+{
+    static const float betas[] = {0.0f, 1.0f, 0.5f};
+    double worst_fp32 = 0.0;
+    for (int si = 0; si < NSIZES; si++)
+        for (int sj = 1; sj < NSIZES; sj += 2)
+            for (int sk = 0; sk < NSIZES; sk += 2)
+                for (int t = 0; t < 4; t++) {
+                    const int m = sizes[si], n = sizes[sj], k = sizes[sk];
+                    const cdb_trans ta = t & 1 ? CDB_TRANS : CDB_NO_TRANS;
+                    const cdb_trans tb = t & 2 ? CDB_TRANS : CDB_NO_TRANS;
+                    const int lda = (ta ? m : k) + 3, ldb = (tb ? k : n) + 2, ldc = n + 1;
+                    const float alpha = (t == 3) ? 2.0f : 1.0f, beta = betas[(si + sk) % 3];
+                    float *A = rnd_vec((size_t)(ta ? k : m) * lda);
+                    float *B = rnd_vec((size_t)(tb ? n : k) * ldb);
+                    float *C = rnd_vec((size_t)m * ldc), *C0 = malloc((size_t)m * ldc * 4);
+                    cdb_err e;
+                    cdb_err_clear(&e);
+                    memcpy(C0, C, (size_t)m * ldc * 4);
+                    REQUIRE(cdb_sgemm_bf16(ta, tb, m, n, k, alpha, A, lda, B, ldb, beta, C, ldc,
+                                           &e) == CLIPDB_OK);
+                    for (int i = 0; i < m; i++)
+                        for (int j = 0; j < n; j++) {
+                            double s = 0, s32 = 0, mag = 0;
+                            for (int p = 0; p < k; p++) {
+                                float a = ta ? A[(size_t)p * lda + i] : A[(size_t)i * lda + p];
+                                float b = tb ? B[(size_t)j * ldb + p] : B[(size_t)p * ldb + j];
+                                double ar = cdb_bf16_to_f32(cdb_f32_to_bf16(a));
+                                double br = cdb_bf16_to_f32(cdb_f32_to_bf16(b));
+                                s += ar * br;
+                                s32 += (double)a * b;
+                                mag += fabs(ar * br);
+                            }
+                            const double want = alpha * s + beta * C0[(size_t)i * ldc + j];
+                            const double got = C[(size_t)i * ldc + j];
+                            CHECK_NEAR(got, want, 1e-5 * (alpha * mag + 1));
+                            /* vs fp32: each product is off by < 2^-8 relative */
+                            CHECK_NEAR(got, alpha * s32 + beta * C0[(size_t)i * ldc + j],
+                                       alpha * mag / 128.0 + 1e-5);
+                            if (mag > 0)
+                                worst_fp32 = fmax(worst_fp32, fabs(got - alpha * s32 -
+                                                                   beta * C0[(size_t)i * ldc + j]) /
+                                                                  (alpha * mag));
+                        }
+                    free(A), free(B), free(C), free(C0);
+                }
+    /* the rounding is really there (a bf16 path that summed fp32 inputs would be closer) */
+    CHECK(worst_fp32 > 1e-4);
+}
+
+typedef struct bf16_job {
+    const float *A, *B;
+    float *C;
+    int m, n, k, failed;
+} bf16_job;
+
+static void bf16_task(void *arg, size_t r)
+{
+    bf16_job *j = arg;
+    cdb_err e;
+    cdb_err_clear(&e);
+    if (cdb_sgemm_bf16(CDB_NO_TRANS, CDB_NO_TRANS, j->m, j->n, j->k, 1.0f, j->A, j->k, j->B, j->n,
+                       0.0f, j->C + r * j->m * j->n, j->n, &e))
+        j->failed = 1;
+}
+
+TEST(compute_sgemm_bf16_concurrent_calls_agree)
+{
+    /* one cached primitive run by the caller and the pool's workers at once */
+    enum { M = 65, N = 64, K = 63, R = 8 };
+    float *A = rnd_vec((size_t)M * K), *B = rnd_vec((size_t)K * N);
+    float *C = calloc((size_t)R * M * N, sizeof *C);
+    bf16_job j = {A, B, C, M, N, K, 0};
+    cdb_pool_run(R, bf16_task, &j);
+    CHECK(!j.failed);
+    for (int r = 1; r < R; r++) CHECK(!memcmp(C, C + (size_t)r * M * N, (size_t)M * N * 4));
+    CHECK(cdb_gemm_bf16_native() == 0 || cdb_gemm_bf16_native() == 1);
+    free(A), free(B), free(C);
+}

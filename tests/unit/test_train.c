@@ -342,3 +342,124 @@ TEST(train_sync_reaches_the_encoders)
     free_batch(&b);
     test_unload_model(m);
 }
+
+/* ---- bf16 GEMMs (opts.gemm = CDB_PREC_BF16) against fp32 --------------------- */
+/* These tests draw their batches from a copy of the random state, so that the
+** tests above draw the same batches and coordinates whether these ran first
+** or not (the finite-difference tolerances were set on those draws). */
+
+/* Per tensor: |g_bf16 - g_fp32| / max(|g_fp32|, 1e-4 |whole fp32 gradient|)
+** (L2 norms). The floor keeps tensors whose exact gradient is 0 (the key
+** biases: softmax ignores a constant added to every score) from dividing
+** rounding noise by rounding noise. */
+static void grads_bf16_vs_fp32(const char *dir, double tol)
+{
+    clipdb_model *m;
+    cdb_trainer *t32 = NULL, *t16 = NULL;
+    cdb_train_opts o;
+    cdb_train_state s32, s16;
+    cdb_err e = {0};
+    batch b;
+    double worst = 0.0, least = 1.0, all = 0.0;
+    const uint64_t rs0 = rs;
+    size_t j;
+    int i;
+    if (!dir) SKIP("python3 absent: no generated model");
+    m = load(dir);
+    make_batch(&b, m, 8);
+    rs = rs0;
+    cdb_train_opts_init(&o);
+    REQUIRE(cdb_trainer_new(&t32, m, &o, &e) == CLIPDB_OK);
+    o.gemm = CDB_PREC_BF16;
+    REQUIRE(cdb_trainer_new(&t16, m, &o, &e) == CLIPDB_OK);
+    REQUIRE(!isnan(loss_at(t32, &b)) && !isnan(loss_at(t16, &b)));
+    cdb_trainer_state(t32, &s32);
+    cdb_trainer_state(t16, &s16);
+    for (j = 0; j < s32.numel; j++) all += (double)s32.grads[j] * s32.grads[j];
+    for (i = 0; i < s32.n_tensors; i++) {
+        const cdb_ptensor *pt = &s32.tensors[i];
+        double num = 0.0, den = 0.0, rel;
+        for (j = 0; j < pt->numel; j++) {
+            const double a = s32.grads[pt->offset + j], d = s16.grads[pt->offset + j] - a;
+            num += d * d;
+            den += a * a;
+        }
+        rel = sqrt(num / fmax(den, 1e-8 * all));
+        if (!(rel <= tol)) {
+            char msg[256];
+            snprintf(msg, sizeof msg, "%s: bf16 gradient off by %.3g of fp32's (tol %g)", pt->name,
+                     rel, tol);
+            test_fail_at(__FILE__, __LINE__, msg);
+        }
+        worst = fmax(worst, rel);
+        least = fmin(least, rel);
+    }
+    fprintf(stderr, "    bf16 vs fp32 gradients: relative L2 error %.3g .. %.3g over %d tensors\n",
+            least, worst, s32.n_tensors);
+    /* the bf16 path really ran: fp32 and bf16 differ beyond fp32's own rounding */
+    CHECK(worst > 1e-4);
+    cdb_trainer_free(t32);
+    cdb_trainer_free(t16);
+    free_batch(&b);
+    test_unload_model(m);
+}
+
+TEST(train_bf16_gradients_agree_with_fp32_openai)
+{
+    grads_bf16_vs_fp32(gen("fd-openai", "--keys openai"), 0.08);
+}
+
+TEST(train_bf16_gradients_agree_with_fp32_hf)
+{
+    grads_bf16_vs_fp32(gen("fd-hf", "--keys hf"), 0.08);
+}
+
+/* 50 AdamW steps from the same weights on the same batches, fp32 and bf16:
+** the two loss curves agree within 5% relative at every step, while the
+** loss falls far more than that (so the comparison means something). The
+** file's temperature (100) makes this loss sharp; measured: 2.9% worst. */
+TEST(train_bf16_loss_curve_follows_fp32_50_steps)
+{
+    enum { STEPS = 50, NB = 4 };
+    const char *dir = gen("fd-openai", "--keys openai");
+    clipdb_model *m;
+    cdb_trainer *t[2] = {NULL, NULL};
+    cdb_train_opts o;
+    cdb_err e = {0};
+    batch b[NB];
+    double loss[2][STEPS], worst = 0.0;
+    const uint64_t rs0 = rs;
+    int k, s, p;
+    if (!dir) SKIP("python3 absent: no generated model");
+    m = load(dir);
+    for (k = 0; k < NB; k++) make_batch(&b[k], m, 8);
+    rs = rs0;
+    cdb_train_opts_init(&o);
+    o.lr = 1e-3f;
+    for (p = 0; p < 2; p++) {
+        o.gemm = p ? CDB_PREC_BF16 : CDB_PREC_FP32;
+        REQUIRE(cdb_trainer_new(&t[p], m, &o, &e) == CLIPDB_OK);
+        for (s = 0; s < STEPS; s++) {
+            cdb_train_stats st;
+            const batch *x = &b[s % NB];
+            REQUIRE(cdb_train_step(t[p], x->px, x->ids, x->lens, x->n, &st) == CLIPDB_OK);
+            loss[p][s] = st.loss;
+        }
+    }
+    for (s = 0; s < STEPS; s++) {
+        const double rel = fabs(loss[1][s] - loss[0][s]) / fabs(loss[0][s]);
+        worst = fmax(worst, rel);
+        if (!(rel <= 0.05)) {
+            char msg[160];
+            snprintf(msg, sizeof msg, "step %d: loss fp32 %.6g bf16 %.6g (rel %.3g > 0.05)", s,
+                     loss[0][s], loss[1][s], rel);
+            test_fail_at(__FILE__, __LINE__, msg);
+        }
+    }
+    fprintf(stderr, "    loss fp32 %.4f -> %.4f, bf16 %.4f -> %.4f, worst step rel diff %.3g\n",
+            loss[0][0], loss[0][STEPS - 1], loss[1][0], loss[1][STEPS - 1], worst);
+    CHECK(loss[0][STEPS - 1] < 0.5 * loss[0][0]);
+    for (p = 0; p < 2; p++) cdb_trainer_free(t[p]);
+    for (k = 0; k < NB; k++) free_batch(&b[k]);
+    test_unload_model(m);
+}

@@ -69,11 +69,11 @@ const cdb_convert_kernels *cdb_convert_portable(void)
     return &portable;
 }
 
-/* ---- AVX-512 (F + BW) --------------------------------------------------------- */
+/* ---- AVX-512 (F + BW + VL) --------------------------------------------------------- */
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
-#define AVX512 __attribute__((target("avx512f,avx512bw")))
+#define AVX512 __attribute__((target("avx512f,avx512bw,avx512vl")))
 
 /* Mask of the first r (< 16) lanes, or all 16. */
 AVX512 static inline __mmask16 lanes(size_t r)
@@ -148,7 +148,9 @@ static const cdb_convert_kernels avx512 = {"avx512", to_bf16_avx512, quantize_ro
 const cdb_convert_kernels *cdb_convert_avx512(void)
 {
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) return &avx512;
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl"))
+        return &avx512;
     return NULL;
 }
 #else

@@ -150,9 +150,9 @@ T_AVX2 static inline __m256 load_fp16x8(const uint16_t *x)
 DOT_H16_AVX2(dot_bf16_avx2, load_bf16x8, cdb_bf16_to_f32)
 DOT_H16_AVX2(dot_fp16_avx2, load_fp16x8, cdb_fp16_to_f32)
 
-/* ---- AVX-512 F + BW + VNNI ------------------------------------------------------ */
+/* ---- AVX-512 F + BW + VL + VNNI ------------------------------------------------------ */
 
-#define T_512 __attribute__((target("avx512f,avx512bw,avx512vnni")))
+#define T_512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni")))
 
 /* Four rows at a time share each query load; the tail of a row (d % 64
 ** codes) goes through a masked load, so no scalar loop. */
@@ -252,7 +252,7 @@ const cdb_ckern *cdb_ckern_at(cdb_ck_level level)
                                                                                 : NULL;
     case CDB_CK_AVX512:
         return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                       __builtin_cpu_supports("avx512vnni")
+                       __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vnni")
                    ? &kernels[2]
                    : NULL;
     }

@@ -52,10 +52,13 @@ $(BUILD)/%.o: %.c
 	@mkdir -p $(dir $@)
 	$(CC) $(CPPFLAGS) $(CFLAGS) -MMD -MP -c $< -o $@
 
-# cvecs.c scores its GEMM blocks on the OpenMP threads oneDNN ran the GEMM on;
-# its 16-float vector helpers are static (no ABI to keep), hence -Wno-psabi
-# where the build is not -march=native (the fuzz build)
-$(BUILD)/src/index/cvecs.o: CFLAGS += -fopenmp -Wno-psabi
+# cvecs.c scores its GEMM blocks on the OpenMP threads oneDNN ran the GEMM on
+# (libgomp, linked anyway); clang's OpenMP needs libomp, which is not linked,
+# so a clang build (the fuzz build) scores them on its own threads instead.
+# Its 16-float vector helpers are static (no ABI to keep), hence -Wno-psabi
+# where the build is not -march=native (the fuzz build).
+CVECS_OMP := $(if $(findstring clang,$(CC)),,-fopenmp)
+$(BUILD)/src/index/cvecs.o: CFLAGS += $(CVECS_OMP) -Wno-psabi
 
 $(BUILD)/%.o: %.cc
 	@mkdir -p $(dir $@)

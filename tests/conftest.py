@@ -36,6 +36,15 @@ def shared():
 
 
 @pytest.fixture(scope="session")
+def coco(shared):
+    """The COCO subset of ../shared (images + captions.jsonl); skips without it."""
+    d = shared / "data" / "coco-subset"
+    if not (d / "images").is_dir():
+        pytest.skip(f"{d} not found; skipping")
+    return d
+
+
+@pytest.fixture(scope="session")
 def bpe_vocab(shared):
     p = shared / "models" / "clip-vit-b-32" / "bpe_simple_vocab_16e6.txt.gz"
     if not p.is_file():

@@ -189,14 +189,6 @@ def test_read_only_file_and_old_fixture(tmp_path, model, rdb):
     assert [h["id"] for h in got["results"]] == [h["id"] for h in ref["results"]]
 
 
-@pytest.fixture(scope="module")
-def coco(shared):
-    d = shared / "data" / "coco-subset"
-    if not (d / "images").is_dir():
-        pytest.skip(f"{d} not found; skipping")
-    return d
-
-
 def test_coco_subset_equals_the_fp32_scan(tmp_path, model, coco):
     db = tmp_path / "coco.db"
     run("init", db, "--model", model, check=True)

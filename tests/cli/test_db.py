@@ -33,14 +33,6 @@ def model(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def coco(shared):
-    d = shared / "data" / "coco-subset"
-    if not (d / "images").is_dir():
-        pytest.skip(f"{d} not found; skipping")
-    return d
-
-
-@pytest.fixture(scope="module")
 def db(tmp_path_factory, model, coco):
     p = tmp_path_factory.mktemp("db") / "coco.db"
     run("init", p, "--model", model, check=True)

@@ -31,14 +31,6 @@ def m2(tmp_path_factory):
     return gen_model(tmp_path_factory.mktemp("m2") / "model", "small", "openai", "F32", 2)
 
 
-@pytest.fixture(scope="module")
-def coco(shared):
-    d = shared / "data" / "coco-subset"
-    if not (d / "images").is_dir():
-        pytest.skip(f"{d} not found; skipping")
-    return d
-
-
 def subset(coco, dest, first, n):
     """Images first..first+n of coco-subset's captions file, with their captions."""
     (dest / "images").mkdir(parents=True)

@@ -1203,6 +1203,9 @@ typedef struct clipdb_train_options {
                              ** (default, NULL) or "bf16" (bf16 inputs,
                              ** fp32 accumulation; weights, gradients and
                              ** optimizer state stay fp32) */
+    float crop_min;          /* clipdb_train's random-resized-crop: the
+                             ** smallest crop, as a share of the image's
+                             ** area, in (0, 1] (default 0.5) */
 } clipdb_train_options;
 
 /* Fills the defaults above. */

@@ -79,7 +79,8 @@ const char cli_train_help[] =
     "\n"
     "Trains a CLIP from scratch on the images under DIR and their captions in FILE\n"
     "(the captions formats of 'clipdb add'), with CLIP's initialisation,\n"
-    "random-resized-crop (area 0.5-1, aspect 3/4-4/3) and horizontal-flip\n"
+    "random-resized-crop (area 0.5-1 unless --crop-min, aspect 3/4-4/3) and\n"
+    "horizontal-flip\n"
     "augmentation, and a held-out validation split whose text->image and\n"
     "image->text recall at 1, 5 and 10 is printed after each epoch. Weights are\n"
     "written in OpenAI key names (F32 unless --dtype).\n"
@@ -104,7 +105,10 @@ const char cli_train_help[] =
     "  --val FRACTION       without --val-split: hold out this share of the\n"
     "                       images, drawn with the seed (default 0.1)\n"
     "  --val-max N          at most N held-out images (default 1000)\n"
-    "  --no-augment         plain CLIP preprocessing (centre crop)\n" COMMON_OPTIONS_HELP
+    "  --no-augment         plain CLIP preprocessing (centre crop)\n"
+    "  --crop-min A         the smallest random crop, as a share of the image's\n"
+    "                       area, in (0, 1] (default 0.5; smaller augments more,\n"
+    "                       which a small data set needs for longer runs)\n" COMMON_OPTIONS_HELP
     "\n" RESUME_HELP
     "\n"
     "examples:\n"
@@ -402,6 +406,10 @@ int cli_cmd_train(int argc, char **argv)
             if ((rc = cli_parse_int("train", a, argv[++i], 0, 1000000, &n)) != CLI_OK) return rc;
             o.val_max = (int)n;
         } else if (!strcmp(a, "--no-augment")) o.augment = 0;
+        else if (!strcmp(a, "--crop-min") && has) {
+            if (num_float(argv[++i], &o.crop_min) || !(o.crop_min > 0) || o.crop_min > 1)
+                return cli_usage("train", "--crop-min needs a share of the area in (0, 1]");
+        }
         else if (a[0] == '-' && a[1])
             return cli_usage("train", "unknown option or missing value '%s'", a);
         else return cli_usage("train", "unexpected argument '%s'", a);

@@ -33,7 +33,6 @@
 #include "model/writer.h"
 #include "train/loop.h"
 
-#define CROP_MIN_DEFAULT 0.5f
 
 void clipdb_train_options_init(clipdb_train_options *o)
 {
@@ -51,6 +50,7 @@ void clipdb_train_options_init(clipdb_train_options *o)
     o->val_fraction = 0.1f;
     o->val_max = 1000;
     o->augment = 1;
+    o->crop_min = 0.5f;
 }
 
 typedef struct run {
@@ -130,7 +130,7 @@ static int make_config(run *r)
         r->kind, r->start, hex, r->data.n_train, r->data.n_val, o->epochs, o->batch,
         o->micro_batch, (double)o->lr, (double)o->wd, (double)o->beta1, (double)o->beta2,
         (double)o->eps, o->warmup, o->schedule, (double)o->clip_grad, o->train,
-        (unsigned long long)o->seed, r->augment, (double)CROP_MIN_DEFAULT);
+        (unsigned long long)o->seed, r->augment, (double)o->crop_min);
     if (r->config && o->precision && strcmp(o->precision, "fp32")) { /* fp32 adds no line, as before */
         char *c = cdb_sprintf("%sprecision %s\n", r->config, o->precision);
         free(r->config);
@@ -242,6 +242,9 @@ static int check_options(run *r)
         return cdb_err_set(&r->err, CLIPDB_EINVAL,
                            "bad optimizer settings (lr and wd >= 0, eps > 0, betas in [0, 1))");
     if (o->warmup < 0) return cdb_err_set(&r->err, CLIPDB_EINVAL, "--warmup must be >= 0");
+    if (!(o->crop_min > 0.0f && o->crop_min <= 1.0f)) /* also refuses NaN */
+        return cdb_err_set(&r->err, CLIPDB_EINVAL, "--crop-min %g is not in (0, 1]",
+                           (double)o->crop_min);
     if (o->checkpoint_every < 0)
         return cdb_err_set(&r->err, CLIPDB_EINVAL, "--checkpoint-every must be >= 0");
     {
@@ -389,13 +392,13 @@ static char *made_json(run *r, long steps)
         "  \"command\": %s%s%s,\n  \"seed\": %llu,\n  \"steps\": %ld,\n  \"epochs\": %d,\n"
         "  \"batch\": %d,\n  \"train_pairs\": %zu,\n  \"val_pairs\": %zu,\n"
         "  \"lr\": %.9g,\n  \"wd\": %.9g,\n  \"schedule\": \"%s\",\n  \"warmup\": %d,\n"
-        "  \"train\": \"%s\",\n  \"augment\": %s,\n  \"precision\": \"%s\",\n"
+        "  \"train\": \"%s\",\n  \"augment\": %s,\n  \"crop_min\": %.6g,\n  \"precision\": \"%s\",\n"
         "  \"start\": \"%s\",\n  \"date\": \"%s\"\n}\n",
         r->kind, CLIPDB_VERSION, o->command ? "\"" : "", o->command ? o->command : "null",
         o->command ? "\"" : "", (unsigned long long)o->seed, steps, o->epochs, o->batch,
         r->data.n_train, r->data.n_val, (double)o->lr, (double)o->wd, o->schedule, o->warmup,
-        o->train, r->augment ? "true" : "false", o->precision ? o->precision : "fp32", r->start,
-        date);
+        o->train, r->augment ? "true" : "false", (double)o->crop_min,
+        o->precision ? o->precision : "fp32", r->start, date);
     return json;
 }
 
@@ -499,7 +502,7 @@ static int run_loop(run *r, const char *out_dir)
             size_t cap = (size_t)(cdb_tdraw(o->seed, CDB_DRAW_CAPTION, (uint64_t)step, img) %
                                   pp->img[img].n_captions);
             rc = cdb_batch_load(&b, (int)j, pp, img, cap, r->m->tok, r->augment,
-                                CROP_MIN_DEFAULT, o->seed, step, &r->err);
+                                o->crop_min, o->seed, step, &r->err);
             if (rc) goto cleanup;
         }
         rc = cdb_train_step(r->t, b.pixels, (const int32_t *const *)b.ids, b.lens, (int)B, &ts);

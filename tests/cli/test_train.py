@@ -391,3 +391,31 @@ def test_precision_bf16_trains_records_and_is_deterministic(photos, model, tmp_p
     for x, y in zip(ea, ef):
         cos = sum(p * q for p, q in zip(x, y)) / math.sqrt(sum(p * p for p in x) * sum(q * q for q in y))
         assert cos > 0.99, cos
+
+
+def test_crop_min_changes_the_augmentation_is_recorded_and_checked(photos, model, tmp_path):
+    """--crop-min: the smallest random crop. It changes what the model sees (other
+    weights from the same seed), is recorded in clipdb_made.json, takes part in the
+    checkpoint's identity, and is refused outside (0, 1]."""
+    common = ["train", "--images", photos / "images", "--captions", photos / "captions.jsonl",
+              "--tokenizer", model, "--arch", ARCH, "--batch", 4, "--epochs", 1, "--val", 0,
+              "--seed", 1]
+    run(*common, "--out", tmp_path / "d", check=True)
+    run(*common, "--crop-min", "0.5", "--out", tmp_path / "h", check=True)
+    run(*common, "--crop-min", "0.1", "--out", tmp_path / "s", check=True)
+    assert made(tmp_path / "d")["crop_min"] == 0.5 and made(tmp_path / "s")["crop_min"] == 0.1
+    assert weights(tmp_path / "d") == weights(tmp_path / "h")  # 0.5 is the default
+    assert weights(tmp_path / "d") != weights(tmp_path / "s")
+    for bad in ["0", "-0.2", "1.5", "nan", "x"]:
+        r = run(*common, "--crop-min", bad, "--out", tmp_path / "o")
+        assert r.returncode == 2 and "--crop-min" in r.stderr, (bad, r.stderr)
+        assert not (tmp_path / "o").exists() and not (tmp_path / "o.ckpt").exists()
+    # a checkpoint of another --crop-min is not resumed
+    args = common + ["--epochs", 3, "--out", tmp_path / "k", "--progress-every", 0.01]
+    p = start(args)
+    wait_for_line(p, "step 1/")
+    p.send_signal(signal.SIGINT)
+    p.communicate(timeout=120)
+    assert p.returncode == 130
+    r = run(*args, "--crop-min", "0.3")
+    one_line_failure(r, "train", "other options or data", "delete it to start over")

@@ -1206,6 +1206,9 @@ typedef struct clipdb_train_options {
     float crop_min;          /* clipdb_train's random-resized-crop: the
                              ** smallest crop, as a share of the image's
                              ** area, in (0, 1] (default 0.5) */
+    float text_drop;         /* clipdb_train's text augmentation: each token
+                             ** of a caption is dropped with this probability,
+                             ** in [0, 1) (default 0: none) */
 } clipdb_train_options;
 
 /* Fills the defaults above. */

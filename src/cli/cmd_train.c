@@ -108,7 +108,10 @@ const char cli_train_help[] =
     "  --no-augment         plain CLIP preprocessing (centre crop)\n"
     "  --crop-min A         the smallest random crop, as a share of the image's\n"
     "                       area, in (0, 1] (default 0.5; smaller augments more,\n"
-    "                       which a small data set needs for longer runs)\n" COMMON_OPTIONS_HELP
+    "                       which a small data set needs for longer runs)\n"
+    "  --text-drop P        drop each token of a caption with probability P in\n"
+    "                       [0, 1) (at least one kept; default 0): augmentation of\n"
+    "                       the text side, against learning captions by rare words\n" COMMON_OPTIONS_HELP
     "\n" RESUME_HELP
     "\n"
     "examples:\n"
@@ -409,6 +412,9 @@ int cli_cmd_train(int argc, char **argv)
         else if (!strcmp(a, "--crop-min") && has) {
             if (num_float(argv[++i], &o.crop_min) || !(o.crop_min > 0) || o.crop_min > 1)
                 return cli_usage("train", "--crop-min needs a share of the area in (0, 1]");
+        } else if (!strcmp(a, "--text-drop") && has) {
+            if (num_float(argv[++i], &o.text_drop) || !(o.text_drop >= 0) || o.text_drop >= 1)
+                return cli_usage("train", "--text-drop needs a probability in [0, 1)");
         }
         else if (a[0] == '-' && a[1])
             return cli_usage("train", "unknown option or missing value '%s'", a);

@@ -216,9 +216,26 @@ static void crop_box(cdb_rng *r, int w, int h, float crop_min, int *x, int *y, i
     *y = (h - *ch) / 2;
 }
 
+/* Text augmentation: drops each token between the start (ids[0]) and end
+** (ids[n-1]) tokens with probability p, keeping at least one, and moves the
+** end token up; the freed tail is zeroed. */
+static void drop_tokens(int32_t *ids, int *n, float p, uint64_t seed, long step, size_t img)
+{
+    cdb_rng r = {cdb_tdraw(seed, CDB_DRAW_TEXT_DROP, (uint64_t)step, (uint64_t)img)};
+    int i, k = 1, last = *n - 1, keep_one = 1 + (int)cdb_rng_below(&r, (uint64_t)(last - 1));
+    int32_t end = ids[last];
+    for (i = 1; i < last; i++) {
+        if (cdb_rng_unif(&r) >= p) ids[k++] = ids[i];
+    }
+    if (k == 1) ids[k++] = ids[keep_one]; /* ids[keep_one] is untouched: nothing was moved */
+    ids[k++] = end;
+    for (i = k; i < *n; i++) ids[i] = 0;
+    *n = k;
+}
+
 int cdb_batch_load(cdb_batch *b, int j, const cdb_pairs *p, size_t img, size_t cap,
-                   const cdb_tokenizer *tok, int augment, float crop_min, uint64_t seed,
-                   long step, cdb_err *e)
+                   const cdb_tokenizer *tok, int augment, float crop_min, float text_drop,
+                   uint64_t seed, long step, cdb_err *e)
 {
     const cdb_pair_image *im = &p->img[img];
     const char *text = im->captions[cap];
@@ -259,6 +276,7 @@ tokenize:
         cdb_err_prefix(e, "caption of %s", im->path);
         return rc;
     }
+    if (text_drop > 0 && n_ids > 3) drop_tokens(b->ids[j], &n_ids, text_drop, seed, step, img);
     b->lens[j] = n_ids;
     return CLIPDB_OK;
 }

@@ -131,6 +131,11 @@ static int make_config(run *r)
         o->micro_batch, (double)o->lr, (double)o->wd, (double)o->beta1, (double)o->beta2,
         (double)o->eps, o->warmup, o->schedule, (double)o->clip_grad, o->train,
         (unsigned long long)o->seed, r->augment, (double)o->crop_min);
+    if (r->config && r->augment && o->text_drop > 0) { /* none adds no line, as before */
+        char *c = cdb_sprintf("%stext_drop %.9g\n", r->config, (double)o->text_drop);
+        free(r->config);
+        r->config = c;
+    }
     if (r->config && o->precision && strcmp(o->precision, "fp32")) { /* fp32 adds no line, as before */
         char *c = cdb_sprintf("%sprecision %s\n", r->config, o->precision);
         free(r->config);
@@ -245,6 +250,9 @@ static int check_options(run *r)
     if (!(o->crop_min > 0.0f && o->crop_min <= 1.0f)) /* also refuses NaN */
         return cdb_err_set(&r->err, CLIPDB_EINVAL, "--crop-min %g is not in (0, 1]",
                            (double)o->crop_min);
+    if (!(o->text_drop >= 0.0f && o->text_drop < 1.0f))
+        return cdb_err_set(&r->err, CLIPDB_EINVAL, "--text-drop %g is not in [0, 1)",
+                           (double)o->text_drop);
     if (o->checkpoint_every < 0)
         return cdb_err_set(&r->err, CLIPDB_EINVAL, "--checkpoint-every must be >= 0");
     {
@@ -392,13 +400,13 @@ static char *made_json(run *r, long steps)
         "  \"command\": %s%s%s,\n  \"seed\": %llu,\n  \"steps\": %ld,\n  \"epochs\": %d,\n"
         "  \"batch\": %d,\n  \"train_pairs\": %zu,\n  \"val_pairs\": %zu,\n"
         "  \"lr\": %.9g,\n  \"wd\": %.9g,\n  \"schedule\": \"%s\",\n  \"warmup\": %d,\n"
-        "  \"train\": \"%s\",\n  \"augment\": %s,\n  \"crop_min\": %.6g,\n  \"precision\": \"%s\",\n"
+        "  \"train\": \"%s\",\n  \"augment\": %s,\n  \"crop_min\": %.6g,\n  \"text_drop\": %.6g,\n  \"precision\": \"%s\",\n"
         "  \"start\": \"%s\",\n  \"date\": \"%s\"\n}\n",
         r->kind, CLIPDB_VERSION, o->command ? "\"" : "", o->command ? o->command : "null",
         o->command ? "\"" : "", (unsigned long long)o->seed, steps, o->epochs, o->batch,
         r->data.n_train, r->data.n_val, (double)o->lr, (double)o->wd, o->schedule, o->warmup,
         o->train, r->augment ? "true" : "false", (double)o->crop_min,
-        o->precision ? o->precision : "fp32", r->start, date);
+        (double)(r->augment ? o->text_drop : 0.0f), o->precision ? o->precision : "fp32", r->start, date);
     return json;
 }
 
@@ -502,7 +510,8 @@ static int run_loop(run *r, const char *out_dir)
             size_t cap = (size_t)(cdb_tdraw(o->seed, CDB_DRAW_CAPTION, (uint64_t)step, img) %
                                   pp->img[img].n_captions);
             rc = cdb_batch_load(&b, (int)j, pp, img, cap, r->m->tok, r->augment,
-                                o->crop_min, o->seed, step, &r->err);
+                                o->crop_min, r->augment ? o->text_drop : 0.0f, o->seed, step,
+                                &r->err);
             if (rc) goto cleanup;
         }
         rc = cdb_train_step(r->t, b.pixels, (const int32_t *const *)b.ids, b.lens, (int)B, &ts);

@@ -65,7 +65,8 @@ void cdb_tdata_free(cdb_tdata *d);
 ** purpose, step/epoch, index), so that a resumed run draws exactly what an
 ** uninterrupted one does. */
 uint64_t cdb_tdraw(uint64_t seed, uint64_t purpose, uint64_t a, uint64_t b);
-enum { CDB_DRAW_ORDER = 1, CDB_DRAW_CAPTION = 2, CDB_DRAW_CROP = 3, CDB_DRAW_SPLIT = 4 };
+enum { CDB_DRAW_ORDER = 1, CDB_DRAW_CAPTION = 2, CDB_DRAW_CROP = 3, CDB_DRAW_SPLIT = 4,
+       CDB_DRAW_TEXT_DROP = 5 };
 
 /* order (n) <- the permutation of epoch (0-based) of the n training images. */
 void cdb_tdata_order(uint64_t seed, long epoch, size_t n, int64_t *order);
@@ -98,10 +99,11 @@ void cdb_batch_free(cdb_batch *b);
 ** as CLIP does, or with random-resized-crop (area scale in [crop_min, 1],
 ** aspect in [3/4, 4/3]) and a horizontal flip of probability 1/2 when
 ** augment), and its caption number `cap` tokenized (truncated to the
-** context). The draws use (seed, step, img). */
+** context), each token between the start and end tokens dropped with
+** probability text_drop (at least one kept). The draws use (seed, step, img). */
 int cdb_batch_load(cdb_batch *b, int j, const cdb_pairs *p, size_t img, size_t cap,
-                   const cdb_tokenizer *tok, int augment, float crop_min, uint64_t seed,
-                   long step, cdb_err *e);
+                   const cdb_tokenizer *tok, int augment, float crop_min, float text_drop,
+                   uint64_t seed, long step, cdb_err *e);
 
 /* ---- checkpoints (ckpt.c) --------------------------------------------------- */
 

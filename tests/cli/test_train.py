@@ -440,3 +440,32 @@ def test_training_runs_libgomp_passive_unless_told(cmd, tmp_path):
     counts = spin_counts(bad, OMP_WAIT_POLICY="active")
     assert len(counts) == 1 and counts[0] != "'0'", counts  # kept, not started again
     assert len(spin_counts(["version"])) == 1
+
+
+def test_text_drop_augments_the_captions_is_recorded_and_checked(photos, model, tmp_path):
+    """--text-drop P: each caption token dropped with probability P while training
+    from scratch. Deterministic with the seed, other weights than without, recorded,
+    part of the checkpoint's identity, refused outside [0, 1)."""
+    common = ["train", "--images", photos / "images", "--captions", photos / "captions.jsonl",
+              "--tokenizer", model, "--arch", ARCH, "--batch", 4, "--epochs", 1, "--val", 0,
+              "--seed", 1]
+    run(*common, "--out", tmp_path / "n", check=True)
+    run(*common, "--text-drop", "0", "--out", tmp_path / "z", check=True)
+    run(*common, "--text-drop", "0.5", "--out", tmp_path / "a", check=True)
+    run(*common, "--text-drop", "0.5", "--out", tmp_path / "b", check=True)
+    run(*common, "--text-drop", "0.99", "--out", tmp_path / "c", check=True)  # one token left
+    assert made(tmp_path / "n")["text_drop"] == 0 and made(tmp_path / "a")["text_drop"] == 0.5
+    assert weights(tmp_path / "n") == weights(tmp_path / "z")
+    assert weights(tmp_path / "a") == weights(tmp_path / "b")
+    assert weights(tmp_path / "a") != weights(tmp_path / "n")
+    for bad in ["1", "-0.1", "nan", "x"]:
+        r = run(*common, "--text-drop", bad, "--out", tmp_path / "o")
+        assert r.returncode == 2 and "--text-drop" in r.stderr, (bad, r.stderr)
+    args = common + ["--epochs", 3, "--out", tmp_path / "k", "--progress-every", 0.01]
+    p = start(args)
+    wait_for_line(p, "step 1/")
+    p.send_signal(signal.SIGINT)
+    p.communicate(timeout=120)
+    assert p.returncode == 130
+    r = run(*args, "--text-drop", "0.2")
+    one_line_failure(r, "train", "other options or data", "delete it to start over")

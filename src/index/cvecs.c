@@ -59,6 +59,7 @@
 #define CV_MAX_THREADS 16
 #define CV_ROWS 256     /* rows per kernel call (one query) */
 #define CV_QC 256       /* queries per chunk of the batched path */
+#define CV_QC_WIDE 1024 /* the same where rows are widened to fp32 per tile */
 #define CV_NB 4096      /* at most this many rows per score tile */
 #define CV_TILE_BYTES (256 << 10) /* a score tile: stays in a core's L2 */
 #define FP16_MAX 65504.0f
@@ -646,7 +647,7 @@ static size_t tile_rows(size_t m)
 }
 
 /* Queries [q0, q0 + m) of x: the tiles, their scores, the re-rank. Buffers
-** are the worker's (sized for CV_QC queries and tile_rows(1) rows). */
+** are the worker's (sized for x->qc queries and tile_rows(1) rows). */
 typedef struct batch_buf {
     clipdb_hit *cand;        /* (qc, R) heaps */
     int *ccount;             /* (qc + 1) */
@@ -749,7 +750,8 @@ static void *batch_worker(void *arg)
     b.cand = cdb_malloc_array(qc * (size_t)x->R, sizeof *b.cand);
     b.ccount = calloc(qc + 1, sizeof *b.ccount);
     b.qc = cdb_malloc_array(qc * d, c->kind == CLIPDB_COMPRESS_SQ8 ? 1 : 2);
-    b.S = cdb_malloc_array(CV_TILE_BYTES / 4 > nb_max ? CV_TILE_BYTES / 4 : nb_max, 4);
+    /* m * tile_rows(m) <= max(CV_TILE_BYTES / 4, 64 m) for every m <= qc */
+    b.S = cdb_malloc_array(CV_TILE_BYTES / 4 > 64 * qc ? CV_TILE_BYTES / 4 : 64 * qc, 4);
     b.mul = cdb_malloc_array(nb_max, sizeof *b.mul);
     b.add = cdb_malloc_array(nb_max, sizeof *b.add);
     b.thr = cdb_malloc_array(qc, sizeof *b.thr);
@@ -798,6 +800,7 @@ static int search_batched(const clipdb_cvecs *c, const clipdb_vecs *base, const 
     ** as much as the product) */
     x.qc = (nq + (size_t)nt - 1) / (size_t)nt;
     if (x.qc > CV_QC && (c->kind == CLIPDB_COMPRESS_SQ8 || x.use_bf16)) x.qc = CV_QC;
+    if (x.qc > CV_QC_WIDE) x.qc = CV_QC_WIDE;
     for (t = 0; t < nt; t++) {
         jobs[t].x = &x;
         jobs[t].rc = CLIPDB_OK;

@@ -6,8 +6,9 @@
 ** products go through the compute layer (compute.h: cdb_linear on the
 ** weights packed for the model's precision, cdb_sgemm) with the whole batch stacked into one GEMM
 ** (rows = sequences * tokens); the elementwise parts (layernorm, softmax,
-** QuickGELU) are 4- or 8-lane vector loops written with GCC/clang vector
-** extensions so that they stay a small fraction of the time.
+** QuickGELU) are 4- or 8-lane vector loops (QuickGELU 16 under AVX-512)
+** written with GCC/clang vector extensions so that they stay a small
+** fraction of the time.
 **
 ** Training (src/train) runs this same forward with activations kept
 ** (cdb_block_forward_keep, cdb_vision_embed, cdb_text_embed,
@@ -228,10 +229,10 @@ static inline vecw vec_quick_gelu(vecw x)
     return x / (1.0f + vecw_exp(x * -1.702f));
 }
 
-/* ---- splitting the kernels over the pool (src/core/pool.c) ---------------
+/* ---- splitting the kernels over threads (run_tasks) ----------------------
 ** Each kernel below is a serial loop over rows (or columns) written for a
-** range, and a public entry that cuts the range into one piece per pool
-** thread. The pieces are disjoint and every row (column) is computed as the
+** range, and a public entry that cuts the range into one piece per thread
+** (OpenMP's, or the process pool's: run_tasks). The pieces are disjoint and every row (column) is computed as the
 ** serial loop computes it, so the results do not depend on the split or the
 ** thread count (bit for bit). Small calls stay on the calling thread. */
 

@@ -59,6 +59,11 @@ $(BUILD)/%.o: %.c
 # where the build is not -march=native (the fuzz build).
 CVECS_OMP := $(if $(findstring clang,$(CC)),,-fopenmp)
 $(BUILD)/src/index/cvecs.o: CFLAGS += $(CVECS_OMP) -Wno-psabi
+# transformer.c runs its kernels between the GEMMs on the same OpenMP threads
+# (gcc; clang builds use the process pool, as above).
+$(BUILD)/src/model/transformer.o: CFLAGS += $(CVECS_OMP)
+# onednn.c splits its elementwise passes over the same threads.
+$(BUILD)/src/compute/onednn.o: CFLAGS += $(CVECS_OMP)
 
 $(BUILD)/%.o: %.cc
 	@mkdir -p $(dir $@)

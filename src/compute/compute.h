@@ -146,8 +146,8 @@ int cdb_gemm_u8s8s32(int m, int n, int k, const uint8_t *A, const int8_t *B, int
                      cdb_err *e);
 
 /* C (m, n) f32 = A (m, k) bf16 @ B^T (k, n), B stored (n, k) bf16, every row
-** dense, f32 accumulation: a oneDNN matmul on the plain layouts (created per
-** call; oneDNN's primitive cache keeps repeated shapes cheap).
+** dense, f32 accumulation: the oneDNN bf16 matmul of cdb_sgemm_bf16 (one
+** primitive per shape, created on first use and kept) on the plain layouts.
 ** CLIPDB_ENOTFOUND where oneDNN has no bf16 matmul for its ISA (the caller
 ** falls back to fp32). */
 int cdb_gemm_bf16(int m, int n, int k, const uint16_t *A, const uint16_t *B, float *C,

@@ -592,6 +592,38 @@ static int run_pieces(const cdb_wpack *cpk, int sum, int m, const void *x, size_
     return rc;
 }
 
+/* The elementwise passes of cdb_onednn_linear (bf16 rounding, int8
+** quantisation and dequantisation of the activations), row-wise: `call`
+** runs on rows [lo, hi) of m rows of `cols`, one range per OpenMP thread
+** (the threads the matmul runs on; the Makefile builds this file with
+** -fopenmp under gcc), or all on the caller for small passes, inside a
+** parallel region, or without OpenMP. Every row is computed as the serial
+** pass computes it. Measured single-threaded before: the bf16 rounding of
+** x was 4% of a bf16 text encode, run while the other core waited. */
+#define PAR_MIN_ELEMS ((size_t)1 << 16)
+#ifdef _OPENMP
+#define ROWS_PAR(m, cols, call)                                                              \
+    do {                                                                                     \
+        const size_t rows_ = (size_t)(m), cols_ = (size_t)(cols);                            \
+        const int nt_ = rows_ * cols_ < PAR_MIN_ELEMS || omp_in_parallel()                   \
+                            ? 1 : omp_get_max_threads();                                     \
+        int t_;                                                                              \
+        _Pragma("omp parallel for num_threads(nt_) schedule(static)")                        \
+        for (t_ = 0; t_ < nt_; t_++) {                                                       \
+            const size_t lo = rows_ * (size_t)t_ / (size_t)nt_;                              \
+            const size_t hi = rows_ * (size_t)(t_ + 1) / (size_t)nt_;                        \
+            if (lo < hi) call;                                                               \
+        }                                                                                    \
+    } while (0)
+#else
+#define ROWS_PAR(m, cols, call)                                                              \
+    do {                                                                                     \
+        const size_t lo = 0, hi = (size_t)(m);                                               \
+        (void)(cols);                                                                        \
+        call;                                                                                \
+    } while (0)
+#endif
+
 int cdb_onednn_linear(const cdb_wpack *pk, int m, int n_out, int n_in, const float *x, int ldx,
                       float beta, float *y, int ldy, cdb_err *e)
 {
@@ -625,7 +657,7 @@ int cdb_onednn_linear(const cdb_wpack *pk, int m, int n_out, int n_in, const flo
         if (!cdb_mul_ok(mp, (size_t)n_in * sizeof(uint16_t), &bytes) ||
             !(xb = scratch_get(SCR_ACT, bytes)))
             return cdb_err_set(e, CLIPDB_ENOMEM, "out of memory (bf16 activations)");
-        kern->to_bf16(x, mk, xb);
+        ROWS_PAR(m, n_in, kern->to_bf16(x + lo * n_in, (hi - lo) * n_in, xb + lo * n_in));
         memset(xb + mk, 0, bytes - mk * sizeof(uint16_t));
         rc = run_pieces(pk, beta != 0.0f, m, xb, 2, dnnl_bf16, y, 4, dnnl_f32, 0, e);
         break;
@@ -643,12 +675,14 @@ int cdb_onednn_linear(const cdb_wpack *pk, int m, int n_out, int n_in, const flo
         qb = qb / 64 * 64;
         acc = (int32_t *)((char *)q + qb);
         sx = (float *)((char *)acc + ab);
-        kern->quantize_rows(x, (size_t)m, (size_t)n_in, 127.0f, q, sx);
+        ROWS_PAR(m, n_in, kern->quantize_rows(x + lo * n_in, hi - lo, (size_t)n_in, 127.0f,
+                                               q + lo * n_in, sx + lo));
         memset(q + mk, 0, mp * (size_t)n_in - mk);
         /* q (mp, in) @ Wq^T (in, out) -> acc (mp, out) s32 */
         if ((rc = run_pieces(pk, 0, m, q, 1, dnnl_s8, acc, 4, dnnl_s32, 1, e))) break;
         /* y (m, out) [+]= acc * sx[i] * scale[j] */
-        kern->dequant_rows(acc, (size_t)m, (size_t)n_out, sx, pk->scale, beta != 0.0f, y);
+        ROWS_PAR(m, n_out, kern->dequant_rows(acc + lo * n_out, hi - lo, (size_t)n_out, sx + lo,
+                                              pk->scale, beta != 0.0f, y + lo * n_out));
         break;
     }
     }
@@ -668,95 +702,24 @@ int cdb_onednn_gemm_u8s8s32(int m, int n, int k, const uint8_t *A, const int8_t 
     return s == dnnl_success ? CLIPDB_OK : dnnl_fail(e, "u8s8s32 gemm", s);
 }
 
-int cdb_onednn_gemm_bf16(int m, int n, int k, const uint16_t *A, const uint16_t *B, float *C,
-                         cdb_err *e)
-{
-    dnnl_memory_desc_t amd, bmd, cmd;
-    dnnl_matmul_desc_t mm;
-    dnnl_primitive_attr_t attr = NULL;
-    dnnl_primitive_desc_t pd = NULL;
-    dnnl_primitive_t prim = NULL;
-    dnnl_memory_t ma = NULL, mb = NULL, mc = NULL, msp = NULL;
-    dnnl_stream_t strm = NULL;
-    dnnl_exec_arg_t args[4];
-    void *scratch = NULL;
-    size_t sbytes;
-    int rc, nargs = 3;
-    dnnl_status_t s;
+/* ---- bf16 matmul on plain operands (training, batched search) ----------------- */
 
-    if ((rc = get_engine(e)) != CLIPDB_OK) return rc;
-    /* A (m, k) ab; B^T (k, n) as stored (n, k): tag ba; C (m, n) ab */
-    if ((s = md2(&amd, m, k, dnnl_bf16, dnnl_ab)) || (s = md2(&bmd, k, n, dnnl_bf16, dnnl_ba)) ||
-        (s = md2(&cmd, m, n, dnnl_f32, dnnl_ab)))
-        return dnnl_fail(e, "memory descriptor", s);
-    if ((s = dnnl_matmul_desc_init(&mm, &amd, &bmd, NULL, &cmd)))
-        return dnnl_fail(e, "matmul descriptor", s);
-    if ((s = dnnl_primitive_attr_create(&attr))) return dnnl_fail(e, "attributes", s);
-    if ((s = dnnl_primitive_attr_set_scratchpad_mode(attr, dnnl_scratchpad_mode_user))) {
-        rc = dnnl_fail(e, "scratchpad mode", s);
-        goto cleanup;
-    }
-    if ((s = dnnl_primitive_desc_create(&pd, &mm, attr, engine, NULL))) {
-        rc = s == dnnl_unimplemented ? cdb_err_set(e, CLIPDB_ENOTFOUND, "oneDNN: no bf16 matmul "
-                                                   "on %s", cdb_onednn_isa())
-                                     : dnnl_fail(e, "bf16 matmul primitive descriptor", s);
-        goto cleanup;
-    }
-    if ((s = dnnl_primitive_create(&prim, pd)) ||
-        (s = dnnl_memory_create(&ma, &amd, engine, (void *)A)) ||
-        (s = dnnl_memory_create(&mb, &bmd, engine, (void *)B)) ||
-        (s = dnnl_memory_create(&mc, &cmd, engine, C)) ||
-        (s = dnnl_stream_create(&strm, engine, dnnl_stream_default_flags))) {
-        rc = dnnl_fail(e, "bf16 matmul arguments", s);
-        goto cleanup;
-    }
-    args[0] = (dnnl_exec_arg_t){DNNL_ARG_SRC, ma};
-    args[1] = (dnnl_exec_arg_t){DNNL_ARG_WEIGHTS, mb};
-    args[2] = (dnnl_exec_arg_t){DNNL_ARG_DST, mc};
-    sbytes = dnnl_memory_desc_get_size(dnnl_primitive_desc_query_md(pd, dnnl_query_scratchpad_md, 0));
-    if (sbytes) {
-        if (!(scratch = aligned_alloc(64, (sbytes + 63) / 64 * 64))) {
-            rc = cdb_err_set(e, CLIPDB_ENOMEM, "out of memory (scratchpad)");
-            goto cleanup;
-        }
-        if ((s = dnnl_memory_create(&msp, dnnl_primitive_desc_query_md(pd, dnnl_query_scratchpad_md, 0),
-                                    engine, scratch))) {
-            rc = dnnl_fail(e, "scratchpad", s);
-            goto cleanup;
-        }
-        args[3] = (dnnl_exec_arg_t){DNNL_ARG_SCRATCHPAD, msp};
-        nargs = 4;
-    }
-    // A (m, k) bf16 @ B^T (k, n) bf16 -> C (m, n) f32
-    if ((s = dnnl_primitive_execute(prim, strm, nargs, args)) || (s = dnnl_stream_wait(strm)))
-        rc = dnnl_fail(e, "bf16 matmul", s);
-cleanup:
-    dnnl_stream_destroy(strm);
-    dnnl_memory_destroy(ma);
-    dnnl_memory_destroy(mb);
-    dnnl_memory_destroy(mc);
-    dnnl_memory_destroy(msp);
-    dnnl_primitive_destroy(prim);
-    dnnl_primitive_desc_destroy(pd);
-    dnnl_primitive_attr_destroy(attr);
-    free(scratch);
-    return rc;
-}
-
-/* ---- bf16 GEMM on plain operands (training) --------------------------------- */
-
-/* cdb_onednn_sgemm_bf16: op(A) and op(B) are rounded to bf16 copies in their
-** stored orientation (so a transpose costs nothing here: it is a stride in
-** the memory descriptor), and one oneDNN matmul primitive bf16 x bf16 -> f32
-** (fp32 accumulation; alpha as an output scale, beta as a sum post-op) runs
-** on them. Primitives are created once per shape (ta, tb, m, n, k, ldc,
-** alpha, beta) and kept in a small table for the life of the process (a
-** training step has a few dozen shapes); past BF16_CACHE_MAX shapes a
+/* One bf16 matmul path, bf16_matmul, for both callers: bf16 x bf16 -> f32
+** (fp32 accumulation; alpha as an output scale, beta as a sum post-op) on
+** operands stored dense in their own orientation (a transpose costs nothing:
+** it is a stride in the memory descriptor). Primitives are created once per
+** shape (ta, tb, m, n, k, ldc, alpha, beta, team size) and kept in a small
+** table for the life of the process (a training step has a few dozen
+** shapes, a batched search a few tile shapes); past BF16_CACHE_MAX shapes a
 ** primitive is made and destroyed per call. Scratchpads are per call, so
-** any number of threads may run one primitive at once. Where oneDNN has no
-** bf16 matmul for the ISA (below avx512_core), the same rounding is applied
-** and dnnl_sgemm runs on the rounded fp32 copies (same answers up to the
-** summation order). */
+** any number of threads may run one primitive at once.
+**   cdb_onednn_sgemm_bf16 (training): fp32 op(A), op(B) rounded to bf16
+**     copies, then bf16_matmul. Where oneDNN has no bf16 matmul for the ISA
+**     (below avx512_core) the same rounding is applied and dnnl_sgemm runs
+**     on the rounded fp32 copies (same answers up to the summation order).
+**   cdb_onednn_gemm_bf16 (compressed vectors): operands already bf16,
+**     straight to bf16_matmul; CLIPDB_ENOTFOUND without a bf16 matmul (the
+**     caller widens to fp32). */
 #define BF16_CACHE_MAX 256
 
 typedef struct bf16_key {
@@ -783,8 +746,7 @@ static void to_bf16(const float *src, int rows, int cols, int ld, uint16_t *dst)
 {
     for (int i = 0; i < rows; i++) {
         const float *s = src + (size_t)i * ld;
-        uint16_t *d = dst + (size_t)i * cols;
-        for (int j = 0; j < cols; j++) d[j] = cdb_f32_to_bf16(s[j]);
+        cdb_convert_best()->to_bf16(s, (size_t)cols, dst + (size_t)i * cols);
     }
 }
 
@@ -923,6 +885,35 @@ cleanup:
     return rc;
 }
 
+/* C (m, n) = alpha * op(a) op(b) + beta * C on bf16 operands stored dense
+** (a: (m, k), or (k, m) when ta; b: (k, n), or (n, k) when tb), through the
+** cached primitive of the shape. CLIPDB_ENOTFOUND (message in e) where
+** oneDNN has no bf16 matmul. */
+static int bf16_matmul(int ta, int tb, int m, int n, int k, float alpha, const uint16_t *a,
+                       const uint16_t *b, float beta, float *C, int ldc, cdb_err *e)
+{
+    const bf16_key key = {ta, tb, m, n, k, ldc, alpha, beta, omp_get_max_threads()};
+    bf16_prim p;
+    int rc, owned = 0;
+    if ((rc = get_engine(e))) return rc;
+    rc = bf16_get(&key, &p, &owned);
+    if (rc == CLIPDB_ENOTFOUND)
+        return cdb_err_set(e, CLIPDB_ENOTFOUND, "oneDNN: no bf16 matmul on %s", cdb_onednn_isa());
+    if (rc) return cdb_err_set(e, CLIPDB_ERROR, "oneDNN: bf16 matmul (%d x %d x %d) failed", m, n, k);
+    // op(a) (m, k) bf16 @ op(b) (k, n) bf16 -> C (m, n) f32, ldc
+    if (bf16_run(&p, a, b, C))
+        rc = cdb_err_set(e, CLIPDB_ERROR, "oneDNN: bf16 matmul (%d x %d x %d) failed", m, n, k);
+    if (owned) dnnl_primitive_destroy(p.prim);
+    return rc;
+}
+
+int cdb_onednn_gemm_bf16(int m, int n, int k, const uint16_t *A, const uint16_t *B, float *C,
+                         cdb_err *e)
+{
+    /* A (m, k) as stored; B stored (n, k): op(B) = B^T, transposed */
+    return bf16_matmul(0, 1, m, n, k, 1.0f, A, B, 0.0f, C, n, e);
+}
+
 int cdb_onednn_sgemm_bf16(cdb_trans ta, cdb_trans tb, int m, int n, int k, float alpha,
                           const float *A, int lda, const float *B, int ldb, float beta, float *C,
                           int ldc, cdb_err *e)
@@ -930,11 +921,8 @@ int cdb_onednn_sgemm_bf16(cdb_trans ta, cdb_trans tb, int m, int n, int k, float
     /* stored shapes: A (m, k) or, transposed, (k, m); B (k, n) or (n, k) */
     const int ar = ta ? k : m, ac = ta ? m : k, br = tb ? n : k, bc = tb ? k : n;
     const size_t na = (size_t)m * k, nb = (size_t)k * n;
-    const bf16_key key = {ta == CDB_TRANS, tb == CDB_TRANS, m, n, k, ldc, alpha, beta,
-                          omp_get_max_threads()};
-    bf16_prim p;
     void *buf = NULL;
-    int rc, owned = 0;
+    int rc;
 
     if (m <= 0 || n <= 0) return CLIPDB_OK;
     if (k <= 0) { /* C = beta C (op(A) op(B) is empty) */
@@ -944,8 +932,7 @@ int cdb_onednn_sgemm_bf16(cdb_trans ta, cdb_trans tb, int m, int n, int k, float
         return CLIPDB_OK;
     }
     if ((rc = get_engine(e))) return rc;
-    rc = bf16_get(&key, &p, &owned);
-    if (rc == CLIPDB_ENOTFOUND) { /* emulated: the rounding, then the fp32 gemm */
+    if (!cdb_onednn_bf16_native()) { /* emulated: the rounding, then the fp32 gemm */
         float *a = buf = cdb_malloc_array(na + nb, sizeof(float));
         if (!a) return cdb_err_set(e, CLIPDB_ENOMEM, "out of memory (bf16 operands)");
         round_bf16(A, ar, ac, lda, a);
@@ -955,17 +942,12 @@ int cdb_onednn_sgemm_bf16(cdb_trans ta, cdb_trans tb, int m, int n, int k, float
         free(buf);
         return CLIPDB_OK;
     }
-    if (rc) return cdb_err_set(e, CLIPDB_ERROR, "oneDNN: bf16 matmul (%d x %d x %d) failed", m, n, k);
-    if (!(buf = cdb_malloc_array(na + nb, sizeof(uint16_t)))) {
-        rc = cdb_err_set(e, CLIPDB_ENOMEM, "out of memory (bf16 operands)");
-        goto cleanup;
-    }
+    if (!(buf = cdb_malloc_array(na + nb, sizeof(uint16_t))))
+        return cdb_err_set(e, CLIPDB_ENOMEM, "out of memory (bf16 operands)");
     to_bf16(A, ar, ac, lda, buf);
     to_bf16(B, br, bc, ldb, (uint16_t *)buf + na);
-    if (bf16_run(&p, buf, (uint16_t *)buf + na, C))
-        rc = cdb_err_set(e, CLIPDB_ERROR, "oneDNN: bf16 matmul (%d x %d x %d) failed", m, n, k);
-cleanup:
-    if (owned) dnnl_primitive_destroy(p.prim);
+    rc = bf16_matmul(ta == CDB_TRANS, tb == CDB_TRANS, m, n, k, alpha, buf, (uint16_t *)buf + na,
+                     beta, C, ldc, e);
     free(buf);
     return rc;
 }

@@ -26,10 +26,12 @@
 ** Search:
 **   fewer than CDB_CVECS_GEMM_MIN queries: one query at a time, rows split
 **     across threads, the dot kernel (ckern.c) per block of CV_ROWS rows;
-**   more: blocks of CV_QB queries x CV_NB rows through one matrix product
-**     (sq8: oneDNN's u8 x s8 -> s32 GEMM; bf16: a bf16 matmul; fp16: rows
-**     widened to fp32 and sgemm), then the ranking scores of the block,
-**     queries split across threads;
+**   more: chunks of up to CV_QC queries, one worker thread each from start
+**     to end: per tile of rows, a single-threaded matrix product of the
+**     chunk's queries with the tile (sq8: oneDNN's u8 x s8 -> s32 GEMM;
+**     bf16: the bf16 matmul; fp16: rows widened to fp32 and sgemm) into a
+**     score tile that stays in cache (CV_TILE_BYTES), then the tile's
+**     ranking scores, then the chunk's re-rank (see search_batched);
 **   either way the best R = rerank candidates per query (R >= k) by the
 **   approximate score are kept (bounded heaps keyed by row), then rescored
 **   exactly against the fp32 rows (double accumulation: direct |q - x|^2
@@ -37,12 +39,17 @@
 **   best first. A true neighbour is missed only if its approximate score falls
 **   out of the top R (measured: tests/unit/test_cvecs.c, bench_search).
 */
+#include <limits.h>
+#if defined(__AVX512F__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
 #include <math.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "compute/compute.h"
+#include "compute/convert.h"
 #include "index/index.h"
 
 #ifdef _OPENMP /* the Makefile builds this file with -fopenmp */
@@ -51,8 +58,10 @@
 
 #define CV_MAX_THREADS 16
 #define CV_ROWS 256     /* rows per kernel call (one query) */
-#define CV_QB 1024      /* queries per matrix product */
-#define CV_NB 4096      /* rows per matrix product */
+#define CV_QC 256       /* queries per chunk of the batched path */
+#define CV_QC_WIDE 1024 /* the same where rows are widened to fp32 per tile */
+#define CV_NB 4096      /* at most this many rows per score tile */
+#define CV_TILE_BYTES (256 << 10) /* a score tile: stays in a core's L2 */
 #define FP16_MAX 65504.0f
 
 struct clipdb_cvecs {
@@ -321,10 +330,14 @@ static inline v16f load16f(const float *x)
 /* 1 if any lane of sc is >= the lane of thr. */
 static inline int any_ge(v16f sc, v16f thr)
 {
+#if defined(__AVX512F__) /* one compare into a mask register (-march=native here) */
+    return _mm512_cmp_ps_mask((__m512)sc, (__m512)thr, _CMP_GE_OQ) != 0;
+#else
     v16i ge = sc >= thr;
     int32_t any = 0;
     for (int u = 0; u < CHUNK; u++) any |= ge[u];
     return any != 0;
+#endif
 }
 
 /* Offers the rows [r0, r0 + nb) with dots dot[] to heap h: 16 rows at a
@@ -436,26 +449,29 @@ static void *score_block(void *arg)
     size_t r, i, u;
     if (j->c->kind == CLIPDB_COMPRESS_SQ8) {
         const int32_t *S = j->S;
+        const float *pq0 = j->pq0, *pa = j->pa;
+        float *thr = j->thr;
+        const size_t m = j->m, q0 = j->q0, q1 = j->q1, nb = j->nb;
         /* rows outer: S (nb, m) is read in order; queries 16 at a time
         ** against their thresholds */
-        for (r = 0; r < j->nb; r++) {
-            const int32_t *Sr = S + r * j->m;
+        for (r = 0; r < nb; r++) {
+            const int32_t *Sr = S + r * m;
             const float mul = j->mul[r], add = j->add[r];
-            for (i = j->q0; i + CHUNK <= j->q1; i += CHUNK) {
+            for (i = q0; i + CHUNK <= q1; i += CHUNK) {
                 v16i iv;
                 v16f sc;
                 memcpy(&iv, Sr + i, sizeof iv);
                 // score = (q . vmin + a * idot) * mul + add, 16 queries
-                sc = (load16f(j->pq0 + i) + load16f(j->pa + i) * __builtin_convertvector(iv, v16f)) *
+                sc = (load16f(pq0 + i) + load16f(pa + i) * __builtin_convertvector(iv, v16f)) *
                          mul + add;
-                if (!any_ge(sc, load16f(j->thr + i))) continue;
+                if (!any_ge(sc, load16f(thr + i))) continue;
                 for (u = 0; u < CHUNK; u++)
-                    if (sc[u] >= j->thr[i + u])
-                        j->thr[i + u] = offer(j->t, i + u, sc[u], j->r0 + r, j->filter);
+                    if (sc[u] >= thr[i + u])
+                        thr[i + u] = offer(j->t, i + u, sc[u], j->r0 + r, j->filter);
             }
-            for (; i < j->q1; i++) {
-                float sc = (j->pq0[i] + j->pa[i] * (float)Sr[i]) * mul + add;
-                if (sc >= j->thr[i]) j->thr[i] = offer(j->t, i, sc, j->r0 + r, j->filter);
+            for (; i < q1; i++) {
+                float sc = (pq0[i] + pa[i] * (float)Sr[i]) * mul + add;
+                if (sc >= thr[i]) thr[i] = offer(j->t, i, sc, j->r0 + r, j->filter);
             }
         }
     } else {
@@ -469,26 +485,66 @@ static void *score_block(void *arg)
 /* ---- re-rank ------------------------------------------------------------------------ */
 
 /* The exact score of row r for query q (fp32 data, double accumulation), in
-** the heaps' internal convention (l2: -|q - x|^2). */
+** the heaps' internal convention (l2: -|q - x|^2). Eight lanes of doubles
+** (vector extensions: AVX-512 or two AVX registers where the compiler may use
+** them), each lane summing every eighth term, then the lanes: the same
+** products in double, summed in another order (the order a serial loop
+** cannot be vectorised in without -ffast-math). */
+typedef double v8d __attribute__((vector_size(64)));
+typedef float v8f __attribute__((vector_size(32)));
+
+static inline v8d load8d(const float *x)
+{
+    v8f v;
+    memcpy(&v, x, sizeof v);
+    return __builtin_convertvector(v, v8d);
+}
+
+static inline double hsum8d(v8d v)
+{
+    return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
 static float exact_score(const clipdb_vecs *base, const float *q, double qn, size_t r,
                          clipdb_metric metric)
 {
     const float *x = base->data + r * (size_t)base->d;
-    double a = 0, xn2 = 0;
-    int i;
+    v8d va = {0}, vx = {0};
+    double a, xn2;
+    int i = 0;
     if (metric == CLIPDB_METRIC_L2) { /* directly: a vector finds itself at exactly 0 */
-        for (i = 0; i < base->d; i++) {
+        for (; i + 8 <= base->d; i += 8) {
+            v8d t = load8d(q + i) - load8d(x + i);
+            va += t * t;
+        }
+        a = hsum8d(va);
+        for (; i < base->d; i++) {
             double t = (double)q[i] - x[i];
             a += t * t;
         }
         return (float)-a;
     }
-    for (i = 0; i < base->d; i++) {
+    for (; i + 8 <= base->d; i += 8) {
+        v8d xv = load8d(x + i);
+        va += load8d(q + i) * xv;
+        vx += xv * xv;
+    }
+    a = hsum8d(va);
+    xn2 = hsum8d(vx);
+    for (; i < base->d; i++) {
         a += (double)q[i] * x[i];
         xn2 += (double)x[i] * x[i];
     }
     if (metric == CLIPDB_METRIC_DOT) return (float)a;
     return qn > 0 && xn2 > 0 ? (float)(a / (qn * sqrt(xn2))) : 0.0f;
+}
+
+/* Asks the memory for row r of base (the re-rank reads rows in no order
+** the hardware prefetcher could guess). */
+static inline void prefetch_row(const clipdb_vecs *base, size_t r)
+{
+    const char *p = (const char *)(base->data + r * (size_t)base->d);
+    for (size_t o = 0; o < (size_t)base->d * sizeof(float); o += 64) __builtin_prefetch(p + o);
 }
 
 /* Rescores the candidates of nh heaps of cand (R each, counts ccount) for
@@ -501,8 +557,12 @@ static int rerank(const clipdb_vecs *base, const float *q, clipdb_metric metric,
     int h, i;
     *fin->count = 0;
     for (h = 0; h < nh; h++)
+        for (i = 0; i < 2 && i < ccount[h]; i++) prefetch_row(base, (size_t)cand[(size_t)h * R + i].id);
+    for (h = 0; h < nh; h++)
         for (i = 0; i < ccount[h]; i++) {
             size_t r = (size_t)cand[(size_t)h * R + i].id;
+            if (i + 2 < ccount[h]) /* a later row's cache lines, while this one is scored */
+                prefetch_row(base, (size_t)cand[(size_t)h * R + i + 2].id);
             cdb_topk_push(fin, 0, exact_score(base, q, qn, r, metric),
                           base->ids ? base->ids[r] : (int64_t)r);
         }
@@ -550,102 +610,213 @@ cleanup:
     return rc;
 }
 
+/* Many queries: chunks of at most CV_QC queries, each one worker's job from
+** start to end (the workers take the next chunk as they finish one, so a
+** core that other processes slow down does less): for every tile of rows, a
+** single-threaded matrix product of the chunk's queries with the tile's rows
+** into a score tile small enough to stay in the core's cache (CV_TILE_BYTES),
+** the tile's ranking scores offered to the chunk's heaps at once, then the
+** chunk's re-rank. No step waits for another thread (before: one threaded
+** GEMM per 1024 x 4096 block, a 16 MB score block written and read back
+** from memory, a barrier after each block and a single-threaded re-rank:
+** measured on 2 cores, the GEMM was about half of the time). */
+typedef struct batch_ctx {
+    const clipdb_cvecs *c;
+    const clipdb_vecs *base;
+    const float *queries;
+    size_t nq, qc;           /* queries, and per chunk */
+    size_t next;             /* the next chunk to take (atomic) */
+    int k, R, use_bf16;
+    clipdb_metric metric;
+    const clipdb_filter *filter;
+    clipdb_hit *out;
+} batch_ctx;
+
+typedef struct batch_job {
+    batch_ctx *x;
+    int rc, n_out;           /* n_out: fewest hits of its queries (INT_MAX: none done) */
+    cdb_err e;
+} batch_job;
+
+/* The rows of a score tile for m queries: CV_TILE_BYTES of scores, a
+** multiple of 64 in [64, CV_NB]. */
+static size_t tile_rows(size_t m)
+{
+    size_t nb = CV_TILE_BYTES / (4 * (m ? m : 1)) / 64 * 64;
+    return nb < 64 ? 64 : nb > CV_NB ? CV_NB : nb;
+}
+
+/* Queries [q0, q0 + m) of x: the tiles, their scores, the re-rank. Buffers
+** are the worker's (sized for x->qc queries and tile_rows(1) rows). */
+typedef struct batch_buf {
+    clipdb_hit *cand;        /* (qc, R) heaps */
+    int *ccount;             /* (qc + 1) */
+    void *qc;                /* sq8: wq (qc, d) s8; bf16: (qc, d) bf16 */
+    void *S;                 /* score tile */
+    float *wide;             /* fp16 (bf16 without a bf16 matmul): tile rows widened */
+    float *mul, *add, *thr, *pq0, *pa;
+} batch_buf;
+
+/* h (n) fp16 or bf16 -> w (n) f32, exactly. fp16 through F16C 8 at a time
+** where the compiler may use it (-march=native on x86): each worker widens
+** every row of the set once per chunk. */
+static void widen(const uint16_t *h, size_t n, clipdb_compress kind, float *w)
+{
+    size_t i = 0;
+    if (kind != CLIPDB_COMPRESS_FP16) {
+        for (; i < n; i++) w[i] = cdb_bf16_to_f32(h[i]);
+        return;
+    }
+#if defined(__F16C__)
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(w + i, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(h + i))));
+#endif
+    for (; i < n; i++) w[i] = cdb_fp16_to_f32(h[i]);
+}
+
+static int batch_chunk(batch_job *j, batch_buf *b, size_t q0, size_t m)
+{
+    const batch_ctx *x = j->x;
+    const clipdb_cvecs *c = x->c;
+    const size_t d = (size_t)c->d, nb_max = tile_rows((m + CHUNK - 1) / CHUNK * CHUNK);
+    const float *Q = x->queries + q0 * d;
+    cdb_topk heaps = {b->cand, b->ccount, x->R};
+    gemm_job g;
+    size_t r0, i;
+    int rc;
+
+    /* sq8: the queries padded to mp, a multiple of CHUNK, with zero rows
+    ** whose thresholds (+inf) take nothing, so that score_block scores
+    ** every row's queries 16 at a time, none left over one by one */
+    const size_t mp = c->kind == CLIPDB_COMPRESS_SQ8 ? (m + CHUNK - 1) / CHUNK * CHUNK : m;
+    for (i = 0; i < mp; i++) {
+        b->ccount[i] = 0;
+        b->thr[i] = i < m ? -INFINITY : INFINITY;
+        if (c->kind == CLIPDB_COMPRESS_SQ8 && i < m) {
+            cv_query p;
+            prep_sq8(c, Q + i * d, cdb_int8_weight_max(), &p, (int8_t *)b->qc + i * d);
+            b->pq0[i] = p.q0;
+            b->pa[i] = p.a;
+        } else if (c->kind == CLIPDB_COMPRESS_SQ8) {
+            memset((int8_t *)b->qc + i * d, 0, d);
+            b->pq0[i] = b->pa[i] = 0.0f;
+        }
+    }
+    if (x->use_bf16) cdb_convert_best()->to_bf16(Q, m * d, b->qc);
+    for (r0 = 0; r0 < c->n; r0 += nb_max) {
+        const size_t nb = c->n - r0 < nb_max ? c->n - r0 : nb_max;
+        if (c->kind == CLIPDB_COMPRESS_SQ8) {
+            // codes (nb, d) u8 @ wq^T (d, mp) s8 -> S (nb, mp) s32
+            rc = cdb_gemm_u8s8s32((int)nb, (int)mp, (int)d, (const uint8_t *)c->codes + r0 * d,
+                                  b->qc, b->S, &j->e);
+        } else if (x->use_bf16) {
+            // q (m, d) bf16 @ rows^T (d, nb) bf16 -> S (m, nb) f32
+            rc = cdb_gemm_bf16((int)m, (int)nb, (int)d, b->qc,
+                               (const uint16_t *)c->codes + r0 * d, b->S, &j->e);
+        } else {
+            widen((const uint16_t *)c->codes + r0 * d, nb * d, c->kind, b->wide);
+            // q (m, d) f32 @ rows^T (d, nb) f32 -> S (m, nb) f32
+            cdb_sgemm(CDB_NO_TRANS, CDB_TRANS, (int)m, (int)nb, (int)d, 1.0f, Q, (int)d,
+                      b->wide, (int)d, 0.0f, b->S, (int)nb);
+            rc = CLIPDB_OK;
+        }
+        if (rc != CLIPDB_OK) return rc;
+        rank_factors(c, x->metric, r0, nb, b->mul, b->add);
+        g = (gemm_job){c, b->pq0, b->pa, b->S, b->mul, b->add, b->thr, mp, 0, mp, r0, nb,
+                       x->filter, &heaps};
+        score_block(&g);
+    }
+    for (i = 0; i < m; i++) {
+        cdb_topk fin = {x->out + (q0 + i) * (size_t)x->k, b->ccount + mp, x->k};
+        int got = rerank(x->base, Q + i * d, x->metric, b->cand + i * (size_t)x->R, &b->ccount[i],
+                         1, x->R, &fin);
+        if (got < j->n_out) j->n_out = got;
+    }
+    return CLIPDB_OK;
+}
+
+static void *batch_worker(void *arg)
+{
+    batch_job *j = arg;
+    batch_ctx *x = j->x;
+    const clipdb_cvecs *c = x->c;
+    const size_t d = (size_t)c->d, qc = (x->qc + CHUNK - 1) / CHUNK * CHUNK, nb_max = tile_rows(1);
+    const size_t nchunks = (x->nq + x->qc - 1) / x->qc;
+    batch_buf b = {0};
+    size_t ch;
+    /* the products run on this thread alone: the workers are the parallelism */
+    const int saved = cdb_compute_serial_enter();
+
+    b.cand = cdb_malloc_array(qc * (size_t)x->R, sizeof *b.cand);
+    b.ccount = calloc(qc + 1, sizeof *b.ccount);
+    b.qc = cdb_malloc_array(qc * d, c->kind == CLIPDB_COMPRESS_SQ8 ? 1 : 2);
+    /* m * tile_rows(m) <= max(CV_TILE_BYTES / 4, 64 m) for every m <= qc */
+    b.S = cdb_malloc_array(CV_TILE_BYTES / 4 > 64 * qc ? CV_TILE_BYTES / 4 : 64 * qc, 4);
+    b.mul = cdb_malloc_array(nb_max, sizeof *b.mul);
+    b.add = cdb_malloc_array(nb_max, sizeof *b.add);
+    b.thr = cdb_malloc_array(qc, sizeof *b.thr);
+    b.pq0 = cdb_malloc_array(qc, sizeof *b.pq0);
+    b.pa = cdb_malloc_array(qc, sizeof *b.pa);
+    if (c->kind != CLIPDB_COMPRESS_SQ8 && !x->use_bf16)
+        b.wide = cdb_malloc_array(nb_max * d, sizeof *b.wide);
+    if (!b.cand || !b.ccount || !b.qc || !b.S || !b.mul || !b.add || !b.thr || !b.pq0 ||
+        !b.pa || (c->kind != CLIPDB_COMPRESS_SQ8 && !x->use_bf16 && !b.wide)) {
+        j->rc = cdb_err_set(&j->e, CLIPDB_ENOMEM, "compressed search: out of memory");
+        goto cleanup;
+    }
+    while ((ch = __atomic_fetch_add(&x->next, 1, __ATOMIC_RELAXED)) < nchunks) {
+        const size_t q0 = ch * x->qc, m = x->nq - q0 < x->qc ? x->nq - q0 : x->qc;
+        if ((j->rc = batch_chunk(j, &b, q0, m)) != CLIPDB_OK) {
+            __atomic_store_n(&x->next, nchunks, __ATOMIC_RELAXED); /* the others stop too */
+            break;
+        }
+    }
+cleanup:
+    cdb_compute_serial_leave(saved);
+    free(b.cand);
+    free(b.ccount);
+    free(b.qc);
+    free(b.S);
+    free(b.wide);
+    free(b.mul);
+    free(b.add);
+    free(b.thr);
+    free(b.pq0);
+    free(b.pa);
+    return NULL;
+}
+
 static int search_batched(const clipdb_cvecs *c, const clipdb_vecs *base, const float *queries,
                           size_t nq, int k, int R, int nt, clipdb_metric metric,
                           const clipdb_filter *filter, clipdb_hit *out, int *n_out, cdb_err *e)
 {
-    gemm_job jobs[CV_MAX_THREADS];
-    const size_t d = (size_t)c->d, qb_max = nq < CV_QB ? nq : CV_QB;
-    const size_t nb_max = c->n < CV_NB ? c->n : CV_NB;
-    clipdb_hit *cand = cdb_malloc_array(qb_max * (size_t)R, sizeof *cand);
-    int *ccount = calloc(qb_max + 1, sizeof *ccount);
-    cv_query *p = cdb_calloc_array(qb_max, sizeof *p);
-    void *S = cdb_malloc_array(qb_max * nb_max, 4);        /* s32 or f32 */
-    void *qc = cdb_malloc_array(qb_max * d, c->kind == CLIPDB_COMPRESS_SQ8 ? 1 : 4);
-    float *wide = NULL;  /* fp16 (and bf16 without a bf16 matmul): rows widened to f32 */
-    float *mul = cdb_malloc_array(nb_max, sizeof *mul), *add = cdb_malloc_array(nb_max, sizeof *add);
-    float *thr = cdb_malloc_array(qb_max, sizeof *thr);
-    float *pq0 = cdb_malloc_array(qb_max, sizeof *pq0), *pa = cdb_malloc_array(qb_max, sizeof *pa);
-    size_t q0, r0, i;
-    int t, rc = CLIPDB_OK, use_bf16 = c->kind == CLIPDB_COMPRESS_BF16;
-    const int qmax = cdb_int8_weight_max();
-
-    if (!cand || !ccount || !p || !S || !qc || !mul || !add || !thr || !pq0 || !pa) {
-        rc = cdb_err_set(e, CLIPDB_ENOMEM, "compressed search: out of memory");
-        goto cleanup;
+    batch_job jobs[CV_MAX_THREADS];
+    batch_ctx x = {c, base, queries, nq, 0, 0, k, R,
+                   c->kind == CLIPDB_COMPRESS_BF16 && cdb_gemm_bf16_native(), metric, filter, out};
+    int t, rc = CLIPDB_OK;
+    /* chunks of CV_QC queries, fewer when that leaves a thread without one;
+    ** rows widened to fp32 per tile (fp16, bf16 without a bf16 matmul): one
+    ** chunk per thread, each row widened once per thread (the widening cost
+    ** as much as the product) */
+    x.qc = (nq + (size_t)nt - 1) / (size_t)nt;
+    if (x.qc > CV_QC && (c->kind == CLIPDB_COMPRESS_SQ8 || x.use_bf16)) x.qc = CV_QC;
+    if (x.qc > CV_QC_WIDE) x.qc = CV_QC_WIDE;
+    for (t = 0; t < nt; t++) {
+        jobs[t].x = &x;
+        jobs[t].rc = CLIPDB_OK;
+        jobs[t].n_out = INT_MAX;
+        cdb_err_clear(&jobs[t].e);
     }
-    for (q0 = 0; q0 < nq; q0 += qb_max) {
-        const size_t m = nq - q0 < qb_max ? nq - q0 : qb_max;
-        const float *Q = queries + q0 * d;
-        cdb_topk heaps = {cand, ccount, R};
-        for (i = 0; i < m; i++) {
-            ccount[i] = 0;
-            thr[i] = -INFINITY;
-            if (c->kind == CLIPDB_COMPRESS_SQ8) {
-                prep_sq8(c, Q + i * d, qmax, &p[i], (int8_t *)qc + i * d);
-                pq0[i] = p[i].q0;
-                pa[i] = p[i].a;
-            }
-            else if (c->kind == CLIPDB_COMPRESS_BF16)
-                for (size_t j = 0; j < d; j++)
-                    ((uint16_t *)qc)[i * d + j] = cdb_f32_to_bf16(Q[i * d + j]);
+    run_jobs_pool(batch_worker, jobs, sizeof jobs[0], nt);
+    *n_out = INT_MAX;
+    for (t = 0; t < nt; t++) {
+        if (jobs[t].rc != CLIPDB_OK && rc == CLIPDB_OK) {
+            rc = jobs[t].rc;
+            *e = jobs[t].e;
         }
-        for (r0 = 0; r0 < c->n; r0 += nb_max) {
-            const size_t nb = c->n - r0 < nb_max ? c->n - r0 : nb_max;
-            if (c->kind == CLIPDB_COMPRESS_SQ8) {
-                // codes (nb, d) u8 @ wq^T (d, m) s8 -> S (nb, m) s32
-                rc = cdb_gemm_u8s8s32((int)nb, (int)m, (int)d, (const uint8_t *)c->codes + r0 * d,
-                                      qc, S, e);
-                if (rc != CLIPDB_OK) goto cleanup;
-            } else if (use_bf16) {
-                // q (m, d) bf16 @ rows^T (d, nb) bf16 -> S (m, nb) f32
-                rc = cdb_gemm_bf16((int)m, (int)nb, (int)d, qc,
-                                   (const uint16_t *)c->codes + r0 * d, S, e);
-                if (rc == CLIPDB_ENOTFOUND) { /* no bf16 matmul here: widen, as fp16 */
-                    cdb_err_clear(e);
-                    use_bf16 = 0;
-                    rc = CLIPDB_OK;
-                    r0 -= nb_max;
-                    continue;
-                }
-                if (rc != CLIPDB_OK) goto cleanup;
-            } else {
-                const uint16_t *h = (const uint16_t *)c->codes + r0 * d;
-                if (!wide && !(wide = cdb_malloc_array(nb_max * d, sizeof *wide))) {
-                    rc = cdb_err_set(e, CLIPDB_ENOMEM, "compressed search: out of memory");
-                    goto cleanup;
-                }
-                for (i = 0; i < nb * d; i++)
-                    wide[i] = c->kind == CLIPDB_COMPRESS_FP16 ? cdb_fp16_to_f32(h[i])
-                                                              : cdb_bf16_to_f32(h[i]);
-                // q (m, d) f32 @ rows^T (d, nb) f32 -> S (m, nb) f32
-                cdb_sgemm(CDB_NO_TRANS, CDB_TRANS, (int)m, (int)nb, (int)d, 1.0f, Q, (int)d,
-                          wide, (int)d, 0.0f, S, (int)nb);
-            }
-            rank_factors(c, metric, r0, nb, mul, add);
-            for (t = 0; t < nt; t++)
-                jobs[t] = (gemm_job){c, pq0, pa, S, mul, add, thr, m, m * (size_t)t / (size_t)nt,
-                                     m * (size_t)(t + 1) / (size_t)nt, r0, nb, filter, &heaps};
-            run_jobs_pool(score_block, jobs, sizeof jobs[0], m < (size_t)nt ? 1 : nt);
-        }
-        for (i = 0; i < m; i++) {
-            cdb_topk fin = {out + (q0 + i) * (size_t)k, ccount + qb_max, k};
-            int got = rerank(base, Q + i * d, metric, cand + i * (size_t)R, &ccount[i], 1, R, &fin);
-            if (q0 + i == 0 || got < *n_out) *n_out = got;
-        }
+        if (jobs[t].n_out < *n_out) *n_out = jobs[t].n_out;
     }
-cleanup:
-    free(cand);
-    free(ccount);
-    free(p);
-    free(S);
-    free(qc);
-    free(wide);
-    free(mul);
-    free(add);
-    free(thr);
-    free(pq0);
-    free(pa);
+    if (*n_out == INT_MAX) *n_out = 0;
     return rc;
 }
 

@@ -6,8 +6,9 @@
 ** products go through the compute layer (compute.h: cdb_linear on the
 ** weights packed for the model's precision, cdb_sgemm) with the whole batch stacked into one GEMM
 ** (rows = sequences * tokens); the elementwise parts (layernorm, softmax,
-** QuickGELU) are 4- or 8-lane vector loops written with GCC/clang vector
-** extensions so that they stay a small fraction of the time.
+** QuickGELU) are 4- or 8-lane vector loops (QuickGELU 16 under AVX-512)
+** written with GCC/clang vector extensions so that they stay a small
+** fraction of the time.
 **
 ** Training (src/train) runs this same forward with activations kept
 ** (cdb_block_forward_keep, cdb_vision_embed, cdb_text_embed,
@@ -20,6 +21,9 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #include "model/transformer.h"
 
@@ -172,44 +176,63 @@ static inline vecf vec_max(vecf a, vecf b)
 /* exp(x) lane-wise: Cephes expf (range reduction by ln 2, degree-5
 ** polynomial; relative error about 2e-7 over [-87, 88]). Inputs are clamped
 ** to that range, so the result is finite, and 0 below -87.3. */
-static inline vecf vec_exp(vecf x)
+#define DEFINE_VEC_EXP(NAME, VF, VI)                                                    \
+    static inline VF NAME(VF x)                                                         \
+    {                                                                                   \
+        const VF hi = (VF){0} + 88.3762626647949f, lo = (VF){0} - 88.3762626647949f;    \
+        VI m, n;                                                                        \
+        VF fx, t, z, y;                                                                 \
+        m = x > hi;                                                                     \
+        x = (VF)((m & (VI)hi) | (~m & (VI)x));                                          \
+        m = x < lo;                                                                     \
+        x = (VF)((m & (VI)lo) | (~m & (VI)x));                                          \
+        /* n = floor(x / ln 2 + 0.5) */                                                 \
+        fx = x * 1.44269504088896341f + 0.5f;                                           \
+        t = __builtin_convertvector(__builtin_convertvector(fx, VI), VF); /* trunc */    \
+        m = t > fx;                                                                     \
+        fx = t - (VF)(m & (VI)((VF){0} + 1.0f));                                        \
+        x = x - fx * 0.693359375f - fx * -2.12194440e-4f;                               \
+        z = x * x;                                                                      \
+        y = (VF){0} + 1.9875691500e-4f;                                                 \
+        y = y * x + 1.3981999507e-3f;                                                   \
+        y = y * x + 8.3334519073e-3f;                                                   \
+        y = y * x + 4.1665795894e-2f;                                                   \
+        y = y * x + 1.6666665459e-1f;                                                   \
+        y = y * x + 5.0000001201e-1f;                                                   \
+        y = y * z + x + 1.0f;                                                           \
+        n = __builtin_convertvector(fx, VI);                                            \
+        n = (n + 127) << 23; /* 2^n as float bits; n >= -127 here (0 -> 0.0f) */        \
+        return y * (VF)n;                                                               \
+    }
+DEFINE_VEC_EXP(vec_exp, vecf, veci)
+
+/* QuickGELU is elementwise (no sum across lanes), so it may run on wider
+** vectors than the reductions without changing a bit: VLW lanes, 16 (one
+** AVX-512 register) where the compiler may use AVX-512 (measured, one
+** thread: 2.2 -> 1.2 ms for 800 x 3072). The reductions (layernorm,
+** softmax) stay at VL: their lane count sets their summation order. */
+#if defined(__AVX512F__)
+#define VLW 16
+#else
+#define VLW VL
+#endif
+typedef float vecw __attribute__((vector_size(VLW * 4)));
+typedef int32_t veciw __attribute__((vector_size(VLW * 4)));
+#if VLW != VL
+DEFINE_VEC_EXP(vecw_exp, vecw, veciw)
+#else
+#define vecw_exp vec_exp
+#endif
+
+static inline vecw vec_quick_gelu(vecw x)
 {
-    const vecf hi = vec_set1(88.3762626647949f), lo = vec_set1(-88.3762626647949f);
-    veci m;
-    vecf fx, t, z, y;
-    veci n;
-    m = x > hi;
-    x = (vecf)((m & (veci)hi) | (~m & (veci)x));
-    m = x < lo;
-    x = (vecf)((m & (veci)lo) | (~m & (veci)x));
-    /* n = floor(x / ln 2 + 0.5) */
-    fx = x * 1.44269504088896341f + 0.5f;
-    t = __builtin_convertvector(__builtin_convertvector(fx, veci), vecf); /* trunc */
-    m = t > fx;
-    fx = t - (vecf)(m & (veci)vec_set1(1.0f));
-    x = x - fx * 0.693359375f - fx * -2.12194440e-4f;
-    z = x * x;
-    y = vec_set1(1.9875691500e-4f);
-    y = y * x + 1.3981999507e-3f;
-    y = y * x + 8.3334519073e-3f;
-    y = y * x + 4.1665795894e-2f;
-    y = y * x + 1.6666665459e-1f;
-    y = y * x + 5.0000001201e-1f;
-    y = y * z + x + 1.0f;
-    n = __builtin_convertvector(fx, veci);
-    n = (n + 127) << 23; /* 2^n as float bits; n >= -127 here (0 -> 0.0f) */
-    return y * (vecf)n;
+    return x / (1.0f + vecw_exp(x * -1.702f));
 }
 
-static inline vecf vec_quick_gelu(vecf x)
-{
-    return x / (1.0f + vec_exp(x * -1.702f));
-}
-
-/* ---- splitting the kernels over the pool (src/core/pool.c) ---------------
+/* ---- splitting the kernels over threads (run_tasks) ----------------------
 ** Each kernel below is a serial loop over rows (or columns) written for a
-** range, and a public entry that cuts the range into one piece per pool
-** thread. The pieces are disjoint and every row (column) is computed as the
+** range, and a public entry that cuts the range into one piece per thread
+** (OpenMP's, or the process pool's: run_tasks). The pieces are disjoint and every row (column) is computed as the
 ** serial loop computes it, so the results do not depend on the split or the
 ** thread count (bit for bit). Small calls stay on the calling thread. */
 
@@ -233,6 +256,34 @@ typedef struct span_job {
     size_t count, per;
 } span_job;
 
+/* Runs fn(arg, i) for every i in [0, n) in parallel. Built with OpenMP
+** (gcc; see the Makefile), on the OpenMP threads oneDNN runs the GEMMs on:
+** with a second set of threads (the process pool) the GEMM's OpenMP threads
+** spin, waiting for their next region, on the cores the pool's threads need
+** for the kernels between the GEMMs (measured, 2 cores, bf16 texts: most
+** of the samples in libgomp's spin loop; OMP_WAIT_POLICY=PASSIVE ran 2-3x
+** faster). Without OpenMP (clang), on the process pool. */
+static void run_tasks(size_t n, cdb_pool_fn fn, void *arg)
+{
+#ifdef _OPENMP
+    size_t i;
+#pragma omp parallel for schedule(dynamic, 1)
+    for (i = 0; i < n; i++) fn(arg, i);
+#else
+    cdb_pool_run(n, fn, arg);
+#endif
+}
+
+/* The threads run_tasks runs on. */
+static int task_threads(void)
+{
+#ifdef _OPENMP
+    return omp_in_parallel() ? 1 : omp_get_max_threads();
+#else
+    return cdb_pool_threads();
+#endif
+}
+
 static void span_task(void *arg, size_t t)
 {
     const span_job *j = arg;
@@ -243,14 +294,14 @@ static void span_task(void *arg, size_t t)
 /* fn over [0, count) rows or columns, `floats` the size of the work. */
 static void par_span(span_fn fn, const kargs *k, size_t count, size_t floats)
 {
-    const size_t th = (size_t)cdb_pool_threads();
+    const size_t th = (size_t)task_threads();
     span_job j = {fn, k, count, 0};
     if (th < 2 || count < 2 || floats < PAR_MIN_FLOATS) {
         if (count) fn(k, 0, count);
         return;
     }
     j.per = (count + th - 1) / th;
-    cdb_pool_run((count + j.per - 1) / j.per, span_task, &j);
+    run_tasks((count + j.per - 1) / j.per, span_task, &j);
 }
 
 /* rows [lo, hi) of x (rows, ld), columns [0, n): += bias (n) */
@@ -296,17 +347,24 @@ static void quick_gelu_span(const kargs *k, size_t lo, size_t hi)
     size_t i, j;
     for (i = 0; i < rows; i++) {
         float *xr = x + i * n; /* (n) */
-        for (j = 0; j + VL <= n; j += VL) {
-            vecf v = vec_load(xr + j);
-            if (bias) v += vec_load(bias + j);
-            vec_store(xr + j, vec_quick_gelu(v));
+        for (j = 0; j + VLW <= n; j += VLW) {
+            vecw v, b;
+            memcpy(&v, xr + j, sizeof v);
+            if (bias) {
+                memcpy(&b, bias + j, sizeof b);
+                v += b;
+            }
+            v = vec_quick_gelu(v);
+            memcpy(xr + j, &v, sizeof v);
         }
         if (j < n) { /* tail through the same vector code, zero-padded */
-            float tmp[VL] = {0};
+            float tmp[VLW] = {0};
+            vecw v;
             size_t q, rest = n - j;
             for (q = 0; q < rest; q++) tmp[q] = xr[j + q] + (bias ? bias[j + q] : 0.0f);
-            vec_store(tmp, vec_quick_gelu(vec_load(tmp)));
-            memcpy(xr + j, tmp, rest * sizeof(float));
+            memcpy(&v, tmp, sizeof v);
+            v = vec_quick_gelu(v);
+            memcpy(xr + j, &v, rest * sizeof(float));
         }
     }
 }
@@ -568,7 +626,7 @@ static void attention(struct cdb_run *r, const float *qkv, float *att, int d, in
 {
     att_job j = {.r = r, .qkv = qkv, .att = att, .keep_p = keep_p, .d = d, .T = T,
                  .causal = causal, .qpos = qpos};
-    cdb_pool_run((size_t)nseq, attention_seq, &j);
+    run_tasks((size_t)nseq, attention_seq, &j);
 }
 
 /* Backward of attention (all T query rows; as above without qpos), per
@@ -621,7 +679,7 @@ static void attention_backward(struct cdb_run *r, const float *qkv, const float 
                                const float *datt, float *dqkv, int d, int nseq, int T)
 {
     att_job j = {.r = r, .qkv = qkv, .P = P, .datt = datt, .dqkv = dqkv, .d = d, .T = T};
-    cdb_pool_run((size_t)nseq, attention_backward_seq, &j);
+    run_tasks((size_t)nseq, attention_backward_seq, &j);
 }
 
 int cdb_block_forward(struct cdb_run *r, const cdb_block *b, int d, int f, float *x,

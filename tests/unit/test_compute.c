@@ -461,3 +461,34 @@ TEST(compute_sgemm_bf16_concurrent_calls_agree)
     CHECK(cdb_gemm_bf16_native() == 0 || cdb_gemm_bf16_native() == 1);
     free(A), free(B), free(C);
 }
+
+/* onednn.c splits the activations' bf16 rounding and int8 (de)quantisation
+** over the OpenMP threads from 65536 elements (PAR_MIN_ELEMS): row counts on
+** both sides of it (255, 256, 257 rows of 256) and several pieces (513) give
+** the bits of the same call on one thread. */
+TEST(compute_linear_threaded_passes_equal_one_thread)
+{
+    static const int rows[] = {1, 255, 256, 257, 513};
+    const int n_out = 256, n_in = 256;
+    float *W = rnd_vec((size_t)n_out * n_in);
+    for (int prec = CDB_PREC_BF16; prec <= CDB_PREC_INT8; prec++) {
+        cdb_wpack *pk = NULL;
+        cdb_err e = {0};
+        REQUIRE(cdb_wpack_new(&pk, W, CDB_TRANS, n_out, n_in, (cdb_prec)prec, &e) == CLIPDB_OK);
+        for (size_t ri = 0; ri < sizeof rows / sizeof *rows; ri++) {
+            const int m = rows[ri];
+            const size_t ny = (size_t)m * n_out;
+            float *x = rnd_vec((size_t)m * n_in), *y = rnd_vec(ny), *y1 = malloc(ny * 4);
+            int saved;
+            memcpy(y1, y, ny * 4);
+            REQUIRE(cdb_linear(pk, W, m, n_out, n_in, x, n_in, 1.0f, y, n_out, &e) == CLIPDB_OK);
+            saved = cdb_compute_serial_enter();
+            REQUIRE(cdb_linear(pk, W, m, n_out, n_in, x, n_in, 1.0f, y1, n_out, &e) == CLIPDB_OK);
+            cdb_compute_serial_leave(saved);
+            CHECK(!memcmp(y, y1, ny * 4));
+            free(x), free(y), free(y1);
+        }
+        cdb_wpack_free(pk);
+    }
+    free(W);
+}

@@ -294,3 +294,72 @@ TEST(sq8_filter_ids_self_match_and_bad_input)
     clipdb_sq8_free(NULL);
     free(x), free(ids);
 }
+
+/* The batched path (nq >= CDB_CVECS_GEMM_MIN) in chunks of queries and
+** tiles of rows (cvecs.c search_batched), at query counts on both sides of
+** CDB_CVECS_GEMM_MIN, of a 16-query sq8 padding step and of the 256-query
+** chunk, on a set that crosses the 256- and 4096-row tiles with a partial
+** last tile: the same hits as one query at a time (exact scores), recall
+** against flat search, the same answers on one thread as on all of them,
+** ids mapped, a filter, and a stored vector finding itself at L2 distance 0. */
+TEST(cvecs_batched_chunks_and_tiles_match_one_query_at_a_time)
+{
+    static const size_t nqs[] = {15, 16, 17, 31, 255, 256, 257, 513};
+    const size_t n = 5000, nq_max = 513;
+    const int d = 100, k = 10;
+    float *x = clustered(n, d, 50, 5), *q = clustered(nq_max, d, 50, 6);
+    int64_t *ids = malloc(n * sizeof *ids), keys[3] = {3, 2500, 4999};
+    clipdb_hit *ref = malloc(nq_max * k * sizeof *ref), *one = malloc(nq_max * k * sizeof *one);
+    clipdb_hit *got = malloc(nq_max * k * sizeof *got), *ser = malloc(nq_max * k * sizeof *ser);
+    clipdb_vecs base = {x, ids, NULL, n, d};
+    clipdb_filter f = {0};
+    for (size_t i = 0; i < n; i++) ids[i] = 100 + (int64_t)i;
+    memcpy(q, x + 7 * (size_t)d, (size_t)d * sizeof *q); /* query 0 is row 7 */
+    f.keys = keys;
+    f.n_keys = 3;
+    for (int kind = CLIPDB_COMPRESS_SQ8; kind <= CLIPDB_COMPRESS_FP16; kind++) {
+        clipdb_cvecs *c = NULL;
+        REQUIRE(clipdb_cvecs_build(&base, (clipdb_compress)kind, NULL, &c, NULL) == CLIPDB_OK);
+        for (size_t a = 0; a < sizeof nqs / sizeof nqs[0]; a++) {
+            const size_t nq = nqs[a];
+            const clipdb_metric metric = a % 2 ? CLIPDB_METRIC_COSINE : CLIPDB_METRIC_L2;
+            int nr = 0, ng = 0, ns = 0, saved;
+            char msg[128];
+            double rec;
+            REQUIRE(clipdb_flat_search(&base, q, nq, k, metric, NULL, ref, &nr, NULL) == CLIPDB_OK);
+            for (size_t i = 0; i < nq; i++)
+                REQUIRE(clipdb_cvecs_search(c, &base, q + i * d, 1, k, 0, metric, NULL,
+                                            one + i * k, &ng, NULL) == CLIPDB_OK);
+            REQUIRE(clipdb_cvecs_search(c, &base, q, nq, k, 0, metric, NULL, got, &ng, NULL) ==
+                    CLIPDB_OK);
+            CHECK(ng == k && nr == k);
+            if ((rec = recall_exact(one, got, nq, k)) < 0.999 ||
+                recall_exact(ref, got, nq, k) < 0.999) {
+                snprintf(msg, sizeof msg, "%s nq %zu: batched vs one at a time %.4f",
+                         clipdb_compress_name((clipdb_compress)kind), nq, rec);
+                test_fail_at(__FILE__, __LINE__, msg);
+            }
+            if (metric == CLIPDB_METRIC_L2)
+                CHECK(got[0].id == 107 && got[0].score == 0.0f && !signbit(got[0].score));
+            /* one thread: the same answers, bit for bit */
+            saved = cdb_compute_serial_enter();
+            REQUIRE(clipdb_cvecs_search(c, &base, q, nq, k, 0, metric, NULL, ser, &ns, NULL) ==
+                    CLIPDB_OK);
+            cdb_compute_serial_leave(saved);
+            CHECK(ns == ng);
+            for (size_t i = 0; i < nq * k; i++)
+                CHECK(ser[i].id == got[i].id && ser[i].score == got[i].score);
+            /* a filter of three rows: those three, the rest padded */
+            REQUIRE(clipdb_cvecs_search(c, &base, q, nq, k, 0, metric, &f, got, &ng, NULL) ==
+                    CLIPDB_OK);
+            CHECK(ng == 3);
+            for (size_t i = 0; i < nq; i++) {
+                const clipdb_hit *h = got + i * k;
+                for (int r = 0; r < 3; r++) CHECK(h[r].id == 103 || h[r].id == 2600 || h[r].id == 5099);
+                CHECK(h[3].id == -1 && h[k - 1].id == -1);
+            }
+        }
+        clipdb_cvecs_free(c);
+    }
+    free(x), free(q), free(ids), free(ref), free(one), free(got), free(ser);
+}

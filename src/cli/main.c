@@ -11,24 +11,6 @@
 
 #include "cli/cli.h"
 
-/* oneDNN runs its GEMMs on OpenMP (libgomp) threads, and clipdb runs the
-** work between them (layer norms, attention, activations and their backward
-** passes) on its own pool. By default a libgomp thread spins for some
-** milliseconds after each GEMM, on a core the pool needs: a training step,
-** which alternates the two many times, ran 7% faster with
-** OMP_WAIT_POLICY=passive (bench/README.md). libgomp reads the variable once,
-** while the libraries load (a setenv from .preinit_array is lost: libc resets
-** environ after it), so train and finetune start again with it set. A value
-** the user gave is kept. */
-static void omp_wait_passive(const char *cmd, char **argv)
-{
-    if (strcmp(cmd, "train") && strcmp(cmd, "finetune")) return;
-    if (getenv("OMP_WAIT_POLICY")) return;
-    setenv("OMP_WAIT_POLICY", "passive", 1);
-    execv("/proc/self/exe", argv);
-    /* no /proc: go on with the default policy */
-}
-
 /* Under an address-space limit (ulimit -v), OpenBLAS retries a failed
 ** allocation of its work buffer (128 MiB, per thread) forever, and its
 ** threads, started when the library loads, can hang the exit. So when a
@@ -145,7 +127,6 @@ int main(int argc, char **argv)
             fputs(cli_commands[i].help, stdout);
             return CLI_OK;
         }
-        omp_wait_passive(argv[1], argv);
         if (memory_limit_guard(argv[1], argv) != CLI_OK) return CLI_FAIL;
         return cli_commands[i].run(argc - 1, argv + 1);
     }

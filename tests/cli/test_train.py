@@ -421,26 +421,6 @@ def test_crop_min_changes_the_augmentation_is_recorded_and_checked(photos, model
     one_line_failure(r, "train", "other options or data", "delete it to start over")
 
 
-@pytest.mark.parametrize("cmd", ["train", "finetune"])
-def test_training_runs_libgomp_passive_unless_told(cmd, tmp_path):
-    """train and finetune start again with OMP_WAIT_POLICY=passive (oneDNN's OpenMP
-    threads must not spin on the cores clipdb's pool needs between GEMMs); libgomp's
-    OMP_DISPLAY_ENV shows what the process that runs got. A value given is kept, and
-    other commands do not start again."""
-    def spin_counts(args, **env):
-        e = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
-        e.update(OMP_DISPLAY_ENV="verbose", **env)
-        p = subprocess.run([str(BIN), *args], capture_output=True, text=True, env=e)
-        return [l.split("=")[1].strip() for l in p.stderr.splitlines() if "GOMP_SPINCOUNT" in l]
-    bad = [cmd, "--out", str(tmp_path / "o"), "--nonsense-option"]
-    counts = spin_counts(bad)
-    if not counts:
-        pytest.skip("this build does not link libgomp (no OpenMP backend to tune)")
-    assert counts[-1] == "'0'" and len(counts) == 2, counts  # started again, passive
-    counts = spin_counts(bad, OMP_WAIT_POLICY="active")
-    assert len(counts) == 1 and counts[0] != "'0'", counts  # kept, not started again
-    assert len(spin_counts(["version"])) == 1
-
 
 def test_text_drop_augments_the_captions_is_recorded_and_checked(photos, model, tmp_path):
     """--text-drop P: each caption token dropped with probability P while training

@@ -421,7 +421,6 @@ def test_crop_min_changes_the_augmentation_is_recorded_and_checked(photos, model
     one_line_failure(r, "train", "other options or data", "delete it to start over")
 
 
-
 def test_text_drop_augments_the_captions_is_recorded_and_checked(photos, model, tmp_path):
     """--text-drop P: each caption token dropped with probability P while training
     from scratch. Deterministic with the seed, other weights than without, recorded,

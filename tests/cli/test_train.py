@@ -334,15 +334,24 @@ def test_sigint_writes_a_checkpoint_and_resumes(db, model, tmp_path):
 @pytest.mark.parametrize("other", [["--seed", 3], ["--precision", "bf16"]])
 def test_checkpoint_of_other_options_is_not_resumed(db, model, tmp_path, other):
     args = ["finetune", db, "--model", model, "--split", "all", "--batch", 4, "--epochs", 2,
-            "--seed", 2, "--out", tmp_path / "o", "--progress-every", 0.01]
+            "--seed", 2, "--out", tmp_path / "o"]
+    other_options_not_resumed(args, other)  # another seed; another GEMM precision
+
+
+def other_options_not_resumed(args, other):
+    """Stops the run of args (argv[0] its command, ending in --out DIR) with Ctrl-C
+    after its first step, then runs it again with the options `other`: the
+    checkpoint is not resumed (one clear line), and it is kept."""
+    args = args + ["--progress-every", 0.01]
     p = start(args)
     wait_for_line(p, "step 1/")
     p.send_signal(signal.SIGINT)
     p.communicate(timeout=120)
     assert p.returncode == 130
-    r = run(*args, *other)  # another seed; another GEMM precision
-    one_line_failure(r, "finetune", "other options or data", "delete it to start over")
-    assert (tmp_path / "o.ckpt" / "state.safetensors").is_file()  # kept
+    r = run(*args, *other)
+    one_line_failure(r, args[0], "other options or data", "delete it to start over")
+    out = pathlib.Path(str(args[args.index("--out") + 1]))
+    assert (out.parent / (out.name + ".ckpt") / "state.safetensors").is_file()  # kept
 
 
 # ---- training from scratch ---------------------------------------------------------
@@ -410,15 +419,8 @@ def test_crop_min_changes_the_augmentation_is_recorded_and_checked(photos, model
         r = run(*common, "--crop-min", bad, "--out", tmp_path / "o")
         assert r.returncode == 2 and "--crop-min" in r.stderr, (bad, r.stderr)
         assert not (tmp_path / "o").exists() and not (tmp_path / "o.ckpt").exists()
-    # a checkpoint of another --crop-min is not resumed
-    args = common + ["--epochs", 3, "--out", tmp_path / "k", "--progress-every", 0.01]
-    p = start(args)
-    wait_for_line(p, "step 1/")
-    p.send_signal(signal.SIGINT)
-    p.communicate(timeout=120)
-    assert p.returncode == 130
-    r = run(*args, "--crop-min", "0.3")
-    one_line_failure(r, "train", "other options or data", "delete it to start over")
+    other_options_not_resumed(common + ["--epochs", 3, "--out", tmp_path / "k"],
+                              ["--crop-min", "0.3"])
 
 
 def test_text_drop_augments_the_captions_is_recorded_and_checked(photos, model, tmp_path):
@@ -440,11 +442,5 @@ def test_text_drop_augments_the_captions_is_recorded_and_checked(photos, model, 
     for bad in ["1", "-0.1", "nan", "x"]:
         r = run(*common, "--text-drop", bad, "--out", tmp_path / "o")
         assert r.returncode == 2 and "--text-drop" in r.stderr, (bad, r.stderr)
-    args = common + ["--epochs", 3, "--out", tmp_path / "k", "--progress-every", 0.01]
-    p = start(args)
-    wait_for_line(p, "step 1/")
-    p.send_signal(signal.SIGINT)
-    p.communicate(timeout=120)
-    assert p.returncode == 130
-    r = run(*args, "--text-drop", "0.2")
-    one_line_failure(r, "train", "other options or data", "delete it to start over")
+    other_options_not_resumed(common + ["--epochs", 3, "--out", tmp_path / "k"],
+                              ["--text-drop", "0.2"])

@@ -153,7 +153,9 @@ tsan:
 # log in build-fuzz/log-TARGET, whose tail is printed when all are done.
 # Crashes, leaks, timeouts and OOMs are written to
 # build-fuzz/artifacts-TARGET/ (never the repository root); any makes the
-# rule fail. Linked by clang++ (the C target compiled as C): a target that
+# rule fail, and the failing targets' reports are printed last, so that the
+# tail of a CI log names them (target, error, the input in base64 up to
+# 8 KiB). Linked by clang++ (the C target compiled as C): a target that
 # reaches the Faiss shim (fuzz_dbopen) needs the C++ UBSan runtime.
 FUZZ_SECONDS ?= 20
 FUZZ_JOBS    ?= 1
@@ -180,12 +182,25 @@ fuzz:
 	        -artifact_prefix=$(FUZZ_BUILD)/artifacts-$$name/ $(FUZZ_BUILD)/corpus-$$name \
 	        tests/fuzz/seeds/$${name#fuzz_} > $(FUZZ_BUILD)/log-$$name 2>&1; \
 	      echo $$? > $(FUZZ_BUILD)/status-$$name ) & \
-	done; wait; fail=0; \
+	done; wait; failed=; \
 	for name in $(FUZZ_NAMES); do \
 	    st=$$(cat $(FUZZ_BUILD)/status-$$name 2>/dev/null || echo missing); \
 	    echo "== $$name: exit $$st"; tail -n 12 $(FUZZ_BUILD)/log-$$name; \
-	    [ "$$st" = 0 ] || fail=1; \
-	done; exit $$fail
+	    [ "$$st" = 0 ] || failed="$$failed $$name"; \
+	done; \
+	for name in $$failed; do \
+	    echo "== $$name FAILED: its report (whole log: $(FUZZ_BUILD)/log-$$name)"; \
+	    sed -n '/^==[0-9]*==\|deadly signal\|ERROR: libFuzzer/,$$p' $(FUZZ_BUILD)/log-$$name | head -n 80; \
+	    ls -l $(FUZZ_BUILD)/artifacts-$$name; \
+	done; \
+	for name in $$failed; do \
+	    echo "fuzz: FAILED $$name (exit $$(cat $(FUZZ_BUILD)/status-$$name 2>/dev/null)):"; \
+	    grep -m 3 -E 'ERROR: |^SUMMARY|deadly signal|Test unit written' $(FUZZ_BUILD)/log-$$name; \
+	    for a in $(FUZZ_BUILD)/artifacts-$$name/*; do \
+	        [ -f "$$a" ] && [ "$$(stat -c %s "$$a")" -le 8192 ] && echo "$$a in base64: $$(base64 -w0 "$$a")"; \
+	    done; \
+	done; \
+	[ -z "$$failed" ] || exit 1
 
 # Test-time tools (tools/NAME.c -> $(BUILD)/tools/NAME), linked against the library.
 $(BUILD)/tools/preprocess_dump: $(BUILD)/tools/preprocess_dump.o $(BUILD)/libclipdb.a

@@ -503,6 +503,34 @@ static int decode_webp(const uint8_t *data, size_t len, cdb_rgb *out, cdb_err *e
 
 /* ---- BMP (stb_image) ---------------------------------------------------- */
 
+/* stb_image reads past the end of a BMP as zero bytes, so a 70-byte file
+** that declares 13000 x 13000 pixels would decode (as black) at the cost of
+** the whole size. Like PIL, an uncompressed BMP whose rows do not all lie in
+** the file is an error instead (the last row's padding may be missing). RLE
+** BMPs are left to stb_image, which refuses them. */
+static int bmp_check_length(const uint8_t *data, size_t len, int w, int h, cdb_err *e)
+{
+    uint32_t off, hsz, bpp, comp = 0;
+    unsigned long long stride, need;
+    if (len < 30) return cdb_err_set(e, CLIPDB_EFORMAT, "corrupt BMP data: header cut short");
+    off = rd32(data + 10, 0);
+    hsz = rd32(data + 14, 0);
+    bpp = rd16(data + (hsz == 12 ? 24 : 28), 0);
+    if (hsz != 12) {
+        if (len < 34) return cdb_err_set(e, CLIPDB_EFORMAT, "corrupt BMP data: header cut short");
+        comp = rd32(data + 30, 0);
+    }
+    if ((comp != 0 && comp != 3) || bpp == 0 || bpp > 32) return CLIPDB_OK;
+    stride = ((unsigned long long)w * bpp + 31) / 32 * 4;
+    need = (unsigned long long)off + stride * (unsigned)(h - 1) + ((unsigned long long)w * bpp + 7) / 8;
+    if (need > len)
+        return cdb_err_set(e, CLIPDB_EFORMAT,
+                           "truncated BMP data: %dx%d pixels at %u bits need %llu bytes, the file "
+                           "has %zu",
+                           w, h, (unsigned)bpp, need, len);
+    return CLIPDB_OK;
+}
+
 static int decode_bmp(const uint8_t *data, size_t len, cdb_rgb *out, cdb_err *e)
 {
     int w, h, comp, rc;
@@ -512,6 +540,8 @@ static int decode_bmp(const uint8_t *data, size_t len, cdb_rgb *out, cdb_err *e)
     if (!stbi_info_from_memory(data, (int)len, &w, &h, &comp))
         return cdb_err_set(e, CLIPDB_EFORMAT, "corrupt BMP data: %s", stbi_failure_reason());
     rc = check_size(w, h, &unused, e);
+    if (rc != CLIPDB_OK) return rc;
+    rc = bmp_check_length(data, len, w, h, e);
     if (rc != CLIPDB_OK) return rc;
     px = stbi_load_from_memory(data, (int)len, &w, &h, &comp, 3);
     if (!px) return cdb_err_set(e, CLIPDB_EFORMAT, "corrupt BMP data: %s", stbi_failure_reason());

@@ -235,6 +235,53 @@ TEST(image_other_magic_with_garbage_fails)
     cdb_rgb_free(&img);
 }
 
+/* A bottom-up 24-bit BMP of w x h (rows padded to 4 bytes), pixel (x, y) =
+** (x, y, x + y); returns its length. */
+static size_t make_bmp24(uint8_t *b, size_t cap, int w, int h)
+{
+    size_t stride = ((size_t)w * 3 + 3) / 4 * 4, n = 54 + stride * (size_t)h;
+    int x, y;
+    if (n > cap) return 0;
+    memset(b, 0, n);
+    memcpy(b, "BM", 2);
+    b[2] = (uint8_t)n, b[3] = (uint8_t)(n >> 8), b[4] = (uint8_t)(n >> 16);
+    b[10] = 54, b[14] = 40;
+    b[18] = (uint8_t)w, b[19] = (uint8_t)(w >> 8), b[20] = (uint8_t)(w >> 16);
+    b[22] = (uint8_t)h, b[23] = (uint8_t)(h >> 8), b[24] = (uint8_t)(h >> 16);
+    b[26] = 1, b[28] = 24;
+    for (y = 0; y < h; y++)
+        for (x = 0; x < w; x++) {
+            uint8_t *p = b + 54 + stride * (size_t)(h - 1 - y) + 3 * (size_t)x;
+            p[0] = (uint8_t)(x + y), p[1] = (uint8_t)y, p[2] = (uint8_t)x; /* B, G, R */
+        }
+    return n;
+}
+
+TEST(image_truncated_bmp_is_an_error_not_black_pixels)
+{
+    uint8_t b[256];
+    cdb_rgb img = {0};
+    cdb_err e;
+    size_t n = make_bmp24(b, sizeof b, 5, 3); /* stride 16: one pad byte a row */
+    REQUIRE(n == 54 + 48);
+    REQUIRE(decode(b, n, &img, &e) == CLIPDB_OK);
+    CHECK(img.w == 5 && img.h == 3);
+    CHECK(img.px[3 * (2 * 5 + 4) + 0] == 4 && img.px[3 * (2 * 5 + 4) + 1] == 2 &&
+          img.px[3 * (2 * 5 + 4) + 2] == 6);
+    /* The last row's padding may be missing (some writers leave it out). */
+    CHECK(decode(b, n - 1, &img, &e) == CLIPDB_OK);
+    CHECK(decode(b, n - 2, &img, &e) == CLIPDB_EFORMAT);
+    CHECK(strstr(e.msg, "truncated BMP data: 5x3 pixels at 24 bits need 101 bytes, the file has 100") !=
+          NULL);
+    /* A header alone that declares 13000 x 13000 pixels: an error at once,
+    ** not a 500 MB black image. */
+    b[18] = (uint8_t)13000, b[19] = (uint8_t)(13000 >> 8);
+    b[22] = (uint8_t)13000, b[23] = (uint8_t)(13000 >> 8);
+    CHECK(decode(b, 70, &img, &e) == CLIPDB_EFORMAT);
+    CHECK(strstr(e.msg, "truncated BMP data: 13000x13000") != NULL);
+    cdb_rgb_free(&img);
+}
+
 /* ---- resize against a scalar reference --------------------------------- */
 
 /* Pillow's bicubic antialiased resample, written the plain way: for each

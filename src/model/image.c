@@ -70,10 +70,10 @@ static int check_size(long long w, long long h, size_t *bytes, cdb_err *e)
     if (w <= 0 || h <= 0)
         return cdb_err_set(e, CLIPDB_EFORMAT, "image has an empty size (%lldx%lld)", w, h);
     if (w > CLIPDB_MAX_IMAGE_SIDE || h > CLIPDB_MAX_IMAGE_SIDE ||
-        (unsigned long long)w * (unsigned long long)h > CLIPDB_MAX_IMAGE_PIXELS)
+        (unsigned long long)w * (unsigned long long)h > CDB_IMAGE_MAX_PIXELS)
         return cdb_err_set(e, CLIPDB_ELIMIT,
                            "image is %lldx%lld; the limit is %d pixels a side and %u pixels in all",
-                           w, h, CLIPDB_MAX_IMAGE_SIDE, CLIPDB_MAX_IMAGE_PIXELS);
+                           w, h, CLIPDB_MAX_IMAGE_SIDE, (unsigned)CDB_IMAGE_MAX_PIXELS);
     if (!cdb_mul_ok((size_t)w, (size_t)h, &n) || !cdb_mul_ok(n, 3, &n))
         return cdb_err_set(e, CLIPDB_ELIMIT, "image is %lldx%lld: too large", w, h);
     *bytes = n;

@@ -19,6 +19,16 @@
 /* Largest image file read by cdb_image_decode_file. */
 #define CDB_IMAGE_MAX_FILE_BYTES CLIPDB_MAX_IMAGE_FILE_BYTES
 
+/* The largest image decoded, in pixels (w * h); larger ones are refused
+** before anything is allocated. The public CLIPDB_MAX_IMAGE_PIXELS (PIL's
+** default) unless a build sets it lower: the fuzz build does (Makefile,
+** FUZZ_DEFS), so that a small input declaring a huge valid image (a GIF's
+** logical screen, a lossless WebP of one colour) is decoded within
+** libFuzzer's time limit under ASan; the code path is the same. */
+#ifndef CDB_IMAGE_MAX_PIXELS
+#define CDB_IMAGE_MAX_PIXELS CLIPDB_MAX_IMAGE_PIXELS
+#endif
+
 /* A JPEG is decoded at a reduced DCT scale (M/8) only while its shorter side
 ** stays at least CDB_IMAGE_DCT_MARGIN times the target side; see
 ** choose_dct_scale in image.c and tests/ref/test_image_pil.py for the parity

@@ -261,8 +261,7 @@ def main():
                 3.0 if amx else 2.0),
                ("int8 images/s vs our bf16", int8_img / bf16_img, 1.3)]
     if torch_txt_bf16:
-        targets += [("bf16 texts/s vs torch bf16 autocast", bf16_txt / torch_txt_bf16, 5.0),
-                    ("int8 texts/s vs our bf16", int8_txt / bf16_txt, 1.3)]
+        targets += [("bf16 texts/s vs torch bf16 autocast", bf16_txt / torch_txt_bf16, 5.0)]
     print(f"\nissue 7 targets (medians; {'AMX' if amx else 'no AMX'}: ISA {compute}; CPU {cpu}):")
     for name, ratio, floor in targets:
         print(f"  {name:48s} {ratio:6.2f}x  target >= {floor:.2f}x  "
@@ -273,7 +272,9 @@ def main():
               f"({bf16_limit:.2f} images/s); the target's {need:.2f} images/s would need "
               f"{100 * need / bf16_limit:.0f}% of it: "
               f"{'reachable in principle' if need < bf16_limit else 'NOT reachable on this CPU'}")
-    print(f"  (fp32 texts/s {fp32_txt:.2f}; load average now {os.getloadavg()[0]:.2f})")
+    # the int8 floor (1.3x our bf16) is on images; texts are reported
+    print(f"  (int8 texts/s {int8_txt / bf16_txt:.2f}x our bf16, not a target; "
+          f"fp32 texts/s {fp32_txt:.2f}; load average now {os.getloadavg()[0]:.2f})")
     print(f"torch: fp32 {torch_img:.2f} images/s, bf16 autocast {torch_img_bf16:.2f} images/s"
           + (f", texts/s bf16 autocast {torch_txt_bf16:.2f}" if torch_txt_bf16 else "")
           + f"; fp32 images/s vs fp32 {fp32_img / torch_img:.2f}x")

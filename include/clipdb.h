@@ -193,6 +193,14 @@ CLIPDB_API int clipdb_image_load(clipdb_ctx *c, const char *path, float *pixels)
 CLIPDB_API int clipdb_image_load_memory(clipdb_ctx *c, const void *data,
                                         size_t len, float *pixels);
 
+/* Lowers the largest image this ctx decodes, in pixels (width x height as
+** the file declares it, whatever the format): larger ones fail with
+** CLIPDB_ELIMIT before anything is allocated. A server taking uploads sets
+** it, since a small file may declare a huge image (a 1 KB GIF of 13000 x
+** 13000 pixels decodes to 500 MB). 0 restores the default,
+** CLIPDB_MAX_IMAGE_PIXELS; a value above that is CLIPDB_EINVAL. */
+CLIPDB_API int clipdb_ctx_set_max_image_pixels(clipdb_ctx *c, unsigned long long n);
+
 /* Encodes n texts. out: n x embed_dim floats, the projected vectors as
 ** CLIP's encode_text returns them (not normalised). */
 CLIPDB_API int clipdb_encode_texts(clipdb_ctx *c, const char *const *texts,
@@ -547,6 +555,10 @@ typedef struct clipdb_db_options {
                            ** the recorded one; another one is refused
                            ** (CLIPDB_EMISMATCH), so precisions never mix.
                            ** Databases older than this field are fp32. */
+    unsigned long long max_image_pixels; /* the largest image this handle
+                           ** decodes (queries, images added, reembed), as
+                           ** clipdb_ctx_set_max_image_pixels; 0 (default):
+                           ** CLIPDB_MAX_IMAGE_PIXELS, the most it may be */
 } clipdb_db_options;
 /* Defaults: open an existing database read-write, recorded model. */
 CLIPDB_API void clipdb_db_options_init(clipdb_db_options *opt);
@@ -974,6 +986,10 @@ CLIPDB_API void clipdb_db_check_free(clipdb_db_check_report *r);
 typedef struct clipdb_server clipdb_server;
 
 #define CLIPDB_SERVER_MAX_THREADS 64
+/* The server's default image limit: 64,000,000 pixels (8000 x 8000, a 48 MP
+** phone photo fits; 192 MB of RGB per request at most). Lower than the
+** library's because a 1 KB upload may declare a huge image. */
+#define CLIPDB_SERVER_MAX_IMAGE_PIXELS 64000000
 
 typedef struct clipdb_server_options {
     const char *bind;        /* IPv4 address to listen on (default "127.0.0.1") */
@@ -989,6 +1005,12 @@ typedef struct clipdb_server_options {
     const char *upload_dir;  /* where uploaded images are kept (default: the
                              ** database path + ".uploads") */
     const char *cors_origin; /* NULL (default): no CORS headers at all */
+    unsigned long long max_image_pixels; /* the largest uploaded image, in
+                             ** pixels (a query or an item added): larger
+                             ** ones get 413 before they are decoded. Default
+                             ** CLIPDB_SERVER_MAX_IMAGE_PIXELS; at most
+                             ** CLIPDB_MAX_IMAGE_PIXELS. Stored items are not
+                             ** limited (their thumbnails). */
     /* One line per request ("GET /api/stats 200 0.4ms"), from the worker
     ** threads (the callee serialises if it must). May be NULL. */
     void (*on_log)(void *arg, const char *line);

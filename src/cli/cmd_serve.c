@@ -16,7 +16,7 @@
 const char cli_serve_help[] =
     "usage: clipdb serve DB [--bind ADDR] [--port N] [--token T | --token-env VAR]\n"
     "                       [--read-only] [--threads N] [--model DIR] [--cors ORIGIN]\n"
-    "                       [--quiet]\n"
+    "                       [--max-image-pixels N] [--quiet]\n"
     "\n"
     "Serves the database over HTTP: the web page at / (search by text, image upload\n"
     "or a stored item; the four tools text->image, image->text, image->image,\n"
@@ -39,6 +39,13 @@ const char cli_serve_help[] =
     CLI_STR(CLIPDB_SERVER_MAX_THREADS) ")\n"
     "  --model DIR     model directory (default: the recorded one)\n"
     "  --cors ORIGIN   send CORS headers allowing ORIGIN (default: none)\n"
+    "  --max-image-pixels N\n"
+    "                  the largest uploaded image (a query or an item added), in\n"
+    "                  pixels as the file declares them: larger ones get 413\n"
+    "                  before they are decoded, since a 1 KB file may declare a\n"
+    "                  500 MB image (default " CLI_STR(CLIPDB_SERVER_MAX_IMAGE_PIXELS) ", 8000 x 8000;\n"
+    "                  at most 178956970, the library's limit; stored items are\n"
+    "                  not limited)\n"
     "  --quiet         no per-request log lines\n"
     "\n"
     "examples:\n"
@@ -105,6 +112,11 @@ int cli_cmd_serve(int argc, char **argv)
             opt.readonly = 1;
         } else if (!strcmp(s, "--model") && has) {
             opt.model_dir = argv[++a];
+        } else if (!strcmp(s, "--max-image-pixels") && has) {
+            if ((rc = cli_parse_int("serve", s, argv[++a], 1, CLIPDB_MAX_IMAGE_PIXELS, &v)) !=
+                CLI_OK)
+                return rc;
+            opt.max_image_pixels = (unsigned long long)v;
         } else if (!strcmp(s, "--cors") && has) {
             opt.cors_origin = argv[++a];
         } else if (!strcmp(s, "--quiet")) {

@@ -32,6 +32,7 @@ struct clipdb_ctx {
     cdb_tok_cache *tok_cache;
     struct cdb_img_scratch *img;
     int truncate;                      /* clipdb_ctx_set_truncate */
+    unsigned long long max_image_pixels; /* clipdb_ctx_set_max_image_pixels; 0: the default */
 };
 
 int clipdb_ctx_new(clipdb_ctx **out, clipdb_model *m)
@@ -127,6 +128,17 @@ int clipdb_ctx_set_truncate(clipdb_ctx *c, int on)
 
 /* ---- images ------------------------------------------------------------------ */
 
+int clipdb_ctx_set_max_image_pixels(clipdb_ctx *c, unsigned long long n)
+{
+    if (!c) return CLIPDB_EINVAL;
+    if (n > CLIPDB_MAX_IMAGE_PIXELS)
+        return cdb_err_set(&c->err, CLIPDB_EINVAL,
+                           "image pixel limit %llu is above the largest, %u (CLIPDB_MAX_IMAGE_PIXELS)",
+                           n, CLIPDB_MAX_IMAGE_PIXELS);
+    c->max_image_pixels = n;
+    return CLIPDB_OK;
+}
+
 static int image_load(clipdb_ctx *c, const char *path, const void *data, size_t len,
                       float *pixels)
 {
@@ -137,7 +149,8 @@ static int image_load(clipdb_ctx *c, const char *path, const void *data, size_t 
         return cdb_err_set(&c->err, CLIPDB_EINVAL, "image load: missing argument");
     size = c->m->vision.image_size;
     if (size < 1) return cdb_err_set(&c->err, CLIPDB_EINVAL, "model has no vision tower");
-    return cdb_image_load_with(&c->img, path, data, len, size, pixels, &c->err);
+    return cdb_image_load_with(&c->img, path, data, len, size, c->max_image_pixels, pixels,
+                               &c->err);
 }
 
 int clipdb_image_load(clipdb_ctx *c, const char *path, float *pixels)

@@ -62,18 +62,26 @@ void cdb_rgb_free(cdb_rgb *img)
     img->w = img->h = 0;
 }
 
-/* Checks w x h against the limits before anything is allocated and sizes
-** (h, w, 3) in *bytes. */
-static int check_size(long long w, long long h, size_t *bytes, cdb_err *e)
+/* The pixel limit that applies to out: its max_pixels when set and lower
+** than the build's CDB_IMAGE_MAX_PIXELS, else that. */
+static unsigned long long pixel_limit(const cdb_rgb *out)
 {
+    const unsigned long long hard = CDB_IMAGE_MAX_PIXELS;
+    return out->max_pixels && out->max_pixels < hard ? out->max_pixels : hard;
+}
+
+/* Checks w x h against the limits (out's, see pixel_limit) before anything
+** is allocated and sizes (h, w, 3) in *bytes. */
+static int check_size(const cdb_rgb *out, long long w, long long h, size_t *bytes, cdb_err *e)
+{
+    const unsigned long long limit = pixel_limit(out);
     size_t n;
     if (w <= 0 || h <= 0)
         return cdb_err_set(e, CLIPDB_EFORMAT, "image has an empty size (%lldx%lld)", w, h);
-    if (w > CLIPDB_MAX_IMAGE_SIDE || h > CLIPDB_MAX_IMAGE_SIDE ||
-        (unsigned long long)w * (unsigned long long)h > CDB_IMAGE_MAX_PIXELS)
+    if (w > CLIPDB_MAX_IMAGE_SIDE || h > CLIPDB_MAX_IMAGE_SIDE || (unsigned long long)w * (unsigned long long)h > limit)
         return cdb_err_set(e, CLIPDB_ELIMIT,
-                           "image is %lldx%lld; the limit is %d pixels a side and %u pixels in all",
-                           w, h, CLIPDB_MAX_IMAGE_SIDE, (unsigned)CDB_IMAGE_MAX_PIXELS);
+                           "image is %lldx%lld; the limit is %d pixels a side and %llu pixels in all",
+                           w, h, CLIPDB_MAX_IMAGE_SIDE, limit);
     if (!cdb_mul_ok((size_t)w, (size_t)h, &n) || !cdb_mul_ok(n, 3, &n))
         return cdb_err_set(e, CLIPDB_ELIMIT, "image is %lldx%lld: too large", w, h);
     *bytes = n;
@@ -84,7 +92,7 @@ static int check_size(long long w, long long h, size_t *bytes, cdb_err *e)
 static int rgb_alloc(cdb_rgb *out, int w, int h, cdb_err *e)
 {
     size_t n;
-    int rc = check_size(w, h, &n, e);
+    int rc = check_size(out, w, h, &n, e);
     if (rc != CLIPDB_OK) return rc;
     if (grow((void **)&out->px, &out->cap, n) != CLIPDB_OK)
         return cdb_err_set(e, CLIPDB_ENOMEM, "out of memory for a %dx%d image", w, h);
@@ -280,7 +288,7 @@ static int jpeg_run(struct jpeg_job *j, const uint8_t *data, size_t len, int tar
 
     {
         size_t unused;
-        rc = check_size(j->ci.image_width, j->ci.image_height, &unused, e);
+        rc = check_size(out, j->ci.image_width, j->ci.image_height, &unused, e);
         if (rc != CLIPDB_OK) return rc;
     }
     /* PIL keeps the first APP1 Exif segment. */
@@ -445,7 +453,7 @@ static int decode_png(const uint8_t *data, size_t len, cdb_rgb *out, cdb_err *e)
     size_t unused;
     /* The IHDR is the first chunk: check the size before libpng allocates. */
     if (len >= 24 && !memcmp(data + 12, "IHDR", 4)) {
-        rc = check_size(rd32(data + 16, 1), rd32(data + 20, 1), &unused, e);
+        rc = check_size(out, rd32(data + 16, 1), rd32(data + 20, 1), &unused, e);
         if (rc != CLIPDB_OK) return rc;
     }
     j = calloc(1, sizeof *j);
@@ -539,7 +547,7 @@ static int decode_bmp(const uint8_t *data, size_t len, cdb_rgb *out, cdb_err *e)
     if (len > INT_MAX) return cdb_err_set(e, CLIPDB_ELIMIT, "BMP file too large");
     if (!stbi_info_from_memory(data, (int)len, &w, &h, &comp))
         return cdb_err_set(e, CLIPDB_EFORMAT, "corrupt BMP data: %s", stbi_failure_reason());
-    rc = check_size(w, h, &unused, e);
+    rc = check_size(out, w, h, &unused, e);
     if (rc != CLIPDB_OK) return rc;
     rc = bmp_check_length(data, len, w, h, e);
     if (rc != CLIPDB_OK) return rc;
@@ -612,7 +620,7 @@ static int gif_run(GifFileType *g, cdb_rgb *out, uint8_t **canvas, cdb_err *e)
             return cdb_err_set(e, CLIPDB_EFORMAT, "corrupt GIF data: bad frame extent");
         if ((long)d->Left + d->Width > W) W = (long)d->Left + d->Width;
         if ((long)d->Top + d->Height > H) H = (long)d->Top + d->Height;
-        rc = check_size(W, H, &unused, e);
+        rc = check_size(out, W, H, &unused, e);
         if (rc != CLIPDB_OK) return rc;
         n = W * H;
         *canvas = malloc((size_t)n);
@@ -1006,10 +1014,12 @@ int cdb_image_preprocess(const cdb_rgb *img, int size, float *out)
 }
 
 int cdb_image_load_with(struct cdb_img_scratch **scratch, const char *path, const void *data,
-                        size_t len, int size, float *pixels, cdb_err *e)
+                        size_t len, int size, unsigned long long max_pixels, float *pixels,
+                        cdb_err *e)
 {
     int rc;
     if (scratch_get(scratch)) return cdb_err_set(e, CLIPDB_ENOMEM, "out of memory");
+    (*scratch)->rgb.max_pixels = max_pixels;
     if (path) rc = cdb_image_decode_file(path, size, &(*scratch)->rgb, e);
     else rc = cdb_image_decode_memory(data, len, size, &(*scratch)->rgb, e);
     if (rc != CLIPDB_OK) return rc;

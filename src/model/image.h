@@ -53,6 +53,11 @@ typedef struct cdb_rgb {
     ** it to the first (partial_left, partial_top). */
     int full_w, full_h, dct_num;
     int partial_left, partial_top;
+    /* Set by the caller, kept by the decoders: images of more than this many
+    ** pixels (w * h as declared, whatever the format) are refused with
+    ** CLIPDB_ELIMIT before anything is allocated. 0, or a value above
+    ** CDB_IMAGE_MAX_PIXELS: CDB_IMAGE_MAX_PIXELS. */
+    unsigned long long max_pixels;
 } cdb_rgb;
 
 void cdb_rgb_free(cdb_rgb *img);
@@ -85,10 +90,12 @@ int cdb_image_preprocess_with(struct cdb_img_scratch **scratch,
 
 /* Decodes the file at path (or, when path is NULL, len bytes at data) into
 ** the scratch's own cdb_rgb and preprocesses it into pixels (3, size, size),
-** as cdb_image_decode_* then cdb_image_preprocess_with. The decoder's status
-** code is returned unchanged; a file's messages start with its path. */
+** as cdb_image_decode_* then cdb_image_preprocess_with. max_pixels is the
+** cdb_rgb's max_pixels for this image (0: the build's limit). The decoder's
+** status code is returned unchanged; a file's messages start with its path. */
 int cdb_image_load_with(struct cdb_img_scratch **scratch, const char *path, const void *data,
-                        size_t len, int size, float *pixels, cdb_err *e);
+                        size_t len, int size, unsigned long long max_pixels, float *pixels,
+                        cdb_err *e);
 
 /* Training augmentation: the box (x, y, w, h) of img (decoded at full size,
 ** not DCT-scaled) cropped, resized to (size, size) with Pillow's antialiased

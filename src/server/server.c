@@ -423,6 +423,7 @@ static int h_stats(hreq *r)
     cJSON_AddBoolToObject(o, "writable", !r->s->opt.readonly && r->s->token);
     cJSON_AddNumberToObject(o, "max_k", CDB_HTTP_MAX_K);
     cJSON_AddNumberToObject(o, "max_upload_bytes", CDB_HTTP_MAX_UPLOAD);
+    cJSON_AddNumberToObject(o, "max_image_pixels", (double)r->s->opt.max_image_pixels);
     cJSON_AddBoolToObject(o, "eval", 1);
     clipdb_db_stats_free(&st);
     reply_json(r, 200, o);
@@ -919,10 +920,18 @@ static int h_item_add(hreq *r)
             goto cleanup;
         }
         mime = image_mime(file->data, file->len);
-        /* refuse what does not decode before anything is written */
-        if (!mime || clipdb_image_load_memory(r->sl->ctx, file->data, file->len,
-                                              r->sl->pixels) != CLIPDB_OK) {
-            st = reply_error(r, 422, "the upload is not a readable image%s%s",
+        /* refuse what does not decode before anything is written; the slot's
+        ** ctx has the upload limit only for this check (stored items'
+        ** thumbnails are not limited) */
+        rc = CLIPDB_EFORMAT;
+        if (mime) {
+            clipdb_ctx_set_max_image_pixels(r->sl->ctx, r->s->opt.max_image_pixels);
+            rc = clipdb_image_load_memory(r->sl->ctx, file->data, file->len, r->sl->pixels);
+            clipdb_ctx_set_max_image_pixels(r->sl->ctx, 0);
+        }
+        if (!mime || rc != CLIPDB_OK) {
+            int code = mime && clipdb_ctx_errcode(r->sl->ctx) == CLIPDB_ELIMIT ? 413 : 422;
+            st = reply_error(r, code, "the upload is not a readable image%s%s",
                              mime ? ": " : " (JPEG, PNG, WebP, GIF or BMP)",
                              mime ? clipdb_ctx_errmsg(r->sl->ctx) : "");
             goto cleanup;
@@ -1471,6 +1480,7 @@ void clipdb_server_options_init(clipdb_server_options *opt)
     opt->bind = "127.0.0.1";
     opt->port = 8080;
     opt->threads = 4;
+    opt->max_image_pixels = CLIPDB_SERVER_MAX_IMAGE_PIXELS;
 }
 
 int clipdb_server_start(clipdb_server **out, const char *db_path, const clipdb_server_options *opt)
@@ -1535,6 +1545,7 @@ int clipdb_server_start(clipdb_server **out, const char *db_path, const clipdb_s
         dopt.readonly = opt->readonly;
         dopt.model_dir = opt->model_dir;
         dopt.model = s->model;
+        dopt.max_image_pixels = opt->max_image_pixels; /* image queries */
         rc = clipdb_db_open(&sl->db, db_path, &dopt);
         if (rc == CLIPDB_OK && i == 0) {
             rc = clipdb_db_model(sl->db, &s->model);

@@ -530,6 +530,11 @@ int clipdb_db_open(clipdb_db **out, const char *path, const clipdb_db_options *o
         return cdb_err_set(&db->err, CLIPDB_EFORMAT, "%s: not a clipdb database (not a file)",
                            path);
     db->readonly = opt->readonly;
+    if (opt->max_image_pixels > CLIPDB_MAX_IMAGE_PIXELS)
+        return cdb_err_set(&db->err, CLIPDB_EINVAL,
+                           "image pixel limit %llu is above the largest, %u (CLIPDB_MAX_IMAGE_PIXELS)",
+                           opt->max_image_pixels, CLIPDB_MAX_IMAGE_PIXELS);
+    db->max_image_pixels = opt->max_image_pixels;
     if ((rc = check_file_size(db, &sb)) != CLIPDB_OK) return rc;
     if (opt->model_dir && !(db->model_dir_opt = cdb_strdup(opt->model_dir)))
         return cdb_err_set(&db->err, CLIPDB_ENOMEM, "out of memory");
@@ -641,6 +646,7 @@ int clipdb_db_model(clipdb_db *db, clipdb_model **out)
         /* Captions and queries longer than the context are cut as CLIP's
         ** truncate=True does, rather than refused. */
         clipdb_ctx_set_truncate(db->ctx, 1);
+        clipdb_ctx_set_max_image_pixels(db->ctx, db->max_image_pixels); /* checked at open */
     }
     *out = db->model;
 cleanup:

@@ -272,6 +272,7 @@ typedef struct pool {
     size_t consumed;    /* files released by the consumer */
     int stop;
     clipdb_model *model;
+    unsigned long long max_image_pixels; /* the handle's (clipdb_db_options) */
 } pool;
 
 static const known *find_known(const pool *p, const char *abspath)
@@ -332,6 +333,7 @@ static void *decode_main(void *arg)
     pool *p = arg;
     clipdb_ctx *ctx = NULL;
     int ctx_rc = clipdb_ctx_new(&ctx, p->model);
+    if (ctx_rc == CLIPDB_OK) clipdb_ctx_set_max_image_pixels(ctx, p->max_image_pixels);
     for (;;) {
         size_t i;
         slot *s;
@@ -711,6 +713,7 @@ static int add_images(ingest *g, cdb_captions *caps)
     p.k = k;
     p.n_known = n_known;
     p.model = g->model;
+    p.max_image_pixels = db->max_image_pixels;
     p.window = (size_t)(2 * g->batch > 4 * n_threads ? 2 * g->batch : 4 * n_threads);
     p.slots = cdb_calloc_array(p.window, sizeof *p.slots);
     threads = cdb_calloc_array((size_t)n_threads, sizeof *threads);

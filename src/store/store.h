@@ -109,6 +109,8 @@ struct clipdb_db {
     clipdb_model *model_opt;  /* given at open (borrowed), or NULL */
     int model_shared;      /* model is model_opt: not closed with the handle */
     clipdb_ctx *ctx;       /* the handle's encoding context, owned */
+    unsigned long long max_image_pixels; /* clipdb_db_options; set on every
+                           ** ctx the handle makes (0: the default) */
     int64_t local_changes; /* bumped by every write through this handle */
     cdb_vecset sets[CDB_N_SETS]; /* the vector sets, by item type */
     cdb_vset **vsets;      /* named sets looked up so far (vsets.c) */

@@ -382,6 +382,7 @@ int cdb_vset_ctx(clipdb_db *db, cdb_vset *v, clipdb_ctx **ctx)
             return rc;
         }
         clipdb_ctx_set_truncate(v->ctx, 1); /* as the base set's queries */
+        clipdb_ctx_set_max_image_pixels(v->ctx, db->max_image_pixels);
     }
     *ctx = v->ctx;
     return CLIPDB_OK;
@@ -801,6 +802,7 @@ int clipdb_db_reembed(clipdb_db *db, const clipdb_reembed_options *opt,
         goto cleanup;
     }
     clipdb_ctx_set_truncate(ctx, 1); /* captions longer than the context: cut, as add does */
+    clipdb_ctx_set_max_image_pixels(ctx, db->max_image_pixels);
     absdir = realpath(o.model_dir, NULL);
     if ((rc = ensure_set(db, o.name, absdir ? absdir : o.model_dir, identity, info.embed_dim, prec,
                          &sid, &res->created)) != CLIPDB_OK)

@@ -320,6 +320,56 @@ def test_add_and_delete(start_server, db_copy, base_db):
     assert (stats["images"], stats["captions"], stats["texts"]) == (6, 12, 12)
 
 
+def png_bytes(w, h):
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (30, 140, 60)).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def gif_declaring(w, h):
+    """A 1 x 1 GIF whose logical screen claims w x h pixels: 799 bytes that a
+    decoder without a limit turns into w * h * 3 bytes of canvas."""
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new("P", (1, 1)).save(buf, "GIF")
+    b = bytearray(buf.getvalue())
+    b[6:10] = w.to_bytes(2, "little") + h.to_bytes(2, "little")
+    return bytes(b)
+
+
+def test_upload_pixel_limit(start_server, db_copy):
+    """--max-image-pixels: an upload (query or item) of more pixels gets 413
+    and nothing is stored; one of exactly the limit is served; stored items
+    are not limited; the default server refuses a small GIF declaring
+    13000 x 13000 (169 MP) at once."""
+    s = start_server(db_copy, "--token", TOKEN, "--max-image-pixels", "4800")
+    st, stats = s.json("GET", "/api/stats")
+    assert st == 200 and stats["max_image_pixels"] == 4800
+    before = stats["images"]
+    st, res = s.form("/api/search", [("k", "3")], [("image", "big.png", png_bytes(81, 60))])
+    assert st == 413 and "81x60" in res["error"] and "4800 pixels in all" in res["error"], res
+    st, res = s.form("/api/search", [("k", "3")], [("image", "ok.png", png_bytes(80, 60))])
+    assert st == 200 and len(res["results"]) == 3, res
+    st, res = s.form("/api/items", [("caption", "too big")], [("image", "big.png", png_bytes(81, 60))], AUTH)
+    assert st == 413 and "4800 pixels in all" in res["error"], res
+    assert s.json("GET", "/api/stats")[1]["images"] == before
+    st, res = s.form("/api/items", [("caption", "fits")], [("image", "ok.png", png_bytes(80, 60))], AUTH)
+    assert st == 201, res
+    # stored photos (generated larger than the limit) keep their thumbnails
+    st, res = s.json("POST", "/api/search", {"text": "x", "k": 1})
+    assert s.request("GET", f"/api/items/{res['results'][0]['id']}/thumb")[0] == 200
+    d = start_server(db_copy)
+    assert d.json("GET", "/api/stats")[1]["max_image_pixels"] == 64000000
+    bomb = gif_declaring(13000, 13000)
+    assert len(bomb) < 1024
+    st, res = d.form("/api/search", [("k", "1")], [("image", "bomb.gif", bomb)])
+    assert st == 413 and "13000x13000" in res["error"], res
+    for bad in ("0", "178956971", "x"):
+        p = run("serve", db_copy, "--max-image-pixels", bad)
+        assert p.returncode == 2 and "--max-image-pixels" in p.stderr, (bad, p.stderr)
+
+
 def test_cors_only_when_asked(start_server, db_copy):
     s = start_server(db_copy, "--cors", "http://example.test")
     st, hd, b = s.request("GET", "/api/stats")

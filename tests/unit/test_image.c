@@ -12,6 +12,7 @@
 
 #include "model/image.h"
 #include "model/model.h"
+#include "models.h"
 #include "test.h"
 
 /* ---- fixtures ---------------------------------------------------------- */
@@ -257,6 +258,50 @@ static size_t make_bmp24(uint8_t *b, size_t cap, int w, int h)
     return n;
 }
 
+/* The pixel limit of a decode (cdb_rgb.max_pixels through
+** cdb_image_load_with) and of a ctx (clipdb_ctx_set_max_image_pixels): an
+** image of exactly the limit decodes, one pixel more is CLIPDB_ELIMIT; a
+** limit above the library's is refused and leaves the old one. */
+TEST(image_pixel_limit_per_decode_and_per_ctx)
+{
+    static uint8_t b[54 + 40 * 3 * 30];
+    size_t n = make_bmp24(b, sizeof b, 40, 30); /* 1,200 pixels */
+    struct cdb_img_scratch *s = NULL;
+    float px[3 * 8 * 8], *pix = NULL;
+    cdb_err e;
+    const char *dir = test_tiny_clip_model();
+    clipdb_model *m = NULL;
+    clipdb_ctx *c = NULL;
+    REQUIRE(n == sizeof b);
+    CHECK(cdb_image_load_with(&s, NULL, b, n, 8, 1199, px, &e) == CLIPDB_ELIMIT);
+    CHECK(strstr(e.msg, "40x30") && strstr(e.msg, "1199 pixels in all"));
+    CHECK(cdb_image_load_with(&s, NULL, b, n, 8, 1200, px, &e) == CLIPDB_OK);
+    CHECK(cdb_image_load_with(&s, NULL, b, n, 8, 0, px, &e) == CLIPDB_OK); /* 0: the default */
+    cdb_img_scratch_free(s);
+    CHECK(clipdb_ctx_set_max_image_pixels(NULL, 5) == CLIPDB_EINVAL);
+    if (!dir) SKIP("../shared (the tokenizer) absent: the ctx half");
+    REQUIRE(clipdb_model_open(&m, dir) == CLIPDB_OK);
+    REQUIRE(clipdb_ctx_new(&c, m) == CLIPDB_OK);
+    pix = malloc(clipdb_image_floats(m) * sizeof *pix);
+    REQUIRE(pix);
+    CHECK(clipdb_image_load_memory(c, b, n, pix) == CLIPDB_OK);
+    CHECK(clipdb_ctx_set_max_image_pixels(c, 1199) == CLIPDB_OK);
+    CHECK(clipdb_image_load_memory(c, b, n, pix) == CLIPDB_ELIMIT);
+    CHECK(strstr(clipdb_ctx_errmsg(c), "1199 pixels in all") != NULL);
+    CHECK(clipdb_ctx_set_max_image_pixels(c, 1200) == CLIPDB_OK);
+    CHECK(clipdb_image_load_memory(c, b, n, pix) == CLIPDB_OK);
+    CHECK(clipdb_ctx_set_max_image_pixels(c, 1199) == CLIPDB_OK);
+    CHECK(clipdb_ctx_set_max_image_pixels(c, (unsigned long long)CLIPDB_MAX_IMAGE_PIXELS + 1) ==
+          CLIPDB_EINVAL);
+    CHECK(strstr(clipdb_ctx_errmsg(c), "above the largest") != NULL);
+    CHECK(clipdb_image_load_memory(c, b, n, pix) == CLIPDB_ELIMIT); /* 1199 still */
+    CHECK(clipdb_ctx_set_max_image_pixels(c, 0) == CLIPDB_OK);
+    CHECK(clipdb_image_load_memory(c, b, n, pix) == CLIPDB_OK);
+    free(pix);
+    clipdb_ctx_free(c);
+    clipdb_model_close(m);
+}
+
 TEST(image_truncated_bmp_is_an_error_not_black_pixels)
 {
     uint8_t b[256];
@@ -450,14 +495,14 @@ TEST(image_load_with_reuses_scratch_and_names_path)
     REQUIRE(jpg && a && b);
     snprintf(path, sizeof path, "%s/ctx.jpg", test_tmpdir());
     write_bytes(path, jpg, len);
-    CHECK(cdb_image_load_with(&s, path, NULL, 0, 224, a, &e) == CLIPDB_OK);
+    CHECK(cdb_image_load_with(&s, path, NULL, 0, 224, 0, a, &e) == CLIPDB_OK);
     CHECK(s != NULL);
-    CHECK(cdb_image_load_with(&s, NULL, jpg, len, 224, b, &e) == CLIPDB_OK);
+    CHECK(cdb_image_load_with(&s, NULL, jpg, len, 224, 0, b, &e) == CLIPDB_OK);
     CHECK(!memcmp(a, b, 3 * 224 * 224 * sizeof *a));
     snprintf(path, sizeof path, "%s/absent.jpg", test_tmpdir());
-    CHECK(cdb_image_load_with(&s, path, NULL, 0, 224, a, &e) == CLIPDB_ENOTFOUND);
+    CHECK(cdb_image_load_with(&s, path, NULL, 0, 224, 0, a, &e) == CLIPDB_ENOTFOUND);
     CHECK(strstr(e.msg, path) == e.msg);
-    CHECK(cdb_image_load_with(&s, NULL, jpg, len / 3, 224, a, &e) == CLIPDB_EFORMAT);
+    CHECK(cdb_image_load_with(&s, NULL, jpg, len / 3, 224, 0, a, &e) == CLIPDB_EFORMAT);
     CHECK(strstr(e.msg, "corrupt JPEG data") != NULL);
     cdb_img_scratch_free(s);
     free(jpg);

@@ -199,6 +199,19 @@ TEST(store_refuses_other_files_and_newer_versions)
     CHECK(cdb_db_create_raw(&db, path, "clip-test-1", D, NULL) == CLIPDB_EINVAL);
     CHECK(strstr(clipdb_db_errmsg(db), "already exists") != NULL);
     clipdb_db_close(db);
+
+    /* an image limit above the library's */
+    {
+        clipdb_db_options o;
+        clipdb_db_options_init(&o);
+        o.max_image_pixels = (unsigned long long)CLIPDB_MAX_IMAGE_PIXELS + 1;
+        db_path(path, sizeof path, "limit.db");
+        REQUIRE(cdb_db_create_raw(&db, path, "clip-test-1", D, NULL) == CLIPDB_OK);
+        clipdb_db_close(db);
+        CHECK(clipdb_db_open(&db, path, &o) == CLIPDB_EINVAL);
+        CHECK(strstr(clipdb_db_errmsg(db), "above the largest") != NULL);
+        clipdb_db_close(db);
+    }
 }
 
 TEST(store_rm_deletes_captions_and_is_atomic)

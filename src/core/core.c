@@ -318,6 +318,18 @@ float cdb_norm(const float *x, size_t d)
     return (float)sqrt(s);
 }
 
+long cdb_json_nul_escape(const char *text, size_t len)
+{
+    size_t i;
+    for (i = 0; i + 1 < len; i++) {
+        if (text[i] != '\\') continue;
+        if (text[i + 1] == 'u' && i + 5 < len && !memcmp(text + i + 2, "0000", 4))
+            return (long)i;
+        i++; /* the escaped character: "\\" is one backslash */
+    }
+    return -1;
+}
+
 int cdb_make_dirs(const char *dir, cdb_err *e)
 {
     int rc = CLIPDB_OK;

@@ -97,6 +97,13 @@ int cdb_reserve(void **buf, size_t *cap, size_t n, size_t size);
 ** stored vectors and queries alike. */
 float cdb_norm(const float *x, size_t d);
 
+/* The byte offset in text[0, len) of the first JSON escape of a NUL
+** (backslash u0000), or -1. cJSON decodes it into
+** a C string that then ends there, so a name, token or caption would be
+** silently cut: the parsers of outside JSON refuse it. Escaped backslashes
+** are skipped, so a backslash escape followed by "u0000" is no NUL. */
+long cdb_json_nul_escape(const char *text, size_t len);
+
 /* ---- the worker pool (pool.c) ---------------------------------------- */
 /* One persistent pool of threads per process, sized to the machine (one
 ** worker per online CPU but one; the caller is the last), at most

@@ -188,6 +188,15 @@ int cdb_st_parse(const uint8_t *buf, size_t len, cdb_safetensors **out, cdb_err 
     }
     memcpy(text, buf + 8, (size_t)hlen);
     text[hlen] = '\0';
+    {
+        long nul = cdb_json_nul_escape(text, (size_t)hlen);
+        if (nul >= 0) {
+            rc = cdb_err_set(e, CLIPDB_EFORMAT,
+                             "header has an escaped NUL (\\u0000) at byte %ld: names and "
+                             "strings may not contain NUL", nul);
+            goto cleanup;
+        }
+    }
     root = cJSON_ParseWithOpts(text, &end, 0);
     if (!root) {
         rc = cdb_err_set(e, CLIPDB_EFORMAT, "header is not valid JSON (error near byte %td)",

@@ -619,6 +619,14 @@ static int load_hf(const char *vpath, const char *mpath, cdb_tokenizer *t, cdb_e
     memset(&map, 0, sizeof map);
     rc = cdb_read_file(vpath, TOK_MAX_TEXT_BYTES, &vtext, &vlen, e);
     if (rc != CLIPDB_OK) goto cleanup;
+    {
+        long nul = cdb_json_nul_escape(vtext, vlen);
+        if (nul >= 0) {
+            rc = cdb_err_set(e, CLIPDB_EFORMAT, "%s:%zu: a symbol with an escaped NUL (\\u0000)",
+                             vpath, line_of(vtext, (size_t)nul));
+            goto cleanup;
+        }
+    }
     root = cJSON_ParseWithLengthOpts(vtext, vlen, &parse_end, 0);
     if (!root) {
         size_t off = parse_end && parse_end >= vtext ? (size_t)(parse_end - vtext) : 0;

@@ -535,21 +535,16 @@ cleanup:
 /* ---- entry points ------------------------------------------------------------ */
 
 /* The line (from 1) of the first \u0000 escape in JSON text s (n bytes),
-** or 0. cJSON decodes it to a NUL byte inside its C strings, which would
-** cut a caption, an image name or a metadata value short without a word;
-** so such a file is refused, naming the line. */
+** or 0 (cdb_json_nul_escape). cJSON decodes it to a NUL byte inside its C
+** strings, which would cut a caption, an image name or a metadata value
+** short without a word; so such a file is refused, naming the line. */
 static size_t json_nul_escape_line(const char *s, size_t n)
 {
+    long at = cdb_json_nul_escape(s, n);
     size_t i, line = 1;
-    for (i = 0; i < n; i++) {
-        if (s[i] == '\n') {
-            line++;
-        } else if (s[i] == '\\' && i + 1 < n) {
-            if (s[i + 1] == 'u' && n - i >= 6 && !memcmp(s + i + 2, "0000", 4)) return line;
-            i++; /* the escaped character: \\ does not escape what follows it */
-        }
-    }
-    return 0;
+    if (at < 0) return 0;
+    for (i = 0; i < (size_t)at; i++) line += s[i] == '\n';
+    return line;
 }
 
 int cdb_captions_parse(const char *data, size_t len, const char *name, cdb_captions **out,

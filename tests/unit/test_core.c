@@ -44,6 +44,32 @@ TEST(core_read_file_reports_missing_and_limit)
 
 /* cdb_grow keeps the elements and doubles from 16; an overflowing request
 ** fails and leaves the array as it was. */
+/* The escaped-NUL finder of the JSON parsers: offsets, an escaped
+** backslash before "u0000", a cut-off escape at the end. */
+TEST(core_json_nul_escape)
+{
+    static const struct {
+        const char *s;
+        long want;
+    } cases[] = {
+        {"{\"a\": \"b\"}", -1},
+        {"{\"a\\u0000\": 1}", 3},
+        {"\\u0000", 0},
+        {"\"\\\\u0000\"", -1},        /* "\\u0000": a backslash, then text */
+        {"\"\\\\\\u0000\"", 3},       /* "\\\u0000": a backslash, then NUL */
+        {"\"\\u0001\\u00000\"", 7},   /* the second escape */
+        {"\"\\u000\"", -1},
+        {"x\\u000", -1},             /* cut off */
+        {"\\", -1},
+        {"", -1},
+    };
+    size_t i;
+    for (i = 0; i < sizeof cases / sizeof *cases; i++)
+        CHECK(cdb_json_nul_escape(cases[i].s, strlen(cases[i].s)) == cases[i].want);
+    /* only the bytes given count */
+    CHECK(cdb_json_nul_escape("ab\\u0000", 7) == -1);
+}
+
 TEST(core_grow_keeps_contents_and_refuses_overflow)
 {
     int *v = NULL;

@@ -145,6 +145,10 @@ TEST(st_rejects_bad_json)
     CHECK_BAD("[1,2]", 0, "not a JSON object");
     CHECK_BAD("\"str\"", 0, "not a JSON object");
     CHECK_BAD("{} x", 0, "after the JSON object");
+    /* an escaped NUL would cut the name: "w\u0000x" would load as "w" */
+    CHECK_BAD("{\"w\\u0000x\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}}", 4,
+              "escaped NUL (\\u0000) at byte 3");
+    CHECK_BAD("{\"__metadata__\":{\"a\":\"\\u0000\"}}", 0, "escaped NUL");
 }
 
 TEST(st_rejects_embedded_nul_in_header)

@@ -262,6 +262,13 @@ TEST(tok_bad_vocab_files)
     CHECK(cdb_tok_load_dir(d, &t, &e) == CLIPDB_EFORMAT && !t);
     CHECK(strstr(e.msg, "vocab.json:3: not valid JSON") != NULL);
 
+    /* "a\u0000b" would be read as the symbol "a" */
+    REQUIRE((d = subdir("hf_nulescape")) != NULL);
+    REQUIRE(write_file(d, "vocab.json", "{\n\"a\": 1,\n\"a\\u0000b\": 2}", 24));
+    REQUIRE(write_file(d, "merges.txt", "#version: 0.2\na b\n", 18));
+    CHECK(cdb_tok_load_dir(d, &t, &e) == CLIPDB_EFORMAT && !t);
+    CHECK(strstr(e.msg, "vocab.json:3: a symbol with an escaped NUL") != NULL);
+
     REQUIRE((d = subdir("hf_badid")) != NULL);
     REQUIRE(write_file(d, "vocab.json", "{\"a\": \"x\"}", 10));
     REQUIRE(write_file(d, "merges.txt", "#version: 0.2\na b\n", 18));

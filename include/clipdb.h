@@ -1201,6 +1201,10 @@ typedef struct clipdb_train_options {
     int warmup;              /* steps */
     const char *schedule;    /* "constant" or "cosine" */
     float clip_grad;         /* global gradient norm; <= 0 = off */
+    float label_smoothing;   /* in [0, 1): each direction's cross-entropy
+                             ** aims at 1 - E on the pair and E / n on each
+                             ** of the batch's n (torch's label_smoothing);
+                             ** default 0, the paper's loss */
     const char *train;       /* "all", "proj" or "last:N" (default "all") */
     uint64_t seed;           /* data order, caption choice, augmentation,
                              ** initialisation (default 0) */

@@ -73,8 +73,9 @@ def file_style(model_dir):
 
 
 class Trainable(torch.nn.Module):
-    def __init__(self, w_openai, logit_scale):
+    def __init__(self, w_openai, logit_scale, smoothing=0.0):
         super().__init__()
+        self.smoothing = smoothing
         self.clip = ref_clip.CLIP(w_openai)
         self.logit_scale = torch.nn.Parameter(torch.tensor(float(logit_scale)))
         self.clip.train()
@@ -90,8 +91,9 @@ class Trainable(torch.nn.Module):
         txt = txt / txt.norm(dim=-1, keepdim=True)
         logits = self.logit_scale.exp() * img @ txt.t()
         labels = torch.arange(len(ids))
-        return (torch.nn.functional.cross_entropy(logits, labels) +
-                torch.nn.functional.cross_entropy(logits.t(), labels)) / 2
+        ce = torch.nn.functional.cross_entropy
+        return (ce(logits, labels, label_smoothing=self.smoothing) +
+                ce(logits.t(), labels, label_smoothing=self.smoothing)) / 2
 
     def named(self):
         """{openai name: tensor} of the parameters (logit_scale included)."""
@@ -120,13 +122,14 @@ def to_style(d, style, w_file):
     return out
 
 
-def run(model_dir, pixels, ids, steps=1, lr=1e-3, wd=0.2, betas=(0.9, 0.999), eps=1e-8):
+def run(model_dir, pixels, ids, steps=1, lr=1e-3, wd=0.2, betas=(0.9, 0.999), eps=1e-8,
+        smoothing=0.0):
     """Returns (grads at the initial weights, params after one step, losses),
     the first two as {file name: array}."""
     torch.manual_seed(0)
     style, w_file = file_style(model_dir)
     w = ref_clip.to_openai_names(w_file)
-    m = Trainable(w, float(np.asarray(w_file["logit_scale"]).reshape(-1)[0]))
+    m = Trainable(w, float(np.asarray(w_file["logit_scale"]).reshape(-1)[0]), smoothing)
     named = m.named()
     decay = [p for n, p in named.items() if p.ndim >= 2 and n != "logit_scale"]
     rest = [p for n, p in named.items() if not (p.ndim >= 2 and n != "logit_scale")]

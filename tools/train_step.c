@@ -28,7 +28,7 @@ static int usage(void)
     fprintf(stderr,
             "usage: train_step MODEL_DIR BATCH.bin OUTDIR [--steps N] [--lr X] [--wd X]\n"
             "                  [--micro M] [--train all|proj|last:N] [--clip X] [--warmup N]\n"
-            "                  [--cosine TOTAL]\n"
+            "                  [--cosine TOTAL] [--smooth LABEL_SMOOTHING]\n"
             "  Runs the training engine on one batch: gradient, one AdamW step, N steps.\n");
     return 2;
 }
@@ -71,6 +71,8 @@ int main(int argc, char **argv)
         else if (!strcmp(argv[i], "--wd") && i + 1 < argc) o.wd = strtof(argv[++i], NULL);
         else if (!strcmp(argv[i], "--micro") && i + 1 < argc) o.micro_batch = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--clip") && i + 1 < argc) o.clip_grad = strtof(argv[++i], NULL);
+        else if (!strcmp(argv[i], "--smooth") && i + 1 < argc)
+            o.label_smoothing = strtof(argv[++i], NULL);
         else if (!strcmp(argv[i], "--warmup") && i + 1 < argc) o.warmup = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--cosine") && i + 1 < argc) {
             o.schedule = CDB_SCHED_COSINE;

@@ -27,6 +27,9 @@
     "  --warmup STEPS       linear warm-up steps (default 0)\n"                            \
     "  --schedule S         constant or cosine (decay to 0 at the last step)\n"            \
     "  --clip-grad NORM     clip the global gradient norm (default: off)\n"                \
+    "  --label-smoothing E  in [0, 1): each direction's cross-entropy aims at 1 - E\n"     \
+    "                       on the right pair and E / N on each of the batch's N\n"       \
+    "                       (torch's label_smoothing); default 0, the paper's loss\n"    \
     "  --train WHAT         all | proj (the two projections and the temperature) |\n"      \
     "                       last:N (the last N blocks of each tower, the final layer\n"    \
     "                       norms, projections and temperature); default all\n"            \
@@ -227,6 +230,10 @@ static int common_option(const char *cmd, int argc, char **argv, int *i,
     if (!strcmp(a, "--micro-batch")) {
         if (cli_parse_int(cmd, a, v, 0, 65536, &n)) return -1;
         return o->micro_batch = (int)n, TAKE;
+    }
+    if (!strcmp(a, "--label-smoothing")) {
+        if (cli_parse_double(cmd, a, v, 0, 0.999999, &d)) return -1;
+        return o->label_smoothing = (float)d, TAKE;
     }
     if (!strcmp(a, "--lr") || !strcmp(a, "--wd") || !strcmp(a, "--eps") ||
         !strcmp(a, "--clip-grad")) {

@@ -108,6 +108,9 @@ static int check_opts(const cdb_train_opts *o, cdb_err *e)
         return cdb_err_set(e, CLIPDB_EINVAL, "eps %g must be > 0", o->eps);
     if (!(o->wd >= 0.0f) || !isfinite(o->wd))
         return cdb_err_set(e, CLIPDB_EINVAL, "weight decay %g must be >= 0", o->wd);
+    if (!(o->label_smoothing >= 0.0f && o->label_smoothing < 1.0f))
+        return cdb_err_set(e, CLIPDB_EINVAL, "label smoothing %g must be in [0, 1)",
+                           o->label_smoothing);
     if (o->warmup < 0 || o->micro_batch < 0 || o->threads < 0 || !isfinite(o->clip_grad))
         return cdb_err_set(e, CLIPDB_EINVAL, "warm-up, micro-batch and threads must be >= 0");
     if (o->schedule != CDB_SCHED_CONSTANT && o->schedule != CDB_SCHED_COSINE)
@@ -457,12 +460,14 @@ static int text_bwd(cdb_trainer *t, const int32_t *const *ids, const int *lens, 
 ** unnormalised, with temperature exp(ls). *out gets the loss; dimg, dtxt (n, e)
 ** get its gradients, *dls that of ls. In double: n*n*e is small beside the towers.
 **   u = img/|img|, w = txt/|txt|, logits (n, n) = s u w^T, s = exp(ls)
-**   loss = (CE_rows(logits) + CE_cols(logits)) / 2, each a mean over n
-**   dlogits = (softmax_rows - I + softmax_cols - I) / (2n)
+**   loss = (CE_rows(logits) + CE_cols(logits)) / 2, each a mean over n,
+**          CE against the targets Q = (1 - smooth) I + smooth / n (smooth 0:
+**          the identity; torch's cross_entropy(label_smoothing=smooth))
+**   dlogits = (softmax_rows - Q + softmax_cols - Q) / (2n)
 **   du = s dlogits w, dw = s dlogits^T u, dls = sum(dlogits * logits)
 **   d img = (du - u (u . du)) / |img|  (same for txt) */
-static int clip_loss(const float *img, const float *txt, int n, int e, float ls, float *dimg,
-                     float *dtxt, double *dls, double *out)
+static int clip_loss(const float *img, const float *txt, int n, int e, float ls, double smooth,
+                     float *dimg, float *dtxt, double *dls, double *out)
 {
     double *u = NULL, *w = NULL, *lg = NULL, *dl = NULL, *nu = NULL, *nw = NULL, loss = 0.0;
     int rc = CLIPDB_OK;
@@ -501,11 +506,14 @@ static int clip_loss(const float *img, const float *txt, int n, int e, float ls,
             double mx = -INFINITY, z = 0.0;
 #define LG(a, b) (pass ? lg[(size_t)(b) * n + (a)] : lg[(size_t)(a) * n + (b)])
 #define DL(a, b) (*(pass ? &dl[(size_t)(b) * n + (a)] : &dl[(size_t)(a) * n + (b)]))
+            double sum = 0.0; /* of the row's logits: the smoothed target's share */
             for (j = 0; j < n; j++) mx = LG(i, j) > mx ? LG(i, j) : mx;
-            for (j = 0; j < n; j++) z += exp(LG(i, j) - mx);
-            loss += (log(z) + mx - LG(i, i)) / (2.0 * n);
+            for (j = 0; j < n; j++) z += exp(LG(i, j) - mx), sum += LG(i, j);
+            /* target q: 1 - smooth on the pair, smooth / n on every column */
+            loss += (log(z) + mx - (1.0 - smooth) * LG(i, i) - smooth / n * sum) / (2.0 * n);
             for (j = 0; j < n; j++)
-                DL(i, j) += (exp(LG(i, j) - mx) / z - (i == j)) / (2.0 * n);
+                DL(i, j) += (exp(LG(i, j) - mx) / z - (1.0 - smooth) * (i == j) - smooth / n) /
+                            (2.0 * n);
 #undef LG
 #undef DL
         }
@@ -592,7 +600,8 @@ int cdb_train_grad(cdb_trainer *t, const float *pixels, const int32_t *const *id
     /* pass 0 (micro-batches only): the embeddings of the whole batch */
     for (pass = mb < n ? 0 : 1; pass < 2; pass++) {
         if (pass == 1 && mb < n) {
-            if (clip_loss(img, txt, n, e, *t->ls, t->demb, t->demb + (size_t)n * e, &dls, &loss))
+            if (clip_loss(img, txt, n, e, *t->ls, t->o.label_smoothing, t->demb,
+                          t->demb + (size_t)n * e, &dls, &loss))
                 return cdb_err_set(&t->err, CLIPDB_ENOMEM, "out of memory (loss)");
         }
         for (i0 = 0; i0 < n; i0 += mb) {
@@ -603,8 +612,8 @@ int cdb_train_grad(cdb_trainer *t, const float *pixels, const int32_t *const *id
                 return rc;
             if (pass == 0) continue;
             if (mb == n) {
-                if (clip_loss(img, txt, n, e, *t->ls, t->demb, t->demb + (size_t)n * e, &dls,
-                              &loss))
+                if (clip_loss(img, txt, n, e, *t->ls, t->o.label_smoothing, t->demb,
+                              t->demb + (size_t)n * e, &dls, &loss))
                     return cdb_err_set(&t->err, CLIPDB_ENOMEM, "out of memory (loss)");
             }
             if ((rc = vision_bwd(t, px, nb, t->demb + (size_t)i0 * e)) ||

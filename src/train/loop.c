@@ -136,6 +136,11 @@ static int make_config(run *r)
         free(r->config);
         r->config = c;
     }
+    if (r->config && o->label_smoothing > 0) { /* none adds no line, as before */
+        char *c = cdb_sprintf("%slabel_smoothing %.9g\n", r->config, (double)o->label_smoothing);
+        free(r->config);
+        r->config = c;
+    }
     if (r->config && o->precision && strcmp(o->precision, "fp32")) { /* fp32 adds no line, as before */
         char *c = cdb_sprintf("%sprecision %s\n", r->config, o->precision);
         free(r->config);
@@ -211,6 +216,7 @@ static int opts_to_engine(run *r, long total, cdb_train_opts *to)
     to->warmup = o->warmup;
     to->total_steps = total;
     to->clip_grad = o->clip_grad;
+    to->label_smoothing = o->label_smoothing;
     to->micro_batch = o->micro_batch;
     if (!o->precision || !strcmp(o->precision, "fp32"))
         to->gemm = CDB_PREC_FP32;
@@ -250,6 +256,9 @@ static int check_options(run *r)
     if (!(o->crop_min > 0.0f && o->crop_min <= 1.0f)) /* also refuses NaN */
         return cdb_err_set(&r->err, CLIPDB_EINVAL, "--crop-min %g is not in (0, 1]",
                            (double)o->crop_min);
+    if (!(o->label_smoothing >= 0.0f && o->label_smoothing < 1.0f))
+        return cdb_err_set(&r->err, CLIPDB_EINVAL, "--label-smoothing %g is not in [0, 1)",
+                           (double)o->label_smoothing);
     if (!(o->text_drop >= 0.0f && o->text_drop < 1.0f))
         return cdb_err_set(&r->err, CLIPDB_EINVAL, "--text-drop %g is not in [0, 1)",
                            (double)o->text_drop);
@@ -400,13 +409,14 @@ static char *made_json(run *r, long steps)
         "  \"command\": %s%s%s,\n  \"seed\": %llu,\n  \"steps\": %ld,\n  \"epochs\": %d,\n"
         "  \"batch\": %d,\n  \"train_pairs\": %zu,\n  \"val_pairs\": %zu,\n"
         "  \"lr\": %.9g,\n  \"wd\": %.9g,\n  \"schedule\": \"%s\",\n  \"warmup\": %d,\n"
-        "  \"train\": \"%s\",\n  \"augment\": %s,\n  \"crop_min\": %.6g,\n  \"text_drop\": %.6g,\n  \"precision\": \"%s\",\n"
+        "  \"train\": \"%s\",\n  \"augment\": %s,\n  \"crop_min\": %.6g,\n  \"text_drop\": %.6g,\n  \"label_smoothing\": %.6g,\n  \"precision\": \"%s\",\n"
         "  \"start\": \"%s\",\n  \"date\": \"%s\"\n}\n",
         r->kind, CLIPDB_VERSION, o->command ? "\"" : "", o->command ? o->command : "null",
         o->command ? "\"" : "", (unsigned long long)o->seed, steps, o->epochs, o->batch,
         r->data.n_train, r->data.n_val, (double)o->lr, (double)o->wd, o->schedule, o->warmup,
         o->train, r->augment ? "true" : "false", (double)o->crop_min,
-        (double)(r->augment ? o->text_drop : 0.0f), o->precision ? o->precision : "fp32", r->start, date);
+        (double)(r->augment ? o->text_drop : 0.0f), (double)o->label_smoothing,
+        o->precision ? o->precision : "fp32", r->start, date);
     return json;
 }
 

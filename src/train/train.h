@@ -91,6 +91,10 @@ typedef struct cdb_train_opts {
     cdb_sched schedule;  /* default CDB_SCHED_CONSTANT */
     long total_steps;    /* for cosine: the step at which lr reaches 0 */
     float clip_grad;     /* max global grad L2 norm; <= 0 = off (default 0) */
+    float label_smoothing; /* in [0, 1): each direction's cross-entropy has
+                         ** the target 1 - ls on the pair and ls / n spread
+                         ** over the batch's n, as torch's cross_entropy(...,
+                         ** label_smoothing=ls); 0 (default): the paper's loss */
     int micro_batch;     /* images per micro-batch, 0 = whole batch (default 0) */
     cdb_train_what what; /* default CDB_TRAIN_ALL */
     int last_n;          /* for CDB_TRAIN_LAST */

@@ -423,6 +423,23 @@ def test_crop_min_changes_the_augmentation_is_recorded_and_checked(photos, model
                               ["--crop-min", "0.3"])
 
 
+def zero_default_option_is_recorded_and_checked(common, tmp_path, opt, key, value, bad):
+    """An option whose default is 0 (no effect): 0 given trains the default's
+    weights, `value` others; both are recorded under `key` in
+    clipdb_made.json; the values in `bad` are refused (status 2, the option
+    named); and the option is part of the checkpoint's identity."""
+    run(*common, "--out", tmp_path / "n", check=True)
+    run(*common, opt, "0", "--out", tmp_path / "z", check=True)
+    run(*common, opt, value, "--out", tmp_path / "a", check=True)
+    assert made(tmp_path / "n")[key] == 0 and made(tmp_path / "a")[key] == float(value)
+    assert weights(tmp_path / "n") == weights(tmp_path / "z")
+    assert weights(tmp_path / "a") != weights(tmp_path / "n")
+    for b in bad:
+        r = run(*common, opt, b, "--out", tmp_path / "o")
+        assert r.returncode == 2 and opt in r.stderr, (b, r.stderr)
+    other_options_not_resumed(common + ["--epochs", 3, "--out", tmp_path / "k"], [opt, value])
+
+
 def test_text_drop_augments_the_captions_is_recorded_and_checked(photos, model, tmp_path):
     """--text-drop P: each caption token dropped with probability P while training
     from scratch. Deterministic with the seed, other weights than without, recorded,
@@ -430,17 +447,21 @@ def test_text_drop_augments_the_captions_is_recorded_and_checked(photos, model, 
     common = ["train", "--images", photos / "images", "--captions", photos / "captions.jsonl",
               "--tokenizer", model, "--arch", ARCH, "--batch", 4, "--epochs", 1, "--val", 0,
               "--seed", 1]
-    run(*common, "--out", tmp_path / "n", check=True)
-    run(*common, "--text-drop", "0", "--out", tmp_path / "z", check=True)
-    run(*common, "--text-drop", "0.5", "--out", tmp_path / "a", check=True)
+    zero_default_option_is_recorded_and_checked(common, tmp_path, "--text-drop", "text_drop",
+                                                "0.5", ["1", "-0.1", "nan", "x"])
     run(*common, "--text-drop", "0.5", "--out", tmp_path / "b", check=True)
     run(*common, "--text-drop", "0.99", "--out", tmp_path / "c", check=True)  # one token left
-    assert made(tmp_path / "n")["text_drop"] == 0 and made(tmp_path / "a")["text_drop"] == 0.5
-    assert weights(tmp_path / "n") == weights(tmp_path / "z")
     assert weights(tmp_path / "a") == weights(tmp_path / "b")
-    assert weights(tmp_path / "a") != weights(tmp_path / "n")
-    for bad in ["1", "-0.1", "nan", "x"]:
-        r = run(*common, "--text-drop", bad, "--out", tmp_path / "o")
-        assert r.returncode == 2 and "--text-drop" in r.stderr, (bad, r.stderr)
-    other_options_not_resumed(common + ["--epochs", 3, "--out", tmp_path / "k"],
-                              ["--text-drop", "0.2"])
+
+
+def test_label_smoothing_is_recorded_and_checked(photos, model, tmp_path):
+    """--label-smoothing E (the loss itself is checked against torch in
+    tests/ref): 0 is the default and the paper's loss, another E trains other
+    weights, it is recorded, part of the checkpoint's identity, and refused
+    outside [0, 1)."""
+    common = ["train", "--images", photos / "images", "--captions", photos / "captions.jsonl",
+              "--tokenizer", model, "--arch", ARCH, "--batch", 4, "--epochs", 1, "--val", 0,
+              "--seed", 1]
+    zero_default_option_is_recorded_and_checked(common, tmp_path, "--label-smoothing",
+                                                "label_smoothing", "0.1",
+                                                ["1", "-0.1", "nan", "x"])

@@ -201,6 +201,30 @@ def test_frozen_tensors_get_no_gradient(tool, models, batch, tmp_path, what):
         assert n_trained == 2 * (12 + 3) + 1
 
 
+@pytest.mark.parametrize("size,keys", [("tiny", "openai"), ("small", "hf")])
+def test_label_smoothing_as_torch(tool, refmods, models, batch, tmp_path, size, keys):
+    """--label-smoothing: the loss and every gradient as torch's
+    cross_entropy(label_smoothing=0.1) both ways, to the same tolerance as the
+    plain loss; and the smoothing is not a no-op (the loss moves)."""
+    _, ref_train = refmods
+    model = models[(size, keys)]
+    g, _, losses, _ = ours(tool, model, batch, tmp_path / "c", "--lr", LR, "--wd", WD,
+                           "--smooth", 0.1)
+    _, _, plain = ours(tool, model, batch, tmp_path / "p", "--lr", LR, "--wd", WD)[:3]
+    px, ids, _ = ref_train.read_batch(batch)
+    rg, _, rlosses = ref_train.run(model, px, ids, steps=1, lr=LR, wd=WD, smoothing=0.1)
+    assert abs(losses[0] - rlosses[0]) <= 1e-5 * abs(rlosses[0]), (losses[0], rlosses[0])
+    assert abs(losses[0] - plain[0]) > 1e-3, (losses[0], plain[0])
+    gnorm = np.sqrt(sum(float((v.astype(np.float64) ** 2).sum()) for v in rg.values()))
+    for name, ref in rg.items():
+        ref = ref.reshape(g[name].shape)
+        if is_key_bias(name):
+            assert np.linalg.norm(g[name]) < 1e-6 * gnorm, name
+            continue
+        rel = float(np.linalg.norm((g[name] - ref).ravel())) / float(np.linalg.norm(ref.ravel()))
+        assert rel <= 1e-4, f"{name}: gradient relative error {rel:.3g}"
+
+
 def test_gradient_clipping_as_torch(tool, refmods, models, batch, tmp_path):
     """--clip: the global-norm clipping of torch.nn.utils.clip_grad_norm_ before
     AdamW. A small max norm makes the clipped gradient comparable to eps, so

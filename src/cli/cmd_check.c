@@ -79,8 +79,9 @@ int cli_cmd_check(int argc, char **argv)
         }
         if (r.n_problems > r.n_listed)
             printf("... and %lld more problems\n", (long long)(r.n_problems - r.n_listed));
-        printf("%s: %lld items, %lld vectors, %lld indexes checked: %s\n", path,
-               (long long)r.items, (long long)r.vectors, (long long)r.indexes,
+        printf("%s: %lld item%s, %lld vector%s, %lld index%s checked: %s\n", path,
+               (long long)r.items, r.items == 1 ? "" : "s", (long long)r.vectors,
+               r.vectors == 1 ? "" : "s", (long long)r.indexes, r.indexes == 1 ? "" : "es",
                r.n_problems ? "problems found" : "ok");
     }
     if (r.n_problems)

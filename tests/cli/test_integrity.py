@@ -168,7 +168,8 @@ def test_check_passes_a_clean_database(clean_db):
     assert r["problems"] == [] and r["n_problems"] == 0, r
     assert (r["items"], r["vectors"], r["indexes"]) == (N_IMAGES * 3 + N_TEXTS,) * 2 + (3,)
     p = run("check", clean_db)
-    assert p.returncode == 0 and p.stdout.strip().endswith("ok"), p.stdout
+    assert p.returncode == 0 and p.stdout.strip().endswith(
+        f"{r['items']} items, {r['vectors']} vectors, 3 indexes checked: ok"), p.stdout
     assert check(clean_db, "--quick")["ok"]
 
 

@@ -78,7 +78,8 @@ static int check_size(const cdb_rgb *out, long long w, long long h, size_t *byte
     size_t n;
     if (w <= 0 || h <= 0)
         return cdb_err_set(e, CLIPDB_EFORMAT, "image has an empty size (%lldx%lld)", w, h);
-    if (w > CLIPDB_MAX_IMAGE_SIDE || h > CLIPDB_MAX_IMAGE_SIDE || (unsigned long long)w * (unsigned long long)h > limit)
+    if (w > CLIPDB_MAX_IMAGE_SIDE || h > CLIPDB_MAX_IMAGE_SIDE ||
+        (unsigned long long)w * (unsigned long long)h > limit)
         return cdb_err_set(e, CLIPDB_ELIMIT,
                            "image is %lldx%lld; the limit is %d pixels a side and %llu pixels in all",
                            w, h, CLIPDB_MAX_IMAGE_SIDE, limit);

@@ -1235,6 +1235,13 @@ typedef struct clipdb_train_options {
     float text_drop;         /* clipdb_train's text augmentation: each token
                              ** of a caption is dropped with this probability,
                              ** in [0, 1) (default 0: none) */
+    float patch_drop;        /* clipdb_train's patch dropout (open_clip's
+                             ** patch_dropout): each step an image keeps
+                             ** max(1, floor(np * (1 - P))) of its np
+                             ** patches, drawn with the seed, and the image
+                             ** tower runs on those only (faster steps);
+                             ** inference sees every patch. In [0, 1)
+                             ** (default 0: none) */
 } clipdb_train_options;
 
 /* Fills the defaults above. */

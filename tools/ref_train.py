@@ -72,17 +72,37 @@ def file_style(model_dir):
     return ("openai" if "visual.conv1.weight" in w else "hf"), w
 
 
+def visual_keep(v, pixels, keep):
+    """The image tower with open_clip's PatchDropout (exclude_first_token):
+    after the position embedding, image i keeps its class token and the patch
+    tokens keep[i] (grid indices), then ln_pre, the blocks, ln_post of the
+    class token, the projection. keep None: every patch (v's own forward)."""
+    if keep is None:
+        return v(pixels)
+    x = v.conv1(pixels)
+    x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)  # (N, g*g, d)
+    cls = v.class_embedding + torch.zeros(x.shape[0], 1, x.shape[-1])
+    x = torch.cat([cls, x], dim=1) + v.positional_embedding     # (N, 1 + g*g, d)
+    idx = torch.from_numpy(np.asarray(keep, np.int64)) + 1      # (N, K) token rows
+    rows = torch.arange(x.shape[0])[:, None]
+    x = torch.cat([x[:, :1], x[rows, idx]], dim=1)              # (N, 1 + K, d)
+    x = v.ln_pre(x).permute(1, 0, 2)
+    x = v.transformer(x).permute(1, 0, 2)
+    return v.ln_post(x[:, 0, :]) @ v.proj
+
+
 class Trainable(torch.nn.Module):
-    def __init__(self, w_openai, logit_scale, smoothing=0.0):
+    def __init__(self, w_openai, logit_scale, smoothing=0.0, keep=None):
         super().__init__()
         self.smoothing = smoothing
+        self.keep = keep
         self.clip = ref_clip.CLIP(w_openai)
         self.logit_scale = torch.nn.Parameter(torch.tensor(float(logit_scale)))
         self.clip.train()
 
     def loss(self, pixels, ids):
         c = self.clip
-        img = c.visual(pixels)
+        img = visual_keep(c.visual, pixels, self.keep)
         x = c.token_embedding(ids) + c.positional_embedding
         x = c.transformer(x.permute(1, 0, 2)).permute(1, 0, 2)
         x = c.ln_final(x)
@@ -123,13 +143,13 @@ def to_style(d, style, w_file):
 
 
 def run(model_dir, pixels, ids, steps=1, lr=1e-3, wd=0.2, betas=(0.9, 0.999), eps=1e-8,
-        smoothing=0.0):
+        smoothing=0.0, keep=None):
     """Returns (grads at the initial weights, params after one step, losses),
-    the first two as {file name: array}."""
+    the first two as {file name: array}. keep (N, K): patch dropout."""
     torch.manual_seed(0)
     style, w_file = file_style(model_dir)
     w = ref_clip.to_openai_names(w_file)
-    m = Trainable(w, float(np.asarray(w_file["logit_scale"]).reshape(-1)[0]), smoothing)
+    m = Trainable(w, float(np.asarray(w_file["logit_scale"]).reshape(-1)[0]), smoothing, keep)
     named = m.named()
     decay = [p for n, p in named.items() if p.ndim >= 2 and n != "logit_scale"]
     rest = [p for n, p in named.items() if not (p.ndim >= 2 and n != "logit_scale")]

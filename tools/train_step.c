@@ -4,7 +4,7 @@
 **
 **   train_step MODEL_DIR BATCH.bin OUTDIR [--steps N] [--lr X] [--wd X]
 **              [--micro M] [--train all|proj|last:N] [--clip X] [--warmup N]
-**              [--cosine TOTAL]
+**              [--cosine TOTAL] [--smooth E] [--keep FILE --nkeep K]
 **
 ** BATCH.bin (little-endian): int32 n, int32 S, int32 C, then pixels
 ** float32 (n, 3, S, S), ids int32 (n, C) zero-padded, lens int32 (n).
@@ -13,7 +13,9 @@
 **   grads.f32       the gradient of the loss at the initial weights (numel floats)
 **   params1.f32     the parameters after one AdamW step
 **   losses.txt      the loss of each of the N steps (before its update), one a line
-** Every step is the same batch (so the curve falls).
+** Every step is the same batch (so the curve falls). --keep: patch dropout,
+** FILE holding int32 (n, K) increasing patch indices, the patches each image
+** keeps (cdb_trainer_set_patches).
 */
 #include <stdio.h>
 #include <stdlib.h>
@@ -29,6 +31,7 @@ static int usage(void)
             "usage: train_step MODEL_DIR BATCH.bin OUTDIR [--steps N] [--lr X] [--wd X]\n"
             "                  [--micro M] [--train all|proj|last:N] [--clip X] [--warmup N]\n"
             "                  [--cosine TOTAL] [--smooth LABEL_SMOOTHING]\n"
+            "                  [--keep FILE --nkeep K]\n"
             "  Runs the training engine on one batch: gradient, one AdamW step, N steps.\n");
     return 2;
 }
@@ -48,7 +51,7 @@ static int write_all(const char *dir, const char *name, const void *p, size_t n)
 
 int main(int argc, char **argv)
 {
-    const char *model_dir, *batch_path, *outdir;
+    const char *model_dir, *batch_path, *outdir, *keep_path = NULL;
     cdb_train_opts o;
     clipdb_model *m = NULL;
     cdb_trainer *t = NULL;
@@ -59,7 +62,8 @@ int main(int argc, char **argv)
     int32_t hdr[3], *idbuf = NULL, *lens = NULL;
     const int32_t **ids = NULL;
     float *pixels = NULL;
-    int steps = 1, i, rc = 1, n, S, C;
+    int32_t *keep = NULL;
+    int steps = 1, i, rc = 1, n, S, C, nkeep = 0;
     char path[4096];
 
     if (argc < 4) return usage();
@@ -74,6 +78,8 @@ int main(int argc, char **argv)
         else if (!strcmp(argv[i], "--smooth") && i + 1 < argc)
             o.label_smoothing = strtof(argv[++i], NULL);
         else if (!strcmp(argv[i], "--warmup") && i + 1 < argc) o.warmup = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--keep") && i + 1 < argc) keep_path = argv[++i];
+        else if (!strcmp(argv[i], "--nkeep") && i + 1 < argc) nkeep = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--cosine") && i + 1 < argc) {
             o.schedule = CDB_SCHED_COSINE;
             o.total_steps = atol(argv[++i]);
@@ -85,7 +91,7 @@ int main(int argc, char **argv)
         } else
             return usage();
     }
-    if (steps < 1) return usage();
+    if (steps < 1 || (keep_path && (nkeep < 1 || nkeep > 65536))) return usage();
 
     if (clipdb_model_open(&m, model_dir)) {
         fprintf(stderr, "train_step: %s\n", m ? clipdb_model_errmsg(m) : "cannot open model");
@@ -117,6 +123,21 @@ int main(int argc, char **argv)
     if (cdb_trainer_new(&t, m, &o, &e)) {
         fprintf(stderr, "train_step: %s\n", e.msg);
         goto cleanup;
+    }
+    if (keep_path) {
+        FILE *kf = fopen(keep_path, "rb");
+        int got = kf && (keep = malloc((size_t)n * nkeep * sizeof *keep)) &&
+                  fread(keep, sizeof *keep, (size_t)n * nkeep, kf) == (size_t)n * nkeep;
+        if (kf) fclose(kf);
+        if (!got) {
+            fprintf(stderr, "train_step: cannot read %d x %d patch indices from %s\n", n, nkeep,
+                    keep_path);
+            goto cleanup;
+        }
+        if (cdb_trainer_set_patches(t, keep, nkeep, n)) {
+            fprintf(stderr, "train_step: %s\n", cdb_trainer_errmsg(t));
+            goto cleanup;
+        }
     }
     cdb_trainer_state(t, &s);
     snprintf(path, sizeof path, "%s/tensors.tsv", outdir);
@@ -157,5 +178,6 @@ cleanup:
     free(idbuf);
     free(lens);
     free(ids);
+    free(keep);
     return rc;
 }

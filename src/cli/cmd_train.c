@@ -114,7 +114,13 @@ const char cli_train_help[] =
     "                       which a small data set needs for longer runs)\n"
     "  --text-drop P        drop each token of a caption with probability P in\n"
     "                       [0, 1) (at least one kept; default 0): augmentation of\n"
-    "                       the text side, against learning captions by rare words\n" COMMON_OPTIONS_HELP
+    "                       the text side, against learning captions by rare words\n"
+    "  --patch-drop P       patch dropout (open_clip's patch_dropout): each step an\n"
+    "                       image keeps floor(np * (1 - P)) of its np patches\n"
+    "                       (at least one), drawn with the seed, and the image\n"
+    "                       tower runs on those only: faster steps, a regulariser\n"
+    "                       of the image side; inference sees every patch.\n"
+    "                       In [0, 1), default 0\n" COMMON_OPTIONS_HELP
     "\n" RESUME_HELP
     "\n"
     "examples:\n"
@@ -422,6 +428,9 @@ int cli_cmd_train(int argc, char **argv)
         } else if (!strcmp(a, "--text-drop") && has) {
             if (num_float(argv[++i], &o.text_drop) || !(o.text_drop >= 0) || o.text_drop >= 1)
                 return cli_usage("train", "--text-drop needs a probability in [0, 1)");
+        } else if (!strcmp(a, "--patch-drop") && has) {
+            if (num_float(argv[++i], &o.patch_drop) || !(o.patch_drop >= 0) || o.patch_drop >= 1)
+                return cli_usage("train", "--patch-drop needs a share in [0, 1)");
         }
         else if (a[0] == '-' && a[1])
             return cli_usage("train", "unknown option or missing value '%s'", a);

@@ -918,17 +918,19 @@ static int check_tower(const cdb_tower *t, const char *name, cdb_err *e)
 
 /* ---- vision tower ------------------------------------------------------- */
 
-/* im2col of nb images (nb, 3, S, S) into patches (nb*np, K), K = 3*P*P in
-** conv1's (c, ky, kx) order: image i, patch (gy, gx) -> row i*np + gy*G + gx. */
-static void im2col(const cdb_vision *v, const float *pixels, int nb, float *patches)
+/* im2col of nb images (nb, 3, S, S) into patches (nb*nk, K), K = 3*P*P in
+** conv1's (c, ky, kx) order: image i, its j-th patch p = (gy, gx) -> row
+** i*nk + j, p = keep[i*nk + j] (keep NULL: nk = G*G, p = j). */
+static void im2col(const cdb_vision *v, const float *pixels, int nb, const int32_t *keep, int nk,
+                   float *patches)
 {
-    const int P = v->patch, G = v->grid, S = v->image_size, np = G * G, K = 3 * P * P;
-    int i, p, c, ky;
+    const int P = v->patch, G = v->grid, S = v->image_size, K = 3 * P * P;
+    int i, j, c, ky;
     for (i = 0; i < nb; i++) {
         const float *img = pixels + (size_t)i * 3 * S * S; /* (3, S, S) */
-        for (p = 0; p < np; p++) {
-            const int gy = p / G, gx = p % G;
-            float *row = patches + ((size_t)i * np + p) * K;
+        for (j = 0; j < nk; j++) {
+            const int p = keep ? keep[(size_t)i * nk + j] : j, gy = p / G, gx = p % G;
+            float *row = patches + ((size_t)i * nk + j) * K;
             for (c = 0; c < 3; c++)
                 for (ky = 0; ky < P; ky++)
                     memcpy(row + (c * P + ky) * P,
@@ -939,10 +941,10 @@ static void im2col(const cdb_vision *v, const float *pixels, int nb, float *patc
 }
 
 int cdb_vision_embed(struct cdb_run *r, const cdb_vision *v, const float *pixels, int nb,
-                     float *x0, float *x, cdb_err *e)
+                     const int32_t *keep, int nkeep, float *x0, float *x, cdb_err *e)
 {
-    const int d = v->t.width, P = v->patch, G = v->grid, T = v->n_pos;
-    const int np = G * G, K = 3 * P * P;
+    const int d = v->t.width, P = v->patch, G = v->grid;
+    const int np = keep ? nkeep : G * G, T = np + 1, K = 3 * P * P;
     float *patches, *sum = x0 ? x0 : x;
     int rc, i, p, c;
     /* the patch matrix (nb*np, K) lives in the MLP buffer, h (nb*np, d) in h */
@@ -950,7 +952,7 @@ int cdb_vision_embed(struct cdb_run *r, const cdb_vision *v, const float *pixels
         (rc = grow(&r->h, &r->cap_h, prod3((size_t)nb, (size_t)np, (size_t)d), e)))
         return rc;
     patches = r->mlp;
-    im2col(v, pixels, nb, patches);
+    im2col(v, pixels, nb, keep, np, patches);
     /* patches (nb*np, K) @ conv1^T (K, d) -> h (nb*np, d) */
     if ((rc = linear(r, v->pk_patch, v->patch_w, nb * np, d, K, patches, K, 0.0f, r->h, d, e)))
         return rc;
@@ -960,7 +962,7 @@ int cdb_vision_embed(struct cdb_run *r, const cdb_vision *v, const float *pixels
         for (c = 0; c < d; c++) xi[c] = v->class_emb[c] + v->pos_emb[c];
         for (p = 0; p < np; p++) {
             const float *src = r->h + ((size_t)i * np + p) * d;
-            const float *pe = v->pos_emb + (size_t)(p + 1) * d;
+            const float *pe = v->pos_emb + (size_t)(1 + (keep ? keep[(size_t)i * np + p] : p)) * d;
             float *dst = xi + (size_t)(p + 1) * d;
             for (c = 0; c < d; c++) dst[c] = src[c] + pe[c];
         }
@@ -971,11 +973,11 @@ int cdb_vision_embed(struct cdb_run *r, const cdb_vision *v, const float *pixels
 }
 
 int cdb_vision_embed_backward(struct cdb_run *r, const cdb_vision *v, const cdb_vision *g,
-                              const float *pixels, int nb, const float *x0, const float *dx,
-                              cdb_err *e)
+                              const float *pixels, int nb, const int32_t *keep, int nkeep,
+                              const float *x0, const float *dx, cdb_err *e)
 {
-    const int d = v->t.width, P = v->patch, G = v->grid, T = v->n_pos;
-    const int np = G * G, K = 3 * P * P;
+    const int d = v->t.width, P = v->patch, G = v->grid;
+    const int np = keep ? nkeep : G * G, T = np + 1, K = 3 * P * P;
     float *dx0, *dh;
     int rc, i, p, c;
     if ((rc = grow(&r->x, &r->cap_x, prod3((size_t)nb, (size_t)T, (size_t)d), e)) ||
@@ -992,14 +994,21 @@ int cdb_vision_embed_backward(struct cdb_run *r, const cdb_vision *v, const cdb_
         const float *di = dx0 + (size_t)i * T * d; /* (T, d) */
         if (g->class_emb)
             for (c = 0; c < d; c++) ((float *)g->class_emb)[c] += di[c];
-        if (g->pos_emb)
-            for (c = 0; c < T * d; c++) ((float *)g->pos_emb)[c] += di[c];
+        if (g->pos_emb) { /* row 0: the class token; row 1 + j: patch keep[j] (or j) */
+            float *gp = (float *)g->pos_emb;
+            for (c = 0; c < d; c++) gp[c] += di[c];
+            for (p = 0; p < np; p++) {
+                float *gq = gp + (size_t)(1 + (keep ? keep[(size_t)i * np + p] : p)) * d;
+                const float *dq = di + (size_t)(p + 1) * d;
+                for (c = 0; c < d; c++) gq[c] += dq[c];
+            }
+        }
         for (p = 0; p < np; p++) /* dh (nb*np, d): the patch rows */
             memcpy(dh + ((size_t)i * np + p) * d, di + (size_t)(p + 1) * d,
                    (size_t)d * sizeof(float));
     }
     if (g->patch_w) {
-        im2col(v, pixels, nb, r->mlp);
+        im2col(v, pixels, nb, keep, np, r->mlp);
         /* dconv1 (d, K) += dh^T (d, nb*np) @ patches (nb*np, K) */
         gemm(r, CDB_TRANS, CDB_NO_TRANS, d, K, nb * np, 1.0f, dh, d, r->mlp, K, 1.0f,
                   (float *)g->patch_w, K);
@@ -1031,7 +1040,7 @@ int cdb_vision_forward(struct cdb_run *r, const cdb_vision *v, int embed_dim,
     for (i0 = 0; i0 < n; i0 += CDB_VISION_CHUNK) {
         const int nb = n - i0 < CDB_VISION_CHUNK ? n - i0 : CDB_VISION_CHUNK;
         /* x (nb*T, d) = ln_pre([class_emb; patches @ conv1^T] + pos_emb) */
-        if ((rc = cdb_vision_embed(r, v, pixels + (size_t)i0 * 3 * S * S, nb, NULL, r->x, e)))
+        if ((rc = cdb_vision_embed(r, v, pixels + (size_t)i0 * 3 * S * S, nb, NULL, 0, NULL, r->x, e)))
             goto cleanup;
         /* blocks; the last keeps the class token only: x (nb, d) */
         if ((rc = run_blocks(r, &v->t, nb, T, 0, qpos, e))) goto cleanup;

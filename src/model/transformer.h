@@ -127,13 +127,18 @@ int cdb_final_ln_project_backward(struct cdb_run *r, const cdb_tower *t, const c
 
 /* x (nb*T, d) = ln_pre([class_emb; patches (nb*np, K) @ conv1^T] + pos_emb) of
 ** pixels (nb, 3, S, S); x0: NULL, or (nb*T, d) keeping the ln_pre input.
+** keep NULL: all np = G*G patches, T = np + 1. Otherwise patch dropout (as
+** open_clip's PatchDropout, training only): image i keeps the nkeep patches
+** keep[i*nkeep ..] (grid indices gy*G + gx, each with its own position
+** embedding), T = nkeep + 1, the class token first.
 ** Uses r's h and MLP buffers as scratch (grown as needed). */
 int cdb_vision_embed(struct cdb_run *r, const cdb_vision *v, const float *pixels, int nb,
-                     float *x0, float *x, cdb_err *e);
-/* From dx (nb*T, d) = dL/dx: g's conv1, class, position and ln_pre gradients +=. */
+                     const int32_t *keep, int nkeep, float *x0, float *x, cdb_err *e);
+/* From dx (nb*T, d) = dL/dx: g's conv1, class, position and ln_pre gradients
+** +=; keep, nkeep as the forward had them. */
 int cdb_vision_embed_backward(struct cdb_run *r, const cdb_vision *v, const cdb_vision *g,
-                              const float *pixels, int nb, const float *x0, const float *dx,
-                              cdb_err *e);
+                              const float *pixels, int nb, const int32_t *keep, int nkeep,
+                              const float *x0, const float *dx, cdb_err *e);
 
 /* x (cnt*L, d): row (s, j) = tok_emb[id] + pos_emb[j] of text index[s] (index
 ** NULL: text s); positions j >= lens use id 0 (padding). Ids must be checked. */

@@ -35,6 +35,25 @@ void cdb_tdata_order(uint64_t seed, long epoch, size_t n, int64_t *order)
     }
 }
 
+void cdb_tdata_patches(uint64_t seed, long step, size_t img, int np, int nkeep, int32_t *keep)
+{
+    /* selection sampling (Knuth's algorithm S): each index is taken with
+    ** probability (still needed) / (still left), so the kept set is uniform
+    ** and comes out in increasing order */
+    cdb_rng r = {cdb_tdraw(seed, CDB_DRAW_PATCH, (uint64_t)step, (uint64_t)img)};
+    int p, k = 0;
+    for (p = 0; p < np && k < nkeep; p++)
+        if (cdb_rng_below(&r, (uint64_t)(np - p)) < (uint64_t)(nkeep - k)) keep[k++] = p;
+}
+
+int cdb_tdata_patch_count(int np, float p)
+{
+    int k;
+    if (!(p > 0.0f)) return np;
+    k = (int)floor((double)np * (1.0 - (double)p));
+    return k < 1 ? 1 : k > np ? np : k;
+}
+
 void cdb_tdata_free(cdb_tdata *d)
 {
     if (!d) return;

@@ -54,6 +54,10 @@ struct cdb_trainer {
     size_t cap_emb;                 /* n rows the two hold */
     int *ends;                      /* (n) end token per text */
     size_t cap_ends;
+    int32_t *keep;                  /* (cap_keep) patch dropout: the patches each image of
+                                    ** the next batch keeps, nkeep a row; NULL: all */
+    int nkeep;
+    size_t cap_keep;
     const clipdb_model *synced;     /* the model the last sync pointed at ... */
     float *synced_copy;             /* ... this copy (owned by that model) */
 };
@@ -187,6 +191,7 @@ void cdb_trainer_free(cdb_trainer *t)
     }
     free(t->emb);
     free(t->demb);
+    free(t->keep);
     free(t->ends);
     free(t);
 }
@@ -348,16 +353,18 @@ static int tower_reserve(tower_run *tr, const cdb_tower *tw, int nb, int T, cdb_
 
 /* ---- the towers, forward with activations kept, and backward --------------------- */
 
-/* Vision: pixels (nb, 3, S, S) -> out (nb, e), activations in t->tv. */
-static int vision_fwd(cdb_trainer *t, const float *pixels, int nb, float *out)
+/* Vision: pixels (nb, 3, S, S) -> out (nb, e), activations in t->tv; keep
+** (nb, t->nkeep): the patches each image keeps (NULL: all). */
+static int vision_fwd(cdb_trainer *t, const float *pixels, const int32_t *keep, int nb, float *out)
 {
     const cdb_vision *v = &t->vis;
     tower_run *tr = &t->tv;
-    const int d = v->t.width, T = v->n_pos;
+    const int d = v->t.width, T = t->keep ? t->nkeep + 1 : v->n_pos;
     int rc, l, i;
     if ((rc = tower_reserve(tr, &v->t, nb, T, &t->err))) return rc;
     /* x (nb*T, d) = ln_pre(embeddings); x0 keeps the ln_pre input */
-    if ((rc = cdb_vision_embed(t->run, v, pixels, nb, tr->x0, tr->x, &t->err))) return rc;
+    if ((rc = cdb_vision_embed(t->run, v, pixels, nb, keep, t->nkeep, tr->x0, tr->x, &t->err)))
+        return rc;
     for (l = 0; l < v->t.layers; l++)
         if ((rc = cdb_block_forward_keep(t->run, &v->t.blocks[l], d, v->t.mlp, tr->x, nb, T, 0,
                                          NULL, &tr->acts[l], &t->err)))
@@ -370,11 +377,13 @@ static int vision_fwd(cdb_trainer *t, const float *pixels, int nb, float *out)
     return CLIPDB_OK;
 }
 
-static int vision_bwd(cdb_trainer *t, const float *pixels, int nb, const float *dout)
+static int vision_bwd(cdb_trainer *t, const float *pixels, const int32_t *keep, int nb,
+                      const float *dout)
 {
     const cdb_vision *v = &t->vis;
     tower_run *tr = &t->tv;
-    const int d = v->t.width, T = v->n_pos, below = tr->lo < v->t.layers;
+    const int d = v->t.width, T = t->keep ? t->nkeep + 1 : v->n_pos;
+    const int below = tr->lo < v->t.layers;
     int rc, l, i;
     if (!tr->top) return CLIPDB_OK;
     /* dxe (nb, d) from dout (nb, e); the residual buffer x is free now: dh scratch */
@@ -393,7 +402,8 @@ static int vision_bwd(cdb_trainer *t, const float *pixels, int nb, const float *
                                      &t->err)))
             return rc;
     if (tr->embed)
-        return cdb_vision_embed_backward(t->run, v, &t->gvis, pixels, nb, tr->x0, tr->x, &t->err);
+        return cdb_vision_embed_backward(t->run, v, &t->gvis, pixels, nb, keep, t->nkeep, tr->x0,
+                                         tr->x, &t->err);
     return CLIPDB_OK;
 }
 
@@ -583,6 +593,40 @@ static int check_batch(cdb_trainer *t, const float *pixels, const int32_t *const
     return CLIPDB_OK;
 }
 
+int cdb_trainer_set_patches(cdb_trainer *t, const int32_t *keep, int nkeep, int n)
+{
+    const int G = t->vis.grid, np = G * G;
+    int i, j;
+    cdb_err_clear(&t->err);
+    if (!keep || nkeep <= 0) {
+        t->nkeep = 0;
+        free(t->keep);
+        t->keep = NULL, t->cap_keep = 0;
+        return CLIPDB_OK;
+    }
+    if (nkeep > np || n < 1 || n > (1 << 20))
+        return cdb_err_set(&t->err, CLIPDB_EINVAL,
+                           "patch dropout: %d of %d patches for %d images", nkeep, np, n);
+    for (i = 0; i < n; i++)
+        for (j = 0; j < nkeep; j++) {
+            const int32_t p = keep[(size_t)i * nkeep + j];
+            if (p < 0 || p >= np || (j > 0 && p <= keep[(size_t)i * nkeep + j - 1]))
+                return cdb_err_set(&t->err, CLIPDB_EINVAL,
+                                   "patch dropout: image %d keeps patch %d (the kept patches "
+                                   "must be increasing grid indices below %d)", i, (int)p, np);
+        }
+    if ((size_t)n * nkeep > t->cap_keep) {
+        int32_t *q = cdb_malloc_array((size_t)n * nkeep, sizeof *q);
+        if (!q) return cdb_err_set(&t->err, CLIPDB_ENOMEM, "out of memory");
+        free(t->keep);
+        t->keep = q;
+    }
+    t->cap_keep = (size_t)n * nkeep; /* the images it covers: cap_keep / nkeep */
+    memcpy(t->keep, keep, (size_t)n * nkeep * sizeof *keep);
+    t->nkeep = nkeep;
+    return CLIPDB_OK;
+}
+
 int cdb_train_grad(cdb_trainer *t, const float *pixels, const int32_t *const *ids,
                    const int *lens, int n, cdb_train_stats *st)
 {
@@ -594,6 +638,10 @@ int cdb_train_grad(cdb_trainer *t, const float *pixels, const int32_t *const *id
     float *img, *txt;
     cdb_err_clear(&t->err);
     if ((rc = check_batch(t, pixels, ids, lens, n))) return rc;
+    if (t->keep && (size_t)n * t->nkeep > t->cap_keep)
+        return cdb_err_set(&t->err, CLIPDB_EINVAL,
+                           "patch dropout was set for %zu images, the batch has %d",
+                           t->cap_keep / (size_t)t->nkeep, n);
     img = t->emb, txt = t->emb + (size_t)n * e;
     mb = t->o.micro_batch > 0 && t->o.micro_batch < n ? t->o.micro_batch : n;
     memset(t->grads, 0, t->numel * sizeof(float));
@@ -607,7 +655,8 @@ int cdb_train_grad(cdb_trainer *t, const float *pixels, const int32_t *const *id
         for (i0 = 0; i0 < n; i0 += mb) {
             const int nb = n - i0 < mb ? n - i0 : mb;
             const float *px = pixels + (size_t)i0 * img_floats;
-            if ((rc = vision_fwd(t, px, nb, img + (size_t)i0 * e)) ||
+            const int32_t *kp = t->keep ? t->keep + (size_t)i0 * t->nkeep : NULL;
+            if ((rc = vision_fwd(t, px, kp, nb, img + (size_t)i0 * e)) ||
                 (rc = text_fwd(t, ids + i0, lens + i0, t->ends + i0, nb, txt + (size_t)i0 * e)))
                 return rc;
             if (pass == 0) continue;
@@ -616,7 +665,7 @@ int cdb_train_grad(cdb_trainer *t, const float *pixels, const int32_t *const *id
                               t->demb + (size_t)n * e, &dls, &loss))
                     return cdb_err_set(&t->err, CLIPDB_ENOMEM, "out of memory (loss)");
             }
-            if ((rc = vision_bwd(t, px, nb, t->demb + (size_t)i0 * e)) ||
+            if ((rc = vision_bwd(t, px, kp, nb, t->demb + (size_t)i0 * e)) ||
                 (rc = text_bwd(t, ids + i0, lens + i0, t->ends + i0, nb,
                                t->demb + (size_t)(n + i0) * e)))
                 return rc;

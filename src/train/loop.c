@@ -136,6 +136,11 @@ static int make_config(run *r)
         free(r->config);
         r->config = c;
     }
+    if (r->config && r->augment && o->patch_drop > 0) { /* none adds no line, as before */
+        char *c = cdb_sprintf("%spatch_drop %.9g\n", r->config, (double)o->patch_drop);
+        free(r->config);
+        r->config = c;
+    }
     if (r->config && o->label_smoothing > 0) { /* none adds no line, as before */
         char *c = cdb_sprintf("%slabel_smoothing %.9g\n", r->config, (double)o->label_smoothing);
         free(r->config);
@@ -262,6 +267,9 @@ static int check_options(run *r)
     if (!(o->text_drop >= 0.0f && o->text_drop < 1.0f))
         return cdb_err_set(&r->err, CLIPDB_EINVAL, "--text-drop %g is not in [0, 1)",
                            (double)o->text_drop);
+    if (!(o->patch_drop >= 0.0f && o->patch_drop < 1.0f))
+        return cdb_err_set(&r->err, CLIPDB_EINVAL, "--patch-drop %g is not in [0, 1)",
+                           (double)o->patch_drop);
     if (o->checkpoint_every < 0)
         return cdb_err_set(&r->err, CLIPDB_EINVAL, "--checkpoint-every must be >= 0");
     {
@@ -409,13 +417,14 @@ static char *made_json(run *r, long steps)
         "  \"command\": %s%s%s,\n  \"seed\": %llu,\n  \"steps\": %ld,\n  \"epochs\": %d,\n"
         "  \"batch\": %d,\n  \"train_pairs\": %zu,\n  \"val_pairs\": %zu,\n"
         "  \"lr\": %.9g,\n  \"wd\": %.9g,\n  \"schedule\": \"%s\",\n  \"warmup\": %d,\n"
-        "  \"train\": \"%s\",\n  \"augment\": %s,\n  \"crop_min\": %.6g,\n  \"text_drop\": %.6g,\n  \"label_smoothing\": %.6g,\n  \"precision\": \"%s\",\n"
+        "  \"train\": \"%s\",\n  \"augment\": %s,\n  \"crop_min\": %.6g,\n  \"text_drop\": %.6g,\n  \"patch_drop\": %.6g,\n  \"label_smoothing\": %.6g,\n  \"precision\": \"%s\",\n"
         "  \"start\": \"%s\",\n  \"date\": \"%s\"\n}\n",
         r->kind, CLIPDB_VERSION, o->command ? "\"" : "", o->command ? o->command : "null",
         o->command ? "\"" : "", (unsigned long long)o->seed, steps, o->epochs, o->batch,
         r->data.n_train, r->data.n_val, (double)o->lr, (double)o->wd, o->schedule, o->warmup,
         o->train, r->augment ? "true" : "false", (double)o->crop_min,
-        (double)(r->augment ? o->text_drop : 0.0f), (double)o->label_smoothing,
+        (double)(r->augment ? o->text_drop : 0.0f), (double)(r->augment ? o->patch_drop : 0.0f),
+        (double)o->label_smoothing,
         o->precision ? o->precision : "fp32", r->start, date);
     return json;
 }
@@ -465,6 +474,9 @@ static int run_loop(run *r, const char *out_dir)
     size_t n = r->data.n_train, B = (size_t)o->batch, j;
     long spe, total, step, session_steps = 0, order_epoch = -1, saved_step = -1;
     int64_t *order = NULL;
+    int32_t *keep = NULL; /* (B, nkeep) under patch dropout, else NULL */
+    const int np = r->m->vision.grid * r->m->vision.grid;
+    const int nkeep = cdb_tdata_patch_count(np, r->augment ? o->patch_drop : 0.0f);
     cdb_batch b;
     cdb_train_opts to;
     cdb_train_state st;
@@ -488,6 +500,10 @@ static int run_loop(run *r, const char *out_dir)
     if ((rc = make_config(r))) return rc;
     if (!(order = cdb_malloc_array(n, sizeof *order)))
         return cdb_err_set(&r->err, CLIPDB_ENOMEM, "out of memory");
+    if (nkeep < np && !(keep = cdb_malloc_array(B * (size_t)nkeep, sizeof *keep))) {
+        free(order);
+        return cdb_err_set(&r->err, CLIPDB_ENOMEM, "out of memory");
+    }
     p.epochs = o->epochs;
     p.total_steps = total;
     p.steps_per_epoch = (int)spe;
@@ -523,6 +539,15 @@ static int run_loop(run *r, const char *out_dir)
                                 o->crop_min, r->augment ? o->text_drop : 0.0f, o->seed, step,
                                 &r->err);
             if (rc) goto cleanup;
+        }
+        if (keep) {
+            for (j = 0; j < B; j++)
+                cdb_tdata_patches(o->seed, step, (size_t)r->data.train[order[(size_t)bi * B + j]],
+                                  np, nkeep, keep + (size_t)j * nkeep);
+            if ((rc = cdb_trainer_set_patches(r->t, keep, nkeep, (int)B))) {
+                rc = cdb_err_set(&r->err, rc, "%s", cdb_trainer_errmsg(r->t));
+                goto cleanup;
+            }
         }
         rc = cdb_train_step(r->t, b.pixels, (const int32_t *const *)b.ids, b.lens, (int)B, &ts);
         if (rc) {
@@ -571,6 +596,7 @@ static int run_loop(run *r, const char *out_dir)
     rc = write_result(r, out_dir, total, &p);
 cleanup:
     free(order);
+    free(keep);
     cdb_batch_free(&b);
     return rc;
 }

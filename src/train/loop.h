@@ -66,10 +66,19 @@ void cdb_tdata_free(cdb_tdata *d);
 ** uninterrupted one does. */
 uint64_t cdb_tdraw(uint64_t seed, uint64_t purpose, uint64_t a, uint64_t b);
 enum { CDB_DRAW_ORDER = 1, CDB_DRAW_CAPTION = 2, CDB_DRAW_CROP = 3, CDB_DRAW_SPLIT = 4,
-       CDB_DRAW_TEXT_DROP = 5 };
+       CDB_DRAW_TEXT_DROP = 5, CDB_DRAW_PATCH = 6 };
 
 /* order (n) <- the permutation of epoch (0-based) of the n training images. */
 void cdb_tdata_order(uint64_t seed, long epoch, size_t n, int64_t *order);
+
+/* The nkeep (1..np) patches image img keeps at step `step` under patch
+** dropout: a uniform draw without replacement from 0..np-1, increasing, into
+** keep[0..nkeep), from the stream (seed, CDB_DRAW_PATCH, step, img). */
+void cdb_tdata_patches(uint64_t seed, long step, size_t img, int np, int nkeep, int32_t *keep);
+
+/* Patches kept of np at patch dropout p: max(1, floor(np * (1 - p))), as
+** open_clip; np when p <= 0. */
+int cdb_tdata_patch_count(int np, float p);
 
 /* Reusable per-run buffers for building batches. */
 typedef struct cdb_batch {

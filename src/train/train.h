@@ -157,6 +157,14 @@ const char *cdb_trainer_errmsg(const cdb_trainer *t);
 int cdb_train_step(cdb_trainer *t, const float *pixels, const int32_t *const *ids,
                    const int *lens, int n, cdb_train_stats *st);
 
+/* Patch dropout (open_clip's PatchDropout; an augmentation of training only,
+** inference always sees every patch): the following steps run image i of
+** their batch on the class token and the nkeep patches keep[i*nkeep ..]
+** (strictly increasing grid indices gy*G + gx) only, n images covered (a
+** batch of more is an error). keep NULL or nkeep 0: every patch again. The
+** keep list is copied. CLIPDB_EINVAL (message on t) for a bad list. */
+int cdb_trainer_set_patches(cdb_trainer *t, const int32_t *keep, int nkeep, int n);
+
 /* The two halves of cdb_train_step, for tests and custom loops:
 ** cdb_train_grad sets the gradients (of the mean loss over the batch) of the
 ** trainable tensors, frozen ones stay 0; cdb_train_apply clips, updates and

@@ -406,9 +406,7 @@ def test_crop_min_changes_the_augmentation_is_recorded_and_checked(photos, model
     """--crop-min: the smallest random crop. It changes what the model sees (other
     weights from the same seed), is recorded in clipdb_made.json, takes part in the
     checkpoint's identity, and is refused outside (0, 1]."""
-    common = ["train", "--images", photos / "images", "--captions", photos / "captions.jsonl",
-              "--tokenizer", model, "--arch", ARCH, "--batch", 4, "--epochs", 1, "--val", 0,
-              "--seed", 1]
+    common = one_epoch_from_scratch(photos, model)
     run(*common, "--out", tmp_path / "d", check=True)
     run(*common, "--crop-min", "0.5", "--out", tmp_path / "h", check=True)
     run(*common, "--crop-min", "0.1", "--out", tmp_path / "s", check=True)
@@ -421,6 +419,13 @@ def test_crop_min_changes_the_augmentation_is_recorded_and_checked(photos, model
         assert not (tmp_path / "o").exists() and not (tmp_path / "o.ckpt").exists()
     other_options_not_resumed(common + ["--epochs", 3, "--out", tmp_path / "k"],
                               ["--crop-min", "0.3"])
+
+
+def one_epoch_from_scratch(photos, model):
+    """The arguments of a one-epoch training of ARCH on the photos, seed 1."""
+    return ["train", "--images", photos / "images", "--captions", photos / "captions.jsonl",
+            "--tokenizer", model, "--arch", ARCH, "--batch", 4, "--epochs", 1, "--val", 0,
+            "--seed", 1]
 
 
 def zero_default_option_is_recorded_and_checked(common, tmp_path, opt, key, value, bad):
@@ -444,9 +449,7 @@ def test_text_drop_augments_the_captions_is_recorded_and_checked(photos, model, 
     """--text-drop P: each caption token dropped with probability P while training
     from scratch. Deterministic with the seed, other weights than without, recorded,
     part of the checkpoint's identity, refused outside [0, 1)."""
-    common = ["train", "--images", photos / "images", "--captions", photos / "captions.jsonl",
-              "--tokenizer", model, "--arch", ARCH, "--batch", 4, "--epochs", 1, "--val", 0,
-              "--seed", 1]
+    common = one_epoch_from_scratch(photos, model)
     zero_default_option_is_recorded_and_checked(common, tmp_path, "--text-drop", "text_drop",
                                                 "0.5", ["1", "-0.1", "nan", "x"])
     run(*common, "--text-drop", "0.5", "--out", tmp_path / "b", check=True)
@@ -454,14 +457,30 @@ def test_text_drop_augments_the_captions_is_recorded_and_checked(photos, model, 
     assert weights(tmp_path / "a") == weights(tmp_path / "b")
 
 
+def test_patch_drop_is_deterministic_recorded_and_checked(photos, model, tmp_path):
+    """--patch-drop P: each step an image runs on a seeded random share 1 - P
+    of its patches (the gradients are checked against torch in tests/ref).
+    Deterministic with the seed, other weights than without, recorded, part of
+    the checkpoint's identity, refused outside [0, 1); --no-augment turns it
+    off like the other augmentations."""
+    common = one_epoch_from_scratch(photos, model)
+    zero_default_option_is_recorded_and_checked(common, tmp_path, "--patch-drop", "patch_drop",
+                                                "0.5", ["1", "-0.1", "nan", "x"])
+    run(*common, "--patch-drop", "0.5", "--out", tmp_path / "b", check=True)
+    assert weights(tmp_path / "a") == weights(tmp_path / "b")
+    run(*common, "--patch-drop", "0.99", "--out", tmp_path / "c", check=True)  # one patch left
+    run(*common, "--patch-drop", "0.5", "--no-augment", "--out", tmp_path / "d", check=True)
+    run(*common, "--no-augment", "--out", tmp_path / "e", check=True)
+    assert made(tmp_path / "d")["patch_drop"] == 0
+    assert weights(tmp_path / "d") == weights(tmp_path / "e")
+
+
 def test_label_smoothing_is_recorded_and_checked(photos, model, tmp_path):
     """--label-smoothing E (the loss itself is checked against torch in
     tests/ref): 0 is the default and the paper's loss, another E trains other
     weights, it is recorded, part of the checkpoint's identity, and refused
     outside [0, 1)."""
-    common = ["train", "--images", photos / "images", "--captions", photos / "captions.jsonl",
-              "--tokenizer", model, "--arch", ARCH, "--batch", 4, "--epochs", 1, "--val", 0,
-              "--seed", 1]
+    common = one_epoch_from_scratch(photos, model)
     zero_default_option_is_recorded_and_checked(common, tmp_path, "--label-smoothing",
                                                 "label_smoothing", "0.1",
                                                 ["1", "-0.1", "nan", "x"])

@@ -97,8 +97,11 @@ static double loss_at(cdb_trainer *t, const batch *b)
 }
 
 /* Every tensor: the coordinate of largest |grad| (and `extra` random ones)
-** against a central difference of the loss. */
-static void finite_differences(const char *dir, int extra)
+** against a central difference of the loss. nkeep > 0: under patch dropout,
+** image i keeping patches i, i+4, i+8, ... (nkeep of them), and only the
+** image tower's tensors (the text tower's code and data are unchanged by
+** it; the plain runs check them). */
+static void finite_differences(const char *dir, int extra, int nkeep)
 {
     clipdb_model *m;
     cdb_trainer *t = NULL;
@@ -113,6 +116,13 @@ static void finite_differences(const char *dir, int extra)
     make_batch(&b, m, 4);
     cdb_train_opts_init(&o);
     REQUIRE(cdb_trainer_new(&t, m, &o, &e) == CLIPDB_OK);
+    if (nkeep > 0) {
+        int32_t keep[4 * 16];
+        REQUIRE(nkeep <= 16 && b.n == 4);
+        for (i = 0; i < 4; i++)
+            for (k = 0; k < nkeep; k++) keep[i * nkeep + k] = i + 4 * k;
+        REQUIRE(cdb_trainer_set_patches(t, keep, nkeep, 4) == CLIPDB_OK);
+    }
     cdb_trainer_state(t, &s);
     /* temperature 10 instead of the file's 100: a smoother loss, so that the
     ** fp32 forward's rounding and the difference's truncation both stay small */
@@ -123,6 +133,7 @@ static void finite_differences(const char *dir, int extra)
     for (i = 0; i < s.n_tensors; i++) {
         const cdb_ptensor *pt = &s.tensors[i];
         size_t best = 0, j;
+        if (nkeep > 0 && strncmp(pt->name, "visual.", 7)) continue;
         for (j = 1; j < pt->numel; j++)
             if (fabsf(g0[pt->offset + j]) > fabsf(g0[pt->offset + best])) best = j;
         for (k = 0; k <= extra; k++) {
@@ -144,7 +155,7 @@ static void finite_differences(const char *dir, int extra)
             checked++;
         }
     }
-    CHECK(checked >= s.n_tensors);
+    CHECK(checked >= (nkeep > 0 ? 10 : s.n_tensors));
     free(g0);
     cdb_trainer_free(t);
     free_batch(&b);
@@ -153,12 +164,88 @@ static void finite_differences(const char *dir, int extra)
 
 TEST(train_finite_differences_every_tensor_openai)
 {
-    finite_differences(gen("fd-openai", "--keys openai"), 1);
+    finite_differences(gen("fd-openai", "--keys openai"), 1, 0);
+}
+
+/* Patch dropout: the gradients of the kept tokens' path (patch embedding,
+** their position embeddings, every block) still agree with the loss. */
+TEST(train_finite_differences_with_patch_dropout)
+{
+    finite_differences(gen("fd-openai", "--keys openai"), 1, 10);
+}
+
+/* cdb_trainer_set_patches: every patch kept in order is the plain step, bit
+** for bit; a bad list is refused with a message; a batch larger than the
+** list covers is refused; NULL restores every patch. */
+TEST(train_patch_dropout_lists)
+{
+    const char *dir = gen("fd-openai", "--keys openai");
+    clipdb_model *m;
+    cdb_trainer *t = NULL;
+    cdb_train_opts o;
+    cdb_train_state s;
+    cdb_err e = {0};
+    batch b;
+    int32_t all[4 * 49], bad[4 * 2];
+    float *g0;
+    double l0, l1;
+    int i, k, np;
+    if (!dir) SKIP("python3 absent: no generated model");
+    m = load(dir);
+    np = m->vision.grid * m->vision.grid;
+    REQUIRE(np == 49);
+    make_batch(&b, m, 4);
+    cdb_train_opts_init(&o);
+    REQUIRE(cdb_trainer_new(&t, m, &o, &e) == CLIPDB_OK);
+    cdb_trainer_state(t, &s);
+    l0 = loss_at(t, &b);
+    g0 = malloc(s.numel * sizeof *g0);
+    memcpy(g0, s.grads, s.numel * sizeof *g0);
+    for (i = 0; i < 4; i++)
+        for (k = 0; k < np; k++) all[i * np + k] = k;
+    REQUIRE(cdb_trainer_set_patches(t, all, np, 4) == CLIPDB_OK);
+    l1 = loss_at(t, &b);
+    CHECK(l1 == l0);
+    CHECK(memcmp(g0, s.grads, s.numel * sizeof *g0) == 0);
+    /* half the patches: another loss */
+    for (i = 0; i < 4; i++)
+        for (k = 0; k < 24; k++) all[i * 24 + k] = 2 * k + (i & 1);
+    REQUIRE(cdb_trainer_set_patches(t, all, 24, 4) == CLIPDB_OK);
+    CHECK(fabs(loss_at(t, &b) - l0) > 1e-4);
+    /* a 5-pair batch is more than the list covers */
+    {
+        batch b5;
+        make_batch(&b5, m, 5);
+        CHECK(cdb_train_grad(t, b5.px, b5.ids, b5.lens, 5, NULL) == CLIPDB_EINVAL);
+        CHECK(strstr(cdb_trainer_errmsg(t), "patch dropout") != NULL);
+        free_batch(&b5);
+    }
+    /* bad lists: out of range, repeated, decreasing, too many; the old list stays */
+    for (i = 0; i < 8; i++) bad[i] = i % 2;
+    bad[5] = 49;
+    CHECK(cdb_trainer_set_patches(t, bad, 2, 4) == CLIPDB_EINVAL);
+    CHECK(strstr(cdb_trainer_errmsg(t), "patch 49") != NULL);
+    bad[5] = 1, bad[3] = 0;
+    CHECK(cdb_trainer_set_patches(t, bad, 2, 4) == CLIPDB_EINVAL);
+    bad[3] = 1, bad[0] = 1;
+    CHECK(cdb_trainer_set_patches(t, bad, 2, 4) == CLIPDB_EINVAL);
+    bad[0] = -1;
+    CHECK(cdb_trainer_set_patches(t, bad, 2, 4) == CLIPDB_EINVAL);
+    CHECK(cdb_trainer_set_patches(t, all, 50, 1) == CLIPDB_EINVAL);
+    CHECK(fabs(loss_at(t, &b) - l0) > 1e-4); /* still the half list */
+    /* NULL: every patch again */
+    REQUIRE(cdb_trainer_set_patches(t, NULL, 0, 0) == CLIPDB_OK);
+    CHECK(loss_at(t, &b) == l0);
+    CHECK(memcmp(g0, s.grads, s.numel * sizeof *g0) == 0);
+    free(g0);
+    cdb_trainer_free(t);
+    free_batch(&b);
+    test_unload_model(m);
 }
 
 TEST(train_finite_differences_every_tensor_hf)
 {
-    finite_differences(gen("fd-hf", "--keys hf"), 0);
+    finite_differences(gen("fd-hf", "--keys hf"), 0, 0);
 }
 
 TEST(train_parse_what)

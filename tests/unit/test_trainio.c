@@ -88,6 +88,41 @@ TEST(trainio_order_is_a_seeded_permutation)
     CHECK(cdb_tdraw(1, 2, 3, 4) != cdb_tdraw(1, 3, 3, 4));
 }
 
+/* Patch dropout's draws: increasing, in range, seeded by (seed, step, image),
+** uniform over the patches; the kept count as open_clip's. */
+TEST(trainio_patch_draws)
+{
+    int32_t a[32], b[32];
+    int hits[64] = {0}, i, k, same = 1, differ = 0;
+    CHECK(cdb_tdata_patch_count(64, 0.5f) == 32);
+    CHECK(cdb_tdata_patch_count(49, 0.5f) == 24);
+    CHECK(cdb_tdata_patch_count(64, 0.0f) == 64);
+    CHECK(cdb_tdata_patch_count(64, 0.999f) == 1);
+    CHECK(cdb_tdata_patch_count(64, 0.25f) == 48);
+    cdb_tdata_patches(9, 4, 17, 64, 32, a);
+    cdb_tdata_patches(9, 4, 17, 64, 32, b);
+    for (k = 0; k < 32; k++) {
+        CHECK(a[k] >= 0 && a[k] < 64);
+        if (k) CHECK(a[k] > a[k - 1]);
+        same &= a[k] == b[k];
+    }
+    CHECK(same);
+    cdb_tdata_patches(9, 5, 17, 64, 32, b); /* another step */
+    for (k = 0; k < 32; k++) differ += a[k] != b[k];
+    CHECK(differ > 0);
+    cdb_tdata_patches(9, 4, 18, 64, 32, b); /* another image */
+    for (differ = 0, k = 0; k < 32; k++) differ += a[k] != b[k];
+    CHECK(differ > 0);
+    /* 4000 draws of 16 of 64: each patch kept 1000 times on average (sd ~27) */
+    for (i = 0; i < 4000; i++) {
+        cdb_tdata_patches(1, i, 0, 64, 16, a);
+        for (k = 0; k < 16; k++) hits[a[k]]++;
+    }
+    for (k = 0; k < 64; k++) CHECK(hits[k] > 850 && hits[k] < 1150);
+    cdb_tdata_patches(1, 0, 0, 8, 8, a); /* all kept */
+    for (k = 0; k < 8; k++) CHECK(a[k] == k);
+}
+
 /* A tiny model from an arch spec, written with CLIP's init and opened. */
 static clipdb_model *tiny(const char *name, uint64_t seed)
 {

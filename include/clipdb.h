@@ -87,6 +87,11 @@ typedef struct clipdb_model_info {
     const char *precision;     /* encoder precision: "fp32", "bf16" or "int8" */
     const char *compute;       /* backend and ISA, as clipdb_compute_info() */
     uint64_t packed_bytes;     /* memory the packed (reordered) weights own */
+    const char *vision_kind;   /* "vit", or "resnet" (CLIP's ModifiedResNet:
+                               ** patch_size 0, vision_width the first
+                               ** stage's, vision_layers its bottlenecks,
+                               ** vision_heads the attention pool's) */
+    int vision_stages[4];      /* resnet: bottlenecks per stage (RN50 3,4,6,3) */
 } clipdb_model_info;
 
 /* Encoder precision, chosen when a model is opened. fp32 (the default) is

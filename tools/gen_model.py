@@ -2,7 +2,8 @@
 """gen_model.py: writes a CLIP model directory with seeded random weights in
 the real file formats (test fixture generator; test time only).
 
-    /usr/bin/python3 tools/gen_model.py OUTDIR --size tiny|small|b32 \
+    /usr/bin/python3 tools/gen_model.py OUTDIR \
+        --size tiny|small|b32|rn-tiny|rn-small|rn50 \
         --keys openai|hf --dtype F32|F16|BF16 --seed N [--tokenizer bpe|hf]
 
 OUTDIR gets model.safetensors and a tokenizer:
@@ -17,15 +18,37 @@ named, split (in_proj -> q/k/v) and transposed (projections) per convention.
 Every tensor is rounded to --dtype from the same float32 values, so openai and
 hf files of one seed and dtype hold bit-identical weights.
 
-Sizes (heads = width / 64 always; image 224; context 77; vocab 49408):
+ViT sizes (heads = width / 64 always; image 224; context 77; vocab 49408):
   tiny   vision 64 x 2 layers, patch 32; text 64 x 2 layers; embed 32
   small  vision 128 x 3 layers, patch 32; text 128 x 3 layers; embed 64
   b32    ViT-B/32: vision 768 x 12, patch 32; text 512 x 12; embed 512
+
+ResNet sizes: CLIP's ModifiedResNet image tower (as OpenAI's RN50/RN101/
+RN50x4), OpenAI key names only (Hugging Face has no ResNet CLIP). width w:
+stem w/2, w/2, w channels; stage s (1..4) has planes w * 2^(s-1), out channels
+4 * planes; attention pool of width 32w, heads 32w / 64, over a grid of
+(image / 32)^2 tokens + 1 (their mean). Text towers as the ViT sizes.
+  rn-tiny   width 16, blocks 1,2,1,1, image 128 (grid 4), heads 8;
+            text 64 x 2 layers; embed 32
+  rn-small  width 32, blocks 2,1,2,1, image 160 (grid 5), heads 16;
+            text 128 x 3 layers; embed 64
+  rn50      RN50: width 64, blocks 3,4,6,3, image 224 (grid 7), heads 32;
+            text 512 x 12; embed 1024
+Each of the two small ones takes every path of the net: stage 1's block 0
+has a stride-1 downsample (w in, 4w out), stages 2-4 a stride-2 one, and a
+stage with 2+ blocks has blocks without one.
 
 Initialisation follows OpenAI CLIP's initialize_parameters (attention std
 width^-0.5, MLP/out-proj scaled by layers), with LayerNorm weights
 1 + N(0, 0.05) and biases N(0, 0.02) so that a loader swapping weight and
 bias, or q and k, changes the output. logit_scale = ln(100).
+ResNet: convolutions N(0, fan_in^-1/2) (activations stay O(1): rms 0.3-1.2
+after each stage of rn50 on a COCO photo, where He's sqrt(2) more grows them
+to ~1000 through the residual sums); BatchNorm weight 1 + N(0, 0.1), bias
+N(0, 0.1), running_mean N(0, 0.1), running_var U(0.5, 1.5) (a forward that
+ignores the running statistics fails), num_batches_tracked an I64 scalar (0;
+--dtype converts float tensors only); attention pool (its positional
+embedding included) std (32w)^-1/2, biases N(0, 0.02).
 
 For tests of the loader's error messages (not for normal use):
   --drop NAME         leave the tensor NAME (final, per-convention name) out
@@ -53,7 +76,16 @@ SIZES = {
     "small": (128, 3, 32, 128, 3, 64),
     "b32": (768, 12, 32, 512, 12, 512),
 }
-IMAGE = 224
+RN_SIZES = {
+    # name: (width, blocks per stage, image, text width, text layers, embed)
+    # (images not under 128: clipdb decodes a JPEG at a reduced DCT scale
+    # when its shorter side is 3x the target's, PIL never; from 128 on the
+    # photos of the reference tests decode at full scale, so the two agree)
+    "rn-tiny": (16, (1, 2, 1, 1), 128, 64, 2, 32),
+    "rn-small": (32, (2, 1, 2, 1), 160, 128, 3, 64),
+    "rn50": (64, (3, 4, 6, 3), 224, 512, 12, 1024),
+}
+IMAGE = 224  # ViT sizes; the ResNet sizes carry their own
 CONTEXT = 77
 VOCAB = 49408
 
@@ -61,8 +93,8 @@ VOCAB = 49408
 # ---- canonical weights (OpenAI layout) -------------------------------------
 
 def canonical(size, seed):
-    """Returns an ordered list of (openai_name, float32 array)."""
-    vw, vl, patch, tw, tl, embed = SIZES[size]
+    """Returns an ordered list of (openai_name, float32 array); for a ResNet
+    size also the BatchNorms' num_batches_tracked (int64 scalars)."""
     rng = np.random.default_rng(seed)
     out = []
 
@@ -90,15 +122,22 @@ def canonical(size, seed):
             out.append((p + ".mlp.c_proj.weight", normal((d, 4 * d), proj_std)))
             out.append((p + ".mlp.c_proj.bias", normal((d,), 0.02)))
 
-    grid = IMAGE // patch
-    vscale = vw ** -0.5
-    out.append(("visual.conv1.weight", normal((vw, 3, patch, patch), (3 * patch * patch) ** -0.5)))
-    out.append(("visual.class_embedding", normal((vw,), vscale)))
-    out.append(("visual.positional_embedding", normal((grid * grid + 1, vw), vscale)))
-    ln("visual.ln_pre", vw)
-    blocks("visual.transformer", vw, vl)
-    ln("visual.ln_post", vw)
-    out.append(("visual.proj", normal((vw, embed), vscale)))
+    if size in RN_SIZES:
+        width, stages, image, tw, tl, embed = RN_SIZES[size]
+        out += resnet(rng, width, stages, image, embed)
+    else:
+        # (the ViT path draws exactly as before the ResNet sizes existed, so
+        # its files, and the fixtures made from them, stay byte-identical)
+        vw, vl, patch, tw, tl, embed = SIZES[size]
+        grid = IMAGE // patch
+        vscale = vw ** -0.5
+        out.append(("visual.conv1.weight", normal((vw, 3, patch, patch), (3 * patch * patch) ** -0.5)))
+        out.append(("visual.class_embedding", normal((vw,), vscale)))
+        out.append(("visual.positional_embedding", normal((grid * grid + 1, vw), vscale)))
+        ln("visual.ln_pre", vw)
+        blocks("visual.transformer", vw, vl)
+        ln("visual.ln_post", vw)
+        out.append(("visual.proj", normal((vw, embed), vscale)))
 
     out.append(("token_embedding.weight", normal((VOCAB, tw), 0.02)))
     out.append(("positional_embedding", normal((CONTEXT, tw), 0.01)))
@@ -106,6 +145,65 @@ def canonical(size, seed):
     ln("ln_final", tw)
     out.append(("text_projection", normal((tw, embed), tw ** -0.5)))
     out.append(("logit_scale", np.array(math.log(100.0), dtype=np.float32)))
+    return out
+
+
+def resnet(rng, width, stages, image, embed):
+    """The ModifiedResNet image tower's tensors, named as in OpenAI's
+    clip/model.py state_dict ("visual." + ...), drawn from rng in order."""
+    out = []
+
+    def normal(shape, std):
+        return (rng.standard_normal(shape, dtype=np.float32) * np.float32(std)).astype(np.float32)
+
+    def conv(name, cout, cin, k):
+        # not He's sqrt(2 / fan_in): the ReLU's halving is made up by the
+        # residual sums, and with He the activations grow ~4x per stage
+        out.append((name, normal((cout, cin, k, k), (cin * k * k) ** -0.5)))
+
+    def bn(prefix, d):
+        # statistics away from the identity: a forward that skips them, or
+        # mixes up mean and var, must not pass
+        out.append((prefix + ".weight", (1.0 + normal((d,), 0.1)).astype(np.float32)))
+        out.append((prefix + ".bias", normal((d,), 0.1)))
+        out.append((prefix + ".running_mean", normal((d,), 0.1)))
+        out.append((prefix + ".running_var", rng.uniform(0.5, 1.5, d).astype(np.float32)))
+        out.append((prefix + ".num_batches_tracked", np.array(0, dtype=np.int64)))
+
+    v = "visual."
+    conv(v + "conv1.weight", width // 2, 3, 3)
+    bn(v + "bn1", width // 2)
+    conv(v + "conv2.weight", width // 2, width // 2, 3)
+    bn(v + "bn2", width // 2)
+    conv(v + "conv3.weight", width, width // 2, 3)
+    bn(v + "bn3", width)
+    inplanes = width
+    for s, n in enumerate(stages):
+        planes = width << s
+        for i in range(n):
+            p = f"{v}layer{s + 1}.{i}."
+            stride = 2 if s > 0 and i == 0 else 1
+            conv(p + "conv1.weight", planes, inplanes, 1)
+            bn(p + "bn1", planes)
+            conv(p + "conv2.weight", planes, planes, 3)
+            bn(p + "bn2", planes)
+            conv(p + "conv3.weight", planes * 4, planes, 1)
+            bn(p + "bn3", planes * 4)
+            if stride > 1 or inplanes != planes * 4:
+                conv(p + "downsample.0.weight", planes * 4, inplanes, 1)
+                bn(p + "downsample.1", planes * 4)
+            inplanes = planes * 4
+
+    d = width * 32  # = inplanes: stage 4's output channels
+    grid = image // 32
+    std = d ** -0.5
+    a = v + "attnpool."
+    out.append((a + "positional_embedding", normal((grid * grid + 1, d), std)))
+    for proj in ("q_proj", "k_proj", "v_proj"):
+        out.append((a + proj + ".weight", normal((d, d), std)))
+        out.append((a + proj + ".bias", normal((d,), 0.02)))
+    out.append((a + "c_proj.weight", normal((embed, d), std)))
+    out.append((a + "c_proj.bias", normal((embed,), 0.02)))
     return out
 
 
@@ -272,7 +370,7 @@ def main():
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog=__doc__)
     ap.add_argument("outdir")
-    ap.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    ap.add_argument("--size", choices=sorted(SIZES) + sorted(RN_SIZES), default="tiny")
     ap.add_argument("--keys", choices=["openai", "hf"], default="openai")
     ap.add_argument("--dtype", choices=["F32", "F16", "BF16"], default="F32")
     ap.add_argument("--seed", type=int, default=0)
@@ -282,6 +380,10 @@ def main():
     ap.add_argument("--bad-shape", action="append", default=[], metavar="NAME",
                     help="write NAME with its last dimension one shorter (for loader error tests)")
     a = ap.parse_args()
+
+    if a.size in RN_SIZES and a.keys != "openai":
+        sys.exit(f"gen_model.py: --size {a.size} is a ResNet CLIP, which exists only with "
+                 "OpenAI key names (--keys openai): Hugging Face has no ResNet CLIP")
 
     outdir = pathlib.Path(a.outdir)
     outdir.mkdir(parents=True, exist_ok=True)

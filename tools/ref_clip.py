@@ -5,12 +5,16 @@ Written from the architecture facts (shared/models/clip-vit-b-32/README.md)
 and the shape of OpenAI's clip/model.py, not from clipdb's C code. It reads a
 model directory's safetensors with its own small numpy reader (OpenAI or
 Hugging Face key names; F32/F16/BF16), builds both towers as torch modules
-(fp32) and computes the embeddings:
+(fp32) and computes the embeddings. The image tower is a ViT, or, when the
+file has OpenAI's ModifiedResNet names (visual.layer1.0.conv1.weight: CLIP
+RN50/RN101/RN50x4, OpenAI names only), a ResNet written from the architecture
+(ModifiedResNet below), BatchNorm at its running statistics.
 
   texts:  the full 77-token sequence with CLIP's causal mask, features at the
           argmax of the ids (so it also checks clipdb's cut-off at the end token)
   images: PIL decode + exif_transpose, then CLIP's _transform:
-          Resize(224, BICUBIC), CenterCrop(224), RGB, ToTensor, Normalize.
+          Resize(S, BICUBIC), CenterCrop(S), RGB, ToTensor, Normalize, with S the
+          model's image size (224 for every ViT here; the ResNet's own).
 
     /usr/bin/python3 tools/ref_clip.py MODEL_DIR [--text T]... [--image P]... [--ids 49406,...]
 
@@ -41,8 +45,10 @@ CONTEXT = 77
 
 # ---- safetensors (own reader) -------------------------------------------------
 
-def read_safetensors(path):
-    """Returns {name: float32 numpy array} (integer tensors are skipped)."""
+def read_safetensors(path, ints=False):
+    """Returns {name: float32 numpy array}; integer tensors are skipped, or,
+    with ints, I64 ones returned as int64 arrays (BatchNorm's
+    num_batches_tracked, which the ResNet's strict load wants)."""
     raw = pathlib.Path(path).read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
     header = json.loads(raw[8:8 + n])
@@ -60,6 +66,9 @@ def read_safetensors(path):
             arr = np.frombuffer(buf, dtype="<f2").astype(np.float32)
         elif dt == "BF16":
             arr = (np.frombuffer(buf, dtype="<u2").astype(np.uint32) << 16).view(np.float32)
+        elif dt == "I64" and ints:
+            out[name] = np.frombuffer(buf, dtype="<i8").reshape(shape).astype(np.int64)
+            continue
         else:
             continue
         out[name] = arr.reshape(shape).astype(np.float32)
@@ -171,9 +180,106 @@ class Vision(nn.Module):
         return self.ln_post(x[:, 0, :]) @ self.proj
 
 
+class Bottleneck(nn.Module):
+    """ModifiedResNet's block: 1x1, 3x3, 1x1 convolutions (no bias, each with
+    a BatchNorm), the stride as an average pool before the last 1x1 (not a
+    strided conv), and on the identity path, when the shape changes, average
+    pool then 1x1 conv + BatchNorm."""
+
+    def __init__(self, inplanes, planes, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.pool = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
+        self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(planes * 4)
+        self.down_pool = None
+        self.downsample = None
+        if stride > 1 or inplanes != planes * 4:
+            # state_dict names downsample.0 (conv) and .1 (bn): the pool has no
+            # tensors, so it is kept outside the Sequential
+            self.down_pool = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
+            self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes * 4, 1, bias=False),
+                                            nn.BatchNorm2d(planes * 4))
+
+    def forward(self, x):
+        y = torch.relu(self.bn1(self.conv1(x)))
+        y = torch.relu(self.bn2(self.conv2(y)))
+        y = self.bn3(self.conv3(self.pool(y)))
+        identity = x if self.downsample is None else self.downsample(self.down_pool(x))
+        return torch.relu(y + identity)
+
+
+class AttentionPool2d(nn.Module):
+    """One multi-head attention step whose only query is the mean of the grid's
+    tokens; keys and values are that mean and every grid token, each with its
+    positional embedding (q, k, v projections with biases, then c_proj)."""
+
+    def __init__(self, grid, d, heads, embed):
+        super().__init__()
+        self.positional_embedding = nn.Parameter(torch.empty(grid * grid + 1, d))
+        self.q_proj = nn.Linear(d, d)
+        self.k_proj = nn.Linear(d, d)
+        self.v_proj = nn.Linear(d, d)
+        self.c_proj = nn.Linear(d, embed)
+        self.heads = heads
+
+    def forward(self, x):  # x (N, C, H, W)
+        n, c = x.shape[:2]
+        x = x.reshape(n, c, -1).permute(2, 0, 1)                 # (HW, N, C)
+        x = torch.cat([x.mean(dim=0, keepdim=True), x], dim=0)   # (HW+1, N, C)
+        x = x + self.positional_embedding[:, None, :]
+        h, dh = self.heads, c // self.heads
+        q = self.q_proj(x[:1]).reshape(1, n, h, dh)
+        k = self.k_proj(x).reshape(-1, n, h, dh)
+        v = self.v_proj(x).reshape(-1, n, h, dh)
+        att = torch.einsum("qnhd,tnhd->nhqt", q, k) / dh ** 0.5
+        o = torch.einsum("nhqt,tnhd->nqhd", att.softmax(dim=-1), v)  # (N, 1, h, dh)
+        return self.c_proj(o.reshape(n, c))
+
+
+class ModifiedResNet(nn.Module):
+    """CLIP's ResNet image tower: a 3-conv stem (stride 2, then average pool
+    2), four stages of Bottlenecks (planes w, 2w, 4w, 8w; stride 2 from
+    stage 2 on, in block 0), then AttentionPool2d instead of a global pool."""
+
+    def __init__(self, width, layers, image, embed):
+        super().__init__()
+        h = width // 2
+        self.conv1 = nn.Conv2d(3, h, 3, stride=2, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(h)
+        self.conv2 = nn.Conv2d(h, h, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(h)
+        self.conv3 = nn.Conv2d(h, width, 3, padding=1, bias=False)
+        self.bn3 = nn.BatchNorm2d(width)
+        self.avgpool = nn.AvgPool2d(2)
+        inplanes = width
+        for s, n in enumerate(layers):
+            planes = width << s
+            blocks = []
+            for i in range(n):
+                blocks.append(Bottleneck(inplanes, planes, 2 if s > 0 and i == 0 else 1))
+                inplanes = planes * 4
+            setattr(self, f"layer{s + 1}", nn.Sequential(*blocks))
+        self.attnpool = AttentionPool2d(image // 32, width * 32, width * 32 // 64, embed)
+
+    def forward(self, x):  # x (N, 3, S, S)
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        x = torch.relu(self.bn3(self.conv3(x)))
+        x = self.avgpool(x)
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))  # (N, 32w, S/32, S/32)
+        return self.attnpool(x)
+
+
 class CLIP(nn.Module):
     def __init__(self, w):
         super().__init__()
+        if "visual.layer1.0.conv1.weight" in w:
+            self._init_resnet(w)
+            return
         vd = w["visual.conv1.weight"].shape[0]
         patch = w["visual.conv1.weight"].shape[2]
         grid = int(round((w["visual.positional_embedding"].shape[0] - 1) ** 0.5))
@@ -183,6 +289,14 @@ class CLIP(nn.Module):
         embed = w["text_projection"].shape[1]
         self.image_size = grid * patch
         self.visual = Vision(vd, vl, patch, grid, embed)
+        self._init_text(w, td, tl, embed)
+        state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in w.items() if k != "logit_scale"
+                 and v.dtype.kind != "i"}  # load_model reads int tensors: no ViT one is loaded
+        self.load_state_dict(state, strict=True)
+        self.eval()
+
+    def _init_text(self, w, td, tl, embed):
+        """The text tower (the same for either image tower): td wide, tl blocks."""
         self.context = w["positional_embedding"].shape[0]
         mask = torch.full((self.context, self.context), float("-inf")).triu_(1)
         self.transformer = Transformer(td, tl, td // 64, mask)
@@ -190,7 +304,32 @@ class CLIP(nn.Module):
         self.positional_embedding = nn.Parameter(torch.empty(self.context, td))
         self.ln_final = LayerNorm(td)
         self.text_projection = nn.Parameter(torch.empty(td, embed))
-        state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in w.items() if k != "logit_scale"}
+
+    def _init_resnet(self, w):
+        """The ResNet image tower's shapes come from the tensors: width from
+        layer1.0.conv1 (out = planes = width; the stem's conv1 has width/2),
+        blocks per stage from the layerS.i indices, the image size from the
+        attention pool's grid, embed from c_proj."""
+        width = w["visual.layer1.0.conv1.weight"].shape[0]
+        layers = [len({k.split(".")[2] for k in w if k.startswith(f"visual.layer{s}.")})
+                  for s in range(1, 5)]
+        grid = int(round((w["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5))
+        embed = w["visual.attnpool.c_proj.weight"].shape[0]
+        self.image_size = 32 * grid
+        self.visual = ModifiedResNet(width, layers, self.image_size, embed)
+        td = w["ln_final.weight"].shape[0]
+        tl = len({k.split(".")[2] for k in w if k.startswith("transformer.resblocks.")})
+        self._init_text(w, td, tl, embed)
+        # (a 0-d array stays 0-d here: num_batches_tracked)
+        state = {k: torch.from_numpy(np.ascontiguousarray(v).reshape(np.shape(v)))
+                 for k, v in w.items() if k != "logit_scale"}
+        # strict by hand first: BatchNorm's loader quietly makes up a missing
+        # num_batches_tracked, and a wrong-shaped one fails with an index error
+        want = {k: tuple(t.shape) for k, t in self.state_dict().items()}
+        bad = sorted(set(want) ^ set(state)) + sorted(
+            k for k in want if k in state and tuple(state[k].shape) != want[k])
+        if bad:
+            raise ValueError(f"ResNet CLIP: missing, unexpected or wrong-shaped tensors: {bad[:5]}")
         self.load_state_dict(state, strict=True)
         self.eval()
 
@@ -211,7 +350,7 @@ def load_model(model_dir):
     f = d / "model.safetensors"
     if not f.exists():
         f = d / "open_clip_model.safetensors"
-    return CLIP(to_openai_names(read_safetensors(f)))
+    return CLIP(to_openai_names(read_safetensors(f, ints=True)))
 
 
 def preprocess(size):

@@ -234,18 +234,32 @@ static int model_info(int argc, char **argv)
         cli_print_json_string(stdout, mi.precision);
         printf(",\"compute\":");
         cli_print_json_string(stdout, mi.compute);
-        printf(",\"packed_bytes\":%" PRIu64 "}\n", mi.packed_bytes);
+        printf(",\"packed_bytes\":%" PRIu64 ",\"vision_kind\":", mi.packed_bytes);
+        cli_print_json_string(stdout, mi.vision_kind);
+        if (!strcmp(mi.vision_kind, "resnet"))
+            printf(",\"vision_stages\":[%d,%d,%d,%d]", mi.vision_stages[0], mi.vision_stages[1],
+                   mi.vision_stages[2], mi.vision_stages[3]);
+        printf("}\n");
     } else {
         printf("directory       %s\n", dir);
         printf("identity        %s\n", id);
         printf("tokenizer       %s\n", tok);
         printf("embedding       %d\n", mi.embed_dim);
-        printf("image           %d x %d pixels in patches of %d x %d (a %d x %d grid)\n",
-               mi.image_size, mi.image_size, mi.patch_size, mi.patch_size,
-               mi.patch_size ? mi.image_size / mi.patch_size : 0,
-               mi.patch_size ? mi.image_size / mi.patch_size : 0);
-        printf("vision tower    width %d, %d layers, %d heads\n", mi.vision_width,
-               mi.vision_layers, mi.vision_heads);
+        if (!strcmp(mi.vision_kind, "resnet")) {
+            printf("image           %d x %d pixels\n", mi.image_size, mi.image_size);
+            printf("vision tower    ResNet (CLIP's ModifiedResNet), width %d, bottlenecks "
+                   "%d-%d-%d-%d, attention pool of %d heads over a %d x %d grid\n",
+                   mi.vision_width, mi.vision_stages[0], mi.vision_stages[1],
+                   mi.vision_stages[2], mi.vision_stages[3], mi.vision_heads,
+                   mi.image_size / 32, mi.image_size / 32);
+        } else {
+            printf("image           %d x %d pixels in patches of %d x %d (a %d x %d grid)\n",
+                   mi.image_size, mi.image_size, mi.patch_size, mi.patch_size,
+                   mi.patch_size ? mi.image_size / mi.patch_size : 0,
+                   mi.patch_size ? mi.image_size / mi.patch_size : 0);
+            printf("vision tower    width %d, %d layers, %d heads\n", mi.vision_width,
+                   mi.vision_layers, mi.vision_heads);
+        }
         printf("text tower      width %d, %d layers, %d heads, context %d, vocabulary %d\n",
                mi.text_width, mi.text_layers, mi.text_heads, mi.context_length, mi.vocab_size);
         printf("key naming      %s\n", mi.key_style ? mi.key_style : "?");

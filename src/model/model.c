@@ -117,6 +117,17 @@ static int pack_model(clipdb_model *m)
 {
     const cdb_vision *v = &m->vision;
     int rc;
+    if (v->rn) { /* the ResNet tower runs its convolutions on the plain fp32 weights */
+        if (m->prec != CDB_PREC_FP32)
+            return cdb_err_set(&m->err, CLIPDB_EINVAL,
+                               "precision %s: a ResNet image tower runs in fp32 only",
+                               clipdb_precision_name((int)m->prec));
+        if ((rc = pack_tower(m, &m->text.t, m->embed_dim))) {
+            cdb_err_prefix(&m->err, "packing the weights");
+            cdb_model_unpack(m);
+        }
+        return rc;
+    }
     if ((rc = pack_tower(m, &m->vision.t, m->embed_dim)) ||
         (rc = pack_tower(m, &m->text.t, m->embed_dim)) ||
         (rc = pack1(m, &m->vision.pk_patch, v->patch_w, CDB_TRANS, v->t.width,
@@ -251,6 +262,17 @@ int clipdb_model_get_info(const clipdb_model *m, clipdb_model_info *out)
     out->vision_width = m->vision.t.width;
     out->vision_layers = m->vision.t.layers;
     out->vision_heads = m->vision.t.heads;
+    if (m->vision.rn) { /* ResNet: patch_size 0; the stage-1 width, its bottlenecks */
+        const cdb_resnet *r = m->vision.rn;
+        out->vision_width = r->width;
+        out->vision_layers = r->n_blocks;
+        out->vision_heads = r->heads;
+        out->vision_kind = "resnet";
+        out->vision_stages[0] = r->layers[0], out->vision_stages[1] = r->layers[1];
+        out->vision_stages[2] = r->layers[2], out->vision_stages[3] = r->layers[3];
+    } else {
+        out->vision_kind = "vit";
+    }
     out->text_width = m->text.t.width;
     out->text_layers = m->text.t.layers;
     out->text_heads = m->text.t.heads;

@@ -53,7 +53,51 @@ typedef struct cdb_tower {
     cdb_wpack *pk_proj;                /* packed proj (model.c), or NULL */
 } cdb_tower;
 
+/* CLIP's ModifiedResNet image tower (RN50, RN101, RN50x4, ...), OpenAI key
+** names "visual.*". Batch norm runs on its running statistics, folded at
+** load into y = x * scale + shift per channel (eps 1e-5, as torch).
+**   stem: 3x3 conv s2 (w/2) - bn - relu - 3x3 (w/2) - bn - relu - 3x3 (w) -
+**         bn - relu - avgpool 2
+**   stages 1..4 of bottlenecks (planes w, 2w, 4w, 8w; out 4 planes):
+**         1x1 - bn - relu - 3x3 - bn - relu - avgpool s - 1x1 - bn, plus the
+**         input (through avgpool s - 1x1 - bn when block 0 changes the shape),
+**         relu; s = 2 in block 0 of stages 2-4, else 1
+**   attention pool: tokens [mean; the grid] + pos, one query (the mean
+**         token) over all, heads of 64, then c_proj to the embedding. */
+typedef struct cdb_conv {
+    const float *w;                    /* (cout, cin, k, k), no bias */
+    int cout, cin, k;                  /* stride 1 except the stem's first (2); pad k / 2 */
+    const float *bn_w, *bn_b, *bn_mean, *bn_var; /* (cout) each */
+    float *scale, *shift;              /* (cout) each, folded at load (owned by the model) */
+} cdb_conv;
+
+typedef struct cdb_bottleneck {
+    cdb_conv c1, c2, c3;
+    cdb_conv down;                     /* down.w NULL: the input is added as it is */
+    int stride;                        /* 1 or 2: the avgpool after c2 (and before down) */
+} cdb_bottleneck;
+
+typedef struct cdb_resnet {
+    int width;                         /* w: stage 1's planes (64 in RN50) */
+    int layers[4];                     /* bottlenecks per stage */
+    int n_blocks;
+    cdb_conv stem[3];
+    cdb_bottleneck *blocks;            /* [n_blocks], owned */
+    int grid;                          /* image_size / 32 */
+    int dim;                           /* 32 w: the attention pool's width */
+    int heads;                         /* dim / 64 */
+    const float *pos;                  /* (grid^2 + 1, dim) */
+    const float *wq, *bq, *wk, *bk, *wv, *bv; /* (dim, dim), (dim) */
+    const float *wc, *bc;              /* c_proj (e, dim), (e) */
+} cdb_resnet;
+
+/* What the training side says about a ResNet tower (engine and writer). */
+#define CDB_RN_NOT_TRAINABLE                                                    \
+    "training a ResNet image tower is not supported yet (it loads and embeds; " \
+    "fine-tune and train work on ViT towers)"
+
 typedef struct cdb_vision {
+    cdb_resnet *rn;                    /* a ResNet tower (owned); NULL: the ViT below */
     cdb_tower t;
     int image_size;                    /* S */
     int patch;                         /* P */

@@ -1022,6 +1022,7 @@ int cdb_vision_forward(struct cdb_run *r, const cdb_vision *v, int embed_dim,
     const int d = v->t.width, P = v->patch, G = v->grid, S = v->image_size, T = v->n_pos;
     const int np = G * G, K = 3 * P * P;
     int rc, i0, *qpos = NULL;
+    if (v->rn) return cdb_resnet_forward(v->rn, S, embed_dim, pixels, n, out, e);
     if ((rc = check_tower(&v->t, "vision", e))) return rc;
     if (P <= 0 || G <= 0 || G * P != S || T != np + 1)
         return cdb_err_set(e, CLIPDB_EINVAL, "vision tower has inconsistent sizes");
@@ -1040,7 +1041,8 @@ int cdb_vision_forward(struct cdb_run *r, const cdb_vision *v, int embed_dim,
     for (i0 = 0; i0 < n; i0 += CDB_VISION_CHUNK) {
         const int nb = n - i0 < CDB_VISION_CHUNK ? n - i0 : CDB_VISION_CHUNK;
         /* x (nb*T, d) = ln_pre([class_emb; patches @ conv1^T] + pos_emb) */
-        if ((rc = cdb_vision_embed(r, v, pixels + (size_t)i0 * 3 * S * S, nb, NULL, 0, NULL, r->x, e)))
+        if ((rc = cdb_vision_embed(r, v, pixels + (size_t)i0 * 3 * S * S, nb, NULL, 0, NULL,
+                                   r->x, e)))
             goto cleanup;
         /* blocks; the last keeps the class token only: x (nb, d) */
         if ((rc = run_blocks(r, &v->t, nb, T, 0, qpos, e))) goto cleanup;

@@ -62,9 +62,15 @@ int cdb_block_forward(struct cdb_run *r, const cdb_block *b, int d, int f, float
                       int nseq, int T, int causal, const int *qpos, cdb_err *e);
 
 /* Vision tower: pixels (n, 3, S, S) -> out (n, embed_dim), n any size
-** (processed in chunks of CDB_VISION_CHUNK). */
+** (processed in chunks of CDB_VISION_CHUNK). A ResNet tower (v->rn) runs
+** cdb_resnet_forward. */
 int cdb_vision_forward(struct cdb_run *r, const cdb_vision *v, int embed_dim,
                        const float *pixels, int n, float *out, cdb_err *e);
+
+/* CLIP's ModifiedResNet (resnet.c): pixels (n, 3, S, S) -> out (n,
+** embed_dim), fp32, batch norm on the running statistics. */
+int cdb_resnet_forward(const cdb_resnet *rn, int S, int embed_dim, const float *pixels, int n,
+                       float *out, cdb_err *e);
 
 /* Text tower on token ids: ids[i] holds lens[i] ids (start token first, end
 ** token last, 2 <= lens[i] <= context) -> out (n, embed_dim). The end token

@@ -31,6 +31,7 @@
 ** was mapped, so an edited file is hashed again.
 */
 #include <errno.h>
+#include <math.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -390,6 +391,131 @@ static int bind_vision(binder *b, int e)
     return bind_tower(b, &v->t, k->vis_layer, k->ln_post, k->vproj, e);
 }
 
+/* ---- the ResNet image tower (OpenAI names only) ------------------------------ */
+
+#define RN_PROBE "visual.layer1.0.conv1.weight"
+
+/* conv (cout, cin, k, k) "visual.<conv>.weight" and its batch norm
+** "visual.<bn>.{weight,bias,running_mean,running_var}", folded. */
+static int bind_conv(binder *b, cdb_conv *cv, int cout, int cin, int k, const char *conv,
+                     const char *bn)
+{
+    float *fold;
+    int rc, c;
+    cv->cout = cout, cv->cin = cin, cv->k = k;
+    if ((rc = get(b, &cv->w, 4, cout, cin, k, k, "visual.%s.weight", conv)) ||
+        (rc = GET1(&cv->bn_w, cout, "visual.%s.weight", bn)) ||
+        (rc = GET1(&cv->bn_b, cout, "visual.%s.bias", bn)) ||
+        (rc = GET1(&cv->bn_mean, cout, "visual.%s.running_mean", bn)) ||
+        (rc = GET1(&cv->bn_var, cout, "visual.%s.running_var", bn)))
+        return rc;
+    fold = cdb_malloc_array((size_t)2 * cout, sizeof *fold);
+    if (!fold || !keep_owned(b->m, fold)) {
+        free(fold);
+        return cdb_err_set(&b->m->err, CLIPDB_ENOMEM, "out of memory");
+    }
+    cv->scale = fold, cv->shift = fold + cout;
+    for (c = 0; c < cout; c++) {
+        /* torch: (x - mean) / sqrt(var + 1e-5) * w + b */
+        const double var = cv->bn_var[c], s = cv->bn_w[c] / sqrt(var + 1e-5);
+        if (!(var >= 0.0))
+            return cdb_err_set(&b->m->err, CLIPDB_EFORMAT,
+                               "tensor 'visual.%s.running_var' has a negative or NaN entry (%d)",
+                               bn, c);
+        cv->scale[c] = (float)s;
+        cv->shift[c] = (float)(cv->bn_b[c] - cv->bn_mean[c] * s);
+    }
+    return CLIPDB_OK;
+}
+
+static int bind_resnet(binder *b, int e)
+{
+    cdb_vision *v = &b->m->vision;
+    cdb_resnet *rn;
+    const cdb_tensor *c1, *pos;
+    char conv[64], bn[64];
+    int rc, l, i, k, w, inplanes, G, T;
+
+    if (!(rn = v->rn = calloc(1, sizeof *rn)))
+        return cdb_err_set(&b->m->err, CLIPDB_ENOMEM, "out of memory");
+    if ((rc = probe(b, &c1, 4, "%s", RN_PROBE))) return rc;
+    w = rn->width = (int)c1->shape[0];
+    if (w % 2 || w > 4096)
+        return cdb_err_set(&b->m->err, CLIPDB_EFORMAT,
+                           "tensor '%s' gives a ResNet width of %d (must be even, <= 4096)",
+                           RN_PROBE, w);
+    for (l = 0; l < 4; l++) {
+        snprintf(conv, sizeof conv, "visual.layer%d.", l + 1);
+        if ((rc = count_layers(b, conv, &rn->layers[l]))) return rc;
+        rn->n_blocks += rn->layers[l];
+    }
+    if (!(rn->blocks = cdb_calloc_array((size_t)rn->n_blocks, sizeof *rn->blocks)))
+        return cdb_err_set(&b->m->err, CLIPDB_ENOMEM, "out of memory");
+    /* the stem: 3 -> w/2 -> w/2 -> w */
+    if ((rc = bind_conv(b, &rn->stem[0], w / 2, 3, 3, "conv1", "bn1")) ||
+        (rc = bind_conv(b, &rn->stem[1], w / 2, w / 2, 3, "conv2", "bn2")) ||
+        (rc = bind_conv(b, &rn->stem[2], w, w / 2, 3, "conv3", "bn3")))
+        return rc;
+    inplanes = w;
+    for (l = 0, k = 0; l < 4; l++)
+        for (i = 0; i < rn->layers[l]; i++, k++) {
+            cdb_bottleneck *bk = &rn->blocks[k];
+            const int planes = w << l;
+            int down;
+            bk->stride = l > 0 && i == 0 ? 2 : 1;
+            down = bk->stride > 1 || inplanes != 4 * planes;
+#define NAMES(cn, bnn) (snprintf(conv, sizeof conv, "layer%d.%d.%s", l + 1, i, cn), \
+                        snprintf(bn, sizeof bn, "layer%d.%d.%s", l + 1, i, bnn))
+            if ((NAMES("conv1", "bn1"), rc = bind_conv(b, &bk->c1, planes, inplanes, 1, conv, bn)) ||
+                (NAMES("conv2", "bn2"), rc = bind_conv(b, &bk->c2, planes, planes, 3, conv, bn)) ||
+                (NAMES("conv3", "bn3"),
+                 rc = bind_conv(b, &bk->c3, 4 * planes, planes, 1, conv, bn)))
+                return rc;
+            NAMES("downsample.0", "downsample.1");
+#undef NAMES
+            if (down) {
+                if ((rc = bind_conv(b, &bk->down, 4 * planes, inplanes, 1, conv, bn))) return rc;
+            } else {
+                /* torch would refuse it too (strict loading): a file of another design */
+                char full[80];
+                snprintf(full, sizeof full, "visual.%s.weight", conv);
+                if (cdb_st_find(b->m->st, full))
+                    return cdb_err_set(&b->m->err, CLIPDB_EFORMAT,
+                                       "unexpected tensor '%s': block %d of stage %d keeps its "
+                                       "shape, CLIP's ResNet has no downsample there", full, i,
+                                       l + 1);
+            }
+            inplanes = 4 * planes;
+        }
+    /* the attention pool: (G*G + 1, 32 w) positions, heads of 64 */
+    if ((rc = probe(b, &pos, 2, "visual.attnpool.positional_embedding"))) return rc;
+    rn->dim = 32 * w;
+    T = (int)pos->shape[0];
+    for (G = 1; (int64_t)G * G < T - 1; G++) continue;
+    if ((int64_t)G * G != T - 1 || G > 1024)
+        return cdb_err_set(&b->m->err, CLIPDB_EFORMAT,
+                           "tensor 'visual.attnpool.positional_embedding' has %d positions, "
+                           "not grid*grid + 1 for a square image", T);
+    rn->grid = G;
+    rn->heads = rn->dim / CDB_HEAD_DIM;
+    if (rn->dim % CDB_HEAD_DIM)
+        return cdb_err_set(&b->m->err, CLIPDB_EFORMAT,
+                           "ResNet width %d: the attention pool's %d is not a multiple of %d",
+                           w, rn->dim, CDB_HEAD_DIM);
+    if ((rc = GET2(&rn->pos, T, rn->dim, "visual.attnpool.positional_embedding")) ||
+        (rc = GET2(&rn->wq, rn->dim, rn->dim, "visual.attnpool.q_proj.weight")) ||
+        (rc = GET1(&rn->bq, rn->dim, "visual.attnpool.q_proj.bias")) ||
+        (rc = GET2(&rn->wk, rn->dim, rn->dim, "visual.attnpool.k_proj.weight")) ||
+        (rc = GET1(&rn->bk, rn->dim, "visual.attnpool.k_proj.bias")) ||
+        (rc = GET2(&rn->wv, rn->dim, rn->dim, "visual.attnpool.v_proj.weight")) ||
+        (rc = GET1(&rn->bv, rn->dim, "visual.attnpool.v_proj.bias")) ||
+        (rc = GET2(&rn->wc, e, rn->dim, "visual.attnpool.c_proj.weight")) ||
+        (rc = GET1(&rn->bc, e, "visual.attnpool.c_proj.bias")))
+        return rc;
+    v->image_size = 32 * G;
+    return CLIPDB_OK;
+}
+
 static int bind_text(binder *b, int e)
 {
     const keys *k = b->k;
@@ -432,13 +558,20 @@ int cdb_weights_bind(clipdb_model *m)
     if (rc != CLIPDB_OK) goto cleanup;
     m->key_style = b->k->style;
 
-    /* The joint embedding size e, from the vision projection. */
-    rc = probe(b, &vproj, 2, "%s", b->k->vproj);
-    if (rc != CLIPDB_OK) goto cleanup;
-    e = (int)vproj->shape[b->k->proj_transposed ? 0 : 1];
-    m->embed_dim = e;
-
-    if ((rc = bind_vision(b, e)) || (rc = bind_text(b, e))) goto cleanup;
+    if (b->k == &openai_keys && cdb_st_find(m->st, RN_PROBE)) {
+        /* a ResNet image tower: e from the attention pool's output projection */
+        if ((rc = probe(b, &vproj, 2, "visual.attnpool.c_proj.weight"))) goto cleanup;
+        e = m->embed_dim = (int)vproj->shape[0];
+        rc = bind_resnet(b, e);
+    } else {
+        /* The joint embedding size e, from the vision projection. */
+        rc = probe(b, &vproj, 2, "%s", b->k->vproj);
+        if (rc != CLIPDB_OK) goto cleanup;
+        e = (int)vproj->shape[b->k->proj_transposed ? 0 : 1];
+        m->embed_dim = e;
+        rc = bind_vision(b, e);
+    }
+    if (rc || (rc = bind_text(b, e))) goto cleanup;
 
     /* logit_scale: shape [] (as written) or [1] */
     ls = cdb_st_find(m->st, b->k->logit_scale);
@@ -476,6 +609,8 @@ void cdb_weights_release(clipdb_model *m)
     m->owned = NULL;
     m->n_owned = m->cap_owned = 0;
     free(m->vision.t.blocks);
+    if (m->vision.rn) free(m->vision.rn->blocks);
+    free(m->vision.rn);
     free(m->text.t.blocks);
     memset(&m->vision, 0, sizeof m->vision);
     memset(&m->text, 0, sizeof m->text);
@@ -606,6 +741,16 @@ int cdb_weights_list(const char *key_style, cdb_vision *v, cdb_text *t, int embe
 static void arch_name(const clipdb_model *m, char *buf, size_t n)
 {
     const cdb_vision *v = &m->vision;
+    if (v->rn) {
+        const cdb_resnet *r = v->rn;
+        const int *L = r->layers;
+        if (r->width == 64 && L[0] == 3 && L[1] == 4 && L[3] == 3 && v->image_size == 224)
+            snprintf(buf, n, L[2] == 6 ? "rn50" : L[2] == 23 ? "rn101" : "rn-w64-%d", L[2]);
+        else
+            snprintf(buf, n, "rn-w%d-%d.%d.%d.%d-s%d", r->width, L[0], L[1], L[2], L[3],
+                     v->image_size);
+        return;
+    }
     if (v->image_size == 224 && v->patch == 32 && v->t.width == 768)
         snprintf(buf, n, "vit-b32");
     else if (v->image_size == 224 && v->patch == 16 && v->t.width == 768)
@@ -732,6 +877,7 @@ int cdb_weights_layout(const clipdb_model *m, const char *style, cdb_wtensor **o
 
     *out = NULL;
     *n = 0;
+    if (m->vision.rn) return cdb_err_set(e, CLIPDB_EINVAL, "%s", CDB_RN_NOT_TRAINABLE);
     if (!m->vision.t.blocks || !m->text.t.blocks)
         return cdb_err_set(e, CLIPDB_EINVAL, "model has no weights bound");
     if ((rc = cdb_weights_list(style, &mm->vision, &mm->text, m->embed_dim, &refs, &nr, e)))

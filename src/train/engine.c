@@ -210,6 +210,8 @@ int cdb_trainer_new(cdb_trainer **out, const clipdb_model *m, const cdb_train_op
     int rc = CLIPDB_OK, k;
 
     *out = NULL;
+    if (m && m->vision.rn)
+        return cdb_err_set(e, CLIPDB_EINVAL, "%s", CDB_RN_NOT_TRAINABLE);
     if (!m || !m->st || !m->vision.t.blocks || !m->text.t.blocks)
         return cdb_err_set(e, CLIPDB_EINVAL, "the model has no weights loaded");
     if ((rc = check_opts(o, e))) return rc;

@@ -34,7 +34,9 @@ def models(tmp_path_factory):
     out = {}
     specs = [("tiny", "openai", "F32"), ("tiny", "hf", "F32"), ("small", "openai", "F32"),
              ("small", "hf", "F32"), ("small", "openai", "F16"),
-             ("b32", "openai", "F32"), ("b32", "hf", "F32")]
+             ("b32", "openai", "F32"), ("b32", "hf", "F32"),
+             ("rn-tiny", "openai", "F32"), ("rn-small", "openai", "F32"),
+             ("rn-small", "openai", "F16"), ("rn50", "openai", "F32")]
     for size, keys, dtype in specs:
         d = base / f"{size}-{keys}-{dtype}"
         subprocess.run([PY, str(GEN), str(d), "--size", size, "--keys", keys, "--dtype", dtype,
@@ -173,3 +175,47 @@ def test_b32_matches_torch(models, inputs, keys):
     key = ("b32", keys, "F32")
     check_images(models, few, key, REL_F32)
     check_texts(models, few, key, REL_F32)
+
+
+# CLIP's ModifiedResNet image tower (OpenAI names; Hugging Face has none):
+# convolutions, batch norm on its running statistics, the anti-aliased
+# strides and the attention pool, against tools/ref_clip.py's torch module.
+# The photos go in as PNG copies: clipdb decodes a JPEG whose shorter side
+# is 3x the tower's input or more at a reduced DCT scale (close to, not bit
+# for bit, PIL's full decode), which small towers would meet; as PNG both
+# sides see the same pixels and the test measures the tower.
+RN = [("rn-tiny", "openai", "F32"), ("rn-small", "openai", "F32")]
+
+
+@pytest.fixture(scope="module")
+def png_inputs(inputs, tmp_path_factory):
+    from PIL import Image
+    out = tmp_path_factory.mktemp("png-photos")
+    images = []
+    for i, p in enumerate(inputs[0]):
+        images.append(str(out / f"{i}.png"))
+        with Image.open(p) as im:
+            im.convert("RGB").save(images[-1])
+    return images, inputs[1]
+
+
+@pytest.mark.parametrize("key", RN)
+def test_resnet_images_f32_match_torch(models, png_inputs, key):
+    check_images(models, png_inputs, key, REL_F32)
+
+
+def test_resnet_images_f16_weights_match_f32_torch(models, png_inputs):
+    check_images(models, png_inputs, ("rn-small", "openai", "F16"), REL_F16,
+                 ref_key=("rn-small", "openai", "F32"))
+
+
+def test_resnet_texts_match_torch(models, inputs):
+    check_texts(models, inputs, ("rn-small", "openai", "F32"), REL_F32)
+
+
+def test_rn50_matches_torch(models, png_inputs):
+    # The published RN50's shapes (seeded random weights), 224 pixels: two
+    # COCO photos, a Flickr8k photo.
+    images, caps = png_inputs
+    few = ([images[0], images[3], images[-1]], caps[:2])
+    check_images(models, few, ("rn50", "openai", "F32"), REL_F32)

@@ -9,6 +9,7 @@
 #include <unistd.h>
 
 #include "model/model.h"
+#include "train/train.h"
 #include "models.h"
 #include "test.h"
 
@@ -215,7 +216,7 @@ static void check_fails(const char *dir, const char *want)
         fprintf(stderr, "    message was: %s\n    wanted: %s\n", m->err.msg, want);
         test_fail_at(__FILE__, __LINE__, "error message");
     }
-    CHECK(m->vision.t.blocks == NULL && m->n_owned == 0); /* released on failure */
+    CHECK(m->vision.t.blocks == NULL && m->vision.rn == NULL && m->n_owned == 0); /* released */
     test_unload_model(m);
 }
 
@@ -282,6 +283,73 @@ static int patch_file(const char *dir, const char *from, const char *to)
     }
     free(buf);
     return ok;
+}
+
+/* CLIP's ModifiedResNet tower (OpenAI names): its shape from the tensors,
+** batch norm folded, model info, the precisions and training it refuses. */
+TEST(weights_resnet_binds)
+{
+    clipdb_model *m = NULL;
+    clipdb_model_info mi;
+    cdb_trainer *t = NULL;
+    cdb_train_opts o;
+    cdb_err e = {0};
+    const cdb_resnet *rn;
+    GEN_OR_SKIP(dir, "rn_tiny", "--size rn-tiny --seed 4");
+    REQUIRE(test_load_model(dir, &m) == CLIPDB_OK);
+    REQUIRE((rn = m->vision.rn) != NULL);
+    CHECK(rn->width == 16 && rn->layers[0] == 1 && rn->layers[1] == 2 && rn->layers[2] == 1 &&
+          rn->layers[3] == 1 && rn->n_blocks == 5);
+    CHECK(rn->dim == 512 && rn->heads == 8 && rn->grid == 4 && m->vision.image_size == 128);
+    CHECK(m->embed_dim == 32 && !strcmp(m->key_style, "openai"));
+    /* stage 1 block 0 widens 16 -> 64 (a downsample, stride 1); stage 2 block 1 keeps 128 */
+    CHECK(rn->blocks[0].down.w && rn->blocks[0].stride == 1);
+    CHECK(rn->blocks[1].down.w && rn->blocks[1].stride == 2);
+    CHECK(!rn->blocks[2].down.w && rn->blocks[2].stride == 1 && rn->blocks[2].c1.cin == 128);
+    CHECK(rn->stem[0].cout == 8 && rn->stem[0].cin == 3 && rn->stem[2].cout == 16);
+    /* the folded batch norm of the stem's first conv, recomputed in double */
+    for (int c = 0; c < 8; c++) {
+        const cdb_conv *cv = &rn->stem[0];
+        const double s = cv->bn_w[c] / sqrt((double)cv->bn_var[c] + 1e-5);
+        CHECK_NEAR(cv->scale[c], s, 1e-6 * fabs(s) + 1e-12);
+        CHECK_NEAR(cv->shift[c], cv->bn_b[c] - cv->bn_mean[c] * s, 1e-6);
+    }
+    REQUIRE(clipdb_model_get_info(m, &mi) == CLIPDB_OK);
+    CHECK(!strcmp(mi.vision_kind, "resnet") && mi.patch_size == 0 && mi.vision_width == 16);
+    CHECK(mi.vision_layers == 5 && mi.vision_stages[1] == 2 && mi.vision_heads == 8);
+    CHECK(strstr(clipdb_model_identity(m), "clip-rn-w16-1.2.1.1-s128-") == clipdb_model_identity(m));
+    cdb_train_opts_init(&o);
+    CHECK(cdb_trainer_new(&t, m, &o, &e) == CLIPDB_EINVAL && !t);
+    CHECK(strstr(e.msg, "ResNet") != NULL);
+    test_unload_model(m);
+    m = NULL;
+    CHECK(clipdb_model_open_precision(&m, dir, CLIPDB_PRECISION_BF16) == CLIPDB_EINVAL);
+    CHECK(strstr(clipdb_model_errmsg(m), "fp32 only") != NULL);
+    clipdb_model_close(m);
+}
+
+TEST(weights_resnet_errors_are_named)
+{
+    {
+        GEN_OR_SKIP(d, "rn_drop", "--size rn-tiny --seed 1 "
+                                  "--drop visual.layer2.0.downsample.1.running_var");
+        check_fails(d, "missing tensor 'visual.layer2.0.downsample.1.running_var'");
+    }
+    {
+        GEN_OR_SKIP(d, "rn_bad", "--size rn-tiny --seed 1 --bad-shape visual.layer3.0.conv2.weight");
+        check_fails(d, "tensor 'visual.layer3.0.conv2.weight' has shape [64, 64, 3, 2], "
+                       "expected [64, 64, 3, 3]");
+    }
+    {
+        GEN_OR_SKIP(d, "rn_pool", "--size rn-tiny --seed 1 --bad-shape visual.attnpool.k_proj.bias");
+        check_fails(d, "tensor 'visual.attnpool.k_proj.bias' has shape [511], expected [512]");
+    }
+    {
+        GEN_OR_SKIP(d, "rn_pos", "--size rn-tiny --seed 1 "
+                                 "--bad-shape visual.attnpool.positional_embedding");
+        check_fails(d, "tensor 'visual.attnpool.positional_embedding' has shape [17, 511], "
+                       "expected [17, 512]");
+    }
 }
 
 TEST(weights_wrong_dtype_for_needed_tensor)
@@ -440,5 +508,16 @@ TEST(weights_minimal_fuzz_seed_binds)
     CHECK(m.text.vocab == 1 && m.text.context == 1 && m.embed_dim == 1);
     CHECK(m.n_owned > 0);
     cdb_weights_release(&m);
+    cdb_st_close(m.st);
+    /* and the ResNet one: width 2, one bottleneck a stage, a 1 x 1 grid */
+    memset(&m, 0, sizeof m);
+    REQUIRE(cdb_st_open("tests/fuzz/seeds/safetensors/mini_clip_resnet_bf16.safetensors", &m.st,
+                        &m.err) == CLIPDB_OK);
+    CHECK(cdb_weights_bind(&m) == CLIPDB_OK);
+    REQUIRE(m.vision.rn != NULL);
+    CHECK(m.vision.rn->width == 2 && m.vision.rn->n_blocks == 4 && m.vision.rn->grid == 1);
+    CHECK(m.vision.rn->heads == 1 && m.vision.image_size == 32 && m.embed_dim == 1);
+    cdb_weights_release(&m);
+    CHECK(m.vision.rn == NULL);
     cdb_st_close(m.st);
 }

@@ -1,0 +1,61 @@
+"""A ResNet CLIP (CLIP's ModifiedResNet image tower, the RN50 family) through
+the real CLI: model info, a database built, searched and checked with it,
+and the clear refusals (bf16 / int8 precision, fine-tuning). Its vectors are
+checked against torch in tests/ref/test_embed_reference.py."""
+import json
+
+import pytest
+
+from conftest import gen_model, one_line_failure, run
+
+
+@pytest.fixture(scope="module")
+def rn(tmp_path_factory):
+    return gen_model(tmp_path_factory.mktemp("rn") / "rn-tiny", "rn-tiny", "openai", "F16", 5)
+
+
+def test_model_info_describes_the_resnet(rn):
+    p = run("model", "info", rn, check=True)
+    assert "image           128 x 128 pixels\n" in p.stdout
+    assert ("vision tower    ResNet (CLIP's ModifiedResNet), width 16, bottlenecks 1-2-1-1, "
+            "attention pool of 8 heads over a 4 x 4 grid") in p.stdout
+    assert "identity        clip-rn-w16-1.2.1.1-s128-" in p.stdout
+    info = json.loads(run("model", "info", rn, "--json", check=True).stdout)
+    assert info["vision_kind"] == "resnet" and info["vision_stages"] == [1, 2, 1, 1]
+    assert info["patch_size"] == 0 and info["image_size"] == 128 and info["embed_dim"] == 32
+    assert info["weights_dtype"] == "F16"
+
+
+def test_a_database_on_a_resnet_model(rn, coco, tmp_path):
+    """init, add (photos and captions), search both ways, check: the model is
+    usable everywhere a ViT is; an image finds itself first."""
+    db = tmp_path / "rn.db"
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    names = sorted(p.name for p in (coco / "images").glob("*.jpg"))[:6]
+    for n in names:
+        (photos / n).symlink_to(coco / "images" / n)
+    run("init", db, "--model", rn, check=True)
+    run("add", db, "--images", photos, check=True)
+    p = run("search", db, "--image", photos / names[2], "-k", 3, "--json", check=True)
+    hits = json.loads(p.stdout)["results"]
+    assert hits[0]["path"].endswith(names[2]), hits
+    assert hits[0]["score"] > 0.9999
+    p = run("search", db, "--text", "a dog on a sofa", "-k", 6, "--json", check=True)
+    assert len(json.loads(p.stdout)["results"]) == 6
+    run("check", db, check=True)
+
+
+def test_resnet_refuses_bf16_and_int8(rn):
+    for prec in ("bf16", "int8"):
+        p = run("embed", "--model", rn, "--precision", prec, "--text", "a cat")
+        one_line_failure(p, "embed", "a ResNet image tower runs in fp32 only")
+
+
+def test_finetuning_a_resnet_is_refused_clearly(rn, coco, tmp_path):
+    db = tmp_path / "ft.db"
+    run("init", db, "--model", rn, check=True)
+    p = run("finetune", db, "--model", rn, "--out", tmp_path / "out", "--batch", 2)
+    assert p.returncode == 1, p.stderr
+    assert "training a ResNet image tower is not supported yet" in p.stderr, p.stderr
+    assert not (tmp_path / "out").exists()

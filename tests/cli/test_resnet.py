@@ -59,3 +59,35 @@ def test_finetuning_a_resnet_is_refused_clearly(rn, coco, tmp_path):
     assert p.returncode == 1, p.stderr
     assert "training a ResNet image tower is not supported yet" in p.stderr, p.stderr
     assert not (tmp_path / "out").exists()
+
+
+def rewritten(src, dst, change):
+    """A copy of the model directory src at dst whose tensors went through
+    change({name: array}) (tools/gen_model.py's writer)."""
+    import shutil
+    import sys
+    from conftest import ROOT
+    sys.path.insert(0, str(ROOT / "tools"))
+    import gen_model
+    import ref_clip
+    shutil.copytree(src, dst)
+    w = ref_clip.read_safetensors(dst / "model.safetensors", ints=True)
+    change(w)
+    gen_model.write_safetensors(dst / "model.safetensors", list(w.items()), "F32")
+    return dst
+
+
+def test_bad_resnet_files_are_refused_with_the_tensor_named(rn, tmp_path):
+    def negative_var(w):
+        w["visual.layer2.1.bn2.running_var"][3] = -0.5
+
+    def extra_downsample(w):  # layer2.1 keeps its shape: CLIP has no downsample there
+        w["visual.layer2.1.downsample.0.weight"] = w["visual.layer2.0.downsample.0.weight"][:, :128]
+    d = rewritten(rn, tmp_path / "negvar", negative_var)
+    one_line_failure(run("model", "info", d), "model",
+                     "tensor 'visual.layer2.1.bn2.running_var' has a negative or NaN entry (3)")
+    d = rewritten(rn, tmp_path / "extra", extra_downsample)
+    one_line_failure(run("model", "info", d), "model",
+                     "unexpected tensor 'visual.layer2.1.downsample.0.weight'")
+    d = rewritten(rn, tmp_path / "same", lambda w: None)  # the writer itself keeps it loadable
+    run("model", "info", d, check=True)

@@ -248,6 +248,16 @@ cleanup:
 ** group's buffer, per-input failures, then one vision-tower call on those
 ** that decoded) or preprocessed pixels (n, 3, S, S) of the caller (no
 ** decoding and no copy: the group's rows are the caller's). */
+/* pixels (n, 3, S, S) -> out (n, E) through the model's image tower: the
+** ViT (transformer.c) or CLIP's ModifiedResNet (resnet.c). */
+static int vision_forward(clipdb_ctx *c, const float *pixels, int n, float *out)
+{
+    const cdb_vision *v = &c->m->vision;
+    if (v->rn)
+        return cdb_resnet_forward(v->rn, v->image_size, c->m->embed_dim, pixels, n, out, &c->err);
+    return cdb_vision_forward(c->run, v, c->m->embed_dim, pixels, n, out, &c->err);
+}
+
 static int encode_image_groups(clipdb_ctx *c, const char *const *paths, const float *pixels,
                                int n, float *out, clipdb_item_status *status, int *n_failed)
 {
@@ -270,8 +280,7 @@ static int encode_image_groups(clipdb_ctx *c, const char *const *paths, const fl
         int cnt = n - g0 < G ? n - g0 : G;
         if (!paths) {
             // pixels[g0..] (cnt, 3, S, S) -> out[g0..] (cnt, E)
-            rc = cdb_vision_forward(c->run, &c->m->vision, E, pixels + (size_t)g0 * px, cnt,
-                                    out + (size_t)g0 * E, &c->err);
+            rc = vision_forward(c, pixels + (size_t)g0 * px, cnt, out + (size_t)g0 * E);
             if (rc != CLIPDB_OK) goto cleanup;
             continue;
         }
@@ -286,7 +295,7 @@ static int encode_image_groups(clipdb_ctx *c, const char *const *paths, const fl
         }
         if (k == 0) continue;
         // pixels (k, 3, S, S) -> tmp (k, E)
-        rc = cdb_vision_forward(c->run, &c->m->vision, E, pix, k, tmp, &c->err);
+        rc = vision_forward(c, pix, k, tmp);
         if (rc != CLIPDB_OK) goto cleanup;
         scatter_rows(out, slot, tmp, k, E);
     }

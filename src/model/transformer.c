@@ -1022,7 +1022,6 @@ int cdb_vision_forward(struct cdb_run *r, const cdb_vision *v, int embed_dim,
     const int d = v->t.width, P = v->patch, G = v->grid, S = v->image_size, T = v->n_pos;
     const int np = G * G, K = 3 * P * P;
     int rc, i0, *qpos = NULL;
-    if (v->rn) return cdb_resnet_forward(v->rn, S, embed_dim, pixels, n, out, e);
     if ((rc = check_tower(&v->t, "vision", e))) return rc;
     if (P <= 0 || G <= 0 || G * P != S || T != np + 1)
         return cdb_err_set(e, CLIPDB_EINVAL, "vision tower has inconsistent sizes");

@@ -61,9 +61,9 @@ void cdb_softmax(float *v, size_t n, float scale);
 int cdb_block_forward(struct cdb_run *r, const cdb_block *b, int d, int f, float *x,
                       int nseq, int T, int causal, const int *qpos, cdb_err *e);
 
-/* Vision tower: pixels (n, 3, S, S) -> out (n, embed_dim), n any size
-** (processed in chunks of CDB_VISION_CHUNK). A ResNet tower (v->rn) runs
-** cdb_resnet_forward. */
+/* Vision tower (a ViT): pixels (n, 3, S, S) -> out (n, embed_dim), n any
+** size (processed in chunks of CDB_VISION_CHUNK). A ResNet tower (v->rn) is
+** cdb_resnet_forward's. */
 int cdb_vision_forward(struct cdb_run *r, const cdb_vision *v, int embed_dim,
                        const float *pixels, int n, float *out, cdb_err *e);
 

@@ -62,6 +62,8 @@ $(BUILD)/src/index/cvecs.o: CFLAGS += $(CVECS_OMP) -Wno-psabi
 # transformer.c runs its kernels between the GEMMs on the same OpenMP threads
 # (gcc; clang builds use the process pool, as above).
 $(BUILD)/src/model/transformer.o: CFLAGS += $(CVECS_OMP)
+# resnet.c splits its per-channel passes the same way.
+$(BUILD)/src/model/resnet.o: CFLAGS += $(CVECS_OMP)
 # onednn.c splits its elementwise passes over the same threads.
 $(BUILD)/src/compute/onednn.o: CFLAGS += $(CVECS_OMP)
 

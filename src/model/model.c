@@ -122,6 +122,8 @@ static int pack_model(clipdb_model *m)
             return cdb_err_set(&m->err, CLIPDB_EINVAL,
                                "precision %s: a ResNet image tower runs in fp32 only",
                                clipdb_precision_name((int)m->prec));
+        /* its batch norms, folded again (a trainer's sync changed them) */
+        if ((rc = cdb_resnet_fold(v->rn, &m->err))) return rc;
         if ((rc = pack_tower(m, &m->text.t, m->embed_dim))) {
             cdb_err_prefix(&m->err, "packing the weights");
             cdb_model_unpack(m);

@@ -91,10 +91,12 @@ typedef struct cdb_resnet {
     const float *wc, *bc;              /* c_proj (e, dim), (e) */
 } cdb_resnet;
 
-/* What the training side says about a ResNet tower (engine and writer). */
-#define CDB_RN_NOT_TRAINABLE                                                    \
-    "training a ResNet image tower is not supported yet (it loads and embeds; " \
-    "fine-tune and train work on ViT towers)"
+/* Folds a batch norm's running statistics into cv->scale / shift (allocated);
+** -1, or the first channel whose running variance is negative or NaN. In
+** resnet.c, as the two below. */
+int cdb_conv_fold(cdb_conv *cv);
+/* cdb_conv_fold over the whole tower (after its weights changed). */
+int cdb_resnet_fold(cdb_resnet *rn, cdb_err *e);
 
 typedef struct cdb_vision {
     cdb_resnet *rn;                    /* a ResNet tower (owned); NULL: the ViT below */
@@ -169,7 +171,18 @@ float cdb_f16_to_f32(uint16_t h);
 ** it feeds: *slot[k] = data + off[k] for each non-NULL slot (OpenAI's packed
 ** in_proj_weight feeds wq, wk and wv). Used by the training engine to lay out
 ** and name its parameters and to point a model's views at new weights. */
-typedef enum { CDB_W_EMBED, CDB_W_BLOCK, CDB_W_FINAL_LN, CDB_W_PROJ, CDB_W_SCALE } cdb_wkind;
+/* Kinds: embeddings (a ResNet's stem), block tensors, the final layer norm
+** (a ResNet's attention pool), projections (a ResNet's c_proj), the logit
+** scale, and buffers (a batch norm's running statistics: never trained,
+** updated by the training forward). */
+typedef enum {
+    CDB_W_EMBED,
+    CDB_W_BLOCK,
+    CDB_W_FINAL_LN,
+    CDB_W_PROJ,
+    CDB_W_SCALE,
+    CDB_W_BUFFER
+} cdb_wkind;
 typedef struct cdb_wref {
     char name[128];
     int ndim;                          /* 0 for logit_scale (shape []) */
@@ -183,8 +196,10 @@ typedef struct cdb_wref {
 } cdb_wref;
 /* The tensors of the towers v and t (architecture fields set) in the
 ** convention key_style ("openai" / "hf"), in the order: vision (conv1, class,
-** positions, ln_pre, blocks, ln_post, projection), text (tokens, positions,
-** blocks, ln_final, projection), logit_scale. Within a block q, k and v
+** positions, ln_pre, blocks, ln_post, projection; a ResNet (OpenAI names
+** only): the stem, the bottlenecks, each convolution followed by its batch
+** norm's weight, bias, running mean and variance, then the attention pool),
+** text (tokens, positions, blocks, ln_final, projection), logit_scale. Within a block q, k and v
 ** weights come one after another (then their biases), so a buffer laid out in
 ** this order holds [Wq; Wk; Wv] as one (3d, d) matrix in both conventions.
 ** *out: caller frees with free(). Implemented in weights.c. */

@@ -72,6 +72,22 @@ int cdb_vision_forward(struct cdb_run *r, const cdb_vision *v, int embed_dim,
 int cdb_resnet_forward(const cdb_resnet *rn, int S, int embed_dim, const float *pixels, int n,
                        float *out, cdb_err *e);
 
+/* Training a ResNet tower (src/train): the forward on the micro-batch's
+** batch-norm statistics with every activation kept in t (grown to the
+** micro-batch), the running statistics updated in place when update (the
+** views bn_mean / bn_var must then be writable memory: the trainer's), and
+** the backward from dout (nb, e) (the last forward's micro-batch): g's
+** tensors += (NULL views: frozen); only blocks >= lo are back-propagated
+** (lo = n_blocks: the attention pool only; lo < 0: the stem too). prec:
+** the GEMMs' precision (fp32, or bf16 inputs as cdb_sgemm_bf16). */
+struct cdb_rn_train;
+struct cdb_rn_train *cdb_rn_train_new(cdb_prec prec);
+void cdb_rn_train_free(struct cdb_rn_train *t); /* accepts NULL */
+int cdb_resnet_train_forward(struct cdb_rn_train *t, const cdb_resnet *rn, int S, int e_dim,
+                             const float *pixels, int nb, int update, float *out, cdb_err *e);
+int cdb_resnet_train_backward(struct cdb_rn_train *t, const cdb_resnet *rn, const cdb_resnet *g,
+                              int e_dim, int lo, const float *dout, cdb_err *e);
+
 /* Text tower on token ids: ids[i] holds lens[i] ids (start token first, end
 ** token last, 2 <= lens[i] <= context) -> out (n, embed_dim). The end token
 ** is the argmax of the ids, as CLIP takes it. Texts are sorted by length

@@ -415,16 +415,10 @@ static int bind_conv(binder *b, cdb_conv *cv, int cout, int cin, int k, const ch
         return cdb_err_set(&b->m->err, CLIPDB_ENOMEM, "out of memory");
     }
     cv->scale = fold, cv->shift = fold + cout;
-    for (c = 0; c < cout; c++) {
-        /* torch: (x - mean) / sqrt(var + 1e-5) * w + b */
-        const double var = cv->bn_var[c], s = cv->bn_w[c] / sqrt(var + 1e-5);
-        if (!(var >= 0.0))
-            return cdb_err_set(&b->m->err, CLIPDB_EFORMAT,
-                               "tensor 'visual.%s.running_var' has a negative or NaN entry (%d)",
-                               bn, c);
-        cv->scale[c] = (float)s;
-        cv->shift[c] = (float)(cv->bn_b[c] - cv->bn_mean[c] * s);
-    }
+    if ((c = cdb_conv_fold(cv)) >= 0)
+        return cdb_err_set(&b->m->err, CLIPDB_EFORMAT,
+                           "tensor 'visual.%s.running_var' has a negative or NaN entry (%d)", bn,
+                           c);
     return CLIPDB_OK;
 }
 
@@ -706,6 +700,57 @@ static void list_tower(lister *L, const keys *k, cdb_tower *t, int tw, const cha
         REF2(&t->proj, tw, -1, CDB_W_PROJ, d, e, "%s", proj);
 }
 
+/* A convolution "visual.<conv>.weight" and its batch norm "visual.<bn>.*". */
+static void list_conv(lister *L, cdb_conv *cv, int layer, cdb_wkind kind, const char *conv,
+                      const char *bn)
+{
+    set_slot(add_ref(L, 0, layer, kind, 4, cv->cout, cv->cin, cv->k, cv->k, "visual.%s.weight",
+                     conv),
+             0, &cv->w, 0);
+    REF1(&cv->bn_w, 0, layer, kind, cv->cout, "visual.%s.weight", bn);
+    REF1(&cv->bn_b, 0, layer, kind, cv->cout, "visual.%s.bias", bn);
+    REF1(&cv->bn_mean, 0, layer, CDB_W_BUFFER, cv->cout, "visual.%s.running_mean", bn);
+    REF1(&cv->bn_var, 0, layer, CDB_W_BUFFER, cv->cout, "visual.%s.running_var", bn);
+}
+
+/* The ResNet image tower, in torch's state_dict order. */
+static void list_resnet(lister *L, cdb_resnet *rn, int e)
+{
+    const int64_t D = rn->dim, T = (int64_t)rn->grid * rn->grid + 1;
+    char conv[64], bn[64];
+    int l, i, k;
+    list_conv(L, &rn->stem[0], -1, CDB_W_EMBED, "conv1", "bn1");
+    list_conv(L, &rn->stem[1], -1, CDB_W_EMBED, "conv2", "bn2");
+    list_conv(L, &rn->stem[2], -1, CDB_W_EMBED, "conv3", "bn3");
+    for (l = 0, k = 0; l < 4; l++)
+        for (i = 0; i < rn->layers[l]; i++, k++) {
+            cdb_bottleneck *bk = &rn->blocks[k];
+            static const char *const cn[3] = {"conv1", "conv2", "conv3"}, *const bnn[3] = {
+                                                                              "bn1", "bn2", "bn3"};
+            cdb_conv *cv[3] = {&bk->c1, &bk->c2, &bk->c3};
+            int j;
+            for (j = 0; j < 3; j++) {
+                snprintf(conv, sizeof conv, "layer%d.%d.%s", l + 1, i, cn[j]);
+                snprintf(bn, sizeof bn, "layer%d.%d.%s", l + 1, i, bnn[j]);
+                list_conv(L, cv[j], k, CDB_W_BLOCK, conv, bn);
+            }
+            if (bk->down.cout) {
+                snprintf(conv, sizeof conv, "layer%d.%d.downsample.0", l + 1, i);
+                snprintf(bn, sizeof bn, "layer%d.%d.downsample.1", l + 1, i);
+                list_conv(L, &bk->down, k, CDB_W_BLOCK, conv, bn);
+            }
+        }
+    REF2(&rn->pos, 0, -1, CDB_W_FINAL_LN, T, D, "visual.attnpool.positional_embedding");
+    REF2(&rn->wk, 0, -1, CDB_W_FINAL_LN, D, D, "visual.attnpool.k_proj.weight");
+    REF1(&rn->bk, 0, -1, CDB_W_FINAL_LN, D, "visual.attnpool.k_proj.bias");
+    REF2(&rn->wq, 0, -1, CDB_W_FINAL_LN, D, D, "visual.attnpool.q_proj.weight");
+    REF1(&rn->bq, 0, -1, CDB_W_FINAL_LN, D, "visual.attnpool.q_proj.bias");
+    REF2(&rn->wv, 0, -1, CDB_W_FINAL_LN, D, D, "visual.attnpool.v_proj.weight");
+    REF1(&rn->bv, 0, -1, CDB_W_FINAL_LN, D, "visual.attnpool.v_proj.bias");
+    REF2(&rn->wc, 0, -1, CDB_W_PROJ, e, D, "visual.attnpool.c_proj.weight");
+    REF1(&rn->bc, 0, -1, CDB_W_PROJ, e, "visual.attnpool.c_proj.bias");
+}
+
 int cdb_weights_list(const char *key_style, cdb_vision *v, cdb_text *t, int embed_dim,
                      cdb_wref **out, size_t *n, cdb_err *e)
 {
@@ -717,12 +762,18 @@ int cdb_weights_list(const char *key_style, cdb_vision *v, cdb_text *t, int embe
     if (key_style && !strcmp(key_style, "openai")) k = &openai_keys;
     if (key_style && !strcmp(key_style, "hf")) k = &hf_keys;
     if (!k) return cdb_err_set(e, CLIPDB_EINVAL, "unknown key convention");
-    set_slot(add_ref(L, 0, -1, CDB_W_EMBED, 4, dv, 3, P, P, "%s", k->conv), 0, &v->patch_w, 0);
-    REF1(&v->class_emb, 0, -1, CDB_W_EMBED, dv, "%s", k->cls);
-    REF2(&v->pos_emb, 0, -1, CDB_W_EMBED, v->n_pos, dv, "%s", k->vpos);
-    REF1(&v->ln_pre_w, 0, -1, CDB_W_EMBED, dv, "%s.weight", k->ln_pre);
-    REF1(&v->ln_pre_b, 0, -1, CDB_W_EMBED, dv, "%s.bias", k->ln_pre);
-    list_tower(L, k, &v->t, 0, k->vis_layer, k->ln_post, k->vproj, embed_dim);
+    if (v->rn && k != &openai_keys)
+        return cdb_err_set(e, CLIPDB_EINVAL, "a ResNet image tower has OpenAI key names only");
+    if (v->rn) {
+        list_resnet(L, v->rn, embed_dim);
+    } else {
+        set_slot(add_ref(L, 0, -1, CDB_W_EMBED, 4, dv, 3, P, P, "%s", k->conv), 0, &v->patch_w, 0);
+        REF1(&v->class_emb, 0, -1, CDB_W_EMBED, dv, "%s", k->cls);
+        REF2(&v->pos_emb, 0, -1, CDB_W_EMBED, v->n_pos, dv, "%s", k->vpos);
+        REF1(&v->ln_pre_w, 0, -1, CDB_W_EMBED, dv, "%s.weight", k->ln_pre);
+        REF1(&v->ln_pre_b, 0, -1, CDB_W_EMBED, dv, "%s.bias", k->ln_pre);
+        list_tower(L, k, &v->t, 0, k->vis_layer, k->ln_post, k->vproj, embed_dim);
+    }
     REF2(&t->tok_emb, 1, -1, CDB_W_EMBED, t->vocab, dt, "%s", k->tok);
     REF2(&t->pos_emb, 1, -1, CDB_W_EMBED, t->context, dt, "%s", k->tpos);
     list_tower(L, k, &t->t, 1, k->txt_layer, k->ln_final, k->tproj, embed_dim);
@@ -877,8 +928,7 @@ int cdb_weights_layout(const clipdb_model *m, const char *style, cdb_wtensor **o
 
     *out = NULL;
     *n = 0;
-    if (m->vision.rn) return cdb_err_set(e, CLIPDB_EINVAL, "%s", CDB_RN_NOT_TRAINABLE);
-    if (!m->vision.t.blocks || !m->text.t.blocks)
+    if ((!m->vision.t.blocks && !m->vision.rn) || !m->text.t.blocks)
         return cdb_err_set(e, CLIPDB_EINVAL, "model has no weights bound");
     if ((rc = cdb_weights_list(style, &mm->vision, &mm->text, m->embed_dim, &refs, &nr, e)))
         return rc;
@@ -904,7 +954,7 @@ int cdb_weights_layout(const clipdb_model *m, const char *style, cdb_wtensor **o
             t[i].part_n[k] = r->numel / (size_t)n_slots;
         }
         t[i].n_parts = n_slots;
-        if (r->kind == CDB_W_PROJ) {
+        if (r->kind == CDB_W_PROJ && !(r->tower == 0 && m->vision.rn)) {
             // projection: openai (d, e), hf (e, d); the source is stored either way
             const cdb_tower *tw = r->tower == 0 ? &m->vision.t : &m->text.t;
             t[i].transpose = tw->proj_transposed != !strcmp(style, "hf");

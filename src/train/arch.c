@@ -25,7 +25,23 @@ typedef struct kv {
     const char *key;
     int *slot;
     int max;
+    int n;          /* 0 or 1: one integer; 4: "a.b.c.d" into slot[0..3] */
 } kv;
+
+/* "a.b.c.d" (n integers in [1, max] separated by '.') from s to end. */
+static int parse_list(const char *s, const char *end, int *slot, int n, int max)
+{
+    int i;
+    for (i = 0; i < n; i++) {
+        long v = 0;
+        const char *d = s;
+        while (s < end && *s >= '0' && *s <= '9' && v <= max) v = v * 10 + (*s++ - '0');
+        if (s == d || v < 1 || v > max) return 0;
+        slot[i] = (int)v;
+        if (i + 1 < n && (s >= end || *s++ != '.')) return 0;
+    }
+    return s == end;
+}
 
 static int parse_kvs(const char *part, const char *s, const char *end, kv *kvs, int n,
                      cdb_err *e)
@@ -43,6 +59,15 @@ static int parse_kvs(const char *part, const char *s, const char *end, kv *kvs, 
         for (i = 0; i < n; i++) {
             if (strlen(kvs[i].key) != (size_t)(eq - s) || strncmp(kvs[i].key, s, (size_t)(eq - s)))
                 continue;
+            if (kvs[i].n > 1) {
+                if (!parse_list(eq + 1, stop, kvs[i].slot, kvs[i].n, kvs[i].max))
+                    return cdb_err_set(e, CLIPDB_EINVAL,
+                                       "arch: %s %s='%.*s' is not %d integers in [1, %d] "
+                                       "separated by '.'", part, kvs[i].key,
+                                       (int)(stop - eq - 1), eq + 1, kvs[i].n, kvs[i].max);
+                found = 1;
+                break;
+            }
             errno = 0;
             v = strtol(eq + 1, &vend, 10);
             if (vend != stop || eq + 1 == stop || errno || v < 1 || v > kvs[i].max)
@@ -82,40 +107,63 @@ int cdb_arch_parse(const char *spec, cdb_arch *a, cdb_err *e)
     while (*s) {
         const char *semi = strchr(s, ';'), *end = semi ? semi : s + strlen(s);
         if (!strncmp(s, "vit:", 4)) {
-            kv k[] = {{"image", &a->image, ARCH_MAX_SIDE}, {"patch", &a->patch, ARCH_MAX_SIDE},
-                      {"width", &a->vwidth, ARCH_MAX_WIDTH},
-                      {"layers", &a->vlayers, ARCH_MAX_LAYERS},
-                      {"heads", &vheads, ARCH_MAX_WIDTH}};
+            kv k[] = {{"image", &a->image, ARCH_MAX_SIDE, 0},
+                      {"patch", &a->patch, ARCH_MAX_SIDE, 0},
+                      {"width", &a->vwidth, ARCH_MAX_WIDTH, 0},
+                      {"layers", &a->vlayers, ARCH_MAX_LAYERS, 0},
+                      {"heads", &vheads, ARCH_MAX_WIDTH, 0}};
             if ((rc = parse_kvs("vit", s + 4, end, k, 5, e))) return rc;
-            have_v = 1;
+            have_v++;
+        } else if (!strncmp(s, "rn:", 3)) {
+            kv k[] = {{"image", &a->image, ARCH_MAX_SIDE, 0},
+                      {"width", &a->rwidth, ARCH_MAX_WIDTH / 32, 0},
+                      {"layers", a->rlayers, ARCH_MAX_LAYERS, 4}};
+            if ((rc = parse_kvs("rn", s + 3, end, k, 3, e))) return rc;
+            have_v++;
         } else if (!strncmp(s, "text:", 5)) {
-            kv k[] = {{"width", &a->twidth, ARCH_MAX_WIDTH},
-                      {"layers", &a->tlayers, ARCH_MAX_LAYERS},
-                      {"heads", &theads, ARCH_MAX_WIDTH},
-                      {"context", &a->context, ARCH_MAX_CONTEXT}};
+            kv k[] = {{"width", &a->twidth, ARCH_MAX_WIDTH, 0},
+                      {"layers", &a->tlayers, ARCH_MAX_LAYERS, 0},
+                      {"heads", &theads, ARCH_MAX_WIDTH, 0},
+                      {"context", &a->context, ARCH_MAX_CONTEXT, 0}};
             if ((rc = parse_kvs("text", s + 5, end, k, 4, e))) return rc;
             have_t = 1;
         } else if (!strncmp(s, "embed=", 6)) {
-            kv k[] = {{"embed", &a->embed, ARCH_MAX_EMBED}};
+            kv k[] = {{"embed", &a->embed, ARCH_MAX_EMBED, 0}};
             if ((rc = parse_kvs("embed", s, end, k, 1, e))) return rc;
         } else {
             return cdb_err_set(e, CLIPDB_EINVAL,
-                               "arch: '%.*s' is not a part (vit:..., text:..., embed=N)",
+                               "arch: '%.*s' is not a part (vit:..., rn:..., text:..., embed=N)",
                                (int)(end - s), s);
         }
         s = semi ? semi + 1 : end;
     }
-    if (!have_v || !a->image || !a->patch || !a->vwidth || !a->vlayers)
+    if (have_v > 1)
+        return cdb_err_set(e, CLIPDB_EINVAL, "arch: one image tower (vit:... or rn:...), not %d",
+                           have_v);
+    if (a->rwidth) {
+        if (!a->image || !a->rlayers[0])
+            return cdb_err_set(e, CLIPDB_EINVAL, "arch: needs rn:image=S,width=W,layers=A.B.C.D");
+        if (a->image % 32)
+            return cdb_err_set(e, CLIPDB_EINVAL,
+                               "arch: rn image %d is not a multiple of 32 (the tower's stride)",
+                               a->image);
+        if (a->rwidth % 2)
+            return cdb_err_set(e, CLIPDB_EINVAL,
+                               "arch: rn width %d is not even (the attention pool's 32 x width "
+                               "must be a multiple of %d)", a->rwidth, CDB_HEAD_DIM);
+    } else if (!have_v || !a->image || !a->patch || !a->vwidth || !a->vlayers) {
         return cdb_err_set(e, CLIPDB_EINVAL,
-                           "arch: needs vit:image=S,patch=P,width=W,layers=L");
+                           "arch: needs vit:image=S,patch=P,width=W,layers=L "
+                           "or rn:image=S,width=W,layers=A.B.C.D");
+    }
     if (!have_t || !a->twidth || !a->tlayers)
         return cdb_err_set(e, CLIPDB_EINVAL, "arch: needs text:width=W,layers=L");
     if (!a->embed) return cdb_err_set(e, CLIPDB_EINVAL, "arch: needs embed=E");
-    if (a->image % a->patch)
+    if (a->patch && a->image % a->patch)
         return cdb_err_set(e, CLIPDB_EINVAL, "arch: image %d is not a multiple of patch %d",
                            a->image, a->patch);
     if (a->context < 2) return cdb_err_set(e, CLIPDB_EINVAL, "arch: context must be >= 2");
-    if ((rc = check_heads("vit", a->vwidth, vheads, e)) ||
+    if ((!a->rwidth && (rc = check_heads("vit", a->vwidth, vheads, e))) ||
         (rc = check_heads("text", a->twidth, theads, e)))
         return rc;
     return CLIPDB_OK;
@@ -245,6 +293,86 @@ static void init_tower(init_rng *g, cdb_tower *t, float **at, int d, int layers,
     t->proj_transposed = 0;
 }
 
+/* A convolution as nn.Conv2d's default (kaiming_uniform a=sqrt(5):
+** U(+-1/sqrt(fan_in))) and its batch norm at the identity with gain `gain`
+** (bias 0, running mean 0, variance 1); at == NULL: only counts. */
+static size_t init_conv(init_rng *g, cdb_conv *cv, float **at, int cout, int cin, int k,
+                        float gain)
+{
+    const size_t n = (size_t)cout * cin * k * k;
+    float *p;
+    if (!at) return n + 4 * (size_t)cout;
+    cv->cout = cout, cv->cin = cin, cv->k = k;
+    cv->w = p = take(at, n);
+    fill_uniform(g, p, n, 1.0 / sqrt((double)cin * k * k));
+    cv->bn_w = p = take(at, (size_t)cout);
+    fill_const(p, (size_t)cout, gain);
+    cv->bn_b = p = take(at, (size_t)cout);
+    fill_const(p, (size_t)cout, 0.0f);
+    cv->bn_mean = p = take(at, (size_t)cout);
+    fill_const(p, (size_t)cout, 0.0f);
+    cv->bn_var = p = take(at, (size_t)cout);
+    fill_const(p, (size_t)cout, 1.0f);
+    return n + 4 * (size_t)cout;
+}
+
+/* CLIP's ModifiedResNet (model.h) with OpenAI's initialize_parameters: each
+** bottleneck's bn3 gain 0 (the block starts as its skip path), the
+** attention pool's q, k, v and c_proj weights std dim^-0.5, its positions
+** randn / sqrt(dim), biases nn.Linear's default. at == NULL: only counts
+** (rn's blocks may then be NULL). The floats. */
+static size_t init_resnet(init_rng *g, cdb_resnet *rn, float **at, const cdb_arch *a)
+{
+    const int w = a->rwidth, G = a->image / 32, D = 32 * w;
+    const size_t T = (size_t)G * G + 1, DD = (size_t)D * D;
+    cdb_conv scratch;
+    size_t n = 0;
+    int l, i, k, inplanes = w;
+    float *p;
+#define CONV(cv, co, ci, kk, gain) (n += init_conv(g, at ? (cv) : &scratch, at, co, ci, kk, gain))
+    CONV(&rn->stem[0], w / 2, 3, 3, 1.0f);
+    CONV(&rn->stem[1], w / 2, w / 2, 3, 1.0f);
+    CONV(&rn->stem[2], w, w / 2, 3, 1.0f);
+    for (l = 0, k = 0; l < 4; l++)
+        for (i = 0; i < a->rlayers[l]; i++, k++) {
+            const int planes = w << l, stride = l > 0 && i == 0 ? 2 : 1;
+            cdb_bottleneck *bk = at ? &rn->blocks[k] : NULL;
+            if (bk) bk->stride = stride;
+            CONV(bk ? &bk->c1 : NULL, planes, inplanes, 1, 1.0f);
+            CONV(bk ? &bk->c2 : NULL, planes, planes, 3, 1.0f);
+            CONV(bk ? &bk->c3 : NULL, 4 * planes, planes, 1, 0.0f);
+            if (stride > 1 || inplanes != 4 * planes)
+                CONV(bk ? &bk->down : NULL, 4 * planes, inplanes, 1, 1.0f);
+            inplanes = 4 * planes;
+        }
+#undef CONV
+    n += T * D + 3 * (DD + (size_t)D) + (size_t)a->embed * D + (size_t)a->embed;
+    if (!at) return n;
+    for (l = 0; l < 4; l++) rn->layers[l] = a->rlayers[l];
+    rn->n_blocks = k;
+    rn->width = w, rn->grid = G, rn->dim = D, rn->heads = D / CDB_HEAD_DIM;
+    rn->pos = p = take(at, T * D);
+    fill_normal(g, p, T * D, pow(D, -0.5));
+    /* CLIP's order: k, q, v */
+    rn->wk = p = take(at, DD);
+    fill_normal(g, p, DD, pow(D, -0.5));
+    rn->bk = p = take(at, (size_t)D);
+    fill_uniform(g, p, (size_t)D, 1.0 / sqrt(D));
+    rn->wq = p = take(at, DD);
+    fill_normal(g, p, DD, pow(D, -0.5));
+    rn->bq = p = take(at, (size_t)D);
+    fill_uniform(g, p, (size_t)D, 1.0 / sqrt(D));
+    rn->wv = p = take(at, DD);
+    fill_normal(g, p, DD, pow(D, -0.5));
+    rn->bv = p = take(at, (size_t)D);
+    fill_uniform(g, p, (size_t)D, 1.0 / sqrt(D));
+    rn->wc = p = take(at, (size_t)a->embed * D);
+    fill_normal(g, p, (size_t)a->embed * D, pow(D, -0.5));
+    rn->bc = p = take(at, (size_t)a->embed);
+    fill_uniform(g, p, (size_t)a->embed, 1.0 / sqrt(D));
+    return n;
+}
+
 int cdb_arch_init_dir(const cdb_arch *a, uint64_t seed, const char *tok_dir, const char *dir,
                       cdb_err *e)
 {
@@ -253,7 +381,9 @@ int cdb_arch_init_dir(const cdb_arch *a, uint64_t seed, const char *tok_dir, con
     cdb_model_write_opts wo = {0};
     init_rng g = {{seed ^ 0x636c697069696e74ull}, 0, 0.0};
     float *arena = NULL, *at;
-    size_t total, grid = (size_t)(a->image / a->patch), npos = grid * grid + 1;
+    cdb_resnet rn;
+    const size_t grid = a->patch ? (size_t)(a->image / a->patch) : 0, npos = grid * grid + 1;
+    size_t total;
     int rc, vocab;
     double scale = pow(a->vwidth, -0.5), fan_in = 3.0 * a->patch * a->patch;
 
@@ -264,14 +394,25 @@ int cdb_arch_init_dir(const cdb_arch *a, uint64_t seed, const char *tok_dir, con
     }
     vocab = cdb_tok_vocab_size(tok);
     cdb_tok_free(tok);
-    total = (size_t)a->vwidth * 3 * a->patch * a->patch + (size_t)a->vwidth +
-            npos * a->vwidth + 2 * (size_t)a->vwidth +
-            tower_floats(a->vwidth, a->vlayers, a->embed) + (size_t)vocab * a->twidth +
-            (size_t)a->context * a->twidth + tower_floats(a->twidth, a->tlayers, a->embed);
+    memset(&rn, 0, sizeof rn);
+    if (a->rwidth)
+        total = init_resnet(&g, &rn, NULL, a);
+    else
+        total = (size_t)a->vwidth * 3 * a->patch * a->patch + (size_t)a->vwidth +
+                npos * a->vwidth + 2 * (size_t)a->vwidth +
+                tower_floats(a->vwidth, a->vlayers, a->embed);
+    total += (size_t)vocab * a->twidth + (size_t)a->context * a->twidth +
+             tower_floats(a->twidth, a->tlayers, a->embed);
     arena = cdb_malloc_array(total, sizeof *arena);
-    m.vision.t.blocks = cdb_calloc_array((size_t)a->vlayers, sizeof(cdb_block));
+    if (a->rwidth)
+        rn.blocks = cdb_calloc_array((size_t)a->rlayers[0] + a->rlayers[1] + a->rlayers[2] +
+                                         a->rlayers[3],
+                                     sizeof *rn.blocks);
+    else
+        m.vision.t.blocks = cdb_calloc_array((size_t)a->vlayers, sizeof(cdb_block));
     m.text.t.blocks = cdb_calloc_array((size_t)a->tlayers, sizeof(cdb_block));
-    if (!arena || !m.vision.t.blocks || !m.text.t.blocks) {
+    if (!arena || !(a->rwidth ? (void *)rn.blocks : (void *)m.vision.t.blocks) ||
+        !m.text.t.blocks) {
         rc = cdb_err_set(e, CLIPDB_ENOMEM, "out of memory for %zu initial weights", total);
         goto cleanup;
     }
@@ -280,9 +421,14 @@ int cdb_arch_init_dir(const cdb_arch *a, uint64_t seed, const char *tok_dir, con
     m.key_style = "openai";
     m.dtype = "F32";
     m.logit_scale = logf(1.0f / 0.07f);
+    m.vision.image_size = a->image;
+    if (a->rwidth) {
+        init_resnet(&g, &rn, &at, a);
+        m.vision.rn = &rn;
+        goto text;
+    }
     /* vision: conv1 (d, 3, P, P) as nn.Conv2d's default (kaiming_uniform a=sqrt(5):
     ** U(+-1/sqrt(fan_in))); class and position embeddings scale * randn */
-    m.vision.image_size = a->image;
     m.vision.patch = a->patch;
     m.vision.grid = (int)grid;
     m.vision.n_pos = (int)npos;
@@ -298,6 +444,7 @@ int cdb_arch_init_dir(const cdb_arch *a, uint64_t seed, const char *tok_dir, con
     m.vision.ln_pre_b = take(&at, (size_t)a->vwidth);
     fill_const((float *)m.vision.ln_pre_b, (size_t)a->vwidth, 0.0f);
     init_tower(&g, &m.vision.t, &at, a->vwidth, a->vlayers, a->embed, 0);
+text:
     /* text: token_embedding std 0.02, positional_embedding std 0.01 */
     m.text.context = a->context;
     m.text.vocab = vocab;
@@ -318,6 +465,7 @@ int cdb_arch_init_dir(const cdb_arch *a, uint64_t seed, const char *tok_dir, con
     rc = cdb_model_write_dir(&m, dir, &wo, e);
 cleanup:
     free(arena);
+    free(rn.blocks);
     free(m.vision.t.blocks);
     free(m.text.t.blocks);
     return rc;

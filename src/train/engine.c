@@ -45,6 +45,9 @@ struct cdb_trainer {
     int n_tensors;
     long step;
     cdb_vision vis, gvis;           /* views into params / grads (NULL: frozen) */
+    cdb_resnet rn, grn;             /* a ResNet image tower's views (vis.rn, gvis.rn) */
+    struct cdb_rn_train *rnt;       /* its activations; NULL for a ViT */
+    int rn_lo;                      /* its lowest block with a backward (-1: the stem too) */
     cdb_text txt, gtxt;
     float *ls, *gls;                /* logit_scale and its gradient (NULL: frozen) */
     struct cdb_run *run;            /* scratch of the forward and backward */
@@ -154,8 +157,26 @@ static int copy_tower(cdb_tower *dst, const cdb_tower *src)
     return 1;
 }
 
+/* Copies a ResNet tower's struct twice (params and grads), each with its own
+** blocks, and makes its activation record. */
+static int copy_resnet(cdb_trainer *t, const cdb_resnet *src, cdb_prec prec)
+{
+    const size_t nb = (size_t)src->n_blocks;
+    t->rn = t->grn = *src;
+    t->rn.blocks = cdb_malloc_array(nb, sizeof *t->rn.blocks);
+    t->grn.blocks = cdb_malloc_array(nb, sizeof *t->grn.blocks);
+    t->rnt = cdb_rn_train_new(prec);
+    if (!t->rn.blocks || !t->grn.blocks || !t->rnt) return 0;
+    memcpy(t->rn.blocks, src->blocks, nb * sizeof *t->rn.blocks);
+    memcpy(t->grn.blocks, src->blocks, nb * sizeof *t->grn.blocks);
+    t->vis.rn = &t->rn;
+    t->gvis.rn = &t->grn;
+    return 1;
+}
+
 static int is_trainable(const cdb_train_opts *o, const cdb_wref *w, int layers)
 {
+    if (w->kind == CDB_W_BUFFER) return 0;
     switch (o->what) {
     case CDB_TRAIN_ALL: return 1;
     case CDB_TRAIN_PROJ: return w->kind == CDB_W_PROJ || w->kind == CDB_W_SCALE;
@@ -176,6 +197,9 @@ void cdb_trainer_free(cdb_trainer *t)
     free(t->tensors);
     free(t->vis.t.blocks);
     free(t->gvis.t.blocks);
+    free(t->rn.blocks);
+    free(t->grn.blocks);
+    cdb_rn_train_free(t->rnt);
     free(t->txt.t.blocks);
     free(t->gtxt.t.blocks);
     cdb_run_free(t->run);
@@ -210,9 +234,7 @@ int cdb_trainer_new(cdb_trainer **out, const clipdb_model *m, const cdb_train_op
     int rc = CLIPDB_OK, k;
 
     *out = NULL;
-    if (m && m->vision.rn)
-        return cdb_err_set(e, CLIPDB_EINVAL, "%s", CDB_RN_NOT_TRAINABLE);
-    if (!m || !m->st || !m->vision.t.blocks || !m->text.t.blocks)
+    if (!m || !m->st || (!m->vision.t.blocks && !m->vision.rn) || !m->text.t.blocks)
         return cdb_err_set(e, CLIPDB_EINVAL, "the model has no weights loaded");
     if ((rc = check_opts(o, e))) return rc;
     t = calloc(1, sizeof *t);
@@ -224,7 +246,9 @@ int cdb_trainer_new(cdb_trainer **out, const clipdb_model *m, const cdb_train_op
     t->txt = m->text, t->gtxt = m->text;
     t->vis.t.blocks = t->gvis.t.blocks = t->txt.t.blocks = t->gtxt.t.blocks = NULL;
     t->vis.pk_patch = t->gvis.pk_patch = NULL;
-    if (!copy_tower(&t->vis.t, &m->vision.t) || !copy_tower(&t->gvis.t, &m->vision.t) ||
+    if (!(m->vision.rn ? copy_resnet(t, m->vision.rn, o->gemm)
+                       : copy_tower(&t->vis.t, &m->vision.t) &&
+                             copy_tower(&t->gvis.t, &m->vision.t)) ||
         !copy_tower(&t->txt.t, &m->text.t) || !copy_tower(&t->gtxt.t, &m->text.t) ||
         !(t->run = cdb_run_new())) {
         rc = cdb_err_set(e, CLIPDB_ENOMEM, "out of memory");
@@ -254,13 +278,17 @@ int cdb_trainer_new(cdb_trainer **out, const clipdb_model *m, const cdb_train_op
     }
     for (i = 0, off = 0; i < np; i++) {
         cdb_ptensor *pt = &t->tensors[i];
-        const int layers = pw[i].tower == 0 ? t->vis.t.layers : t->txt.t.layers;
+        const int layers = pw[i].tower != 0 ? t->txt.t.layers
+                           : t->vis.rn      ? t->rn.n_blocks
+                                            : t->vis.t.layers;
         snprintf(pt->name, sizeof pt->name, "%s", pw[i].name);
         pt->ndim = pw[i].ndim;
         memcpy(pt->shape, pw[i].shape, sizeof pt->shape);
         pt->offset = off;
         pt->numel = pw[i].numel;
         pt->decay = pw[i].ndim >= 2 && pw[i].kind != CDB_W_SCALE;
+        /* buffers (a batch norm's running statistics) are never trainable:
+        ** the forward updates them, AdamW does not */
         pt->trainable = is_trainable(o, &pw[i], layers);
         if (pw[i].kind == CDB_W_SCALE) {
             t->params[off] = m->logit_scale;
@@ -280,6 +308,13 @@ int cdb_trainer_new(cdb_trainer **out, const clipdb_model *m, const cdb_train_op
             if (pw[i].kind == CDB_W_EMBED) tr->embed = 1;
         }
         off += pt->numel;
+    }
+    if (t->vis.rn) { /* the lowest block with a trained tensor; the stem: -1 */
+        t->rn_lo = t->tv.embed ? -1 : t->rn.n_blocks;
+        for (k = t->rn.n_blocks - 1; k >= 0 && !t->tv.embed; k--) {
+            const cdb_bottleneck *g = &t->grn.blocks[k];
+            if (g->c1.w || g->c1.bn_w || g->c3.w || g->c3.bn_w) t->rn_lo = k;
+        }
     }
     for (k = 0; k < 2; k++) {
         tower_run *tr = k ? &t->tt : &t->tv;
@@ -356,13 +391,19 @@ static int tower_reserve(tower_run *tr, const cdb_tower *tw, int nb, int T, cdb_
 /* ---- the towers, forward with activations kept, and backward --------------------- */
 
 /* Vision: pixels (nb, 3, S, S) -> out (nb, e), activations in t->tv; keep
-** (nb, t->nkeep): the patches each image keeps (NULL: all). */
-static int vision_fwd(cdb_trainer *t, const float *pixels, const int32_t *keep, int nb, float *out)
+** (nb, t->nkeep): the patches each image keeps (NULL: all). A ResNet tower:
+** its own record; update: its batch norms' running statistics move (once a
+** step: in the pass that back-propagates). */
+static int vision_fwd(cdb_trainer *t, const float *pixels, const int32_t *keep, int nb,
+                      int update, float *out)
 {
     const cdb_vision *v = &t->vis;
     tower_run *tr = &t->tv;
     const int d = v->t.width, T = t->keep ? t->nkeep + 1 : v->n_pos;
     int rc, l, i;
+    if (v->rn)
+        return cdb_resnet_train_forward(t->rnt, v->rn, v->image_size, t->embed_dim, pixels, nb,
+                                        update, out, &t->err);
     if ((rc = tower_reserve(tr, &v->t, nb, T, &t->err))) return rc;
     /* x (nb*T, d) = ln_pre(embeddings); x0 keeps the ln_pre input */
     if ((rc = cdb_vision_embed(t->run, v, pixels, nb, keep, t->nkeep, tr->x0, tr->x, &t->err)))
@@ -388,6 +429,9 @@ static int vision_bwd(cdb_trainer *t, const float *pixels, const int32_t *keep, 
     const int below = tr->lo < v->t.layers;
     int rc, l, i;
     if (!tr->top) return CLIPDB_OK;
+    if (v->rn)
+        return cdb_resnet_train_backward(t->rnt, v->rn, &t->grn, t->embed_dim, t->rn_lo, dout,
+                                         &t->err);
     /* dxe (nb, d) from dout (nb, e); the residual buffer x is free now: dh scratch */
     if ((rc = cdb_final_ln_project_backward(t->run, &v->t, &t->gvis.t, t->embed_dim, tr->xe,
                                             tr->he, dout, nb, tr->x, below ? tr->dxe : NULL,
@@ -600,6 +644,9 @@ int cdb_trainer_set_patches(cdb_trainer *t, const int32_t *keep, int nkeep, int 
     const int G = t->vis.grid, np = G * G;
     int i, j;
     cdb_err_clear(&t->err);
+    if (keep && nkeep > 0 && t->vis.rn)
+        return cdb_err_set(&t->err, CLIPDB_EINVAL,
+                           "patch dropout needs a ViT image tower (this one is a ResNet)");
     if (!keep || nkeep <= 0) {
         t->nkeep = 0;
         free(t->keep);
@@ -658,7 +705,7 @@ int cdb_train_grad(cdb_trainer *t, const float *pixels, const int32_t *const *id
             const int nb = n - i0 < mb ? n - i0 : mb;
             const float *px = pixels + (size_t)i0 * img_floats;
             const int32_t *kp = t->keep ? t->keep + (size_t)i0 * t->nkeep : NULL;
-            if ((rc = vision_fwd(t, px, kp, nb, img + (size_t)i0 * e)) ||
+            if ((rc = vision_fwd(t, px, kp, nb, pass == 1, img + (size_t)i0 * e)) ||
                 (rc = text_fwd(t, ids + i0, lens + i0, t->ends + i0, nb, txt + (size_t)i0 * e)))
                 return rc;
             if (pass == 0) continue;
@@ -803,7 +850,10 @@ int cdb_trainer_sync(cdb_trainer *t, clipdb_model *m)
     float *copy = NULL;
     int rc, k;
     cdb_err_clear(&t->err);
-    if (!m || !m->vision.t.blocks || !m->text.t.blocks || strcmp(m->key_style, t->key_style) ||
+    if (!m || (!m->vision.t.blocks && !m->vision.rn) || !m->text.t.blocks ||
+        strcmp(m->key_style, t->key_style) || !m->vision.rn != !t->vis.rn ||
+        (m->vision.rn && (m->vision.rn->n_blocks != t->rn.n_blocks ||
+                          m->vision.rn->width != t->rn.width || m->vision.rn->grid != t->rn.grid)) ||
         m->embed_dim != t->embed_dim || m->vision.t.layers != t->vis.t.layers ||
         m->text.t.layers != t->txt.t.layers || m->vision.t.width != t->vis.t.width ||
         m->text.t.width != t->txt.t.width || m->vision.n_pos != t->vis.n_pos ||

@@ -493,6 +493,9 @@ static int run_loop(run *r, const char *out_dir)
                            "%zu image-caption pairs to train on, fewer than --batch %zu",
                            n, B);
     }
+    if (r->m->vision.rn && r->augment && o->patch_drop > 0.0f)
+        return cdb_err_set(&r->err, CLIPDB_EINVAL,
+                           "--patch-drop needs a ViT image tower; this model's is a ResNet");
     spe = (long)(n / B);
     total = spe * o->epochs;
     if ((rc = opts_to_engine(r, total, &to))) return rc;

@@ -19,13 +19,15 @@
 
 /* A from-scratch CLIP ViT. heads are width / 64 (CDB_HEAD_DIM), MLP 4 x width. */
 typedef struct cdb_arch {
-    int image, patch, vwidth, vlayers;
+    int image, patch, vwidth, vlayers;  /* a ViT image tower (patch > 0) */
+    int rwidth, rlayers[4];             /* or CLIP's ModifiedResNet (rwidth > 0) */
     int context, twidth, tlayers;
     int embed;
 } cdb_arch;
 
 /* Parses a spec (the grammar is in clipdb train --help, src/cli/cmd_train.c):
 **   vit:image=S,patch=P,width=W,layers=L[,heads=H];text:width=W,layers=L[,heads=H][,context=C];embed=E
+**   or rn:image=S,width=W,layers=A.B.C.D in place of the vit part
 ** bounded (sides <= 1024, widths <= 4096,
 ** layers <= 64). CLIPDB_EINVAL with a message naming the bad part. */
 int cdb_arch_parse(const char *spec, cdb_arch *out, cdb_err *e);
@@ -34,7 +36,9 @@ int cdb_arch_parse(const char *spec, cdb_arch *out, cdb_err *e);
 ** architecture a with CLIP's initialisation drawn from seed (OpenAI
 ** model.py initialize_parameters for the text tower, token and position
 ** embeddings and the projections; PyTorch's default initialisation of the
-** vision tower's layers, as OpenAI's ViT gets; logit_scale ln(1/0.07)), F32
+** vision tower's layers, as OpenAI's ViT gets; a ResNet: PyTorch's default
+** convolutions, batch norms at the identity except each bottleneck's bn3
+** gain 0, the attention pool's weights std dim^-0.5; logit_scale ln(1/0.07)), F32
 ** in OpenAI key names, with the tokenizer files of tok_dir. */
 int cdb_arch_init_dir(const cdb_arch *a, uint64_t seed, const char *tok_dir, const char *dir,
                       cdb_err *e);

@@ -24,6 +24,17 @@
 ** its end token, so they get no gradient); images run all tokens, the loss
 ** reads the class token.
 **
+** A ResNet image tower (CLIP's ModifiedResNet, model.h cdb_resnet) runs
+** src/model/resnet.c's training forward and backward instead of the blocks:
+** its batch norms normalise with each micro-batch's own statistics (torch's
+** train mode) and move their running statistics once a step (in the pass
+** that back-propagates). Those statistics are tensors of the layout like
+** the others (OpenAI names "...running_mean" / "...running_var"), never
+** trained (trainable 0, no decay), so checkpoints and written models carry
+** them. With micro-batches the statistics are the micro-batch's, as in
+** torch with gradient accumulation: the gradient is then not exactly the
+** full batch's. Patch dropout needs a ViT.
+**
 ** Loss (CLIP paper, open_clip ClipLoss): img = normalize(vision(pixels)),
 ** txt = normalize(text(ids)), logits (n, n) = exp(logit_scale) img @ txt^T,
 ** loss = (CE(logits, arange n) + CE(logits^T, arange n)) / 2, means over rows.

@@ -1,7 +1,8 @@
 """A ResNet CLIP (CLIP's ModifiedResNet image tower, the RN50 family) through
 the real CLI: model info, a database built, searched and checked with it,
-and the clear refusals (bf16 / int8 precision, fine-tuning). Its vectors are
-checked against torch in tests/ref/test_embed_reference.py."""
+and the clear refusal of bf16 / int8 precision. Its vectors are checked
+against torch in tests/ref/test_embed_reference.py; its training in
+tests/cli/test_train.py and tests/ref/test_train_reference.py."""
 import json
 
 import pytest
@@ -50,15 +51,6 @@ def test_resnet_refuses_bf16_and_int8(rn):
     for prec in ("bf16", "int8"):
         p = run("embed", "--model", rn, "--precision", prec, "--text", "a cat")
         one_line_failure(p, "embed", "a ResNet image tower runs in fp32 only")
-
-
-def test_finetuning_a_resnet_is_refused_clearly(rn, coco, tmp_path):
-    db = tmp_path / "ft.db"
-    run("init", db, "--model", rn, check=True)
-    p = run("finetune", db, "--model", rn, "--out", tmp_path / "out", "--batch", 2)
-    assert p.returncode == 1, p.stderr
-    assert "training a ResNet image tower is not supported yet" in p.stderr, p.stderr
-    assert not (tmp_path / "out").exists()
 
 
 def rewritten(src, dst, change):

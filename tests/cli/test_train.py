@@ -282,16 +282,22 @@ def test_sigkill_then_resume_equals_uninterrupted(photos, model, tmp_path, kill_
               "--seed", 11, "--checkpoint-every", 1, "--progress-every", 0.01]
     ref = tmp_path / "ref"
     run(*common, "--out", ref, check=True)
-    out = tmp_path / "o"
+    killed_then_resumed(common, tmp_path / "o", kill_after)
+    assert weights(tmp_path / "o") == weights(ref)  # bit for bit
+    assert not (tmp_path / "o.ckpt").exists()
+
+
+def killed_then_resumed(common, out, kill_after):
+    """Runs `clipdb *common --out out`, SIGKILLs it once it prints kill_after,
+    checks that only the checkpoint is left, and runs it again to the end."""
     p = start([*common, "--out", out])
     wait_for_line(p, kill_after)
     p.send_signal(signal.SIGKILL)
     p.wait()
-    assert not out.exists() and (tmp_path / "o.ckpt" / "state.safetensors").is_file()
+    assert not out.exists()
+    assert (out.parent / (out.name + ".ckpt") / "state.safetensors").is_file()
     r = run(*common, "--out", out, check=True)
     assert "resuming from" in r.stderr
-    assert weights(out) == weights(ref)  # bit for bit
-    assert not (tmp_path / "o.ckpt").exists()
 
 
 def test_sigkill_at_random_moments(db, model, tmp_path):
@@ -484,3 +490,93 @@ def test_label_smoothing_is_recorded_and_checked(photos, model, tmp_path):
     zero_default_option_is_recorded_and_checked(common, tmp_path, "--label-smoothing",
                                                 "label_smoothing", "0.1",
                                                 ["1", "-0.1", "nan", "x"])
+
+
+# ---- a ResNet image tower (CLIP's ModifiedResNet) ---------------------------------
+
+RN_ARCH = "rn:image=32,width=4,layers=1.1.1.1;text:width=64,layers=1,context=16;embed=32"
+
+
+def st_tensors(out):
+    """{name: list of floats} of the F32 / F16 tensors of a model (others skipped)."""
+    raw = (pathlib.Path(out) / "model.safetensors").read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    head = json.loads(raw[8:8 + n])
+    out = {}
+    for k, v in head.items():
+        if k == "__metadata__" or v["dtype"] not in ("F32", "F16"):
+            continue
+        a, b = v["data_offsets"]
+        fmt = {"F32": "f", "F16": "e"}[v["dtype"]]
+        size = struct.calcsize(fmt)
+        out[k] = list(struct.unpack(f"<{(b - a) // size}{fmt}", raw[8 + n + a:8 + n + b]))
+    return out
+
+
+def test_resnet_trains_from_scratch_and_resumes_bit_for_bit(photos, model, tmp_path):
+    """rn:... trains CLIP's ModifiedResNet (the gradients are checked against
+    torch in tests/ref): the written model is a ResNet that loads and embeds,
+    its batch norms' running statistics moved away from the initial 0 / 1
+    (and each bottleneck's bn3 gain from CLIP's initial 0), and a run killed
+    after a checkpoint resumes to the same bytes as an uninterrupted one (the
+    running statistics are part of the checkpoint)."""
+    common = ["train", "--images", photos / "images", "--captions", photos / "captions.jsonl",
+              "--tokenizer", model, "--arch", RN_ARCH, "--batch", 4, "--epochs", 2, "--val", 0.25,
+              "--seed", 11, "--checkpoint-every", 1, "--progress-every", 0.01]
+    ref = tmp_path / "ref"
+    r = run(*common, "--out", ref, check=True)
+    assert "validation (4 images)" in r.stderr
+    info = run("model", "info", ref, check=True).stdout
+    assert "ResNet" in info and "bottlenecks 1-1-1-1" in info and "32 x 32 pixels" in info
+    assert made(ref)["start"].startswith("arch rn:image=32,width=4,layers=1.1.1.1")
+    t = st_tensors(ref)
+    assert all(k in t for k in ("visual.conv1.weight", "visual.bn1.running_var",
+                                "visual.layer4.0.downsample.1.running_mean",
+                                "visual.attnpool.c_proj.weight"))
+    assert any(abs(x) > 1e-6 for x in t["visual.layer1.0.bn1.running_mean"])
+    assert any(abs(x - 1) > 1e-3 for x in t["visual.layer1.0.bn1.running_var"])
+    assert any(abs(x) > 1e-6 for x in t["visual.layer1.0.bn3.weight"])
+    assert len(embed(ref, photos)[1]) == 32
+    killed_then_resumed(common, tmp_path / "o", "checkpoint at step 3:")
+    assert weights(tmp_path / "o") == weights(ref)  # bit for bit
+
+
+def test_resnet_finetunes_and_refuses_patch_dropout(db, bpe_vocab, photos, tmp_path):
+    """A loaded ResNet CLIP (generated rn-tiny) fine-tunes, whole or its
+    projections only (the attention pool's c_proj, text_projection and
+    logit_scale); --patch-drop is refused for a ResNet (it has no patches)."""
+    rn = gen_model(tmp_path / "rn", "rn-tiny", "openai", "F32", 3)
+    rdb = tmp_path / "rn.db"
+    run("init", rdb, "--model", rn, check=True)
+    run("add", rdb, "--images", photos / "images", "--captions", photos / "captions.jsonl", "-q",
+        check=True)
+    before = st_tensors(rn)
+    for what in ("all", "proj"):
+        out = tmp_path / f"ft-{what}"
+        run("finetune", rdb, "--model", rn, "--out", out, "--split", "train", "--batch", 4,
+            "--epochs", 1, "--lr", "1e-3", "--train", what, check=True)
+        after = st_tensors(out)
+        assert after["visual.attnpool.c_proj.weight"] != before["visual.attnpool.c_proj.weight"]
+        moved = after["visual.layer1.0.conv2.weight"] != before["visual.layer1.0.conv2.weight"]
+        assert moved == (what == "all")
+        assert len(embed(out, photos)[1]) == len(embed(rn, photos)[1])
+    r = run("train", "--images", photos / "images", "--captions", photos / "captions.jsonl",
+            "--tokenizer", rn, "--arch", RN_ARCH, "--batch", 4, "--epochs", 1, "--val", 0,
+            "--patch-drop", "0.5", "--out", tmp_path / "pd")
+    assert r.returncode != 0 and "--patch-drop needs a ViT image tower" in r.stderr
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("rn:image=48,width=4,layers=1.1.1.1", "not a multiple of 32"),
+    ("rn:image=32,width=3,layers=1.1.1.1", "not even"),
+    ("rn:image=32,width=4,layers=1.1.1", "4 integers"),
+    ("rn:image=32,width=4,layers=1.0.1.1", "4 integers"),
+    ("rn:image=32,width=4", "needs rn:image=S,width=W,layers=A.B.C.D"),
+    ("rn:image=32,width=4,layers=1.1.1.1;vit:image=32,patch=16,width=64,layers=1",
+     "one image tower"),
+])
+def test_resnet_arch_errors_are_named(photos, model, tmp_path, spec, message):
+    r = run("train", "--images", photos / "images", "--captions", photos / "captions.jsonl",
+            "--tokenizer", model, "--arch", spec + ";text:width=64,layers=1;embed=32",
+            "--out", tmp_path / "x")
+    one_line_failure(r, "train", message)

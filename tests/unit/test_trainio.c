@@ -37,6 +37,10 @@ TEST(trainio_arch_parse_and_errors)
     CHECK(cdb_arch_parse("text:width=64,layers=1,context=16;embed=8;vit:image=32,patch=16,"
                          "width=64,layers=1",
                          &a, &e) == CLIPDB_OK && a.context == 16);
+    CHECK(cdb_arch_parse("rn:image=96,width=48,layers=1.2.12.1;text:width=64,layers=1;embed=8",
+                         &a, &e) == CLIPDB_OK);
+    CHECK(a.image == 96 && a.rwidth == 48 && a.patch == 0 && a.rlayers[0] == 1 &&
+          a.rlayers[1] == 2 && a.rlayers[2] == 12 && a.rlayers[3] == 1);
 #define BAD(spec, needle)                                                   \
     do {                                                                    \
         cdb_err_clear(&e);                                                  \
@@ -55,8 +59,18 @@ TEST(trainio_arch_parse_and_errors)
         "not a multiple of patch");
     BAD("vit:image=64,patch=8,width=64,layers=1;text:width=128,layers=1,heads=4;embed=8",
         "heads=4");
-    BAD("vit:image=64,patch=8,width=64,layers=1;text:width=64,layers=1;embed=8;rn:x=1",
+    BAD("vit:image=64,patch=8,width=64,layers=1;text:width=64,layers=1;embed=8;cnn:x=1",
         "not a part");
+    /* CLIP's ModifiedResNet in place of the ViT */
+    BAD("rn:image=48,width=4,layers=1.1.1.1;text:width=64,layers=1;embed=8", "multiple of 32");
+    BAD("rn:image=64,width=5,layers=1.1.1.1;text:width=64,layers=1;embed=8", "not even");
+    BAD("rn:image=64,width=4,layers=1.1.1;text:width=64,layers=1;embed=8", "4 integers");
+    BAD("rn:image=64,width=4,layers=1.1.1.1.1;text:width=64,layers=1;embed=8", "4 integers");
+    BAD("rn:image=64,width=4,layers=1..1.1;text:width=64,layers=1;embed=8", "4 integers");
+    BAD("rn:image=64,width=4,layers=1.1.1.99;text:width=64,layers=1;embed=8", "4 integers");
+    BAD("rn:image=64,width=4;text:width=64,layers=1;embed=8", "layers=A.B.C.D");
+    BAD("rn:image=64,width=4,layers=1.1.1.1;vit:image=64,patch=8,width=64,layers=1;"
+        "text:width=64,layers=1;embed=8", "one image tower");
     BAD("vit:image=64,patch=8,width=64,layers=1,depth=2;text:width=64,layers=1;embed=8",
         "unknown key 'depth'");
     BAD("vit:image=64,patch=8,width=64,layers=99999999999;text:width=64,layers=1;embed=8",

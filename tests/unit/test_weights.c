@@ -318,9 +318,23 @@ TEST(weights_resnet_binds)
     CHECK(!strcmp(mi.vision_kind, "resnet") && mi.patch_size == 0 && mi.vision_width == 16);
     CHECK(mi.vision_layers == 5 && mi.vision_stages[1] == 2 && mi.vision_heads == 8);
     CHECK(strstr(clipdb_model_identity(m), "clip-rn-w16-1.2.1.1-s128-") == clipdb_model_identity(m));
+    /* the trainer lays it out under the file's names; the running statistics
+    ** are buffers (never trained, no decay), the conv weights decay */
     cdb_train_opts_init(&o);
-    CHECK(cdb_trainer_new(&t, m, &o, &e) == CLIPDB_EINVAL && !t);
-    CHECK(strstr(e.msg, "ResNet") != NULL);
+    REQUIRE(cdb_trainer_new(&t, m, &o, &e) == CLIPDB_OK);
+    {
+        const cdb_ptensor *rv = cdb_trainer_find(t, "visual.layer2.0.downsample.1.running_var");
+        const cdb_ptensor *cw = cdb_trainer_find(t, "visual.layer2.0.downsample.0.weight");
+        const cdb_ptensor *bw = cdb_trainer_find(t, "visual.layer2.0.bn3.weight");
+        REQUIRE(rv && cw && bw);
+        CHECK(!rv->trainable && !rv->decay && rv->numel == 128);
+        CHECK(cw->trainable && cw->decay && cw->ndim == 4 && cw->shape[0] == 128);
+        CHECK(bw->trainable && !bw->decay);
+        CHECK(cdb_trainer_find(t, "visual.attnpool.c_proj.weight") != NULL);
+        CHECK(cdb_trainer_find(t, "visual.layer2.1.downsample.0.weight") == NULL);
+    }
+    cdb_trainer_free(t);
+    t = NULL;
     test_unload_model(m);
     m = NULL;
     CHECK(clipdb_model_open_precision(&m, dir, CLIPDB_PRECISION_BF16) == CLIPDB_EINVAL);

@@ -602,15 +602,6 @@ static int attnpool(const rn_mode *md, const cdb_resnet *rn, int e_dim, const fl
     return CLIPDB_OK;
 }
 
-/* Column sums: g (n) += the sum of the rows of d (rows, n). */
-static void bias_grad(float *g, const float *d, size_t rows, size_t n)
-{
-    size_t i, j;
-    if (!g) return;
-    for (i = 0; i < rows; i++)
-        for (j = 0; j < n; j++) g[j] += d[i * n + j];
-}
-
 /* The backward of attnpool: from dout (nb, e), g's pool tensors +=; dx (dim,
 ** nb, G*G) = dL/dx unless NULL. dk, dv: scratch (nb*T, dim) each; dq (nb, dim).
 ** The record's tokens are overwritten (by their gradient). */
@@ -629,7 +620,7 @@ static int attnpool_backward(const rn_mode *md, const cdb_resnet *rn, const cdb_
         (rc = gemm(md->prec, CDB_TRANS, CDB_NO_TRANS, e_dim, D, nb, dout, e_dim, b->att, D, 1.0f,
                    (float *)g->wc, D, e)))
         return rc;
-    bias_grad((float *)g->bc, dout, (size_t)nb, (size_t)e_dim);
+    cdb_bias_backward((float *)g->bc, dout, (size_t)e_dim, (size_t)nb, (size_t)e_dim);
     if (!g->wq && !g->wk && !g->wv && !g->bq && !g->bk && !g->bv && !g->pos && !dx)
         return CLIPDB_OK;
     if ((rc = gemm(md->prec, CDB_NO_TRANS, CDB_NO_TRANS, nb, D, e_dim, dout, e_dim, rn->wc, D,
@@ -673,9 +664,9 @@ static int attnpool_backward(const rn_mode *md, const cdb_resnet *rn, const cdb_
         (g->wv && (rc = gemm(md->prec, CDB_TRANS, CDB_NO_TRANS, D, D, (int)rows, dv, D, b->tok, D,
                              1.0f, (float *)g->wv, D, e))))
         return rc;
-    bias_grad((float *)g->bq, dq, (size_t)nb, (size_t)D);
-    bias_grad((float *)g->bk, dk, rows, (size_t)D);
-    bias_grad((float *)g->bv, dv, rows, (size_t)D);
+    cdb_bias_backward((float *)g->bq, dq, (size_t)D, (size_t)nb, (size_t)D);
+    cdb_bias_backward((float *)g->bk, dk, (size_t)D, rows, (size_t)D);
+    cdb_bias_backward((float *)g->bv, dv, (size_t)D, rows, (size_t)D);
     if (!g->pos && !dx) return CLIPDB_OK;
     /* dtok (nb*T, D) = dk @ wk + dv @ wv (+ dq @ wq on the mean rows), written
     ** over tok (its last readers were the weight gradients above) */

@@ -562,7 +562,7 @@ static void bias_backward_span(const kargs *k, size_t lo, size_t hi)
         for (j = lo; j < hi; j++) k->db[j] += k->dy[i * k->ld + j];
 }
 
-static void bias_backward(float *db, const float *dy, size_t ld, size_t rows, size_t n)
+void cdb_bias_backward(float *db, const float *dy, size_t ld, size_t rows, size_t n)
 {
     const kargs k = {.db = db, .dy = dy, .ld = ld, .n = n, .rows = rows};
     if (db) par_span(bias_backward_span, &k, n, rows * n); /* split by columns */
@@ -799,7 +799,7 @@ int cdb_block_backward(struct cdb_run *r, const cdb_block *b, const cdb_block *g
     if (rc) return rc;
     dh = r->h, dqkv = r->qkv, datt = r->att, dpre = r->mlp;
     /* MLP: db2 += sum dx; dW2 (d, f) += dx^T (d, rows) @ gelu (rows, f) */
-    bias_backward((float *)g->fc2_b, dx, (size_t)d, (size_t)rows, (size_t)d);
+    cdb_bias_backward((float *)g->fc2_b, dx, (size_t)d, (size_t)rows, (size_t)d);
     if (g->fc2_w)
         gemm(r, CDB_TRANS, CDB_NO_TRANS, d, f, rows, 1.0f, dx, d, a->gelu, f, 1.0f,
                   (float *)g->fc2_w, f);
@@ -807,7 +807,7 @@ int cdb_block_backward(struct cdb_run *r, const cdb_block *b, const cdb_block *g
     gemm(r, CDB_NO_TRANS, CDB_NO_TRANS, rows, f, d, 1.0f, dx, d, b->fc2_w, f, 0.0f, dpre, f);
     cdb_quick_gelu_backward(dpre, a->pre, b->fc1_b, (size_t)rows, (size_t)f);
     /* db1 += sum dpre; dW1 (f, d) += dpre^T (f, rows) @ h2 (rows, d) */
-    bias_backward((float *)g->fc1_b, dpre, (size_t)f, (size_t)rows, (size_t)f);
+    cdb_bias_backward((float *)g->fc1_b, dpre, (size_t)f, (size_t)rows, (size_t)f);
     if (g->fc1_w)
         gemm(r, CDB_TRANS, CDB_NO_TRANS, f, d, rows, 1.0f, dpre, f, a->h2, d, 1.0f,
                   (float *)g->fc1_w, d);
@@ -817,7 +817,7 @@ int cdb_block_backward(struct cdb_run *r, const cdb_block *b, const cdb_block *g
     cdb_layernorm_backward(dx, (float *)g->ln2_w, (float *)g->ln2_b, dh, a->x_mid, b->ln2_w,
                            (size_t)rows, (size_t)d);
     /* attention output: dbo += sum dx; dWo (d, d) += dx^T (d, rows) @ att (rows, d) */
-    bias_backward((float *)g->bo, dx, (size_t)d, (size_t)rows, (size_t)d);
+    cdb_bias_backward((float *)g->bo, dx, (size_t)d, (size_t)rows, (size_t)d);
     if (g->wo)
         gemm(r, CDB_TRANS, CDB_NO_TRANS, d, d, rows, 1.0f, dx, d, a->att, d, 1.0f,
                   (float *)g->wo, d);
@@ -825,9 +825,9 @@ int cdb_block_backward(struct cdb_run *r, const cdb_block *b, const cdb_block *g
     gemm(r, CDB_NO_TRANS, CDB_NO_TRANS, rows, d, d, 1.0f, dx, d, b->wo, d, 0.0f, datt, d);
     /* dqkv (rows, 3d) */
     attention_backward(r, a->qkv, a->p, datt, dqkv, d, nseq, T);
-    bias_backward((float *)g->bq, dqkv, (size_t)3 * d, (size_t)rows, (size_t)d);
-    bias_backward((float *)g->bk, dqkv + d, (size_t)3 * d, (size_t)rows, (size_t)d);
-    bias_backward((float *)g->bv, dqkv + 2 * d, (size_t)3 * d, (size_t)rows, (size_t)d);
+    cdb_bias_backward((float *)g->bq, dqkv, (size_t)3 * d, (size_t)rows, (size_t)d);
+    cdb_bias_backward((float *)g->bk, dqkv + d, (size_t)3 * d, (size_t)rows, (size_t)d);
+    cdb_bias_backward((float *)g->bv, dqkv + 2 * d, (size_t)3 * d, (size_t)rows, (size_t)d);
     /* dWq|dWk|dWv (3d, d) += dqkv^T (3d, rows) @ h1 (rows, d); the three are
     ** contiguous in the gradient buffer (the trainer lays them out so) */
     if (g->wq)

@@ -48,6 +48,9 @@ void cdb_layernorm(float *x, const float *bias, const float *w, const float *b,
 void cdb_quick_gelu(float *x, const float *bias, size_t rows, size_t n);
 /* x (rows, n) += bias (n) on every row. */
 void cdb_add_bias(float *x, const float *bias, size_t rows, size_t n);
+/* db (n) += the sum over rows of dy (rows, ld), columns [0, n): a bias's
+** gradient (nothing if db is NULL). Each column is summed in row order. */
+void cdb_bias_backward(float *db, const float *dy, size_t ld, size_t rows, size_t n);
 /* In place: v[0..n) <- softmax(scale * v[0..n)). */
 void cdb_softmax(float *v, size_t n, float scale);
 

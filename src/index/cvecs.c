@@ -112,14 +112,126 @@ void clipdb_cvecs_free(clipdb_cvecs *c)
     free(c);
 }
 
+/* Runs fn on each of nt jobs (job i at base + i * size): nt - 1 threads and
+** this one; jobs whose thread could not start run here. */
+static __attribute__((unused)) void run_jobs(void *(*fn)(void *), void *base, size_t size, int nt)
+{
+    pthread_t tid[CV_MAX_THREADS];
+    int t, started = 0;
+    for (t = 1; t < nt; t++) {
+        if (pthread_create(&tid[t], NULL, fn, (char *)base + (size_t)t * size) != 0) break;
+        started = t;
+    }
+    fn(base);
+    for (t = 1; t <= started; t++) pthread_join(tid[t], NULL);
+    for (t = started + 1; t < nt; t++) fn((char *)base + (size_t)t * size);
+}
+
+/* Runs the nt jobs as run_jobs, but on the OpenMP threads when built with
+** OpenMP: those the GEMM just ran on (oneDNN's pool), which otherwise spin
+** waiting for work while other threads score the block (on 2 cores a third
+** of the time went to that spinning). */
+static void run_jobs_pool(void *(*fn)(void *), void *base, size_t size, int nt)
+{
+#ifdef _OPENMP
+    int t;
+#pragma omp parallel for num_threads(nt) schedule(static, 1)
+    for (t = 0; t < nt; t++) fn((char *)base + (size_t)t * size);
+#else
+    run_jobs(fn, base, size, nt);
+#endif
+}
+
+/* One thread's rows [r0, r1) of clipdb_cvecs_build: their codes and norms
+** (c->ranges and inv ready for sq8). A row with a non-finite value stops
+** the job: bad is that row (else SIZE_MAX), so the lowest over the jobs is
+** the first bad row of the set, as a serial pass would find it. */
+typedef struct build_job {
+    const clipdb_vecs *base;
+    clipdb_cvecs *c;
+    const float *inv; /* (d) sq8: 1 / step */
+    float *lo, *hi;   /* (d) sq8 without ranges: minima and maxima of these rows */
+    size_t r0, r1, bad;
+} build_job;
+
+/* sq8 without stored ranges: the minimum and maximum of each dimension over
+** the job's rows (non-finite values are refused later, by encode_rows). */
+static void *minmax_rows(void *arg)
+{
+    build_job *jb = arg;
+    const int d = jb->c->d;
+    size_t i;
+    int j;
+
+    for (j = 0; j < d; j++) {
+        jb->lo[j] = INFINITY;
+        jb->hi[j] = -INFINITY;
+    }
+    for (i = jb->r0; i < jb->r1; i++) {
+        const float *x = jb->base->data + i * (size_t)d;
+        for (j = 0; j < d; j++) {
+            jb->lo[j] = fminf(jb->lo[j], x[j]);
+            jb->hi[j] = fmaxf(jb->hi[j], x[j]);
+        }
+    }
+    return NULL;
+}
+
+static void *encode_rows(void *arg)
+{
+    build_job *jb = arg;
+    clipdb_cvecs *c = jb->c;
+    const int d = c->d;
+    const float *vmin = c->ranges, *step = c->ranges ? c->ranges + d : NULL;
+    size_t i;
+    int j;
+
+    jb->bad = SIZE_MAX;
+    for (i = jb->r0; i < jb->r1; i++) {
+        const float *x = jb->base->data + i * (size_t)d;
+        double n2 = 0;
+        for (j = 0; j < d; j++)
+            if (!isfinite(x[j])) {
+                jb->bad = i;
+                return NULL;
+            }
+        if (c->kind == CLIPDB_COMPRESS_SQ8) {
+            uint8_t *code = (uint8_t *)c->codes + i * (size_t)d;
+            for (j = 0; j < d; j++) {
+                float v = nearbyintf((x[j] - vmin[j]) * jb->inv[j]), y;
+                code[j] = (uint8_t)(v < 0 ? 0 : v > 255 ? 255 : v);
+                y = vmin[j] + step[j] * (float)code[j];
+                n2 += (double)y * y;
+            }
+        } else {
+            uint16_t *h = (uint16_t *)c->codes + i * (size_t)d;
+            for (j = 0; j < d; j++) {
+                float v = x[j], y;
+                if (c->kind == CLIPDB_COMPRESS_BF16) {
+                    h[j] = cdb_f32_to_bf16(v);
+                    y = cdb_bf16_to_f32(h[j]);
+                } else {
+                    h[j] = cdb_f32_to_fp16(v > FP16_MAX ? FP16_MAX : v < -FP16_MAX ? -FP16_MAX : v);
+                    y = cdb_fp16_to_f32(h[j]);
+                }
+                n2 += (double)y * y;
+            }
+        }
+        c->norms[i] = (float)sqrt(n2);
+        c->inv[i] = c->norms[i] > 0 ? 1.0f / c->norms[i] : 0.0f;
+    }
+    return NULL;
+}
+
 int clipdb_cvecs_build(const clipdb_vecs *base, clipdb_compress kind, const float *ranges,
                        clipdb_cvecs **out, char **errmsg)
 {
     clipdb_cvecs *c = NULL;
     cdb_err e;
-    size_t i, nd, bytes;
-    int j, d, rc = CLIPDB_OK;
-    float *vmin, *step, *inv = NULL;
+    build_job jobs[CV_MAX_THREADS];
+    size_t nd, bytes, bad = SIZE_MAX;
+    int j, d, t, nt, rc = CLIPDB_OK;
+    float *vmin, *step, *inv = NULL, *part = NULL;
 
     cdb_err_clear(&e);
     if (out) *out = NULL;
@@ -151,75 +263,63 @@ int clipdb_cvecs_build(const clipdb_vecs *base, clipdb_compress kind, const floa
     c->n = base->n;
     c->d = d;
     c->kern = cdb_ckern_best();
-    for (i = 0; i < nd; i++)
-        if (!isfinite(base->data[i])) {
-            rc = cdb_err_set(&e, CLIPDB_EINVAL, "compressed copy: row %zu has a non-finite value",
-                             i / (size_t)d);
-            goto cleanup;
-        }
-    if (kind == CLIPDB_COMPRESS_BF16 || kind == CLIPDB_COMPRESS_FP16) {
-        uint16_t *h = c->codes;
-        for (i = 0; i < c->n; i++) {
-            double n2 = 0;
-            for (j = 0; j < d; j++) {
-                const size_t o = i * (size_t)d + (size_t)j;
-                float v = base->data[o], y;
-                if (kind == CLIPDB_COMPRESS_BF16) {
-                    h[o] = cdb_f32_to_bf16(v);
-                    y = cdb_bf16_to_f32(h[o]);
-                } else {
-                    h[o] = cdb_f32_to_fp16(v > FP16_MAX ? FP16_MAX : v < -FP16_MAX ? -FP16_MAX : v);
-                    y = cdb_fp16_to_f32(h[o]);
-                }
-                n2 += (double)y * y;
-            }
-            c->norms[i] = (float)sqrt(n2);
-        }
-        goto cleanup;
+    /* the rows: contiguous runs, one a thread (each row's code and norm do
+    ** not depend on the split, so the copy is the same for any thread count) */
+    nt = cdb_compute_threads();
+    if (nt > CV_MAX_THREADS) nt = CV_MAX_THREADS;
+    if (nt < 1 || nd < CDB_CVECS_BUILD_MT) nt = 1;
+    for (t = 0; t < nt; t++) {
+        jobs[t].base = base;
+        jobs[t].c = c;
+        jobs[t].inv = inv;
+        jobs[t].lo = jobs[t].hi = NULL;
+        jobs[t].r0 = c->n * (size_t)t / (size_t)nt;
+        jobs[t].r1 = c->n * (size_t)(t + 1) / (size_t)nt;
     }
-    /* sq8 */
-    vmin = c->ranges;
-    step = c->ranges + d;
-    if (ranges) {
-        for (j = 0; j < d; j++)
-            if (!isfinite(ranges[j]) || !isfinite(ranges[d + j]) || ranges[d + j] < 0) {
-                rc = cdb_err_set(&e, CLIPDB_EINVAL, "compressed copy: bad range of dimension %d",
-                                 j);
+    if (kind == CLIPDB_COMPRESS_SQ8) {
+        vmin = c->ranges;
+        step = c->ranges + d;
+        if (ranges) {
+            for (j = 0; j < d; j++)
+                if (!isfinite(ranges[j]) || !isfinite(ranges[d + j]) || ranges[d + j] < 0) {
+                    rc = cdb_err_set(&e, CLIPDB_EINVAL,
+                                     "compressed copy: bad range of dimension %d", j);
+                    goto cleanup;
+                }
+            memcpy(c->ranges, ranges, 2 * (size_t)d * sizeof(float));
+        } else if (c->n == 0) {
+            for (j = 0; j < d; j++) vmin[j] = step[j] = 0.0f;
+        } else {
+            if (!(part = cdb_malloc_array(2 * (size_t)nt * (size_t)d, sizeof *part))) {
+                rc = cdb_err_set(&e, CLIPDB_ENOMEM, "compressed copy: out of memory");
                 goto cleanup;
             }
-        memcpy(c->ranges, ranges, 2 * (size_t)d * sizeof(float));
-    } else {
-        float *vmax = inv; /* as scratch, before it holds 1 / step */
-        for (j = 0; j < d; j++) {
-            vmin[j] = c->n ? INFINITY : 0.0f;
-            vmax[j] = c->n ? -INFINITY : 0.0f;
-        }
-        for (i = 0; i < c->n; i++) {
-            const float *x = base->data + i * (size_t)d;
+            for (t = 0; t < nt; t++) {
+                jobs[t].lo = part + 2 * (size_t)t * (size_t)d;
+                jobs[t].hi = jobs[t].lo + d;
+            }
+            run_jobs_pool(minmax_rows, jobs, sizeof jobs[0], nt);
             for (j = 0; j < d; j++) {
-                vmin[j] = fminf(vmin[j], x[j]);
-                vmax[j] = fmaxf(vmax[j], x[j]);
+                float lo = jobs[0].lo[j], hi = jobs[0].hi[j];
+                for (t = 1; t < nt; t++) {
+                    lo = fminf(lo, jobs[t].lo[j]);
+                    hi = fmaxf(hi, jobs[t].hi[j]);
+                }
+                vmin[j] = lo;
+                step[j] = (hi - lo) / 255.0f;
             }
         }
-        for (j = 0; j < d; j++) step[j] = (vmax[j] - vmin[j]) / 255.0f;
+        for (j = 0; j < d; j++) inv[j] = step[j] > 0 ? 1.0f / step[j] : 0.0f;
     }
-    for (j = 0; j < d; j++) inv[j] = step[j] > 0 ? 1.0f / step[j] : 0.0f;
-    for (i = 0; i < c->n; i++) {
-        const float *x = base->data + i * (size_t)d;
-        uint8_t *code = (uint8_t *)c->codes + i * (size_t)d;
-        double n2 = 0;
-        for (j = 0; j < d; j++) {
-            float v = nearbyintf((x[j] - vmin[j]) * inv[j]), y;
-            code[j] = (uint8_t)(v < 0 ? 0 : v > 255 ? 255 : v);
-            y = vmin[j] + step[j] * (float)code[j];
-            n2 += (double)y * y;
-        }
-        c->norms[i] = (float)sqrt(n2);
-    }
+    run_jobs_pool(encode_rows, jobs, sizeof jobs[0], nt);
+    for (t = 0; t < nt; t++)
+        if (jobs[t].bad < bad) bad = jobs[t].bad;
+    if (bad != SIZE_MAX)
+        rc = cdb_err_set(&e, CLIPDB_EINVAL, "compressed copy: row %zu has a non-finite value",
+                         bad);
 cleanup:
     free(inv);
-    if (rc == CLIPDB_OK)
-        for (i = 0; i < c->n; i++) c->inv[i] = c->norms[i] > 0 ? 1.0f / c->norms[i] : 0.0f;
+    free(part);
     if (rc != CLIPDB_OK) {
         clipdb_cvecs_free(c);
         if (errmsg) *errmsg = cdb_strdup(e.msg);
@@ -254,6 +354,12 @@ const char *clipdb_cvecs_isa(const clipdb_cvecs *c)
 int cdb_cvecs_dim(const clipdb_cvecs *c)
 {
     return c ? c->d : 0;
+}
+
+const void *cdb_cvecs_codes(const clipdb_cvecs *c, const float **norms)
+{
+    if (norms) *norms = c ? c->norms : NULL;
+    return c ? c->codes : NULL;
 }
 
 void cdb_cvecs_set_kernels(clipdb_cvecs *c, const cdb_ckern *k)
@@ -397,36 +503,6 @@ static void *scan_rows(void *arg)
         offer_rows(&j->t, 0, fb, mul, add, r, nb, j->filter);
     }
     return NULL;
-}
-
-/* Runs fn on each of nt jobs (job i at base + i * size): nt - 1 threads and
-** this one; jobs whose thread could not start run here. */
-static __attribute__((unused)) void run_jobs(void *(*fn)(void *), void *base, size_t size, int nt)
-{
-    pthread_t tid[CV_MAX_THREADS];
-    int t, started = 0;
-    for (t = 1; t < nt; t++) {
-        if (pthread_create(&tid[t], NULL, fn, (char *)base + (size_t)t * size) != 0) break;
-        started = t;
-    }
-    fn(base);
-    for (t = 1; t <= started; t++) pthread_join(tid[t], NULL);
-    for (t = started + 1; t < nt; t++) fn((char *)base + (size_t)t * size);
-}
-
-/* Runs the nt jobs as run_jobs, but on the OpenMP threads when built with
-** OpenMP: those the GEMM just ran on (oneDNN's pool), which otherwise spin
-** waiting for work while other threads score the block (on 2 cores a third
-** of the time went to that spinning). */
-static void run_jobs_pool(void *(*fn)(void *), void *base, size_t size, int nt)
-{
-#ifdef _OPENMP
-    int t;
-#pragma omp parallel for num_threads(nt) schedule(static, 1)
-    for (t = 0; t < nt; t++) fn((char *)base + (size_t)t * size);
-#else
-    run_jobs(fn, base, size, nt);
-#endif
 }
 
 /* ---- many queries: a matrix product per block, then the scores --------------------- */

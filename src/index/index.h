@@ -150,6 +150,11 @@ float cdb_fp16_to_f32(uint16_t h);
 void cdb_cvecs_set_kernels(clipdb_cvecs *c, const cdb_ckern *k);
 /* The dimension of its rows. */
 int cdb_cvecs_dim(const clipdb_cvecs *c);
+/* Its codes (n * d bytes for sq8, n * d halves for bf16 and fp16) and the
+** norms of the decoded rows (n), for tests. */
+const void *cdb_cvecs_codes(const clipdb_cvecs *c, const float **norms);
+/* clipdb_cvecs_build encodes on several threads from this many values (n * d). */
+#define CDB_CVECS_BUILD_MT ((size_t)1 << 18)
 /* Queries at least this many at once go through the GEMM path. */
 #define CDB_CVECS_GEMM_MIN 16
 

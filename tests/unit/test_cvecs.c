@@ -216,6 +216,64 @@ TEST(cvecs_stored_ranges_clamp_and_stay_exact)
     free(x);
 }
 
+/* clipdb_cvecs_build on both sides of CDB_CVECS_BUILD_MT: a set large
+** enough to be encoded on the threads has, row for row, the codes and
+** norms of small (serial) builds of its windows, including a window across
+** the split of two threads; a non-finite value is reported at the first bad
+** row even when a later thread finds one too. */
+TEST(cvecs_build_threads_give_the_serial_codes)
+{
+    const int d = 64;
+    const size_t n = CDB_CVECS_BUILD_MT / 64 + 1000, w = 200; /* n * d above, w * d below */
+    const size_t starts[3] = {0, n / 2 - w / 2, n - w};
+    float *x = clustered(n, d, 20, 5);
+    char *err = NULL;
+    REQUIRE(x && w * d < CDB_CVECS_BUILD_MT && n * d >= CDB_CVECS_BUILD_MT);
+    for (int kind = CLIPDB_COMPRESS_SQ8; kind <= CLIPDB_COMPRESS_FP16; kind++) {
+        const size_t cs = kind == CLIPDB_COMPRESS_SQ8 ? 1 : 2;
+        clipdb_vecs base = {x, NULL, NULL, n, d};
+        clipdb_cvecs *c = NULL;
+        const float *norms = NULL, *wnorms = NULL;
+        REQUIRE(clipdb_cvecs_build(&base, (clipdb_compress)kind, NULL, &c, NULL) == CLIPDB_OK);
+        const unsigned char *codes = cdb_cvecs_codes(c, &norms);
+        if (kind == CLIPDB_COMPRESS_SQ8) { /* the ranges, as a serial pass finds them */
+            const float *r = clipdb_cvecs_ranges(c);
+            for (int j = 0; j < d; j++) {
+                float lo = x[j], hi = x[j];
+                for (size_t i = 1; i < n; i++) {
+                    lo = fminf(lo, x[i * d + j]);
+                    hi = fmaxf(hi, x[i * d + j]);
+                }
+                CHECK(r[j] == lo && r[d + j] == (hi - lo) / 255.0f);
+            }
+        }
+        for (int s = 0; s < 3; s++) {
+            clipdb_vecs win = {x + starts[s] * d, NULL, NULL, w, d};
+            clipdb_cvecs *cw = NULL;
+            REQUIRE(clipdb_cvecs_build(&win, (clipdb_compress)kind, clipdb_cvecs_ranges(c), &cw,
+                                       NULL) == CLIPDB_OK);
+            const unsigned char *wcodes = cdb_cvecs_codes(cw, &wnorms);
+            CHECK(!memcmp(codes + starts[s] * d * cs, wcodes, w * d * cs));
+            CHECK(!memcmp(norms + starts[s], wnorms, w * sizeof *norms));
+            clipdb_cvecs_free(cw);
+        }
+        clipdb_cvecs_free(c);
+        /* bad rows on both sides of the middle: the first one is named */
+        x[(n / 2 + 5) * d + 1] = NAN;
+        x[(n / 2 - 5) * d + 7] = INFINITY;
+        CHECK(clipdb_cvecs_build(&base, (clipdb_compress)kind, NULL, &c, &err) == CLIPDB_EINVAL &&
+              !c && err);
+        char want[64];
+        snprintf(want, sizeof want, "row %zu has a non-finite value", n / 2 - 5);
+        CHECK(err && strstr(err, want));
+        clipdb_free(err);
+        err = NULL;
+        x[(n / 2 + 5) * d + 1] = x[(n / 2 + 5) * d];
+        x[(n / 2 - 5) * d + 7] = x[(n / 2 - 5) * d];
+    }
+    free(x);
+}
+
 /* ---- the SQ8 interface of earlier releases (clipdb_sq8_*: wrappers) ---- */
 
 TEST(sq8_recall_and_exact_scores_every_metric)

@@ -142,10 +142,7 @@ static void run_jobs_pool(void *(*fn)(void *), void *base, size_t size, int nt)
 #endif
 }
 
-/* One thread's rows [r0, r1) of clipdb_cvecs_build: their codes and norms
-** (c->ranges and inv ready for sq8). A row with a non-finite value stops
-** the job: bad is that row (else SIZE_MAX), so the lowest over the jobs is
-** the first bad row of the set, as a serial pass would find it. */
+/* One thread's share of clipdb_cvecs_build: the rows [r0, r1). */
 typedef struct build_job {
     const clipdb_vecs *base;
     clipdb_cvecs *c;
@@ -177,6 +174,10 @@ static void *minmax_rows(void *arg)
     return NULL;
 }
 
+/* The job's codes and norms (c->ranges and inv ready for sq8). A row with a
+** non-finite value stops the job: bad is that row (else SIZE_MAX), so the
+** lowest over the jobs is the first bad row of the set, as a serial pass
+** would find it. */
 static void *encode_rows(void *arg)
 {
     build_job *jb = arg;

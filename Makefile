@@ -241,6 +241,11 @@ $(BUILD)/bench/bench_train: bench/bench_train.c $(BUILD)/libclipdb.a
 	@mkdir -p $(dir $@)
 	$(CC) $(CPPFLAGS) $(CFLAGS) -o $@ $< $(BUILD)/libclipdb.a $(LDLIBS)
 
+# Per-core peak of fp32 FMA, bf16 and int8 dot products (bench/README.md).
+$(BUILD)/bench/isa_peak: bench/isa_peak.c
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -o $@ $<
+
 bench: $(BUILD)/clipdb
 	CLIPDB_BIN=$(abspath $(BUILD)/clipdb) PY=$(PY) bash bench/run.sh
 

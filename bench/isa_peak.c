@@ -15,11 +15,12 @@
 ** 2 flops (16 lanes: 32 per instruction); a vdpbf16ps lane does 2 products
 ** and 2 adds (64 per instruction); a vpdpbusd lane does 4 products and 4
 ** adds (128 integer ops per instruction). Each rate is the best of 5 runs.
-** Prints one line per instruction the CPU has: "NAME gops G ratio_to_fma R".
+** Prints the CPU model, then one line per instruction the CPU has: "NAME gops G ratio_to_fma R".
 */
 #include <immintrin.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <time.h>
 
 static double now(void)
@@ -93,6 +94,14 @@ int main(int argc, char **argv)
     double secs = argc > 1 ? atof(argv[1]) : 2.0;
     float sink = 0;
     __builtin_cpu_init();
+    char line[256];
+    FILE *f = fopen("/proc/cpuinfo", "r");
+    while (f && fgets(line, sizeof line, f)) /* the CPU model, for the record */
+        if (!strncmp(line, "model name", 10)) {
+            printf("cpu %s", strchr(line, ':') ? strchr(line, ':') + 2 : line);
+            break;
+        }
+    if (f) fclose(f);
     if (!__builtin_cpu_supports("avx512f")) {
         printf("no AVX-512 on this CPU: nothing to measure\n");
         return 0;

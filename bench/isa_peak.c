@@ -17,6 +17,7 @@
 ** adds (128 integer ops per instruction). Each rate is the best of 5 runs.
 ** Prints the CPU model, then one line per instruction the CPU has: "NAME gops G ratio_to_fma R".
 */
+#define _POSIX_C_SOURCE 200809L /* clock_gettime under -std=c11 */
 #include <immintrin.h>
 #include <stdio.h>
 #include <stdlib.h>

@@ -61,8 +61,9 @@ say "an IVF index over the images"
 if [ "$MODEL" = "$WORK/clip-vit-b-32-seeded" ]; then
   echo; echo "(The weights are random, so the neighbours below show the machinery, not meaning.)"
 fi
-# A query in the self-trained model's world (Flickr8k has many skiers; its
-# README shows where it fails, "a dog catching a frisbee" among them).
+# A query in the self-trained model's world (100 of Flickr8k's 6,000 training
+# photos show skiing); the model's README shows where it fails, "a dog
+# catching a frisbee" among them.
 q="people skiing down a snowy slope"
 say "text -> image (exact, cosine): $q"
 "$BIN" search "$DB" --text "$q" --target image -k 5

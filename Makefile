@@ -66,6 +66,9 @@ $(BUILD)/src/model/transformer.o: CFLAGS += $(CVECS_OMP)
 $(BUILD)/src/model/resnet.o: CFLAGS += $(CVECS_OMP)
 # onednn.c splits its elementwise passes over the same threads.
 $(BUILD)/src/compute/onednn.o: CFLAGS += $(CVECS_OMP)
+# convert.c's portable and AVX-512 kernels give the same bits only if no
+# compiler fuses a multiply and an add (clang's default does, in one expression).
+$(BUILD)/src/compute/convert.o: CFLAGS += -ffp-contract=off
 
 $(BUILD)/%.o: %.cc
 	@mkdir -p $(dir $@)

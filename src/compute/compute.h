@@ -116,6 +116,28 @@ size_t cdb_wpack_bytes(const cdb_wpack *pk);
 int cdb_linear(const cdb_wpack *pk, const float *W, int m, int n_out, int n_in,
                const float *x, int ldx, float beta, float *y, int ldy, cdb_err *e);
 
+/* An activation a linear layer may apply to its output. QuickGELU is
+** x * sigmoid(1.702 x), CLIP's. */
+typedef enum { CDB_ACT_NONE = 0, CDB_ACT_QUICK_GELU = 1 } cdb_act;
+
+/* 1 when cdb_linear_ep can apply a bias and an activation on pk in the same
+** pass as the product: bf16 packs (oneDNN's bias argument and eltwise
+** post-op, in the matmul's own epilogue) and int8 packs (in the
+** dequantisation of the accumulators), so the output is written once
+** instead of read and written again by separate passes. 0 for fp32 packs,
+** emulated bf16 and pk == NULL: the caller then applies them itself (fp32
+** keeps its exact order of operations). */
+int cdb_linear_fuses(const cdb_wpack *pk);
+
+/* y (m, n_out) = act(x @ W^T + bias) + beta * y, on a pack that fuses
+** (cdb_linear_fuses), with bias (n_out) or NULL; an activation only with
+** beta 0. Dense x and y as cdb_linear with a pack. int8 computes it in the
+** order y + (acc * sx * sw) + bias, as the separate passes would; bf16 in
+** oneDNN's (its swish for QuickGELU). CLIPDB_EINVAL on a pack that does not
+** fuse. */
+int cdb_linear_ep(const cdb_wpack *pk, int m, int n_out, int n_in, const float *x, float beta,
+                  float *y, const float *bias, cdb_act act, cdb_err *e);
+
 /* ---- bf16 helpers (also for compressed vectors) ---------------------------- */
 
 /* bf16 -> fp32 (exact). */

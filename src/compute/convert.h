@@ -23,10 +23,18 @@ typedef struct cdb_convert_kernels {
     ** row); q = round-to-nearest-even(x / sx) as x * (1 / sx). qmax <= 127:
     ** 127 for activations, cdb_int8_weight_max() for weights. */
     void (*quantize_rows)(const float *x, size_t m, size_t k, float qmax, int8_t *q, float *sx);
-    /* y (m, n) = [y +] acc (m, n) * sx[i] * sw[j], with add 0 or 1. */
+    /* y (m, n) = act([y +] acc (m, n) * sx[i] * sw[j] [+ bias[j]]), with add
+    ** 0 or 1, bias (n) or NULL, act QuickGELU when gelu (cdb_quick_gelu1),
+    ** evaluated in that order. */
     void (*dequant_rows)(const int32_t *acc, size_t m, size_t n, const float *sx,
-                         const float *sw, int add, float *y);
+                         const float *sw, int add, const float *bias, int gelu, float *y);
 } cdb_convert_kernels;
+
+/* QuickGELU of one float, x / (1 + exp(-1.702 x)), with Cephes' expf
+** (range reduction by ln 2, degree-5 polynomial, inputs clamped to
+** [-88.38, 88.38]), operation for operation as the 16 lanes of the AVX-512
+** kernel and the transformer's vector QuickGELU. */
+float cdb_quick_gelu1(float x);
 
 const cdb_convert_kernels *cdb_convert_portable(void);
 /* NULL when the CPU lacks AVX-512 F + BW (or the compiler is not for x86-64). */

@@ -103,10 +103,24 @@ int cdb_linear(const cdb_wpack *pk, const float *W, int m, int n_out, int n_in,
                const float *x, int ldx, float beta, float *y, int ldy, cdb_err *e)
 {
     if (m <= 0) return CLIPDB_OK;
-    if (pk) return cdb_onednn_linear(pk, m, n_out, n_in, x, ldx, beta, y, ldy, e);
+    if (pk)
+        return cdb_onednn_linear(pk, m, n_out, n_in, x, ldx, beta, y, ldy, NULL, CDB_ACT_NONE, e);
     /* x (m, in) @ W^T (in, out) -> y (m, out) */
     cdb_sgemm(CDB_NO_TRANS, CDB_TRANS, m, n_out, n_in, 1.0f, x, ldx, W, n_in, beta, y, ldy);
     return CLIPDB_OK;
+}
+
+int cdb_linear_fuses(const cdb_wpack *pk)
+{
+    return pk ? cdb_onednn_linear_fuses(pk) : 0;
+}
+
+int cdb_linear_ep(const cdb_wpack *pk, int m, int n_out, int n_in, const float *x, float beta,
+                  float *y, const float *bias, cdb_act act, cdb_err *e)
+{
+    if (!pk) return cdb_err_set(e, CLIPDB_EINVAL, "linear: an epilogue needs a pack");
+    if (m <= 0) return CLIPDB_OK;
+    return cdb_onednn_linear(pk, m, n_out, n_in, x, n_in, beta, y, n_out, bias, act, e);
 }
 
 void cdb_sgemv(int m, int n, float alpha, const float *A, int lda, const float *x,

@@ -23,9 +23,10 @@ void cdb_onednn_serial_leave(int saved);
 int cdb_onednn_wpack_new(cdb_wpack **out, const float *W, cdb_trans tw, int n_out, int n_in,
                          cdb_prec prec, cdb_err *e);
 
-/* cdb_linear with a pack (pk != NULL). */
+/* cdb_linear and cdb_linear_ep with a pack (pk != NULL), and cdb_linear_fuses. */
 int cdb_onednn_linear(const cdb_wpack *pk, int m, int n_out, int n_in, const float *x, int ldx,
-                      float beta, float *y, int ldy, cdb_err *e);
+                      float beta, float *y, int ldy, const float *bias, cdb_act act, cdb_err *e);
+int cdb_onednn_linear_fuses(const cdb_wpack *pk);
 
 /* cdb_gemm_u8s8s32 and cdb_gemm_bf16 (compute.h). */
 int cdb_onednn_gemm_u8s8s32(int m, int n, int k, const uint8_t *A, const int8_t *B, int32_t *C,

@@ -697,6 +697,11 @@ int cdb_block_forward_keep(struct cdb_run *r, const cdb_block *b, int d, int f, 
 {
     int rc, s, rows = nseq * T;
     float *own_h, *own_qkv, *own_att, *own_mlp; /* r's buffers, while a record's are used */
+    /* bf16 and int8 packs add the biases (and QuickGELU) in the GEMM's own
+    ** pass (cdb_linear_ep); else separate passes, as fp32 always does. The
+    ** q/k/v biases fuse when they are one (3d) vector (in_proj_bias). */
+    const int fuse_qkv = cdb_linear_fuses(b->pk_qkv) && b->bk == b->bq + d && b->bv == b->bk + d;
+    const int fuse_fc1 = cdb_linear_fuses(b->pk_fc1), fuse_fc2 = cdb_linear_fuses(b->pk_fc2);
     if (d <= 0 || d % CDB_HEAD_DIM || f <= 0 || nseq <= 0 || T <= 0)
         return cdb_err_set(e, CLIPDB_EINVAL, "block: bad shape (d %d, f %d, %d x %d tokens)",
                            d, f, nseq, T);
@@ -712,7 +717,11 @@ int cdb_block_forward_keep(struct cdb_run *r, const cdb_block *b, int d, int f, 
     /* h (rows, d) = ln_1(x) */
     cdb_layernorm(x, NULL, b->ln1_w, b->ln1_b, r->h, (size_t)rows, (size_t)d);
     /* qkv (rows, 3d) = h (rows, d) @ [Wq; Wk; Wv]^T (d, 3d) + [bq | bk | bv] */
-    if (b->pk_qkv || (b->wk == b->wq + (size_t)d * d && b->wv == b->wk + (size_t)d * d)) {
+    if (fuse_qkv) {
+        if ((rc = cdb_linear_ep(b->pk_qkv, rows, 3 * d, d, r->h, 0.0f, r->qkv, b->bq,
+                                CDB_ACT_NONE, e)))
+            goto cleanup;
+    } else if (b->pk_qkv || (b->wk == b->wq + (size_t)d * d && b->wv == b->wk + (size_t)d * d)) {
         /* packed, or in_proj_weight (3d, d) contiguous: one GEMM */
         if ((rc = linear(r, b->pk_qkv, b->wq, rows, 3 * d, d, r->h, d, 0.0f, r->qkv, 3 * d, e)))
             goto cleanup;
@@ -723,9 +732,11 @@ int cdb_block_forward_keep(struct cdb_run *r, const cdb_block *b, int d, int f, 
             (rc = linear(r, NULL, b->wv, rows, d, d, r->h, d, 0.0f, r->qkv + 2 * d, 3 * d, e)))
             goto cleanup;
     }
-    add_bias_strided(r->qkv, (size_t)3 * d, b->bq, (size_t)rows, (size_t)d);
-    add_bias_strided(r->qkv + d, (size_t)3 * d, b->bk, (size_t)rows, (size_t)d);
-    add_bias_strided(r->qkv + 2 * d, (size_t)3 * d, b->bv, (size_t)rows, (size_t)d);
+    if (!fuse_qkv) {
+        add_bias_strided(r->qkv, (size_t)3 * d, b->bq, (size_t)rows, (size_t)d);
+        add_bias_strided(r->qkv + d, (size_t)3 * d, b->bk, (size_t)rows, (size_t)d);
+        add_bias_strided(r->qkv + 2 * d, (size_t)3 * d, b->bv, (size_t)rows, (size_t)d);
+    }
 
     /* att (rows', d) = attention; rows' = rows, or nseq with qpos */
     attention(r, r->qkv, r->att, d, nseq, T, causal, qpos, keep ? keep->p : NULL);
@@ -746,16 +757,23 @@ int cdb_block_forward_keep(struct cdb_run *r, const cdb_block *b, int d, int f, 
     cdb_layernorm(x, b->bo, b->ln2_w, b->ln2_b, r->h, (size_t)rows, (size_t)d);
     if (keep) memcpy(keep->x_mid, x, (size_t)rows * d * sizeof(float));
     /* mlp (rows, f) = h (rows, d) @ W1^T (d, f); mlp = quick_gelu(mlp + b1) */
-    if ((rc = linear(r, b->pk_fc1, b->fc1_w, rows, f, d, r->h, d, 0.0f, r->mlp, f, e)))
-        goto cleanup;
-    if (keep) { /* pre (rows, f) stays the GEMM output; gelu gets the activation */
-        memcpy(keep->gelu, r->mlp, (size_t)rows * f * sizeof(float));
-        r->mlp = keep->gelu;
+    if (fuse_fc1 && !keep) {
+        rc = cdb_linear_ep(b->pk_fc1, rows, f, d, r->h, 0.0f, r->mlp, b->fc1_b,
+                           CDB_ACT_QUICK_GELU, e);
+    } else if (!(rc = linear(r, b->pk_fc1, b->fc1_w, rows, f, d, r->h, d, 0.0f, r->mlp, f, e))) {
+        if (keep) { /* pre (rows, f) stays the GEMM output; gelu gets the activation */
+            memcpy(keep->gelu, r->mlp, (size_t)rows * f * sizeof(float));
+            r->mlp = keep->gelu;
+        }
+        cdb_quick_gelu(r->mlp, b->fc1_b, (size_t)rows, (size_t)f);
     }
-    cdb_quick_gelu(r->mlp, b->fc1_b, (size_t)rows, (size_t)f);
+    if (rc) goto cleanup;
     /* x (rows, d) += mlp (rows, f) @ W2^T (f, d); x += b2 */
-    if ((rc = linear(r, b->pk_fc2, b->fc2_w, rows, d, f, r->mlp, f, 1.0f, x, d, e))) goto cleanup;
-    cdb_add_bias(x, b->fc2_b, (size_t)rows, (size_t)d);
+    if (fuse_fc2) {
+        rc = cdb_linear_ep(b->pk_fc2, rows, d, f, r->mlp, 1.0f, x, b->fc2_b, CDB_ACT_NONE, e);
+    } else if (!(rc = linear(r, b->pk_fc2, b->fc2_w, rows, d, f, r->mlp, f, 1.0f, x, d, e))) {
+        cdb_add_bias(x, b->fc2_b, (size_t)rows, (size_t)d);
+    }
 cleanup:
     /* the record's buffers were borrowed: give r its own back */
     r->h = own_h, r->qkv = own_qkv, r->att = own_att, r->mlp = own_mlp;

@@ -223,13 +223,19 @@ TEST(compute_convert_kernels_avx512_equal_portable)
                 CHECK(q1[i * n + j] == (int8_t)lrintf(x[i * n + j] * (1.0f / sx[i])));
                 CHECK(abs(q1[i * n + j]) <= 127);
             }
-        for (int add = 0; add < 2; add++) {
+        /* every epilogue: [y +] acc*sx*sw [+ bias], [QuickGELU], in that order */
+        for (int ep = 0; ep < 8; ep++) {
+            const int add = ep & 1, gelu = ep & 4;
+            const float *bias = ep & 2 ? sw : NULL;
             memcpy(y1, y, m * n * 4);
-            c->dequant_rows(acc, m, n, sx, sw, add, y1);
+            c->dequant_rows(acc, m, n, sx, sw, add, bias, gelu, y1);
             for (size_t i = 0; i < m; i++)
-                for (size_t j = 0; j < n; j++)
-                    CHECK(y1[i * n + j] ==
-                          (add ? y[i * n + j] : 0.0f) + (float)acc[i * n + j] * sx[i] * sw[j]);
+                for (size_t j = 0; j < n; j++) {
+                    float r = (float)acc[i * n + j] * sx[i] * sw[j];
+                    if (add) r = y[i * n + j] + r;
+                    if (bias) r = r + bias[j];
+                    CHECK(y1[i * n + j] == (gelu ? cdb_quick_gelu1(r) : r));
+                }
         }
         if (v) {
             x[0] = NAN;
@@ -240,11 +246,12 @@ TEST(compute_convert_kernels_avx512_equal_portable)
             c->quantize_rows(x, m, n, 127.0f, q1, sx);
             v->quantize_rows(x, m, n, 127.0f, q2, sx2);
             CHECK(!memcmp(q1, q2, m * n) && !memcmp(sx, sx2, sizeof sx));
-            for (int add = 0; add < 2; add++) {
+            for (int ep = 0; ep < 8; ep++) {
+                const float *bias = ep & 2 ? sw : NULL;
                 memcpy(y1, y, m * n * 4);
                 memcpy(y2, y, m * n * 4);
-                c->dequant_rows(acc, m, n, sx, sw, add, y1);
-                v->dequant_rows(acc, m, n, sx, sw, add, y2);
+                c->dequant_rows(acc, m, n, sx, sw, ep & 1, bias, ep & 4, y1);
+                v->dequant_rows(acc, m, n, sx, sw, ep & 1, bias, ep & 4, y2);
                 CHECK(!memcmp(y1, y2, m * n * 4));
             }
         }
@@ -259,6 +266,93 @@ TEST(compute_convert_kernels_avx512_equal_portable)
         free(x), free(acc), free(sw), free(y), free(y1), free(y2), free(b1), free(b2), free(q1),
             free(q2);
     }
+}
+
+/* cdb_quick_gelu1 against x * sigmoid(1.702 x) in double, over the range
+** where its exp is clamped and beyond; the AVX-512 dequantisation applies
+** it with the same bits over that range (as many values as lanes allow). */
+TEST(compute_quick_gelu1_matches_its_definition_and_the_avx512_lanes)
+{
+    const cdb_convert_kernels *c = cdb_convert_portable(), *v = cdb_convert_avx512();
+    enum { N = 4099 };
+    static float x[N], y1[N], y2[N], one[N], zero[N] = {0};
+    static int32_t acc[N];
+    for (int i = 0; i < N; i++) {
+        x[i] = (float)(i - N / 2) * (120.0f / (N / 2)); /* [-120, 120] */
+        const double g = x[i] / (1.0 + exp(-1.702 * x[i]));
+        CHECK_NEAR(cdb_quick_gelu1(x[i]), g, 2e-6 * fabs(g) + 1e-9); /* tiny: exp near its clamp */
+        one[i] = 1.0f;
+        acc[i] = 0;
+    }
+    CHECK(cdb_quick_gelu1(0.0f) == 0.0f);
+    CHECK(isnan(cdb_quick_gelu1(NAN)));
+    /* y = gelu(y + 0 * 1 * 1 + 0): the kernels' QuickGELU of x */
+    memcpy(y1, x, sizeof x);
+    c->dequant_rows(acc, 1, N, one, one, 1, zero, 1, y1);
+    for (int i = 0; i < N; i++) CHECK(y1[i] == cdb_quick_gelu1(x[i]));
+    if (v) {
+        memcpy(y2, x, sizeof x);
+        v->dequant_rows(acc, 1, N, one, one, 1, zero, 1, y2);
+        CHECK(!memcmp(y1, y2, sizeof y1));
+    }
+}
+
+/* cdb_linear_ep: a bias and QuickGELU in the product's own pass on bf16 and
+** int8 packs (oneDNN's epilogue, the dequantisation) against the reference
+** with the bias and activation applied after, at row counts on both sides
+** of the pieces; fp32 packs and NULL do not fuse and refuse an epilogue. */
+TEST(compute_linear_ep_applies_bias_and_quick_gelu)
+{
+    static const int rows[] = {1, 31, 33, 257};
+    const int n_out = 48, n_in = 40;
+    float *W = rnd_vec((size_t)n_out * n_in), *bias = rnd_vec(n_out);
+    cdb_err e = {0};
+    CHECK(cdb_linear_fuses(NULL) == 0);
+    for (int prec = CDB_PREC_FP32; prec <= CDB_PREC_INT8; prec++) {
+        cdb_wpack *pk = NULL;
+        REQUIRE(cdb_wpack_new(&pk, W, CDB_TRANS, n_out, n_in, (cdb_prec)prec, &e) == CLIPDB_OK);
+        if (!cdb_linear_fuses(pk)) {
+            float x[40] = {0}, y[48];
+            CHECK(prec != CDB_PREC_INT8); /* int8 always fuses */
+            CHECK(cdb_linear_ep(pk, 1, n_out, n_in, x, 0.0f, y, bias, CDB_ACT_NONE, &e) ==
+                  CLIPDB_EINVAL);
+            cdb_wpack_free(pk);
+            continue;
+        }
+        for (size_t ri = 0; ri < sizeof rows / sizeof *rows; ri++) {
+            const int m = rows[ri];
+            float *x = rnd_vec((size_t)m * n_in), *y = rnd_vec((size_t)m * n_out);
+            float *y0 = malloc((size_t)m * n_out * 4);
+            for (int mode = 0; mode < 3; mode++) { /* bias+gelu; bias, beta 1; gelu only */
+                const float beta = mode == 1 ? 1.0f : 0.0f;
+                const float *b = mode == 2 ? NULL : bias;
+                const cdb_act act = mode == 1 ? CDB_ACT_NONE : CDB_ACT_QUICK_GELU;
+                memcpy(y0, y, (size_t)m * n_out * 4);
+                REQUIRE(cdb_linear_ep(pk, m, n_out, n_in, x, beta, y, b, act, &e) == CLIPDB_OK);
+                for (int i = 0; i < m; i++)
+                    for (int j = 0; j < n_out; j++) {
+                        double mag, r = ref_linear((cdb_prec)prec, W, x, n_in, i, j, &mag);
+                        double tol = 1e-5 * (mag + 1);
+                        if (prec == CDB_PREC_INT8) tol += 2.0 * mag / (n_in + 1) + 1e-3;
+                        if (b) r += b[j];
+                        if (act == CDB_ACT_QUICK_GELU) r = r / (1.0 + exp(-1.702 * r));
+                        if (beta != 0.0f) r += y0[(size_t)i * n_out + j];
+                        CHECK_NEAR(y[(size_t)i * n_out + j], r, tol + 1e-4);
+                    }
+            }
+            free(x), free(y), free(y0);
+        }
+        /* an activation with beta 1 is refused */
+        {
+            float x[40] = {0}, y[48] = {0};
+            CHECK(cdb_linear_ep(pk, 1, n_out, n_in, x, 1.0f, y, NULL, CDB_ACT_QUICK_GELU, &e) ==
+                  CLIPDB_EINVAL);
+        }
+        cdb_wpack_free(pk);
+    }
+    CHECK(cdb_linear_ep(NULL, 1, n_out, n_in, W, 0.0f, W, NULL, CDB_ACT_NONE, &e) ==
+          CLIPDB_EINVAL);
+    free(W), free(bias);
 }
 
 TEST(compute_linear_plain_weight_with_strides)

@@ -26,10 +26,9 @@
 ** dequantisation) are convert.h's kernels (AVX-512 where the CPU has it).
 ** cdb_linear_ep's bias and QuickGELU ride along: in a bf16 matmul's own
 ** epilogue (bias argument, swish post-op; piece primitives per epilogue),
-** in int8's dequantisation pass. Measured on 2 cores of a Zen 5 (bf16,
-** 5,000 captions, 4 runs each alternating, median): 568 -> 605 texts/s,
-** the separate bias and QuickGELU passes having been 7% of the samples;
-** int8 and images unchanged within the machine's noise.
+** in int8's dequantisation pass, so the output is written once. Measured
+** on 2 cores of a Zen 5 (bench/README.md, bench_encode.py before and after,
+** two runs each): bf16 images/s +13%, texts/s +10%; int8 +9% and +10%.
 **
 ** Precisions (compute.h): fp32 matmul f32 x f32 -> f32;
 **   bf16: x (m, in) is rounded to bf16 per call, W stored bf16, f32 accumulate;

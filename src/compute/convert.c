@@ -25,7 +25,7 @@ static void to_bf16_c(const float *x, size_t n, uint16_t *out)
     for (i = 0; i < n; i++) out[i] = cdb_f32_to_bf16(x[i]);
 }
 
-static void quantize_rows_c(const float *x, size_t m, size_t k, float qmax, int8_t *q,
+static void quantize_rows_c(const float *x, size_t m, size_t k, float qmax, int shift, int8_t *q,
                             float *sx)
 {
     size_t i, j;
@@ -41,7 +41,8 @@ static void quantize_rows_c(const float *x, size_t m, size_t k, float qmax, int8
         inv = 1.0f / sx[i];
         for (j = 0; j < k; j++) {
             long v = lrintf(xr[j] * inv);
-            qr[j] = (int8_t)(v > 127 ? 127 : v < -128 ? -128 : v);
+            v = v > 127 ? 127 : v < -128 ? -128 : v;
+            qr[j] = shift ? (int8_t)(uint8_t)(v + 128) : (int8_t)v;
         }
     }
 }
@@ -74,8 +75,9 @@ float cdb_quick_gelu1(float x)
     return x / (1.0f + y * p);
 }
 
-static void dequant_rows_c(const int32_t *acc, size_t m, size_t n, const float *sx,
-                           const float *sw, int add, const float *bias, int gelu, float *y)
+static void dequant_rows_c(const int32_t *acc, const int32_t *comp, size_t m, size_t n,
+                           const float *sx, const float *sw, int add, const float *bias, int gelu,
+                           float *y)
 {
     size_t i, j;
     for (i = 0; i < m; i++) {
@@ -83,7 +85,7 @@ static void dequant_rows_c(const int32_t *acc, size_t m, size_t n, const float *
         float *yr = y + i * n;
         const float s = sx[i];
         for (j = 0; j < n; j++) {
-            float v = (float)ar[j] * s * sw[j];
+            float v = (float)(comp ? ar[j] - comp[j] : ar[j]) * s * sw[j];
             if (add) v = yr[j] + v;
             if (bias) v = v + bias[j];
             yr[j] = gelu ? cdb_quick_gelu1(v) : v;
@@ -147,7 +149,7 @@ AVX512 static void to_bf16_avx512(const float *x, size_t n, uint16_t *out)
 }
 
 AVX512 static void quantize_rows_avx512(const float *x, size_t m, size_t k, float qmax,
-                                        int8_t *q, float *sx)
+                                        int shift, int8_t *q, float *sx)
 {
     size_t i, j;
     for (i = 0; i < m; i++) {
@@ -165,7 +167,11 @@ AVX512 static void quantize_rows_avx512(const float *x, size_t m, size_t k, floa
             const __mmask16 msk = lanes(k - j);
             const __m512i v =
                 _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(msk, xr + j), vinv));
-            _mm512_mask_cvtsepi32_storeu_epi8(qr + j, msk, v);
+            if (shift) /* saturate to s8, then + 128 (bits ^ 0x80) */
+                _mm_mask_storeu_epi8(qr + j, msk,
+                                     _mm_xor_si128(_mm512_cvtsepi32_epi8(v), _mm_set1_epi8(-128)));
+            else
+                _mm512_mask_cvtsepi32_storeu_epi8(qr + j, msk, v);
         }
     }
 }
@@ -198,9 +204,9 @@ AVX512 static inline __m512 quick_gelu16(__m512 x)
     return _mm512_div_ps(x, _mm512_add_ps(one, _mm512_mul_ps(y, _mm512_castsi512_ps(n))));
 }
 
-AVX512 static void dequant_rows_avx512(const int32_t *acc, size_t m, size_t n, const float *sx,
-                                       const float *sw, int add, const float *bias, int gelu,
-                                       float *y)
+AVX512 static void dequant_rows_avx512(const int32_t *acc, const int32_t *comp, size_t m,
+                                       size_t n, const float *sx, const float *sw, int add,
+                                       const float *bias, int gelu, float *y)
 {
     size_t i, j;
     for (i = 0; i < m; i++) {
@@ -209,7 +215,10 @@ AVX512 static void dequant_rows_avx512(const int32_t *acc, size_t m, size_t n, c
         const __m512 s = _mm512_set1_ps(sx[i]);
         for (j = 0; j < n; j += 16) {
             const __mmask16 k = lanes(n - j);
-            __m512 v = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(k, ar + j));
+            __m512i a = _mm512_maskz_loadu_epi32(k, ar + j);
+            __m512 v;
+            if (comp) a = _mm512_sub_epi32(a, _mm512_maskz_loadu_epi32(k, comp + j));
+            v = _mm512_cvtepi32_ps(a);
             v = _mm512_mul_ps(_mm512_mul_ps(v, s), _mm512_maskz_loadu_ps(k, sw + j));
             if (add) v = _mm512_add_ps(_mm512_maskz_loadu_ps(k, yr + j), v);
             if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(k, bias + j));

@@ -21,13 +21,17 @@ typedef struct cdb_convert_kernels {
     void (*to_bf16)(const float *x, size_t n, uint16_t *out);
     /* x (m, k) -> q (m, k) s8 with sx[i] = max|x[i,:]| / qmax (1 for a zero
     ** row); q = round-to-nearest-even(x / sx) as x * (1 / sx). qmax <= 127:
-    ** 127 for activations, cdb_int8_weight_max() for weights. */
-    void (*quantize_rows)(const float *x, size_t m, size_t k, float qmax, int8_t *q, float *sx);
-    /* y (m, n) = act([y +] acc (m, n) * sx[i] * sw[j] [+ bias[j]]), with add
-    ** 0 or 1, bias (n) or NULL, act QuickGELU when gelu (cdb_quick_gelu1),
+    ** 127 for activations, cdb_int8_weight_max() for weights. shift 1:
+    ** each byte holds the code + 128 as u8 instead (the code's bits ^ 0x80). */
+    void (*quantize_rows)(const float *x, size_t m, size_t k, float qmax, int shift, int8_t *q,
+                          float *sx);
+    /* y (m, n) = act([y +] (acc (m, n) - comp[j]) * sx[i] * sw[j] [+ bias[j]]),
+    ** with comp (n) or NULL (none; the subtraction is exact in int32), add 0
+    ** or 1, bias (n) or NULL, act QuickGELU when gelu (cdb_quick_gelu1),
     ** evaluated in that order. */
-    void (*dequant_rows)(const int32_t *acc, size_t m, size_t n, const float *sx,
-                         const float *sw, int add, const float *bias, int gelu, float *y);
+    void (*dequant_rows)(const int32_t *acc, const int32_t *comp, size_t m, size_t n,
+                         const float *sx, const float *sw, int add, const float *bias, int gelu,
+                         float *y);
 } cdb_convert_kernels;
 
 /* QuickGELU of one float, x / (1 + exp(-1.702 x)), with Cephes' expf

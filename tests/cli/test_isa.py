@@ -87,7 +87,7 @@ def test_forced_isa_is_reported_and_answers_agree(model, inputs):
                     assert all(i.startswith("brg:") for i in impls), ran
             else:
                 assert c >= 0.99, (isa, c)
-                assert srcs == {"src_s8"}, ran
+                assert srcs == {"src_u8"}, ran  # codes + 128 (onednn.c)
                 if isa in VNNI:
                     assert all(i.startswith("brg:") for i in impls), ran
 

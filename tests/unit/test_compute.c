@@ -201,7 +201,7 @@ TEST(compute_convert_kernels_avx512_equal_portable)
     for (size_t li = 0; li < sizeof lens / sizeof *lens; li++) {
         const size_t n = lens[li], m = 3;
         float *x = rnd_vec(m * n), sx[3], sx2[3];
-        int32_t *acc = malloc(m * n * sizeof *acc);
+        int32_t *acc = malloc(m * n * sizeof *acc), *comp = malloc(n * sizeof *comp);
         float *sw = rnd_vec(n), *y = rnd_vec(m * n), *y1 = malloc(m * n * 4), *y2 = malloc(m * n * 4);
         uint16_t *b1 = malloc(m * n * 2), *b2 = malloc(m * n * 2);
         int8_t *q1 = malloc(m * n), *q2 = malloc(m * n);
@@ -209,6 +209,7 @@ TEST(compute_convert_kernels_avx512_equal_portable)
             x[i] *= 100.0f;
             acc[i] = (int32_t)(frand() * 1e6f);
         }
+        for (size_t j = 0; j < n; j++) comp[j] = (int32_t)(frand() * 1e5f);
         x[0] = NAN;                                  /* kept NaN in bf16 */
         if (n > 1) x[1] = 1.0f + 1.0f / 256;         /* a tie: to even */
         if (n > 2) x[2] = -1e-40f;                   /* a denormal: not flushed */
@@ -216,22 +217,27 @@ TEST(compute_convert_kernels_avx512_equal_portable)
         for (size_t i = 0; i < m * n; i++) CHECK(b1[i] == cdb_f32_to_bf16(x[i]));
         x[0] = 3.0f;
         for (size_t i = 0; i < n; i++) x[n + i] = 0.0f; /* a zero row: scale 1, codes 0 */
-        c->quantize_rows(x, m, n, 127.0f, q1, sx);
+        c->quantize_rows(x, m, n, 127.0f, 0, q1, sx);
         CHECK(sx[1] == 1.0f);
         for (size_t i = 0; i < m; i++)
             for (size_t j = 0; j < n; j++) {
                 CHECK(q1[i * n + j] == (int8_t)lrintf(x[i * n + j] * (1.0f / sx[i])));
                 CHECK(abs(q1[i * n + j]) <= 127);
             }
-        /* every epilogue: [y +] acc*sx*sw [+ bias], [QuickGELU], in that order */
-        for (int ep = 0; ep < 8; ep++) {
+        /* shift: the same codes + 128, as u8 */
+        c->quantize_rows(x, m, n, 127.0f, 1, q2, sx2);
+        CHECK(!memcmp(sx, sx2, sizeof sx));
+        for (size_t i = 0; i < m * n; i++) CHECK((uint8_t)q2[i] == q1[i] + 128);
+        /* every epilogue: [y +] (acc - comp)*sx*sw [+ bias], [QuickGELU], in that order */
+        for (int ep = 0; ep < 16; ep++) {
             const int add = ep & 1, gelu = ep & 4;
             const float *bias = ep & 2 ? sw : NULL;
+            const int32_t *cp = ep & 8 ? comp : NULL;
             memcpy(y1, y, m * n * 4);
-            c->dequant_rows(acc, m, n, sx, sw, add, bias, gelu, y1);
+            c->dequant_rows(acc, cp, m, n, sx, sw, add, bias, gelu, y1);
             for (size_t i = 0; i < m; i++)
                 for (size_t j = 0; j < n; j++) {
-                    float r = (float)acc[i * n + j] * sx[i] * sw[j];
+                    float r = (float)(acc[i * n + j] - (cp ? cp[j] : 0)) * sx[i] * sw[j];
                     if (add) r = y[i * n + j] + r;
                     if (bias) r = r + bias[j];
                     CHECK(y1[i * n + j] == (gelu ? cdb_quick_gelu1(r) : r));
@@ -243,27 +249,30 @@ TEST(compute_convert_kernels_avx512_equal_portable)
             v->to_bf16(x, m * n, b2);
             CHECK(!memcmp(b1, b2, m * n * 2));
             x[0] = 3.0f;
-            c->quantize_rows(x, m, n, 127.0f, q1, sx);
-            v->quantize_rows(x, m, n, 127.0f, q2, sx2);
-            CHECK(!memcmp(q1, q2, m * n) && !memcmp(sx, sx2, sizeof sx));
-            for (int ep = 0; ep < 8; ep++) {
+            for (int shift = 0; shift < 2; shift++) {
+                c->quantize_rows(x, m, n, 127.0f, shift, q1, sx);
+                v->quantize_rows(x, m, n, 127.0f, shift, q2, sx2);
+                CHECK(!memcmp(q1, q2, m * n) && !memcmp(sx, sx2, sizeof sx));
+            }
+            for (int ep = 0; ep < 16; ep++) {
                 const float *bias = ep & 2 ? sw : NULL;
+                const int32_t *cp = ep & 8 ? comp : NULL;
                 memcpy(y1, y, m * n * 4);
                 memcpy(y2, y, m * n * 4);
-                c->dequant_rows(acc, m, n, sx, sw, ep & 1, bias, ep & 4, y1);
-                v->dequant_rows(acc, m, n, sx, sw, ep & 1, bias, ep & 4, y2);
+                c->dequant_rows(acc, cp, m, n, sx, sw, ep & 1, bias, ep & 4, y1);
+                v->dequant_rows(acc, cp, m, n, sx, sw, ep & 1, bias, ep & 4, y2);
                 CHECK(!memcmp(y1, y2, m * n * 4));
             }
         }
         /* the weights' 7-bit codes (no VNNI): qmax 63 */
         x[0] = 3.0f;
-        c->quantize_rows(x, m, n, 63.0f, q1, sx);
+        c->quantize_rows(x, m, n, 63.0f, 0, q1, sx);
         for (size_t i = 0; i < m * n; i++) CHECK(abs(q1[i]) <= 63);
         if (v) {
-            v->quantize_rows(x, m, n, 63.0f, q2, sx2);
+            v->quantize_rows(x, m, n, 63.0f, 0, q2, sx2);
             CHECK(!memcmp(q1, q2, m * n) && !memcmp(sx, sx2, sizeof sx));
         }
-        free(x), free(acc), free(sw), free(y), free(y1), free(y2), free(b1), free(b2), free(q1),
+        free(x), free(acc), free(comp), free(sw), free(y), free(y1), free(y2), free(b1), free(b2), free(q1),
             free(q2);
     }
 }
@@ -288,11 +297,11 @@ TEST(compute_quick_gelu1_matches_its_definition_and_the_avx512_lanes)
     CHECK(isnan(cdb_quick_gelu1(NAN)));
     /* y = gelu(y + 0 * 1 * 1 + 0): the kernels' QuickGELU of x */
     memcpy(y1, x, sizeof x);
-    c->dequant_rows(acc, 1, N, one, one, 1, zero, 1, y1);
+    c->dequant_rows(acc, NULL, 1, N, one, one, 1, zero, 1, y1);
     for (int i = 0; i < N; i++) CHECK(y1[i] == cdb_quick_gelu1(x[i]));
     if (v) {
         memcpy(y2, x, sizeof x);
-        v->dequant_rows(acc, 1, N, one, one, 1, zero, 1, y2);
+        v->dequant_rows(acc, NULL, 1, N, one, one, 1, zero, 1, y2);
         CHECK(!memcmp(y1, y2, sizeof y1));
     }
 }

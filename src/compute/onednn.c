@@ -745,7 +745,8 @@ int cdb_onednn_linear(const cdb_wpack *pk, int m, int n_out, int n_in, const flo
         ROWS_PAR(m, n_in, kern->to_bf16(x + lo * n_in, (hi - lo) * n_in, xb + lo * n_in));
         memset(xb + mk, 0, bytes - mk * sizeof(uint16_t));
         /* y (m, out) = act(x W^T [+ bias]) [+ y], in the matmul's epilogue */
-        rc = run_pieces(pk, (beta != 0.0f ? EPI_SUM : 0) | (bias ? EPI_BIAS : 0) | (gelu ? EPI_GELU : 0),
+        rc = run_pieces(pk,
+                        (beta != 0.0f ? EPI_SUM : 0) | (bias ? EPI_BIAS : 0) | (gelu ? EPI_GELU : 0),
                         bias, m, xb, 2, dnnl_bf16, y, 4, dnnl_f32, 0, e);
         break;
     }

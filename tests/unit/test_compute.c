@@ -272,8 +272,8 @@ TEST(compute_convert_kernels_avx512_equal_portable)
             v->quantize_rows(x, m, n, 63.0f, 0, q2, sx2);
             CHECK(!memcmp(q1, q2, m * n) && !memcmp(sx, sx2, sizeof sx));
         }
-        free(x), free(acc), free(comp), free(sw), free(y), free(y1), free(y2), free(b1), free(b2), free(q1),
-            free(q2);
+        free(x), free(acc), free(comp), free(sw), free(y), free(y1), free(y2), free(b1), free(b2);
+        free(q1), free(q2);
     }
 }
 

@@ -16,6 +16,7 @@
 
 #include "compute/compute.h"
 #include "compute/convert.h"
+#include "compute/vexp.h"
 
 /* ---- portable --------------------------------------------------------------- */
 
@@ -47,32 +48,17 @@ static void quantize_rows_c(const float *x, size_t m, size_t k, float qmax, int 
     }
 }
 
+/* QuickGELU on one lane: the vector code of vexp.h at width 1 */
+typedef float v1f __attribute__((vector_size(4)));
+typedef int32_t v1i __attribute__((vector_size(4)));
+CDB_DEFINE_VEXP(, exp1, v1f, v1i)
+CDB_DEFINE_VQUICK_GELU(, quick_gelu_v1, v1f, exp1)
+
 float cdb_quick_gelu1(float x)
 {
-    const float hi = 88.3762626647949f;
-    float v = x * -1.702f, fx, t, z, y, p;
-    int32_t n;
-    uint32_t bits;
-    if (v != v) return x / (1.0f + v); /* NaN: NaN, without a float-to-int conversion */
-    v = v > hi ? hi : v;
-    v = v < -hi ? -hi : v;
-    /* n = floor(v / ln 2 + 0.5) */
-    fx = v * 1.44269504088896341f + 0.5f;
-    t = (float)(int32_t)fx; /* trunc */
-    fx = t > fx ? t - 1.0f : t - 0.0f;
-    v = v - fx * 0.693359375f - fx * -2.12194440e-4f;
-    z = v * v;
-    y = 1.9875691500e-4f;
-    y = y * v + 1.3981999507e-3f;
-    y = y * v + 8.3334519073e-3f;
-    y = y * v + 4.1665795894e-2f;
-    y = y * v + 1.6666665459e-1f;
-    y = y * v + 5.0000001201e-1f;
-    y = y * z + v + 1.0f;
-    n = (int32_t)fx;
-    bits = (uint32_t)(n + 127) << 23; /* 2^n; n >= -127 here (0 -> 0.0f) */
-    memcpy(&p, &bits, 4);
-    return x / (1.0f + y * p);
+    v1f v = {x};
+    if (x != x) return x / (1.0f + x * -1.702f); /* NaN, without a float-to-int conversion */
+    return quick_gelu_v1(v)[0];
 }
 
 static void dequant_rows_c(const int32_t *acc, const int32_t *comp, size_t m, size_t n,
@@ -176,33 +162,12 @@ AVX512 static void quantize_rows_avx512(const float *x, size_t m, size_t k, floa
     }
 }
 
-/* cdb_quick_gelu1 on 16 lanes (the same operations; clamps by compare and
-** blend, so NaN stays NaN as there). */
-AVX512 static inline __m512 quick_gelu16(__m512 x)
-{
-    const __m512 hi = _mm512_set1_ps(88.3762626647949f), lo = _mm512_set1_ps(-88.3762626647949f);
-    const __m512 one = _mm512_set1_ps(1.0f);
-    __m512 v = _mm512_mul_ps(x, _mm512_set1_ps(-1.702f)), fx, t, z, y;
-    __m512i n;
-    v = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, hi, _CMP_GT_OQ), v, hi);
-    v = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, lo, _CMP_LT_OQ), v, lo);
-    fx = _mm512_add_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
-                       _mm512_set1_ps(0.5f));
-    t = _mm512_cvtepi32_ps(_mm512_cvttps_epi32(fx));
-    fx = _mm512_sub_ps(t, _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(t, fx, _CMP_GT_OQ), one));
-    v = _mm512_sub_ps(_mm512_sub_ps(v, _mm512_mul_ps(fx, _mm512_set1_ps(0.693359375f))),
-                      _mm512_mul_ps(fx, _mm512_set1_ps(-2.12194440e-4f)));
-    z = _mm512_mul_ps(v, v);
-    y = _mm512_set1_ps(1.9875691500e-4f);
-    y = _mm512_add_ps(_mm512_mul_ps(y, v), _mm512_set1_ps(1.3981999507e-3f));
-    y = _mm512_add_ps(_mm512_mul_ps(y, v), _mm512_set1_ps(8.3334519073e-3f));
-    y = _mm512_add_ps(_mm512_mul_ps(y, v), _mm512_set1_ps(4.1665795894e-2f));
-    y = _mm512_add_ps(_mm512_mul_ps(y, v), _mm512_set1_ps(1.6666665459e-1f));
-    y = _mm512_add_ps(_mm512_mul_ps(y, v), _mm512_set1_ps(5.0000001201e-1f));
-    y = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(y, z), v), one);
-    n = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(fx), _mm512_set1_epi32(127)), 23);
-    return _mm512_div_ps(x, _mm512_add_ps(one, _mm512_mul_ps(y, _mm512_castsi512_ps(n))));
-}
+/* cdb_quick_gelu1 on 16 lanes: vexp.h's code at width 16 (the same
+** operations; NaN stays NaN through the compare-and-select clamps). */
+typedef float v16f __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+CDB_DEFINE_VEXP(AVX512, exp16, v16f, v16i)
+CDB_DEFINE_VQUICK_GELU(AVX512, quick_gelu16, v16f, exp16)
 
 AVX512 static void dequant_rows_avx512(const int32_t *acc, const int32_t *comp, size_t m,
                                        size_t n, const float *sx, const float *sw, int add,
@@ -222,7 +187,7 @@ AVX512 static void dequant_rows_avx512(const int32_t *acc, const int32_t *comp, 
             v = _mm512_mul_ps(_mm512_mul_ps(v, s), _mm512_maskz_loadu_ps(k, sw + j));
             if (add) v = _mm512_add_ps(_mm512_maskz_loadu_ps(k, yr + j), v);
             if (bias) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(k, bias + j));
-            if (gelu) v = quick_gelu16(v);
+            if (gelu) v = (__m512)quick_gelu16((v16f)v);
             _mm512_mask_storeu_ps(yr + j, k, v);
         }
     }

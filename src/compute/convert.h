@@ -34,10 +34,9 @@ typedef struct cdb_convert_kernels {
                          float *y);
 } cdb_convert_kernels;
 
-/* QuickGELU of one float, x / (1 + exp(-1.702 x)), with Cephes' expf
-** (range reduction by ln 2, degree-5 polynomial, inputs clamped to
-** [-88.38, 88.38]), operation for operation as the 16 lanes of the AVX-512
-** kernel and the transformer's vector QuickGELU. */
+/* QuickGELU of one float, x / (1 + exp(-1.702 x)), with Cephes' expf:
+** vexp.h's code at width 1, so the same bits as the 16 lanes of the AVX-512
+** kernel and the transformer's vector QuickGELU (NaN gives NaN). */
 float cdb_quick_gelu1(float x);
 
 const cdb_convert_kernels *cdb_convert_portable(void);

@@ -18,6 +18,7 @@
 ** in the batch, rows = nseq * T, e = embedding size, hd = CDB_HEAD_DIM (head size).
 */
 #include "compute/compute.h"
+#include "compute/vexp.h"
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -173,38 +174,8 @@ static inline vecf vec_max(vecf a, vecf b)
     return (vecf)((m & (veci)a) | (~m & (veci)b));
 }
 
-/* exp(x) lane-wise: Cephes expf (range reduction by ln 2, degree-5
-** polynomial; relative error about 2e-7 over [-87, 88]). Inputs are clamped
-** to that range, so the result is finite, and 0 below -87.3. */
-#define DEFINE_VEC_EXP(NAME, VF, VI)                                                    \
-    static inline VF NAME(VF x)                                                         \
-    {                                                                                   \
-        const VF hi = (VF){0} + 88.3762626647949f, lo = (VF){0} - 88.3762626647949f;    \
-        VI m, n;                                                                        \
-        VF fx, t, z, y;                                                                 \
-        m = x > hi;                                                                     \
-        x = (VF)((m & (VI)hi) | (~m & (VI)x));                                          \
-        m = x < lo;                                                                     \
-        x = (VF)((m & (VI)lo) | (~m & (VI)x));                                          \
-        /* n = floor(x / ln 2 + 0.5) */                                                 \
-        fx = x * 1.44269504088896341f + 0.5f;                                           \
-        t = __builtin_convertvector(__builtin_convertvector(fx, VI), VF); /* trunc */    \
-        m = t > fx;                                                                     \
-        fx = t - (VF)(m & (VI)((VF){0} + 1.0f));                                        \
-        x = x - fx * 0.693359375f - fx * -2.12194440e-4f;                               \
-        z = x * x;                                                                      \
-        y = (VF){0} + 1.9875691500e-4f;                                                 \
-        y = y * x + 1.3981999507e-3f;                                                   \
-        y = y * x + 8.3334519073e-3f;                                                   \
-        y = y * x + 4.1665795894e-2f;                                                   \
-        y = y * x + 1.6666665459e-1f;                                                   \
-        y = y * x + 5.0000001201e-1f;                                                   \
-        y = y * z + x + 1.0f;                                                           \
-        n = __builtin_convertvector(fx, VI);                                            \
-        n = (n + 127) << 23; /* 2^n as float bits; n >= -127 here (0 -> 0.0f) */        \
-        return y * (VF)n;                                                               \
-    }
-DEFINE_VEC_EXP(vec_exp, vecf, veci)
+/* exp(x) lane-wise (Cephes expf; compute/vexp.h). */
+CDB_DEFINE_VEXP(, vec_exp, vecf, veci)
 
 /* QuickGELU is elementwise (no sum across lanes), so it may run on wider
 ** vectors than the reductions without changing a bit: VLW lanes, 16 (one
@@ -219,15 +190,11 @@ DEFINE_VEC_EXP(vec_exp, vecf, veci)
 typedef float vecw __attribute__((vector_size(VLW * 4)));
 typedef int32_t veciw __attribute__((vector_size(VLW * 4)));
 #if VLW != VL
-DEFINE_VEC_EXP(vecw_exp, vecw, veciw)
+CDB_DEFINE_VEXP(, vecw_exp, vecw, veciw)
 #else
 #define vecw_exp vec_exp
 #endif
-
-static inline vecw vec_quick_gelu(vecw x)
-{
-    return x / (1.0f + vecw_exp(x * -1.702f));
-}
+CDB_DEFINE_VQUICK_GELU(, vec_quick_gelu, vecw, vecw_exp)
 
 /* ---- splitting the kernels over threads (run_tasks) ----------------------
 ** Each kernel below is a serial loop over rows (or columns) written for a

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make demo`: the main job on an embedded default.
 #
-# 1. The model: models/clipdb-flickr8k-rn96, the small CLIP (ResNet image
+# 1. The model: models/clipdb-flickr8k-rn128, the small CLIP (ResNet image
 #    tower) that clipdb trained itself on Flickr8k (see its README: no
 #    pretrained weights are
 #    reachable from this machine). CLIPDB_DEMO_MODEL=DIR takes another model
@@ -23,7 +23,7 @@ PY=${PY:-/usr/bin/python3}
 SHARED=${CLIPDB_SHARED:-../shared}
 DATA=$SHARED/data/coco-subset
 WORK=${CLIPDB_DEMO_DIR:-.cache/demo}
-MODEL=${CLIPDB_DEMO_MODEL:-$PWD/models/clipdb-flickr8k-rn96}
+MODEL=${CLIPDB_DEMO_MODEL:-$PWD/models/clipdb-flickr8k-rn128}
 [ "$MODEL" != seeded ] || MODEL=$WORK/clip-vit-b-32-seeded
 DB=$WORK/coco.db
 

@@ -830,12 +830,34 @@ static struct {
     int emulate; /* 1: oneDNN has no bf16 matmul on this ISA */
 } B16 = {.mu = PTHREAD_MUTEX_INITIALIZER};
 
-/* src (rows, cols) with row stride ld -> dst (rows, cols) dense bf16. */
+/* Rows [lo, hi) of to_bf16's operand; a dense operand comes as one row of
+** `cols` = all its elements split in blocks of BF16_BLOCK (lo, hi count blocks). */
+#define BF16_BLOCK ((size_t)4096)
+static void to_bf16_rows(const float *src, size_t lo, size_t hi, size_t cols, size_t ld,
+                         uint16_t *dst)
+{
+    const cdb_convert_kernels *kern = cdb_convert_best();
+    for (size_t i = lo; i < hi; i++) kern->to_bf16(src + i * ld, cols, dst + i * cols);
+}
+
+static void to_bf16_blocks(const float *src, size_t lo, size_t hi, size_t n, uint16_t *dst)
+{
+    const size_t a = lo * BF16_BLOCK, b = hi * BF16_BLOCK < n ? hi * BF16_BLOCK : n;
+    cdb_convert_best()->to_bf16(src + a, b - a, dst + a);
+}
+
+/* src (rows, cols) with row stride ld -> dst (rows, cols) dense bf16, over
+** the OpenMP team (ROWS_PAR). Training converts both operands of every GEMM,
+** among them the ResNet's im2col matrices (tens of MB): done on the calling
+** thread alone this was 13% of the samples of a bf16 training step while
+** the other core waited. */
 static void to_bf16(const float *src, int rows, int cols, int ld, uint16_t *dst)
 {
-    for (int i = 0; i < rows; i++) {
-        const float *s = src + (size_t)i * ld;
-        cdb_convert_best()->to_bf16(s, (size_t)cols, dst + (size_t)i * cols);
+    if (ld == cols) {
+        const size_t n = (size_t)rows * (size_t)cols;
+        ROWS_PAR((n + BF16_BLOCK - 1) / BF16_BLOCK, BF16_BLOCK, to_bf16_blocks(src, lo, hi, n, dst));
+    } else {
+        ROWS_PAR(rows, cols, to_bf16_rows(src, lo, hi, (size_t)cols, (size_t)ld, dst));
     }
 }
 
@@ -1003,6 +1025,57 @@ int cdb_onednn_gemm_bf16(int m, int n, int k, const uint16_t *A, const uint16_t 
     return bf16_matmul(0, 1, m, n, k, 1.0f, A, B, 0.0f, C, n, e);
 }
 
+/* The bf16 copies of cdb_onednn_sgemm_bf16's operands live in buffers kept
+** between calls (OPBUF_KEEP of them, one per thread converting at once):
+** a fresh malloc of the ResNet's im2col copy (tens of MB) is a fresh mmap,
+** and faulting its pages in cost a bf16 training step more kernel time than
+** the conversion itself saves. opbuf_take returns a kept buffer of at least
+** `bytes` (its size in *cap) or a new one; opbuf_give keeps the largest. */
+#define OPBUF_KEEP 2
+static struct {
+    pthread_mutex_t mu;
+    void *p[OPBUF_KEEP];
+    size_t cap[OPBUF_KEEP];
+} OPBUF = {.mu = PTHREAD_MUTEX_INITIALIZER};
+
+static void *opbuf_take(size_t bytes, size_t *cap)
+{
+    void *p = NULL, *drop = NULL;
+    int i, best = -1, small = -1;
+    pthread_mutex_lock(&OPBUF.mu);
+    for (i = 0; i < OPBUF_KEEP; i++) {
+        if (!OPBUF.p[i]) continue;
+        if (OPBUF.cap[i] >= bytes && (best < 0 || OPBUF.cap[i] < OPBUF.cap[best])) best = i;
+        if (small < 0 || OPBUF.cap[i] < OPBUF.cap[small]) small = i;
+    }
+    if (best >= 0) {
+        p = OPBUF.p[best], *cap = OPBUF.cap[best];
+        OPBUF.p[best] = NULL;
+    } else if (small >= 0) { /* too small for this call: make room for a larger one */
+        drop = OPBUF.p[small];
+        OPBUF.p[small] = NULL;
+    }
+    pthread_mutex_unlock(&OPBUF.mu);
+    free(drop);
+    if (!p && (p = malloc(bytes ? bytes : 1))) *cap = bytes;
+    return p;
+}
+
+static void opbuf_give(void *p, size_t cap)
+{
+    int i, slot = -1; /* an empty slot, else the smallest kept buffer */
+    pthread_mutex_lock(&OPBUF.mu);
+    for (i = 0; i < OPBUF_KEEP && (slot < 0 || OPBUF.p[slot]); i++)
+        if (slot < 0 || !OPBUF.p[i] || OPBUF.cap[i] < OPBUF.cap[slot]) slot = i;
+    if (!OPBUF.p[slot] || OPBUF.cap[slot] < cap) {
+        void *old = OPBUF.p[slot];
+        OPBUF.p[slot] = p, OPBUF.cap[slot] = cap;
+        p = old;
+    }
+    pthread_mutex_unlock(&OPBUF.mu);
+    free(p);
+}
+
 int cdb_onednn_sgemm_bf16(cdb_trans ta, cdb_trans tb, int m, int n, int k, float alpha,
                           const float *A, int lda, const float *B, int ldb, float beta, float *C,
                           int ldc, cdb_err *e)
@@ -1011,6 +1084,7 @@ int cdb_onednn_sgemm_bf16(cdb_trans ta, cdb_trans tb, int m, int n, int k, float
     const int ar = ta ? k : m, ac = ta ? m : k, br = tb ? n : k, bc = tb ? k : n;
     const size_t na = (size_t)m * k, nb = (size_t)k * n;
     void *buf = NULL;
+    size_t cap = 0;
     int rc;
 
     if (m <= 0 || n <= 0) return CLIPDB_OK;
@@ -1031,13 +1105,13 @@ int cdb_onednn_sgemm_bf16(cdb_trans ta, cdb_trans tb, int m, int n, int k, float
         free(buf);
         return CLIPDB_OK;
     }
-    if (!(buf = cdb_malloc_array(na + nb, sizeof(uint16_t))))
+    if (!(buf = opbuf_take((na + nb) * sizeof(uint16_t), &cap)))
         return cdb_err_set(e, CLIPDB_ENOMEM, "out of memory (bf16 operands)");
     to_bf16(A, ar, ac, lda, buf);
     to_bf16(B, br, bc, ldb, (uint16_t *)buf + na);
     rc = bf16_matmul(ta == CDB_TRANS, tb == CDB_TRANS, m, n, k, alpha, buf, (uint16_t *)buf + na,
                      beta, C, ldc, e);
-    free(buf);
+    opbuf_give(buf, cap);
     return rc;
 }
 

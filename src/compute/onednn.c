@@ -830,34 +830,12 @@ static struct {
     int emulate; /* 1: oneDNN has no bf16 matmul on this ISA */
 } B16 = {.mu = PTHREAD_MUTEX_INITIALIZER};
 
-/* Rows [lo, hi) of to_bf16's operand; a dense operand comes as one row of
-** `cols` = all its elements split in blocks of BF16_BLOCK (lo, hi count blocks). */
-#define BF16_BLOCK ((size_t)4096)
-static void to_bf16_rows(const float *src, size_t lo, size_t hi, size_t cols, size_t ld,
-                         uint16_t *dst)
-{
-    const cdb_convert_kernels *kern = cdb_convert_best();
-    for (size_t i = lo; i < hi; i++) kern->to_bf16(src + i * ld, cols, dst + i * cols);
-}
-
-static void to_bf16_blocks(const float *src, size_t lo, size_t hi, size_t n, uint16_t *dst)
-{
-    const size_t a = lo * BF16_BLOCK, b = hi * BF16_BLOCK < n ? hi * BF16_BLOCK : n;
-    cdb_convert_best()->to_bf16(src + a, b - a, dst + a);
-}
-
-/* src (rows, cols) with row stride ld -> dst (rows, cols) dense bf16, over
-** the OpenMP team (ROWS_PAR). Training converts both operands of every GEMM,
-** among them the ResNet's im2col matrices (tens of MB): done on the calling
-** thread alone this was 13% of the samples of a bf16 training step while
-** the other core waited. */
+/* src (rows, cols) with row stride ld -> dst (rows, cols) dense bf16. */
 static void to_bf16(const float *src, int rows, int cols, int ld, uint16_t *dst)
 {
-    if (ld == cols) {
-        const size_t n = (size_t)rows * (size_t)cols;
-        ROWS_PAR((n + BF16_BLOCK - 1) / BF16_BLOCK, BF16_BLOCK, to_bf16_blocks(src, lo, hi, n, dst));
-    } else {
-        ROWS_PAR(rows, cols, to_bf16_rows(src, lo, hi, (size_t)cols, (size_t)ld, dst));
+    for (int i = 0; i < rows; i++) {
+        const float *s = src + (size_t)i * ld;
+        cdb_convert_best()->to_bf16(s, (size_t)cols, dst + (size_t)i * cols);
     }
 }
 
@@ -1105,7 +1083,8 @@ int cdb_onednn_sgemm_bf16(cdb_trans ta, cdb_trans tb, int m, int n, int k, float
         free(buf);
         return CLIPDB_OK;
     }
-    if (!(buf = opbuf_take((na + nb) * sizeof(uint16_t), &cap)))
+    if (na + nb < na || na + nb > SIZE_MAX / sizeof(uint16_t) ||
+        !(buf = opbuf_take((na + nb) * sizeof(uint16_t), &cap)))
         return cdb_err_set(e, CLIPDB_ENOMEM, "out of memory (bf16 operands)");
     to_bf16(A, ar, ac, lda, buf);
     to_bf16(B, br, bc, ldb, (uint16_t *)buf + na);

@@ -64,6 +64,8 @@ $(BUILD)/src/index/cvecs.o: CFLAGS += $(CVECS_OMP) -Wno-psabi
 $(BUILD)/src/model/transformer.o: CFLAGS += $(CVECS_OMP)
 # resnet.c splits its per-channel passes the same way.
 $(BUILD)/src/model/resnet.o: CFLAGS += $(CVECS_OMP)
+# ctx.c decodes a group's image files on the same threads.
+$(BUILD)/src/model/ctx.o: CFLAGS += $(CVECS_OMP)
 # onednn.c splits its elementwise passes over the same threads.
 $(BUILD)/src/compute/onednn.o: CFLAGS += $(CVECS_OMP)
 # convert.c's portable and AVX-512 kernels give the same bits only if no

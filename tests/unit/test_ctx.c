@@ -66,9 +66,11 @@ TEST(ctx_batch_images_skip_bad_files_and_keep_their_codes)
     REQUIRE(clipdb_ctx_new(&c, m) == CLIPDB_OK);
     clipdb_model_get_info(m, &info);
     d = info.embed_dim;
-    /* more inputs than one group: two bad ones inside, one in the second group */
+    /* more inputs than one group: two bad ones inside (a group's files are
+    ** decoded on several threads at once), one in the second group */
     for (i = 0; i < N; i++) paths[i] = good[i % 2];
     paths[3] = bad;
+    paths[5] = NULL;
     paths[N - 1] = missing;
     out = malloc((size_t)N * d * sizeof *out);
     one = malloc((size_t)d * sizeof *one);
@@ -76,14 +78,16 @@ TEST(ctx_batch_images_skip_bad_files_and_keep_their_codes)
     REQUIRE(out && one && pix);
     REQUIRE(clipdb_encode_batch(c, CLIPDB_INPUT_IMAGE_FILE, paths, N, out, st, &n_failed) ==
             CLIPDB_OK);
-    CHECK(n_failed == 2);
+    CHECK(n_failed == 3);
     CHECK(st[3].code == CLIPDB_EFORMAT);
+    CHECK(st[5].code == CLIPDB_EINVAL && strstr(st[5].msg, "no image path") != NULL);
     CHECK(!strncmp(st[3].msg, bad, strlen(bad)) && strlen(st[3].msg) > strlen(bad) + 2);
     CHECK(st[N - 1].code == CLIPDB_EIO || st[N - 1].code == CLIPDB_ENOTFOUND);
     CHECK(!strncmp(st[N - 1].msg, missing, strlen(missing)));
-    CHECK(row_is_zero(out + 3 * d, d) && row_is_zero(out + (size_t)(N - 1) * d, d));
+    CHECK(row_is_zero(out + 3 * d, d) && row_is_zero(out + 5 * d, d) &&
+          row_is_zero(out + (size_t)(N - 1) * d, d));
     for (i = 0; i < N; i++) {
-        if (i == 3 || i == N - 1) continue;
+        if (i == 3 || i == 5 || i == N - 1) continue;
         CHECK(st[i].code == CLIPDB_OK && st[i].msg[0] == '\0');
         /* the same vector as the image alone */
         REQUIRE(clipdb_image_load(c, paths[i], pix) == CLIPDB_OK);
@@ -91,7 +95,8 @@ TEST(ctx_batch_images_skip_bad_files_and_keep_their_codes)
         CHECK(max_abs_diff(out + (size_t)i * d, one, d) < 1e-5);
     }
     CHECK(max_abs_diff(out, out + d, d) > 1e-4); /* two photos, two vectors */
-    /* without a status array the first bad input fails the call, named */
+    /* without a status array the first bad input in input order fails the
+    ** call, named (not the NULL path after it in the same group) */
     CHECK(clipdb_encode_batch(c, CLIPDB_INPUT_IMAGE_FILE, paths, N, out, NULL, &n_failed) ==
           CLIPDB_EFORMAT);
     CHECK(strstr(clipdb_ctx_errmsg(c), bad) != NULL);

@@ -161,9 +161,11 @@ static inline uint16_t cdb_f32_to_bf16(float f)
 /* ---- integer and bf16 products (compressed vectors, batched search) ------- */
 
 /* C (m, n) s32 = A (m, k) u8 @ B^T (k, n), B stored (n, k) s8, every row
-** dense. oneDNN's dnnl_gemm_u8s8s32 whatever the backend (OpenBLAS has no
-** int8 GEMM); exact where oneDNN's ISA has VNNI, else its u8 x s8 pair sums
-** may saturate at 16 bits unless |B| <= cdb_int8_weight_max() (63). */
+** dense. oneDNN whatever the backend (OpenBLAS has no int8 GEMM): a matmul
+** primitive per shape, created on first use and kept (AMX where the CPU has
+** it), or dnnl_gemm_u8s8s32 where oneDNN has no such matmul; exact where
+** oneDNN's ISA has VNNI, else its u8 x s8 pair sums may saturate at 16 bits
+** unless |B| <= cdb_int8_weight_max() (63). */
 int cdb_gemm_u8s8s32(int m, int n, int k, const uint8_t *A, const int8_t *B, int32_t *C,
                      cdb_err *e);
 

@@ -565,6 +565,48 @@ TEST(compute_sgemm_bf16_concurrent_calls_agree)
     free(A), free(B), free(C);
 }
 
+/* cdb_gemm_u8s8s32 (the sq8 copies' batched scores; a cached oneDNN matmul,
+** AMX where the CPU has it): exact integers against a reference, every
+** shape of the size list and the copies' own (256 rows of 512 against 16
+** and 256 queries), each twice (the second call runs the cached primitive),
+** B within cdb_int8_weight_max() as the callers keep it. */
+TEST(compute_gemm_u8s8s32_exact_and_cached)
+{
+    static const int ks[] = {1, 63, 64, 65, 512};
+    const int wmax = cdb_int8_weight_max();
+    for (int si = 0; si < NSIZES + 1; si++)
+        for (int sj = 0; sj < NSIZES + 2; sj++)
+            for (int sk = 0; sk < 5; sk++) {
+                const int m = si < NSIZES ? sizes[si] : 256;
+                const int n = sj < NSIZES ? sizes[sj] : sj == NSIZES ? 16 : 256, k = ks[sk];
+                uint8_t *A = malloc((size_t)m * k);
+                int8_t *B = malloc((size_t)n * k);
+                int32_t *C = malloc((size_t)m * n * 4), *C2 = malloc((size_t)m * n * 4);
+                cdb_err e;
+                int bad = 0;
+                cdb_err_clear(&e);
+                for (size_t i = 0; i < (size_t)m * k; i++) A[i] = (uint8_t)(128 + 127.99f * frand());
+                for (size_t i = 0; i < (size_t)n * k; i++)
+                    B[i] = (int8_t)((float)wmax * frand());
+                REQUIRE(cdb_gemm_u8s8s32(m, n, k, A, B, C, &e) == CLIPDB_OK);
+                REQUIRE(cdb_gemm_u8s8s32(m, n, k, A, B, C2, &e) == CLIPDB_OK);
+                for (int i = 0; i < m; i++)
+                    for (int j = 0; j < n; j++) {
+                        int64_t want = 0;
+                        for (int p = 0; p < k; p++)
+                            want += (int64_t)A[(size_t)i * k + p] * B[(size_t)j * k + p];
+                        bad += C[(size_t)i * n + j] != want || C2[(size_t)i * n + j] != want;
+                    }
+                if (bad) {
+                    char msg[128];
+                    snprintf(msg, sizeof msg, "u8s8s32 (%d, %d, %d): %d entries off", m, n, k,
+                             bad);
+                    test_fail_at(__FILE__, __LINE__, msg);
+                }
+                free(A), free(B), free(C), free(C2);
+            }
+}
+
 /* onednn.c splits the activations' bf16 rounding and int8 (de)quantisation
 ** over the OpenMP threads from 65536 elements (PAR_MIN_ELEMS): row counts on
 ** both sides of it (255, 256, 257 rows of 256) and several pieces (513) give

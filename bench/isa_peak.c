@@ -15,14 +15,23 @@
 ** 2 flops (16 lanes: 32 per instruction); a vdpbf16ps lane does 2 products
 ** and 2 adds (64 per instruction); a vpdpbusd lane does 4 products and 4
 ** adds (128 integer ops per instruction). Each rate is the best of 5 runs.
+** Where the CPU has AMX, the same for its tile products, tdpbf16ps (bf16:
+** a 16 x 32 by 32 x 16 product into 16 x 16 fp32, 16,384 flops) and tdpbssd
+** (int8: 16 x 64 by 64 x 16 into int32, 32,768 ops): four accumulator tiles
+** fed by two A and two B tiles loaded once (a 2 x 2 block, as a GEMM's
+** inner loop has it), after asking Linux for the tile state
+** (arch_prctl ARCH_REQ_XCOMP_PERM).
 ** Prints the CPU model, then one line per instruction the CPU has: "NAME gops G ratio_to_fma R".
 */
-#define _POSIX_C_SOURCE 200809L /* clock_gettime under -std=c11 */
+#define _GNU_SOURCE /* clock_gettime under -std=c11, syscall */
 #include <immintrin.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
 #include <time.h>
+#include <unistd.h>
 
 static double now(void)
 {
@@ -67,6 +76,56 @@ KERNEL(run_dpbf16, "avx512f,avx512bf16", __m512, __m512bh, (__m512bh)_mm512_set1
        _mm512_reduce_add_ps)
 KERNEL(run_vnni, "avx512f,avx512vnni", __m512i, __m512i, _mm512_set1_epi8(1), _mm512_set1_epi8(1),
        EPI_INIT, VNNI_STEP, _mm512_add_epi32, _mm512_reduce_add_epi32)
+
+/* AMX: 2 x 2 tiles of products per iteration, on tiles configured once
+** (palette 1: tiles 0-3 accumulators of 16 rows x 64 bytes, 4-5 the A
+** tiles, 6-7 the B tiles, all 16 x 64 bytes). */
+#define AMX_KERNEL(name, isa, DP)                                                \
+    __attribute__((target("amx-tile," isa))) static float name(long n)          \
+    {                                                                            \
+        static uint8_t src[16 * 64] __attribute__((aligned(64)));                \
+        static int32_t dst[16 * 16] __attribute__((aligned(64)));                \
+        for (int i = 0; i < 16 * 64; i++) src[i] = (i & 1) ? 0x3f : 0x80;       \
+        _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);              \
+        _tile_loadd(4, src, 64); _tile_loadd(5, src, 64);                        \
+        _tile_loadd(6, src, 64); _tile_loadd(7, src, 64);                        \
+        for (long it = 0; it < n; it++) {                                        \
+            DP(0, 4, 6); DP(1, 4, 7); DP(2, 5, 6); DP(3, 5, 7);                  \
+            __asm__ volatile("" ::: "memory");                                   \
+        }                                                                        \
+        _tile_stored(0, dst, 64);                                                \
+        return (float)dst[0];                                                    \
+    }
+
+AMX_KERNEL(run_amx_bf16_4, "amx-bf16", _tile_dpbf16ps)
+AMX_KERNEL(run_amx_int8_4, "amx-int8", _tile_dpbssd)
+
+/* The kernels above run 4 products per iteration, rate() counts 12 per
+** iteration: these run 3 iterations per count. */
+static float run_amx_bf16(long n) { return run_amx_bf16_4(3 * n); }
+static float run_amx_int8(long n) { return run_amx_int8_4(3 * n); }
+
+/* Palette 1 with tiles 0-7 of 16 rows x 64 bytes, loaded on this thread;
+** 0 if the CPU or the kernel gives no tile state. */
+__attribute__((target("amx-tile"))) static int amx_ready(void)
+{
+    static struct {
+        uint8_t palette, start_row, reserved[14];
+        uint16_t colsb[16];
+        uint8_t rows[16];
+    } cfg __attribute__((aligned(64)));
+    if (!__builtin_cpu_supports("amx-tile")) return 0;
+    /* ARCH_REQ_XCOMP_PERM (0x1023) for XFEATURE_XTILEDATA (18) */
+    if (syscall(SYS_arch_prctl, 0x1023, 18)) return 0;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 8; t++) {
+        cfg.colsb[t] = 64;
+        cfg.rows[t] = 16;
+    }
+    _tile_loadconfig(&cfg);
+    return 1;
+}
 
 /* Best rate (giga-ops/s) of 5 runs of about secs/5 seconds each. */
 static double rate(float (*fn)(long), double ops_per_instr, double secs, float *sink)
@@ -120,6 +179,14 @@ int main(int argc, char **argv)
         printf("vpdpbusd(int8) gops %.1f ratio_to_fma %.2f\n", g, g / fma);
     } else {
         printf("vpdpbusd(int8) absent\n");
+    }
+    if (amx_ready()) {
+        double g = rate(run_amx_bf16, 16384, secs, &sink);
+        printf("tdpbf16ps(amx bf16) gops %.1f ratio_to_fma %.2f\n", g, g / fma);
+        g = rate(run_amx_int8, 32768, secs, &sink);
+        printf("tdpbssd(amx int8) gops %.1f ratio_to_fma %.2f\n", g, g / fma);
+    } else {
+        printf("amx absent\n");
     }
     return sink == 12345.0f; /* keeps the results alive */
 }

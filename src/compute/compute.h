@@ -138,6 +138,18 @@ int cdb_linear_fuses(const cdb_wpack *pk);
 int cdb_linear_ep(const cdb_wpack *pk, int m, int n_out, int n_in, const float *x, float beta,
                   float *y, const float *bias, cdb_act act, cdb_err *e);
 
+/* A transformer's MLP in inference, x (m, d) += QuickGELU(h @ W1^T + b1) @
+** W2^T + b2 with W1 (f, d) and W2 (d, f) packed in one precision that fuses
+** (cdb_linear_fuses), h (m, d): the same values as cdb_linear_ep of the two
+** layers in turn, without the middle (m, f) activation in fp32 between
+** them. bf16: the first product writes its activation as bf16 (rounded as
+** the second product would round it); int8: each row of the first
+** product's accumulators is dequantised, activated and quantised for the
+** second product in one pass. CLIPDB_EINVAL on packs of other shapes or
+** precisions or that do not fuse, CLIPDB_ENOMEM. */
+int cdb_mlp_ep(const cdb_wpack *pk1, const cdb_wpack *pk2, int m, int d, int f, const float *h,
+               const float *b1, const float *b2, float *x, cdb_err *e);
+
 /* ---- bf16 helpers (also for compressed vectors) ---------------------------- */
 
 /* bf16 -> fp32 (exact). */

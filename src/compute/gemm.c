@@ -123,6 +123,14 @@ int cdb_linear_ep(const cdb_wpack *pk, int m, int n_out, int n_in, const float *
     return cdb_onednn_linear(pk, m, n_out, n_in, x, n_in, beta, y, n_out, bias, act, e);
 }
 
+int cdb_mlp_ep(const cdb_wpack *pk1, const cdb_wpack *pk2, int m, int d, int f, const float *h,
+               const float *b1, const float *b2, float *x, cdb_err *e)
+{
+    if (!pk1 || !pk2) return cdb_err_set(e, CLIPDB_EINVAL, "mlp: an epilogue needs packs");
+    if (m <= 0) return CLIPDB_OK;
+    return cdb_onednn_mlp(pk1, pk2, m, d, f, h, b1, b2, x, e);
+}
+
 void cdb_sgemv(int m, int n, float alpha, const float *A, int lda, const float *x,
                float beta, float *y)
 {

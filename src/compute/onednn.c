@@ -67,11 +67,13 @@
 
 /* What a bf16 piece primitive does after the product, as bits: y += (a sum
 ** post-op), + bias (oneDNN's bias argument, f32), QuickGELU (an eltwise swish
-** post-op, x * sigmoid(1.702 x)). */
+** post-op, x * sigmoid(1.702 x)), y written as bf16 instead of f32 (rounded
+** to nearest even, as cdb_f32_to_bf16: the next product's input). */
 #define EPI_SUM 1
 #define EPI_BIAS 2
 #define EPI_GELU 4
-#define EPI_N 8
+#define EPI_BF16 8
+#define EPI_N 16
 
 struct cdb_wpack {
     cdb_prec prec;
@@ -129,7 +131,7 @@ static int dnnl_fail(cdb_err *e, const char *what, dnnl_status_t s)
 ** first touch, in the bf16 conversion, was the largest cost after the GEMM
 ** on texts). Grown as needed, never shared between threads, freed when the
 ** thread exits. */
-enum { SCR_ACT, SCR_PAD, SCR_OUT, SCR_SLOTS };
+enum { SCR_ACT, SCR_PAD, SCR_OUT, SCR_MID, SCR_SLOTS };
 typedef struct thread_scratch {
     void *p[SCR_SLOTS];
     size_t cap[SCR_SLOTS];
@@ -261,7 +263,9 @@ static int make_prim(cdb_wpack *pk, int epi, dnnl_dim_t rows, int first, dnnl_fo
                      dnnl_primitive_t *prim, size_t *scratch, cdb_err *e)
 {
     const dnnl_data_type_t wt = wtype(pk);
-    const dnnl_data_type_t dt = pk->prec == CDB_PREC_INT8 ? dnnl_s32 : dnnl_f32;
+    const dnnl_data_type_t dt = pk->prec == CDB_PREC_INT8 ? dnnl_s32
+                                : epi & EPI_BF16          ? dnnl_bf16
+                                                          : dnnl_f32;
     const dnnl_data_type_t st = pk->prec == CDB_PREC_INT8 ? dnnl_u8 : wt;
     dnnl_memory_desc_t smd, wmd, dmd, bmd;
     dnnl_matmul_desc_t mm;
@@ -704,6 +708,30 @@ int cdb_onednn_linear_fuses(const cdb_wpack *pk)
     return fuse_bf16;
 }
 
+/* An int8 product's activations in this thread's SCR_ACT: q (mp, n_in) u8
+** (64-byte aligned) | acc (mp, n_out) s32 | sx (m) f32, with the rows of m
+** quantised into q and sx (the rows past m of q zero). CLIPDB_ENOMEM. */
+static int int8_acts(const cdb_convert_kernels *kern, const float *x, int m, int n_in, int n_out,
+                     int8_t **q, int32_t **acc, float **sx, cdb_err *e)
+{
+    const size_t mp = padded_rows(m), mk = (size_t)m * (size_t)n_in;
+    size_t qb, ab, bytes;
+    int8_t *qq;
+    float *s;
+    if (!cdb_mul_ok(mp, (size_t)n_in, &qb) || !cdb_add_ok(qb, 63, &qb) ||
+        !cdb_mul_ok(mp, (size_t)n_out * 4, &ab) || !cdb_add_ok(ab, (size_t)m * 4, &bytes) ||
+        !cdb_add_ok(bytes, qb / 64 * 64, &bytes) || !(qq = scratch_get(SCR_ACT, bytes)))
+        return cdb_err_set(e, CLIPDB_ENOMEM, "out of memory (int8 activations)");
+    qb = qb / 64 * 64;
+    *q = qq;
+    *acc = (int32_t *)((char *)qq + qb);
+    *sx = s = (float *)((char *)*acc + ab);
+    ROWS_PAR(m, n_in, kern->quantize_rows(x + lo * n_in, hi - lo, (size_t)n_in, 127.0f, 1,
+                                           qq + lo * n_in, s + lo));
+    memset(qq + mk, 0, mp * (size_t)n_in - mk);
+    return CLIPDB_OK;
+}
+
 int cdb_onednn_linear(const cdb_wpack *pk, int m, int n_out, int n_in, const float *x, int ldx,
                       float beta, float *y, int ldy, const float *bias, cdb_act act, cdb_err *e)
 {
@@ -752,20 +780,10 @@ int cdb_onednn_linear(const cdb_wpack *pk, int m, int n_out, int n_in, const flo
     }
     case CDB_PREC_INT8: {
         /* q (mp, in) u8 | acc (mp, out) s32 | sx (m) f32, in one allocation */
-        size_t qb, ab;
         int8_t *q;
         int32_t *acc;
         float *sx;
-        if (!cdb_mul_ok(mp, (size_t)n_in, &qb) || !cdb_add_ok(qb, 63, &qb) ||
-            !cdb_mul_ok(mp, (size_t)n_out * 4, &ab) || !cdb_add_ok(ab, (size_t)m * 4, &bytes) ||
-            !cdb_add_ok(bytes, qb / 64 * 64, &bytes) || !(q = scratch_get(SCR_ACT, bytes)))
-            return cdb_err_set(e, CLIPDB_ENOMEM, "out of memory (int8 activations)");
-        qb = qb / 64 * 64;
-        acc = (int32_t *)((char *)q + qb);
-        sx = (float *)((char *)acc + ab);
-        ROWS_PAR(m, n_in, kern->quantize_rows(x + lo * n_in, hi - lo, (size_t)n_in, 127.0f, 1,
-                                               q + lo * n_in, sx + lo));
-        memset(q + mk, 0, mp * (size_t)n_in - mk);
+        if ((rc = int8_acts(kern, x, m, n_in, n_out, &q, &acc, &sx, e))) return rc;
         /* q (mp, in) u8 @ Wq^T (in, out) -> acc (mp, out) s32, + comp[j] in every row */
         if ((rc = run_pieces(pk, 0, NULL, m, q, 1, dnnl_u8, acc, 4, dnnl_s32, 1, e))) break;
         /* y (m, out) = act([y +] (acc - comp[j]) * sx[i] * scale[j] [+ bias[j]]) */
@@ -776,6 +794,96 @@ int cdb_onednn_linear(const cdb_wpack *pk, int m, int n_out, int n_in, const flo
     }
     }
     free(buf);
+    return rc;
+}
+
+/* Rows [lo, hi) of cdb_onednn_mlp's int8 middle: the first layer's
+** accumulators acc (rows, f) -> act(dequantised + b1) -> the second layer's
+** codes q (rows, f) u8 and scales sx2, one row at a time through row (f):
+** the kernels of the two separate passes, in their order, so the same bits,
+** but the row is quantised while it is in cache instead of written out as
+** fp32 and read back twice. */
+static void requant_rows(const cdb_convert_kernels *kern, const cdb_wpack *pk1, const int32_t *acc,
+                         const float *sx, const float *b1, size_t lo, size_t hi, size_t f,
+                         float *row, int8_t *q, float *sx2)
+{
+    size_t i;
+    for (i = lo; i < hi; i++) {
+        kern->dequant_rows(acc + i * f, pk1->comp, 1, f, sx + i, pk1->scale, 0, b1, 1, row);
+        kern->quantize_rows(row, 1, f, 127.0f, 1, q + i * f, sx2 + i);
+    }
+}
+
+int cdb_onednn_mlp(const cdb_wpack *pk1, const cdb_wpack *pk2, int m, int d, int f,
+                   const float *h, const float *b1, const float *b2, float *x, cdb_err *e)
+{
+    const cdb_convert_kernels *kern = cdb_convert_best();
+    const size_t mp = padded_rows(m), md = (size_t)m * (size_t)d;
+    size_t bytes, mid;
+    int rc = CLIPDB_OK;
+
+    if (m <= 0) return CLIPDB_OK;
+    if (pk1->prec != pk2->prec || pk1->n_in != d || pk1->n_out != f || pk2->n_in != f ||
+        pk2->n_out != d || !cdb_onednn_linear_fuses(pk1) || !cdb_onednn_linear_fuses(pk2))
+        return cdb_err_set(e, CLIPDB_EINVAL,
+                           "mlp: packs (%d, %d) and (%d, %d) of precisions %d/%d for d %d, f %d",
+                           pk1->n_out, pk1->n_in, pk2->n_out, pk2->n_in, (int)pk1->prec,
+                           (int)pk2->prec, d, f);
+    if (pk1->prec == CDB_PREC_BF16) {
+        uint16_t *hb, *mb;
+        /* hb (mp, d) bf16 | mb (mp, f) bf16, rows past m of hb zero */
+        if (!cdb_mul_ok(mp, (size_t)d * 2, &bytes) || !cdb_mul_ok(mp, (size_t)f * 2, &mid) ||
+            !(hb = scratch_get(SCR_ACT, bytes)) || !(mb = scratch_get(SCR_MID, mid)))
+            return cdb_err_set(e, CLIPDB_ENOMEM, "out of memory (bf16 activations)");
+        ROWS_PAR(m, d, kern->to_bf16(h + lo * d, (hi - lo) * d, hb + lo * d));
+        memset(hb + md, 0, bytes - md * sizeof(uint16_t));
+        /* mb (mp, f) = bf16(gelu(hb W1^T + b1)): its padded rows hold gelu(b1), and
+        ** give only the second product's padded rows, which are dropped */
+        if ((rc = run_pieces(pk1, EPI_BIAS | EPI_GELU | EPI_BF16, b1, m, hb, 2, dnnl_bf16, mb, 2,
+                             dnnl_bf16, 1, e)))
+            return rc;
+        /* x (m, d) += mb W2^T + b2 */
+        return run_pieces(pk2, EPI_SUM | EPI_BIAS, b2, m, mb, 2, dnnl_bf16, x, 4, dnnl_f32, 0, e);
+    }
+    {
+        /* SCR_ACT: q (mp, d) u8 | acc (mp, f) s32, reused for the second
+        ** product's (mp, d) | sx (m) f32; SCR_MID: q2 (mp, f) u8 | sx2 (m) f32 |
+        ** a row of f floats per thread */
+        const int nt = omp_in_parallel() ? 1 : omp_get_max_threads();
+        size_t q2b, rowb;
+        int8_t *q, *q2;
+        int32_t *acc;
+        float *sx, *sx2, *rows;
+        if ((rc = int8_acts(kern, h, m, d, f, &q, &acc, &sx, e))) return rc;
+        if (!cdb_mul_ok(mp, (size_t)f, &q2b) || !cdb_add_ok(q2b, 63, &q2b) ||
+            !cdb_mul_ok((size_t)nt, (size_t)f * 4, &rowb) ||
+            !cdb_add_ok(q2b / 64 * 64, rowb, &mid) || !cdb_add_ok(mid, (size_t)m * 4, &mid) ||
+            !(q2 = scratch_get(SCR_MID, mid)))
+            return cdb_err_set(e, CLIPDB_ENOMEM, "out of memory (int8 activations)");
+        q2b = q2b / 64 * 64;
+        rows = (float *)((char *)q2 + q2b);
+        sx2 = rows + (size_t)nt * f;
+        /* q (mp, d) u8 @ W1q^T -> acc (mp, f) s32 */
+        if ((rc = run_pieces(pk1, 0, NULL, m, q, 1, dnnl_u8, acc, 4, dnnl_s32, 1, e))) return rc;
+        /* acc -> q2 (m, f) u8, sx2 (m): gelu(dequant + b1), quantised */
+#ifdef _OPENMP
+        {
+            int t;
+#pragma omp parallel for num_threads(nt) schedule(static)
+            for (t = 0; t < nt; t++)
+                requant_rows(kern, pk1, acc, sx, b1, (size_t)m * t / nt, (size_t)m * (t + 1) / nt,
+                             (size_t)f, rows + (size_t)t * f, q2, sx2);
+        }
+#else
+        requant_rows(kern, pk1, acc, sx, b1, 0, (size_t)m, (size_t)f, rows, q2, sx2);
+#endif
+        memset(q2 + (size_t)m * f, 0, (mp - (size_t)m) * (size_t)f);
+        /* q2 (mp, f) u8 @ W2q^T -> acc (mp, d) s32 */
+        if ((rc = run_pieces(pk2, 0, NULL, m, q2, 1, dnnl_u8, acc, 4, dnnl_s32, 1, e))) return rc;
+        /* x (m, d) += (acc - comp2[j]) * sx2[i] * scale2[j] + b2[j] */
+        ROWS_PAR(m, d, kern->dequant_rows(acc + lo * d, pk2->comp, hi - lo, (size_t)d, sx2 + lo,
+                                          pk2->scale, 1, b2, 0, x + lo * d));
+    }
     return rc;
 }
 

@@ -27,6 +27,9 @@ int cdb_onednn_wpack_new(cdb_wpack **out, const float *W, cdb_trans tw, int n_ou
 int cdb_onednn_linear(const cdb_wpack *pk, int m, int n_out, int n_in, const float *x, int ldx,
                       float beta, float *y, int ldy, const float *bias, cdb_act act, cdb_err *e);
 int cdb_onednn_linear_fuses(const cdb_wpack *pk);
+/* cdb_mlp_ep (compute.h). */
+int cdb_onednn_mlp(const cdb_wpack *pk1, const cdb_wpack *pk2, int m, int d, int f,
+                   const float *h, const float *b1, const float *b2, float *x, cdb_err *e);
 
 /* cdb_gemm_u8s8s32 and cdb_gemm_bf16 (compute.h). */
 int cdb_onednn_gemm_u8s8s32(int m, int n, int k, const uint8_t *A, const int8_t *B, int32_t *C,

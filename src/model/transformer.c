@@ -723,6 +723,12 @@ int cdb_block_forward_keep(struct cdb_run *r, const cdb_block *b, int d, int f, 
     if (keep) r->h = keep->h2;
     cdb_layernorm(x, b->bo, b->ln2_w, b->ln2_b, r->h, (size_t)rows, (size_t)d);
     if (keep) memcpy(keep->x_mid, x, (size_t)rows * d * sizeof(float));
+    /* inference on packs that fuse: x (rows, d) += mlp(h) in one call, the
+    ** (rows, f) activation never in fp32 (cdb_mlp_ep); else as below */
+    if (fuse_fc1 && fuse_fc2 && !keep) { /* one precision per model open */
+        rc = cdb_mlp_ep(b->pk_fc1, b->pk_fc2, rows, d, f, r->h, b->fc1_b, b->fc2_b, x, e);
+        goto cleanup;
+    }
     /* mlp (rows, f) = h (rows, d) @ W1^T (d, f); mlp = quick_gelu(mlp + b1) */
     if (fuse_fc1 && !keep) {
         rc = cdb_linear_ep(b->pk_fc1, rows, f, d, r->h, 0.0f, r->mlp, b->fc1_b,

@@ -364,6 +364,60 @@ TEST(compute_linear_ep_applies_bias_and_quick_gelu)
     free(W), free(bias);
 }
 
+/* cdb_mlp_ep: the two layers of an MLP in one call give the bits of the
+** two cdb_linear_ep calls (bias + QuickGELU, then bias and beta 1), on bf16
+** and int8 packs, at row counts on both sides of the pieces and of the
+** threaded passes; other pairings are refused. */
+TEST(compute_mlp_ep_equals_two_linear_ep)
+{
+    static const int rows[] = {1, 31, 33, 255, 256, 257, 513};
+    const int d = 64, f = 256;
+    float *W1 = rnd_vec((size_t)f * d), *W2 = rnd_vec((size_t)d * f);
+    float *b1 = rnd_vec(f), *b2 = rnd_vec(d);
+    cdb_err e = {0};
+    for (int prec = CDB_PREC_FP32; prec <= CDB_PREC_INT8; prec++) {
+        cdb_wpack *p1 = NULL, *p2 = NULL;
+        REQUIRE(cdb_wpack_new(&p1, W1, CDB_TRANS, f, d, (cdb_prec)prec, &e) == CLIPDB_OK);
+        REQUIRE(cdb_wpack_new(&p2, W2, CDB_TRANS, d, f, (cdb_prec)prec, &e) == CLIPDB_OK);
+        if (!cdb_linear_fuses(p1)) {
+            float h[64] = {0}, x[64] = {0};
+            CHECK(cdb_mlp_ep(p1, p2, 1, d, f, h, b1, b2, x, &e) == CLIPDB_EINVAL);
+        } else {
+            for (size_t ri = 0; ri < sizeof rows / sizeof *rows; ri++) {
+                const int m = rows[ri];
+                float *h = rnd_vec((size_t)m * d), *x = rnd_vec((size_t)m * d);
+                float *x0 = malloc((size_t)m * d * 4), *mid = malloc((size_t)m * f * 4);
+                memcpy(x0, x, (size_t)m * d * 4);
+                REQUIRE(cdb_linear_ep(p1, m, f, d, h, 0.0f, mid, b1, CDB_ACT_QUICK_GELU, &e) ==
+                        CLIPDB_OK);
+                REQUIRE(cdb_linear_ep(p2, m, d, f, mid, 1.0f, x0, b2, CDB_ACT_NONE, &e) ==
+                        CLIPDB_OK);
+                REQUIRE(cdb_mlp_ep(p1, p2, m, d, f, h, b1, b2, x, &e) == CLIPDB_OK);
+                if (memcmp(x, x0, (size_t)m * d * 4)) {
+                    char msg[96];
+                    snprintf(msg, sizeof msg, "precision %d, %d rows: not the two layers' bits",
+                             prec, m);
+                    test_fail_at(__FILE__, __LINE__, msg);
+                }
+                free(h), free(x), free(x0), free(mid);
+            }
+            /* the packs the other way round, or one of them twice: refused */
+            {
+                float h[64] = {0}, x[64] = {0};
+                CHECK(cdb_mlp_ep(p2, p1, 1, d, f, h, b1, b2, x, &e) == CLIPDB_EINVAL);
+                CHECK(cdb_mlp_ep(p1, p1, 1, d, f, h, b1, b2, x, &e) == CLIPDB_EINVAL);
+            }
+        }
+        cdb_wpack_free(p1);
+        cdb_wpack_free(p2);
+    }
+    {
+        float h[64] = {0}, x[64] = {0};
+        CHECK(cdb_mlp_ep(NULL, NULL, 1, d, f, h, b1, b2, x, &e) == CLIPDB_EINVAL);
+    }
+    free(W1), free(W2), free(b1), free(b2);
+}
+
 TEST(compute_linear_plain_weight_with_strides)
 {
     /* the training path: plain fp32 W, x and y inside wider rows */

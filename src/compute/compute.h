@@ -43,6 +43,16 @@ int cdb_sgemm_bf16(cdb_trans ta, cdb_trans tb, int m, int n, int k, float alpha,
                    int ldc, cdb_err *e);
 /* 1 if cdb_sgemm_bf16 runs on bf16 instructions, 0 if emulated. */
 int cdb_gemm_bf16_native(void);
+/* cdb_sgemm_bf16 with either operand, or both, given already rounded to
+** bf16: Ab (Bb) non-NULL is op(A)'s (op(B)'s) storage as bf16 with row
+** stride lda (ldb), used in place, and A (B) is then not read; else A (B)
+** is fp32 and rounded here, as cdb_sgemm_bf16 rounds it. The same sums as
+** cdb_sgemm_bf16 on the fp32 operands those bf16 values round from. Only
+** where cdb_gemm_bf16_native() (CLIPDB_EINVAL for k <= 0 or a missing
+** operand). */
+int cdb_gemm_bf16_ops(cdb_trans ta, cdb_trans tb, int m, int n, int k, float alpha,
+                      const float *A, const uint16_t *Ab, int lda, const float *B,
+                      const uint16_t *Bb, int ldb, float beta, float *C, int ldc, cdb_err *e);
 
 /* y (m) = alpha * A (m, n) @ x (n) + beta * y; lda: row stride of A. */
 void cdb_sgemv(int m, int n, float alpha, const float *A, int lda, const float *x,

@@ -72,6 +72,14 @@ int cdb_gemm_bf16_native(void)
     return cdb_onednn_bf16_native();
 }
 
+int cdb_gemm_bf16_ops(cdb_trans ta, cdb_trans tb, int m, int n, int k, float alpha,
+                      const float *A, const uint16_t *Ab, int lda, const float *B,
+                      const uint16_t *Bb, int ldb, float beta, float *C, int ldc, cdb_err *e)
+{
+    return cdb_onednn_gemm_bf16_ops(ta, tb, m, n, k, alpha, A, Ab, lda, B, Bb, ldb, beta, C, ldc,
+                                    e);
+}
+
 int cdb_compute_serial_enter(void)
 {
     return cdb_onednn_serial_enter();

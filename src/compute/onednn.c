@@ -916,7 +916,7 @@ int cdb_onednn_mlp(const cdb_wpack *pk1, const cdb_wpack *pk2, int m, int d, int
 enum { MM_BF16, MM_U8S8 }; /* bf16 x bf16 -> f32; u8 x s8 -> s32 */
 
 typedef struct bf16_key {
-    int ta, tb, m, n, k, ldc;
+    int ta, tb, m, n, k, lda, ldb, ldc;
     float alpha, beta;
     int threads; /* the caller's OpenMP team size: a primitive is made for one */
     int types;   /* MM_* */
@@ -955,15 +955,15 @@ static void round_bf16(const float *src, int rows, int cols, int ld, float *dst)
     }
 }
 
-/* md of the (rows, cols) operand op(X), stored dense as (rows, cols) or,
-** transposed, as (cols, rows). */
-static dnnl_status_t md_op(dnnl_memory_desc_t *md, int rows, int cols, int trans,
+/* md of the (rows, cols) operand op(X), stored as (rows, cols) or,
+** transposed, as (cols, rows), with row stride ld. */
+static dnnl_status_t md_op(dnnl_memory_desc_t *md, int rows, int cols, int trans, int ld,
                            dnnl_data_type_t dt)
 {
     dnnl_dims_t dims = {0}, strides = {0};
     dims[0] = rows, dims[1] = cols;
-    strides[0] = trans ? 1 : cols;
-    strides[1] = trans ? rows : 1;
+    strides[0] = trans ? 1 : ld;
+    strides[1] = trans ? ld : 1;
     return dnnl_memory_desc_init_by_strides(md, 2, dims, dt, strides);
 }
 
@@ -982,8 +982,8 @@ static int bf16_make(const bf16_key *k, bf16_prim *out)
 
     ddims[0] = k->m, ddims[1] = k->n;
     dstr[0] = k->ldc, dstr[1] = 1;
-    if (md_op(&smd, k->m, k->k, k->ta, u8 ? dnnl_u8 : dnnl_bf16) ||
-        md_op(&wmd, k->k, k->n, k->tb, u8 ? dnnl_s8 : dnnl_bf16) ||
+    if (md_op(&smd, k->m, k->k, k->ta, k->lda, u8 ? dnnl_u8 : dnnl_bf16) ||
+        md_op(&wmd, k->k, k->n, k->tb, k->ldb, u8 ? dnnl_s8 : dnnl_bf16) ||
         dnnl_memory_desc_init_by_strides(&dmd, 2, ddims, u8 ? dnnl_s32 : dnnl_f32, dstr) ||
         dnnl_matmul_desc_init(&mm, &smd, &wmd, NULL, &dmd) || dnnl_primitive_attr_create(&attr))
         goto cleanup;
@@ -1082,14 +1082,16 @@ cleanup:
     return rc;
 }
 
-/* C (m, n) = alpha * op(a) op(b) + beta * C on bf16 operands stored dense
-** (a: (m, k), or (k, m) when ta; b: (k, n), or (n, k) when tb), through the
-** cached primitive of the shape. CLIPDB_ENOTFOUND (message in e) where
-** oneDNN has no bf16 matmul. */
+/* C (m, n) = alpha * op(a) op(b) + beta * C on bf16 operands (a: (m, k),
+** or (k, m) when ta, row stride lda; b: (k, n), or (n, k) when tb, row
+** stride ldb), through the cached primitive of the shape.
+** CLIPDB_ENOTFOUND (message in e) where oneDNN has no bf16 matmul. */
 static int bf16_matmul(int ta, int tb, int m, int n, int k, float alpha, const uint16_t *a,
-                       const uint16_t *b, float beta, float *C, int ldc, cdb_err *e)
+                       int lda, const uint16_t *b, int ldb, float beta, float *C, int ldc,
+                       cdb_err *e)
 {
-    const bf16_key key = {ta, tb, m, n, k, ldc, alpha, beta, omp_get_max_threads(), MM_BF16};
+    const bf16_key key = {ta, tb, m, n, k, lda, ldb, ldc, alpha, beta, omp_get_max_threads(),
+                          MM_BF16};
     bf16_prim p;
     int rc, owned = 0;
     if ((rc = get_engine(e))) return rc;
@@ -1108,7 +1110,7 @@ int cdb_onednn_gemm_bf16(int m, int n, int k, const uint16_t *A, const uint16_t 
                          cdb_err *e)
 {
     /* A (m, k) as stored; B stored (n, k): op(B) = B^T, transposed */
-    return bf16_matmul(0, 1, m, n, k, 1.0f, A, B, 0.0f, C, n, e);
+    return bf16_matmul(0, 1, m, n, k, 1.0f, A, k, B, k, 0.0f, C, n, e);
 }
 
 /* u8 x s8 -> s32 through the cached matmul primitive of the shape, which
@@ -1122,7 +1124,7 @@ int cdb_onednn_gemm_u8s8s32(int m, int n, int k, const uint8_t *A, const int8_t 
                             cdb_err *e)
 {
     /* A (m, k) as stored; B stored (n, k): op(B) = B^T, transposed */
-    const bf16_key key = {0, 1, m, n, k, n, 1.0f, 0.0f, omp_get_max_threads(), MM_U8S8};
+    const bf16_key key = {0, 1, m, n, k, k, k, n, 1.0f, 0.0f, omp_get_max_threads(), MM_U8S8};
     const int32_t zero = 0;
     bf16_prim p;
     dnnl_status_t s;
@@ -1203,7 +1205,6 @@ int cdb_onednn_sgemm_bf16(cdb_trans ta, cdb_trans tb, int m, int n, int k, float
     const int ar = ta ? k : m, ac = ta ? m : k, br = tb ? n : k, bc = tb ? k : n;
     const size_t na = (size_t)m * k, nb = (size_t)k * n;
     void *buf = NULL;
-    size_t cap = 0;
     int rc;
 
     if (m <= 0 || n <= 0) return CLIPDB_OK;
@@ -1224,14 +1225,41 @@ int cdb_onednn_sgemm_bf16(cdb_trans ta, cdb_trans tb, int m, int n, int k, float
         free(buf);
         return CLIPDB_OK;
     }
-    if (na + nb < na || na + nb > SIZE_MAX / sizeof(uint16_t) ||
-        !(buf = opbuf_take((na + nb) * sizeof(uint16_t), &cap)))
+    return cdb_onednn_gemm_bf16_ops(ta, tb, m, n, k, alpha, A, NULL, lda, B, NULL, ldb, beta, C,
+                                    ldc, e);
+}
+
+int cdb_onednn_gemm_bf16_ops(cdb_trans ta, cdb_trans tb, int m, int n, int k, float alpha,
+                             const float *A, const uint16_t *Ab, int lda, const float *B,
+                             const uint16_t *Bb, int ldb, float beta, float *C, int ldc,
+                             cdb_err *e)
+{
+    /* stored shapes: A (m, k) or, transposed, (k, m); B (k, n) or (n, k) */
+    const int ar = ta ? k : m, ac = ta ? m : k, br = tb ? n : k, bc = tb ? k : n;
+    const size_t na = Ab ? 0 : (size_t)m * k, nb = Bb ? 0 : (size_t)k * n;
+    void *buf = NULL;
+    size_t cap = 0;
+    int rc;
+
+    if (m <= 0 || n <= 0) return CLIPDB_OK;
+    if (k <= 0 || !(Ab || A) || !(Bb || B))
+        return cdb_err_set(e, CLIPDB_EINVAL, "bf16 gemm: k %d or an operand missing", k);
+    if ((rc = get_engine(e))) return rc;
+    if (na + nb > 0 && (na + nb < na || na + nb > SIZE_MAX / sizeof(uint16_t) ||
+                        !(buf = opbuf_take((na + nb) * sizeof(uint16_t), &cap))))
         return cdb_err_set(e, CLIPDB_ENOMEM, "out of memory (bf16 operands)");
-    to_bf16(A, ar, ac, lda, buf);
-    to_bf16(B, br, bc, ldb, (uint16_t *)buf + na);
-    rc = bf16_matmul(ta == CDB_TRANS, tb == CDB_TRANS, m, n, k, alpha, buf, (uint16_t *)buf + na,
-                     beta, C, ldc, e);
-    opbuf_give(buf, cap);
+    /* the fp32 operands rounded into dense copies; bf16 ones used in place */
+    if (!Ab) {
+        to_bf16(A, ar, ac, lda, buf);
+        Ab = buf, lda = ac;
+    }
+    if (!Bb) {
+        to_bf16(B, br, bc, ldb, (uint16_t *)buf + na);
+        Bb = (uint16_t *)buf + na, ldb = bc;
+    }
+    rc = bf16_matmul(ta == CDB_TRANS, tb == CDB_TRANS, m, n, k, alpha, Ab, lda, Bb, ldb, beta, C,
+                     ldc, e);
+    if (buf) opbuf_give(buf, cap);
     return rc;
 }
 
@@ -1239,7 +1267,7 @@ int cdb_onednn_bf16_native(void)
 {
     bf16_prim p;
     int owned = 0;
-    const bf16_key key = {0, 0, 1, 1, 1, 1, 1.0f, 0.0f, omp_get_max_threads(), MM_BF16};
+    const bf16_key key = {0, 0, 1, 1, 1, 1, 1, 1, 1.0f, 0.0f, omp_get_max_threads(), MM_BF16};
     cdb_err e;
     cdb_err_clear(&e);
     if (get_engine(&e) || bf16_get(&key, &p, &owned)) return 0;

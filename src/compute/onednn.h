@@ -37,6 +37,11 @@ int cdb_onednn_gemm_u8s8s32(int m, int n, int k, const uint8_t *A, const int8_t 
 int cdb_onednn_gemm_bf16(int m, int n, int k, const uint16_t *A, const uint16_t *B, float *C,
                          cdb_err *e);
 
+/* cdb_gemm_bf16_ops (compute.h). */
+int cdb_onednn_gemm_bf16_ops(cdb_trans ta, cdb_trans tb, int m, int n, int k, float alpha,
+                             const float *A, const uint16_t *Ab, int lda, const float *B,
+                             const uint16_t *Bb, int ldb, float beta, float *C, int ldc,
+                             cdb_err *e);
 /* cdb_sgemm_bf16 (compute.h); 1 if bf16 runs natively (not emulated). */
 int cdb_onednn_sgemm_bf16(cdb_trans ta, cdb_trans tb, int m, int n, int k, float alpha,
                           const float *A, int lda, const float *B, int ldb, float beta, float *C,

@@ -24,6 +24,7 @@
 #include <string.h>
 
 #include "compute/compute.h"
+#include "compute/convert.h"
 #include "model/model.h"
 #include "model/transformer.h"
 
@@ -102,36 +103,46 @@ static void valid_cols(int W, int Wo, int pad, int kx, int stride, int *lo, int 
     if (*hi < *lo) *hi = *lo;
 }
 
-/* cols (cin*k*k, nb*Ho*Wo) of x (cin, nb, H, W), zero outside the image.
-** Each output row is zeros, a run of the input row (a copy at stride 1),
-** zeros: no test per element. */
+/* cols (cin*k*k, nb*Ho*Wo) of x (cin, nb, H, W), zero outside the image,
+** as fp32 (cols) or, when cols16 != NULL, rounded to bf16 as the bf16 GEMM
+** would round it (cols16; cols unused): the GEMM then reads half the bytes
+** and no copy is converted. Each output row is zeros, a run of the input
+** row (a copy, or a conversion, at stride 1), zeros: no test per element. */
 static void im2col_cnhw(const float *x, int cin, int nb, int H, int W, int k, int stride,
-                        float *cols)
+                        float *cols, uint16_t *cols16)
 {
     const int pad = k / 2, Ho = conv_out(H, k, stride), Wo = conv_out(W, k, stride);
     const size_t plane = (size_t)H * W, row = (size_t)nb * Ho * Wo;
+    const size_t esz = cols16 ? sizeof *cols16 : sizeof *cols;
+    void (*const to_bf16)(const float *, size_t, uint16_t *) = cdb_convert_best()->to_bf16;
     int r;
     RN_PAR_FOR
     for (r = 0; r < cin * k * k; r++) {
         const int c = r / (k * k), ky = r / k % k, kx = r % k;
-        float *dst = cols + (size_t)r * row;
+        char *dst = cols16 ? (char *)(cols16 + (size_t)r * row) : (char *)(cols + (size_t)r * row);
         int n, oy, ox, lo, hi;
         valid_cols(W, Wo, pad, kx, stride, &lo, &hi);
         for (n = 0; n < nb; n++) {
             const float *src = x + ((size_t)c * nb + n) * plane;
-            for (oy = 0; oy < Ho; oy++, dst += Wo) {
+            for (oy = 0; oy < Ho; oy++, dst += (size_t)Wo * esz) {
                 const int iy = oy * stride - pad + ky;
                 const ptrdiff_t off = (ptrdiff_t)iy * W - pad + kx; /* + ox * stride */
                 if (iy < 0 || iy >= H) {
-                    memset(dst, 0, (size_t)Wo * sizeof *dst);
+                    memset(dst, 0, (size_t)Wo * esz);
                     continue;
                 }
-                if (lo > 0) memset(dst, 0, (size_t)lo * sizeof *dst);
-                if (stride == 1)
-                    memcpy(dst + lo, src + off + lo, (size_t)(hi - lo) * sizeof *dst);
+                if (lo > 0) memset(dst, 0, (size_t)lo * esz);
+                if (cols16 && stride == 1)
+                    to_bf16(src + off + lo, (size_t)(hi - lo), (uint16_t *)dst + lo);
+                else if (cols16)
+                    for (ox = lo; ox < hi; ox++)
+                        ((uint16_t *)dst)[ox] = cdb_f32_to_bf16(src[off + (ptrdiff_t)ox * stride]);
+                else if (stride == 1)
+                    memcpy((float *)dst + lo, src + off + lo, (size_t)(hi - lo) * esz);
                 else
-                    for (ox = lo; ox < hi; ox++) dst[ox] = src[off + (ptrdiff_t)ox * stride];
-                if (hi < Wo) memset(dst + hi, 0, (size_t)(Wo - hi) * sizeof *dst);
+                    for (ox = lo; ox < hi; ox++)
+                        ((float *)dst)[ox] = src[off + (ptrdiff_t)ox * stride];
+                if (hi < Wo) memset(dst + (size_t)hi * esz, 0, (size_t)(Wo - hi) * esz);
             }
         }
     }
@@ -181,6 +192,25 @@ static int gemm(cdb_prec prec, cdb_trans ta, cdb_trans tb, int m, int n, int k, 
     return CLIPDB_OK;
 }
 
+/* gemm with B given as fp32 (B), or as bf16 already (B16 != NULL, bf16
+** only: cdb_gemm_bf16_ops), with row stride ldb. */
+static int gemm_b(cdb_prec prec, cdb_trans ta, cdb_trans tb, int m, int n, int k, const float *A,
+                  int lda, const float *B, const uint16_t *B16, int ldb, float beta, float *C,
+                  int ldc, cdb_err *e)
+{
+    if (B16)
+        return cdb_gemm_bf16_ops(ta, tb, m, n, k, 1.0f, A, NULL, lda, NULL, B16, ldb, beta, C,
+                                 ldc, e);
+    return gemm(prec, ta, tb, m, n, k, A, lda, B, ldb, beta, C, ldc, e);
+}
+
+/* Whether the im2col of this training is written as bf16 (rn_mode's prec
+** bf16 on bf16 instructions; emulated bf16 keeps fp32 columns). */
+static int cols_bf16(cdb_prec prec)
+{
+    return prec == CDB_PREC_BF16 && cdb_gemm_bf16_native();
+}
+
 /* Chunks of the long dimension (N = images x pixels) that the skinny GEMMs
 ** of the tower are split into, each a single-threaded GEMM on its own core:
 ** the library's own split of C (m, N) = A (m, k) @ B (k, N) with m and k in
@@ -190,14 +220,16 @@ static int gemm(cdb_prec prec, cdb_trans ta, cdb_trans tb, int m, int n, int k, 
 #define RN_SPLIT 4
 #define RN_SPLIT_MIN 4096 /* columns per chunk at least, else one GEMM */
 
-/* C (m, N) = op(A) (m, k) @ B (k, N) + beta C, N split into column chunks. */
+/* C (m, N) = op(A) (m, k) @ B (k, N) + beta C, N split into column chunks;
+** B as fp32, or as bf16 when B16 != NULL (bf16 only). */
 static int gemm_cols(cdb_prec prec, cdb_trans ta, int m, int N, int k, const float *A, int lda,
-                     const float *B, int ldb, float beta, float *C, int ldc, cdb_err *e)
+                     const float *B, const uint16_t *B16, int ldb, float beta, float *C, int ldc,
+                     cdb_err *e)
 {
     const int per = (N + RN_SPLIT - 1) / RN_SPLIT;
     int j, rc = CLIPDB_OK;
     if (N < RN_SPLIT * RN_SPLIT_MIN)
-        return gemm(prec, ta, CDB_NO_TRANS, m, N, k, A, lda, B, ldb, beta, C, ldc, e);
+        return gemm_b(prec, ta, CDB_NO_TRANS, m, N, k, A, lda, B, B16, ldb, beta, C, ldc, e);
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) reduction(| : rc)
 #endif
@@ -205,8 +237,8 @@ static int gemm_cols(cdb_prec prec, cdb_trans ta, int m, int N, int k, const flo
         const int n0 = j * per, n = N - n0 < per ? N - n0 : per;
         const int saved = cdb_compute_serial_enter();
         cdb_err ej = {0};
-        if (n > 0 && gemm(prec, ta, CDB_NO_TRANS, m, n, k, A, lda, B + n0, ldb, beta, C + n0, ldc,
-                          &ej))
+        if (n > 0 && gemm_b(prec, ta, CDB_NO_TRANS, m, n, k, A, lda, B ? B + n0 : NULL,
+                            B16 ? B16 + n0 : NULL, ldb, beta, C + n0, ldc, &ej))
             rc |= 1;
         cdb_compute_serial_leave(saved);
     }
@@ -217,16 +249,17 @@ static int gemm_cols(cdb_prec prec, cdb_trans ta, int m, int N, int k, const flo
 
 /* G (m, k) += A (m, N) @ B (k, N)^T (a weight's gradient: the sum runs over
 ** N), the sum split into RN_SPLIT chunks (each into its own (m, k) of
-** scratch), added up in order. scratch: RN_SPLIT * m * k floats. */
+** scratch), added up in order. scratch: RN_SPLIT * m * k floats. B as
+** fp32, or as bf16 when B16 != NULL (bf16 only). */
 static int gemm_wgrad(cdb_prec prec, int m, int k, int N, const float *A, const float *B,
-                      float *G, float *scratch, cdb_err *e)
+                      const uint16_t *B16, float *G, float *scratch, cdb_err *e)
 {
     const int per = (N + RN_SPLIT - 1) / RN_SPLIT;
     const size_t mk = (size_t)m * k;
     int j, rc = CLIPDB_OK;
     size_t i;
     if (N < RN_SPLIT * RN_SPLIT_MIN || !scratch)
-        return gemm(prec, CDB_NO_TRANS, CDB_TRANS, m, k, N, A, N, B, N, 1.0f, G, k, e);
+        return gemm_b(prec, CDB_NO_TRANS, CDB_TRANS, m, k, N, A, N, B, B16, N, 1.0f, G, k, e);
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) reduction(| : rc)
 #endif
@@ -236,8 +269,8 @@ static int gemm_wgrad(cdb_prec prec, int m, int k, int N, const float *A, const 
         cdb_err ej = {0};
         if (n <= 0)
             memset(scratch + j * mk, 0, mk * sizeof *scratch);
-        else if (gemm(prec, CDB_NO_TRANS, CDB_TRANS, m, k, n, A + n0, N, B + n0, N, 0.0f,
-                      scratch + j * mk, k, &ej))
+        else if (gemm_b(prec, CDB_NO_TRANS, CDB_TRANS, m, k, n, A + n0, N, B ? B + n0 : NULL,
+                        B16 ? B16 + n0 : NULL, N, 0.0f, scratch + j * mk, k, &ej))
             rc |= 1;
         cdb_compute_serial_leave(saved);
     }
@@ -302,15 +335,19 @@ static int conv_bn(const rn_mode *md, const cdb_conv *cv, const float *x, int nb
     const int K = cv->cin * cv->k * cv->k;
     const size_t N = (size_t)nb * Ho * Wo;
     float *z = bn ? bn->xhat : y;
+    const cdb_prec prec = md ? md->prec : CDB_PREC_FP32;
     const float *B = x;
+    const uint16_t *B16 = NULL;
     int c, rc;
-    if (cv->k != 1 || stride != 1) {
-        im2col_cnhw(x, cv->cin, nb, H, W, cv->k, stride, cols);
-        B = cols;
+    if (cv->k != 1 || stride != 1) { /* the columns in cols' memory, as bf16 or fp32 */
+        uint16_t *c16 = cols_bf16(prec) ? (uint16_t *)cols : NULL;
+        im2col_cnhw(x, cv->cin, nb, H, W, cv->k, stride, cols, c16);
+        B = c16 ? NULL : cols;
+        B16 = c16;
     }
     /* z (cout, N) = W (cout, K) @ B (K, N) */
-    if ((rc = gemm_cols(md ? md->prec : CDB_PREC_FP32, CDB_NO_TRANS, cv->cout, (int)N, K, cv->w,
-                        K, B, (int)N, 0.0f, z, (int)N, e)))
+    if ((rc = gemm_cols(prec, CDB_NO_TRANS, cv->cout, (int)N, K, cv->w, K, B, B16, (int)N, 0.0f,
+                        z, (int)N, e)))
         return rc;
     RN_PAR_FOR
     for (c = 0; c < cv->cout; c++) {
@@ -402,20 +439,23 @@ static int conv_bn_backward(const rn_mode *md, const cdb_conv *cv, const cdb_con
     if (!gw && !dx) return CLIPDB_OK;
     if (gw) { /* dW (cout, K) += dz (cout, N) @ cols (K, N)^T */
         const float *B = x;
-        if (!direct) {
-            im2col_cnhw(x, cv->cin, nb, H, W, cv->k, stride, cols);
-            B = cols;
+        const uint16_t *B16 = NULL;
+        if (!direct) { /* as conv_bn's; cols is then free again for dcols below */
+            uint16_t *c16 = cols_bf16(md->prec) ? (uint16_t *)cols : NULL;
+            im2col_cnhw(x, cv->cin, nb, H, W, cv->k, stride, cols, c16);
+            B = c16 ? NULL : cols;
+            B16 = c16;
         }
-        if ((rc = gemm_wgrad(md->prec, cv->cout, K, (int)N, dy, B, gw, md->wscratch, e)))
+        if ((rc = gemm_wgrad(md->prec, cv->cout, K, (int)N, dy, B, B16, gw, md->wscratch, e)))
             return rc;
     }
     if (!dx) return CLIPDB_OK;
     if (direct) /* dx (cin, N) (+)= W^T (cin, cout) @ dz (cout, N) */
-        return gemm_cols(md->prec, CDB_TRANS, K, (int)N, cv->cout, cv->w, K, dy, (int)N, beta, dx,
-                         (int)N, e);
+        return gemm_cols(md->prec, CDB_TRANS, K, (int)N, cv->cout, cv->w, K, dy, NULL, (int)N, beta,
+                         dx, (int)N, e);
     /* dcols (K, N) = W^T @ dz, then scattered back */
-    if ((rc = gemm_cols(md->prec, CDB_TRANS, K, (int)N, cv->cout, cv->w, K, dy, (int)N, 0.0f, cols,
-                        (int)N, e)))
+    if ((rc = gemm_cols(md->prec, CDB_TRANS, K, (int)N, cv->cout, cv->w, K, dy, NULL, (int)N, 0.0f,
+                        cols, (int)N, e)))
         return rc;
     if (beta == 0.0f) memset(dx, 0, (size_t)cv->cin * nb * H * W * sizeof *dx);
     col2im_cnhw(cols, cv->cin, nb, H, W, cv->k, stride, dx);

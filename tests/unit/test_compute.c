@@ -589,6 +589,71 @@ TEST(compute_sgemm_bf16_matches_rounded_reference_all_transposes)
     CHECK(worst_fp32 > 1e-4);
 }
 
+/* cdb_gemm_bf16_ops: either operand given as bf16 already, in strided
+** storage (a column window of a wider matrix, as the ResNet's im2col
+** chunks), against the same rounded-operand reference as cdb_sgemm_bf16
+** and against cdb_sgemm_bf16 on the fp32 values the bf16 ones round from;
+** every transpose, sizes on both sides of the vector widths. Where bf16 is
+** emulated the call is not made (it is only for native bf16). */
+TEST(compute_gemm_bf16_ops_strided_bf16_operands)
+{
+    if (!cdb_gemm_bf16_native()) SKIP("bf16 is emulated on this ISA");
+    for (int si = 0; si < NSIZES; si += 2)
+        for (int sj = 1; sj < NSIZES; sj += 2)
+            for (int sk = 0; sk < NSIZES; sk += 3)
+                for (int t = 0; t < 8; t++) {
+                    const int m = sizes[si], n = sizes[sj], k = sizes[sk];
+                    const cdb_trans ta = t & 1 ? CDB_TRANS : CDB_NO_TRANS;
+                    const cdb_trans tb = t & 2 ? CDB_TRANS : CDB_NO_TRANS;
+                    const int a16 = t & 4, b16 = !(t & 4) || (t & 1);
+                    const int ar = ta ? k : m, ac = ta ? m : k, br = tb ? n : k, bc = tb ? k : n;
+                    const int lda = ac + 5, ldb = bc + 7, ldc = n + 1;
+                    float *A = rnd_vec((size_t)ar * lda), *B = rnd_vec((size_t)br * ldb);
+                    float *C = rnd_vec((size_t)m * ldc), *C0 = malloc((size_t)m * ldc * 4);
+                    float *C1 = malloc((size_t)m * ldc * 4);
+                    uint16_t *Ah = malloc((size_t)ar * lda * 2), *Bh = malloc((size_t)br * ldb * 2);
+                    const float beta = (si + sk) % 2 ? 1.0f : 0.0f;
+                    cdb_err e;
+                    cdb_err_clear(&e);
+                    for (size_t i = 0; i < (size_t)ar * lda; i++) Ah[i] = cdb_f32_to_bf16(A[i]);
+                    for (size_t i = 0; i < (size_t)br * ldb; i++) Bh[i] = cdb_f32_to_bf16(B[i]);
+                    memcpy(C0, C, (size_t)m * ldc * 4);
+                    memcpy(C1, C, (size_t)m * ldc * 4);
+                    REQUIRE(cdb_gemm_bf16_ops(ta, tb, m, n, k, 1.0f, a16 ? NULL : A,
+                                              a16 ? Ah : NULL, lda, b16 ? NULL : B,
+                                              b16 ? Bh : NULL, ldb, beta, C, ldc,
+                                              &e) == CLIPDB_OK);
+                    REQUIRE(cdb_sgemm_bf16(ta, tb, m, n, k, 1.0f, A, lda, B, ldb, beta, C1, ldc,
+                                           &e) == CLIPDB_OK);
+                    for (int i = 0; i < m; i++)
+                        for (int j = 0; j < n; j++) {
+                            double s = 0, mag = 0;
+                            for (int p = 0; p < k; p++) {
+                                const size_t ia = ta ? (size_t)p * lda + i : (size_t)i * lda + p;
+                                const size_t ib = tb ? (size_t)j * ldb + p : (size_t)p * ldb + j;
+                                const double x = (double)cdb_bf16_to_f32(Ah[ia]) *
+                                                 cdb_bf16_to_f32(Bh[ib]);
+                                s += x;
+                                mag += fabs(x);
+                            }
+                            const double want = s + beta * C0[(size_t)i * ldc + j];
+                            CHECK_NEAR(C[(size_t)i * ldc + j], want, 1e-5 * (mag + 1));
+                            CHECK_NEAR(C[(size_t)i * ldc + j], C1[(size_t)i * ldc + j],
+                                       1e-5 * (mag + 1));
+                        }
+                    free(A), free(B), free(C), free(C0), free(C1), free(Ah), free(Bh);
+                }
+    {   /* refusals: no operand, k 0 */
+        float x[4] = {0}, c[4] = {0};
+        cdb_err e;
+        cdb_err_clear(&e);
+        CHECK(cdb_gemm_bf16_ops(CDB_NO_TRANS, CDB_NO_TRANS, 2, 2, 2, 1.0f, NULL, NULL, 2, x, NULL,
+                                2, 0.0f, c, 2, &e) == CLIPDB_EINVAL);
+        CHECK(cdb_gemm_bf16_ops(CDB_NO_TRANS, CDB_NO_TRANS, 2, 2, 0, 1.0f, x, NULL, 2, x, NULL,
+                                2, 0.0f, c, 2, &e) == CLIPDB_EINVAL);
+    }
+}
+
 typedef struct bf16_job {
     const float *A, *B;
     float *C;

@@ -675,9 +675,10 @@ static int run_pieces(const cdb_wpack *cpk, int epi, const float *bias, int m, c
     } while (0)
 #endif
 
-/* Whether bf16 matmuls take a bias and a swish post-op on this CPU (asked
-** once, on a small primitive: oneDNN 2.6 builds them for every ISA with a
-** bf16 matmul, but a build that lacks one makes fusion off, not an error). */
+/* Whether bf16 matmuls take a bias and a swish post-op, and write a bf16
+** output, on this CPU (asked once, on a small primitive: oneDNN 2.6 builds
+** them for every ISA with a bf16 matmul, but a build that lacks one makes
+** fusion off, not an error). */
 static pthread_once_t fuse_once = PTHREAD_ONCE_INIT;
 static int fuse_bf16;
 
@@ -696,6 +697,11 @@ static void fuse_probe(void)
         prim = NULL;
         fuse_bf16 = fuse_bf16 && make_prim(&probe, EPI_BIAS | EPI_SUM, PIECE_STEP, 0, dnnl_ba,
                                            &prim, &scratch, &e) == CLIPDB_OK;
+        dnnl_primitive_destroy(prim);
+        prim = NULL;
+        /* cdb_onednn_mlp's first product: its output as bf16 */
+        fuse_bf16 = fuse_bf16 && make_prim(&probe, EPI_BIAS | EPI_GELU | EPI_BF16, PIECE_STEP, 0,
+                                           dnnl_ba, &prim, &scratch, &e) == CLIPDB_OK;
         dnnl_primitive_destroy(prim);
     }
 }

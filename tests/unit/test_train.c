@@ -448,27 +448,42 @@ TEST(train_sync_reaches_the_encoders)
 ** another order (the old rule, a relative error over the 1e-4 floor, gave
 ** that 0.179 against a tolerance of 0.08); every live tensor 0.023 or less
 ** on both. */
+/* An fp32 and a bf16 trainer on m, each holding the gradient of the batch b
+** (8 pairs, drawn from a copy of the random state); *l32, *l16 their losses.
+** 0, or -1 (a failure is recorded) if a trainer could not be made. */
+static int fp32_bf16_grads(clipdb_model *m, batch *b, cdb_trainer **t32, cdb_trainer **t16,
+                           double *l32, double *l16)
+{
+    cdb_train_opts o;
+    cdb_err e = {0};
+    const uint64_t rs0 = rs;
+    make_batch(b, m, 8);
+    rs = rs0;
+    cdb_train_opts_init(&o);
+    if (cdb_trainer_new(t32, m, &o, &e) != CLIPDB_OK) goto fail;
+    o.gemm = CDB_PREC_BF16;
+    if (cdb_trainer_new(t16, m, &o, &e) != CLIPDB_OK) goto fail;
+    *l32 = loss_at(*t32, b);
+    *l16 = loss_at(*t16, b);
+    return 0;
+fail:
+    test_fail_at(__FILE__, __LINE__, e.msg);
+    return -1;
+}
+
 static void grads_bf16_vs_fp32(const char *dir, double tol)
 {
     clipdb_model *m;
     cdb_trainer *t32 = NULL, *t16 = NULL;
-    cdb_train_opts o;
     cdb_train_state s32, s16;
-    cdb_err e = {0};
     batch b;
-    double worst = 0.0, least = 1.0, all = 0.0;
-    const uint64_t rs0 = rs;
+    double worst = 0.0, least = 1.0, all = 0.0, l32, l16;
     size_t j;
     int i, n_zero = 0;
     if (!dir) SKIP("python3 absent: no generated model");
     m = load(dir);
-    make_batch(&b, m, 8);
-    rs = rs0;
-    cdb_train_opts_init(&o);
-    REQUIRE(cdb_trainer_new(&t32, m, &o, &e) == CLIPDB_OK);
-    o.gemm = CDB_PREC_BF16;
-    REQUIRE(cdb_trainer_new(&t16, m, &o, &e) == CLIPDB_OK);
-    REQUIRE(!isnan(loss_at(t32, &b)) && !isnan(loss_at(t16, &b)));
+    REQUIRE(fp32_bf16_grads(m, &b, &t32, &t16, &l32, &l16) == 0);
+    REQUIRE(!isnan(l32) && !isnan(l16));
     cdb_trainer_state(t32, &s32);
     cdb_trainer_state(t16, &s16);
     for (j = 0; j < s32.numel; j++) all += (double)s32.grads[j] * s32.grads[j];
@@ -539,23 +554,13 @@ TEST(train_bf16_resnet_loss_and_gradient_follow_fp32)
     const char *dir = gen("fd-rn", "--size rn-tiny --keys openai");
     clipdb_model *m;
     cdb_trainer *t32 = NULL, *t16 = NULL;
-    cdb_train_opts o;
     cdb_train_state s32, s16;
-    cdb_err e = {0};
     batch b;
     double l32, l16, dot = 0.0, n32 = 0.0, n16 = 0.0, cosv;
-    const uint64_t rs0 = rs;
     size_t j;
     if (!dir) SKIP("python3 absent: no generated model");
     m = load(dir);
-    make_batch(&b, m, 8);
-    rs = rs0;
-    cdb_train_opts_init(&o);
-    REQUIRE(cdb_trainer_new(&t32, m, &o, &e) == CLIPDB_OK);
-    o.gemm = CDB_PREC_BF16;
-    REQUIRE(cdb_trainer_new(&t16, m, &o, &e) == CLIPDB_OK);
-    l32 = loss_at(t32, &b);
-    l16 = loss_at(t16, &b);
+    REQUIRE(fp32_bf16_grads(m, &b, &t32, &t16, &l32, &l16) == 0);
     cdb_trainer_state(t32, &s32);
     cdb_trainer_state(t16, &s16);
     for (j = 0; j < s32.numel; j++) {

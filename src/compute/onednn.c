@@ -893,25 +893,23 @@ int cdb_onednn_mlp(const cdb_wpack *pk1, const cdb_wpack *pk2, int m, int d, int
     return rc;
 }
 
-/* ---- plain-layout products for compressed vectors (compute.h) ------------------ */
-
-/* cdb_onednn_gemm_u8s8s32 is defined below the matmul cache it uses. */
-
-/* ---- bf16 matmul on plain operands (training, batched search) ----------------- */
+/* ---- matmul on plain operands (training, batched and compressed search) -------- */
 
 /* One matmul path on plain operands, for bf16 (bf16_matmul) and, with the
 ** same cache, for the u8 x s8 -> s32 products of sq8 copies
-** (cdb_onednn_gemm_u8s8s32, at the end). bf16_matmul, for both its callers: bf16 x bf16 -> f32
+** (cdb_onednn_gemm_u8s8s32, at the end). bf16_matmul: bf16 x bf16 -> f32
 ** (fp32 accumulation; alpha as an output scale, beta as a sum post-op) on
-** operands stored dense in their own orientation (a transpose costs nothing:
-** it is a stride in the memory descriptor). Primitives are created once per
-** shape (ta, tb, m, n, k, ldc, alpha, beta, team size) and kept in a small
+** operands in their own orientation with their own row strides (a
+** transpose or a column window costs nothing: strides in the memory
+** descriptor). Primitives are created once per shape (ta, tb, m, n, k,
+** lda, ldb, ldc, alpha, beta, team size, types) and kept in a small
 ** table for the life of the process (a training step has a few dozen
 ** shapes, a batched search a few tile shapes); past BF16_CACHE_MAX shapes a
 ** primitive is made and destroyed per call. Scratchpads are per call, so
 ** any number of threads may run one primitive at once.
 **   cdb_onednn_sgemm_bf16 (training): fp32 op(A), op(B) rounded to bf16
-**     copies, then bf16_matmul. Where oneDNN has no bf16 matmul for the ISA
+**     copies, then bf16_matmul; cdb_onednn_gemm_bf16_ops the same with
+**     either operand given as bf16 already (the ResNet's im2col). Where oneDNN has no bf16 matmul for the ISA
 **     (below avx512_core) the same rounding is applied and dnnl_sgemm runs
 **     on the rounded fp32 copies (same answers up to the summation order).
 **   cdb_onednn_gemm_bf16 (compressed vectors): operands already bf16,

@@ -306,6 +306,54 @@ TEST(compute_quick_gelu1_matches_its_definition_and_the_avx512_lanes)
     }
 }
 
+/* The AVX-512 QuickGELU (its clamps as min/max, its floor as one rounding)
+** gives cdb_quick_gelu1's bits for floats of every exponent, sign and
+** special value: 2^32 / 4099 bit patterns and the clamps' neighbours, through
+** the int8 MLP's own case (u8 compensation, bias, QuickGELU: the pattern is
+** the bias, 0 * 1 * 1 + x = x) and the generic one (y + 0, QuickGELU). */
+TEST(compute_quick_gelu_avx512_equals_portable_on_all_exponents)
+{
+    const cdb_convert_kernels *c = cdb_convert_portable(), *v = cdb_convert_avx512();
+    enum { N = 1048576 + 64 };
+    float *x, *y1, *y2, *one;
+    int32_t *zero;
+    size_t n = 0, bad = 0;
+    if (!v) SKIP("no AVX-512 on this CPU: the portable kernels are the only ones");
+    x = malloc(N * sizeof *x), y1 = malloc(N * sizeof *y1), y2 = malloc(N * sizeof *y2);
+    one = malloc(N * sizeof *one), zero = calloc(N, sizeof *zero);
+    CHECK(x && y1 && y2 && one && zero);
+    if (!x || !y1 || !y2 || !one || !zero) goto cleanup;
+    for (uint64_t u = 0; u < (1ull << 32) && n < N - 64; u += 4099) {
+        uint32_t b = (uint32_t)u;
+        memcpy(&x[n++], &b, 4);
+    }
+    {
+        static const float edges[] = {88.3762626647949f, 87.3f, 51.9f, 51.92f, 0.5f, 1e-30f, 0.0f};
+        for (size_t i = 0; i < sizeof edges / sizeof *edges; i++)
+            for (int s = -1; s <= 1; s += 2) {
+                const float e = edges[i] / -1.702f * (float)s; /* exp's input is -1.702 x */
+                x[n++] = e, x[n++] = nextafterf(e, INFINITY), x[n++] = nextafterf(e, -INFINITY);
+            }
+    }
+    for (size_t i = 0; i < n; i++) one[i] = 1.0f;
+    for (int path = 0; path < 2; path++) {
+        if (path == 0) { /* comp, bias, QuickGELU */
+            c->dequant_rows(zero, zero, 1, n, one, one, 0, x, 1, y1);
+            v->dequant_rows(zero, zero, 1, n, one, one, 0, x, 1, y2);
+        } else { /* y + 0, QuickGELU */
+            memcpy(y1, x, n * 4), memcpy(y2, x, n * 4);
+            c->dequant_rows(zero, NULL, 1, n, one, one, 1, NULL, 1, y1);
+            v->dequant_rows(zero, NULL, 1, n, one, one, 1, NULL, 1, y2);
+        }
+        for (size_t i = 0; i < n; i++)
+            if (isnan(x[i]) ? !(isnan(y1[i]) && isnan(y2[i])) : memcmp(&y1[i], &y2[i], 4)) bad++;
+    }
+    CHECK(n > 1000000);
+    CHECK(bad == 0);
+cleanup:
+    free(x), free(y1), free(y2), free(one), free(zero);
+}
+
 /* cdb_linear_ep: a bias and QuickGELU in the product's own pass on bf16 and
 ** int8 packs (oneDNN's epilogue, the dequantisation) against the reference
 ** with the bias and activation applied after, at row counts on both sides

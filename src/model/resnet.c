@@ -192,15 +192,15 @@ static int gemm(cdb_prec prec, cdb_trans ta, cdb_trans tb, int m, int n, int k, 
     return CLIPDB_OK;
 }
 
-/* gemm with B given as fp32 (B), or as bf16 already (B16 != NULL, bf16
-** only: cdb_gemm_bf16_ops), with row stride ldb. */
+/* gemm with A and B each given as fp32 (A, B), or as bf16 already (A16,
+** B16 != NULL, bf16 only: cdb_gemm_bf16_ops), with row strides lda, ldb. */
 static int gemm_b(cdb_prec prec, cdb_trans ta, cdb_trans tb, int m, int n, int k, const float *A,
-                  int lda, const float *B, const uint16_t *B16, int ldb, float beta, float *C,
-                  int ldc, cdb_err *e)
+                  const uint16_t *A16, int lda, const float *B, const uint16_t *B16, int ldb,
+                  float beta, float *C, int ldc, cdb_err *e)
 {
-    if (B16)
-        return cdb_gemm_bf16_ops(ta, tb, m, n, k, 1.0f, A, NULL, lda, NULL, B16, ldb, beta, C,
-                                 ldc, e);
+    if (A16 || B16)
+        return cdb_gemm_bf16_ops(ta, tb, m, n, k, 1.0f, A16 ? NULL : A, A16, lda, B16 ? NULL : B,
+                                 B16, ldb, beta, C, ldc, e);
     return gemm(prec, ta, tb, m, n, k, A, lda, B, ldb, beta, C, ldc, e);
 }
 
@@ -229,7 +229,8 @@ static int gemm_cols(cdb_prec prec, cdb_trans ta, int m, int N, int k, const flo
     const int per = (N + RN_SPLIT - 1) / RN_SPLIT;
     int j, rc = CLIPDB_OK;
     if (N < RN_SPLIT * RN_SPLIT_MIN)
-        return gemm_b(prec, ta, CDB_NO_TRANS, m, N, k, A, lda, B, B16, ldb, beta, C, ldc, e);
+        return gemm_b(prec, ta, CDB_NO_TRANS, m, N, k, A, NULL, lda, B, B16, ldb, beta, C, ldc,
+                      e);
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) reduction(| : rc)
 #endif
@@ -237,7 +238,7 @@ static int gemm_cols(cdb_prec prec, cdb_trans ta, int m, int N, int k, const flo
         const int n0 = j * per, n = N - n0 < per ? N - n0 : per;
         const int saved = cdb_compute_serial_enter();
         cdb_err ej = {0};
-        if (n > 0 && gemm_b(prec, ta, CDB_NO_TRANS, m, n, k, A, lda, B ? B + n0 : NULL,
+        if (n > 0 && gemm_b(prec, ta, CDB_NO_TRANS, m, n, k, A, NULL, lda, B ? B + n0 : NULL,
                             B16 ? B16 + n0 : NULL, ldb, beta, C + n0, ldc, &ej))
             rc |= 1;
         cdb_compute_serial_leave(saved);
@@ -249,17 +250,18 @@ static int gemm_cols(cdb_prec prec, cdb_trans ta, int m, int N, int k, const flo
 
 /* G (m, k) += A (m, N) @ B (k, N)^T (a weight's gradient: the sum runs over
 ** N), the sum split into RN_SPLIT chunks (each into its own (m, k) of
-** scratch), added up in order. scratch: RN_SPLIT * m * k floats. B as
-** fp32, or as bf16 when B16 != NULL (bf16 only). */
-static int gemm_wgrad(cdb_prec prec, int m, int k, int N, const float *A, const float *B,
-                      const uint16_t *B16, float *G, float *scratch, cdb_err *e)
+** scratch), added up in order. scratch: RN_SPLIT * m * k floats. A and B
+** each as fp32, or as bf16 when A16 (B16) != NULL (bf16 only). */
+static int gemm_wgrad(cdb_prec prec, int m, int k, int N, const float *A, const uint16_t *A16,
+                      const float *B, const uint16_t *B16, float *G, float *scratch, cdb_err *e)
 {
     const int per = (N + RN_SPLIT - 1) / RN_SPLIT;
     const size_t mk = (size_t)m * k;
     int j, rc = CLIPDB_OK;
     size_t i;
     if (N < RN_SPLIT * RN_SPLIT_MIN || !scratch)
-        return gemm_b(prec, CDB_NO_TRANS, CDB_TRANS, m, k, N, A, N, B, B16, N, 1.0f, G, k, e);
+        return gemm_b(prec, CDB_NO_TRANS, CDB_TRANS, m, k, N, A, A16, N, B, B16, N, 1.0f, G, k,
+                      e);
 #ifdef _OPENMP
 #pragma omp parallel for schedule(static) reduction(| : rc)
 #endif
@@ -269,8 +271,9 @@ static int gemm_wgrad(cdb_prec prec, int m, int k, int N, const float *A, const 
         cdb_err ej = {0};
         if (n <= 0)
             memset(scratch + j * mk, 0, mk * sizeof *scratch);
-        else if (gemm_b(prec, CDB_NO_TRANS, CDB_TRANS, m, k, n, A + n0, N, B ? B + n0 : NULL,
-                        B16 ? B16 + n0 : NULL, N, 0.0f, scratch + j * mk, k, &ej))
+        else if (gemm_b(prec, CDB_NO_TRANS, CDB_TRANS, m, k, n, A16 ? NULL : A + n0,
+                        A16 ? A16 + n0 : NULL, N, B ? B + n0 : NULL, B16 ? B16 + n0 : NULL, N,
+                        0.0f, scratch + j * mk, k, &ej))
             rc |= 1;
         cdb_compute_serial_leave(saved);
     }
@@ -296,6 +299,8 @@ typedef struct rn_mode {
     cdb_prec prec;
     int update;
     float *wscratch;  /* RN_SPLIT x the largest weight, for gemm_wgrad (NULL: unsplit) */
+    uint16_t *dz16;   /* the largest activation as bf16: a backward's dz, written once for
+                      ** both of its GEMMs (bf16 columns only; NULL: each GEMM rounds dz) */
 } rn_mode;
 
 /* Batch-norm sums over a channel's N values: blocks of RN_BLOCK values
@@ -409,6 +414,10 @@ static int conv_bn_backward(const rn_mode *md, const cdb_conv *cv, const cdb_con
     const int K = cv->cin * cv->k * cv->k, direct = cv->k == 1 && stride == 1;
     const size_t N = (size_t)nb * Ho * Wo;
     float *gw = (float *)g->w, *gbw = (float *)g->bn_w, *gbb = (float *)g->bn_b;
+    /* dz as bf16 (cout, N), rounded once here for both GEMMs below, as each
+    ** would round it */
+    uint16_t *z16 = md->dz16 && cols_bf16(md->prec) && (gw || dx) ? md->dz16 : NULL;
+    const float *A = z16 ? NULL : dy;
     int c, rc;
     RN_PAR_FOR
     for (c = 0; c < cv->cout; c++) {
@@ -435,6 +444,7 @@ static int conv_bn_backward(const rn_mode *md, const cdb_conv *cv, const cdb_con
         a = (float)(sd / (double)N), b = (float)(sdx / (double)N);
         RN_SIMD
         for (i = 0; i < N; i++) d[i] = k * (d[i] - a - xh[i] * b);
+        if (z16) cdb_convert_best()->to_bf16(d, N, z16 + (size_t)c * N);
     }
     if (!gw && !dx) return CLIPDB_OK;
     if (gw) { /* dW (cout, K) += dz (cout, N) @ cols (K, N)^T */
@@ -446,15 +456,15 @@ static int conv_bn_backward(const rn_mode *md, const cdb_conv *cv, const cdb_con
             B = c16 ? NULL : cols;
             B16 = c16;
         }
-        if ((rc = gemm_wgrad(md->prec, cv->cout, K, (int)N, dy, B, B16, gw, md->wscratch, e)))
+        if ((rc = gemm_wgrad(md->prec, cv->cout, K, (int)N, A, z16, B, B16, gw, md->wscratch, e)))
             return rc;
     }
     if (!dx) return CLIPDB_OK;
     if (direct) /* dx (cin, N) (+)= W^T (cin, cout) @ dz (cout, N) */
-        return gemm_cols(md->prec, CDB_TRANS, K, (int)N, cv->cout, cv->w, K, dy, NULL, (int)N, beta,
+        return gemm_cols(md->prec, CDB_TRANS, K, (int)N, cv->cout, cv->w, K, A, z16, (int)N, beta,
                          dx, (int)N, e);
     /* dcols (K, N) = W^T @ dz, then scattered back */
-    if ((rc = gemm_cols(md->prec, CDB_TRANS, K, (int)N, cv->cout, cv->w, K, dy, NULL, (int)N, 0.0f,
+    if ((rc = gemm_cols(md->prec, CDB_TRANS, K, (int)N, cv->cout, cv->w, K, A, z16, (int)N, 0.0f,
                         cols, (int)N, e)))
         return rc;
     if (beta == 0.0f) memset(dx, 0, (size_t)cv->cin * nb * H * W * sizeof *dx);
@@ -917,6 +927,7 @@ struct cdb_rn_train {
     float *cols;
     float *dk, *dv, *dq;      /* the pool's backward scratch */
     float *wscratch;          /* RN_SPLIT x the largest convolution weight */
+    uint16_t *dz16;           /* the largest activation as bf16 (rn_mode's dz16) */
 };
 
 struct cdb_rn_train *cdb_rn_train_new(cdb_prec prec)
@@ -993,6 +1004,7 @@ static size_t layout(struct cdb_rn_train *t, const cdb_resnet *rn, int S, int nb
     t->pool.p = take(base, &off, B * (size_t)rn->heads * T);
     for (i = 0; i < 4; i++) t->d[i] = take(base, &off, B * asz);
     t->cols = take(base, &off, B * csz);
+    t->dz16 = (uint16_t *)take(base, &off, (B * asz + 1) / 2);
     t->dk = take(base, &off, B * T * D);
     t->dv = take(base, &off, B * T * D);
     t->dq = take(base, &off, B * D);
@@ -1037,7 +1049,7 @@ oom:
 int cdb_resnet_train_forward(struct cdb_rn_train *t, const cdb_resnet *rn, int S, int e_dim,
                              const float *pixels, int nb, int update, float *out, cdb_err *e)
 {
-    const rn_mode md = {t->prec, update, NULL};
+    const rn_mode md = {t->prec, update, NULL, NULL};
     const float *x;
     int rc, H = S, l, b, k = 0;
     if ((rc = check_side(rn, S, e))) return rc;
@@ -1071,7 +1083,7 @@ int cdb_resnet_train_forward(struct cdb_rn_train *t, const cdb_resnet *rn, int S
 int cdb_resnet_train_backward(struct cdb_rn_train *t, const cdb_resnet *rn, const cdb_resnet *g,
                               int e_dim, int lo, const float *dout, cdb_err *e)
 {
-    const rn_mode md = {t->prec, 0, t->wscratch};
+    const rn_mode md = {t->prec, 0, t->wscratch, t->dz16};
     const int nb = t->nb, S = t->S;
     float *dy = t->d[0], *dx = t->d[1], *tmp;
     int rc, k, H;

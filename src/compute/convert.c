@@ -4,7 +4,8 @@
 **
 ** The AVX-512 versions do exactly the portable arithmetic 16 lanes at a time
 ** (same operations in the same order, tails through masked loads and
-** stores), so both give the same bits: bf16 rounding by the integer
+** stores; QuickGELU's clamps and floor by instructions that give the same
+** values), so both give the same bits: bf16 rounding by the integer
 ** round-to-nearest-even trick (not vcvtneps2bf16, which flushes denormals),
 ** quantisation by one multiply with 1/sx and vcvtps2dq (nearest even, as
 ** lrintf in the default rounding mode) with signed saturation to int8.

@@ -2,8 +2,9 @@
 ** vexp.h: exp and QuickGELU lane by lane on the compiler's vector types
 ** (gcc and clang's vector_size), written once for every width that uses
 ** them: the transformer's kernels (src/model/transformer.c: 4, 8 or 16
-** lanes), and the int8 dequantisation that fuses QuickGELU (convert.c: 16
-** lanes under an AVX-512 target attribute, and one lane in portable C).
+** lanes), and the int8 dequantisation that fuses QuickGELU (convert.c: one
+** lane in portable C; its AVX-512 version spells the same steps with
+** AVX-512's min/max and floor instructions, and gives the same bits).
 **
 ** exp is Cephes' expf: range reduction by ln 2, a degree-5 polynomial,
 ** relative error about 2e-7 over [-87, 88]. Inputs are clamped to

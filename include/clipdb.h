@@ -1182,6 +1182,11 @@ typedef struct clipdb_train_progress {
     long val_pairs;
     const char *path;        /* "checkpoint", "resume", "done": the file or
                              ** directory written / read */
+    /* With an average of the weights (clipdb_train_options.ema), val_t2i
+    ** and val_i2t measure the average (the weights that will be written),
+    ** and the last epoch's "epoch" also measures the weights as trained
+    ** here; -1 otherwise. */
+    float val_raw_t2i[3], val_raw_i2t[3];
 } clipdb_train_progress;
 
 /* Called by the training loop; a non-zero return asks it to stop: it then
@@ -1247,6 +1252,14 @@ typedef struct clipdb_train_options {
                              ** tower runs on those only (faster steps);
                              ** inference sees every patch. In [0, 1)
                              ** (default 0: none) */
+    float ema;               /* an exponential moving average of the weights
+                             ** (all of them, batch norms' running statistics
+                             ** included): after step t (1-based), avg = d avg +
+                             ** (1 - d) weights with d = min(ema, (1 + t) /
+                             ** (10 + t)), starting from the initial weights.
+                             ** Validation measures the average and the
+                             ** written model is the average. In [0, 1)
+                             ** (default 0: none, the weights as trained) */
 } clipdb_train_options;
 
 /* Fills the defaults above. */

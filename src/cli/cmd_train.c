@@ -30,6 +30,10 @@
     "  --label-smoothing E  in [0, 1): each direction's cross-entropy aims at 1 - E\n"     \
     "                       on the right pair and E / N on each of the batch's N\n"       \
     "                       (torch's label_smoothing); default 0, the paper's loss\n"    \
+    "  --ema D              keep an exponential moving average of the weights,\n"        \
+    "                       decay D in [0, 1) (e.g. 0.998; warmed up as\n"                \
+    "                       min(D, (1 + t) / (10 + t)) after step t); validation\n"      \
+    "                       measures it and it is the model written. Default: none\n"   \
     "  --train WHAT         all | proj (the two projections and the temperature) |\n"      \
     "                       last:N (the last N blocks of each tower, the final layer\n"    \
     "                       norms, projections and temperature); default all\n"            \
@@ -187,6 +191,13 @@ static int on_progress(void *arg, const clipdb_train_progress *p)
                     p->val_pairs, 100.0 * p->val_t2i[0], 100.0 * p->val_t2i[1],
                     100.0 * p->val_t2i[2], 100.0 * p->val_i2t[0], 100.0 * p->val_i2t[1],
                     100.0 * p->val_i2t[2]);
+        if (p->val_raw_t2i[0] >= 0)
+            fprintf(stderr,
+                    " (the average of the weights); the weights as trained: text->image "
+                    "R@1/5/10 %.1f/%.1f/%.1f%%, image->text %.1f/%.1f/%.1f%%",
+                    100.0 * p->val_raw_t2i[0], 100.0 * p->val_raw_t2i[1],
+                    100.0 * p->val_raw_t2i[2], 100.0 * p->val_raw_i2t[0],
+                    100.0 * p->val_raw_i2t[1], 100.0 * p->val_raw_i2t[2]);
         fputc('\n', stderr);
     } else if (!strcmp(p->event, "start")) {
         fprintf(stderr, "%s: %ld pairs per epoch, %d steps per epoch, %ld steps\n", ps->cmd,
@@ -244,6 +255,10 @@ static int common_option(const char *cmd, int argc, char **argv, int *i,
     if (!strcmp(a, "--label-smoothing")) {
         if (cli_parse_double(cmd, a, v, 0, 0.999999, &d)) return -1;
         return o->label_smoothing = (float)d, TAKE;
+    }
+    if (!strcmp(a, "--ema")) {
+        if (cli_parse_double(cmd, a, v, 0, 0.999999, &d)) return -1;
+        return o->ema = (float)d, TAKE;
     }
     if (!strcmp(a, "--lr") || !strcmp(a, "--wd") || !strcmp(a, "--eps") ||
         !strcmp(a, "--clip-grad")) {

@@ -9,6 +9,8 @@
 **   config                   U8 (len): the run's configuration string; a
 **                            checkpoint is only resumed by the same one
 **   layout                   U8 (len): the engine's tensor names and sizes
+**   ema                      F32 (numel): the average of the weights, when
+**                            the run keeps one (--ema)
 ** The previous checkpoint is replaced only once the new one is complete on
 ** disk, so a crash or a full disk while writing leaves it intact.
 */
@@ -58,7 +60,7 @@ static void f32(cdb_wtensor *t, const char *name, const float *data, size_t n)
 int cdb_ckpt_write(const char *path, cdb_trainer *t, const cdb_ckpt_extra *x, cdb_err *e)
 {
     cdb_train_state s;
-    cdb_wtensor w[8];
+    cdb_wtensor w[9];
     int64_t step;
     uint64_t rng[2];
     char *layout;
@@ -77,9 +79,10 @@ int cdb_ckpt_write(const char *path, cdb_trainer *t, const cdb_ckpt_extra *x, cd
     raw(&w[5], "order", "I64", (int64_t)x->n_order, x->order, x->n_order * sizeof(int64_t));
     raw(&w[6], "config", "U8", (int64_t)strlen(x->config), x->config, strlen(x->config));
     raw(&w[7], "layout", "U8", (int64_t)strlen(layout), layout, strlen(layout));
+    if (x->ema) f32(&w[8], "ema", x->ema, s.numel);
     {
         const char *mk[1] = {"clipdb_checkpoint"}, *mv[1] = {"1"};
-        rc = cdb_st_write(path, w, 8, CDB_DT_F32, mk, mv, 1, e);
+        rc = cdb_st_write(path, w, x->ema ? 9 : 8, CDB_DT_F32, mk, mv, 1, e);
     }
     free(layout);
     if (rc != CLIPDB_OK) cdb_err_prefix(e, "checkpoint");
@@ -101,11 +104,11 @@ static const cdb_tensor *need(const cdb_safetensors *st, const char *name, const
 }
 
 int cdb_ckpt_read(const char *path, cdb_trainer *t, const char *config, int64_t *order,
-                  size_t n_order, cdb_err *e)
+                  size_t n_order, float *ema, cdb_err *e)
 {
     cdb_safetensors *st = NULL;
     cdb_train_state s;
-    const cdb_tensor *tc, *tl, *tp, *tm, *tv, *ts, *to;
+    const cdb_tensor *tc, *tl, *tp, *tm, *tv, *ts, *to, *ta = NULL;
     char *layout = NULL;
     int64_t step;
     int rc;
@@ -135,7 +138,8 @@ int cdb_ckpt_read(const char *path, cdb_trainer *t, const char *config, int64_t 
         !(tm = need(st, "adam_m", "F32", s.numel * 4, path, e)) ||
         !(tv = need(st, "adam_v", "F32", s.numel * 4, path, e)) ||
         !(ts = need(st, "step", "I64", 8, path, e)) ||
-        !(to = need(st, "order", "I64", n_order * 8, path, e))) {
+        !(to = need(st, "order", "I64", n_order * 8, path, e)) ||
+        (ema && !(ta = need(st, "ema", "F32", s.numel * 4, path, e)))) {
         rc = CLIPDB_EFORMAT;
         goto cleanup;
     }
@@ -157,6 +161,7 @@ int cdb_ckpt_read(const char *path, cdb_trainer *t, const char *config, int64_t 
     memcpy(s.params, tp->data, s.numel * sizeof(float));
     memcpy(s.m, tm->data, s.numel * sizeof(float));
     memcpy(s.v, tv->data, s.numel * sizeof(float));
+    if (ema) memcpy(ema, ta->data, s.numel * sizeof(float));
     cdb_trainer_set_step(t, (long)step);
 cleanup:
     free(layout);

@@ -845,6 +845,12 @@ int cdb_trainer_nonfinite(const cdb_trainer *t)
 
 int cdb_trainer_sync(cdb_trainer *t, clipdb_model *m)
 {
+    return cdb_trainer_sync_params(t, m, t->params);
+}
+
+int cdb_trainer_sync_params(cdb_trainer *t, clipdb_model *m, const float *params)
+{
+    const float ls = params[t->ls - t->params];
     cdb_wref *w = NULL;
     size_t n = 0, i, off = 0;
     float *copy = NULL;
@@ -860,8 +866,8 @@ int cdb_trainer_sync(cdb_trainer *t, clipdb_model *m)
         m->text.vocab != t->txt.vocab)
         return cdb_err_set(&t->err, CLIPDB_EMISMATCH, "sync: not the model the trainer was built from");
     if (m == t->synced && t->synced_copy) { /* again into the same model: refresh the copy */
-        memcpy(t->synced_copy, t->params, t->numel * sizeof *t->synced_copy);
-        m->logit_scale = *t->ls;
+        memcpy(t->synced_copy, params, t->numel * sizeof *t->synced_copy);
+        m->logit_scale = ls;
         goto repack;
     }
     if ((rc = cdb_weights_list(m->key_style, &m->vision, &m->text, m->embed_dim, &w, &n, &t->err)))
@@ -872,13 +878,13 @@ int cdb_trainer_sync(cdb_trainer *t, clipdb_model *m)
         free(w);
         return cdb_err_set(&t->err, CLIPDB_ENOMEM, "out of memory (sync)");
     }
-    memcpy(copy, t->params, t->numel * sizeof *copy);
+    memcpy(copy, params, t->numel * sizeof *copy);
     m->owned[m->n_owned++] = copy;
     for (i = 0; i < n; i++) {
         for (k = 0; k < 3 && w[i].slot[k]; k++) *w[i].slot[k] = copy + off + w[i].off[k];
         off += w[i].numel;
     }
-    m->logit_scale = *t->ls;
+    m->logit_scale = ls;
     t->synced = m;
     t->synced_copy = copy;
     free(w);

@@ -16,6 +16,11 @@
 ** caption of image I at step S and its augmentation are drawn from
 ** (seed, S, I) (data.c), and the engine is deterministic for a given batch,
 ** so a run resumed at step S reaches the weights of an uninterrupted one.
+**
+** With o->ema the loop also keeps an exponential moving average of all the
+** weights (cdb_ema_update after each step, in the checkpoint as "ema"):
+** validation measures it, the written model is it, and the last epoch
+** measures the weights as trained too, for comparison.
 */
 #include <dirent.h>
 #include <errno.h>
@@ -64,6 +69,7 @@ typedef struct run {
     char *ckpt_dir, *ckpt_path;
     char *config;
     char *start;               /* what the run started from (model identity or arch) */
+    float *ema;                /* the average of the weights (o->ema > 0), else NULL */
     int lock_fd;               /* flock on OUT.ckpt/lock, -1 when not held */
     cdb_err err;
 } run;
@@ -78,6 +84,7 @@ static void run_free(run *r)
     free(r->ckpt_path);
     free(r->config);
     free(r->start);
+    free(r->ema);
 }
 
 static int report(run *r, clipdb_train_progress *p, const char *event)
@@ -143,6 +150,11 @@ static int make_config(run *r)
     }
     if (r->config && o->label_smoothing > 0) { /* none adds no line, as before */
         char *c = cdb_sprintf("%slabel_smoothing %.9g\n", r->config, (double)o->label_smoothing);
+        free(r->config);
+        r->config = c;
+    }
+    if (r->config && o->ema > 0) { /* none adds no line, as before */
+        char *c = cdb_sprintf("%sema %.9g\n", r->config, (double)o->ema);
         free(r->config);
         r->config = c;
     }
@@ -270,6 +282,8 @@ static int check_options(run *r)
     if (!(o->patch_drop >= 0.0f && o->patch_drop < 1.0f))
         return cdb_err_set(&r->err, CLIPDB_EINVAL, "--patch-drop %g is not in [0, 1)",
                            (double)o->patch_drop);
+    if (!(o->ema >= 0.0f && o->ema < 1.0f))
+        return cdb_err_set(&r->err, CLIPDB_EINVAL, "--ema %g is not in [0, 1)", (double)o->ema);
     if (o->checkpoint_every < 0)
         return cdb_err_set(&r->err, CLIPDB_EINVAL, "--checkpoint-every must be >= 0");
     {
@@ -301,8 +315,9 @@ static int check_finite_model(run *r)
 }
 
 /* Recall at 1, 5, 10 of the held-out pairs, both directions, with the
-** current weights (cosine, exact search). */
-static int validate(run *r, clipdb_train_progress *p)
+** weights params (the trainer's layout; cosine, exact search) into t2i and
+** i2t (-1 when there is nothing held out) and *pairs. */
+static int validate(run *r, const float *params, float t2i[3], float i2t[3], long *pairs)
 {
     const cdb_pairs *pp = r->data.pairs;
     clipdb_ctx *c = NULL;
@@ -316,10 +331,10 @@ static int validate(run *r, clipdb_train_progress *p)
     static const int ks[3] = {1, 5, 10};
     char *msg = NULL;
 
-    for (i = 0; i < 3; i++) p->val_t2i[i] = p->val_i2t[i] = -1;
-    p->val_pairs = 0;
+    for (i = 0; i < 3; i++) t2i[i] = i2t[i] = -1;
+    *pairs = 0;
     if (nv < 2) return CLIPDB_OK;
-    if ((rc = cdb_trainer_sync(r->t, r->m))) {
+    if ((rc = cdb_trainer_sync_params(r->t, r->m, params))) {
         return cdb_err_set(&r->err, rc, "validation: %s", cdb_trainer_errmsg(r->t));
     }
     for (i = 0; i < nv; i++) nc += pp->img[r->data.val[i]].n_captions;
@@ -380,10 +395,10 @@ static int validate(run *r, clipdb_train_progress *p)
                 }
     }
     for (i = 0; i < 3; i++) {
-        p->val_t2i[i] = (float)hit_t2i[i] / (float)nc;
-        p->val_i2t[i] = (float)hit_i2t[i] / (float)nv;
+        t2i[i] = (float)hit_t2i[i] / (float)nc;
+        i2t[i] = (float)hit_i2t[i] / (float)nv;
     }
-    p->val_pairs = (long)nv;
+    *pairs = (long)nv;
     rc = CLIPDB_OK;
     goto cleanup;
 ctxfail:
@@ -417,14 +432,14 @@ static char *made_json(run *r, long steps)
         "  \"command\": %s%s%s,\n  \"seed\": %llu,\n  \"steps\": %ld,\n  \"epochs\": %d,\n"
         "  \"batch\": %d,\n  \"train_pairs\": %zu,\n  \"val_pairs\": %zu,\n"
         "  \"lr\": %.9g,\n  \"wd\": %.9g,\n  \"schedule\": \"%s\",\n  \"warmup\": %d,\n"
-        "  \"train\": \"%s\",\n  \"augment\": %s,\n  \"crop_min\": %.6g,\n  \"text_drop\": %.6g,\n  \"patch_drop\": %.6g,\n  \"label_smoothing\": %.6g,\n  \"precision\": \"%s\",\n"
+        "  \"train\": \"%s\",\n  \"augment\": %s,\n  \"crop_min\": %.6g,\n  \"text_drop\": %.6g,\n  \"patch_drop\": %.6g,\n  \"label_smoothing\": %.6g,\n  \"ema\": %.9g,\n  \"precision\": \"%s\",\n"
         "  \"start\": \"%s\",\n  \"date\": \"%s\"\n}\n",
         r->kind, CLIPDB_VERSION, o->command ? "\"" : "", o->command ? o->command : "null",
         o->command ? "\"" : "", (unsigned long long)o->seed, steps, o->epochs, o->batch,
         r->data.n_train, r->data.n_val, (double)o->lr, (double)o->wd, o->schedule, o->warmup,
         o->train, r->augment ? "true" : "false", (double)o->crop_min,
         (double)(r->augment ? o->text_drop : 0.0f), (double)(r->augment ? o->patch_drop : 0.0f),
-        (double)o->label_smoothing,
+        (double)o->label_smoothing, (double)o->ema,
         o->precision ? o->precision : "fp32", r->start, date);
     return json;
 }
@@ -434,7 +449,9 @@ static int write_result(run *r, const char *out_dir, long steps, clipdb_train_pr
     cdb_model_write_opts wo = {0};
     char *json = NULL;
     int rc;
-    if ((rc = cdb_trainer_sync(r->t, r->m)))
+    cdb_train_state st;
+    cdb_trainer_state(r->t, &st);
+    if ((rc = cdb_trainer_sync_params(r->t, r->m, r->ema ? r->ema : st.params)))
         return cdb_err_set(&r->err, rc, "%s", cdb_trainer_errmsg(r->t));
     if (!(json = made_json(r, steps))) return cdb_err_set(&r->err, CLIPDB_ENOMEM, "out of memory");
     wo.style = r->m->key_style;
@@ -450,6 +467,19 @@ static int write_result(run *r, const char *out_dir, long steps, clipdb_train_pr
     return CLIPDB_OK;
 }
 
+float cdb_ema_decay(float decay, long steps)
+{
+    float warm = (float)(1.0 + (double)steps) / (float)(10.0 + (double)steps);
+    return warm < decay ? warm : decay;
+}
+
+void cdb_ema_update(float *avg, const float *w, size_t n, float d)
+{
+    const float k = 1.0f - d;
+    size_t i;
+    for (i = 0; i < n; i++) avg[i] = d * avg[i] + k * w[i];
+}
+
 /* Writes a checkpoint after `step` steps, with the order of the epoch the
 ** next step belongs to. */
 static int save(run *r, long step, long spe, int64_t *order, long *order_epoch)
@@ -463,6 +493,7 @@ static int save(run *r, long step, long spe, int64_t *order, long *order_epoch)
     x.order = order;
     x.n_order = r->data.n_train;
     x.config = r->config;
+    x.ema = r->ema;
     return cdb_ckpt_write(r->ckpt_path, r->t, &x, &r->err);
 }
 
@@ -487,7 +518,7 @@ static int run_loop(run *r, const char *out_dir)
 
     memset(&b, 0, sizeof b);
     memset(&p, 0, sizeof p);
-    for (j = 0; j < 3; j++) p.val_t2i[j] = p.val_i2t[j] = -1;
+    for (j = 0; j < 3; j++) p.val_t2i[j] = p.val_i2t[j] = p.val_raw_t2i[j] = p.val_raw_i2t[j] = -1;
     if (n < B) {
         return cdb_err_set(&r->err, CLIPDB_EINVAL,
                            "%zu image-caption pairs to train on, fewer than --batch %zu",
@@ -501,6 +532,12 @@ static int run_loop(run *r, const char *out_dir)
     if ((rc = opts_to_engine(r, total, &to))) return rc;
     if ((rc = cdb_trainer_new(&r->t, r->m, &to, &r->err))) return rc;
     if ((rc = make_config(r))) return rc;
+    cdb_trainer_state(r->t, &st);
+    if (o->ema > 0) { /* the initial weights; a checkpoint replaces them */
+        if (!(r->ema = cdb_malloc_array(st.numel, sizeof *r->ema)))
+            return cdb_err_set(&r->err, CLIPDB_ENOMEM, "out of memory");
+        memcpy(r->ema, st.params, st.numel * sizeof *r->ema);
+    }
     if (!(order = cdb_malloc_array(n, sizeof *order)))
         return cdb_err_set(&r->err, CLIPDB_ENOMEM, "out of memory");
     if (nkeep < np && !(keep = cdb_malloc_array(B * (size_t)nkeep, sizeof *keep))) {
@@ -512,7 +549,8 @@ static int run_loop(run *r, const char *out_dir)
     p.steps_per_epoch = (int)spe;
     p.pairs = (long)(spe * (long)B);
     if (cdb_file_exists(r->ckpt_path)) {
-        if ((rc = cdb_ckpt_read(r->ckpt_path, r->t, r->config, order, n, &r->err))) goto cleanup;
+        if ((rc = cdb_ckpt_read(r->ckpt_path, r->t, r->config, order, n, r->ema, &r->err)))
+            goto cleanup;
         cdb_trainer_state(r->t, &st);
         order_epoch = st.step / spe;
         saved_step = st.step;
@@ -559,6 +597,7 @@ static int run_loop(run *r, const char *out_dir)
         }
         step++;
         session_steps++;
+        if (r->ema) cdb_ema_update(r->ema, st.params, st.numel, cdb_ema_decay(o->ema, step));
         loss_sum += ts.loss;
         loss_n++;
         p.step = step;
@@ -571,12 +610,18 @@ static int run_loop(run *r, const char *out_dir)
         p.path = NULL;
         if (report(r, &p, "step")) stop = 1;
         if (step % spe == 0) { /* end of an epoch */
-            if ((rc = validate(r, &p))) goto cleanup;
+            if ((rc = validate(r, r->ema ? r->ema : st.params, p.val_t2i, p.val_i2t,
+                               &p.val_pairs)))
+                goto cleanup;
+            if (r->ema && step == total && /* the last: the weights as trained, too */
+                (rc = validate(r, st.params, p.val_raw_t2i, p.val_raw_i2t, &p.val_pairs)))
+                goto cleanup;
             p.loss = (float)(loss_sum / (double)(loss_n ? loss_n : 1));
             loss_sum = 0;
             loss_n = 0;
             if (report(r, &p, "epoch")) stop = 1;
-            for (j = 0; j < 3; j++) p.val_t2i[j] = p.val_i2t[j] = -1;
+            for (j = 0; j < 3; j++)
+                p.val_t2i[j] = p.val_i2t[j] = p.val_raw_t2i[j] = p.val_raw_i2t[j] = -1;
         }
         if (step < total &&
             (stop || step % spe == 0 || (o->checkpoint_every && step % o->checkpoint_every == 0))) {

@@ -128,13 +128,26 @@ typedef struct cdb_ckpt_extra {
     const int64_t *order;   /* n_order */
     size_t n_order;
     const char *config;
+    const float *ema;       /* the average of the weights (numel), or NULL */
 } cdb_ckpt_extra;
 
 /* Writes path atomically (the previous checkpoint stays intact on failure). */
 int cdb_ckpt_write(const char *path, cdb_trainer *t, const cdb_ckpt_extra *x, cdb_err *e);
-/* Restores t and order (n_order) from path. CLIPDB_EMISMATCH when the
-** checkpoint was made with another configuration or model shape. */
+/* Restores t, order (n_order) and, when ema is not NULL, the average of the
+** weights (numel floats; the checkpoint must hold one) from path.
+** CLIPDB_EMISMATCH when the checkpoint was made with another configuration
+** or model shape. */
 int cdb_ckpt_read(const char *path, cdb_trainer *t, const char *config, int64_t *order,
-                  size_t n_order, cdb_err *e);
+                  size_t n_order, float *ema, cdb_err *e);
+
+/* ---- the average of the weights (loop.c) ------------------------------------- */
+
+/* The decay of the average after `steps` optimizer steps (1-based):
+** min(decay, (1 + steps) / (10 + steps)), TensorFlow's
+** ExponentialMovingAverage with num_updates: early weights, far from the
+** trained ones, fade fast. */
+float cdb_ema_decay(float decay, long steps);
+/* avg (n) <- d avg + (1 - d) w. */
+void cdb_ema_update(float *avg, const float *w, size_t n, float d);
 
 #endif /* CDB_TRAIN_LOOP_H */

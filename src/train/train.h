@@ -213,6 +213,9 @@ const cdb_ptensor *cdb_trainer_find(const cdb_trainer *t, const char *name);
 ** identity for stored vectors. Syncing again into the same model refreshes
 ** the same copy (no new memory); m must stay open while t syncs into it. */
 int cdb_trainer_sync(cdb_trainer *t, clipdb_model *m);
+/* The same with other weights of t's layout (numel floats, e.g. an average
+** of the params): m's encoders then use params, not t's own. */
+int cdb_trainer_sync_params(cdb_trainer *t, clipdb_model *m, const float *params);
 
 /* 1 if any param is NaN or infinite. (cdb_train_apply refuses a gradient
 ** whose norm is not finite with CLIPDB_ERROR before changing anything.) */

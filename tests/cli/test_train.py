@@ -580,3 +580,60 @@ def test_resnet_arch_errors_are_named(photos, model, tmp_path, spec, message):
             "--tokenizer", model, "--arch", spec + ";text:width=64,layers=1;embed=32",
             "--out", tmp_path / "x")
     one_line_failure(r, "train", message)
+
+
+# ---- an exponential moving average of the weights (--ema) ---------------------------
+
+
+def test_ema_is_recorded_and_checked(photos, model, tmp_path):
+    """--ema D: 0 is the default (the weights as trained), another D writes
+    other weights; recorded, part of the checkpoint's identity, refused
+    outside [0, 1)."""
+    common = one_epoch_from_scratch(photos, model)
+    zero_default_option_is_recorded_and_checked(common, tmp_path, "--ema", "ema", "0.5",
+                                                ["1", "-0.1", "nan", "x"])
+
+
+def test_ema_writes_the_average_of_the_trained_weights(db, model, tmp_path):
+    """The model written with --ema D is avg_3, where avg_0 is the starting
+    model, avg_t = d_t avg_(t-1) + (1 - d_t) w_t, d_t = min(D, (1 + t) / (10 + t)),
+    and w_t are the weights after t steps: those that runs of 1, 2 and 3 steps
+    without --ema write (a constant rate: the first steps of a longer run are
+    the same). Computed here in float64 from the written files."""
+    args = ["finetune", db, "--model", model, "--split", "train", "--batch", 8, "--lr", "1e-3",
+            "--seed", 3, "--dtype", "F32", "-q"]
+    for e in (1, 2, 3):
+        run(*args, "--epochs", e, "--out", tmp_path / f"w{e}", check=True)
+    run(*args, "--epochs", 3, "--ema", "0.27", "--out", tmp_path / "avg", check=True)
+    assert made(tmp_path / "avg")["ema"] == pytest.approx(0.27)
+    avg = {k: [float(x) for x in v] for k, v in st_tensors(model).items()}
+    for t in (1, 2, 3):
+        d = min(0.27, (1 + t) / (10 + t))  # 2/11, 3/12, then 0.27
+        w = st_tensors(tmp_path / f"w{t}")
+        avg = {k: [d * a + (1 - d) * b for a, b in zip(v, w[k])] for k, v in avg.items()}
+    got, w3 = st_tensors(tmp_path / "avg"), st_tensors(tmp_path / "w3")
+    assert set(got) == set(avg)
+    worst = max(abs(a - b) for k in avg for a, b in zip(avg[k], got[k]))
+    moved = max(abs(a - b) for k in avg for a, b in zip(w3[k], got[k]))
+    assert worst < 1e-6 and moved > 1e-4, (worst, moved)
+
+
+def test_ema_resumes_bit_for_bit_and_reports_both_weights(photos, model, tmp_path):
+    """A ResNet (the batch norms' running statistics are averaged too) trained
+    with --ema, killed after a checkpoint, resumes to the bytes of an
+    uninterrupted run (the average is in the checkpoint); the last epoch's
+    validation line measures the average and the weights as trained."""
+    common = ["train", "--images", photos / "images", "--captions", photos / "captions.jsonl",
+              "--tokenizer", model, "--arch", RN_ARCH, "--batch", 4, "--epochs", 2, "--val", 0.25,
+              "--seed", 11, "--checkpoint-every", 1, "--progress-every", 0.01, "--ema", "0.9"]
+    ref = tmp_path / "ref"
+    r = run(*common, "--out", ref, check=True)
+    last = [l for l in r.stderr.splitlines() if l.startswith("epoch 2/2 done")]
+    first = [l for l in r.stderr.splitlines() if l.startswith("epoch 1/2 done")]
+    assert len(last) == 1 and "(the average of the weights); the weights as trained" in last[0]
+    assert len(first) == 1 and "weights as trained" not in first[0]
+    killed_then_resumed(common, tmp_path / "o", "checkpoint at step 3:")
+    assert weights(tmp_path / "o") == weights(ref)  # bit for bit
+    plain = tmp_path / "plain"
+    run(*common[:-2], "--out", plain, check=True)
+    assert weights(plain) != weights(ref)

@@ -262,7 +262,7 @@ TEST(trainio_checkpoint_restores_exactly)
     cdb_err e;
     char path[600];
     int64_t order[5] = {4, 2, 0, 1, 3}, back[5] = {0};
-    cdb_ckpt_extra x = {9, order, 5, "config A"};
+    cdb_ckpt_extra x = {9, order, 5, "config A", NULL};
     int s;
     if (!bpe_dir()) SKIP("shared BPE vocabulary not found");
     REQUIRE(m);
@@ -275,10 +275,10 @@ TEST(trainio_checkpoint_restores_exactly)
         REQUIRE(cdb_train_step(a, tb.px, tb.ids, tb.lens, 6, NULL) == CLIPDB_OK);
     snprintf(path, sizeof path, "%s/ck.safetensors", test_tmpdir());
     REQUIRE(cdb_ckpt_write(path, a, &x, &e) == CLIPDB_OK);
-    CHECK(cdb_ckpt_read(path, b, "config B", back, 5, &e) == CLIPDB_EMISMATCH);
+    CHECK(cdb_ckpt_read(path, b, "config B", back, 5, NULL, &e) == CLIPDB_EMISMATCH);
     CHECK(strstr(e.msg, "other options or data"));
-    CHECK(cdb_ckpt_read(path, b, "config A", back, 4, &e) == CLIPDB_EFORMAT); /* order size */
-    REQUIRE(cdb_ckpt_read(path, b, "config A", back, 5, &e) == CLIPDB_OK);
+    CHECK(cdb_ckpt_read(path, b, "config A", back, 4, NULL, &e) == CLIPDB_EFORMAT); /* order size */
+    REQUIRE(cdb_ckpt_read(path, b, "config A", back, 5, NULL, &e) == CLIPDB_OK);
     CHECK(!memcmp(order, back, sizeof order));
     REQUIRE(cdb_train_step(a, tb.px, tb.ids, tb.lens, 6, NULL) == CLIPDB_OK);
     REQUIRE(cdb_train_step(b, tb.px, tb.ids, tb.lens, 6, NULL) == CLIPDB_OK);
@@ -303,11 +303,84 @@ TEST(trainio_checkpoint_restores_exactly)
         REQUIRE(clipdb_model_open(&other, dir) == CLIPDB_OK);
         c = new_trainer(other);
         REQUIRE(c);
-        CHECK(cdb_ckpt_read(path, c, "config A", back, 5, &e) == CLIPDB_EMISMATCH);
+        CHECK(cdb_ckpt_read(path, c, "config A", back, 5, NULL, &e) == CLIPDB_EMISMATCH);
         CHECK(strstr(e.msg, "another model shape"));
         cdb_trainer_free(c);
         clipdb_model_close(other);
     }
+    cdb_trainer_free(a);
+    cdb_trainer_free(b);
+    free(tb.px);
+    clipdb_model_close(m);
+}
+
+TEST(trainio_ema_decay_update_and_checkpoint)
+{
+    clipdb_model *m = tiny("ema", 9);
+    cdb_trainer *a, *b;
+    cdb_train_state sa;
+    toy_batch tb;
+    cdb_err e;
+    char path[600];
+    int64_t order[3] = {2, 0, 1}, back[3];
+    float avg[4] = {1, 2, -3, 0}, w[4] = {3, 2, 1, 8}, *ema, *ema_back;
+    cdb_ckpt_extra x = {9, order, 3, "config E", NULL};
+    size_t i;
+    /* warm-up (1 + t) / (10 + t) until it reaches the decay */
+    CHECK_NEAR(cdb_ema_decay(0.999f, 1), 2.0f / 11.0f, 1e-7);
+    CHECK_NEAR(cdb_ema_decay(0.999f, 90), 91.0f / 100.0f, 1e-7);
+    CHECK_NEAR(cdb_ema_decay(0.9f, 90), 0.9f, 1e-7);
+    CHECK_NEAR(cdb_ema_decay(0.0f, 5), 0.0f, 0);
+    cdb_ema_update(avg, w, 4, 0.75f);
+    CHECK_NEAR(avg[0], 1.5f, 1e-7);
+    CHECK_NEAR(avg[1], 2.0f, 1e-7);
+    CHECK_NEAR(avg[2], -2.0f, 1e-7);
+    CHECK_NEAR(avg[3], 2.0f, 1e-7);
+    cdb_ema_update(avg, w, 4, 0.0f); /* decay 0: the weights themselves */
+    CHECK(!memcmp(avg, w, sizeof w));
+    if (!bpe_dir()) SKIP("shared BPE vocabulary not found");
+    REQUIRE(m);
+    toy(&tb, m, 6, 1);
+    a = new_trainer(m);
+    b = new_trainer(m);
+    REQUIRE(a && b);
+    REQUIRE(cdb_train_step(a, tb.px, tb.ids, tb.lens, 6, NULL) == CLIPDB_OK);
+    cdb_trainer_state(a, &sa);
+    ema = malloc(sa.numel * sizeof *ema);
+    ema_back = calloc(sa.numel, sizeof *ema_back);
+    REQUIRE(ema && ema_back);
+    for (i = 0; i < sa.numel; i++) ema[i] = (float)i * 0.25f - 7.0f;
+    snprintf(path, sizeof path, "%s/ck_ema.safetensors", test_tmpdir());
+    /* a checkpoint without an average does not resume a run that keeps one */
+    REQUIRE(cdb_ckpt_write(path, a, &x, &e) == CLIPDB_OK);
+    CHECK(cdb_ckpt_read(path, b, "config E", back, 3, ema_back, &e) == CLIPDB_EFORMAT);
+    CHECK(strstr(e.msg, "'ema'"));
+    /* with one, the average comes back bit for bit */
+    x.ema = ema;
+    REQUIRE(cdb_ckpt_write(path, a, &x, &e) == CLIPDB_OK);
+    REQUIRE(cdb_ckpt_read(path, b, "config E", back, 3, ema_back, &e) == CLIPDB_OK);
+    CHECK(!memcmp(ema, ema_back, sa.numel * sizeof *ema));
+    CHECK(!memcmp(order, back, sizeof order));
+    /* and the encoders follow the weights synced, not the trainer's own */
+    {
+        float v1[16], v2[16];
+        clipdb_ctx *c = NULL;
+        const char *texts[1] = {"a dog on a sofa"};
+        REQUIRE(clipdb_ctx_new(&c, m) == CLIPDB_OK);
+        REQUIRE(cdb_trainer_sync(a, m) == CLIPDB_OK);
+        REQUIRE(clipdb_encode_texts(c, texts, 1, v1) == CLIPDB_OK);
+        for (i = 0; i < sa.numel; i++) ema_back[i] = sa.params[i] * 0.5f;
+        REQUIRE(cdb_trainer_sync_params(a, m, ema_back) == CLIPDB_OK);
+        REQUIRE(clipdb_encode_texts(c, texts, 1, v2) == CLIPDB_OK);
+        CHECK(memcmp(v1, v2, sizeof v1) != 0);
+        CHECK_NEAR(m->logit_scale, ema_back[cdb_trainer_find(a, "logit_scale")->offset], 0);
+        REQUIRE(cdb_trainer_sync(a, m) == CLIPDB_OK);
+        REQUIRE(clipdb_encode_texts(c, texts, 1, v2) == CLIPDB_OK);
+        CHECK(!memcmp(v1, v2, sizeof v1));
+        clipdb_ctx_free(c);
+    }
+    free(ema);
+    free(ema_back);
     cdb_trainer_free(a);
     cdb_trainer_free(b);
     free(tb.px);

@@ -63,7 +63,21 @@ struct cdb_trainer {
     size_t cap_keep;
     const clipdb_model *synced;     /* the model the last sync pointed at ... */
     float *synced_copy;             /* ... this copy (owned by that model) */
+    struct adam_chunk *chunks;      /* the trainable floats in pieces (cdb_train_apply) */
+    double *chunk_norm2;            /* (n_chunks) each piece's sum of squared gradients */
+    size_t n_chunks;
 };
+
+/* AdamW runs on the pool over pieces of at most ADAM_CHUNK floats of the
+** trainable tensors, cut once at trainer creation. Each piece sums its
+** squared gradients in double and the sums are added in piece order, so
+** the norm does not depend on how many threads there are; the update is
+** elementwise, the same floats whatever the split. */
+#define ADAM_CHUNK ((size_t)1 << 16)
+typedef struct adam_chunk {
+    size_t off, n;                  /* floats of params / grads / m / v */
+    int decay;                      /* the tensor's AdamW weight decay applies */
+} adam_chunk;
 
 /* ---- options ---------------------------------------------------------------- */
 
@@ -195,6 +209,8 @@ void cdb_trainer_free(cdb_trainer *t)
     free(t->m);
     free(t->v);
     free(t->tensors);
+    free(t->chunks);
+    free(t->chunk_norm2);
     free(t->vis.t.blocks);
     free(t->gvis.t.blocks);
     free(t->rn.blocks);
@@ -308,6 +324,24 @@ int cdb_trainer_new(cdb_trainer **out, const clipdb_model *m, const cdb_train_op
             if (pw[i].kind == CDB_W_EMBED) tr->embed = 1;
         }
         off += pt->numel;
+    }
+    for (i = 0; i < np; i++) /* AdamW's pieces: count, then cut */
+        if (t->tensors[i].trainable) t->n_chunks += (t->tensors[i].numel + ADAM_CHUNK - 1) / ADAM_CHUNK;
+    t->chunks = cdb_malloc_array(t->n_chunks ? t->n_chunks : 1, sizeof *t->chunks);
+    t->chunk_norm2 = cdb_malloc_array(t->n_chunks ? t->n_chunks : 1, sizeof *t->chunk_norm2);
+    if (!t->chunks || !t->chunk_norm2) {
+        rc = cdb_err_set(e, CLIPDB_ENOMEM, "out of memory");
+        goto cleanup;
+    }
+    for (i = 0, off = 0; i < np; i++) {
+        const cdb_ptensor *pt = &t->tensors[i];
+        size_t at;
+        if (!pt->trainable) continue;
+        for (at = 0; at < pt->numel; at += ADAM_CHUNK, off++) {
+            t->chunks[off].off = pt->offset + at;
+            t->chunks[off].n = pt->numel - at < ADAM_CHUNK ? pt->numel - at : ADAM_CHUNK;
+            t->chunks[off].decay = pt->decay;
+        }
     }
     if (t->vis.rn) { /* the lowest block with a trained tensor; the stem: -1 */
         t->rn_lo = t->tv.embed ? -1 : t->rn.n_blocks;
@@ -743,6 +777,42 @@ float cdb_trainer_lr(const cdb_trainer *t)
     return o->lr;
 }
 
+/* One AdamW update over the pieces, on the pool. */
+typedef struct adam_job {
+    cdb_trainer *t;
+    float scale, beta1, beta2, eps, step_size, decay;
+    double bc2s;
+} adam_job;
+
+static void adam_norm_task(void *arg, size_t c)
+{
+    const cdb_trainer *t = arg;
+    const float *g = t->grads + t->chunks[c].off;
+    double s = 0.0;
+    size_t j;
+    for (j = 0; j < t->chunks[c].n; j++) s += (double)g[j] * g[j];
+    t->chunk_norm2[c] = s;
+}
+
+static void adam_update_task(void *arg, size_t c)
+{
+    const adam_job *a = arg;
+    const cdb_trainer *t = a->t;
+    const adam_chunk *ch = &t->chunks[c];
+    float *p = t->params + ch->off, *m = t->m + ch->off, *v = t->v + ch->off;
+    const float *g = t->grads + ch->off;
+    size_t j;
+    for (j = 0; j < ch->n; j++) {
+        const float gj = g[j] * a->scale;
+        float denom;
+        if (ch->decay) p[j] *= a->decay;
+        m[j] = m[j] * a->beta1 + gj * (1.0f - a->beta1);
+        v[j] = v[j] * a->beta2 + gj * gj * (1.0f - a->beta2);
+        denom = sqrtf(v[j]) / (float)a->bc2s + a->eps;
+        p[j] -= a->step_size * (m[j] / denom);
+    }
+}
+
 int cdb_train_apply(cdb_trainer *t, cdb_train_stats *st)
 {
     const cdb_train_opts *o = &t->o;
@@ -754,38 +824,28 @@ int cdb_train_apply(cdb_trainer *t, cdb_train_stats *st)
     const float step_size = (float)(lr / bc1), decay = 1.0f - lr * o->wd;
     double norm2 = 0.0;
     float scale = 1.0f, norm;
-    int i;
-    size_t j;
+    adam_job job;
+    size_t c;
     cdb_err_clear(&t->err);
-    for (i = 0; i < t->n_tensors; i++) {
-        const cdb_ptensor *pt = &t->tensors[i];
-        const float *g = t->grads + pt->offset;
-        if (!pt->trainable) continue;
-        for (j = 0; j < pt->numel; j++) norm2 += (double)g[j] * g[j];
-    }
+    cdb_pool_run(t->n_chunks, adam_norm_task, t);
+    for (c = 0; c < t->n_chunks; c++) norm2 += t->chunk_norm2[c];
     norm = (float)sqrt(norm2);
     if (!isfinite(norm))
         return cdb_err_set(&t->err, CLIPDB_ERROR,
                            "the gradient is not finite (NaN or infinity): step %ld refused", step);
     if (o->clip_grad > 0.0f) { /* torch.nn.utils.clip_grad_norm_ */
-        const float c = o->clip_grad / (norm + 1e-6f);
-        if (c < 1.0f) scale = c;
+        const float clip = o->clip_grad / (norm + 1e-6f);
+        if (clip < 1.0f) scale = clip;
     }
-    for (i = 0; i < t->n_tensors; i++) {
-        const cdb_ptensor *pt = &t->tensors[i];
-        float *p = t->params + pt->offset, *g = t->grads + pt->offset;
-        float *m = t->m + pt->offset, *v = t->v + pt->offset;
-        if (!pt->trainable) continue;
-        for (j = 0; j < pt->numel; j++) {
-            const float gj = g[j] * scale;
-            float denom;
-            if (pt->decay) p[j] *= decay;
-            m[j] = m[j] * o->beta1 + gj * (1.0f - o->beta1);
-            v[j] = v[j] * o->beta2 + gj * gj * (1.0f - o->beta2);
-            denom = sqrtf(v[j]) / (float)bc2s + o->eps;
-            p[j] -= step_size * (m[j] / denom);
-        }
-    }
+    job.t = t;
+    job.scale = scale;
+    job.beta1 = o->beta1;
+    job.beta2 = o->beta2;
+    job.eps = o->eps;
+    job.step_size = step_size;
+    job.decay = decay;
+    job.bc2s = bc2s;
+    cdb_pool_run(t->n_chunks, adam_update_task, &job);
     /* open_clip: logit_scale clamped to [0, ln 100] after each step */
     if (*t->ls < 0.0f) *t->ls = 0.0f;
     if (*t->ls > CDB_LOGIT_SCALE_MAX) *t->ls = CDB_LOGIT_SCALE_MAX;

@@ -473,11 +473,29 @@ float cdb_ema_decay(float decay, long steps)
     return warm < decay ? warm : decay;
 }
 
+/* On the pool, in pieces of EMA_CHUNK floats (elementwise: the same floats
+** whatever the split). */
+#define EMA_CHUNK ((size_t)1 << 16)
+typedef struct ema_job {
+    float *avg;
+    const float *w;
+    size_t n;
+    float d;
+} ema_job;
+
+static void ema_task(void *arg, size_t c)
+{
+    const ema_job *a = arg;
+    const float k = 1.0f - a->d;
+    const size_t lo = c * EMA_CHUNK, hi = a->n - lo < EMA_CHUNK ? a->n : lo + EMA_CHUNK;
+    size_t i;
+    for (i = lo; i < hi; i++) a->avg[i] = a->d * a->avg[i] + k * a->w[i];
+}
+
 void cdb_ema_update(float *avg, const float *w, size_t n, float d)
 {
-    const float k = 1.0f - d;
-    size_t i;
-    for (i = 0; i < n; i++) avg[i] = d * avg[i] + k * w[i];
+    ema_job a = {avg, w, n, d};
+    cdb_pool_run((n + EMA_CHUNK - 1) / EMA_CHUNK, ema_task, &a);
 }
 
 /* Writes a checkpoint after `step` steps, with the order of the epoch the

@@ -64,8 +64,10 @@
 ** backward (layer norm, QuickGELU, bias adds and bias gradients) are split
 ** over the process's pool (src/core/pool.c) and attention runs one pool task
 ** per sequence (src/model/transformer.c), with results that do not depend
-** on the split. Still on the calling thread: the loss (n x n, small), AdamW
-** and the embedding gathers. bench/bench_train.c reports the measured
+** on the split. AdamW runs on the pool in fixed pieces (the gradient norm
+** summed per piece, then in piece order: the same floats for any number of
+** threads). Still on the calling thread: the loss (n x n, small) and the
+** embedding gathers. bench/bench_train.c reports the measured
 ** cores_busy (CPU time / wall).
 **
 ** Precision (opts.gemm): fp32, or bf16 GEMMs (cdb_sgemm_bf16: inputs

@@ -338,6 +338,24 @@ TEST(trainio_ema_decay_update_and_checkpoint)
     CHECK_NEAR(avg[3], 2.0f, 1e-7);
     cdb_ema_update(avg, w, 4, 0.0f); /* decay 0: the weights themselves */
     CHECK(!memcmp(avg, w, sizeof w));
+    { /* across the pool's pieces (2^16 floats each) and the last, short one */
+        const size_t n = 3 * ((size_t)1 << 16) + 7;
+        float *xa = malloc(n * sizeof *xa), *y = malloc(n * sizeof *y);
+        int same = 1;
+        REQUIRE(xa && y);
+        for (i = 0; i < n; i++) {
+            xa[i] = (float)(i % 1000) * 0.001f;
+            y[i] = (float)(i % 777) * -0.01f;
+        }
+        cdb_ema_update(xa, y, n, 0.9f);
+        for (i = 0; i < n; i++) {
+            const float want = 0.9f * ((float)(i % 1000) * 0.001f) + (1.0f - 0.9f) * y[i];
+            same &= xa[i] == want;
+        }
+        CHECK(same);
+        free(xa);
+        free(y);
+    }
     if (!bpe_dir()) SKIP("shared BPE vocabulary not found");
     REQUIRE(m);
     toy(&tb, m, 6, 1);

@@ -326,7 +326,8 @@ int cdb_trainer_new(cdb_trainer **out, const clipdb_model *m, const cdb_train_op
         off += pt->numel;
     }
     for (i = 0; i < np; i++) /* AdamW's pieces: count, then cut */
-        if (t->tensors[i].trainable) t->n_chunks += (t->tensors[i].numel + ADAM_CHUNK - 1) / ADAM_CHUNK;
+        if (t->tensors[i].trainable)
+            t->n_chunks += (t->tensors[i].numel + ADAM_CHUNK - 1) / ADAM_CHUNK;
     t->chunks = cdb_malloc_array(t->n_chunks ? t->n_chunks : 1, sizeof *t->chunks);
     t->chunk_norm2 = cdb_malloc_array(t->n_chunks ? t->n_chunks : 1, sizeof *t->chunk_norm2);
     if (!t->chunks || !t->chunk_norm2) {

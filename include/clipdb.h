@@ -1260,6 +1260,15 @@ typedef struct clipdb_train_options {
                              ** Validation measures the average and the
                              ** written model is the average. In [0, 1)
                              ** (default 0: none, the weights as trained) */
+    int captions_per_image;  /* K in 1..16 (default 1: the paper's one
+                             ** caption per image per step): each step
+                             ** pairs its images with K of their captions
+                             ** (the drawn one, then the next ones in the
+                             ** image's order, round again if it has fewer
+                             ** than K) and the loss is the mean over the K
+                             ** of the symmetric cross-entropy of the images
+                             ** against one caption each; the text tower
+                             ** runs on K times as many texts */
 } clipdb_train_options;
 
 /* Fills the defaults above. */

@@ -118,6 +118,9 @@ class Trainable(torch.nn.Module):
         self.clip.train()
 
     def loss(self, pixels, ids):
+        """ids: K rows per image (K = len(ids) / len(pixels)), row k*n + i
+        a caption of image i: the mean over k of the symmetric loss of the n
+        images against texts k*n .. k*n + n - 1 (K = 1: CLIP's loss)."""
         c = self.clip
         img = visual_keep(c.visual, pixels, self.keep)
         x = c.token_embedding(ids) + c.positional_embedding
@@ -126,11 +129,15 @@ class Trainable(torch.nn.Module):
         txt = x[torch.arange(x.shape[0]), ids.argmax(dim=-1)] @ c.text_projection
         img = img / img.norm(dim=-1, keepdim=True)
         txt = txt / txt.norm(dim=-1, keepdim=True)
-        logits = self.logit_scale.exp() * img @ txt.t()
-        labels = torch.arange(len(ids))
+        n = img.shape[0]
+        labels = torch.arange(n)
         ce = torch.nn.functional.cross_entropy
-        return (ce(logits, labels, label_smoothing=self.smoothing) +
-                ce(logits.t(), labels, label_smoothing=self.smoothing)) / 2
+        total = 0
+        for k in range(len(ids) // n):
+            logits = self.logit_scale.exp() * img @ txt[k * n:(k + 1) * n].t()
+            total = total + (ce(logits, labels, label_smoothing=self.smoothing) +
+                             ce(logits.t(), labels, label_smoothing=self.smoothing)) / 2
+        return total / (len(ids) // n)
 
     def named(self):
         """{openai name: tensor} of the parameters (logit_scale included)."""

@@ -5,6 +5,7 @@
 **   train_step MODEL_DIR BATCH.bin OUTDIR [--steps N] [--lr X] [--wd X]
 **              [--micro M] [--train all|proj|last:N] [--clip X] [--warmup N]
 **              [--cosine TOTAL] [--smooth E] [--keep FILE --nkeep K]
+**              [--texts K]
 **
 ** BATCH.bin (little-endian): int32 n, int32 S, int32 C, then pixels
 ** float32 (n, 3, S, S), ids int32 (n, C) zero-padded, lens int32 (n).
@@ -15,7 +16,10 @@
 **   losses.txt      the loss of each of the N steps (before its update), one a line
 ** Every step is the same batch (so the curve falls). --keep: patch dropout,
 ** FILE holding int32 (n, K) increasing patch indices, the patches each image
-** keeps (cdb_trainer_set_patches).
+** keeps (cdb_trainer_set_patches). --texts K: K captions per image
+** (cdb_train_opts.texts_per_image); the batch's n rows are then K*m texts,
+** row k*m + i the k-th caption of image i, and the engine gets the first
+** m = n / K images (the other rows' pixels are not read).
 */
 #include <stdio.h>
 #include <stdlib.h>
@@ -31,7 +35,7 @@ static int usage(void)
             "usage: train_step MODEL_DIR BATCH.bin OUTDIR [--steps N] [--lr X] [--wd X]\n"
             "                  [--micro M] [--train all|proj|last:N] [--clip X] [--warmup N]\n"
             "                  [--cosine TOTAL] [--smooth LABEL_SMOOTHING]\n"
-            "                  [--keep FILE --nkeep K]\n"
+            "                  [--keep FILE --nkeep K] [--texts K]\n"
             "  Runs the training engine on one batch: gradient, one AdamW step, N steps.\n");
     return 2;
 }
@@ -63,7 +67,7 @@ int main(int argc, char **argv)
     const int32_t **ids = NULL;
     float *pixels = NULL;
     int32_t *keep = NULL;
-    int steps = 1, i, rc = 1, n, S, C, nkeep = 0;
+    int steps = 1, i, rc = 1, n, S, C, nkeep = 0, ni, K;
     char path[4096];
 
     if (argc < 4) return usage();
@@ -80,6 +84,8 @@ int main(int argc, char **argv)
         else if (!strcmp(argv[i], "--warmup") && i + 1 < argc) o.warmup = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--keep") && i + 1 < argc) keep_path = argv[++i];
         else if (!strcmp(argv[i], "--nkeep") && i + 1 < argc) nkeep = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--texts") && i + 1 < argc)
+            o.texts_per_image = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--cosine") && i + 1 < argc) {
             o.schedule = CDB_SCHED_COSINE;
             o.total_steps = atol(argv[++i]);
@@ -119,6 +125,12 @@ int main(int argc, char **argv)
         goto cleanup;
     }
     for (i = 0; i < n; i++) ids[i] = idbuf + (size_t)i * C;
+    K = o.texts_per_image > 1 ? o.texts_per_image : 1;
+    ni = n / K; /* images */
+    if (ni * K != n || ni < 2) {
+        fprintf(stderr, "train_step: %d texts are not %d captions each of >= 2 images\n", n, K);
+        goto cleanup;
+    }
 
     if (cdb_trainer_new(&t, m, &o, &e)) {
         fprintf(stderr, "train_step: %s\n", e.msg);
@@ -126,15 +138,15 @@ int main(int argc, char **argv)
     }
     if (keep_path) {
         FILE *kf = fopen(keep_path, "rb");
-        int got = kf && (keep = malloc((size_t)n * nkeep * sizeof *keep)) &&
-                  fread(keep, sizeof *keep, (size_t)n * nkeep, kf) == (size_t)n * nkeep;
+        int got = kf && (keep = malloc((size_t)ni * nkeep * sizeof *keep)) &&
+                  fread(keep, sizeof *keep, (size_t)ni * nkeep, kf) == (size_t)ni * nkeep;
         if (kf) fclose(kf);
         if (!got) {
-            fprintf(stderr, "train_step: cannot read %d x %d patch indices from %s\n", n, nkeep,
+            fprintf(stderr, "train_step: cannot read %d x %d patch indices from %s\n", ni, nkeep,
                     keep_path);
             goto cleanup;
         }
-        if (cdb_trainer_set_patches(t, keep, nkeep, n)) {
+        if (cdb_trainer_set_patches(t, keep, nkeep, ni)) {
             fprintf(stderr, "train_step: %s\n", cdb_trainer_errmsg(t));
             goto cleanup;
         }
@@ -154,7 +166,7 @@ int main(int argc, char **argv)
     lf = fopen(path, "w");
     if (!lf) goto cleanup;
     for (i = 0; i < steps; i++) {
-        if (cdb_train_grad(t, pixels, ids, lens, n, &st)) {
+        if (cdb_train_grad(t, pixels, ids, lens, ni, &st)) {
             fprintf(stderr, "train_step: %s\n", cdb_trainer_errmsg(t));
             goto cleanup;
         }

@@ -34,6 +34,12 @@
     "                       decay D in [0, 1) (e.g. 0.998; warmed up as\n"                \
     "                       min(D, (1 + t) / (10 + t)) after step t); validation\n"      \
     "                       measures it and it is the model written. Default: none\n"   \
+    "  --captions-per-image K\n"                                                           \
+    "                       pair each image of a step with K of its captions (the\n"     \
+    "                       drawn one and the next K - 1, round again if it has\n"      \
+    "                       fewer); the loss is the mean over the K of the image-\n"    \
+    "                       caption loss, the text tower runs on K x batch texts.\n"    \
+    "                       1..16, default 1 (the paper's one caption a step)\n"       \
     "  --train WHAT         all | proj (the two projections and the temperature) |\n"      \
     "                       last:N (the last N blocks of each tower, the final layer\n"    \
     "                       norms, projections and temperature); default all\n"            \
@@ -255,6 +261,10 @@ static int common_option(const char *cmd, int argc, char **argv, int *i,
     if (!strcmp(a, "--label-smoothing")) {
         if (cli_parse_double(cmd, a, v, 0, 0.999999, &d)) return -1;
         return o->label_smoothing = (float)d, TAKE;
+    }
+    if (!strcmp(a, "--captions-per-image")) {
+        if (cli_parse_int(cmd, a, v, 1, 16, &n)) return -1;
+        return o->captions_per_image = (int)n, TAKE;
     }
     if (!strcmp(a, "--ema")) {
         if (cli_parse_double(cmd, a, v, 0, 0.999999, &d)) return -1;

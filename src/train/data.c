@@ -160,18 +160,23 @@ oom:
 
 /* ---- batches ---------------------------------------------------------------- */
 
-int cdb_batch_init(cdb_batch *b, int cap, int image_size, int context, size_t n_images,
-                   cdb_err *e)
+int cdb_batch_init(cdb_batch *b, int cap, int texts, int image_size, int context,
+                   size_t n_images, cdb_err *e)
 {
-    size_t plane = (size_t)3 * image_size * image_size, i;
+    size_t plane = (size_t)3 * image_size * image_size, i, rows;
     memset(b, 0, sizeof *b);
+    if (cap < 1 || texts < 1 || texts > CDB_MAX_TEXTS_PER_IMAGE)
+        return cdb_err_set(e, CLIPDB_EINVAL, "a batch of %d images with %d texts each", cap,
+                           texts);
+    rows = (size_t)cap * (size_t)texts;
     b->cap = cap;
+    b->texts = texts;
     b->image_size = image_size;
     b->context = context;
     b->pixels = cdb_malloc_array((size_t)cap, plane * sizeof(float));
-    b->ids = cdb_calloc_array((size_t)cap, sizeof *b->ids);
-    b->ids_buf = cdb_malloc_array((size_t)cap * (size_t)context, sizeof *b->ids_buf);
-    b->lens = cdb_calloc_array((size_t)cap, sizeof *b->lens);
+    b->ids = cdb_calloc_array(rows, sizeof *b->ids);
+    b->ids_buf = cdb_malloc_array(rows * (size_t)context, sizeof *b->ids_buf);
+    b->lens = cdb_calloc_array(rows, sizeof *b->lens);
     b->tok_cache = cdb_tok_cache_new();
     b->n_images = n_images;
     b->cache_budget = CDB_PIXEL_CACHE_BYTES;
@@ -181,7 +186,7 @@ int cdb_batch_init(cdb_batch *b, int cap, int image_size, int context, size_t n_
         cdb_batch_free(b);
         return cdb_err_set(e, CLIPDB_ENOMEM, "out of memory for a batch of %d", cap);
     }
-    for (i = 0; i < (size_t)cap; i++) b->ids[i] = b->ids_buf + i * (size_t)context;
+    for (i = 0; i < rows; i++) b->ids[i] = b->ids_buf + i * (size_t)context;
     return CLIPDB_OK;
 }
 
@@ -238,9 +243,9 @@ static void crop_box(cdb_rng *r, int w, int h, float crop_min, int *x, int *y, i
 /* Text augmentation: drops each token between the start (ids[0]) and end
 ** (ids[n-1]) tokens with probability p, keeping at least one, and moves the
 ** end token up; the freed tail is zeroed. */
-static void drop_tokens(int32_t *ids, int *n, float p, uint64_t seed, long step, size_t img)
+static void drop_tokens(int32_t *ids, int *n, float p, uint64_t state)
 {
-    cdb_rng r = {cdb_tdraw(seed, CDB_DRAW_TEXT_DROP, (uint64_t)step, (uint64_t)img)};
+    cdb_rng r = {state};
     int i, k = 1, last = *n - 1, keep_one = 1 + (int)cdb_rng_below(&r, (uint64_t)(last - 1));
     int32_t end = ids[last];
     for (i = 1; i < last; i++) {
@@ -252,6 +257,23 @@ static void drop_tokens(int32_t *ids, int *n, float p, uint64_t seed, long step,
     *n = k;
 }
 
+/* Tokenizes text (a caption of im) into text row `row`, tokens dropped with
+** probability text_drop from the random stream drop_state. */
+static int load_text(cdb_batch *b, int row, const cdb_pair_image *im, const char *text,
+                     const cdb_tokenizer *tok, float text_drop, uint64_t drop_state, cdb_err *e)
+{
+    int n_ids = 0;
+    int rc = cdb_tok_encode(tok, b->tok_cache, text, strlen(text), b->ids[row], b->context,
+                            &n_ids, e);
+    if (rc != CLIPDB_OK) {
+        cdb_err_prefix(e, "caption of %s", im->path);
+        return rc;
+    }
+    if (text_drop > 0 && n_ids > 3) drop_tokens(b->ids[row], &n_ids, text_drop, drop_state);
+    b->lens[row] = n_ids;
+    return CLIPDB_OK;
+}
+
 int cdb_batch_load(cdb_batch *b, int j, const cdb_pairs *p, size_t img, size_t cap,
                    const cdb_tokenizer *tok, int augment, float crop_min, float text_drop,
                    uint64_t seed, long step, cdb_err *e)
@@ -260,7 +282,7 @@ int cdb_batch_load(cdb_batch *b, int j, const cdb_pairs *p, size_t img, size_t c
     const char *text = im->captions[cap];
     float *px = b->pixels + (size_t)j * 3 * b->image_size * b->image_size;
     size_t plane = (size_t)3 * b->image_size * b->image_size;
-    int rc, n_ids = 0;
+    int rc;
 
     if (!augment && b->cache && img < b->n_images && b->cache[img]) {
         memcpy(px, b->cache[img], plane * sizeof *px);
@@ -290,12 +312,17 @@ int cdb_batch_load(cdb_batch *b, int j, const cdb_pairs *p, size_t img, size_t c
         b->cache_bytes += plane * sizeof *px;
     }
 tokenize:
-    rc = cdb_tok_encode(tok, b->tok_cache, text, strlen(text), b->ids[j], b->context, &n_ids, e);
-    if (rc != CLIPDB_OK) {
-        cdb_err_prefix(e, "caption of %s", im->path);
-        return rc;
-    }
-    if (text_drop > 0 && n_ids > 3) drop_tokens(b->ids[j], &n_ids, text_drop, seed, step, img);
-    b->lens[j] = n_ids;
-    return CLIPDB_OK;
+    return load_text(b, j, im, text, tok, text_drop,
+                     cdb_tdraw(seed, CDB_DRAW_TEXT_DROP, (uint64_t)step, (uint64_t)img), e);
+}
+
+int cdb_batch_load_text(cdb_batch *b, int row, const cdb_pairs *p, size_t img, size_t cap,
+                        const cdb_tokenizer *tok, float text_drop, uint64_t drop_state,
+                        cdb_err *e)
+{
+    if (row < 0 || row >= b->cap * b->texts || img >= p->n || cap >= p->img[img].n_captions)
+        return cdb_err_set(e, CLIPDB_EINVAL, "text row %d, image %zu, caption %zu: out of range",
+                           row, img, cap);
+    return load_text(b, row, &p->img[img], p->img[img].captions[cap], tok, text_drop,
+                     drop_state, e);
 }

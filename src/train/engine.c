@@ -52,10 +52,11 @@ struct cdb_trainer {
     float *ls, *gls;                /* logit_scale and its gradient (NULL: frozen) */
     struct cdb_run *run;            /* scratch of the forward and backward */
     tower_run tv, tt;
-    float *emb;                     /* (2, n, e): image then text embeddings */
-    float *demb;                    /* (2, n, e): their gradients */
-    size_t cap_emb;                 /* n rows the two hold */
-    int *ends;                      /* (n) end token per text */
+    int K;                          /* texts per image (opts.texts_per_image) */
+    float *emb;                     /* (1 + K, n, e): image then text embeddings */
+    float *demb;                    /* (1 + K, n, e): their gradients */
+    size_t cap_emb;                 /* n images the two hold */
+    int *ends;                      /* (K*n) end token per text */
     size_t cap_ends;
     int32_t *keep;                  /* (cap_keep) patch dropout: the patches each image of
                                     ** the next batch keeps, nkeep a row; NULL: all */
@@ -132,6 +133,9 @@ static int check_opts(const cdb_train_opts *o, cdb_err *e)
     if (!(o->label_smoothing >= 0.0f && o->label_smoothing < 1.0f))
         return cdb_err_set(e, CLIPDB_EINVAL, "label smoothing %g must be in [0, 1)",
                            o->label_smoothing);
+    if (o->texts_per_image < 0 || o->texts_per_image > CDB_MAX_TEXTS_PER_IMAGE)
+        return cdb_err_set(e, CLIPDB_EINVAL, "texts per image %d must be in 1..%d",
+                           o->texts_per_image, CDB_MAX_TEXTS_PER_IMAGE);
     if (o->warmup < 0 || o->micro_batch < 0 || o->threads < 0 || !isfinite(o->clip_grad))
         return cdb_err_set(e, CLIPDB_EINVAL, "warm-up, micro-batch and threads must be >= 0");
     if (o->schedule != CDB_SCHED_CONSTANT && o->schedule != CDB_SCHED_COSINE)
@@ -256,6 +260,7 @@ int cdb_trainer_new(cdb_trainer **out, const clipdb_model *m, const cdb_train_op
     t = calloc(1, sizeof *t);
     if (!t) return cdb_err_set(e, CLIPDB_ENOMEM, "out of memory");
     t->o = *o;
+    t->K = o->texts_per_image > 0 ? o->texts_per_image : 1;
     snprintf(t->key_style, sizeof t->key_style, "%s", m->key_style);
     t->embed_dim = m->embed_dim;
     t->vis = m->vision, t->gvis = m->vision;
@@ -633,24 +638,58 @@ cleanup:
     return rc;
 }
 
+/* The loss of a batch of n images img (n, e) and K*n texts txt (K*n, e):
+** the mean over k of clip_loss(img, texts k*n .. k*n + n - 1), with its
+** gradients in dimg (n, e), dtxt (K*n, e) and *dls. K = 1 is clip_loss. */
+static int batch_loss(const float *img, const float *txt, int n, int K, int e, float ls,
+                      double smooth, float *dimg, float *dtxt, double *dls, double *out)
+{
+    const size_t ne = (size_t)n * e;
+    double *acc = NULL, dk, lk;
+    float *dik = NULL;
+    size_t j;
+    int k, rc = CLIPDB_OK;
+    if (K == 1) return clip_loss(img, txt, n, e, ls, smooth, dimg, dtxt, dls, out);
+    acc = calloc(ne, sizeof *acc);
+    dik = malloc(ne * sizeof *dik);
+    if (!acc || !dik) {
+        rc = CLIPDB_ENOMEM;
+        goto cleanup;
+    }
+    *dls = *out = 0.0;
+    for (k = 0; k < K; k++) {
+        float *dt = dtxt + (size_t)k * ne;
+        if ((rc = clip_loss(img, txt + (size_t)k * ne, n, e, ls, smooth, dik, dt, &dk, &lk)))
+            goto cleanup;
+        for (j = 0; j < ne; j++) acc[j] += dik[j], dt[j] /= (float)K;
+        *dls += dk / K, *out += lk / K;
+    }
+    for (j = 0; j < ne; j++) dimg[j] = (float)(acc[j] / K);
+cleanup:
+    free(acc), free(dik);
+    return rc;
+}
+
 /* ---- the step ---------------------------------------------------------------------- */
 
 static int check_batch(cdb_trainer *t, const float *pixels, const int32_t *const *ids,
                        const int *lens, int n)
 {
+    const int nt = t->K * n; /* texts */
     int i, j, rc;
-    if (n < 2 || !pixels || !ids || !lens)
-        return cdb_err_set(&t->err, CLIPDB_EINVAL, "a training batch needs >= 2 pairs (got %d)", n);
+    if (n < 2 || n > (1 << 20) || !pixels || !ids || !lens)
+        return cdb_err_set(&t->err, CLIPDB_EINVAL,
+                           "a training batch needs 2..%d pairs (got %d)", 1 << 20, n);
     if (t->embed_dim > 4096)
         return cdb_err_set(&t->err, CLIPDB_ELIMIT, "embedding size %d over 4096", t->embed_dim);
-    if ((size_t)n > t->cap_ends) {
-        int *q = cdb_malloc_array((size_t)n, sizeof *q);
+    if ((size_t)nt > t->cap_ends) {
+        int *q = cdb_malloc_array((size_t)nt, sizeof *q);
         if (!q) return cdb_err_set(&t->err, CLIPDB_ENOMEM, "out of memory");
         free(t->ends);
         t->ends = q;
-        t->cap_ends = (size_t)n;
+        t->cap_ends = (size_t)nt;
     }
-    for (i = 0; i < n; i++) {
+    for (i = 0; i < nt; i++) {
         int best = 0;
         if (!ids[i] || lens[i] < 1 || lens[i] > t->txt.context)
             return cdb_err_set(&t->err, CLIPDB_EINVAL, "text %d: %d tokens (must be 1..%d)", i,
@@ -665,10 +704,11 @@ static int check_batch(cdb_trainer *t, const float *pixels, const int32_t *const
         t->ends[i] = best;
     }
     if ((size_t)n > t->cap_emb) {
+        const size_t rows = (size_t)(1 + t->K) * n;
         size_t c = 0;
-        if ((rc = grow_f(&t->emb, &c, (size_t)2 * n * t->embed_dim, &t->err))) return rc;
+        if ((rc = grow_f(&t->emb, &c, rows * t->embed_dim, &t->err))) return rc;
         c = 0;
-        if ((rc = grow_f(&t->demb, &c, (size_t)2 * n * t->embed_dim, &t->err))) return rc;
+        if ((rc = grow_f(&t->demb, &c, rows * t->embed_dim, &t->err))) return rc;
         t->cap_emb = (size_t)n;
     }
     return CLIPDB_OK;
@@ -717,7 +757,7 @@ int cdb_train_grad(cdb_trainer *t, const float *pixels, const int32_t *const *id
     const double t0 = cdb_now();
     const int e = t->embed_dim, S = t->vis.image_size;
     const size_t img_floats = (size_t)3 * S * S;
-    int rc, mb, i0, pass;
+    int rc, mb, i0, pass, nt;
     double loss = 0.0, dls = 0.0;
     float *img, *txt;
     cdb_err_clear(&t->err);
@@ -726,33 +766,45 @@ int cdb_train_grad(cdb_trainer *t, const float *pixels, const int32_t *const *id
         return cdb_err_set(&t->err, CLIPDB_EINVAL,
                            "patch dropout was set for %zu images, the batch has %d",
                            t->cap_keep / (size_t)t->nkeep, n);
-    img = t->emb, txt = t->emb + (size_t)n * e;
+    img = t->emb, txt = t->emb + (size_t)n * e; /* txt: K*n rows */
+    nt = t->K * n;
     mb = t->o.micro_batch > 0 && t->o.micro_batch < n ? t->o.micro_batch : n;
     memset(t->grads, 0, t->numel * sizeof(float));
-    /* pass 0 (micro-batches only): the embeddings of the whole batch */
-    for (pass = mb < n ? 0 : 1; pass < 2; pass++) {
-        if (pass == 1 && mb < n) {
-            if (clip_loss(img, txt, n, e, *t->ls, t->o.label_smoothing, t->demb,
-                          t->demb + (size_t)n * e, &dls, &loss))
-                return cdb_err_set(&t->err, CLIPDB_ENOMEM, "out of memory (loss)");
-        }
-        for (i0 = 0; i0 < n; i0 += mb) {
-            const int nb = n - i0 < mb ? n - i0 : mb;
-            const float *px = pixels + (size_t)i0 * img_floats;
-            const int32_t *kp = t->keep ? t->keep + (size_t)i0 * t->nkeep : NULL;
-            if ((rc = vision_fwd(t, px, kp, nb, pass == 1, img + (size_t)i0 * e)) ||
-                (rc = text_fwd(t, ids + i0, lens + i0, t->ends + i0, nb, txt + (size_t)i0 * e)))
-                return rc;
-            if (pass == 0) continue;
-            if (mb == n) {
-                if (clip_loss(img, txt, n, e, *t->ls, t->o.label_smoothing, t->demb,
-                              t->demb + (size_t)n * e, &dls, &loss))
-                    return cdb_err_set(&t->err, CLIPDB_ENOMEM, "out of memory (loss)");
+    if (mb == n) { /* the whole batch: forward both towers, the loss, backward */
+        if ((rc = vision_fwd(t, pixels, t->keep, n, 1, img)) ||
+            (rc = text_fwd(t, ids, lens, t->ends, nt, txt)))
+            return rc;
+        if ((rc = batch_loss(img, txt, n, t->K, e, *t->ls, t->o.label_smoothing, t->demb,
+                             t->demb + (size_t)n * e, &dls, &loss)))
+            return cdb_err_set(&t->err, rc, "out of memory (loss)");
+        if ((rc = vision_bwd(t, pixels, t->keep, n, t->demb)) ||
+            (rc = text_bwd(t, ids, lens, t->ends, nt, t->demb + (size_t)n * e)))
+            return rc;
+    } else {
+        /* pass 0: the embeddings of the whole batch, in micro-batches of mb
+        ** images and mb texts; the loss; pass 1: each micro-batch's forward
+        ** again, with its activations kept, and its backward */
+        for (pass = 0; pass < 2; pass++) {
+            if (pass == 1 && (rc = batch_loss(img, txt, n, t->K, e, *t->ls,
+                                              t->o.label_smoothing, t->demb,
+                                              t->demb + (size_t)n * e, &dls, &loss)))
+                return cdb_err_set(&t->err, rc, "out of memory (loss)");
+            for (i0 = 0; i0 < n; i0 += mb) {
+                const int nb = n - i0 < mb ? n - i0 : mb;
+                const float *px = pixels + (size_t)i0 * img_floats;
+                const int32_t *kp = t->keep ? t->keep + (size_t)i0 * t->nkeep : NULL;
+                if ((rc = vision_fwd(t, px, kp, nb, pass == 1, img + (size_t)i0 * e)) ||
+                    (pass == 1 && (rc = vision_bwd(t, px, kp, nb, t->demb + (size_t)i0 * e))))
+                    return rc;
             }
-            if ((rc = vision_bwd(t, px, kp, nb, t->demb + (size_t)i0 * e)) ||
-                (rc = text_bwd(t, ids + i0, lens + i0, t->ends + i0, nb,
-                               t->demb + (size_t)(n + i0) * e)))
-                return rc;
+            for (i0 = 0; i0 < nt; i0 += mb) {
+                const int nb = nt - i0 < mb ? nt - i0 : mb;
+                if ((rc = text_fwd(t, ids + i0, lens + i0, t->ends + i0, nb,
+                                   txt + (size_t)i0 * e)) ||
+                    (pass == 1 && (rc = text_bwd(t, ids + i0, lens + i0, t->ends + i0, nb,
+                                                 t->demb + (size_t)(n + i0) * e))))
+                    return rc;
+            }
         }
     }
     if (t->gls) *t->gls = (float)dls;

@@ -56,6 +56,7 @@ void clipdb_train_options_init(clipdb_train_options *o)
     o->val_max = 1000;
     o->augment = 1;
     o->crop_min = 0.5f;
+    o->captions_per_image = 1;
 }
 
 typedef struct run {
@@ -158,6 +159,11 @@ static int make_config(run *r)
         free(r->config);
         r->config = c;
     }
+    if (r->config && o->captions_per_image > 1) { /* one adds no line, as before */
+        char *c = cdb_sprintf("%scaptions_per_image %d\n", r->config, o->captions_per_image);
+        free(r->config);
+        r->config = c;
+    }
     if (r->config && o->precision && strcmp(o->precision, "fp32")) { /* fp32 adds no line, as before */
         char *c = cdb_sprintf("%sprecision %s\n", r->config, o->precision);
         free(r->config);
@@ -235,6 +241,7 @@ static int opts_to_engine(run *r, long total, cdb_train_opts *to)
     to->clip_grad = o->clip_grad;
     to->label_smoothing = o->label_smoothing;
     to->micro_batch = o->micro_batch;
+    to->texts_per_image = o->captions_per_image;
     if (!o->precision || !strcmp(o->precision, "fp32"))
         to->gemm = CDB_PREC_FP32;
     else if (!strcmp(o->precision, "bf16"))
@@ -284,6 +291,9 @@ static int check_options(run *r)
                            (double)o->patch_drop);
     if (!(o->ema >= 0.0f && o->ema < 1.0f))
         return cdb_err_set(&r->err, CLIPDB_EINVAL, "--ema %g is not in [0, 1)", (double)o->ema);
+    if (o->captions_per_image < 1 || o->captions_per_image > CDB_MAX_TEXTS_PER_IMAGE)
+        return cdb_err_set(&r->err, CLIPDB_EINVAL, "--captions-per-image %d is not in 1..%d",
+                           o->captions_per_image, CDB_MAX_TEXTS_PER_IMAGE);
     if (o->checkpoint_every < 0)
         return cdb_err_set(&r->err, CLIPDB_EINVAL, "--checkpoint-every must be >= 0");
     {
@@ -432,14 +442,14 @@ static char *made_json(run *r, long steps)
         "  \"command\": %s%s%s,\n  \"seed\": %llu,\n  \"steps\": %ld,\n  \"epochs\": %d,\n"
         "  \"batch\": %d,\n  \"train_pairs\": %zu,\n  \"val_pairs\": %zu,\n"
         "  \"lr\": %.9g,\n  \"wd\": %.9g,\n  \"schedule\": \"%s\",\n  \"warmup\": %d,\n"
-        "  \"train\": \"%s\",\n  \"augment\": %s,\n  \"crop_min\": %.6g,\n  \"text_drop\": %.6g,\n  \"patch_drop\": %.6g,\n  \"label_smoothing\": %.6g,\n  \"ema\": %.9g,\n  \"precision\": \"%s\",\n"
+        "  \"train\": \"%s\",\n  \"augment\": %s,\n  \"crop_min\": %.6g,\n  \"text_drop\": %.6g,\n  \"patch_drop\": %.6g,\n  \"label_smoothing\": %.6g,\n  \"ema\": %.9g,\n  \"captions_per_image\": %d,\n  \"precision\": \"%s\",\n"
         "  \"start\": \"%s\",\n  \"date\": \"%s\"\n}\n",
         r->kind, CLIPDB_VERSION, o->command ? "\"" : "", o->command ? o->command : "null",
         o->command ? "\"" : "", (unsigned long long)o->seed, steps, o->epochs, o->batch,
         r->data.n_train, r->data.n_val, (double)o->lr, (double)o->wd, o->schedule, o->warmup,
         o->train, r->augment ? "true" : "false", (double)o->crop_min,
         (double)(r->augment ? o->text_drop : 0.0f), (double)(r->augment ? o->patch_drop : 0.0f),
-        (double)o->label_smoothing, (double)o->ema,
+        (double)o->label_smoothing, (double)o->ema, o->captions_per_image,
         o->precision ? o->precision : "fp32", r->start, date);
     return json;
 }
@@ -520,7 +530,7 @@ static int run_loop(run *r, const char *out_dir)
 {
     const clipdb_train_options *o = r->o;
     const cdb_pairs *pp = r->data.pairs;
-    size_t n = r->data.n_train, B = (size_t)o->batch, j;
+    size_t n = r->data.n_train, B = (size_t)o->batch, j, k;
     long spe, total, step, session_steps = 0, order_epoch = -1, saved_step = -1;
     int64_t *order = NULL;
     int32_t *keep = NULL; /* (B, nkeep) under patch dropout, else NULL */
@@ -579,7 +589,7 @@ static int run_loop(run *r, const char *out_dir)
         p.path = NULL;
         if (report(r, &p, "start")) stop = 1;
     }
-    if ((rc = cdb_batch_init(&b, o->batch, r->m->vision.image_size, r->m->text.context,
+    if ((rc = cdb_batch_init(&b, o->batch, o->captions_per_image, r->m->vision.image_size, r->m->text.context,
                              r->augment ? 0 : pp->n, &r->err)))
         goto cleanup;
     cdb_trainer_state(r->t, &st);
@@ -597,6 +607,13 @@ static int run_loop(run *r, const char *out_dir)
             rc = cdb_batch_load(&b, (int)j, pp, img, cap, r->m->tok, r->augment,
                                 o->crop_min, r->augment ? o->text_drop : 0.0f, o->seed, step,
                                 &r->err);
+            for (k = 1; rc == CLIPDB_OK && k < (size_t)o->captions_per_image; k++)
+                rc = cdb_batch_load_text(&b, (int)(k * B + j), pp, img,
+                                         (cap + k) % pp->img[img].n_captions, r->m->tok,
+                                         r->augment ? o->text_drop : 0.0f,
+                                         cdb_tdraw(o->seed, CDB_DRAW_TEXT_DROP_K, (uint64_t)step,
+                                                   (uint64_t)img * CDB_MAX_TEXTS_PER_IMAGE + k),
+                                         &r->err);
             if (rc) goto cleanup;
         }
         if (keep) {

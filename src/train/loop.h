@@ -70,7 +70,7 @@ void cdb_tdata_free(cdb_tdata *d);
 ** uninterrupted one does. */
 uint64_t cdb_tdraw(uint64_t seed, uint64_t purpose, uint64_t a, uint64_t b);
 enum { CDB_DRAW_ORDER = 1, CDB_DRAW_CAPTION = 2, CDB_DRAW_CROP = 3, CDB_DRAW_SPLIT = 4,
-       CDB_DRAW_TEXT_DROP = 5, CDB_DRAW_PATCH = 6 };
+       CDB_DRAW_TEXT_DROP = 5, CDB_DRAW_PATCH = 6, CDB_DRAW_TEXT_DROP_K = 7 };
 
 /* order (n) <- the permutation of epoch (0-based) of the n training images. */
 void cdb_tdata_order(uint64_t seed, long epoch, size_t n, int64_t *order);
@@ -87,10 +87,11 @@ int cdb_tdata_patch_count(int np, float p);
 /* Reusable per-run buffers for building batches. */
 typedef struct cdb_batch {
     float *pixels;          /* (cap, 3, S, S) */
-    int32_t **ids;          /* cap rows of `context` ids */
+    int32_t **ids;          /* texts * cap rows of `context` ids: row k*cap + j
+                            ** is the k-th caption of image j */
     int32_t *ids_buf;
     int *lens;
-    int cap, image_size, context;
+    int cap, texts, image_size, context;
     cdb_rgb rgb;
     struct cdb_img_scratch *scratch;
     cdb_tok_cache *tok_cache;
@@ -103,9 +104,10 @@ typedef struct cdb_batch {
 /* Bytes of preprocessed pixels a run keeps in memory (finetune). */
 #define CDB_PIXEL_CACHE_BYTES ((size_t)2 << 30)
 
-/* n_images: the pairs' image count (for the cache; 0: no cache). */
-int cdb_batch_init(cdb_batch *b, int cap, int image_size, int context, size_t n_images,
-                   cdb_err *e);
+/* cap images with `texts` (1..CDB_MAX_TEXTS_PER_IMAGE) captions each;
+** n_images: the pairs' image count (for the cache; 0: no cache). */
+int cdb_batch_init(cdb_batch *b, int cap, int texts, int image_size, int context,
+                   size_t n_images, cdb_err *e);
 void cdb_batch_free(cdb_batch *b);
 
 /* Loads pair j (0..n) of a batch: the image pairs->img[img] (preprocessed
@@ -117,6 +119,12 @@ void cdb_batch_free(cdb_batch *b);
 int cdb_batch_load(cdb_batch *b, int j, const cdb_pairs *p, size_t img, size_t cap,
                    const cdb_tokenizer *tok, int augment, float crop_min, float text_drop,
                    uint64_t seed, long step, cdb_err *e);
+/* Loads only a text: caption `cap` of image img into text row `row` (0 ..
+** texts * cap), its tokens dropped as above with the random stream
+** `drop_state` (a cdb_tdraw value). */
+int cdb_batch_load_text(cdb_batch *b, int row, const cdb_pairs *p, size_t img, size_t cap,
+                        const cdb_tokenizer *tok, float text_drop, uint64_t drop_state,
+                        cdb_err *e);
 
 /* ---- checkpoints (ckpt.c) --------------------------------------------------- */
 

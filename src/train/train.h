@@ -108,7 +108,13 @@ typedef struct cdb_train_opts {
                          ** the target 1 - ls on the pair and ls / n spread
                          ** over the batch's n, as torch's cross_entropy(...,
                          ** label_smoothing=ls); 0 (default): the paper's loss */
-    int micro_batch;     /* images per micro-batch, 0 = whole batch (default 0) */
+    int micro_batch;     /* images per micro-batch, 0 = whole batch (default 0);
+                         ** texts go in micro-batches of the same count */
+    int texts_per_image; /* K in 1..CDB_MAX_TEXTS_PER_IMAGE (0 reads as 1): a
+                         ** batch of n images carries K*n texts, text k*n + i
+                         ** a caption of image i, and the loss is the mean
+                         ** over k of the symmetric CE of the n images against
+                         ** the n texts of slot k (default 1: the paper's) */
     cdb_train_what what; /* default CDB_TRAIN_ALL */
     int last_n;          /* for CDB_TRAIN_LAST */
     int threads;         /* reserved for splitting the non-GEMM work; must be >= 0,
@@ -118,6 +124,8 @@ typedef struct cdb_train_opts {
                          ** accumulation: cdb_sgemm_bf16); master weights,
                          ** gradients and AdamW state stay fp32 either way */
 } cdb_train_opts;
+
+#define CDB_MAX_TEXTS_PER_IMAGE 16
 
 /* Fills the documented defaults. */
 void cdb_train_opts_init(cdb_train_opts *o);
@@ -166,7 +174,8 @@ const char *cdb_trainer_errmsg(const cdb_trainer *t);
 **   pixels (n, 3, S, S), preprocessed as for clipdb_encode_images;
 **   ids[i] holds lens[i] token ids (start first, end last, as
 **   cdb_tokenize_ctx gives; the end token is the argmax, as inference);
-**   n >= 2. st may be NULL. */
+**   n >= 2. st may be NULL. With opts.texts_per_image K > 1, ids and lens
+**   hold K*n texts: text k*n + i belongs to image i. */
 int cdb_train_step(cdb_trainer *t, const float *pixels, const int32_t *const *ids,
                    const int *lens, int n, cdb_train_stats *st);
 

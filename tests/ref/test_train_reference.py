@@ -297,6 +297,46 @@ def test_patch_dropout_as_torch(tool, refmods, models, batch, tmp_path, size, ke
     assert rlosses[-1] < 0.5 * rlosses[0]  # the run actually trains
 
 
+@pytest.mark.parametrize("size,keys,micro", [("tiny", "openai", 0), ("small", "hf", 3)])
+def test_several_captions_per_image_as_torch(tool, refmods, models, shared, tmp_path, size,
+                                             keys, micro):
+    """K captions per image (cdb_train_opts.texts_per_image, clipdb train
+    --captions-per-image): 8 COCO photos, each with its first 3 captions; the
+    loss is the mean over the 3 of the symmetric loss of the 8 images against
+    one caption each. The loss, every gradient (micro-batched or not; relative
+    error <= 1e-4), one AdamW step and 20 steps of loss curve (1e-3 relative)
+    as torch autograd on that loss; and it is not the one-caption loss."""
+    import json
+    ref_clip, ref_train = refmods
+    model = models[(size, keys)]
+    K = 3
+    coco = shared / "data" / "coco-subset"
+    rows = [json.loads(l) for l in open(coco / "captions.jsonl", encoding="utf-8")][:N_PAIRS]
+    px = np.stack([ref_clip.load_image(coco / "images" / r["image"], 224).numpy() for r in rows])
+    ids = ref_clip.tokenize([r["captions"][k] for k in range(K) for r in rows], model)
+    path = tmp_path / "batch3.bin"
+    ref_train.write_batch(path, np.concatenate([px] * K), ids)  # rows past 8: not read
+    _, rids, _ = ref_train.read_batch(path)
+    args = ["--lr", LR, "--wd", WD, "--texts", K]
+    if micro:
+        args += ["--micro", micro]
+    g, p1, losses, _ = ours(tool, model, path, tmp_path / "c", *args)
+    rg, rp1, rlosses = ref_train.run(model, px, rids, steps=1, lr=LR, wd=WD)
+    assert abs(losses[0] - rlosses[0]) <= 1e-5 * abs(rlosses[0]), (losses[0], rlosses[0])
+    one, _, one_loss = ref_train.run(model, px, rids[:N_PAIRS], steps=1, lr=LR, wd=WD)
+    assert abs(one_loss[0] - rlosses[0]) > 1e-3, (one_loss[0], rlosses[0])
+    worst = check_gradients(g, rg)
+    print(f"{size}/{keys} K={K} micro={micro}: worst gradient relative error "
+          f"{worst[0]:.3g} ({worst[1]})")
+    check_adamw_step(ref_train, model, g, p1, rp1, rg)
+    _, _, losses = ours(tool, model, path, tmp_path / "c20", "--lr", 1e-4, "--wd", WD,
+                        "--texts", K, "--steps", 20)[:3]
+    _, _, rlosses = ref_train.run(model, px, rids, steps=20, lr=1e-4, wd=WD)
+    rel = np.abs(losses - rlosses) / np.abs(rlosses)
+    assert rel.max() <= 1e-3, (losses, rlosses)
+    assert rlosses[-1] < 0.7 * rlosses[0]  # the run actually trains
+
+
 def test_gradient_clipping_as_torch(tool, refmods, models, batch, tmp_path):
     """--clip: the global-norm clipping of torch.nn.utils.clip_grad_norm_ before
     AdamW. A small max norm makes the clipped gradient comparable to eps, so

@@ -585,6 +585,41 @@ def test_resnet_arch_errors_are_named(photos, model, tmp_path, spec, message):
 # ---- an exponential moving average of the weights (--ema) ---------------------------
 
 
+def test_captions_per_image_is_recorded_checked_and_resumes(photos, db, model, tmp_path):
+    """--captions-per-image K: each image of a step is paired with K of its
+    captions (the loss is checked against torch in tests/ref). 1, the
+    default, trains the default's weights; 2 others, the same on a second
+    run; 3 with two captions an image goes round to the drawn one again
+    (accepted, other weights). Recorded in clipdb_made.json, refused outside
+    1..16, part of the checkpoint's identity; a run killed after a checkpoint
+    resumes to the bytes of an uninterrupted one; finetune takes it too."""
+    common = one_epoch_from_scratch(photos, model)
+    opt = "--captions-per-image"
+    run(*common, "--out", tmp_path / "n", check=True)
+    run(*common, opt, "1", "--out", tmp_path / "one", check=True)
+    for name, k in (("a", "2"), ("b", "2"), ("c", "3")):
+        run(*common, opt, k, "--out", tmp_path / name, check=True)
+    assert made(tmp_path / "n")["captions_per_image"] == 1
+    assert made(tmp_path / "a")["captions_per_image"] == 2
+    assert made(tmp_path / "c")["captions_per_image"] == 3
+    assert weights(tmp_path / "n") == weights(tmp_path / "one")
+    assert weights(tmp_path / "a") == weights(tmp_path / "b")
+    assert len({weights(tmp_path / x) for x in ("n", "a", "c")}) == 3
+    for bad in ("0", "17", "-1", "1.5", "x"):
+        r = run(*common, opt, bad, "--out", tmp_path / "o")
+        assert r.returncode == 2 and opt in r.stderr, (bad, r.stderr)
+    other_options_not_resumed(common + ["--epochs", 3, "--out", tmp_path / "k"], [opt, "2"])
+    args = common[:common.index("--epochs")] + ["--epochs", 2, "--checkpoint-every", 1,
+                                                "--progress-every", 0.01, "--text-drop", "0.3",
+                                                opt, "2"]
+    run(*args, "--out", tmp_path / "ref", check=True)
+    killed_then_resumed(args, tmp_path / "r", "checkpoint at step 1:")
+    assert weights(tmp_path / "r") == weights(tmp_path / "ref")  # bit for bit
+    run("finetune", db, "--model", model, "--split", "train", "--batch", 4, "--epochs", 1,
+        "--lr", "1e-3", opt, "2", "--out", tmp_path / "ft", "-q", check=True)
+    assert made(tmp_path / "ft")["captions_per_image"] == 2
+
+
 def test_ema_is_recorded_and_checked(photos, model, tmp_path):
     """--ema D: 0 is the default (the weights as trained), another D writes
     other weights; recorded, part of the checkpoint's identity, refused

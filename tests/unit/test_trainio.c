@@ -102,6 +102,56 @@ TEST(trainio_order_is_a_seeded_permutation)
     CHECK(cdb_tdraw(1, 2, 3, 4) != cdb_tdraw(1, 3, 3, 4));
 }
 
+/* A batch of several captions per image (--captions-per-image): bounds,
+** rows, and cdb_batch_load_text's checks, tokens and seeded token drop. */
+TEST(trainio_batch_of_several_captions)
+{
+    char p0[] = "/nonexistent/a.jpg", p1[] = "/nonexistent/b.jpg";
+    char c0[] = "a brown dog runs on the green grass near a small red ball",
+         c1[] = "two dogs", c2[] = "a red bus";
+    char *caps0[] = {c0, c1}, *caps1[] = {c2};
+    cdb_pair_image im[2] = {{1, p0, caps0, 2, 2}, {2, p1, caps1, 1, 1}};
+    cdb_pairs pp = {im, 2, 3};
+    cdb_tokenizer *tok = NULL;
+    cdb_batch b;
+    cdb_err e = {0};
+    int32_t first[16];
+    int i, n_first, moved = 0;
+
+    CHECK(cdb_batch_init(&b, 2, 0, 32, 16, 0, &e) == CLIPDB_EINVAL);
+    CHECK(cdb_batch_init(&b, 2, CDB_MAX_TEXTS_PER_IMAGE + 1, 32, 16, 0, &e) == CLIPDB_EINVAL);
+    REQUIRE(cdb_batch_init(&b, 2, 3, 32, 16, 0, &e) == CLIPDB_OK);
+    CHECK(b.cap == 2 && b.texts == 3);
+    for (i = 0; i < 6; i++) CHECK(b.ids[i] == b.ids_buf + (size_t)i * 16);
+    CHECK(cdb_batch_load_text(&b, 6, &pp, 0, 0, NULL, 0, 1, &e) == CLIPDB_EINVAL);
+    CHECK(cdb_batch_load_text(&b, -1, &pp, 0, 0, NULL, 0, 1, &e) == CLIPDB_EINVAL);
+    CHECK(cdb_batch_load_text(&b, 0, &pp, 2, 0, NULL, 0, 1, &e) == CLIPDB_EINVAL);
+    CHECK(cdb_batch_load_text(&b, 0, &pp, 1, 1, NULL, 0, 1, &e) == CLIPDB_EINVAL);
+    if (!bpe_dir() || cdb_tok_load_dir(bpe_dir(), &tok, &e) != CLIPDB_OK) {
+        printf("  (tokens not checked: CLIP's vocabulary is not in ../shared)\n");
+        cdb_batch_free(&b);
+        return;
+    }
+    REQUIRE(cdb_batch_load_text(&b, 5, &pp, 0, 1, tok, 0, 1, &e) == CLIPDB_OK);
+    CHECK(b.lens[5] == 4 && b.ids[5][0] == cdb_tok_sot(tok) && b.ids[5][3] == cdb_tok_eot(tok));
+    /* the token drop: the same state drops the same tokens, another state others */
+    REQUIRE(cdb_batch_load_text(&b, 4, &pp, 0, 0, tok, 0.5f, 77, &e) == CLIPDB_OK);
+    n_first = b.lens[4];
+    memcpy(first, b.ids[4], sizeof first);
+    REQUIRE(cdb_batch_load_text(&b, 4, &pp, 0, 0, tok, 0.5f, 77, &e) == CLIPDB_OK);
+    CHECK(b.lens[4] == n_first && !memcmp(first, b.ids[4], sizeof first));
+    REQUIRE(cdb_batch_load_text(&b, 2, &pp, 0, 0, tok, 0.0f, 77, &e) == CLIPDB_OK);
+    CHECK(b.lens[2] == 15 && n_first < 15 && n_first >= 3); /* 13 words; about half dropped */
+    for (i = 1; i < 40 && !moved; i++) {
+        REQUIRE(cdb_batch_load_text(&b, 3, &pp, 0, 0, tok, 0.5f, 77 + (uint64_t)i, &e) ==
+                CLIPDB_OK);
+        moved = b.lens[3] != n_first || memcmp(first, b.ids[3], (size_t)n_first * 4);
+    }
+    CHECK(moved);
+    cdb_tok_free(tok);
+    cdb_batch_free(&b);
+}
+
 /* Patch dropout's draws: increasing, in range, seeded by (seed, step, image),
 ** uniform over the patches; the kept count as open_clip's. */
 TEST(trainio_patch_draws)

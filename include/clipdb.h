@@ -1276,9 +1276,10 @@ CLIPDB_API void clipdb_train_options_init(clipdb_train_options *o);
 
 /* Fine-tunes the model in model_dir on the image-caption pairs of the
 ** database at db_path (one caption drawn per image per step, or
-** o->captions_per_image of them; no augmentation) and writes the result as a complete model directory at
-** out_dir (weights in the input's key convention and dtype, its tokenizer
-** files, clipdb_made.json). Checkpoints go to "<out_dir>.ckpt"; a run that
+** o->captions_per_image of them; no augmentation) and writes the result
+** as a complete model directory at out_dir (weights in the input's key
+** convention and dtype, its tokenizer files, clipdb_made.json).
+** Checkpoints go to "<out_dir>.ckpt"; a run that
 ** was stopped or killed resumes from it when called again with the same
 ** options, and reaches the same weights as an uninterrupted run. Returns
 ** CLIPDB_OK, CLIPDB_ESTOPPED (stopped by the progress callback, checkpoint
